@@ -1,0 +1,3 @@
+#![forbid(unsafe_code)]
+//! courier-pipeline
+pub fn placeholder() {}

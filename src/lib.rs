@@ -1,0 +1,2 @@
+//! courier
+pub use courier_pipeline;

@@ -1,0 +1,436 @@
+//! Tuning profiles: a raw serde struct (unknown keys refused) validated once into a typed
+//! [`Profile`] whose every bound has been checked.
+//!
+//! Every queue, table and buffer in courier takes its bound from here, so memory use is a
+//! function of the profile and not of traffic. Validation returns every error it finds,
+//! each naming the key and the bound it broke.
+
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+use crate::wire::{self, WireLimits};
+
+/// The built-in default profile (`tuning/default.toml`), compiled into the binary.
+pub const DEFAULT_PROFILE_TOML: &str = include_str!("../../tuning/default.toml");
+
+/// One problem found while loading a profile.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ProfileIssue {
+    /// The dotted key, e.g. `limits.frame_bytes_max`.
+    pub key: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// Why a profile could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProfileError {
+    /// The text is not valid TOML or has an unknown key or a wrong type.
+    #[error("profile does not parse: {0}")]
+    Parse(String),
+    /// Keys parse but break their bounds; every broken key is listed.
+    #[error("profile is invalid:\n{}", .0.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<ProfileIssue>),
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// UDP address to listen on.
+    pub listen: String,
+    /// Number of shards; 0 means one per available CPU.
+    pub shards: u32,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Largest frame body, bytes.
+    pub frame_bytes_max: u32,
+    /// Most messages in one SUBMIT.
+    pub batch_messages_max: u32,
+    /// Largest message payload, bytes.
+    pub payload_bytes_max: u32,
+    /// Most connections one shard holds.
+    pub connections_per_shard_max: u32,
+    /// Most concurrent bidirectional streams a client may open per connection.
+    pub streams_per_connection_max: u32,
+    /// Most SUBMITs of one stream waiting for their ACK before the stream stops being read.
+    pub batches_in_flight_per_stream_max: u32,
+    /// Milliseconds a connection may take to send a valid HELLO.
+    pub hello_timeout_ms: u32,
+}
+
+/// `[quic]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuic {
+    /// Milliseconds without traffic before a connection is closed.
+    pub idle_timeout_ms: u32,
+    /// Flow-control window per stream, bytes.
+    pub stream_receive_window_bytes: u32,
+    /// Flow-control window per connection, bytes.
+    pub connection_receive_window_bytes: u32,
+    /// Bytes a connection may have in flight towards the peer.
+    pub send_window_bytes: u32,
+    /// UDP payload size used from the start, bytes (at least 1200).
+    pub initial_mtu: u16,
+    /// Largest UDP payload MTU discovery may try, bytes.
+    pub mtu_upper_bound: u16,
+}
+
+/// `[io]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIo {
+    /// io_uring submission queue entries (power of two).
+    pub ring_entries: u32,
+    /// Provided receive buffers per shard (power of two).
+    pub recv_buffers: u32,
+    /// Bytes per receive buffer; 65536 lets GRO coalesce.
+    pub recv_buffer_bytes: u32,
+    /// sendmsg operations in flight per shard.
+    pub send_slots: u32,
+    /// SO_RCVBUF and SO_SNDBUF requested per socket, bytes.
+    pub socket_buffer_bytes: u32,
+    /// Coalesce received datagrams (UDP GRO).
+    pub gro: bool,
+    /// Send batches of datagrams in one call (UDP GSO).
+    pub gso: bool,
+    /// Pin each shard thread to its own CPU.
+    pub pin_threads: bool,
+}
+
+/// A profile as written in TOML.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProfile {
+    /// `[server]`
+    pub server: RawServer,
+    /// `[limits]`
+    pub limits: RawLimits,
+    /// `[quic]`
+    pub quic: RawQuic,
+    /// `[io]`
+    pub io: RawIo,
+}
+
+/// Validated ingest limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame body, bytes.
+    pub frame_bytes_max: u32,
+    /// Most messages in one SUBMIT.
+    pub batch_messages_max: u32,
+    /// Largest payload, bytes.
+    pub payload_bytes_max: u32,
+    /// Most connections per shard.
+    pub connections_per_shard_max: u32,
+    /// Most concurrent client streams per connection.
+    pub streams_per_connection_max: u32,
+    /// Most unacknowledged SUBMITs per stream.
+    pub batches_in_flight_per_stream_max: u32,
+    /// Milliseconds allowed before HELLO.
+    pub hello_timeout_ms: u32,
+}
+
+impl Limits {
+    /// The bounds the frame decoder enforces.
+    pub fn wire(&self) -> WireLimits {
+        WireLimits {
+            frame_bytes_max: self.frame_bytes_max,
+            batch_messages_max: self.batch_messages_max,
+        }
+    }
+}
+
+/// Validated QUIC settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quic {
+    /// Idle timeout, ms.
+    pub idle_timeout_ms: u32,
+    /// Per-stream window, bytes.
+    pub stream_receive_window_bytes: u32,
+    /// Per-connection window, bytes.
+    pub connection_receive_window_bytes: u32,
+    /// Send window, bytes.
+    pub send_window_bytes: u32,
+    /// Initial UDP payload size.
+    pub initial_mtu: u16,
+    /// MTU discovery upper bound.
+    pub mtu_upper_bound: u16,
+}
+
+/// Validated IO settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Io {
+    /// SQ entries.
+    pub ring_entries: u32,
+    /// Provided buffers.
+    pub recv_buffers: u32,
+    /// Bytes per provided buffer.
+    pub recv_buffer_bytes: u32,
+    /// sendmsg in flight.
+    pub send_slots: u32,
+    /// Socket buffer bytes.
+    pub socket_buffer_bytes: u32,
+    /// GRO on.
+    pub gro: bool,
+    /// GSO on.
+    pub gso: bool,
+    /// Pin shard threads.
+    pub pin_threads: bool,
+}
+
+/// A validated profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Shards; 0 = one per CPU (resolved by the shell).
+    pub shards: u32,
+    /// Ingest limits.
+    pub limits: Limits,
+    /// QUIC settings.
+    pub quic: Quic,
+    /// IO settings.
+    pub io: Io,
+}
+
+/// The largest number of shards: connection IDs carry the shard index in one byte.
+pub const SHARDS_MAX: u32 = 256;
+
+struct Checker {
+    issues: Vec<ProfileIssue>,
+}
+
+impl Checker {
+    fn range<T: PartialOrd + std::fmt::Display + Copy>(&mut self, key: &str, v: T, lo: T, hi: T) {
+        if v < lo || v > hi {
+            self.fail(key, format!("{v} is outside {lo}..={hi}"));
+        }
+    }
+    fn pow2(&mut self, key: &str, v: u32) {
+        if !v.is_power_of_two() {
+            self.fail(key, format!("{v} is not a power of two"));
+        }
+    }
+    fn fail(&mut self, key: &str, problem: String) {
+        self.issues.push(ProfileIssue {
+            key: key.to_string(),
+            problem,
+        });
+    }
+}
+
+impl Profile {
+    /// The built-in default profile.
+    pub fn default_profile() -> Profile {
+        Profile::from_toml(DEFAULT_PROFILE_TOML).expect("built-in default profile is valid")
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Profile, ProfileError> {
+        let raw: RawProfile =
+            toml::from_str(text).map_err(|e| ProfileError::Parse(e.to_string()))?;
+        Profile::validate(raw)
+    }
+
+    /// Checks every bound; lists every broken key.
+    pub fn validate(raw: RawProfile) -> Result<Profile, ProfileError> {
+        let mut c = Checker { issues: Vec::new() };
+        let listen = match raw.server.listen.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                c.fail(
+                    "server.listen",
+                    format!("{:?} is not an IP:port address", raw.server.listen),
+                );
+                None
+            }
+        };
+        c.range("server.shards", raw.server.shards, 0, SHARDS_MAX);
+
+        let l = &raw.limits;
+        c.range("limits.frame_bytes_max", l.frame_bytes_max, 1024, 64 << 20);
+        c.range("limits.batch_messages_max", l.batch_messages_max, 1, 65_536);
+        c.range("limits.payload_bytes_max", l.payload_bytes_max, 1, 16 << 20);
+        let one_message = (wire::BATCH_HEADER_BYTES
+            + wire::MESSAGE_OVERHEAD_BYTES
+            + wire::RECIPIENT_BYTES_MAX) as u64
+            + u64::from(l.payload_bytes_max);
+        if u64::from(l.frame_bytes_max) < one_message {
+            c.fail(
+                "limits.frame_bytes_max",
+                format!(
+                    "{} cannot hold one message of limits.payload_bytes_max ({} bytes needed)",
+                    l.frame_bytes_max, one_message
+                ),
+            );
+        }
+        // An ACK for a full batch must fit in a frame the client accepts.
+        let ack_bytes =
+            (wire::BATCH_HEADER_BYTES + l.batch_messages_max as usize * wire::STATUS_BYTES) as u64;
+        if u64::from(l.frame_bytes_max) < ack_bytes {
+            c.fail(
+                "limits.batch_messages_max",
+                format!(
+                    "an ACK of {} statuses ({ack_bytes} bytes) exceeds limits.frame_bytes_max",
+                    l.batch_messages_max
+                ),
+            );
+        }
+        c.range(
+            "limits.connections_per_shard_max",
+            l.connections_per_shard_max,
+            1,
+            1 << 20,
+        );
+        c.range(
+            "limits.streams_per_connection_max",
+            l.streams_per_connection_max,
+            1,
+            1024,
+        );
+        c.range(
+            "limits.batches_in_flight_per_stream_max",
+            l.batches_in_flight_per_stream_max,
+            1,
+            1024,
+        );
+        c.range("limits.hello_timeout_ms", l.hello_timeout_ms, 10, 600_000);
+
+        let q = &raw.quic;
+        c.range("quic.idle_timeout_ms", q.idle_timeout_ms, 100, 3_600_000);
+        c.range(
+            "quic.stream_receive_window_bytes",
+            q.stream_receive_window_bytes,
+            16 << 10,
+            1 << 30,
+        );
+        c.range(
+            "quic.connection_receive_window_bytes",
+            q.connection_receive_window_bytes,
+            16 << 10,
+            1 << 30,
+        );
+        if q.connection_receive_window_bytes < q.stream_receive_window_bytes {
+            c.fail(
+                "quic.connection_receive_window_bytes",
+                "must be at least quic.stream_receive_window_bytes".into(),
+            );
+        }
+        c.range(
+            "quic.send_window_bytes",
+            q.send_window_bytes,
+            16 << 10,
+            1 << 30,
+        );
+        c.range("quic.initial_mtu", q.initial_mtu, 1200, 65_527);
+        c.range("quic.mtu_upper_bound", q.mtu_upper_bound, 1200, 65_527);
+        if q.mtu_upper_bound < q.initial_mtu {
+            c.fail(
+                "quic.mtu_upper_bound",
+                "must be at least quic.initial_mtu".into(),
+            );
+        }
+
+        let io = &raw.io;
+        c.range("io.ring_entries", io.ring_entries, 64, 32_768);
+        c.pow2("io.ring_entries", io.ring_entries);
+        c.range("io.recv_buffers", io.recv_buffers, 4, 32_768);
+        c.pow2("io.recv_buffers", io.recv_buffers);
+        c.range("io.recv_buffer_bytes", io.recv_buffer_bytes, 2048, 1 << 20);
+        if io.recv_buffer_bytes < u32::from(q.mtu_upper_bound) + 512 {
+            c.fail(
+                "io.recv_buffer_bytes",
+                "must hold one datagram of quic.mtu_upper_bound plus 512 bytes of headers".into(),
+            );
+        }
+        c.range("io.send_slots", io.send_slots, 1, 4096);
+        if io.send_slots >= io.ring_entries {
+            c.fail(
+                "io.send_slots",
+                "must be below io.ring_entries so receives always find room".into(),
+            );
+        }
+        c.range(
+            "io.socket_buffer_bytes",
+            io.socket_buffer_bytes,
+            64 << 10,
+            1 << 30,
+        );
+
+        if !c.issues.is_empty() {
+            return Err(ProfileError::Invalid(c.issues));
+        }
+        Ok(Profile {
+            listen: listen.expect("checked above"),
+            shards: raw.server.shards,
+            limits: Limits {
+                frame_bytes_max: l.frame_bytes_max,
+                batch_messages_max: l.batch_messages_max,
+                payload_bytes_max: l.payload_bytes_max,
+                connections_per_shard_max: l.connections_per_shard_max,
+                streams_per_connection_max: l.streams_per_connection_max,
+                batches_in_flight_per_stream_max: l.batches_in_flight_per_stream_max,
+                hello_timeout_ms: l.hello_timeout_ms,
+            },
+            quic: Quic {
+                idle_timeout_ms: q.idle_timeout_ms,
+                stream_receive_window_bytes: q.stream_receive_window_bytes,
+                connection_receive_window_bytes: q.connection_receive_window_bytes,
+                send_window_bytes: q.send_window_bytes,
+                initial_mtu: q.initial_mtu,
+                mtu_upper_bound: q.mtu_upper_bound,
+            },
+            io: Io {
+                ring_entries: io.ring_entries,
+                recv_buffers: io.recv_buffers,
+                recv_buffer_bytes: io.recv_buffer_bytes,
+                send_slots: io.send_slots,
+                socket_buffer_bytes: io.socket_buffer_bytes,
+                gro: io.gro,
+                gso: io.gso,
+                pin_threads: io.pin_threads,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_profile_is_valid() {
+        let p = Profile::default_profile();
+        assert!(p.limits.frame_bytes_max >= p.limits.payload_bytes_max);
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let text = DEFAULT_PROFILE_TOML.replace("[limits]", "[limits]\nframe_bytes_mx = 5");
+        match Profile::from_toml(&text) {
+            Err(ProfileError::Parse(e)) => assert!(e.contains("frame_bytes_mx"), "{e}"),
+            other => panic!("expected a parse error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_broken_key_is_named() {
+        let text = DEFAULT_PROFILE_TOML
+            .replace("ring_entries = 1024", "ring_entries = 1000")
+            .replace("listen = \"127.0.0.1:7443\"", "listen = \"nowhere\"");
+        let Err(ProfileError::Invalid(issues)) = Profile::from_toml(&text) else {
+            panic!("expected invalid");
+        };
+        let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+        assert!(keys.contains(&"io.ring_entries"), "{keys:?}");
+        assert!(keys.contains(&"server.listen"), "{keys:?}");
+    }
+}

@@ -1,0 +1,380 @@
+//! The business registry: who may send, with which limits, authenticated how.
+//!
+//! A registry is TOML text (the shell reads and writes the file):
+//!
+//! ```toml
+//! [[business]]
+//! id = 1
+//! name = "Acme Deliveries"
+//! token_sha256 = "9f86d0..."   # SHA-256 of the bearer token; the token itself is never stored
+//! tier = "2000"                # unique recipients per rolling 24 h: 250, 2000, 10000, 100000, unlimited
+//! mps = 80                     # messages per second
+//! ```
+//!
+//! Tokens have the form `c1.<business id>.<64 hex digits>` (32 random bytes). Verifying
+//! one looks the business up by the id in the token, hashes the whole token and compares
+//! the hashes in constant time, so neither the lookup nor the comparison leaks how much
+//! of a guessed secret was right.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// Prefix of every token of this format.
+pub const TOKEN_PREFIX: &str = "c1";
+/// Most businesses in one registry.
+pub const BUSINESSES_MAX: usize = 1 << 20;
+/// Longest business name, bytes.
+pub const NAME_BYTES_MAX: usize = 200;
+
+/// Unique recipients a business may message in a rolling 24 hours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tier {
+    /// 250 recipients.
+    T250,
+    /// 2,000 recipients.
+    T2k,
+    /// 10,000 recipients.
+    T10k,
+    /// 100,000 recipients.
+    T100k,
+    /// No limit.
+    Unlimited,
+}
+
+impl Tier {
+    /// Every tier, smallest first.
+    pub const ALL: [Tier; 5] = [
+        Tier::T250,
+        Tier::T2k,
+        Tier::T10k,
+        Tier::T100k,
+        Tier::Unlimited,
+    ];
+
+    /// Unique recipients per 24 h; `None` for unlimited.
+    pub fn recipients_per_day(self) -> Option<u64> {
+        match self {
+            Tier::T250 => Some(250),
+            Tier::T2k => Some(2_000),
+            Tier::T10k => Some(10_000),
+            Tier::T100k => Some(100_000),
+            Tier::Unlimited => None,
+        }
+    }
+
+    /// The name used in the registry and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::T250 => "250",
+            Tier::T2k => "2000",
+            Tier::T10k => "10000",
+            Tier::T100k => "100000",
+            Tier::Unlimited => "unlimited",
+        }
+    }
+
+    /// Parses a tier name.
+    pub fn parse(s: &str) -> Option<Tier> {
+        Tier::ALL.into_iter().find(|t| t.name() == s)
+    }
+}
+
+impl std::fmt::Display for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One business as written in the registry file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBusiness {
+    /// Stable id, > 0.
+    pub id: u32,
+    /// Display name.
+    pub name: String,
+    /// Hex SHA-256 of the token.
+    pub token_sha256: String,
+    /// Tier name.
+    pub tier: String,
+    /// Messages per second.
+    pub mps: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    #[serde(default)]
+    business: Vec<RawBusiness>,
+}
+
+/// A validated business.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Business {
+    /// Stable id.
+    pub id: u32,
+    /// Display name.
+    pub name: String,
+    /// Unique-recipient tier.
+    pub tier: Tier,
+    /// Messages per second.
+    pub mps: u32,
+    token_sha256: [u8; 32],
+}
+
+impl std::fmt::Debug for Business {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Business")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("tier", &self.tier)
+            .field("mps", &self.mps)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a registry could not be loaded or changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// Not valid TOML, or unknown keys.
+    #[error("registry does not parse: {0}")]
+    Parse(String),
+    /// An entry breaks a rule; names the entry by index and id.
+    #[error("registry entry {index} (id {id}): {problem}")]
+    Invalid {
+        /// Position in the file.
+        index: usize,
+        /// Its id.
+        id: u32,
+        /// What is wrong.
+        problem: String,
+    },
+    /// More businesses than [`BUSINESSES_MAX`].
+    #[error("registry holds more than {BUSINESSES_MAX} businesses")]
+    TooMany,
+}
+
+/// Why a token was refused. Deliberately says nothing about which part was wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("unknown or invalid token")]
+pub struct Unauthorized;
+
+/// The set of businesses, indexed by id.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    by_id: HashMap<u32, Business>,
+    order: Vec<u32>,
+}
+
+/// SHA-256 of a token.
+pub fn token_hash(token: &[u8]) -> [u8; 32] {
+    Sha256::digest(token).into()
+}
+
+/// Builds a token for `id` from 32 secret random bytes.
+pub fn format_token(id: u32, secret: &[u8; 32]) -> String {
+    format!("{TOKEN_PREFIX}.{id}.{}", hex::encode(secret))
+}
+
+fn token_business_id(token: &[u8]) -> Option<u32> {
+    let s = std::str::from_utf8(token).ok()?;
+    let mut parts = s.splitn(3, '.');
+    if parts.next()? != TOKEN_PREFIX {
+        return None;
+    }
+    let id = parts.next()?.parse().ok()?;
+    let secret = parts.next()?;
+    (secret.len() == 64).then_some(id)
+}
+
+impl Registry {
+    /// Parses and validates registry text.
+    pub fn from_toml(text: &str) -> Result<Registry, RegistryError> {
+        let raw: RawRegistry =
+            toml::from_str(text).map_err(|e| RegistryError::Parse(e.to_string()))?;
+        if raw.business.len() > BUSINESSES_MAX {
+            return Err(RegistryError::TooMany);
+        }
+        let mut reg = Registry::default();
+        for (index, b) in raw.business.into_iter().enumerate() {
+            let id = b.id;
+            reg.insert_raw(b)
+                .map_err(|problem| RegistryError::Invalid { index, id, problem })?;
+        }
+        Ok(reg)
+    }
+
+    fn insert_raw(&mut self, b: RawBusiness) -> Result<(), String> {
+        if b.id == 0 {
+            return Err("id must be greater than 0".into());
+        }
+        if self.by_id.contains_key(&b.id) {
+            return Err("duplicate id".into());
+        }
+        if b.name.is_empty() || b.name.len() > NAME_BYTES_MAX {
+            return Err(format!("name must be 1..={NAME_BYTES_MAX} bytes"));
+        }
+        let tier = Tier::parse(&b.tier).ok_or_else(|| {
+            format!(
+                "tier {:?} is not one of 250, 2000, 10000, 100000, unlimited",
+                b.tier
+            )
+        })?;
+        if b.mps == 0 {
+            return Err("mps must be greater than 0".into());
+        }
+        let mut token_sha256 = [0u8; 32];
+        hex::decode_to_slice(&b.token_sha256, &mut token_sha256)
+            .map_err(|_| "token_sha256 must be 64 hex digits".to_string())?;
+        self.order.push(b.id);
+        self.by_id.insert(
+            b.id,
+            Business {
+                id: b.id,
+                name: b.name,
+                tier,
+                mps: b.mps,
+                token_sha256,
+            },
+        );
+        Ok(())
+    }
+
+    /// Adds a business with a fresh token built from `secret` (32 random bytes from the
+    /// caller). Returns the token: the only time it exists in clear.
+    pub fn add(
+        &mut self,
+        name: &str,
+        tier: Tier,
+        mps: u32,
+        secret: &[u8; 32],
+    ) -> Result<(u32, String), RegistryError> {
+        if self.by_id.len() >= BUSINESSES_MAX {
+            return Err(RegistryError::TooMany);
+        }
+        let id = self.by_id.keys().max().copied().unwrap_or(0) + 1;
+        let token = format_token(id, secret);
+        let index = self.order.len();
+        self.insert_raw(RawBusiness {
+            id,
+            name: name.to_string(),
+            token_sha256: hex::encode(token_hash(token.as_bytes())),
+            tier: tier.name().to_string(),
+            mps,
+        })
+        .map_err(|problem| RegistryError::Invalid { index, id, problem })?;
+        Ok((id, token))
+    }
+
+    /// The registry as TOML text, in insertion order.
+    pub fn to_toml(&self) -> String {
+        let raw = RawRegistry {
+            business: self
+                .order
+                .iter()
+                .map(|id| {
+                    let b = &self.by_id[id];
+                    RawBusiness {
+                        id: b.id,
+                        name: b.name.clone(),
+                        token_sha256: hex::encode(b.token_sha256),
+                        tier: b.tier.name().to_string(),
+                        mps: b.mps,
+                    }
+                })
+                .collect(),
+        };
+        toml::to_string(&raw).expect("registry serializes")
+    }
+
+    /// Finds the business a token belongs to, comparing hashes in constant time.
+    pub fn authenticate(&self, token: &[u8]) -> Result<&Business, Unauthorized> {
+        let id = token_business_id(token).ok_or(Unauthorized)?;
+        let b = self.by_id.get(&id).ok_or(Unauthorized)?;
+        let h = token_hash(token);
+        if bool::from(h.ct_eq(&b.token_sha256)) {
+            Ok(b)
+        } else {
+            Err(Unauthorized)
+        }
+    }
+
+    /// The business with this id.
+    pub fn get(&self, id: u32) -> Option<&Business> {
+        self.by_id.get(&id)
+    }
+
+    /// Businesses in registry order.
+    pub fn iter(&self) -> impl Iterator<Item = &Business> {
+        self.order.iter().map(|id| &self.by_id[id])
+    }
+
+    /// Number of businesses.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// True when no business is registered.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_authenticate_roundtrip_through_toml() {
+        let mut reg = Registry::default();
+        let (id, token) = reg.add("Acme", Tier::T2k, 80, &[7u8; 32]).unwrap();
+        let (id2, token2) = reg.add("Beta", Tier::Unlimited, 1000, &[9u8; 32]).unwrap();
+        assert_ne!(id, id2);
+        let text = reg.to_toml();
+        assert!(
+            !text.contains(&token[5..]),
+            "token must not be stored in clear"
+        );
+        let reg = Registry::from_toml(&text).unwrap();
+        assert_eq!(reg.authenticate(token.as_bytes()).unwrap().id, id);
+        assert_eq!(
+            reg.authenticate(token2.as_bytes()).unwrap().tier,
+            Tier::Unlimited
+        );
+    }
+
+    #[test]
+    fn wrong_tokens_are_refused() {
+        let mut reg = Registry::default();
+        let (id, token) = reg.add("Acme", Tier::T250, 80, &[1u8; 32]).unwrap();
+        let mut flipped = token.clone().into_bytes();
+        let last = flipped.len() - 1;
+        flipped[last] = if flipped[last] == b'0' { b'1' } else { b'0' };
+        assert_eq!(reg.authenticate(&flipped), Err(Unauthorized));
+        // Right secret, other business id.
+        let other = token.replace(&format!(".{id}."), ".99.");
+        assert_eq!(reg.authenticate(other.as_bytes()), Err(Unauthorized));
+        assert_eq!(reg.authenticate(b""), Err(Unauthorized));
+        assert_eq!(reg.authenticate(b"c1.1.short"), Err(Unauthorized));
+    }
+
+    #[test]
+    fn invalid_entries_name_the_problem() {
+        let text = "[[business]]\nid = 3\nname = \"x\"\ntoken_sha256 = \"zz\"\ntier = \"2000\"\nmps = 80\n";
+        match Registry::from_toml(text) {
+            Err(RegistryError::Invalid { id: 3, problem, .. }) => {
+                assert!(problem.contains("token_sha256"))
+            }
+            other => panic!("{other:?}"),
+        }
+        let text =
+            "[[business]]\nid = 3\nname = \"x\"\ntoken_sha256 = \"00\"\ntier = \"5\"\nmps = 80\n";
+        assert!(matches!(
+            Registry::from_toml(text),
+            Err(RegistryError::Invalid { .. })
+        ));
+    }
+}

@@ -1,0 +1,868 @@
+//! Wire protocol v1 (ALPN `courier/1`): frames on QUIC bidirectional streams.
+//!
+//! ```text
+//! frame   = len:u32 | type:u8 | body[len]          (little endian; len counts the body only)
+//!
+//! client -> server
+//!   HELLO  0x01  version:u16 | token_len:u16 | token
+//!   SUBMIT 0x02  batch_id:u64 | count:u32 | count * message
+//!                message = client_id:u64 | recipient_len:u8 | recipient | payload_len:u32 | payload
+//!   REPORT 0x03  count:u32 | count * (business_id:u32 | client_id:u64 | recipient_len:u8 | recipient)
+//! server -> client
+//!   WELCOME 0x81 business_id:u32 | batch_messages_max:u32 | payload_bytes_max:u32 | frame_bytes_max:u32
+//!   ACK     0x82 batch_id:u64 | count:u32 | count * (status:u8 | value:u64)
+//! ```
+//!
+//! A connection sends HELLO once, on its first stream, and waits for WELCOME before it
+//! sends SUBMIT on any stream. Each SUBMIT is answered by exactly one ACK on the same
+//! stream, in order, holding one [`Status`] per message in the order of the batch.
+//!
+//! Invariants this module keeps:
+//! - every length and count is checked against [`WireLimits`] before a byte is buffered
+//!   for it: a frame header announcing more than `frame_bytes_max` fails at once;
+//! - decoding never allocates per message payload: payloads are slices of the frame;
+//! - decode(encode(x)) == x for every frame (property-tested);
+//! - [`Recipient`], [`Token`] and message payloads never show their content through
+//!   `Debug`, and no [`WireError`] carries content: errors can be logged safely.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// The ALPN protocol identifier of wire v1.
+pub const ALPN: &[u8] = b"courier/1";
+/// The protocol version carried in HELLO.
+pub const VERSION: u16 = 1;
+/// Bytes of the frame header (`len:u32 | type:u8`).
+pub const FRAME_HEADER_BYTES: usize = 5;
+/// Longest bearer token accepted in HELLO.
+pub const TOKEN_BYTES_MAX: usize = 256;
+/// Longest recipient field: `+` and at most 15 digits (E.164).
+pub const RECIPIENT_BYTES_MAX: usize = 16;
+/// Fewest digits accepted in an E.164 number (country code included).
+pub const RECIPIENT_DIGITS_MIN: usize = 7;
+/// Fixed bytes of one message in SUBMIT besides recipient and payload.
+pub const MESSAGE_OVERHEAD_BYTES: usize = 8 + 1 + 4;
+/// Bytes of one status in ACK.
+pub const STATUS_BYTES: usize = 1 + 8;
+/// Fixed bytes of a SUBMIT or ACK body before its entries.
+pub const BATCH_HEADER_BYTES: usize = 8 + 4;
+
+const _: () = assert!(RECIPIENT_BYTES_MAX == 1 + 15);
+const _: () = assert!(RECIPIENT_DIGITS_MIN < RECIPIENT_BYTES_MAX);
+
+/// Frame type bytes.
+pub mod frame_type {
+    /// Client authenticates with a bearer token.
+    pub const HELLO: u8 = 0x01;
+    /// Client submits a batch of messages.
+    pub const SUBMIT: u8 = 0x02;
+    /// Platform reports messages as spam (accepted only from platform connections).
+    pub const REPORT: u8 = 0x03;
+    /// Server accepts a HELLO and states its bounds.
+    pub const WELCOME: u8 = 0x81;
+    /// Server answers one SUBMIT.
+    pub const ACK: u8 = 0x82;
+}
+
+/// Application error codes. Stream codes are sent in RESET_STREAM and STOP_SENDING when a
+/// stream is closed for a bad frame; connection codes in CONNECTION_CLOSE.
+pub mod code {
+    /// Stream: the frame's body does not match its declared structure.
+    pub const MALFORMED_FRAME: u32 = 0x10;
+    /// Stream: a frame header announced more than the server's `frame_bytes_max`.
+    pub const FRAME_TOO_LARGE: u32 = 0x11;
+    /// Stream: the frame type byte is not one of wire v1's.
+    pub const UNKNOWN_FRAME_TYPE: u32 = 0x12;
+    /// Stream: a recipient is not a valid E.164 number (`+` then 7 to 15 digits, no leading 0).
+    pub const INVALID_RECIPIENT: u32 = 0x13;
+    /// Stream: SUBMIT or REPORT arrived before the connection's HELLO was accepted.
+    pub const NOT_AUTHENTICATED: u32 = 0x14;
+    /// Stream: a batch holds no message or more than `batch_messages_max`.
+    pub const BAD_BATCH_SIZE: u32 = 0x15;
+    /// Stream: the stream ended in the middle of a frame.
+    pub const TRUNCATED: u32 = 0x16;
+    /// Stream: a frame that this side never accepts (a server frame from a client, a
+    /// second HELLO, REPORT on a business connection).
+    pub const UNEXPECTED_FRAME: u32 = 0x17;
+    /// Stream: HELLO with a token longer than 256 bytes or an unsupported version.
+    pub const BAD_HELLO: u32 = 0x18;
+
+    /// Connection: no error, the peer is done.
+    pub const CLOSE_OK: u32 = 0x00;
+    /// Connection: HELLO carried an unknown or wrong token.
+    pub const UNAUTHORIZED: u32 = 0x01;
+    /// Connection: the server is shutting down; unacked messages were not taken.
+    pub const SHUTTING_DOWN: u32 = 0x02;
+    /// Connection: the server's connection table is full.
+    pub const SERVER_BUSY: u32 = 0x03;
+    /// Connection: no HELLO arrived within the profile's bound.
+    pub const HELLO_TIMEOUT: u32 = 0x04;
+}
+
+/// Bounds a decoder enforces; they come from the profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireLimits {
+    /// Largest frame body accepted.
+    pub frame_bytes_max: u32,
+    /// Most messages in one SUBMIT (or entries in one REPORT / ACK).
+    pub batch_messages_max: u32,
+}
+
+impl WireLimits {
+    /// Limits wide enough for any frame the encoder can produce; for tests and clients
+    /// that decode what a trusted server sent.
+    pub const PERMISSIVE: WireLimits = WireLimits {
+        frame_bytes_max: 64 << 20,
+        batch_messages_max: 1 << 20,
+    };
+}
+
+/// Why a frame was refused. Carries sizes and codes only, never content.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The header announced a body larger than the limit.
+    #[error("frame of {len} bytes exceeds frame_bytes_max {max}")]
+    FrameTooLarge {
+        /// Announced body length.
+        len: u32,
+        /// The limit in force.
+        max: u32,
+    },
+    /// The type byte is not part of wire v1.
+    #[error("unknown frame type 0x{0:02x}")]
+    UnknownType(u8),
+    /// The stream ended with a partial frame buffered.
+    #[error("stream ended inside a frame ({buffered} bytes buffered)")]
+    Truncated {
+        /// Bytes of the partial frame.
+        buffered: usize,
+    },
+    /// The body does not match its structure.
+    #[error("malformed {frame} frame: {what}")]
+    Malformed {
+        /// Frame name.
+        frame: &'static str,
+        /// What was wrong.
+        what: &'static str,
+    },
+    /// A batch had zero entries or more than allowed.
+    #[error("batch of {count} entries outside 1..={max}")]
+    BadBatchSize {
+        /// Entries announced.
+        count: u32,
+        /// The limit in force.
+        max: u32,
+    },
+    /// A recipient is not valid E.164; which one is deliberately not said.
+    #[error("recipient of entry {index} is not a valid E.164 number")]
+    InvalidRecipient {
+        /// Index of the entry in its batch.
+        index: u32,
+    },
+    /// HELLO with an unsupported version or an over-long token.
+    #[error("bad HELLO: {0}")]
+    BadHello(&'static str),
+}
+
+impl WireError {
+    /// The stream error code that reports this error to the peer.
+    pub fn code(&self) -> u32 {
+        match self {
+            WireError::FrameTooLarge { .. } => code::FRAME_TOO_LARGE,
+            WireError::UnknownType(_) => code::UNKNOWN_FRAME_TYPE,
+            WireError::Truncated { .. } => code::TRUNCATED,
+            WireError::Malformed { .. } => code::MALFORMED_FRAME,
+            WireError::BadBatchSize { .. } => code::BAD_BATCH_SIZE,
+            WireError::InvalidRecipient { .. } => code::INVALID_RECIPIENT,
+            WireError::BadHello(_) => code::BAD_HELLO,
+        }
+    }
+}
+
+/// A recipient phone number in E.164 form (`+` then 7 to 15 digits, first digit not 0).
+///
+/// Stored inline (no allocation). `Debug` and `Display` never show the number.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Recipient {
+    len: u8,
+    bytes: [u8; RECIPIENT_BYTES_MAX],
+}
+
+impl Recipient {
+    /// Validates `s` as E.164; `None` if it is not.
+    pub fn parse(s: &[u8]) -> Option<Recipient> {
+        if s.len() < 1 + RECIPIENT_DIGITS_MIN || s.len() > RECIPIENT_BYTES_MAX || s[0] != b'+' {
+            return None;
+        }
+        let digits = &s[1..];
+        if digits[0] == b'0' || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let mut bytes = [0u8; RECIPIENT_BYTES_MAX];
+        bytes[..s.len()].copy_from_slice(s);
+        Some(Recipient {
+            len: s.len() as u8,
+            bytes,
+        })
+    }
+
+    /// The number as bytes, `+` included. Handle with care: this is personal data.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+
+    /// The number as text, `+` included. Handle with care: this is personal data.
+    pub fn as_str(&self) -> &str {
+        // The bytes were checked to be ASCII in parse.
+        std::str::from_utf8(self.as_bytes()).expect("recipient is ASCII")
+    }
+}
+
+impl std::fmt::Debug for Recipient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Recipient(<{} digits redacted>)", self.len - 1)
+    }
+}
+
+/// A bearer token. `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(pub Bytes);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token(<{} bytes redacted>)", self.0.len())
+    }
+}
+
+/// One message of a SUBMIT, as decoded: the payload is a slice of the frame.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The sender's id for this message, its idempotency key.
+    pub client_id: u64,
+    /// Who it is for.
+    pub recipient: Recipient,
+    /// The content, in the clear.
+    pub payload: Bytes,
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("client_id", &self.client_id)
+            .field("recipient", &self.recipient)
+            .field("payload_bytes", &self.payload.len())
+            .finish()
+    }
+}
+
+/// One entry of a REPORT: a delivered message that its recipient reported as spam.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportEntry {
+    /// The business that sent it.
+    pub business_id: u32,
+    /// The business's client message id.
+    pub client_id: u64,
+    /// The recipient who reported it.
+    pub recipient: Recipient,
+}
+
+/// Where an accepted message lives: the shard's log and the record's index in it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct LogPosition(pub u64);
+
+impl LogPosition {
+    /// Bits of the position that hold the record index.
+    pub const INDEX_BITS: u32 = 48;
+
+    /// Position of record `index` in the log of `shard`.
+    pub fn new(shard: u16, index: u64) -> LogPosition {
+        assert!(index < 1 << Self::INDEX_BITS, "log index overflow");
+        LogPosition((u64::from(shard) << Self::INDEX_BITS) | index)
+    }
+    /// The shard whose log holds the record.
+    pub fn shard(self) -> u16 {
+        (self.0 >> Self::INDEX_BITS) as u16
+    }
+    /// The record's index in that log.
+    pub fn index(self) -> u64 {
+        self.0 & ((1 << Self::INDEX_BITS) - 1)
+    }
+}
+
+/// Why a message was rejected: a closed set, stable on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Reason {
+    /// The connection is not authenticated for this business.
+    Unauthorized = 1,
+    /// The recipient cannot be messaged (kept for routing checks; syntax errors close the stream).
+    InvalidRecipient = 2,
+    /// The payload is larger than the profile's `payload_bytes_max`, or empty.
+    PayloadTooLarge = 3,
+    /// The business is paused for an abnormal sending pattern.
+    SenderPaused = 4,
+    /// The business reached its limit of unique recipients in 24 hours.
+    MessagingLimitReached = 5,
+    /// The log cannot take the message (disk full, storage failed).
+    StorageUnavailable = 6,
+    /// The server is shutting down.
+    ShuttingDown = 7,
+}
+
+impl Reason {
+    /// Every reason, in wire order.
+    pub const ALL: [Reason; 7] = [
+        Reason::Unauthorized,
+        Reason::InvalidRecipient,
+        Reason::PayloadTooLarge,
+        Reason::SenderPaused,
+        Reason::MessagingLimitReached,
+        Reason::StorageUnavailable,
+        Reason::ShuttingDown,
+    ];
+
+    /// Decodes a reason byte.
+    pub fn from_u8(v: u8) -> Option<Reason> {
+        Reason::ALL.get(usize::from(v).checked_sub(1)?).copied()
+    }
+
+    /// Stable snake_case name, for reports and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Unauthorized => "unauthorized",
+            Reason::InvalidRecipient => "invalid_recipient",
+            Reason::PayloadTooLarge => "payload_too_large",
+            Reason::SenderPaused => "sender_paused",
+            Reason::MessagingLimitReached => "messaging_limit_reached",
+            Reason::StorageUnavailable => "storage_unavailable",
+            Reason::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// The outcome of one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// Taken, at this position.
+    Accepted(LogPosition),
+    /// Already taken earlier under the same client id, at this position.
+    Duplicate(LogPosition),
+    /// Not taken now; the sender may retry after this many milliseconds.
+    Throttled {
+        /// Milliseconds to wait before retrying.
+        retry_after_ms: u32,
+    },
+    /// Not taken, for this reason.
+    Rejected(Reason),
+}
+
+impl Status {
+    fn encode(self, out: &mut BytesMut) {
+        let (kind, value) = match self {
+            Status::Accepted(p) => (0u8, p.0),
+            Status::Duplicate(p) => (1, p.0),
+            Status::Throttled { retry_after_ms } => (2, u64::from(retry_after_ms)),
+            Status::Rejected(r) => (3, r as u64),
+        };
+        out.put_u8(kind);
+        out.put_u64_le(value);
+    }
+
+    fn decode(kind: u8, value: u64) -> Option<Status> {
+        Some(match kind {
+            0 => Status::Accepted(LogPosition(value)),
+            1 => Status::Duplicate(LogPosition(value)),
+            2 => Status::Throttled {
+                retry_after_ms: u32::try_from(value).ok()?,
+            },
+            3 => Status::Rejected(Reason::from_u8(u8::try_from(value).ok()?)?),
+            _ => return None,
+        })
+    }
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Authenticate.
+    Hello {
+        /// Protocol version.
+        version: u16,
+        /// Bearer token.
+        token: Token,
+    },
+    /// A batch of messages.
+    Submit {
+        /// The client's id of the batch, echoed in its ACK.
+        batch_id: u64,
+        /// The messages.
+        messages: Vec<Message>,
+    },
+    /// Spam reports.
+    Report {
+        /// Reported messages.
+        entries: Vec<ReportEntry>,
+    },
+    /// Authentication accepted.
+    Welcome(Welcome),
+    /// Outcome of one SUBMIT.
+    Ack {
+        /// The batch id of the SUBMIT answered.
+        batch_id: u64,
+        /// One status per message, in batch order.
+        statuses: Vec<Status>,
+    },
+}
+
+/// What the server tells an authenticated client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Welcome {
+    /// The business the token belongs to.
+    pub business_id: u32,
+    /// Most messages per SUBMIT.
+    pub batch_messages_max: u32,
+    /// Largest payload accepted.
+    pub payload_bytes_max: u32,
+    /// Largest frame body accepted.
+    pub frame_bytes_max: u32,
+}
+
+/// A message to encode: borrowed, so a client encodes without copying into owned messages.
+#[derive(Clone, Copy)]
+pub struct OutMessage<'a> {
+    /// Idempotency key.
+    pub client_id: u64,
+    /// Recipient.
+    pub recipient: &'a Recipient,
+    /// Content.
+    pub payload: &'a [u8],
+}
+
+impl std::fmt::Debug for OutMessage<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutMessage")
+            .field("client_id", &self.client_id)
+            .field("recipient", self.recipient)
+            .field("payload_bytes", &self.payload.len())
+            .finish()
+    }
+}
+
+fn put_header(out: &mut BytesMut, ty: u8, len: usize) {
+    let len = u32::try_from(len).expect("frame body fits u32");
+    out.put_u32_le(len);
+    out.put_u8(ty);
+}
+
+/// Encodes HELLO.
+pub fn encode_hello(token: &[u8], out: &mut BytesMut) {
+    assert!(token.len() <= TOKEN_BYTES_MAX, "token too long");
+    put_header(out, frame_type::HELLO, 2 + 2 + token.len());
+    out.put_u16_le(VERSION);
+    out.put_u16_le(token.len() as u16);
+    out.put_slice(token);
+}
+
+/// Body bytes of a SUBMIT holding `messages`.
+pub fn submit_body_bytes<'a>(messages: impl IntoIterator<Item = &'a OutMessage<'a>>) -> usize {
+    BATCH_HEADER_BYTES
+        + messages
+            .into_iter()
+            .map(|m| MESSAGE_OVERHEAD_BYTES + m.recipient.as_bytes().len() + m.payload.len())
+            .sum::<usize>()
+}
+
+/// Encodes SUBMIT.
+pub fn encode_submit(batch_id: u64, messages: &[OutMessage<'_>], out: &mut BytesMut) {
+    let body = submit_body_bytes(messages);
+    out.reserve(FRAME_HEADER_BYTES + body);
+    put_header(out, frame_type::SUBMIT, body);
+    out.put_u64_le(batch_id);
+    out.put_u32_le(u32::try_from(messages.len()).expect("batch count fits u32"));
+    for m in messages {
+        out.put_u64_le(m.client_id);
+        let r = m.recipient.as_bytes();
+        out.put_u8(r.len() as u8);
+        out.put_slice(r);
+        out.put_u32_le(u32::try_from(m.payload.len()).expect("payload fits u32"));
+        out.put_slice(m.payload);
+    }
+}
+
+/// Encodes REPORT.
+pub fn encode_report(entries: &[ReportEntry], out: &mut BytesMut) {
+    let body = 4 + entries
+        .iter()
+        .map(|e| 4 + 8 + 1 + e.recipient.as_bytes().len())
+        .sum::<usize>();
+    put_header(out, frame_type::REPORT, body);
+    out.put_u32_le(u32::try_from(entries.len()).expect("count fits u32"));
+    for e in entries {
+        out.put_u32_le(e.business_id);
+        out.put_u64_le(e.client_id);
+        let r = e.recipient.as_bytes();
+        out.put_u8(r.len() as u8);
+        out.put_slice(r);
+    }
+}
+
+/// Encodes WELCOME.
+pub fn encode_welcome(w: &Welcome, out: &mut BytesMut) {
+    put_header(out, frame_type::WELCOME, 16);
+    out.put_u32_le(w.business_id);
+    out.put_u32_le(w.batch_messages_max);
+    out.put_u32_le(w.payload_bytes_max);
+    out.put_u32_le(w.frame_bytes_max);
+}
+
+/// Encodes ACK.
+pub fn encode_ack(batch_id: u64, statuses: &[Status], out: &mut BytesMut) {
+    let body = BATCH_HEADER_BYTES + statuses.len() * STATUS_BYTES;
+    out.reserve(FRAME_HEADER_BYTES + body);
+    put_header(out, frame_type::ACK, body);
+    out.put_u64_le(batch_id);
+    out.put_u32_le(u32::try_from(statuses.len()).expect("count fits u32"));
+    for s in statuses {
+        s.encode(out);
+    }
+}
+
+impl Frame {
+    /// Encodes any frame (tests and tools; hot paths call the `encode_*` functions).
+    pub fn encode(&self, out: &mut BytesMut) {
+        match self {
+            Frame::Hello { version, token } => {
+                put_header(out, frame_type::HELLO, 4 + token.0.len());
+                out.put_u16_le(*version);
+                out.put_u16_le(token.0.len() as u16);
+                out.put_slice(&token.0);
+            }
+            Frame::Submit { batch_id, messages } => {
+                let out_msgs: Vec<OutMessage<'_>> = messages
+                    .iter()
+                    .map(|m| OutMessage {
+                        client_id: m.client_id,
+                        recipient: &m.recipient,
+                        payload: &m.payload,
+                    })
+                    .collect();
+                encode_submit(*batch_id, &out_msgs, out);
+            }
+            Frame::Report { entries } => encode_report(entries, out),
+            Frame::Welcome(w) => encode_welcome(w, out),
+            Frame::Ack { batch_id, statuses } => encode_ack(*batch_id, statuses, out),
+        }
+    }
+}
+
+/// Decodes one frame body of type `ty`. `body` is exactly the frame's body.
+pub fn decode_body(ty: u8, mut body: Bytes, limits: &WireLimits) -> Result<Frame, WireError> {
+    match ty {
+        frame_type::HELLO => {
+            let m = |what| WireError::Malformed {
+                frame: "HELLO",
+                what,
+            };
+            if body.len() < 4 {
+                return Err(m("shorter than its fixed fields"));
+            }
+            let version = body.get_u16_le();
+            let token_len = usize::from(body.get_u16_le());
+            if version != VERSION {
+                return Err(WireError::BadHello("unsupported version"));
+            }
+            if token_len > TOKEN_BYTES_MAX {
+                return Err(WireError::BadHello("token longer than 256 bytes"));
+            }
+            if body.len() != token_len {
+                return Err(m("token length does not match the frame"));
+            }
+            Ok(Frame::Hello {
+                version,
+                token: Token(body),
+            })
+        }
+        frame_type::SUBMIT => {
+            let m = |what| WireError::Malformed {
+                frame: "SUBMIT",
+                what,
+            };
+            if body.len() < BATCH_HEADER_BYTES {
+                return Err(m("shorter than its fixed fields"));
+            }
+            let batch_id = body.get_u64_le();
+            let count = body.get_u32_le();
+            check_count(count, limits)?;
+            // Each message takes at least its fixed fields plus a minimal recipient: a
+            // count the body cannot hold is refused before the Vec is sized by it.
+            let min_each = MESSAGE_OVERHEAD_BYTES + 1 + RECIPIENT_DIGITS_MIN;
+            if (count as usize).saturating_mul(min_each) > body.len() {
+                return Err(m("count larger than the body can hold"));
+            }
+            let mut messages = Vec::with_capacity(count as usize);
+            for index in 0..count {
+                if body.len() < 9 {
+                    return Err(m("message header truncated"));
+                }
+                let client_id = body.get_u64_le();
+                let rlen = usize::from(body.get_u8());
+                if body.len() < rlen + 4 {
+                    return Err(m("recipient truncated"));
+                }
+                if rlen > RECIPIENT_BYTES_MAX {
+                    return Err(WireError::InvalidRecipient { index });
+                }
+                let recipient =
+                    Recipient::parse(&body[..rlen]).ok_or(WireError::InvalidRecipient { index })?;
+                body.advance(rlen);
+                let plen = body.get_u32_le() as usize;
+                if body.len() < plen {
+                    return Err(m("payload runs past the frame"));
+                }
+                let payload = body.split_to(plen);
+                messages.push(Message {
+                    client_id,
+                    recipient,
+                    payload,
+                });
+            }
+            if !body.is_empty() {
+                return Err(m("bytes after the last message"));
+            }
+            Ok(Frame::Submit { batch_id, messages })
+        }
+        frame_type::REPORT => {
+            let m = |what| WireError::Malformed {
+                frame: "REPORT",
+                what,
+            };
+            if body.len() < 4 {
+                return Err(m("shorter than its fixed fields"));
+            }
+            let count = body.get_u32_le();
+            check_count(count, limits)?;
+            let min_each = 4 + 8 + 1 + 1 + RECIPIENT_DIGITS_MIN;
+            if (count as usize).saturating_mul(min_each) > body.len() {
+                return Err(m("count larger than the body can hold"));
+            }
+            let mut entries = Vec::with_capacity(count as usize);
+            for index in 0..count {
+                if body.len() < 13 {
+                    return Err(m("entry truncated"));
+                }
+                let business_id = body.get_u32_le();
+                let client_id = body.get_u64_le();
+                let rlen = usize::from(body.get_u8());
+                if body.len() < rlen {
+                    return Err(m("recipient truncated"));
+                }
+                let recipient =
+                    Recipient::parse(&body[..rlen]).ok_or(WireError::InvalidRecipient { index })?;
+                body.advance(rlen);
+                entries.push(ReportEntry {
+                    business_id,
+                    client_id,
+                    recipient,
+                });
+            }
+            if !body.is_empty() {
+                return Err(m("bytes after the last entry"));
+            }
+            Ok(Frame::Report { entries })
+        }
+        frame_type::WELCOME => {
+            if body.len() != 16 {
+                return Err(WireError::Malformed {
+                    frame: "WELCOME",
+                    what: "body is not 16 bytes",
+                });
+            }
+            Ok(Frame::Welcome(Welcome {
+                business_id: body.get_u32_le(),
+                batch_messages_max: body.get_u32_le(),
+                payload_bytes_max: body.get_u32_le(),
+                frame_bytes_max: body.get_u32_le(),
+            }))
+        }
+        frame_type::ACK => {
+            let m = |what| WireError::Malformed { frame: "ACK", what };
+            if body.len() < BATCH_HEADER_BYTES {
+                return Err(m("shorter than its fixed fields"));
+            }
+            let batch_id = body.get_u64_le();
+            let count = body.get_u32_le();
+            check_count(count, limits)?;
+            if body.len() != count as usize * STATUS_BYTES {
+                return Err(m("count does not match the body"));
+            }
+            let mut statuses = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                let kind = body.get_u8();
+                let value = body.get_u64_le();
+                statuses.push(Status::decode(kind, value).ok_or(m("unknown status"))?);
+            }
+            Ok(Frame::Ack { batch_id, statuses })
+        }
+        other => Err(WireError::UnknownType(other)),
+    }
+}
+
+fn check_count(count: u32, limits: &WireLimits) -> Result<(), WireError> {
+    if count == 0 || count > limits.batch_messages_max {
+        return Err(WireError::BadBatchSize {
+            count,
+            max: limits.batch_messages_max,
+        });
+    }
+    Ok(())
+}
+
+fn known_type(ty: u8) -> bool {
+    matches!(
+        ty,
+        frame_type::HELLO
+            | frame_type::SUBMIT
+            | frame_type::REPORT
+            | frame_type::WELCOME
+            | frame_type::ACK
+    )
+}
+
+/// Reassembles frames from the chunks of one stream.
+///
+/// Holds at most one frame (`FRAME_HEADER_BYTES + frame_bytes_max`) plus the chunk being
+/// pushed: a header is checked as soon as its 5 bytes are in, so an oversized or unknown
+/// frame fails before its body is buffered.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    limits: WireLimits,
+    buf: BytesMut,
+}
+
+impl FrameDecoder {
+    /// A decoder enforcing `limits`.
+    pub fn new(limits: WireLimits) -> FrameDecoder {
+        FrameDecoder {
+            limits,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Bytes buffered and not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Appends stream bytes.
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        let Some((ty, len)) = self.header()? else {
+            return Ok(None);
+        };
+        if self.buf.len() < FRAME_HEADER_BYTES + len {
+            self.buf.reserve(FRAME_HEADER_BYTES + len - self.buf.len());
+            return Ok(None);
+        }
+        self.buf.advance(FRAME_HEADER_BYTES);
+        let body = self.buf.split_to(len).freeze();
+        decode_body(ty, body, &self.limits).map(Some)
+    }
+
+    /// Checks the header of the next frame as soon as it is complete.
+    fn header(&self) -> Result<Option<(u8, usize)>, WireError> {
+        if self.buf.len() < FRAME_HEADER_BYTES {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes"));
+        let ty = self.buf[4];
+        if !known_type(ty) {
+            return Err(WireError::UnknownType(ty));
+        }
+        if len > self.limits.frame_bytes_max {
+            return Err(WireError::FrameTooLarge {
+                len,
+                max: self.limits.frame_bytes_max,
+            });
+        }
+        Ok(Some((ty, len as usize)))
+    }
+
+    /// Validates what is buffered once the stream has ended: a partial frame is an error.
+    /// Call after `next_frame` returned `Ok(None)`.
+    pub fn finish(&self) -> Result<(), WireError> {
+        self.header()?;
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Truncated {
+                buffered: self.buf.len(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(s: &str) -> Recipient {
+        Recipient::parse(s.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn recipient_validation() {
+        assert!(Recipient::parse(b"+4915112345678").is_some());
+        assert!(Recipient::parse(b"+1234567").is_some());
+        assert!(Recipient::parse(b"+123456").is_none(), "too short");
+        assert!(
+            Recipient::parse(b"+1234567890123456").is_none(),
+            "16 digits"
+        );
+        assert!(Recipient::parse(b"4915112345678").is_none(), "no plus");
+        assert!(Recipient::parse(b"+0915112345678").is_none(), "leading 0");
+        assert!(Recipient::parse(b"+49151-2345678").is_none(), "dash");
+        assert!(Recipient::parse(b"").is_none());
+    }
+
+    #[test]
+    fn debug_never_shows_content() {
+        let m = Message {
+            client_id: 7,
+            recipient: r("+4915112345678"),
+            payload: Bytes::from_static(b"secret words"),
+        };
+        let s = format!("{m:?} {:?}", Token(Bytes::from_static(b"tok-abc")));
+        assert!(!s.contains("4915112345678"), "{s}");
+        assert!(!s.contains("secret"), "{s}");
+        assert!(!s.contains("tok-abc"), "{s}");
+    }
+
+    #[test]
+    fn log_position_parts() {
+        let p = LogPosition::new(3, 99);
+        assert_eq!((p.shard(), p.index()), (3, 99));
+    }
+
+    #[test]
+    fn header_checked_before_body_buffered() {
+        let limits = WireLimits {
+            frame_bytes_max: 1024,
+            batch_messages_max: 16,
+        };
+        let mut d = FrameDecoder::new(limits);
+        let mut hdr = BytesMut::new();
+        hdr.put_u32_le(1025);
+        hdr.put_u8(frame_type::SUBMIT);
+        d.push(&hdr);
+        assert_eq!(
+            d.next_frame(),
+            Err(WireError::FrameTooLarge {
+                len: 1025,
+                max: 1024
+            })
+        );
+    }
+}

@@ -24,6 +24,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cid;
+pub mod ingest;
 pub mod profile;
 pub mod registry;
+pub mod server;
 pub mod wire;

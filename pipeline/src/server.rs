@@ -1,0 +1,784 @@
+//! One shard's QUIC server, sans-IO: a quinn-proto [`Endpoint`] and its connections,
+//! driven by the calls of the shell.
+//!
+//! The polling contract, which the shell follows after every input:
+//!
+//! 1. feed input: [`Server::handle_datagram`] for each received datagram,
+//!    [`Server::handle_timeout`] once `now` has passed [`Server::poll_timeout`],
+//!    [`Server::ack`] for each batch the stage chain has decided;
+//! 2. drain [`Server::poll_batch`] and hand each batch to the stage chain;
+//! 3. drain [`Server::poll_transmit`] (the shell sends each datagram);
+//! 4. sleep until [`Server::poll_timeout`] or the next input.
+//!
+//! Inside, every input drives the affected connection to quiescence: its endpoint events
+//! are fed to the endpoint and the answers fed back (`Drained` removes it), its
+//! application events are drained, readable streams are read into frame decoders, and its
+//! timer is re-filed. A connection that may have something to send is queued for
+//! [`Server::poll_transmit`], which serves connections round-robin.
+//!
+//! Bounds: connections per shard (`connections_per_shard_max`, handshakes beyond it are
+//! refused), streams per connection (a transport parameter), SUBMITs awaiting their ACK
+//! per stream (`batches_in_flight_per_stream_max`: past it the stream is not read, so QUIC
+//! flow control holds the sender back), and one frame per stream decoder. So the batches
+//! waiting in [`Server::poll_batch`] are bounded by the product of those.
+//!
+//! ACKs leave each stream in SUBMIT order even when the shell acks out of order.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use quinn_proto::{
+    ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig, Event, ReadError, StreamEvent,
+    StreamId, Transmit, TransportConfig, VarInt, WriteError,
+};
+
+use crate::cid::ShardCidGenerator;
+use crate::profile::Profile;
+use crate::registry::Registry;
+use crate::wire::{self, code, Frame, FrameDecoder, Message, Status, Welcome, WireLimits};
+
+/// Endpoint-generated datagrams (stateless resets, refusals, version negotiation) queued
+/// for sending; more are dropped, as a router would.
+const RESPONSES_QUEUED_MAX: usize = 256;
+/// Bytes asked of a stream per read.
+const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
+
+/// Which submitted batch an ACK answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ticket {
+    conn: ConnectionHandle,
+    generation: u64,
+    stream: StreamId,
+    seq: u64,
+}
+
+/// A decoded SUBMIT, waiting for the stage chain.
+#[derive(Debug)]
+pub struct SubmitBatch {
+    /// Pass back to [`Server::ack`].
+    pub ticket: Ticket,
+    /// The authenticated business.
+    pub business_id: u32,
+    /// The client's batch id.
+    pub batch_id: u64,
+    /// The messages, payloads sliced from the frame.
+    pub messages: Vec<Message>,
+}
+
+/// Counters of one shard's server. Never holds content.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Datagrams handed to the endpoint.
+    pub datagrams_in: u64,
+    /// Connections accepted.
+    pub connections_accepted: u64,
+    /// Handshakes refused because the shard was full.
+    pub connections_refused: u64,
+    /// Connections fully drained and removed.
+    pub connections_drained: u64,
+    /// HELLOs accepted.
+    pub hellos_accepted: u64,
+    /// Connections closed for a bad token.
+    pub auth_failures: u64,
+    /// Connections closed for sending no HELLO in time.
+    pub hello_timeouts: u64,
+    /// Streams closed for a bad frame.
+    pub stream_errors: u64,
+    /// SUBMIT frames decoded.
+    pub batches_in: u64,
+    /// Messages in them.
+    pub messages_in: u64,
+    /// ACK frames written.
+    pub acks_out: u64,
+    /// ACKs for batches whose stream or connection was already gone.
+    pub acks_orphaned: u64,
+    /// Endpoint responses dropped because the queue was full.
+    pub responses_dropped: u64,
+}
+
+struct PendingAck {
+    seq: u64,
+    batch_id: u64,
+    messages: usize,
+    frame: Option<BytesMut>,
+}
+
+struct StreamState {
+    decoder: FrameDecoder,
+    pending: VecDeque<PendingAck>,
+    next_seq: u64,
+    out: BytesMut,
+    recv_done: bool,
+    /// Not read because `pending` is full; resumed by `ack`.
+    paused: bool,
+}
+
+struct Conn {
+    quinn: quinn_proto::Connection,
+    generation: u64,
+    business_id: Option<u32>,
+    hello_deadline: Instant,
+    streams: HashMap<StreamId, StreamState>,
+    timer: Option<Instant>,
+    send_queued: bool,
+    closing: bool,
+}
+
+/// What a shard's server needs besides the profile.
+#[derive(Clone)]
+pub struct ServerParts {
+    /// This shard's index, carried in its connection IDs.
+    pub shard: u8,
+    /// TLS: the certificate chain and key, as a quinn-proto crypto config.
+    pub crypto: Arc<dyn quinn_proto::crypto::ServerConfig>,
+    /// Key for stateless resets; the same on every shard so any shard can reset.
+    pub reset_key: [u8; 64],
+    /// Seed of the connection ID generator and of the endpoint's own randomness.
+    pub seed: [u8; 32],
+}
+
+impl std::fmt::Debug for ServerParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerParts")
+            .field("shard", &self.shard)
+            .finish_non_exhaustive()
+    }
+}
+
+/// QUIC transport settings of a courier server, from the profile.
+pub fn transport_config(profile: &Profile) -> TransportConfig {
+    let q = &profile.quic;
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(profile.limits.streams_per_connection_max))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .max_idle_timeout(Some(VarInt::from_u32(q.idle_timeout_ms).into()))
+        .stream_receive_window(VarInt::from_u32(q.stream_receive_window_bytes))
+        .receive_window(VarInt::from_u32(q.connection_receive_window_bytes))
+        .send_window(u64::from(q.send_window_bytes))
+        .initial_mtu(q.initial_mtu)
+        .datagram_receive_buffer_size(None);
+    let mut mtud = quinn_proto::MtuDiscoveryConfig::default();
+    mtud.upper_bound(q.mtu_upper_bound);
+    t.mtu_discovery_config(Some(mtud));
+    t
+}
+
+/// One shard's sans-IO QUIC server.
+pub struct Server {
+    shard: u8,
+    endpoint: Endpoint,
+    server_config: Arc<quinn_proto::ServerConfig>,
+    registry: Arc<Registry>,
+    limits: crate::profile::Limits,
+    wire_limits: WireLimits,
+    conns: HashMap<ConnectionHandle, Conn>,
+    next_generation: u64,
+    timers: BTreeSet<(Instant, ConnectionHandle)>,
+    send_queue: VecDeque<ConnectionHandle>,
+    responses: VecDeque<(Transmit, Vec<u8>)>,
+    batches: VecDeque<SubmitBatch>,
+    scratch: Vec<u8>,
+    stats: ServerStats,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("shard", &self.shard)
+            .field("connections", &self.conns.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// A server for one shard.
+    pub fn new(parts: ServerParts, profile: &Profile, registry: Arc<Registry>) -> Server {
+        let reset_key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &parts.reset_key);
+        let mut endpoint_config = EndpointConfig::new(Arc::new(reset_key));
+        let (shard, seed) = (parts.shard, parts.seed);
+        endpoint_config
+            .cid_generator(move || Box::new(ShardCidGenerator::new(shard, seed)))
+            .rng_seed(Some(seed));
+        endpoint_config
+            .max_udp_payload_size(profile.quic.mtu_upper_bound.max(1200))
+            .expect("profile bounds the MTU to 1200..=65527");
+        let mut server_config = quinn_proto::ServerConfig::with_crypto(parts.crypto);
+        server_config
+            .transport_config(Arc::new(transport_config(profile)))
+            .max_incoming(profile.limits.connections_per_shard_max as usize)
+            .migration(true);
+        let endpoint = Endpoint::new(Arc::new(endpoint_config), None, true, Some(seed));
+        Server {
+            shard,
+            endpoint,
+            server_config: Arc::new(server_config),
+            registry,
+            limits: profile.limits.clone(),
+            wire_limits: profile.limits.wire(),
+            conns: HashMap::new(),
+            next_generation: 0,
+            timers: BTreeSet::new(),
+            send_queue: VecDeque::new(),
+            responses: VecDeque::new(),
+            batches: VecDeque::new(),
+            scratch: Vec::new(),
+            stats: ServerStats::default(),
+        }
+    }
+
+    /// This shard's index.
+    pub fn shard(&self) -> u8 {
+        self.shard
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Live connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Replaces the registry; new HELLOs use it, authenticated connections keep theirs.
+    pub fn set_registry(&mut self, registry: Arc<Registry>) {
+        self.registry = registry;
+    }
+
+    /// Feeds one received datagram.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        local_ip: Option<IpAddr>,
+        data: BytesMut,
+    ) {
+        self.stats.datagrams_in += 1;
+        self.scratch.clear();
+        let event = self
+            .endpoint
+            .handle(now, remote, local_ip, None, data, &mut self.scratch);
+        match event {
+            None => {}
+            Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
+                if let Some(conn) = self.conns.get_mut(&ch) {
+                    conn.quinn.handle_event(ev);
+                    self.drive(ch, now);
+                }
+            }
+            Some(DatagramEvent::Response(t)) => {
+                let bytes = self.scratch[..t.size].to_vec();
+                self.queue_response(t, bytes);
+            }
+            Some(DatagramEvent::NewConnection(incoming)) => {
+                if self.conns.len() >= self.limits.connections_per_shard_max as usize {
+                    self.stats.connections_refused += 1;
+                    self.scratch.clear();
+                    let t = self.endpoint.refuse(incoming, &mut self.scratch);
+                    let bytes = self.scratch[..t.size].to_vec();
+                    self.queue_response(t, bytes);
+                    return;
+                }
+                self.scratch.clear();
+                match self.endpoint.accept(
+                    incoming,
+                    now,
+                    &mut self.scratch,
+                    Some(self.server_config.clone()),
+                ) {
+                    Ok((ch, quinn)) => {
+                        self.stats.connections_accepted += 1;
+                        let generation = self.next_generation;
+                        self.next_generation += 1;
+                        let hello_deadline =
+                            now + Duration::from_millis(u64::from(self.limits.hello_timeout_ms));
+                        self.conns.insert(
+                            ch,
+                            Conn {
+                                quinn,
+                                generation,
+                                business_id: None,
+                                hello_deadline,
+                                streams: HashMap::new(),
+                                timer: None,
+                                send_queued: false,
+                                closing: false,
+                            },
+                        );
+                        self.drive(ch, now);
+                    }
+                    Err(e) => {
+                        if let Some(t) = e.response {
+                            let bytes = self.scratch[..t.size].to_vec();
+                            self.queue_response(t, bytes);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn queue_response(&mut self, t: Transmit, bytes: Vec<u8>) {
+        if self.responses.len() >= RESPONSES_QUEUED_MAX {
+            self.stats.responses_dropped += 1;
+        } else {
+            self.responses.push_back((t, bytes));
+        }
+    }
+
+    /// When [`Server::handle_timeout`] is next due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.first().map(|(t, _)| *t)
+    }
+
+    /// Fires every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        // Bounded: each connection has at most one entry, and each fired entry is removed.
+        while let Some(&(at, ch)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.remove(&(at, ch));
+            let Some(conn) = self.conns.get_mut(&ch) else {
+                continue;
+            };
+            conn.timer = None;
+            conn.quinn.handle_timeout(now);
+            if conn.business_id.is_none() && !conn.closing && now >= conn.hello_deadline {
+                self.stats.hello_timeouts += 1;
+                conn.closing = true;
+                conn.quinn.close(
+                    now,
+                    VarInt::from_u32(code::HELLO_TIMEOUT),
+                    Bytes::from_static(b"no HELLO in time"),
+                );
+            }
+            self.drive(ch, now);
+        }
+    }
+
+    /// The next datagram(s) to send, written into `buf` (cleared first). With
+    /// `max_datagrams` > 1 the transmit may hold several datagrams of `segment_size` (GSO).
+    pub fn poll_transmit(
+        &mut self,
+        now: Instant,
+        max_datagrams: usize,
+        buf: &mut Vec<u8>,
+    ) -> Option<Transmit> {
+        buf.clear();
+        if let Some((t, bytes)) = self.responses.pop_front() {
+            buf.extend_from_slice(&bytes);
+            return Some(t);
+        }
+        // Round-robin: a connection that sent goes to the back; one with nothing to send
+        // leaves the queue until it is driven again. Each handle is in the queue at most once.
+        for _ in 0..self.send_queue.len() {
+            let ch = self.send_queue.pop_front()?;
+            let Some(conn) = self.conns.get_mut(&ch) else {
+                continue;
+            };
+            if let Some(t) = conn.quinn.poll_transmit(now, max_datagrams, buf) {
+                self.send_queue.push_back(ch);
+                // Sending may arm loss-detection and pacing timers.
+                self.refile_timer(ch);
+                return Some(t);
+            }
+            conn.send_queued = false;
+            self.refile_timer(ch);
+        }
+        None
+    }
+
+    /// The next decoded batch for the stage chain.
+    pub fn poll_batch(&mut self) -> Option<SubmitBatch> {
+        self.batches.pop_front()
+    }
+
+    /// Delivers the statuses of a batch; its ACK is written once every earlier batch of the
+    /// same stream has been acked. `statuses` has one entry per message of the batch.
+    /// A ticket whose stream or connection is gone is counted and dropped: the client saw
+    /// the stream fail and will resubmit, and idempotency answers `duplicate`.
+    pub fn ack(&mut self, now: Instant, ticket: Ticket, statuses: &[Status]) {
+        let read_max = self.limits.batches_in_flight_per_stream_max as usize;
+        let Some(conn) = self.conns.get_mut(&ticket.conn) else {
+            self.stats.acks_orphaned += 1;
+            return;
+        };
+        if conn.generation != ticket.generation {
+            self.stats.acks_orphaned += 1;
+            return;
+        }
+        let Some(st) = conn.streams.get_mut(&ticket.stream) else {
+            self.stats.acks_orphaned += 1;
+            return;
+        };
+        let Some(p) = st.pending.iter_mut().find(|p| p.seq == ticket.seq) else {
+            self.stats.acks_orphaned += 1;
+            return;
+        };
+        assert_eq!(p.messages, statuses.len(), "one status per message");
+        assert!(p.frame.is_none(), "a batch is acked once");
+        let mut frame = BytesMut::with_capacity(
+            wire::FRAME_HEADER_BYTES
+                + wire::BATCH_HEADER_BYTES
+                + statuses.len() * wire::STATUS_BYTES,
+        );
+        wire::encode_ack(p.batch_id, statuses, &mut frame);
+        p.frame = Some(frame);
+        // Release ACKs in SUBMIT order.
+        while st.pending.front().is_some_and(|p| p.frame.is_some()) {
+            let p = st.pending.pop_front().expect("checked");
+            st.out.extend_from_slice(&p.frame.expect("checked"));
+            self.stats.acks_out += 1;
+        }
+        let resume = st.paused && st.pending.len() < read_max;
+        if resume {
+            st.paused = false;
+        }
+        let id = ticket.stream;
+        self.flush_stream(ticket.conn, id);
+        if resume {
+            self.read_stream(ticket.conn, id, now);
+        }
+        self.finish_if_done(ticket.conn, id);
+        self.drive(ticket.conn, now);
+    }
+
+    /// Closes every connection with `code` (shutdown). Batches already handed out can still
+    /// be acked until the connections drain.
+    pub fn close_all(&mut self, now: Instant, error_code: u32, reason: &'static [u8]) {
+        let handles: Vec<ConnectionHandle> = self.conns.keys().copied().collect();
+        for ch in handles {
+            if let Some(conn) = self.conns.get_mut(&ch) {
+                conn.closing = true;
+                conn.quinn.close(
+                    now,
+                    VarInt::from_u32(error_code),
+                    Bytes::from_static(reason),
+                );
+            }
+            self.drive(ch, now);
+        }
+    }
+
+    /// Drives one connection until it has nothing more to say.
+    fn drive(&mut self, ch: ConnectionHandle, now: Instant) {
+        // Bounded: each pass consumes events that quinn-proto produced from finite input.
+        loop {
+            let Some(conn) = self.conns.get_mut(&ch) else {
+                return;
+            };
+            let mut progressed = false;
+            while let Some(ev) = conn.quinn.poll_endpoint_events() {
+                progressed = true;
+                let drained = ev.is_drained();
+                if let Some(back) = self.endpoint.handle_event(ch, ev) {
+                    conn.quinn.handle_event(back);
+                }
+                if drained {
+                    self.remove_conn(ch);
+                    return;
+                }
+            }
+            if let Some(ev) = conn.quinn.poll() {
+                progressed = true;
+                self.on_event(ch, ev, now);
+            }
+            if !progressed {
+                break;
+            }
+        }
+        self.refile_timer(ch);
+        if let Some(conn) = self.conns.get_mut(&ch) {
+            if !conn.send_queued {
+                conn.send_queued = true;
+                self.send_queue.push_back(ch);
+            }
+        }
+    }
+
+    fn remove_conn(&mut self, ch: ConnectionHandle) {
+        if let Some(conn) = self.conns.remove(&ch) {
+            if let Some(t) = conn.timer {
+                self.timers.remove(&(t, ch));
+            }
+            self.stats.connections_drained += 1;
+        }
+    }
+
+    fn refile_timer(&mut self, ch: ConnectionHandle) {
+        let Some(conn) = self.conns.get_mut(&ch) else {
+            return;
+        };
+        let mut next = conn.quinn.poll_timeout();
+        if conn.business_id.is_none() && !conn.closing {
+            next = Some(next.map_or(conn.hello_deadline, |t| t.min(conn.hello_deadline)));
+        }
+        if next != conn.timer {
+            if let Some(old) = conn.timer {
+                self.timers.remove(&(old, ch));
+            }
+            if let Some(t) = next {
+                self.timers.insert((t, ch));
+            }
+            conn.timer = next;
+        }
+    }
+
+    fn on_event(&mut self, ch: ConnectionHandle, ev: Event, now: Instant) {
+        match ev {
+            Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
+                let Some(conn) = self.conns.get_mut(&ch) else {
+                    return;
+                };
+                let mut opened = Vec::new();
+                while let Some(id) = conn.quinn.streams().accept(Dir::Bi) {
+                    conn.streams.insert(
+                        id,
+                        StreamState {
+                            decoder: FrameDecoder::new(self.wire_limits),
+                            pending: VecDeque::new(),
+                            next_seq: 0,
+                            out: BytesMut::new(),
+                            recv_done: false,
+                            paused: false,
+                        },
+                    );
+                    opened.push(id);
+                }
+                for id in opened {
+                    self.read_stream(ch, id, now);
+                }
+            }
+            Event::Stream(StreamEvent::Readable { id }) => self.read_stream(ch, id, now),
+            Event::Stream(StreamEvent::Writable { id }) => {
+                self.flush_stream(ch, id);
+                self.finish_if_done(ch, id);
+            }
+            Event::Stream(StreamEvent::Stopped { id, .. }) => {
+                // The client no longer wants ACKs on this stream.
+                if let Some(conn) = self.conns.get_mut(&ch) {
+                    let _ = conn
+                        .quinn
+                        .recv_stream(id)
+                        .stop(VarInt::from_u32(code::CLOSE_OK));
+                    conn.streams.remove(&id);
+                }
+            }
+            Event::Stream(StreamEvent::Finished { id }) => {
+                if let Some(conn) = self.conns.get_mut(&ch) {
+                    if conn
+                        .streams
+                        .get(&id)
+                        .is_some_and(|s| s.recv_done && s.pending.is_empty())
+                    {
+                        conn.streams.remove(&id);
+                    }
+                }
+            }
+            Event::ConnectionLost { .. } => {
+                if let Some(conn) = self.conns.get_mut(&ch) {
+                    conn.closing = true;
+                    conn.streams.clear();
+                }
+            }
+            Event::Stream(_)
+            | Event::Connected
+            | Event::HandshakeDataReady
+            | Event::DatagramReceived
+            | Event::DatagramsUnblocked => {}
+        }
+    }
+
+    /// Reads and decodes a stream until it is drained, paused by its ACK backlog, or failed.
+    fn read_stream(&mut self, ch: ConnectionHandle, id: StreamId, now: Instant) {
+        let read_max = self.limits.batches_in_flight_per_stream_max as usize;
+        // Bounded: each pass either decodes a frame, consumes a chunk, or returns.
+        loop {
+            let Some(conn) = self.conns.get_mut(&ch) else {
+                return;
+            };
+            let Some(st) = conn.streams.get_mut(&id) else {
+                return;
+            };
+            if st.pending.len() >= read_max {
+                st.paused = true;
+                return;
+            }
+            match st.decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    if !self.on_frame(ch, id, frame, now) {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.fail_stream(ch, id, e.code());
+                    return;
+                }
+            }
+            if st.recv_done {
+                if let Err(e) = st.decoder.finish() {
+                    self.fail_stream(ch, id, e.code());
+                } else {
+                    self.finish_if_done(ch, id);
+                }
+                return;
+            }
+            let mut recv = conn.quinn.recv_stream(id);
+            let Ok(mut chunks) = recv.read(true) else {
+                conn.streams.remove(&id);
+                return;
+            };
+            let result = chunks.next(READ_CHUNK_BYTES_MAX);
+            let _ = chunks.finalize();
+            match result {
+                Ok(Some(chunk)) => st.decoder.push(&chunk.bytes),
+                Ok(None) => st.recv_done = true,
+                Err(ReadError::Blocked) => return,
+                Err(ReadError::Reset(_)) => {
+                    // The client abandoned the stream; unacked batches will be orphaned.
+                    let _ = conn
+                        .quinn
+                        .send_stream(id)
+                        .reset(VarInt::from_u32(code::CLOSE_OK));
+                    conn.streams.remove(&id);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Acts on one frame. Returns false when the stream (or connection) was closed.
+    fn on_frame(&mut self, ch: ConnectionHandle, id: StreamId, frame: Frame, now: Instant) -> bool {
+        let conn = self.conns.get_mut(&ch).expect("caller checked");
+        match frame {
+            Frame::Hello { token, .. } => {
+                if conn.business_id.is_some() {
+                    self.fail_stream(ch, id, code::UNEXPECTED_FRAME);
+                    return false;
+                }
+                match self.registry.authenticate(&token.0) {
+                    Ok(b) => {
+                        self.stats.hellos_accepted += 1;
+                        conn.business_id = Some(b.id);
+                        let st = conn.streams.get_mut(&id).expect("caller checked");
+                        wire::encode_welcome(
+                            &Welcome {
+                                business_id: b.id,
+                                batch_messages_max: self.limits.batch_messages_max,
+                                payload_bytes_max: self.limits.payload_bytes_max,
+                                frame_bytes_max: self.limits.frame_bytes_max,
+                            },
+                            &mut st.out,
+                        );
+                        self.flush_stream(ch, id);
+                        self.refile_timer(ch);
+                        true
+                    }
+                    Err(_) => {
+                        self.stats.auth_failures += 1;
+                        conn.closing = true;
+                        conn.streams.clear();
+                        conn.quinn.close(
+                            now,
+                            VarInt::from_u32(code::UNAUTHORIZED),
+                            Bytes::from_static(b"unauthorized"),
+                        );
+                        false
+                    }
+                }
+            }
+            Frame::Submit { batch_id, messages } => {
+                let Some(business_id) = conn.business_id else {
+                    self.fail_stream(ch, id, code::NOT_AUTHENTICATED);
+                    return false;
+                };
+                let st = conn.streams.get_mut(&id).expect("caller checked");
+                let seq = st.next_seq;
+                st.next_seq += 1;
+                st.pending.push_back(PendingAck {
+                    seq,
+                    batch_id,
+                    messages: messages.len(),
+                    frame: None,
+                });
+                self.stats.batches_in += 1;
+                self.stats.messages_in += messages.len() as u64;
+                self.batches.push_back(SubmitBatch {
+                    ticket: Ticket {
+                        conn: ch,
+                        generation: conn.generation,
+                        stream: id,
+                        seq,
+                    },
+                    business_id,
+                    batch_id,
+                    messages,
+                });
+                true
+            }
+            // Spam reports come from platform connections, which wire v1 servers do not
+            // accept yet; server frames never come from a client.
+            Frame::Report { .. } | Frame::Welcome(_) | Frame::Ack { .. } => {
+                self.fail_stream(ch, id, code::UNEXPECTED_FRAME);
+                false
+            }
+        }
+    }
+
+    /// Closes one stream in both directions with `error_code`; its pending batches will be
+    /// orphaned. Other streams and connections are untouched.
+    fn fail_stream(&mut self, ch: ConnectionHandle, id: StreamId, error_code: u32) {
+        self.stats.stream_errors += 1;
+        let Some(conn) = self.conns.get_mut(&ch) else {
+            return;
+        };
+        let code = VarInt::from_u32(error_code);
+        let _ = conn.quinn.recv_stream(id).stop(code);
+        let _ = conn.quinn.send_stream(id).reset(code);
+        conn.streams.remove(&id);
+    }
+
+    fn flush_stream(&mut self, ch: ConnectionHandle, id: StreamId) {
+        let Some(conn) = self.conns.get_mut(&ch) else {
+            return;
+        };
+        let Some(st) = conn.streams.get_mut(&id) else {
+            return;
+        };
+        while !st.out.is_empty() {
+            match conn.quinn.send_stream(id).write(&st.out) {
+                Ok(n) => {
+                    let _ = st.out.split_to(n);
+                }
+                Err(WriteError::Blocked) => return,
+                Err(WriteError::Stopped(_) | WriteError::ClosedStream) => {
+                    conn.streams.remove(&id);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Finishes our half once the client finished its half and every ACK is out.
+    fn finish_if_done(&mut self, ch: ConnectionHandle, id: StreamId) {
+        let Some(conn) = self.conns.get_mut(&ch) else {
+            return;
+        };
+        let Some(st) = conn.streams.get(&id) else {
+            return;
+        };
+        if st.recv_done && st.pending.is_empty() && st.out.is_empty() && st.decoder.buffered() == 0
+        {
+            let _ = conn.quinn.send_stream(id).finish();
+            conn.streams.remove(&id);
+        }
+    }
+}

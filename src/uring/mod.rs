@@ -42,6 +42,9 @@ mod thread;
 mod udp;
 mod waker;
 
+#[cfg(test)]
+mod tests;
+
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 

@@ -197,6 +197,11 @@ impl UdpRing {
         Some(SendBuf { ring: self, slot })
     }
 
+    #[cfg(test)]
+    pub(super) fn setup(&self) -> Setup {
+        self.setup
+    }
+
     pub(super) fn send_slots(&self) -> &SendSlots {
         &self.mem.send
     }

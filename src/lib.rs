@@ -1,2 +1,7 @@
 //! courier
+#![deny(unsafe_code)]
 pub use courier_pipeline;
+
+// The io_uring driver: the only module allowed to hold `unsafe` (see STYLE.md).
+#[allow(unsafe_code)]
+pub mod uring;

@@ -1,2 +1,4 @@
 //! courier
 pub use courier_pipeline;
+
+pub mod tls;

@@ -1,4 +1,5 @@
 //! courier
 pub use courier_pipeline;
 
+pub mod client;
 pub mod tls;

@@ -24,8 +24,11 @@ use std::time::Duration;
 use courier_pipeline::wire;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::pki_types::{PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+
+/// Re-exported so that users of this module need no direct rustls dependency.
+pub use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Receive window per stream the client advertises: large, so a server answering
 /// many ACKs on one stream is never held back by the client.

@@ -127,8 +127,8 @@ pub enum ClientError {
     /// The server refused the token: it closed the connection with `UNAUTHORIZED`.
     #[error("the server refused the token")]
     Unauthorized,
-    /// The handshake and WELCOME did not complete within the bound.
-    #[error("no WELCOME within {0:?}")]
+    /// The handshake and WELCOME did not complete within the bound (is a server there?).
+    #[error("no QUIC handshake and WELCOME within {0:?}")]
     WelcomeTimeout(Duration),
     /// The connection failed or the server closed it; holds the transport's reason.
     #[error("connection lost: {0}")]

@@ -100,7 +100,7 @@ pub enum LoadError {
     #[error("invalid load configuration: {0}")]
     Config(&'static str),
     /// A connection could not be set up (refused token, handshake, timeout).
-    #[error("connection {index} could not connect: {source}")]
+    #[error("connection {index} could not connect")]
     Connect {
         /// Which connection, from 0.
         index: usize,
@@ -110,7 +110,7 @@ pub enum LoadError {
     },
     /// The configured batch does not fit the bounds the server stated in WELCOME;
     /// lower `batch` or `size`.
-    #[error("the configured batch does not fit the server's bounds: {0}")]
+    #[error("the configured batch does not fit the server's bounds")]
     BatchOutOfBounds(#[source] ClientError),
 }
 

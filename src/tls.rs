@@ -1,0 +1,328 @@
+//! TLS 1.3 for courier's QUIC connections: the server's self-signed certificate, the
+//! server's rustls config, and the client's quinn config with its trust decision.
+//!
+//! ```text
+//! server: self_signed(names) ──> (cert DER, key) ──> server_crypto ──> rustls::ServerConfig
+//!           └─ cert DER written to a file ──┐        (wrapped by the server into QuicServerConfig)
+//! client:                                   ▼
+//!         ServerTrust::Pinned(cert DER) ──> client_config ──> quinn::ClientConfig
+//!         ServerTrust::InsecureLoopback ──┘  (loopback tests only)
+//! ```
+//!
+//! Invariants this module keeps:
+//! - every config uses the aws-lc-rs provider explicitly; nothing depends on a
+//!   process-wide default provider being installed;
+//! - only TLS 1.3 is offered or accepted (QUIC requires it) and the ALPN is always
+//!   [`wire::ALPN`];
+//! - both verifiers check the server's handshake signature with the provider's
+//!   algorithms, so even the insecure one proves the peer holds the key of the
+//!   certificate it showed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_pipeline::wire;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+
+/// Re-exported so that users of this module need no direct rustls dependency.
+pub use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Receive window per stream the client advertises: large, so a server answering
+/// many ACKs on one stream is never held back by the client.
+pub const CLIENT_STREAM_RECEIVE_WINDOW_BYTES: u32 = 16 << 20;
+/// Receive window for the whole connection the client advertises.
+pub const CLIENT_RECEIVE_WINDOW_BYTES: u32 = 16 << 20;
+/// Bytes the client may have in flight unacknowledged on one connection.
+pub const CLIENT_SEND_WINDOW_BYTES: u64 = 16 << 20;
+/// Smallest datagram the client starts with; MTU discovery raises it.
+pub const CLIENT_INITIAL_MTU_BYTES: u16 = 1200;
+/// A connection with no traffic for this long is closed by the client.
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+const _: () = assert!(CLIENT_STREAM_RECEIVE_WINDOW_BYTES <= CLIENT_RECEIVE_WINDOW_BYTES);
+
+/// How a client decides to trust the server's certificate.
+#[derive(Clone)]
+pub enum ServerTrust {
+    /// Accept exactly this certificate (the DER the server wrote to its file), nothing
+    /// else. The server name is not checked: the pin is stronger than a name.
+    Pinned(CertificateDer<'static>),
+    /// Loopback testing only: accept any certificate. The handshake signature is still
+    /// checked, but nothing ties the key to a server you chose, so anyone on the path can
+    /// impersonate the server. Never use it for a target that is not a loopback address.
+    InsecureLoopback,
+}
+
+impl std::fmt::Debug for ServerTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerTrust::Pinned(c) => write!(f, "Pinned(<{} byte certificate>)", c.len()),
+            ServerTrust::InsecureLoopback => f.write_str("InsecureLoopback"),
+        }
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// A self-signed certificate for `names` (DNS names or IP addresses) and its PKCS#8 key.
+///
+/// # Panics
+/// If rcgen refuses a name (one that is neither an IP address nor ASCII); names come
+/// from the server's configuration, so use [`try_self_signed`] for untrusted input.
+pub fn self_signed(names: &[String]) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+    try_self_signed(names).expect("rcgen refused the certificate names")
+}
+
+/// [`self_signed`], returning rcgen's error instead of panicking.
+pub fn try_self_signed(
+    names: &[String],
+) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), rcgen::Error> {
+    let certified = rcgen::generate_simple_self_signed(names.to_vec())?;
+    let key = PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der());
+    Ok((certified.cert.der().clone(), PrivateKeyDer::Pkcs8(key)))
+}
+
+/// The server's rustls config: TLS 1.3 only, ALPN `courier/1`, no client certificates.
+/// Wrap it with `quinn_proto::crypto::rustls::QuicServerConfig::try_from`.
+///
+/// # Panics
+/// If the key does not belong to the certificate or the provider cannot load it; a pair
+/// from [`self_signed`] always loads. Use [`try_server_crypto`] for keys read from disk.
+pub fn server_crypto(
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+) -> rustls::ServerConfig {
+    try_server_crypto(cert, key).expect("server certificate and key do not load")
+}
+
+/// [`server_crypto`], returning rustls's error instead of panicking.
+pub fn try_server_crypto(
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)?;
+    config.alpn_protocols = vec![wire::ALPN.to_vec()];
+    Ok(config)
+}
+
+/// The client's rustls config for `trust`: TLS 1.3 only, ALPN `courier/1`.
+pub fn client_crypto(trust: &ServerTrust) -> rustls::ClientConfig {
+    let provider = provider();
+    let verifier: Arc<dyn ServerCertVerifier> = match trust {
+        ServerTrust::Pinned(cert) => Arc::new(PinnedVerifier {
+            cert: cert.clone(),
+            provider: provider.clone(),
+        }),
+        ServerTrust::InsecureLoopback => Arc::new(AnyCertVerifier {
+            provider: provider.clone(),
+        }),
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("aws-lc-rs supports TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![wire::ALPN.to_vec()];
+    config
+}
+
+/// The client's quinn config: [`client_crypto`] plus the client transport tuning (large
+/// receive windows, no server-opened streams, no keep-alive, MTU discovery from 1200).
+pub fn client_config(trust: &ServerTrust) -> quinn::ClientConfig {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_crypto(trust))
+        .expect("TLS 1.3 config with aws-lc-rs has the QUIC initial cipher suite");
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(client_transport()));
+    config
+}
+
+fn client_transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(CLIENT_STREAM_RECEIVE_WINDOW_BYTES.into())
+        .receive_window(CLIENT_RECEIVE_WINDOW_BYTES.into())
+        .send_window(CLIENT_SEND_WINDOW_BYTES)
+        // The server never opens streams towards a client.
+        .max_concurrent_bidi_streams(0u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .keep_alive_interval(None)
+        .max_idle_timeout(Some(
+            CLIENT_IDLE_TIMEOUT
+                .try_into()
+                .expect("idle timeout fits a VarInt"),
+        ))
+        .initial_mtu(CLIENT_INITIAL_MTU_BYTES)
+        .mtu_discovery_config(Some(quinn::MtuDiscoveryConfig::default()));
+    t
+}
+
+/// Accepts exactly one certificate, byte for byte.
+#[derive(Debug)]
+struct PinnedVerifier {
+    cert: CertificateDer<'static>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // A certificate is public, so a plain comparison leaks nothing.
+        if end_entity.as_ref() == self.cert.as_ref() {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Accepts any certificate; checks only that the peer signed the handshake with its key.
+/// Unsafe for anything but loopback: see [`ServerTrust::InsecureLoopback`].
+#[derive(Debug)]
+struct AnyCertVerifier {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for AnyCertVerifier {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_and_client_configs_speak_courier_alpn_tls13_only() {
+        let (cert, key) = self_signed(&["localhost".to_string()]);
+        let server = server_crypto(cert.clone(), key);
+        assert_eq!(server.alpn_protocols, vec![b"courier/1".to_vec()]);
+        let client = client_crypto(&ServerTrust::Pinned(cert));
+        assert_eq!(client.alpn_protocols, vec![b"courier/1".to_vec()]);
+        // QUIC wrappers accept both (they require TLS 1.3 and the initial suite).
+        quinn::crypto::rustls::QuicServerConfig::try_from(server).unwrap();
+        quinn::crypto::rustls::QuicClientConfig::try_from(client).unwrap();
+    }
+
+    #[test]
+    fn pinned_verifier_accepts_only_the_pinned_certificate() {
+        let (a, _) = self_signed(&["localhost".to_string()]);
+        let (b, _) = self_signed(&["localhost".to_string()]);
+        let v = PinnedVerifier {
+            cert: a.clone(),
+            provider: provider(),
+        };
+        let name = ServerName::try_from("localhost").unwrap();
+        assert!(v
+            .verify_server_cert(&a, &[], &name, &[], UnixTime::now())
+            .is_ok());
+        assert!(v
+            .verify_server_cert(&b, &[], &name, &[], UnixTime::now())
+            .is_err());
+    }
+
+    #[test]
+    fn mismatched_key_is_an_error_not_a_panic() {
+        let (a, _) = self_signed(&["localhost".to_string()]);
+        let (_, kb) = self_signed(&["localhost".to_string()]);
+        assert!(try_server_crypto(a, kb).is_err());
+    }
+
+    #[test]
+    fn debug_does_not_dump_the_certificate() {
+        let (a, _) = self_signed(&["localhost".to_string()]);
+        let s = format!("{:?}", ServerTrust::Pinned(a));
+        assert!(s.starts_with("Pinned(<") && s.len() < 40, "{s}");
+    }
+}

@@ -1,1 +1,310 @@
-fn main() {}
+//! `courier`: the relay's command line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use courier::serve::{self, ServeOptions};
+use courier_pipeline::profile::{Profile, DEFAULT_PROFILE_TOML};
+use courier_pipeline::registry::{Registry, Tier};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// courier: a high-throughput relay for business messaging over QUIC.
+#[derive(Parser, Debug)]
+#[command(name = "courier", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the relay: one pinned shard per core, listening on UDP (QUIC, ALPN courier/1).
+    Serve(ServeArgs),
+    /// Serve on the built-in default profile and drive it with built-in load for a few
+    /// seconds on loopback, then print a summary.
+    Demo(DemoArgs),
+    /// Manage the business registry.
+    #[command(subcommand)]
+    Businesses(BusinessesCmd),
+    /// Check tuning profiles.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Tuning profile (TOML); the built-in default profile when absent.
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// UDP listen address; overrides the profile's server.listen.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory (TLS identity; later the log).
+    #[arg(long, default_value = "courier-data")]
+    data_dir: PathBuf,
+    /// Business registry (TOML); DATA_DIR/registry.toml when absent.
+    #[arg(long)]
+    registry: Option<PathBuf>,
+    /// Number of shards; overrides the profile's server.shards (0 = one per CPU).
+    #[arg(long)]
+    shards: Option<u32>,
+}
+
+#[derive(clap::Args, Debug)]
+struct DemoArgs {
+    /// Seconds of load.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Client connections.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Messages per SUBMIT.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// SUBMIT streams per connection.
+    #[arg(long, default_value_t = 4)]
+    streams: usize,
+    /// Batches in flight per stream.
+    #[arg(long, default_value_t = 4)]
+    in_flight: usize,
+}
+
+#[derive(Subcommand, Debug)]
+enum BusinessesCmd {
+    /// Register a business and print its token (shown once; only its hash is stored).
+    Add {
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// Unique recipients per rolling 24 h: 250, 2000, 10000, 100000 or unlimited.
+        #[arg(long, default_value = "250")]
+        tier: String,
+        /// Messages per second.
+        #[arg(long, default_value_t = 80)]
+        mps: u32,
+        /// Registry file (created if missing).
+        #[arg(long)]
+        registry: PathBuf,
+    },
+    /// List the businesses of a registry (never tokens).
+    List {
+        /// Registry file.
+        #[arg(long)]
+        registry: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Validate a profile and print it, or print every error.
+    Check {
+        /// Profile file (TOML).
+        file: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COURIER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => cmd_serve(args),
+        Command::Demo(args) => cmd_demo(args),
+        Command::Businesses(BusinessesCmd::Add {
+            name,
+            tier,
+            mps,
+            registry,
+        }) => cmd_businesses_add(&name, &tier, mps, &registry),
+        Command::Businesses(BusinessesCmd::List { registry }) => {
+            let reg = load_registry(&registry)?;
+            println!("{:>6}  {:<10} {:>6}  name", "id", "tier", "mps");
+            for b in reg.iter() {
+                println!(
+                    "{:>6}  {:<10} {:>6}  {}",
+                    b.id,
+                    b.tier.name(),
+                    b.mps,
+                    b.name
+                );
+            }
+            Ok(())
+        }
+        Command::Config(ConfigCmd::Check { file }) => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            match Profile::from_toml(&text) {
+                Ok(p) => {
+                    println!("{} is valid:\n{p:#?}", file.display());
+                    Ok(())
+                }
+                Err(e) => bail!("{}: {e}", file.display()),
+            }
+        }
+    }
+}
+
+fn load_profile(path: Option<&Path>) -> Result<Profile> {
+    let text = match path {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading profile {}", p.display()))?,
+        None => DEFAULT_PROFILE_TOML.to_string(),
+    };
+    let name = path.map_or("built-in default profile".to_string(), |p| {
+        p.display().to_string()
+    });
+    Profile::from_toml(&text).with_context(|| format!("loading {name}"))
+}
+
+fn load_registry(path: &Path) -> Result<Registry> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading registry {}", path.display()))?;
+    Registry::from_toml(&text).with_context(|| format!("loading registry {}", path.display()))
+}
+
+fn cmd_businesses_add(name: &str, tier: &str, mps: u32, path: &Path) -> Result<()> {
+    let tier = Tier::parse(tier).with_context(|| {
+        format!("--tier {tier:?}: must be one of 250, 2000, 10000, 100000, unlimited")
+    })?;
+    let mut reg = if path.exists() {
+        load_registry(path)?
+    } else {
+        Registry::default()
+    };
+    let mut secret = [0u8; 32];
+    rand::fill(&mut secret[..]);
+    let (id, token) = reg.add(name, tier, mps, &secret)?;
+    // Write the new registry next to the old one and rename, so a crash leaves either.
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, reg.to_toml()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    eprintln!(
+        "registered business {id} ({name}, tier {tier}, {mps} msg/s) in {}",
+        path.display()
+    );
+    eprintln!("its token follows; it is shown only this once:");
+    println!("{token}");
+    Ok(())
+}
+
+fn install_signal_handler(handle: courier::serve::ShutdownHandle) {
+    courier::signals::on_terminate(move || handle.shutdown());
+}
+
+fn cmd_serve(args: ServeArgs) -> Result<()> {
+    let mut profile = load_profile(args.profile.as_deref())?;
+    if let Some(l) = args.listen {
+        profile.listen = l;
+    }
+    if let Some(s) = args.shards {
+        profile.shards = s;
+    }
+    let registry_path = args
+        .registry
+        .unwrap_or_else(|| args.data_dir.join("registry.toml"));
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
+    let registry = if registry_path.exists() {
+        load_registry(&registry_path)?
+    } else {
+        tracing::warn!(
+            registry = %registry_path.display(),
+            "registry file not found: no business can authenticate until one is added with `courier businesses add`"
+        );
+        Registry::default()
+    };
+    let running = serve::start(ServeOptions {
+        profile,
+        data_dir: args.data_dir.clone(),
+        registry: Arc::new(registry),
+    })?;
+    tracing::info!(
+        addr = %running.local_addr(),
+        shards = running.shards(),
+        cert = %args.data_dir.join("tls/cert.der").display(),
+        "courier serving"
+    );
+    install_signal_handler(running.shutdown_handle());
+    let stats = running.join()?;
+    let accepted: u64 = stats.iter().map(|s| s.messages_in).sum();
+    tracing::info!(messages_in = accepted, "courier stopped");
+    Ok(())
+}
+
+fn cmd_demo(args: DemoArgs) -> Result<()> {
+    let dir = tempfile_dir()?;
+    let mut profile = Profile::default_profile();
+    profile.listen = "127.0.0.1:0".parse().expect("literal address");
+    let mut registry = Registry::default();
+    let mut secret = [0u8; 32];
+    rand::fill(&mut secret[..]);
+    let (_, token) = registry.add("demo sender", Tier::Unlimited, 1_000_000, &secret)?;
+    let running = serve::start(ServeOptions {
+        profile,
+        data_dir: dir.clone(),
+        registry: Arc::new(registry),
+    })?;
+    let addr = running.local_addr();
+    println!(
+        "courier demo: serving on {addr} with {} shard(s) (built-in default profile); \
+         {} connection(s) sending {}-byte messages in batches of {} for {} s",
+        running.shards(),
+        args.connections,
+        args.size,
+        args.batch,
+        args.seconds
+    );
+    let cfg = courier::load::LoadConfig {
+        target: addr,
+        token,
+        trust: courier::tls::ServerTrust::Pinned(running.certificate().clone()),
+        connections: args.connections,
+        batch: args.batch,
+        size: args.size,
+        duration: Duration::from_secs(args.seconds),
+        streams_per_connection: args.streams,
+        batches_in_flight_per_stream: args.in_flight,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(courier::load::run(&cfg));
+    running.shutdown();
+    let totals = running.totals();
+    let stats = running.join()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = report?;
+    report.print_table(&mut std::io::stdout())?;
+    let hellos: u64 = stats.iter().map(|s| s.hellos_accepted).sum();
+    println!(
+        "server: {} messages accepted in {} batches over {hellos} authenticated connection(s), {} datagrams forwarded between shards",
+        totals.accepted, totals.batches, totals.forwarded
+    );
+    if report.accepted == 0 {
+        bail!("demo accepted no message");
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let mut rnd = [0u8; 8];
+    rand::fill(&mut rnd[..]);
+    let dir = std::env::temp_dir().join(format!("courier-demo-{}", hex::encode(rnd)));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}

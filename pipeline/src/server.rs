@@ -211,11 +211,18 @@ impl Server {
             .transport_config(Arc::new(transport_config(profile)))
             .max_incoming(profile.limits.connections_per_shard_max as usize)
             .migration(true);
-        let endpoint = Endpoint::new(Arc::new(endpoint_config), None, true, Some(seed));
+        let server_config = Arc::new(server_config);
+        // The endpoint only starts handshakes when it holds a server config itself.
+        let endpoint = Endpoint::new(
+            Arc::new(endpoint_config),
+            Some(server_config.clone()),
+            true,
+            Some(seed),
+        );
         Server {
             shard,
             endpoint,
-            server_config: Arc::new(server_config),
+            server_config,
             registry,
             limits: profile.limits.clone(),
             wire_limits: profile.limits.wire(),

@@ -1,0 +1,379 @@
+//! Starting and stopping a whole server: TLS identity, one socket and one pinned thread per
+//! shard, the hand-off channels between them.
+//!
+//! The shards share the listen port through SO_REUSEPORT; the kernel spreads clients over
+//! them by 4-tuple hash, and a datagram that lands on the wrong shard is forwarded by
+//! connection ID (see [`crate::shard`]).
+
+use std::fs;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use courier_pipeline::ingest::Ingest;
+use courier_pipeline::profile::Profile;
+use courier_pipeline::registry::Registry;
+use courier_pipeline::server::{Server, ServerParts, ServerStats};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::shard::{Forwarded, Peer, Shard, ShardCounters, FORWARD_QUEUE_MAX};
+use crate::uring::{self, RingConfig, RingError, UdpRing};
+
+/// Why a server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A file of the data directory could not be read or written.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The listen socket could not be bound.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS identity is unusable.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    /// The CPUs could not be listed or a thread not pinned.
+    #[error("CPU setup failed: {0}")]
+    Cpu(#[source] std::io::Error),
+    /// An io_uring failed.
+    #[error("shard {shard}: {source}")]
+    Ring {
+        /// The shard.
+        shard: usize,
+        /// The error.
+        #[source]
+        source: RingError,
+    },
+    /// A shard thread panicked: a bug.
+    #[error("shard {0} panicked")]
+    Panicked(usize),
+}
+
+/// What `start` needs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The validated profile.
+    pub profile: Profile,
+    /// Where the TLS identity (and later the log) lives.
+    pub data_dir: PathBuf,
+    /// Businesses allowed to send.
+    pub registry: Arc<Registry>,
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Running {
+    addr: SocketAddr,
+    cert: CertificateDer<'static>,
+    shutdown: Arc<AtomicBool>,
+    peers: Vec<Peer>,
+    threads: Vec<JoinHandle<Result<ServerStats, ServeError>>>,
+    counters: Vec<Arc<ShardCounters>>,
+}
+
+/// Totals over every shard, as published by the shards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Messages accepted.
+    pub accepted: u64,
+    /// Messages answered with any other status.
+    pub not_accepted: u64,
+    /// Batches acked.
+    pub batches: u64,
+    /// Datagrams forwarded between shards.
+    pub forwarded: u64,
+    /// Live connections.
+    pub connections: u64,
+}
+
+impl Running {
+    /// The address the shards listen on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The server's certificate, for clients to pin.
+    pub fn certificate(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Counters summed over the shards.
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for c in &self.counters {
+            let r = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            t.accepted += r(&c.accepted);
+            t.not_accepted += r(&c.not_accepted);
+            t.batches += r(&c.batches);
+            t.forwarded += r(&c.forwarded);
+            t.connections += r(&c.connections);
+        }
+        t
+    }
+
+    /// Asks every shard to close its connections and stop.
+    pub fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        for p in &self.peers {
+            p.waker.wake();
+        }
+    }
+
+    /// A handle that can request shutdown from another thread (a signal handler thread).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            flag: self.shutdown.clone(),
+            peers: self.peers.clone(),
+        }
+    }
+
+    /// Waits for every shard to stop; returns their final counters.
+    pub fn join(self) -> Result<Vec<ServerStats>, ServeError> {
+        let mut out = Vec::new();
+        for (i, t) in self.threads.into_iter().enumerate() {
+            out.push(t.join().map_err(|_| ServeError::Panicked(i))??);
+        }
+        Ok(out)
+    }
+}
+
+/// Requests shutdown of a [`Running`] server.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    flag: Arc<AtomicBool>,
+    peers: Vec<Peer>,
+}
+
+impl ShutdownHandle {
+    /// Asks every shard to stop.
+    pub fn shutdown(&self) {
+        self.flag.store(true, Ordering::Release);
+        for p in &self.peers {
+            p.waker.wake();
+        }
+    }
+}
+
+/// Loads the TLS identity of `data_dir`, creating a self-signed one on first start.
+/// The key file is written with mode 0600 and never overwritten.
+pub fn tls_identity(
+    data_dir: &Path,
+) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), ServeError> {
+    let dir = data_dir.join("tls");
+    let cert_path = dir.join("cert.der");
+    let key_path = dir.join("key.der");
+    let file_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ServeError::File { path, source }
+    };
+    if cert_path.exists() && key_path.exists() {
+        let cert = fs::read(&cert_path).map_err(file_err(&cert_path))?;
+        let key = fs::read(&key_path).map_err(file_err(&key_path))?;
+        return Ok((
+            CertificateDer::from(cert),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+        ));
+    }
+    fs::create_dir_all(&dir).map_err(file_err(&dir))?;
+    let (cert, key) = crate::tls::self_signed(&["localhost".to_string()]);
+    let PrivateKeyDer::Pkcs8(pkcs8) = &key else {
+        return Err(ServeError::Tls("generated key is not PKCS#8".into()));
+    };
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key_path)
+        .map_err(file_err(&key_path))?;
+    f.write_all(pkcs8.secret_pkcs8_der())
+        .and_then(|_| f.sync_all())
+        .map_err(file_err(&key_path))?;
+    fs::write(&cert_path, cert.as_ref()).map_err(file_err(&cert_path))?;
+    Ok((cert, key))
+}
+
+fn ring_config(profile: &Profile) -> RingConfig {
+    let io = &profile.io;
+    RingConfig {
+        entries: io.ring_entries,
+        recv_buffers: u16::try_from(io.recv_buffers).unwrap_or(u16::MAX),
+        recv_buffer_bytes: io.recv_buffer_bytes,
+        send_slots: u16::try_from(io.send_slots).unwrap_or(u16::MAX),
+        send_slot_bytes: 65_536,
+        gro: io.gro,
+        gso: io.gso,
+    }
+}
+
+/// Starts every shard and returns once all are listening.
+pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
+    let profile = Arc::new(opts.profile);
+    let (cert, key) = tls_identity(&opts.data_dir)?;
+    let crypto = crate::tls::try_server_crypto(cert.clone(), key)
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let quic_crypto = quinn_proto::crypto::rustls::QuicServerConfig::try_from(Arc::new(crypto))
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let quic_crypto: Arc<dyn quinn_proto::crypto::ServerConfig> = Arc::new(quic_crypto);
+
+    let cpus = uring::available_cpus().map_err(ServeError::Cpu)?;
+    let shards = match profile.shards {
+        0 => cpus.len().max(1),
+        n => n as usize,
+    };
+    let sockbuf = profile.io.socket_buffer_bytes as usize;
+    let first = uring::bind_reuseport(profile.listen, sockbuf, sockbuf).map_err(|source| {
+        ServeError::Bind {
+            addr: profile.listen,
+            source,
+        }
+    })?;
+    let addr = first.local_addr().map_err(|source| ServeError::Bind {
+        addr: profile.listen,
+        source,
+    })?;
+    let mut sockets = vec![first];
+    for _ in 1..shards {
+        sockets.push(
+            uring::bind_reuseport(addr, sockbuf, sockbuf)
+                .map_err(|source| ServeError::Bind { addr, source })?,
+        );
+    }
+
+    let mut reset_key = [0u8; 64];
+    rand::fill(&mut reset_key[..]);
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let (inbox_txs, inbox_rxs): (Vec<_>, Vec<_>) = (0..shards)
+        .map(|_| crossbeam_channel::bounded::<Forwarded>(FORWARD_QUEUE_MAX))
+        .unzip();
+    // Each thread builds its ring (rings stay on their thread), reports its waker, then
+    // waits for the full peer list.
+    let (waker_tx, waker_rx) = crossbeam_channel::bounded(shards);
+    let mut peer_txs = Vec::new();
+    let mut threads = Vec::new();
+    let mut counters = Vec::new();
+    let max_datagrams = (60_000 / usize::from(profile.quic.mtu_upper_bound)).max(1);
+    for (index, (socket, inbox)) in sockets.into_iter().zip(inbox_rxs).enumerate() {
+        let (peers_tx, peers_rx) = crossbeam_channel::bounded::<Vec<Peer>>(1);
+        peer_txs.push(peers_tx);
+        let c = Arc::new(ShardCounters::default());
+        counters.push(c.clone());
+        let profile = profile.clone();
+        let registry = opts.registry.clone();
+        let shutdown = shutdown.clone();
+        let waker_tx = waker_tx.clone();
+        let crypto = quic_crypto.clone();
+        let cpu = profile.io.pin_threads.then(|| cpus[index % cpus.len()]);
+        let thread = std::thread::Builder::new()
+            .name(format!("courier-shard-{index}"))
+            .spawn(move || -> Result<ServerStats, ServeError> {
+                if let Some(cpu) = cpu {
+                    uring::pin_current_thread(cpu).map_err(ServeError::Cpu)?;
+                }
+                let ring = UdpRing::new(socket, &ring_config(&profile));
+                let ring = match ring {
+                    Ok(r) => {
+                        let _ = waker_tx.send(Ok((index, r.waker())));
+                        r
+                    }
+                    Err(e) => {
+                        let _ = waker_tx.send(Err(index));
+                        return Err(ServeError::Ring {
+                            shard: index,
+                            source: e,
+                        });
+                    }
+                };
+                let Ok(peers) = peers_rx.recv() else {
+                    return Ok(ServerStats::default());
+                };
+                let mut seed = [0u8; 32];
+                rand::fill(&mut seed[..]);
+                let server = Server::new(
+                    ServerParts {
+                        shard: index as u8,
+                        crypto,
+                        reset_key,
+                        seed,
+                    },
+                    &profile,
+                    registry,
+                );
+                let shard = Shard {
+                    index,
+                    ring,
+                    server,
+                    ingest: Ingest::new(index as u16, profile.limits.payload_bytes_max, 0),
+                    peers,
+                    inbox,
+                    shutdown,
+                    counters: c,
+                    max_datagrams,
+                };
+                shard.run().map_err(|source| ServeError::Ring {
+                    shard: index,
+                    source,
+                })
+            })
+            .map_err(ServeError::Cpu)?;
+        threads.push(thread);
+    }
+    drop(waker_tx);
+    let mut wakers = vec![None; shards];
+    let mut failed = None;
+    for _ in 0..shards {
+        match waker_rx.recv() {
+            Ok(Ok((i, w))) => wakers[i] = Some(w),
+            Ok(Err(i)) => failed = Some(i),
+            Err(_) => break,
+        }
+    }
+    if let Some(i) = failed.or_else(|| wakers.iter().position(Option::is_none)) {
+        drop(peer_txs);
+        let mut err = ServeError::Panicked(i);
+        for t in threads {
+            if let Ok(Err(e)) = t.join() {
+                err = e;
+            }
+        }
+        return Err(err);
+    }
+    let peers: Vec<Peer> = wakers
+        .into_iter()
+        .zip(inbox_txs)
+        .map(|(w, tx)| Peer {
+            tx,
+            waker: w.expect("checked"),
+        })
+        .collect();
+    for ptx in &peer_txs {
+        let _ = ptx.send(peers.clone());
+    }
+    Ok(Running {
+        addr,
+        cert,
+        shutdown,
+        peers,
+        threads,
+        counters,
+    })
+}

@@ -758,6 +758,10 @@ impl FrameDecoder {
     }
 
     /// The next complete frame, `Ok(None)` if more bytes are needed.
+    ///
+    /// An error ends the stream: reset it with [`WireError::code`] and drop the decoder.
+    /// What the decoder holds after an error is unspecified (a header error leaves the
+    /// header buffered, a body error has consumed the bad frame), so it is not read again.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
         let Some((ty, len)) = self.header()? else {
             return Ok(None);

@@ -727,6 +727,9 @@ fn known_type(ty: u8) -> bool {
     )
 }
 
+/// Most bytes a decoder reserves ahead of the data that arrived.
+const RESERVE_STEP_BYTES: usize = 64 * 1024;
+
 /// Reassembles frames from the chunks of one stream.
 ///
 /// Holds at most one frame (`FRAME_HEADER_BYTES + frame_bytes_max`) plus the chunk being
@@ -767,7 +770,10 @@ impl FrameDecoder {
             return Ok(None);
         };
         if self.buf.len() < FRAME_HEADER_BYTES + len {
-            self.buf.reserve(FRAME_HEADER_BYTES + len - self.buf.len());
+            // Grow towards the announced size in steps of at most RESERVE_STEP_BYTES, so
+            // a 5-byte header cannot make the decoder reserve a whole frame_bytes_max.
+            let want = (FRAME_HEADER_BYTES + len - self.buf.len()).min(RESERVE_STEP_BYTES);
+            self.buf.reserve(want);
             return Ok(None);
         }
         self.buf.advance(FRAME_HEADER_BYTES);

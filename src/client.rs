@@ -329,6 +329,26 @@ impl Client {
         })
     }
 
+    /// Moves the connection to a fresh local UDP socket (a new port), as a client behind
+    /// a NAT rebinding or a phone changing networks would. The connection carries on;
+    /// the server follows the connection ID, whichever of its shards receives the packets.
+    pub fn rebind(&self) -> Result<(), ClientError> {
+        let local = self
+            .endpoint
+            .local_addr()
+            .map_err(|e| ClientError::Bind(Arc::new(e)))?;
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(local.ip(), 0))
+            .map_err(|e| ClientError::Bind(Arc::new(e)))?;
+        self.endpoint
+            .rebind(socket)
+            .map_err(|e| ClientError::Bind(Arc::new(e)))
+    }
+
+    /// The local address the connection currently sends from.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
     /// The bounds the server stated in WELCOME.
     pub fn welcome(&self) -> Welcome {
         self.welcome

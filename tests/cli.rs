@@ -1,0 +1,137 @@
+//! The `courier` binary as a user runs it: the README's commands.
+
+use std::process::Command;
+
+fn courier() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_courier"))
+}
+
+#[test]
+fn demo_runs_and_reports_accepted_messages() {
+    let out = courier()
+        .args(["demo", "--seconds", "1", "--connections", "2"])
+        .env("COURIER_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("throughput"), "{stdout}");
+    let accepted: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("accepted"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("an `accepted` line");
+    assert!(accepted > 0, "{stdout}");
+}
+
+#[test]
+fn businesses_add_prints_a_token_once_and_stores_only_its_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir.path().join("registry.toml");
+    let add = |name: &str, tier: &str| {
+        courier()
+            .args([
+                "businesses",
+                "add",
+                "--name",
+                name,
+                "--tier",
+                tier,
+                "--mps",
+                "80",
+            ])
+            .arg("--registry")
+            .arg(&reg)
+            .output()
+            .unwrap()
+    };
+    let out = add("Acme", "2000");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(token.starts_with("c1.1."), "{token}");
+    let stored = std::fs::read_to_string(&reg).unwrap();
+    assert!(
+        !stored.contains(&token[5..]),
+        "the token must not be stored"
+    );
+    let registry = courier_pipeline::registry::Registry::from_toml(&stored).unwrap();
+    assert_eq!(
+        registry.authenticate(token.as_bytes()).unwrap().name,
+        "Acme"
+    );
+
+    let out = add("Beta", "unlimited");
+    assert!(out.status.success());
+    let out = add("Gamma", "7");
+    assert!(!out.status.success(), "an unknown tier is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tier"));
+
+    let list = courier()
+        .args(["businesses", "list", "--registry"])
+        .arg(&reg)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        listing.contains("Acme") && listing.contains("Beta"),
+        "{listing}"
+    );
+    assert!(!listing.contains(&token[5..]));
+}
+
+#[test]
+fn config_check_accepts_shipped_profiles_and_names_broken_keys() {
+    for name in ["default", "small", "throughput", "latency", "no-storage"] {
+        let out = courier()
+            .args(["config", "check", &format!("tuning/{name}.toml")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    let text = std::fs::read_to_string("tuning/default.toml")
+        .unwrap()
+        .replace("batch_messages_max = 1024", "batch_messages_max = 0");
+    std::fs::write(&bad, text).unwrap();
+    let out = courier()
+        .args(["config", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("limits.batch_messages_max"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn serve_refuses_a_bad_profile_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[server]\nlisten = 5\n").unwrap();
+    let out = courier()
+        .args(["serve", "--profile"])
+        .arg(&bad)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml") && err.contains("listen"), "{err}");
+}

@@ -211,11 +211,20 @@ impl Server {
             .transport_config(Arc::new(transport_config(profile)))
             .max_incoming(profile.limits.connections_per_shard_max as usize)
             .migration(true);
-        let endpoint = Endpoint::new(Arc::new(endpoint_config), None, true, Some(seed));
+        let server_config = Arc::new(server_config);
+        // The endpoint must hold the server config: without one, quinn-proto treats every
+        // Initial as a packet for an unknown connection and answers it with a stateless
+        // reset, so no handshake ever reaches `accept` (found by the simulation).
+        let endpoint = Endpoint::new(
+            Arc::new(endpoint_config),
+            Some(server_config.clone()),
+            true,
+            Some(seed),
+        );
         Server {
             shard,
             endpoint,
-            server_config: Arc::new(server_config),
+            server_config,
             registry,
             limits: profile.limits.clone(),
             wire_limits: profile.limits.wire(),

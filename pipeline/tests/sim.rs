@@ -11,7 +11,7 @@ use courier_pipeline::registry::{Registry, Tier};
 use courier_pipeline::sim::{
     AckPolicy, ClientPlan, NetConfig, Phase, Sim, SimConfig, SimTls, SERVER_NAME,
 };
-use courier_pipeline::wire::Status;
+use courier_pipeline::wire::{self, code, Status};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// A self-signed certificate for [`SERVER_NAME`] with an Ed25519 key from a fixed seed:
@@ -135,4 +135,213 @@ fn handshake_completes_and_a_plan_finishes_on_a_clean_network() {
         .values()
         .all(|p| p.shard() == 0 && p.index() < 256));
     let _ = Status::Accepted;
+}
+
+// ---- malformed input over QUIC -------------------------------------------------------
+
+/// A frame header: `len:u32 | type:u8`.
+fn header(len: u32, ty: u8) -> Vec<u8> {
+    let mut v = len.to_le_bytes().to_vec();
+    v.push(ty);
+    v
+}
+
+/// A SUBMIT of one message to `recipient`, encoded by hand so the recipient can be invalid.
+fn submit_to(batch_id: u64, recipient: &[u8]) -> Vec<u8> {
+    let payload = b"hello";
+    let mut body = Vec::new();
+    body.extend_from_slice(&batch_id.to_le_bytes());
+    body.extend_from_slice(&1u32.to_le_bytes());
+    body.extend_from_slice(&7u64.to_le_bytes());
+    body.push(recipient.len() as u8);
+    body.extend_from_slice(recipient);
+    body.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    body.extend_from_slice(payload);
+    let mut v = header(body.len() as u32, wire::frame_type::SUBMIT);
+    v.extend_from_slice(&body);
+    v
+}
+
+fn well_behaved_plan(token: &str) -> ClientPlan {
+    let mut plan = ClientPlan::new(token);
+    plan.streams = 3;
+    plan.batches_per_stream = 30;
+    plan.depth = 3;
+    plan
+}
+
+/// Client A (0) and client B (1) share one shard. Once A's work stream 0 has ACKs for
+/// everything it sent, A writes `bad` on it (then FIN if `fin`). The stream must fail with
+/// `code`, in both directions where the client can still see it; A keeps the ACKs it got
+/// before, A's other streams and B finish their plans.
+fn bad_frame_on_work_stream(seed: u64, profile: Profile, bad: &[u8], fin: bool, code: u32) {
+    let (reg, token) = registry();
+    let mut cfg = SimConfig::new(seed, 1, profile);
+    cfg.net = NetConfig::lossy(0.01);
+    cfg.acks = AckPolicy::delayed(Duration::from_millis(1), Duration::from_millis(2));
+    let mut sim = Sim::new(cfg, &tls(), reg);
+    let plan = well_behaved_plan(&token);
+    let a = sim.add_client(plan.clone());
+    let b = sim.add_client(plan.clone());
+    let limit = Duration::from_secs(30);
+    assert!(sim.run_until_cond(limit, |s| {
+        s.client(a).work_streams().len() == plan.streams && s.client(a).work_stream(0).acked >= 5
+    }));
+    sim.client_pause(a, 0, true);
+    assert!(sim.run_until_cond(limit, |s| s.client(a).work_stream(0).in_flight() == 0));
+    let bad_stream = sim.client(a).work_streams()[0];
+    let acked_before = sim.client(a).work_stream(0).acked;
+    assert_eq!(acked_before, sim.client(a).work_stream(0).sent);
+    let errors_before = sim.server(0).stats().stream_errors;
+    sim.client_inject(a, bad_stream, bad, fin);
+    assert!(sim.run_until_settled(limit), "seed {seed}: {sim:?}");
+
+    let ca = sim.client(a);
+    let st = ca.stream(bad_stream);
+    assert_eq!(
+        st.reset,
+        Some(code),
+        "seed {seed}: RESET_STREAM code: {st:?}"
+    );
+    assert!(
+        st.stopped.is_none() || st.stopped == Some(code),
+        "seed {seed}: STOP_SENDING code: {st:?}"
+    );
+    assert_eq!(st.acked, acked_before, "the ACKs before the bad frame stay");
+    assert_eq!(st.ack_batch_ids.len() as u64, acked_before);
+    assert_eq!(ca.phase(), Phase::Welcomed, "the connection survives");
+    for (i, &id) in ca.work_streams().iter().enumerate().skip(1) {
+        let other = ca.stream(id);
+        assert!(
+            !other.failed(),
+            "seed {seed}: stream {i} failed too: {other:?}"
+        );
+        assert_eq!(
+            other.acked, plan.batches_per_stream,
+            "seed {seed}: stream {i}"
+        );
+        assert!(other.fin_received);
+    }
+    assert!(
+        sim.client(b).done(),
+        "seed {seed}: the other connection finishes"
+    );
+    assert_eq!(sim.client(b).not_accepted(), 0);
+    assert_eq!(sim.server(0).stats().stream_errors, errors_before + 1);
+    assert_eq!(sim.server(0).stats().acks_orphaned, 0);
+    sim.check_positions_unique();
+}
+
+#[test]
+fn truncated_frame_resets_the_stream_only() {
+    // A SUBMIT header announcing 100 bytes, 10 of them, then FIN.
+    let mut bad = header(100, wire::frame_type::SUBMIT);
+    bad.extend_from_slice(&[0; 10]);
+    bad_frame_on_work_stream(11, Profile::default_profile(), &bad, true, code::TRUNCATED);
+}
+
+fn small_frame_profile() -> Profile {
+    let mut p = Profile::default_profile();
+    p.limits.frame_bytes_max = 1024;
+    p.limits.payload_bytes_max = 512;
+    p.limits.batch_messages_max = 64;
+    p
+}
+
+#[test]
+fn oversized_frame_header_fails_before_its_body_arrives() {
+    // The header alone, never a body: a decoder that waited for (or buffered) the body would
+    // leave the stream hanging and the run would not settle.
+    let bad = header(1025, wire::frame_type::SUBMIT);
+    bad_frame_on_work_stream(
+        12,
+        small_frame_profile(),
+        &bad,
+        false,
+        code::FRAME_TOO_LARGE,
+    );
+    // A header announcing 4 GiB must not make the server reserve it.
+    let bad = header(u32::MAX, wire::frame_type::SUBMIT);
+    bad_frame_on_work_stream(
+        13,
+        small_frame_profile(),
+        &bad,
+        false,
+        code::FRAME_TOO_LARGE,
+    );
+}
+
+#[test]
+fn unknown_frame_type_resets_the_stream_only() {
+    let mut bad = header(4, 0x7f);
+    bad.extend_from_slice(&[1, 2, 3, 4]);
+    bad_frame_on_work_stream(
+        14,
+        Profile::default_profile(),
+        &bad,
+        false,
+        code::UNKNOWN_FRAME_TYPE,
+    );
+}
+
+#[test]
+fn invalid_recipient_resets_the_stream_only() {
+    for (seed, recipient) in [(15, &b"+0123456789"[..]), (16, b"12345678"), (17, b"+12")] {
+        let bad = submit_to(0xbad, recipient);
+        bad_frame_on_work_stream(
+            seed,
+            Profile::default_profile(),
+            &bad,
+            false,
+            code::INVALID_RECIPIENT,
+        );
+    }
+}
+
+#[test]
+fn second_hello_resets_the_stream_only() {
+    let (_, token) = registry();
+    let mut bad = Vec::new();
+    let mut buf = bytes::BytesMut::new();
+    wire::encode_hello(token.as_bytes(), &mut buf);
+    bad.extend_from_slice(&buf);
+    bad_frame_on_work_stream(
+        18,
+        Profile::default_profile(),
+        &bad,
+        false,
+        code::UNEXPECTED_FRAME,
+    );
+}
+
+#[test]
+fn submit_before_hello_resets_that_stream_and_the_connection_can_still_authenticate() {
+    let (reg, token) = registry();
+    let mut cfg = SimConfig::new(19, 1, Profile::default_profile());
+    cfg.net = NetConfig::lossy(0.01);
+    let mut sim = Sim::new(cfg, &tls(), reg);
+    let plan = well_behaved_plan(&token);
+    let mut silent = plan.clone();
+    silent.auto_hello = false;
+    let a = sim.add_client(silent);
+    let b = sim.add_client(plan.clone());
+    let limit = Duration::from_secs(30);
+    assert!(sim.run_until_cond(limit, |s| s.client(a).phase() == Phase::Connected));
+    let bad = submit_to(0xbad, b"+15550001111");
+    let id = sim.client_open_raw(a, &bad, false).expect("stream credit");
+    assert!(sim.run_until_cond(limit, |s| s.client(a).stream(id).failed()));
+    let st = sim.client(a).stream(id);
+    assert_eq!(st.error_code(), Some(code::NOT_AUTHENTICATED), "{st:?}");
+    assert_eq!(st.acked, 0);
+    assert_eq!(
+        sim.stats().batches_handed,
+        sim.client(b).batches_acked() + sim.held_batches(0) as u64
+    );
+    // The same connection authenticates on another stream and works.
+    sim.client_send_hello(a);
+    assert!(sim.run_until_settled(limit));
+    assert!(sim.client(a).done(), "{:?}", sim.client(a));
+    assert!(sim.client(b).done());
+    assert_eq!(sim.server(0).stats().stream_errors, 1);
+    sim.check_positions_unique();
 }

@@ -572,10 +572,14 @@ impl Server {
             Event::Stream(StreamEvent::Stopped { id, .. }) => {
                 // The client no longer wants ACKs on this stream.
                 if let Some(conn) = self.conns.get_mut(&ch) {
-                    let _ = conn
-                        .quinn
-                        .recv_stream(id)
-                        .stop(VarInt::from_u32(code::CLOSE_OK));
+                    let close_ok = VarInt::from_u32(code::CLOSE_OK);
+                    let _ = conn.quinn.recv_stream(id).stop(close_ok);
+                    // RFC 9000 3.5: STOP_SENDING is answered with RESET_STREAM. Without it
+                    // our send half never closes, quinn-proto never frees the stream, and
+                    // the client never gets its stream credit back: after
+                    // `streams_per_connection_max` such streams the connection could open
+                    // no more (found by the simulation).
+                    let _ = conn.quinn.send_stream(id).reset(close_ok);
                     conn.streams.remove(&id);
                 }
             }

@@ -345,3 +345,50 @@ fn submit_before_hello_resets_that_stream_and_the_connection_can_still_authentic
     assert_eq!(sim.server(0).stats().stream_errors, 1);
     sim.check_positions_unique();
 }
+
+/// Guards bug: on STOP_SENDING the server stopped its receive half and forgot the stream but
+/// never reset its send half, so quinn-proto never freed the stream and the client never got
+/// its stream credit back; after `streams_per_connection_max` streams the connection was stuck.
+#[test]
+fn stop_sending_from_the_client_returns_stream_credit() {
+    let (reg, token) = registry();
+    let mut profile = Profile::default_profile();
+    profile.limits.streams_per_connection_max = 4;
+    let mut cfg = SimConfig::new(21, 1, profile);
+    // The server still holds each batch when the client's STOP_SENDING arrives.
+    cfg.acks = AckPolicy::delayed(Duration::from_millis(100), Duration::ZERO);
+    let mut sim = Sim::new(cfg, &tls(), reg);
+    let mut plan = well_behaved_plan(&token);
+    plan.streams = 0;
+    let a = sim.add_client(plan);
+    let limit = Duration::from_secs(10);
+    assert!(sim.run_until_cond(limit, |s| s.client(a).phase() == Phase::Welcomed));
+    let r = wire::Recipient::parse(b"+15550001111").unwrap();
+    let streams = 12u64;
+    for i in 0..streams {
+        let mut submit = bytes::BytesMut::new();
+        let m = wire::OutMessage {
+            client_id: i,
+            recipient: &r,
+            payload: b"x",
+        };
+        wire::encode_submit(i, &[m], &mut submit);
+        let mut id = None;
+        // Bounded: 100 tries 10 ms apart.
+        for _ in 0..100 {
+            id = sim.client_open_raw(a, &submit, true);
+            if id.is_some() {
+                break;
+            }
+            sim.run_for(Duration::from_millis(10));
+        }
+        let id = id.unwrap_or_else(|| panic!("no stream credit for stream {i}"));
+        sim.client_stop_receiving(a, id, 0x99);
+        sim.run_for(Duration::from_millis(20));
+    }
+    sim.run_for(Duration::from_millis(200));
+    let stats = sim.server(0).stats();
+    assert_eq!(stats.batches_in, streams);
+    assert_eq!(stats.acks_orphaned, streams, "nobody wanted these ACKs");
+    assert_eq!(sim.client(a).phase(), Phase::Welcomed);
+}

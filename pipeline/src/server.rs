@@ -746,8 +746,19 @@ impl Server {
         }
     }
 
-    /// Closes one stream in both directions with `error_code`; its pending batches will be
-    /// orphaned. Other streams and connections are untouched.
+    /// Fails one stream for a bad frame with `error_code`. Other streams and connections
+    /// are untouched.
+    ///
+    /// While the client is still sending, the code goes in STOP_SENDING and our half stays
+    /// open: the batches decoded before the bad frame still get their ACKs, in order, and
+    /// then our half is finished (FIN), so every ACK written reaches the client. Resetting
+    /// our half at once instead (RESET_STREAM) discards ACK bytes not yet delivered, and
+    /// orphans batches the stage chain holds: the simulation found ACKs the server counted
+    /// as sent that never reached the client, for batches already given log positions.
+    ///
+    /// Once the client has finished its half (a truncated frame is only found then), a
+    /// STOP_SENDING no longer reaches it as an event, and only RESET_STREAM carries the
+    /// code: pending batches are orphaned, and ACK bytes in flight are lost with it.
     fn fail_stream(&mut self, ch: ConnectionHandle, id: StreamId, error_code: u32) {
         self.stats.stream_errors += 1;
         let Some(conn) = self.conns.get_mut(&ch) else {
@@ -755,8 +766,21 @@ impl Server {
         };
         let code = VarInt::from_u32(error_code);
         let _ = conn.quinn.recv_stream(id).stop(code);
-        let _ = conn.quinn.send_stream(id).reset(code);
-        conn.streams.remove(&id);
+        let Some(st) = conn.streams.get_mut(&id) else {
+            let _ = conn.quinn.send_stream(id).reset(code);
+            return;
+        };
+        if st.recv_done {
+            let _ = conn.quinn.send_stream(id).reset(code);
+            conn.streams.remove(&id);
+            return;
+        }
+        // Read nothing more: the receive half is over, and what was buffered after the bad
+        // frame is dropped. `finish_if_done` then ends our half after the last ACK.
+        st.recv_done = true;
+        st.paused = false;
+        st.decoder = FrameDecoder::new(self.wire_limits);
+        self.finish_if_done(ch, id);
     }
 
     fn flush_stream(&mut self, ch: ConnectionHandle, id: StreamId) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::{Registry, Tier};
 use courier_pipeline::sim::{
-    AckPolicy, ClientPlan, NetConfig, Phase, Sim, SimConfig, SimTls, SERVER_NAME,
+    AckPolicy, ClientPlan, ClientStream, NetConfig, Phase, Sim, SimConfig, SimTls, SERVER_NAME,
 };
 use courier_pipeline::wire::{self, code, Status};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -170,10 +170,36 @@ fn well_behaved_plan(token: &str) -> ClientPlan {
     plan
 }
 
+/// How the client must see a stream failed with `code`: while it was still sending, by
+/// STOP_SENDING, followed by every ACK the server owed and FIN; after it finished its half
+/// (`fin`), by RESET_STREAM.
+fn assert_failed_with(st: &ClientStream, code: u32, fin: bool, seed: u64) {
+    if fin {
+        assert_eq!(
+            st.reset,
+            Some(code),
+            "seed {seed}: RESET_STREAM code: {st:?}"
+        );
+    } else {
+        assert_eq!(
+            st.stopped,
+            Some(code),
+            "seed {seed}: STOP_SENDING code: {st:?}"
+        );
+        assert_eq!(
+            st.reset, None,
+            "seed {seed}: ACKs must not be reset away: {st:?}"
+        );
+        assert!(
+            st.fin_received,
+            "seed {seed}: the server finishes its half: {st:?}"
+        );
+    }
+}
+
 /// Client A (0) and client B (1) share one shard. Once A's work stream 0 has ACKs for
 /// everything it sent, A writes `bad` on it (then FIN if `fin`). The stream must fail with
-/// `code`, in both directions where the client can still see it; A keeps the ACKs it got
-/// before, A's other streams and B finish their plans.
+/// `code`; A keeps the ACKs it got before, A's other streams and B finish their plans.
 fn bad_frame_on_work_stream(seed: u64, profile: Profile, bad: &[u8], fin: bool, code: u32) {
     let (reg, token) = registry();
     let mut cfg = SimConfig::new(seed, 1, profile);
@@ -198,15 +224,7 @@ fn bad_frame_on_work_stream(seed: u64, profile: Profile, bad: &[u8], fin: bool, 
 
     let ca = sim.client(a);
     let st = ca.stream(bad_stream);
-    assert_eq!(
-        st.reset,
-        Some(code),
-        "seed {seed}: RESET_STREAM code: {st:?}"
-    );
-    assert!(
-        st.stopped.is_none() || st.stopped == Some(code),
-        "seed {seed}: STOP_SENDING code: {st:?}"
-    );
+    assert_failed_with(st, code, fin, seed);
     assert_eq!(st.acked, acked_before, "the ACKs before the bad frame stay");
     assert_eq!(st.ack_batch_ids.len() as u64, acked_before);
     assert_eq!(ca.phase(), Phase::Welcomed, "the connection survives");
@@ -233,7 +251,7 @@ fn bad_frame_on_work_stream(seed: u64, profile: Profile, bad: &[u8], fin: bool, 
 }
 
 #[test]
-fn truncated_frame_resets_the_stream_only() {
+fn truncated_frame_fails_the_stream_only() {
     // A SUBMIT header announcing 100 bytes, 10 of them, then FIN.
     let mut bad = header(100, wire::frame_type::SUBMIT);
     bad.extend_from_slice(&[0; 10]);
@@ -272,7 +290,7 @@ fn oversized_frame_header_fails_before_its_body_arrives() {
 }
 
 #[test]
-fn unknown_frame_type_resets_the_stream_only() {
+fn unknown_frame_type_fails_the_stream_only() {
     let mut bad = header(4, 0x7f);
     bad.extend_from_slice(&[1, 2, 3, 4]);
     bad_frame_on_work_stream(
@@ -285,7 +303,7 @@ fn unknown_frame_type_resets_the_stream_only() {
 }
 
 #[test]
-fn invalid_recipient_resets_the_stream_only() {
+fn invalid_recipient_fails_the_stream_only() {
     for (seed, recipient) in [(15, &b"+0123456789"[..]), (16, b"12345678"), (17, b"+12")] {
         let bad = submit_to(0xbad, recipient);
         bad_frame_on_work_stream(
@@ -299,7 +317,7 @@ fn invalid_recipient_resets_the_stream_only() {
 }
 
 #[test]
-fn second_hello_resets_the_stream_only() {
+fn second_hello_fails_the_stream_only() {
     let (_, token) = registry();
     let mut bad = Vec::new();
     let mut buf = bytes::BytesMut::new();
@@ -315,7 +333,7 @@ fn second_hello_resets_the_stream_only() {
 }
 
 #[test]
-fn submit_before_hello_resets_that_stream_and_the_connection_can_still_authenticate() {
+fn submit_before_hello_fails_that_stream_and_the_connection_can_still_authenticate() {
     let (reg, token) = registry();
     let mut cfg = SimConfig::new(19, 1, Profile::default_profile());
     cfg.net = NetConfig::lossy(0.01);
@@ -330,8 +348,9 @@ fn submit_before_hello_resets_that_stream_and_the_connection_can_still_authentic
     let bad = submit_to(0xbad, b"+15550001111");
     let id = sim.client_open_raw(a, &bad, false).expect("stream credit");
     assert!(sim.run_until_cond(limit, |s| s.client(a).stream(id).failed()));
+    assert!(sim.run_until_cond(limit, |s| s.client(a).stream(id).fin_received));
     let st = sim.client(a).stream(id);
-    assert_eq!(st.error_code(), Some(code::NOT_AUTHENTICATED), "{st:?}");
+    assert_failed_with(st, code::NOT_AUTHENTICATED, false, 19);
     assert_eq!(st.acked, 0);
     assert_eq!(
         sim.stats().batches_handed,
@@ -391,4 +410,48 @@ fn stop_sending_from_the_client_returns_stream_credit() {
     assert_eq!(stats.batches_in, streams);
     assert_eq!(stats.acks_orphaned, streams, "nobody wanted these ACKs");
     assert_eq!(sim.client(a).phase(), Phase::Welcomed);
+}
+
+/// Guards bug: a bad frame made the server reset its half of the stream at once. The reset
+/// discarded ACK bytes not yet delivered (the server counted ACKs the client never got, for
+/// batches that already had log positions) and orphaned the batches the stage chain held.
+/// Now every batch decoded before the bad frame is answered, whatever the network loses.
+#[test]
+fn bad_frame_while_batches_are_in_flight_loses_no_ack() {
+    // Bounded: 24 seeds of a short run each.
+    for seed in 100..124 {
+        let (reg, token) = registry();
+        let mut cfg = SimConfig::new(seed, 1, Profile::default_profile());
+        cfg.net = NetConfig::lossy(0.10);
+        cfg.acks = AckPolicy::delayed(Duration::from_millis(1), Duration::from_millis(2));
+        let mut sim = Sim::new(cfg, &tls(), reg);
+        let plan = well_behaved_plan(&token);
+        let a = sim.add_client(plan.clone());
+        let limit = Duration::from_secs(60);
+        assert!(sim.run_until_cond(limit, |s| {
+            s.client(a).work_streams().len() == plan.streams
+                && s.client(a).work_stream(0).acked >= 5
+        }));
+        let id = sim.client(a).work_streams()[0];
+        assert!(sim.client(a).stream(id).in_flight() > 0, "seed {seed}");
+        sim.client_inject(a, id, &header(4, 0x7f), false);
+        assert!(sim.run_until_settled(limit), "seed {seed}");
+        let ca = sim.client(a);
+        let st = ca.stream(id);
+        assert_failed_with(st, code::UNKNOWN_FRAME_TYPE, false, seed);
+        assert_eq!(
+            st.acked, st.sent,
+            "seed {seed}: every SUBMIT before the bad frame answered"
+        );
+        assert_eq!(st.in_flight(), 0);
+        let received: u64 = ca.streams().values().map(|s| s.acked).sum();
+        let stats = sim.server(0).stats();
+        assert_eq!(
+            stats.acks_out, received,
+            "seed {seed}: every ACK written arrived"
+        );
+        assert_eq!(stats.acks_orphaned, 0, "seed {seed}");
+        assert_eq!(received, sim.stats().acks_given, "seed {seed}");
+        sim.check_positions_unique();
+    }
 }

@@ -37,6 +37,10 @@ fn registry() -> (Arc<Registry>, String) {
     (Arc::new(reg), token)
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 struct LossRun {
     digest: [u8; 32],
     batches: u64,
@@ -87,10 +91,11 @@ fn loss_run(seed: u64) -> LossRun {
     }
     assert!(sim.net_stats().lost > 0, "the network lost datagrams");
     eprintln!(
-        "seed {seed}: {batches} batches in {:?} virtual, {:?} steps, net {:?}",
+        "seed {seed}: {batches} batches in {:?} virtual, {:?} steps, net {:?}, digest {}",
         sim.elapsed(),
         sim.stats().steps,
-        sim.net_stats()
+        sim.net_stats(),
+        hex(&sim.digest())
     );
     LossRun {
         digest: sim.digest(),
@@ -454,4 +459,190 @@ fn bad_frame_while_batches_are_in_flight_loses_no_ack() {
         assert_eq!(received, sim.stats().acks_given, "seed {seed}");
         sim.check_positions_unique();
     }
+}
+
+// ---- authentication, limits, migration, timeouts -------------------------------------
+
+#[test]
+fn bad_token_closes_the_connection_unauthorized_and_takes_nothing() {
+    let (reg, token) = registry();
+    let mut sim = Sim::new(
+        SimConfig::new(31, 2, Profile::default_profile()),
+        &tls(),
+        reg,
+    );
+    // Right business id, wrong secret; and no valid token form at all.
+    let mut wrong = token.clone().into_bytes();
+    let last = wrong.len() - 1;
+    wrong[last] = if wrong[last] == b'0' { b'1' } else { b'0' };
+    let bad = [
+        sim.add_client(ClientPlan::new(wrong)),
+        sim.add_client(ClientPlan::new(&b"c1.1.nonsense"[..])),
+    ];
+    let good = sim.add_client(well_behaved_plan(&token));
+    assert!(sim.run_until_settled(Duration::from_secs(30)));
+    for c in bad {
+        let client = sim.client(c);
+        assert_eq!(client.phase(), Phase::Closed, "{client:?}");
+        assert_eq!(client.close_code(), Some(u64::from(code::UNAUTHORIZED)));
+        assert!(client.welcome().is_none());
+        assert!(client.accepted().is_empty());
+        assert!(client.work_streams().is_empty());
+    }
+    assert!(sim.client(good).done());
+    let auth_failures: u64 = (0..2).map(|s| sim.server(s).stats().auth_failures).sum();
+    assert_eq!(auth_failures, 2);
+    // Only the good client's batches reached the stage chain.
+    assert_eq!(sim.stats().batches_handed, sim.client(good).batches_acked());
+}
+
+#[test]
+fn backpressure_holds_a_stream_to_its_in_flight_bound() {
+    let (reg, token) = registry();
+    let mut profile = Profile::default_profile();
+    profile.limits.batches_in_flight_per_stream_max = 2;
+    let mut cfg = SimConfig::new(41, 1, profile);
+    // A slow log: batches wait 20 to 30 ms for their ack, out of order.
+    cfg.acks = AckPolicy::delayed(Duration::from_millis(20), Duration::from_millis(10));
+    let mut sim = Sim::new(cfg, &tls(), reg);
+    let mut plan = ClientPlan::new(token);
+    plan.streams = 1;
+    plan.batches_per_stream = 50;
+    // The client would keep 16 in flight; the server reads no more than 2 at a time.
+    plan.depth = 16;
+    let c = sim.add_client(plan);
+    assert!(sim.run_until_settled(Duration::from_secs(60)));
+    let client = sim.client(c);
+    assert!(client.done(), "{client:?}");
+    assert_eq!(client.work_stream(0).acked, 50);
+    let key = courier_pipeline::sim::batch_stream_key(courier_pipeline::sim::batch_id(c, 0, 0));
+    assert_eq!(
+        sim.stats().outstanding_max.get(&key),
+        Some(&2),
+        "the server handed out at most 2 of the stream's batches, and did reach 2"
+    );
+    assert_eq!(sim.stats().batches_handed, 50);
+    sim.check_positions_unique();
+}
+
+#[test]
+fn a_full_shard_refuses_the_next_connection() {
+    let (reg, token) = registry();
+    let mut profile = Profile::default_profile();
+    profile.limits.connections_per_shard_max = 2;
+    let mut sim = Sim::new(SimConfig::new(51, 1, profile), &tls(), reg);
+    let plan = well_behaved_plan(&token);
+    let first = [sim.add_client(plan.clone()), sim.add_client(plan.clone())];
+    assert!(sim.run_until_cond(Duration::from_secs(10), |s| first
+        .iter()
+        .all(|&c| s.client(c).phase() == Phase::Welcomed)));
+    let third = sim.add_client(plan.clone());
+    assert!(sim.run_until_settled(Duration::from_secs(30)));
+    let refused = sim.client(third);
+    assert_eq!(refused.phase(), Phase::Closed);
+    match refused.close_reason() {
+        Some(quinn_proto::ConnectionError::ConnectionClosed(c)) => {
+            assert_eq!(
+                c.error_code,
+                quinn_proto::TransportErrorCode::CONNECTION_REFUSED
+            )
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    for c in first {
+        assert!(sim.client(c).done());
+    }
+    assert!(sim.server(0).stats().connections_refused >= 1);
+    assert_eq!(sim.server(0).stats().connections_accepted, 2);
+}
+
+fn migration_run(seed: u64, steer_by_cid: bool) -> Sim {
+    let (reg, token) = registry();
+    let mut cfg = SimConfig::new(seed, 2, Profile::default_profile());
+    cfg.net = NetConfig::lossy(0.02);
+    cfg.steer_by_cid = steer_by_cid;
+    let mut sim = Sim::new(cfg, &tls(), reg);
+    let mut plan = well_behaved_plan(&token);
+    plan.streams = 4;
+    plan.batches_per_stream = 60;
+    let a = sim.add_client(plan.clone());
+    let b = sim.add_client(plan.clone());
+    assert_eq!(a, 0);
+    assert_eq!(b, 1);
+    assert!(
+        sim.run_until_cond(Duration::from_secs(30), |s| s.client(a).batches_acked()
+            >= 40)
+    );
+    let home = sim.client_home_shard(a);
+    let now_hashed_to = sim.migrate_client(a);
+    assert_ne!(
+        home, now_hashed_to,
+        "the new address hashes to the other shard"
+    );
+    sim.run_until_settled(Duration::from_secs(60));
+    sim
+}
+
+#[test]
+fn a_migrated_connection_is_handed_to_its_shard_and_keeps_going() {
+    let sim = migration_run(61, true);
+    let (a, b) = (sim.client(0), sim.client(1));
+    assert!(a.done(), "{a:?}");
+    assert!(b.done(), "{b:?}");
+    assert!(
+        sim.net_stats().handoffs > 0,
+        "datagrams went through the hand-off"
+    );
+    // The connection stayed on its first shard: every position is in that shard's log.
+    let home = sim.client_home_shard(0) as u16;
+    assert!(a.accepted().values().all(|p| p.shard() == home));
+    sim.check_positions_unique();
+}
+
+#[test]
+fn without_the_hand_off_a_migrated_connection_dies() {
+    // The model's counter-check. The shard that receives a datagram whose connection ID
+    // another shard issued drops it (ShardCidGenerator::validate refuses the ID, so no
+    // stateless reset either), and the connection times out.
+    let sim = migration_run(61, false);
+    let a = sim.client(0);
+    assert_eq!(a.phase(), Phase::Closed, "{a:?}");
+    assert!(
+        matches!(
+            a.close_reason(),
+            Some(quinn_proto::ConnectionError::TimedOut)
+        ),
+        "{a:?}"
+    );
+    assert_eq!(sim.net_stats().handoffs, 0);
+    assert!(sim.client(1).done(), "the other connection is unaffected");
+}
+
+#[test]
+fn a_connection_without_hello_is_closed_after_hello_timeout() {
+    let (reg, token) = registry();
+    let mut profile = Profile::default_profile();
+    profile.limits.hello_timeout_ms = 500;
+    let mut sim = Sim::new(SimConfig::new(71, 1, profile), &tls(), reg);
+    let mut silent = well_behaved_plan(&token);
+    silent.auto_hello = false;
+    let start = sim.now();
+    let quiet = sim.add_client(silent);
+    let good = sim.add_client(well_behaved_plan(&token));
+    assert!(sim.run_until_settled(Duration::from_secs(10)));
+    let client = sim.client(quiet);
+    assert_eq!(client.phase(), Phase::Closed);
+    assert_eq!(client.close_code(), Some(u64::from(code::HELLO_TIMEOUT)));
+    // The deadline runs from the first Initial, 5 ms after the client started; the close
+    // takes 5 ms to arrive.
+    let after = client.closed_at().unwrap() - start;
+    assert!(
+        (Duration::from_millis(505)..=Duration::from_millis(520)).contains(&after),
+        "closed after {after:?}"
+    );
+    assert_eq!(sim.server(0).stats().hello_timeouts, 1);
+    assert!(
+        sim.client(good).done(),
+        "the authenticated connection is not timed out"
+    );
 }

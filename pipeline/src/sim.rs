@@ -193,6 +193,9 @@ pub struct SimStats {
     /// Most batches of one `(client, work stream)` handed out and not yet acked, by
     /// [`batch_stream_key`].
     pub outstanding_max: BTreeMap<u32, usize>,
+    /// Acks given while an earlier-handed batch of the same stream was still unacked: the
+    /// server must still write the ACKs in SUBMIT order.
+    pub acks_out_of_order: u64,
     /// Statuses acked, by shard: accepted and otherwise.
     pub accepted_by_shard: BTreeMap<usize, u64>,
 }
@@ -209,7 +212,9 @@ struct Shard {
     server: Server,
     ingest: Ingest,
     held: Vec<Held>,
-    outstanding: BTreeMap<u32, usize>,
+    /// Per [`batch_stream_key`], the `Held::seq` of each batch handed out and not acked,
+    /// in handout order.
+    outstanding: BTreeMap<u32, Vec<u64>>,
 }
 
 /// The simulation. See the module docs.
@@ -540,12 +545,13 @@ impl Sim {
                 progressed = true;
                 self.stats.batches_handed += 1;
                 let key = batch_stream_key(batch.batch_id);
+                let seq = self.held_seq;
+                self.held_seq += 1;
                 let shard = &mut self.shards[s];
-                let n = shard.outstanding.entry(key).or_insert(0);
-                *n += 1;
-                let n = *n;
+                let held = shard.outstanding.entry(key).or_default();
+                held.push(seq);
                 let max = self.stats.outstanding_max.entry(key).or_insert(0);
-                *max = (*max).max(n);
+                *max = (*max).max(held.len());
                 let mut statuses = Vec::with_capacity(batch.messages.len());
                 shard
                     .ingest
@@ -554,8 +560,6 @@ impl Sim {
                     .rng
                     .random_range(0..=self.cfg.acks.jitter.as_nanos() as u64);
                 let due = now + self.cfg.acks.delay + Duration::from_nanos(jitter);
-                let seq = self.held_seq;
-                self.held_seq += 1;
                 let messages = batch.messages.len() as u64;
                 self.shards[s].held.push(Held {
                     due,
@@ -586,12 +590,19 @@ impl Sim {
                 self.stats.acks_given += 1;
                 let shard = &mut self.shards[s];
                 let key = batch_stream_key(h.batch_id);
-                let n = shard
+                let held = shard
                     .outstanding
                     .get_mut(&key)
                     .expect("counted when handed out");
-                *n -= 1;
-                if *n == 0 {
+                let at = held
+                    .iter()
+                    .position(|&q| q == h.seq)
+                    .expect("handed out once, acked once");
+                if at > 0 {
+                    self.stats.acks_out_of_order += 1;
+                }
+                held.remove(at);
+                if held.is_empty() {
                     shard.outstanding.remove(&key);
                 }
                 let accepted = h

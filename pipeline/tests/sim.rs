@@ -90,6 +90,14 @@ fn loss_run(seed: u64) -> LossRun {
         assert_eq!(sim.server(s).stats().stream_errors, 0, "seed {seed}");
     }
     assert!(sim.net_stats().lost > 0, "the network lost datagrams");
+    assert!(
+        sim.net_stats().reordered > 0,
+        "the network reordered datagrams"
+    );
+    assert!(
+        sim.stats().acks_out_of_order > 0,
+        "the stage chain acked out of order"
+    );
     eprintln!(
         "seed {seed}: {batches} batches in {:?} virtual, {:?} steps, net {:?}, digest {}",
         sim.elapsed(),
@@ -645,4 +653,15 @@ fn a_connection_without_hello_is_closed_after_hello_timeout() {
         sim.client(good).done(),
         "the authenticated connection is not timed out"
     );
+}
+
+#[test]
+#[should_panic(expected = "the run does not settle")]
+fn a_run_past_its_step_bound_fails_loudly() {
+    let (reg, token) = registry();
+    let mut cfg = SimConfig::new(81, 1, Profile::default_profile());
+    cfg.steps_max = 5;
+    let mut sim = Sim::new(cfg, &tls(), reg);
+    sim.add_client(ClientPlan::new(token));
+    sim.run_until_settled(Duration::from_secs(10));
 }

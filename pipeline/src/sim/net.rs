@@ -224,3 +224,97 @@ impl Network {
         self.queue.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn arrival_order_is_time_then_send_order() {
+        let now = Instant::now();
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut net = Network::new(NetConfig::clean());
+        for i in 0..5u8 {
+            net.send(now, &mut rng, addr(1), addr(2), &[i; 1200]);
+        }
+        assert_eq!(net.next_arrival(), Some(now + Duration::from_millis(5)));
+        assert!(
+            net.pop_due(now).is_none(),
+            "nothing arrives before its delay"
+        );
+        let later = now + Duration::from_millis(5);
+        let order: Vec<u8> = std::iter::from_fn(|| net.pop_due(later))
+            .map(|d| d.data[0])
+            .collect();
+        assert_eq!(order, vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn loss_queue_bound_and_mtu_drop_and_count() {
+        let now = Instant::now();
+        let mut rng = StdRng::seed_from_u64(2);
+        let mut net = Network::new(NetConfig {
+            loss: 1.0,
+            ..NetConfig::clean()
+        });
+        assert_eq!(
+            net.send(now, &mut rng, addr(1), addr(2), &[0; 1200]),
+            Fate::Lost
+        );
+        net.set_config(NetConfig {
+            in_flight_max: 1,
+            ..NetConfig::clean()
+        });
+        assert!(matches!(
+            net.send(now, &mut rng, addr(1), addr(2), &[0; 1200]),
+            Fate::Queued(_)
+        ));
+        assert_eq!(
+            net.send(now, &mut rng, addr(1), addr(2), &[0; 1200]),
+            Fate::QueueFull
+        );
+        assert_eq!(
+            net.send(now, &mut rng, addr(1), addr(2), &[0; 1500]),
+            Fate::TooLarge
+        );
+        let s = &net.stats;
+        assert_eq!(
+            (s.sent, s.lost, s.dropped_queue_full, s.dropped_too_large),
+            (4, 1, 1, 1)
+        );
+        assert_eq!(net.in_flight(), 1);
+    }
+
+    #[test]
+    fn jitter_and_reordering_let_later_datagrams_overtake() {
+        let now = Instant::now();
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut net = Network::new(NetConfig {
+            reorder: 0.5,
+            reorder_delay: Duration::from_millis(20),
+            jitter: Duration::from_millis(2),
+            ..NetConfig::clean()
+        });
+        for i in 0..64u8 {
+            net.send(
+                now + Duration::from_micros(u64::from(i) * 100),
+                &mut rng,
+                addr(1),
+                addr(2),
+                &[i; 1200],
+            );
+        }
+        let end = now + Duration::from_secs(1);
+        let order: Vec<u8> = std::iter::from_fn(|| net.pop_due(end))
+            .map(|d| d.data[0])
+            .collect();
+        assert_eq!(order.len(), 64);
+        assert!(order.windows(2).any(|w| w[0] > w[1]), "some overtaking");
+        assert!(net.stats.reordered > 0);
+    }
+}

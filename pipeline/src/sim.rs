@@ -725,8 +725,11 @@ impl Sim {
 
     /// Moves client `c` to a new address (a NAT rebinding), chosen so that SO_REUSEPORT
     /// sends its datagrams to a shard other than the one that accepted its connection
-    /// (when there are several). Datagrams to the old address are lost. Returns the shard
-    /// the new address hashes to.
+    /// (when there are several). Datagrams to the old address are lost. The client then
+    /// sends a PING: a server learns a client's new address only from a datagram it sends,
+    /// and a client waiting for ACKs sends nothing (no keep-alive), so without it the
+    /// server would keep answering the dead address until the idle timeout. Returns the
+    /// shard the new address hashes to.
     pub fn migrate_client(&mut self, c: usize) -> usize {
         let n = self.shards.len();
         let old = self.client_addrs[c];
@@ -738,6 +741,8 @@ impl Sim {
             .expect("some port hashes to another shard");
         self.client_addrs[c] = new;
         self.trace(tag::MIGRATE, &[c as u64, addr_id(old), addr_id(new)]);
+        self.clients[c].ping();
+        self.after_client_action(c);
         reuseport_shard(new, n)
     }
 

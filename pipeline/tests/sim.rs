@@ -665,3 +665,301 @@ fn a_run_past_its_step_bound_fails_loudly() {
     sim.add_client(ClientPlan::new(token));
     sim.run_until_settled(Duration::from_secs(10));
 }
+
+// ---- swarm: many seeds, each drawing its own scenario ----------------------------------
+
+/// A bad input for a vandal to write on one of its streams, and the stream error code the
+/// server must answer it with.
+fn bad_input(kind: u32, frame_bytes_max: u32, token: &str) -> (Vec<u8>, bool, u32) {
+    let mut buf = bytes::BytesMut::new();
+    match kind {
+        0 => {
+            let mut v = header(100, wire::frame_type::SUBMIT);
+            v.extend_from_slice(&[0; 10]);
+            (v, true, code::TRUNCATED)
+        }
+        1 => {
+            let mut v = header(4, 0x7f);
+            v.extend_from_slice(&[1, 2, 3, 4]);
+            (v, false, code::UNKNOWN_FRAME_TYPE)
+        }
+        2 => (
+            header(frame_bytes_max + 1, wire::frame_type::SUBMIT),
+            false,
+            code::FRAME_TOO_LARGE,
+        ),
+        3 => (submit_to(1, b"+0123456"), false, code::INVALID_RECIPIENT),
+        4 => {
+            wire::encode_hello(token.as_bytes(), &mut buf);
+            (buf.to_vec(), false, code::UNEXPECTED_FRAME)
+        }
+        5 => {
+            let w = wire::Welcome {
+                business_id: 1,
+                batch_messages_max: 1,
+                payload_bytes_max: 1,
+                frame_bytes_max: 1,
+            };
+            wire::encode_welcome(&w, &mut buf);
+            (buf.to_vec(), false, code::UNEXPECTED_FRAME)
+        }
+        6 => {
+            // SUBMIT announcing zero messages.
+            let mut v = header(12, wire::frame_type::SUBMIT);
+            v.extend_from_slice(&[0; 12]);
+            (v, false, code::BAD_BATCH_SIZE)
+        }
+        7 => {
+            // A valid SUBMIT body with a byte too many.
+            let mut v = submit_to(2, b"+15550001111");
+            let len = u32::from_le_bytes(v[..4].try_into().unwrap()) + 1;
+            v[..4].copy_from_slice(&len.to_le_bytes());
+            v.push(0);
+            (v, false, code::MALFORMED_FRAME)
+        }
+        _ => {
+            // HELLO of an unsupported version.
+            let mut v = header(4, wire::frame_type::HELLO);
+            v.extend_from_slice(&2u16.to_le_bytes());
+            v.extend_from_slice(&0u16.to_le_bytes());
+            (v, false, code::BAD_HELLO)
+        }
+    }
+}
+
+/// Something that happens at a drawn instant of a swarm run.
+#[derive(Debug)]
+enum Chaos {
+    /// A client moves to a new address.
+    Migrate(usize),
+    /// The vandal writes bad input number `kind` on its work stream `stream`.
+    BadInput { stream: usize, kind: u32 },
+    /// The vandal stops reading its work stream `stream`.
+    StopReading { stream: usize },
+}
+
+/// One scenario drawn from `seed`: shards, clients, network faults, ack latency, batch
+/// shapes, flow-control windows, client migrations, and perhaps a vandal that writes bad
+/// frames and abandons streams. Every well-behaved client must finish with every batch
+/// acked once and every position unique; each vandalised stream fails with its code and
+/// the vandal's other streams finish.
+fn swarm_run(seed: u64) {
+    use rand::{Rng, SeedableRng};
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5a5a_5a5a);
+    let (reg, token) = registry();
+    let mut profile = Profile::default_profile();
+    profile.limits.batches_in_flight_per_stream_max = r.random_range(1..=8);
+    // The deadline runs from the first Initial; at 15% loss a handshake whose first RTT
+    // sample includes a PTO can take longer than the default 10 s (seed 174 took 8 s, and its
+    // HELLO, dropped as 1-RTT data before the handshake completed, waited for the next PTO).
+    // The HELLO timeout has its own test.
+    profile.limits.hello_timeout_ms = 60_000;
+    let small_windows = r.random_bool(0.5);
+    if small_windows {
+        // Small windows: frames span many reads and flow control binds.
+        profile.quic.stream_receive_window_bytes = 16 << 10;
+        profile.quic.connection_receive_window_bytes = r.random_range(16..=64) << 10;
+    }
+    let frame_bytes_max = profile.limits.frame_bytes_max;
+    let shards = r.random_range(1..=3);
+    let mut cfg = SimConfig::new(seed, shards, profile);
+    cfg.net = NetConfig::lossy(r.random_range(0.0..0.15));
+    cfg.net.reorder = r.random_range(0.0..0.1);
+    cfg.acks = AckPolicy::delayed(
+        Duration::from_micros(r.random_range(0..20_000)),
+        Duration::from_micros(r.random_range(0..20_000)),
+    );
+    let mut sim = Sim::new(cfg, &tls(), reg);
+    let clients = r.random_range(1..=4);
+    for _ in 0..clients {
+        let mut plan = ClientPlan::new(token.as_bytes());
+        plan.streams = r.random_range(1..=6);
+        plan.batches_per_stream = r.random_range(1..=40);
+        plan.depth = r.random_range(1..=10);
+        plan.batch_messages = r.random_range(1..=200);
+        plan.payload_bytes = r.random_range(1..=1500);
+        sim.add_client(plan);
+    }
+    // No migration with small windows: see
+    // nat_rebinding_under_loss_with_small_windows_stalls_in_quinn_proto.
+    let migrations = if small_windows {
+        0
+    } else {
+        r.random_range(0..=2)
+    };
+    let mut chaos: Vec<(Duration, Chaos)> = (0..migrations)
+        .map(|_| {
+            let at = Duration::from_millis(r.random_range(50..2000));
+            (at, Chaos::Migrate(r.random_range(0..clients)))
+        })
+        .collect();
+    let vandal = r.random_bool(0.5).then(|| {
+        let mut plan = ClientPlan::new(token.as_bytes());
+        plan.streams = 4;
+        plan.batches_per_stream = 30;
+        plan.depth = r.random_range(1..=4);
+        sim.add_client(plan)
+    });
+    if vandal.is_some() {
+        for stream in 0..3 {
+            let at = Duration::from_millis(r.random_range(100..1500));
+            let act = if r.random_bool(0.8) {
+                Chaos::BadInput {
+                    stream,
+                    kind: r.random_range(0..9),
+                }
+            } else {
+                Chaos::StopReading { stream }
+            };
+            chaos.push((at, act));
+        }
+    }
+    chaos.sort_by_key(|(at, _)| *at);
+    if std::env::var_os("SWARM_DEBUG").is_some() {
+        eprintln!(
+            "seed {seed}: {:?}\nplans {:?}\nchaos {chaos:?}",
+            sim.config(),
+            sim.clients().iter().map(|c| c.plan()).collect::<Vec<_>>()
+        );
+    }
+    let limit = Duration::from_secs(60);
+    let mut expected = Vec::new();
+    for (at, act) in chaos {
+        let deadline = sim.at(at).max(sim.now());
+        sim.run_until(deadline);
+        match act {
+            Chaos::Migrate(c) => {
+                // A client may not move during its handshake (RFC 9000 9): its Initials
+                // carry no connection ID a shard can steer by, so the move would strand it.
+                assert!(
+                    sim.run_until_cond(limit, |s| s.client(c).welcome().is_some()),
+                    "seed {seed}: client {c} never authenticated"
+                );
+                sim.migrate_client(c);
+            }
+            Chaos::BadInput { stream, .. } | Chaos::StopReading { stream } => {
+                let v = vandal.expect("vandal acts");
+                let open = |s: &Sim| s.client(v).work_streams().len() > stream;
+                assert!(sim.run_until_cond(limit, open), "seed {seed}");
+                let id = sim.client(v).work_streams()[stream];
+                let st = sim.client(v).stream(id);
+                if st.finished_sending() || st.settled() {
+                    continue; // too late to break it
+                }
+                if let Chaos::BadInput { kind, .. } = act {
+                    let (bytes, fin, code) = bad_input(kind, frame_bytes_max, &token);
+                    sim.client_inject(v, id, &bytes, fin);
+                    expected.push((id, Some(code)));
+                } else {
+                    sim.client_stop_receiving(v, id, 0x77);
+                    expected.push((id, None));
+                }
+            }
+        }
+    }
+    let settled = sim.run_until_settled(Duration::from_secs(600));
+    assert!(settled, "seed {seed}: {sim:?}");
+    let mut batches = 0;
+    for c in sim.clients() {
+        if Some(c.index()) == vandal {
+            for &id in c.work_streams() {
+                let st = c.stream(id);
+                match expected.iter().find(|(e, _)| *e == id) {
+                    Some((_, Some(code))) => assert_eq!(
+                        st.error_code(),
+                        Some(*code),
+                        "seed {seed}: vandalised {id}: {st:?}"
+                    ),
+                    Some((_, None)) => assert!(st.receive_stopped),
+                    None => {
+                        assert!(st.fin_received && !st.failed(), "seed {seed}: {id}: {st:?}");
+                        assert_eq!(st.acked, c.plan().batches_per_stream, "seed {seed}");
+                    }
+                }
+            }
+            continue;
+        }
+        if !c.done() {
+            for (id, st) in c.streams() {
+                eprintln!("seed {seed}: client {} {id}: {st:?}", c.index());
+            }
+            for s in 0..shards {
+                eprintln!("seed {seed}: shard {s}: {:?}", sim.server(s));
+            }
+        }
+        assert!(c.done(), "seed {seed}: {c:?}");
+        assert_eq!(c.not_accepted(), 0, "seed {seed}");
+        batches += c.batches_acked();
+    }
+    let stream_errors: u64 = (0..shards)
+        .map(|s| sim.server(s).stats().stream_errors)
+        .sum();
+    let bad_inputs = expected.iter().filter(|(_, code)| code.is_some()).count() as u64;
+    assert_eq!(stream_errors, bad_inputs, "seed {seed}");
+    assert_eq!(
+        sim.stats().batches_handed,
+        sim.stats().acks_given,
+        "seed {seed}"
+    );
+    if vandal.is_none() {
+        assert_eq!(sim.stats().batches_handed, batches, "seed {seed}");
+        for s in 0..shards {
+            assert_eq!(sim.server(s).stats().acks_orphaned, 0, "seed {seed}");
+        }
+    }
+    sim.check_positions_unique();
+}
+
+/// 24 seeds by default; `COURIER_SIM_SEEDS=FIRST..END` runs others (a failing seed then
+/// reruns alone as `COURIER_SIM_SEEDS=N..N+1`).
+#[test]
+fn swarm_of_seeds() {
+    let seeds = match std::env::var("COURIER_SIM_SEEDS") {
+        Ok(range) => {
+            let (a, b) = range.split_once("..").expect("FIRST..END");
+            a.parse::<u64>().expect("FIRST")..b.parse::<u64>().expect("END")
+        }
+        Err(_) => 1000..1024,
+    };
+    for seed in seeds {
+        swarm_run(seed);
+    }
+}
+
+/// Reproduces a stall that looks like a quinn-proto 0.11.19 bug, not a courier one; ignored
+/// until quinn-proto is upgraded or patched (run with `--ignored` to see it).
+///
+/// A client behind a NAT rebinding (same IP, new port), at 6.8% loss, with 16 KiB stream
+/// windows, is blocked by connection flow control and waits for MAX_DATA. The server's
+/// connection migrates, validates the new path, and from then on sends nothing at all,
+/// not even ACKs: every poll_transmit finds it "blocked by congestion control" while its
+/// only armed timer is the idle timeout, so no PTO probe ever unblocks it, and the client
+/// times out. The server keeps its part of the contract (the connection is queued and
+/// polled after every datagram, and its timer is the one quinn-proto reports); where
+/// quinn-proto loses its loss-detection timer is not pinned down yet. 3 of about 750
+/// small-window seeds stalled, none of 1,500 with default windows, so the swarm migrates
+/// clients only with default windows.
+#[test]
+#[ignore = "quinn-proto stall after NAT rebinding; see the doc comment"]
+fn nat_rebinding_under_loss_with_small_windows_stalls_in_quinn_proto() {
+    let (reg, token) = registry();
+    let mut profile = Profile::default_profile();
+    profile.quic.stream_receive_window_bytes = 16 << 10;
+    profile.quic.connection_receive_window_bytes = 27 << 10;
+    let mut cfg = SimConfig::new(10, 1, profile);
+    cfg.net = NetConfig::lossy(0.068);
+    let mut sim = Sim::new(cfg, &tls(), reg);
+    let mut plan = ClientPlan::new(token);
+    plan.streams = 2;
+    plan.batches_per_stream = 5;
+    plan.depth = 9;
+    plan.batch_messages = 183;
+    plan.payload_bytes = 775;
+    sim.add_client(plan);
+    sim.run_until(sim.at(Duration::from_millis(1102)));
+    assert!(sim.run_until_cond(Duration::from_secs(60), |s| s.client(0).welcome().is_some()));
+    sim.migrate_client(0);
+    sim.run_until_settled(Duration::from_secs(600));
+    let c = sim.client(0);
+    assert!(c.done(), "{c:?}");
+}

@@ -35,7 +35,7 @@ const CLIENT_CID_TAG: u8 = 0xC1;
 const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
 
 /// What one client does.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientPlan {
     /// Bearer token sent in HELLO.
     pub token: Vec<u8>,
@@ -52,6 +52,20 @@ pub struct ClientPlan {
     pub batch_messages: usize,
     /// Payload bytes per message.
     pub payload_bytes: usize,
+}
+
+impl std::fmt::Debug for ClientPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientPlan")
+            .field("token", &wire::Token(self.token.clone().into()))
+            .field("auto_hello", &self.auto_hello)
+            .field("streams", &self.streams)
+            .field("batches_per_stream", &self.batches_per_stream)
+            .field("depth", &self.depth)
+            .field("batch_messages", &self.batch_messages)
+            .field("payload_bytes", &self.payload_bytes)
+            .finish()
+    }
 }
 
 impl ClientPlan {
@@ -120,8 +134,11 @@ pub struct ClientStream {
     pub fin_received: bool,
     /// No further SUBMIT is written (a test paused it).
     pub paused: bool,
-    /// A test wrote raw bytes after the SUBMITs; no further SUBMIT is written.
+    /// A test broke the stream (wrote raw bytes after the SUBMITs, or stopped reading it);
+    /// no further SUBMIT is written.
     pub poisoned: bool,
+    /// The client stopped reading it (STOP_SENDING); nothing more will be seen on it.
+    pub receive_stopped: bool,
     in_flight: VecDeque<SentBatch>,
     out: BytesMut,
     fin_pending: bool,
@@ -141,6 +158,7 @@ impl ClientStream {
             fin_received: false,
             paused: false,
             poisoned: false,
+            receive_stopped: false,
             in_flight: VecDeque::new(),
             out: BytesMut::new(),
             fin_pending: false,
@@ -162,6 +180,17 @@ impl ClientStream {
     /// The server's error code, from RESET_STREAM or else STOP_SENDING.
     pub fn error_code(&self) -> Option<u32> {
         self.reset.or(self.stopped)
+    }
+
+    /// The client finished its half (FIN written).
+    pub fn finished_sending(&self) -> bool {
+        self.fin_sent
+    }
+
+    /// Nothing more will happen on it: the server finished it, failed it, or the client
+    /// stopped reading it.
+    pub fn settled(&self) -> bool {
+        self.fin_received || self.failed() || self.receive_stopped
     }
 }
 
@@ -348,9 +377,10 @@ impl SimClient {
         self.work.iter().map(|id| self.streams[id].acked).sum()
     }
 
-    /// Every work stream is open, sent its plan and got every ACK and the server's FIN.
+    /// Every work stream was opened, sent its plan and got every ACK and the server's FIN.
+    /// Stays true if the connection later closes (an idle timeout, say).
     pub fn done(&self) -> bool {
-        self.phase == Phase::Welcomed
+        self.welcome.is_some()
             && self.work.len() == self.plan.streams
             && self.work.iter().all(|id| {
                 let s = &self.streams[id];
@@ -363,10 +393,7 @@ impl SimClient {
         self.done()
             || self.phase == Phase::Closed
             || (self.work.len() == self.plan.streams
-                && self.work.iter().all(|id| {
-                    let s = &self.streams[id];
-                    s.fin_received || s.failed()
-                }))
+                && self.work.iter().all(|id| self.streams[id].settled()))
     }
 
     // ---- driven by the simulation -------------------------------------------------------
@@ -736,8 +763,22 @@ impl SimClient {
         self.streams.get_mut(&id).expect("work stream").paused = paused;
     }
 
+    /// Sends a PING: an ACK-eliciting packet, from whatever address the network now gives
+    /// the client.
+    pub(crate) fn ping(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.ping();
+        }
+    }
+
     /// Tells the server this client wants no more data on `id` (STOP_SENDING).
     pub(crate) fn stop_receiving(&mut self, id: StreamId, code: u32) {
+        let st = self
+            .streams
+            .get_mut(&id)
+            .expect("the client opened this stream");
+        st.receive_stopped = true;
+        st.poisoned = true;
         if let Some(conn) = self.conn.as_mut() {
             let _ = conn.recv_stream(id).stop(VarInt::from_u32(code));
         }

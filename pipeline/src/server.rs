@@ -461,7 +461,10 @@ impl Server {
     /// Closes every connection with `code` (shutdown). Batches already handed out can still
     /// be acked until the connections drain.
     pub fn close_all(&mut self, now: Instant, error_code: u32, reason: &'static [u8]) {
-        let handles: Vec<ConnectionHandle> = self.conns.keys().copied().collect();
+        let mut handles: Vec<ConnectionHandle> = self.conns.keys().copied().collect();
+        // In handle order, not `HashMap` order: the order decides which connection's close
+        // goes out first, and a seeded run must replay the same way every time.
+        handles.sort_unstable();
         for ch in handles {
             if let Some(conn) = self.conns.get_mut(&ch) {
                 conn.closing = true;

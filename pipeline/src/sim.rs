@@ -746,6 +746,14 @@ impl Sim {
         reuseport_shard(new, n)
     }
 
+    /// Shuts shard `s` down: [`Server::close_all`] with `code`, as the shell does on a
+    /// signal. Batches the stage chain holds are still acked when due.
+    pub fn shutdown_shard(&mut self, s: usize, code: u32, reason: &'static [u8]) {
+        let now = self.now;
+        self.shards[s].server.close_all(now, code, reason);
+        self.pump_shard(s);
+    }
+
     /// Replaces the network's settings (datagrams in flight keep their fate).
     pub fn set_net(&mut self, net: NetConfig) {
         self.net.set_config(net);

@@ -666,6 +666,71 @@ fn a_run_past_its_step_bound_fails_loudly() {
     sim.run_until_settled(Duration::from_secs(10));
 }
 
+/// Shuts a shard with 4 connections down mid-run; returns the trace digest.
+fn shutdown_run(seed: u64) -> [u8; 32] {
+    let (reg, token) = registry();
+    let mut sim = Sim::new(
+        SimConfig::new(seed, 1, Profile::default_profile()),
+        &tls(),
+        reg,
+    );
+    let mut plan = well_behaved_plan(&token);
+    plan.batches_per_stream = 1000;
+    for _ in 0..4 {
+        sim.add_client(plan.clone());
+    }
+    let limit = Duration::from_secs(10);
+    assert!(sim.run_until_cond(limit, |s| s
+        .clients()
+        .iter()
+        .all(|c| c.batches_acked() >= 5)));
+    sim.shutdown_shard(0, code::SHUTTING_DOWN, b"shutting down");
+    assert!(sim.run_until_settled(limit));
+    sim.digest()
+}
+
+/// Guards bug: `Server::close_all` closed connections in `HashMap` order, which differs
+/// from run to run, so a shutdown did not replay from its seed.
+#[test]
+fn shutdown_replays_from_its_seed() {
+    let first = shutdown_run(92);
+    for _ in 0..4 {
+        assert_eq!(shutdown_run(92), first);
+    }
+}
+
+#[test]
+fn shutdown_closes_every_connection_and_late_acks_are_harmless() {
+    let (reg, token) = registry();
+    let mut cfg = SimConfig::new(91, 1, Profile::default_profile());
+    // The stage chain still holds batches when the shard shuts down.
+    cfg.acks = AckPolicy::delayed(Duration::from_millis(40), Duration::from_millis(20));
+    let mut sim = Sim::new(cfg, &tls(), reg);
+    let mut plan = well_behaved_plan(&token);
+    plan.batches_per_stream = 1000;
+    let clients = [sim.add_client(plan.clone()), sim.add_client(plan)];
+    let limit = Duration::from_secs(10);
+    assert!(sim.run_until_cond(limit, |s| s.client(1).batches_acked() >= 10));
+    assert!(sim.held_batches(0) > 0);
+    sim.shutdown_shard(0, code::SHUTTING_DOWN, b"shutting down");
+    assert!(sim.run_until_settled(limit));
+    for c in clients {
+        let client = sim.client(c);
+        assert_eq!(client.phase(), Phase::Closed);
+        assert_eq!(client.close_code(), Some(u64::from(code::SHUTTING_DOWN)));
+    }
+    // Every connection drains; each batch handed out was acked once, before or after the
+    // close (an ACK written into a closed connection is never sent).
+    sim.run_for(Duration::from_secs(5));
+    assert_eq!(sim.server(0).connection_count(), 0);
+    assert_eq!(sim.held_batches(0), 0);
+    let st = sim.server(0).stats();
+    assert_eq!(st.connections_drained, 2);
+    assert_eq!(st.acks_out + st.acks_orphaned, st.batches_in);
+    assert_eq!(sim.stats().acks_given, st.batches_in);
+    sim.check_positions_unique();
+}
+
 // ---- swarm: many seeds, each drawing its own scenario ----------------------------------
 
 /// A bad input for a vandal to write on one of its streams, and the stream error code the

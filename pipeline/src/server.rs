@@ -23,6 +23,10 @@
 //! waiting in [`Server::poll_batch`] are bounded by the product of those.
 //!
 //! ACKs leave each stream in SUBMIT order even when the shell acks out of order.
+//!
+//! A bad frame fails only its stream, with a `wire::code`: STOP_SENDING at once, then the
+//! ACKs of the batches decoded before it, then FIN; once the client has finished its half
+//! (a truncated frame), RESET_STREAM instead, the only frame that can still carry the code.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};

@@ -22,14 +22,21 @@
 //! `poll_timeout` is reached.
 //!
 //! Invariants it keeps:
-//! - the only reading of the real clock is one `Instant::now()` for the base of virtual
-//!   time; every other instant is `base + offset`;
+//! - the only reading of the real clock is one `Instant::now()` in [`Sim::new`], for the
+//!   base of virtual time (`std` has no other way to make an `Instant`; it is the one
+//!   exception to this crate's no-clock rule, and it is test tooling); every other instant
+//!   is `base + offset`, and nothing depends on the base's value;
 //! - every random draw (network, ack delays and order, endpoint and connection ID seeds)
 //!   comes from one [`StdRng`] seeded by [`SimConfig::seed`], and every collection that is
 //!   iterated is ordered, so one seed gives one trace; [`Sim::digest`] hashes that trace
 //!   (sizes and times, not ciphertexts: rustls draws its own key shares);
 //! - every loop and queue is bounded, and a run that exceeds [`SimConfig::steps_max`]
 //!   panics, naming the seed.
+//!
+//! Tests (`pipeline/tests/sim.rs`) build scenarios on it; `swarm_of_seeds` draws whole
+//! scenarios from seeds (`COURIER_SIM_SEEDS=A..B` runs more), and any failure replays from
+//! the seed it prints. Not modelled: a client moving during its handshake (its Initials
+//! carry no connection ID a shard can steer by, so [`cid::owner_shard`] cannot route them).
 
 mod client;
 mod net;

@@ -29,4 +29,5 @@ pub mod ingest;
 pub mod profile;
 pub mod registry;
 pub mod server;
+pub mod sim;
 pub mod wire;

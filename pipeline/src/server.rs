@@ -23,6 +23,10 @@
 //! waiting in [`Server::poll_batch`] are bounded by the product of those.
 //!
 //! ACKs leave each stream in SUBMIT order even when the shell acks out of order.
+//!
+//! A bad frame fails only its stream, with a `wire::code`: STOP_SENDING at once, then the
+//! ACKs of the batches decoded before it, then FIN; once the client has finished its half
+//! (a truncated frame), RESET_STREAM instead, the only frame that can still carry the code.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -212,7 +216,9 @@ impl Server {
             .max_incoming(profile.limits.connections_per_shard_max as usize)
             .migration(true);
         let server_config = Arc::new(server_config);
-        // The endpoint only starts handshakes when it holds a server config itself.
+        // The endpoint must hold the server config: without one, quinn-proto treats every
+        // Initial as a packet for an unknown connection and answers it with a stateless
+        // reset, so no handshake ever reaches `accept` (found by the simulation).
         let endpoint = Endpoint::new(
             Arc::new(endpoint_config),
             Some(server_config.clone()),
@@ -459,7 +465,10 @@ impl Server {
     /// Closes every connection with `code` (shutdown). Batches already handed out can still
     /// be acked until the connections drain.
     pub fn close_all(&mut self, now: Instant, error_code: u32, reason: &'static [u8]) {
-        let handles: Vec<ConnectionHandle> = self.conns.keys().copied().collect();
+        let mut handles: Vec<ConnectionHandle> = self.conns.keys().copied().collect();
+        // In handle order, not `HashMap` order: the order decides which connection's close
+        // goes out first, and a seeded run must replay the same way every time.
+        handles.sort_unstable();
         for ch in handles {
             if let Some(conn) = self.conns.get_mut(&ch) {
                 conn.closing = true;
@@ -570,10 +579,14 @@ impl Server {
             Event::Stream(StreamEvent::Stopped { id, .. }) => {
                 // The client no longer wants ACKs on this stream.
                 if let Some(conn) = self.conns.get_mut(&ch) {
-                    let _ = conn
-                        .quinn
-                        .recv_stream(id)
-                        .stop(VarInt::from_u32(code::CLOSE_OK));
+                    let close_ok = VarInt::from_u32(code::CLOSE_OK);
+                    let _ = conn.quinn.recv_stream(id).stop(close_ok);
+                    // RFC 9000 3.5: STOP_SENDING is answered with RESET_STREAM. Without it
+                    // our send half never closes, quinn-proto never frees the stream, and
+                    // the client never gets its stream credit back: after
+                    // `streams_per_connection_max` such streams the connection could open
+                    // no more (found by the simulation).
+                    let _ = conn.quinn.send_stream(id).reset(close_ok);
                     conn.streams.remove(&id);
                 }
             }
@@ -740,8 +753,19 @@ impl Server {
         }
     }
 
-    /// Closes one stream in both directions with `error_code`; its pending batches will be
-    /// orphaned. Other streams and connections are untouched.
+    /// Fails one stream for a bad frame with `error_code`. Other streams and connections
+    /// are untouched.
+    ///
+    /// While the client is still sending, the code goes in STOP_SENDING and our half stays
+    /// open: the batches decoded before the bad frame still get their ACKs, in order, and
+    /// then our half is finished (FIN), so every ACK written reaches the client. Resetting
+    /// our half at once instead (RESET_STREAM) discards ACK bytes not yet delivered, and
+    /// orphans batches the stage chain holds: the simulation found ACKs the server counted
+    /// as sent that never reached the client, for batches already given log positions.
+    ///
+    /// Once the client has finished its half (a truncated frame is only found then), a
+    /// STOP_SENDING no longer reaches it as an event, and only RESET_STREAM carries the
+    /// code: pending batches are orphaned, and ACK bytes in flight are lost with it.
     fn fail_stream(&mut self, ch: ConnectionHandle, id: StreamId, error_code: u32) {
         self.stats.stream_errors += 1;
         let Some(conn) = self.conns.get_mut(&ch) else {
@@ -749,8 +773,21 @@ impl Server {
         };
         let code = VarInt::from_u32(error_code);
         let _ = conn.quinn.recv_stream(id).stop(code);
-        let _ = conn.quinn.send_stream(id).reset(code);
-        conn.streams.remove(&id);
+        let Some(st) = conn.streams.get_mut(&id) else {
+            let _ = conn.quinn.send_stream(id).reset(code);
+            return;
+        };
+        if st.recv_done {
+            let _ = conn.quinn.send_stream(id).reset(code);
+            conn.streams.remove(&id);
+            return;
+        }
+        // Read nothing more: the receive half is over, and what was buffered after the bad
+        // frame is dropped. `finish_if_done` then ends our half after the last ACK.
+        st.recv_done = true;
+        st.paused = false;
+        st.decoder = FrameDecoder::new(self.wire_limits);
+        self.finish_if_done(ch, id);
     }
 
     fn flush_stream(&mut self, ch: ConnectionHandle, id: StreamId) {

@@ -177,22 +177,39 @@ impl Raw {
         }
     }
 
-    /// Sends `bytes` on a new stream and returns what came back: frames, then the reset
-    /// code if the server reset the stream.
-    async fn exchange(&self, bytes: &[u8], finish: bool) -> (Vec<Frame>, Option<u64>) {
+    /// Sends `bytes` on a new stream and returns what came back: the frames, how the
+    /// server's half ended (`Some(code)` for RESET_STREAM, `None` for FIN) and the code of
+    /// the server's STOP_SENDING, if it sent one.
+    async fn exchange(&self, bytes: &[u8], finish: bool) -> Exchange {
         let (mut tx, mut rx) = self.conn.open_bi().await.unwrap();
         tx.write_all(bytes).await.unwrap();
         if finish {
             tx.finish().unwrap();
         }
         let mut frames = Vec::new();
-        loop {
+        let reset = loop {
             match read_frame(&mut rx).await {
                 Ok(f) => frames.push(f),
-                Err(code) => return (frames, code),
+                Err(code) => break code,
             }
+        };
+        let stopped = match tx.stopped().await {
+            Ok(code) => code.map(|c| c.into_inner()),
+            Err(_) => None,
+        };
+        Exchange {
+            frames,
+            reset,
+            stopped,
         }
     }
+}
+
+#[derive(Debug)]
+struct Exchange {
+    frames: Vec<Frame>,
+    reset: Option<u64>,
+    stopped: Option<u64>,
 }
 
 /// The next frame, or Err(Some(code)) for a reset, Err(None) for a clean end.
@@ -237,51 +254,50 @@ async fn garbage_closes_only_its_stream_and_spares_other_connections() {
         let good_load = submit_many(&good, 200, 16, 1_000_000);
 
         let hostile = async {
-            // A valid batch acked, then an unknown frame type on the same stream: the
-            // ACK stands, the stream is reset with the documented code.
-            let (mut tx, mut rx) = raw.conn.open_bi().await.unwrap();
-            tx.write_all(&submit_frame(7, 0, 4)).await.unwrap();
-            let ack = read_frame(&mut rx).await.unwrap();
+            // A valid batch, then an unknown frame type on the same stream: the server
+            // stops reading with the documented code (STOP_SENDING), still answers the
+            // batch it decoded before the bad frame, then ends its half cleanly.
+            let mut bytes = submit_frame(7, 0, 4);
+            bytes.put_u32_le(3);
+            bytes.put_u8(0x7f);
+            bytes.put_slice(b"xyz");
+            let x = raw.exchange(&bytes, false).await;
             assert!(
-                matches!(&ack, Frame::Ack { batch_id: 7, statuses } if statuses.len() == 4),
-                "{ack:?}"
+                matches!(&x.frames[..], [Frame::Ack { batch_id: 7, statuses }] if statuses.len() == 4),
+                "{x:?}"
             );
-            let mut garbage = BytesMut::new();
-            garbage.put_u32_le(3);
-            garbage.put_u8(0x7f);
-            garbage.put_slice(b"xyz");
-            tx.write_all(&garbage).await.unwrap();
-            assert_eq!(
-                read_frame(&mut rx).await.err(),
-                Some(Some(u64::from(code::UNKNOWN_FRAME_TYPE)))
-            );
+            assert_eq!(x.stopped, Some(u64::from(code::UNKNOWN_FRAME_TYPE)));
+            assert_eq!(x.reset, None);
 
             // Oversized header: refused on the header alone.
             let mut big = BytesMut::new();
             big.put_u32_le(u32::MAX);
             big.put_u8(wire::frame_type::SUBMIT);
-            let (_, reset) = raw.exchange(&big, false).await;
-            assert_eq!(reset, Some(u64::from(code::FRAME_TOO_LARGE)));
+            let x = raw.exchange(&big, false).await;
+            assert_eq!(x.stopped, Some(u64::from(code::FRAME_TOO_LARGE)), "{x:?}");
 
-            // Truncated: the stream ends inside a frame.
+            // Truncated: the stream ends inside a frame. The client's half is finished, so
+            // only RESET_STREAM can carry the code.
             let whole = submit_frame(8, 100, 2);
-            let (frames, reset) = raw.exchange(&whole[..whole.len() - 3], true).await;
-            assert!(frames.is_empty());
-            assert_eq!(reset, Some(u64::from(code::TRUNCATED)));
+            let x = raw.exchange(&whole[..whole.len() - 3], true).await;
+            assert!(x.frames.is_empty());
+            assert_eq!(x.reset, Some(u64::from(code::TRUNCATED)), "{x:?}");
 
             // Invalid recipient.
             let mut bad = submit_frame(9, 200, 1);
             let at = wire::FRAME_HEADER_BYTES + wire::BATCH_HEADER_BYTES + 8 + 1;
             bad[at] = b'0'; // "+" replaced: no longer E.164
-            let (_, reset) = raw.exchange(&bad, false).await;
-            assert_eq!(reset, Some(u64::from(code::INVALID_RECIPIENT)));
+            let x = raw.exchange(&bad, false).await;
+            assert_eq!(x.stopped, Some(u64::from(code::INVALID_RECIPIENT)), "{x:?}");
+            assert!(x.frames.is_empty());
 
             // The same connection still serves a well-formed stream.
-            let (frames, reset) = raw.exchange(&submit_frame(10, 300, 3), true).await;
+            let x = raw.exchange(&submit_frame(10, 300, 3), true).await;
             assert!(
-                matches!(&frames[..], [Frame::Ack { batch_id: 10, statuses }] if statuses.iter().all(|s| matches!(s, Status::Accepted(_))))
+                matches!(&x.frames[..], [Frame::Ack { batch_id: 10, statuses }] if statuses.iter().all(|s| matches!(s, Status::Accepted(_)))),
+                "{x:?}"
             );
-            assert_eq!(reset, None, "clean end after the last ACK");
+            assert_eq!((x.reset, x.stopped), (None, None), "clean end after the last ACK");
         };
         let (statuses, ()) = tokio::join!(good_load, hostile);
         assert_eq!(statuses.len(), 200 * 16);

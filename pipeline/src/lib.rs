@@ -10,8 +10,8 @@
 //!                 │  stream chunks ──> wire::FrameDecoder ──> Frame
 //!                 │  HELLO ──> registry::Registry::authenticate
 //!                 ▼
-//!               server::Server::poll_event() ──> Event::Submit { ticket, business, messages }
-//!                                                    │ the shell runs the stage chain
+//!               server::Server::poll_batch() ──> SubmitBatch { ticket, business_id, messages }
+//!                                                    │ the shell runs the stage chain (ingest)
 //!               server::Server::ack(ticket, statuses) <─┘ (now, or once durable)
 //!                 │  ACK frame written on the submitting stream, in order
 //!                 ▼

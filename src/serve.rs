@@ -220,6 +220,7 @@ fn ring_config(profile: &Profile) -> RingConfig {
         recv_buffer_bytes: io.recv_buffer_bytes,
         send_slots: u16::try_from(io.send_slots).unwrap_or(u16::MAX),
         send_slot_bytes: 65_536,
+        file_slots: 16,
         gro: io.gro,
         gso: io.gso,
     }

@@ -35,6 +35,7 @@
 
 mod buf_ring;
 mod cmsg;
+mod file;
 mod recv;
 mod send;
 mod socket;
@@ -48,6 +49,7 @@ mod tests;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
+pub use file::{FileDone, FileOpKind};
 pub use send::SendBuf;
 pub use socket::bind_reuseport;
 pub use thread::{available_cpus, pin_current_thread};
@@ -96,6 +98,9 @@ pub struct RingConfig {
     pub send_slots: u16,
     /// Capacity of each send buffer.
     pub send_slot_bytes: u32,
+    /// Most file operations (durable appends, syncs) in flight at once; each takes two
+    /// submission queue entries.
+    pub file_slots: u16,
     /// Ask the kernel to coalesce received datagrams (UDP_GRO).
     pub gro: bool,
     /// Send batches of datagrams with one sendmsg (UDP_SEGMENT).
@@ -111,6 +116,7 @@ impl Default for RingConfig {
             recv_buffer_bytes: 65_536 + 4_096,
             send_slots: 64,
             send_slot_bytes: 65_536,
+            file_slots: 8,
             gro: true,
             gso: true,
         }
@@ -120,7 +126,15 @@ impl Default for RingConfig {
 // The default provided buffer holds the largest UDP payload after the recvmsg header.
 const _: () = assert!(65_536 + 4_096 - RECV_HEADER_BYTES >= 65_535);
 
+/// Upper bound on the file slots of one ring.
+pub const FILE_SLOTS_MAX: u16 = 256;
+
 impl RingConfig {
+    /// Submission queue entries every possible operation needs at once.
+    pub(crate) fn sq_entries_needed(&self) -> u32 {
+        u32::from(self.send_slots) + 2 * u32::from(self.file_slots) + SQ_RESERVED_ENTRIES
+    }
+
     /// Check every bound; the error names the offending key.
     pub fn validate(&self) -> Result<(), RingError> {
         let bad = |key: &'static str, reason: String| Err(RingError::InvalidConfig { key, reason });
@@ -173,6 +187,22 @@ impl RingConfig {
                     "{} send slots need entries >= {}, have {}",
                     self.send_slots,
                     u32::from(self.send_slots) + SQ_RESERVED_ENTRIES,
+                    self.entries
+                ),
+            );
+        }
+        if self.file_slots > FILE_SLOTS_MAX {
+            return bad(
+                "file_slots",
+                format!("{} is outside 0..={FILE_SLOTS_MAX}", self.file_slots),
+            );
+        }
+        if self.sq_entries_needed() > self.entries {
+            return bad(
+                "entries",
+                format!(
+                    "send_slots + 2 * file_slots + {SQ_RESERVED_ENTRIES} = {} exceeds entries {}",
+                    self.sq_entries_needed(),
                     self.entries
                 ),
             );
@@ -242,6 +272,8 @@ pub enum RingEvent<'a> {
     Wake,
     /// [`UdpRing::wait`] returned because its deadline passed.
     Timer,
+    /// A file operation queued with [`UdpRing::submit_file`] finished.
+    File(FileDone),
 }
 
 /// Counters of one ring since it was created.

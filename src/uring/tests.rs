@@ -293,6 +293,7 @@ fn uring_send_slots_run_out_until_completions_are_drained() {
     let cfg = RingConfig {
         entries: 8,
         send_slots: 2,
+        file_slots: 0,
         ..test_config()
     };
     let mut ring = ring_on("127.0.0.1:0", &cfg);
@@ -646,4 +647,108 @@ fn uring_dual_stack_socket_serves_ipv4_peers() {
         assert_eq!(&buf[..n], b"pong");
         assert_eq!(from, SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// File slots
+
+/// Drains until `n` file operations finished (bounded).
+fn file_results(ring: &mut UdpRing, n: usize) -> Vec<crate::uring::FileDone> {
+    let mut done = Vec::new();
+    for _ in 0..500 {
+        if done.len() >= n {
+            break;
+        }
+        ring.wait(Some(Duration::from_millis(10))).unwrap();
+        ring.drain(|ev| {
+            if let RingEvent::File(d) = ev {
+                done.push(d);
+            }
+        })
+        .unwrap();
+    }
+    assert_eq!(done.len(), n, "file operations did not finish in time");
+    done
+}
+
+#[test]
+fn durable_writes_land_at_their_offsets_and_report_the_sync() {
+    use crate::uring::FileOpKind;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("seg");
+    let file = std::sync::Arc::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap(),
+    );
+    let mut ring = ring_on("127.0.0.1:0", &test_config());
+    ring.submit_file(
+        file.clone(),
+        FileOpKind::DurableWrite,
+        0,
+        b"hello ".to_vec(),
+        1,
+    )
+    .unwrap();
+    ring.submit_file(
+        file.clone(),
+        FileOpKind::DurableWrite,
+        6,
+        b"world".to_vec(),
+        2,
+    )
+    .unwrap();
+    let dirf = std::sync::Arc::new(std::fs::File::open(dir.path()).unwrap());
+    ring.submit_file(dirf, FileOpKind::Sync, 0, Vec::new(), 3)
+        .unwrap();
+    let mut done = file_results(&mut ring, 3);
+    done.sort_by_key(|d| d.token);
+    assert!(done[0].is_complete(6) && done[1].is_complete(5), "{done:?}");
+    assert!(matches!(done[0].synced, Some(Ok(()))));
+    assert_eq!(done[1].data, b"world", "the buffer comes back for reuse");
+    assert!(matches!(done[2].synced, Some(Ok(()))));
+    assert_eq!(std::fs::read(&path).unwrap(), b"hello world");
+}
+
+#[test]
+fn a_failed_write_cancels_its_sync_and_frees_the_slot() {
+    use crate::uring::FileOpKind;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ro");
+    std::fs::write(&path, b"x").unwrap();
+    // Opened read-only: the write fails with EBADF, the linked sync is cancelled.
+    let file = std::sync::Arc::new(std::fs::File::open(&path).unwrap());
+    let cfg = RingConfig {
+        file_slots: 1,
+        ..test_config()
+    };
+    let mut ring = ring_on("127.0.0.1:0", &cfg);
+    ring.submit_file(file.clone(), FileOpKind::DurableWrite, 0, vec![1; 8], 9)
+        .unwrap();
+    assert!(!ring.file_slot_free(), "one slot, in flight");
+    assert!(ring
+        .submit_file(file.clone(), FileOpKind::Write, 0, vec![2; 8], 10)
+        .is_err());
+    let done = file_results(&mut ring, 1);
+    assert_eq!(done[0].token, 9);
+    assert_eq!(
+        done[0].written.as_ref().unwrap_err().raw_os_error(),
+        Some(libc::EBADF)
+    );
+    assert_eq!(
+        done[0]
+            .synced
+            .as_ref()
+            .unwrap()
+            .as_ref()
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ECANCELED)
+    );
+    assert!(!done[0].is_complete(8));
+    assert!(ring.file_slot_free(), "the slot is free again");
 }

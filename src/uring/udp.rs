@@ -27,11 +27,12 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::buf_ring::BufRing;
+use super::file::{FileOpKind, FileSlots};
 use super::recv::on_recv;
 use super::send::{on_send, SendBuf, SendSlots};
 use super::waker::Waker;
 use super::{cmsg, socket};
-use super::{RingConfig, RingError, RingEvent, RingStats, GSO_SEGMENTS_MAX, SQ_RESERVED_ENTRIES};
+use super::{RingConfig, RingError, RingEvent, RingStats, GSO_SEGMENTS_MAX};
 
 /// `sizeof(struct io_uring_recvmsg_out)`: four u32 (namelen, controllen, payloadlen, flags).
 pub(super) const RECVMSG_OUT_BYTES: usize = 16;
@@ -54,6 +55,7 @@ const UD_RECV: u64 = 1 << 48;
 const UD_WAKE: u64 = 2 << 48;
 const UD_CANCEL: u64 = 3 << 48;
 const UD_SEND: u64 = 4 << 48;
+const UD_FILE: u64 = 5 << 48;
 
 /// Drop waits at most this many rounds of [`QUIESCE_ROUND`] for cancelled operations.
 const QUIESCE_ROUNDS_MAX: u32 = 200;
@@ -67,6 +69,7 @@ struct KernelMem {
     /// Target of the eventfd read.
     wake_buf: Box<u64>,
     send: SendSlots,
+    files: FileSlots,
 }
 
 /// Which long-lived operations have an SQE queued or in flight.
@@ -132,6 +135,7 @@ impl UdpRing {
             recv_hdr,
             wake_buf: Box::new(0),
             send: SendSlots::new(cfg.send_slots, cfg.send_slot_bytes),
+            files: FileSlots::new(cfg.file_slots),
         };
         // From here on `Drop` cleans up whatever fails.
         let mut this = Self {
@@ -283,6 +287,11 @@ impl UdpRing {
                     let gso_max = &mut self.gso_segments_max;
                     on_send(&mut mem.send, &mut self.stats, gso_max, ud, cqe.result());
                 }
+                UD_FILE => {
+                    if let Some(done) = mem.files.complete(ud, cqe.result()) {
+                        f(RingEvent::File(done));
+                    }
+                }
                 UD_CANCEL => self.ops.cancels_in_flight -= 1,
                 _ => unreachable!("unknown user_data {ud:#x}"),
             }
@@ -421,6 +430,43 @@ impl UdpRing {
         unsafe { self.push(&sqe) };
     }
 
+    /// True when a file slot is free for [`Self::submit_file`].
+    pub fn file_slot_free(&self) -> bool {
+        self.mem.files.has_free()
+    }
+
+    /// Queues a file operation: `DurableWrite` writes `data` at `offset` and then
+    /// fdatasyncs (linked: the sync starts only after the whole write succeeded), `Write`
+    /// only writes, `Sync` fsyncs `file` (a directory too; `data` must be empty). The
+    /// outcome comes back from [`Self::drain`] as [`RingEvent::File`] with `token`, and
+    /// with the buffer for reuse. The ring holds `file` and `data` until then. Returns
+    /// `data` back when every file slot is busy.
+    pub fn submit_file(
+        &mut self,
+        file: Arc<std::fs::File>,
+        kind: FileOpKind,
+        offset: u64,
+        data: Vec<u8>,
+        token: u64,
+    ) -> Result<(), Vec<u8>> {
+        assert!(
+            kind != FileOpKind::Sync || data.is_empty(),
+            "a sync carries no data"
+        );
+        let sqes = self
+            .mem
+            .files
+            .prepare(UD_FILE, file, kind, offset, data, token)?;
+        for sqe in &sqes {
+            // Safety: the write's buffer and the descriptor are owned by the file slot
+            // (`data` and an `Arc<File>`), which releases them only when `complete` has
+            // seen the last completion of the slot's operations. The SQ has room: the
+            // config reserves two entries per file slot.
+            unsafe { self.push(sqe) };
+        }
+        Ok(())
+    }
+
     /// Queue one SQE.
     ///
     /// # Safety
@@ -438,6 +484,7 @@ impl UdpRing {
             + usize::from(self.ops.wake_armed)
             + self.ops.cancels_in_flight as usize
             + self.mem.send.in_flight()
+            + self.mem.files.in_flight()
     }
 
     /// Cancel the long-lived operations and reap completions until none is in flight;
@@ -474,6 +521,11 @@ impl UdpRing {
                     UD_WAKE => self.ops.wake_armed = false,
                     UD_SEND => {
                         self.mem.send.complete((ud & 0xffff) as u16);
+                    }
+                    UD_FILE => {
+                        // The outcome is lost with the ring; the log's recovery scan is
+                        // what decides what reached the disk.
+                        let _ = self.mem.files.complete(ud, cqe.result());
                     }
                     UD_CANCEL => self.ops.cancels_in_flight -= 1,
                     _ => {}
@@ -531,7 +583,7 @@ pub(super) enum Setup {
 /// Create the io_uring with the first setup from `first` on that the kernel accepts;
 /// a step back is taken only on EINVAL (flags unknown to the kernel).
 fn build_ring(cfg: &RingConfig, first: Setup) -> Result<(IoUring, Setup), RingError> {
-    let need = u32::from(cfg.recv_buffers) + u32::from(cfg.send_slots) + SQ_RESERVED_ENTRIES;
+    let need = u32::from(cfg.recv_buffers) + cfg.sq_entries_needed();
     let cq_entries = need.next_power_of_two().max(2 * cfg.entries);
     let mut refused = None;
     for setup in [Setup::SingleIssuer, Setup::CoopTaskrun, Setup::Plain] {

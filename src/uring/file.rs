@@ -1,0 +1,186 @@
+//! File slots: durable appends and directory syncs through the shard's own io_uring, so
+//! the log's group commit never blocks the shard thread.
+//!
+//! A durable append is two linked operations: `write(fd, data, offset)` with
+//! IOSQE_IO_LINK, then `fsync(fd, DATASYNC)`. The kernel starts the sync only after the
+//! write completed in full; a failed or short write cancels the sync (`-ECANCELED`). A
+//! directory sync is one `fsync(dirfd)`.
+//!
+//! Invariant: a slot owns its data buffer and an `Arc` of its file from submission until
+//! the completion of its last operation has been reaped, so neither the memory the kernel
+//! reads nor the descriptor it uses can go away under it. Every queued operation gets
+//! exactly one completion (errors and cancellations included), so no slot is lost.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use io_uring::{opcode, squeue, types};
+
+/// What a file slot was asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileOpKind {
+    /// Write at an offset, then fdatasync.
+    DurableWrite,
+    /// Write at an offset, no sync (the caller syncs later).
+    Write,
+    /// fsync of a file or directory.
+    Sync,
+}
+
+/// The outcome of one file operation, reported by [`super::UdpRing::drain`].
+#[derive(Debug)]
+pub struct FileDone {
+    /// The caller's token.
+    pub token: u64,
+    /// What was asked.
+    pub kind: FileOpKind,
+    /// Bytes the write wrote (`Ok(0)` for a sync); an error names the errno.
+    pub written: io::Result<usize>,
+    /// The sync's result; `None` when none was asked. A sync cancelled because its write
+    /// failed or fell short reports `ECANCELED`.
+    pub synced: Option<io::Result<()>>,
+    /// The data buffer, handed back for reuse (empty for a sync).
+    pub data: Vec<u8>,
+}
+
+impl FileDone {
+    /// True when the write wrote every byte and the sync (if any) succeeded.
+    pub fn is_complete(&self, len: usize) -> bool {
+        matches!(self.written, Ok(n) if n == len) && !matches!(self.synced, Some(Err(_)))
+    }
+}
+
+pub(super) struct FileSlot {
+    file: Option<Arc<File>>,
+    data: Vec<u8>,
+    token: u64,
+    kind: FileOpKind,
+    /// Completions still to reap (0 = free).
+    pending: u8,
+    written: Option<io::Result<usize>>,
+    synced: Option<io::Result<()>>,
+}
+
+pub(super) struct FileSlots {
+    slots: Box<[FileSlot]>,
+    free: Vec<u16>,
+}
+
+/// How a user_data word names a file slot's operation: bit 16 set for the sync.
+const SYNC_BIT: u64 = 1 << 16;
+
+impl FileSlots {
+    pub(super) fn new(count: u16) -> Self {
+        let slots = (0..count)
+            .map(|_| FileSlot {
+                file: None,
+                data: Vec::new(),
+                token: 0,
+                kind: FileOpKind::Sync,
+                pending: 0,
+                written: None,
+                synced: None,
+            })
+            .collect();
+        Self {
+            slots,
+            free: (0..count).rev().collect(),
+        }
+    }
+
+    pub(super) fn has_free(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    pub(super) fn in_flight(&self) -> usize {
+        self.slots.iter().map(|s| usize::from(s.pending)).sum()
+    }
+
+    /// Claims a slot and builds its SQEs (one or two). `ud_base` is the kind tag of the
+    /// caller's user_data scheme. Returns the data back when no slot is free.
+    pub(super) fn prepare(
+        &mut self,
+        ud_base: u64,
+        file: Arc<File>,
+        kind: FileOpKind,
+        offset: u64,
+        data: Vec<u8>,
+        token: u64,
+    ) -> Result<Vec<squeue::Entry>, Vec<u8>> {
+        let Some(idx) = self.free.pop() else {
+            return Err(data);
+        };
+        let slot = &mut self.slots[usize::from(idx)];
+        debug_assert_eq!(slot.pending, 0);
+        let fd = types::Fd(file.as_raw_fd());
+        slot.file = Some(file);
+        slot.data = data;
+        slot.token = token;
+        slot.kind = kind;
+        slot.written = None;
+        slot.synced = None;
+        let ud = ud_base | u64::from(idx);
+        let len = u32::try_from(slot.data.len()).expect("a file write is below 4 GiB");
+        let mut sqes = Vec::with_capacity(2);
+        match kind {
+            FileOpKind::DurableWrite | FileOpKind::Write => {
+                let write = opcode::Write::new(fd, slot.data.as_ptr(), len)
+                    .offset(offset)
+                    .build()
+                    .user_data(ud);
+                if kind == FileOpKind::DurableWrite {
+                    sqes.push(write.flags(squeue::Flags::IO_LINK));
+                    sqes.push(
+                        opcode::Fsync::new(fd)
+                            .flags(types::FsyncFlags::DATASYNC)
+                            .build()
+                            .user_data(ud | SYNC_BIT),
+                    );
+                } else {
+                    sqes.push(write);
+                }
+            }
+            FileOpKind::Sync => {
+                slot.written = Some(Ok(0));
+                sqes.push(opcode::Fsync::new(fd).build().user_data(ud | SYNC_BIT));
+            }
+        }
+        slot.pending = sqes.len() as u8;
+        Ok(sqes)
+    }
+
+    /// Records one completion; returns the finished operation once its last completion
+    /// is in.
+    pub(super) fn complete(&mut self, ud: u64, res: i32) -> Option<FileDone> {
+        let idx = (ud & 0xffff) as u16;
+        let slot = &mut self.slots[usize::from(idx)];
+        assert!(slot.pending > 0, "completion for idle file slot {idx}");
+        let result = if res < 0 {
+            Err(io::Error::from_raw_os_error(-res))
+        } else {
+            Ok(res as usize)
+        };
+        if ud & SYNC_BIT != 0 {
+            slot.synced = Some(result.map(|_| ()));
+        } else {
+            slot.written = Some(result);
+        }
+        slot.pending -= 1;
+        if slot.pending > 0 {
+            return None;
+        }
+        let done = FileDone {
+            token: slot.token,
+            kind: slot.kind,
+            written: slot.written.take().unwrap_or(Ok(0)),
+            synced: slot.synced.take(),
+            data: std::mem::take(&mut slot.data),
+        };
+        // The kernel is done with both the buffer and the descriptor.
+        slot.file = None;
+        self.free.push(idx);
+        Some(done)
+    }
+}

@@ -61,7 +61,7 @@ pub struct RawLimits {
     pub streams_per_connection_max: u32,
     /// Most SUBMITs of one stream waiting for their ACK before the stream stops being read.
     pub batches_in_flight_per_stream_max: u32,
-    /// Milliseconds a connection may take to send a valid HELLO.
+    /// Milliseconds a connection may take, after its handshake, to send a valid HELLO.
     pub hello_timeout_ms: u32,
 }
 

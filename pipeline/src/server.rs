@@ -607,8 +607,15 @@ impl Server {
                     conn.streams.clear();
                 }
             }
+            Event::Connected => {
+                // The HELLO budget runs from the end of the handshake, so a slow, lossy
+                // handshake does not eat it (until then quinn's idle timeout applies).
+                if let Some(conn) = self.conns.get_mut(&ch) {
+                    conn.hello_deadline =
+                        now + Duration::from_millis(u64::from(self.limits.hello_timeout_ms));
+                }
+            }
             Event::Stream(_)
-            | Event::Connected
             | Event::HandshakeDataReady
             | Event::DatagramReceived
             | Event::DatagramsUnblocked => {}

@@ -26,6 +26,7 @@
 
 pub mod cid;
 pub mod ingest;
+pub mod log;
 pub mod profile;
 pub mod registry;
 pub mod server;

@@ -294,7 +294,13 @@ impl SimShell {
         let r = log.append(now_ms, &mut self.rng, records, &mut actions, &mut positions);
         self.perform(&mut actions);
         self.actions = actions;
-        r.map(|()| positions)
+        r?;
+        // A write that failed while performing this append: its positions never become
+        // durable, and the sender hears so now.
+        match self.log().failure() {
+            Some(f) => Err(LogError::Failed(f)),
+            None => Ok(positions),
+        }
     }
 
     /// Runs one group commit if one is due: returns the log indexes made durable.

@@ -618,3 +618,146 @@ fn flush(buf: &mut Vec<u8>, at: &mut Option<(u64, u64)>, actions: &mut Vec<Actio
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::format::RecordHeader;
+    use crate::wire::Recipient;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    fn cfg() -> LogConfig {
+        LogConfig {
+            segment_bytes_max: 300,
+            segment_age_max_ms: 1000,
+            retention_ms: 10_000,
+            group_commit_records_max: 100,
+            group_commit_bytes_max: 1 << 20,
+            payload_bytes_max: 100,
+            drops_per_step_max: 8,
+        }
+    }
+
+    fn rec(payload: &[u8], time_ms: u64) -> Record<'_> {
+        Record {
+            header: RecordHeader {
+                business_id: 1,
+                time_ms,
+                client_id: 1,
+                recipient: Recipient::parse(b"+15550001111").unwrap(),
+            },
+            payload,
+        }
+    }
+
+    fn open() -> (Log, Vec<Action>) {
+        let mut actions = Vec::new();
+        let log = Log::open(
+            cfg(),
+            1,
+            MasterKey::from_bytes([1; 32]),
+            Keyring::new(),
+            Vec::new(),
+            &mut actions,
+        )
+        .unwrap();
+        (log, actions)
+    }
+
+    #[test]
+    fn a_roll_persists_the_key_before_the_segment_and_its_records() {
+        let (mut log, actions) = open();
+        assert!(matches!(actions[..], [Action::PersistKeyring { .. }]));
+        let mut rng = StdRng::seed_from_u64(1);
+        let (mut actions, mut positions) = (Vec::new(), Vec::new());
+        log.append(10, &mut rng, &[rec(b"x", 10)], &mut actions, &mut positions)
+            .unwrap();
+        let [Action::PersistKeyring { bytes }, Action::CreateSegment { segment_id }, Action::Write {
+            segment_id: w,
+            offset: 0,
+            ..
+        }] = &actions[..]
+        else {
+            panic!("{actions:?}");
+        };
+        assert_eq!(w, segment_id);
+        let ring = Keyring::from_bytes(bytes).unwrap();
+        assert_eq!(ring.state(*segment_id), KeyState::Live);
+        assert_eq!(positions, vec![LogPosition::new(1, 0)]);
+        assert!(log.commit_due());
+    }
+
+    #[test]
+    fn one_sync_covers_every_segment_written_since_the_last() {
+        let (mut log, _) = open();
+        let mut rng = StdRng::seed_from_u64(2);
+        let (mut actions, mut positions) = (Vec::new(), Vec::new());
+        let p = [7u8; 90];
+        let batch: Vec<Record<'_>> = (0..5).map(|_| rec(&p, 10)).collect();
+        log.append(10, &mut rng, &batch, &mut actions, &mut positions)
+            .unwrap();
+        let created = actions
+            .iter()
+            .filter(|a| matches!(a, Action::CreateSegment { .. }))
+            .count();
+        assert!(created >= 2, "300-byte segments roll within the batch");
+        let req = log.begin_sync().unwrap();
+        assert_eq!(req.segment_ids.len(), created);
+        assert_eq!(req.through_index, 5);
+        assert!(log.begin_sync().is_none(), "one sync in flight at a time");
+        assert_eq!(log.durable_end(), 0);
+        assert_eq!(log.on_synced(req.id), 0..5);
+    }
+
+    #[test]
+    fn a_write_failure_during_a_sync_makes_nothing_durable() {
+        let (mut log, _) = open();
+        let mut rng = StdRng::seed_from_u64(3);
+        let (mut actions, mut positions) = (Vec::new(), Vec::new());
+        log.append(10, &mut rng, &[rec(b"a", 10)], &mut actions, &mut positions)
+            .unwrap();
+        let req = log.begin_sync().unwrap();
+        log.on_write_failed(req.segment_ids[0], WriteFailure::NoSpace);
+        assert_eq!(log.on_synced(req.id), 0..0);
+        assert_eq!(log.durable_end(), 0);
+        let err = log
+            .append(10, &mut rng, &[rec(b"b", 10)], &mut actions, &mut positions)
+            .unwrap_err();
+        assert!(matches!(err, LogError::Failed(LogFailure::DiskFull { .. })));
+    }
+
+    #[test]
+    fn retention_destroys_the_key_before_deleting_the_segment() {
+        let (mut log, _) = open();
+        let mut rng = StdRng::seed_from_u64(4);
+        let (mut actions, mut positions) = (Vec::new(), Vec::new());
+        log.append(0, &mut rng, &[rec(b"old", 0)], &mut actions, &mut positions)
+            .unwrap();
+        log.append(
+            2000,
+            &mut rng,
+            &[rec(b"new", 2000)],
+            &mut actions,
+            &mut positions,
+        )
+        .unwrap();
+        let req = log.begin_sync().unwrap();
+        log.on_synced(req.id);
+        let first = log.segment_ids().next().unwrap();
+        actions.clear();
+        assert!(log.tick(10_000, &mut actions).is_empty(), "not expired yet");
+        assert_eq!(log.tick(10_001, &mut actions), vec![first]);
+        let [Action::PersistKeyring { bytes }, Action::DeleteSegment { segment_id }] = &actions[..]
+        else {
+            panic!("{actions:?}");
+        };
+        assert_eq!(*segment_id, first);
+        assert_eq!(
+            Keyring::from_bytes(bytes).unwrap().state(first),
+            KeyState::Destroyed
+        );
+        assert_eq!(log.segment_of(0), None);
+        assert!(log.segment_of(1).is_some());
+    }
+}

@@ -10,7 +10,7 @@
 //! deleting a file, truncating it, and replacing the keyring are durable at once (the
 //! shell fsyncs the directory, and the keyring is replaced by rename).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -43,6 +43,8 @@ struct MemFile {
 #[derive(Debug)]
 pub struct MemStorage {
     files: BTreeMap<u64, MemFile>,
+    /// Every segment id ever created: an id created twice would reuse its nonces.
+    ever_created: BTreeSet<u64>,
     keyring: Option<Vec<u8>>,
     rng: StdRng,
     /// Total bytes the segment files may hold; a write past it stores what fits and fails.
@@ -56,6 +58,7 @@ impl MemStorage {
     pub fn new(seed: u64) -> MemStorage {
         MemStorage {
             files: BTreeMap::new(),
+            ever_created: BTreeSet::new(),
             keyring: None,
             rng: StdRng::seed_from_u64(seed),
             capacity_bytes: None,
@@ -67,10 +70,11 @@ impl MemStorage {
         self.files.values().map(|f| f.data.len() as u64).sum()
     }
 
-    /// Creates an empty file (durable).
+    /// Creates an empty file (durable). Panics if `id` was ever created before: segment
+    /// ids are never reused, or nonces would be.
     pub fn create(&mut self, id: u64) {
-        let old = self.files.insert(id, MemFile::default());
-        assert!(old.is_none(), "segment {id} created twice");
+        assert!(self.ever_created.insert(id), "segment id {id} reused");
+        self.files.insert(id, MemFile::default());
     }
 
     /// Appends `bytes` at `offset`, which must be the file's end (the log only appends).
@@ -169,7 +173,23 @@ pub enum BootError {
     Open(#[from] OpenError),
 }
 
+/// What a boot found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BootReport {
+    /// Segments whose torn tail was truncated.
+    pub truncated: usize,
+    /// Segment files removed (torn header, destroyed key, or empty).
+    pub removed: usize,
+    /// Records found intact.
+    pub records: u64,
+}
+
 /// A shell over [`MemStorage`] that performs a [`Log`]'s actions, as `src/` does.
+///
+/// Besides performing actions it checks the log's storage invariants: a write only goes
+/// to a segment created since the last boot (recovered segments are never appended to).
+/// [`SimShell::arm_power_loss`] cuts the power after a given number of storage
+/// operations, so a crash can land between any two actions of one call.
 #[derive(Debug)]
 pub struct SimShell {
     /// The storage, faults included.
@@ -180,6 +200,8 @@ pub struct SimShell {
     master: [u8; 32],
     rng: StdRng,
     actions: Vec<Action>,
+    created_this_boot: BTreeSet<u64>,
+    ops_until_power_loss: Option<usize>,
 }
 
 impl SimShell {
@@ -199,12 +221,17 @@ impl SimShell {
             master,
             rng: StdRng::seed_from_u64(seed),
             actions: Vec::new(),
+            created_this_boot: BTreeSet::new(),
+            ops_until_power_loss: None,
         }
     }
 
     /// Recovery as the shell runs it at start: load the keyring, judge every segment,
     /// truncate torn tails, remove dead files, open the log and perform its actions.
-    pub fn boot(&mut self) -> Result<(), BootError> {
+    pub fn boot(&mut self) -> Result<BootReport, BootError> {
+        self.created_this_boot.clear();
+        self.ops_until_power_loss = None;
+        let mut report = BootReport::default();
         let master = MasterKey::from_bytes(self.master);
         let keyring = match self.storage.keyring() {
             Some(b) => Keyring::from_bytes(b)?,
@@ -218,20 +245,38 @@ impl SimShell {
                 SegmentVerdict::Keep(s) => kept.push(s),
                 SegmentVerdict::Truncate { summary, to, .. } => {
                     self.storage.truncate(id, to);
+                    report.truncated += 1;
                     kept.push(summary);
                 }
                 SegmentVerdict::Remove(_) => removals.push(id),
             }
         }
+        report.removed = removals.len();
+        report.records = kept.iter().map(|s| u64::from(s.records)).sum();
         for id in removals {
             self.storage.delete(id);
         }
         let mut actions = std::mem::take(&mut self.actions);
         let log = Log::open(self.cfg, self.shard, master, keyring, kept, &mut actions)?;
         self.log = Some(log);
+        report.removed += actions
+            .iter()
+            .filter(|a| matches!(a, Action::DeleteSegment { .. }))
+            .count();
         self.perform(&mut actions);
         self.actions = actions;
-        Ok(())
+        Ok(report)
+    }
+
+    /// Cuts the power after `ops` more storage operations: later actions are not performed
+    /// (call [`SimShell::crash_and_boot`] next).
+    pub fn arm_power_loss(&mut self, ops: usize) {
+        self.ops_until_power_loss = Some(ops);
+    }
+
+    /// Whether the power is off (an armed power loss struck).
+    pub fn powered_off(&self) -> bool {
+        self.ops_until_power_loss == Some(0)
     }
 
     /// The log (panics before [`SimShell::boot`]).
@@ -245,6 +290,11 @@ impl SimShell {
 
     fn perform(&mut self, actions: &mut Vec<Action>) {
         for a in actions.drain(..) {
+            match &mut self.ops_until_power_loss {
+                Some(0) => continue,
+                Some(n) => *n -= 1,
+                None => {}
+            }
             if self.log().failure().is_some()
                 && !matches!(
                     a,
@@ -256,12 +306,19 @@ impl SimShell {
             }
             match a {
                 Action::PersistKeyring { bytes } => self.storage.put_keyring(&bytes),
-                Action::CreateSegment { segment_id } => self.storage.create(segment_id),
+                Action::CreateSegment { segment_id } => {
+                    self.storage.create(segment_id);
+                    self.created_this_boot.insert(segment_id);
+                }
                 Action::Write {
                     segment_id,
                     offset,
                     bytes,
                 } => {
+                    assert!(
+                        self.created_this_boot.contains(&segment_id),
+                        "write to segment {segment_id}, which was not created since the last boot"
+                    );
                     if let Err(e) = self.storage.write(segment_id, offset, &bytes) {
                         let kind = match e {
                             SimIoError::NoSpace => WriteFailure::NoSpace,
@@ -308,6 +365,10 @@ impl SimShell {
         if let Some(f) = self.log().failure() {
             return Err(f);
         }
+        assert!(
+            !self.powered_off(),
+            "sync after a power loss: crash_and_boot first"
+        );
         let Some(req) = self.log_mut().begin_sync() else {
             let d = self.log().durable_end();
             return Ok(d..d);
@@ -334,7 +395,7 @@ impl SimShell {
     }
 
     /// Power loss, then a fresh boot.
-    pub fn crash_and_boot(&mut self) -> Result<(), BootError> {
+    pub fn crash_and_boot(&mut self) -> Result<BootReport, BootError> {
         self.log = None;
         self.storage.crash();
         self.boot()

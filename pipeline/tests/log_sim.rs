@@ -435,3 +435,31 @@ fn recovery_bumps_the_nonce_epoch_and_never_reuses_positions() {
     let recs = append(&mut sh, later, &mut next_client, 1, &mut rng).unwrap();
     assert_eq!(recs[0].0, 5);
 }
+
+#[test]
+fn a_wrong_master_key_stops_boot_before_anything_is_touched() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut sh = boot(5, small_cfg());
+    let mut next_client = 0;
+    for _ in 0..10 {
+        append(&mut sh, 1, &mut next_client, 5, &mut rng).unwrap();
+    }
+    sh.sync().unwrap();
+    // Unsynced records too: a successful boot would sync them.
+    append(&mut sh, 1, &mut next_client, 5, &mut rng).unwrap();
+    let storage = std::mem::replace(&mut sh.storage, MemStorage::new(0));
+    let snapshot = |st: &MemStorage| {
+        let files: Vec<Vec<u8>> = st
+            .file_ids()
+            .iter()
+            .map(|id| st.file(*id).unwrap().to_vec())
+            .collect();
+        (st.keyring().unwrap().to_vec(), files)
+    };
+    let before = snapshot(&storage);
+    let mut wrong = SimShell::new(storage, small_cfg(), 3, [0x43; 32], 5);
+    let err = wrong.boot().unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("wrong master key"), "{msg}");
+    assert_eq!(snapshot(&wrong.storage), before, "storage untouched");
+}

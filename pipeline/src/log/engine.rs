@@ -250,6 +250,16 @@ impl Log {
         mut kept: Vec<SegmentSummary>,
         actions: &mut Vec<Action>,
     ) -> Result<Log, OpenError> {
+        // Prove the master key before anything is touched: every live key must unwrap.
+        // (An empty keyring cannot tell a wrong master key; it protects nothing yet.)
+        for key_id in keyring.live_ids() {
+            if let Err(cause) = keyring.data_key(&master, key_id) {
+                return Err(OpenError::Key {
+                    segment_id: key_id,
+                    cause,
+                });
+            }
+        }
         kept.sort_by_key(|s| s.header.segment_id);
         let mut segments = VecDeque::with_capacity(kept.len());
         let mut deletes = Vec::new();
@@ -257,7 +267,6 @@ impl Log {
         let mut previous_end = 0u64;
         for s in &kept {
             let segment_id = s.header.segment_id;
-            // Prove the master key before anything is touched.
             keyring
                 .data_key(&master, s.header.data_key_id)
                 .map_err(|cause| OpenError::Key { segment_id, cause })?;

@@ -458,6 +458,10 @@ impl SegmentCodec {
     /// it; otherwise it is corruption. The look-ahead is linear in the bytes after the
     /// bad record and runs only when one is found. A failed tag is always corruption: the
     /// CRC proved the bytes are the ones written.
+    ///
+    /// Limitation: damage confined to the very last record of a segment looks exactly like
+    /// a torn write and is truncated. That record is the newest one written; the verdict
+    /// says what was cut (`cause`) so the shell can report it.
     pub fn scan(&self, bytes: &[u8]) -> ScanOutcome {
         let segment_id = self.header.segment_id;
         match SegmentHeader::decode(bytes) {

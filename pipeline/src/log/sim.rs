@@ -237,11 +237,18 @@ impl SimShell {
             Some(b) => Keyring::from_bytes(b)?,
             None => Keyring::new(),
         };
-        let mut kept = Vec::new();
-        let mut removals = Vec::new();
+        // Judge every segment before touching any: a wrong master key or corruption stops
+        // the boot with storage as it was.
+        let mut verdicts = Vec::new();
         for id in self.storage.file_ids() {
             let bytes = self.storage.file(id).expect("listed");
-            match recover_segment(id, bytes, &keyring, &master, self.cfg.payload_bytes_max)? {
+            let v = recover_segment(id, bytes, &keyring, &master, self.cfg.payload_bytes_max)?;
+            verdicts.push((id, v));
+        }
+        let mut kept = Vec::new();
+        let mut removals = Vec::new();
+        for (id, verdict) in verdicts {
+            match verdict {
                 SegmentVerdict::Keep(s) => kept.push(s),
                 SegmentVerdict::Truncate { summary, to, .. } => {
                     self.storage.truncate(id, to);

@@ -50,7 +50,7 @@ fn segment(c: &SegmentCodec, n: usize) -> (Vec<u8>, Vec<usize>) {
     for i in 0..n {
         offsets.push(bytes.len());
         let payload = vec![b'a' + i as u8; 20 + 7 * i];
-        c.encode(i as u32, &record(i as u64, &payload), &mut bytes)
+        c.encode_record(i as u32, &record(i as u64, &payload), &mut bytes)
             .unwrap();
     }
     (bytes, offsets)
@@ -76,7 +76,7 @@ proptest! {
                 header: RecordHeader { business_id, time_ms, client_id, recipient },
                 payload: p,
             };
-            c.encode(i as u32, &r, &mut bytes).unwrap();
+            c.encode_record(i as u32, &r, &mut bytes).unwrap();
         }
         for (i, p) in payloads.iter().enumerate() {
             let (back, next) = c.read_record(&bytes, offsets[i], i as u32).unwrap();
@@ -102,7 +102,7 @@ fn oversized_payload_is_refused_before_encoding() {
     let c = codec(1);
     let big = vec![0u8; PAYLOAD_MAX as usize + 1];
     let mut out = Vec::new();
-    assert!(c.encode(0, &record(0, &big), &mut out).is_err());
+    assert!(c.encode_record(0, &record(0, &big), &mut out).is_err());
     assert!(out.is_empty());
 }
 
@@ -228,7 +228,7 @@ fn recovery_refuses_a_wrong_master_key_and_corruption() {
     let mut bytes = Vec::new();
     h.encode(&mut bytes);
     for i in 0..3 {
-        c.encode(i, &record(u64::from(i), b"hello"), &mut bytes)
+        c.encode_record(i, &record(u64::from(i), b"hello"), &mut bytes)
             .unwrap();
     }
     let id = h.segment_id;
@@ -278,7 +278,7 @@ fn nothing_shows_recipient_payload_or_key_bytes() {
     );
     let r = record(1, PAYLOAD);
     let mut bytes = Vec::new();
-    c.encode(0, &r, &mut bytes).unwrap();
+    c.encode_record(0, &r, &mut bytes).unwrap();
     let owned = OwnedRecord {
         header: r.header,
         payload: PAYLOAD.to_vec(),

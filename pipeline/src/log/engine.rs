@@ -448,7 +448,7 @@ impl Log {
             }
             let index_in_segment = (self.next_index - m.first_index) as u32;
             let written = codec
-                .encode(index_in_segment, r, &mut buf)
+                .encode_record(index_in_segment, r, &mut buf)
                 .expect("checked above") as u64;
             debug_assert_eq!(written, bytes);
             m.bytes += written;

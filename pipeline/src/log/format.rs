@@ -365,7 +365,7 @@ impl SegmentCodec {
     /// The caller guarantees `index` is used once per segment (see the module docs). The
     /// record is checked right before it is handed to storage: its frame always, and a
     /// full decode in debug builds.
-    pub fn encode(
+    pub fn encode_record(
         &self,
         index: u32,
         record: &Record<'_>,

@@ -33,7 +33,7 @@
 //!        SegmentCodec::read_record(bytes, offset, index_in_segment) / SegmentCodec::scan(bytes)
 //! ```
 //!
-//! Modules: [`format`] (bytes on disk), [`keys`] (master key, data keys, keyring),
+//! Modules: [`format`](mod@format) (bytes on disk), [`keys`] (master key, data keys, keyring),
 //! [`policy`] (roll and retention), [`engine`] ([`Log`]), [`sim`] (fault-injecting
 //! storage and a shell for simulation).
 

@@ -19,6 +19,11 @@
 //!               server::Server::poll_timeout() ──> when to call handle_timeout(now)
 //! ```
 //!
+//! Between `Event::Submit` and `ack`, accepted messages go through [`log::Log`]: `append`
+//! returns encrypted, CRC-framed writes for the shell to perform, and `on_synced` says which
+//! log positions the shell's fdatasync made durable, so only those are ACKed `accepted`
+//! (see [`log`] for the whole call order, recovery and retention included).
+//!
 //! The rule: this crate opens no socket or file, reads no clock, spawns no thread and holds
 //! no `unsafe`. That lets the whole ingest path run in a seeded simulation ([`sim`]).
 #![forbid(unsafe_code)]
@@ -26,6 +31,7 @@
 
 pub mod cid;
 pub mod ingest;
+pub mod log;
 pub mod profile;
 pub mod registry;
 pub mod server;

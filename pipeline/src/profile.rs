@@ -105,6 +105,22 @@ pub struct RawIo {
     pub pin_threads: bool,
 }
 
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// A segment rolls once it holds this many bytes.
+    pub segment_bytes_max: u64,
+    /// A segment rolls once it is this old, seconds.
+    pub segment_age_max_secs: u64,
+    /// Segments whose newest record is older than this are dropped with their keys, seconds.
+    pub retention_secs: u64,
+    /// Most records one fdatasync covers.
+    pub group_commit_records_max: u32,
+    /// Most record bytes one fdatasync covers.
+    pub group_commit_bytes_max: u64,
+}
+
 /// A profile as written in TOML.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,6 +133,8 @@ pub struct RawProfile {
     pub quic: RawQuic,
     /// `[io]`
     pub io: RawIo,
+    /// `[log]`
+    pub log: RawLog,
 }
 
 /// Validated ingest limits.
@@ -186,6 +204,21 @@ pub struct Io {
     pub pin_threads: bool,
 }
 
+/// Validated log settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    /// Roll size, bytes.
+    pub segment_bytes_max: u64,
+    /// Roll age, seconds.
+    pub segment_age_max_secs: u64,
+    /// Retention, seconds.
+    pub retention_secs: u64,
+    /// Records per group commit.
+    pub group_commit_records_max: u32,
+    /// Bytes per group commit.
+    pub group_commit_bytes_max: u64,
+}
+
 /// A validated profile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Profile {
@@ -199,6 +232,8 @@ pub struct Profile {
     pub quic: Quic,
     /// IO settings.
     pub io: Io,
+    /// Log settings.
+    pub log: LogSettings,
 }
 
 /// The largest number of shards: connection IDs carry the shard index in one byte.
@@ -365,6 +400,74 @@ impl Profile {
             1 << 30,
         );
 
+        let lg = &raw.log;
+        // A record of the largest payload, sealed, with its frame.
+        let record_bytes_max = crate::log::format::RECORD_OVERHEAD_BYTES_MAX as u64
+            + u64::from(l.payload_bytes_max)
+            + u64::from(crate::log::policy::SEAL_OVERHEAD_BYTES_MAX);
+        c.range(
+            "log.segment_bytes_max",
+            lg.segment_bytes_max,
+            1 << 20,
+            4 << 30,
+        );
+        if lg.segment_bytes_max < 2 * record_bytes_max {
+            c.fail(
+                "log.segment_bytes_max",
+                format!(
+                    "{} cannot hold two records of limits.payload_bytes_max ({record_bytes_max} bytes each)",
+                    lg.segment_bytes_max
+                ),
+            );
+        }
+        c.range(
+            "log.retention_secs",
+            lg.retention_secs,
+            60,
+            10 * 366 * 86_400,
+        );
+        c.range(
+            "log.segment_age_max_secs",
+            lg.segment_age_max_secs,
+            1,
+            lg.retention_secs.max(1),
+        );
+        c.range(
+            "log.group_commit_records_max",
+            lg.group_commit_records_max,
+            1,
+            1 << 20,
+        );
+        if lg.group_commit_records_max < l.batch_messages_max {
+            c.fail(
+                "log.group_commit_records_max",
+                format!(
+                    "{} is below limits.batch_messages_max ({}): one SUBMIT must fit in a group commit",
+                    lg.group_commit_records_max, l.batch_messages_max
+                ),
+            );
+        }
+        c.range(
+            "log.group_commit_bytes_max",
+            lg.group_commit_bytes_max,
+            64 << 10,
+            1 << 30,
+        );
+        // A full SUBMIT as records: its frame bytes plus the log's per-record overhead.
+        let batch_log_bytes = u64::from(l.frame_bytes_max)
+            + u64::from(l.batch_messages_max)
+                * (crate::log::format::RECORD_OVERHEAD_BYTES as u64
+                    + u64::from(crate::log::policy::SEAL_OVERHEAD_BYTES_MAX));
+        if lg.group_commit_bytes_max < batch_log_bytes {
+            c.fail(
+                "log.group_commit_bytes_max",
+                format!(
+                    "{} cannot hold one full SUBMIT as log records ({batch_log_bytes} bytes)",
+                    lg.group_commit_bytes_max
+                ),
+            );
+        }
+
         if !c.issues.is_empty() {
             return Err(ProfileError::Invalid(c.issues));
         }
@@ -397,6 +500,13 @@ impl Profile {
                 gro: io.gro,
                 gso: io.gso,
                 pin_threads: io.pin_threads,
+            },
+            log: LogSettings {
+                segment_bytes_max: lg.segment_bytes_max,
+                segment_age_max_secs: lg.segment_age_max_secs,
+                retention_secs: lg.retention_secs,
+                group_commit_records_max: lg.group_commit_records_max,
+                group_commit_bytes_max: lg.group_commit_bytes_max,
             },
         })
     }
@@ -432,5 +542,27 @@ mod tests {
         let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
         assert!(keys.contains(&"io.ring_entries"), "{keys:?}");
         assert!(keys.contains(&"server.listen"), "{keys:?}");
+    }
+
+    #[test]
+    fn log_keys_are_validated_by_name() {
+        let text = DEFAULT_PROFILE_TOML
+            .replace(
+                "segment_age_max_secs = 86400",
+                "segment_age_max_secs = 9999999",
+            )
+            .replace(
+                "group_commit_records_max = 4096",
+                "group_commit_records_max = 2",
+            );
+        let Err(ProfileError::Invalid(issues)) = Profile::from_toml(&text) else {
+            panic!("expected invalid");
+        };
+        let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+        assert!(keys.contains(&"log.segment_age_max_secs"), "{keys:?}");
+        assert!(keys.contains(&"log.group_commit_records_max"), "{keys:?}");
+        let p = Profile::default_profile();
+        assert_eq!(p.log.retention_secs, 30 * 86_400);
+        assert_eq!(p.log.segment_age_max_secs, p.log.retention_secs / 30);
     }
 }

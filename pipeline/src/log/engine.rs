@@ -1,0 +1,772 @@
+//! [`Log`]: one shard's log as a state machine. It decides and encodes; the shell performs
+//! the [`Action`]s it returns against real files and reports completions back.
+//!
+//! Invariants:
+//! - a position is reported durable (by [`Log::on_synced`]) only once an fdatasync that
+//!   the shell started after every write of that record completed;
+//! - after any storage failure the log is failed for good: every later append returns
+//!   [`LogError::Failed`], no pending record ever becomes durable, and no sync is retried;
+//! - a segment's data key is in the keyring, and the keyring persisted, before the segment
+//!   is created; a key is destroyed, and the keyring persisted, before its segment file is
+//!   removed (so a crash between the two leaves unreadable bytes, never a readable orphan);
+//! - each new segment gets a new key; nothing is ever appended to a recovered segment;
+//! - every group commit covers at most `group_commit_records_max` records and
+//!   `group_commit_bytes_max` bytes; past that, appends are refused with [`LogError::Busy`].
+
+use std::collections::VecDeque;
+use std::ops::Range;
+
+use rand::RngCore;
+
+use super::format::{
+    EncodeError, Record, SegmentCodec, SegmentHeader, SegmentSummary, RECORD_OVERHEAD_BYTES,
+    SEGMENT_HEADER_BYTES,
+};
+use super::keys::{KeyError, KeyState, Keyring, MasterKey};
+use super::policy::{expired, roll_due, LogConfig};
+use crate::wire::{LogPosition, Reason, Status};
+
+/// Something the shell must do, in the order the log returned them.
+///
+/// Ordering contract: perform actions in order. Writes may be in flight together, but a
+/// [`SyncRequest`] must be started only after every action returned before it completed,
+/// and [`Action::PersistKeyring`] and [`Action::CreateSegment`] must be durable when they
+/// complete (write to a temporary file, fsync, rename, fsync the directory; create, fsync
+/// the directory).
+#[derive(Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Replace the keyring file atomically and durably with these bytes.
+    PersistKeyring {
+        /// The serialized keyring.
+        bytes: Vec<u8>,
+    },
+    /// Create the empty segment file `segment_id` and fsync the directory.
+    CreateSegment {
+        /// The segment.
+        segment_id: u64,
+    },
+    /// Write `bytes` at `offset` of segment `segment_id` (not synced yet).
+    Write {
+        /// The segment.
+        segment_id: u64,
+        /// Byte offset in the segment file.
+        offset: u64,
+        /// Encrypted records (and the header for a new segment).
+        bytes: Vec<u8>,
+    },
+    /// fdatasync segment `segment_id` (recovery: make the surviving tail durable).
+    SyncSegment {
+        /// The segment.
+        segment_id: u64,
+    },
+    /// Remove segment file `segment_id` and fsync the directory. Its key is already gone.
+    DeleteSegment {
+        /// The segment.
+        segment_id: u64,
+    },
+}
+
+impl std::fmt::Debug for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::PersistKeyring { bytes } => write!(f, "PersistKeyring({} bytes)", bytes.len()),
+            Action::CreateSegment { segment_id } => write!(f, "CreateSegment({segment_id})"),
+            Action::Write {
+                segment_id,
+                offset,
+                bytes,
+            } => write!(
+                f,
+                "Write(segment {segment_id} @ {offset}, {} bytes)",
+                bytes.len()
+            ),
+            Action::SyncSegment { segment_id } => write!(f, "SyncSegment({segment_id})"),
+            Action::DeleteSegment { segment_id } => write!(f, "DeleteSegment({segment_id})"),
+        }
+    }
+}
+
+/// One group commit: fdatasync every listed segment, then call [`Log::on_synced`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncRequest {
+    /// Identifies the request in [`Log::on_synced`] / [`Log::on_sync_failed`].
+    pub id: u64,
+    /// Segments written since the last sync (usually one; two or more across a roll).
+    pub segment_ids: Vec<u64>,
+    /// Every record with a log index below this is durable once the request completes.
+    pub through_index: u64,
+}
+
+/// Why the log stopped for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LogFailure {
+    /// An fdatasync failed; the kernel may have dropped the dirty pages, so nothing written
+    /// since the last good sync can be trusted.
+    #[error(
+        "fdatasync of segment {segment_id} failed; nothing since the last good sync is durable"
+    )]
+    SyncFailed {
+        /// The segment.
+        segment_id: u64,
+    },
+    /// A write found the disk full.
+    #[error("disk full while writing segment {segment_id}")]
+    DiskFull {
+        /// The segment.
+        segment_id: u64,
+    },
+    /// A write failed for another reason.
+    #[error("write to segment {segment_id} failed")]
+    WriteFailed {
+        /// The segment.
+        segment_id: u64,
+    },
+    /// The keyring could not be persisted.
+    #[error("the keyring could not be persisted")]
+    KeyringFailed,
+}
+
+/// Why an append was refused. Maps to a wire [`Status`] with [`LogError::status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LogError {
+    /// The group awaiting its sync is full; retry after the next sync completes.
+    #[error("log busy: the group commit is full")]
+    Busy,
+    /// The log failed for good (see the cause); it takes nothing more.
+    #[error("log failed: {0}")]
+    Failed(LogFailure),
+    /// A record is larger than the log's bound.
+    #[error("record {index} of the batch: {cause}")]
+    Record {
+        /// Index of the record in the batch.
+        index: usize,
+        /// What was wrong.
+        cause: EncodeError,
+    },
+    /// The batch alone exceeds one group commit (a profile bug: validation prevents it).
+    #[error("a batch of {records} records and {bytes} bytes exceeds one group commit")]
+    BatchTooLarge {
+        /// Records in the batch.
+        records: usize,
+        /// Bytes of the batch.
+        bytes: u64,
+    },
+}
+
+impl LogError {
+    /// The status a sender gets for a message the log refused.
+    pub fn status(&self) -> Status {
+        match self {
+            LogError::Busy => Status::Throttled { retry_after_ms: 5 },
+            LogError::Failed(_) => Status::Rejected(Reason::StorageUnavailable),
+            LogError::Record { .. } | LogError::BatchTooLarge { .. } => {
+                Status::Rejected(Reason::PayloadTooLarge)
+            }
+        }
+    }
+}
+
+/// Why a log could not be opened from recovered segments.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// A segment's key cannot be used (wrong master key, or unknown to the keyring).
+    #[error("segment {segment_id}: {cause}")]
+    Key {
+        /// The segment.
+        segment_id: u64,
+        /// Why.
+        cause: KeyError,
+    },
+    /// Segments overlap or are out of order.
+    #[error("segment {segment_id} starts at index {first_index}, before the end of the previous segment ({previous_end})")]
+    Overlap {
+        /// The segment.
+        segment_id: u64,
+        /// Its first index.
+        first_index: u64,
+        /// End of the previous segment.
+        previous_end: u64,
+    },
+}
+
+/// Storage failures the shell reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteFailure {
+    /// ENOSPC or EDQUOT.
+    NoSpace,
+    /// Any other error.
+    Other,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SegMeta {
+    segment_id: u64,
+    data_key_id: u64,
+    first_index: u64,
+    end_index: u64,
+    bytes: u64,
+    created_ms: u64,
+    newest_ms: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Group {
+    records: u32,
+    bytes: u64,
+    segment_ids: Vec<u64>,
+}
+
+/// One shard's log. See the module docs of [`crate::log`] for the call order.
+#[derive(Debug)]
+pub struct Log {
+    cfg: LogConfig,
+    shard: u16,
+    master: MasterKey,
+    keyring: Keyring,
+    /// Oldest first; the last one is the open segment when `active` is set.
+    segments: VecDeque<SegMeta>,
+    active: Option<SegmentCodec>,
+    next_index: u64,
+    durable_end: u64,
+    pending: Group,
+    in_flight: Option<SyncRequest>,
+    next_sync_id: u64,
+    failed: Option<LogFailure>,
+}
+
+impl Log {
+    /// Opens a log from the segments recovery kept (every one scanned clean or truncated,
+    /// in any order), bumping the nonce epoch. Appends go to a new segment.
+    ///
+    /// Returns the log; `actions` gets, in order: the keyring to persist (new epoch, keys of
+    /// missing or empty segments destroyed), the empty segments to delete, and a sync of
+    /// every kept segment (their tails may sit unsynced in the page cache after a process
+    /// crash). Perform them all before serving.
+    pub fn open(
+        cfg: LogConfig,
+        shard: u16,
+        master: MasterKey,
+        mut keyring: Keyring,
+        mut kept: Vec<SegmentSummary>,
+        actions: &mut Vec<Action>,
+    ) -> Result<Log, OpenError> {
+        // Prove the master key before anything is touched: every live key must unwrap.
+        // (An empty keyring cannot tell a wrong master key; it protects nothing yet.)
+        for key_id in keyring.live_ids() {
+            if let Err(cause) = keyring.data_key(&master, key_id) {
+                return Err(OpenError::Key {
+                    segment_id: key_id,
+                    cause,
+                });
+            }
+        }
+        kept.sort_by_key(|s| s.header.segment_id);
+        let mut segments = VecDeque::with_capacity(kept.len());
+        let mut deletes = Vec::new();
+        let mut next_index = keyring.index_floor();
+        let mut previous_end = 0u64;
+        for s in &kept {
+            let segment_id = s.header.segment_id;
+            keyring
+                .data_key(&master, s.header.data_key_id)
+                .map_err(|cause| OpenError::Key { segment_id, cause })?;
+            if s.header.first_index < previous_end {
+                return Err(OpenError::Overlap {
+                    segment_id,
+                    first_index: s.header.first_index,
+                    previous_end,
+                });
+            }
+            let end_index = s.header.first_index + u64::from(s.records);
+            previous_end = end_index;
+            next_index = next_index.max(end_index);
+            if s.records == 0 {
+                deletes.push((segment_id, s.header.data_key_id));
+                continue;
+            }
+            segments.push_back(SegMeta {
+                segment_id,
+                data_key_id: s.header.data_key_id,
+                first_index: s.header.first_index,
+                end_index,
+                bytes: s.bytes,
+                created_ms: s.header.created_ms,
+                newest_ms: s.newest_ms,
+            });
+        }
+        // Keys whose segment never made it to disk, or that held nothing.
+        let kept_keys: Vec<u64> = segments.iter().map(|m| m.data_key_id).collect();
+        let orphans: Vec<u64> = keyring
+            .live_ids()
+            .filter(|id| !kept_keys.contains(id))
+            .collect();
+        for id in orphans {
+            keyring.destroy(id);
+        }
+        keyring.raise_index_floor(next_index);
+        keyring.next_epoch();
+        actions.push(Action::PersistKeyring {
+            bytes: keyring.to_bytes(),
+        });
+        for (segment_id, key_id) in deletes {
+            debug_assert_eq!(keyring.state(key_id), KeyState::Destroyed);
+            actions.push(Action::DeleteSegment { segment_id });
+        }
+        for m in &segments {
+            actions.push(Action::SyncSegment {
+                segment_id: m.segment_id,
+            });
+        }
+        Ok(Log {
+            cfg,
+            shard,
+            master,
+            keyring,
+            segments,
+            active: None,
+            next_index,
+            durable_end: next_index,
+            pending: Group::default(),
+            in_flight: None,
+            next_sync_id: 1,
+            failed: None,
+        })
+    }
+
+    /// The log's settings.
+    pub fn config(&self) -> &LogConfig {
+        &self.cfg
+    }
+
+    /// The keyring as the log holds it (persisted by the last `PersistKeyring`).
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    /// The nonce epoch persisted by [`Log::open`].
+    pub fn epoch(&self) -> u64 {
+        self.keyring.epoch()
+    }
+
+    /// Records with an index below this are durable.
+    pub fn durable_end(&self) -> u64 {
+        self.durable_end
+    }
+
+    /// The index the next appended record gets.
+    pub fn next_index(&self) -> u64 {
+        self.next_index
+    }
+
+    /// Why the log failed, if it did.
+    pub fn failure(&self) -> Option<LogFailure> {
+        self.failed
+    }
+
+    /// Ids of the segments the log holds, oldest first.
+    pub fn segment_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.segments.iter().map(|m| m.segment_id)
+    }
+
+    /// The segment holding log index `index`, if the log still holds it.
+    pub fn segment_of(&self, index: u64) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|m| (m.first_index..m.end_index).contains(&index))
+            .map(|m| m.segment_id)
+    }
+
+    /// Appends a batch: all records or none. Pushes the actions to perform to `actions` and
+    /// one position per record to `positions`. The records become durable with the sync
+    /// that covers them ([`Log::begin_sync`] / [`Log::on_synced`]), not before.
+    ///
+    /// `rng` supplies the new key and wrap nonce when a segment rolls (a CSPRNG in the
+    /// shell, a seeded one in simulation).
+    pub fn append(
+        &mut self,
+        now_ms: u64,
+        rng: &mut dyn RngCore,
+        records: &[Record<'_>],
+        actions: &mut Vec<Action>,
+        positions: &mut Vec<LogPosition>,
+    ) -> Result<(), LogError> {
+        if let Some(f) = self.failed {
+            return Err(LogError::Failed(f));
+        }
+        let mut batch_bytes = 0u64;
+        for (index, r) in records.iter().enumerate() {
+            if r.payload.len() > self.cfg.payload_bytes_max as usize {
+                return Err(LogError::Record {
+                    index,
+                    cause: EncodeError::PayloadTooLarge {
+                        bytes: r.payload.len(),
+                        max: self.cfg.payload_bytes_max,
+                    },
+                });
+            }
+            batch_bytes += record_bytes(r);
+        }
+        let n = records.len();
+        if n as u64 > u64::from(self.cfg.group_commit_records_max)
+            || batch_bytes > self.cfg.group_commit_bytes_max
+        {
+            return Err(LogError::BatchTooLarge {
+                records: n,
+                bytes: batch_bytes,
+            });
+        }
+        if self.pending.records as usize + n > self.cfg.group_commit_records_max as usize
+            || self.pending.bytes + batch_bytes > self.cfg.group_commit_bytes_max
+        {
+            return Err(LogError::Busy);
+        }
+
+        let mut buf: Vec<u8> = Vec::new();
+        let mut buf_at: Option<(u64, u64)> = None; // (segment, offset)
+        for r in records {
+            let bytes = record_bytes(r);
+            let roll = match (&self.active, self.segments.back()) {
+                (Some(_), Some(m)) => roll_due(
+                    &self.cfg,
+                    m.bytes,
+                    (m.end_index - m.first_index) as u32,
+                    m.created_ms,
+                    now_ms,
+                    bytes,
+                )
+                .is_some(),
+                _ => true,
+            };
+            if roll {
+                flush(&mut buf, &mut buf_at, actions);
+                self.roll(now_ms, rng, actions, &mut buf, &mut buf_at);
+            }
+            let codec = self.active.as_ref().expect("an open segment");
+            let m = self.segments.back_mut().expect("an open segment");
+            if buf_at.is_none() {
+                buf_at = Some((m.segment_id, m.bytes));
+            }
+            let index_in_segment = (self.next_index - m.first_index) as u32;
+            let written = codec
+                .encode_record(index_in_segment, r, &mut buf)
+                .expect("checked above") as u64;
+            debug_assert_eq!(written, bytes);
+            m.bytes += written;
+            m.end_index += 1;
+            m.newest_ms = Some(m.newest_ms.unwrap_or(0).max(r.header.time_ms));
+            if !self.pending.segment_ids.contains(&m.segment_id) {
+                self.pending.segment_ids.push(m.segment_id);
+            }
+            positions.push(LogPosition::new(self.shard, self.next_index));
+            self.next_index += 1;
+        }
+        flush(&mut buf, &mut buf_at, actions);
+        self.pending.records += n as u32;
+        self.pending.bytes += batch_bytes;
+        Ok(())
+    }
+
+    fn roll(
+        &mut self,
+        now_ms: u64,
+        rng: &mut dyn RngCore,
+        actions: &mut Vec<Action>,
+        buf: &mut Vec<u8>,
+        buf_at: &mut Option<(u64, u64)>,
+    ) {
+        let mut random = [0u8; 32];
+        let mut nonce = [0u8; 12];
+        rng.fill_bytes(&mut random);
+        rng.fill_bytes(&mut nonce);
+        let key = self.keyring.create_key(&self.master, random, nonce);
+        // Segment ids are key ids: allocated by the persisted counter, never reused.
+        let header = SegmentHeader {
+            segment_id: key.id(),
+            data_key_id: key.id(),
+            first_index: self.next_index,
+            created_ms: now_ms,
+        };
+        self.keyring.raise_index_floor(self.next_index);
+        actions.push(Action::PersistKeyring {
+            bytes: self.keyring.to_bytes(),
+        });
+        actions.push(Action::CreateSegment {
+            segment_id: header.segment_id,
+        });
+        header.encode(buf);
+        *buf_at = Some((header.segment_id, 0));
+        self.segments.push_back(SegMeta {
+            segment_id: header.segment_id,
+            data_key_id: header.data_key_id,
+            first_index: header.first_index,
+            end_index: header.first_index,
+            bytes: SEGMENT_HEADER_BYTES as u64,
+            created_ms: now_ms,
+            newest_ms: None,
+        });
+        self.active = Some(SegmentCodec::new(header, key, self.cfg.payload_bytes_max));
+    }
+
+    /// Whether a group commit should start now: records await a sync and none is in flight.
+    pub fn commit_due(&self) -> bool {
+        self.failed.is_none() && self.in_flight.is_none() && self.pending.records > 0
+    }
+
+    /// Starts a group commit covering every record appended since the last one.
+    pub fn begin_sync(&mut self) -> Option<SyncRequest> {
+        if !self.commit_due() {
+            return None;
+        }
+        let g = std::mem::take(&mut self.pending);
+        let req = SyncRequest {
+            id: self.next_sync_id,
+            segment_ids: g.segment_ids,
+            through_index: self.next_index,
+        };
+        self.next_sync_id += 1;
+        self.in_flight = Some(req.clone());
+        Some(req)
+    }
+
+    /// The sync `id` completed: returns the log indexes that just became durable.
+    pub fn on_synced(&mut self, id: u64) -> Range<u64> {
+        let req = self.in_flight.take().expect("a sync in flight");
+        assert_eq!(
+            req.id, id,
+            "sync completions arrive for the request in flight"
+        );
+        if self.failed.is_some() {
+            // A write failed while the sync ran: the durable end stays where it was.
+            return self.durable_end..self.durable_end;
+        }
+        let from = self.durable_end;
+        self.durable_end = req.through_index;
+        from..self.durable_end
+    }
+
+    /// The sync `id` failed. The log fails for good; nothing pending becomes durable.
+    pub fn on_sync_failed(&mut self, id: u64, segment_id: u64) -> LogFailure {
+        let req = self.in_flight.take().expect("a sync in flight");
+        assert_eq!(
+            req.id, id,
+            "sync completions arrive for the request in flight"
+        );
+        self.fail(LogFailure::SyncFailed { segment_id })
+    }
+
+    /// A write to `segment_id` failed. The log fails for good.
+    pub fn on_write_failed(&mut self, segment_id: u64, kind: WriteFailure) -> LogFailure {
+        self.fail(match kind {
+            WriteFailure::NoSpace => LogFailure::DiskFull { segment_id },
+            WriteFailure::Other => LogFailure::WriteFailed { segment_id },
+        })
+    }
+
+    /// Persisting the keyring failed. The log fails for good.
+    pub fn on_keyring_failed(&mut self) -> LogFailure {
+        self.fail(LogFailure::KeyringFailed)
+    }
+
+    fn fail(&mut self, f: LogFailure) -> LogFailure {
+        // The first failure is the one reported.
+        *self.failed.get_or_insert(f)
+    }
+
+    /// Time-driven work, bounded per call: closes the open segment once it reaches its age
+    /// limit (the next append opens a new one), and drops up to `drops_per_step_max`
+    /// segments whose newest record is older than retention, destroying their keys. Returns
+    /// the dropped segment ids; `actions` gets the keyring to persist, then the deletions.
+    ///
+    /// Runs even on a failed log: deleting expired data is still owed.
+    pub fn tick(&mut self, now_ms: u64, actions: &mut Vec<Action>) -> Vec<u64> {
+        if self.active.is_some() {
+            let m = self.segments.back().expect("open segment");
+            if now_ms.saturating_sub(m.created_ms) >= self.cfg.segment_age_max_ms {
+                self.active = None;
+            }
+        }
+        let mut dropped = Vec::new();
+        while dropped.len() < self.cfg.drops_per_step_max {
+            let Some(m) = self.segments.front() else {
+                break;
+            };
+            let is_open = self.active.is_some() && self.segments.len() == 1;
+            let newest = m.newest_ms.unwrap_or(m.created_ms);
+            if is_open || m.end_index > self.durable_end || !expired(&self.cfg, newest, now_ms) {
+                break;
+            }
+            let segment_id = m.segment_id;
+            self.keyring.destroy(m.data_key_id);
+            self.segments.pop_front();
+            dropped.push(segment_id);
+        }
+        if !dropped.is_empty() {
+            actions.push(Action::PersistKeyring {
+                bytes: self.keyring.to_bytes(),
+            });
+            for &segment_id in &dropped {
+                actions.push(Action::DeleteSegment { segment_id });
+            }
+        }
+        dropped
+    }
+}
+
+fn record_bytes(r: &Record<'_>) -> u64 {
+    (RECORD_OVERHEAD_BYTES + r.header.recipient.as_bytes().len() + r.payload.len()) as u64
+}
+
+fn flush(buf: &mut Vec<u8>, at: &mut Option<(u64, u64)>, actions: &mut Vec<Action>) {
+    if let Some((segment_id, offset)) = at.take() {
+        if !buf.is_empty() {
+            actions.push(Action::Write {
+                segment_id,
+                offset,
+                bytes: std::mem::take(buf),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::format::RecordHeader;
+    use crate::wire::Recipient;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    fn cfg() -> LogConfig {
+        LogConfig {
+            segment_bytes_max: 300,
+            segment_age_max_ms: 1000,
+            retention_ms: 10_000,
+            group_commit_records_max: 100,
+            group_commit_bytes_max: 1 << 20,
+            payload_bytes_max: 100,
+            drops_per_step_max: 8,
+        }
+    }
+
+    fn rec(payload: &[u8], time_ms: u64) -> Record<'_> {
+        Record {
+            header: RecordHeader {
+                business_id: 1,
+                time_ms,
+                client_id: 1,
+                recipient: Recipient::parse(b"+15550001111").unwrap(),
+            },
+            payload,
+        }
+    }
+
+    fn open() -> (Log, Vec<Action>) {
+        let mut actions = Vec::new();
+        let log = Log::open(
+            cfg(),
+            1,
+            MasterKey::from_bytes([1; 32]),
+            Keyring::new(),
+            Vec::new(),
+            &mut actions,
+        )
+        .unwrap();
+        (log, actions)
+    }
+
+    #[test]
+    fn a_roll_persists_the_key_before_the_segment_and_its_records() {
+        let (mut log, actions) = open();
+        assert!(matches!(actions[..], [Action::PersistKeyring { .. }]));
+        let mut rng = StdRng::seed_from_u64(1);
+        let (mut actions, mut positions) = (Vec::new(), Vec::new());
+        log.append(10, &mut rng, &[rec(b"x", 10)], &mut actions, &mut positions)
+            .unwrap();
+        let [Action::PersistKeyring { bytes }, Action::CreateSegment { segment_id }, Action::Write {
+            segment_id: w,
+            offset: 0,
+            ..
+        }] = &actions[..]
+        else {
+            panic!("{actions:?}");
+        };
+        assert_eq!(w, segment_id);
+        let ring = Keyring::from_bytes(bytes).unwrap();
+        assert_eq!(ring.state(*segment_id), KeyState::Live);
+        assert_eq!(positions, vec![LogPosition::new(1, 0)]);
+        assert!(log.commit_due());
+    }
+
+    #[test]
+    fn one_sync_covers_every_segment_written_since_the_last() {
+        let (mut log, _) = open();
+        let mut rng = StdRng::seed_from_u64(2);
+        let (mut actions, mut positions) = (Vec::new(), Vec::new());
+        let p = [7u8; 90];
+        let batch: Vec<Record<'_>> = (0..5).map(|_| rec(&p, 10)).collect();
+        log.append(10, &mut rng, &batch, &mut actions, &mut positions)
+            .unwrap();
+        let created = actions
+            .iter()
+            .filter(|a| matches!(a, Action::CreateSegment { .. }))
+            .count();
+        assert!(created >= 2, "300-byte segments roll within the batch");
+        let req = log.begin_sync().unwrap();
+        assert_eq!(req.segment_ids.len(), created);
+        assert_eq!(req.through_index, 5);
+        assert!(log.begin_sync().is_none(), "one sync in flight at a time");
+        assert_eq!(log.durable_end(), 0);
+        assert_eq!(log.on_synced(req.id), 0..5);
+    }
+
+    #[test]
+    fn a_write_failure_during_a_sync_makes_nothing_durable() {
+        let (mut log, _) = open();
+        let mut rng = StdRng::seed_from_u64(3);
+        let (mut actions, mut positions) = (Vec::new(), Vec::new());
+        log.append(10, &mut rng, &[rec(b"a", 10)], &mut actions, &mut positions)
+            .unwrap();
+        let req = log.begin_sync().unwrap();
+        log.on_write_failed(req.segment_ids[0], WriteFailure::NoSpace);
+        assert_eq!(log.on_synced(req.id), 0..0);
+        assert_eq!(log.durable_end(), 0);
+        let err = log
+            .append(10, &mut rng, &[rec(b"b", 10)], &mut actions, &mut positions)
+            .unwrap_err();
+        assert!(matches!(err, LogError::Failed(LogFailure::DiskFull { .. })));
+    }
+
+    #[test]
+    fn retention_destroys_the_key_before_deleting_the_segment() {
+        let (mut log, _) = open();
+        let mut rng = StdRng::seed_from_u64(4);
+        let (mut actions, mut positions) = (Vec::new(), Vec::new());
+        log.append(0, &mut rng, &[rec(b"old", 0)], &mut actions, &mut positions)
+            .unwrap();
+        log.append(
+            2000,
+            &mut rng,
+            &[rec(b"new", 2000)],
+            &mut actions,
+            &mut positions,
+        )
+        .unwrap();
+        let req = log.begin_sync().unwrap();
+        log.on_synced(req.id);
+        let first = log.segment_ids().next().unwrap();
+        actions.clear();
+        assert!(log.tick(10_000, &mut actions).is_empty(), "not expired yet");
+        assert_eq!(log.tick(10_001, &mut actions), vec![first]);
+        let [Action::PersistKeyring { bytes }, Action::DeleteSegment { segment_id }] = &actions[..]
+        else {
+            panic!("{actions:?}");
+        };
+        assert_eq!(*segment_id, first);
+        assert_eq!(
+            Keyring::from_bytes(bytes).unwrap().state(first),
+            KeyState::Destroyed
+        );
+        assert_eq!(log.segment_of(0), None);
+        assert!(log.segment_of(1).is_some());
+    }
+}

@@ -1,0 +1,614 @@
+//! Record and segment formats: framing, encryption at rest, and the scan that recovery
+//! and `courier log verify` run over a segment's bytes.
+//!
+//! ```text
+//! segment = header | record*
+//! header  = "CRSG" | version:u16 | 0:u16 | segment_id:u64 | data_key_id:u64
+//!           | first_index:u64 | created_ms:u64 | crc32c:u32 (of the 40 bytes before)
+//! record  = len:u32 | crc32c:u32 | sealed[len]
+//!           crc32c covers len (4 bytes) and sealed, so a check needs no key
+//! sealed  = AES-256-GCM(data key, nonce, aad = "", plain) = ciphertext | tag[16]
+//! nonce   = segment_id:u64 | index_in_segment:u32     (little endian, 12 bytes)
+//! plain   = business_id:u32 | time_ms:u64 | client_id:u64
+//!           | recipient_len:u8 | recipient | payload_len:u32 | payload
+//! ```
+//!
+//! **Why the nonce never repeats under a key.** Each data key is drawn fresh at random for
+//! exactly one segment and is never used for another one. Within a segment the record
+//! index strictly increases, and a segment is appended to by one process lifetime only:
+//! recovery never appends to an existing segment, it always opens a new one with a new
+//! key. So the (key, nonce) pair is unique by construction, crashes included, even when a
+//! torn tail is truncated (the truncated indexes are never encrypted again under that key).
+//! The segment id in the nonce additionally binds a record to its segment: a record copied
+//! into another segment fails its tag.
+//!
+//! Every length is checked against its bound before anything is allocated for it.
+
+use aws_lc_rs::aead::{Aad, Nonce};
+
+use super::keys::{DataKey, TAG_BYTES};
+use crate::wire::{Recipient, RECIPIENT_BYTES_MAX};
+
+/// Bytes of the segment header at offset 0.
+pub const SEGMENT_HEADER_BYTES: usize = 44;
+/// Bytes of a record's frame header (`len:u32 | crc32c:u32`).
+pub const RECORD_FRAME_BYTES: usize = 8;
+/// Fixed bytes of a record's plaintext besides recipient and payload.
+pub const RECORD_PLAIN_FIXED_BYTES: usize = 4 + 8 + 8 + 1 + 4;
+/// Bytes a record takes on disk besides its recipient and payload.
+pub const RECORD_OVERHEAD_BYTES: usize = RECORD_FRAME_BYTES + RECORD_PLAIN_FIXED_BYTES + TAG_BYTES;
+/// Bytes a record takes at most on disk besides its payload.
+pub const RECORD_OVERHEAD_BYTES_MAX: usize = RECORD_OVERHEAD_BYTES + RECIPIENT_BYTES_MAX;
+/// The segment format version this build writes and reads.
+pub const SEGMENT_VERSION: u16 = 1;
+const SEGMENT_MAGIC: [u8; 4] = *b"CRSG";
+
+const _: () = assert!(SEGMENT_HEADER_BYTES == 4 + 2 + 2 + 8 + 8 + 8 + 8 + 4);
+const _: () = assert!(RECORD_OVERHEAD_BYTES_MAX == 8 + 25 + 16 + 16);
+
+/// The largest `len` field of a record whose payload is at most `payload_bytes_max`.
+pub fn sealed_bytes_max(payload_bytes_max: u32) -> usize {
+    RECORD_PLAIN_FIXED_BYTES + RECIPIENT_BYTES_MAX + payload_bytes_max as usize + TAG_BYTES
+}
+
+/// The first bytes of every segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// The segment's id; also its file name. Never reused.
+    pub segment_id: u64,
+    /// The keyring id of the data key its records are encrypted with.
+    pub data_key_id: u64,
+    /// Log index of the segment's first record.
+    pub first_index: u64,
+    /// When the segment was created, unix ms.
+    pub created_ms: u64,
+}
+
+/// Why a segment header is not valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// Fewer than [`SEGMENT_HEADER_BYTES`] bytes.
+    #[error("segment header is truncated ({0} bytes)")]
+    Truncated(usize),
+    /// Not a courier segment.
+    #[error("not a courier segment (bad magic)")]
+    Magic,
+    /// A version this build cannot read.
+    #[error("segment version {0} is not supported")]
+    Version(u16),
+    /// The header's CRC does not match.
+    #[error("segment header CRC mismatch")]
+    Crc,
+}
+
+impl SegmentHeader {
+    /// Appends the 44 header bytes to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&SEGMENT_MAGIC);
+        out.extend_from_slice(&SEGMENT_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&self.segment_id.to_le_bytes());
+        out.extend_from_slice(&self.data_key_id.to_le_bytes());
+        out.extend_from_slice(&self.first_index.to_le_bytes());
+        out.extend_from_slice(&self.created_ms.to_le_bytes());
+        let crc = crc32c::crc32c(&out[start..]);
+        out.extend_from_slice(&crc.to_le_bytes());
+        debug_assert_eq!(SegmentHeader::decode(&out[start..]), Ok(*self));
+    }
+
+    /// Decodes and checks the header at the start of `bytes`.
+    pub fn decode(bytes: &[u8]) -> Result<SegmentHeader, HeaderError> {
+        if bytes.len() < SEGMENT_HEADER_BYTES {
+            return Err(HeaderError::Truncated(bytes.len()));
+        }
+        let crc = u32_at(bytes, 40);
+        if crc32c::crc32c(&bytes[..40]) != crc {
+            return Err(HeaderError::Crc);
+        }
+        if bytes[..4] != SEGMENT_MAGIC {
+            return Err(HeaderError::Magic);
+        }
+        let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+        if version != SEGMENT_VERSION {
+            return Err(HeaderError::Version(version));
+        }
+        Ok(SegmentHeader {
+            segment_id: u64_at(bytes, 8),
+            data_key_id: u64_at(bytes, 16),
+            first_index: u64_at(bytes, 24),
+            created_ms: u64_at(bytes, 32),
+        })
+    }
+}
+
+/// The clear header of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// The sending business.
+    pub business_id: u32,
+    /// When the record was appended, unix ms.
+    pub time_ms: u64,
+    /// The business's client message id.
+    pub client_id: u64,
+    /// The recipient (its `Debug` is redacted).
+    pub recipient: Recipient,
+}
+
+/// A record to append; the payload is the recipient-sealed message, opaque to the log.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Record<'a> {
+    /// The clear header.
+    pub header: RecordHeader,
+    /// The body.
+    pub payload: &'a [u8],
+}
+
+impl std::fmt::Debug for Record<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("header", &self.header)
+            .field("payload_bytes", &self.payload.len())
+            .finish()
+    }
+}
+
+/// A record read back from a segment.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OwnedRecord {
+    /// The clear header.
+    pub header: RecordHeader,
+    /// The body.
+    pub payload: Vec<u8>,
+}
+
+impl OwnedRecord {
+    /// Borrows it as a [`Record`].
+    pub fn as_record(&self) -> Record<'_> {
+        Record {
+            header: self.header,
+            payload: &self.payload,
+        }
+    }
+}
+
+impl std::fmt::Debug for OwnedRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_record().fmt(f)
+    }
+}
+
+/// Why a record cannot be encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The payload is larger than the caller's bound.
+    #[error("payload of {bytes} bytes exceeds the log's bound of {max}")]
+    PayloadTooLarge {
+        /// Payload bytes.
+        bytes: usize,
+        /// The bound.
+        max: u32,
+    },
+}
+
+/// Why a record read at an offset is not valid. Carries offsets and lengths only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// Fewer bytes remain than the record needs (a partial record).
+    #[error("record at offset {offset} is truncated: {needed} bytes needed, {available} present")]
+    Truncated {
+        /// Record offset.
+        offset: u64,
+        /// Bytes the record needs from its offset.
+        needed: u64,
+        /// Bytes present from its offset.
+        available: u64,
+    },
+    /// The length field is zero or beyond the bound.
+    #[error("record at offset {offset} has length {len}, outside 1..={max}")]
+    Length {
+        /// Record offset.
+        offset: u64,
+        /// The length field.
+        len: u32,
+        /// The bound.
+        max: usize,
+    },
+    /// The CRC does not match: the bytes changed after they were written.
+    #[error("record at offset {offset} fails its CRC")]
+    Crc {
+        /// Record offset.
+        offset: u64,
+    },
+    /// The CRC holds but the AEAD tag does not: wrong key, or bytes forged with a matching CRC.
+    #[error("record at offset {offset} fails authentication (wrong data key or tampering)")]
+    Aead {
+        /// Record offset.
+        offset: u64,
+    },
+    /// Decrypted, but the plaintext does not follow the format (a bug or a forgery).
+    #[error("record at offset {offset} is malformed: {what}")]
+    Malformed {
+        /// Record offset.
+        offset: u64,
+        /// Which field.
+        what: &'static str,
+    },
+}
+
+impl RecordError {
+    /// The offset of the record.
+    pub fn offset(&self) -> u64 {
+        match *self {
+            RecordError::Truncated { offset, .. }
+            | RecordError::Length { offset, .. }
+            | RecordError::Crc { offset }
+            | RecordError::Aead { offset }
+            | RecordError::Malformed { offset, .. } => offset,
+        }
+    }
+}
+
+/// Corruption found before the tail of a segment: data that must not be skipped silently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("segment {segment_id} is corrupt at byte offset {offset}: {cause}")]
+pub struct Corruption {
+    /// The segment (from its header; the file name when the header itself is bad).
+    pub segment_id: u64,
+    /// Byte offset of the bad record (0 for the header).
+    pub offset: u64,
+    /// What was wrong.
+    pub cause: CorruptionCause,
+}
+
+/// What a [`Corruption`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CorruptionCause {
+    /// The segment header is bad.
+    #[error("{0}")]
+    Header(HeaderError),
+    /// A record is bad and valid data follows it.
+    #[error("{0}")]
+    Record(RecordError),
+    /// The header names another data key than the one given.
+    #[error("segment is encrypted under data key {header_key_id}, not {given_key_id}")]
+    KeyMismatch {
+        /// Key id in the header.
+        header_key_id: u64,
+        /// Key id given.
+        given_key_id: u64,
+    },
+    /// The header names another segment id than its file name.
+    #[error("segment header says segment {header_segment_id}")]
+    IdMismatch {
+        /// Segment id in the header.
+        header_segment_id: u64,
+    },
+}
+
+/// Encrypts and decrypts one segment's records.
+#[derive(Debug)]
+pub struct SegmentCodec {
+    header: SegmentHeader,
+    key: DataKey,
+    payload_bytes_max: u32,
+}
+
+/// A summary of a segment whose every record was read and authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentSummary {
+    /// The header.
+    pub header: SegmentHeader,
+    /// Valid records.
+    pub records: u32,
+    /// Byte length of header plus valid records.
+    pub bytes: u64,
+    /// Time of the newest record, unix ms (`None`: no records).
+    pub newest_ms: Option<u64>,
+}
+
+/// The result of scanning a segment (recovery and verification).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanOutcome {
+    /// Every byte belongs to the header or a valid record.
+    Clean(SegmentSummary),
+    /// The last record is partial or fails its CRC and nothing valid follows it:
+    /// truncate the segment to `truncate_to` (= `summary.bytes`); `cause` says what was cut.
+    TornTail {
+        /// The valid prefix.
+        summary: SegmentSummary,
+        /// New length of the segment.
+        truncate_to: u64,
+        /// The problem at `truncate_to`.
+        cause: RecordError,
+    },
+    /// The segment's header was never completely written: it holds no record; remove it.
+    TornHeader {
+        /// Bytes present.
+        bytes: u64,
+    },
+    /// A bad record before the tail, or a record that fails authentication: stop.
+    Corrupt(Corruption),
+}
+
+impl SegmentCodec {
+    /// A codec for the segment with `header`, whose data key is `key`.
+    /// Panics if `key` is not the header's key (a bug in the caller).
+    pub fn new(header: SegmentHeader, key: DataKey, payload_bytes_max: u32) -> SegmentCodec {
+        assert_eq!(header.data_key_id, key.id(), "data key of another segment");
+        SegmentCodec {
+            header,
+            key,
+            payload_bytes_max,
+        }
+    }
+
+    /// The segment header.
+    pub fn header(&self) -> &SegmentHeader {
+        &self.header
+    }
+
+    /// The largest payload this codec accepts.
+    pub fn payload_bytes_max(&self) -> u32 {
+        self.payload_bytes_max
+    }
+
+    fn nonce(&self, index: u32) -> Nonce {
+        let mut n = [0u8; 12];
+        n[..8].copy_from_slice(&self.header.segment_id.to_le_bytes());
+        n[8..].copy_from_slice(&index.to_le_bytes());
+        Nonce::assume_unique_for_key(n)
+    }
+
+    /// Appends record number `index` (in this segment) to `out`; returns its bytes on disk.
+    ///
+    /// The caller guarantees `index` is used once per segment (see the module docs). The
+    /// record is checked right before it is handed to storage: its frame always, and a
+    /// full decode in debug builds.
+    pub fn encode_record(
+        &self,
+        index: u32,
+        record: &Record<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<usize, EncodeError> {
+        if record.payload.len() > self.payload_bytes_max as usize {
+            return Err(EncodeError::PayloadTooLarge {
+                bytes: record.payload.len(),
+                max: self.payload_bytes_max,
+            });
+        }
+        let start = out.len();
+        let r = record.header.recipient.as_bytes();
+        let sealed_len = RECORD_PLAIN_FIXED_BYTES + r.len() + record.payload.len() + TAG_BYTES;
+        out.reserve(RECORD_FRAME_BYTES + sealed_len);
+        out.extend_from_slice(&(sealed_len as u32).to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        let plain = out.len();
+        out.extend_from_slice(&record.header.business_id.to_le_bytes());
+        out.extend_from_slice(&record.header.time_ms.to_le_bytes());
+        out.extend_from_slice(&record.header.client_id.to_le_bytes());
+        out.push(r.len() as u8);
+        out.extend_from_slice(r);
+        out.extend_from_slice(&(record.payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(record.payload);
+        let tag = self
+            .key
+            .aead
+            .seal_in_place_separate_tag(self.nonce(index), Aad::empty(), &mut out[plain..])
+            .expect("AES-GCM seal cannot fail for a bounded record");
+        out.extend_from_slice(tag.as_ref());
+        let crc = frame_crc(&out[start..start + 4], &out[plain..]);
+        out[start + 4..plain].copy_from_slice(&crc.to_le_bytes());
+
+        // Asserted right before it is written.
+        let written = out.len() - start;
+        assert_eq!(written, RECORD_FRAME_BYTES + sealed_len);
+        if cfg!(debug_assertions) {
+            let (back, used) = self
+                .read_at(&out[start..], 0, index)
+                .expect("a record just encoded decodes");
+            assert_eq!(used, written);
+            assert_eq!(back.as_record(), *record);
+        }
+        Ok(written)
+    }
+
+    /// Checks the frame of the record at `offset` of `bytes` without the key: bounds, then
+    /// CRC. Returns the record's total length.
+    fn frame_at(&self, bytes: &[u8], offset: u64) -> Result<usize, RecordError> {
+        frame_at(bytes, offset, self.payload_bytes_max)
+    }
+
+    /// Reads record number `index` of this segment at byte `offset` of `bytes` (bytes from
+    /// the start of the segment, or any slice whose position 0 is `offset`'s origin).
+    /// Returns the record and the offset of the next one. Validated right after it is
+    /// read: frame, CRC, tag and every field.
+    pub fn read_record(
+        &self,
+        bytes: &[u8],
+        offset: u64,
+        index: u32,
+    ) -> Result<(OwnedRecord, u64), RecordError> {
+        let (rec, used) = self.read_at(bytes, offset, index)?;
+        Ok((rec, offset + used as u64))
+    }
+
+    fn read_at(
+        &self,
+        bytes: &[u8],
+        offset: u64,
+        index: u32,
+    ) -> Result<(OwnedRecord, usize), RecordError> {
+        let total = self.frame_at(bytes, offset)?;
+        let o = offset as usize;
+        let mut buf = bytes[o + RECORD_FRAME_BYTES..o + total].to_vec();
+        let plain = self
+            .key
+            .aead
+            .open_in_place(self.nonce(index), Aad::empty(), &mut buf)
+            .map_err(|_| RecordError::Aead { offset })?;
+        let rec = parse_plain(plain, offset, self.payload_bytes_max)?;
+        Ok((rec, total))
+    }
+
+    /// Scans a whole segment (`bytes` from offset 0): header, then every record in order,
+    /// each checked by CRC and authenticated. See [`ScanOutcome`] for the verdicts.
+    ///
+    /// A bad record is a torn tail only if no intact record frame starts anywhere after
+    /// it; otherwise it is corruption. The look-ahead is linear in the bytes after the
+    /// bad record and runs only when one is found. A failed tag is always corruption: the
+    /// CRC proved the bytes are the ones written.
+    ///
+    /// Limitation: damage confined to the very last record of a segment looks exactly like
+    /// a torn write and is truncated. That record is the newest one written; the verdict
+    /// says what was cut (`cause`) so the shell can report it.
+    pub fn scan(&self, bytes: &[u8]) -> ScanOutcome {
+        let segment_id = self.header.segment_id;
+        match SegmentHeader::decode(bytes) {
+            Err(HeaderError::Truncated(n)) => return ScanOutcome::TornHeader { bytes: n as u64 },
+            Err(e) => {
+                return ScanOutcome::Corrupt(Corruption {
+                    segment_id,
+                    offset: 0,
+                    cause: CorruptionCause::Header(e),
+                })
+            }
+            Ok(h) if h != self.header => {
+                let cause = if h.segment_id != segment_id {
+                    CorruptionCause::IdMismatch {
+                        header_segment_id: h.segment_id,
+                    }
+                } else {
+                    CorruptionCause::KeyMismatch {
+                        header_key_id: h.data_key_id,
+                        given_key_id: self.key.id(),
+                    }
+                };
+                return ScanOutcome::Corrupt(Corruption {
+                    segment_id,
+                    offset: 0,
+                    cause,
+                });
+            }
+            Ok(_) => {}
+        }
+        let mut summary = SegmentSummary {
+            header: self.header,
+            records: 0,
+            bytes: SEGMENT_HEADER_BYTES as u64,
+            newest_ms: None,
+        };
+        let end = bytes.len() as u64;
+        while summary.bytes < end {
+            let offset = summary.bytes;
+            let index = summary.records;
+            match self.read_at(bytes, offset, index) {
+                Ok((rec, used)) => {
+                    summary.records += 1;
+                    summary.bytes += used as u64;
+                    summary.newest_ms =
+                        Some(summary.newest_ms.unwrap_or(0).max(rec.header.time_ms));
+                }
+                Err(cause @ (RecordError::Aead { .. } | RecordError::Malformed { .. })) => {
+                    return ScanOutcome::Corrupt(Corruption {
+                        segment_id,
+                        offset,
+                        cause: CorruptionCause::Record(cause),
+                    })
+                }
+                Err(cause) => {
+                    if next_frame(bytes, offset + 1, self.payload_bytes_max).is_some() {
+                        return ScanOutcome::Corrupt(Corruption {
+                            segment_id,
+                            offset,
+                            cause: CorruptionCause::Record(cause),
+                        });
+                    }
+                    return ScanOutcome::TornTail {
+                        summary,
+                        truncate_to: offset,
+                        cause,
+                    };
+                }
+            }
+        }
+        ScanOutcome::Clean(summary)
+    }
+}
+
+/// Checks the frame at `offset`: enough bytes for the frame header, a length in bounds,
+/// the whole record present, the CRC. Returns the record's total length.
+fn frame_at(bytes: &[u8], offset: u64, payload_bytes_max: u32) -> Result<usize, RecordError> {
+    let available = (bytes.len() as u64).saturating_sub(offset);
+    if available < RECORD_FRAME_BYTES as u64 {
+        return Err(RecordError::Truncated {
+            offset,
+            needed: RECORD_FRAME_BYTES as u64,
+            available,
+        });
+    }
+    let o = offset as usize;
+    let len = u32_at(bytes, o);
+    let max = sealed_bytes_max(payload_bytes_max);
+    if len == 0 || len as usize > max {
+        return Err(RecordError::Length { offset, len, max });
+    }
+    let total = RECORD_FRAME_BYTES + len as usize;
+    if available < total as u64 {
+        return Err(RecordError::Truncated {
+            offset,
+            needed: total as u64,
+            available,
+        });
+    }
+    let crc = u32_at(bytes, o + 4);
+    if frame_crc(&bytes[o..o + 4], &bytes[o + RECORD_FRAME_BYTES..o + total]) != crc {
+        return Err(RecordError::Crc { offset });
+    }
+    Ok(total)
+}
+
+/// The first offset at or after `from` where an intact record frame starts.
+fn next_frame(bytes: &[u8], from: u64, payload_bytes_max: u32) -> Option<u64> {
+    (from..bytes.len() as u64).find(|&o| frame_at(bytes, o, payload_bytes_max).is_ok())
+}
+
+fn frame_crc(len: &[u8], sealed: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(len), sealed)
+}
+
+fn parse_plain(p: &[u8], offset: u64, payload_bytes_max: u32) -> Result<OwnedRecord, RecordError> {
+    let bad = |what| RecordError::Malformed { offset, what };
+    if p.len() < RECORD_PLAIN_FIXED_BYTES {
+        return Err(bad("short plaintext"));
+    }
+    let business_id = u32_at(p, 0);
+    let time_ms = u64_at(p, 4);
+    let client_id = u64_at(p, 12);
+    let rlen = p[20] as usize;
+    if rlen > RECIPIENT_BYTES_MAX || p.len() < RECORD_PLAIN_FIXED_BYTES + rlen {
+        return Err(bad("recipient length"));
+    }
+    let recipient = Recipient::parse(&p[21..21 + rlen]).ok_or(bad("recipient"))?;
+    let plen = u32_at(p, 21 + rlen) as usize;
+    if plen > payload_bytes_max as usize || p.len() != RECORD_PLAIN_FIXED_BYTES + rlen + plen {
+        return Err(bad("payload length"));
+    }
+    Ok(OwnedRecord {
+        header: RecordHeader {
+            business_id,
+            time_ms,
+            client_id,
+            recipient,
+        },
+        payload: p[25 + rlen..].to_vec(),
+    })
+}
+
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"))
+}

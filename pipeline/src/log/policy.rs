@@ -1,0 +1,127 @@
+//! The log's decisions that depend on time and size: when a segment rolls and which
+//! segments retention drops. Pure functions of their arguments.
+//!
+//! Invariant: with `segment_age_max_ms <= retention_ms / 30` (the default), no record
+//! outlives retention by more than one roll interval plus one retention step, because a
+//! segment stops taking records once it is that old and is dropped whole once its newest
+//! record is older than retention.
+
+use crate::profile::Profile;
+
+use super::format::RECORD_OVERHEAD_BYTES_MAX;
+
+/// Room left in a record's payload for the sealing layer (nonce, tag, key id) on top of the
+/// client's payload bound.
+pub const SEAL_OVERHEAD_BYTES_MAX: u32 = 64;
+
+/// The log's bounds, from the profile's `[log]` section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogConfig {
+    /// A segment rolls once it holds this many bytes.
+    pub segment_bytes_max: u64,
+    /// A segment rolls once it is this old, ms.
+    pub segment_age_max_ms: u64,
+    /// Segments whose newest record is older than this are dropped, ms.
+    pub retention_ms: u64,
+    /// Most records one fdatasync covers.
+    pub group_commit_records_max: u32,
+    /// Most record bytes one fdatasync covers.
+    pub group_commit_bytes_max: u64,
+    /// Largest record payload (the sealed message), bytes.
+    pub payload_bytes_max: u32,
+    /// Most segments one retention step drops.
+    pub drops_per_step_max: usize,
+}
+
+impl LogConfig {
+    /// The log settings of a validated profile.
+    pub fn from_profile(p: &Profile) -> LogConfig {
+        LogConfig {
+            segment_bytes_max: p.log.segment_bytes_max,
+            segment_age_max_ms: p.log.segment_age_max_secs * 1000,
+            retention_ms: p.log.retention_secs * 1000,
+            group_commit_records_max: p.log.group_commit_records_max,
+            group_commit_bytes_max: p.log.group_commit_bytes_max,
+            payload_bytes_max: p.limits.payload_bytes_max + SEAL_OVERHEAD_BYTES_MAX,
+            drops_per_step_max: 16,
+        }
+    }
+
+    /// Bytes one record takes at most on disk.
+    pub fn record_bytes_max(&self) -> u64 {
+        RECORD_OVERHEAD_BYTES_MAX as u64 + u64::from(self.payload_bytes_max)
+    }
+}
+
+/// Why a segment rolls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RollReason {
+    /// Appending would pass `segment_bytes_max`.
+    Size,
+    /// The segment is `segment_age_max_ms` old.
+    Age,
+    /// The segment has as many records as a record index can count.
+    Records,
+}
+
+/// Whether a segment of `bytes` bytes and `records` records, created at `created_ms`,
+/// must roll before a record of `next_record_bytes` is appended at `now_ms`.
+pub fn roll_due(
+    cfg: &LogConfig,
+    bytes: u64,
+    records: u32,
+    created_ms: u64,
+    now_ms: u64,
+    next_record_bytes: u64,
+) -> Option<RollReason> {
+    if records == u32::MAX {
+        Some(RollReason::Records)
+    } else if records > 0 && bytes + next_record_bytes > cfg.segment_bytes_max {
+        Some(RollReason::Size)
+    } else if now_ms.saturating_sub(created_ms) >= cfg.segment_age_max_ms {
+        Some(RollReason::Age)
+    } else {
+        None
+    }
+}
+
+/// Whether a segment whose newest record is at `newest_ms` has passed retention at `now_ms`.
+/// A segment without records is expired once it was created `retention_ms` ago.
+pub fn expired(cfg: &LogConfig, newest_ms: u64, now_ms: u64) -> bool {
+    now_ms.saturating_sub(newest_ms) > cfg.retention_ms
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> LogConfig {
+        LogConfig {
+            segment_bytes_max: 1000,
+            segment_age_max_ms: 100,
+            retention_ms: 3000,
+            group_commit_records_max: 10,
+            group_commit_bytes_max: 10_000,
+            payload_bytes_max: 100,
+            drops_per_step_max: 4,
+        }
+    }
+
+    #[test]
+    fn rolls_at_size_or_age() {
+        let c = cfg();
+        assert_eq!(roll_due(&c, 900, 3, 0, 50, 100), None);
+        assert_eq!(roll_due(&c, 901, 3, 0, 50, 100), Some(RollReason::Size));
+        // An empty segment takes one record however large.
+        assert_eq!(roll_due(&c, 44, 0, 0, 50, 5000), None);
+        assert_eq!(roll_due(&c, 100, 3, 0, 100, 1), Some(RollReason::Age));
+        assert_eq!(roll_due(&c, 100, 3, 0, 99, 1), None);
+    }
+
+    #[test]
+    fn expiry_is_strictly_after_retention() {
+        let c = cfg();
+        assert!(!expired(&c, 1000, 4000));
+        assert!(expired(&c, 1000, 4001));
+    }
+}

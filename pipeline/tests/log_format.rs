@@ -188,7 +188,12 @@ fn torn_last_record_is_truncated_at_every_cut_point() {
 fn a_flipped_bit_before_the_tail_is_corruption_with_segment_and_offset() {
     let c = codec(1);
     let (bytes, offsets) = segment(&c, 4);
-    for (bit_in_record, what) in [(0usize, "len"), (40, "crc"), (8 * 30, "sealed")] {
+    for (bit_in_record, what) in [
+        (0usize, "len"),
+        (20, "len, pointing past the end"),
+        (40, "crc"),
+        (8 * 30, "sealed"),
+    ] {
         let mut b = bytes.clone();
         let bit = offsets[1] * 8 + bit_in_record;
         b[bit / 8] ^= 1 << (bit % 8);
@@ -322,4 +327,24 @@ fn nothing_shows_recipient_payload_or_key_bytes() {
     let find = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
     assert!(!find(DIGITS.as_bytes()));
     assert!(!find(PAYLOAD));
+}
+
+#[test]
+fn zeroed_space_after_the_last_record_is_a_torn_tail() {
+    // A preallocated or extended file reads as zeros past the last write.
+    let c = codec(1);
+    let (mut bytes, _) = segment(&c, 3);
+    let end = bytes.len();
+    bytes.resize(end + 4096, 0);
+    match c.scan(&bytes) {
+        ScanOutcome::TornTail {
+            summary,
+            truncate_to,
+            ..
+        } => {
+            assert_eq!(truncate_to, end as u64);
+            assert_eq!(summary.records, 3);
+        }
+        other => panic!("{other:?}"),
+    }
 }

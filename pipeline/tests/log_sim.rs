@@ -463,3 +463,25 @@ fn a_wrong_master_key_stops_boot_before_anything_is_touched() {
     assert!(msg.contains("wrong master key"), "{msg}");
     assert_eq!(snapshot(&wrong.storage), before, "storage untouched");
 }
+
+#[test]
+fn a_keyring_that_cannot_be_persisted_fails_the_log_before_any_record_uses_its_key() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let mut sh = boot(6, small_cfg());
+    let mut next_client = 0;
+    append(&mut sh, 1, &mut next_client, 3, &mut rng).unwrap();
+    assert_eq!(sh.sync().unwrap(), 0..3);
+    let files = sh.storage.file_ids();
+    sh.storage.fail_keyring_writes = true;
+    // Past the age limit: the next append rolls, which needs a new key in the keyring.
+    let err = append(&mut sh, 10_000, &mut next_client, 3, &mut rng).unwrap_err();
+    assert_eq!(err, LogError::Failed(LogFailure::KeyringFailed));
+    assert_eq!(err.status(), Status::Rejected(Reason::StorageUnavailable));
+    assert_eq!(
+        sh.storage.file_ids(),
+        files,
+        "no segment without a persisted key"
+    );
+    assert_eq!(sh.sync().unwrap_err(), LogFailure::KeyringFailed);
+    assert_eq!(sh.log().durable_end(), 3);
+}

@@ -370,9 +370,11 @@ impl Log {
 
     /// The segment holding log index `index`, if the log still holds it.
     pub fn segment_of(&self, index: u64) -> Option<u64> {
+        // Segments are ordered by index; binary search keeps lookups cheap for audits.
+        let i = self.segments.partition_point(|m| m.end_index <= index);
         self.segments
-            .iter()
-            .find(|m| (m.first_index..m.end_index).contains(&index))
+            .get(i)
+            .filter(|m| (m.first_index..m.end_index).contains(&index))
             .map(|m| m.segment_id)
     }
 

@@ -33,6 +33,11 @@
 //!        SegmentCodec::read_record(bytes, offset, index_in_segment) / SegmentCodec::scan(bytes)
 //! ```
 //!
+//! For the shell: name each segment file by its segment id (for example
+//! `{segment_id:020}.seg`); the header carries the first log index, and
+//! [`Log::segment_of`] maps a position's index to its segment. Keep the keyring in its own
+//! file, replaced by write-temp, fsync, rename, fsync-directory.
+//!
 //! Modules: [`format`](mod@format) (bytes on disk), [`keys`] (master key, data keys, keyring),
 //! [`policy`] (roll and retention), [`engine`] ([`Log`]), [`sim`] (fault-injecting
 //! storage and a shell for simulation).

@@ -119,6 +119,16 @@ mod tests {
     }
 
     #[test]
+    fn config_from_the_default_profile() {
+        let c = LogConfig::from_profile(&Profile::default_profile());
+        assert_eq!(c.retention_ms, 30 * 86_400_000);
+        assert_eq!(c.segment_age_max_ms, c.retention_ms / 30);
+        assert_eq!(c.segment_bytes_max, 256 << 20);
+        assert_eq!(c.payload_bytes_max, 65_536 + SEAL_OVERHEAD_BYTES_MAX);
+        assert!(c.record_bytes_max() < c.group_commit_bytes_max);
+    }
+
+    #[test]
     fn expiry_is_strictly_after_retention() {
         let c = cfg();
         assert!(!expired(&c, 1000, 4000));

@@ -51,6 +51,8 @@ pub struct MemStorage {
     pub capacity_bytes: Option<u64>,
     /// Every sync from now on fails.
     pub fail_syncs: bool,
+    /// Every keyring replacement from now on fails (the old keyring stays).
+    pub fail_keyring_writes: bool,
 }
 
 impl MemStorage {
@@ -63,6 +65,7 @@ impl MemStorage {
             rng: StdRng::seed_from_u64(seed),
             capacity_bytes: None,
             fail_syncs: false,
+            fail_keyring_writes: false,
         }
     }
 
@@ -116,8 +119,12 @@ impl MemStorage {
     }
 
     /// Replaces the keyring (atomic and durable).
-    pub fn put_keyring(&mut self, bytes: &[u8]) {
+    pub fn put_keyring(&mut self, bytes: &[u8]) -> Result<(), SimIoError> {
+        if self.fail_keyring_writes {
+            return Err(SimIoError::Io);
+        }
         self.keyring = Some(bytes.to_vec());
+        Ok(())
     }
 
     /// The keyring's bytes, if one was written.
@@ -312,7 +319,11 @@ impl SimShell {
                 continue;
             }
             match a {
-                Action::PersistKeyring { bytes } => self.storage.put_keyring(&bytes),
+                Action::PersistKeyring { bytes } => {
+                    if self.storage.put_keyring(&bytes).is_err() {
+                        self.log_mut().on_keyring_failed();
+                    }
+                }
                 Action::CreateSegment { segment_id } => {
                     self.storage.create(segment_id);
                     self.created_this_boot.insert(segment_id);

@@ -1,0 +1,79 @@
+//! CPU cost of the log's record format: framing, AES-256-GCM under the segment's data key
+//! and CRC32C, per record, without any IO. This is what `Log::append` spends before the
+//! shell's write and fdatasync; the durable append bench (`log_append`) adds the IO.
+//!
+//! Ids: `encode/<payload bytes>` and `scan/<payload bytes>` (a segment of 64 records
+//! scanned as recovery does: CRC, tag and fields of every record). Throughput in bytes of
+//! records on disk.
+//!
+//! Run: `cargo bench --bench log_encode -- --warm-up-time 1 --measurement-time 3`
+
+use std::hint::black_box;
+
+use courier::courier_pipeline::log::{
+    DataKey, Record, RecordHeader, ScanOutcome, SegmentCodec, SegmentHeader,
+};
+use courier::courier_pipeline::wire::Recipient;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+const RECORDS: usize = 64;
+const PAYLOAD_SIZES: [usize; 2] = [256, 1024];
+
+fn codec() -> SegmentCodec {
+    let header = SegmentHeader {
+        segment_id: 1,
+        data_key_id: 1,
+        first_index: 0,
+        created_ms: 1_700_000_000_000,
+    };
+    SegmentCodec::new(header, DataKey::from_random(1, [7; 32]), 65_536 + 64)
+}
+
+fn bench(c: &mut Criterion) {
+    let codec = codec();
+    let recipient = Recipient::parse(b"+4915112345678").expect("valid E.164");
+    let mut group = c.benchmark_group("log");
+    for size in PAYLOAD_SIZES {
+        let payload = vec![0x5a; size];
+        let record = |i: usize| Record {
+            header: RecordHeader {
+                business_id: 1,
+                time_ms: 1_700_000_000_000,
+                client_id: i as u64,
+                recipient,
+            },
+            payload: &payload,
+        };
+        let mut segment = Vec::new();
+        codec.header().encode(&mut segment);
+        let start = segment.len();
+        for i in 0..RECORDS {
+            codec
+                .encode_record(i as u32, &record(i), &mut segment)
+                .expect("bounded");
+        }
+        group.throughput(Throughput::Bytes((segment.len() - start) as u64));
+        let mut out = Vec::with_capacity(segment.len());
+        group.bench_with_input(BenchmarkId::new("encode", size), &size, |b, _| {
+            b.iter(|| {
+                out.clear();
+                for i in 0..RECORDS {
+                    codec
+                        .encode_record(i as u32, &record(i), &mut out)
+                        .expect("bounded");
+                }
+                black_box(out.len())
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("scan", size), &size, |b, _| {
+            b.iter(|| match codec.scan(black_box(&segment)) {
+                ScanOutcome::Clean(s) => s.records,
+                other => panic!("{other:?}"),
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -20,6 +20,7 @@ pub mod load;
 pub mod serve;
 pub mod shard;
 pub mod signals;
+pub mod store;
 pub mod tls;
 
 // The io_uring driver: the only module allowed to hold `unsafe` (see STYLE.md).

@@ -35,6 +35,19 @@ enum Command {
     /// Check tuning profiles.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Manage the master key.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCmd {
+    /// Write a new random master key (mode 0600); refuses to overwrite an existing file.
+    Init {
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -54,6 +67,10 @@ struct ServeArgs {
     /// Number of shards; overrides the profile's server.shards (0 = one per CPU).
     #[arg(long)]
     shards: Option<u32>,
+    /// Master key file (64 hex characters; create one with `courier keys init`). It wraps
+    /// the log's data keys; a missing or wrong key stops start-up before any data is touched.
+    #[arg(long, env = "COURIER_MASTER_KEY_FILE")]
+    master_key_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -144,6 +161,16 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Keys(KeysCmd::Init { out }) => {
+            courier::store::write_new_master_key(&out)
+                .with_context(|| format!("writing master key {}", out.display()))?;
+            eprintln!(
+                "wrote a new master key to {} (mode 0600); serve with --master-key-file {0} \
+                 or COURIER_MASTER_KEY_FILE={0}. Keep a copy: without it the log cannot be read.",
+                out.display()
+            );
+            Ok(())
+        }
         Command::Config(ConfigCmd::Check { file }) => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
@@ -213,6 +240,13 @@ fn cmd_serve(args: ServeArgs) -> Result<()> {
     if let Some(s) = args.shards {
         profile.shards = s;
     }
+    let master_key = match &args.master_key_file {
+        Some(p) => courier::store::MasterKeyText::read(p).map_err(anyhow::Error::msg)?,
+        None => bail!(
+            "no master key: pass --master-key-file FILE or set COURIER_MASTER_KEY_FILE \
+             (create one with `courier keys init --out FILE`)"
+        ),
+    };
     let registry_path = args
         .registry
         .unwrap_or_else(|| args.data_dir.join("registry.toml"));
@@ -231,6 +265,7 @@ fn cmd_serve(args: ServeArgs) -> Result<()> {
         profile,
         data_dir: args.data_dir.clone(),
         registry: Arc::new(registry),
+        master_key,
     })?;
     tracing::info!(
         addr = %running.local_addr(),
@@ -240,8 +275,8 @@ fn cmd_serve(args: ServeArgs) -> Result<()> {
     );
     install_signal_handler(running.shutdown_handle());
     let stats = running.join()?;
-    let accepted: u64 = stats.iter().map(|s| s.messages_in).sum();
-    tracing::info!(messages_in = accepted, "courier stopped");
+    let messages_in: u64 = stats.iter().map(|s| s.messages_in).sum();
+    tracing::info!(messages_in, "courier stopped");
     Ok(())
 }
 
@@ -257,6 +292,7 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
         profile,
         data_dir: dir.clone(),
         registry: Arc::new(registry),
+        master_key: courier::store::MasterKeyText::random(),
     })?;
     let addr = running.local_addr();
     println!(
@@ -292,8 +328,9 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
     report.print_table(&mut std::io::stdout())?;
     let hellos: u64 = stats.iter().map(|s| s.hellos_accepted).sum();
     println!(
-        "server: {} messages accepted in {} batches over {hellos} authenticated connection(s), {} datagrams forwarded between shards",
-        totals.accepted, totals.batches, totals.forwarded
+        "server: {} messages accepted (durable: written and fdatasync'd) in {} batches over {hellos} \
+         authenticated connection(s), {} group commits, {} datagrams forwarded between shards",
+        totals.accepted, totals.batches, totals.commits, totals.forwarded
     );
     if report.accepted == 0 {
         bail!("demo accepted no message");

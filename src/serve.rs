@@ -21,6 +21,7 @@ use courier_pipeline::server::{Server, ServerParts, ServerStats};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::shard::{Forwarded, Peer, Shard, ShardCounters, FORWARD_QUEUE_MAX};
+use crate::store::{MasterKeyText, ShardStore, StoreError};
 use crate::uring::{self, RingConfig, RingError, UdpRing};
 
 /// Why a server could not start or stopped with an error.
@@ -59,6 +60,15 @@ pub enum ServeError {
         #[source]
         source: RingError,
     },
+    /// A shard's log could not be opened (recovery found corruption, wrong master key, IO).
+    #[error("shard {shard}: {source}")]
+    Store {
+        /// The shard.
+        shard: usize,
+        /// The error.
+        #[source]
+        source: StoreError,
+    },
     /// A shard thread panicked: a bug.
     #[error("shard {0} panicked")]
     Panicked(usize),
@@ -73,6 +83,8 @@ pub struct ServeOptions {
     pub data_dir: PathBuf,
     /// Businesses allowed to send.
     pub registry: Arc<Registry>,
+    /// The key that wraps the log's data keys.
+    pub master_key: MasterKeyText,
 }
 
 /// A running server.
@@ -99,6 +111,10 @@ pub struct Totals {
     pub forwarded: u64,
     /// Live connections.
     pub connections: u64,
+    /// Group commits completed.
+    pub commits: u64,
+    /// Shards whose log failed.
+    pub logs_failed: u64,
 }
 
 impl Running {
@@ -127,6 +143,8 @@ impl Running {
             t.batches += r(&c.batches);
             t.forwarded += r(&c.forwarded);
             t.connections += r(&c.connections);
+            t.commits += r(&c.commits);
+            t.logs_failed += r(&c.log_failed);
         }
         t
     }
@@ -283,6 +301,8 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         let shutdown = shutdown.clone();
         let waker_tx = waker_tx.clone();
         let crypto = quic_crypto.clone();
+        let master_key = opts.master_key.clone();
+        let data_dir = opts.data_dir.clone();
         let cpu = profile.io.pin_threads.then(|| cpus[index % cpus.len()]);
         let thread = std::thread::Builder::new()
             .name(format!("courier-shard-{index}"))
@@ -290,12 +310,8 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
                 if let Some(cpu) = cpu {
                     uring::pin_current_thread(cpu).map_err(ServeError::Cpu)?;
                 }
-                let ring = UdpRing::new(socket, &ring_config(&profile));
-                let ring = match ring {
-                    Ok(r) => {
-                        let _ = waker_tx.send(Ok((index, r.waker())));
-                        r
-                    }
+                let ring = match UdpRing::new(socket, &ring_config(&profile)) {
+                    Ok(r) => r,
                     Err(e) => {
                         let _ = waker_tx.send(Err(index));
                         return Err(ServeError::Ring {
@@ -304,6 +320,19 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
                         });
                     }
                 };
+                // Recovery happens before the shard reports ready: nothing is served from
+                // a log that has not been checked.
+                let store = match ShardStore::open(&data_dir, index, &master_key, &profile) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = waker_tx.send(Err(index));
+                        return Err(ServeError::Store {
+                            shard: index,
+                            source: e,
+                        });
+                    }
+                };
+                let _ = waker_tx.send(Ok((index, ring.waker())));
                 let Ok(peers) = peers_rx.recv() else {
                     return Ok(ServerStats::default());
                 };
@@ -324,6 +353,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
                     ring,
                     server,
                     ingest: Ingest::new(index as u16, profile.limits.payload_bytes_max, 0),
+                    store,
                     peers,
                     inbox,
                     shutdown,

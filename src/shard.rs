@@ -15,24 +15,39 @@
 //!
 //! The loop is the shell half of the polling contract in `courier_pipeline::server`.
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use courier_pipeline::cid::owner_shard;
 use courier_pipeline::ingest::Ingest;
-use courier_pipeline::server::{Server, ServerStats};
-use courier_pipeline::wire::{code, Status};
+use courier_pipeline::log::{LogError, Record, RecordHeader};
+use courier_pipeline::server::{Server, ServerStats, SubmitBatch, Ticket};
+use courier_pipeline::wire::{code, LogPosition, Reason, Status};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use crate::uring::{RingEvent, UdpRing, Waker};
+use crate::store::ShardStore;
+use crate::uring::{FileDone, RingEvent, UdpRing, Waker};
 
 /// Datagrams queued towards one other shard; more are dropped (QUIC recovers them).
 pub const FORWARD_QUEUE_MAX: usize = 4096;
 /// How long a shutting-down shard waits for its connections to close.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a shutting-down shard waits for the group commits of batches it took.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the log's time-driven work (roll by age, retention) runs.
+pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A batch whose accepted messages wait for the fdatasync that covers them.
+struct Awaiting {
+    ticket: Ticket,
+    statuses: Vec<Status>,
+    /// Durable once the log's durable end reaches this index.
+    end_index: u64,
+}
 
 /// A datagram received by one shard for a connection that another shard owns.
 #[derive(Debug)]
@@ -69,6 +84,10 @@ pub struct ShardCounters {
     pub forward_dropped: AtomicU64,
     /// Live connections.
     pub connections: AtomicU64,
+    /// Group commits (write + fdatasync) completed.
+    pub commits: AtomicU64,
+    /// 1 once the shard's log failed for good.
+    pub log_failed: AtomicU64,
 }
 
 /// Everything a shard thread owns.
@@ -79,8 +98,10 @@ pub struct Shard {
     pub ring: UdpRing,
     /// The QUIC server.
     pub server: Server,
-    /// The ingest stage.
+    /// The ingest stage (per-message checks).
     pub ingest: Ingest,
+    /// The shard's log.
+    pub store: ShardStore,
     /// Every shard's peer handle, this one's included (index = shard).
     pub peers: Vec<Peer>,
     /// Datagrams other shards forwarded here.
@@ -102,17 +123,33 @@ impl std::fmt::Debug for Shard {
 }
 
 impl Shard {
-    /// Runs until shutdown is requested and the connections have closed (or
-    /// [`DRAIN_TIMEOUT`] passed). Returns the server's final counters.
+    /// Runs until shutdown is requested and the connections have closed (or the drain
+    /// bounds passed). Returns the server's final counters.
+    ///
+    /// Shutdown: stop taking batches (their streams stay unread), finish the group
+    /// commits of every batch already taken and ACK them, then close every connection
+    /// with SHUTTING_DOWN.
     pub fn run(mut self) -> Result<ServerStats, crate::uring::RingError> {
-        let mut statuses: Vec<Status> = Vec::new();
+        let mut state = LoopState {
+            awaiting: VecDeque::new(),
+            held: None,
+            files: Vec::new(),
+            next_tick: Instant::now() + TICK_INTERVAL,
+        };
+        let mut flush_deadline: Option<Instant> = None;
         let mut drain_deadline: Option<Instant> = None;
         loop {
             let now = Instant::now();
-            if drain_deadline.is_none() && self.shutdown.load(Ordering::Acquire) {
-                self.server
-                    .close_all(now, code::SHUTTING_DOWN, b"server shutting down");
-                drain_deadline = Some(now + DRAIN_TIMEOUT);
+            if flush_deadline.is_none() && self.shutdown.load(Ordering::Acquire) {
+                flush_deadline = Some(now + FLUSH_TIMEOUT);
+            }
+            if let (Some(f), None) = (flush_deadline, drain_deadline) {
+                let flushed = state.awaiting.is_empty() && !self.store.log().commit_due();
+                if flushed || now >= f {
+                    self.server
+                        .close_all(now, code::SHUTTING_DOWN, b"server shutting down");
+                    drain_deadline = Some(now + DRAIN_TIMEOUT);
+                }
             }
             if let Some(d) = drain_deadline {
                 if self.server.connection_count() == 0 || now >= d {
@@ -121,61 +158,199 @@ impl Shard {
                 }
             }
             self.flush_transmits(now);
-            let timeout = self
+            let mut timeout = self
                 .server
                 .poll_timeout()
-                .map(|t| t.saturating_duration_since(now));
-            // While draining, wake at least every 50 ms to check the deadline.
-            let timeout = match drain_deadline {
-                Some(_) => Some(timeout.map_or(Duration::from_millis(50), |t| {
-                    t.min(Duration::from_millis(50))
-                })),
-                None => timeout,
-            };
-            self.ring.wait(timeout)?;
+                .map(|t| t.saturating_duration_since(now))
+                .unwrap_or(TICK_INTERVAL)
+                .min(state.next_tick.saturating_duration_since(now));
+            if flush_deadline.is_some() {
+                // While stopping, wake often enough to check the deadlines.
+                timeout = timeout.min(Duration::from_millis(50));
+            }
+            self.ring.wait(Some(timeout))?;
             let now = Instant::now();
-            self.receive(now)?;
+            self.receive(now, &mut state.files)?;
+            for done in state.files.drain(..) {
+                self.on_file_done(done, &mut state.awaiting);
+            }
             if self.server.poll_timeout().is_some_and(|t| t <= now) {
                 self.server.handle_timeout(now);
             }
-            while let Some(batch) = self.server.poll_batch() {
-                statuses.clear();
-                self.ingest
-                    .process(batch.business_id, &batch.messages, &mut statuses);
-                let accepted = statuses
-                    .iter()
-                    .filter(|s| matches!(s, Status::Accepted(_)))
-                    .count() as u64;
-                self.counters
-                    .accepted
-                    .fetch_add(accepted, Ordering::Relaxed);
-                self.counters
-                    .not_accepted
-                    .fetch_add(statuses.len() as u64 - accepted, Ordering::Relaxed);
-                self.counters.batches.fetch_add(1, Ordering::Relaxed);
-                self.server.ack(now, batch.ticket, &statuses);
+            if now >= state.next_tick {
+                state.next_tick = now + TICK_INTERVAL;
+                if let Err(f) = self.store.tick(unix_ms()) {
+                    self.log_failed(f, &mut state.awaiting);
+                }
             }
+            let now_ms = unix_ms();
+            // A batch the log could not take (its group commit was full) goes first.
+            if let Some(batch) = state.held.take() {
+                state.held = self.take_batch(now, now_ms, batch, &mut state.awaiting);
+            }
+            while state.held.is_none() && flush_deadline.is_none() {
+                let Some(batch) = self.server.poll_batch() else {
+                    break;
+                };
+                state.held = self.take_batch(now, now_ms, batch, &mut state.awaiting);
+            }
+            self.store.commit(&mut self.ring);
             self.counters
                 .connections
                 .store(self.server.connection_count() as u64, Ordering::Relaxed);
         }
     }
 
-    fn receive(&mut self, now: Instant) -> Result<(), crate::uring::RingError> {
+    /// Checks a batch and appends its accepted messages to the log. Returns the batch when
+    /// the log's group commit is full (retry after the next sync).
+    fn take_batch(
+        &mut self,
+        now: Instant,
+        now_ms: u64,
+        batch: SubmitBatch,
+        awaiting: &mut VecDeque<Awaiting>,
+    ) -> Option<SubmitBatch> {
+        let mut statuses = Vec::with_capacity(batch.messages.len());
+        let mut records = Vec::with_capacity(batch.messages.len());
+        for m in &batch.messages {
+            match self.ingest.check(m) {
+                Some(reason) => statuses.push(Status::Rejected(reason)),
+                None => {
+                    // Placeholder until the log gives the position.
+                    statuses.push(Status::Accepted(LogPosition(u64::MAX)));
+                    records.push(Record {
+                        header: RecordHeader {
+                            business_id: batch.business_id,
+                            time_ms: now_ms,
+                            client_id: m.client_id,
+                            recipient: m.recipient,
+                        },
+                        payload: &m.payload,
+                    });
+                }
+            }
+        }
+        if records.is_empty() {
+            self.ack(now, batch.ticket, &statuses);
+            return None;
+        }
+        let mut positions = Vec::with_capacity(records.len());
+        let (log, rng, actions) = self.store.log_mut();
+        let appended = log.append(now_ms, rng, &records, actions, &mut positions);
+        drop(records);
+        match appended {
+            Ok(()) => {
+                if let Err(f) = self.store.take_actions() {
+                    self.log_failed(f, awaiting);
+                }
+                let mut pos = positions.into_iter();
+                for s in statuses.iter_mut() {
+                    if let Status::Accepted(p) = s {
+                        *p = pos.next().expect("one position per record");
+                    }
+                }
+                awaiting.push_back(Awaiting {
+                    ticket: batch.ticket,
+                    statuses,
+                    end_index: self.store.log().next_index(),
+                });
+                if self.store.log().failure().is_some() {
+                    self.fail_awaiting(now, awaiting);
+                }
+                None
+            }
+            Err(LogError::Busy) => Some(batch),
+            Err(e) => {
+                let refused = e.status();
+                for s in statuses.iter_mut() {
+                    if matches!(s, Status::Accepted(_)) {
+                        *s = refused;
+                    }
+                }
+                self.ack(now, batch.ticket, &statuses);
+                None
+            }
+        }
+    }
+
+    fn ack(&mut self, now: Instant, ticket: Ticket, statuses: &[Status]) {
+        let accepted = statuses
+            .iter()
+            .filter(|s| matches!(s, Status::Accepted(_)))
+            .count() as u64;
+        self.counters
+            .accepted
+            .fetch_add(accepted, Ordering::Relaxed);
+        self.counters
+            .not_accepted
+            .fetch_add(statuses.len() as u64 - accepted, Ordering::Relaxed);
+        self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        self.server.ack(now, ticket, statuses);
+    }
+
+    fn on_file_done(&mut self, done: FileDone, awaiting: &mut VecDeque<Awaiting>) {
+        let now = Instant::now();
+        if let Some(f) = self.store.on_file_done(done) {
+            self.log_failed(f, awaiting);
+            return;
+        }
+        self.counters.commits.fetch_add(1, Ordering::Relaxed);
+        let durable = self.store.log().durable_end();
+        while awaiting.front().is_some_and(|a| a.end_index <= durable) {
+            let a = awaiting.pop_front().expect("checked");
+            self.ack(now, a.ticket, &a.statuses);
+        }
+    }
+
+    /// The log failed for good: nothing waiting becomes durable; its senders hear
+    /// `storage_unavailable`, and so does every later message.
+    fn log_failed(
+        &mut self,
+        failure: courier_pipeline::log::LogFailure,
+        awaiting: &mut VecDeque<Awaiting>,
+    ) {
+        tracing::error!(shard = self.index, %failure, "log failed: this shard takes no more messages");
+        self.counters.log_failed.store(1, Ordering::Relaxed);
+        self.fail_awaiting(Instant::now(), awaiting);
+    }
+
+    fn fail_awaiting(&mut self, now: Instant, awaiting: &mut VecDeque<Awaiting>) {
+        let durable = self.store.log().durable_end();
+        while let Some(mut a) = awaiting.pop_front() {
+            if a.end_index > durable {
+                for s in a.statuses.iter_mut() {
+                    if matches!(s, Status::Accepted(_)) {
+                        *s = Status::Rejected(Reason::StorageUnavailable);
+                    }
+                }
+            }
+            self.ack(now, a.ticket, &a.statuses);
+        }
+    }
+
+    fn receive(
+        &mut self,
+        now: Instant,
+        files: &mut Vec<FileDone>,
+    ) -> Result<(), crate::uring::RingError> {
         let shards = self.peers.len();
         let me = self.index;
         let server = &mut self.server;
         let peers = &self.peers;
         let counters = &self.counters;
         self.ring.drain(|ev| {
-            let RingEvent::Recv {
-                data,
-                segment_size,
-                from,
-                local_ip,
-            } = ev
-            else {
-                return;
+            let (data, segment_size, from, local_ip) = match ev {
+                RingEvent::Recv {
+                    data,
+                    segment_size,
+                    from,
+                    local_ip,
+                } => (data, segment_size, from, local_ip),
+                RingEvent::File(done) => {
+                    files.push(done);
+                    return;
+                }
+                RingEvent::Wake | RingEvent::Timer => return,
             };
             let stride = segment_size.unwrap_or(data.len()).max(1);
             for datagram in data.chunks(stride) {
@@ -221,4 +396,18 @@ impl Shard {
             }
         }
     }
+}
+
+struct LoopState {
+    awaiting: VecDeque<Awaiting>,
+    held: Option<SubmitBatch>,
+    files: Vec<FileDone>,
+    next_tick: Instant,
+}
+
+/// Wall-clock time for record headers and retention, unix ms.
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -35,6 +35,7 @@ impl TestServer {
             profile,
             data_dir: dir.path().to_path_buf(),
             registry: Arc::new(registry),
+            master_key: courier::store::MasterKeyText::random(),
         })
         .unwrap();
         TestServer {

@@ -24,6 +24,7 @@ fn loadgen_drives_a_server_and_writes_its_json_report() {
         profile,
         data_dir: dir.path().to_path_buf(),
         registry: Arc::new(registry),
+        master_key: courier::store::MasterKeyText::random(),
     })
     .unwrap();
     let json = dir.path().join("run.json");

@@ -1,9 +1,9 @@
 //! The stage chain a submitted batch runs through before its ACK.
 //!
-//! Wire v1 ships the first stage: per-message checks and the position the message takes
-//! in its shard's log. Detection, sealing and the durable log append slot in here (see
-//! ARCHITECTURE.md); until the log lands, `accepted` means received, decoded and checked,
-//! and the position is the message's index in the shard's sequence of accepted messages.
+//! The first stage: per-message checks ([`Ingest::check`]). The shard then appends the
+//! accepted messages to its log (`courier_pipeline::log`), which gives their positions,
+//! and acks them once durable. [`Ingest::process`] also numbers messages itself, for the
+//! QUIC simulation, which runs without a log.
 
 use crate::wire::{LogPosition, Message, Reason, Status};
 
@@ -27,18 +27,27 @@ impl Ingest {
         }
     }
 
-    /// Decides every message of a batch; appends one status per message to `out`.
+    /// The per-message checks alone: `Some(reason)` when the message must be rejected.
+    /// The log assigns positions to the others.
+    pub fn check(&self, m: &Message) -> Option<Reason> {
+        let len = m.payload.len();
+        (len == 0 || len > self.payload_bytes_max as usize).then_some(Reason::PayloadTooLarge)
+    }
+
+    /// Decides every message of a batch and gives accepted ones the next positions of
+    /// the shard's sequence (the simulation's stand-in for the log); appends one status
+    /// per message to `out`.
     pub fn process(&mut self, _business_id: u32, messages: &[Message], out: &mut Vec<Status>) {
         out.reserve(messages.len());
         for m in messages {
-            let len = m.payload.len();
-            let status = if len == 0 || len > self.payload_bytes_max as usize {
-                Status::Rejected(Reason::PayloadTooLarge)
-            } else {
-                let p = LogPosition::new(self.shard, self.next_index);
-                self.next_index += 1;
-                self.accepted += 1;
-                Status::Accepted(p)
+            let status = match self.check(m) {
+                Some(reason) => Status::Rejected(reason),
+                None => {
+                    let p = LogPosition::new(self.shard, self.next_index);
+                    self.next_index += 1;
+                    self.accepted += 1;
+                    Status::Accepted(p)
+                }
             };
             out.push(status);
         }

@@ -90,6 +90,10 @@ impl FileSlots {
         }
     }
 
+    pub(super) fn free_count(&self) -> usize {
+        self.free.len()
+    }
+
     pub(super) fn has_free(&self) -> bool {
         !self.free.is_empty()
     }

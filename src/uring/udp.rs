@@ -435,6 +435,11 @@ impl UdpRing {
         self.mem.files.has_free()
     }
 
+    /// Number of free file slots.
+    pub fn file_slots_free(&self) -> usize {
+        self.mem.files.free_count()
+    }
+
     /// Queues a file operation: `DurableWrite` writes `data` at `offset` and then
     /// fdatasyncs (linked: the sync starts only after the whole write succeeded), `Write`
     /// only writes, `Sync` fsyncs `file` (a directory too; `data` must be empty). The

@@ -28,5 +28,6 @@ pub mod cid;
 pub mod ingest;
 pub mod profile;
 pub mod registry;
+pub mod seal;
 pub mod server;
 pub mod wire;

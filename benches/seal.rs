@@ -20,6 +20,17 @@
 //!   spread over all cores with rayon.
 //!
 //! Run: `cargo bench --bench seal -- --warm-up-time 1 --measurement-time 3`
+//!
+//! On a shared machine wall time swings with the other work on the cores. With
+//! `SEAL_BENCH_CLOCK=cpu` the `seal`, `raw`, `impl` and `parts` groups are timed in the
+//! bench thread's own CPU time instead (from `/proc/thread-self/schedstat`, read once per
+//! sample, no `unsafe`), which keeps the ratios between benches of one run steady. The
+//! kernel updates that figure only every few milliseconds, so this mode samples flat
+//! (equal samples) and wants few, long samples:
+//! `SEAL_BENCH_CLOCK=cpu cargo bench --bench seal -- --warm-up-time 1 --measurement-time 3 --sample-size 10 --save-baseline cpu`
+//! (300 ms samples, about 1% resolution; `--save-baseline cpu` keeps these figures apart
+//! from the wall-time ones). `par` always runs on wall time (rayon's workers are other
+//! threads).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -33,7 +44,8 @@ use courier::courier_pipeline::seal::{
     SealerConfig,
 };
 use courier::courier_pipeline::wire::{Message, Recipient};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use rayon::prelude::*;
 
 /// Messages per batch, as in a SUBMIT.
@@ -131,13 +143,14 @@ fn raw_seal(key: &LessSafeKey, counter: u64, aad: &[u8], payload: &[u8], out: &m
     out.extend_from_slice(tag.as_ref());
 }
 
-fn bench_seal(c: &mut Criterion) {
+fn bench_seal<M: Measurement>(c: &mut Criterion<M>) {
     let mut keys = DerivedKeys::new();
     keys.insert_root(BUSINESS, &RootKey::from_bytes([0x5a; 32]));
     let keys = Arc::new(keys);
     let aad = [0x33u8; AAD_BYTES];
 
     let mut seal = c.benchmark_group("seal");
+    seal.sampling_mode(sampling());
     seal.throughput(Throughput::Elements(BATCH_MESSAGES as u64));
     for size in PAYLOAD_SIZES {
         for (regime, recipients) in [
@@ -169,6 +182,7 @@ fn bench_seal(c: &mut Criterion) {
     seal.finish();
 
     let mut raw = c.benchmark_group("raw");
+    raw.sampling_mode(sampling());
     raw.throughput(Throughput::Elements(BATCH_MESSAGES as u64));
     let kb = key_bytes();
     for size in PAYLOAD_SIZES {
@@ -214,10 +228,11 @@ fn aes_gcm_seal(key: &Aes256Gcm, counter: u64, aad: &[u8], payload: &[u8], out: 
     out.extend_from_slice(&tag);
 }
 
-fn bench_impl(c: &mut Criterion) {
+fn bench_impl<M: Measurement>(c: &mut Criterion<M>) {
     let aad = [0x33u8; AAD_BYTES];
     let kb = key_bytes();
     let mut g = c.benchmark_group("impl");
+    g.sampling_mode(sampling());
     g.throughput(Throughput::Elements(BATCH_MESSAGES as u64));
     for size in PAYLOAD_SIZES {
         let p = payload(size);
@@ -274,12 +289,13 @@ fn bench_impl(c: &mut Criterion) {
     g.finish();
 }
 
-fn bench_parts(c: &mut Criterion) {
+fn bench_parts<M: Measurement>(c: &mut Criterion<M>) {
     let mut keys = DerivedKeys::new();
     keys.insert_root(BUSINESS, &RootKey::from_bytes([0x5a; 32]));
     let rs: Vec<Recipient> = (0..4096).map(recipient).collect();
     let kb = key_bytes();
     let mut g = c.benchmark_group("parts");
+    g.sampling_mode(sampling());
     g.throughput(Throughput::Elements(1));
     let mut i = 0;
     let mut out = RecipientKey::zeroed();
@@ -362,5 +378,73 @@ fn bench_par(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_seal, bench_impl, bench_parts, bench_par);
-criterion_main!(benches);
+fn cpu_clock() -> bool {
+    std::env::var("SEAL_BENCH_CLOCK").as_deref() == Ok("cpu")
+}
+
+/// Flat sampling on the coarse CPU clock, criterion's default otherwise.
+fn sampling() -> SamplingMode {
+    if cpu_clock() {
+        SamplingMode::Flat
+    } else {
+        SamplingMode::Auto
+    }
+}
+
+/// The bench thread's CPU time in nanoseconds, from the scheduler's accounting.
+struct ThreadCpu {
+    wall: WallTime,
+}
+
+fn thread_cpu_ns() -> u64 {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat")
+        .expect("SEAL_BENCH_CLOCK=cpu needs Linux with /proc/thread-self/schedstat");
+    s.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("schedstat starts with the run time in ns")
+}
+
+impl Measurement for ThreadCpu {
+    type Intermediate = u64;
+    type Value = std::time::Duration;
+
+    fn start(&self) -> u64 {
+        thread_cpu_ns()
+    }
+    fn end(&self, start: u64) -> std::time::Duration {
+        std::time::Duration::from_nanos(thread_cpu_ns() - start)
+    }
+    fn add(&self, a: &std::time::Duration, b: &std::time::Duration) -> std::time::Duration {
+        *a + *b
+    }
+    fn zero(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+    fn to_f64(&self, v: &std::time::Duration) -> f64 {
+        v.as_nanos() as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        // Nanoseconds either way: reuse the wall-time formatter.
+        self.wall.formatter()
+    }
+}
+
+fn main() {
+    if cpu_clock() {
+        let mut c = Criterion::default()
+            .with_measurement(ThreadCpu { wall: WallTime })
+            .configure_from_args();
+        bench_seal(&mut c);
+        bench_impl(&mut c);
+        bench_parts(&mut c);
+        c.final_summary();
+    } else {
+        let mut c = Criterion::default().configure_from_args();
+        bench_seal(&mut c);
+        bench_impl(&mut c);
+        bench_parts(&mut c);
+        bench_par(&mut c);
+        c.final_summary();
+    }
+}

@@ -11,7 +11,9 @@
 //!                 │  HELLO ──> registry::Registry::authenticate
 //!                 ▼
 //!               server::Server::poll_event() ──> Event::Submit { ticket, business, messages }
-//!                                                    │ the shell runs the stage chain
+//!                                                    │ the shell runs the stage chain:
+//!                                                    │ ingest, then seal::Sealer::seal_batch
+//!                                                    │ (per-recipient AES-256-GCM)
 //!               server::Server::ack(ticket, statuses) <─┘ (now, or once durable)
 //!                 │  ACK frame written on the submitting stream, in order
 //!                 ▼

@@ -367,8 +367,10 @@ impl<K: RecipientKeys> Sealer<K> {
         self.cache.capacity()
     }
 
-    /// Test and recovery hook: continue from `counter` (e.g. to exercise exhaustion).
-    pub fn with_counter(mut self, counter: u64) -> Sealer<K> {
+    /// Test hook: continue from `counter`, to exercise exhaustion. Not public: a counter
+    /// set back under a live epoch would repeat nonces.
+    #[cfg(test)]
+    pub(crate) fn with_counter(mut self, counter: u64) -> Sealer<K> {
         assert!(counter <= COUNTER_END);
         self.counter = counter;
         self

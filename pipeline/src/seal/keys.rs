@@ -102,8 +102,18 @@ pub enum UnwrapError {
 macro_rules! secret_bytes {
     ($(#[$doc:meta])* $name:ident, $len:expr) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq)]
+        #[derive(Clone)]
         pub struct $name([u8; $len]);
+
+        /// Constant time: comparing keys never leaks where they differ.
+        impl PartialEq for $name {
+            fn eq(&self, other: &$name) -> bool {
+                use subtle::ConstantTimeEq;
+                self.0.ct_eq(&other.0).into()
+            }
+        }
+
+        impl Eq for $name {}
 
         impl $name {
             /// Wraps raw bytes.

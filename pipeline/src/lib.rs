@@ -11,7 +11,10 @@
 //!                 │  HELLO ──> registry::Registry::authenticate
 //!                 ▼
 //!               server::Server::poll_batch() ──> SubmitBatch { ticket, business_id, messages }
-//!                                                    │ the shell runs the stage chain (ingest)
+//!                                                    │ the shell runs the stage chain:
+//!                                                    │ ingest::Ingest::check, seal::Sealer
+//!                                                    │ (per-recipient AES-256-GCM), then
+//!                                                    │ log::Log::append + group commit
 //!               server::Server::ack(ticket, statuses) <─┘ (now, or once durable)
 //!                 │  ACK frame written on the submitting stream, in order
 //!                 ▼
@@ -34,6 +37,7 @@ pub mod ingest;
 pub mod log;
 pub mod profile;
 pub mod registry;
+pub mod seal;
 pub mod server;
 pub mod sim;
 pub mod wire;

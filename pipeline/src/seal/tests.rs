@@ -1,0 +1,348 @@
+//! Round trips, tampering, nonce uniqueness across restarts, exhaustion, privacy.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::*;
+
+const MASTER: [u8; 32] = [0x4d; 32];
+const BUSINESS: u32 = 77;
+const DIGITS: &str = "4915112345678";
+
+fn recipient(i: u32) -> Recipient {
+    Recipient::parse(format!("+49151{i:08}").as_bytes()).unwrap()
+}
+
+fn message(client_id: u64, recipient: Recipient, payload: &[u8]) -> Message {
+    Message {
+        client_id,
+        recipient,
+        payload: Bytes::copy_from_slice(payload),
+    }
+}
+
+fn keys() -> Arc<DerivedKeys> {
+    let mut keys = DerivedKeys::new();
+    keys.insert_root(BUSINESS, &RootKey::from_bytes([0x11; 32]));
+    keys.insert_root(BUSINESS + 1, &RootKey::from_bytes([0x22; 32]));
+    Arc::new(keys)
+}
+
+fn sealer(keys: Arc<DerivedKeys>, epoch: u32, shard: u16) -> Sealer<Arc<DerivedKeys>> {
+    Sealer::new(
+        keys,
+        SealerConfig {
+            epoch,
+            shard,
+            cache_keys_max: 64,
+        },
+    )
+}
+
+fn key_of(keys: &DerivedKeys, business_id: u32, r: &Recipient) -> RecipientKey {
+    let mut k = RecipientKey::zeroed();
+    keys.recipient_key(business_id, r, &mut k).unwrap();
+    k
+}
+
+#[test]
+fn a_batch_round_trips_in_order_with_the_stated_layout() {
+    let keys = keys();
+    let mut s = sealer(keys.clone(), 3, 5);
+    let batch: Vec<Message> = (0..40)
+        .map(|i| {
+            message(
+                1000 + i,
+                recipient(i as u32 % 7),
+                &vec![i as u8; i as usize],
+            )
+        })
+        .collect();
+    let mut out = SealedBatch::new();
+    s.seal_batch(BUSINESS, &batch, &mut out).unwrap();
+    assert_eq!(out.len(), batch.len());
+    let mut plain = Vec::new();
+    for (i, (m, sealed)) in batch.iter().zip(out.iter()).enumerate() {
+        assert_eq!(sealed.len(), m.payload.len() + SEAL_OVERHEAD_BYTES);
+        assert_eq!(&sealed[..12], &nonce_bytes(3, 5, i as u64));
+        let k = key_of(&keys, BUSINESS, &m.recipient);
+        let p = open(&k, BUSINESS, &m.recipient, m.client_id, sealed, &mut plain).unwrap();
+        assert_eq!(p, &m.payload[..]);
+    }
+    // 7 distinct recipients: 7 misses, the rest hits.
+    assert_eq!(
+        s.cache_stats(),
+        CacheStats {
+            hits: 33,
+            misses: 7
+        }
+    );
+    assert_eq!(s.nonces_left(), COUNTER_END - 40);
+}
+
+#[test]
+fn reusing_the_output_keeps_its_memory() {
+    let mut s = sealer(keys(), 1, 0);
+    let batch: Vec<Message> = (0..64)
+        .map(|i| message(i, recipient(i as u32), &[7; 1024]))
+        .collect();
+    let mut out = SealedBatch::new();
+    s.seal_batch(BUSINESS, &batch, &mut out).unwrap();
+    let held = out.capacity_bytes();
+    for _ in 0..10 {
+        out.clear();
+        s.seal_batch(BUSINESS, &batch, &mut out).unwrap();
+        assert_eq!(out.capacity_bytes(), held, "no growth once sized");
+    }
+}
+
+#[test]
+fn tampering_of_any_kind_fails_to_open() {
+    let keys = keys();
+    let mut s = sealer(keys.clone(), 9, 1);
+    let r = recipient(1);
+    let other = recipient(2);
+    let batch = [
+        message(500, r, b"meet at the usual place"),
+        message(501, r, b"a different message, same recipient"),
+    ];
+    let mut out = SealedBatch::new();
+    s.seal_batch(BUSINESS, &batch, &mut out).unwrap();
+    let sealed = out.get(0).unwrap().to_vec();
+    let k = key_of(&keys, BUSINESS, &r);
+    let mut plain = Vec::new();
+    assert!(open(&k, BUSINESS, &r, 500, &sealed, &mut plain).is_ok());
+    let fails = |k: &RecipientKey, b: u32, rc: &Recipient, id: u64, bytes: &[u8]| {
+        let mut p = Vec::new();
+        let e = open(k, b, rc, id, bytes, &mut p).unwrap_err();
+        assert!(p.is_empty(), "nothing unauthenticated is returned");
+        e
+    };
+
+    // A flipped bit anywhere: nonce, ciphertext, tag.
+    for byte in 0..sealed.len() {
+        for bit in [0, 7] {
+            let mut t = sealed.clone();
+            t[byte] ^= 1 << bit;
+            assert_eq!(
+                fails(&k, BUSINESS, &r, 500, &t),
+                OpenError::Authentication,
+                "byte {byte} bit {bit}"
+            );
+        }
+    }
+    // Truncated.
+    assert_eq!(
+        fails(&k, BUSINESS, &r, 500, &sealed[..27]),
+        OpenError::Truncated
+    );
+    assert_eq!(
+        fails(&k, BUSINESS, &r, 500, &sealed[..sealed.len() - 1]),
+        OpenError::Authentication
+    );
+    // A changed AAD field: business, recipient, client id.
+    fails(&k, BUSINESS + 1, &r, 500, &sealed);
+    fails(&k, BUSINESS, &other, 500, &sealed);
+    fails(&k, BUSINESS, &r, 501, &sealed);
+    // The wrong recipient's key, with that recipient's AAD or the right one.
+    let k_other = key_of(&keys, BUSINESS, &other);
+    fails(&k_other, BUSINESS, &r, 500, &sealed);
+    fails(&k_other, BUSINESS, &other, 500, &sealed);
+    // The same recipient of another business has another key.
+    let k_biz = key_of(&keys, BUSINESS + 1, &r);
+    fails(&k_biz, BUSINESS, &r, 500, &sealed);
+    // A replayed nonce: message 0's nonce spliced onto message 1's ciphertext and tag.
+    let second = out.get(1).unwrap();
+    let mut spliced = sealed[..12].to_vec();
+    spliced.extend_from_slice(&second[12..]);
+    fails(&k, BUSINESS, &r, 501, &spliced);
+    fails(&k, BUSINESS, &r, 500, &spliced);
+    // ... and message 0 moved under message 1's client id.
+    fails(&k, BUSINESS, &r, 501, &sealed);
+}
+
+#[test]
+fn restarts_with_fresh_epochs_never_repeat_a_nonce() {
+    // The caller persists epoch + 1 before each start; here many runs in a row, several
+    // shards each, few recipients so that most nonces fall under the same keys.
+    let keys = keys();
+    let batch: Vec<Message> = (0..50)
+        .map(|i| message(i, recipient(i as u32 % 3), b"x"))
+        .collect();
+    let mut seen: HashSet<(Vec<u8>, [u8; 12])> = HashSet::new();
+    let mut out = SealedBatch::new();
+    let mut sealed_total = 0;
+    for epoch in 1..=200u32 {
+        for shard in 0..3u16 {
+            let mut s = sealer(keys.clone(), epoch, shard);
+            for _ in 0..(1 + epoch % 3) {
+                out.clear();
+                s.seal_batch(BUSINESS, &batch, &mut out).unwrap();
+                for (m, sealed) in batch.iter().zip(out.iter()) {
+                    let key = key_of(&keys, BUSINESS, &m.recipient).as_bytes().to_vec();
+                    let nonce: [u8; 12] = sealed[..12].try_into().unwrap();
+                    assert!(seen.insert((key, nonce)), "nonce repeated under a key");
+                    sealed_total += 1;
+                }
+            }
+            // The sealer is dropped: a crash loses its counter, never its epoch.
+        }
+    }
+    assert_eq!(seen.len(), sealed_total);
+    assert!(sealed_total > 50_000);
+}
+
+#[test]
+fn the_counter_refuses_to_wrap_and_a_refused_batch_leaves_out_untouched() {
+    let mut s = sealer(keys(), 4, 2).with_counter(COUNTER_END - 3);
+    let batch: Vec<Message> = (0..2).map(|i| message(i, recipient(1), b"p")).collect();
+    let mut out = SealedBatch::new();
+    s.seal_batch(BUSINESS, &batch, &mut out).unwrap();
+    assert_eq!(
+        &out.get(1).unwrap()[..12],
+        &nonce_bytes(4, 2, COUNTER_END - 2)
+    );
+    let before = out.as_bytes().to_vec();
+    let err = s.seal_batch(BUSINESS, &batch, &mut out).unwrap_err();
+    assert_eq!(err, SealError::NoncesExhausted { epoch: 4, shard: 2 });
+    assert_eq!(out.as_bytes(), &before[..]);
+    assert_eq!(out.len(), 2);
+    // The last counter is still usable one message at a time, then nothing.
+    s.seal(BUSINESS, &batch[0], &mut out).unwrap();
+    assert_eq!(
+        &out.get(2).unwrap()[..12],
+        &nonce_bytes(4, 2, COUNTER_END - 1)
+    );
+    assert_eq!(s.nonces_left(), 0);
+    assert!(matches!(
+        s.seal(BUSINESS, &batch[0], &mut out),
+        Err(SealError::NoncesExhausted { .. })
+    ));
+}
+
+#[test]
+fn an_unknown_business_fails_the_whole_batch_and_burns_no_reused_nonce() {
+    let mut s = sealer(keys(), 1, 0);
+    let batch = [
+        message(1, recipient(1), b"a"),
+        message(2, recipient(2), b"b"),
+    ];
+    let mut out = SealedBatch::new();
+    s.seal_batch(BUSINESS, &batch[..1], &mut out).unwrap();
+    let err = s.seal_batch(999, &batch, &mut out).unwrap_err();
+    assert_eq!(
+        err,
+        SealError::Key(KeyError::UnknownBusiness { business_id: 999 })
+    );
+    assert_eq!(out.len(), 1);
+    // The failed attempt consumed a counter; the next message gets a later one.
+    s.seal(BUSINESS, &batch[1], &mut out).unwrap();
+    assert_eq!(&out.get(1).unwrap()[..12], &nonce_bytes(1, 0, 2));
+}
+
+#[test]
+fn wrapped_root_keys_feed_the_sealer() {
+    use rand::{rngs::StdRng, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(7);
+    let root = RootKey::generate(&mut rng);
+    let wrapped = wrap_root_key(&MASTER, BUSINESS, &root, &mut rng);
+    let mut keys = DerivedKeys::new();
+    keys.insert_wrapped(&MASTER, BUSINESS, &wrapped).unwrap();
+    let mut s = Sealer::new(
+        keys,
+        SealerConfig {
+            epoch: 1,
+            shard: 0,
+            cache_keys_max: 8,
+        },
+    );
+    let m = message(3, recipient(3), b"hello");
+    let mut out = SealedBatch::new();
+    s.seal(BUSINESS, &m, &mut out).unwrap();
+    // The recipient side derives the same key from the unwrapped root.
+    let mut theirs = DerivedKeys::new();
+    theirs.insert_root(
+        BUSINESS,
+        &unwrap_root_key(&MASTER, BUSINESS, &wrapped).unwrap(),
+    );
+    let k = key_of(&theirs, BUSINESS, &m.recipient);
+    let mut plain = Vec::new();
+    assert_eq!(
+        open(
+            &k,
+            BUSINESS,
+            &m.recipient,
+            3,
+            out.get(0).unwrap(),
+            &mut plain
+        )
+        .unwrap(),
+        b"hello"
+    );
+    // Replacing a business's root key requires dropping its cached keys.
+    s.keys_mut()
+        .insert_root(BUSINESS, &RootKey::from_bytes([5; 32]));
+    s.forget_business(BUSINESS);
+    out.clear();
+    s.seal(BUSINESS, &m, &mut out).unwrap();
+    assert!(open(
+        &k,
+        BUSINESS,
+        &m.recipient,
+        3,
+        out.get(0).unwrap(),
+        &mut plain
+    )
+    .is_err());
+}
+
+#[test]
+fn debug_output_never_shows_keys_digits_or_payloads() {
+    let keys = keys();
+    let r = Recipient::parse(format!("+{DIGITS}").as_bytes()).unwrap();
+    let payload = b"SECRET-PAYLOAD-TEXT";
+    let mut s = sealer(keys.clone(), 1, 0);
+    let mut out = SealedBatch::new();
+    s.seal(BUSINESS, &message(1, r, payload), &mut out).unwrap();
+    let root = RootKey::from_bytes([0xab; 32]);
+    let k = key_of(&keys, BUSINESS, &r);
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
+    let wrapped = wrap_root_key(&MASTER, BUSINESS, &root, &mut rng);
+    let texts = [
+        format!("{s:?}"),
+        format!("{out:?}"),
+        format!("{keys:?}"),
+        format!("{root:?}"),
+        format!("{k:?}"),
+        format!("{wrapped:?}"),
+        format!(
+            "{:?}",
+            SealError::Key(KeyError::NoRecipientKey { business_id: 1 })
+        ),
+        format!(
+            "{}",
+            SealError::Key(KeyError::NoRecipientKey { business_id: 1 })
+        ),
+        format!("{:?}", OpenError::Authentication),
+        format!("{:?}", UnwrapError::Authentication { business_id: 1 }),
+        format!("{:?}", s.cache_stats()),
+    ];
+    let secrets: Vec<String> = vec![
+        DIGITS.to_string(),
+        String::from_utf8_lossy(payload).into_owned(),
+        hex::encode(root.as_bytes()),
+        hex::encode(k.as_bytes()),
+        format!("{:?}", root.as_bytes()),
+        format!("{:?}", k.as_bytes()),
+        "171, 171".into(),
+        "0xab".into(),
+    ];
+    for t in &texts {
+        for secret in &secrets {
+            assert!(!t.contains(secret.as_str()), "{t} shows a secret");
+        }
+        assert!(!t.contains(&hex::encode(&k.as_bytes()[..4])), "{t}");
+    }
+}

@@ -17,8 +17,12 @@ use std::thread::JoinHandle;
 use courier_pipeline::ingest::Ingest;
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::Registry;
+use courier_pipeline::seal::{SealedBatch, Sealer, SealerConfig};
 use courier_pipeline::server::{Server, ServerParts, ServerStats};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// Expanded recipient keys each shard's sealer caches (about 0.6 KiB each).
+pub const SEAL_CACHE_KEYS: usize = 4096;
 
 use crate::shard::{Forwarded, Peer, Shard, ShardCounters, FORWARD_QUEUE_MAX};
 use crate::store::{MasterKeyText, ShardStore, StoreError};
@@ -69,6 +73,12 @@ pub enum ServeError {
         #[source]
         source: StoreError,
     },
+    /// The business root keys could not be loaded or created.
+    #[error("business keys: {0}")]
+    BusinessKeys(String),
+    /// A shard's nonce epoch no longer fits the sealer's 32 bits: rotate the log's keyring.
+    #[error("shard {0}: nonce epoch exhausted")]
+    EpochExhausted(usize),
     /// A shard thread panicked: a bug.
     #[error("shard {0} panicked")]
     Panicked(usize),
@@ -254,6 +264,16 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         .map_err(|e| ServeError::Tls(e.to_string()))?;
     let quic_crypto: Arc<dyn quinn_proto::crypto::ServerConfig> = Arc::new(quic_crypto);
 
+    // Before any shard starts: every business has a root key, and the master key unwraps
+    // every existing one (a wrong master key stops here, before any data is touched).
+    std::fs::create_dir_all(&opts.data_dir).map_err(|source| ServeError::File {
+        path: opts.data_dir.clone(),
+        source,
+    })?;
+    let business_keys =
+        crate::business_keys::load_or_create(&opts.data_dir, &opts.master_key, &opts.registry)
+            .map_err(ServeError::BusinessKeys)?;
+
     let cpus = uring::available_cpus().map_err(ServeError::Cpu)?;
     let shards = match profile.shards {
         0 => cpus.len().max(1),
@@ -302,6 +322,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         let waker_tx = waker_tx.clone();
         let crypto = quic_crypto.clone();
         let master_key = opts.master_key.clone();
+        let business_keys = business_keys.clone();
         let data_dir = opts.data_dir.clone();
         let cpu = profile.io.pin_threads.then(|| cpus[index % cpus.len()]);
         let thread = std::thread::Builder::new()
@@ -332,6 +353,19 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
                         });
                     }
                 };
+                // The sealer's nonces use the epoch the log just persisted for this run.
+                let Ok(epoch) = u32::try_from(store.log().epoch()) else {
+                    let _ = waker_tx.send(Err(index));
+                    return Err(ServeError::EpochExhausted(index));
+                };
+                let sealer = Sealer::new(
+                    business_keys,
+                    SealerConfig {
+                        epoch,
+                        shard: index as u16,
+                        cache_keys_max: SEAL_CACHE_KEYS,
+                    },
+                );
                 let _ = waker_tx.send(Ok((index, ring.waker())));
                 let Ok(peers) = peers_rx.recv() else {
                     return Ok(ServerStats::default());
@@ -354,6 +388,8 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
                     server,
                     ingest: Ingest::new(index as u16, profile.limits.payload_bytes_max, 0),
                     store,
+                    sealer,
+                    sealed: SealedBatch::new(),
                     peers,
                     inbox,
                     shutdown,

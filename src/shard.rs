@@ -25,9 +25,12 @@ use bytes::BytesMut;
 use courier_pipeline::cid::owner_shard;
 use courier_pipeline::ingest::Ingest;
 use courier_pipeline::log::{LogError, Record, RecordHeader};
+use courier_pipeline::seal::keys::DerivedKeys;
+use courier_pipeline::seal::{SealError, SealedBatch, Sealer};
 use courier_pipeline::server::{Server, ServerStats, SubmitBatch, Ticket};
 use courier_pipeline::wire::{code, LogPosition, Reason, Status};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use std::sync::Arc as StdArc;
 
 use crate::store::ShardStore;
 use crate::uring::{FileDone, RingEvent, UdpRing, Waker};
@@ -102,6 +105,10 @@ pub struct Shard {
     pub ingest: Ingest,
     /// The shard's log.
     pub store: ShardStore,
+    /// Seals each accepted message for its recipient before it reaches the log.
+    pub sealer: Sealer<StdArc<DerivedKeys>>,
+    /// Reused output of the sealer.
+    pub sealed: SealedBatch,
     /// Every shard's peer handle, this one's included (index = shard).
     pub peers: Vec<Peer>,
     /// Datagrams other shards forwarded here.
@@ -211,23 +218,47 @@ impl Shard {
         awaiting: &mut VecDeque<Awaiting>,
     ) -> Option<SubmitBatch> {
         let mut statuses = Vec::with_capacity(batch.messages.len());
-        let mut records = Vec::with_capacity(batch.messages.len());
+        self.sealed.clear();
+        // Per message: the checks, then sealing for its recipient; the sealed bytes are
+        // what the log stores. `sealed_of[i]` is the index in `self.sealed` of message i.
+        let mut sealed_of = Vec::with_capacity(batch.messages.len());
         for m in &batch.messages {
-            match self.ingest.check(m) {
-                Some(reason) => statuses.push(Status::Rejected(reason)),
-                None => {
-                    // Placeholder until the log gives the position.
-                    statuses.push(Status::Accepted(LogPosition(u64::MAX)));
-                    records.push(Record {
-                        header: RecordHeader {
-                            business_id: batch.business_id,
-                            time_ms: now_ms,
-                            client_id: m.client_id,
-                            recipient: m.recipient,
-                        },
-                        payload: &m.payload,
-                    });
-                }
+            let status = match self.ingest.check(m) {
+                Some(reason) => Status::Rejected(reason),
+                None => match self.sealer.seal(batch.business_id, m, &mut self.sealed) {
+                    Ok(()) => {
+                        sealed_of.push(self.sealed.len() - 1);
+                        // Placeholder until the log gives the position.
+                        Status::Accepted(LogPosition(u64::MAX))
+                    }
+                    Err(SealError::Key(e)) => {
+                        tracing::warn!(business = batch.business_id, error = %e, "no sealing key for this business");
+                        Status::Rejected(Reason::Unauthorized)
+                    }
+                    Err(e @ SealError::NoncesExhausted { .. }) => {
+                        tracing::error!(shard = self.index, error = %e, "sealer exhausted: restart the shard");
+                        Status::Rejected(Reason::StorageUnavailable)
+                    }
+                },
+            };
+            statuses.push(status);
+        }
+        let mut records = Vec::with_capacity(sealed_of.len());
+        let mut next_sealed = sealed_of.iter();
+        for (m, s) in batch.messages.iter().zip(&statuses) {
+            if matches!(s, Status::Accepted(_)) {
+                let i = *next_sealed
+                    .next()
+                    .expect("one sealed message per accepted one");
+                records.push(Record {
+                    header: RecordHeader {
+                        business_id: batch.business_id,
+                        time_ms: now_ms,
+                        client_id: m.client_id,
+                        recipient: m.recipient,
+                    },
+                    payload: self.sealed.get(i).expect("sealed above"),
+                });
             }
         }
         if records.is_empty() {

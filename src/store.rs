@@ -119,6 +119,14 @@ impl MasterKeyText {
     fn parse(&self) -> MasterKey {
         MasterKey::parse(&self.0).expect("checked in new")
     }
+
+    /// The key's 32 bytes, for wrapping the business root keys.
+    pub(crate) fn key_bytes(&self) -> [u8; 32] {
+        let text = self.parse().to_file_text();
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(&text.trim().as_bytes()[..64], &mut out).expect("parsed above");
+        out
+    }
 }
 
 /// Writes a new random master key to `path` with mode 0600; refuses to overwrite.

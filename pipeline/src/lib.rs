@@ -25,6 +25,7 @@
 #![warn(missing_docs)]
 
 pub mod cid;
+pub mod detect;
 pub mod ingest;
 pub mod profile;
 pub mod registry;

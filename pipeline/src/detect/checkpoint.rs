@@ -1,7 +1,8 @@
 //! Checkpoint of a detector: versioned, CRC-framed, sketches and counters only.
 //!
 //! ```text
-//! "CDET" | version:u16 | config fingerprint | count:u32 | count * business | crc32c:u32
+//! "CDET" | version:u16 | config fingerprint | sharded:u8 | count:u32 | count * business
+//!        | crc32c:u32
 //! ```
 //!
 //! Little endian throughout. A business holds its control (pause and limits with their
@@ -320,6 +321,7 @@ impl Detector {
         w.bytes(MAGIC);
         w.u16(VERSION);
         fingerprint(&mut w, &self.cfg);
+        w.u8(u8::from(self.exporting));
         let mut ids: Vec<u32> = self.businesses.keys().copied().collect();
         ids.sort_unstable();
         w.u32(ids.len() as u32);
@@ -350,6 +352,11 @@ impl Detector {
             return Err(CheckpointError::Checksum);
         }
         check_fingerprint(&mut r, &self.cfg)?;
+        let exporting = match r.u8()? {
+            0 => false,
+            1 => true,
+            _ => return Err(CheckpointError::Corrupt("sharded flag")),
+        };
         let n = r.u32()?;
         if n > self.cfg.businesses_max {
             return Err(CheckpointError::TooManyBusinesses);
@@ -368,6 +375,7 @@ impl Detector {
             *slot = st;
         }
         self.dirty.clear();
+        self.exporting |= exporting;
         Ok(())
     }
 }

@@ -16,7 +16,7 @@
 //!    once durable.
 //!  platform REPORT frame -> Detector::report_entries(now, entries)
 //!  every <= 100 ms (shell, crossbeam channel between shards):
-//!    let d = det.export_delta(); send d to every peer; peer.merge(now, &d)
+//!    let d = det.export_delta(now); send d to every peer; peer.merge(now, &d)
 //!  operator: unpause(id), set_limits(id, tier, mps); status: signals(), poll_signal()
 //!  on shutdown / periodically: checkpoint() -> bytes; on start: restore(&bytes)
 //! ```
@@ -355,6 +355,8 @@ pub struct Detector {
     dirty: Vec<u32>,
     events: Vec<Event>,
     exporting: bool,
+    last_export_ms: u64,
+    peers_merged: u32,
     signals: VecDeque<BusinessSignal>,
     stats: DetectStats,
 }
@@ -380,6 +382,8 @@ impl Detector {
             dirty: Vec::new(),
             events: Vec::new(),
             exporting: false,
+            last_export_ms: 0,
+            peers_merged: 0,
             signals: VecDeque::new(),
             stats: DetectStats::default(),
         }
@@ -657,11 +661,23 @@ impl Detector {
     }
 
     /// Takes what this shard learned since the last call, for every peer, and rebalances
-    /// this shard's share of each business's rate from the demand seen by all shards.
-    /// Call every ≤ 100 ms when the process runs more than one shard; a single shard never
-    /// needs to (and then records no events).
-    pub fn export_delta(&mut self) -> Delta {
+    /// this shard's share of each business's rate. Call every ≤ 100 ms when the process
+    /// runs more than one shard, after merging the peers' previous deltas; a single shard
+    /// never needs to (and then records no events).
+    ///
+    /// Shares: over the last interval the business could send `L = mps × interval`
+    /// messages. When the shards together wanted fewer, each gets its own demand plus an
+    /// equal part of the spare; otherwise each gets its part of the demand. The shares sum
+    /// to one, so the admitted rate over all shards stays within `mps` (plus one
+    /// second of burst), and a business far below its limit is never throttled by the
+    /// split. No share falls below 1/64, so a shard that starts seeing a business can
+    /// admit at once and make its demand known.
+    pub fn export_delta(&mut self, now_ms: u64) -> Delta {
         self.exporting = true;
+        let interval_ms = now_ms.saturating_sub(self.last_export_ms).clamp(1, 1_000);
+        self.last_export_ms = now_ms;
+        let shards = u64::from(self.peers_merged) + 1;
+        self.peers_merged = 0;
         let mut d = Delta {
             events: std::mem::take(&mut self.events),
             businesses: Vec::with_capacity(self.dirty.len()),
@@ -681,12 +697,12 @@ impl Detector {
                 day: st.day,
                 control: st.control,
             });
-            let own = u64::from(st.demand);
-            let peers = u64::from(st.peer_demand);
-            if own + peers > 0 {
-                let share = (own * u64::from(SHARE_FULL_PPM) / (own + peers)) as u32;
-                st.share_ppm = share.max(SHARE_MIN_PPM);
-            }
+            st.share_ppm = share_ppm(
+                u64::from(st.demand),
+                u64::from(st.peer_demand),
+                u64::from(st.effective().1) * interval_ms,
+                shards,
+            );
             st.demand = 0;
             st.peer_demand = 0;
             st.iv_distinct = 0;
@@ -696,10 +712,15 @@ impl Detector {
             st.iv_accepted = 0;
             st.dirty = false;
         }
-        // Businesses that went quiet here while peers still send: shrink to the floor.
+        // Businesses quiet here while peers send: own demand 0.
         for st in self.businesses.values_mut() {
-            if !st.dirty && st.peer_demand > 0 {
-                st.share_ppm = SHARE_MIN_PPM;
+            if st.peer_demand > 0 {
+                st.share_ppm = share_ppm(
+                    0,
+                    u64::from(st.peer_demand),
+                    u64::from(st.effective().1) * interval_ms,
+                    shards,
+                );
                 st.peer_demand = 0;
             }
         }
@@ -709,6 +730,7 @@ impl Detector {
     /// Folds a peer shard's delta into this detector.
     pub fn merge(&mut self, now_ms: u64, delta: &Delta) {
         self.exporting = true;
+        self.peers_merged = self.peers_merged.saturating_add(1);
         let window_ms = u64::from(self.cfg.same_recipient_window_ms);
         let mut rerate = Vec::new();
         for b in &delta.businesses {
@@ -771,6 +793,23 @@ impl Detector {
             self.rerate(id);
         }
     }
+}
+
+/// This shard's share of a rate, in ppm: `own` and `peers` messages wanted in the last
+/// interval, `allowed_milli` = mps × interval ms (messages × 1000), over `shards`.
+fn share_ppm(own: u64, peers: u64, allowed_milli: u64, shards: u64) -> u32 {
+    let full = u64::from(SHARE_FULL_PPM);
+    let own = own * 1000;
+    let want = own + peers * 1000;
+    let share = if want == 0 {
+        full / shards
+    } else if want < allowed_milli {
+        let spare = allowed_milli - want;
+        (own + spare / shards) * full / allowed_milli
+    } else {
+        own * full / want
+    };
+    (share as u32).clamp(SHARE_MIN_PPM, SHARE_FULL_PPM)
 }
 
 fn get_or_create<'a>(

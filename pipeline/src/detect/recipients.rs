@@ -249,14 +249,16 @@ pub(crate) struct HllRing {
     pub(crate) slot_hour: [u32; HOURS],
     pub(crate) latest_hour: u32,
     union: Vec<u8>,
-    sum: f64,
+    /// Sum of `2^(32 - M[j])` over the union: exact integer arithmetic, so a sketch
+    /// rebuilt from a checkpoint estimates exactly what the original did.
+    sum: u64,
     zeros: u32,
     estimate: u64,
 }
 
 impl HllRing {
     pub(crate) fn new(p: u8) -> HllRing {
-        assert!((4..=16).contains(&p), "HLL precision {p} out of range");
+        assert!((8..=16).contains(&p), "HLL precision {p} out of range");
         let m = 1usize << p;
         HllRing {
             p,
@@ -264,7 +266,7 @@ impl HllRing {
             slot_hour: [u32::MAX; HOURS],
             latest_hour: 0,
             union: vec![0; m],
-            sum: m as f64,
+            sum: (m as u64) << 32,
             zeros: m as u32,
             estimate: 0,
         }
@@ -293,9 +295,10 @@ impl HllRing {
         rank > self.union[idx]
     }
 
+    /// `2^-rank` scaled by `2^32`; ranks never exceed `33 - p` <= 25.
     #[inline]
-    fn pow2_neg(rank: u8) -> f64 {
-        f64::from_bits((1023 - u64::from(rank)) << 52)
+    fn pow2_neg(rank: u8) -> u64 {
+        1u64 << (32 - u32::from(rank))
     }
 
     pub(crate) fn advance(&mut self, hour: u32) {
@@ -338,7 +341,7 @@ impl HllRing {
     fn refresh_estimate(&mut self) {
         let m = (1u64 << self.p) as f64;
         let alpha = 0.7213 / (1.0 + 1.079 / m);
-        let raw = alpha * m * m / self.sum;
+        let raw = alpha * m * m / (self.sum as f64 / 4_294_967_296.0);
         let e = if raw <= 2.5 * m && self.zeros > 0 {
             m * (m / f64::from(self.zeros)).ln()
         } else {
@@ -369,7 +372,7 @@ impl HllRing {
         }
         let u = self.union[idx];
         if rank > u {
-            self.sum += Self::pow2_neg(rank) - Self::pow2_neg(u);
+            self.sum = self.sum + Self::pow2_neg(rank) - Self::pow2_neg(u);
             if u == 0 {
                 self.zeros -= 1;
             }

@@ -221,7 +221,7 @@ fn debug_and_checkpoint_hold_no_recipient() {
     for (i, r) in numbers.iter().enumerate() {
         d.observe(i as u64 * 50, &b, r);
     }
-    let dbg = format!("{d:?} {:?}", d.export_delta());
+    let dbg = format!("{d:?} {:?}", d.export_delta(20_000));
     let bytes = d.checkpoint();
     for r in &numbers {
         let digits = &r.as_str()[1..];

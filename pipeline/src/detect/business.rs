@@ -104,7 +104,10 @@ impl BusinessState {
             hour: 0,
             recipients: Recipients::new(cfg.exact_recipients_max as usize),
             filter: PastFilter::new(cfg.past_filter_bytes as usize),
-            counts: RecipientCounts::new(cfg.same_recipient_sketch_width as usize),
+            counts: RecipientCounts::new(
+                cfg.same_recipient_sketch_width as usize,
+                cfg.same_recipient_window_ms,
+            ),
             tick: 0,
             ring_distinct: [0; FAN_TICKS],
             ring_new: [0; FAN_TICKS],
@@ -146,6 +149,18 @@ impl BusinessState {
         (tier, mps)
     }
 
+    /// Reads, up front, every cache line that deciding a message for `h` will touch:
+    /// the loads are independent, so their misses overlap instead of queueing one after
+    /// another behind the checks' branches (state of a cold business is mostly out of
+    /// cache). `black_box` keeps the loads from being sunk to their later uses.
+    #[inline(always)]
+    pub(crate) fn touch(&self, h: u64, hour: u32) {
+        let x = self.counts.touch(h)
+            ^ self.filter.touch(h)
+            ^ self.recipients.touch((h >> 32) as u32, hour);
+        std::hint::black_box(x);
+    }
+
     /// Moves every clock-driven structure to `now_ms`.
     #[inline]
     pub(crate) fn advance(&mut self, now_ms: u64, cfg: &DetectConfig) {
@@ -155,8 +170,7 @@ impl BusinessState {
             self.recipients.advance(hour);
             self.refresh_rating_with(cfg);
         }
-        self.counts
-            .advance(now_ms / u64::from(cfg.same_recipient_window_ms));
+        self.counts.advance(now_ms);
         let tick = now_ms / FAN_TICK_MS;
         if tick > self.tick {
             let steps = (tick - self.tick).min(FAN_TICKS as u64);

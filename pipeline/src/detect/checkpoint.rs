@@ -187,8 +187,9 @@ fn write_business(w: &mut W, id: u32, st: &BusinessState) {
         w.u64(*x);
     }
     w.u64(st.counts.window);
-    w.bytes(&st.counts.cur);
-    w.bytes(&st.counts.prev);
+    for c in &st.counts.cells {
+        w.bytes(c);
+    }
     w.u64(st.tick);
     for i in 0..FAN_TICKS {
         w.u32(st.ring_distinct[i]);
@@ -286,10 +287,10 @@ fn read_business(
     for i in 0..st.filter.old.len() {
         st.filter.old[i] = r.u64()?;
     }
-    st.counts.window = r.u64()?;
-    let n = st.counts.cur.len();
-    st.counts.cur.copy_from_slice(r.take(n)?);
-    st.counts.prev.copy_from_slice(r.take(n)?);
+    st.counts.set_window(r.u64()?);
+    for c in &mut st.counts.cells {
+        c.copy_from_slice(r.take(2)?);
+    }
     st.tick = r.u64()?;
     for i in 0..FAN_TICKS {
         st.ring_distinct[i] = r.u32()?;

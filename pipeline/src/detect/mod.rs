@@ -453,6 +453,7 @@ impl Detector {
                 retry_after_ms: 1000,
             };
         };
+        st.touch(h, (now_ms / MS_PER_HOUR) as u32);
         st.caller_limits = (business.tier, business.mps);
         st.advance(now_ms, cfg);
         st.demand = st.demand.saturating_add(1);
@@ -480,12 +481,9 @@ impl Detector {
             }
         }
 
-        let window_ms = u64::from(cfg.same_recipient_window_ms);
-        let into = now_ms % window_ms;
-        let permille = (into * 1000 / window_ms) as u32;
-        if st.counts.estimate(h, permille) >= cfg.same_recipient_max {
+        if st.counts.at_limit(h, now_ms, cfg.same_recipient_max) {
             return Verdict::Throttle {
-                retry_after_ms: (window_ms - into).max(1) as u32,
+                retry_after_ms: st.counts.retry_ms(now_ms),
             };
         }
 
@@ -731,7 +729,6 @@ impl Detector {
     pub fn merge(&mut self, now_ms: u64, delta: &Delta) {
         self.exporting = true;
         self.peers_merged = self.peers_merged.saturating_add(1);
-        let window_ms = u64::from(self.cfg.same_recipient_window_ms);
         let mut rerate = Vec::new();
         for b in &delta.businesses {
             let cfg = &self.cfg;
@@ -779,7 +776,7 @@ impl Detector {
                 continue;
             };
             st.advance(now_ms.max(e.at_ms), cfg);
-            if e.at_ms / window_ms == st.counts.window {
+            if st.counts.in_window(e.at_ms) {
                 st.counts.increment(e.hash);
             }
             st.recipients.insert(

@@ -68,6 +68,19 @@ impl Recipients {
         }
     }
 
+    /// Loads what an insert of `tag` in `hour` reads (see `BusinessState::touch`).
+    #[inline(always)]
+    pub(crate) fn touch(&self, tag: u32, hour: u32) -> u64 {
+        match self {
+            Recipients::Exact(e) => e.slots[e.start(tag)],
+            Recipients::Sketch(h) => {
+                let (idx, _) = h.split(tag);
+                let s = (hour % HOURS as u32) as usize;
+                u64::from(h.union[idx] ^ h.regs[(s << h.p) + idx])
+            }
+        }
+    }
+
     #[inline]
     pub(crate) fn member(&self, tag: u32) -> Member {
         match self {
@@ -109,22 +122,22 @@ impl Recipients {
     }
 }
 
-/// Exact set of tags with the hour (mod 24) each was last seen.
+/// Exact set of tags with the hour (mod 24) each was last seen, packed one per `u64`
+/// (`present << 63 | tag << 8 | hour slot`; 0 is empty) so a probe touches one cache
+/// line.
 pub(crate) struct ExactSet {
-    tags: Vec<u32>,
-    slots: Vec<u8>,
+    slots: Vec<u64>,
     pub(crate) len: usize,
     max: usize,
     pub(crate) latest_hour: u32,
 }
 
-const EMPTY_TAG: u32 = 0;
+const PRESENT: u64 = 1 << 63;
 
 impl ExactSet {
     pub(crate) fn new(max: usize) -> ExactSet {
         let cap = (max * 2).next_power_of_two();
         ExactSet {
-            tags: vec![EMPTY_TAG; cap],
             slots: vec![0; cap],
             len: 0,
             max,
@@ -134,32 +147,30 @@ impl ExactSet {
 
     /// Bytes a set for `max` tags holds on the heap.
     pub(crate) fn heap_bytes_for(max: usize) -> usize {
-        (max * 2).next_power_of_two() * 5
+        (max * 2).next_power_of_two() * 8
     }
 
     fn heap_bytes(&self) -> usize {
-        self.tags.capacity() * 4 + self.slots.capacity()
+        self.slots.capacity() * 8
     }
 
     #[inline]
-    fn norm(tag: u32) -> u32 {
-        // 0 marks an empty slot; fold it onto 1 (one more collision in 2^32).
-        tag.max(1)
+    fn start(&self, tag: u32) -> usize {
+        (tag.wrapping_mul(0x9e37_79b9) >> 7) as usize & (self.slots.len() - 1)
     }
 
     #[inline]
     fn find(&self, tag: u32) -> Option<usize> {
-        let tag = Self::norm(tag);
-        let mask = self.tags.len() - 1;
-        let mut i = (tag.wrapping_mul(0x9e37_79b9) >> 7) as usize & mask;
+        let mask = self.slots.len() - 1;
+        let mut i = self.start(tag);
         // Load stays <= 1/2, so a probe run ends at an empty slot.
         loop {
-            let t = self.tags[i];
-            if t == tag {
-                return Some(i);
-            }
-            if t == EMPTY_TAG {
+            let e = self.slots[i];
+            if e == 0 {
                 return None;
+            }
+            if (e >> 8) as u32 == tag {
+                return Some(i);
             }
             i = (i + 1) & mask;
         }
@@ -180,24 +191,23 @@ impl ExactSet {
         }
         let slot = (hour % HOURS as u32) as u8;
         let age_new = self.latest_hour - hour;
-        let tag = Self::norm(tag);
-        let mask = self.tags.len() - 1;
-        let mut i = (tag.wrapping_mul(0x9e37_79b9) >> 7) as usize & mask;
+        let entry = PRESENT | (u64::from(tag) << 8) | u64::from(slot);
+        let mask = self.slots.len() - 1;
+        let mut i = self.start(tag);
         loop {
-            let t = self.tags[i];
-            if t == tag {
-                if age_new < self.age(self.slots[i]) {
-                    self.slots[i] = slot;
-                }
-                return true;
-            }
-            if t == EMPTY_TAG {
+            let e = self.slots[i];
+            if e == 0 {
                 if self.len >= self.max {
                     return false;
                 }
-                self.tags[i] = tag;
-                self.slots[i] = slot;
+                self.slots[i] = entry;
                 self.len += 1;
+                return true;
+            }
+            if (e >> 8) as u32 == tag {
+                if age_new < self.age(e as u8) {
+                    self.slots[i] = entry;
+                }
                 return true;
             }
             i = (i + 1) & mask;
@@ -211,7 +221,7 @@ impl ExactSet {
         }
         let old: Vec<(u32, u32)> = self.entries().collect();
         self.latest_hour = hour;
-        self.tags.fill(EMPTY_TAG);
+        self.slots.fill(0);
         self.len = 0;
         for (t, h) in old {
             if h + HOURS as u32 > hour {
@@ -223,11 +233,12 @@ impl ExactSet {
 
     /// Every (tag, absolute hour last seen).
     pub(crate) fn entries(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
-        self.tags
-            .iter()
-            .zip(&self.slots)
-            .filter(|(t, _)| **t != EMPTY_TAG)
-            .map(|(t, s)| (*t, self.latest_hour.saturating_sub(self.age(*s))))
+        self.slots.iter().filter(|e| **e != 0).map(|e| {
+            (
+                (e >> 8) as u32,
+                self.latest_hour.saturating_sub(self.age(*e as u8)),
+            )
+        })
     }
 
     pub(crate) fn restore(max: usize, latest_hour: u32, entries: &[(u32, u32)]) -> ExactSet {

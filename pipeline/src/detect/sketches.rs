@@ -51,6 +51,14 @@ impl PastFilter {
         (0..3).all(|i| v[idx[i]] & bits[i] != 0)
     }
 
+    /// Loads the words a lookup of `h` reads, so their cache misses overlap with the
+    /// other sketches' (see `BusinessState::touch`).
+    #[inline(always)]
+    pub(crate) fn touch(&self, h: u64) -> u64 {
+        let (_, _, idx) = Self::probe(self.cur.len(), h);
+        self.cur[idx[0]] ^ self.old[idx[0]]
+    }
+
     #[inline]
     pub(crate) fn contains(&self, h: u64) -> bool {
         let (_, bits, idx) = Self::probe(self.cur.len(), h);
@@ -86,75 +94,122 @@ impl PastFilter {
 /// high-volume business may be throttled early on a recipient: size
 /// `same_recipient_sketch_width` to the largest `mps × window`.
 pub(crate) struct RecipientCounts {
-    pub(crate) cur: Vec<u8>,
-    pub(crate) prev: Vec<u8>,
+    /// `(current, previous)` counter pairs, row 0 then row 1: one cache line serves
+    /// both windows of a cell.
+    pub(crate) cells: Vec<[u8; 2]>,
     pub(crate) window: u64,
+    window_ms: u64,
+    start_ms: u64,
+    end_ms: u64,
 }
 
 impl RecipientCounts {
-    pub(crate) fn new(width: usize) -> RecipientCounts {
-        assert!(width.is_power_of_two());
+    pub(crate) fn new(width: usize, window_ms: u32) -> RecipientCounts {
+        assert!(width.is_power_of_two() && window_ms > 0);
+        let window_ms = u64::from(window_ms);
         RecipientCounts {
-            cur: vec![0; 2 * width],
-            prev: vec![0; 2 * width],
+            cells: vec![[0, 0]; 2 * width],
             window: 0,
+            window_ms,
+            start_ms: 0,
+            end_ms: window_ms,
         }
     }
 
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.cur.capacity() + self.prev.capacity()
+        self.cells.capacity() * 2
+    }
+
+    /// Sets the window number (from a checkpoint) without touching the counters.
+    pub(crate) fn set_window(&mut self, window: u64) {
+        self.window = window;
+        self.start_ms = window * self.window_ms;
+        self.end_ms = self.start_ms + self.window_ms;
     }
 
     #[inline]
-    fn cells(&self, h: u64) -> (usize, usize) {
-        let w = self.cur.len() / 2;
+    fn index(&self, h: u64) -> (usize, usize) {
+        let w = self.cells.len() / 2;
         let x = h.rotate_left(23).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let a = (x >> 40) as usize & (w - 1);
         let b = w + ((x >> 12) as usize & (w - 1));
         (a, b)
     }
 
-    /// Moves to tumbling window `window` (`now_ms / window_ms`).
+    /// Moves to the tumbling window holding `now_ms`. Divides only when the window
+    /// changes: the hot path compares against the cached bounds.
     #[inline]
-    pub(crate) fn advance(&mut self, window: u64) {
-        if window == self.window {
-            return;
+    pub(crate) fn advance(&mut self, now_ms: u64) {
+        if now_ms < self.end_ms {
+            return; // same window, or a peer's late event: counted in the current one
         }
+        let window = now_ms / self.window_ms;
         if window == self.window + 1 {
-            std::mem::swap(&mut self.cur, &mut self.prev);
-            self.cur.fill(0);
-        } else if window > self.window {
-            self.cur.fill(0);
-            self.prev.fill(0);
+            for c in &mut self.cells {
+                *c = [0, c[0]];
+            }
         } else {
-            return; // a peer's stale event: counted in the current window instead
+            self.cells.fill([0, 0]);
         }
-        self.window = window;
+        self.set_window(window);
+    }
+
+    /// True when `t` falls in the current window.
+    pub(crate) fn in_window(&self, t: u64) -> bool {
+        (self.start_ms..self.end_ms).contains(&t)
+    }
+
+    /// Loads both cells of `h` (see `BusinessState::touch`).
+    #[inline(always)]
+    pub(crate) fn touch(&self, h: u64) -> u64 {
+        let (a, b) = self.index(h);
+        u64::from(self.cells[a][0] ^ self.cells[b][1])
     }
 
     /// Count in the current window only.
     #[inline]
     pub(crate) fn current(&self, h: u64) -> u32 {
-        let (a, b) = self.cells(h);
-        u32::from(self.cur[a].min(self.cur[b]))
+        let (a, b) = self.index(h);
+        u32::from(self.cells[a][0].min(self.cells[b][0]))
     }
 
-    /// Sliding-window estimate; `elapsed_permille` is how far into the current window.
+    /// Sliding-window estimate at `now_ms`: the current window plus the part of the
+    /// previous one still inside the sliding window (rounded up).
+    #[cfg(test)]
+    pub(crate) fn estimate(&self, h: u64, now_ms: u64) -> u32 {
+        let (a, b) = self.index(h);
+        let cur = u64::from(self.cells[a][0].min(self.cells[b][0]));
+        let prev = u64::from(self.cells[a][1].min(self.cells[b][1]));
+        let left = self.end_ms - now_ms;
+        (cur + (prev * left).div_ceil(self.window_ms)) as u32
+    }
+
+    /// `estimate(h, now_ms) >= max`, without a division.
     #[inline]
-    pub(crate) fn estimate(&self, h: u64, elapsed_permille: u32) -> u32 {
-        let (a, b) = self.cells(h);
-        let cur = u32::from(self.cur[a].min(self.cur[b]));
-        let prev = u32::from(self.prev[a].min(self.prev[b]));
-        cur + (prev * (1000 - elapsed_permille)).div_ceil(1000)
+    pub(crate) fn at_limit(&self, h: u64, now_ms: u64, max: u32) -> bool {
+        let (a, b) = self.index(h);
+        let cur = u64::from(self.cells[a][0].min(self.cells[b][0]));
+        let max = u64::from(max);
+        if cur >= max {
+            return true;
+        }
+        let prev = u64::from(self.cells[a][1].min(self.cells[b][1]));
+        // ceil(prev * left / W) >= max - cur  <=>  prev * left > (max - cur - 1) * W
+        prev * (self.end_ms - now_ms) > (max - cur - 1) * self.window_ms
+    }
+
+    /// Milliseconds until the current window ends.
+    pub(crate) fn retry_ms(&self, now_ms: u64) -> u32 {
+        (self.end_ms - now_ms).clamp(1, u64::from(u32::MAX)) as u32
     }
 
     #[inline]
     pub(crate) fn increment(&mut self, h: u64) {
-        let (a, b) = self.cells(h);
-        let m = self.cur[a].min(self.cur[b]).saturating_add(1);
+        let (a, b) = self.index(h);
+        let m = self.cells[a][0].min(self.cells[b][0]).saturating_add(1);
         // Conservative update: raise only the counters below the new minimum.
-        self.cur[a] = self.cur[a].max(m);
-        self.cur[b] = self.cur[b].max(m);
+        self.cells[a][0] = self.cells[a][0].max(m);
+        self.cells[b][0] = self.cells[b][0].max(m);
     }
 }
 
@@ -185,20 +240,27 @@ mod tests {
 
     #[test]
     fn counts_slide_and_never_undercount() {
-        let mut c = RecipientCounts::new(1024);
-        c.advance(5);
+        let mut c = RecipientCounts::new(1024, 1000);
+        c.advance(5_000);
         for _ in 0..4 {
             c.increment(h(1));
         }
         for i in 100..900 {
             c.increment(h(i));
         }
-        assert!(c.estimate(h(1), 0) >= 4);
-        assert!(c.estimate(h(1), 0) <= 5);
-        c.advance(6);
+        assert!(c.estimate(h(1), 5_000) >= 4);
+        assert!(c.estimate(h(1), 5_000) <= 5);
+        c.advance(6_500);
         assert_eq!(c.current(h(1)), 0);
-        assert_eq!(c.estimate(h(1), 500), 2, "half of the previous window");
-        c.advance(8);
-        assert_eq!(c.estimate(h(1), 0), 0);
+        assert_eq!(c.estimate(h(1), 6_500), 2, "half of the previous window");
+        for (now, max) in [(6_500, 2), (6_500, 3), (6_000, 4), (6_001, 4), (6_999, 1)] {
+            assert_eq!(
+                c.at_limit(h(1), now, max),
+                c.estimate(h(1), now) >= max,
+                "{now} {max}"
+            );
+        }
+        c.advance(8_000);
+        assert_eq!(c.estimate(h(1), 8_000), 0);
     }
 }

@@ -11,7 +11,10 @@
 //!                 │  HELLO ──> registry::Registry::authenticate
 //!                 ▼
 //!               server::Server::poll_event() ──> Event::Submit { ticket, business, messages }
-//!                                                    │ the shell runs the stage chain
+//!                                                    │ the shell runs the stage chain:
+//!                                                    │ detect::Detector::observe_batch
+//!                                                    │ (admit / throttle / reject), then
+//!                                                    │ ingest::Ingest for the admitted
 //!               server::Server::ack(ticket, statuses) <─┘ (now, or once durable)
 //!                 │  ACK frame written on the submitting stream, in order
 //!                 ▼

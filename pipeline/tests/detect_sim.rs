@@ -504,6 +504,34 @@ fn slow_ramp_is_stopped_at_its_tier_on_one_and_on_8_shards() {
 }
 
 #[test]
+fn slow_ramp_at_tier_10k_is_stopped_within_the_sketch_error() {
+    // Above exact_recipients_max the 24 hourly HyperLogLogs count (standard error 2.3 %
+    // at p = 11), and at the limit "already counted" is judged by the past-recipient
+    // filter and the sketch registers, with an overdraft of 0.5 % of the limit. The bound
+    // asserted is the limit + 0.5 % + 3 standard errors; the figure is printed, and the
+    // 5 % target holds only at about 2 standard errors (see the module docs).
+    let until = 30 * HOUR_MS;
+    let s = Sender::new(
+        61,
+        Tier::T10k,
+        80,
+        1,
+        Pattern::Ramp {
+            from_per_hour: 100.0,
+            step_per_hour: 100.0,
+        },
+    );
+    let out = run(&spec(1, until, None), vec![s]);
+    let o = &out[&61];
+    let max = max_unique_24h(o);
+    eprintln!("tier 10000 ramp peaked at {max} unique in 24 h");
+    assert!(
+        (9_500..=10_740).contains(&max),
+        "{max} unique recipients in 24 h for tier 10000"
+    );
+}
+
+#[test]
 fn rate_limit_holds_within_5_percent_across_8_shards() {
     // Attempts at 5x the limit, spread over 8 shards, to a recipient set large enough that
     // the same-recipient limit never binds; fan-out detection is out of this test.

@@ -42,6 +42,9 @@ pub(crate) struct BusinessState {
 
     pub(crate) hour: u32,
     pub(crate) recipients: Recipients,
+    /// Messages admitted at the tier limit to recipients the sketches could only call
+    /// "probably known" (sketch mode); capped at 0.5 % of the limit per episode.
+    pub(crate) overdraft: u32,
     pub(crate) filter: PastFilter,
     pub(crate) counts: RecipientCounts,
 
@@ -103,6 +106,7 @@ impl BusinessState {
             peer_demand: 0,
             hour: 0,
             recipients: Recipients::new(cfg.exact_recipients_max as usize),
+            overdraft: 0,
             filter: PastFilter::new(cfg.past_filter_bytes as usize),
             counts: RecipientCounts::new(
                 cfg.same_recipient_sketch_width as usize,
@@ -169,6 +173,13 @@ impl BusinessState {
             self.hour = hour;
             self.recipients.advance(hour);
             self.refresh_rating_with(cfg);
+            let (tier, _) = self.effective();
+            if tier
+                .recipients_per_day()
+                .is_none_or(|limit| self.recipients.count() < limit)
+            {
+                self.overdraft = 0; // the episode at the limit is over
+            }
         }
         self.counts.advance(now_ms);
         let tick = now_ms / FAN_TICK_MS;

@@ -163,6 +163,7 @@ fn write_business(w: &mut W, id: u32, st: &BusinessState) {
     w.u64(st.bucket_ms);
     w.u32(st.share_ppm);
     w.u32(st.hour);
+    w.u32(st.overdraft);
     match &st.recipients {
         Recipients::Exact(e) => {
             w.u8(0);
@@ -247,6 +248,7 @@ fn read_business(
     st.bucket_ms = r.u64()?;
     st.share_ppm = r.u32()?;
     st.hour = r.u32()?;
+    st.overdraft = r.u32()?;
     st.recipients = match r.u8()? {
         0 => {
             let latest = r.u32()?;

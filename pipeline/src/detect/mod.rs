@@ -632,9 +632,9 @@ impl Detector {
         st.control.paused = false;
         st.control.pause_epoch += 1;
         st.control.why = Some(Why::Operator);
+        // Forget the trailing second, so the sender is not re-flagged at once by its own
+        // pre-pause traffic; a surge that goes on is flagged again within a second.
         st.clear_fanout();
-        // A fresh baseline floor so the sender is not re-flagged by its own pre-pause
-        // traffic still inside the trailing second.
         Self::mark_dirty(&mut self.dirty, business_id, st);
         true
     }

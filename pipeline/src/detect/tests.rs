@@ -272,3 +272,53 @@ fn checkpoint_round_trips_and_refuses_damage() {
         Err(CheckpointError::Config("hll_precision"))
     );
 }
+
+#[test]
+fn pause_and_unpause_travel_between_shards_by_epoch() {
+    let mut a = Detector::new(DetectConfig::default(), SECRET);
+    let mut b = Detector::new(DetectConfig::default(), SECRET);
+    let l = limits(11, Tier::T100k, 80);
+    assert_eq!(b.observe(0, &l, &num(1)), Verdict::Admit);
+    // A blast on shard a only.
+    let mut t = 1_000;
+    while a.observe(t, &l, &num(t)) != Verdict::Reject(Reason::SenderPaused) {
+        t += 1;
+    }
+    let d = a.export_delta(t);
+    b.merge(t, &d);
+    assert_eq!(
+        b.observe(t + 1, &l, &num(1)),
+        Verdict::Reject(Reason::SenderPaused),
+        "the pause reached shard b"
+    );
+    // The operator unpauses on shard b; shard a learns it from b's delta.
+    assert!(b.unpause(11));
+    let d = b.export_delta(t + 100);
+    a.merge(t + 100, &d);
+    assert!(!a.signal(11).unwrap().paused);
+    assert_eq!(a.signal(11).unwrap().why, Some(Why::Operator));
+    // An old delta (lower epoch) does not re-pause.
+    b.merge(t + 100, &Delta::default());
+    assert!(!b.signal(11).unwrap().paused);
+}
+
+#[test]
+fn recipients_merge_across_shards() {
+    let mut a = Detector::new(DetectConfig::default(), SECRET);
+    let mut b = Detector::new(DetectConfig::default(), SECRET);
+    let l = limits(12, Tier::T250, 1000);
+    // Shards must be exchanging before events are recorded.
+    a.export_delta(0);
+    b.export_delta(0);
+    let mut t = 0;
+    for i in 0..200 {
+        t += 1_000;
+        let d = if i % 2 == 0 { &mut a } else { &mut b };
+        assert_eq!(d.observe(t, &l, &num(i)), Verdict::Admit);
+    }
+    let (da, db) = (a.export_delta(t), b.export_delta(t));
+    a.merge(t, &db);
+    b.merge(t, &da);
+    assert_eq!(a.recipients_24h(12), Some(200));
+    assert_eq!(b.recipients_24h(12), Some(200));
+}

@@ -12,8 +12,10 @@
 //!                 ▼
 //!               server::Server::poll_batch() ──> SubmitBatch { ticket, business_id, messages }
 //!                                                    │ the shell runs the stage chain:
-//!                                                    │ ingest::Ingest::check, seal::Sealer
-//!                                                    │ (per-recipient AES-256-GCM), then
+//!                                                    │ ingest::Ingest::check,
+//!                                                    │ (detect::Detector::observe_batch: built,
+//!                                                    │  not yet wired into the shell),
+//!                                                    │ seal::Sealer (per-recipient AES-GCM),
 //!                                                    │ log::Log::append + group commit
 //!               server::Server::ack(ticket, statuses) <─┘ (now, or once durable)
 //!                 │  ACK frame written on the submitting stream, in order
@@ -22,7 +24,7 @@
 //!               server::Server::poll_timeout() ──> when to call handle_timeout(now)
 //! ```
 //!
-//! Between `Event::Submit` and `ack`, accepted messages go through [`log::Log`]: `append`
+//! Between `poll_batch` and `ack`, accepted messages go through [`log::Log`]: `append`
 //! returns encrypted, CRC-framed writes for the shell to perform, and `on_synced` says which
 //! log positions the shell's fdatasync made durable, so only those are ACKed `accepted`
 //! (see [`log`] for the whole call order, recovery and retention included).
@@ -33,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod cid;
+pub mod detect;
 pub mod ingest;
 pub mod log;
 pub mod profile;

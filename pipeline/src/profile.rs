@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
+use crate::detect::{DetectConfig, BUSINESS_STATE_BYTES_LIMIT};
 use crate::wire::{self, WireLimits};
 
 /// The built-in default profile (`tuning/default.toml`), compiled into the binary.
@@ -121,6 +122,49 @@ pub struct RawLog {
     pub group_commit_bytes_max: u64,
 }
 
+/// `[detect]`: bounds and thresholds of the abnormal-sending detector (see
+/// [`crate::detect`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDetect {
+    /// Most businesses one shard's detector holds.
+    pub businesses_max: u32,
+    /// Most bytes of one business's detector state; at most 65536.
+    pub business_state_bytes_max: u32,
+    /// HyperLogLog precision (registers per hourly sketch = 2^p).
+    pub hll_precision: u8,
+    /// Distinct recipients per 24 h counted exactly before the sketches take over.
+    pub exact_recipients_max: u32,
+    /// Bytes of the past-recipient filter, power of two.
+    pub past_filter_bytes: u32,
+    /// Most messages to one recipient per window.
+    pub same_recipient_max: u32,
+    /// Same-recipient window, ms.
+    pub same_recipient_window_ms: u32,
+    /// Counters per row of the same-recipient sketch, power of two.
+    pub same_recipient_sketch_width: u32,
+    /// Fewest distinct recipients per second that can be a surge.
+    pub surge_distinct_per_sec_min: u32,
+    /// A surge is this many times the business's own baseline.
+    pub surge_baseline_factor: u32,
+    /// Least percentage of never-contacted recipients in a surge.
+    pub surge_new_share_pct: u32,
+    /// EWMA weight of the latest minute in the baseline, percent.
+    pub baseline_alpha_pct: u32,
+    /// Reports per million delivered from which the rating is yellow.
+    pub rating_yellow_ppm: u32,
+    /// Reports per million delivered from which the rating is red.
+    pub rating_red_ppm: u32,
+    /// Fewest reports before the rating can leave green.
+    pub rating_reports_min: u32,
+    /// Red pauses the business instead of lowering its tier.
+    pub red_pauses: bool,
+    /// Most recipient events in one cross-shard delta.
+    pub delta_events_max: u32,
+    /// Most integrity signals queued for polling.
+    pub signals_max: u32,
+}
+
 /// A profile as written in TOML.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,6 +179,8 @@ pub struct RawProfile {
     pub io: RawIo,
     /// `[log]`
     pub log: RawLog,
+    /// `[detect]`
+    pub detect: RawDetect,
 }
 
 /// Validated ingest limits.
@@ -234,6 +280,8 @@ pub struct Profile {
     pub io: Io,
     /// Log settings.
     pub log: LogSettings,
+    /// Detector bounds and thresholds.
+    pub detect: DetectConfig,
 }
 
 /// The largest number of shards: connection IDs carry the shard index in one byte.
@@ -468,6 +516,112 @@ impl Profile {
             );
         }
 
+        let d = &raw.detect;
+        c.range("detect.businesses_max", d.businesses_max, 1, 1 << 20);
+        c.range(
+            "detect.business_state_bytes_max",
+            d.business_state_bytes_max,
+            4096,
+            BUSINESS_STATE_BYTES_LIMIT as u32,
+        );
+        c.range("detect.hll_precision", d.hll_precision, 8, 12);
+        c.range(
+            "detect.exact_recipients_max",
+            d.exact_recipients_max,
+            16,
+            8192,
+        );
+        c.range("detect.past_filter_bytes", d.past_filter_bytes, 1024, 32768);
+        c.pow2("detect.past_filter_bytes", d.past_filter_bytes);
+        c.range("detect.same_recipient_max", d.same_recipient_max, 1, 250);
+        c.range(
+            "detect.same_recipient_window_ms",
+            d.same_recipient_window_ms,
+            100,
+            3_600_000,
+        );
+        c.range(
+            "detect.same_recipient_sketch_width",
+            d.same_recipient_sketch_width,
+            64,
+            8192,
+        );
+        c.pow2(
+            "detect.same_recipient_sketch_width",
+            d.same_recipient_sketch_width,
+        );
+        c.range(
+            "detect.surge_distinct_per_sec_min",
+            d.surge_distinct_per_sec_min,
+            1,
+            1_000_000,
+        );
+        c.range(
+            "detect.surge_baseline_factor",
+            d.surge_baseline_factor,
+            1,
+            1000,
+        );
+        c.range("detect.surge_new_share_pct", d.surge_new_share_pct, 0, 100);
+        c.range("detect.baseline_alpha_pct", d.baseline_alpha_pct, 1, 100);
+        c.range(
+            "detect.rating_yellow_ppm",
+            d.rating_yellow_ppm,
+            1,
+            1_000_000,
+        );
+        c.range("detect.rating_red_ppm", d.rating_red_ppm, 1, 1_000_000);
+        if d.rating_red_ppm <= d.rating_yellow_ppm {
+            c.fail(
+                "detect.rating_red_ppm",
+                "must be above detect.rating_yellow_ppm".into(),
+            );
+        }
+        c.range(
+            "detect.rating_reports_min",
+            d.rating_reports_min,
+            1,
+            1_000_000,
+        );
+        c.range("detect.delta_events_max", d.delta_events_max, 1, 1 << 24);
+        c.range("detect.signals_max", d.signals_max, 1, 1 << 20);
+        let detect = DetectConfig {
+            businesses_max: d.businesses_max,
+            hll_precision: d.hll_precision,
+            exact_recipients_max: d.exact_recipients_max,
+            past_filter_bytes: d.past_filter_bytes,
+            same_recipient_max: d.same_recipient_max,
+            same_recipient_window_ms: d.same_recipient_window_ms,
+            same_recipient_sketch_width: d.same_recipient_sketch_width,
+            surge_distinct_per_sec_min: d.surge_distinct_per_sec_min,
+            surge_baseline_factor: d.surge_baseline_factor,
+            surge_new_share_pct: d.surge_new_share_pct,
+            baseline_alpha_pct: d.baseline_alpha_pct,
+            rating_yellow_ppm: d.rating_yellow_ppm,
+            rating_red_ppm: d.rating_red_ppm,
+            rating_reports_min: d.rating_reports_min,
+            red_pauses: d.red_pauses,
+            delta_events_max: d.delta_events_max,
+            signals_max: d.signals_max,
+        };
+        if (8..=12).contains(&d.hll_precision)
+            && d.past_filter_bytes.is_power_of_two()
+            && d.same_recipient_sketch_width.is_power_of_two()
+        {
+            let need = detect.business_state_bytes_max();
+            if need > d.business_state_bytes_max as usize {
+                c.fail(
+                    "detect.business_state_bytes_max",
+                    format!(
+                        "{} is below the {need} bytes that hll_precision, \
+                         exact_recipients_max, past_filter_bytes and \
+                         same_recipient_sketch_width need per business",
+                        d.business_state_bytes_max
+                    ),
+                );
+            }
+        }
+
         if !c.issues.is_empty() {
             return Err(ProfileError::Invalid(c.issues));
         }
@@ -508,6 +662,7 @@ impl Profile {
                 group_commit_records_max: lg.group_commit_records_max,
                 group_commit_bytes_max: lg.group_commit_bytes_max,
             },
+            detect,
         })
     }
 }
@@ -564,5 +719,25 @@ mod tests {
         let p = Profile::default_profile();
         assert_eq!(p.log.retention_secs, 30 * 86_400);
         assert_eq!(p.log.segment_age_max_secs, p.log.retention_secs / 30);
+    }
+
+    #[test]
+    fn detect_state_over_budget_names_the_key() {
+        let text = DEFAULT_PROFILE_TOML.replace("hll_precision = 11", "hll_precision = 12");
+        let Err(ProfileError::Invalid(issues)) = Profile::from_toml(&text) else {
+            panic!("expected invalid");
+        };
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.key == "detect.business_state_bytes_max"),
+            "{issues:?}"
+        );
+    }
+
+    #[test]
+    fn default_detect_section_matches_the_code_defaults() {
+        let p = Profile::default_profile();
+        assert_eq!(p.detect, DetectConfig::default());
     }
 }

@@ -1,0 +1,384 @@
+//! Checkpoint of a detector: versioned, CRC-framed, sketches and counters only.
+//!
+//! ```text
+//! "CDET" | version:u16 | config fingerprint | sharded:u8 | count:u32 | count * business
+//!        | crc32c:u32
+//! ```
+//!
+//! Little endian throughout. A business holds its control (pause and limits with their
+//! epochs), rate bucket, recipient window (exact tags with hours, or the 24 hourly
+//! HyperLogLogs), past-recipient filter, same-recipient counts, fan-out baseline, quality
+//! ring and billing count. Recipients appear only as keyed hashes, so a checkpoint holds
+//! no phone number (and is useless without the process secret, which it does not hold:
+//! restore with the same secret). The interval counters of an unsent delta are not
+//! kept: a restart loses at most one exchange interval of cross-shard news.
+
+use super::business::{BusinessState, Control, FAN_TICKS};
+use super::recipients::{ExactSet, HllRing, Recipients, HOURS};
+use super::{get_or_create, DetectConfig, Detector, Rating, Why};
+use crate::registry::Tier;
+
+const MAGIC: &[u8; 4] = b"CDET";
+const VERSION: u16 = 1;
+
+/// Why a checkpoint was refused. Nothing of the detector is changed when it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckpointError {
+    /// Shorter than its header and checksum.
+    #[error("checkpoint is truncated")]
+    Truncated,
+    /// Not a detector checkpoint.
+    #[error("not a detector checkpoint (bad magic)")]
+    BadMagic,
+    /// Written by a version this build does not read.
+    #[error("checkpoint version {0} is not supported (this build reads {VERSION})")]
+    Version(u16),
+    /// The checksum does not match: the bytes were damaged.
+    #[error("checkpoint checksum mismatch")]
+    Checksum,
+    /// Written under other sketch sizes; names the differing setting.
+    #[error("checkpoint was written with a different detect.{0}")]
+    Config(&'static str),
+    /// A field is out of range; names it.
+    #[error("checkpoint field {0} is invalid")]
+    Corrupt(&'static str),
+    /// Holds more businesses than `detect.businesses_max`.
+    #[error("checkpoint holds more businesses than detect.businesses_max")]
+    TooManyBusinesses,
+}
+
+struct W(Vec<u8>);
+
+impl W {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, v: &[u8]) {
+        self.0.extend_from_slice(v);
+    }
+}
+
+struct R<'a>(&'a [u8]);
+
+impl<'a> R<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], CheckpointError> {
+        if self.0.len() < n {
+            return Err(CheckpointError::Truncated);
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, CheckpointError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, CheckpointError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
+    }
+    fn u32(&mut self) -> Result<u32, CheckpointError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> Result<u64, CheckpointError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+}
+
+fn tier_byte(t: Tier) -> u8 {
+    Tier::ALL.iter().position(|x| *x == t).expect("tier") as u8
+}
+
+fn tier_of(b: u8) -> Result<Tier, CheckpointError> {
+    Tier::ALL
+        .get(usize::from(b))
+        .copied()
+        .ok_or(CheckpointError::Corrupt("tier"))
+}
+
+fn rating_of(b: u8) -> Result<Rating, CheckpointError> {
+    [Rating::Green, Rating::Yellow, Rating::Red]
+        .get(usize::from(b))
+        .copied()
+        .ok_or(CheckpointError::Corrupt("rating"))
+}
+
+fn fingerprint(w: &mut W, cfg: &DetectConfig) {
+    w.u8(cfg.hll_precision);
+    w.u32(cfg.exact_recipients_max);
+    w.u32(cfg.past_filter_bytes);
+    w.u32(cfg.same_recipient_sketch_width);
+    w.u32(cfg.same_recipient_window_ms);
+}
+
+fn check_fingerprint(r: &mut R<'_>, cfg: &DetectConfig) -> Result<(), CheckpointError> {
+    if r.u8()? != cfg.hll_precision {
+        return Err(CheckpointError::Config("hll_precision"));
+    }
+    if r.u32()? != cfg.exact_recipients_max {
+        return Err(CheckpointError::Config("exact_recipients_max"));
+    }
+    if r.u32()? != cfg.past_filter_bytes {
+        return Err(CheckpointError::Config("past_filter_bytes"));
+    }
+    if r.u32()? != cfg.same_recipient_sketch_width {
+        return Err(CheckpointError::Config("same_recipient_sketch_width"));
+    }
+    if r.u32()? != cfg.same_recipient_window_ms {
+        return Err(CheckpointError::Config("same_recipient_window_ms"));
+    }
+    Ok(())
+}
+
+fn write_business(w: &mut W, id: u32, st: &BusinessState) {
+    w.u32(id);
+    let c = &st.control;
+    w.u32(c.pause_epoch);
+    w.u8(u8::from(c.paused));
+    w.u8(c.why.map_or(0, |x| x as u8));
+    w.u32(c.limits_epoch);
+    w.u8(c.demotions);
+    match c.limits_override {
+        Some((t, mps)) => {
+            w.u8(1);
+            w.u8(tier_byte(t));
+            w.u32(mps);
+        }
+        None => {
+            w.u8(0);
+            w.u8(0);
+            w.u32(0);
+        }
+    }
+    w.u8(tier_byte(st.caller_limits.0));
+    w.u32(st.caller_limits.1);
+    w.u64(st.tokens as u64);
+    w.u64(st.bucket_ms);
+    w.u32(st.share_ppm);
+    w.u32(st.hour);
+    w.u32(st.overdraft);
+    match &st.recipients {
+        Recipients::Exact(e) => {
+            w.u8(0);
+            w.u32(e.latest_hour);
+            w.u32(e.len as u32);
+            for (t, h) in e.entries() {
+                w.u32(t);
+                w.u32(h);
+            }
+        }
+        Recipients::Sketch(h) => {
+            w.u8(1);
+            w.u32(h.latest_hour);
+            for s in h.slot_hour {
+                w.u32(s);
+            }
+            w.bytes(&h.regs);
+        }
+    }
+    w.u32(st.filter.cur_items);
+    for x in st.filter.cur.iter().chain(&st.filter.old) {
+        w.u64(*x);
+    }
+    w.u64(st.counts.window);
+    for c in &st.counts.cells {
+        w.bytes(c);
+    }
+    w.u64(st.tick);
+    for i in 0..FAN_TICKS {
+        w.u32(st.ring_distinct[i]);
+        w.u32(st.ring_new[i]);
+    }
+    w.u64(st.minute);
+    w.u32(st.minute_distinct);
+    w.u32(st.baseline_per_min.to_bits());
+    for i in 0..HOURS {
+        w.u32(st.q_hour[i]);
+        w.u32(st.q_delivered[i]);
+        w.u32(st.q_reports[i]);
+    }
+    w.u8(st.rating as u8);
+    w.u32(st.day);
+    w.u64(st.accepted_today);
+}
+
+fn read_business(
+    r: &mut R<'_>,
+    cfg: &DetectConfig,
+) -> Result<(u32, BusinessState), CheckpointError> {
+    let id = r.u32()?;
+    let pause_epoch = r.u32()?;
+    let paused = match r.u8()? {
+        0 => false,
+        1 => true,
+        _ => return Err(CheckpointError::Corrupt("paused")),
+    };
+    let why = match r.u8()? {
+        0 => None,
+        v => Some(Why::from_u8(v).ok_or(CheckpointError::Corrupt("why"))?),
+    };
+    let limits_epoch = r.u32()?;
+    let demotions = r.u8()?;
+    let has_override = r.u8()?;
+    let o_tier = r.u8()?;
+    let o_mps = r.u32()?;
+    let limits_override = match has_override {
+        0 => None,
+        1 => Some((tier_of(o_tier)?, o_mps)),
+        _ => return Err(CheckpointError::Corrupt("limits_override")),
+    };
+    let caller_limits = (tier_of(r.u8()?)?, r.u32()?);
+    let mut st = BusinessState::new(cfg, caller_limits);
+    st.control = Control {
+        pause_epoch,
+        paused,
+        why,
+        limits_epoch,
+        demotions,
+        limits_override,
+    };
+    st.tokens = r.u64()? as i64;
+    st.bucket_ms = r.u64()?;
+    st.share_ppm = r.u32()?;
+    st.hour = r.u32()?;
+    st.overdraft = r.u32()?;
+    st.recipients = match r.u8()? {
+        0 => {
+            let latest = r.u32()?;
+            let n = r.u32()? as usize;
+            if n > cfg.exact_recipients_max as usize {
+                return Err(CheckpointError::Corrupt("exact recipients count"));
+            }
+            let mut v = Vec::with_capacity(n);
+            for _ in 0..n {
+                v.push((r.u32()?, r.u32()?));
+            }
+            Recipients::Exact(ExactSet::restore(
+                cfg.exact_recipients_max as usize,
+                latest,
+                &v,
+            ))
+        }
+        1 => {
+            let mut h = Box::new(HllRing::new(cfg.hll_precision));
+            h.latest_hour = r.u32()?;
+            for s in 0..HOURS {
+                h.slot_hour[s] = r.u32()?;
+            }
+            let n = h.regs.len();
+            h.regs.copy_from_slice(r.take(n)?);
+            if h.regs.iter().any(|&x| x > 33) {
+                return Err(CheckpointError::Corrupt("hll register"));
+            }
+            h.rebuild_union();
+            Recipients::Sketch(h)
+        }
+        _ => return Err(CheckpointError::Corrupt("recipients mode")),
+    };
+    st.filter.cur_items = r.u32()?;
+    for i in 0..st.filter.cur.len() {
+        st.filter.cur[i] = r.u64()?;
+    }
+    for i in 0..st.filter.old.len() {
+        st.filter.old[i] = r.u64()?;
+    }
+    st.counts.set_window(r.u64()?);
+    for c in &mut st.counts.cells {
+        c.copy_from_slice(r.take(2)?);
+    }
+    st.tick = r.u64()?;
+    for i in 0..FAN_TICKS {
+        st.ring_distinct[i] = r.u32()?;
+        st.ring_new[i] = r.u32()?;
+    }
+    st.sum_distinct = st.ring_distinct.iter().sum();
+    st.sum_new = st.ring_new.iter().sum();
+    st.minute = r.u64()?;
+    st.minute_distinct = r.u32()?;
+    st.baseline_per_min = f32::from_bits(r.u32()?);
+    if !st.baseline_per_min.is_finite() || st.baseline_per_min < 0.0 {
+        return Err(CheckpointError::Corrupt("baseline"));
+    }
+    for i in 0..HOURS {
+        st.q_hour[i] = r.u32()?;
+        st.q_delivered[i] = r.u32()?;
+        st.q_reports[i] = r.u32()?;
+    }
+    st.rating = rating_of(r.u8()?)?;
+    st.day = r.u32()?;
+    st.accepted_today = r.u64()?;
+    Ok((id, st))
+}
+
+impl Detector {
+    /// The whole detector state as bytes: sketches and counters, no phone numbers.
+    pub fn checkpoint(&self) -> Vec<u8> {
+        let mut w = W(Vec::new());
+        w.bytes(MAGIC);
+        w.u16(VERSION);
+        fingerprint(&mut w, &self.cfg);
+        w.u8(u8::from(self.exporting));
+        let mut ids: Vec<u32> = self.businesses.keys().copied().collect();
+        ids.sort_unstable();
+        w.u32(ids.len() as u32);
+        for id in ids {
+            write_business(&mut w, id, &self.businesses[&id]);
+        }
+        let crc = super::keyed::crc32c(&w.0);
+        w.u32(crc);
+        w.0
+    }
+
+    /// Replaces this detector's business state with a checkpoint's. On error nothing
+    /// changes. Queued signals and the unsent delta are kept.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), CheckpointError> {
+        if bytes.len() < MAGIC.len() + 2 + 4 {
+            return Err(CheckpointError::Truncated);
+        }
+        if &bytes[..4] != MAGIC {
+            return Err(CheckpointError::BadMagic);
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        let mut r = R(&body[4..]);
+        let version = r.u16()?;
+        if version != VERSION {
+            return Err(CheckpointError::Version(version));
+        }
+        if super::keyed::crc32c(body) != u32::from_le_bytes(crc.try_into().expect("4")) {
+            return Err(CheckpointError::Checksum);
+        }
+        check_fingerprint(&mut r, &self.cfg)?;
+        let exporting = match r.u8()? {
+            0 => false,
+            1 => true,
+            _ => return Err(CheckpointError::Corrupt("sharded flag")),
+        };
+        let n = r.u32()?;
+        if n > self.cfg.businesses_max {
+            return Err(CheckpointError::TooManyBusinesses);
+        }
+        let mut states = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            states.push(read_business(&mut r, &self.cfg)?);
+        }
+        if !r.0.is_empty() {
+            return Err(CheckpointError::Corrupt("trailing bytes"));
+        }
+        self.businesses.clear();
+        for (id, st) in states {
+            let slot = get_or_create(&mut self.businesses, &self.cfg, id, st.caller_limits)
+                .expect("count checked against businesses_max");
+            *slot = st;
+        }
+        self.dirty.clear();
+        self.exporting |= exporting;
+        Ok(())
+    }
+}

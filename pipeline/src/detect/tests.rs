@@ -1,0 +1,324 @@
+//! Unit tests of each mechanism through the public API (sketch internals are tested in
+//! their modules).
+
+use super::*;
+use crate::registry::Tier;
+
+const SECRET: [u8; 16] = *b"0123456789abcdef";
+
+fn num(i: u64) -> Recipient {
+    Recipient::parse(format!("+1555{i:07}").as_bytes()).unwrap()
+}
+
+fn limits(id: u32, tier: Tier, mps: u32) -> BusinessLimits {
+    BusinessLimits { id, tier, mps }
+}
+
+#[test]
+fn state_per_business_fits_64_kib() {
+    let cfg = DetectConfig::default();
+    assert!(
+        cfg.business_state_bytes_max() <= BUSINESS_STATE_BYTES_LIMIT,
+        "{}",
+        cfg.business_state_bytes_max()
+    );
+    let mut d = Detector::new(cfg.clone(), SECRET);
+    let b = limits(1, Tier::Unlimited, 1_000_000);
+    // Enough recipients to leave exact mode: the sketch ring is the larger state.
+    let mut t = 0;
+    for i in 0..5_000 {
+        t += 1;
+        d.observe(t, &b, &num(i));
+    }
+    let bytes = d.business_state_bytes(1).unwrap();
+    assert!(bytes <= cfg.business_state_bytes_max(), "{bytes}");
+    assert!(bytes <= BUSINESS_STATE_BYTES_LIMIT, "{bytes}");
+}
+
+#[test]
+fn rate_is_limited_with_a_retry_after() {
+    // Fan-out detection off: this test sends to many new numbers on purpose.
+    let cfg = DetectConfig {
+        surge_distinct_per_sec_min: 1_000_000,
+        ..DetectConfig::default()
+    };
+    let mut d = Detector::new(cfg, SECRET);
+    let b = limits(1, Tier::Unlimited, 10);
+    // One second of burst: 10 admitted at once, then throttled.
+    let v: Vec<_> = (0..12).map(|i| d.observe(1_000, &b, &num(i))).collect();
+    assert!(v[..10].iter().all(|v| *v == Verdict::Admit), "{v:?}");
+    let Verdict::Throttle { retry_after_ms } = v[10] else {
+        panic!("{v:?}");
+    };
+    assert_eq!(retry_after_ms, 100, "one token per 100 ms at 10 mps");
+    assert_eq!(d.observe(1_100, &b, &num(20)), Verdict::Admit);
+    // Over 10 s at 100 attempts/s: about 10/s admitted.
+    let mut admitted = 0;
+    for i in 0..1000u64 {
+        if d.observe(2_000 + i * 10, &b, &num(100 + i)) == Verdict::Admit {
+            admitted += 1;
+        }
+    }
+    assert!((100..=111).contains(&admitted), "{admitted}");
+}
+
+#[test]
+fn same_recipient_is_throttled_within_the_window() {
+    let mut d = Detector::new(DetectConfig::default(), SECRET);
+    let b = limits(1, Tier::Unlimited, 1000);
+    let r = num(7);
+    for k in 0..5 {
+        assert_eq!(d.observe(1_000 + k, &b, &r), Verdict::Admit);
+    }
+    let v = d.observe(1_010, &b, &r);
+    assert!(matches!(v, Verdict::Throttle { .. }), "{v:?}");
+    assert_eq!(
+        d.observe(1_010, &b, &num(8)),
+        Verdict::Admit,
+        "others unaffected"
+    );
+    // Two windows later the count is gone.
+    assert_eq!(d.observe(21_000, &b, &r), Verdict::Admit);
+}
+
+#[test]
+fn tier_limit_rejects_new_recipients_but_not_known_ones() {
+    let mut d = Detector::new(DetectConfig::default(), SECRET);
+    let b = limits(1, Tier::T250, 1000);
+    let mut t = 0;
+    for i in 0..250 {
+        t += 1_000; // slow: no surge
+        assert_eq!(d.observe(t, &b, &num(i)), Verdict::Admit, "{i}");
+    }
+    t += 1_000;
+    assert_eq!(
+        d.observe(t, &b, &num(250)),
+        Verdict::Reject(Reason::MessagingLimitReached)
+    );
+    assert_eq!(d.observe(t, &b, &num(3)), Verdict::Admit, "known recipient");
+    // 24 hours after the first sends, the window has room again.
+    t = 25 * 3_600_000;
+    assert_eq!(d.observe(t, &b, &num(250)), Verdict::Admit);
+    assert_eq!(d.recipients_24h(1), Some(1));
+}
+
+#[test]
+fn blast_is_paused_with_a_signal_and_operator_unpauses() {
+    let mut d = Detector::new(DetectConfig::default(), SECRET);
+    let b = limits(9, Tier::T100k, 80);
+    let start = 10_000_000;
+    let mut flagged_at = None;
+    for i in 0..2_000u64 {
+        let t = start + i; // 1,000 attempts per second to numbers never seen
+        if d.observe(t, &b, &num(i)) == Verdict::Reject(Reason::SenderPaused) {
+            flagged_at = Some(t);
+            break;
+        }
+    }
+    let at = flagged_at.expect("blast flagged");
+    assert!(at - start < 1_000, "flagged after {} ms", at - start);
+    let s = d.poll_signal().expect("signal");
+    assert_eq!(
+        (s.business_id, s.paused, s.why),
+        (9, true, Some(Why::FanOutSurge))
+    );
+    assert_eq!(
+        d.observe(at + 60_000, &b, &num(5)),
+        Verdict::Reject(Reason::SenderPaused),
+        "stays paused"
+    );
+    assert!(d.unpause(9));
+    assert_eq!(d.observe(at + 60_001, &b, &num(5)), Verdict::Admit);
+    assert!(!d.signal(9).unwrap().paused);
+}
+
+#[test]
+fn report_storm_turns_red_and_lowers_the_tier() {
+    let mut d = Detector::new(DetectConfig::default(), SECRET);
+    let b = limits(3, Tier::T10k, 100);
+    for i in 0..1_000u64 {
+        d.observe(i * 100, &b, &num(i));
+    }
+    d.report(100_000, 3, 2);
+    assert_eq!(
+        d.signal(3).unwrap().rating,
+        Rating::Green,
+        "below reports_min"
+    );
+    d.report(100_000, 3, 8); // 10 reports / 1000 delivered = 10,000 ppm
+    let s = d.signal(3).unwrap();
+    assert_eq!(s.rating, Rating::Red);
+    assert_eq!(s.tier, Tier::T2k);
+    assert_eq!(s.why, Some(Why::QualityRed));
+    let mut polled = Vec::new();
+    while let Some(s) = d.poll_signal() {
+        polled.push(s);
+    }
+    assert!(polled.iter().any(|s| s.rating == Rating::Red), "{polled:?}");
+    // Operator restores the tier at once.
+    assert!(d.set_limits(3, Tier::T10k, 100));
+    assert_eq!(d.signal(3).unwrap().tier, Tier::T10k);
+}
+
+#[test]
+fn set_limits_takes_effect_on_the_next_message() {
+    let mut d = Detector::new(DetectConfig::default(), SECRET);
+    let b = limits(4, Tier::Unlimited, 1000);
+    assert_eq!(d.observe(0, &b, &num(1)), Verdict::Admit);
+    d.set_limits(4, Tier::T250, 1);
+    // The registry still says 1000 mps; the operator's 1 mps wins: the bucket shrinks to
+    // one token, so of two more messages in the same millisecond one is throttled.
+    assert_eq!(d.observe(1, &b, &num(2)), Verdict::Admit);
+    let v = d.observe(1, &b, &num(3));
+    assert_eq!(
+        v,
+        Verdict::Throttle {
+            retry_after_ms: 1000
+        }
+    );
+    assert_eq!(d.signal(4).unwrap().tier, Tier::T250);
+}
+
+#[test]
+fn billing_counts_reset_each_day() {
+    let mut d = Detector::new(DetectConfig::default(), SECRET);
+    let b = limits(5, Tier::Unlimited, 1000);
+    d.observe(0, &b, &num(1));
+    d.record_accepted(10, 5, 40);
+    d.record_accepted(20, 5, 2);
+    assert_eq!(d.signal(5).unwrap().accepted_today, 42);
+    d.record_accepted(86_400_000 + 1, 5, 1);
+    assert_eq!(d.signal(5).unwrap().accepted_today, 1);
+}
+
+#[test]
+fn table_is_bounded() {
+    let cfg = DetectConfig {
+        businesses_max: 2,
+        ..DetectConfig::default()
+    };
+    let mut d = Detector::new(cfg, SECRET);
+    for id in 1..=2 {
+        assert_eq!(
+            d.observe(0, &limits(id, Tier::T250, 80), &num(1)),
+            Verdict::Admit
+        );
+    }
+    assert!(matches!(
+        d.observe(0, &limits(3, Tier::T250, 80), &num(1)),
+        Verdict::Throttle { .. }
+    ));
+    assert_eq!(d.stats().table_full, 1);
+}
+
+#[test]
+fn debug_and_checkpoint_hold_no_recipient() {
+    let mut d = Detector::new(DetectConfig::default(), SECRET);
+    let b = limits(6, Tier::T2k, 1000);
+    let numbers: Vec<Recipient> = (0..200)
+        .map(|i| Recipient::parse(format!("+4915{:09}", 123_456_789 - i * 7).as_bytes()).unwrap())
+        .collect();
+    for (i, r) in numbers.iter().enumerate() {
+        d.observe(i as u64 * 50, &b, r);
+    }
+    let dbg = format!("{d:?} {:?}", d.export_delta(20_000));
+    let bytes = d.checkpoint();
+    for r in &numbers {
+        let digits = &r.as_str()[1..];
+        assert!(!dbg.contains(digits), "Debug shows a number");
+        assert!(
+            !bytes.windows(digits.len()).any(|w| w == digits.as_bytes()),
+            "checkpoint holds a number"
+        );
+        // Not even the last 7 digits.
+        let tail = &digits[digits.len() - 7..];
+        assert!(!bytes.windows(7).any(|w| w == tail.as_bytes()));
+    }
+}
+
+#[test]
+fn checkpoint_round_trips_and_refuses_damage() {
+    let mut d = Detector::new(DetectConfig::default(), SECRET);
+    let b = limits(7, Tier::T250, 1000);
+    for i in 0..250 {
+        d.observe(i * 1_000, &b, &num(i));
+    }
+    d.record_accepted(300_000, 7, 250);
+    let bytes = d.checkpoint();
+    let mut e = Detector::new(DetectConfig::default(), SECRET);
+    e.restore(&bytes).unwrap();
+    assert_eq!(e.checkpoint(), bytes, "restore(checkpoint) is exact");
+    assert_eq!(
+        e.observe(300_000, &b, &num(999)),
+        Verdict::Reject(Reason::MessagingLimitReached),
+        "the 24 h window survives"
+    );
+    assert_eq!(e.signal(7).unwrap().accepted_today, 250);
+
+    let mut bad = bytes.clone();
+    bad[40] ^= 1;
+    assert_eq!(e.restore(&bad), Err(CheckpointError::Checksum));
+    assert_eq!(
+        e.restore(&bytes[..bytes.len() - 1]),
+        Err(CheckpointError::Checksum)
+    );
+    assert_eq!(e.restore(b"nope"), Err(CheckpointError::Truncated));
+    let other = DetectConfig {
+        hll_precision: 10,
+        ..DetectConfig::default()
+    };
+    assert_eq!(
+        Detector::new(other, SECRET).restore(&bytes),
+        Err(CheckpointError::Config("hll_precision"))
+    );
+}
+
+#[test]
+fn pause_and_unpause_travel_between_shards_by_epoch() {
+    let mut a = Detector::new(DetectConfig::default(), SECRET);
+    let mut b = Detector::new(DetectConfig::default(), SECRET);
+    let l = limits(11, Tier::T100k, 80);
+    assert_eq!(b.observe(0, &l, &num(1)), Verdict::Admit);
+    // A blast on shard a only.
+    let mut t = 1_000;
+    while a.observe(t, &l, &num(t)) != Verdict::Reject(Reason::SenderPaused) {
+        t += 1;
+    }
+    let d = a.export_delta(t);
+    b.merge(t, &d);
+    assert_eq!(
+        b.observe(t + 1, &l, &num(1)),
+        Verdict::Reject(Reason::SenderPaused),
+        "the pause reached shard b"
+    );
+    // The operator unpauses on shard b; shard a learns it from b's delta.
+    assert!(b.unpause(11));
+    let d = b.export_delta(t + 100);
+    a.merge(t + 100, &d);
+    assert!(!a.signal(11).unwrap().paused);
+    assert_eq!(a.signal(11).unwrap().why, Some(Why::Operator));
+    // An old delta (lower epoch) does not re-pause.
+    b.merge(t + 100, &Delta::default());
+    assert!(!b.signal(11).unwrap().paused);
+}
+
+#[test]
+fn recipients_merge_across_shards() {
+    let mut a = Detector::new(DetectConfig::default(), SECRET);
+    let mut b = Detector::new(DetectConfig::default(), SECRET);
+    let l = limits(12, Tier::T250, 1000);
+    // Shards must be exchanging before events are recorded.
+    a.export_delta(0);
+    b.export_delta(0);
+    let mut t = 0;
+    for i in 0..200 {
+        t += 1_000;
+        let d = if i % 2 == 0 { &mut a } else { &mut b };
+        assert_eq!(d.observe(t, &l, &num(i)), Verdict::Admit);
+    }
+    let (da, db) = (a.export_delta(t), b.export_delta(t));
+    a.merge(t, &db);
+    b.merge(t, &da);
+    assert_eq!(a.recipients_24h(12), Some(200));
+    assert_eq!(b.recipients_24h(12), Some(200));
+}

@@ -338,15 +338,17 @@ impl Schedule {
     /// Messages due by `t` seconds after the run's start (the count whose intended time
     /// is at most `t`).
     pub fn due_by(&self, t: f64) -> u64 {
-        let t = t.min(self.stop_secs) - self.start_secs;
-        if t < 0.0 {
+        let count = |t: f64| self.rate_from * t + 0.5 * self.slope() * t * t - self.phase;
+        if t < self.start_secs {
             return 0;
         }
-        let n = self.rate_from * t + 0.5 * self.slope() * t * t + 1.0 - self.phase;
+        // Messages strictly before stop: k + phase < count(stop).
+        let total = count(self.stop_secs - self.start_secs).ceil().max(0.0) as u64;
+        let n = count(t.min(self.stop_secs) - self.start_secs) + 1.0;
         if n <= 0.0 {
             0
         } else {
-            n.floor() as u64
+            (n.floor() as u64).min(total)
         }
     }
 
@@ -474,8 +476,9 @@ mod tests {
             rate_to: 1000.0,
             phase: 0.5,
         };
-        // Half way the rate is 500/s and 2,500 messages were due.
-        assert!((s.due_by(5.0) as i64 - 2500).abs() <= 1);
+        // Half way the rate is 500/s and a quarter of the 5,000 messages were due.
+        assert!((s.due_by(5.0) as i64 - 1250).abs() <= 1);
+        assert_eq!(s.due_by(10.0), 5000);
         for k in [0u64, 1, 10, 1000, 4999] {
             let t = s.time_of(k).unwrap();
             assert_eq!(s.due_by(t + 1e-9), k + 1, "k {k} t {t}");

@@ -251,14 +251,13 @@ fn read_report(path: &Path) -> anyhow::Result<LoadReport> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
+type AcceptedTx = tokio::sync::mpsc::Sender<Vec<AcceptedRecord>>;
+/// The writer thread; it returns the lines written.
+type AcceptedWriter = std::thread::JoinHandle<std::io::Result<u64>>;
+
 /// Writes accepted messages as CSV on a thread of its own; the channel is bounded, so a
 /// slow disk slows the generator instead of growing its memory.
-fn accepted_writer(
-    path: &Path,
-) -> anyhow::Result<(
-    tokio::sync::mpsc::Sender<Vec<AcceptedRecord>>,
-    std::thread::JoinHandle<std::io::Result<u64>>,
-)> {
+fn accepted_writer(path: &Path) -> anyhow::Result<(AcceptedTx, AcceptedWriter)> {
     let file =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<AcceptedRecord>>(1024);
@@ -389,7 +388,11 @@ fn main() -> anyhow::Result<()> {
         let stopper = stop.clone();
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\ncourier-loadgen: stopping; waiting for outstanding ACKs (Ctrl-C again to quit at once)");
                 stopper.stop();
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
             }
         });
         let cfg = cfg;

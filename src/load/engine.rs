@@ -548,10 +548,7 @@ async fn open_loop(
     let (mut late, mut peak, mut dropped, mut sent) = (0u64, 0u64, 0u64, 0u64);
     let rate_max = s.plan.rate.max(s.plan.rate_from) / s.plan.connections as f64;
     let cap = ((rate_max * sh.backlog_secs_max) as u64).max(s.plan.batch as u64);
-    loop {
-        let Some(due_secs) = sched.time_of(k) else {
-            break;
-        };
+    while let Some(due_secs) = sched.time_of(k) {
         let due_at = sh.start + Duration::from_secs_f64(due_secs);
         if due_at >= sh.stop_at {
             break;

@@ -375,7 +375,10 @@ impl LoadReport {
                 r.errors
             )?;
         }
-        if !self.senders.is_empty() {
+        // One unlabelled-normal sender (the flag-built run) has nothing to score.
+        let scored =
+            self.senders.len() > 1 || self.senders.iter().any(|s| s.label == Label::Abusive);
+        if scored {
             writeln!(w, "senders")?;
             writeln!(
                 w,

@@ -42,9 +42,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(name = "courier-loadgen", version)]
 struct Args {
-    /// Server address, HOST:PORT (not needed with --compare).
-    #[arg(long, required_unless_present = "compare")]
+    /// Server address, HOST:PORT (not needed with --compare or --dry-run).
+    #[arg(long, required_unless_present_any = ["compare", "dry_run"])]
     target: Option<String>,
+    /// No server: every batch is accepted at once in process. Measures the generator's
+    /// own CPU per message (scheduling, traffic, bookkeeping), without the QUIC client.
+    #[arg(long, conflicts_with_all = ["target", "compare"])]
+    dry_run: bool,
     /// Bearer token(s) of the sending business(es); repeat or separate with commas.
     /// Scenario senders pick one by index (`business = N`).
     #[arg(
@@ -308,17 +312,25 @@ fn main() -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&args.duplicate_rate) {
         bail!("--duplicate-rate must be in 0..=1");
     }
-    if args.token.is_empty() {
+    if args.token.is_empty() && !args.dry_run {
         bail!("give a token with --token or COURIER_TOKEN");
     }
-    let target = resolve(args.target.as_deref().expect("required unless --compare"))?;
-    let trust = match choose_trust(
-        target.ip().is_loopback(),
-        args.ca.is_some(),
-        args.allow_remote,
-    )? {
-        TrustChoice::Pinned => read_pinned(args.ca.as_deref().expect("--ca given"))?,
-        TrustChoice::InsecureLoopback => ServerTrust::InsecureLoopback,
+    let (target, trust) = if args.dry_run {
+        (
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            ServerTrust::InsecureLoopback,
+        )
+    } else {
+        let target = resolve(args.target.as_deref().expect("required unless --compare"))?;
+        let trust = match choose_trust(
+            target.ip().is_loopback(),
+            args.ca.is_some(),
+            args.allow_remote,
+        )? {
+            TrustChoice::Pinned => read_pinned(args.ca.as_deref().expect("--ca given"))?,
+            TrustChoice::InsecureLoopback => ServerTrust::InsecureLoopback,
+        };
+        (target, trust)
     };
     let plan = plan(&args)?;
     let (accepted_tx, writer) = match &args.accepted {
@@ -367,7 +379,7 @@ fn main() -> anyhow::Result<()> {
     };
     eprintln!(
         "courier-loadgen: {} for {:.1}s: {} sender(s), {}; {} streams x {} in flight per connection",
-        cfg.target,
+        if args.dry_run { "dry run (no server)".to_string() } else { cfg.target.to_string() },
         plan.duration_secs,
         plan.senders.len(),
         match (&args.scenario, args.rate) {
@@ -384,6 +396,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    let dry_run = args.dry_run;
     let report = runtime.block_on(async {
         let stopper = stop.clone();
         tokio::spawn(async move {
@@ -396,7 +409,11 @@ fn main() -> anyhow::Result<()> {
             }
         });
         let cfg = cfg;
-        load::run_plan(&cfg).await
+        if dry_run {
+            load::run_plan_dry(&cfg.plan, &cfg.options).await
+        } else {
+            load::run_plan(&cfg).await
+        }
     });
     // The run's options (and with them the accepted channel) are gone; stopping the
     // runtime ends the Ctrl-C task and anything still holding a sender.

@@ -105,6 +105,36 @@ impl Transport for Client {
     }
 }
 
+/// A transport with no server behind it: every batch is accepted at once, in process.
+/// `courier-loadgen --dry-run` drives it to measure the generator's own cost per
+/// message, apart from the QUIC client's.
+#[derive(Debug, Default)]
+pub struct NullTransport {
+    next: AtomicU64,
+}
+
+impl Transport for NullTransport {
+    fn business_id(&self) -> u32 {
+        0
+    }
+    fn check(&self, _: &[OutgoingMessage]) -> Result<(), ClientError> {
+        Ok(())
+    }
+    fn submit(
+        &self,
+        batch: Vec<OutgoingMessage>,
+    ) -> BoxFuture<'_, Result<Vec<Status>, ClientError>> {
+        let first = self.next.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let statuses = (first..first + batch.len() as u64)
+            .map(|p| Status::Accepted(courier_pipeline::wire::LogPosition(p)))
+            .collect();
+        Box::pin(std::future::ready(Ok(statuses)))
+    }
+    fn report(&self, _: Vec<ReportEntry>) -> BoxFuture<'_, Result<ReportOutcome, ClientError>> {
+        Box::pin(std::future::ready(Ok(ReportOutcome::NotRefused)))
+    }
+}
+
 /// One accepted message, for `courier log audit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AcceptedRecord {

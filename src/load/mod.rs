@@ -199,6 +199,23 @@ pub async fn run(cfg: &LoadConfig) -> Result<LoadReport, LoadError> {
     .await
 }
 
+/// Runs the plan against [`engine::NullTransport`]s (no server, no network): what is
+/// left is the generator's own cost.
+pub async fn run_plan_dry(plan: &Plan, options: &RunOptions) -> Result<LoadReport, LoadError> {
+    plan.check().map_err(LoadError::Config)?;
+    let senders = plan
+        .senders
+        .iter()
+        .map(|s| SenderRun {
+            plan: s.clone(),
+            conns: (0..s.connections)
+                .map(|_| Arc::new(engine::NullTransport::default()) as Arc<dyn Transport>)
+                .collect(),
+        })
+        .collect();
+    Ok(engine::drive(engine::plan_duration(plan), senders, options).await)
+}
+
 /// Connects every sender's clients, runs the plan and reports.
 pub async fn run_plan(cfg: &RunConfig) -> Result<LoadReport, LoadError> {
     cfg.plan.check().map_err(LoadError::Config)?;

@@ -432,7 +432,7 @@ impl LoadReport {
             c.generator_us_per_msg,
             match (c.server_secs, c.server_us_per_msg, &c.server_source) {
                 (Some(s), Some(u), Some(src)) => format!("{s:.2} s = {u:.2} us/msg ({src})"),
-                _ => "n/a (pass --server-pid)".to_string(),
+                _ => "n/a (no in-process shards and no --server-pid)".to_string(),
             }
         )?;
         Ok(())

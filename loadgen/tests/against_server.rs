@@ -276,3 +276,37 @@ fn every_shipped_scenario_runs_briefly_against_a_real_server() {
     running.shutdown();
     running.join().unwrap();
 }
+
+#[test]
+fn ctrl_c_prints_the_partial_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, tokens) = start_server(dir.path());
+    let out_json = dir.path().join("partial.json");
+    let child = Command::new(env!("CARGO_BIN_EXE_courier-loadgen"))
+        .arg("--target")
+        .arg(running.local_addr().to_string())
+        .args(["--rate", "1000", "--duration", "60", "--quiet", "--json"])
+        .arg(&out_json)
+        .env("COURIER_TOKEN", &tokens[0])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Give it time to connect and send, then interrupt it as a terminal would.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    running.shutdown();
+    running.join().unwrap();
+    let table = ok(&out);
+    assert!(table.contains("INTERRUPTED: partial report"), "{table}");
+    let r = json(&out_json);
+    assert_eq!(r["interrupted"], true);
+    assert!(r["sent"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["duration_secs"].as_f64().unwrap() < 30.0, "{r}");
+    assert_eq!(r["sent"], r["accepted"], "{r}");
+}

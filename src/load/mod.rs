@@ -255,11 +255,12 @@ pub async fn run_plan(cfg: &RunConfig) -> Result<LoadReport, LoadError> {
             conns.push(Arc::new(client));
         }
         // The largest batch this sender can draw must fit the server's bounds.
+        let largest = traffic::filler(s.size.max());
         let probe: Vec<OutgoingMessage> = (0..s.batch as u64)
             .map(|i| OutgoingMessage {
                 client_id: i,
                 recipient: traffic::new_recipient(0, i),
-                payload: traffic::filler(s.size.max()),
+                payload: largest.clone(),
             })
             .collect();
         conns[0]

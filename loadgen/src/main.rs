@@ -42,8 +42,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(name = "courier-loadgen", version)]
 struct Args {
-    /// Server address, HOST:PORT (not needed with --compare or --dry-run).
-    #[arg(long, required_unless_present_any = ["compare", "dry_run"])]
+    /// Server address, HOST:PORT (not needed with --compare, --dry-run or --from-json).
+    #[arg(long, required_unless_present_any = ["compare", "dry_run", "from_json"])]
     target: Option<String>,
     /// No server: every batch is accepted at once in process. Measures the generator's
     /// own CPU per message (scheduling, traffic, bookkeeping), without the QUIC client.
@@ -104,6 +104,9 @@ struct Args {
     /// Print two saved JSON reports side by side with ratios B/A, and exit.
     #[arg(long, num_args = 2, value_names = ["A.json", "B.json"])]
     compare: Option<Vec<PathBuf>>,
+    /// Print (and with --plot, draw) a saved JSON report instead of running.
+    #[arg(long, conflicts_with_all = ["target", "compare", "dry_run"])]
+    from_json: Option<PathBuf>,
     /// Write every accepted message as `business_id,client_id,log_position` (CSV).
     #[arg(long)]
     accepted: Option<PathBuf>,
@@ -304,6 +307,14 @@ fn main() -> anyhow::Result<()> {
         let b = read_report(&files[1])?;
         println!("A = {}\nB = {}", files[0].display(), files[1].display());
         load::report::compare(&a, &b, &mut std::io::stdout().lock())?;
+        return Ok(());
+    }
+    if let Some(path) = &args.from_json {
+        let report = read_report(path)?;
+        report.print_table(&mut std::io::stdout().lock())?;
+        if let Some(png) = &args.plot {
+            plot::write_png(&report, png)?;
+        }
         return Ok(());
     }
     if args.threads == 0 {

@@ -1,5 +1,5 @@
-//! `--plot FILE.png`: latency by percentile, throughput over time and p99 over time,
-//! drawn with plotters from a finished report (so any saved JSON can be drawn again).
+//! `--plot FILE.png`: latency by percentile, throughput over time and latency over time,
+//! drawn with plotters from a finished report (`--from-json` draws a saved one again).
 //!
 //! Text is rendered with plotters' `ab_glyph` backend and the DejaVu Sans font that the
 //! `dejavu` crate embeds, so no system font (fontconfig) is needed.
@@ -86,8 +86,9 @@ pub fn write_png(report: &LoadReport, path: &Path) -> anyhow::Result<()> {
             ("sans-serif", 20),
         )
         .margin(12)
+        .margin_right(40)
         .x_label_area_size(40)
-        .y_label_area_size(70)
+        .y_label_area_size(90)
         .build_cartesian_2d(0.0..x_max, 0.0..y_max)
         .map_err(draw_err)?;
     chart
@@ -106,12 +107,14 @@ pub fn write_png(report: &LoadReport, path: &Path) -> anyhow::Result<()> {
     // 2. Throughput over time.
     let tl = &report.timeline;
     let mut prev = 0.0;
+    // The last interval is the drain, often a few milliseconds: as a rate it says
+    // nothing, so intervals under half a second are left out of this panel.
     let rates: Vec<(f64, f64, f64)> = tl
         .iter()
-        .map(|s| {
-            let dt = (s.t_secs - prev).max(1e-3);
+        .filter_map(|s| {
+            let dt = s.t_secs - prev;
             prev = s.t_secs;
-            (s.t_secs, s.sent as f64 / dt, s.accepted as f64 / dt)
+            (dt >= 0.5).then(|| (s.t_secs, s.sent as f64 / dt, s.accepted as f64 / dt))
         })
         .collect();
     let t_max = tl.last().map_or(1.0, |s| s.t_secs).max(1.0);
@@ -119,14 +122,16 @@ pub fn write_png(report: &LoadReport, path: &Path) -> anyhow::Result<()> {
     let mut chart = ChartBuilder::on(&panels[1])
         .caption("throughput over time (per second)", ("sans-serif", 20))
         .margin(12)
+        .margin_right(40)
         .x_label_area_size(40)
-        .y_label_area_size(70)
+        .y_label_area_size(90)
         .build_cartesian_2d(0.0..t_max, 0.0..r_max)
         .map_err(draw_err)?;
     chart
         .configure_mesh()
         .x_desc("seconds")
         .y_desc("msgs/s")
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .label_style(("sans-serif", 15))
         .draw()
         .map_err(draw_err)?;
@@ -167,8 +172,9 @@ pub fn write_png(report: &LoadReport, path: &Path) -> anyhow::Result<()> {
             ("sans-serif", 20),
         )
         .margin(12)
+        .margin_right(40)
         .x_label_area_size(40)
-        .y_label_area_size(70)
+        .y_label_area_size(90)
         .build_cartesian_2d(0.0..t_max, 0.0..l_max)
         .map_err(draw_err)?;
     chart

@@ -458,8 +458,29 @@ fn micros(d: Duration) -> u64 {
         .clamp(1, LATENCY_US_MAX)
 }
 
-/// Records the answer to one batch.
-fn record(sh: &Shared, s: &SenderShared, metas: &[Meta], answer: Result<Vec<Status>, ClientError>) {
+/// Records the answer to one batch and hands its accepted messages to the `--accepted`
+/// writer. The channel is bounded and the send is awaited while the batch still holds
+/// its in-flight slot, so a slow disk slows the generator instead of growing its memory.
+async fn record(
+    sh: &Shared,
+    s: &SenderShared,
+    metas: &[Meta],
+    answer: Result<Vec<Status>, ClientError>,
+) {
+    if let Some(records) = tally_answer(sh, s, metas, answer) {
+        if let Some(tx) = &sh.accepted_tx {
+            let _ = tx.send(records).await;
+        }
+    }
+}
+
+/// Counts the answer to one batch; returns its accepted messages when they are wanted.
+fn tally_answer(
+    sh: &Shared,
+    s: &SenderShared,
+    metas: &[Meta],
+    answer: Result<Vec<Status>, ClientError>,
+) -> Option<Vec<AcceptedRecord>> {
     let now = Instant::now();
     let n = metas.len() as u64;
     let mut t = s.tally.lock().expect("tally lock");
@@ -470,7 +491,7 @@ fn record(sh: &Shared, s: &SenderShared, metas: &[Meta], answer: Result<Vec<Stat
             t.errors += n;
             t.dups.other += metas.iter().filter(|m| m.resend).count() as u64;
             sh.errors.fetch_add(n, Ordering::Relaxed);
-            return;
+            return None;
         }
     };
     let mut window = sh.window.lock().expect("window lock");
@@ -548,19 +569,7 @@ fn record(sh: &Shared, s: &SenderShared, metas: &[Meta], answer: Result<Vec<Stat
             recent.push_back(f);
         }
     }
-    if let Some(tx) = &sh.accepted_tx {
-        if !records.is_empty() {
-            // The writer is slower only if the disk is; a full channel then slows the
-            // generator rather than growing memory. try_send first keeps the fast path
-            // free of an await.
-            if let Err(mpsc::error::TrySendError::Full(records)) = tx.try_send(records) {
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let _ = tx.send(records).await;
-                });
-            }
-        }
-    }
+    (!records.is_empty()).then_some(records)
 }
 
 /// Open loop on one connection.
@@ -632,7 +641,7 @@ async fn open_loop(
                 Ok(a) => a,
                 Err(_) => Err(ClientError::Closed),
             };
-            record(&sh2, &s2, &metas, answer);
+            record(&sh2, &s2, &metas, answer).await;
             drop(permit);
         });
         while tasks.try_join_next().is_some() {}
@@ -685,7 +694,7 @@ async fn closed_loop(sh: Arc<Shared>, s: Arc<SenderShared>, t: Arc<dyn Transport
             Err(_) => Err(ClientError::Closed),
         };
         let fatal = matches!(&answer, Err(e) if e.is_fatal());
-        record(&sh, &s, &metas, answer);
+        record(&sh, &s, &metas, answer).await;
         if fatal {
             break;
         }

@@ -6,7 +6,8 @@
 //! name = "shop"               # shown in the report
 //! label = "normal"            # or "abusive": what the detector should conclude
 //! business = 0                # index into the --token list (or token = "...")
-//! rate = 2000                 # messages per second (per sender, over its connections)
+//! rate = 2000                 # messages per second (per sender, over its connections);
+//!                             #   0: closed loop at full speed
 //! pattern = "constant"        # or "ramp" (from ramp_from to rate between start and stop)
 //! start_secs = 0.0            # offsets from the run's start; for an abusive sender
 //! stop_secs = 10.0            #   start_secs is its onset

@@ -25,6 +25,8 @@ struct Fake {
     stall_at: Duration,
     stall_for: Duration,
     dedup: bool,
+    /// Throttle everything (a detector that has flagged this business).
+    throttle: bool,
     next: AtomicU64,
     seen: Mutex<HashSet<u64>>,
 }
@@ -37,6 +39,7 @@ impl Fake {
             stall_at,
             stall_for,
             dedup: false,
+            throttle: false,
             next: AtomicU64::new(1),
             seen: Mutex::new(HashSet::new()),
         })
@@ -68,7 +71,11 @@ impl Transport for Fake {
             Ok(batch
                 .iter()
                 .map(|m| {
-                    if !seen.insert(m.client_id) && self.dedup {
+                    if self.throttle {
+                        Status::Throttled {
+                            retry_after_ms: 100,
+                        }
+                    } else if !seen.insert(m.client_id) && self.dedup {
                         Status::Duplicate(LogPosition(0))
                     } else {
                         Status::Accepted(LogPosition(self.next.fetch_add(1, Ordering::Relaxed)))
@@ -242,4 +249,50 @@ async fn an_interrupted_run_reports_what_it_has() {
     assert!((200..=300).contains(&r.sent), "{r:?}");
     assert_eq!(r.sent, r.accepted);
     assert_eq!(r.backlog_dropped, 0, "an interrupt is not a backlog");
+}
+
+#[tokio::test(start_paused = true)]
+async fn detection_is_scored_per_sender_from_its_onset() {
+    // A normal sender the server admits, and an abusive one (onset at 0.4 s) on a
+    // connection the server throttles from its first batch, answered in 5 ms.
+    let admit = Fake::new(Duration::from_millis(5), Duration::ZERO, Duration::ZERO);
+    let mut flagged = Arc::try_unwrap(Fake::new(
+        Duration::from_millis(5),
+        Duration::ZERO,
+        Duration::ZERO,
+    ))
+    .ok()
+    .unwrap();
+    flagged.throttle = true;
+    let normal = sender(500.0, 10, 1.0);
+    let mut abusive = sender(500.0, 10, 1.0);
+    abusive.name = "spammer".into();
+    abusive.label = Label::Abusive;
+    abusive.start_secs = 0.4;
+    let runs = vec![
+        SenderRun {
+            plan: normal,
+            conns: vec![admit as Arc<dyn Transport>],
+        },
+        SenderRun {
+            plan: abusive,
+            conns: vec![Arc::new(flagged) as Arc<dyn Transport>],
+        },
+    ];
+    let r = engine::drive(Duration::from_secs(1), runs, &RunOptions::default()).await;
+    assert_eq!(r.senders.len(), 2);
+    let (n, a) = (&r.senders[0], &r.senders[1]);
+    assert!(!n.flagged() && n.first_flag_after_onset_secs.is_none());
+    assert_eq!(a.throttled, a.sent);
+    assert!((290..=310).contains(&a.sent), "{a:?}");
+    // First message due at the onset, answered 5 ms later (plus the 1 ms timer tick).
+    let t = a.first_flag_after_onset_secs.unwrap();
+    assert!((0.004..0.008).contains(&t), "{t}");
+    let d = &r.detection;
+    assert_eq!(
+        (d.true_positives, d.false_positives, d.false_negatives),
+        (1, 0, 0)
+    );
+    assert_eq!((d.precision, d.recall), (Some(1.0), Some(1.0)));
+    assert_eq!(r.throttled, a.sent);
 }

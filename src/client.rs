@@ -112,6 +112,18 @@ impl std::fmt::Debug for OutgoingMessage {
     }
 }
 
+/// How the server answered a REPORT frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportOutcome {
+    /// The server stopped the stream with this code (see `wire::code`).
+    Refused {
+        /// The application error code of STOP_SENDING.
+        code: u64,
+    },
+    /// No refusal arrived within the wait.
+    NotRefused,
+}
+
 /// What went wrong. No variant carries a token, a recipient or a payload.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
@@ -395,6 +407,52 @@ impl Client {
         };
         lane.jobs.send(job).await.map_err(|_| ClientError::Closed)?;
         answer.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Sends one REPORT frame (spam reports) on a stream of its own and waits at most
+    /// `wait` for the server to refuse it.
+    ///
+    /// Wire v1 takes REPORT only from platform connections, which do not exist yet, so
+    /// a server answers REPORT on a business connection by stopping the stream with
+    /// `UNEXPECTED_FRAME`: that comes back as [`ReportOutcome::Refused`]. The stream is
+    /// left unfinished while waiting, so that a refusal cannot race with the
+    /// acknowledgement of a FIN; [`ReportOutcome::NotRefused`] means no refusal arrived
+    /// within `wait`. Either way the stream is then released.
+    pub async fn report(
+        &self,
+        entries: &[wire::ReportEntry],
+        wait: Duration,
+    ) -> Result<ReportOutcome, ClientError> {
+        if entries.is_empty() || entries.len() > self.welcome.batch_messages_max as usize {
+            return Err(ClientError::BatchTooLarge {
+                count: entries.len(),
+                max: self.welcome.batch_messages_max,
+            });
+        }
+        let (mut send, mut recv) = self.connection.open_bi().await.map_err(connection_error)?;
+        let mut frame = BytesMut::new();
+        wire::encode_report(entries, &mut frame);
+        let outcome = match send.write_all(&frame).await {
+            Err(WriteError::Stopped(code)) => ReportOutcome::Refused {
+                code: code.into_inner(),
+            },
+            Err(e) => return Err(write_error(e)),
+            Ok(()) => match tokio::time::timeout(wait, send.stopped()).await {
+                Ok(Ok(Some(code))) => ReportOutcome::Refused {
+                    code: code.into_inner(),
+                },
+                // Only after finish() can stopped() end without a code.
+                Ok(Ok(None)) => ReportOutcome::NotRefused,
+                Ok(Err(quinn::StoppedError::ConnectionLost(e))) => return Err(connection_error(e)),
+                Ok(Err(quinn::StoppedError::ZeroRttRejected)) => {
+                    unreachable!("the client never sends 0-RTT")
+                }
+                Err(_) => ReportOutcome::NotRefused,
+            },
+        };
+        let _ = send.reset(VarInt::from_u32(code::CLOSE_OK));
+        let _ = recv.stop(VarInt::from_u32(code::CLOSE_OK));
+        Ok(outcome)
     }
 
     /// Submits `batch`, resubmitting the messages that came back `Throttled` after the

@@ -1,52 +1,131 @@
-//! `courier-loadgen`: closed-loop bulk senders against a courier server, with HDR latency
-//! percentiles and a JSON report.
+//! `courier-loadgen`: bulk senders against a courier server, open loop at a fixed rate
+//! (latency from each message's intended send time) or closed loop at full speed, with
+//! scenarios, HDR percentiles, live progress, JSON and PNG reports and verification.
 //!
 //! ```text
 //! args ──> target + trust decision (loopback unless --allow-remote; pinned with --ca)
-//!      ──> courier::load::run (connections × streams × in-flight batches, full speed)
-//!      ──> table on stdout, JSON with --json
+//!      ──> Plan: --scenario FILE, or one sender from the flags (--rate or --max)
+//!      ──> courier::load::run_plan (connect every sender's clients, drive, drain)
+//!            ├─ progress line each second (indicatif) unless --quiet; Ctrl-C stops early
+//!            └─ --accepted FILE: writer thread, one CSV line per accepted message
+//!      ──> table on stdout; --json FILE; --plot FILE.png
+//! --compare A.json B.json prints two saved runs side by side instead.
 //! ```
 //!
-//! The token is never printed; prefer `COURIER_TOKEN` over `--token`, which other users
+//! Tokens are never printed; prefer `COURIER_TOKEN` over `--token`, which other users
 //! of the machine can read from the process list.
 
+mod plot;
+
+use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use courier::load::{self, LoadConfig};
+use courier::load::cpu::{Meter, ServerCpu};
+use courier::load::scenario::Defaults;
+use courier::load::traffic::{RecipientSpec, SizeSpec};
+use courier::load::{
+    self, AcceptedRecord, Label, LoadReport, Plan, RunConfig, RunOptions, SenderPlan, StopSignal,
+    TokenSource,
+};
 use courier::tls::{CertificateDer, ServerTrust};
+use indicatif::{ProgressBar, ProgressStyle};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Closed-loop load generator for courier.
+/// Load generator for courier: open loop at a fixed rate or closed loop at full speed.
 #[derive(Parser)]
 #[command(name = "courier-loadgen", version)]
 struct Args {
-    /// Server address, HOST:PORT.
+    /// Server address, HOST:PORT (not needed with --compare, --dry-run or --from-json).
+    #[arg(long, required_unless_present_any = ["compare", "dry_run", "from_json"])]
+    target: Option<String>,
+    /// No server: every batch is accepted at once in process. Measures the generator's
+    /// own CPU per message (scheduling, traffic, bookkeeping), without the QUIC client.
+    #[arg(long, conflicts_with_all = ["target", "compare"])]
+    dry_run: bool,
+    /// Bearer token(s) of the sending business(es); repeat or separate with commas.
+    /// Scenario senders pick one by index (`business = N`).
+    #[arg(
+        long,
+        env = "COURIER_TOKEN",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    token: Vec<String>,
+    /// Open loop: messages per second in all, spread over the connections; latency runs
+    /// from each message's intended send time.
+    #[arg(long, conflicts_with = "max")]
+    rate: Option<f64>,
+    /// Closed loop at full speed (the default without --rate).
     #[arg(long)]
-    target: String,
-    /// Bearer token of the sending business.
-    #[arg(long, env = "COURIER_TOKEN", hide_env_values = true)]
-    token: String,
-    /// Connections to open.
+    max: bool,
+    /// Connections to open (per sender in a scenario, unless it says otherwise).
     #[arg(long, default_value_t = 4)]
     connections: usize,
-    /// Messages per batch.
+    /// Messages per batch (at most).
     #[arg(long, default_value_t = 64)]
     batch: usize,
-    /// Payload bytes per message.
-    #[arg(long, default_value_t = 1024)]
-    size: usize,
-    /// Seconds to send for.
-    #[arg(long, default_value_t = 10)]
-    duration: u64,
+    /// Payload bytes: `1024`, a uniform range `100-2000`, or weighted `100:3,4000:1`.
+    #[arg(long, default_value = "1024")]
+    size: String,
+    /// Recipients: `uniform`, `zipf:S` (e.g. zipf:1.1) or `new` (every one new).
+    #[arg(long, default_value = "uniform")]
+    recipients: String,
+    /// Distinct recipients for uniform and Zipf (Zipf: at most 1048576).
+    #[arg(long)]
+    population: Option<u64>,
+    /// Seconds to send for (default 10; overrides a scenario's duration_secs).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Stop after this many messages in all.
+    #[arg(long)]
+    count: Option<u64>,
+    /// A scenario file (TOML) of senders; see loadgen/scenarios/.
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    /// Multiply every time of the scenario (for short runs: 0.1).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Multiply every rate of the scenario.
+    #[arg(long, default_value_t = 1.0)]
+    rate_scale: f64,
     /// Write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Draw latency by percentile and throughput over time into this PNG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Print two saved JSON reports side by side with ratios B/A, and exit.
+    #[arg(long, num_args = 2, value_names = ["A.json", "B.json"])]
+    compare: Option<Vec<PathBuf>>,
+    /// Print (and with --plot, draw) a saved JSON report instead of running.
+    #[arg(long, conflicts_with_all = ["target", "compare", "dry_run"])]
+    from_json: Option<PathBuf>,
+    /// Write every accepted message as `business_id,client_id,log_position` (CSV).
+    #[arg(long)]
+    accepted: Option<PathBuf>,
+    /// Fraction of messages that resend an already accepted message (same client id).
+    #[arg(long, default_value_t = 0.0)]
+    duplicate_rate: f64,
+    /// Read the server's CPU time from /proc/PID/stat (a server in another process).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Most seconds of schedule a connection may fall behind before due messages are
+    /// dropped (and counted).
+    #[arg(long, default_value_t = 1.0)]
+    backlog_secs: f64,
+    /// Seed of the synthetic traffic.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
     /// The server's certificate (DER, as the server wrote it) to pin.
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -59,7 +138,7 @@ struct Args {
     /// Batches in flight per stream.
     #[arg(long = "in-flight", default_value_t = 8)]
     in_flight: usize,
-    /// Tokio worker threads.
+    /// Tokio worker threads of the generator.
     #[arg(long, default_value_t = 2)]
     threads: usize,
 }
@@ -101,53 +180,275 @@ fn resolve(target: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("--target {target} resolves to no address"))
 }
 
+fn parse_recipients(s: &str, population: Option<u64>) -> anyhow::Result<RecipientSpec> {
+    let spec = match s {
+        "uniform" => RecipientSpec::Uniform {
+            population: population.unwrap_or(load::traffic::POPULATION_MAX),
+        },
+        "new" => RecipientSpec::New,
+        _ => match s.strip_prefix("zipf:") {
+            Some(exp) => RecipientSpec::Zipf {
+                s: exp
+                    .parse()
+                    .with_context(|| format!("--recipients {s}: bad exponent"))?,
+                population: population.unwrap_or(100_000),
+            },
+            None => bail!("--recipients must be uniform, zipf:S or new"),
+        },
+    };
+    spec.check()
+        .map_err(|e| anyhow::anyhow!("--recipients: {e}"))?;
+    Ok(spec)
+}
+
+/// The plan: the scenario file, or one sender made of the flags.
+fn plan(args: &Args) -> anyhow::Result<Plan> {
+    let size = SizeSpec::parse(&args.size).map_err(|e| anyhow::anyhow!("--size: {e}"))?;
+    let recipients = parse_recipients(&args.recipients, args.population)?;
+    let plan = match &args.scenario {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let defaults = Defaults {
+                connections: args.connections,
+                batch: args.batch,
+                size,
+                recipients,
+            };
+            let p = Plan::from_toml(&text, &defaults)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                .scaled(args.time_scale, args.rate_scale);
+            match args.duration {
+                Some(d) => p.with_duration(d),
+                None => p,
+            }
+        }
+        None => {
+            let duration = args.duration.unwrap_or(10.0);
+            let rate = args.rate.unwrap_or(0.0);
+            if args.rate.is_some() && rate <= 0.0 {
+                bail!("--rate must be positive (use --max for full speed)");
+            }
+            Plan {
+                duration_secs: duration,
+                senders: vec![SenderPlan {
+                    name: "sender-0".into(),
+                    label: Label::Normal,
+                    token: TokenSource::Index(0),
+                    rate,
+                    rate_from: rate,
+                    start_secs: 0.0,
+                    stop_secs: duration,
+                    connections: args.connections,
+                    batch: args.batch,
+                    size,
+                    recipients,
+                    reports_per_sec: 0.0,
+                }],
+            }
+        }
+    };
+    plan.check().map_err(|e| anyhow::anyhow!(e))?;
+    Ok(plan)
+}
+
+fn read_report(path: &Path) -> anyhow::Result<LoadReport> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+type AcceptedTx = tokio::sync::mpsc::Sender<Vec<AcceptedRecord>>;
+/// The writer thread; it returns the lines written.
+type AcceptedWriter = std::thread::JoinHandle<std::io::Result<u64>>;
+
+/// Writes accepted messages as CSV on a thread of its own; the channel is bounded, so a
+/// slow disk slows the generator instead of growing its memory.
+fn accepted_writer(path: &Path) -> anyhow::Result<(AcceptedTx, AcceptedWriter)> {
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<AcceptedRecord>>(1024);
+    let handle = std::thread::Builder::new()
+        .name("loadgen-accepted".into())
+        .spawn(move || -> std::io::Result<u64> {
+            let mut w = std::io::BufWriter::new(file);
+            writeln!(w, "business_id,client_id,log_position")?;
+            let mut n = 0;
+            while let Some(batch) = rx.blocking_recv() {
+                for r in batch {
+                    writeln!(w, "{},{},{}", r.business_id, r.client_id, r.log_position)?;
+                    n += 1;
+                }
+            }
+            w.flush()?;
+            Ok(n)
+        })
+        .context("starting the accepted-file writer")?;
+    Ok((tx, handle))
+}
+
+fn progress(quiet: bool, duration_secs: f64) -> Option<ProgressBar> {
+    if quiet {
+        return None;
+    }
+    let bar = ProgressBar::new(duration_secs.ceil() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:20}] {pos}/{len}s {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    Some(bar)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(files) = &args.compare {
+        let a = read_report(&files[0])?;
+        let b = read_report(&files[1])?;
+        println!("A = {}\nB = {}", files[0].display(), files[1].display());
+        load::report::compare(&a, &b, &mut std::io::stdout().lock())?;
+        return Ok(());
+    }
+    if let Some(path) = &args.from_json {
+        let report = read_report(path)?;
+        report.print_table(&mut std::io::stdout().lock())?;
+        if let Some(png) = &args.plot {
+            plot::write_png(&report, png)?;
+        }
+        return Ok(());
+    }
     if args.threads == 0 {
         bail!("--threads must be at least 1");
     }
-    let target = resolve(&args.target)?;
-    let trust = match choose_trust(
-        target.ip().is_loopback(),
-        args.ca.is_some(),
-        args.allow_remote,
-    )? {
-        TrustChoice::Pinned => read_pinned(args.ca.as_deref().expect("--ca given"))?,
-        TrustChoice::InsecureLoopback => ServerTrust::InsecureLoopback,
+    if !(0.0..=1.0).contains(&args.duplicate_rate) {
+        bail!("--duplicate-rate must be in 0..=1");
+    }
+    if args.token.is_empty() && !args.dry_run {
+        bail!("give a token with --token or COURIER_TOKEN");
+    }
+    let (target, trust) = if args.dry_run {
+        (
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            ServerTrust::InsecureLoopback,
+        )
+    } else {
+        let target = resolve(args.target.as_deref().expect("required unless --compare"))?;
+        let trust = match choose_trust(
+            target.ip().is_loopback(),
+            args.ca.is_some(),
+            args.allow_remote,
+        )? {
+            TrustChoice::Pinned => read_pinned(args.ca.as_deref().expect("--ca given"))?,
+            TrustChoice::InsecureLoopback => ServerTrust::InsecureLoopback,
+        };
+        (target, trust)
     };
-    let cfg = LoadConfig {
+    let plan = plan(&args)?;
+    let (accepted_tx, writer) = match &args.accepted {
+        Some(path) => {
+            let (tx, h) = accepted_writer(path)?;
+            (Some(tx), Some(h))
+        }
+        None => (None, None),
+    };
+    let bar = progress(args.quiet, plan.duration_secs);
+    let on_second: Option<load::engine::OnSecond> = bar.clone().map(|bar| {
+        let f: load::engine::OnSecond = Arc::new(move |s, (sent, accepted, errors)| {
+            bar.set_position(s.t_secs.floor() as u64);
+            bar.set_message(format!(
+                "{} msgs/s sent, {} acked; total {sent} sent, {accepted} accepted, {errors} errors; p99 {:.2} ms",
+                s.sent,
+                s.accepted + s.not_accepted,
+                s.p99_us as f64 / 1e3
+            ));
+        });
+        f
+    });
+    let stop = StopSignal::default();
+    let cfg = RunConfig {
         target,
-        token: args.token,
+        tokens: args.token.clone(),
         trust,
-        connections: args.connections,
-        batch: args.batch,
-        size: args.size,
-        duration: Duration::from_secs(args.duration),
         streams_per_connection: args.streams,
         batches_in_flight_per_stream: args.in_flight,
+        plan: plan.clone(),
+        options: RunOptions {
+            count: args.count,
+            duplicate_rate: args.duplicate_rate,
+            backlog_secs_max: args.backlog_secs,
+            in_flight: args.streams * args.in_flight,
+            seed: args.seed,
+            accepted: accepted_tx,
+            on_second,
+            stop: stop.clone(),
+            cpu: Meter::new(match args.server_pid {
+                Some(pid) => ServerCpu::Pid(pid),
+                None => ServerCpu::InProcess,
+            }),
+            drain_timeout: load::DRAIN_TIMEOUT,
+        },
     };
     eprintln!(
-        "courier-loadgen: {} for {}s: {} connections x {} streams x {} in flight, batch {}, {} B payload",
-        cfg.target,
-        args.duration,
-        cfg.connections,
-        cfg.streams_per_connection,
-        cfg.batches_in_flight_per_stream,
-        cfg.batch,
-        cfg.size
+        "courier-loadgen: {} for {:.1}s: {} sender(s), {}; {} streams x {} in flight per connection",
+        if args.dry_run { "dry run (no server)".to_string() } else { cfg.target.to_string() },
+        plan.duration_secs,
+        plan.senders.len(),
+        match (&args.scenario, args.rate) {
+            (Some(p), _) => format!("scenario {}", p.display()),
+            (None, Some(r)) => format!("open loop at {r} msgs/s, {} connections, batch {}, size {}", args.connections, args.batch, args.size),
+            (None, None) => format!("closed loop at full speed, {} connections, batch {}, size {}", args.connections, args.batch, args.size),
+        },
+        args.streams,
+        args.in_flight
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads)
+        .thread_name("loadgen-worker")
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let report = runtime.block_on(load::run(&cfg))?;
+    let dry_run = args.dry_run;
+    let report = runtime.block_on(async {
+        let stopper = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\ncourier-loadgen: stopping; waiting for outstanding ACKs (Ctrl-C again to quit at once)");
+                stopper.stop();
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            }
+        });
+        let cfg = cfg;
+        if dry_run {
+            load::run_plan_dry(&cfg.plan, &cfg.options).await
+        } else {
+            load::run_plan(&cfg).await
+        }
+    });
+    // The run's options (and with them the accepted channel) are gone; stopping the
+    // runtime ends the Ctrl-C task and anything still holding a sender.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let report = report?;
     report.print_table(&mut std::io::stdout().lock())?;
+    if let Some(h) = writer {
+        let n = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("the accepted-file writer panicked"))?
+            .context("writing the accepted file")?;
+        eprintln!("accepted file: {n} lines");
+    }
     if let Some(path) = &args.json {
         let file =
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         serde_json::to_writer_pretty(std::io::BufWriter::new(file), &report)
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        plot::write_png(&report, path)?;
     }
     Ok(())
 }
@@ -178,7 +479,7 @@ mod tests {
     }
 
     #[test]
-    fn args_parse_with_defaults() {
+    fn args_parse_with_defaults_and_v1_commands_stay_closed_loop() {
         let a = Args::try_parse_from([
             "courier-loadgen",
             "--target",
@@ -188,24 +489,46 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            (a.connections, a.batch, a.size, a.duration, a.threads),
-            (4, 64, 1024, 10, 2)
+            (a.connections, a.batch, a.duration, a.threads),
+            (4, 64, None, 2)
         );
         assert!(!a.allow_remote && a.ca.is_none() && a.json.is_none());
+        let p = plan(&a).unwrap();
+        assert_eq!(p.duration_secs, 10.0);
+        assert!(p.senders[0].closed_loop());
+        assert_eq!(p.senders[0].size, SizeSpec::Fixed(1024));
         let a = Args::try_parse_from([
             "courier-loadgen",
             "--target",
             "[::1]:1",
             "--token",
-            "t",
+            "a,b",
             "--in-flight",
             "3",
             "--streams",
             "5",
+            "--rate",
+            "1000",
+            "--size",
+            "100-200",
+            "--recipients",
+            "zipf:1.1",
         ])
         .unwrap();
         assert_eq!((a.in_flight, a.streams), (3, 5));
-        assert!(resolve(&a.target).unwrap().ip().is_loopback());
+        assert_eq!(a.token, vec!["a".to_string(), "b".to_string()]);
+        assert!(resolve(a.target.as_deref().unwrap())
+            .unwrap()
+            .ip()
+            .is_loopback());
+        let p = plan(&a).unwrap();
+        assert_eq!(p.senders[0].rate, 1000.0);
+        assert!(!p.senders[0].closed_loop());
+        assert!(
+            Args::try_parse_from(["courier-loadgen", "--target", "x", "--rate", "5", "--max"])
+                .is_err()
+        );
+        assert!(Args::try_parse_from(["courier-loadgen", "--compare", "a.json", "b.json"]).is_ok());
     }
 
     #[test]
@@ -219,5 +542,27 @@ mod tests {
         std::fs::write(&der, [0x30, 0x82, 0x01]).unwrap();
         assert!(matches!(read_pinned(&der), Ok(ServerTrust::Pinned(_))));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_shipped_scenario_parses() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/scenarios");
+        let mut n = 0;
+        for e in std::fs::read_dir(dir).unwrap() {
+            let path = e.unwrap().path();
+            let a = Args::try_parse_from([
+                "courier-loadgen",
+                "--target",
+                "127.0.0.1:1",
+                "--token",
+                "t",
+                "--scenario",
+                path.to_str().unwrap(),
+            ])
+            .unwrap();
+            plan(&a).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+        assert_eq!(n, 5);
     }
 }

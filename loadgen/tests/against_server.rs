@@ -1,15 +1,22 @@
-//! courier-loadgen against a real courier server on loopback.
+//! courier-loadgen against a real courier server (in this test process) on loopback:
+//! the v1 closed loop, the open loop, every shipped scenario (scaled down to about a
+//! second), verification files and the plot.
 
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::sync::Arc;
 
-use courier::serve::{self, ServeOptions};
+use courier::load::scenario::Defaults;
+use courier::load::traffic::{RecipientSpec, SizeSpec};
+use courier::load::Plan;
+use courier::serve::{self, Running, ServeOptions};
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::{Registry, Tier};
 
-#[test]
-fn loadgen_drives_a_server_and_writes_its_json_report() {
-    let dir = tempfile::tempdir().unwrap();
+/// Businesses registered: the shipped scenarios use indices 0 to 4.
+const BUSINESSES: usize = 5;
+
+fn start_server(dir: &Path) -> (Running, Vec<String>) {
     let mut profile = Profile::from_toml(
         &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tuning/small.toml"))
             .unwrap(),
@@ -17,21 +24,62 @@ fn loadgen_drives_a_server_and_writes_its_json_report() {
     .unwrap();
     profile.listen = "127.0.0.1:0".parse().unwrap();
     let mut registry = Registry::default();
-    let (_, token) = registry
-        .add("loadgen test", Tier::Unlimited, 1_000_000, &[5u8; 32])
-        .unwrap();
+    let tokens = (0..BUSINESSES)
+        .map(|i| {
+            let (_, token) = registry
+                .add(
+                    &format!("loadgen test {i}"),
+                    Tier::Unlimited,
+                    1_000_000,
+                    &[5u8; 32],
+                )
+                .unwrap();
+            token
+        })
+        .collect();
     let running = serve::start(ServeOptions {
         profile,
-        data_dir: dir.path().to_path_buf(),
+        data_dir: dir.to_path_buf(),
         registry: Arc::new(registry),
         master_key: courier::store::MasterKeyText::random(),
     })
     .unwrap();
-    let json = dir.path().join("run.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_courier-loadgen"))
+    (running, tokens)
+}
+
+fn loadgen(running: &Running, tokens: &[String], args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_courier-loadgen"))
         .arg("--target")
         .arg(running.local_addr().to_string())
-        .args([
+        .args(args)
+        .env("COURIER_TOKEN", tokens.join(","))
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn loadgen_drives_a_server_and_writes_its_json_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, tokens) = start_server(dir.path());
+    let out_json = dir.path().join("run.json");
+    let out = loadgen(
+        &running,
+        &tokens[..1],
+        &[
             "--connections",
             "2",
             "--batch",
@@ -40,28 +88,226 @@ fn loadgen_drives_a_server_and_writes_its_json_report() {
             "256",
             "--duration",
             "1",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .env("COURIER_TOKEN", &token)
-        .output()
-        .unwrap();
+            "--quiet",
+            "--json",
+            out_json.to_str().unwrap(),
+        ],
+    );
     running.shutdown();
     let stats = running.join().unwrap();
+    let table = ok(&out);
     assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        table.contains("mode") && table.contains("closed"),
+        "{table}"
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = json(&out_json);
     let accepted = report["accepted"].as_u64().unwrap();
     assert!(accepted > 0);
+    assert_eq!(report["mode"], "closed");
     assert_eq!(report["errors"].as_u64(), Some(0));
     assert_eq!(report["sent"].as_u64(), Some(accepted));
     assert!(report["latency_us"]["p99"].as_u64().unwrap() > 0);
     // What loadgen counted is what the server took in.
     let server_messages: u64 = stats.iter().map(|s| s.messages_in).sum();
     assert_eq!(server_messages, accepted);
+}
+
+#[test]
+fn open_loop_sends_at_the_rate_and_verifies_what_it_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, tokens) = start_server(dir.path());
+    let out_json = dir.path().join("open.json");
+    let accepted_csv = dir.path().join("accepted.csv");
+    let png = dir.path().join("open.png");
+    let pid = std::process::id().to_string();
+    let out = loadgen(
+        &running,
+        &tokens[..1],
+        &[
+            "--rate",
+            "2000",
+            "--duration",
+            "1",
+            "--connections",
+            "2",
+            "--batch",
+            "16",
+            "--size",
+            "100-300",
+            "--recipients",
+            "zipf:1.1",
+            "--duplicate-rate",
+            "0.1",
+            "--server-pid",
+            &pid,
+            "--quiet",
+            "--json",
+            out_json.to_str().unwrap(),
+            "--accepted",
+            accepted_csv.to_str().unwrap(),
+            "--plot",
+            png.to_str().unwrap(),
+        ],
+    );
+    running.shutdown();
+    let stats = running.join().unwrap();
+    let table = ok(&out);
+    let r = json(&out_json);
+    assert_eq!(r["mode"], "open");
+    let sent = r["sent"].as_u64().unwrap();
+    // 2,000 msgs/s for 1 s: all of it, less what a loaded machine left in the backlog.
+    let dropped = r["backlog_dropped"].as_u64().unwrap();
+    assert_eq!(sent + dropped, 2000, "{r}");
+    assert!(sent >= 1500, "{r}");
+    let accepted = r["accepted"].as_u64().unwrap();
+    assert_eq!(accepted + r["errors"].as_u64().unwrap(), sent);
+    let server_messages: u64 = stats.iter().map(|s| s.messages_in).sum();
+    assert_eq!(server_messages, accepted);
+    // The server has no idempotency table yet: resends come back accepted, and the
+    // report says so instead of pretending.
+    let d = &r["duplicates"];
+    assert!(d["sent"].as_u64().unwrap() > 50, "{d}");
+    assert_eq!(d["not_detected"], d["sent"]);
+    assert_eq!(d["detected"], 0);
+    assert!(table.contains("duplicates not detected:"), "{table}");
+    // One CSV line per accepted message, for `courier log audit`.
+    let csv = std::fs::read_to_string(&accepted_csv).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("business_id,client_id,log_position"));
+    assert_eq!(lines.clone().count() as u64, accepted);
+    assert!(
+        lines.all(|l| l.split(',').count() == 3 && l.split(',').all(|f| f.parse::<u64>().is_ok()))
+    );
+    // CPU of both sides; the server here is this test process.
+    assert!(r["cpu"]["server_secs"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(r["cpu"]["server_source"], format!("pid {pid}"));
+    assert!(!r["timeline"].as_array().unwrap().is_empty());
+    let png = std::fs::read(&png).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+}
+
+fn scenarios() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/scenarios"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn every_shipped_scenario_runs_briefly_against_a_real_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, tokens) = start_server(dir.path());
+    let defaults = Defaults {
+        connections: 1,
+        batch: 16,
+        size: SizeSpec::Fixed(100),
+        recipients: RecipientSpec::New,
+    };
+    let names: Vec<String> = scenarios()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "blast.toml",
+            "everything.toml",
+            "report-storm.toml",
+            "slow-ramp.toml",
+            "steady-mix.toml"
+        ]
+    );
+    for path in scenarios() {
+        let plan = Plan::from_toml(&std::fs::read_to_string(&path).unwrap(), &defaults).unwrap();
+        // About one second per scenario, at a tenth of its rates: the shape is kept.
+        let scale = (1.0 / plan.duration_secs).to_string();
+        let out_json = dir.path().join("scenario.json");
+        let out = loadgen(
+            &running,
+            &tokens,
+            &[
+                "--scenario",
+                path.to_str().unwrap(),
+                "--time-scale",
+                &scale,
+                "--rate-scale",
+                "0.1",
+                "--quiet",
+                "--json",
+                out_json.to_str().unwrap(),
+            ],
+        );
+        let table = ok(&out);
+        let r = json(&out_json);
+        let name = path.display();
+        assert_eq!(r["mode"], "open", "{name}");
+        assert!(r["accepted"].as_u64().unwrap() > 0, "{name}: {r}");
+        assert_eq!(r["errors"], 0, "{name}: {r}");
+        let senders = r["senders"].as_array().unwrap();
+        assert_eq!(senders.len(), plan.senders.len(), "{name}");
+        // The detector is not wired into the server yet: every sender is admitted, and
+        // the scores say so rather than inventing numbers.
+        let abusive = plan
+            .senders
+            .iter()
+            .filter(|s| s.label == courier::load::Label::Abusive)
+            .count();
+        assert_eq!(r["detection"]["abusive"], abusive as u64, "{name}");
+        assert!(r["detection"]["precision"].is_null(), "{name}: {r}");
+        if abusive > 0 {
+            assert_eq!(r["detection"]["recall"], 0.0, "{name}");
+        }
+        assert!(table.contains("precision n/a"), "{name}: {table}");
+        // REPORT frames go out on their own streams and are refused with
+        // UNEXPECTED_FRAME (no platform connections yet); SUBMITs are unaffected.
+        if plan.senders.iter().any(|s| s.reports_per_sec > 0.0) {
+            let refused = r["reports"]["refused_by_code"]["0x17"]
+                .as_u64()
+                .unwrap_or(0);
+            assert!(refused > 0, "{name}: {r}");
+            assert_eq!(
+                r["reports"]["sent"].as_u64().unwrap(),
+                refused,
+                "{name}: {r}"
+            );
+        }
+    }
+    running.shutdown();
+    running.join().unwrap();
+}
+
+#[test]
+fn ctrl_c_prints_the_partial_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, tokens) = start_server(dir.path());
+    let out_json = dir.path().join("partial.json");
+    let child = Command::new(env!("CARGO_BIN_EXE_courier-loadgen"))
+        .arg("--target")
+        .arg(running.local_addr().to_string())
+        .args(["--rate", "1000", "--duration", "60", "--quiet", "--json"])
+        .arg(&out_json)
+        .env("COURIER_TOKEN", &tokens[0])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Give it time to connect and send, then interrupt it as a terminal would.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    running.shutdown();
+    running.join().unwrap();
+    let table = ok(&out);
+    assert!(table.contains("INTERRUPTED: partial report"), "{table}");
+    let r = json(&out_json);
+    assert_eq!(r["interrupted"], true);
+    assert!(r["sent"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["duration_secs"].as_f64().unwrap() < 30.0, "{r}");
+    assert_eq!(r["sent"], r["accepted"], "{r}");
 }

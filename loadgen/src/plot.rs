@@ -1,0 +1,230 @@
+//! `--plot FILE.png`: latency by percentile, throughput over time and latency over time,
+//! drawn with plotters from a finished report (`--from-json` draws a saved one again).
+//!
+//! Text is rendered with plotters' `ab_glyph` backend and the DejaVu Sans font that the
+//! `dejavu` crate embeds, so no system font (fontconfig) is needed.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context};
+use courier::load::LoadReport;
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+const WIDTH: u32 = 1200;
+const HEIGHT: u32 = 1100;
+/// The percentile axis runs to 99.9999% (six nines).
+const NINES_MAX: f64 = 6.0;
+
+fn register_font() -> anyhow::Result<()> {
+    plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+        .map_err(|_| anyhow!("the embedded DejaVu Sans font did not load"))
+}
+
+/// Percentile (0..100) to "nines" (0 at 0%, 1 at 90%, 2 at 99% ...).
+fn nines(percentile: f64) -> f64 {
+    let rest = (1.0 - percentile / 100.0).max(10f64.powf(-NINES_MAX));
+    -rest.log10()
+}
+
+fn nines_label(x: &f64) -> String {
+    let p = 100.0 * (1.0 - 10f64.powf(-x));
+    if *x < 0.5 {
+        "0%".to_string()
+    } else {
+        let s = format!("{p:.6}");
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        format!("{s}%")
+    }
+}
+
+fn draw_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("drawing the plot: {e:?}")
+}
+
+/// Draws `report` into a PNG at `path`.
+pub fn write_png(report: &LoadReport, path: &Path) -> anyhow::Result<()> {
+    register_font()?;
+    let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err)?;
+    let title = format!(
+        "courier-loadgen: {} loop{}, {:.0} msgs/s accepted, p99 {:.2} ms, max {:.2} ms",
+        if report.mode.is_empty() {
+            "closed"
+        } else {
+            &report.mode
+        },
+        if report.target_rate > 0.0 {
+            format!(" at {:.0} msgs/s", report.target_rate)
+        } else {
+            String::new()
+        },
+        report.msgs_per_sec,
+        report.latency_us.p99 as f64 / 1e3,
+        report.latency_us.max as f64 / 1e3,
+    );
+    let root = root.titled(&title, ("sans-serif", 24)).map_err(draw_err)?;
+    let panels = root.split_evenly((3, 1));
+
+    // 1. Latency by percentile.
+    let curve: Vec<(f64, f64)> = report
+        .latency_curve
+        .iter()
+        .filter(|p| p.percentile < 100.0)
+        .map(|p| (nines(p.percentile), p.latency_us as f64 / 1e3))
+        .collect();
+    let y_max = curve.iter().map(|p| p.1).fold(0.0, f64::max).max(0.001) * 1.1;
+    let x_max = curve
+        .iter()
+        .map(|p| p.0)
+        .fold(1.0, f64::max)
+        .ceil()
+        .min(NINES_MAX);
+    let mut chart = ChartBuilder::on(&panels[0])
+        .caption(
+            "latency by percentile (from intended send time in open loop)",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .margin_right(40)
+        .x_label_area_size(40)
+        .y_label_area_size(90)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)
+        .map_err(draw_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("latency (ms)")
+        .x_labels((x_max as usize) + 1)
+        .x_label_formatter(&nines_label)
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(draw_err)?;
+    chart
+        .draw_series(LineSeries::new(curve.iter().copied(), BLUE.stroke_width(2)))
+        .map_err(draw_err)?;
+
+    // 2. Throughput over time.
+    let tl = &report.timeline;
+    let mut prev = 0.0;
+    // The last interval is the drain, often a few milliseconds: as a rate it says
+    // nothing, so intervals under half a second are left out of this panel.
+    let rates: Vec<(f64, f64, f64)> = tl
+        .iter()
+        .filter_map(|s| {
+            let dt = s.t_secs - prev;
+            prev = s.t_secs;
+            (dt >= 0.5).then(|| (s.t_secs, s.sent as f64 / dt, s.accepted as f64 / dt))
+        })
+        .collect();
+    let t_max = tl.last().map_or(1.0, |s| s.t_secs).max(1.0);
+    let r_max = rates.iter().map(|r| r.1.max(r.2)).fold(1.0, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&panels[1])
+        .caption("throughput over time (per second)", ("sans-serif", 20))
+        .margin(12)
+        .margin_right(40)
+        .x_label_area_size(40)
+        .y_label_area_size(90)
+        .build_cartesian_2d(0.0..t_max, 0.0..r_max)
+        .map_err(draw_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("msgs/s")
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(draw_err)?;
+    chart
+        .draw_series(LineSeries::new(
+            rates.iter().map(|r| (r.0, r.1)),
+            RED.stroke_width(2),
+        ))
+        .map_err(draw_err)?
+        .label("sent")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED.stroke_width(2)));
+    chart
+        .draw_series(LineSeries::new(
+            rates.iter().map(|r| (r.0, r.2)),
+            GREEN.stroke_width(2),
+        ))
+        .map_err(draw_err)?
+        .label("accepted")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], GREEN.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", 15))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(draw_err)?;
+
+    // 3. p99 and max per second.
+    let l_max = tl
+        .iter()
+        .map(|s| s.max_us as f64 / 1e3)
+        .fold(0.001, f64::max)
+        * 1.1;
+    let mut chart = ChartBuilder::on(&panels[2])
+        .caption(
+            "latency over time (answers of each second)",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .margin_right(40)
+        .x_label_area_size(40)
+        .y_label_area_size(90)
+        .build_cartesian_2d(0.0..t_max, 0.0..l_max)
+        .map_err(draw_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("latency (ms)")
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(draw_err)?;
+    for (name, color, f) in [
+        (
+            "p50",
+            BLUE,
+            (|s: &courier::load::report::Second| s.p50_us) as fn(&_) -> u64,
+        ),
+        ("p99", MAGENTA, |s| s.p99_us),
+        ("max", BLACK, |s| s.max_us),
+    ] {
+        chart
+            .draw_series(LineSeries::new(
+                tl.iter().map(|s| (s.t_secs, f(s) as f64 / 1e3)),
+                color.stroke_width(2),
+            ))
+            .map_err(draw_err)?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", 15))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(draw_err)?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_percentile_axis_counts_nines() {
+        assert!((nines(90.0) - 1.0).abs() < 1e-9);
+        assert!((nines(99.9) - 3.0).abs() < 1e-9);
+        assert_eq!(nines(100.0), NINES_MAX);
+        assert_eq!(nines_label(&2.0), "99%");
+        assert_eq!(nines_label(&0.0), "0%");
+        assert_eq!(nines_label(&4.0), "99.99%");
+    }
+}

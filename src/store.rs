@@ -116,7 +116,8 @@ impl MasterKeyText {
         MasterKeyText(Arc::new(text.as_bytes().to_vec()))
     }
 
-    fn parse(&self) -> MasterKey {
+    /// The parsed key (for the operator tools in [`crate::audit`]).
+    pub fn master_key(&self) -> MasterKey {
         MasterKey::parse(&self.0).expect("checked in new")
     }
 }
@@ -218,7 +219,7 @@ impl ShardStore {
             move |source| StoreError::Io { path, source }
         };
         fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let master = || master_key.parse();
+        let master = || master_key.master_key();
         let keyring_path = dir.join("keyring");
         let ids = list_segments(&dir).map_err(io(&dir))?;
         let keyring = match fs::read(&keyring_path) {

@@ -50,7 +50,9 @@ pub enum AuditError {
         source: std::io::Error,
     },
     /// `DIR/log` does not exist: not a courier data directory.
-    #[error("{0}: no log directory here (expected DATA_DIR/log/shard-K/); is this a courier data dir?")]
+    #[error(
+        "{0}: no log directory here (expected DATA_DIR/log/shard-K/); is this a courier data dir?"
+    )]
     NoLog(PathBuf),
     /// The accepted list is malformed.
     #[error("{path} line {line}: {what}")]
@@ -101,7 +103,10 @@ pub enum SegmentState {
 impl SegmentState {
     /// Whether this state is damage an operator must act on.
     pub fn is_failure(&self) -> bool {
-        matches!(self, SegmentState::Corrupt { .. } | SegmentState::KeyError(_))
+        matches!(
+            self,
+            SegmentState::Corrupt { .. } | SegmentState::KeyError(_)
+        )
     }
 }
 
@@ -611,9 +616,7 @@ fn audit_shard(
         }
         let (segment_id, ids, stop) = loaded.as_ref().expect("loaded above");
         match ids.get((index - header.first_index) as usize) {
-            Some(&(b, c)) if b == entry.business_id && c == entry.client_id => {
-                report.present += 1
-            }
+            Some(&(b, c)) if b == entry.business_id && c == entry.client_id => report.present += 1,
             Some(&(b, c)) => report.note(Finding::Mismatched {
                 entry,
                 found_business_id: b,
@@ -626,10 +629,7 @@ fn audit_shard(
                         "segment {segment_id} holds {} readable record(s); then {why}",
                         ids.len()
                     ),
-                    None => format!(
-                        "segment {segment_id} ends after {} record(s)",
-                        ids.len()
-                    ),
+                    None => format!("segment {segment_id} ends after {} record(s)", ids.len()),
                 },
             }),
         }

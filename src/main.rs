@@ -208,7 +208,10 @@ fn main() -> Result<()> {
             let report = courier::audit::verify(&dir, &key)?;
             report.print(&mut std::io::stdout())?;
             if !report.is_clean() {
-                bail!("{}: the log is damaged (see the table above)", dir.display());
+                bail!(
+                    "{}: the log is damaged (see the table above)",
+                    dir.display()
+                );
             }
             Ok(())
         }

@@ -297,10 +297,10 @@ async fn a_full_disk_rejects_with_storage_unavailable_and_loses_no_acked_message
     let key = master_key(6);
     let (running, token) = start(&mnt, &key).unwrap();
     let cfg = client_config(running.local_addr(), running.certificate().clone(), &token);
-    let (entries, refused) = tokio::time::timeout(TEST_TIMEOUT, async {
+    let (entries, refused, unavailable) = tokio::time::timeout(TEST_TIMEOUT, async {
         let client = Arc::new(Client::connect(&cfg).await.unwrap());
         let business = client.welcome().business_id;
-        let (mut entries, mut refused) = (Vec::new(), 0u64);
+        let (mut entries, mut refused, mut unavailable) = (Vec::new(), 0u64, 0u64);
         // 4 MiB fill with ~1.2 KiB records in well under 200 batches of 32; bounded.
         for b in 0..200u64 {
             let first = b * 32;
@@ -314,9 +314,11 @@ async fn a_full_disk_rejects_with_storage_unavailable_and_loses_no_acked_message
             for s in &statuses {
                 match s {
                     Status::Accepted(_) => {}
-                    Status::Rejected(Reason::StorageUnavailable) | Status::Throttled { .. } => {
-                        refused += 1
+                    Status::Rejected(Reason::StorageUnavailable) => {
+                        refused += 1;
+                        unavailable += 1;
                     }
+                    Status::Throttled { .. } => refused += 1,
                     other => panic!("unexpected status {other:?}"),
                 }
             }
@@ -326,11 +328,12 @@ async fn a_full_disk_rejects_with_storage_unavailable_and_loses_no_acked_message
             }
         }
         client.close().await;
-        (entries, refused)
+        (entries, refused, unavailable)
     })
     .await
     .expect("test timed out");
     assert!(refused >= 64, "the disk never filled");
+    assert!(unavailable > 0, "a failed log answers storage_unavailable");
     assert!(!entries.is_empty());
     assert_eq!(running.totals().logs_failed, 1);
     stop(running);
@@ -355,7 +358,8 @@ async fn a_full_disk_rejects_with_storage_unavailable_and_loses_no_acked_message
         (entries.len() as u64, 0, 0)
     );
     eprintln!(
-        "full disk: {} acked and all present after restart; {refused} refused",
+        "full disk: {} acked and all present after restart; {refused} refused \
+         ({unavailable} storage_unavailable)",
         entries.len()
     );
 }

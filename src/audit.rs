@@ -568,6 +568,8 @@ fn segment_ids(
     (ids, None)
 }
 
+type LoadedSegment = (u64, Vec<(u32, u64)>, Option<String>);
+
 fn audit_shard(
     dir: &Path,
     master: &MasterKey,
@@ -597,7 +599,8 @@ fn audit_shard(
         }
     }
     segments.sort_by_key(|(h, _)| h.first_index);
-    let mut loaded: Option<(u64, Vec<(u32, u64)>, Option<String>)> = None;
+    // The segment last read: (id, its records' ids, why reading stopped early).
+    let mut loaded: Option<LoadedSegment> = None;
     for &entry in list {
         let index = entry.position.index();
         // The segment whose first index is the greatest at or below `index`.

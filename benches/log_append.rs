@@ -241,6 +241,7 @@ fn bench(c: &mut Criterion) {
             }
             total
         };
+        paired(size, &mut run);
         for (name, timed_append) in [("append", true), ("raw_fdatasync", false)] {
             let mut g = c.benchmark_group(name);
             g.throughput(Throughput::Bytes(group_bytes as u64));
@@ -249,6 +250,51 @@ fn bench(c: &mut Criterion) {
             });
             g.finish();
         }
+    }
+}
+
+/// Groups of each kind the paired comparison times.
+const PAIRED_GROUPS: u64 = 1_000;
+
+/// The same comparison, robust to the disk's drift: one group of each kind in turn, both
+/// timed, the order alternating; prints the medians and their ratio and writes them to
+/// `target/criterion/paired/<size>.json`. Criterion times each id in its own window of
+/// seconds, and on a shared disk whose fdatasync latency moves by 5x within minutes the
+/// ids' windows can differ more than the two paths do.
+fn paired(size: usize, run: &mut dyn FnMut(bool, u64) -> Duration) {
+    let (mut append, mut raw) = (Vec::new(), Vec::new());
+    for i in 0..PAIRED_GROUPS {
+        // `run(true, 1)` times an append then does an untimed raw group, and back.
+        if i % 2 == 0 {
+            append.push(run(true, 1));
+            raw.push(run(false, 1));
+        } else {
+            raw.push(run(false, 1));
+            append.push(run(true, 1));
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    let (a, r) = (median(&mut append), median(&mut raw));
+    let ratio = r.as_secs_f64() / a.as_secs_f64();
+    println!(
+        "paired/{size}: {PAIRED_GROUPS} groups each; median append {:.1} µs, raw_fdatasync {:.1} µs; \
+         append throughput / raw = {ratio:.3}",
+        a.as_secs_f64() * 1e6,
+        r.as_secs_f64() * 1e6
+    );
+    let dir = Path::new("target/criterion/paired");
+    if std::fs::create_dir_all(dir).is_ok() {
+        let _ = std::fs::write(
+            dir.join(format!("{size}.json")),
+            format!(
+                "{{\"groups\":{PAIRED_GROUPS},\"append_median_ns\":{},\"raw_fdatasync_median_ns\":{},\"ratio\":{ratio:.4}}}\n",
+                a.as_nanos(),
+                r.as_nanos()
+            ),
+        );
     }
 }
 

@@ -65,7 +65,7 @@ pub enum StoreError {
         dir: PathBuf,
     },
     /// A segment is corrupt before its tail, or its key does not unwrap.
-    #[error("{dir}: {source} (no data was changed; move the segment aside to serve without it)")]
+    #[error("{dir}: {source} (no data was changed; to serve without it, move the segment aside with a copy of the keyring: the next start destroys the keys of missing segments)")]
     Recovery {
         /// The shard's log directory.
         dir: PathBuf,

@@ -639,3 +639,70 @@ fn audit_shard(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(text: &str) -> Result<Vec<AcceptedEntry>, AuditError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("accepted.csv");
+        fs::write(&p, text).unwrap();
+        read_accepted(&p)
+    }
+
+    #[test]
+    fn an_accepted_list_round_trips() {
+        let entries = vec![
+            AcceptedEntry {
+                business_id: 7,
+                client_id: 42,
+                position: LogPosition::new(1, 5),
+            },
+            AcceptedEntry {
+                business_id: u32::MAX,
+                client_id: u64::MAX,
+                position: LogPosition::new(0, 0),
+            },
+        ];
+        let mut out = Vec::new();
+        write_accepted(&mut out, &entries).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("business_id,client_id,log_position\n"));
+        assert_eq!(list(&text).unwrap(), entries);
+        assert_eq!(
+            list(&format!("{text}\n\n")).unwrap(),
+            entries,
+            "blank lines"
+        );
+    }
+
+    #[test]
+    fn a_malformed_accepted_list_names_the_line() {
+        let err = |t: &str| list(t).unwrap_err().to_string();
+        assert!(err("client_id,business_id,log_position\n").contains("line 1"));
+        let e = err("business_id,client_id,log_position\n1,2,3\n1,2\n");
+        assert!(
+            e.contains("line 3") && e.contains("3 comma-separated"),
+            "{e}"
+        );
+        let e = err("business_id,client_id,log_position\n1,x,3\n");
+        assert!(e.contains("line 2") && e.contains("client_id"), "{e}");
+        let e = err("business_id,client_id,log_position\n4294967296,1,3\n");
+        assert!(e.contains("32 bits"), "{e}");
+    }
+
+    #[test]
+    fn a_dir_without_a_log_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = MasterKeyText::random();
+        assert!(matches!(
+            verify(dir.path(), &key),
+            Err(AuditError::NoLog(_))
+        ));
+        assert!(matches!(
+            audit(dir.path(), &key, &[]),
+            Err(AuditError::NoLog(_))
+        ));
+    }
+}

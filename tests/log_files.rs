@@ -220,6 +220,19 @@ async fn verify_and_audit_commands_report_counts_and_never_print_content() {
         "{text}"
     );
 
+    let (ok, text) = run_without_leaks(
+        courier()
+            .args(["log", "verify"])
+            .arg(dir.path())
+            .arg("--master-key-file")
+            .arg(write_key_file(keys.path(), 6)),
+        n,
+    );
+    assert!(
+        !ok && text.contains("KEY ERROR") && text.contains("wrong master key"),
+        "{text}"
+    );
+
     let list = keys.path().join("accepted.csv");
     let mut csv = Vec::new();
     audit::write_accepted(&mut csv, &entries).unwrap();

@@ -15,6 +15,7 @@
 
 pub use courier_pipeline;
 
+pub mod audit;
 pub mod business_keys;
 pub mod client;
 pub mod load;

@@ -65,7 +65,7 @@ pub enum StoreError {
         dir: PathBuf,
     },
     /// A segment is corrupt before its tail, or its key does not unwrap.
-    #[error("{dir}: {source} (no data was changed; move the segment aside to serve without it)")]
+    #[error("{dir}: {source} (no data was changed; to serve without it, move the segment aside with a copy of the keyring: the next start destroys the keys of missing segments)")]
     Recovery {
         /// The shard's log directory.
         dir: PathBuf,
@@ -116,13 +116,14 @@ impl MasterKeyText {
         MasterKeyText(Arc::new(text.as_bytes().to_vec()))
     }
 
-    fn parse(&self) -> MasterKey {
+    /// The parsed key (for the operator tools in [`crate::audit`]).
+    pub fn master_key(&self) -> MasterKey {
         MasterKey::parse(&self.0).expect("checked in new")
     }
 
     /// The key's 32 bytes, for wrapping the business root keys.
     pub(crate) fn key_bytes(&self) -> [u8; 32] {
-        let text = self.parse().to_file_text();
+        let text = self.master_key().to_file_text();
         let mut out = [0u8; 32];
         hex::decode_to_slice(&text.trim().as_bytes()[..64], &mut out).expect("parsed above");
         out
@@ -226,7 +227,7 @@ impl ShardStore {
             move |source| StoreError::Io { path, source }
         };
         fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let master = || master_key.parse();
+        let master = || master_key.master_key();
         let keyring_path = dir.join("keyring");
         let ids = list_segments(&dir).map_err(io(&dir))?;
         let keyring = match fs::read(&keyring_path) {

@@ -135,3 +135,71 @@ fn serve_refuses_a_bad_profile_with_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml") && err.contains("listen"), "{err}");
 }
+
+#[test]
+fn keys_init_writes_a_private_key_once_and_serve_needs_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("master.key");
+    let out = courier()
+        .args(["keys", "init", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&key).unwrap();
+    assert_eq!(text.trim().len(), 64, "64 hex characters");
+    assert!(text.trim().bytes().all(|b| b.is_ascii_hexdigit()));
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // The key is never printed.
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!printed.contains(text.trim()));
+
+    // A second init refuses to overwrite it.
+    let again = courier()
+        .args(["keys", "init", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), text, "unchanged");
+
+    // serve without a master key stops with a clear error and creates no log.
+    let data = dir.path().join("data");
+    let out = courier()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env_remove("COURIER_MASTER_KEY_FILE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("master key"), "{err}");
+    assert!(
+        !data.join("log").exists(),
+        "nothing touched before the key is known"
+    );
+
+    // A malformed key file is refused too.
+    let bad = dir.path().join("bad.key");
+    std::fs::write(&bad, "not a key\n").unwrap();
+    let out = courier()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .arg("--master-key-file")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("master key"));
+    assert!(!data.join("log").exists());
+}

@@ -1,0 +1,176 @@
+//! Privacy and graceful stop, as an operator sees them: `courier serve` at the most verbose
+//! log level, under traffic with known phone numbers and payloads, stopped with SIGTERM.
+//! Its output never holds a phone number, a payload, the token or the master key; it
+//! exits 0; and every message it acknowledged is in its log.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use courier::audit::{self, AcceptedEntry};
+use courier::client::{Client, ClientConfig, OutgoingMessage};
+use courier::store::MasterKeyText;
+use courier::tls::ServerTrust;
+use courier_pipeline::wire::{Recipient, Status};
+use rustls::pki_types::CertificateDer;
+
+const MASTER_HEX: &str = "3c1f5e7a9b2d4c6e8f0a1b3c5d7e9f2a4b6c8d0e1f3a5b7c9d2e4f6a8b0c1d3e";
+
+fn wait_for(path: &Path, text: &str, deadline: Instant) -> bool {
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(path).is_ok_and(|s| s.contains(text)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logs_hold_no_content_and_sigterm_keeps_every_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let key_file = dir.path().join("master.key");
+    std::fs::write(&key_file, format!("{MASTER_HEX}\n")).unwrap();
+    let registry = dir.path().join("registry.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args([
+            "businesses",
+            "add",
+            "--name",
+            "privacy",
+            "--tier",
+            "unlimited",
+            "--mps",
+            "100000",
+            "--registry",
+        ])
+        .arg(&registry)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let addr = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let log_path = dir.path().join("serve.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["serve", "--profile", "tuning/small.toml", "--listen"])
+        .arg(addr.to_string())
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--registry")
+        .arg(&registry)
+        .arg("--master-key-file")
+        .arg(&key_file)
+        .env("COURIER_LOG", "trace")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.path().join("serve.out")).unwrap())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(
+            &log_path,
+            "courier serving",
+            Instant::now() + Duration::from_secs(30)
+        ),
+        "server did not start"
+    );
+
+    // Distinctive numbers and payloads, to be searched for in the output afterwards.
+    let messages: Vec<(u64, Recipient, String)> = (0..60u64)
+        .map(|i| {
+            let number = format!("+4478{:08}", 31_415_926 + i * 1_009);
+            let payload = format!("PRIVATE-PAYLOAD-{i}-the-door-code-is-{}", 7_000 + i);
+            (i + 1, Recipient::parse(number.as_bytes()).unwrap(), payload)
+        })
+        .collect();
+    let cert = CertificateDer::from(std::fs::read(data.join("tls/cert.der")).unwrap());
+    let cfg = ClientConfig {
+        server: addr,
+        server_name: "localhost".into(),
+        token: token.clone(),
+        trust: ServerTrust::Pinned(cert),
+        streams: 2,
+        batches_in_flight_per_stream: 2,
+    };
+    let acked = tokio::time::timeout(Duration::from_secs(60), async {
+        let client = Arc::new(Client::connect(&cfg).await.unwrap());
+        let business = client.welcome().business_id;
+        let mut acked = Vec::new();
+        for chunk in messages.chunks(10) {
+            let batch = chunk
+                .iter()
+                .map(|(id, r, p)| OutgoingMessage {
+                    client_id: *id,
+                    recipient: *r,
+                    payload: Bytes::from(p.clone().into_bytes()),
+                })
+                .collect();
+            let statuses = client.submit(batch).await.unwrap();
+            for ((id, _, _), s) in chunk.iter().zip(statuses) {
+                let Status::Accepted(position) = s else {
+                    panic!("expected accepted, got {s:?}");
+                };
+                acked.push(AcceptedEntry {
+                    business_id: business,
+                    client_id: *id,
+                    position,
+                });
+            }
+        }
+        acked
+    })
+    .await
+    .expect("traffic timed out");
+
+    // SIGTERM: a graceful stop, exit status 0 within a bound.
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status}");
+
+    // Every acknowledged message is in the log.
+    let master = MasterKeyText::new(MASTER_HEX.as_bytes().to_vec()).unwrap();
+    let report = audit::audit(&data, &master, &acked).unwrap();
+    assert_eq!(
+        (report.present, report.missing, report.mismatched),
+        (acked.len() as u64, 0, 0)
+    );
+
+    // Nothing identifying or secret in anything the server wrote.
+    let mut output = std::fs::read_to_string(&log_path).unwrap();
+    output.push_str(&std::fs::read_to_string(dir.path().join("serve.out")).unwrap());
+    assert!(output.len() > 1000, "trace logging produced output");
+    for (_, recipient, payload) in &messages {
+        let digits = &recipient.as_str()[1..];
+        assert!(
+            !output.contains(digits),
+            "a phone number leaked into the logs"
+        );
+        assert!(
+            !output.contains(payload.as_str()),
+            "a payload leaked into the logs"
+        );
+    }
+    assert!(!output.contains("PRIVATE-PAYLOAD"), "payload text leaked");
+    assert!(!output.contains(&token[5..]), "the token leaked");
+    assert!(!output.contains(MASTER_HEX), "the master key leaked");
+}

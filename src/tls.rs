@@ -116,15 +116,10 @@ pub fn try_server_crypto(
 /// The client's rustls config for `trust`: TLS 1.3 only, ALPN `courier/1`.
 pub fn client_crypto(trust: &ServerTrust) -> rustls::ClientConfig {
     let provider = provider();
-    let verifier: Arc<dyn ServerCertVerifier> = match trust {
-        ServerTrust::Pinned(cert) => Arc::new(PinnedVerifier {
-            cert: cert.clone(),
-            provider: provider.clone(),
-        }),
-        ServerTrust::InsecureLoopback => Arc::new(AnyCertVerifier {
-            provider: provider.clone(),
-        }),
-    };
+    let verifier: Arc<dyn ServerCertVerifier> = Arc::new(TrustVerifier {
+        trust: trust.clone(),
+        provider: provider.clone(),
+    });
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("aws-lc-rs supports TLS 1.3")
@@ -164,14 +159,17 @@ fn client_transport() -> quinn::TransportConfig {
     t
 }
 
-/// Accepts exactly one certificate, byte for byte.
+/// Checks the server's certificate as `trust` says: exactly one certificate, byte for
+/// byte ([`ServerTrust::Pinned`]), or any certificate ([`ServerTrust::InsecureLoopback`],
+/// unsafe for anything but loopback). Either way the peer must have signed the handshake
+/// with its certificate's key.
 #[derive(Debug)]
-struct PinnedVerifier {
-    cert: CertificateDer<'static>,
+struct TrustVerifier {
+    trust: ServerTrust,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for PinnedVerifier {
+impl ServerCertVerifier for TrustVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -180,68 +178,16 @@ impl ServerCertVerifier for PinnedVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        // A certificate is public, so a plain comparison leaks nothing.
-        if end_entity.as_ref() == self.cert.as_ref() {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
+        match &self.trust {
+            ServerTrust::InsecureLoopback => Ok(ServerCertVerified::assertion()),
+            // A certificate is public, so a plain comparison leaks nothing.
+            ServerTrust::Pinned(cert) if end_entity.as_ref() == cert.as_ref() => {
+                Ok(ServerCertVerified::assertion())
+            }
+            ServerTrust::Pinned(_) => Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
-            ))
+            )),
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// Accepts any certificate; checks only that the peer signed the handshake with its key.
-/// Unsafe for anything but loopback: see [`ServerTrust::InsecureLoopback`].
-#[derive(Debug)]
-struct AnyCertVerifier {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for AnyCertVerifier {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -299,8 +245,8 @@ mod tests {
     fn pinned_verifier_accepts_only_the_pinned_certificate() {
         let (a, _) = self_signed(&["localhost".to_string()]);
         let (b, _) = self_signed(&["localhost".to_string()]);
-        let v = PinnedVerifier {
-            cert: a.clone(),
+        let v = TrustVerifier {
+            trust: ServerTrust::Pinned(a.clone()),
             provider: provider(),
         };
         let name = ServerName::try_from("localhost").unwrap();

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use courier_pipeline::wire::{
-    self, code, Frame, FrameDecoder, OutMessage, Recipient, Status, Welcome, WireError, WireLimits,
+    self, code, Frame, FrameDecoder, OutMessage, Status, Welcome, WireError, WireLimits,
 };
 use quinn::{ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
@@ -92,25 +92,10 @@ impl std::fmt::Debug for ClientConfig {
 }
 
 /// One message to submit.
-#[derive(Clone, PartialEq, Eq)]
-pub struct OutgoingMessage {
-    /// The sender's id of the message, its idempotency key.
-    pub client_id: u64,
-    /// Who it is for.
-    pub recipient: Recipient,
-    /// The content.
-    pub payload: Bytes,
-}
-
-impl std::fmt::Debug for OutgoingMessage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OutgoingMessage")
-            .field("client_id", &self.client_id)
-            .field("recipient", &self.recipient)
-            .field("payload_bytes", &self.payload.len())
-            .finish()
-    }
-}
+///
+/// The same type the server decodes ([`wire::Message`]): client id, recipient, payload;
+/// its `Debug` shows neither the number nor the content.
+pub type OutgoingMessage = wire::Message;
 
 /// How the server answered a REPORT frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -837,6 +822,7 @@ async fn read_acks(mut recv: RecvStream, shared: Arc<StreamShared>, limits: Wire
 #[cfg(test)]
 mod tests {
     use super::*;
+    use courier_pipeline::wire::Recipient;
 
     fn welcome() -> Welcome {
         Welcome {

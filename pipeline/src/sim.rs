@@ -22,10 +22,8 @@
 //! `poll_timeout` is reached.
 //!
 //! Invariants it keeps:
-//! - the only reading of the real clock is one `Instant::now()` in [`Sim::new`], for the
-//!   base of virtual time (`std` has no other way to make an `Instant`; it is the one
-//!   exception to this crate's no-clock rule, and it is test tooling); every other instant
-//!   is `base + offset`, and nothing depends on the base's value;
+//! - the harness reads no clock: [`Sim::new`] takes the base of virtual time from its
+//!   caller; every instant is `base + offset`, and nothing depends on the base's value;
 //! - every random draw (network, ack delays and order, endpoint and connection ID seeds)
 //!   comes from one [`StdRng`] seeded by [`SimConfig::seed`], and every collection that is
 //!   iterated is ordered, so one seed gives one trace; [`Sim::digest`] hashes that trace
@@ -295,14 +293,14 @@ fn client_addr(index: usize, port: u16) -> SocketAddr {
 }
 
 impl Sim {
-    /// Servers for `cfg.shards` shards, sharing `registry`; no clients yet.
-    pub fn new(cfg: SimConfig, tls: &SimTls, registry: Arc<Registry>) -> Sim {
+    /// Servers for `cfg.shards` shards, sharing `registry`; no clients yet. Virtual time
+    /// starts at `base` (any `Instant`: callers pass `Instant::now()`, since `std` has no
+    /// other way to make one; nothing depends on its value).
+    pub fn new(base: Instant, cfg: SimConfig, tls: &SimTls, registry: Arc<Registry>) -> Sim {
         assert!(
             (1..=usize::from(u8::MAX)).contains(&cfg.shards),
             "1 to 255 shards"
         );
-        // The one reading of the real clock: virtual time is an offset from it.
-        let base = Instant::now();
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let mut reset_key = [0u8; 64];
         rng.fill_bytes(&mut reset_key);

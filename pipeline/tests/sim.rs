@@ -4,7 +4,7 @@
 //! exactly with the same test.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::{Registry, Tier};
@@ -52,7 +52,7 @@ fn loss_run(seed: u64) -> LossRun {
     let mut cfg = SimConfig::new(seed, 2, Profile::default_profile());
     cfg.net = NetConfig::lossy(0.05);
     cfg.acks = AckPolicy::delayed(Duration::from_millis(2), Duration::from_millis(3));
-    let mut sim = Sim::new(cfg, &tls(), reg);
+    let mut sim = Sim::new(Instant::now(), cfg, &tls(), reg);
     let mut plan = ClientPlan::new(token);
     plan.streams = 4;
     plan.batches_per_stream = 313;
@@ -129,6 +129,7 @@ fn loss_jitter_reordering_every_batch_acked_once_and_replays() {
 fn handshake_completes_and_a_plan_finishes_on_a_clean_network() {
     let (reg, token) = registry();
     let mut sim = Sim::new(
+        Instant::now(),
         SimConfig::new(1, 1, Profile::default_profile()),
         &tls(),
         reg,
@@ -218,7 +219,7 @@ fn bad_frame_on_work_stream(seed: u64, profile: Profile, bad: &[u8], fin: bool, 
     let mut cfg = SimConfig::new(seed, 1, profile);
     cfg.net = NetConfig::lossy(0.01);
     cfg.acks = AckPolicy::delayed(Duration::from_millis(1), Duration::from_millis(2));
-    let mut sim = Sim::new(cfg, &tls(), reg);
+    let mut sim = Sim::new(Instant::now(), cfg, &tls(), reg);
     let plan = well_behaved_plan(&token);
     let a = sim.add_client(plan.clone());
     let b = sim.add_client(plan.clone());
@@ -350,7 +351,7 @@ fn submit_before_hello_fails_that_stream_and_the_connection_can_still_authentica
     let (reg, token) = registry();
     let mut cfg = SimConfig::new(19, 1, Profile::default_profile());
     cfg.net = NetConfig::lossy(0.01);
-    let mut sim = Sim::new(cfg, &tls(), reg);
+    let mut sim = Sim::new(Instant::now(), cfg, &tls(), reg);
     let plan = well_behaved_plan(&token);
     let mut silent = plan.clone();
     silent.auto_hello = false;
@@ -389,7 +390,7 @@ fn stop_sending_from_the_client_returns_stream_credit() {
     let mut cfg = SimConfig::new(21, 1, profile);
     // The server still holds each batch when the client's STOP_SENDING arrives.
     cfg.acks = AckPolicy::delayed(Duration::from_millis(100), Duration::ZERO);
-    let mut sim = Sim::new(cfg, &tls(), reg);
+    let mut sim = Sim::new(Instant::now(), cfg, &tls(), reg);
     let mut plan = well_behaved_plan(&token);
     plan.streams = 0;
     let a = sim.add_client(plan);
@@ -437,7 +438,7 @@ fn bad_frame_while_batches_are_in_flight_loses_no_ack() {
         let mut cfg = SimConfig::new(seed, 1, Profile::default_profile());
         cfg.net = NetConfig::lossy(0.10);
         cfg.acks = AckPolicy::delayed(Duration::from_millis(1), Duration::from_millis(2));
-        let mut sim = Sim::new(cfg, &tls(), reg);
+        let mut sim = Sim::new(Instant::now(), cfg, &tls(), reg);
         let plan = well_behaved_plan(&token);
         let a = sim.add_client(plan.clone());
         let limit = Duration::from_secs(60);
@@ -475,6 +476,7 @@ fn bad_frame_while_batches_are_in_flight_loses_no_ack() {
 fn bad_token_closes_the_connection_unauthorized_and_takes_nothing() {
     let (reg, token) = registry();
     let mut sim = Sim::new(
+        Instant::now(),
         SimConfig::new(31, 2, Profile::default_profile()),
         &tls(),
         reg,
@@ -512,7 +514,7 @@ fn backpressure_holds_a_stream_to_its_in_flight_bound() {
     let mut cfg = SimConfig::new(41, 1, profile);
     // A slow log: batches wait 20 to 30 ms for their ack, out of order.
     cfg.acks = AckPolicy::delayed(Duration::from_millis(20), Duration::from_millis(10));
-    let mut sim = Sim::new(cfg, &tls(), reg);
+    let mut sim = Sim::new(Instant::now(), cfg, &tls(), reg);
     let mut plan = ClientPlan::new(token);
     plan.streams = 1;
     plan.batches_per_stream = 50;
@@ -538,7 +540,7 @@ fn a_full_shard_refuses_the_next_connection() {
     let (reg, token) = registry();
     let mut profile = Profile::default_profile();
     profile.limits.connections_per_shard_max = 2;
-    let mut sim = Sim::new(SimConfig::new(51, 1, profile), &tls(), reg);
+    let mut sim = Sim::new(Instant::now(), SimConfig::new(51, 1, profile), &tls(), reg);
     let plan = well_behaved_plan(&token);
     let first = [sim.add_client(plan.clone()), sim.add_client(plan.clone())];
     assert!(sim.run_until_cond(Duration::from_secs(10), |s| first
@@ -569,7 +571,7 @@ fn migration_run(seed: u64, steer_by_cid: bool) -> Sim {
     let mut cfg = SimConfig::new(seed, 2, Profile::default_profile());
     cfg.net = NetConfig::lossy(0.02);
     cfg.steer_by_cid = steer_by_cid;
-    let mut sim = Sim::new(cfg, &tls(), reg);
+    let mut sim = Sim::new(Instant::now(), cfg, &tls(), reg);
     let mut plan = well_behaved_plan(&token);
     plan.streams = 4;
     plan.batches_per_stream = 60;
@@ -631,7 +633,7 @@ fn a_connection_without_hello_is_closed_after_hello_timeout() {
     let (reg, token) = registry();
     let mut profile = Profile::default_profile();
     profile.limits.hello_timeout_ms = 500;
-    let mut sim = Sim::new(SimConfig::new(71, 1, profile), &tls(), reg);
+    let mut sim = Sim::new(Instant::now(), SimConfig::new(71, 1, profile), &tls(), reg);
     let mut silent = well_behaved_plan(&token);
     silent.auto_hello = false;
     let start = sim.now();
@@ -661,7 +663,7 @@ fn a_run_past_its_step_bound_fails_loudly() {
     let (reg, token) = registry();
     let mut cfg = SimConfig::new(81, 1, Profile::default_profile());
     cfg.steps_max = 5;
-    let mut sim = Sim::new(cfg, &tls(), reg);
+    let mut sim = Sim::new(Instant::now(), cfg, &tls(), reg);
     sim.add_client(ClientPlan::new(token));
     sim.run_until_settled(Duration::from_secs(10));
 }
@@ -670,6 +672,7 @@ fn a_run_past_its_step_bound_fails_loudly() {
 fn shutdown_run(seed: u64) -> [u8; 32] {
     let (reg, token) = registry();
     let mut sim = Sim::new(
+        Instant::now(),
         SimConfig::new(seed, 1, Profile::default_profile()),
         &tls(),
         reg,
@@ -705,7 +708,7 @@ fn shutdown_closes_every_connection_and_late_acks_are_harmless() {
     let mut cfg = SimConfig::new(91, 1, Profile::default_profile());
     // The stage chain still holds batches when the shard shuts down.
     cfg.acks = AckPolicy::delayed(Duration::from_millis(40), Duration::from_millis(20));
-    let mut sim = Sim::new(cfg, &tls(), reg);
+    let mut sim = Sim::new(Instant::now(), cfg, &tls(), reg);
     let mut plan = well_behaved_plan(&token);
     plan.batches_per_stream = 1000;
     let clients = [sim.add_client(plan.clone()), sim.add_client(plan)];
@@ -834,7 +837,7 @@ fn swarm_run(seed: u64) {
         Duration::from_micros(r.random_range(0..20_000)),
         Duration::from_micros(r.random_range(0..20_000)),
     );
-    let mut sim = Sim::new(cfg, &tls(), reg);
+    let mut sim = Sim::new(Instant::now(), cfg, &tls(), reg);
     let clients = r.random_range(1..=4);
     for _ in 0..clients {
         let mut plan = ClientPlan::new(token.as_bytes());
@@ -1013,7 +1016,7 @@ fn nat_rebinding_under_loss_with_small_windows_stalls_in_quinn_proto() {
     profile.quic.connection_receive_window_bytes = 27 << 10;
     let mut cfg = SimConfig::new(10, 1, profile);
     cfg.net = NetConfig::lossy(0.068);
-    let mut sim = Sim::new(cfg, &tls(), reg);
+    let mut sim = Sim::new(Instant::now(), cfg, &tls(), reg);
     let mut plan = ClientPlan::new(token);
     plan.streams = 2;
     plan.batches_per_stream = 5;

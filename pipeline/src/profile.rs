@@ -46,82 +46,6 @@ pub struct RawServer {
     pub shards: u32,
 }
 
-/// `[limits]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawLimits {
-    /// Largest frame body, bytes.
-    pub frame_bytes_max: u32,
-    /// Most messages in one SUBMIT.
-    pub batch_messages_max: u32,
-    /// Largest message payload, bytes.
-    pub payload_bytes_max: u32,
-    /// Most connections one shard holds.
-    pub connections_per_shard_max: u32,
-    /// Most concurrent bidirectional streams a client may open per connection.
-    pub streams_per_connection_max: u32,
-    /// Most SUBMITs of one stream waiting for their ACK before the stream stops being read.
-    pub batches_in_flight_per_stream_max: u32,
-    /// Milliseconds a connection may take, after its handshake, to send a valid HELLO.
-    pub hello_timeout_ms: u32,
-}
-
-/// `[quic]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawQuic {
-    /// Milliseconds without traffic before a connection is closed.
-    pub idle_timeout_ms: u32,
-    /// Flow-control window per stream, bytes.
-    pub stream_receive_window_bytes: u32,
-    /// Flow-control window per connection, bytes.
-    pub connection_receive_window_bytes: u32,
-    /// Bytes a connection may have in flight towards the peer.
-    pub send_window_bytes: u32,
-    /// UDP payload size used from the start, bytes (at least 1200).
-    pub initial_mtu: u16,
-    /// Largest UDP payload MTU discovery may try, bytes.
-    pub mtu_upper_bound: u16,
-}
-
-/// `[io]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawIo {
-    /// io_uring submission queue entries (power of two).
-    pub ring_entries: u32,
-    /// Provided receive buffers per shard (power of two).
-    pub recv_buffers: u32,
-    /// Bytes per receive buffer; 65536 lets GRO coalesce.
-    pub recv_buffer_bytes: u32,
-    /// sendmsg operations in flight per shard.
-    pub send_slots: u32,
-    /// SO_RCVBUF and SO_SNDBUF requested per socket, bytes.
-    pub socket_buffer_bytes: u32,
-    /// Coalesce received datagrams (UDP GRO).
-    pub gro: bool,
-    /// Send batches of datagrams in one call (UDP GSO).
-    pub gso: bool,
-    /// Pin each shard thread to its own CPU.
-    pub pin_threads: bool,
-}
-
-/// `[log]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawLog {
-    /// A segment rolls once it holds this many bytes.
-    pub segment_bytes_max: u64,
-    /// A segment rolls once it is this old, seconds.
-    pub segment_age_max_secs: u64,
-    /// Segments whose newest record is older than this are dropped with their keys, seconds.
-    pub retention_secs: u64,
-    /// Most records one fdatasync covers.
-    pub group_commit_records_max: u32,
-    /// Most record bytes one fdatasync covers.
-    pub group_commit_bytes_max: u64,
-}
-
 /// `[detect]`: bounds and thresholds of the abnormal-sending detector (see
 /// [`crate::detect`]).
 #[derive(Debug, Clone, Deserialize)]
@@ -165,40 +89,44 @@ pub struct RawDetect {
     pub signals_max: u32,
 }
 
-/// A profile as written in TOML.
+/// A profile as written in TOML. Sections whose values need no conversion
+/// (`[limits]`, `[quic]`, `[io]`, `[log]`) deserialize straight into the types a
+/// [`Profile`] holds; a `Profile` itself only comes out of [`Profile::validate`], so its
+/// sections have always been checked.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProfile {
     /// `[server]`
     pub server: RawServer,
     /// `[limits]`
-    pub limits: RawLimits,
+    pub limits: Limits,
     /// `[quic]`
-    pub quic: RawQuic,
+    pub quic: Quic,
     /// `[io]`
-    pub io: RawIo,
+    pub io: Io,
     /// `[log]`
-    pub log: RawLog,
+    pub log: LogSettings,
     /// `[detect]`
     pub detect: RawDetect,
 }
 
-/// Validated ingest limits.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `[limits]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Largest frame body, bytes.
     pub frame_bytes_max: u32,
     /// Most messages in one SUBMIT.
     pub batch_messages_max: u32,
-    /// Largest payload, bytes.
+    /// Largest message payload, bytes.
     pub payload_bytes_max: u32,
-    /// Most connections per shard.
+    /// Most connections one shard holds.
     pub connections_per_shard_max: u32,
-    /// Most concurrent client streams per connection.
+    /// Most concurrent bidirectional streams a client may open per connection.
     pub streams_per_connection_max: u32,
-    /// Most unacknowledged SUBMITs per stream.
+    /// Most SUBMITs of one stream waiting for their ACK before the stream stops being read.
     pub batches_in_flight_per_stream_max: u32,
-    /// Milliseconds allowed before HELLO.
+    /// Milliseconds a connection may take, after its handshake, to send a valid HELLO.
     pub hello_timeout_ms: u32,
 }
 
@@ -212,56 +140,59 @@ impl Limits {
     }
 }
 
-/// Validated QUIC settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `[quic]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Quic {
-    /// Idle timeout, ms.
+    /// Milliseconds without traffic before a connection is closed.
     pub idle_timeout_ms: u32,
-    /// Per-stream window, bytes.
+    /// Flow-control window per stream, bytes.
     pub stream_receive_window_bytes: u32,
-    /// Per-connection window, bytes.
+    /// Flow-control window per connection, bytes.
     pub connection_receive_window_bytes: u32,
-    /// Send window, bytes.
+    /// Bytes a connection may have in flight towards the peer.
     pub send_window_bytes: u32,
-    /// Initial UDP payload size.
+    /// UDP payload size used from the start, bytes (at least 1200).
     pub initial_mtu: u16,
-    /// MTU discovery upper bound.
+    /// Largest UDP payload MTU discovery may try, bytes.
     pub mtu_upper_bound: u16,
 }
 
-/// Validated IO settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `[io]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Io {
-    /// SQ entries.
+    /// io_uring submission queue entries (power of two).
     pub ring_entries: u32,
-    /// Provided buffers.
+    /// Provided receive buffers per shard (power of two).
     pub recv_buffers: u32,
-    /// Bytes per provided buffer.
+    /// Bytes per receive buffer; 65536 lets GRO coalesce.
     pub recv_buffer_bytes: u32,
-    /// sendmsg in flight.
+    /// sendmsg operations in flight per shard.
     pub send_slots: u32,
-    /// Socket buffer bytes.
+    /// SO_RCVBUF and SO_SNDBUF requested per socket, bytes.
     pub socket_buffer_bytes: u32,
-    /// GRO on.
+    /// Coalesce received datagrams (UDP GRO).
     pub gro: bool,
-    /// GSO on.
+    /// Send batches of datagrams in one call (UDP GSO).
     pub gso: bool,
-    /// Pin shard threads.
+    /// Pin each shard thread to its own CPU.
     pub pin_threads: bool,
 }
 
-/// Validated log settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogSettings {
-    /// Roll size, bytes.
+    /// A segment rolls once it holds this many bytes.
     pub segment_bytes_max: u64,
-    /// Roll age, seconds.
+    /// A segment rolls once it is this old, seconds.
     pub segment_age_max_secs: u64,
-    /// Retention, seconds.
+    /// Segments whose newest record is older than this are dropped with their keys, seconds.
     pub retention_secs: u64,
-    /// Records per group commit.
+    /// Most records one fdatasync covers.
     pub group_commit_records_max: u32,
-    /// Bytes per group commit.
+    /// Most record bytes one fdatasync covers.
     pub group_commit_bytes_max: u64,
 }
 
@@ -628,40 +559,10 @@ impl Profile {
         Ok(Profile {
             listen: listen.expect("checked above"),
             shards: raw.server.shards,
-            limits: Limits {
-                frame_bytes_max: l.frame_bytes_max,
-                batch_messages_max: l.batch_messages_max,
-                payload_bytes_max: l.payload_bytes_max,
-                connections_per_shard_max: l.connections_per_shard_max,
-                streams_per_connection_max: l.streams_per_connection_max,
-                batches_in_flight_per_stream_max: l.batches_in_flight_per_stream_max,
-                hello_timeout_ms: l.hello_timeout_ms,
-            },
-            quic: Quic {
-                idle_timeout_ms: q.idle_timeout_ms,
-                stream_receive_window_bytes: q.stream_receive_window_bytes,
-                connection_receive_window_bytes: q.connection_receive_window_bytes,
-                send_window_bytes: q.send_window_bytes,
-                initial_mtu: q.initial_mtu,
-                mtu_upper_bound: q.mtu_upper_bound,
-            },
-            io: Io {
-                ring_entries: io.ring_entries,
-                recv_buffers: io.recv_buffers,
-                recv_buffer_bytes: io.recv_buffer_bytes,
-                send_slots: io.send_slots,
-                socket_buffer_bytes: io.socket_buffer_bytes,
-                gro: io.gro,
-                gso: io.gso,
-                pin_threads: io.pin_threads,
-            },
-            log: LogSettings {
-                segment_bytes_max: lg.segment_bytes_max,
-                segment_age_max_secs: lg.segment_age_max_secs,
-                retention_secs: lg.retention_secs,
-                group_commit_records_max: lg.group_commit_records_max,
-                group_commit_bytes_max: lg.group_commit_bytes_max,
-            },
+            limits: raw.limits,
+            quic: raw.quic,
+            io: raw.io,
+            log: raw.log,
             detect,
         })
     }

@@ -78,6 +78,7 @@ fn setup() -> (Detector, Vec<BusinessLimits>, Vec<(u16, Recipient)>) {
             id: k as u32 + 1,
             tier: Tier::T100k,
             mps: 1_000_000,
+            exempt: false,
         })
         .collect();
     let populations: Vec<usize> = (0..BUSINESSES)

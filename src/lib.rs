@@ -18,6 +18,7 @@ pub use courier_pipeline;
 pub mod audit;
 pub mod business_keys;
 pub mod client;
+pub mod control;
 pub mod load;
 pub mod serve;
 pub mod shard;

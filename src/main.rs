@@ -137,6 +137,10 @@ enum BusinessesCmd {
         /// Messages per second.
         #[arg(long, default_value_t = 80)]
         mps: u32,
+        /// Exempt from abnormal-sending detection (the platform's own load and test
+        /// senders only; never a customer).
+        #[arg(long)]
+        exempt: bool,
         /// Registry file (created if missing).
         #[arg(long)]
         registry: PathBuf,
@@ -146,6 +150,48 @@ enum BusinessesCmd {
         /// Registry file.
         #[arg(long)]
         registry: PathBuf,
+    },
+    /// Change a business's tier, rate or exemption; a running server applies it within
+    /// about a second (it watches the registry file).
+    Set {
+        /// Business id.
+        #[arg(long)]
+        id: u32,
+        /// New unique-recipient tier: 250, 2000, 10000, 100000 or unlimited.
+        #[arg(long)]
+        tier: Option<String>,
+        /// New messages per second.
+        #[arg(long)]
+        mps: Option<u32>,
+        /// Exempt from detection (true or false).
+        #[arg(long)]
+        exempt: Option<bool>,
+        /// Registry file.
+        #[arg(long)]
+        registry: PathBuf,
+    },
+    /// Lift a business's pause (the detector's or a red rating's). A running server
+    /// applies it within about a second; otherwise the next start does.
+    Unpause {
+        /// Business id.
+        #[arg(long)]
+        id: u32,
+        /// The server's data directory.
+        #[arg(long, default_value = "courier-data")]
+        data_dir: PathBuf,
+    },
+    /// Integrity signals and billing counts per business (rating, tier in force, paused
+    /// and why, messages accepted today), as the running server last wrote them.
+    Status {
+        /// The server's data directory.
+        #[arg(long, default_value = "courier-data")]
+        data_dir: PathBuf,
+        /// Registry file, for business names; DATA_DIR/registry.toml when absent.
+        #[arg(long)]
+        registry: Option<PathBuf>,
+        /// Print the status file's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -174,17 +220,44 @@ fn main() -> Result<()> {
             name,
             tier,
             mps,
+            exempt,
             registry,
-        }) => cmd_businesses_add(&name, &tier, mps, &registry),
+        }) => cmd_businesses_add(&name, &tier, mps, exempt, &registry),
+        Command::Businesses(BusinessesCmd::Set {
+            id,
+            tier,
+            mps,
+            exempt,
+            registry,
+        }) => cmd_businesses_set(id, tier.as_deref(), mps, exempt, &registry),
+        Command::Businesses(BusinessesCmd::Unpause { id, data_dir }) => {
+            let path = courier::control::request_unpause(&data_dir, id).with_context(|| {
+                format!("writing the unpause request under {}", data_dir.display())
+            })?;
+            eprintln!(
+                "unpause of business {id} requested ({}); a running server applies it within about a second",
+                path.display()
+            );
+            Ok(())
+        }
+        Command::Businesses(BusinessesCmd::Status {
+            data_dir,
+            registry,
+            json,
+        }) => cmd_businesses_status(&data_dir, registry.as_deref(), json),
         Command::Businesses(BusinessesCmd::List { registry }) => {
             let reg = load_registry(&registry)?;
-            println!("{:>6}  {:<10} {:>6}  name", "id", "tier", "mps");
+            println!(
+                "{:>6}  {:<10} {:>8}  {:<6}  name",
+                "id", "tier", "mps", "exempt"
+            );
             for b in reg.iter() {
                 println!(
-                    "{:>6}  {:<10} {:>6}  {}",
+                    "{:>6}  {:<10} {:>8}  {:<6}  {}",
                     b.id,
                     b.tier.name(),
                     b.mps,
+                    if b.exempt { "yes" } else { "no" },
                     b.name
                 );
             }
@@ -277,10 +350,95 @@ fn load_registry(path: &Path) -> Result<Registry> {
     Registry::from_toml(&text).with_context(|| format!("loading registry {}", path.display()))
 }
 
-fn cmd_businesses_add(name: &str, tier: &str, mps: u32, path: &Path) -> Result<()> {
-    let tier = Tier::parse(tier).with_context(|| {
+/// Writes the registry next to the old file and renames, so a crash (or a server
+/// re-reading it) sees either the old or the new one.
+fn write_registry(reg: &Registry, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, reg.to_toml()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
+}
+
+fn parse_tier(tier: &str) -> Result<Tier> {
+    Tier::parse(tier).with_context(|| {
         format!("--tier {tier:?}: must be one of 250, 2000, 10000, 100000, unlimited")
-    })?;
+    })
+}
+
+fn cmd_businesses_set(
+    id: u32,
+    tier: Option<&str>,
+    mps: Option<u32>,
+    exempt: Option<bool>,
+    path: &Path,
+) -> Result<()> {
+    if tier.is_none() && mps.is_none() && exempt.is_none() {
+        bail!("nothing to change: give --tier, --mps or --exempt");
+    }
+    let mut reg = load_registry(path)?;
+    let b = reg
+        .get(id)
+        .with_context(|| format!("no business with id {id} in {}", path.display()))?;
+    let tier = match tier {
+        Some(t) => parse_tier(t)?,
+        None => b.tier,
+    };
+    let mps = mps.unwrap_or(b.mps);
+    reg.set_limits(id, tier, mps)
+        .map_err(|e| anyhow::anyhow!("--mps: {e}"))?;
+    if let Some(e) = exempt {
+        reg.set_exempt(id, e);
+    }
+    let b = reg.get(id).expect("exists");
+    write_registry(&reg, path)?;
+    eprintln!(
+        "business {id}: tier {}, {} msg/s, exempt {} (a running server applies it within about a second)",
+        b.tier, b.mps, b.exempt
+    );
+    Ok(())
+}
+
+fn cmd_businesses_status(data_dir: &Path, registry: Option<&Path>, json: bool) -> Result<()> {
+    let status = courier::control::read_status(data_dir).map_err(anyhow::Error::msg)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    let reg_path = registry.map_or_else(|| data_dir.join("registry.toml"), Path::to_path_buf);
+    let reg = load_registry(&reg_path).ok();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    println!(
+        "as of {:.1} s ago, {} of {} shard(s) reporting",
+        now_ms.saturating_sub(status.updated_unix_ms) as f64 / 1000.0,
+        status.shards_reporting,
+        status.shards
+    );
+    println!(
+        "{:>6}  {:<7} {:<10} {:<7} {:<15} {:>14}  name",
+        "id", "rating", "tier", "paused", "why", "accepted today"
+    );
+    for b in &status.businesses {
+        let name = reg
+            .as_ref()
+            .and_then(|r| r.get(b.id))
+            .map_or("?", |x| x.name.as_str());
+        println!(
+            "{:>6}  {:<7} {:<10} {:<7} {:<15} {:>14}  {name}",
+            b.id,
+            b.rating,
+            b.tier,
+            if b.paused { "yes" } else { "no" },
+            b.why.as_deref().unwrap_or("-"),
+            b.accepted_today
+        );
+    }
+    Ok(())
+}
+
+fn cmd_businesses_add(name: &str, tier: &str, mps: u32, exempt: bool, path: &Path) -> Result<()> {
+    let tier = parse_tier(tier)?;
     let mut reg = if path.exists() {
         load_registry(path)?
     } else {
@@ -289,12 +447,15 @@ fn cmd_businesses_add(name: &str, tier: &str, mps: u32, path: &Path) -> Result<(
     let mut secret = [0u8; 32];
     rand::fill(&mut secret[..]);
     let (id, token) = reg.add(name, tier, mps, &secret)?;
-    // Write the new registry next to the old one and rename, so a crash leaves either.
-    let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, reg.to_toml()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    reg.set_exempt(id, exempt);
+    write_registry(&reg, path)?;
     eprintln!(
-        "registered business {id} ({name}, tier {tier}, {mps} msg/s) in {}",
+        "registered business {id} ({name}, tier {tier}, {mps} msg/s{}) in {}",
+        if exempt {
+            ", exempt from detection"
+        } else {
+            ""
+        },
         path.display()
     );
     eprintln!("its token follows; it is shown only this once:");
@@ -333,6 +494,7 @@ fn cmd_serve(args: ServeArgs) -> Result<()> {
         profile,
         data_dir: args.data_dir.clone(),
         registry: Arc::new(registry),
+        registry_file: Some(registry_path),
         master_key,
     })?;
     tracing::info!(
@@ -355,11 +517,13 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
     let mut registry = Registry::default();
     let mut secret = [0u8; 32];
     rand::fill(&mut secret[..]);
-    let (_, token) = registry.add("demo sender", Tier::Unlimited, 1_000_000, &secret)?;
+    let (id, token) = registry.add("demo sender", Tier::Unlimited, 1_000_000, &secret)?;
+    registry.set_exempt(id, true);
     let running = serve::start(ServeOptions {
         profile,
         data_dir: dir.clone(),
         registry: Arc::new(registry),
+        registry_file: None,
         master_key: courier::store::MasterKeyText::random(),
     })?;
     let addr = running.local_addr();

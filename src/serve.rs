@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use courier_pipeline::detect::{Delta, Detector};
 use courier_pipeline::ingest::Ingest;
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::Registry;
@@ -24,7 +25,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 /// Expanded recipient keys each shard's sealer caches (about 0.6 KiB each).
 pub const SEAL_CACHE_KEYS: usize = 4096;
 
-use crate::shard::{Forwarded, Peer, Shard, ShardCounters, FORWARD_QUEUE_MAX};
+use crate::control::{ShardControl, ToControl};
+use crate::shard::{Forwarded, Peer, Shard, ShardCounters, DELTA_QUEUE_MAX, FORWARD_QUEUE_MAX};
+
+/// Control requests queued towards one shard.
+const CONTROL_QUEUE_MAX: usize = 64;
 use crate::store::{MasterKeyText, ShardStore, StoreError};
 use crate::uring::{self, RingConfig, RingError, UdpRing};
 
@@ -93,6 +98,9 @@ pub struct ServeOptions {
     pub data_dir: PathBuf,
     /// Businesses allowed to send.
     pub registry: Arc<Registry>,
+    /// The file `registry` came from, if any: re-read when it changes, so tier, rate and
+    /// exemption changes (and new businesses) take effect without a restart.
+    pub registry_file: Option<PathBuf>,
     /// The key that wraps the log's data keys.
     pub master_key: MasterKeyText,
 }
@@ -105,6 +113,7 @@ pub struct Running {
     shutdown: Arc<AtomicBool>,
     peers: Vec<Peer>,
     threads: Vec<JoinHandle<Result<ServerStats, ServeError>>>,
+    control: Option<JoinHandle<()>>,
     counters: Vec<Arc<ShardCounters>>,
 }
 
@@ -125,6 +134,12 @@ pub struct Totals {
     pub commits: u64,
     /// Shards whose log failed.
     pub logs_failed: u64,
+    /// Messages the detector throttled.
+    pub detect_throttled: u64,
+    /// Messages the detector rejected (messaging limit reached, sender paused).
+    pub detect_rejected: u64,
+    /// Integrity signals raised.
+    pub signals: u64,
 }
 
 impl Running {
@@ -155,6 +170,9 @@ impl Running {
             t.connections += r(&c.connections);
             t.commits += r(&c.commits);
             t.logs_failed += r(&c.log_failed);
+            t.detect_throttled += r(&c.detect_throttled);
+            t.detect_rejected += r(&c.detect_rejected);
+            t.signals += r(&c.signals);
         }
         t
     }
@@ -175,13 +193,27 @@ impl Running {
         }
     }
 
-    /// Waits for every shard to stop; returns their final counters.
+    /// Waits for every shard to stop, then for the control thread to write their final
+    /// detector checkpoints and status; returns the shards' final counters.
     pub fn join(self) -> Result<Vec<ServerStats>, ServeError> {
         let mut out = Vec::new();
+        let mut first_err = None;
         for (i, t) in self.threads.into_iter().enumerate() {
-            out.push(t.join().map_err(|_| ServeError::Panicked(i))??);
+            match t.join().map_err(|_| ServeError::Panicked(i)) {
+                Ok(Ok(stats)) => out.push(stats),
+                Ok(Err(e)) | Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
         }
-        Ok(out)
+        drop(self.peers);
+        if let Some(c) = self.control {
+            let _ = c.join();
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 }
 
@@ -304,6 +336,24 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     let (inbox_txs, inbox_rxs): (Vec<_>, Vec<_>) = (0..shards)
         .map(|_| crossbeam_channel::bounded::<Forwarded>(FORWARD_QUEUE_MAX))
         .unzip();
+    let (delta_txs, delta_rxs): (Vec<_>, Vec<_>) = (0..shards)
+        .map(|_| crossbeam_channel::bounded::<Arc<Delta>>(DELTA_QUEUE_MAX))
+        .unzip();
+    let (control_txs, control_rxs): (Vec<_>, Vec<_>) = (0..shards)
+        .map(|_| crossbeam_channel::bounded::<ShardControl>(CONTROL_QUEUE_MAX))
+        .unzip();
+    let (to_control_tx, to_control_rx) = crossbeam_channel::bounded::<ToControl>(4 * shards);
+    // Recipients exist in detector state only as keyed hashes; the key comes from the
+    // master key, so checkpoints stay valid across restarts and are useless without it.
+    let detect_secret = {
+        let s = opts
+            .master_key
+            .master_key()
+            .derive_secret(b"courier detect recipient hash v1");
+        let mut k = [0u8; 16];
+        k.copy_from_slice(&s[..16]);
+        k
+    };
     // Each thread builds its ring (rings stay on their thread), reports its waker, then
     // waits for the full peer list.
     let (waker_tx, waker_rx) = crossbeam_channel::bounded(shards);
@@ -311,7 +361,12 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     let mut threads = Vec::new();
     let mut counters = Vec::new();
     let max_datagrams = (60_000 / usize::from(profile.quic.mtu_upper_bound)).max(1);
-    for (index, (socket, inbox)) in sockets.into_iter().zip(inbox_rxs).enumerate() {
+    let shard_inputs = sockets
+        .into_iter()
+        .zip(inbox_rxs)
+        .zip(delta_rxs.into_iter().zip(control_rxs));
+    for (index, ((socket, inbox), (deltas, control))) in shard_inputs.enumerate() {
+        let to_control = to_control_tx.clone();
         let (peers_tx, peers_rx) = crossbeam_channel::bounded::<Vec<Peer>>(1);
         peer_txs.push(peers_tx);
         let c = Arc::new(ShardCounters::default());
@@ -366,6 +421,12 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
                         cache_keys_max: SEAL_CACHE_KEYS,
                     },
                 );
+                let mut detector = Detector::new(profile.detect.clone(), detect_secret);
+                match crate::control::restore_checkpoint(&data_dir, index, &mut detector) {
+                    Ok(true) => tracing::info!(shard = index, "detector state restored"),
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(shard = index, error = %e, "detector checkpoint not restored"),
+                }
                 let _ = waker_tx.send(Ok((index, ring.waker())));
                 let Ok(peers) = peers_rx.recv() else {
                     return Ok(ServerStats::default());
@@ -390,6 +451,10 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
                     store,
                     sealer,
                     sealed: SealedBatch::new(),
+                    detector,
+                    deltas,
+                    control,
+                    to_control,
                     peers,
                     inbox,
                     shutdown,
@@ -405,6 +470,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         threads.push(thread);
     }
     drop(waker_tx);
+    drop(to_control_tx);
     let mut wakers = vec![None; shards];
     let mut failed = None;
     for _ in 0..shards {
@@ -427,20 +493,31 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     let peers: Vec<Peer> = wakers
         .into_iter()
         .zip(inbox_txs)
-        .map(|(w, tx)| Peer {
+        .zip(delta_txs.into_iter().zip(control_txs))
+        .map(|((w, tx), (deltas, control))| Peer {
             tx,
+            deltas,
+            control,
             waker: w.expect("checked"),
         })
         .collect();
     for ptx in &peer_txs {
         let _ = ptx.send(peers.clone());
     }
+    let control = crate::control::spawn(crate::control::Control {
+        data_dir: opts.data_dir.clone(),
+        registry_file: opts.registry_file.clone(),
+        peers: peers.clone(),
+        inbox: to_control_rx,
+    })
+    .map_err(ServeError::Cpu)?;
     Ok(Running {
         addr,
         cert,
         shutdown,
         peers,
         threads,
+        control: Some(control),
         counters,
     })
 }

@@ -9,11 +9,20 @@
 //!          else ---> Server::handle_datagram
 //!     -> inbox: forwarded datagrams ---> Server::handle_datagram
 //!     -> Server::handle_timeout when due
-//!     -> Server::poll_batch ---> Ingest::process ---> Server::ack
+//!     -> Server::poll_batch ---> per message: Ingest::check, Detector::observe, Sealer::seal
+//!          ---> Log::append ---> (fdatasync) ---> Server::ack, Detector::record_accepted
 //!     -> Server::poll_transmit ---> SendBuf::submit (GSO) while send slots are free
+//!     -> every DELTA_INTERVAL: Detector::export_delta to every peer; peers' deltas merged
+//!     -> control inbox (registry reloads, unpause requests); status and checkpoints out
 //! ```
 //!
 //! The loop is the shell half of the polling contract in `courier_pipeline::server`.
+//!
+//! Detection: each shard judges the businesses it sees with its own
+//! [`Detector`]; every [`DELTA_INTERVAL`] it sends what it learned to every other shard
+//! (over a bounded crossbeam channel) and merges theirs, so a business spread over
+//! several shards is judged on all its traffic at most about 100 ms late. The control
+//! thread ([`crate::control`]) persists the detectors' checkpoints and status.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use courier_pipeline::cid::owner_shard;
+use courier_pipeline::detect::{BusinessLimits, Delta, Detector, Verdict};
 use courier_pipeline::ingest::Ingest;
 use courier_pipeline::log::{LogError, Record, RecordHeader};
 use courier_pipeline::seal::keys::DerivedKeys;
@@ -32,6 +42,7 @@ use courier_pipeline::wire::{code, LogPosition, Reason, Status};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::sync::Arc as StdArc;
 
+use crate::control::{ShardControl, ToControl};
 use crate::store::ShardStore;
 use crate::uring::{FileDone, RingEvent, UdpRing, Waker};
 
@@ -41,12 +52,21 @@ pub const FORWARD_QUEUE_MAX: usize = 4096;
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a shutting-down shard waits for the group commits of batches it took.
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the log's time-driven work (roll by age, retention) runs.
+/// How often the log's time-driven work (roll by age, retention) runs, and how often a
+/// shard publishes its detector status.
 pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a shard sends its detector delta to the other shards (staleness of the
+/// cross-shard view is at most about this plus one loop).
+pub const DELTA_INTERVAL: Duration = Duration::from_millis(50);
+/// Deltas queued towards one shard; more are dropped and counted.
+pub const DELTA_QUEUE_MAX: usize = 64;
+/// How often a shard checkpoints its detector (and once more when it stops).
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A batch whose accepted messages wait for the fdatasync that covers them.
 struct Awaiting {
     ticket: Ticket,
+    business_id: u32,
     statuses: Vec<Status>,
     /// Durable once the log's durable end reaches this index.
     end_index: u64,
@@ -68,6 +88,10 @@ pub struct Forwarded {
 pub struct Peer {
     /// Its inbox.
     pub tx: Sender<Forwarded>,
+    /// Its detector deltas inbox.
+    pub deltas: Sender<Arc<Delta>>,
+    /// Its control inbox (from the control thread).
+    pub control: Sender<ShardControl>,
     /// Wakes its ring.
     pub waker: Waker,
 }
@@ -91,6 +115,14 @@ pub struct ShardCounters {
     pub commits: AtomicU64,
     /// 1 once the shard's log failed for good.
     pub log_failed: AtomicU64,
+    /// Messages the detector throttled.
+    pub detect_throttled: AtomicU64,
+    /// Messages the detector rejected (limit reached, sender paused).
+    pub detect_rejected: AtomicU64,
+    /// Integrity signals raised on this shard.
+    pub signals: AtomicU64,
+    /// Detector deltas dropped because a peer's inbox was full.
+    pub deltas_dropped: AtomicU64,
 }
 
 /// Everything a shard thread owns.
@@ -109,6 +141,14 @@ pub struct Shard {
     pub sealer: Sealer<StdArc<DerivedKeys>>,
     /// Reused output of the sealer.
     pub sealed: SealedBatch,
+    /// Judges each message of each business (limits, surges, reports).
+    pub detector: Detector,
+    /// Deltas other shards' detectors sent here.
+    pub deltas: Receiver<Arc<Delta>>,
+    /// Requests from the control thread.
+    pub control: Receiver<ShardControl>,
+    /// Status and checkpoints to the control thread.
+    pub to_control: Sender<ToControl>,
     /// Every shard's peer handle, this one's included (index = shard).
     pub peers: Vec<Peer>,
     /// Datagrams other shards forwarded here.
@@ -142,6 +182,8 @@ impl Shard {
             held: None,
             files: Vec::new(),
             next_tick: Instant::now() + TICK_INTERVAL,
+            next_exchange: Instant::now() + DELTA_INTERVAL,
+            next_checkpoint: Instant::now() + CHECKPOINT_INTERVAL,
         };
         let mut flush_deadline: Option<Instant> = None;
         let mut drain_deadline: Option<Instant> = None;
@@ -161,6 +203,7 @@ impl Shard {
             if let Some(d) = drain_deadline {
                 if self.server.connection_count() == 0 || now >= d {
                     self.flush_transmits(now);
+                    self.publish(unix_ms(), true);
                     return Ok(self.server.stats().clone());
                 }
             }
@@ -171,6 +214,9 @@ impl Shard {
                 .map(|t| t.saturating_duration_since(now))
                 .unwrap_or(TICK_INTERVAL)
                 .min(state.next_tick.saturating_duration_since(now));
+            if self.peers.len() > 1 {
+                timeout = timeout.min(state.next_exchange.saturating_duration_since(now));
+            }
             if flush_deadline.is_some() {
                 // While stopping, wake often enough to check the deadlines.
                 timeout = timeout.min(Duration::from_millis(50));
@@ -184,13 +230,14 @@ impl Shard {
             if self.server.poll_timeout().is_some_and(|t| t <= now) {
                 self.server.handle_timeout(now);
             }
+            let now_ms = unix_ms();
+            self.detection(now, now_ms, &mut state);
             if now >= state.next_tick {
                 state.next_tick = now + TICK_INTERVAL;
-                if let Err(f) = self.store.tick(unix_ms()) {
+                if let Err(f) = self.store.tick(now_ms) {
                     self.log_failed(f, &mut state.awaiting);
                 }
             }
-            let now_ms = unix_ms();
             // A batch the log could not take (its group commit was full) goes first.
             if let Some(batch) = state.held.take() {
                 state.held = self.take_batch(now, now_ms, batch, &mut state.awaiting);
@@ -219,13 +266,42 @@ impl Shard {
     ) -> Option<SubmitBatch> {
         let mut statuses = Vec::with_capacity(batch.messages.len());
         self.sealed.clear();
+        // The registry in force decides the business's limits; a business removed from
+        // it since its connection authenticated sends no more.
+        let Some(limits) = self
+            .server
+            .registry()
+            .get(batch.business_id)
+            .map(BusinessLimits::from)
+        else {
+            statuses.resize(batch.messages.len(), Status::Rejected(Reason::Unauthorized));
+            self.ack(now, batch.ticket, batch.business_id, &statuses);
+            return None;
+        };
         // Per message: the checks, then sealing for its recipient; the sealed bytes are
         // what the log stores. `sealed_of[i]` is the index in `self.sealed` of message i.
         let mut sealed_of = Vec::with_capacity(batch.messages.len());
         for m in &batch.messages {
-            let status = match self.ingest.check(m) {
-                Some(reason) => Status::Rejected(reason),
-                None => match self.sealer.seal(batch.business_id, m, &mut self.sealed) {
+            let verdict = match self.ingest.check(m) {
+                Some(reason) => Verdict::Reject(reason),
+                None => self.detector.observe(now_ms, &limits, &m.recipient),
+            };
+            let status = match verdict {
+                Verdict::Throttle { retry_after_ms } => {
+                    self.counters
+                        .detect_throttled
+                        .fetch_add(1, Ordering::Relaxed);
+                    Status::Throttled { retry_after_ms }
+                }
+                Verdict::Reject(reason) => {
+                    if matches!(reason, Reason::MessagingLimitReached | Reason::SenderPaused) {
+                        self.counters
+                            .detect_rejected
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Status::Rejected(reason)
+                }
+                Verdict::Admit => match self.sealer.seal(batch.business_id, m, &mut self.sealed) {
                     Ok(()) => {
                         sealed_of.push(self.sealed.len() - 1);
                         // Placeholder until the log gives the position.
@@ -262,7 +338,7 @@ impl Shard {
             }
         }
         if records.is_empty() {
-            self.ack(now, batch.ticket, &statuses);
+            self.ack(now, batch.ticket, batch.business_id, &statuses);
             return None;
         }
         let mut positions = Vec::with_capacity(records.len());
@@ -282,6 +358,7 @@ impl Shard {
                 }
                 awaiting.push_back(Awaiting {
                     ticket: batch.ticket,
+                    business_id: batch.business_id,
                     statuses,
                     end_index: self.store.log().next_index(),
                 });
@@ -298,17 +375,23 @@ impl Shard {
                         *s = refused;
                     }
                 }
-                self.ack(now, batch.ticket, &statuses);
+                self.ack(now, batch.ticket, batch.business_id, &statuses);
                 None
             }
         }
     }
 
-    fn ack(&mut self, now: Instant, ticket: Ticket, statuses: &[Status]) {
+    /// Sends a batch's final statuses; its accepted messages are durable, so they count
+    /// for billing here.
+    fn ack(&mut self, now: Instant, ticket: Ticket, business_id: u32, statuses: &[Status]) {
         let accepted = statuses
             .iter()
             .filter(|s| matches!(s, Status::Accepted(_)))
             .count() as u64;
+        if accepted > 0 {
+            self.detector
+                .record_accepted(unix_ms(), business_id, accepted);
+        }
         self.counters
             .accepted
             .fetch_add(accepted, Ordering::Relaxed);
@@ -329,7 +412,7 @@ impl Shard {
         let durable = self.store.log().durable_end();
         while awaiting.front().is_some_and(|a| a.end_index <= durable) {
             let a = awaiting.pop_front().expect("checked");
-            self.ack(now, a.ticket, &a.statuses);
+            self.ack(now, a.ticket, a.business_id, &a.statuses);
         }
     }
 
@@ -355,7 +438,100 @@ impl Shard {
                     }
                 }
             }
-            self.ack(now, a.ticket, &a.statuses);
+            self.ack(now, a.ticket, a.business_id, &a.statuses);
+        }
+    }
+
+    /// The detector's side of the loop: peers' deltas and control requests in, this
+    /// shard's delta out every [`DELTA_INTERVAL`], signals logged, status and checkpoints
+    /// to the control thread.
+    fn detection(&mut self, now: Instant, now_ms: u64, state: &mut LoopState) {
+        // Bounded by the channels' capacities.
+        while let Ok(d) = self.deltas.try_recv() {
+            self.detector.merge(now_ms, &d);
+        }
+        while let Ok(c) = self.control.try_recv() {
+            match c {
+                ShardControl::Registry(reg) => {
+                    for b in reg.iter() {
+                        let changed = self
+                            .server
+                            .registry()
+                            .get(b.id)
+                            .is_none_or(|old| (old.tier, old.mps) != (b.tier, b.mps));
+                        if changed {
+                            self.detector.set_limits(b.id, b.tier, b.mps);
+                        }
+                    }
+                    self.server.set_registry(reg);
+                }
+                ShardControl::Unpause(id) => {
+                    if self.detector.unpause(id) {
+                        tracing::info!(
+                            shard = self.index,
+                            business = id,
+                            "business unpaused by the operator"
+                        );
+                    }
+                }
+            }
+        }
+        if self.peers.len() > 1 && now >= state.next_exchange {
+            state.next_exchange = now + DELTA_INTERVAL;
+            let delta = Arc::new(self.detector.export_delta(now_ms));
+            if !delta.is_empty() {
+                for (i, p) in self.peers.iter().enumerate() {
+                    if i == self.index {
+                        continue;
+                    }
+                    if p.deltas.try_send(delta.clone()).is_ok() {
+                        p.waker.wake();
+                    } else {
+                        self.counters.deltas_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        while let Some(sig) = self.detector.poll_signal() {
+            self.counters.signals.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                shard = self.index,
+                business = sig.business_id,
+                rating = sig.rating.name(),
+                tier = sig.tier.name(),
+                paused = sig.paused,
+                why = sig.why.map_or("none", |w| w.name()),
+                "integrity signal"
+            );
+        }
+        if now >= state.next_tick {
+            let checkpoint = now >= state.next_checkpoint;
+            if checkpoint {
+                state.next_checkpoint = now + CHECKPOINT_INTERVAL;
+            }
+            self.publish(now_ms, checkpoint);
+        }
+    }
+
+    /// Sends the detector's status (and a checkpoint) to the control thread. Periodic
+    /// ones are dropped when the control thread lags; the final one waits.
+    fn publish(&mut self, now_ms: u64, checkpoint: bool) {
+        let status = ToControl::Status {
+            shard: self.index,
+            at_unix_ms: now_ms,
+            signals: self.detector.signals(),
+        };
+        let _ = self.to_control.try_send(status);
+        if checkpoint {
+            let c = ToControl::Checkpoint {
+                shard: self.index,
+                bytes: self.detector.checkpoint(),
+            };
+            if self.shutdown.load(Ordering::Acquire) {
+                let _ = self.to_control.send(c);
+            } else {
+                let _ = self.to_control.try_send(c);
+            }
         }
     }
 
@@ -434,6 +610,8 @@ struct LoopState {
     held: Option<SubmitBatch>,
     files: Vec<FileDone>,
     next_tick: Instant,
+    next_exchange: Instant,
+    next_checkpoint: Instant,
 }
 
 /// Wall-clock time for record headers and retention, unix ms.

@@ -23,6 +23,7 @@ fn start(dir: &Path, key: &MasterKeyText) -> Result<(Running, String), ServeErro
         profile: small_profile(1),
         data_dir: dir.to_path_buf(),
         registry: Arc::new(registry),
+        registry_file: None,
         master_key: key.clone(),
     })?;
     Ok((running, token))

@@ -28,13 +28,16 @@ impl TestServer {
         profile.listen = "127.0.0.1:0".parse().unwrap();
         profile.shards = shards;
         let mut registry = Registry::default();
-        let (_, token) = registry
+        let (id, token) = registry
             .add("test sender", Tier::Unlimited, 1_000_000, &[3u8; 32])
             .unwrap();
+        // These tests are about ingest: the detector is tested in tests/detect_e2e.rs.
+        registry.set_exempt(id, true);
         let running = serve::start(ServeOptions {
             profile,
             data_dir: dir.path().to_path_buf(),
             registry: Arc::new(registry),
+            registry_file: None,
             master_key: courier::store::MasterKeyText::random(),
         })
         .unwrap();

@@ -29,8 +29,9 @@ pub const BUSINESSES_MAX: usize = 1 << 20;
 /// Longest business name, bytes.
 pub const NAME_BYTES_MAX: usize = 200;
 
-/// Unique recipients a business may message in a rolling 24 hours.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Unique recipients a business may message in a rolling 24 hours. Ordered smallest
+/// first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Tier {
     /// 250 recipients.
     T250,
@@ -102,6 +103,14 @@ pub struct RawBusiness {
     pub tier: String,
     /// Messages per second.
     pub mps: u32,
+    /// Exempt from abnormal-sending detection (the platform's own load and test senders);
+    /// absent means false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub exempt: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -122,6 +131,10 @@ pub struct Business {
     pub tier: Tier,
     /// Messages per second.
     pub mps: u32,
+    /// Exempt from abnormal-sending detection: no unique-recipient, rate, same-recipient,
+    /// surge or rating checks (billing counts still kept). For the platform's own load and
+    /// test senders; never for customers.
+    pub exempt: bool,
     token_sha256: [u8; 32],
 }
 
@@ -132,6 +145,7 @@ impl std::fmt::Debug for Business {
             .field("name", &self.name)
             .field("tier", &self.tier)
             .field("mps", &self.mps)
+            .field("exempt", &self.exempt)
             .finish_non_exhaustive()
     }
 }
@@ -155,6 +169,9 @@ pub enum RegistryError {
     /// More businesses than [`BUSINESSES_MAX`].
     #[error("registry holds more than {BUSINESSES_MAX} businesses")]
     TooMany,
+    /// No business has this id.
+    #[error("no business with id {0}")]
+    NotFound(u32),
 }
 
 /// Why a token was refused. Deliberately says nothing about which part was wrong.
@@ -237,6 +254,7 @@ impl Registry {
                 name: b.name,
                 tier,
                 mps: b.mps,
+                exempt: b.exempt,
                 token_sha256,
             },
         );
@@ -264,9 +282,35 @@ impl Registry {
             token_sha256: hex::encode(token_hash(token.as_bytes())),
             tier: tier.name().to_string(),
             mps,
+            exempt: false,
         })
         .map_err(|problem| RegistryError::Invalid { index, id, problem })?;
         Ok((id, token))
+    }
+
+    /// Changes a business's tier and rate. A running server picks the change up without
+    /// a restart (it re-reads the registry file).
+    pub fn set_limits(&mut self, id: u32, tier: Tier, mps: u32) -> Result<(), RegistryError> {
+        let index = self.order.iter().position(|&i| i == id);
+        let (Some(index), Some(b)) = (index, self.by_id.get_mut(&id)) else {
+            return Err(RegistryError::NotFound(id));
+        };
+        if mps == 0 {
+            return Err(RegistryError::Invalid {
+                index,
+                id,
+                problem: "mps must be greater than 0".into(),
+            });
+        }
+        b.tier = tier;
+        b.mps = mps;
+        Ok(())
+    }
+
+    /// Marks a business exempt from detection (or not). False when there is no such
+    /// business.
+    pub fn set_exempt(&mut self, id: u32, exempt: bool) -> bool {
+        self.by_id.get_mut(&id).map(|b| b.exempt = exempt).is_some()
     }
 
     /// The registry as TOML text, in insertion order.
@@ -283,6 +327,7 @@ impl Registry {
                         token_sha256: hex::encode(b.token_sha256),
                         tier: b.tier.name().to_string(),
                         mps: b.mps,
+                        exempt: b.exempt,
                     }
                 })
                 .collect(),
@@ -344,6 +389,31 @@ mod tests {
             reg.authenticate(token2.as_bytes()).unwrap().tier,
             Tier::Unlimited
         );
+    }
+
+    #[test]
+    fn limits_and_exemption_change_and_survive_the_file() {
+        let mut reg = Registry::default();
+        let (id, _) = reg.add("Acme", Tier::T250, 80, &[1u8; 32]).unwrap();
+        assert!(!reg.get(id).unwrap().exempt);
+        assert!(
+            !reg.to_toml().contains("exempt"),
+            "false is the default and not written"
+        );
+        reg.set_limits(id, Tier::T10k, 1000).unwrap();
+        assert!(reg.set_exempt(id, true));
+        assert!(!reg.set_exempt(99, true));
+        assert!(matches!(
+            reg.set_limits(99, Tier::T250, 1),
+            Err(RegistryError::NotFound(99))
+        ));
+        assert!(matches!(
+            reg.set_limits(id, Tier::T250, 0),
+            Err(RegistryError::Invalid { .. })
+        ));
+        let back = Registry::from_toml(&reg.to_toml()).unwrap();
+        let b = back.get(id).unwrap();
+        assert_eq!((b.tier, b.mps, b.exempt), (Tier::T10k, 1000, true));
     }
 
     #[test]

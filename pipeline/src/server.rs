@@ -258,6 +258,11 @@ impl Server {
         self.conns.len()
     }
 
+    /// The registry new HELLOs are checked against.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
     /// Replaces the registry; new HELLOs use it, authenticated connections keep theirs.
     pub fn set_registry(&mut self, registry: Arc<Registry>) {
         self.registry = registry;

@@ -101,7 +101,12 @@ struct Sender {
 impl Sender {
     fn new(id: u32, tier: Tier, mps: u32, population: usize, pattern: Pattern) -> Sender {
         Sender {
-            limits: BusinessLimits { id, tier, mps },
+            limits: BusinessLimits {
+                id,
+                tier,
+                mps,
+                exempt: false,
+            },
             pattern,
             zipf: Zipf::new(population, 1.0),
             next_new: 5_000_000,

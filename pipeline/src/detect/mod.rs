@@ -196,6 +196,9 @@ pub struct BusinessLimits {
     pub tier: Tier,
     /// Messages per second.
     pub mps: u32,
+    /// Exempt from every check (the platform's own load and test senders): always
+    /// admitted, still counted for billing.
+    pub exempt: bool,
 }
 
 impl From<&Business> for BusinessLimits {
@@ -204,6 +207,7 @@ impl From<&Business> for BusinessLimits {
             id: b.id,
             tier: b.tier,
             mps: b.mps,
+            exempt: b.exempt,
         }
     }
 }
@@ -258,7 +262,28 @@ pub enum Why {
     Operator = 4,
 }
 
+impl Rating {
+    /// Lower-case name, for status output and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rating::Green => "green",
+            Rating::Yellow => "yellow",
+            Rating::Red => "red",
+        }
+    }
+}
+
 impl Why {
+    /// Snake-case name, for status output and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Why::FanOutSurge => "fan_out_surge",
+            Why::QualityYellow => "quality_yellow",
+            Why::QualityRed => "quality_red",
+            Why::Operator => "operator",
+        }
+    }
+
     fn from_u8(v: u8) -> Option<Why> {
         [
             Why::FanOutSurge,
@@ -441,6 +466,9 @@ impl Detector {
         business: &BusinessLimits,
         recipient: &Recipient,
     ) -> Verdict {
+        if business.exempt {
+            return self.observe_exempt(now_ms, business);
+        }
         let h = self.hasher.hash(recipient);
         self.observe_hash(now_ms, business, h)
     }
@@ -457,6 +485,25 @@ impl Detector {
         for m in messages {
             out.push(self.observe(now_ms, business, &m.recipient));
         }
+    }
+
+    /// An exempt business: admitted without checks; its state exists only for billing.
+    fn observe_exempt(&mut self, now_ms: u64, business: &BusinessLimits) -> Verdict {
+        let cfg = &self.cfg;
+        let Some(st) = get_or_create(
+            &mut self.businesses,
+            cfg,
+            business.id,
+            (business.tier, business.mps),
+        ) else {
+            self.stats.table_full += 1;
+            return Verdict::Throttle {
+                retry_after_ms: 1000,
+            };
+        };
+        st.caller_limits = (business.tier, business.mps);
+        st.advance(now_ms, cfg);
+        Verdict::Admit
     }
 
     fn observe_hash(&mut self, now_ms: u64, business: &BusinessLimits, h: u64) -> Verdict {

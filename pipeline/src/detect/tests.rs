@@ -11,7 +11,12 @@ fn num(i: u64) -> Recipient {
 }
 
 fn limits(id: u32, tier: Tier, mps: u32) -> BusinessLimits {
-    BusinessLimits { id, tier, mps }
+    BusinessLimits {
+        id,
+        tier,
+        mps,
+        exempt: false,
+    }
 }
 
 #[test]
@@ -321,4 +326,27 @@ fn recipients_merge_across_shards() {
     b.merge(t, &da);
     assert_eq!(a.recipients_24h(12), Some(200));
     assert_eq!(b.recipients_24h(12), Some(200));
+}
+
+#[test]
+fn exempt_business_is_never_limited_but_is_billed() {
+    let mut d = Detector::new(DetectConfig::default(), SECRET);
+    let b = BusinessLimits {
+        exempt: true,
+        ..limits(9, Tier::T250, 1)
+    };
+    // A blast far over its tier, rate and fan-out, and one number many times: all admitted.
+    for i in 0..5_000u64 {
+        assert_eq!(d.observe(1_000 + i / 10, &b, &num(i)), Verdict::Admit);
+        assert_eq!(d.observe(1_000 + i / 10, &b, &num(7)), Verdict::Admit);
+    }
+    d.record_accepted(2_000, 9, 10_000);
+    let s = d.signal(9).unwrap();
+    assert_eq!((s.paused, s.accepted_today), (false, 10_000));
+    // The same traffic from a business that is not exempt is stopped.
+    let c = limits(10, Tier::T250, 1);
+    let admitted = (0..5_000u64)
+        .filter(|&i| d.observe(1_000 + i / 10, &c, &num(i)) == Verdict::Admit)
+        .count();
+    assert!(admitted < 10, "{admitted}");
 }

@@ -157,6 +157,20 @@ impl MasterKey {
         s
     }
 
+    /// A 32-byte secret for another purpose, derived from this key with HKDF-SHA256 and a
+    /// purpose label (`info`), so that one master key file serves every keyed function of
+    /// the relay and the purposes stay independent.
+    pub fn derive_secret(&self, info: &[u8]) -> Zeroizing<[u8; KEY_BYTES]> {
+        use aws_lc_rs::hkdf;
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"courier master key derivation v1")
+            .extract(&self.bytes[..]);
+        let mut out = Zeroizing::new([0u8; KEY_BYTES]);
+        prk.expand(&[info], hkdf::HKDF_SHA256)
+            .and_then(|okm| okm.fill(&mut out[..]))
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        out
+    }
+
     /// Wraps `key` under this master key. `nonce` must be 12 fresh random bytes.
     pub fn wrap(&self, key: &DataKey, nonce: [u8; NONCE_BYTES]) -> WrappedKey {
         let mut ct = *key.bytes;
@@ -525,6 +539,15 @@ mod tests {
         ));
         let text = a.to_file_text();
         assert_eq!(*MasterKey::parse(text.as_bytes()).unwrap().bytes, *a.bytes);
+    }
+
+    #[test]
+    fn derived_secrets_depend_on_key_and_purpose_and_are_not_the_key() {
+        let a = master(1).derive_secret(b"detect recipients");
+        assert_eq!(*a, *master(1).derive_secret(b"detect recipients"));
+        assert_ne!(*a, *master(2).derive_secret(b"detect recipients"));
+        assert_ne!(*a, *master(1).derive_secret(b"other purpose"));
+        assert_ne!(*a, [1u8; 32]);
     }
 
     #[test]

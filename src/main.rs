@@ -141,6 +141,10 @@ enum BusinessesCmd {
         /// senders only; never a customer).
         #[arg(long)]
         exempt: bool,
+        /// A platform credential: its connections send spam REPORTs (which rate
+        /// businesses) and no messages.
+        #[arg(long)]
+        platform: bool,
         /// Registry file (created if missing).
         #[arg(long)]
         registry: PathBuf,
@@ -221,8 +225,9 @@ fn main() -> Result<()> {
             tier,
             mps,
             exempt,
+            platform,
             registry,
-        }) => cmd_businesses_add(&name, &tier, mps, exempt, &registry),
+        }) => cmd_businesses_add(&name, &tier, mps, exempt, platform, &registry),
         Command::Businesses(BusinessesCmd::Set {
             id,
             tier,
@@ -437,7 +442,14 @@ fn cmd_businesses_status(data_dir: &Path, registry: Option<&Path>, json: bool) -
     Ok(())
 }
 
-fn cmd_businesses_add(name: &str, tier: &str, mps: u32, exempt: bool, path: &Path) -> Result<()> {
+fn cmd_businesses_add(
+    name: &str,
+    tier: &str,
+    mps: u32,
+    exempt: bool,
+    platform: bool,
+    path: &Path,
+) -> Result<()> {
     let tier = parse_tier(tier)?;
     let mut reg = if path.exists() {
         load_registry(path)?
@@ -448,9 +460,15 @@ fn cmd_businesses_add(name: &str, tier: &str, mps: u32, exempt: bool, path: &Pat
     rand::fill(&mut secret[..]);
     let (id, token) = reg.add(name, tier, mps, &secret)?;
     reg.set_exempt(id, exempt);
+    reg.set_platform(id, platform);
     write_registry(&reg, path)?;
     eprintln!(
-        "registered business {id} ({name}, tier {tier}, {mps} msg/s{}) in {}",
+        "registered {} {id} ({name}, tier {tier}, {mps} msg/s{}) in {}",
+        if platform {
+            "platform credential"
+        } else {
+            "business"
+        },
         if exempt {
             ", exempt from detection"
         } else {

@@ -492,6 +492,10 @@ impl Shard {
                 }
             }
         }
+        // Bounded by the server's report queue.
+        while let Some(entries) = self.server.poll_report() {
+            self.detector.report_entries(now_ms, &entries);
+        }
         while let Some(sig) = self.detector.poll_signal() {
             self.counters.signals.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(

@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use courier::client::{Client, ClientConfig, OutgoingMessage};
+use courier::client::{Client, ClientConfig, OutgoingMessage, ReportOutcome};
 use courier::serve::{self, ServeOptions};
 use courier::store::MasterKeyText;
 use courier::tls::ServerTrust;
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::{Registry, Tier};
-use courier_pipeline::wire::{Reason, Recipient, Status};
+use courier_pipeline::wire::{code, Reason, Recipient, ReportEntry, Status};
 use rustls::pki_types::CertificateDer;
 
 const MASTER_HEX: &str = "5b2e7a9c1d3f5e7a9b2d4c6e8f0a1b3c5d7e9f2a4b6c8d0e1f3a5b7c9d2e4f6a";
@@ -374,6 +374,11 @@ async fn limits_hold_and_registry_changes_apply_without_restart() {
     let mut registry = Registry::default();
     let (small, small_token) = registry.add("small", Tier::T250, 1000, &[1; 32]).unwrap();
     let (_, slow_token) = registry.add("slow", Tier::T2k, 100, &[2; 32]).unwrap();
+    let (rated, rated_token) = registry.add("rated", Tier::T10k, 1000, &[3; 32]).unwrap();
+    let (platform, platform_token) = registry
+        .add("platform", Tier::Unlimited, 1000, &[4; 32])
+        .unwrap();
+    registry.set_platform(platform, true);
     let registry_file = dir.path().join("registry.toml");
     std::fs::write(&registry_file, registry.to_toml()).unwrap();
     let running = serve::start(ServeOptions {
@@ -457,7 +462,62 @@ async fn limits_hold_and_registry_changes_apply_without_restart() {
         assert!(Instant::now() < deadline, "the new tier never applied");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    drop((c, slow));
+
+    // Spam reports: only the platform's connection may send them; 20 reports on 1,000
+    // delivered messages (20,000 ppm, red at 10,000) turn the sender red and lower its tier.
+    let r = Client::connect(&cfg(&rated_token)).await.unwrap();
+    let mut ok = 0;
+    for k in 0..10u64 {
+        let st = r
+            .submit(batch(30_000 + k * 100..30_100 + k * 100, number))
+            .await
+            .unwrap();
+        ok += count(&st, |s| matches!(s, Status::Accepted(_)));
+    }
+    assert_eq!(ok, 1000);
+    let entries: Vec<ReportEntry> = (0..20u64)
+        .map(|i| ReportEntry {
+            business_id: rated,
+            client_id: 30_000 + i,
+            recipient: number(30_000 + i),
+        })
+        .collect();
+    let refused = r.report(&entries, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(
+        refused,
+        ReportOutcome::Refused {
+            code: u64::from(code::UNEXPECTED_FRAME)
+        },
+        "a business cannot report"
+    );
+    let p = Client::connect(&cfg(&platform_token)).await.unwrap();
+    let sent = p
+        .report(&entries, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(sent, ReportOutcome::NotRefused);
+    let data = dir.path().join("data");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let b = loop {
+        let found = courier::control::read_status(&data).ok().and_then(|s| {
+            s.businesses
+                .into_iter()
+                .find(|b| b.id == rated && b.rating == "red")
+        });
+        if let Some(b) = found {
+            break b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sender never turned red: {:?}",
+            courier::control::read_status(&data)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!((b.tier.as_str(), b.paused), ("2000", false), "{b:?}");
+    assert_eq!(b.why.as_deref(), Some("quality_red"));
+
+    drop((c, slow, r, p));
     running.shutdown();
     running.join().unwrap();
 }

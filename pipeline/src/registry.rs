@@ -107,6 +107,9 @@ pub struct RawBusiness {
     /// absent means false.
     #[serde(default, skip_serializing_if = "is_false")]
     pub exempt: bool,
+    /// A platform credential: sends spam REPORTs, never messages; absent means false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub platform: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -135,6 +138,9 @@ pub struct Business {
     /// surge or rating checks (billing counts still kept). For the platform's own load and
     /// test senders; never for customers.
     pub exempt: bool,
+    /// A platform credential (the messaging platform's own service): its connections may
+    /// send REPORT frames (spam reports that rate businesses) and no SUBMIT.
+    pub platform: bool,
     token_sha256: [u8; 32],
 }
 
@@ -146,6 +152,7 @@ impl std::fmt::Debug for Business {
             .field("tier", &self.tier)
             .field("mps", &self.mps)
             .field("exempt", &self.exempt)
+            .field("platform", &self.platform)
             .finish_non_exhaustive()
     }
 }
@@ -255,6 +262,7 @@ impl Registry {
                 tier,
                 mps: b.mps,
                 exempt: b.exempt,
+                platform: b.platform,
                 token_sha256,
             },
         );
@@ -283,6 +291,7 @@ impl Registry {
             tier: tier.name().to_string(),
             mps,
             exempt: false,
+            platform: false,
         })
         .map_err(|problem| RegistryError::Invalid { index, id, problem })?;
         Ok((id, token))
@@ -313,6 +322,15 @@ impl Registry {
         self.by_id.get_mut(&id).map(|b| b.exempt = exempt).is_some()
     }
 
+    /// Makes a business a platform credential (or not). False when there is no such
+    /// business.
+    pub fn set_platform(&mut self, id: u32, platform: bool) -> bool {
+        self.by_id
+            .get_mut(&id)
+            .map(|b| b.platform = platform)
+            .is_some()
+    }
+
     /// The registry as TOML text, in insertion order.
     pub fn to_toml(&self) -> String {
         let raw = RawRegistry {
@@ -328,6 +346,7 @@ impl Registry {
                         tier: b.tier.name().to_string(),
                         mps: b.mps,
                         exempt: b.exempt,
+                        platform: b.platform,
                     }
                 })
                 .collect(),
@@ -402,6 +421,7 @@ mod tests {
         );
         reg.set_limits(id, Tier::T10k, 1000).unwrap();
         assert!(reg.set_exempt(id, true));
+        assert!(reg.set_platform(id, true));
         assert!(!reg.set_exempt(99, true));
         assert!(matches!(
             reg.set_limits(99, Tier::T250, 1),
@@ -413,7 +433,10 @@ mod tests {
         ));
         let back = Registry::from_toml(&reg.to_toml()).unwrap();
         let b = back.get(id).unwrap();
-        assert_eq!((b.tier, b.mps, b.exempt), (Tier::T10k, 1000, true));
+        assert_eq!(
+            (b.tier, b.mps, b.exempt, b.platform),
+            (Tier::T10k, 1000, true, true)
+        );
     }
 
     #[test]

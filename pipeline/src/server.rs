@@ -42,7 +42,12 @@ use quinn_proto::{
 use crate::cid::ShardCidGenerator;
 use crate::profile::Profile;
 use crate::registry::Registry;
-use crate::wire::{self, code, Frame, FrameDecoder, Message, Status, Welcome, WireLimits};
+use crate::wire::{
+    self, code, Frame, FrameDecoder, Message, ReportEntry, Status, Welcome, WireLimits,
+};
+
+/// REPORT frames decoded but not yet taken by the shell; more are refused.
+const REPORTS_QUEUED_MAX: usize = 1024;
 
 /// Endpoint-generated datagrams (stateless resets, refusals, version negotiation) queued
 /// for sending; more are dropped, as a router would.
@@ -95,6 +100,8 @@ pub struct ServerStats {
     pub batches_in: u64,
     /// Messages in them.
     pub messages_in: u64,
+    /// Spam report entries accepted from platform connections.
+    pub reports_in: u64,
     /// ACK frames written.
     pub acks_out: u64,
     /// ACKs for batches whose stream or connection was already gone.
@@ -124,6 +131,8 @@ struct Conn {
     quinn: quinn_proto::Connection,
     generation: u64,
     business_id: Option<u32>,
+    /// Authenticated with a platform credential: sends REPORTs, never SUBMITs.
+    platform: bool,
     hello_deadline: Instant,
     streams: HashMap<StreamId, StreamState>,
     timer: Option<Instant>,
@@ -184,6 +193,7 @@ pub struct Server {
     send_queue: VecDeque<ConnectionHandle>,
     responses: VecDeque<(Transmit, Vec<u8>)>,
     batches: VecDeque<SubmitBatch>,
+    reports: VecDeque<Vec<ReportEntry>>,
     scratch: Vec<u8>,
     stats: ServerStats,
 }
@@ -238,6 +248,7 @@ impl Server {
             send_queue: VecDeque::new(),
             responses: VecDeque::new(),
             batches: VecDeque::new(),
+            reports: VecDeque::new(),
             scratch: Vec::new(),
             stats: ServerStats::default(),
         }
@@ -321,6 +332,7 @@ impl Server {
                                 quinn,
                                 generation,
                                 business_id: None,
+                                platform: false,
                                 hello_deadline,
                                 streams: HashMap::new(),
                                 timer: None,
@@ -410,6 +422,11 @@ impl Server {
             self.refile_timer(ch);
         }
         None
+    }
+
+    /// The next REPORT a platform connection sent (spam reports, for the detector).
+    pub fn poll_report(&mut self) -> Option<Vec<ReportEntry>> {
+        self.reports.pop_front()
     }
 
     /// The next decoded batch for the stage chain.
@@ -700,6 +717,7 @@ impl Server {
                     Ok(b) => {
                         self.stats.hellos_accepted += 1;
                         conn.business_id = Some(b.id);
+                        conn.platform = b.platform;
                         let st = conn.streams.get_mut(&id).expect("caller checked");
                         wire::encode_welcome(
                             &Welcome {
@@ -732,6 +750,10 @@ impl Server {
                     self.fail_stream(ch, id, code::NOT_AUTHENTICATED);
                     return false;
                 };
+                if conn.platform {
+                    self.fail_stream(ch, id, code::UNEXPECTED_FRAME);
+                    return false;
+                }
                 let st = conn.streams.get_mut(&id).expect("caller checked");
                 let seq = st.next_seq;
                 st.next_seq += 1;
@@ -756,9 +778,24 @@ impl Server {
                 });
                 true
             }
-            // Spam reports come from platform connections, which wire v1 servers do not
-            // accept yet; server frames never come from a client.
-            Frame::Report { .. } | Frame::Welcome(_) | Frame::Ack { .. } => {
+            Frame::Report { entries } => {
+                if conn.business_id.is_none() {
+                    self.fail_stream(ch, id, code::NOT_AUTHENTICATED);
+                    return false;
+                }
+                if !conn.platform || self.reports.len() >= REPORTS_QUEUED_MAX {
+                    // Only the platform reports spam; a business cannot report (itself or
+                    // a competitor). A full queue means the shell is not draining: refuse
+                    // rather than grow.
+                    self.fail_stream(ch, id, code::UNEXPECTED_FRAME);
+                    return false;
+                }
+                self.stats.reports_in += entries.len() as u64;
+                self.reports.push_back(entries);
+                true
+            }
+            // Server frames never come from a client.
+            Frame::Welcome(_) | Frame::Ack { .. } => {
                 self.fail_stream(ch, id, code::UNEXPECTED_FRAME);
                 false
             }

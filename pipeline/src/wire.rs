@@ -81,7 +81,7 @@ pub mod code {
     /// Stream: the stream ended in the middle of a frame.
     pub const TRUNCATED: u32 = 0x16;
     /// Stream: a frame that this side never accepts (a server frame from a client, a
-    /// second HELLO, REPORT on a business connection).
+    /// second HELLO, REPORT on a business connection, SUBMIT on a platform connection).
     pub const UNEXPECTED_FRAME: u32 = 0x17;
     /// Stream: HELLO with a token longer than 256 bytes or an unsupported version.
     pub const BAD_HELLO: u32 = 0x18;

@@ -33,6 +33,9 @@ pub(crate) struct BusinessState {
     pub(crate) control: Control,
     /// Limits the caller passed last (from the registry).
     pub(crate) caller_limits: (Tier, u32),
+    /// `caller_limits` came from a peer's delta, not from a caller here: a shard that has
+    /// not seen the business's traffic takes the registry's limits from its peers.
+    pub(crate) limits_from_peer: bool,
 
     pub(crate) tokens: i64,
     pub(crate) bucket_ms: u64,
@@ -99,6 +102,7 @@ impl BusinessState {
                 limits_override: None,
             },
             caller_limits: limits,
+            limits_from_peer: false,
             tokens: i64::from(limits.1) * i64::from(SHARE_FULL_PPM),
             bucket_ms: 0,
             share_ppm: SHARE_FULL_PPM,
@@ -304,6 +308,10 @@ impl BusinessState {
     pub(crate) fn refresh_rating_with(&mut self, cfg: &DetectConfig) -> Rating {
         let before = self.rating;
         let (d, r) = self.quality_window();
+        if d == 0 {
+            // Nothing delivered in the window (here): no basis for a rating.
+            return before;
+        }
         self.rating = if r < u64::from(cfg.rating_reports_min) {
             Rating::Green
         } else {

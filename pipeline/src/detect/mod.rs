@@ -344,6 +344,7 @@ struct BusinessDelta {
     reports: u32,
     accepted: u64,
     day: u32,
+    caller_limits: (Tier, u32),
     control: Control,
 }
 
@@ -502,6 +503,7 @@ impl Detector {
             };
         };
         st.caller_limits = (business.tier, business.mps);
+        st.limits_from_peer = false;
         st.advance(now_ms, cfg);
         Verdict::Admit
     }
@@ -521,6 +523,7 @@ impl Detector {
         };
         st.touch(h, (now_ms / MS_PER_HOUR) as u32);
         st.caller_limits = (business.tier, business.mps);
+        st.limits_from_peer = false;
         st.advance(now_ms, cfg);
         st.demand = st.demand.saturating_add(1);
         Self::mark_dirty(&mut self.dirty, business.id, st);
@@ -617,11 +620,27 @@ impl Detector {
 
     /// Counts `n` spam reports against a business (from a platform-authenticated REPORT
     /// frame); may turn its rating yellow or red and act on red.
+    ///
+    /// A business this detector has not seen yet (its traffic went to another shard, and
+    /// that shard's delta has not arrived) gets state holding just the reports: they go
+    /// to the peers with the next delta, and the shards that know its delivered messages
+    /// rate it. A rating needs delivered messages in the window; without any it stays.
     pub fn report(&mut self, now_ms: u64, business_id: u32, n: u32) {
         let cfg = self.cfg.clone();
-        let Some(st) = self.businesses.get_mut(&business_id) else {
-            return; // never sent anything here: nothing to rate
+        let created = !self.businesses.contains_key(&business_id);
+        let Some(st) = get_or_create(
+            &mut self.businesses,
+            &cfg,
+            business_id,
+            (Tier::Unlimited, 1),
+        ) else {
+            self.stats.table_full += 1;
+            return;
         };
+        if created {
+            st.share_ppm = SHARE_MIN_PPM;
+            st.limits_from_peer = true;
+        }
         st.advance(now_ms, &cfg);
         st.add_reports(n);
         st.iv_reports += n;
@@ -768,6 +787,7 @@ impl Detector {
                 reports: st.iv_reports,
                 accepted: st.iv_accepted,
                 day: st.day,
+                caller_limits: st.caller_limits,
                 control: st.control,
             });
             st.share_ppm = share_ppm(
@@ -807,7 +827,7 @@ impl Detector {
         let mut rerate = Vec::new();
         for b in &delta.businesses {
             let cfg = &self.cfg;
-            let limits = b.control.limits_override.unwrap_or((Tier::T250, 1));
+            let limits = b.caller_limits;
             let created = !self.businesses.contains_key(&b.id);
             let Some(st) = get_or_create(&mut self.businesses, cfg, b.id, limits) else {
                 self.stats.table_full += 1;
@@ -815,8 +835,13 @@ impl Detector {
             };
             if created {
                 // Until this shard sees the business itself it holds only the floor share
-                // of its rate, and the registry's limits arrive with its first message.
+                // of its rate, and the registry's limits arrive with its first message
+                // (until then, the peer's).
                 st.share_ppm = SHARE_MIN_PPM;
+                st.limits_from_peer = true;
+            }
+            if st.limits_from_peer {
+                st.caller_limits = b.caller_limits;
             }
             st.advance(now_ms, cfg);
             st.peer_demand = st.peer_demand.saturating_add(b.demand);

@@ -350,3 +350,47 @@ fn exempt_business_is_never_limited_but_is_billed() {
         .count();
     assert!(admitted < 10, "{admitted}");
 }
+
+#[test]
+fn a_shard_that_never_saw_the_business_reports_its_registry_tier() {
+    let cfg = DetectConfig::default();
+    let mut a = Detector::new(cfg.clone(), SECRET);
+    let mut b = Detector::new(cfg, SECRET);
+    let l = limits(3, Tier::T10k, 100);
+    for i in 0..1_000u64 {
+        a.observe(i * 100, &l, &num(i));
+    }
+    a.report(100_000, 3, 10); // red: one step down, to 2,000
+    let d = a.export_delta(100_000);
+    b.merge(100_000, &d);
+    let _ = b.export_delta(100_050);
+    assert_eq!(a.signal(3).unwrap().tier, Tier::T2k);
+    assert_eq!(
+        b.signal(3).unwrap().tier,
+        Tier::T2k,
+        "b holds the registry's tier (from a), demoted once, not a placeholder"
+    );
+}
+
+#[test]
+fn reports_that_reach_a_shard_before_the_business_does_are_passed_on() {
+    let cfg = DetectConfig::default();
+    let mut a = Detector::new(cfg.clone(), SECRET);
+    let mut b = Detector::new(cfg, SECRET);
+    let l = limits(3, Tier::T10k, 100);
+    for i in 0..1_000u64 {
+        a.observe(i * 100, &l, &num(i));
+    }
+    // b has not heard of business 3 yet: it keeps the reports without rating it...
+    b.report(100_000, 3, 20);
+    assert_eq!(
+        b.signal(3).unwrap().rating,
+        Rating::Green,
+        "nothing delivered here"
+    );
+    // ...and passes them on; a, which saw the 1,000 deliveries, rates it red.
+    let d = b.export_delta(100_010);
+    a.merge(100_010, &d);
+    let s = a.signal(3).unwrap();
+    assert_eq!((s.rating, s.tier), (Rating::Red, Tier::T2k));
+}

@@ -79,6 +79,7 @@ fn setup() -> (Detector, Vec<BusinessLimits>, Vec<(u16, Recipient)>) {
             tier: Tier::T100k,
             mps: 1_000_000,
             exempt: false,
+            baseline_per_min: 0,
         })
         .collect();
     let populations: Vec<usize> = (0..BUSINESSES)

@@ -145,6 +145,10 @@ enum BusinessesCmd {
         /// businesses) and no messages.
         #[arg(long)]
         platform: bool,
+        /// Distinct recipients per minute the business is known to reach: the fan-out
+        /// surge check starts from it instead of from nothing (0: learn from scratch).
+        #[arg(long, default_value_t = 0)]
+        baseline_per_min: u32,
         /// Registry file (created if missing).
         #[arg(long)]
         registry: PathBuf,
@@ -170,6 +174,9 @@ enum BusinessesCmd {
         /// Exempt from detection (true or false).
         #[arg(long)]
         exempt: Option<bool>,
+        /// Distinct recipients per minute the business is known to reach.
+        #[arg(long)]
+        baseline_per_min: Option<u32>,
         /// Registry file.
         #[arg(long)]
         registry: PathBuf,
@@ -226,15 +233,31 @@ fn main() -> Result<()> {
             mps,
             exempt,
             platform,
+            baseline_per_min,
             registry,
-        }) => cmd_businesses_add(&name, &tier, mps, exempt, platform, &registry),
+        }) => {
+            let flags = AddFlags {
+                exempt,
+                platform,
+                baseline_per_min,
+            };
+            cmd_businesses_add(&name, &tier, mps, flags, &registry)
+        }
         Command::Businesses(BusinessesCmd::Set {
             id,
             tier,
             mps,
             exempt,
+            baseline_per_min,
             registry,
-        }) => cmd_businesses_set(id, tier.as_deref(), mps, exempt, &registry),
+        }) => cmd_businesses_set(
+            id,
+            tier.as_deref(),
+            mps,
+            exempt,
+            baseline_per_min,
+            &registry,
+        ),
         Command::Businesses(BusinessesCmd::Unpause { id, data_dir }) => {
             let path = courier::control::request_unpause(&data_dir, id).with_context(|| {
                 format!("writing the unpause request under {}", data_dir.display())
@@ -364,6 +387,14 @@ fn write_registry(reg: &Registry, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The optional settings of `businesses add`.
+#[derive(Debug, Clone, Copy)]
+struct AddFlags {
+    exempt: bool,
+    platform: bool,
+    baseline_per_min: u32,
+}
+
 fn parse_tier(tier: &str) -> Result<Tier> {
     Tier::parse(tier).with_context(|| {
         format!("--tier {tier:?}: must be one of 250, 2000, 10000, 100000, unlimited")
@@ -375,10 +406,11 @@ fn cmd_businesses_set(
     tier: Option<&str>,
     mps: Option<u32>,
     exempt: Option<bool>,
+    baseline_per_min: Option<u32>,
     path: &Path,
 ) -> Result<()> {
-    if tier.is_none() && mps.is_none() && exempt.is_none() {
-        bail!("nothing to change: give --tier, --mps or --exempt");
+    if tier.is_none() && mps.is_none() && exempt.is_none() && baseline_per_min.is_none() {
+        bail!("nothing to change: give --tier, --mps, --exempt or --baseline-per-min");
     }
     let mut reg = load_registry(path)?;
     let b = reg
@@ -394,11 +426,15 @@ fn cmd_businesses_set(
     if let Some(e) = exempt {
         reg.set_exempt(id, e);
     }
+    if let Some(b) = baseline_per_min {
+        reg.set_baseline(id, b);
+    }
     let b = reg.get(id).expect("exists");
     write_registry(&reg, path)?;
     eprintln!(
-        "business {id}: tier {}, {} msg/s, exempt {} (a running server applies it within about a second)",
-        b.tier, b.mps, b.exempt
+        "business {id}: tier {}, {} msg/s, exempt {}, baseline {} recipients/min \
+         (a running server applies it within about a second)",
+        b.tier, b.mps, b.exempt, b.baseline_per_min
     );
     Ok(())
 }
@@ -446,10 +482,14 @@ fn cmd_businesses_add(
     name: &str,
     tier: &str,
     mps: u32,
-    exempt: bool,
-    platform: bool,
+    flags: AddFlags,
     path: &Path,
 ) -> Result<()> {
+    let AddFlags {
+        exempt,
+        platform,
+        baseline_per_min,
+    } = flags;
     let tier = parse_tier(tier)?;
     let mut reg = if path.exists() {
         load_registry(path)?
@@ -461,6 +501,7 @@ fn cmd_businesses_add(
     let (id, token) = reg.add(name, tier, mps, &secret)?;
     reg.set_exempt(id, exempt);
     reg.set_platform(id, platform);
+    reg.set_baseline(id, baseline_per_min);
     write_registry(&reg, path)?;
     eprintln!(
         "registered {} {id} ({name}, tier {tier}, {mps} msg/s{}) in {}",

@@ -110,6 +110,13 @@ pub struct RawBusiness {
     /// A platform credential: sends spam REPORTs, never messages; absent means false.
     #[serde(default, skip_serializing_if = "is_false")]
     pub platform: bool,
+    /// Distinct recipients per minute the business is known to reach; absent means 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub baseline_per_min: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 fn is_false(b: &bool) -> bool {
@@ -141,6 +148,11 @@ pub struct Business {
     /// A platform credential (the messaging platform's own service): its connections may
     /// send REPORT frames (spam reports that rate businesses) and no SUBMIT.
     pub platform: bool,
+    /// Distinct recipients per minute the operator knows this business to reach (from its
+    /// onboarding or history elsewhere): the fan-out surge check uses it until the
+    /// business's own learned baseline is higher, so a large sender new to this relay is
+    /// not taken for a blast. 0: learn from scratch.
+    pub baseline_per_min: u32,
     token_sha256: [u8; 32],
 }
 
@@ -153,6 +165,7 @@ impl std::fmt::Debug for Business {
             .field("mps", &self.mps)
             .field("exempt", &self.exempt)
             .field("platform", &self.platform)
+            .field("baseline_per_min", &self.baseline_per_min)
             .finish_non_exhaustive()
     }
 }
@@ -263,6 +276,7 @@ impl Registry {
                 mps: b.mps,
                 exempt: b.exempt,
                 platform: b.platform,
+                baseline_per_min: b.baseline_per_min,
                 token_sha256,
             },
         );
@@ -292,6 +306,7 @@ impl Registry {
             mps,
             exempt: false,
             platform: false,
+            baseline_per_min: 0,
         })
         .map_err(|problem| RegistryError::Invalid { index, id, problem })?;
         Ok((id, token))
@@ -322,6 +337,15 @@ impl Registry {
         self.by_id.get_mut(&id).map(|b| b.exempt = exempt).is_some()
     }
 
+    /// Sets the distinct recipients per minute a business is known to reach (see
+    /// [`Business::baseline_per_min`]). False when there is no such business.
+    pub fn set_baseline(&mut self, id: u32, per_min: u32) -> bool {
+        self.by_id
+            .get_mut(&id)
+            .map(|b| b.baseline_per_min = per_min)
+            .is_some()
+    }
+
     /// Makes a business a platform credential (or not). False when there is no such
     /// business.
     pub fn set_platform(&mut self, id: u32, platform: bool) -> bool {
@@ -347,6 +371,7 @@ impl Registry {
                         mps: b.mps,
                         exempt: b.exempt,
                         platform: b.platform,
+                        baseline_per_min: b.baseline_per_min,
                     }
                 })
                 .collect(),
@@ -422,6 +447,7 @@ mod tests {
         reg.set_limits(id, Tier::T10k, 1000).unwrap();
         assert!(reg.set_exempt(id, true));
         assert!(reg.set_platform(id, true));
+        assert!(reg.set_baseline(id, 6_000));
         assert!(!reg.set_exempt(99, true));
         assert!(matches!(
             reg.set_limits(99, Tier::T250, 1),
@@ -434,8 +460,8 @@ mod tests {
         let back = Registry::from_toml(&reg.to_toml()).unwrap();
         let b = back.get(id).unwrap();
         assert_eq!(
-            (b.tier, b.mps, b.exempt, b.platform),
-            (Tier::T10k, 1000, true, true)
+            (b.tier, b.mps, b.exempt, b.platform, b.baseline_per_min),
+            (Tier::T10k, 1000, true, true, 6_000)
         );
     }
 

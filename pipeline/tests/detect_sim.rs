@@ -106,6 +106,7 @@ impl Sender {
                 tier,
                 mps,
                 exempt: false,
+                baseline_per_min: 0,
             },
             pattern,
             zipf: Zipf::new(population, 1.0),

@@ -228,10 +228,11 @@ impl BusinessState {
     /// True when the last second's fan-out is a surge: at least the absolute floor, far
     /// above this business's own per-minute baseline, and mostly never-contacted numbers.
     #[inline]
-    pub(crate) fn surging(&self, cfg: &DetectConfig) -> bool {
+    pub(crate) fn surging(&self, cfg: &DetectConfig, declared_per_min: u32) -> bool {
         let d = self.sum_distinct;
+        let baseline = self.baseline_per_min.max(declared_per_min as f32);
         d >= cfg.surge_distinct_per_sec_min
-            && d as f32 * 60.0 >= cfg.surge_baseline_factor as f32 * self.baseline_per_min
+            && d as f32 * 60.0 >= cfg.surge_baseline_factor as f32 * baseline
             && u64::from(self.sum_new) * 100 >= u64::from(cfg.surge_new_share_pct) * u64::from(d)
     }
 

@@ -199,6 +199,9 @@ pub struct BusinessLimits {
     /// Exempt from every check (the platform's own load and test senders): always
     /// admitted, still counted for billing.
     pub exempt: bool,
+    /// Distinct recipients per minute the operator declared for this business: the
+    /// surge check's baseline until the learned one is higher.
+    pub baseline_per_min: u32,
 }
 
 impl From<&Business> for BusinessLimits {
@@ -208,6 +211,7 @@ impl From<&Business> for BusinessLimits {
             tier: b.tier,
             mps: b.mps,
             exempt: b.exempt,
+            baseline_per_min: b.baseline_per_min,
         }
     }
 }
@@ -539,7 +543,7 @@ impl Detector {
             st.add_fanout(distinct, new);
             st.iv_distinct += distinct;
             st.iv_new += new;
-            if st.surging(cfg) {
+            if st.surging(cfg, business.baseline_per_min) {
                 st.control.paused = true;
                 st.control.pause_epoch += 1;
                 st.control.why = Some(Why::FanOutSurge);

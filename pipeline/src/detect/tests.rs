@@ -16,6 +16,7 @@ fn limits(id: u32, tier: Tier, mps: u32) -> BusinessLimits {
         tier,
         mps,
         exempt: false,
+        baseline_per_min: 0,
     }
 }
 
@@ -393,4 +394,36 @@ fn reports_that_reach_a_shard_before_the_business_does_are_passed_on() {
     a.merge(100_010, &d);
     let s = a.signal(3).unwrap();
     assert_eq!((s.rating, s.tier), (Rating::Red, Tier::T2k));
+}
+
+#[test]
+fn a_declared_baseline_lets_a_known_large_sender_start_at_its_volume() {
+    let mut d = Detector::new(DetectConfig::default(), SECRET);
+    // 1,000 new numbers a second from a business new to this detector...
+    let known = BusinessLimits {
+        baseline_per_min: 60_000,
+        ..limits(1, Tier::Unlimited, 100_000)
+    };
+    let unknown = limits(2, Tier::Unlimited, 100_000);
+    let mut paused = [false; 2];
+    for i in 0..3_000u64 {
+        let t = 1_000 + i;
+        paused[0] |= d.observe(t, &known, &num(i)) == Verdict::Reject(Reason::SenderPaused);
+        paused[1] |=
+            d.observe(t, &unknown, &num(1_000_000 + i)) == Verdict::Reject(Reason::SenderPaused);
+    }
+    // ...is its normal when declared (60,000 a minute), and a blast when not.
+    assert_eq!(paused, [false, true]);
+    // A declared baseline is no licence: twenty times it is a surge.
+    let modest = BusinessLimits {
+        baseline_per_min: 600,
+        ..limits(3, Tier::Unlimited, 100_000)
+    };
+    let admitted = (0..400u64)
+        .take_while(|&i| d.observe(20_000 + i * 5, &modest, &num(7_000_000 + i)) == Verdict::Admit)
+        .count();
+    assert!(
+        (95..=100).contains(&admitted),
+        "10x a declared 10 a second (not the 50 floor) pauses: after {admitted}"
+    );
 }

@@ -58,6 +58,11 @@ struct Args {
         value_delimiter = ','
     )]
     token: Vec<String>,
+    /// Token of a platform credential (`courier businesses add --platform`): scenario
+    /// senders' spam REPORTs go over its connection, as the platform's would. Without it
+    /// they go on the sender's own connection, and the server refuses them.
+    #[arg(long, env = "COURIER_PLATFORM_TOKEN", hide_env_values = true)]
+    platform_token: Option<String>,
     /// Open loop: messages per second in all, spread over the connections; latency runs
     /// from each message's intended send time.
     #[arg(long, conflicts_with = "max")]
@@ -368,6 +373,7 @@ fn main() -> anyhow::Result<()> {
     let cfg = RunConfig {
         target,
         tokens: args.token.clone(),
+        platform_token: args.platform_token.clone(),
         trust,
         streams_per_connection: args.streams,
         batches_in_flight_per_stream: args.in_flight,
@@ -386,6 +392,7 @@ fn main() -> anyhow::Result<()> {
                 None => ServerCpu::InProcess,
             }),
             drain_timeout: load::DRAIN_TIMEOUT,
+            reporter: None,
         },
     };
     eprintln!(

@@ -200,6 +200,10 @@ pub struct RunOptions {
     pub cpu: Meter,
     /// How long to wait for outstanding ACKs once sending stops.
     pub drain_timeout: Duration,
+    /// The platform connection that sends every sender's spam REPORTs (servers take
+    /// REPORTs only from platform credentials); without one, each sender's first
+    /// connection sends them and the server refuses them.
+    pub reporter: Option<Arc<dyn Transport>>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -227,6 +231,7 @@ impl Default for RunOptions {
             stop: StopSignal::default(),
             cpu: Meter::new(super::cpu::ServerCpu::InProcess),
             drain_timeout: super::DRAIN_TIMEOUT,
+            reporter: None,
         }
     }
 }
@@ -703,7 +708,8 @@ async fn closed_loop(sh: Arc<Shared>, s: Arc<SenderShared>, t: Arc<dyn Transport
 }
 
 /// Sends REPORT frames (one entry each, about recently accepted messages) at the
-/// sender's `reports_per_sec` on its first connection.
+/// sender's `reports_per_sec`, on the platform connection when there is one, else on the
+/// sender's first connection.
 async fn reporter(sh: Arc<Shared>, s: Arc<SenderShared>, t: Arc<dyn Transport>) {
     let sched = Schedule {
         start_secs: s.plan.start_secs,
@@ -910,7 +916,7 @@ pub async fn drive(duration: Duration, senders: Vec<SenderRun>, opts: &RunOption
             conn_index += 1;
         }
         if p.reports_per_sec > 0.0 {
-            if let Some(t) = run.conns.first() {
+            if let Some(t) = opts.reporter.as_ref().or(run.conns.first()) {
                 set.spawn(reporter(sh.clone(), s.clone(), t.clone()));
             }
         }

@@ -99,6 +99,8 @@ pub struct RunConfig {
     pub target: SocketAddr,
     /// Tokens that senders name by index (`business = N`).
     pub tokens: Vec<String>,
+    /// A platform credential's token: spam REPORTs go over a connection of its own.
+    pub platform_token: Option<String>,
     /// How to trust the server's certificate.
     pub trust: ServerTrust,
     /// Submit streams per connection.
@@ -116,6 +118,10 @@ impl std::fmt::Debug for RunConfig {
         f.debug_struct("RunConfig")
             .field("target", &self.target)
             .field("tokens", &format_args!("<{} redacted>", self.tokens.len()))
+            .field(
+                "platform_token",
+                &self.platform_token.as_ref().map(|_| "<redacted>"),
+            )
             .field("trust", &self.trust)
             .field("streams_per_connection", &self.streams_per_connection)
             .field(
@@ -187,6 +193,7 @@ pub async fn run(cfg: &LoadConfig) -> Result<LoadReport, LoadError> {
     run_plan(&RunConfig {
         target: cfg.target,
         tokens: vec![cfg.token.clone()],
+        platform_token: None,
         trust: cfg.trust.clone(),
         streams_per_connection: cfg.streams_per_connection,
         batches_in_flight_per_stream: cfg.batches_in_flight_per_stream,
@@ -271,8 +278,25 @@ pub async fn run_plan(cfg: &RunConfig) -> Result<LoadReport, LoadError> {
             conns,
         });
     }
-    let clients: Vec<Arc<dyn Transport>> = senders.iter().flat_map(|s| s.conns.clone()).collect();
-    let report = engine::drive(engine::plan_duration(&cfg.plan), senders, &cfg.options).await;
+    let mut clients: Vec<Arc<dyn Transport>> =
+        senders.iter().flat_map(|s| s.conns.clone()).collect();
+    let mut options = cfg.options.clone();
+    if let Some(token) = &cfg.platform_token {
+        let platform = Client::connect(&ClientConfig {
+            server: cfg.target,
+            server_name: "localhost".to_string(),
+            token: token.clone(),
+            trust: cfg.trust.clone(),
+            streams: 1,
+            batches_in_flight_per_stream: 1,
+        })
+        .await
+        .map_err(|source| LoadError::Connect { index, source })?;
+        let platform: Arc<dyn Transport> = Arc::new(platform);
+        clients.push(platform.clone());
+        options.reporter = Some(platform);
+    }
+    let report = engine::drive(engine::plan_duration(&cfg.plan), senders, &options).await;
     let mut closing = tokio::task::JoinSet::new();
     for c in clients {
         closing.spawn(async move { c.close().await });

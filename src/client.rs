@@ -97,6 +97,15 @@ impl std::fmt::Debug for ClientConfig {
 /// its `Debug` shows neither the number nor the content.
 pub type OutgoingMessage = wire::Message;
 
+/// One message's last status from [`Client::submit_with_retry_rounds`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retried {
+    /// The last status the server gave it.
+    pub status: Status,
+    /// The round that gave it (1 = the first submit; more = throttled before).
+    pub rounds: u32,
+}
+
 /// How the server answered a REPORT frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReportOutcome {
@@ -450,8 +459,20 @@ impl Client {
         batch: Vec<OutgoingMessage>,
         max_attempts: u32,
     ) -> Result<Vec<Status>, ClientError> {
+        let outcomes = self.submit_with_retry_rounds(batch, max_attempts).await?;
+        Ok(outcomes.into_iter().map(|o| o.status).collect())
+    }
+
+    /// [`Client::submit_with_retry`], also saying in how many rounds each message got
+    /// its last status (1: answered at once; more: it was throttled first), so that a
+    /// sender can count the messages that were throttled before they were taken.
+    pub async fn submit_with_retry_rounds(
+        &self,
+        batch: Vec<OutgoingMessage>,
+        max_attempts: u32,
+    ) -> Result<Vec<Retried>, ClientError> {
         let max_attempts = max_attempts.max(1);
-        let mut last: Vec<Status> = Vec::with_capacity(batch.len());
+        let mut last: Vec<Retried> = Vec::with_capacity(batch.len());
         let mut todo: Vec<usize> = (0..batch.len()).collect();
         for attempt in 1..=max_attempts {
             let round: Vec<OutgoingMessage> = if attempt == 1 {
@@ -461,12 +482,18 @@ impl Client {
             };
             let statuses = self.submit(round).await?;
             if attempt == 1 {
-                last = statuses.clone();
+                last = statuses
+                    .iter()
+                    .map(|&status| Retried { status, rounds: 1 })
+                    .collect();
             }
             let mut wait_ms = 0u32;
             let mut again = Vec::new();
             for (&i, status) in todo.iter().zip(&statuses) {
-                last[i] = *status;
+                last[i] = Retried {
+                    status: *status,
+                    rounds: attempt,
+                };
                 if let Status::Throttled { retry_after_ms } = *status {
                     wait_ms = wait_ms.max(retry_after_ms);
                     again.push(i);

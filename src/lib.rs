@@ -8,6 +8,7 @@
 //!                                     courier_pipeline::server::Server (sans-IO QUIC)
 //!                                        │  batches ──> courier_pipeline::ingest ──> ack
 //!  client::Client (quinn, tokio) ────────┘  used by load (courier demo, courier-loadgen)
+//!                                           and send (courier send FILE)
 //! ```
 //!
 //! Only `uring/` holds `unsafe` code; the rest of the crate denies it.
@@ -20,6 +21,7 @@ pub mod business_keys;
 pub mod client;
 pub mod control;
 pub mod load;
+pub mod send;
 pub mod serve;
 pub mod shard;
 pub mod signals;

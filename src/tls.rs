@@ -18,6 +18,8 @@
 //!   algorithms, so even the insecure one proves the peer holds the key of the
 //!   certificate it showed.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,6 +64,57 @@ impl std::fmt::Debug for ServerTrust {
             ServerTrust::Pinned(c) => write!(f, "Pinned(<{} byte certificate>)", c.len()),
             ServerTrust::InsecureLoopback => f.write_str("InsecureLoopback"),
         }
+    }
+}
+
+/// Why [`trust_for_target`] refused to choose a trust mode.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    /// The target is not a loopback address and remote targets were not allowed.
+    #[error("the target {0} is not a loopback address; pass --allow-remote (with --ca CERT.der)")]
+    RemoteNotAllowed(SocketAddr),
+    /// A remote target without a certificate to pin.
+    #[error("a remote target needs --ca CERT.der to pin its certificate")]
+    RemoteNeedsPin,
+    /// The certificate file could not be read.
+    #[error("reading the server certificate {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The certificate file is PEM; the server writes DER.
+    #[error("{0} is PEM; --ca expects the DER file the server wrote (DATA_DIR/tls/cert.der)")]
+    Pem(PathBuf),
+}
+
+/// The clients' trust decision (`courier send`, `courier-loadgen`): pin the DER
+/// certificate at `ca` when given (the server writes it to `DATA_DIR/tls/cert.der`);
+/// without one, skip certificate checks, which is allowed for loopback targets only.
+/// A target that is not loopback also needs `allow_remote`.
+pub fn trust_for_target(
+    target: SocketAddr,
+    ca: Option<&Path>,
+    allow_remote: bool,
+) -> Result<ServerTrust, TrustError> {
+    let loopback = target.ip().is_loopback();
+    if !loopback && !allow_remote {
+        return Err(TrustError::RemoteNotAllowed(target));
+    }
+    match ca {
+        Some(path) => {
+            let der = std::fs::read(path).map_err(|source| TrustError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            if der.starts_with(b"-----BEGIN") {
+                return Err(TrustError::Pem(path.to_path_buf()));
+            }
+            Ok(ServerTrust::Pinned(CertificateDer::from(der)))
+        }
+        None if loopback => Ok(ServerTrust::InsecureLoopback),
+        None => Err(TrustError::RemoteNeedsPin),
     }
 }
 
@@ -263,6 +316,42 @@ mod tests {
         let (a, _) = self_signed(&["localhost".to_string()]);
         let (_, kb) = self_signed(&["localhost".to_string()]);
         assert!(try_server_crypto(a, kb).is_err());
+    }
+
+    #[test]
+    fn trust_needs_loopback_or_allow_remote_and_a_pin_for_remote() {
+        let local: SocketAddr = "127.0.0.1:7443".parse().unwrap();
+        let remote: SocketAddr = "192.0.2.1:7443".parse().unwrap();
+        assert!(matches!(
+            trust_for_target(local, None, false),
+            Ok(ServerTrust::InsecureLoopback)
+        ));
+        assert!(matches!(
+            trust_for_target(remote, None, false),
+            Err(TrustError::RemoteNotAllowed(_))
+        ));
+        assert!(matches!(
+            trust_for_target(remote, None, true),
+            Err(TrustError::RemoteNeedsPin)
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, _) = self_signed(&["localhost".to_string()]);
+        let der = dir.path().join("cert.der");
+        std::fs::write(&der, cert.as_ref()).unwrap();
+        match trust_for_target(remote, Some(&der), true) {
+            Ok(ServerTrust::Pinned(c)) => assert_eq!(c.as_ref(), cert.as_ref()),
+            other => panic!("expected a pin, got {other:?}"),
+        }
+        let pem = dir.path().join("cert.pem");
+        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        assert!(matches!(
+            trust_for_target(local, Some(&pem), false),
+            Err(TrustError::Pem(_))
+        ));
+        assert!(matches!(
+            trust_for_target(local, Some(&dir.path().join("missing.der")), false),
+            Err(TrustError::Read { .. })
+        ));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{Options, TestServer, POISON, RETRY_AFTER_MS, TOKEN};
-use courier::client::{Client, ClientConfig, ClientError, OutgoingMessage};
+use courier::client::{Client, ClientConfig, ClientError, OutgoingMessage, Retried};
 use courier::tls::ServerTrust;
 use courier_pipeline::wire::{code, LogPosition, Reason, Recipient, Status};
 
@@ -204,6 +204,25 @@ async fn submit_with_retry_turns_throttled_into_accepted() {
             .await
             .unwrap();
         assert!(matches!(once[..], [Status::Throttled { .. }]));
+        // The rounds say which messages were throttled before their last status.
+        let rounds = client
+            .submit_with_retry_rounds(vec![msg(10, b"y"), msg(2, b"b")], 3)
+            .await
+            .unwrap();
+        let positions = server.state.positions.lock().unwrap().clone();
+        assert_eq!(
+            rounds,
+            vec![
+                Retried {
+                    status: Status::Accepted(LogPosition(positions[&10])),
+                    rounds: 2
+                },
+                Retried {
+                    status: Status::Accepted(LogPosition(positions[&2])),
+                    rounds: 1
+                },
+            ]
+        );
         client.close().await;
     })
     .await

@@ -34,6 +34,8 @@ pub struct Options {
     pub throttle_first: bool,
     /// Hold every answer (ACK or reset) until this many SUBMITs arrived in total.
     pub barrier: Option<u64>,
+    /// Reject every client id at or above this with `sender_paused`.
+    pub reject_from: Option<u64>,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             },
             throttle_first: false,
             barrier: None,
+            reject_from: None,
         }
     }
 }
@@ -242,6 +245,8 @@ async fn serve_stream(
                 };
                 if m.payload.is_empty() {
                     Status::Rejected(Reason::PayloadTooLarge)
+                } else if options.reject_from.is_some_and(|r| m.client_id >= r) {
+                    Status::Rejected(Reason::SenderPaused)
                 } else if options.throttle_first && times == 1 {
                     Status::Throttled {
                         retry_after_ms: RETRY_AFTER_MS,

@@ -126,6 +126,7 @@ impl Server {
             profile: logkit::small_profile(1),
             data_dir: dir.path().join("data"),
             registry: Arc::new(registry.clone()),
+            registry_file: None,
             master_key: logkit::master_key(KEY_SEED),
         })
         .unwrap();

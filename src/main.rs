@@ -727,8 +727,13 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
     let mut registry = Registry::default();
     let mut secret = [0u8; 32];
     rand::fill(&mut secret[..]);
-    let (id, token) = registry.add("demo sender", Tier::Unlimited, 1_000_000, &secret)?;
+    // The bulk sender is the platform's own load (exempt from detection); the second
+    // business is judged like any customer, and blasts new numbers mid-run.
+    let (id, token) = registry.add("demo bulk sender", Tier::Unlimited, 1_000_000, &secret)?;
     registry.set_exempt(id, true);
+    rand::fill(&mut secret[..]);
+    let (abusive_id, abusive_token) =
+        registry.add("demo abusive sender", Tier::T10k, 1_000, &secret)?;
     let running = serve::start(ServeOptions {
         profile,
         data_dir: dir.clone(),
@@ -761,7 +766,23 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let report = rt.block_on(courier::load::run(&cfg));
+    let blast_cfg = courier::client::ClientConfig {
+        server: addr,
+        server_name: "localhost".into(),
+        token: abusive_token,
+        trust: courier::tls::ServerTrust::Pinned(running.certificate().clone()),
+        streams: 1,
+        batches_in_flight_per_stream: 1,
+    };
+    let (report, blast) = rt.block_on(async move {
+        let bulk = tokio::spawn(async move { courier::load::run(&cfg).await });
+        let blast = demo_blast(&blast_cfg).await;
+        (bulk.await, blast)
+    });
+    let report = report.map_err(|e| anyhow::anyhow!("load task failed: {e}"))?;
+    // The status file is written once a second.
+    std::thread::sleep(Duration::from_millis(1_200));
+    let status = courier::control::read_status(&dir).ok();
     running.shutdown();
     let totals = running.totals();
     let stats = running.join()?;
@@ -774,10 +795,99 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
          authenticated connection(s), {} group commits, {} datagrams forwarded between shards",
         totals.accepted, totals.batches, totals.commits, totals.forwarded
     );
+    match blast {
+        Ok(b) => {
+            println!(
+                "detector: business {abusive_id} (\"demo abusive sender\") blasted new numbers: \
+                 {} accepted, then {} rejected as sender_paused{}",
+                b.accepted,
+                b.paused,
+                b.paused_after
+                    .map(|t| format!(
+                        ", paused {:.0} ms after its first message",
+                        t.as_secs_f64() * 1e3
+                    ))
+                    .unwrap_or_default()
+            );
+        }
+        Err(e) => println!("detector: the abusive sender could not run: {e}"),
+    }
+    if let Some(st) = status {
+        for b in st.businesses {
+            println!(
+                "  business {}: rating {}, tier {}, paused {}{}, accepted today {}",
+                b.id,
+                b.rating,
+                b.tier,
+                b.paused,
+                b.why.map(|w| format!(" ({w})")).unwrap_or_default(),
+                b.accepted_today
+            );
+        }
+    }
+    println!(
+        "data: {} (removed now); a real server keeps its log, detector state and status \
+         under --data-dir (see `courier businesses status`)",
+        dir.display()
+    );
     if report.accepted == 0 {
         bail!("demo accepted no message");
     }
     Ok(())
+}
+
+/// What the demo's abusive sender saw.
+struct BlastOutcome {
+    accepted: u64,
+    paused: u64,
+    paused_after: Option<Duration>,
+}
+
+/// After a quiet second, sends batches of never-contacted numbers as fast as the server
+/// answers, until the detector pauses the sender (at most 40 batches).
+async fn demo_blast(cfg: &courier::client::ClientConfig) -> Result<BlastOutcome> {
+    use courier::client::{Client, OutgoingMessage};
+    use courier_pipeline::wire::{Reason, Recipient, Status};
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let client = Client::connect(cfg).await?;
+    let mut out = BlastOutcome {
+        accepted: 0,
+        paused: 0,
+        paused_after: None,
+    };
+    let start = std::time::Instant::now();
+    for k in 0..40u64 {
+        let batch = (0..50u64)
+            .map(|i| {
+                let n = k * 50 + i;
+                OutgoingMessage {
+                    client_id: n,
+                    recipient: Recipient::parse(format!("+1999{n:010}").as_bytes())
+                        .expect("valid E.164"),
+                    payload: bytes::Bytes::from_static(b"limited time offer"),
+                }
+            })
+            .collect();
+        let statuses = client.submit(batch).await?;
+        for s in &statuses {
+            match s {
+                Status::Accepted(_) => out.accepted += 1,
+                Status::Rejected(Reason::SenderPaused) => {
+                    out.paused += 1;
+                    out.paused_after.get_or_insert(start.elapsed());
+                }
+                _ => {}
+            }
+        }
+        if statuses
+            .iter()
+            .all(|s| *s == Status::Rejected(Reason::SenderPaused))
+        {
+            break;
+        }
+    }
+    client.close().await;
+    Ok(out)
 }
 
 fn tempfile_dir() -> Result<PathBuf> {

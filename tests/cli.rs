@@ -26,6 +26,13 @@ fn demo_runs_and_reports_accepted_messages() {
         .and_then(|v| v.trim().parse().ok())
         .expect("an `accepted` line");
     assert!(accepted > 0, "{stdout}");
+    // The abusive sender is stopped by the detector, and the status says why.
+    let detector = stdout
+        .lines()
+        .find(|l| l.starts_with("detector:"))
+        .expect("a detector line");
+    assert!(detector.contains("rejected as sender_paused"), "{detector}");
+    assert!(stdout.contains("paused true (fan_out_surge)"), "{stdout}");
 }
 
 #[test]

@@ -81,7 +81,8 @@ enum KeysCmd {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
-    /// Tuning profile (TOML); the built-in default profile when absent.
+    /// Tuning profile (TOML); the built-in default profile when absent. Any key can be
+    /// overridden with COURIER_<SECTION>__<KEY>=VALUE (e.g. COURIER_SERVER__SHARDS=4).
     #[arg(long)]
     profile: Option<PathBuf>,
     /// UDP listen address; overrides the profile's server.listen.
@@ -151,7 +152,8 @@ enum BusinessesCmd {
 
 #[derive(Subcommand, Debug)]
 enum ConfigCmd {
-    /// Validate a profile and print it, or print every error.
+    /// Validate a profile with the COURIER_<SECTION>__<KEY> environment overrides applied
+    /// (as `serve` would), print the overrides and the profile, or print every error.
     Check {
         /// Profile file (TOML).
         file: PathBuf,
@@ -238,8 +240,14 @@ fn main() -> Result<()> {
         Command::Config(ConfigCmd::Check { file }) => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            match Profile::from_toml(&text) {
-                Ok(p) => {
+            match Profile::from_toml_with_env(&text, env_vars()) {
+                Ok((p, applied)) => {
+                    if applied.is_empty() {
+                        println!("no environment overrides");
+                    }
+                    for o in &applied {
+                        println!("override: {} = {} (from {})", o.key, o.value, o.var);
+                    }
                     println!("{} is valid:\n{p:#?}", file.display());
                     Ok(())
                 }
@@ -258,7 +266,23 @@ fn load_profile(path: Option<&Path>) -> Result<Profile> {
     let name = path.map_or("built-in default profile".to_string(), |p| {
         p.display().to_string()
     });
-    Profile::from_toml(&text).with_context(|| format!("loading {name}"))
+    let (profile, applied) = Profile::from_toml_with_env(&text, env_vars())
+        .with_context(|| format!("loading {name}"))?;
+    for o in &applied {
+        tracing::info!(key = %o.key, value = %o.value, var = %o.var, "profile key set from the environment");
+    }
+    Ok(profile)
+}
+
+/// The process environment for profile overrides. A variable that is not UTF-8 is passed
+/// on lossily, so that an override among them fails by name instead of being skipped.
+fn env_vars() -> impl Iterator<Item = (String, String)> {
+    std::env::vars_os().map(|(k, v)| {
+        (
+            k.to_string_lossy().into_owned(),
+            v.to_string_lossy().into_owned(),
+        )
+    })
 }
 
 fn read_master_key(path: Option<&Path>) -> Result<courier::store::MasterKeyText> {

@@ -203,3 +203,44 @@ fn keys_init_writes_a_private_key_once_and_serve_needs_one() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("master key"));
     assert!(!data.join("log").exists());
 }
+
+#[test]
+fn config_check_applies_environment_overrides_and_names_a_bad_one() {
+    let out = courier()
+        .args(["config", "check", "tuning/small.toml"])
+        .env("COURIER_SERVER__SHARDS", "3")
+        .env("COURIER_LOG__RETENTION_SECS", "172800")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("override: server.shards = 3 (from COURIER_SERVER__SHARDS)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("override: log.retention_secs = 172800 (from COURIER_LOG__RETENTION_SECS)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("shards: 3,"), "{stdout}");
+    assert!(stdout.contains("retention_secs: 172800,"), "{stdout}");
+
+    // A variable that names no key, and one that breaks a bound.
+    for (var, value, expect) in [
+        ("COURIER_SERVER__SHARDZ", "3", "server.shardz"),
+        ("COURIER_SERVER__SHARDS", "999", "0..=256"),
+    ] {
+        let out = courier()
+            .args(["config", "check", "tuning/small.toml"])
+            .env(var, value)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{var}={value} must be refused");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(var) && err.contains(expect), "{err}");
+    }
+}

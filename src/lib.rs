@@ -19,6 +19,7 @@ pub mod audit;
 pub mod business_keys;
 pub mod client;
 pub mod load;
+pub mod notify;
 pub mod serve;
 pub mod shard;
 pub mod signals;

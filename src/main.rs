@@ -361,8 +361,14 @@ fn cmd_businesses_add(name: &str, tier: &str, mps: u32, path: &Path) -> Result<(
     Ok(())
 }
 
-fn install_signal_handler(handle: courier::serve::ShutdownHandle) {
-    courier::signals::on_terminate(move || handle.shutdown());
+fn install_signal_handler(
+    handle: courier::serve::ShutdownHandle,
+    notifier: Arc<courier::notify::Notifier>,
+) {
+    courier::signals::on_terminate(move || {
+        notifier.notify("STOPPING=1");
+        handle.shutdown();
+    });
 }
 
 fn cmd_serve(args: ServeArgs) -> Result<()> {
@@ -400,7 +406,10 @@ fn cmd_serve(args: ServeArgs) -> Result<()> {
         cert = %args.data_dir.join("tls/cert.der").display(),
         "courier serving"
     );
-    install_signal_handler(running.shutdown_handle());
+    // Every shard has recovered its log and is listening: tell systemd (Type=notify).
+    let notifier = Arc::new(courier::notify::Notifier::from_env());
+    install_signal_handler(running.shutdown_handle(), notifier.clone());
+    notifier.notify("READY=1");
     let stats = running.join()?;
     let messages_in: u64 = stats.iter().map(|s| s.messages_in).sum();
     tracing::info!(messages_in, "courier stopped");

@@ -18,8 +18,33 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(name = "courier", version, about)]
 struct Cli {
+    /// Log line format on stderr: `text` for people, `json` (one object per line) for log
+    /// collectors. The filter is COURIER_LOG (default `info`).
+    #[arg(long, global = true, env = "COURIER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per event and line (tracing-subscriber's JSON formatter).
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COURIER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -85,7 +110,8 @@ enum KeysCmd {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
-    /// Tuning profile (TOML); the built-in default profile when absent.
+    /// Tuning profile (TOML); the built-in default profile when absent. Any key can be
+    /// overridden with COURIER_<SECTION>__<KEY>=VALUE (e.g. COURIER_SERVER__SHARDS=4).
     #[arg(long)]
     profile: Option<PathBuf>,
     /// UDP listen address; overrides the profile's server.listen.
@@ -270,23 +296,34 @@ enum BusinessesCmd {
 
 #[derive(Subcommand, Debug)]
 enum ConfigCmd {
-    /// Validate a profile and print it, or print every error.
+    /// Validate a profile with the COURIER_<SECTION>__<KEY> environment overrides applied
+    /// (as `serve` would), print the overrides and the profile, or print every error.
     Check {
         /// Profile file (TOML).
         file: PathBuf,
     },
 }
 
-fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("COURIER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let format = cli.log_format;
+    init_logging(format);
+    match run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            match format {
+                // What `fn main() -> Result` would print.
+                LogFormat::Text => eprintln!("Error: {e:?}"),
+                // A log collector gets the failure as one more JSON line.
+                LogFormat::Json => tracing::error!(error = format!("{e:#}"), "courier failed"),
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
         Command::Serve(args) => cmd_serve(args),
         Command::Demo(args) => cmd_demo(args),
         Command::Send(args) => {
@@ -407,8 +444,14 @@ fn main() -> Result<()> {
         Command::Config(ConfigCmd::Check { file }) => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            match Profile::from_toml(&text) {
-                Ok(p) => {
+            match Profile::from_toml_with_env(&text, env_vars()) {
+                Ok((p, applied)) => {
+                    if applied.is_empty() {
+                        println!("no environment overrides");
+                    }
+                    for o in &applied {
+                        println!("override: {} = {} (from {})", o.key, o.value, o.var);
+                    }
                     println!("{} is valid:\n{p:#?}", file.display());
                     Ok(())
                 }
@@ -427,7 +470,23 @@ fn load_profile(path: Option<&Path>) -> Result<Profile> {
     let name = path.map_or("built-in default profile".to_string(), |p| {
         p.display().to_string()
     });
-    Profile::from_toml(&text).with_context(|| format!("loading {name}"))
+    let (profile, applied) = Profile::from_toml_with_env(&text, env_vars())
+        .with_context(|| format!("loading {name}"))?;
+    for o in &applied {
+        tracing::info!(key = %o.key, value = %o.value, var = %o.var, "profile key set from the environment");
+    }
+    Ok(profile)
+}
+
+/// The process environment for profile overrides. A variable that is not UTF-8 is passed
+/// on lossily, so that an override among them fails by name instead of being skipped.
+fn env_vars() -> impl Iterator<Item = (String, String)> {
+    std::env::vars_os().map(|(k, v)| {
+        (
+            k.to_string_lossy().into_owned(),
+            v.to_string_lossy().into_owned(),
+        )
+    })
 }
 
 fn read_master_key(path: Option<&Path>) -> Result<courier::store::MasterKeyText> {
@@ -590,8 +649,14 @@ fn cmd_businesses_add(
     Ok(())
 }
 
-fn install_signal_handler(handle: courier::serve::ShutdownHandle) {
-    courier::signals::on_terminate(move || handle.shutdown());
+fn install_signal_handler(
+    handle: courier::serve::ShutdownHandle,
+    notifier: Arc<courier::notify::Notifier>,
+) {
+    courier::signals::on_terminate(move || {
+        notifier.notify("STOPPING=1");
+        handle.shutdown();
+    });
 }
 
 fn cmd_serve(args: ServeArgs) -> Result<()> {
@@ -630,7 +695,10 @@ fn cmd_serve(args: ServeArgs) -> Result<()> {
         cert = %args.data_dir.join("tls/cert.der").display(),
         "courier serving"
     );
-    install_signal_handler(running.shutdown_handle());
+    // Every shard has recovered its log and is listening: tell systemd (Type=notify).
+    let notifier = Arc::new(courier::notify::Notifier::from_env());
+    install_signal_handler(running.shutdown_handle(), notifier.clone());
+    notifier.notify("READY=1");
     let stats = running.join()?;
     let messages_in: u64 = stats.iter().map(|s| s.messages_in).sum();
     tracing::info!(messages_in, "courier stopped");

@@ -52,6 +52,17 @@ pub const FORWARD_QUEUE_MAX: usize = 4096;
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a shutting-down shard waits for the group commits of batches it took.
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// A stopping shard keeps its connections open this many round trips after its last
+/// ACK, within [`ACK_LINGER_MIN`]..=[`ACK_LINGER_MAX`]: closing a QUIC connection
+/// discards stream data not yet sent or not yet acknowledged, so closing right after the
+/// last group commit lost the ACKs of batches already durable (tests/graceful_stop.rs
+/// counted them).
+pub const ACK_LINGER_RTTS: u32 = 3;
+/// Shortest linger after the last ACK: one probe timeout on a short path (the peer's
+/// 25 ms ack delay plus a little), so a lost ACK packet is still retransmitted.
+pub const ACK_LINGER_MIN: Duration = Duration::from_millis(50);
+/// Longest linger after the last ACK.
+pub const ACK_LINGER_MAX: Duration = Duration::from_millis(500);
 /// How often the log's time-driven work (roll by age, retention) runs, and how often a
 /// shard publishes its detector status.
 pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
@@ -174,8 +185,8 @@ impl Shard {
     /// bounds passed). Returns the server's final counters.
     ///
     /// Shutdown: stop taking batches (their streams stay unread), finish the group
-    /// commits of every batch already taken and ACK them, then close every connection
-    /// with SHUTTING_DOWN.
+    /// commits of every batch already taken and ACK them, linger a few round trips so
+    /// the ACKs are transmitted, then close every connection with SHUTTING_DOWN.
     pub fn run(mut self) -> Result<ServerStats, crate::uring::RingError> {
         let mut state = LoopState {
             awaiting: VecDeque::new(),
@@ -186,6 +197,7 @@ impl Shard {
             next_checkpoint: Instant::now() + CHECKPOINT_INTERVAL,
         };
         let mut flush_deadline: Option<Instant> = None;
+        let mut linger_deadline: Option<Instant> = None;
         let mut drain_deadline: Option<Instant> = None;
         loop {
             let now = Instant::now();
@@ -193,8 +205,17 @@ impl Shard {
                 flush_deadline = Some(now + FLUSH_TIMEOUT);
             }
             if let (Some(f), None) = (flush_deadline, drain_deadline) {
-                let flushed = state.awaiting.is_empty() && !self.store.log().commit_due();
-                if flushed || now >= f {
+                let flushed = state.awaiting.is_empty()
+                    && state.held.is_none()
+                    && !self.store.log().commit_due();
+                if flushed && linger_deadline.is_none() {
+                    let linger = (self.server.rtt_max() * ACK_LINGER_RTTS)
+                        .clamp(ACK_LINGER_MIN, ACK_LINGER_MAX);
+                    linger_deadline = Some(now + linger);
+                }
+                if linger_deadline.is_some_and(|l| now >= l) || now >= f {
+                    // What can still go out goes before the close.
+                    self.flush_transmits(now);
                     self.server
                         .close_all(now, code::SHUTTING_DOWN, b"server shutting down");
                     drain_deadline = Some(now + DRAIN_TIMEOUT);
@@ -220,6 +241,9 @@ impl Shard {
             if flush_deadline.is_some() {
                 // While stopping, wake often enough to check the deadlines.
                 timeout = timeout.min(Duration::from_millis(50));
+            }
+            if let Some(l) = linger_deadline {
+                timeout = timeout.min(l.saturating_duration_since(now));
             }
             self.ring.wait(Some(timeout))?;
             let now = Instant::now();

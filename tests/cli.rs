@@ -210,3 +210,84 @@ fn keys_init_writes_a_private_key_once_and_serve_needs_one() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("master key"));
     assert!(!data.join("log").exists());
 }
+
+#[test]
+fn config_check_applies_environment_overrides_and_names_a_bad_one() {
+    let out = courier()
+        .args(["config", "check", "tuning/small.toml"])
+        .env("COURIER_SERVER__SHARDS", "3")
+        .env("COURIER_LOG__RETENTION_SECS", "172800")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("override: server.shards = 3 (from COURIER_SERVER__SHARDS)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("override: log.retention_secs = 172800 (from COURIER_LOG__RETENTION_SECS)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("shards: 3,"), "{stdout}");
+    assert!(stdout.contains("retention_secs: 172800,"), "{stdout}");
+
+    // A variable that names no key, and one that breaks a bound.
+    for (var, value, expect) in [
+        ("COURIER_SERVER__SHARDZ", "3", "server.shardz"),
+        ("COURIER_SERVER__SHARDS", "999", "0..=256"),
+    ] {
+        let out = courier()
+            .args(["config", "check", "tuning/small.toml"])
+            .env(var, value)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{var}={value} must be refused");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(var) && err.contains(expect), "{err}");
+    }
+}
+
+#[test]
+fn json_log_format_writes_every_line_as_json_failures_included() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[server]\nlisten = 5\n").unwrap();
+    let out = courier()
+        .args(["--log-format", "json", "serve", "--profile"])
+        .arg(&bad)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let events: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    let failure = events
+        .iter()
+        .find(|v| v.pointer("/fields/message") == Some(&"courier failed".into()))
+        .unwrap_or_else(|| panic!("no failure event: {err}"));
+    assert_eq!(failure["level"], "ERROR");
+    let reason = failure["fields"]["error"].as_str().unwrap();
+    assert!(
+        reason.contains("bad.toml") && reason.contains("listen"),
+        "{reason}"
+    );
+
+    // An unknown format is refused by name.
+    let out = courier()
+        .args(["config", "check", "tuning/small.toml"])
+        .env("COURIER_LOG_FORMAT", "xml")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("xml") && err.contains("json"), "{err}");
+}

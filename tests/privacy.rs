@@ -1,7 +1,8 @@
 //! Privacy and graceful stop, as an operator sees them: `courier serve` at the most verbose
 //! log level, under traffic with known phone numbers and payloads, stopped with SIGTERM.
-//! Its output never holds a phone number, a payload, the token or the master key; it
-//! exits 0; and every message it acknowledged is in its log.
+//! Its output never holds a phone number, a payload, the token or the master key, in
+//! text or JSON log format (where every line is a JSON object); it exits 0; and every
+//! message it acknowledged is in its log.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -30,6 +31,45 @@ fn wait_for(path: &Path, text: &str, deadline: Instant) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_logs_hold_no_content_and_sigterm_keeps_every_ack() {
+    let stderr = serve_at_trace_under_traffic_then_sigterm(None).await;
+    assert!(
+        !stderr.trim_start().starts_with('{'),
+        "text is the default format"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_trace_logs_hold_no_content_and_every_line_is_json() {
+    let stderr = serve_at_trace_under_traffic_then_sigterm(Some("json")).await;
+    let mut lines = 0;
+    let mut messages = Vec::new();
+    for line in stderr.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+        assert!(v.is_object(), "{line}");
+        assert!(
+            v.get("level").is_some() && v.get("timestamp").is_some(),
+            "{line}"
+        );
+        if let Some(m) = v.pointer("/fields/message").and_then(|m| m.as_str()) {
+            messages.push(m.to_string());
+        }
+        lines += 1;
+    }
+    assert!(lines > 10, "trace logging produced {lines} lines");
+    for expected in ["courier serving", "courier stopped"] {
+        assert!(
+            messages.iter().any(|m| m == expected),
+            "no {expected:?} event in {messages:?}"
+        );
+    }
+}
+
+/// Runs `courier serve` at TRACE (with `COURIER_LOG_FORMAT` when given) under traffic
+/// with known numbers and payloads, stops it with SIGTERM, and checks the exit status,
+/// the log and that no number, payload, token or key appears in its output. Returns
+/// what it wrote to stderr.
+async fn serve_at_trace_under_traffic_then_sigterm(log_format: Option<&str>) -> String {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let key_file = dir.path().join("master.key");
@@ -69,6 +109,7 @@ async fn trace_logs_hold_no_content_and_sigterm_keeps_every_ack() {
         .arg("--master-key-file")
         .arg(&key_file)
         .env("COURIER_LOG", "trace")
+        .env("COURIER_LOG_FORMAT", log_format.unwrap_or("text"))
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(dir.path().join("serve.out")).unwrap())
         .stderr(std::fs::File::create(&log_path).unwrap())
@@ -158,7 +199,8 @@ async fn trace_logs_hold_no_content_and_sigterm_keeps_every_ack() {
     );
 
     // Nothing identifying or secret in anything the server wrote.
-    let mut output = std::fs::read_to_string(&log_path).unwrap();
+    let stderr = std::fs::read_to_string(&log_path).unwrap();
+    let mut output = stderr.clone();
     output.push_str(&std::fs::read_to_string(dir.path().join("serve.out")).unwrap());
     assert!(output.len() > 1000, "trace logging produced output");
     for (_, recipient, payload) in &messages {
@@ -175,4 +217,5 @@ async fn trace_logs_hold_no_content_and_sigterm_keeps_every_ack() {
     assert!(!output.contains("PRIVATE-PAYLOAD"), "payload text leaked");
     assert!(!output.contains(&token[5..]), "the token leaked");
     assert!(!output.contains(MASTER_HEX), "the master key leaked");
+    stderr
 }

@@ -31,9 +31,24 @@ pub enum ProfileError {
     /// The text is not valid TOML or has an unknown key or a wrong type.
     #[error("profile does not parse: {0}")]
     Parse(String),
-    /// Keys parse but break their bounds; every broken key is listed.
+    /// Keys parse but break their bounds; every broken key is listed. A key set by an
+    /// environment override names its variable.
     #[error("profile is invalid:\n{}", .0.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<ProfileIssue>),
+    /// `COURIER_<SECTION>__<KEY>` variables that name no profile key or hold a value of
+    /// the wrong type; every bad variable is listed.
+    #[error("environment overrides are invalid:\n{}", .0.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
+    Env(Vec<EnvIssue>),
+}
+
+/// One bad `COURIER_<SECTION>__<KEY>` environment variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}: {problem}")]
+pub struct EnvIssue {
+    /// The variable's name.
+    pub var: String,
+    /// What is wrong with it.
+    pub problem: String,
 }
 
 /// `[server]`
@@ -215,6 +230,147 @@ pub struct Profile {
     pub detect: DetectConfig,
 }
 
+/// Environment variables whose name starts with this and holds `__` override profile keys.
+pub const ENV_PREFIX: &str = "COURIER_";
+
+/// One profile key set from the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvOverride {
+    /// The variable, e.g. `COURIER_SERVER__SHARDS`.
+    pub var: String,
+    /// The dotted key it set, e.g. `server.shards`.
+    pub key: String,
+    /// The value as written in the environment (profile values are not secret).
+    pub value: String,
+}
+
+/// Applies `COURIER_<SECTION>__<KEY>=VALUE` variables of `env` to a parsed profile
+/// document, before it is deserialized and validated.
+///
+/// The name after the prefix is split at its first `__`: the section and the key, both
+/// upper-case in the name and lower-case in the profile (`COURIER_LOG__RETENTION_SECS`
+/// sets `log.retention_secs`). The value is read as a TOML scalar (an integer such as
+/// `4` or `1_048_576`, a float, `true`/`false`, a quoted string), else taken as a plain
+/// string; it must have the type the key has in the built-in default profile. Variables
+/// without `__` (`COURIER_LOG`, `COURIER_MASTER_KEY_FILE`, ...) are not overrides and are
+/// ignored. Every variable that names no profile key, is not upper-case or holds a value
+/// of the wrong type is an error; all of them are listed. Returns the overrides applied,
+/// sorted by variable name.
+///
+/// Sans-IO: the caller passes the environment (`std::env::vars()` in the binary).
+pub fn apply_env_overrides<I, K, V>(
+    doc: &mut toml::Table,
+    env: I,
+) -> Result<Vec<EnvOverride>, ProfileError>
+where
+    I: IntoIterator<Item = (K, V)>,
+    K: AsRef<str>,
+    V: AsRef<str>,
+{
+    let schema: toml::Table =
+        toml::from_str(DEFAULT_PROFILE_TOML).expect("built-in default profile parses");
+    let mut issues = Vec::new();
+    let mut applied = Vec::new();
+    for (name, value) in env {
+        let (name, value) = (name.as_ref(), value.as_ref());
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let Some((section, key)) = rest.split_once("__") else {
+            continue;
+        };
+        let fail = |problem: String| EnvIssue {
+            var: name.to_string(),
+            problem,
+        };
+        let (section_lc, key_lc) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+        let dotted = format!("{section_lc}.{key_lc}");
+        let expected = schema
+            .get(&section_lc)
+            .and_then(|s| s.as_table())
+            .and_then(|t| t.get(&key_lc));
+        let Some(expected) = expected else {
+            let known = match schema.get(&section_lc).and_then(|s| s.as_table()) {
+                Some(t) => format!(
+                    "keys of [{section_lc}]: {}",
+                    t.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+                None => format!(
+                    "sections: {}",
+                    schema.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            };
+            issues.push(fail(format!(
+                "names no profile key ({dotted}); the form is COURIER_<SECTION>__<KEY>, known {known}"
+            )));
+            continue;
+        };
+        if section != section.to_ascii_uppercase() || key != key.to_ascii_uppercase() {
+            issues.push(fail(format!(
+                "write it upper-case: {ENV_PREFIX}{}__{} (sets {dotted})",
+                section.to_ascii_uppercase(),
+                key.to_ascii_uppercase()
+            )));
+            continue;
+        }
+        let parsed = match expected {
+            // A string key takes the text as it is (an address needs no quotes).
+            toml::Value::String(_) => toml::Value::String(value.to_string()),
+            _ => scalar(value),
+        };
+        if parsed.type_str() != expected.type_str() {
+            issues.push(fail(format!(
+                "{dotted} takes {} {}, not {value:?}",
+                article(expected.type_str()),
+                expected.type_str()
+            )));
+            continue;
+        }
+        let table = doc
+            .entry(section_lc)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(table) = table.as_table_mut() else {
+            issues.push(fail(format!("the profile's {section} is not a section")));
+            continue;
+        };
+        table.insert(key_lc, parsed);
+        applied.push(EnvOverride {
+            var: name.to_string(),
+            key: dotted,
+            value: value.to_string(),
+        });
+    }
+    if !issues.is_empty() {
+        issues.sort_by(|a, b| a.var.cmp(&b.var));
+        return Err(ProfileError::Env(issues));
+    }
+    applied.sort_by(|a, b| a.var.cmp(&b.var));
+    Ok(applied)
+}
+
+/// A value from the environment read as a TOML scalar, else as a plain string.
+fn scalar(text: &str) -> toml::Value {
+    let wrapped = format!("v = {text}");
+    if let Ok(mut t) = toml::from_str::<toml::Table>(&wrapped) {
+        if t.len() == 1 {
+            if let Some(v) = t.remove("v") {
+                if !matches!(v, toml::Value::Table(_) | toml::Value::Array(_)) {
+                    return v;
+                }
+            }
+        }
+    }
+    toml::Value::String(text.to_string())
+}
+
+fn article(type_name: &str) -> &'static str {
+    if type_name.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
+}
+
 /// The largest number of shards: connection IDs carry the shard index in one byte.
 pub const SHARDS_MAX: u32 = 256;
 
@@ -252,6 +408,55 @@ impl Profile {
         let raw: RawProfile =
             toml::from_str(text).map_err(|e| ProfileError::Parse(e.to_string()))?;
         Profile::validate(raw)
+    }
+
+    /// Parses TOML text, applies the `COURIER_<SECTION>__<KEY>` overrides found in `env`
+    /// (see [`apply_env_overrides`]) and validates the result, so that a value from the
+    /// environment meets exactly the checks a value from the file meets. A broken bound
+    /// of an overridden key names the variable. Returns the overrides applied.
+    pub fn from_toml_with_env<I, K, V>(
+        text: &str,
+        env: I,
+    ) -> Result<(Profile, Vec<EnvOverride>), ProfileError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let mut doc: toml::Table =
+            toml::from_str(text).map_err(|e| ProfileError::Parse(e.to_string()))?;
+        let applied = apply_env_overrides(&mut doc, env)?;
+        let raw = RawProfile::deserialize(doc).map_err(|e| {
+            // A value of the right TOML type can still miss its Rust type (300 for a u8);
+            // the error names the key, and this names the variable that set it.
+            let mut msg = e.to_string().trim_end().to_string();
+            let named: Vec<String> = applied
+                .iter()
+                .filter(|o| msg.contains(&format!("`{}`", o.key)))
+                .map(|o| format!("{} was set by {}={}", o.key, o.var, o.value))
+                .collect();
+            if !named.is_empty() {
+                msg.push_str(&format!(" ({})", named.join("; ")));
+            } else if !applied.is_empty() {
+                let vars: Vec<&str> = applied.iter().map(|o| o.var.as_str()).collect();
+                msg.push_str(&format!(" (environment overrides: {})", vars.join(", ")));
+            }
+            ProfileError::Parse(msg)
+        })?;
+        match Profile::validate(raw) {
+            Ok(p) => Ok((p, applied)),
+            Err(ProfileError::Invalid(mut issues)) => {
+                for issue in &mut issues {
+                    if let Some(o) = applied.iter().find(|o| o.key == issue.key) {
+                        issue
+                            .problem
+                            .push_str(&format!(" (set by {}={})", o.var, o.value));
+                    }
+                }
+                Err(ProfileError::Invalid(issues))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Checks every bound; lists every broken key.

@@ -274,6 +274,16 @@ impl Server {
         &self.registry
     }
 
+    /// The largest round-trip time estimate over the live connections (zero without
+    /// any). A stopping shard lingers a few of these so its last ACKs get out.
+    pub fn rtt_max(&self) -> Duration {
+        self.conns
+            .values()
+            .map(|c| c.quinn.rtt())
+            .max()
+            .unwrap_or_default()
+    }
+
     /// Replaces the registry; new HELLOs use it, authenticated connections keep theirs.
     pub fn set_registry(&mut self, registry: Arc<Registry>) {
         self.registry = registry;

@@ -24,3 +24,167 @@ fn every_tuning_profile_is_valid() {
         "the profiles ARCHITECTURE.md names"
     );
 }
+
+// COURIER_<SECTION>__<KEY> environment overrides.
+
+use courier_pipeline::profile::{ProfileError, DEFAULT_PROFILE_TOML};
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn env_overrides_set_keys_of_every_type() {
+    let (p, applied) = Profile::from_toml_with_env(
+        DEFAULT_PROFILE_TOML,
+        env(&[
+            ("COURIER_SERVER__SHARDS", "4"),
+            ("COURIER_SERVER__LISTEN", "[::1]:9000"),
+            ("COURIER_LOG__SEGMENT_BYTES_MAX", "16_777_216"),
+            ("COURIER_IO__PIN_THREADS", "false"),
+            ("PATH", "/usr/bin"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(p.shards, 4);
+    assert_eq!(p.listen, "[::1]:9000".parse().unwrap());
+    assert_eq!(p.log.segment_bytes_max, 16 << 20);
+    assert!(!p.io.pin_threads);
+    let keys: Vec<(&str, &str)> = applied
+        .iter()
+        .map(|o| (o.var.as_str(), o.key.as_str()))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("COURIER_IO__PIN_THREADS", "io.pin_threads"),
+            ("COURIER_LOG__SEGMENT_BYTES_MAX", "log.segment_bytes_max"),
+            ("COURIER_SERVER__LISTEN", "server.listen"),
+            ("COURIER_SERVER__SHARDS", "server.shards"),
+        ]
+    );
+    // Untouched keys keep the file's values.
+    let base = Profile::default_profile();
+    assert_eq!(p.limits, base.limits);
+    assert_eq!(p.detect, base.detect);
+}
+
+#[test]
+fn other_courier_variables_are_not_overrides() {
+    let (p, applied) = Profile::from_toml_with_env(
+        DEFAULT_PROFILE_TOML,
+        env(&[
+            ("COURIER_LOG", "trace"),
+            ("COURIER_TOKEN", "c1.1.abcd"),
+            ("COURIER_MASTER_KEY_FILE", "/tmp/k"),
+            ("COURIER_LOG_FORMAT", "json"),
+            ("NOT_COURIER_SERVER__SHARDS", "7"),
+        ]),
+    )
+    .unwrap();
+    assert!(applied.is_empty(), "{applied:?}");
+    assert_eq!(p, Profile::default_profile());
+}
+
+#[test]
+fn an_override_out_of_bounds_names_the_variable_the_key_and_the_bound() {
+    let e = Profile::from_toml_with_env(
+        DEFAULT_PROFILE_TOML,
+        env(&[("COURIER_SERVER__SHARDS", "5000")]),
+    )
+    .unwrap_err();
+    let ProfileError::Invalid(issues) = &e else {
+        panic!("expected invalid, got {e:?}");
+    };
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    let text = issues[0].to_string();
+    assert!(text.starts_with("server.shards:"), "{text}");
+    assert!(text.contains("0..=256"), "{text}");
+    assert!(text.contains("COURIER_SERVER__SHARDS=5000"), "{text}");
+}
+
+#[test]
+fn an_override_meets_the_cross_key_checks_too() {
+    // Valid alone, but below limits.batch_messages_max: the same check as in a file.
+    let e = Profile::from_toml_with_env(
+        DEFAULT_PROFILE_TOML,
+        env(&[("COURIER_LOG__GROUP_COMMIT_RECORDS_MAX", "2")]),
+    )
+    .unwrap_err();
+    let ProfileError::Invalid(issues) = &e else {
+        panic!("expected invalid, got {e:?}");
+    };
+    assert!(
+        issues
+            .iter()
+            .any(|i| i.key == "log.group_commit_records_max"
+                && i.problem.contains("COURIER_LOG__GROUP_COMMIT_RECORDS_MAX")),
+        "{issues:?}"
+    );
+}
+
+#[test]
+fn unknown_keys_wrong_types_and_lower_case_are_refused_by_name() {
+    let e = Profile::from_toml_with_env(
+        DEFAULT_PROFILE_TOML,
+        env(&[
+            ("COURIER_SERVER__SHARDZ", "4"),
+            ("COURIER_NOPE__SHARDS", "4"),
+            ("COURIER_IO__GRO", "yes"),
+            ("COURIER_LIMITS__HELLO_TIMEOUT_MS", "ten"),
+            ("COURIER_server__shards", "4"),
+            ("COURIER_SERVER__SHARDS", "2"),
+        ]),
+    )
+    .unwrap_err();
+    let ProfileError::Env(issues) = &e else {
+        panic!("expected env issues, got {e:?}");
+    };
+    let vars: Vec<&str> = issues.iter().map(|i| i.var.as_str()).collect();
+    assert_eq!(
+        vars,
+        [
+            "COURIER_IO__GRO",
+            "COURIER_LIMITS__HELLO_TIMEOUT_MS",
+            "COURIER_NOPE__SHARDS",
+            "COURIER_SERVER__SHARDZ",
+            "COURIER_server__shards",
+        ],
+        "every bad variable, and only those"
+    );
+    let text = e.to_string();
+    assert!(text.contains("server.shardz"), "{text}");
+    assert!(text.contains("keys of [server]: listen, shards"), "{text}");
+    assert!(text.contains("io.gro takes a boolean"), "{text}");
+    assert!(
+        text.contains("limits.hello_timeout_ms takes an integer"),
+        "{text}"
+    );
+    assert!(text.contains("COURIER_SERVER__SHARDS (sets"), "{text}");
+}
+
+#[test]
+fn an_integer_too_large_for_its_key_names_the_override() {
+    let e = Profile::from_toml_with_env(
+        DEFAULT_PROFILE_TOML,
+        env(&[("COURIER_DETECT__HLL_PRECISION", "300")]),
+    )
+    .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("detect.hll_precision was set by COURIER_DETECT__HLL_PRECISION=300"),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_override_can_supply_a_key_the_file_lacks() {
+    let text = DEFAULT_PROFILE_TOML.replace("shards = 0\n", "");
+    assert!(Profile::from_toml(&text).is_err(), "the key is required");
+    let (p, _) =
+        Profile::from_toml_with_env(&text, env(&[("COURIER_SERVER__SHARDS", "3")])).unwrap();
+    assert_eq!(p.shards, 3);
+}

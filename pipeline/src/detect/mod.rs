@@ -61,7 +61,14 @@
 //!   `surge_baseline_factor` times the business's own EWMA of distinct recipients per
 //!   minute (scaled to a second), with at least `surge_new_share_pct` % never contacted.
 //!   It is checked on every message, so a blast is flagged as soon as its trailing second
-//!   crosses the floor: well within one second of its onset.
+//!   crosses the floor: well within one second of its onset. The baseline starts from the
+//!   registry's `baseline_per_min` when that is higher (a large sender new to the relay).
+//!   Known limit: "distinct" means "not yet in the same-recipient sketch", whose
+//!   `same_recipient_sketch_width` counters fill up once a business reaches about that
+//!   many recipients per window; past that, distinct counts fall short, so a surge of a
+//!   sender already above ~`width` recipients per 10 s is seen late or not at all
+//!   (measured: a declared 1,000/s sender going to 15,000/s is not flagged with width
+//!   1,024). Tiers still bound such senders; a per-slot distinct counter would lift it.
 //! - **Quality**: reports per million delivered (admitted) messages over 24 hours;
 //!   green / yellow / red; on turning red the tier is lowered one step (or the business
 //!   is paused, when `red_pauses` or already at the lowest tier).

@@ -302,7 +302,7 @@ const SHARD_FAMILIES: &[ShardFamily] = &[
     ShardFamily {
         name: "log_failed",
         kind: "gauge",
-        help: "1 once the log failed for good and takes no more messages.",
+        help: "Logs failed for good (1 per shard whose log takes no more messages).",
         read: |c| &c.log_failed,
     },
     ShardFamily {

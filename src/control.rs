@@ -3,6 +3,7 @@
 //!
 //! ```text
 //!  shards ──ToControl::Status (1 s)──────────> DATA_DIR/detect/status.json   (courier businesses status)
+//!                                            └─> SharedStatus ──> crate::metrics (GET /metrics)
 //!         ──ToControl::Checkpoint (10 s, stop)─> DATA_DIR/detect/shard-K.ckpt (restored at start)
 //!  registry file changed (polled each second) ──ShardControl::Registry──> every shard
 //!  DATA_DIR/control/unpause-<id> (courier businesses unpause) ──ShardControl::Unpause──> every shard
@@ -16,7 +17,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -90,6 +91,10 @@ pub struct StatusFile {
     /// Businesses by id.
     pub businesses: Vec<BusinessStatus>,
 }
+
+/// The latest merged status, shared with the metrics thread (`None` until the first
+/// status arrives).
+pub type SharedStatus = Arc<Mutex<Option<StatusFile>>>;
 
 /// The detector files' directory.
 pub fn detect_dir(data_dir: &Path) -> PathBuf {
@@ -180,6 +185,8 @@ pub struct Control {
     pub peers: Vec<Peer>,
     /// From every shard; the thread ends once every shard dropped its sender.
     pub inbox: Receiver<ToControl>,
+    /// Where the latest merged status is published for the metrics.
+    pub status: SharedStatus,
 }
 
 /// Starts the control thread. It ends after every shard has stopped, having written
@@ -214,7 +221,7 @@ fn run(c: Control) {
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 if status_dirty {
-                    write_status(&c.data_dir, &latest, c.peers.len());
+                    publish_status(&c, &latest);
                 }
                 return;
             }
@@ -222,7 +229,7 @@ fn run(c: Control) {
         if Instant::now() >= next_poll {
             next_poll = Instant::now() + POLL_INTERVAL;
             if status_dirty {
-                write_status(&c.data_dir, &latest, c.peers.len());
+                publish_status(&c, &latest);
                 status_dirty = false;
             }
             if let Some(file) = &c.registry_file {
@@ -321,16 +328,26 @@ fn merge_status(latest: &BTreeMap<usize, Vec<BusinessSignal>>) -> Vec<BusinessSt
         .collect()
 }
 
-fn write_status(data_dir: &Path, latest: &BTreeMap<usize, Vec<BusinessSignal>>, shards: usize) {
-    let file = StatusFile {
+fn status_file(latest: &BTreeMap<usize, Vec<BusinessSignal>>, shards: usize) -> StatusFile {
+    StatusFile {
         updated_unix_ms: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
         shards_reporting: latest.len(),
         shards,
         businesses: merge_status(latest),
-    };
-    let text = serde_json::to_vec_pretty(&file).expect("status serializes");
+    }
+}
+
+/// Writes the status file and hands the same status to the metrics.
+fn publish_status(c: &Control, latest: &BTreeMap<usize, Vec<BusinessSignal>>) {
+    let file = status_file(latest, c.peers.len());
+    write_status(&c.data_dir, &file);
+    *c.status.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+}
+
+fn write_status(data_dir: &Path, file: &StatusFile) {
+    let text = serde_json::to_vec_pretty(file).expect("status serializes");
     if let Err(e) = write_atomically(&status_path(data_dir), &text) {
         tracing::error!(error = %e, "detector status not written");
     }
@@ -403,7 +420,7 @@ mod tests {
         fs::create_dir_all(detect_dir(dir.path())).unwrap();
         let mut latest = BTreeMap::new();
         latest.insert(0, vec![sig(3, true, Rating::Red, 7)]);
-        write_status(dir.path(), &latest, 2);
+        write_status(dir.path(), &status_file(&latest, 2));
         let back = read_status(dir.path()).unwrap();
         assert_eq!((back.shards, back.shards_reporting), (2, 1));
         assert_eq!(back.businesses, merge_status(&latest));

@@ -21,6 +21,7 @@ pub mod business_keys;
 pub mod client;
 pub mod control;
 pub mod load;
+pub mod metrics;
 pub mod notify;
 pub mod send;
 pub mod serve;

@@ -695,6 +695,10 @@ fn cmd_serve(args: ServeArgs) -> Result<()> {
         cert = %args.data_dir.join("tls/cert.der").display(),
         "courier serving"
     );
+    match running.metrics_addr() {
+        Some(m) => tracing::info!("metrics on http://{m}/metrics"),
+        None => tracing::info!("metrics off (server.metrics_listen is \"\")"),
+    }
     // Every shard has recovered its log and is listening: tell systemd (Type=notify).
     let notifier = Arc::new(courier::notify::Notifier::from_env());
     install_signal_handler(running.shutdown_handle(), notifier.clone());
@@ -792,6 +796,8 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
     let dir = tempfile_dir()?;
     let mut profile = Profile::default_profile();
     profile.listen = "127.0.0.1:0".parse().expect("literal address");
+    // A demo next to a running server must not take its metrics port.
+    profile.metrics_listen = None;
     let mut registry = Registry::default();
     let mut secret = [0u8; 32];
     rand::fill(&mut secret[..]);

@@ -26,6 +26,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 pub const SEAL_CACHE_KEYS: usize = 4096;
 
 use crate::control::{ShardControl, ToControl};
+use crate::metrics::{MetricsServer, MetricsSource};
 use crate::shard::{Forwarded, Peer, Shard, ShardCounters, DELTA_QUEUE_MAX, FORWARD_QUEUE_MAX};
 
 /// Control requests queued towards one shard.
@@ -41,6 +42,15 @@ pub enum ServeError {
     File {
         /// The file.
         path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The metrics endpoint's TCP address could not be bound.
+    #[error("cannot bind the metrics address {addr} (server.metrics_listen; \"\" disables it): {source}")]
+    MetricsBind {
+        /// The address.
+        addr: SocketAddr,
         /// The error.
         #[source]
         source: std::io::Error,
@@ -115,6 +125,7 @@ pub struct Running {
     threads: Vec<JoinHandle<Result<ServerStats, ServeError>>>,
     control: Option<JoinHandle<()>>,
     counters: Vec<Arc<ShardCounters>>,
+    metrics: Option<MetricsServer>,
 }
 
 /// Totals over every shard, as published by the shards.
@@ -151,6 +162,11 @@ impl Running {
     /// The server's certificate, for clients to pin.
     pub fn certificate(&self) -> &CertificateDer<'static> {
         &self.cert
+    }
+
+    /// The address `GET /metrics` answers on; `None` when `server.metrics_listen` is "".
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
     }
 
     /// Number of shards.
@@ -194,7 +210,8 @@ impl Running {
     }
 
     /// Waits for every shard to stop, then for the control thread to write their final
-    /// detector checkpoints and status; returns the shards' final counters.
+    /// detector checkpoints and status, then stops the metrics endpoint (it answers until
+    /// then, so a scrape can watch the drain); returns the shards' final counters.
     pub fn join(self) -> Result<Vec<ServerStats>, ServeError> {
         let mut out = Vec::new();
         let mut first_err = None;
@@ -209,6 +226,9 @@ impl Running {
         drop(self.peers);
         if let Some(c) = self.control {
             let _ = c.join();
+        }
+        if let Some(m) = self.metrics {
+            m.stop();
         }
         match first_err {
             Some(e) => Err(e),
@@ -322,6 +342,14 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         addr: profile.listen,
         source,
     })?;
+    // Bound before any shard starts, so a taken port stops start-up with nothing running.
+    let metrics_listener = match profile.metrics_listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .map_err(|source| ServeError::MetricsBind { addr, source })?,
+        ),
+        None => None,
+    };
     let mut sockets = vec![first];
     for _ in 1..shards {
         sockets.push(
@@ -504,20 +532,35 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     for ptx in &peer_txs {
         let _ = ptx.send(peers.clone());
     }
+    let status = crate::control::SharedStatus::default();
     let control = crate::control::spawn(crate::control::Control {
         data_dir: opts.data_dir.clone(),
         registry_file: opts.registry_file.clone(),
         peers: peers.clone(),
         inbox: to_control_rx,
+        status: status.clone(),
     })
     .map_err(ServeError::Cpu)?;
-    Ok(Running {
+    let mut running = Running {
         addr,
         cert,
         shutdown,
         peers,
         threads,
         control: Some(control),
-        counters,
-    })
+        counters: counters.clone(),
+        metrics: None,
+    };
+    if let Some(listener) = metrics_listener {
+        match MetricsServer::spawn(listener, MetricsSource { counters, status }) {
+            Ok(m) => running.metrics = Some(m),
+            Err(e) => {
+                // The shards are up: stop them before reporting.
+                running.shutdown();
+                let _ = running.join();
+                return Err(ServeError::Cpu(e));
+            }
+        }
+    }
+    Ok(running)
 }

@@ -43,6 +43,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::sync::Arc as StdArc;
 
 use crate::control::{ShardControl, ToControl};
+use crate::metrics::AckLatency;
 use crate::store::ShardStore;
 use crate::uring::{FileDone, RingEvent, UdpRing, Waker};
 
@@ -77,6 +78,8 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 /// A batch whose accepted messages wait for the fdatasync that covers them.
 struct Awaiting {
     ticket: Ticket,
+    /// When the shard took the batch (for the ack-latency histogram).
+    taken: Instant,
     business_id: u32,
     statuses: Vec<Status>,
     /// Durable once the log's durable end reaches this index.
@@ -134,6 +137,14 @@ pub struct ShardCounters {
     pub signals: AtomicU64,
     /// Detector deltas dropped because a peer's inbox was full.
     pub deltas_dropped: AtomicU64,
+    /// Bytes appended to the log (sealed records with their framing).
+    pub log_appended_bytes: AtomicU64,
+    /// Live log segments, updated every [`TICK_INTERVAL`].
+    pub log_segments: AtomicU64,
+    /// Log segments retention deleted.
+    pub log_segments_dropped: AtomicU64,
+    /// Time from taking a batch to its ACK.
+    pub ack_latency: AckLatency,
 }
 
 /// Everything a shard thread owns.
@@ -196,6 +207,7 @@ impl Shard {
             next_exchange: Instant::now() + DELTA_INTERVAL,
             next_checkpoint: Instant::now() + CHECKPOINT_INTERVAL,
         };
+        self.publish_log_figures();
         let mut flush_deadline: Option<Instant> = None;
         let mut linger_deadline: Option<Instant> = None;
         let mut drain_deadline: Option<Instant> = None;
@@ -258,24 +270,38 @@ impl Shard {
             self.detection(now, now_ms, &mut state);
             if now >= state.next_tick {
                 state.next_tick = now + TICK_INTERVAL;
-                if let Err(f) = self.store.tick(now_ms) {
-                    self.log_failed(f, &mut state.awaiting);
+                match self.store.tick(now_ms) {
+                    Ok(dropped) => {
+                        self.counters
+                            .log_segments_dropped
+                            .fetch_add(dropped.len() as u64, Ordering::Relaxed);
+                    }
+                    Err(f) => self.log_failed(f, &mut state.awaiting),
                 }
+                self.publish_log_figures();
             }
-            // A batch the log could not take (its group commit was full) goes first.
-            if let Some(batch) = state.held.take() {
-                state.held = self.take_batch(now, now_ms, batch, &mut state.awaiting);
+            // A batch the log could not take (its group commit was full) goes first; its
+            // latency counts from when it was first taken.
+            if let Some((batch, taken)) = state.held.take() {
+                state.held = self
+                    .take_batch(now, now_ms, taken, batch, &mut state.awaiting)
+                    .map(|b| (b, taken));
             }
             while state.held.is_none() && flush_deadline.is_none() {
                 let Some(batch) = self.server.poll_batch() else {
                     break;
                 };
-                state.held = self.take_batch(now, now_ms, batch, &mut state.awaiting);
+                state.held = self
+                    .take_batch(now, now_ms, now, batch, &mut state.awaiting)
+                    .map(|b| (b, now));
             }
             self.store.commit(&mut self.ring);
             self.counters
                 .connections
                 .store(self.server.connection_count() as u64, Ordering::Relaxed);
+            self.counters
+                .log_appended_bytes
+                .store(self.store.appended_bytes(), Ordering::Relaxed);
         }
     }
 
@@ -285,6 +311,7 @@ impl Shard {
         &mut self,
         now: Instant,
         now_ms: u64,
+        taken: Instant,
         batch: SubmitBatch,
         awaiting: &mut VecDeque<Awaiting>,
     ) -> Option<SubmitBatch> {
@@ -299,7 +326,7 @@ impl Shard {
             .map(BusinessLimits::from)
         else {
             statuses.resize(batch.messages.len(), Status::Rejected(Reason::Unauthorized));
-            self.ack(now, batch.ticket, batch.business_id, &statuses);
+            self.ack(now, taken, batch.ticket, batch.business_id, &statuses);
             return None;
         };
         // Per message: the checks, then sealing for its recipient; the sealed bytes are
@@ -362,7 +389,7 @@ impl Shard {
             }
         }
         if records.is_empty() {
-            self.ack(now, batch.ticket, batch.business_id, &statuses);
+            self.ack(now, taken, batch.ticket, batch.business_id, &statuses);
             return None;
         }
         let mut positions = Vec::with_capacity(records.len());
@@ -382,6 +409,7 @@ impl Shard {
                 }
                 awaiting.push_back(Awaiting {
                     ticket: batch.ticket,
+                    taken,
                     business_id: batch.business_id,
                     statuses,
                     end_index: self.store.log().next_index(),
@@ -399,7 +427,7 @@ impl Shard {
                         *s = refused;
                     }
                 }
-                self.ack(now, batch.ticket, batch.business_id, &statuses);
+                self.ack(now, taken, batch.ticket, batch.business_id, &statuses);
                 None
             }
         }
@@ -407,7 +435,14 @@ impl Shard {
 
     /// Sends a batch's final statuses; its accepted messages are durable, so they count
     /// for billing here.
-    fn ack(&mut self, now: Instant, ticket: Ticket, business_id: u32, statuses: &[Status]) {
+    fn ack(
+        &mut self,
+        now: Instant,
+        taken: Instant,
+        ticket: Ticket,
+        business_id: u32,
+        statuses: &[Status],
+    ) {
         let accepted = statuses
             .iter()
             .filter(|s| matches!(s, Status::Accepted(_)))
@@ -423,7 +458,18 @@ impl Shard {
             .not_accepted
             .fetch_add(statuses.len() as u64 - accepted, Ordering::Relaxed);
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .ack_latency
+            .observe(now.saturating_duration_since(taken));
         self.server.ack(now, ticket, statuses);
+    }
+
+    /// Log figures that change slowly (segment count), for the metrics.
+    fn publish_log_figures(&self) {
+        self.counters.log_segments.store(
+            self.store.log().segment_ids().count() as u64,
+            Ordering::Relaxed,
+        );
     }
 
     fn on_file_done(&mut self, done: FileDone, awaiting: &mut VecDeque<Awaiting>) {
@@ -436,7 +482,7 @@ impl Shard {
         let durable = self.store.log().durable_end();
         while awaiting.front().is_some_and(|a| a.end_index <= durable) {
             let a = awaiting.pop_front().expect("checked");
-            self.ack(now, a.ticket, a.business_id, &a.statuses);
+            self.ack(now, a.taken, a.ticket, a.business_id, &a.statuses);
         }
     }
 
@@ -462,7 +508,7 @@ impl Shard {
                     }
                 }
             }
-            self.ack(now, a.ticket, a.business_id, &a.statuses);
+            self.ack(now, a.taken, a.ticket, a.business_id, &a.statuses);
         }
     }
 
@@ -635,7 +681,8 @@ impl Shard {
 
 struct LoopState {
     awaiting: VecDeque<Awaiting>,
-    held: Option<SubmitBatch>,
+    /// A batch the log could not take yet, and when it was first taken.
+    held: Option<(SubmitBatch, Instant)>,
     files: Vec<FileDone>,
     next_tick: Instant,
     next_exchange: Instant,

@@ -198,6 +198,8 @@ pub struct ShardStore {
     rng: StdRng,
     actions: Vec<Action>,
     spare: Vec<Vec<u8>>,
+    /// Bytes handed to group commits since open (for the metrics).
+    appended_bytes: u64,
 }
 
 impl std::fmt::Debug for ShardStore {
@@ -300,6 +302,7 @@ impl ShardStore {
             rng: StdRng::from_os_rng(),
             actions: Vec::new(),
             spare: Vec::new(),
+            appended_bytes: 0,
         };
         for a in actions {
             let what = format!("{a:?}");
@@ -319,6 +322,12 @@ impl ShardStore {
     /// The engine, to append to. Perform what it returns with [`Self::take_actions`].
     pub fn log_mut(&mut self) -> (&mut Log, &mut StdRng, &mut Vec<Action>) {
         (&mut self.log, &mut self.rng, &mut self.actions)
+    }
+
+    /// Bytes the log appended since this store was opened (sealed records with their
+    /// framing, as written to segments).
+    pub fn appended_bytes(&self) -> u64 {
+        self.appended_bytes
     }
 
     /// Performs the actions the last engine call pushed: keyring, segment creation and
@@ -353,6 +362,7 @@ impl ShardStore {
     }
 
     fn add_to_group(&mut self, segment_id: u64, offset: u64, bytes: &[u8]) {
+        self.appended_bytes += bytes.len() as u64;
         if let Some(last) = self.group.last_mut() {
             if last.segment_id == segment_id && last.offset + last.bytes.len() as u64 == offset {
                 last.bytes.extend_from_slice(bytes);

@@ -203,6 +203,9 @@ async fn serve_at_trace_under_traffic_then_sigterm(log_format: Option<&str>) -> 
     let mut output = stderr.clone();
     output.push_str(&std::fs::read_to_string(dir.path().join("serve.out")).unwrap());
     assert!(output.len() > 1000, "trace logging produced output");
+    // The metrics address is logged at start-up (small.toml asks for port 0: a real one).
+    assert!(output.contains("metrics on http://127.0.0.1:"), "{output}");
+    assert!(!output.contains("metrics on http://127.0.0.1:0/"));
     for (_, recipient, payload) in &messages {
         let digits = &recipient.as_str()[1..];
         assert!(

@@ -59,6 +59,8 @@ pub struct RawServer {
     pub listen: String,
     /// Number of shards; 0 means one per available CPU.
     pub shards: u32,
+    /// TCP address of the Prometheus metrics endpoint; "" disables it.
+    pub metrics_listen: String,
 }
 
 /// `[detect]`: bounds and thresholds of the abnormal-sending detector (see
@@ -218,6 +220,8 @@ pub struct Profile {
     pub listen: SocketAddr,
     /// Shards; 0 = one per CPU (resolved by the shell).
     pub shards: u32,
+    /// Where `GET /metrics` is served (TCP); `None` when disabled.
+    pub metrics_listen: Option<SocketAddr>,
     /// Ingest limits.
     pub limits: Limits,
     /// QUIC settings.
@@ -473,6 +477,21 @@ impl Profile {
             }
         };
         c.range("server.shards", raw.server.shards, 0, SHARDS_MAX);
+        // Any address that parses is allowed (an operator may expose it on purpose); the
+        // default is loopback.
+        let metrics_listen = match raw.server.metrics_listen.as_str() {
+            "" => None,
+            text => match text.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    c.fail(
+                        "server.metrics_listen",
+                        format!("{text:?} is not an IP:port address (\"\" disables metrics)"),
+                    );
+                    None
+                }
+            },
+        };
 
         let l = &raw.limits;
         c.range("limits.frame_bytes_max", l.frame_bytes_max, 1024, 64 << 20);
@@ -764,6 +783,7 @@ impl Profile {
         Ok(Profile {
             listen: listen.expect("checked above"),
             shards: raw.server.shards,
+            metrics_listen,
             limits: raw.limits,
             quic: raw.quic,
             io: raw.io,
@@ -803,6 +823,27 @@ mod tests {
         let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
         assert!(keys.contains(&"io.ring_entries"), "{keys:?}");
         assert!(keys.contains(&"server.listen"), "{keys:?}");
+    }
+
+    #[test]
+    fn metrics_listen_parses_or_is_disabled() {
+        let p = Profile::default_profile();
+        assert_eq!(p.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        let off = DEFAULT_PROFILE_TOML.replace(
+            "metrics_listen = \"127.0.0.1:9464\"",
+            "metrics_listen = \"\"",
+        );
+        assert_eq!(Profile::from_toml(&off).unwrap().metrics_listen, None);
+        let bad = DEFAULT_PROFILE_TOML.replace(
+            "metrics_listen = \"127.0.0.1:9464\"",
+            "metrics_listen = \"localhost\"",
+        );
+        let Err(ProfileError::Invalid(issues)) = Profile::from_toml(&bad) else {
+            panic!("expected invalid");
+        };
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].key, "server.metrics_listen");
+        assert!(issues[0].problem.contains("localhost"), "{issues:?}");
     }
 
     #[test]

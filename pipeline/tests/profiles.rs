@@ -157,7 +157,10 @@ fn unknown_keys_wrong_types_and_lower_case_are_refused_by_name() {
     );
     let text = e.to_string();
     assert!(text.contains("server.shardz"), "{text}");
-    assert!(text.contains("keys of [server]: listen, shards"), "{text}");
+    assert!(
+        text.contains("keys of [server]: listen, metrics_listen, shards"),
+        "{text}"
+    );
     assert!(text.contains("io.gro takes a boolean"), "{text}");
     assert!(
         text.contains("limits.hello_timeout_ms takes an integer"),

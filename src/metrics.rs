@@ -1,0 +1,637 @@
+//! The Prometheus endpoint: one small std thread answering `GET /metrics` over plain TCP
+//! with the text exposition format 0.0.4.
+//!
+//! ```text
+//!  shards ──ShardCounters (atomics, per shard)──┐
+//!  control thread ──SharedStatus (1 s, merged)──┴─> render ─> GET /metrics ─> scraper
+//! ```
+//!
+//! What it exports is counters, gauges, the ack-latency histogram, shard indices and
+//! business ids: never a business name, a phone number, a payload, a token or a key.
+//! Nothing of the request is echoed back.
+//!
+//! Work is bounded: one connection at a time, one request per connection, a request of at
+//! most [`REQUEST_BYTES_MAX`] read within [`IO_TIMEOUT`], and a response whose size is a
+//! function of the shard count and the number of businesses the detectors hold.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use courier_pipeline::registry::Tier;
+
+use crate::control::SharedStatus;
+use crate::shard::ShardCounters;
+
+/// Largest request read (request line and headers); a longer one gets 431.
+pub const REQUEST_BYTES_MAX: usize = 8192;
+/// How long one connection may take to send its request and read the answer.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Upper bounds of the ack-latency buckets, microseconds (the last bucket is +Inf).
+pub const ACK_LATENCY_BOUNDS_US: [u64; 11] = [
+    500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
+];
+const _: () = {
+    let mut i = 1;
+    while i < ACK_LATENCY_BOUNDS_US.len() {
+        assert!(ACK_LATENCY_BOUNDS_US[i - 1] < ACK_LATENCY_BOUNDS_US[i]);
+        i += 1;
+    }
+};
+
+/// A fixed-bucket latency histogram one shard writes and the metrics thread reads.
+#[derive(Debug, Default)]
+pub struct AckLatency {
+    /// Observations per bucket (not cumulative); the last one is above every bound.
+    buckets: [AtomicU64; ACK_LATENCY_BOUNDS_US.len() + 1],
+    /// Sum of observations, microseconds. (The count is the sum of the buckets.)
+    sum_us: AtomicU64,
+}
+
+impl AckLatency {
+    /// Records one batch's time from being taken to its ACK.
+    pub fn observe(&self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        let i = ACK_LATENCY_BOUNDS_US.partition_point(|&b| b < us);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Adds this histogram's cumulative bucket counts, sum and count to `acc`.
+    fn add_to(&self, acc: &mut HistogramValues) {
+        let mut cumulative = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Ordering::Relaxed);
+            acc.cumulative[i] += cumulative;
+        }
+        acc.sum_us += self.sum_us.load(Ordering::Relaxed);
+        // The count is the +Inf bucket, as the format requires.
+        acc.count += cumulative;
+    }
+}
+
+#[derive(Default)]
+struct HistogramValues {
+    cumulative: [u64; ACK_LATENCY_BOUNDS_US.len() + 1],
+    sum_us: u64,
+    count: u64,
+}
+
+/// What the metrics are read from.
+#[derive(Debug, Clone)]
+pub struct MetricsSource {
+    /// Every shard's counters, by shard index.
+    pub counters: Vec<Arc<ShardCounters>>,
+    /// The control thread's latest merged detector status.
+    pub status: SharedStatus,
+}
+
+/// The running endpoint.
+#[derive(Debug)]
+pub struct MetricsServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// Starts answering on an already bound listener.
+    pub fn spawn(listener: TcpListener, source: MetricsSource) -> std::io::Result<MetricsServer> {
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("courier-metrics".into())
+            .spawn(move || serve(listener, &source, &flag))?;
+        Ok(MetricsServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The address it answers on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops the thread and waits for it (at most one connection's [`IO_TIMEOUT`]).
+    pub fn stop(mut self) {
+        if self.wake() {
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Sets the stop flag and unblocks `accept` with a connection of our own. Returns
+    /// false when that connection failed (the thread is then left to end with the
+    /// process rather than blocking shutdown).
+    fn wake(&self) -> bool {
+        self.stop.store(true, Ordering::Release);
+        let ip = match self.addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        match TcpStream::connect_timeout(&SocketAddr::new(ip, self.addr.port()), IO_TIMEOUT) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics thread not woken; left running");
+                false
+            }
+        }
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.wake();
+        }
+    }
+}
+
+fn serve(listener: TcpListener, source: &MetricsSource, stop: &AtomicBool) {
+    let mut body = String::new();
+    loop {
+        let accepted = listener.accept();
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        match accepted {
+            Ok((stream, _)) => {
+                if let Err(e) = answer(stream, source, &mut body) {
+                    tracing::debug!(error = %e, "metrics request not answered");
+                }
+            }
+            Err(e) => {
+                // EMFILE and the like: wait a little instead of spinning.
+                tracing::warn!(error = %e, "metrics accept failed");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Reads one request (bounded in size and time) and answers it; the connection closes.
+fn answer(mut stream: TcpStream, source: &MetricsSource, body: &mut String) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut buf = [0u8; REQUEST_BYTES_MAX];
+    let mut len = 0;
+    let complete = loop {
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            break true;
+        }
+        if len == buf.len() {
+            break false;
+        }
+        match stream.read(&mut buf[len..])? {
+            0 => break false,
+            n => len += n,
+        }
+    };
+    if !complete {
+        let too_big = len == buf.len();
+        return respond(
+            &mut stream,
+            if too_big {
+                "431 Request Header Fields Too Large"
+            } else {
+                "400 Bad Request"
+            },
+            "text/plain; charset=utf-8",
+            "expected: GET /metrics HTTP/1.1\n",
+        );
+    }
+    let line = buf[..len].split(|&b| b == b'\r').next().unwrap_or(&[]);
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, target) = (parts.next(), parts.next());
+    let path = target.map(|t| t.split(|&b| b == b'?').next().unwrap_or(t));
+    if method == Some(b"GET") && path == Some(b"/metrics") {
+        body.clear();
+        render(source, body);
+        respond(
+            &mut stream,
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            body,
+        )
+    } else {
+        respond(
+            &mut stream,
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "not found: the only resource is GET /metrics\n",
+        )
+    }
+}
+
+fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())?;
+    stream.flush()
+}
+
+/// One counter or gauge read from every shard.
+struct ShardFamily {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    read: fn(&ShardCounters) -> &AtomicU64,
+}
+
+const SHARD_FAMILIES: &[ShardFamily] = &[
+    ShardFamily {
+        name: "messages_accepted_total",
+        kind: "counter",
+        help: "Messages accepted (durable in the log) and acked.",
+        read: |c| &c.accepted,
+    },
+    ShardFamily {
+        name: "messages_not_accepted_total",
+        kind: "counter",
+        help: "Messages acked with any status other than accepted.",
+        read: |c| &c.not_accepted,
+    },
+    ShardFamily {
+        name: "batches_acked_total",
+        kind: "counter",
+        help: "SUBMIT batches acked.",
+        read: |c| &c.batches,
+    },
+    ShardFamily {
+        name: "datagrams_forwarded_total",
+        kind: "counter",
+        help: "Datagrams handed to the shard that owns their connection.",
+        read: |c| &c.forwarded,
+    },
+    ShardFamily {
+        name: "datagrams_forward_dropped_total",
+        kind: "counter",
+        help: "Datagrams dropped because the owning shard's inbox was full.",
+        read: |c| &c.forward_dropped,
+    },
+    ShardFamily {
+        name: "connections",
+        kind: "gauge",
+        help: "Live client connections.",
+        read: |c| &c.connections,
+    },
+    ShardFamily {
+        name: "group_commits_total",
+        kind: "counter",
+        help: "Log group commits (write and fdatasync) completed.",
+        read: |c| &c.commits,
+    },
+    ShardFamily {
+        name: "log_failed",
+        kind: "gauge",
+        help: "Logs failed for good (1 per shard whose log takes no more messages).",
+        read: |c| &c.log_failed,
+    },
+    ShardFamily {
+        name: "log_appended_bytes_total",
+        kind: "counter",
+        help: "Bytes appended to the log (sealed records with their framing).",
+        read: |c| &c.log_appended_bytes,
+    },
+    ShardFamily {
+        name: "log_segments",
+        kind: "gauge",
+        help: "Live log segments (updated each second).",
+        read: |c| &c.log_segments,
+    },
+    ShardFamily {
+        name: "log_segments_dropped_total",
+        kind: "counter",
+        help: "Log segments deleted by retention, their keys destroyed.",
+        read: |c| &c.log_segments_dropped,
+    },
+    ShardFamily {
+        name: "detect_throttled_total",
+        kind: "counter",
+        help: "Messages the detector throttled.",
+        read: |c| &c.detect_throttled,
+    },
+    ShardFamily {
+        name: "detect_rejected_total",
+        kind: "counter",
+        help: "Messages the detector rejected (messaging limit reached, sender paused).",
+        read: |c| &c.detect_rejected,
+    },
+    ShardFamily {
+        name: "integrity_signals_total",
+        kind: "counter",
+        help: "Integrity signals raised.",
+        read: |c| &c.signals,
+    },
+    ShardFamily {
+        name: "detect_deltas_dropped_total",
+        kind: "counter",
+        help: "Detector deltas dropped because a peer shard's inbox was full.",
+        read: |c| &c.deltas_dropped,
+    },
+];
+
+/// Writes every metric in the text exposition format 0.0.4.
+///
+/// Each per-shard figure appears twice: `courier_shard_<name>{shard="K"}` and its sum
+/// over shards `courier_<name>` (two names, so `sum()` over either never counts twice).
+pub fn render(source: &MetricsSource, out: &mut String) {
+    // `write!` into a String cannot fail.
+    let w = out;
+    let _ = writeln!(
+        w,
+        "# HELP courier_shards Shards of this server.\n# TYPE courier_shards gauge\ncourier_shards {}",
+        source.counters.len()
+    );
+    for f in SHARD_FAMILIES {
+        let total: u64 = source
+            .counters
+            .iter()
+            .map(|c| (f.read)(c).load(Ordering::Relaxed))
+            .sum();
+        let _ = writeln!(
+            w,
+            "# HELP courier_{n} {h} All shards.\n# TYPE courier_{n} {k}\ncourier_{n} {total}",
+            n = f.name,
+            h = f.help,
+            k = f.kind
+        );
+    }
+    for f in SHARD_FAMILIES {
+        let _ = writeln!(
+            w,
+            "# HELP courier_shard_{n} {h} Per shard.\n# TYPE courier_shard_{n} {k}",
+            n = f.name,
+            h = f.help,
+            k = f.kind
+        );
+        for (i, c) in source.counters.iter().enumerate() {
+            let v = (f.read)(c).load(Ordering::Relaxed);
+            let _ = writeln!(w, "courier_shard_{}{{shard=\"{i}\"}} {v}", f.name);
+        }
+    }
+
+    let help = "Time from a shard taking a SUBMIT batch to sending its ACK (the group \
+                commit's fdatasync included), seconds.";
+    let mut all = HistogramValues::default();
+    let mut per_shard = Vec::with_capacity(source.counters.len());
+    for c in &source.counters {
+        let mut h = HistogramValues::default();
+        c.ack_latency.add_to(&mut h);
+        c.ack_latency.add_to(&mut all);
+        per_shard.push(h);
+    }
+    let _ = writeln!(
+        w,
+        "# HELP courier_ack_latency_seconds {help} All shards.\n# TYPE courier_ack_latency_seconds histogram"
+    );
+    histogram(w, "courier_ack_latency_seconds", "", &all);
+    let _ = writeln!(
+        w,
+        "# HELP courier_shard_ack_latency_seconds {help} Per shard.\n# TYPE courier_shard_ack_latency_seconds histogram"
+    );
+    for (i, h) in per_shard.iter().enumerate() {
+        histogram(
+            w,
+            "courier_shard_ack_latency_seconds",
+            &format!("shard=\"{i}\","),
+            h,
+        );
+    }
+
+    businesses(source, w);
+}
+
+/// Writes one histogram's series; `labels` is empty or ends with a comma.
+fn histogram(w: &mut String, name: &str, labels: &str, h: &HistogramValues) {
+    for (i, &bound) in ACK_LATENCY_BOUNDS_US.iter().enumerate() {
+        let _ = writeln!(
+            w,
+            "{name}_bucket{{{labels}le=\"{}\"}} {}",
+            seconds(bound),
+            h.cumulative[i]
+        );
+    }
+    let _ = writeln!(
+        w,
+        "{name}_bucket{{{labels}le=\"+Inf\"}} {}",
+        h.cumulative[ACK_LATENCY_BOUNDS_US.len()]
+    );
+    let labels = labels.trim_end_matches(',');
+    let braces = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(w, "{name}_sum{braces} {}", seconds(h.sum_us));
+    let _ = writeln!(w, "{name}_count{braces} {}", h.count);
+}
+
+/// Microseconds as decimal seconds, exactly (no float rounding).
+fn seconds(us: u64) -> String {
+    let frac = us % 1_000_000;
+    if frac == 0 {
+        return format!("{}", us / 1_000_000);
+    }
+    let digits = format!("{frac:06}");
+    format!("{}.{}", us / 1_000_000, digits.trim_end_matches('0'))
+}
+
+/// Per-business figures from the control thread's merged status: ids only, never names.
+fn businesses(source: &MetricsSource, w: &mut String) {
+    let status = source
+        .status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let (reporting, list) = match &status {
+        Some(s) => (s.shards_reporting, s.businesses.as_slice()),
+        None => (0, &[][..]),
+    };
+    let _ = writeln!(
+        w,
+        "# HELP courier_status_shards_reporting Shards whose detector status the business figures include (refreshed each second).\n\
+         # TYPE courier_status_shards_reporting gauge\ncourier_status_shards_reporting {reporting}"
+    );
+    let _ = writeln!(
+        w,
+        "# HELP courier_business_accepted_today Accepted (durable) messages today, UTC, all shards: the billing count.\n\
+         # TYPE courier_business_accepted_today gauge"
+    );
+    for b in list {
+        let _ = writeln!(
+            w,
+            "courier_business_accepted_today{{business=\"{}\"}} {}",
+            b.id, b.accepted_today
+        );
+    }
+    let _ = writeln!(
+        w,
+        "# HELP courier_business_paused 1 while the business is paused (every message rejected with sender_paused).\n\
+         # TYPE courier_business_paused gauge"
+    );
+    for b in list {
+        let _ = writeln!(
+            w,
+            "courier_business_paused{{business=\"{}\"}} {}",
+            b.id,
+            u8::from(b.paused)
+        );
+    }
+    let _ = writeln!(
+        w,
+        "# HELP courier_business_rating Quality rating: 1 for the business's current rating, 0 for the others.\n\
+         # TYPE courier_business_rating gauge"
+    );
+    for b in list {
+        for r in ["green", "yellow", "red"] {
+            let _ = writeln!(
+                w,
+                "courier_business_rating{{business=\"{}\",rating=\"{r}\"}} {}",
+                b.id,
+                u8::from(b.rating == r)
+            );
+        }
+    }
+    let _ = writeln!(
+        w,
+        "# HELP courier_business_tier_recipients Unique recipients per 24 h the tier in force allows; absent for unlimited.\n\
+         # TYPE courier_business_tier_recipients gauge"
+    );
+    for b in list {
+        if let Some(n) = Tier::parse(&b.tier).and_then(Tier::recipients_per_day) {
+            let _ = writeln!(
+                w,
+                "courier_business_tier_recipients{{business=\"{}\"}} {n}",
+                b.id
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::{BusinessStatus, StatusFile};
+    use std::sync::Mutex;
+
+    fn source() -> MetricsSource {
+        let counters: Vec<Arc<ShardCounters>> =
+            (0..2).map(|_| Arc::new(ShardCounters::default())).collect();
+        counters[0].accepted.store(3, Ordering::Relaxed);
+        counters[1].accepted.store(4, Ordering::Relaxed);
+        counters[0].ack_latency.observe(Duration::from_micros(700));
+        counters[1].ack_latency.observe(Duration::from_secs(3));
+        let status = StatusFile {
+            updated_unix_ms: 1,
+            shards_reporting: 2,
+            shards: 2,
+            businesses: vec![
+                BusinessStatus {
+                    id: 7,
+                    rating: "yellow".into(),
+                    tier: "2000".into(),
+                    paused: true,
+                    why: Some("fan_out_surge".into()),
+                    accepted_today: 11,
+                },
+                BusinessStatus {
+                    id: 8,
+                    rating: "green".into(),
+                    tier: "unlimited".into(),
+                    paused: false,
+                    why: None,
+                    accepted_today: 0,
+                },
+            ],
+        };
+        MetricsSource {
+            counters,
+            status: Arc::new(Mutex::new(Some(status))),
+        }
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_bounds_inclusive() {
+        let h = AckLatency::default();
+        h.observe(Duration::from_micros(500)); // le 0.0005
+        h.observe(Duration::from_micros(501)); // le 0.001
+        h.observe(Duration::from_secs(5)); // +Inf only
+        let mut v = HistogramValues::default();
+        h.add_to(&mut v);
+        assert_eq!(v.cumulative[0], 1);
+        assert_eq!(v.cumulative[1], 2);
+        assert_eq!(v.cumulative[ACK_LATENCY_BOUNDS_US.len() - 1], 2);
+        assert_eq!(v.cumulative[ACK_LATENCY_BOUNDS_US.len()], 3);
+        assert_eq!((v.count, v.sum_us), (3, 5_001_001));
+    }
+
+    #[test]
+    fn seconds_are_exact_decimals() {
+        assert_eq!(seconds(500), "0.0005");
+        assert_eq!(seconds(1_000_000), "1");
+        assert_eq!(seconds(2_500_000), "2.5");
+        assert_eq!(seconds(0), "0");
+    }
+
+    #[test]
+    fn render_sums_shards_and_shows_businesses_by_id() {
+        let mut out = String::new();
+        render(&source(), &mut out);
+        let has = |line: &str| out.lines().any(|l| l == line);
+        assert!(has("courier_shards 2"), "{out}");
+        assert!(has("courier_messages_accepted_total 7"), "{out}");
+        assert!(has("courier_shard_messages_accepted_total{shard=\"1\"} 4"));
+        assert!(has("courier_ack_latency_seconds_bucket{le=\"0.0005\"} 0"));
+        assert!(has("courier_ack_latency_seconds_bucket{le=\"0.001\"} 1"));
+        assert!(has("courier_ack_latency_seconds_bucket{le=\"+Inf\"} 2"));
+        assert!(has("courier_ack_latency_seconds_sum 3.0007"));
+        assert!(has(
+            "courier_shard_ack_latency_seconds_count{shard=\"0\"} 1"
+        ));
+        assert!(has("courier_business_accepted_today{business=\"7\"} 11"));
+        assert!(has("courier_business_paused{business=\"7\"} 1"));
+        assert!(has("courier_business_paused{business=\"8\"} 0"));
+        assert!(has(
+            "courier_business_rating{business=\"7\",rating=\"yellow\"} 1"
+        ));
+        assert!(has(
+            "courier_business_rating{business=\"7\",rating=\"green\"} 0"
+        ));
+        assert!(has("courier_business_tier_recipients{business=\"7\"} 2000"));
+        assert!(!out.contains("courier_business_tier_recipients{business=\"8\"}"));
+        // Every family is declared once, before its samples.
+        let mut declared = std::collections::HashSet::new();
+        for l in out.lines() {
+            if let Some(rest) = l.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap();
+                assert!(declared.insert(name.to_string()), "{name} declared twice");
+            } else if !l.starts_with('#') {
+                let name = l.split(['{', ' ']).next().unwrap();
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|f| declared.contains(*f)))
+                    .unwrap_or(name);
+                assert!(declared.contains(family), "{l}: no TYPE before it");
+            }
+        }
+    }
+}

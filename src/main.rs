@@ -796,8 +796,8 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
     let dir = tempfile_dir()?;
     let mut profile = Profile::default_profile();
     profile.listen = "127.0.0.1:0".parse().expect("literal address");
-    // A demo next to a running server must not take its metrics port.
-    profile.metrics_listen = None;
+    // A demo next to a running server must not take its metrics port: an ephemeral one.
+    profile.metrics_listen = Some("127.0.0.1:0".parse().expect("literal address"));
     let mut registry = Registry::default();
     let mut secret = [0u8; 32];
     rand::fill(&mut secret[..]);
@@ -816,6 +816,7 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
         master_key: courier::store::MasterKeyText::random(),
     })?;
     let addr = running.local_addr();
+    let metrics = running.metrics_addr();
     println!(
         "courier demo: serving on {addr} with {} shard(s) (built-in default profile); \
          {} connection(s) sending {}-byte messages in batches of {} for {} s",
@@ -904,6 +905,12 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
          under --data-dir (see `courier businesses status`)",
         dir.display()
     );
+    if let Some(m) = metrics {
+        println!(
+            "metrics: were at http://{m}/metrics while the demo ran (Prometheus text; \
+             `server.metrics_listen` in the profile)"
+        );
+    }
     if report.accepted == 0 {
         bail!("demo accepted no message");
     }

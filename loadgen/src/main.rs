@@ -138,7 +138,7 @@ struct Args {
     /// Batches in flight per stream.
     #[arg(long = "in-flight", default_value_t = 8)]
     in_flight: usize,
-    /// Tokio worker threads of the generator.
+    /// Worker threads of the generator; each owns a share of the connections.
     #[arg(long, default_value_t = 2)]
     threads: usize,
 }
@@ -250,6 +250,15 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
     };
     plan.check().map_err(|e| anyhow::anyhow!(e))?;
     Ok(plan)
+}
+
+/// Connections of the whole plan (worker threads beyond that would idle).
+fn plan_connections(plan: &Plan) -> usize {
+    plan.senders
+        .iter()
+        .map(|s| s.connections)
+        .sum::<usize>()
+        .max(1)
 }
 
 fn read_report(path: &Path) -> anyhow::Result<LoadReport> {
@@ -365,6 +374,10 @@ fn main() -> anyhow::Result<()> {
         f
     });
     let stop = StopSignal::default();
+    // Connections (and their quinn drivers) are spread over worker threads, each with a
+    // runtime of its own; the main thread only drives the run and prints progress.
+    let workers = load::Workers::start(args.threads.min(plan_connections(&plan)), "loadgen-worker")
+        .context("starting the generator's worker threads")?;
     let cfg = RunConfig {
         target,
         tokens: args.token.clone(),
@@ -386,6 +399,7 @@ fn main() -> anyhow::Result<()> {
                 None => ServerCpu::InProcess,
             }),
             drain_timeout: load::DRAIN_TIMEOUT,
+            workers: workers.handles().to_vec(),
         },
     };
     eprintln!(
@@ -401,9 +415,7 @@ fn main() -> anyhow::Result<()> {
         args.streams,
         args.in_flight
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads)
-        .thread_name("loadgen-worker")
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
@@ -429,6 +441,7 @@ fn main() -> anyhow::Result<()> {
     // The run's options (and with them the accepted channel) are gone; stopping the
     // runtime ends the Ctrl-C task and anything still holding a sender.
     runtime.shutdown_timeout(Duration::from_secs(1));
+    drop(workers);
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }

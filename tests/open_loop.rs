@@ -296,3 +296,73 @@ async fn detection_is_scored_per_sender_from_its_onset() {
     assert_eq!((d.precision, d.recall), (Some(1.0), Some(1.0)));
     assert_eq!(r.throttled, a.sent);
 }
+
+/// Accepts everything at once and notes which threads it was called on.
+#[derive(Default)]
+struct ThreadNoting {
+    threads: Mutex<HashSet<String>>,
+    next: AtomicU64,
+}
+
+impl Transport for ThreadNoting {
+    fn business_id(&self) -> u32 {
+        7
+    }
+    fn check(&self, _: &[OutgoingMessage]) -> Result<(), ClientError> {
+        Ok(())
+    }
+    fn submit(
+        &self,
+        batch: Vec<OutgoingMessage>,
+    ) -> BoxFuture<'_, Result<Vec<Status>, ClientError>> {
+        let name = std::thread::current().name().unwrap_or("?").to_string();
+        self.threads.lock().unwrap().insert(name);
+        let first = self.next.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Box::pin(std::future::ready(Ok((first..first + batch.len() as u64)
+            .map(|p| Status::Accepted(LogPosition(p)))
+            .collect())))
+    }
+    fn report(&self, _: Vec<ReportEntry>) -> BoxFuture<'_, Result<ReportOutcome, ClientError>> {
+        Box::pin(async { Ok(ReportOutcome::NotRefused) })
+    }
+}
+
+#[test]
+fn each_connection_sends_from_its_own_worker_thread() {
+    // Real time here (the workers run runtimes of their own), but nothing below depends
+    // on speed: only on which thread sent what, and that every message is counted.
+    let workers = courier::load::Workers::start(2, "lg-affinity").unwrap();
+    let conns: Vec<Arc<ThreadNoting>> = (0..4).map(|_| Arc::default()).collect();
+    let mut open = sender(2000.0, 10, 0.3);
+    open.connections = 2;
+    let mut closed = sender(0.0, 10, 0.3);
+    closed.name = "closed".into();
+    closed.connections = 2;
+    let runs = vec![
+        SenderRun {
+            plan: open,
+            conns: vec![conns[0].clone(), conns[1].clone()],
+        },
+        SenderRun {
+            plan: closed,
+            conns: vec![conns[2].clone(), conns[3].clone()],
+        },
+    ];
+    let opts = RunOptions {
+        workers: workers.handles().to_vec(),
+        in_flight: 2,
+        ..RunOptions::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let r = rt.block_on(engine::drive(Duration::from_millis(300), runs, &opts));
+    assert!(r.sent > 0);
+    assert_eq!((r.accepted, r.errors), (r.sent, 0));
+    for (i, c) in conns.iter().enumerate() {
+        let threads = c.threads.lock().unwrap().clone();
+        let want = format!("lg-affinity-{}", i % 2);
+        assert_eq!(threads, HashSet::from([want]), "connection {i}");
+    }
+}

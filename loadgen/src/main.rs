@@ -143,8 +143,10 @@ struct Args {
     /// Batches in flight per stream.
     #[arg(long = "in-flight", default_value_t = 8)]
     in_flight: usize,
-    /// Tokio worker threads of the generator.
-    #[arg(long, default_value_t = 2)]
+    /// Worker threads of the generator; each owns a share of the connections. One is
+    /// the cheapest per message (each thread sleeps and wakes on its own); raise it when
+    /// the run warns that the generator was CPU-bound.
+    #[arg(long, default_value_t = 1)]
     threads: usize,
 }
 
@@ -255,6 +257,23 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
     };
     plan.check().map_err(|e| anyhow::anyhow!(e))?;
     Ok(plan)
+}
+
+/// Whether the generator's CPU time says its worker threads were nearly always busy.
+fn cpu_bound(generator_secs: f64, duration_secs: f64, threads: usize) -> bool {
+    duration_secs > 0.0 && generator_secs >= CPU_BOUND_SHARE * duration_secs * threads as f64
+}
+
+/// Share of its threads' time past which the generator counts as CPU-bound.
+const CPU_BOUND_SHARE: f64 = 0.9;
+
+/// Connections of the whole plan (worker threads beyond that would idle).
+fn plan_connections(plan: &Plan) -> usize {
+    plan.senders
+        .iter()
+        .map(|s| s.connections)
+        .sum::<usize>()
+        .max(1)
 }
 
 fn read_report(path: &Path) -> anyhow::Result<LoadReport> {
@@ -370,6 +389,11 @@ fn main() -> anyhow::Result<()> {
         f
     });
     let stop = StopSignal::default();
+    // Connections (and their quinn drivers) are spread over worker threads, each with a
+    // runtime of its own; the main thread only drives the run and prints progress.
+    let threads = args.threads.min(plan_connections(&plan));
+    let workers = load::Workers::start(threads, "loadgen-worker")
+        .context("starting the generator's worker threads")?;
     let cfg = RunConfig {
         target,
         tokens: args.token.clone(),
@@ -393,6 +417,7 @@ fn main() -> anyhow::Result<()> {
             }),
             drain_timeout: load::DRAIN_TIMEOUT,
             reporter: None,
+            workers: workers.handles().to_vec(),
         },
     };
     eprintln!(
@@ -408,9 +433,7 @@ fn main() -> anyhow::Result<()> {
         args.streams,
         args.in_flight
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads)
-        .thread_name("loadgen-worker")
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
@@ -436,11 +459,21 @@ fn main() -> anyhow::Result<()> {
     // The run's options (and with them the accepted channel) are gone; stopping the
     // runtime ends the Ctrl-C task and anything still holding a sender.
     runtime.shutdown_timeout(Duration::from_secs(1));
+    drop(workers);
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
     let report = report?;
     report.print_table(&mut std::io::stdout().lock())?;
+    if cpu_bound(report.cpu.generator_secs, report.duration_secs, threads) {
+        eprintln!(
+            "courier-loadgen: warning: the generator used {:.1} s of CPU in {:.1} s on {threads} \
+             worker thread(s), so it may have been the bottleneck; try --threads {}",
+            report.cpu.generator_secs,
+            report.duration_secs,
+            threads + 1
+        );
+    }
     if let Some(h) = writer {
         let n = h
             .join()
@@ -497,7 +530,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             (a.connections, a.batch, a.duration, a.threads),
-            (4, 64, None, 2)
+            (4, 64, None, 1)
         );
         assert!(!a.allow_remote && a.ca.is_none() && a.json.is_none());
         let p = plan(&a).unwrap();
@@ -536,6 +569,15 @@ mod tests {
                 .is_err()
         );
         assert!(Args::try_parse_from(["courier-loadgen", "--compare", "a.json", "b.json"]).is_ok());
+    }
+
+    #[test]
+    fn a_generator_busy_on_all_its_threads_counts_as_cpu_bound() {
+        assert!(cpu_bound(9.5, 10.0, 1));
+        assert!(!cpu_bound(5.0, 10.0, 1));
+        assert!(!cpu_bound(9.5, 10.0, 2));
+        assert!(cpu_bound(18.5, 10.0, 2));
+        assert!(!cpu_bound(1.0, 0.0, 1), "an empty run says nothing");
     }
 
     #[test]

@@ -447,7 +447,7 @@ impl std::fmt::Debug for OutMessage<'_> {
     }
 }
 
-fn put_header(out: &mut BytesMut, ty: u8, len: usize) {
+fn put_header(out: &mut impl BufMut, ty: u8, len: usize) {
     let len = u32::try_from(len).expect("frame body fits u32");
     out.put_u32_le(len);
     out.put_u8(ty);
@@ -473,8 +473,14 @@ pub fn submit_body_bytes<'a>(messages: impl IntoIterator<Item = &'a OutMessage<'
 
 /// Encodes SUBMIT.
 pub fn encode_submit(batch_id: u64, messages: &[OutMessage<'_>], out: &mut BytesMut) {
+    out.reserve(FRAME_HEADER_BYTES + submit_body_bytes(messages));
+    encode_submit_into(batch_id, messages, out);
+}
+
+/// Encodes SUBMIT into any buffer (a recycled `Vec<u8>`, say); reserving room first is
+/// the caller's choice.
+pub fn encode_submit_into(batch_id: u64, messages: &[OutMessage<'_>], out: &mut impl BufMut) {
     let body = submit_body_bytes(messages);
-    out.reserve(FRAME_HEADER_BYTES + body);
     put_header(out, frame_type::SUBMIT, body);
     out.put_u64_le(batch_id);
     out.put_u32_le(u32::try_from(messages.len()).expect("batch count fits u32"));

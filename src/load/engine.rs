@@ -204,6 +204,17 @@ pub struct RunOptions {
     /// REPORTs only from platform credentials); without one, each sender's first
     /// connection sends them and the server refuses them.
     pub reporter: Option<Arc<dyn Transport>>,
+    /// Runtimes to spread connections over: connection `i` (counted over all senders)
+    /// connects and sends on `workers[i % len]` (see [`super::Workers`]). Empty: the
+    /// caller's runtime.
+    pub workers: Vec<tokio::runtime::Handle>,
+}
+
+impl RunOptions {
+    /// The runtime connection `index` runs on, if not the caller's.
+    pub fn worker_for(&self, index: usize) -> Option<&tokio::runtime::Handle> {
+        (!self.workers.is_empty()).then(|| &self.workers[index % self.workers.len()])
+    }
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -214,6 +225,7 @@ impl std::fmt::Debug for RunOptions {
             .field("backlog_secs_max", &self.backlog_secs_max)
             .field("in_flight", &self.in_flight)
             .field("seed", &self.seed)
+            .field("workers", &self.workers.len())
             .finish_non_exhaustive()
     }
 }
@@ -232,6 +244,7 @@ impl Default for RunOptions {
             cpu: Meter::new(super::cpu::ServerCpu::InProcess),
             drain_timeout: super::DRAIN_TIMEOUT,
             reporter: None,
+            workers: Vec::new(),
         }
     }
 }
@@ -382,7 +395,6 @@ struct SenderShared {
     /// Recently accepted (client id, recipient): resent as duplicates, reported as spam.
     recent: Mutex<VecDeque<(u64, Recipient)>>,
     zipf: Option<Arc<[f64]>>,
-    payload: Bytes,
 }
 
 /// One message of a batch besides what the transport sends.
@@ -401,6 +413,9 @@ struct Builder {
     recipients: RecipientGen,
     next_id: u64,
     id_base: u64,
+    /// Filler that payloads are slices of: one copy per worker thread, so that taking a
+    /// slice does not contend for a reference count shared with other threads.
+    payload: Bytes,
 }
 
 impl Builder {
@@ -420,7 +435,7 @@ impl Builder {
                     OutgoingMessage {
                         client_id,
                         recipient,
-                        payload: s.payload.slice(..size),
+                        payload: self.payload.slice(..size),
                     },
                     Meta {
                         intended,
@@ -444,7 +459,7 @@ impl Builder {
             OutgoingMessage {
                 client_id,
                 recipient,
-                payload: s.payload.slice(..size),
+                payload: self.payload.slice(..size),
             },
             Meta {
                 intended,
@@ -829,10 +844,24 @@ async fn ticker(
     }
 }
 
+/// Spawns `task` on `worker`, or on the caller's runtime.
+fn spawn_at<F>(set: &mut tokio::task::JoinSet<()>, worker: Option<&tokio::runtime::Handle>, task: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    match worker {
+        Some(h) => set.spawn_on(task, h),
+        None => set.spawn(task),
+    };
+}
+
 /// Runs `plan` over the given senders' transports and reports.
 pub async fn drive(duration: Duration, senders: Vec<SenderRun>, opts: &RunOptions) -> LoadReport {
     let plan_max = senders.iter().map(|s| s.plan.size.max()).max().unwrap_or(0);
     let payload = filler(plan_max);
+    let payloads: Vec<Bytes> = (0..opts.workers.len().max(1))
+        .map(|_| Bytes::copy_from_slice(&payload))
+        .collect();
     let cpu_before = opts.cpu.sample();
     let start = Instant::now();
     let sh = Arc::new(Shared {
@@ -875,17 +904,20 @@ pub async fn drive(duration: Duration, senders: Vec<SenderRun>, opts: &RunOption
             first_flag_ns: AtomicU64::new(u64::MAX),
             recent: Mutex::new(VecDeque::new()),
             zipf,
-            payload: payload.clone(),
             plan: run.plan.clone(),
         });
         shared_senders.push(s.clone());
         let conns = run.conns.len() as u64;
+        let first_conn = conn_index;
         for (c, t) in run.conns.iter().enumerate() {
+            let worker = opts.worker_for(conn_index as usize);
+            let filler = &payloads[conn_index as usize % payloads.len()];
             let builder = |w: u64| Builder {
                 rng: XorShift::new(opts.seed ^ ((index as u64) << 48) ^ ((c as u64) << 32) ^ w),
                 recipients: RecipientGen::new(&s.plan.recipients, index, c as u64, s.zipf.clone()),
                 next_id: 0,
                 id_base: conn_index << CLIENT_ID_COUNTER_BITS,
+                payload: filler.clone(),
             };
             if s.plan.closed_loop() {
                 // Workers of one connection share its id space through disjoint ranges.
@@ -894,7 +926,11 @@ pub async fn drive(duration: Duration, senders: Vec<SenderRun>, opts: &RunOption
                 for w in 0..workers {
                     let mut b = builder(w);
                     b.next_id = w * per;
-                    set.spawn(closed_loop(sh.clone(), s.clone(), t.clone(), b));
+                    spawn_at(
+                        &mut set,
+                        worker,
+                        closed_loop(sh.clone(), s.clone(), t.clone(), b),
+                    );
                 }
             } else {
                 let p = &s.plan;
@@ -905,19 +941,21 @@ pub async fn drive(duration: Duration, senders: Vec<SenderRun>, opts: &RunOption
                     rate_to: p.rate / conns as f64,
                     phase: (c as f64 + 0.5) / conns as f64,
                 };
-                set.spawn(open_loop(
-                    sh.clone(),
-                    s.clone(),
-                    t.clone(),
-                    sched,
-                    builder(0),
-                ));
+                spawn_at(
+                    &mut set,
+                    worker,
+                    open_loop(sh.clone(), s.clone(), t.clone(), sched, builder(0)),
+                );
             }
             conn_index += 1;
         }
         if p.reports_per_sec > 0.0 {
-            if let Some(t) = opts.reporter.as_ref().or(run.conns.first()) {
-                set.spawn(reporter(sh.clone(), s.clone(), t.clone()));
+            if let Some(t) = &opts.reporter {
+                // The platform connection was made on the caller's runtime.
+                spawn_at(&mut set, None, reporter(sh.clone(), s.clone(), t.clone()));
+            } else if let Some(t) = run.conns.first() {
+                let worker = opts.worker_for(first_conn as usize);
+                spawn_at(&mut set, worker, reporter(sh.clone(), s.clone(), t.clone()));
             }
         }
     }

@@ -11,7 +11,8 @@
 //!
 //! Modules: [`traffic`] (recipients, sizes, schedules), [`scenario`] (TOML → [`Plan`]),
 //! [`engine`] (the loops, over a [`engine::Transport`]), [`report`] (JSON, table,
-//! comparison), [`cpu`] (`/proc` readings).
+//! comparison), [`cpu`] (`/proc` readings), [`workers`] (threads that each own a share of
+//! the connections).
 //!
 //! Recipients are synthetic and payloads filler: the driver never sees real personal
 //! data, and prints none either way.
@@ -21,6 +22,7 @@ pub mod engine;
 pub mod report;
 pub mod scenario;
 pub mod traffic;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +31,7 @@ use std::time::Duration;
 pub use engine::{AcceptedRecord, RunOptions, StopSignal, Transport};
 pub use report::{LoadReport, Percentiles};
 pub use scenario::{Label, Plan, SenderPlan, TokenSource};
+pub use workers::Workers;
 
 use crate::client::{Client, ClientConfig, ClientError, OutgoingMessage};
 use crate::tls::ServerTrust;
@@ -255,9 +258,18 @@ pub async fn run_plan(cfg: &RunConfig) -> Result<LoadReport, LoadError> {
         };
         let mut conns: Vec<Arc<dyn Transport>> = Vec::new();
         for _ in 0..s.connections {
-            let client = Client::connect(&client_cfg)
-                .await
-                .map_err(|source| LoadError::Connect { index, source })?;
+            // A client's quinn driver and stream tasks run on the runtime it connects
+            // on: the worker that `drive` gives this connection to.
+            let connected = match cfg.options.worker_for(index) {
+                Some(h) => {
+                    let c = client_cfg.clone();
+                    h.spawn(async move { Client::connect(&c).await })
+                        .await
+                        .unwrap_or(Err(ClientError::Closed))
+                }
+                None => Client::connect(&client_cfg).await,
+            };
+            let client = connected.map_err(|source| LoadError::Connect { index, source })?;
             index += 1;
             conns.push(Arc::new(client));
         }

@@ -291,3 +291,92 @@ fn json_log_format_writes_every_line_as_json_failures_included() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("xml") && err.contains("json"), "{err}");
 }
+
+#[test]
+fn businesses_set_and_the_optional_add_flags_write_the_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir.path().join("registry.toml");
+    let run = |args: &[&str]| {
+        courier()
+            .args(args)
+            .arg("--registry")
+            .arg(&reg)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "businesses",
+        "add",
+        "--name",
+        "Acme",
+        "--tier",
+        "2000",
+        "--mps",
+        "80",
+    ]);
+    assert!(out.status.success());
+    let out = run(&[
+        "businesses",
+        "add",
+        "--name",
+        "platform",
+        "--platform",
+        "--exempt",
+        "--baseline-per-min",
+        "600",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("platform credential 2"));
+    let out = run(&[
+        "businesses",
+        "set",
+        "--id",
+        "1",
+        "--tier",
+        "10000",
+        "--mps",
+        "1000",
+        "--baseline-per-min",
+        "3000",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r =
+        courier_pipeline::registry::Registry::from_toml(&std::fs::read_to_string(&reg).unwrap())
+            .unwrap();
+    let a = r.get(1).unwrap();
+    assert_eq!(
+        (
+            a.tier.name(),
+            a.mps,
+            a.baseline_per_min,
+            a.exempt,
+            a.platform
+        ),
+        ("10000", 1000, 3000, false, false)
+    );
+    let p = r.get(2).unwrap();
+    assert_eq!(
+        (p.platform, p.exempt, p.baseline_per_min),
+        (true, true, 600)
+    );
+    // Errors name what is wrong and change nothing.
+    let out = run(&["businesses", "set", "--id", "9", "--mps", "5"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no business with id 9"));
+    let out = run(&["businesses", "set", "--id", "1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to change"));
+    let out = run(&["businesses", "set", "--id", "1", "--mps", "0"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mps must be greater than 0"));
+    let after =
+        courier_pipeline::registry::Registry::from_toml(&std::fs::read_to_string(&reg).unwrap())
+            .unwrap();
+    assert_eq!(after.get(1).unwrap().mps, 1000);
+}

@@ -8,9 +8,7 @@
 //! business that has none, before anything is sealed for it.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -74,7 +72,7 @@ pub fn load_or_create(
         for (id, w) in &wrapped {
             text.push_str(&format!("{id} {}\n", hex::encode(w.as_bytes())));
         }
-        persist(data_dir, &path, text.as_bytes())
+        crate::store::write_file_atomically(&path, text.as_bytes(), 0o600)
             .map_err(|e| format!("{}: {e}", path.display()))?;
         tracing::info!(created, "created business root keys");
     }
@@ -85,18 +83,4 @@ pub fn load_or_create(
         keys.insert_root(*id, &root);
     }
     Ok(Arc::new(keys))
-}
-
-fn persist(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
 }

@@ -15,7 +15,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -353,19 +352,9 @@ fn write_status(data_dir: &Path, file: &StatusFile) {
     }
 }
 
-/// Writes `bytes` to a temporary file next to `path`, syncs it and renames it over
-/// `path`.
+/// Replaces `path` atomically, with the permissions `File::create` would give.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_data()?;
-    drop(f);
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::store::write_file_atomically(path, bytes, 0o666)
 }
 
 #[cfg(test)]

@@ -508,10 +508,8 @@ fn load_registry(path: &Path) -> Result<Registry> {
 /// Writes the registry next to the old file and renames, so a crash (or a server
 /// re-reading it) sees either the old or the new one.
 fn write_registry(reg: &Registry, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, reg.to_toml()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
+    courier::store::write_file_atomically(path, reg.to_toml().as_bytes(), 0o666)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The optional settings of `businesses add`.

@@ -130,6 +130,25 @@ impl MasterKeyText {
     }
 }
 
+/// Replaces `path` with `bytes` so that a crash leaves the old file or the new one: writes
+/// `path` with extension `tmp` (created with `mode`, less the umask), syncs it, renames it
+/// over `path` and syncs the directory.
+pub fn write_file_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, path)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
+}
+
 /// Writes a new random master key to `path` with mode 0600; refuses to overwrite.
 pub fn write_new_master_key(path: &Path) -> std::io::Result<()> {
     let mut bytes = [0u8; 32];

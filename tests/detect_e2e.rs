@@ -4,6 +4,8 @@
 //! (tier, same recipient, rate) hold, and a registry change applies without a restart.
 //! Nothing identifying reaches the logs, even at TRACE.
 
+mod logkit;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
@@ -53,16 +55,6 @@ fn add_business(registry: &Path, name: &str, tier: &str, mps: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-fn wait_for(path: &Path, text: &str, deadline: Instant) -> bool {
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(path).is_ok_and(|s| s.contains(text)) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
 struct Setup {
     dir: tempfile::TempDir,
     addr: std::net::SocketAddr,
@@ -98,7 +90,7 @@ impl Setup {
             .spawn()
             .unwrap();
         assert!(
-            wait_for(
+            logkit::wait_for(
                 &self.log(round),
                 "courier serving",
                 Instant::now() + Duration::from_secs(30)

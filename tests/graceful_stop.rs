@@ -4,7 +4,8 @@
 //! error; the server exits 0; `courier log audit` finds every acknowledged message in
 //! the log, and the log holds no message whose ACK the stop swallowed.
 
-use std::path::Path;
+mod logkit;
+
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -38,16 +39,6 @@ enum Outcome {
     ClosedByShutdown,
     /// Anything else: a failure of the graceful stop.
     Failed(String),
-}
-
-fn wait_for(path: &Path, text: &str, deadline: Instant) -> bool {
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(path).is_ok_and(|s| s.contains(text)) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 /// Submits batches back to back until the connection goes; returns the accepted
@@ -143,7 +134,7 @@ async fn sigterm_under_load_answers_or_cleanly_closes_every_batch_and_keeps_ever
         .spawn()
         .unwrap();
     assert!(
-        wait_for(
+        logkit::wait_for(
             &log_path,
             "courier serving",
             Instant::now() + Duration::from_secs(30)

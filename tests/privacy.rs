@@ -4,7 +4,8 @@
 //! text or JSON log format (where every line is a JSON object); it exits 0; and every
 //! message it acknowledged is in its log.
 
-use std::path::Path;
+mod logkit;
+
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,16 +19,6 @@ use courier_pipeline::wire::{Recipient, Status};
 use rustls::pki_types::CertificateDer;
 
 const MASTER_HEX: &str = "3c1f5e7a9b2d4c6e8f0a1b3c5d7e9f2a4b6c8d0e1f3a5b7c9d2e4f6a8b0c1d3e";
-
-fn wait_for(path: &Path, text: &str, deadline: Instant) -> bool {
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(path).is_ok_and(|s| s.contains(text)) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_logs_hold_no_content_and_sigterm_keeps_every_ack() {
@@ -116,7 +107,7 @@ async fn serve_at_trace_under_traffic_then_sigterm(log_format: Option<&str>) -> 
         .spawn()
         .unwrap();
     assert!(
-        wait_for(
+        logkit::wait_for(
             &log_path,
             "courier serving",
             Instant::now() + Duration::from_secs(30)

@@ -1,5 +1,6 @@
-//! Helpers shared by the log tests (tests/log_files.rs, tests/crash.rs): a known master
-//! key, a registry, traffic that records what was acked, and the segments of a shard.
+//! Helpers shared by the tests that run servers and read their logs (tests/log_files.rs,
+//! tests/crash.rs, and the spawned-server tests): a known master key, a registry, traffic
+//! that records what was acked, the segments of a shard, and waiting for a server's output.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -192,4 +193,15 @@ pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     }
     out.sort();
     out
+}
+
+/// Polls `path` until it contains `text` or `deadline` passes (a spawned server's log).
+pub fn wait_for(path: &Path, text: &str, deadline: std::time::Instant) -> bool {
+    while std::time::Instant::now() < deadline {
+        if std::fs::read_to_string(path).is_ok_and(|s| s.contains(text)) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
 }

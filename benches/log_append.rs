@@ -69,8 +69,14 @@ impl Shell {
         let mut profile = Profile::default_profile();
         profile.log.segment_bytes_max = FILE_BYTES_MAX;
         let data_dir = dir.path().to_path_buf();
-        let store = ShardStore::open(&data_dir, 0, &MasterKeyText::random(), &profile)
-            .expect("a fresh log opens");
+        let store = ShardStore::open(
+            &data_dir,
+            0,
+            &MasterKeyText::random(),
+            &profile,
+            &mut |_, _| {},
+        )
+        .expect("a fresh log opens");
         let socket = bind_reuseport("127.0.0.1:0".parse().expect("literal"), 1 << 20, 1 << 20)
             .expect("a loopback socket for the ring");
         let ring = UdpRing::new(

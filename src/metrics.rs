@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use courier_pipeline::idempotency::{IdStats, Idempotency};
 use courier_pipeline::registry::Tier;
 
 use crate::control::SharedStatus;
@@ -89,6 +90,8 @@ pub struct MetricsSource {
     pub counters: Vec<Arc<ShardCounters>>,
     /// The control thread's latest merged detector status.
     pub status: SharedStatus,
+    /// The shared idempotency table (`None` in unit tests).
+    pub idempotency: Option<Arc<Idempotency>>,
 }
 
 /// The running endpoint.
@@ -324,6 +327,18 @@ const SHARD_FAMILIES: &[ShardFamily] = &[
         read: |c| &c.log_segments_dropped,
     },
     ShardFamily {
+        name: "messages_duplicate_total",
+        kind: "counter",
+        help: "Messages answered duplicate: their client id is already durable in the log.",
+        read: |c| &c.duplicates,
+    },
+    ShardFamily {
+        name: "messages_in_flight_retry_total",
+        kind: "counter",
+        help: "Messages answered throttled because a copy with their client id was still being stored.",
+        read: |c| &c.in_flight_retries,
+    },
+    ShardFamily {
         name: "detect_throttled_total",
         kind: "counter",
         help: "Messages the detector throttled.",
@@ -417,7 +432,52 @@ pub fn render(source: &MetricsSource, out: &mut String) {
         );
     }
 
+    if let Some(t) = &source.idempotency {
+        idempotency(&t.stats(), w);
+    }
     businesses(source, w);
+}
+
+/// The shared idempotency table's fill and the resend window it holds.
+fn idempotency(st: &IdStats, w: &mut String) {
+    let gauges = [
+        (
+            "idempotency_ids",
+            "gauge",
+            "Client ids the idempotency table remembers now.",
+            st.entries,
+        ),
+        (
+            "idempotency_ids_capacity",
+            "gauge",
+            "Most client ids the idempotency table remembers (limits.idempotency_ids_max).",
+            st.capacity,
+        ),
+        (
+            "idempotency_evicted_total",
+            "counter",
+            "Client ids forgotten to make room (a resend of one is stored again).",
+            st.evicted,
+        ),
+        (
+            "idempotency_evicted_in_flight_total",
+            "counter",
+            "Client ids forgotten while their message was still being stored (table far too small).",
+            st.evicted_in_flight,
+        ),
+    ];
+    for (name, kind, help, v) in gauges {
+        let _ = writeln!(
+            w,
+            "# HELP courier_{name} {help}\n# TYPE courier_{name} {kind}\ncourier_{name} {v}"
+        );
+    }
+    if let Some(t) = st.oldest_secs {
+        let _ = writeln!(
+            w,
+            "# HELP courier_idempotency_oldest_unix_seconds When the oldest remembered client id was taken; time() minus it is the resend window held.\n# TYPE courier_idempotency_oldest_unix_seconds gauge\ncourier_idempotency_oldest_unix_seconds {t}"
+        );
+    }
 }
 
 /// Writes one histogram's series; `labels` is empty or ends with a comma.
@@ -566,6 +626,7 @@ mod tests {
         MetricsSource {
             counters,
             status: Arc::new(Mutex::new(Some(status))),
+            idempotency: None,
         }
     }
 

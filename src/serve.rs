@@ -5,6 +5,7 @@
 //! them by 4-tuple hash, and a datagram that lands on the wrong shard is forwarded by
 //! connection ID (see [`crate::shard`]).
 
+use std::collections::VecDeque;
 use std::fs;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -15,11 +16,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use courier_pipeline::detect::{Delta, Detector};
+use courier_pipeline::idempotency::Idempotency;
 use courier_pipeline::ingest::Ingest;
+use courier_pipeline::log::RecordHeader;
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::Registry;
 use courier_pipeline::seal::{SealedBatch, Sealer, SealerConfig};
 use courier_pipeline::server::{Server, ServerParts, ServerStats};
+use courier_pipeline::wire::LogPosition;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// Expanded recipient keys each shard's sealer caches (about 0.6 KiB each).
@@ -31,6 +35,15 @@ use crate::shard::{Forwarded, Peer, Shard, ShardCounters, DELTA_QUEUE_MAX, FORWA
 
 /// Control requests queued towards one shard.
 const CONTROL_QUEUE_MAX: usize = 64;
+
+/// A client id read back from a shard's log at start-up.
+#[derive(Debug, Clone, Copy)]
+struct RestoredId {
+    time_ms: u64,
+    business_id: u32,
+    client_id: u64,
+    position: LogPosition,
+}
 use crate::store::{MasterKeyText, ShardStore, StoreError};
 use crate::uring::{self, RingConfig, RingError, UdpRing};
 
@@ -145,6 +158,8 @@ pub struct Totals {
     pub commits: u64,
     /// Shards whose log failed.
     pub logs_failed: u64,
+    /// Messages answered `duplicate`.
+    pub duplicates: u64,
     /// Messages the detector throttled.
     pub detect_throttled: u64,
     /// Messages the detector rejected (messaging limit reached, sender paused).
@@ -186,6 +201,7 @@ impl Running {
             t.connections += r(&c.connections);
             t.commits += r(&c.commits);
             t.logs_failed += r(&c.log_failed);
+            t.duplicates += r(&c.duplicates);
             t.detect_throttled += r(&c.detect_throttled);
             t.detect_rejected += r(&c.detect_rejected);
             t.signals += r(&c.signals);
@@ -358,6 +374,8 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         );
     }
 
+    let ids_max = profile.limits.idempotency_ids_max as usize;
+    let idempotency = Arc::new(Idempotency::new(ids_max));
     let mut reset_key = [0u8; 64];
     rand::fill(&mut reset_key[..]);
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -408,6 +426,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         let business_keys = business_keys.clone();
         let data_dir = opts.data_dir.clone();
         let cpu = profile.io.pin_threads.then(|| cpus[index % cpus.len()]);
+        let idempotency = idempotency.clone();
         let thread = std::thread::Builder::new()
             .name(format!("courier-shard-{index}"))
             .spawn(move || -> Result<ServerStats, ServeError> {
@@ -426,7 +445,23 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
                 };
                 // Recovery happens before the shard reports ready: nothing is served from
                 // a log that has not been checked.
-                let store = match ShardStore::open(&data_dir, index, &master_key, &profile) {
+                // Every client id still in the log, newest `ids_max` kept: the start
+                // rebuilds the shared idempotency table from them.
+                let mut ids = VecDeque::new();
+                let mut remember = |log_index: u64, h: &RecordHeader| {
+                    if ids.len() == ids_max {
+                        ids.pop_front();
+                    }
+                    ids.push_back(RestoredId {
+                        time_ms: h.time_ms,
+                        business_id: h.business_id,
+                        client_id: h.client_id,
+                        position: LogPosition::new(index as u16, log_index),
+                    });
+                };
+                let opened =
+                    ShardStore::open(&data_dir, index, &master_key, &profile, &mut remember);
+                let store = match opened {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = waker_tx.send(Err(index));
@@ -455,7 +490,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
                     Ok(false) => {}
                     Err(e) => tracing::error!(shard = index, error = %e, "detector checkpoint not restored"),
                 }
-                let _ = waker_tx.send(Ok((index, ring.waker())));
+                let _ = waker_tx.send(Ok((index, ring.waker(), ids)));
                 let Ok(peers) = peers_rx.recv() else {
                     return Ok(ServerStats::default());
                 };
@@ -480,6 +515,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
                     sealer,
                     sealed: SealedBatch::new(),
                     detector,
+                    idempotency,
                     deltas,
                     control,
                     to_control,
@@ -501,9 +537,13 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     drop(to_control_tx);
     let mut wakers = vec![None; shards];
     let mut failed = None;
+    let mut restored = Vec::new();
     for _ in 0..shards {
         match waker_rx.recv() {
-            Ok(Ok((i, w))) => wakers[i] = Some(w),
+            Ok(Ok((i, w, ids))) => {
+                wakers[i] = Some(w);
+                restored.extend(ids);
+            }
             Ok(Err(i)) => failed = Some(i),
             Err(_) => break,
         }
@@ -529,6 +569,22 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
             waker: w.expect("checked"),
         })
         .collect();
+    // Before any shard takes a message: the ids already in the logs, oldest first, so
+    // that the newest stay when the logs hold more than the table.
+    let rebuild_started = std::time::Instant::now();
+    restored.sort_by_key(|r| (r.time_ms, r.position));
+    for r in &restored {
+        idempotency.restore(r.business_id, r.client_id, r.position, r.time_ms);
+    }
+    let st = idempotency.stats();
+    tracing::info!(
+        read = restored.len(),
+        remembered = st.entries,
+        capacity = st.capacity,
+        ms = rebuild_started.elapsed().as_millis() as u64,
+        "idempotency table rebuilt from the log"
+    );
+    drop(restored);
     for ptx in &peer_txs {
         let _ = ptx.send(peers.clone());
     }
@@ -552,7 +608,14 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         metrics: None,
     };
     if let Some(listener) = metrics_listener {
-        match MetricsServer::spawn(listener, MetricsSource { counters, status }) {
+        match MetricsServer::spawn(
+            listener,
+            MetricsSource {
+                counters,
+                status,
+                idempotency: Some(idempotency),
+            },
+        ) {
             Ok(m) => running.metrics = Some(m),
             Err(e) => {
                 // The shards are up: stop them before reporting.

@@ -9,8 +9,10 @@
 //!          else ---> Server::handle_datagram
 //!     -> inbox: forwarded datagrams ---> Server::handle_datagram
 //!     -> Server::handle_timeout when due
-//!     -> Server::poll_batch ---> per message: Ingest::check, Detector::observe, Sealer::seal
-//!          ---> Log::append ---> (fdatasync) ---> Server::ack, Detector::record_accepted
+//!     -> Server::poll_batch ---> per message: Ingest::check, Idempotency::claim (shared
+//!          by all shards: a resend is answered duplicate here), Detector::observe,
+//!          Sealer::seal ---> Log::append ---> (fdatasync) ---> Idempotency::settle,
+//!          Server::ack, Detector::record_accepted
 //!     -> Server::poll_transmit ---> SendBuf::submit (GSO) while send slots are free
 //!     -> every DELTA_INTERVAL: Detector::export_delta to every peer; peers' deltas merged
 //!     -> control inbox (registry reloads, unpause requests); status and checkpoints out
@@ -33,6 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use courier_pipeline::cid::owner_shard;
 use courier_pipeline::detect::{BusinessLimits, Delta, Detector, Verdict};
+use courier_pipeline::idempotency::{Claim, ClaimTicket, Idempotency};
 use courier_pipeline::ingest::Ingest;
 use courier_pipeline::log::{LogError, Record, RecordHeader};
 use courier_pipeline::seal::keys::DerivedKeys;
@@ -74,6 +77,9 @@ pub const DELTA_INTERVAL: Duration = Duration::from_millis(50);
 pub const DELTA_QUEUE_MAX: usize = 64;
 /// How often a shard checkpoints its detector (and once more when it stops).
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// Retry-after for a copy of a message whose first copy is still waiting for its group
+/// commit (about one fdatasync): by then the answer is `duplicate` or the id is free.
+pub const IN_FLIGHT_RETRY_MS: u32 = 20;
 
 /// A batch whose accepted messages wait for the fdatasync that covers them.
 struct Awaiting {
@@ -82,6 +88,9 @@ struct Awaiting {
     taken: Instant,
     business_id: u32,
     statuses: Vec<Status>,
+    /// The idempotency claims of the accepted messages, in order: settled with their
+    /// positions once durable, released if the log fails first.
+    claims: Vec<ClaimTicket>,
     /// Durable once the log's durable end reaches this index.
     end_index: u64,
 }
@@ -129,6 +138,10 @@ pub struct ShardCounters {
     pub commits: AtomicU64,
     /// 1 once the shard's log failed for good.
     pub log_failed: AtomicU64,
+    /// Messages answered `duplicate` (their client id already durable in the log).
+    pub duplicates: AtomicU64,
+    /// Messages answered `throttled` because another copy of their id was in flight.
+    pub in_flight_retries: AtomicU64,
     /// Messages the detector throttled.
     pub detect_throttled: AtomicU64,
     /// Messages the detector rejected (limit reached, sender paused).
@@ -165,6 +178,8 @@ pub struct Shard {
     pub sealed: SealedBatch,
     /// Judges each message of each business (limits, surges, reports).
     pub detector: Detector,
+    /// Client ids already stored, shared by every shard.
+    pub idempotency: Arc<Idempotency>,
     /// Deltas other shards' detectors sent here.
     pub deltas: Receiver<Arc<Delta>>,
     /// Requests from the control thread.
@@ -332,11 +347,35 @@ impl Shard {
         // Per message: the checks, then sealing for its recipient; the sealed bytes are
         // what the log stores. `sealed_of[i]` is the index in `self.sealed` of message i.
         let mut sealed_of = Vec::with_capacity(batch.messages.len());
+        // The claim of each message still headed for the log.
+        let mut claims = Vec::with_capacity(batch.messages.len());
         for m in &batch.messages {
-            let verdict = match self.ingest.check(m) {
-                Some(reason) => Verdict::Reject(reason),
-                None => self.detector.observe(now_ms, &limits, &m.recipient),
+            if let Some(reason) = self.ingest.check(m) {
+                statuses.push(Status::Rejected(reason));
+                continue;
+            }
+            // A resend is answered before it counts for detection or billing.
+            let claim = match self
+                .idempotency
+                .claim(batch.business_id, m.client_id, now_ms)
+            {
+                Claim::Fresh(t) => t,
+                Claim::Duplicate(p) => {
+                    self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                    statuses.push(Status::Duplicate(p));
+                    continue;
+                }
+                Claim::InFlight => {
+                    self.counters
+                        .in_flight_retries
+                        .fetch_add(1, Ordering::Relaxed);
+                    statuses.push(Status::Throttled {
+                        retry_after_ms: IN_FLIGHT_RETRY_MS,
+                    });
+                    continue;
+                }
             };
+            let verdict = self.detector.observe(now_ms, &limits, &m.recipient);
             let status = match verdict {
                 Verdict::Throttle { retry_after_ms } => {
                     self.counters
@@ -368,6 +407,11 @@ impl Shard {
                     }
                 },
             };
+            if matches!(status, Status::Accepted(_)) {
+                claims.push(claim);
+            } else {
+                self.idempotency.release(claim);
+            }
             statuses.push(status);
         }
         let mut records = Vec::with_capacity(sealed_of.len());
@@ -412,6 +456,7 @@ impl Shard {
                     taken,
                     business_id: batch.business_id,
                     statuses,
+                    claims,
                     end_index: self.store.log().next_index(),
                 });
                 if self.store.log().failure().is_some() {
@@ -419,8 +464,13 @@ impl Shard {
                 }
                 None
             }
-            Err(LogError::Busy) => Some(batch),
+            Err(LogError::Busy) => {
+                // Taken again from the start after the next sync.
+                self.release_claims(&claims);
+                Some(batch)
+            }
             Err(e) => {
+                self.release_claims(&claims);
                 let refused = e.status();
                 for s in statuses.iter_mut() {
                     if matches!(s, Status::Accepted(_)) {
@@ -482,7 +532,26 @@ impl Shard {
         let durable = self.store.log().durable_end();
         while awaiting.front().is_some_and(|a| a.end_index <= durable) {
             let a = awaiting.pop_front().expect("checked");
+            self.settle_claims(&a);
             self.ack(now, a.taken, a.ticket, a.business_id, &a.statuses);
+        }
+    }
+
+    /// A durable batch's ids answer `duplicate` from now on; done before its ACK leaves,
+    /// so a client can never resend an acked id and have it stored again.
+    fn settle_claims(&self, a: &Awaiting) {
+        let positions = a.statuses.iter().filter_map(|s| match s {
+            Status::Accepted(p) => Some(*p),
+            _ => None,
+        });
+        for (claim, p) in a.claims.iter().zip(positions) {
+            self.idempotency.settle(*claim, p);
+        }
+    }
+
+    fn release_claims(&self, claims: &[ClaimTicket]) {
+        for c in claims {
+            self.idempotency.release(*c);
         }
     }
 
@@ -502,11 +571,14 @@ impl Shard {
         let durable = self.store.log().durable_end();
         while let Some(mut a) = awaiting.pop_front() {
             if a.end_index > durable {
+                self.release_claims(&a.claims);
                 for s in a.statuses.iter_mut() {
                     if matches!(s, Status::Accepted(_)) {
                         *s = Status::Rejected(Reason::StorageUnavailable);
                     }
                 }
+            } else {
+                self.settle_claims(&a);
             }
             self.ack(now, a.taken, a.ticket, a.business_id, &a.statuses);
         }

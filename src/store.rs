@@ -6,6 +6,7 @@
 //!
 //!  start:   keyring ─┐
 //!           *.seg ───┴─> recover_segment (each) ─> truncate torn tail / remove / keep
+//!                        (every record's ids to the caller: the idempotency table)
 //!                        Log::open ─> actions performed synchronously before serving
 //!  serving: Log::append ─> Write actions coalesced per segment into the group buffer
 //!                          PersistKeyring / CreateSegment: synchronous (only on a roll)
@@ -27,8 +28,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use courier_pipeline::log::{
-    recover_segment, Action, Log, LogConfig, LogFailure, MasterKey, OpenError, RecoveryError,
-    SegmentVerdict, SyncRequest, WriteFailure,
+    recover_segment_visiting, Action, Log, LogConfig, LogFailure, MasterKey, OpenError,
+    RecordHeader, RecoveryError, SegmentVerdict, SyncRequest, WriteFailure,
 };
 use courier_pipeline::log::{Keyring, KeyringError};
 use courier_pipeline::profile::Profile;
@@ -236,11 +237,15 @@ impl ShardStore {
     /// truncated, a corrupt segment stops the shard with its id and offset, a new nonce
     /// epoch is persisted. Nothing is changed on disk before the master key was proven to
     /// unwrap every live key.
+    ///
+    /// `visit(log index, header)` sees every record that stays in the log, in log order
+    /// (the idempotency table is rebuilt from them).
     pub fn open(
         data_dir: &Path,
         shard: usize,
         master_key: &MasterKeyText,
         profile: &Profile,
+        visit: &mut dyn FnMut(u64, &RecordHeader),
     ) -> Result<ShardStore, StoreError> {
         let dir = shard_dir(data_dir, shard);
         let io = |path: &Path| {
@@ -270,11 +275,18 @@ impl ShardStore {
         for &id in &ids {
             let path = dir.join(segment_file_name(id));
             let bytes = fs::read(&path).map_err(io(&path))?;
-            let v = recover_segment(id, &bytes, &keyring, &master(), cfg.payload_bytes_max)
-                .map_err(|source| StoreError::Recovery {
-                    dir: dir.clone(),
-                    source,
-                })?;
+            let v = recover_segment_visiting(
+                id,
+                &bytes,
+                &keyring,
+                &master(),
+                cfg.payload_bytes_max,
+                visit,
+            )
+            .map_err(|source| StoreError::Recovery {
+                dir: dir.clone(),
+                source,
+            })?;
             verdicts.push((id, path, v));
         }
         let mut kept = Vec::new();

@@ -211,6 +211,14 @@ async fn metrics_match_the_clients_and_reveal_nothing_private() {
         .filter(|s| matches!(s, Status::Accepted(_)))
         .count();
     assert_eq!(steady_accepted, 40, "a normal sender is never held back");
+    // A resend of its first ten: answered duplicate, neither stored nor billed again.
+    let resent = c.submit(batch(0..10)).await.unwrap();
+    assert!(
+        resent.iter().all(|s| matches!(s, Status::Duplicate(_))),
+        "{resent:?}"
+    );
+    statuses.extend(resent);
+    batches += 1;
 
     // The blast: 2,000 never-contacted numbers at once; the detector pauses it.
     let b = Client::connect(&cfg(&blast_token)).await.unwrap();
@@ -283,6 +291,12 @@ async fn metrics_match_the_clients_and_reveal_nothing_private() {
         })
         .sum();
     assert_eq!(per_shard, accepted, "the shards add up to the total");
+    assert_eq!(value(&s, "courier_messages_duplicate_total"), Some(10.0));
+    // Every accepted id is remembered (the small profile's table holds 65,536).
+    assert_eq!(value(&s, "courier_idempotency_ids"), Some(accepted));
+    assert_eq!(value(&s, "courier_idempotency_ids_capacity"), Some(65_536.0));
+    assert_eq!(value(&s, "courier_idempotency_evicted_total"), Some(0.0));
+    assert!(value(&s, "courier_idempotency_oldest_unix_seconds").unwrap() > 1.7e9);
     assert!(value(&s, "courier_detect_rejected_total").unwrap() > 0.0);
     assert!(value(&s, "courier_integrity_signals_total").unwrap() >= 1.0);
     assert!(value(&s, "courier_log_appended_bytes_total").unwrap() > 0.0);

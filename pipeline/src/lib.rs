@@ -13,8 +13,8 @@
 //!               server::Server::poll_batch() ──> SubmitBatch { ticket, business_id, messages }
 //!                                                    │ the shell runs the stage chain:
 //!                                                    │ ingest::Ingest::check,
-//!                                                    │ (detect::Detector::observe_batch: built,
-//!                                                    │  not yet wired into the shell),
+//!                                                    │ idempotency::Idempotency::claim,
+//!                                                    │ detect::Detector::observe,
 //!                                                    │ seal::Sealer (per-recipient AES-GCM),
 //!                                                    │ log::Log::append + group commit
 //!               server::Server::ack(ticket, statuses) <─┘ (now, or once durable)
@@ -36,6 +36,7 @@
 
 pub mod cid;
 pub mod detect;
+pub mod idempotency;
 pub mod ingest;
 pub mod log;
 pub mod profile;

@@ -145,6 +145,9 @@ pub struct Limits {
     pub batches_in_flight_per_stream_max: u32,
     /// Milliseconds a connection may take, after its handshake, to send a valid HELLO.
     pub hello_timeout_ms: u32,
+    /// Most client message ids the idempotency table remembers, all shards together
+    /// (about 34 bytes each when full; see [`crate::idempotency`]).
+    pub idempotency_ids_max: u32,
 }
 
 impl Limits {
@@ -541,6 +544,12 @@ impl Profile {
             1024,
         );
         c.range("limits.hello_timeout_ms", l.hello_timeout_ms, 10, 600_000);
+        c.range(
+            "limits.idempotency_ids_max",
+            l.idempotency_ids_max,
+            crate::idempotency::ENTRIES_MIN as u32,
+            crate::idempotency::ENTRIES_MAX as u32,
+        );
 
         let q = &raw.quic;
         c.range("quic.idle_timeout_ms", q.idle_timeout_ms, 100, 3_600_000);

@@ -463,6 +463,17 @@ impl SegmentCodec {
     /// a torn write and is truncated. That record is the newest one written; the verdict
     /// says what was cut (`cause`) so the shell can report it.
     pub fn scan(&self, bytes: &[u8]) -> ScanOutcome {
+        self.scan_visiting(bytes, &mut |_, _| {})
+    }
+
+    /// [`SegmentCodec::scan`], calling `visit(log index, header)` for each valid record in
+    /// order (records after a torn tail are not visited; on corruption, those before it
+    /// were). Recovery uses it to rebuild the idempotency table from the log.
+    pub fn scan_visiting(
+        &self,
+        bytes: &[u8],
+        visit: &mut dyn FnMut(u64, &RecordHeader),
+    ) -> ScanOutcome {
         let segment_id = self.header.segment_id;
         match SegmentHeader::decode(bytes) {
             Err(HeaderError::Truncated(n)) => return ScanOutcome::TornHeader { bytes: n as u64 },
@@ -504,6 +515,10 @@ impl SegmentCodec {
             let index = summary.records;
             match self.read_at(bytes, offset, index) {
                 Ok((rec, used)) => {
+                    visit(
+                        self.header.first_index + u64::from(summary.records),
+                        &rec.header,
+                    );
                     summary.records += 1;
                     summary.bytes += used as u64;
                     summary.newest_ms =

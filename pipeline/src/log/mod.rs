@@ -109,6 +109,27 @@ pub fn recover_segment(
     master: &MasterKey,
     payload_bytes_max: u32,
 ) -> Result<SegmentVerdict, RecoveryError> {
+    recover_segment_visiting(
+        segment_id,
+        bytes,
+        keyring,
+        master,
+        payload_bytes_max,
+        &mut |_, _| {},
+    )
+}
+
+/// [`recover_segment`], calling `visit(log index, header)` for every record it reads
+/// (see [`SegmentCodec::scan_visiting`]). Only the records of a `Keep` or `Truncate`
+/// verdict stay in the log; an error verdict stops the start anyway.
+pub fn recover_segment_visiting(
+    segment_id: u64,
+    bytes: &[u8],
+    keyring: &Keyring,
+    master: &MasterKey,
+    payload_bytes_max: u32,
+    visit: &mut dyn FnMut(u64, &RecordHeader),
+) -> Result<SegmentVerdict, RecoveryError> {
     let header = match SegmentHeader::decode(bytes) {
         Ok(h) => h,
         Err(HeaderError::Truncated(_)) => {
@@ -139,7 +160,7 @@ pub fn recover_segment(
     let key = keyring
         .data_key(master, header.data_key_id)
         .map_err(|cause| RecoveryError::Key { segment_id, cause })?;
-    match SegmentCodec::new(header, key, payload_bytes_max).scan(bytes) {
+    match SegmentCodec::new(header, key, payload_bytes_max).scan_visiting(bytes, visit) {
         ScanOutcome::Clean(summary) => Ok(SegmentVerdict::Keep(summary)),
         ScanOutcome::TornTail {
             summary,

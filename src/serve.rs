@@ -5,7 +5,8 @@
 //! them by 4-tuple hash, and a datagram that lands on the wrong shard is forwarded by
 //! connection ID (see [`crate::shard`]).
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::fs;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -36,13 +37,54 @@ use crate::shard::{Forwarded, Peer, Shard, ShardCounters, DELTA_QUEUE_MAX, FORWA
 /// Control requests queued towards one shard.
 const CONTROL_QUEUE_MAX: usize = 64;
 
-/// A client id read back from a shard's log at start-up.
-#[derive(Debug, Clone, Copy)]
+/// A client id read back from a shard's log at start-up; ordered by time first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct RestoredId {
     time_ms: u64,
+    position: LogPosition,
     business_id: u32,
     client_id: u64,
-    position: LogPosition,
+}
+
+/// Ids a shard's recovery hands over at a time.
+const RESTORE_BATCH: usize = 4096;
+
+/// The newest `cap` client ids of all shards' logs, gathered while the shards recover
+/// in parallel: memory for `cap` ids however many the logs hold and however they are
+/// spread over the shards.
+#[derive(Debug)]
+struct RestoreSet {
+    cap: usize,
+    newest: std::sync::Mutex<BinaryHeap<Reverse<RestoredId>>>,
+}
+
+impl RestoreSet {
+    fn offer(&self, ids: &mut Vec<RestoredId>) {
+        let mut heap = self
+            .newest
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for id in ids.drain(..) {
+            if heap.len() < self.cap {
+                heap.push(Reverse(id));
+            } else if heap.peek().is_some_and(|Reverse(oldest)| id > *oldest) {
+                heap.pop();
+                heap.push(Reverse(id));
+            }
+        }
+    }
+
+    /// The ids, oldest first.
+    fn into_sorted(self) -> Vec<RestoredId> {
+        let heap = self
+            .newest
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Ascending `Reverse` is descending time.
+        let mut v: Vec<RestoredId> = heap.into_sorted_vec().into_iter().map(|r| r.0).collect();
+        v.reverse();
+        v
+    }
 }
 use crate::store::{MasterKeyText, ShardStore, StoreError};
 use crate::uring::{self, RingConfig, RingError, UdpRing};
@@ -376,6 +418,10 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
 
     let ids_max = profile.limits.idempotency_ids_max as usize;
     let idempotency = Arc::new(Idempotency::new(ids_max));
+    let restore = Arc::new(RestoreSet {
+        cap: ids_max,
+        newest: std::sync::Mutex::new(BinaryHeap::new()),
+    });
     let mut reset_key = [0u8; 64];
     rand::fill(&mut reset_key[..]);
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -427,6 +473,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         let data_dir = opts.data_dir.clone();
         let cpu = profile.io.pin_threads.then(|| cpus[index % cpus.len()]);
         let idempotency = idempotency.clone();
+        let restore = restore.clone();
         let thread = std::thread::Builder::new()
             .name(format!("courier-shard-{index}"))
             .spawn(move || -> Result<ServerStats, ServeError> {
@@ -445,22 +492,24 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
                 };
                 // Recovery happens before the shard reports ready: nothing is served from
                 // a log that has not been checked.
-                // Every client id still in the log, newest `ids_max` kept: the start
-                // rebuilds the shared idempotency table from them.
-                let mut ids = VecDeque::new();
+                // Every client id still in the log goes to the restore set: the start
+                // rebuilds the shared idempotency table from the newest of them.
+                let mut ids = Vec::with_capacity(RESTORE_BATCH);
                 let mut remember = |log_index: u64, h: &RecordHeader| {
-                    if ids.len() == ids_max {
-                        ids.pop_front();
-                    }
-                    ids.push_back(RestoredId {
+                    ids.push(RestoredId {
                         time_ms: h.time_ms,
+                        position: LogPosition::new(index as u16, log_index),
                         business_id: h.business_id,
                         client_id: h.client_id,
-                        position: LogPosition::new(index as u16, log_index),
                     });
+                    if ids.len() == RESTORE_BATCH {
+                        restore.offer(&mut ids);
+                    }
                 };
                 let opened =
                     ShardStore::open(&data_dir, index, &master_key, &profile, &mut remember);
+                restore.offer(&mut ids);
+                drop(restore);
                 let store = match opened {
                     Ok(s) => s,
                     Err(e) => {
@@ -490,7 +539,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
                     Ok(false) => {}
                     Err(e) => tracing::error!(shard = index, error = %e, "detector checkpoint not restored"),
                 }
-                let _ = waker_tx.send(Ok((index, ring.waker(), ids)));
+                let _ = waker_tx.send(Ok((index, ring.waker())));
                 let Ok(peers) = peers_rx.recv() else {
                     return Ok(ServerStats::default());
                 };
@@ -537,13 +586,9 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     drop(to_control_tx);
     let mut wakers = vec![None; shards];
     let mut failed = None;
-    let mut restored = Vec::new();
     for _ in 0..shards {
         match waker_rx.recv() {
-            Ok(Ok((i, w, ids))) => {
-                wakers[i] = Some(w);
-                restored.extend(ids);
-            }
+            Ok(Ok((i, w))) => wakers[i] = Some(w),
             Ok(Err(i)) => failed = Some(i),
             Err(_) => break,
         }
@@ -572,13 +617,16 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     // Before any shard takes a message: the ids already in the logs, oldest first, so
     // that the newest stay when the logs hold more than the table.
     let rebuild_started = std::time::Instant::now();
-    restored.sort_by_key(|r| (r.time_ms, r.position));
+    // Every shard thread dropped its handle once its recovery was done.
+    let restored = Arc::into_inner(restore)
+        .expect("every shard finished recovery")
+        .into_sorted();
     for r in &restored {
         idempotency.restore(r.business_id, r.client_id, r.position, r.time_ms);
     }
     let st = idempotency.stats();
     tracing::info!(
-        read = restored.len(),
+        newest_read = restored.len(),
         remembered = st.entries,
         capacity = st.capacity,
         ms = rebuild_started.elapsed().as_millis() as u64,
@@ -626,4 +674,36 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         }
     }
     Ok(running)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(time_ms: u64, shard: u16, index: u64) -> RestoredId {
+        RestoredId {
+            time_ms,
+            position: LogPosition::new(shard, index),
+            business_id: 1,
+            client_id: index,
+        }
+    }
+
+    #[test]
+    fn the_restore_set_keeps_the_newest_ids_of_all_shards_oldest_first() {
+        let set = RestoreSet {
+            cap: 5,
+            newest: std::sync::Mutex::new(BinaryHeap::new()),
+        };
+        // Shard 0 is all old, shard 1 all new, offered in small batches interleaved.
+        let mut a: Vec<RestoredId> = (0..4).map(|i| id(100 + i, 0, i)).collect();
+        let mut b: Vec<RestoredId> = (0..4).map(|i| id(200 + i, 1, i)).collect();
+        let mut c: Vec<RestoredId> = (4..8).map(|i| id(100 + i, 0, i)).collect();
+        set.offer(&mut b);
+        set.offer(&mut a);
+        set.offer(&mut c);
+        assert!(a.is_empty() && b.is_empty() && c.is_empty());
+        let times: Vec<u64> = set.into_sorted().iter().map(|r| r.time_ms).collect();
+        assert_eq!(times, [107, 200, 201, 202, 203]);
+    }
 }

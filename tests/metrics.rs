@@ -294,7 +294,10 @@ async fn metrics_match_the_clients_and_reveal_nothing_private() {
     assert_eq!(value(&s, "courier_messages_duplicate_total"), Some(10.0));
     // Every accepted id is remembered (the small profile's table holds 65,536).
     assert_eq!(value(&s, "courier_idempotency_ids"), Some(accepted));
-    assert_eq!(value(&s, "courier_idempotency_ids_capacity"), Some(65_536.0));
+    assert_eq!(
+        value(&s, "courier_idempotency_ids_capacity"),
+        Some(65_536.0)
+    );
     assert_eq!(value(&s, "courier_idempotency_evicted_total"), Some(0.0));
     assert!(value(&s, "courier_idempotency_oldest_unix_seconds").unwrap() > 1.7e9);
     assert!(value(&s, "courier_detect_rejected_total").unwrap() > 0.0);

@@ -24,8 +24,9 @@
 //! a false `duplicate` would lose a message.
 //!
 //! **Bounded.** Each stripe is a ring of `entries / STRIPES` slots (24 bytes each) and an
-//! index of slot numbers (hashbrown, 4 bytes per entry plus control bytes): about 30
-//! bytes per remembered id. When a stripe is full its oldest id is forgotten (counted in
+//! index of slot numbers (hashbrown, 4 bytes per entry plus a control byte, at most 7/8
+//! full), both allocated whole when the table is made: about 35 bytes per id. When a
+//! stripe is full its oldest id is forgotten (counted in
 //! [`IdStats::evicted`]); a resend of a forgotten id is stored again. The profile sets
 //! `limits.idempotency_ids_max`; an operator sizes it as accepted messages per second ×
 //! the resend window wanted (the metrics show the window actually held).
@@ -120,10 +121,16 @@ struct Stripe {
     evicted_in_flight: u64,
 }
 
+/// One stripe on cache lines of its own: shards locking neighbouring stripes must not
+/// bounce a shared line between their cores.
+#[derive(Debug)]
+#[repr(align(128))]
+struct Padded(Mutex<Stripe>);
+
 /// The shared idempotency table. Cheap to share (`Arc`); every method takes `&self`.
 #[derive(Debug)]
 pub struct Idempotency {
-    stripes: Box<[Mutex<Stripe>]>,
+    stripes: Box<[Padded]>,
     hasher: RandomState,
 }
 
@@ -139,14 +146,17 @@ impl Idempotency {
         let capacity = entries.div_ceil(STRIPES);
         let stripes = (0..STRIPES)
             .map(|_| {
-                Mutex::new(Stripe {
-                    slots: Vec::new(),
+                // Allocated whole up front: growing the index would rehash every id
+                // (a cache miss each) in the middle of serving. Pages of the ring are
+                // only touched as it fills.
+                Padded(Mutex::new(Stripe {
+                    slots: Vec::with_capacity(capacity),
                     capacity,
                     head: 0,
-                    index: HashTable::new(),
+                    index: HashTable::with_capacity(capacity),
                     evicted: 0,
                     evicted_in_flight: 0,
-                })
+                }))
             })
             .collect();
         Idempotency {
@@ -242,13 +252,6 @@ impl Idempotency {
         st
     }
 
-    /// Bytes the table holds when full (for documentation and profile checks).
-    pub fn bytes_when_full(entries: usize) -> usize {
-        // A slot, its index entry (u32) and hashbrown's control byte, at the index's
-        // worst load factor (1/2 just after growing).
-        entries * (std::mem::size_of::<Slot>() + 2 * (4 + 1))
-    }
-
     fn hash(&self, business_id: u32, client_id: u64) -> u64 {
         self.hasher.hash_one((business_id, client_id))
     }
@@ -257,6 +260,7 @@ impl Idempotency {
         // A panic while a stripe was locked leaves it consistent (every change is a few
         // field writes after the last fallible step), so a poisoned lock is still used.
         self.stripes[stripe]
+            .0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -306,15 +310,6 @@ impl Stripe {
     /// Writes `new` into the next slot (the oldest, once the ring is full) and indexes it.
     fn insert(&mut self, hasher: &RandomState, hash: u64, new: Slot) -> usize {
         let slot = if self.slots.len() < self.capacity {
-            if self.slots.len() == self.slots.capacity() {
-                // Grow by doubling, never past the capacity.
-                let more = self
-                    .slots
-                    .len()
-                    .max(64)
-                    .min(self.capacity - self.slots.len());
-                self.slots.reserve_exact(more);
-            }
             self.slots.push(new);
             self.slots.len() - 1
         } else {

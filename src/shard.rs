@@ -9,7 +9,7 @@
 //!          else ---> Server::handle_datagram
 //!     -> inbox: forwarded datagrams ---> Server::handle_datagram
 //!     -> Server::handle_timeout when due
-//!     -> Server::poll_batch ---> per message: Ingest::check, Detector::observe, Sealer::seal
+//!     -> Server::poll_batch ---> Ingest::check, Detector::observe_batch, per message Sealer::seal
 //!          ---> Log::append ---> (fdatasync) ---> Server::ack, Detector::record_accepted
 //!     -> Server::poll_transmit ---> SendBuf::submit (GSO) while send slots are free
 //!     -> every DELTA_INTERVAL: Detector::export_delta to every peer; peers' deltas merged
@@ -332,10 +332,25 @@ impl Shard {
         // Per message: the checks, then sealing for its recipient; the sealed bytes are
         // what the log stores. `sealed_of[i]` is the index in `self.sealed` of message i.
         let mut sealed_of = Vec::with_capacity(batch.messages.len());
+        // The detector decides the messages that pass the ingest checks in one call (it
+        // hashes them all first and overlaps their state's cache misses), in batch order.
+        let mut verdicts = Vec::with_capacity(batch.messages.len());
+        let ingest = &self.ingest;
+        self.detector.observe_batch(
+            now_ms,
+            &limits,
+            batch
+                .messages
+                .iter()
+                .filter(|m| ingest.check(m).is_none())
+                .map(|m| &m.recipient),
+            &mut verdicts,
+        );
+        let mut verdicts = verdicts.into_iter();
         for m in &batch.messages {
             let verdict = match self.ingest.check(m) {
                 Some(reason) => Verdict::Reject(reason),
-                None => self.detector.observe(now_ms, &limits, &m.recipient),
+                None => verdicts.next().expect("one verdict per checked message"),
             };
             let status = match verdict {
                 Verdict::Throttle { retry_after_ms } => {

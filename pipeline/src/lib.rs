@@ -13,8 +13,7 @@
 //!               server::Server::poll_batch() ──> SubmitBatch { ticket, business_id, messages }
 //!                                                    │ the shell runs the stage chain:
 //!                                                    │ ingest::Ingest::check,
-//!                                                    │ (detect::Detector::observe_batch: built,
-//!                                                    │  not yet wired into the shell),
+//!                                                    │ detect::Detector::observe_batch,
 //!                                                    │ seal::Sealer (per-recipient AES-GCM),
 //!                                                    │ log::Log::append + group commit
 //!               server::Server::ack(ticket, statuses) <─┘ (now, or once durable)

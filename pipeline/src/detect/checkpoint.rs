@@ -19,7 +19,9 @@ use super::{get_or_create, DetectConfig, Detector, Rating, Why};
 use crate::registry::Tier;
 
 const MAGIC: &[u8; 4] = b"CDET";
-const VERSION: u16 = 1;
+/// 2: recipient hashes are SipHash-1-3 of the padded number (1: SipHash-2-4 of the
+/// number); a version-1 checkpoint's hashes would not match this build's.
+const VERSION: u16 = 2;
 
 /// Why a checkpoint was refused. Nothing of the detector is changed when it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

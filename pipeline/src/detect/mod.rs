@@ -51,7 +51,7 @@
 //!   through, so such admissions at the limit are capped at 0.5 % of the limit per
 //!   episode (after which every message is rejected until the window drops below the
 //!   limit). So in sketch mode the limit holds within the HLL error plus 0.5 %: within
-//!   5 % at about 2 σ, not always (the seeded tier-10,000 ramp test ends 2.5 % over).
+//!   5 % at about 2 σ, not always (the seeded tier-10,000 ramp test ends 2.2 % over).
 //! - **Rate** (`mps`): a token bucket with one second of burst. Across shards each shard
 //!   holds a *share* of the rate proportional to its part of the business's recent demand
 //!   (rebalanced at every delta exchange), so the shares sum to the whole rate and the

@@ -9,8 +9,8 @@
 //!          else ---> Server::handle_datagram
 //!     -> inbox: forwarded datagrams ---> Server::handle_datagram
 //!     -> Server::handle_timeout when due
-//!     -> Server::poll_batch ---> per message: Ingest::check, Idempotency::claim (shared
-//!          by all shards: a resend is answered duplicate here), Detector::observe,
+//!     -> Server::poll_batch ---> Ingest::check, Idempotency::claim (shared by all shards:
+//!          a resend is answered duplicate here), Detector::observe_batch, per message
 //!          Sealer::seal ---> Log::append ---> (fdatasync) ---> Idempotency::settle,
 //!          Server::ack, Detector::record_accepted
 //!     -> Server::poll_transmit ---> SendBuf::submit (GSO) while send slots are free
@@ -347,35 +347,65 @@ impl Shard {
         // Per message: the checks, then sealing for its recipient; the sealed bytes are
         // what the log stores. `sealed_of[i]` is the index in `self.sealed` of message i.
         let mut sealed_of = Vec::with_capacity(batch.messages.len());
-        // The claim of each message still headed for the log.
-        let mut claims = Vec::with_capacity(batch.messages.len());
+        // First the ingest checks and the idempotency claims: a resend is answered before
+        // it counts for detection or billing. `early[i]` is message i's answer when it
+        // stops here; `fresh` holds the claims of the others, in order.
+        let mut early: Vec<Option<Status>> = Vec::with_capacity(batch.messages.len());
+        let mut fresh = Vec::with_capacity(batch.messages.len());
         for m in &batch.messages {
             if let Some(reason) = self.ingest.check(m) {
-                statuses.push(Status::Rejected(reason));
+                early.push(Some(Status::Rejected(reason)));
                 continue;
             }
-            // A resend is answered before it counts for detection or billing.
-            let claim = match self
+            match self
                 .idempotency
                 .claim(batch.business_id, m.client_id, now_ms)
             {
-                Claim::Fresh(t) => t,
+                Claim::Fresh(t) => {
+                    fresh.push(t);
+                    early.push(None);
+                }
                 Claim::Duplicate(p) => {
                     self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-                    statuses.push(Status::Duplicate(p));
-                    continue;
+                    early.push(Some(Status::Duplicate(p)));
                 }
                 Claim::InFlight => {
                     self.counters
                         .in_flight_retries
                         .fetch_add(1, Ordering::Relaxed);
-                    statuses.push(Status::Throttled {
+                    early.push(Some(Status::Throttled {
                         retry_after_ms: IN_FLIGHT_RETRY_MS,
-                    });
-                    continue;
+                    }));
                 }
-            };
-            let verdict = self.detector.observe(now_ms, &limits, &m.recipient);
+            }
+        }
+        // The detector decides the rest in one call (it hashes them all first and
+        // overlaps their state's cache misses), in batch order.
+        let mut verdicts = Vec::with_capacity(fresh.len());
+        self.detector.observe_batch(
+            now_ms,
+            &limits,
+            batch
+                .messages
+                .iter()
+                .zip(&early)
+                .filter(|(_, e)| e.is_none())
+                .map(|(m, _)| &m.recipient),
+            &mut verdicts,
+        );
+        let mut verdicts = verdicts.into_iter();
+        let mut fresh = fresh.into_iter();
+        // The claim of each message still headed for the log.
+        let mut claims = Vec::with_capacity(batch.messages.len());
+        for (m, early) in batch.messages.iter().zip(early) {
+            if let Some(status) = early {
+                statuses.push(status);
+                continue;
+            }
+            let claim = fresh.next().expect("one claim per message past the checks");
+            let verdict = verdicts
+                .next()
+                .expect("one verdict per message past the checks");
             let status = match verdict {
                 Verdict::Throttle { retry_after_ms } => {
                     self.counters

@@ -14,7 +14,7 @@
 //!                                                    │ the shell runs the stage chain:
 //!                                                    │ ingest::Ingest::check,
 //!                                                    │ idempotency::Idempotency::claim,
-//!                                                    │ detect::Detector::observe,
+//!                                                    │ detect::Detector::observe_batch,
 //!                                                    │ seal::Sealer (per-recipient AES-GCM),
 //!                                                    │ log::Log::append + group commit
 //!               server::Server::ack(ticket, statuses) <─┘ (now, or once durable)

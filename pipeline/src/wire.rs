@@ -210,6 +210,13 @@ impl Recipient {
         &self.bytes[..self.len as usize]
     }
 
+    /// The number zero-padded to [`RECIPIENT_BYTES_MAX`] bytes, `+` included: a fixed-size
+    /// encoding (no number holds a zero byte, so no two share one) for fixed-length
+    /// hashing. Handle with care: this is personal data.
+    pub(crate) fn padded(&self) -> &[u8; RECIPIENT_BYTES_MAX] {
+        &self.bytes
+    }
+
     /// The number as text, `+` included. Handle with care: this is personal data.
     pub fn as_str(&self) -> &str {
         // The bytes were checked to be ASCII in parse.

@@ -19,7 +19,10 @@ use super::{get_or_create, DetectConfig, Detector, Rating, Why};
 use crate::registry::Tier;
 
 const MAGIC: &[u8; 4] = b"CDET";
-const VERSION: u16 = 1;
+/// 2: recipient hashes are SipHash-1-3 of the padded number (1: SipHash-2-4 of the
+/// number) and the past-recipient filter has 256-bit blocks (1: 512-bit); a version-1
+/// checkpoint's hashes and filter bits would not match this build's.
+const VERSION: u16 = 2;
 
 /// Why a checkpoint was refused. Nothing of the detector is changed when it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -184,8 +187,8 @@ fn write_business(w: &mut W, id: u32, st: &BusinessState) {
         }
     }
     w.u32(st.filter.cur_items);
-    for x in st.filter.cur.iter().chain(&st.filter.old) {
-        w.u64(*x);
+    for x in st.filter.generation_words() {
+        w.u64(x);
     }
     w.u64(st.counts.window);
     for c in &st.counts.cells {
@@ -283,11 +286,8 @@ fn read_business(
         _ => return Err(CheckpointError::Corrupt("recipients mode")),
     };
     st.filter.cur_items = r.u32()?;
-    for i in 0..st.filter.cur.len() {
-        st.filter.cur[i] = r.u64()?;
-    }
-    for i in 0..st.filter.old.len() {
-        st.filter.old[i] = r.u64()?;
+    for i in 0..st.filter.word_count() {
+        st.filter.set_generation_word(i, r.u64()?);
     }
     st.counts.set_window(r.u64()?);
     for c in &mut st.counts.cells {

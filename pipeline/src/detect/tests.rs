@@ -427,3 +427,77 @@ fn a_declared_baseline_lets_a_known_large_sender_start_at_its_volume() {
         "10x a declared 10 a second (not the 50 floor) pauses: after {admitted}"
     );
 }
+
+#[test]
+fn a_batch_decides_as_its_messages_one_by_one() {
+    // Small tiers, rates and table so that every verdict kind occurs: admitted, throttled
+    // (rate and same recipient), limit reached, paused by a surge, table full; and an
+    // exempt business.
+    let cfg = DetectConfig {
+        businesses_max: 4,
+        surge_distinct_per_sec_min: 200,
+        ..DetectConfig::default()
+    };
+    let mut one = Detector::new(cfg.clone(), SECRET);
+    let mut batched = Detector::new(cfg, SECRET);
+    // 1: few recipients (same-recipient throttling); 2: exempt; 3: tier 250, then a blast;
+    // 4: 20 mps (rate throttling); 5: no room in the table.
+    let mut ls = [
+        limits(1, Tier::T2k, 1_000),
+        limits(2, Tier::T10k, 1_000),
+        limits(3, Tier::T250, 1_000),
+        limits(4, Tier::T2k, 20),
+        limits(5, Tier::T2k, 1_000),
+    ];
+    ls[1].exempt = true;
+    let mut kinds = HashMap::<&str, u32>::new();
+    let mut state = 1u64;
+    let mut out = Vec::new();
+    for batch in 0..400u64 {
+        let now = 1_000 + batch * 37;
+        let b = &ls[(batch % 5) as usize];
+        let blast = b.id == 3 && batch >= 300;
+        let n = if blast { 100 } else { 1 + batch % 50 };
+        let rs: Vec<Recipient> = (0..n)
+            .map(|i| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                if blast {
+                    num(1_000_000 + batch * 100 + i)
+                } else if b.id == 1 {
+                    num(state >> 33 & 63)
+                } else {
+                    num(state >> 33 & 511)
+                }
+            })
+            .collect();
+        let want: Vec<Verdict> = rs.iter().map(|r| one.observe(now, b, r)).collect();
+        out.clear();
+        batched.observe_batch(now, b, &rs, &mut out);
+        assert_eq!(out, want, "batch {batch}");
+        if batch % 20 == 19 {
+            // Recipient events and counters for the peers, as the shell takes them.
+            let (a, b) = (one.export_delta(now), batched.export_delta(now));
+            assert_eq!(format!("{a:?}"), format!("{b:?}"), "batch {batch}");
+        }
+        for v in want {
+            let k = match v {
+                Verdict::Admit => "admit",
+                Verdict::Throttle {
+                    retry_after_ms: 1000,
+                } => "throttle 1000",
+                Verdict::Throttle { .. } => "throttle",
+                Verdict::Reject(Reason::MessagingLimitReached) => "limit",
+                Verdict::Reject(Reason::SenderPaused) => "paused",
+                Verdict::Reject(_) => "other",
+            };
+            *kinds.entry(k).or_default() += 1;
+        }
+    }
+    for k in ["admit", "throttle", "limit", "paused", "throttle 1000"] {
+        assert!(kinds.get(k).copied().unwrap_or(0) > 0, "no {k}: {kinds:?}");
+    }
+    assert_eq!(one.checkpoint(), batched.checkpoint());
+    assert_eq!(one.stats(), batched.stats());
+}

@@ -91,6 +91,16 @@ impl std::fmt::Debug for BusinessState {
 }
 
 impl BusinessState {
+    /// Drops what was built from recipient hashes (the recipient window, the
+    /// past-recipient filter, the same-recipient counts): used when those hashes were
+    /// made with another hash function.
+    pub(crate) fn forget_recipient_hashes(&mut self, cfg: &DetectConfig) {
+        let fresh = BusinessState::new(cfg, self.caller_limits);
+        self.recipients = fresh.recipients;
+        self.filter = fresh.filter;
+        self.counts = fresh.counts;
+    }
+
     pub(crate) fn new(cfg: &DetectConfig, limits: (Tier, u32)) -> BusinessState {
         BusinessState {
             control: Control {

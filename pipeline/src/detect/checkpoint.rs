@@ -23,6 +23,9 @@ const MAGIC: &[u8; 4] = b"CDET";
 /// number) and the past-recipient filter has 256-bit blocks (1: 512-bit); a version-1
 /// checkpoint's hashes and filter bits would not match this build's.
 const VERSION: u16 = 2;
+/// The layout of version 1 is the same; restoring one keeps everything but what was
+/// derived from recipient hashes (see [`Detector::restore`]).
+const VERSION_OLD_HASH: u16 = 1;
 
 /// Why a checkpoint was refused. Nothing of the detector is changed when it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -338,6 +341,12 @@ impl Detector {
 
     /// Replaces this detector's business state with a checkpoint's. On error nothing
     /// changes. Queued signals and the unsent delta are kept.
+    ///
+    /// A version-1 checkpoint (written before the recipient hash changed) is restored
+    /// without what its hashes built: each business's 24 h recipient window, past-recipient
+    /// filter and same-recipient counts start empty; its pause, limits, rate bucket,
+    /// fan-out baseline, quality rating and billing count are kept, so an upgrade lifts
+    /// no pause and loses no billing.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), CheckpointError> {
         if bytes.len() < MAGIC.len() + 2 + 4 {
             return Err(CheckpointError::Truncated);
@@ -348,7 +357,7 @@ impl Detector {
         let (body, crc) = bytes.split_at(bytes.len() - 4);
         let mut r = R(&body[4..]);
         let version = r.u16()?;
-        if version != VERSION {
+        if version != VERSION && version != VERSION_OLD_HASH {
             return Err(CheckpointError::Version(version));
         }
         if super::keyed::crc32c(body) != u32::from_le_bytes(crc.try_into().expect("4")) {
@@ -370,6 +379,11 @@ impl Detector {
         }
         if !r.0.is_empty() {
             return Err(CheckpointError::Corrupt("trailing bytes"));
+        }
+        if version == VERSION_OLD_HASH {
+            for (_, st) in &mut states {
+                st.forget_recipient_hashes(&self.cfg);
+            }
         }
         self.businesses.clear();
         for (id, st) in states {

@@ -279,6 +279,46 @@ fn checkpoint_round_trips_and_refuses_damage() {
     );
 }
 
+/// The recipient hash changed in checkpoint version 2: a version-1 checkpoint (same
+/// layout) must not lift a pause or lose billing on the upgrade, and must not be read as
+/// if its hashes were this build's.
+#[test]
+fn a_version_1_checkpoint_keeps_pauses_and_billing_but_not_its_hashes() {
+    let mut d = Detector::new(DetectConfig::default(), SECRET);
+    let b = limits(7, Tier::T250, 1000);
+    for i in 0..250 {
+        d.observe(i * 1_000, &b, &num(i));
+    }
+    d.record_accepted(300_000, 7, 250);
+    let l = limits(11, Tier::T100k, 80);
+    let mut t = 1_000;
+    while d.observe(t, &l, &num(t)) != Verdict::Reject(Reason::SenderPaused) {
+        t += 1;
+    }
+    let mut v1 = d.checkpoint();
+    v1[4..6].copy_from_slice(&1u16.to_le_bytes());
+    let n = v1.len() - 4;
+    let crc = super::keyed::crc32c(&v1[..n]);
+    v1[n..].copy_from_slice(&crc.to_le_bytes());
+
+    let mut e = Detector::new(DetectConfig::default(), SECRET);
+    e.restore(&v1).unwrap();
+    assert_eq!(
+        e.observe(t + 1, &l, &num(1)),
+        Verdict::Reject(Reason::SenderPaused),
+        "the pause survives the upgrade"
+    );
+    assert_eq!(e.signal(7).unwrap().accepted_today, 250);
+    // The 24 h window was built from the old hashes: it starts again.
+    assert_eq!(e.observe(300_000, &b, &num(999)), Verdict::Admit);
+    // Other versions are still refused.
+    let mut v3 = v1.clone();
+    v3[4..6].copy_from_slice(&3u16.to_le_bytes());
+    let crc3 = super::keyed::crc32c(&v3[..n]);
+    v3[n..].copy_from_slice(&crc3.to_le_bytes());
+    assert_eq!(e.restore(&v3), Err(CheckpointError::Version(3)));
+}
+
 #[test]
 fn pause_and_unpause_travel_between_shards_by_epoch() {
     let mut a = Detector::new(DetectConfig::default(), SECRET);

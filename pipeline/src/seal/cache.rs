@@ -10,7 +10,7 @@
 //! drew three keys; four ways bring that near zero.) The hash is fixed (no seed): a business that aims recipients at
 //! one set only causes misses, which cost what sending to new recipients costs anyway.
 
-use aws_lc_rs::aead::LessSafeKey;
+use ring::aead::LessSafeKey;
 
 use crate::wire::Recipient;
 
@@ -172,7 +172,7 @@ impl KeyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aws_lc_rs::aead::{UnboundKey, AES_256_GCM};
+    use ring::aead::{UnboundKey, AES_256_GCM};
 
     fn key() -> Result<LessSafeKey, ()> {
         Ok(LessSafeKey::new(
@@ -182,6 +182,13 @@ mod tests {
 
     fn r(i: u32) -> Recipient {
         Recipient::parse(format!("+1555{i:07}").as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_way_holds_its_key_inline_within_the_documented_bound() {
+        // The Sealer's docs promise about 0.6 KiB per cached key, allocated up front.
+        let way = std::mem::size_of::<Option<Entry>>();
+        assert!(way <= 640, "{way} bytes per way");
     }
 
     #[test]

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use aws_lc_rs::hmac;
 use rand::CryptoRng;
-use sha2::{Digest, Sha256};
 
 use crate::wire::Recipient;
 
@@ -247,38 +246,88 @@ pub fn unwrap_root_key(
     Ok(RootKey(root))
 }
 
-/// HMAC-SHA256 with both pads already absorbed: one HMAC of a short message then costs
-/// two SHA-256 compressions and two copies of a hash state. Measured against
-/// aws-lc-rs's `hmac::sign` (which copies an `HMAC_CTX` and re-finalises through the EVP
-/// layer): see `parts/hkdf` and `parts/hmac_aws-lc-rs` in `benches/seal.rs`.
+/// HMAC-SHA256 with both pads already absorbed, driving SHA-256's compression function
+/// directly (`sha2::compress256`, SHA-NI when the CPU has it): one HMAC of a message of
+/// at most 55 bytes, such as HKDF-Expand's single block, costs exactly two compressions
+/// and no hash-object bookkeeping. Measured against the `Digest` API of `sha2`, ring's
+/// `hmac::sign` and aws-lc-rs's `hmac::sign`: see `parts/hkdf` and `parts/hmac_*` in
+/// `benches/seal.rs` and BENCHMARKS.md, "Sealing (issue 4)".
 #[derive(Clone)]
 struct HmacPads {
-    inner: Sha256,
-    outer: Sha256,
+    /// SHA-256 state after the block `key ^ ipad`.
+    inner: [u32; 8],
+    /// SHA-256 state after the block `key ^ opad`.
+    outer: [u32; 8],
+}
+
+/// SHA-256's initial state (FIPS 180-4, 5.3.3).
+const SHA256_IV: [u32; 8] = [
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
+    0x5be0_cd19,
+];
+const SHA256_BLOCK: usize = 64;
+
+fn compress(state: &mut [u32; 8], block: &[u8; SHA256_BLOCK]) {
+    sha2::compress256(state, std::slice::from_ref(block.into()));
+}
+
+/// Finishes a SHA-256 whose state has absorbed `absorbed` bytes (a whole number of
+/// blocks) and has `data` left: full blocks, then the padding (FIPS 180-4, 5.1.1).
+fn finish(mut state: [u32; 8], absorbed: usize, data: &[u8], out: &mut [u8; 32]) {
+    let mut blocks = data.chunks_exact(SHA256_BLOCK);
+    for b in &mut blocks {
+        compress(&mut state, b.try_into().expect("64-byte chunk"));
+    }
+    let tail = blocks.remainder();
+    let bits = ((absorbed + data.len()) as u64) * 8;
+    let mut last = [0u8; 2 * SHA256_BLOCK];
+    last[..tail.len()].copy_from_slice(tail);
+    last[tail.len()] = 0x80;
+    // The length goes in the last 8 bytes of one block if it fits after the 0x80, else
+    // of a second block.
+    let end = if tail.len() < SHA256_BLOCK - 8 {
+        SHA256_BLOCK
+    } else {
+        2 * SHA256_BLOCK
+    };
+    last[end - 8..end].copy_from_slice(&bits.to_be_bytes());
+    for b in last[..end].chunks_exact(SHA256_BLOCK) {
+        compress(&mut state, b.try_into().expect("64-byte chunk"));
+    }
+    for (o, w) in out.chunks_exact_mut(4).zip(state) {
+        o.copy_from_slice(&w.to_be_bytes());
+    }
 }
 
 impl HmacPads {
     /// RFC 2104 with a key of at most one block (64 bytes).
     fn new(key: &[u8]) -> HmacPads {
-        assert!(key.len() <= 64, "keys longer than a block are hashed first");
-        let mut ipad = [0x36u8; 64];
-        let mut opad = [0x5cu8; 64];
+        assert!(
+            key.len() <= SHA256_BLOCK,
+            "keys longer than a block are hashed first"
+        );
+        let mut ipad = [0x36u8; SHA256_BLOCK];
+        let mut opad = [0x5cu8; SHA256_BLOCK];
         for (i, k) in key.iter().enumerate() {
             ipad[i] ^= k;
             opad[i] ^= k;
         }
-        HmacPads {
-            inner: Sha256::new_with_prefix(ipad),
-            outer: Sha256::new_with_prefix(opad),
-        }
+        let (mut inner, mut outer) = (SHA256_IV, SHA256_IV);
+        compress(&mut inner, &ipad);
+        compress(&mut outer, &opad);
+        HmacPads { inner, outer }
     }
 
     fn sign(&self, data: &[u8], out: &mut [u8; 32]) {
-        let mut inner = self.inner.clone();
-        inner.update(data);
-        let mut outer = self.outer.clone();
-        outer.update(inner.finalize());
-        out.copy_from_slice(&outer.finalize());
+        let mut inner_hash = [0u8; 32];
+        finish(self.inner, SHA256_BLOCK, data, &mut inner_hash);
+        finish(self.outer, SHA256_BLOCK, &inner_hash, out);
     }
 }
 
@@ -421,7 +470,7 @@ mod tests {
     fn precomputed_pads_match_aws_lc_hmac() {
         for key_len in [0, 1, 32, 64] {
             let key: Vec<u8> = (0..key_len as u8).collect();
-            for data_len in [0, 1, 55, 56, 64, 200] {
+            for data_len in [0, 1, 55, 56, 63, 64, 119, 120, 128, 200] {
                 let data: Vec<u8> = (0..data_len).map(|i| (i * 7) as u8).collect();
                 let mut ours = [0; 32];
                 HmacPads::new(&key).sign(&data, &mut ours);

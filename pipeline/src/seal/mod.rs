@@ -33,7 +33,7 @@
 mod cache;
 pub mod keys;
 
-use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 
 pub use cache::CacheStats;
 use cache::KeyCache;
@@ -119,7 +119,15 @@ fn aad(
     n
 }
 
+/// The sealer's expanded key (ring): AES-256 key schedule and GHASH key powers, held
+/// inline (no heap).
 fn expand(key: &RecipientKey) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key.as_bytes()).expect("32-byte key"))
+}
+
+/// The opening key (aws-lc-rs).
+fn expand_for_open(key: &RecipientKey) -> aws_lc_rs::aead::LessSafeKey {
+    use aws_lc_rs::aead::{LessSafeKey, UnboundKey, AES_256_GCM};
     LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key.as_bytes()).expect("32-byte key"))
 }
 
@@ -423,13 +431,13 @@ pub fn open<'o>(
         return Err(OpenError::Truncated);
     }
     let (nonce, body) = sealed.split_at(SEAL_NONCE_BYTES);
-    let nonce = Nonce::try_assume_unique_for_key(nonce).expect("12 bytes");
+    let nonce = aws_lc_rs::aead::Nonce::try_assume_unique_for_key(nonce).expect("12 bytes");
     let mut aad_buf = [0; AAD_BYTES_MAX];
     let aad_len = aad(business_id, recipient, client_id, &mut aad_buf);
     out.clear();
     out.extend_from_slice(body);
-    let opened = expand(key)
-        .open_in_place(nonce, Aad::from(&aad_buf[..aad_len]), out)
+    let opened = expand_for_open(key)
+        .open_in_place(nonce, aws_lc_rs::aead::Aad::from(&aad_buf[..aad_len]), out)
         .map(|plain| plain.len());
     match opened {
         Ok(plain_len) => {

@@ -210,6 +210,13 @@ impl Recipient {
         &self.bytes[..self.len as usize]
     }
 
+    /// The number's bytes in a fixed array, zero after the last one (a valid number holds
+    /// no zero byte, so the array alone identifies it): for hashing and key derivation
+    /// without variable-length copies.
+    pub(crate) fn as_padded(&self) -> &[u8; RECIPIENT_BYTES_MAX] {
+        &self.bytes
+    }
+
     /// The number as text, `+` included. Handle with care: this is personal data.
     pub fn as_str(&self) -> &str {
         // The bytes were checked to be ASCII in parse.

@@ -40,6 +40,9 @@ const ROOT_WRAP_AAD_PREFIX: &[u8] = b"courier/root-key/v1";
 /// Longest HKDF info: prefix, business id, recipient length byte, recipient.
 const INFO_BYTES_MAX: usize =
     RECIPIENT_INFO_PREFIX.len() + 4 + 1 + crate::wire::RECIPIENT_BYTES_MAX;
+// HKDF-Expand's message (info and the counter byte) and SHA-256's 9 padding bytes fit
+// one block.
+const _: () = assert!(INFO_BYTES_MAX + 1 + 9 <= SHA256_BLOCK);
 
 /// Where the keys of recipients come from. One implementation per kind of key: derived
 /// from a business root key ([`DerivedKeys`]) today, negotiated with the recipient later.
@@ -277,8 +280,10 @@ fn compress(state: &mut [u32; 8], block: &[u8; SHA256_BLOCK]) {
     sha2::compress256(state, std::slice::from_ref(block.into()));
 }
 
+/// (The general case, for the tests' check of the pads against aws-lc-rs's HMAC.)
 /// Finishes a SHA-256 whose state has absorbed `absorbed` bytes (a whole number of
 /// blocks) and has `data` left: full blocks, then the padding (FIPS 180-4, 5.1.1).
+#[cfg(test)]
 fn finish(mut state: [u32; 8], absorbed: usize, data: &[u8], out: &mut [u8; 32]) {
     let mut blocks = data.chunks_exact(SHA256_BLOCK);
     for b in &mut blocks {
@@ -324,6 +329,26 @@ impl HmacPads {
         HmacPads { inner, outer }
     }
 
+    /// HMAC of a message of at most 55 bytes that the caller has already laid out with
+    /// its SHA-256 padding (as the second block of the inner hash) in `block`.
+    fn sign_padded_block(&self, block: &[u8; SHA256_BLOCK], out: &mut [u8; 32]) {
+        let mut inner = self.inner;
+        compress(&mut inner, block);
+        let mut outer_block = [0u8; SHA256_BLOCK];
+        for (o, w) in outer_block.chunks_exact_mut(4).zip(inner) {
+            o.copy_from_slice(&w.to_be_bytes());
+        }
+        outer_block[32] = 0x80;
+        outer_block[SHA256_BLOCK - 8..]
+            .copy_from_slice(&(((SHA256_BLOCK + 32) * 8) as u64).to_be_bytes());
+        let mut outer = self.outer;
+        compress(&mut outer, &outer_block);
+        for (o, w) in out.chunks_exact_mut(4).zip(outer) {
+            o.copy_from_slice(&w.to_be_bytes());
+        }
+    }
+
+    #[cfg(test)]
     fn sign(&self, data: &[u8], out: &mut [u8; 32]) {
         let mut inner_hash = [0u8; 32];
         finish(self.inner, SHA256_BLOCK, data, &mut inner_hash);
@@ -413,21 +438,24 @@ impl RecipientKeys for DerivedKeys {
             .businesses
             .get(&business_id)
             .ok_or(KeyError::UnknownBusiness { business_id })?;
-        // HKDF-Expand, L = 32 = HashLen: T(1) = HMAC(PRK, info | 0x01).
-        let r = recipient.as_bytes();
-        let mut info = [0u8; INFO_BYTES_MAX + 1];
-        let mut n = 0;
-        for part in [
-            RECIPIENT_INFO_PREFIX,
-            &business_id.to_le_bytes(),
-            &[r.len() as u8],
-            r,
-            &[1u8],
-        ] {
-            info[n..n + part.len()].copy_from_slice(part);
-            n += part.len();
-        }
-        prk.sign(&info[..n], &mut out.0);
+        // HKDF-Expand, L = 32 = HashLen: T(1) = HMAC(PRK, info | 0x01). The message
+        // (at most INFO_BYTES_MAX + 1 = 42 bytes) and its SHA-256 padding are laid out in
+        // one block with fixed-size copies: the zero-padded number, then the counter
+        // byte and the 0x80 over its zeros.
+        const P: usize = RECIPIENT_INFO_PREFIX.len();
+        let r = recipient.as_bytes().len();
+        let mut block = [0u8; SHA256_BLOCK];
+        block[..P].copy_from_slice(RECIPIENT_INFO_PREFIX);
+        block[P..P + 4].copy_from_slice(&business_id.to_le_bytes());
+        block[P + 4] = r as u8;
+        block[P + 5..P + 5 + crate::wire::RECIPIENT_BYTES_MAX]
+            .copy_from_slice(recipient.as_padded());
+        let n = P + 5 + r;
+        block[n] = 1;
+        block[n + 1] = 0x80;
+        let bits = ((SHA256_BLOCK + n + 1) * 8) as u64;
+        block[SHA256_BLOCK - 8..].copy_from_slice(&bits.to_be_bytes());
+        prk.sign_padded_block(&block, &mut out.0);
         Ok(())
     }
 }
@@ -444,26 +472,38 @@ mod tests {
 
     #[test]
     fn derivation_is_rfc5869_hkdf_sha256() {
+        // Every recipient length (8 to 16 bytes) and a few businesses, against aws-lc-rs's
+        // HKDF: the one-block layout of the info must match the generic construction.
         let root = RootKey::from_bytes([7; 32]);
-        let r = recipient("+4915112345678");
-        let mut keys = DerivedKeys::new();
-        keys.insert_root(42, &root);
-        let mut ours = RecipientKey::zeroed();
-        keys.recipient_key(42, &r, &mut ours).unwrap();
-
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(root.as_bytes());
-        let info: [&[u8]; 4] = [
-            RECIPIENT_INFO_PREFIX,
-            &42u32.to_le_bytes(),
-            &[r.as_bytes().len() as u8],
-            r.as_bytes(),
-        ];
-        let mut reference = [0u8; 32];
-        prk.expand(&info, hkdf::HKDF_SHA256)
-            .unwrap()
-            .fill(&mut reference)
-            .unwrap();
-        assert_eq!(ours.as_bytes(), &reference);
+        let mut keys = DerivedKeys::new();
+        for business in [0, 42, u32::MAX] {
+            keys.insert_root(business, &root);
+            for digits in 7..=15 {
+                let number: String = (0..digits)
+                    .map(|i| char::from(b'1' + (i % 9) as u8))
+                    .collect();
+                let r = recipient(&format!("+{number}"));
+                let mut ours = RecipientKey::zeroed();
+                keys.recipient_key(business, &r, &mut ours).unwrap();
+                let info: [&[u8]; 4] = [
+                    RECIPIENT_INFO_PREFIX,
+                    &business.to_le_bytes(),
+                    &[r.as_bytes().len() as u8],
+                    r.as_bytes(),
+                ];
+                let mut reference = [0u8; 32];
+                prk.expand(&info, hkdf::HKDF_SHA256)
+                    .unwrap()
+                    .fill(&mut reference)
+                    .unwrap();
+                assert_eq!(
+                    ours.as_bytes(),
+                    &reference,
+                    "business {business}, {digits} digits"
+                );
+            }
+        }
     }
 
     #[test]

@@ -97,26 +97,22 @@ pub fn nonce_bytes(epoch: u32, shard: u16, counter: u64) -> [u8; SEAL_NONCE_BYTE
     n
 }
 
-/// Writes the associated data of a message into `buf`; returns its length.
+/// Writes the associated data of a message into `buf`; returns its length. Fixed-size
+/// copies only: the recipient goes in zero-padded and the length cuts the padding off.
 fn aad(
     business_id: u32,
     recipient: &Recipient,
     client_id: u64,
     buf: &mut [u8; AAD_BYTES_MAX],
 ) -> usize {
-    let r = recipient.as_bytes();
-    let mut n = 0;
-    for part in [
-        AAD_PREFIX,
-        &business_id.to_le_bytes(),
-        &client_id.to_le_bytes(),
-        &[r.len() as u8],
-        r,
-    ] {
-        buf[n..n + part.len()].copy_from_slice(part);
-        n += part.len();
-    }
-    n
+    const P: usize = AAD_PREFIX.len();
+    buf[..P].copy_from_slice(AAD_PREFIX);
+    buf[P..P + 4].copy_from_slice(&business_id.to_le_bytes());
+    buf[P + 4..P + 12].copy_from_slice(&client_id.to_le_bytes());
+    let r = recipient.as_bytes().len();
+    buf[P + 12] = r as u8;
+    buf[P + 13..].copy_from_slice(recipient.as_padded());
+    P + 13 + r
 }
 
 /// The sealer's expanded key (ring): AES-256 key schedule and GHASH key powers, held

@@ -17,21 +17,35 @@
 
 use ring::aead::LessSafeKey;
 
+use super::{expand, RecipientKey};
 use crate::wire::Recipient;
 
 struct Entry {
     business_id: u32,
     recipient: Recipient,
-    key: LessSafeKey,
+    key: WayKey,
+}
+
+/// What a way holds: the derived key after the recipient's first message (32 bytes, the
+/// expanded key having been built on the stack and dropped), the expanded key from the
+/// second message on. Inline on purpose (a boxed key would be an allocation per
+/// expansion and a pointer chase per hit): every way is sized for the expanded key.
+#[allow(clippy::large_enum_variant)]
+enum WayKey {
+    Derived(RecipientKey),
+    Expanded(LessSafeKey),
 }
 
 /// Hits and misses since the cache was built.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheStats {
-    /// Lookups that found an expanded key.
+    /// Lookups that found the recipient's key (no HKDF).
     pub hits: u64,
-    /// Lookups that derived and expanded a key.
+    /// Lookups that derived the key (HKDF) and expanded it for that one message.
     pub misses: u64,
+    /// Hits on a way that held only the derived key, which was then expanded into the
+    /// way (a recipient's second message since it entered the cache).
+    pub expansions: u64,
 }
 
 /// Ways per set.
@@ -107,13 +121,20 @@ impl KeyCache {
         self.stats
     }
 
-    /// The expanded key of (business, recipient), made by `make` on a miss.
-    pub(crate) fn get_or_insert<E>(
+    /// Calls `use_key` with the expanded key of (business, recipient).
+    ///
+    /// On a miss, `derive` writes the recipient's key; it is expanded on the stack for
+    /// this one use, and only the 32 derived bytes go into the way (a recipient seen once
+    /// costs what a new key costs, plus one HKDF, and writes one way's tag and 32 bytes
+    /// rather than a 0.5 KiB expanded key into memory that is probably cold). On the
+    /// recipient's next hit the way's key is expanded in place and stays expanded.
+    pub(crate) fn with_key<E, R>(
         &mut self,
         business_id: u32,
         recipient: &Recipient,
-        make: impl FnOnce() -> Result<LessSafeKey, E>,
-    ) -> Result<&LessSafeKey, E> {
+        derive: impl FnOnce(&mut RecipientKey) -> Result<(), E>,
+        use_key: impl FnOnce(&LessSafeKey) -> R,
+    ) -> Result<R, E> {
         let h = hash(business_id, recipient);
         let set = (h as usize) & self.set_mask;
         let fingerprint = (h >> 48) as u16;
@@ -126,45 +147,49 @@ impl KeyCache {
                 && matches!(&ways[base + w],
                     Some(e) if e.business_id == business_id && e.recipient == *recipient)
         });
-        let way = match hit {
-            Some(w) => {
-                self.stats.hits += 1;
-                state.used |= 1 << w;
-                w
+        if let Some(w) = hit {
+            self.stats.hits += 1;
+            state.used |= 1 << w;
+            let entry = self.ways[base + w].as_mut().expect("way just found");
+            if let WayKey::Derived(derived) = &entry.key {
+                let expanded = expand(derived);
+                entry.key = WayKey::Expanded(expanded);
+                self.stats.expansions += 1;
             }
-            None => {
-                let key = make()?;
-                self.stats.misses += 1;
-                let w = match (0..WAYS).find(|&w| state.occupied & (1 << w) == 0) {
-                    Some(empty) => empty,
-                    None => loop {
-                        // Bounded: each step clears a bit, so within 2 * WAYS steps the
-                        // hand finds a way with its bit clear.
-                        let h = state.hand as usize;
-                        state.hand = ((h + 1) % WAYS) as u8;
-                        if state.used & (1 << h) == 0 {
-                            break h;
-                        }
-                        state.used &= !(1 << h);
-                    },
-                };
-                self.ways[base + w] = Some(Entry {
-                    business_id,
-                    recipient: *recipient,
-                    key,
-                });
-                state.occupied |= 1 << w;
-                state.fingerprints[w] = fingerprint;
-                // A new key earns its second chance by being used again, so a stream
-                // of one-off recipients evicts itself before the set's repeat ones.
-                state.used &= !(1 << w);
-                w
-            }
+            return match &entry.key {
+                WayKey::Expanded(key) => Ok(use_key(key)),
+                WayKey::Derived(_) => unreachable!("expanded just above"),
+            };
+        }
+
+        let mut derived = RecipientKey::zeroed();
+        derive(&mut derived)?;
+        self.stats.misses += 1;
+        let key = expand(&derived);
+        let w = match (0..WAYS).find(|&w| state.occupied & (1 << w) == 0) {
+            Some(empty) => empty,
+            None => loop {
+                // Bounded: each step clears a bit, so within 2 * WAYS steps the hand
+                // finds a way with its bit clear.
+                let h = state.hand as usize;
+                state.hand = ((h + 1) % WAYS) as u8;
+                if state.used & (1 << h) == 0 {
+                    break h;
+                }
+                state.used &= !(1 << h);
+            },
         };
-        Ok(&self.ways[base + way]
-            .as_ref()
-            .expect("way just found or filled")
-            .key)
+        self.ways[base + w] = Some(Entry {
+            business_id,
+            recipient: *recipient,
+            key: WayKey::Derived(derived),
+        });
+        state.occupied |= 1 << w;
+        state.fingerprints[w] = fingerprint;
+        // A new key earns its second chance by being used again, so a stream of one-off
+        // recipients evicts itself before the set's repeat ones.
+        state.used &= !(1 << w);
+        Ok(use_key(&key))
     }
 
     /// Empties way `w` of `set`.
@@ -215,12 +240,29 @@ impl KeyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ring::aead::{UnboundKey, AES_256_GCM};
 
-    fn key() -> Result<LessSafeKey, ()> {
-        Ok(LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, &[3; 32]).unwrap(),
-        ))
+    fn key(out: &mut RecipientKey) -> Result<(), ()> {
+        *out = RecipientKey::from_bytes([3; 32]);
+        Ok(())
+    }
+
+    fn tag_of(k: &LessSafeKey) -> [u8; 16] {
+        let tag = k
+            .seal_in_place_separate_tag(
+                ring::aead::Nonce::assume_unique_for_key([0; 12]),
+                ring::aead::Aad::empty(),
+                &mut [0u8; 4],
+            )
+            .unwrap();
+        tag.as_ref().try_into().unwrap()
+    }
+
+    /// Looks up (business, recipient) with the test key; whether it was just derived,
+    /// stored derived or stored expanded, the key handed out is that key.
+    fn get(c: &mut KeyCache, business_id: u32, recipient: &Recipient) {
+        let expected = tag_of(&expand(&RecipientKey::from_bytes([3; 32])));
+        let got = c.with_key(business_id, recipient, key, tag_of).unwrap();
+        assert_eq!(got, expected);
     }
 
     fn r(i: u32) -> Recipient {
@@ -246,7 +288,7 @@ mod tests {
         let mut c = KeyCache::new(4096);
         for round in 0..3 {
             for i in 0..1000 {
-                c.get_or_insert(1, &r(i), key).unwrap();
+                get(&mut c, 1, &r(i));
             }
             let s = c.stats();
             assert_eq!(s.hits + s.misses, 1000 * (round + 1));
@@ -265,11 +307,13 @@ mod tests {
         // second chance each time the hand passes it, so it never misses after its first.
         let mut c = KeyCache::new(4);
         for i in 0..200 {
-            c.get_or_insert(1, &r(0), key).unwrap();
-            c.get_or_insert(1, &r(1000 + i), key).unwrap();
+            get(&mut c, 1, &r(0));
+            get(&mut c, 1, &r(1000 + i));
         }
         assert_eq!(c.stats().hits, 199, "{:?}", c.stats());
         assert_eq!(c.stats().misses, 201);
+        // Only the hot key was ever used twice: expanded into its way once.
+        assert_eq!(c.stats().expansions, 1);
         assert!(c.ways.iter().all(|w| w.is_some()));
         assert_eq!(c.ways.len(), 4);
         c.assert_consistent();
@@ -279,24 +323,22 @@ mod tests {
     fn a_failing_make_leaves_the_cache_unchanged_and_forget_drops() {
         let mut c = KeyCache::new(8);
         assert_eq!(c.capacity(), 8);
-        assert!(c
-            .get_or_insert(1, &r(1), || Err::<LessSafeKey, _>(()))
-            .is_err());
+        assert!(c.with_key(1, &r(1), |_| Err::<(), _>(()), |_| ()).is_err());
         assert_eq!(c.stats(), CacheStats::default());
-        c.get_or_insert(1, &r(1), key).unwrap();
-        c.get_or_insert(1, &r(1), key).unwrap();
+        get(&mut c, 1, &r(1));
+        get(&mut c, 1, &r(1));
         assert_eq!(c.stats().hits, 1);
         c.forget(1, &r(1));
         c.assert_consistent();
-        c.get_or_insert(1, &r(1), key).unwrap();
+        get(&mut c, 1, &r(1));
         assert_eq!(c.stats().misses, 2);
-        c.get_or_insert(2, &r(1), key).unwrap();
+        get(&mut c, 2, &r(1));
         c.forget_business(1);
         c.assert_consistent();
         assert_eq!(c.ways.iter().filter(|w| w.is_some()).count(), 1);
         // Business 2's key survived business 1's removal; business 1 misses again.
-        c.get_or_insert(2, &r(1), key).unwrap();
-        c.get_or_insert(1, &r(1), key).unwrap();
+        get(&mut c, 2, &r(1));
+        get(&mut c, 1, &r(1));
         assert_eq!(c.stats().hits, 2);
         assert_eq!(c.stats().misses, 4);
         c.forget_business(2);

@@ -261,7 +261,6 @@ pub struct Sealer<K> {
     epoch: u32,
     shard: u16,
     counter: u64,
-    scratch: RecipientKey,
 }
 
 impl<K> std::fmt::Debug for Sealer<K> {
@@ -284,7 +283,6 @@ impl<K: RecipientKeys> Sealer<K> {
             epoch: config.epoch,
             shard: config.shard,
             counter: 0,
-            scratch: RecipientKey::zeroed(),
         }
     }
 
@@ -345,24 +343,32 @@ impl<K: RecipientKeys> Sealer<K> {
         // The counter moves before the key lookup: a failed lookup burns the nonce.
         self.counter += 1;
         let nonce = nonce_bytes(self.epoch, self.shard, counter);
-        let (keys, scratch) = (&self.keys, &mut self.scratch);
-        let key = self.cache.get_or_insert(business_id, &m.recipient, || {
-            keys.recipient_key(business_id, &m.recipient, scratch)?;
-            Ok::<_, KeyError>(expand(scratch))
-        })?;
         let mut aad_buf = [0; AAD_BYTES_MAX];
         let aad_len = aad(business_id, &m.recipient, m.client_id, &mut aad_buf);
-
         let start = out.bytes.len();
         out.bytes.extend_from_slice(&nonce);
         out.bytes.extend_from_slice(&m.payload);
-        let tag = key
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(&aad_buf[..aad_len]),
-                &mut out.bytes[start + SEAL_NONCE_BYTES..],
-            )
-            .expect("payload within AES-GCM's 64 GiB limit");
+        let keys = &self.keys;
+        let sealed = self.cache.with_key(
+            business_id,
+            &m.recipient,
+            |derived| keys.recipient_key(business_id, &m.recipient, derived),
+            |key| {
+                key.seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(&aad_buf[..aad_len]),
+                    &mut out.bytes[start + SEAL_NONCE_BYTES..],
+                )
+                .expect("payload within AES-GCM's 64 GiB limit")
+            },
+        );
+        let tag = match sealed {
+            Ok(tag) => tag,
+            Err(e) => {
+                out.bytes.truncate(start);
+                return Err(e.into());
+            }
+        };
         out.bytes.extend_from_slice(tag.as_ref());
         debug_assert_eq!(
             out.bytes.len() - start,

@@ -17,7 +17,7 @@
 
 use ring::aead::LessSafeKey;
 
-use super::{expand, RecipientKey};
+use super::{expand, RecipientKey, KEY_BYTES};
 use crate::wire::Recipient;
 
 struct Entry {
@@ -30,9 +30,12 @@ struct Entry {
 /// expanded key having been built on the stack and dropped), the expanded key from the
 /// second message on. Inline on purpose (a boxed key would be an allocation per
 /// expansion and a pointer chase per hit): every way is sized for the expanded key.
+/// Neither variant has drop glue, so filling a way is a store that never reads the cold
+/// way it replaces (the derived bytes are key material no more than the expanded key's
+/// schedule is, which ring does not wipe either).
 #[allow(clippy::large_enum_variant)]
 enum WayKey {
-    Derived(RecipientKey),
+    Derived([u8; KEY_BYTES]),
     Expanded(LessSafeKey),
 }
 
@@ -152,7 +155,7 @@ impl KeyCache {
             state.used |= 1 << w;
             let entry = self.ways[base + w].as_mut().expect("way just found");
             if let WayKey::Derived(derived) = &entry.key {
-                let expanded = expand(derived);
+                let expanded = expand(&RecipientKey::from_bytes(*derived));
                 entry.key = WayKey::Expanded(expanded);
                 self.stats.expansions += 1;
             }
@@ -182,7 +185,7 @@ impl KeyCache {
         self.ways[base + w] = Some(Entry {
             business_id,
             recipient: *recipient,
-            key: WayKey::Derived(derived),
+            key: WayKey::Derived(*derived.as_bytes()),
         });
         state.occupied |= 1 << w;
         state.fingerprints[w] = fingerprint;

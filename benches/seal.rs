@@ -12,10 +12,12 @@
 //!   lookup misses, so each message pays HKDF-SHA256 and an AES key schedule.
 //! - `raw/<size>/one_key`, `raw/<size>/new_key`: aws-lc-rs `LessSafeKey` sealing with the
 //!   same layout and AAD length, with one key, and with a key built per message.
-//! - `impl/aes-gcm/<size>`, `impl/aws-lc-rs/<size>`: raw one-key sealing per crate, and
-//!   `impl/*_new_key/<size>` with a key built per message.
+//! - `impl/aes-gcm/<size>`, `impl/aws-lc-rs/<size>`, `impl/ring/<size>`: raw one-key
+//!   sealing per crate, and `impl/*_new_key/<size>` with a key built per message (the
+//!   sealer uses ring, chosen on these).
 //! - `parts/hkdf`, `parts/key_schedule/*`: the two costs of a cache miss, alone;
-//!   `parts/hmac_aws-lc-rs`: the HKDF-Expand block through aws-lc-rs's HMAC instead.
+//!   `parts/hmac_aws-lc-rs`, `parts/hmac_ring`: the HKDF-Expand block through those
+//!   crates' HMAC instead.
 //! - `par/serial/<n>`, `par/rayon/<n>`: one batch of `n` × 1 KiB sealed on one core or
 //!   spread over all cores with rayon.
 //!

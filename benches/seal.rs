@@ -12,10 +12,12 @@
 //!   lookup misses, so each message pays HKDF-SHA256 and an AES key schedule.
 //! - `raw/<size>/one_key`, `raw/<size>/new_key`: aws-lc-rs `LessSafeKey` sealing with the
 //!   same layout and AAD length, with one key, and with a key built per message.
-//! - `impl/aes-gcm/<size>`, `impl/aws-lc-rs/<size>`: raw one-key sealing per crate, and
-//!   `impl/*_new_key/<size>` with a key built per message.
+//! - `impl/aes-gcm/<size>`, `impl/aws-lc-rs/<size>`, `impl/ring/<size>`: raw one-key
+//!   sealing per crate, and `impl/*_new_key/<size>` with a key built per message (the
+//!   sealer uses ring, chosen on these).
 //! - `parts/hkdf`, `parts/key_schedule/*`: the two costs of a cache miss, alone;
-//!   `parts/hmac_aws-lc-rs`: the HKDF-Expand block through aws-lc-rs's HMAC instead.
+//!   `parts/hmac_aws-lc-rs`, `parts/hmac_ring`: the HKDF-Expand block through those
+//!   crates' HMAC instead.
 //! - `par/serial/<n>`, `par/rayon/<n>`: one batch of `n` × 1 KiB sealed on one core or
 //!   spread over all cores with rayon.
 //!
@@ -228,6 +230,34 @@ fn aes_gcm_seal(key: &Aes256Gcm, counter: u64, aad: &[u8], payload: &[u8], out: 
     out.extend_from_slice(&tag);
 }
 
+fn ring_key(bytes: &[u8; 32]) -> ring::aead::LessSafeKey {
+    ring::aead::LessSafeKey::new(
+        ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, bytes).unwrap(),
+    )
+}
+
+/// Seals one message with ring into `out` in the pipeline's layout.
+fn ring_seal(
+    key: &ring::aead::LessSafeKey,
+    counter: u64,
+    aad: &[u8],
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let nonce = nonce_bytes(1, 0, counter);
+    let start = out.len();
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(payload);
+    let tag = key
+        .seal_in_place_separate_tag(
+            ring::aead::Nonce::assume_unique_for_key(nonce),
+            ring::aead::Aad::from(aad),
+            &mut out[start + 12..],
+        )
+        .unwrap();
+    out.extend_from_slice(tag.as_ref());
+}
+
 fn bench_impl<M: Measurement>(c: &mut Criterion<M>) {
     let aad = [0x33u8; AAD_BYTES];
     let kb = key_bytes();
@@ -260,6 +290,17 @@ fn bench_impl<M: Measurement>(c: &mut Criterion<M>) {
                 black_box(&out);
             })
         });
+        let rk = ring_key(&kb[0]);
+        g.bench_function(BenchmarkId::new("ring", size), |b| {
+            b.iter(|| {
+                out.clear();
+                for _ in 0..BATCH_MESSAGES {
+                    ring_seal(&rk, counter, &aad, &p, &mut out);
+                    counter += 1;
+                }
+                black_box(&out);
+            })
+        });
         let mut k = 0;
         g.bench_function(BenchmarkId::new("aes-gcm_new_key", size), |b| {
             b.iter(|| {
@@ -280,6 +321,18 @@ fn bench_impl<M: Measurement>(c: &mut Criterion<M>) {
                     let key = aws_key(&kb[k]);
                     k = (k + 1) % kb.len();
                     raw_seal(&key, counter, &aad, &p, &mut out);
+                    counter += 1;
+                }
+                black_box(&out);
+            })
+        });
+        g.bench_function(BenchmarkId::new("ring_new_key", size), |b| {
+            b.iter(|| {
+                out.clear();
+                for _ in 0..BATCH_MESSAGES {
+                    let key = ring_key(&kb[k]);
+                    k = (k + 1) % kb.len();
+                    ring_seal(&key, counter, &aad, &p, &mut out);
                     counter += 1;
                 }
                 black_box(&out);
@@ -312,9 +365,20 @@ fn bench_parts<M: Measurement>(c: &mut Criterion<M>) {
     g.bench_function("hmac_aws-lc-rs", |b| {
         b.iter(|| black_box(aws_lc_rs::hmac::sign(&prk, black_box(&info))))
     });
+    let prk = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[0x5a; 32]);
+    g.bench_function("hmac_ring", |b| {
+        b.iter(|| black_box(ring::hmac::sign(&prk, black_box(&info))))
+    });
     g.bench_function(BenchmarkId::new("key_schedule", "aws-lc-rs"), |b| {
         b.iter(|| {
             let k = aws_key(&kb[i]);
+            i = (i + 1) % kb.len();
+            black_box(k);
+        })
+    });
+    g.bench_function(BenchmarkId::new("key_schedule", "ring"), |b| {
+        b.iter(|| {
+            let k = ring_key(&kb[i]);
             i = (i + 1) % kb.len();
             black_box(k);
         })

@@ -212,7 +212,7 @@ impl Recipient {
 
     /// The number zero-padded to [`RECIPIENT_BYTES_MAX`] bytes, `+` included: a fixed-size
     /// encoding (no number holds a zero byte, so no two share one) for fixed-length
-    /// hashing. Handle with care: this is personal data.
+    /// hashing and key derivation. Handle with care: this is personal data.
     pub(crate) fn padded(&self) -> &[u8; RECIPIENT_BYTES_MAX] {
         &self.bytes
     }

@@ -16,12 +16,12 @@
 //! Invariant: no type here prints key bytes or recipient digits in `Debug`.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use aws_lc_rs::hmac;
 use rand::CryptoRng;
-use sha2::{Digest, Sha256};
 
 use crate::wire::Recipient;
 
@@ -41,6 +41,9 @@ const ROOT_WRAP_AAD_PREFIX: &[u8] = b"courier/root-key/v1";
 /// Longest HKDF info: prefix, business id, recipient length byte, recipient.
 const INFO_BYTES_MAX: usize =
     RECIPIENT_INFO_PREFIX.len() + 4 + 1 + crate::wire::RECIPIENT_BYTES_MAX;
+// HKDF-Expand's message (info and the counter byte) and SHA-256's 9 padding bytes fit
+// one block.
+const _: () = assert!(INFO_BYTES_MAX + 1 + 9 <= SHA256_BLOCK);
 
 /// Where the keys of recipients come from. One implementation per kind of key: derived
 /// from a business root key ([`DerivedKeys`]) today, negotiated with the recipient later.
@@ -247,38 +250,110 @@ pub fn unwrap_root_key(
     Ok(RootKey(root))
 }
 
-/// HMAC-SHA256 with both pads already absorbed: one HMAC of a short message then costs
-/// two SHA-256 compressions and two copies of a hash state. Measured against
-/// aws-lc-rs's `hmac::sign` (which copies an `HMAC_CTX` and re-finalises through the EVP
-/// layer): see `parts/hkdf` and `parts/hmac_aws-lc-rs` in `benches/seal.rs`.
+/// HMAC-SHA256 with both pads already absorbed, driving SHA-256's compression function
+/// directly (`sha2::compress256`, SHA-NI when the CPU has it): one HMAC of a message of
+/// at most 55 bytes, such as HKDF-Expand's single block, costs exactly two compressions
+/// and no hash-object bookkeeping. Measured against the `Digest` API of `sha2`, ring's
+/// `hmac::sign` and aws-lc-rs's `hmac::sign`: see `parts/hkdf` and `parts/hmac_*` in
+/// `benches/seal.rs` and BENCHMARKS.md, "Sealing (issue 4)".
 #[derive(Clone)]
 struct HmacPads {
-    inner: Sha256,
-    outer: Sha256,
+    /// SHA-256 state after the block `key ^ ipad`.
+    inner: [u32; 8],
+    /// SHA-256 state after the block `key ^ opad`.
+    outer: [u32; 8],
+}
+
+/// SHA-256's initial state (FIPS 180-4, 5.3.3).
+const SHA256_IV: [u32; 8] = [
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
+    0x5be0_cd19,
+];
+const SHA256_BLOCK: usize = 64;
+
+fn compress(state: &mut [u32; 8], block: &[u8; SHA256_BLOCK]) {
+    sha2::compress256(state, std::slice::from_ref(block.into()));
+}
+
+/// (The general case, for the tests' check of the pads against aws-lc-rs's HMAC.)
+/// Finishes a SHA-256 whose state has absorbed `absorbed` bytes (a whole number of
+/// blocks) and has `data` left: full blocks, then the padding (FIPS 180-4, 5.1.1).
+#[cfg(test)]
+fn finish(mut state: [u32; 8], absorbed: usize, data: &[u8], out: &mut [u8; 32]) {
+    let mut blocks = data.chunks_exact(SHA256_BLOCK);
+    for b in &mut blocks {
+        compress(&mut state, b.try_into().expect("64-byte chunk"));
+    }
+    let tail = blocks.remainder();
+    let bits = ((absorbed + data.len()) as u64) * 8;
+    let mut last = [0u8; 2 * SHA256_BLOCK];
+    last[..tail.len()].copy_from_slice(tail);
+    last[tail.len()] = 0x80;
+    // The length goes in the last 8 bytes of one block if it fits after the 0x80, else
+    // of a second block.
+    let end = if tail.len() < SHA256_BLOCK - 8 {
+        SHA256_BLOCK
+    } else {
+        2 * SHA256_BLOCK
+    };
+    last[end - 8..end].copy_from_slice(&bits.to_be_bytes());
+    for b in last[..end].chunks_exact(SHA256_BLOCK) {
+        compress(&mut state, b.try_into().expect("64-byte chunk"));
+    }
+    for (o, w) in out.chunks_exact_mut(4).zip(state) {
+        o.copy_from_slice(&w.to_be_bytes());
+    }
 }
 
 impl HmacPads {
     /// RFC 2104 with a key of at most one block (64 bytes).
     fn new(key: &[u8]) -> HmacPads {
-        assert!(key.len() <= 64, "keys longer than a block are hashed first");
-        let mut ipad = [0x36u8; 64];
-        let mut opad = [0x5cu8; 64];
+        assert!(
+            key.len() <= SHA256_BLOCK,
+            "keys longer than a block are hashed first"
+        );
+        let mut ipad = [0x36u8; SHA256_BLOCK];
+        let mut opad = [0x5cu8; SHA256_BLOCK];
         for (i, k) in key.iter().enumerate() {
             ipad[i] ^= k;
             opad[i] ^= k;
         }
-        HmacPads {
-            inner: Sha256::new_with_prefix(ipad),
-            outer: Sha256::new_with_prefix(opad),
+        let (mut inner, mut outer) = (SHA256_IV, SHA256_IV);
+        compress(&mut inner, &ipad);
+        compress(&mut outer, &opad);
+        HmacPads { inner, outer }
+    }
+
+    /// HMAC of a message of at most 55 bytes that the caller has already laid out with
+    /// its SHA-256 padding (as the second block of the inner hash) in `block`.
+    fn sign_padded_block(&self, block: &[u8; SHA256_BLOCK], out: &mut [u8; 32]) {
+        let mut inner = self.inner;
+        compress(&mut inner, block);
+        let mut outer_block = [0u8; SHA256_BLOCK];
+        for (o, w) in outer_block.chunks_exact_mut(4).zip(inner) {
+            o.copy_from_slice(&w.to_be_bytes());
+        }
+        outer_block[32] = 0x80;
+        outer_block[SHA256_BLOCK - 8..]
+            .copy_from_slice(&(((SHA256_BLOCK + 32) * 8) as u64).to_be_bytes());
+        let mut outer = self.outer;
+        compress(&mut outer, &outer_block);
+        for (o, w) in out.chunks_exact_mut(4).zip(outer) {
+            o.copy_from_slice(&w.to_be_bytes());
         }
     }
 
+    #[cfg(test)]
     fn sign(&self, data: &[u8], out: &mut [u8; 32]) {
-        let mut inner = self.inner.clone();
-        inner.update(data);
-        let mut outer = self.outer.clone();
-        outer.update(inner.finalize());
-        out.copy_from_slice(&outer.finalize());
+        let mut inner_hash = [0u8; 32];
+        finish(self.inner, SHA256_BLOCK, data, &mut inner_hash);
+        finish(self.outer, SHA256_BLOCK, &inner_hash, out);
     }
 }
 
@@ -291,7 +366,32 @@ impl HmacPads {
 /// business's PRK already absorbed), i.e. two SHA-256 compressions, with no allocation.
 /// Read-only once loaded: share it between shards with an `Arc`.
 pub struct DerivedKeys {
-    businesses: HashMap<u32, HmacPads>,
+    businesses: HashMap<u32, HmacPads, BuildHasherDefault<BusinessIdHasher>>,
+}
+
+/// Hasher of the business-id map, looked up once per cache miss: one multiply, where
+/// the default SipHash costs more than a tenth of the HKDF it precedes. Business ids
+/// come from the operator's registry, not from senders, so no flooding resistance is
+/// needed.
+#[derive(Default)]
+struct BusinessIdHasher(u64);
+
+impl std::hash::Hasher for BusinessIdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        // The table takes its bucket from the low bits and its tag from the top ones:
+        // fold the well-mixed high half down.
+        self.0 ^ (self.0 >> 32)
+    }
 }
 
 impl std::fmt::Debug for DerivedKeys {
@@ -312,7 +412,7 @@ impl DerivedKeys {
     /// No business loaded yet.
     pub fn new() -> DerivedKeys {
         DerivedKeys {
-            businesses: HashMap::new(),
+            businesses: HashMap::default(),
         }
     }
 
@@ -364,21 +464,23 @@ impl RecipientKeys for DerivedKeys {
             .businesses
             .get(&business_id)
             .ok_or(KeyError::UnknownBusiness { business_id })?;
-        // HKDF-Expand, L = 32 = HashLen: T(1) = HMAC(PRK, info | 0x01).
-        let r = recipient.as_bytes();
-        let mut info = [0u8; INFO_BYTES_MAX + 1];
-        let mut n = 0;
-        for part in [
-            RECIPIENT_INFO_PREFIX,
-            &business_id.to_le_bytes(),
-            &[r.len() as u8],
-            r,
-            &[1u8],
-        ] {
-            info[n..n + part.len()].copy_from_slice(part);
-            n += part.len();
-        }
-        prk.sign(&info[..n], &mut out.0);
+        // HKDF-Expand, L = 32 = HashLen: T(1) = HMAC(PRK, info | 0x01). The message
+        // (at most INFO_BYTES_MAX + 1 = 42 bytes) and its SHA-256 padding are laid out in
+        // one block with fixed-size copies: the zero-padded number, then the counter
+        // byte and the 0x80 over its zeros.
+        const P: usize = RECIPIENT_INFO_PREFIX.len();
+        let r = recipient.as_bytes().len();
+        let mut block = [0u8; SHA256_BLOCK];
+        block[..P].copy_from_slice(RECIPIENT_INFO_PREFIX);
+        block[P..P + 4].copy_from_slice(&business_id.to_le_bytes());
+        block[P + 4] = r as u8;
+        block[P + 5..P + 5 + crate::wire::RECIPIENT_BYTES_MAX].copy_from_slice(recipient.padded());
+        let n = P + 5 + r;
+        block[n] = 1;
+        block[n + 1] = 0x80;
+        let bits = ((SHA256_BLOCK + n + 1) * 8) as u64;
+        block[SHA256_BLOCK - 8..].copy_from_slice(&bits.to_be_bytes());
+        prk.sign_padded_block(&block, &mut out.0);
         Ok(())
     }
 }
@@ -395,33 +497,45 @@ mod tests {
 
     #[test]
     fn derivation_is_rfc5869_hkdf_sha256() {
+        // Every recipient length (8 to 16 bytes) and a few businesses, against aws-lc-rs's
+        // HKDF: the one-block layout of the info must match the generic construction.
         let root = RootKey::from_bytes([7; 32]);
-        let r = recipient("+4915112345678");
-        let mut keys = DerivedKeys::new();
-        keys.insert_root(42, &root);
-        let mut ours = RecipientKey::zeroed();
-        keys.recipient_key(42, &r, &mut ours).unwrap();
-
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(root.as_bytes());
-        let info: [&[u8]; 4] = [
-            RECIPIENT_INFO_PREFIX,
-            &42u32.to_le_bytes(),
-            &[r.as_bytes().len() as u8],
-            r.as_bytes(),
-        ];
-        let mut reference = [0u8; 32];
-        prk.expand(&info, hkdf::HKDF_SHA256)
-            .unwrap()
-            .fill(&mut reference)
-            .unwrap();
-        assert_eq!(ours.as_bytes(), &reference);
+        let mut keys = DerivedKeys::new();
+        for business in [0, 42, u32::MAX] {
+            keys.insert_root(business, &root);
+            for digits in 7..=15 {
+                let number: String = (0..digits)
+                    .map(|i| char::from(b'1' + (i % 9) as u8))
+                    .collect();
+                let r = recipient(&format!("+{number}"));
+                let mut ours = RecipientKey::zeroed();
+                keys.recipient_key(business, &r, &mut ours).unwrap();
+                let info: [&[u8]; 4] = [
+                    RECIPIENT_INFO_PREFIX,
+                    &business.to_le_bytes(),
+                    &[r.as_bytes().len() as u8],
+                    r.as_bytes(),
+                ];
+                let mut reference = [0u8; 32];
+                prk.expand(&info, hkdf::HKDF_SHA256)
+                    .unwrap()
+                    .fill(&mut reference)
+                    .unwrap();
+                assert_eq!(
+                    ours.as_bytes(),
+                    &reference,
+                    "business {business}, {digits} digits"
+                );
+            }
+        }
     }
 
     #[test]
     fn precomputed_pads_match_aws_lc_hmac() {
         for key_len in [0, 1, 32, 64] {
             let key: Vec<u8> = (0..key_len as u8).collect();
-            for data_len in [0, 1, 55, 56, 64, 200] {
+            for data_len in [0, 1, 55, 56, 63, 64, 119, 120, 128, 200] {
                 let data: Vec<u8> = (0..data_len).map(|i| (i * 7) as u8).collect();
                 let mut ours = [0; 32];
                 HmacPads::new(&key).sign(&data, &mut ours);

@@ -71,12 +71,14 @@ fn a_batch_round_trips_in_order_with_the_stated_layout() {
         let p = open(&k, BUSINESS, &m.recipient, m.client_id, sealed, &mut plain).unwrap();
         assert_eq!(p, &m.payload[..]);
     }
-    // 7 distinct recipients: 7 misses, the rest hits.
+    // 7 distinct recipients: 7 misses, the rest hits; each recipient's second message
+    // expanded its stored key once.
     assert_eq!(
         s.cache_stats(),
         CacheStats {
             hits: 33,
-            misses: 7
+            misses: 7,
+            expansions: 7,
         }
     );
     assert_eq!(s.nonces_left(), COUNTER_END - 40);
@@ -344,5 +346,63 @@ fn debug_output_never_shows_keys_digits_or_payloads() {
             assert!(!t.contains(secret.as_str()), "{t} shows a secret");
         }
         assert!(!t.contains(&hex::encode(&k.as_bytes()[..4])), "{t}");
+    }
+}
+
+#[test]
+fn ring_sealing_is_byte_identical_to_aws_lc_and_opens_with_both() {
+    // The sealer seals with ring; `open` (and the raw references of the bench) use
+    // aws-lc-rs. Same key, nonce, AAD and plaintext must give the same bytes, for lengths
+    // around every block and bulk-loop boundary of both implementations.
+    let keys = keys();
+    let mut s = sealer(keys.clone(), 9, 3);
+    let lengths = [
+        0usize, 1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 95, 96, 97, 127, 128, 129, 191, 192, 255,
+        256, 257, 383, 384, 511, 512, 513, 767, 768, 1023, 1024, 1025, 1535, 2048, 4096, 4099,
+        8197,
+    ];
+    let mut plain = Vec::new();
+    for (i, &len) in lengths.iter().enumerate() {
+        // Every recipient length, 7 to 15 digits.
+        let r = Recipient::parse(format!("+{}", "4".repeat(7 + i % 9)).as_bytes()).unwrap();
+        let payload: Vec<u8> = (0..len).map(|j| (j * 131 + i * 7) as u8).collect();
+        let m = message(500 + i as u64, r, &payload);
+        let mut out = SealedBatch::new();
+        s.seal(BUSINESS, &m, &mut out).unwrap();
+        let sealed = out.get(0).unwrap();
+
+        let key = key_of(&keys, BUSINESS, &r);
+        let nonce = nonce_bytes(9, 3, i as u64);
+        // The associated data as the module docs state it, built independently.
+        let mut aad_ref = AAD_PREFIX.to_vec();
+        aad_ref.extend_from_slice(&BUSINESS.to_le_bytes());
+        aad_ref.extend_from_slice(&m.client_id.to_le_bytes());
+        aad_ref.push(r.as_bytes().len() as u8);
+        aad_ref.extend_from_slice(r.as_bytes());
+        let mut expected = nonce.to_vec();
+        let mut body = payload.clone();
+        let tag = expand_for_open(&key)
+            .seal_in_place_separate_tag(
+                aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+                aws_lc_rs::aead::Aad::from(&aad_ref[..]),
+                &mut body,
+            )
+            .unwrap();
+        expected.extend_from_slice(&body);
+        expected.extend_from_slice(tag.as_ref());
+        assert_eq!(sealed, &expected[..], "length {len}");
+
+        // Opens with aws-lc-rs (`open`) and with ring.
+        let opened = open(&key, BUSINESS, &r, m.client_id, sealed, &mut plain).unwrap();
+        assert_eq!(opened, &payload[..], "length {len}");
+        let mut in_out = sealed[SEAL_NONCE_BYTES..].to_vec();
+        let opened = expand(&key)
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad_ref[..]),
+                &mut in_out,
+            )
+            .unwrap();
+        assert_eq!(opened, &payload[..], "length {len}");
     }
 }

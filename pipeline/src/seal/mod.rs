@@ -219,7 +219,8 @@ pub struct SealerConfig {
     pub epoch: u32,
     /// The shard this sealer serves; no two sealers of one epoch share it.
     pub shard: u16,
-    /// Expanded keys the shard keeps (rounded down to a power of two, at least 2).
+    /// Expanded keys the shard keeps (rounded down to a power of two, at least 4: one set
+    /// of the 4-way cache).
     pub cache_keys_max: usize,
 }
 

@@ -491,7 +491,9 @@ impl Detector {
             return self.observe_exempt(now_ms, business);
         }
         let h = self.hasher.hash(recipient);
-        self.observe_hash(now_ms, business, h)
+        let mut verdict = Verdict::Admit;
+        self.decide_hashes(now_ms, business, &[h], &mut |v| verdict = v);
+        verdict
     }
 
     /// Decides the messages of one SUBMIT batch of a business, in order, to `recipients`;
@@ -507,15 +509,32 @@ impl Detector {
         recipients: impl IntoIterator<Item = &'a Recipient>,
         out: &mut Vec<Verdict>,
     ) {
+        if business.exempt {
+            // Nothing is judged: no recipient needs hashing.
+            for _ in recipients {
+                out.push(self.observe_exempt(now_ms, business));
+            }
+            return;
+        }
         let mut hashes = std::mem::take(&mut self.batch_hashes);
         hashes.clear();
         hashes.extend(recipients.into_iter().map(|r| self.hasher.hash(r)));
         out.reserve(hashes.len());
-        if business.exempt {
-            for _ in &hashes {
-                out.push(self.observe_exempt(now_ms, business));
-            }
-        } else if let Some(st) = get_or_create(
+        self.decide_hashes(now_ms, business, &hashes, &mut |v| out.push(v));
+        self.batch_hashes = hashes;
+    }
+
+    /// Decides messages of a non-exempt business by their recipient hashes, in order,
+    /// handing each verdict to `verdict`: the one path of [`observe`](Self::observe) and
+    /// [`observe_batch`](Self::observe_batch).
+    fn decide_hashes(
+        &mut self,
+        now_ms: u64,
+        business: &BusinessLimits,
+        hashes: &[u64],
+        verdict: &mut impl FnMut(Verdict),
+    ) {
+        if let Some(st) = get_or_create(
             &mut self.businesses,
             &self.cfg,
             business.id,
@@ -536,17 +555,18 @@ impl Detector {
                     st.touch(h, hour);
                 }
                 for &h in group {
-                    out.push(decide(st, &mut o, now_ms, business, h));
+                    verdict(decide(st, &mut o, now_ms, business, h));
                 }
             }
         } else {
-            // Table full: each message is turned away as `observe` would.
+            // Table full: each message is turned away.
             self.stats.table_full += hashes.len() as u64;
-            out.extend(hashes.iter().map(|_| Verdict::Throttle {
-                retry_after_ms: 1000,
-            }));
+            for _ in hashes {
+                verdict(Verdict::Throttle {
+                    retry_after_ms: 1000,
+                });
+            }
         }
-        self.batch_hashes = hashes;
     }
 
     /// An exempt business: admitted without checks; its state exists only for billing.
@@ -567,30 +587,6 @@ impl Detector {
         st.limits_from_peer = false;
         st.advance(now_ms, cfg);
         Verdict::Admit
-    }
-
-    fn observe_hash(&mut self, now_ms: u64, business: &BusinessLimits, h: u64) -> Verdict {
-        let Some(st) = get_or_create(
-            &mut self.businesses,
-            &self.cfg,
-            business.id,
-            (business.tier, business.mps),
-        ) else {
-            self.stats.table_full += 1;
-            return Verdict::Throttle {
-                retry_after_ms: 1000,
-            };
-        };
-        st.touch(h, (now_ms / MS_PER_HOUR) as u32);
-        let mut out = Outputs {
-            cfg: &self.cfg,
-            dirty: &mut self.dirty,
-            signals: &mut self.signals,
-            stats: &mut self.stats,
-            events: &mut self.events,
-            exporting: self.exporting,
-        };
-        decide(st, &mut out, now_ms, business, h)
     }
 
     /// Counts `n` accepted (durable) messages of a business for billing.

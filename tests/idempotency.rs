@@ -13,6 +13,7 @@ use courier::serve::{self, Running, ServeOptions};
 use courier::shard::IN_FLIGHT_RETRY_MS;
 use courier::store::MasterKeyText;
 use courier::tls::ServerTrust;
+use courier_pipeline::idempotency::{Claim, Idempotency};
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::{Registry, Tier};
 use courier_pipeline::wire::{LogPosition, Recipient, Status};
@@ -182,4 +183,32 @@ async fn resends_are_duplicates_across_shards_and_restarts() {
     assert_eq!(totals.duplicates, originals.len() as u64);
     running.shutdown();
     running.join().unwrap();
+}
+
+/// The table is shared by the shard threads (the pipeline crate spawns none, so this
+/// lives here): four threads claiming the same ids get each one fresh exactly once.
+#[test]
+fn shared_between_threads_every_id_is_claimed_fresh_exactly_once() {
+    let t = Arc::new(Idempotency::new(1 << 16));
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                let mut fresh_ids = Vec::new();
+                for id in 0..5_000u64 {
+                    if let Claim::Fresh(tk) = t.claim(1, id, 0) {
+                        t.settle(tk, LogPosition(id));
+                        fresh_ids.push(id);
+                    }
+                }
+                fresh_ids
+            })
+        })
+        .collect();
+    let mut all: Vec<u64> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..5_000).collect::<Vec<_>>());
 }

@@ -480,30 +480,4 @@ mod tests {
         assert_eq!(st.evicted, 0);
         assert_eq!(st.entries, model.len() as u64);
     }
-
-    #[test]
-    fn shared_between_threads_every_id_is_claimed_fresh_exactly_once() {
-        let t = std::sync::Arc::new(Idempotency::new(1 << 16));
-        let handles: Vec<_> = (0..4)
-            .map(|_| {
-                let t = t.clone();
-                std::thread::spawn(move || {
-                    let mut fresh_ids = Vec::new();
-                    for id in 0..5_000u64 {
-                        if let Claim::Fresh(tk) = t.claim(1, id, 0) {
-                            t.settle(tk, LogPosition(id));
-                            fresh_ids.push(id);
-                        }
-                    }
-                    fresh_ids
-                })
-            })
-            .collect();
-        let mut all: Vec<u64> = handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect();
-        all.sort_unstable();
-        assert_eq!(all, (0..5_000).collect::<Vec<_>>());
-    }
 }

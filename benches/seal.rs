@@ -16,6 +16,8 @@
 //!   sealing per crate, and `impl/*_new_key/<size>` with a key built per message (the
 //!   sealer uses ring, chosen on these).
 //! - `parts/hkdf`, `parts/key_schedule/*`: the two costs of a cache miss, alone;
+//!   `parts/hkdf_batch16`: keys derived 16 per request as a batch's misses are (two at
+//!   a time, SHA-256 interleaved), per key;
 //!   `parts/hmac_aws-lc-rs`, `parts/hmac_ring`: the HKDF-Expand block through those
 //!   crates' HMAC instead.
 //! - `par/serial/<n>`, `par/rayon/<n>`: one batch of `n` × 1 KiB sealed on one core or
@@ -33,6 +35,14 @@
 //! (300 ms samples, about 1% resolution; `--save-baseline cpu` keeps these figures apart
 //! from the wall-time ones). `par` always runs on wall time (rayon's workers are other
 //! threads).
+//!
+//! `SEAL_BENCH_PAIRED=<seconds>` runs instead the paired comparison of the two targets
+//! (`seal/*/cycle1k` against `raw/*/one_key`, `seal/*/all_new` against `raw/*/new_key`):
+//! one batch of each, timed back to back in alternating order, repeated for that many
+//! seconds; it prints the median and quartiles of the per-pair ratios. Slow swings of a
+//! shared machine hit both halves of a pair alike, so the median ratio holds still where
+//! separate criterion runs drift; alternating also costs each side its caches, so its
+//! per-message times are higher than criterion's.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -359,6 +369,20 @@ fn bench_parts<M: Measurement>(c: &mut Criterion<M>) {
             black_box(out.as_bytes());
         })
     });
+    // Keys derived the way a batch's misses are: 16 per request, two at a time with
+    // their SHA-256 compressions interleaved. Per key (throughput 16 per iteration).
+    g.throughput(Throughput::Elements(16));
+    let mut sixteen: Vec<RecipientKey> = (0..16).map(|_| RecipientKey::zeroed()).collect();
+    i = 0; // 4,096 recipients: whole windows of 16 from 0
+    g.bench_function("hkdf_batch16", |b| {
+        b.iter(|| {
+            keys.recipient_keys(BUSINESS, &rs[i..i + 16], &mut sixteen)
+                .unwrap();
+            i = (i + 16) % rs.len();
+            black_box(&sixteen);
+        })
+    });
+    g.throughput(Throughput::Elements(1));
     // The same HKDF-Expand block through aws-lc-rs's HMAC, for the choice of HMAC.
     let prk = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &[0x5a; 32]);
     let info = [0x44u8; 42];
@@ -494,7 +518,101 @@ impl Measurement for ThreadCpu {
     }
 }
 
+/// One batch of the sealer's regime against one batch of its raw reference, timed back
+/// to back (wall clock, order alternating), many times: the median of the per-pair
+/// ratios is immune to the slow swings of a shared machine, which hit both halves of a
+/// pair alike. `SEAL_BENCH_PAIRED=<seconds per comparison>`.
+fn paired(seconds: f64) {
+    use std::time::Instant;
+    let mut keys = DerivedKeys::new();
+    keys.insert_root(BUSINESS, &RootKey::from_bytes([0x5a; 32]));
+    let keys = Arc::new(keys);
+    let aad = [0x33u8; AAD_BYTES];
+    let kb = key_bytes();
+    for size in PAYLOAD_SIZES {
+        for (regime, recipients, reference) in [
+            ("cycle1k", CYCLE_RECIPIENTS, "one_key"),
+            ("all_new", NEW_RECIPIENTS, "new_key"),
+        ] {
+            let batches = batches(recipients, size);
+            let mut s = sealer(&keys);
+            let mut out = SealedBatch::with_capacity(BATCH_MESSAGES, BATCH_MESSAGES * (size + 28));
+            let p = payload(size);
+            let mut raw_out = Vec::with_capacity(BATCH_MESSAGES * (size + 28));
+            let one_key = aws_key(&kb[0]);
+            let (mut next, mut k, mut counter) = (0, 0, 0u64);
+            let mut ours = || {
+                out.clear();
+                s.seal_batch(BUSINESS, &batches[next], &mut out).unwrap();
+                next = (next + 1) % batches.len();
+                black_box(out.as_bytes());
+            };
+            let mut raw = || {
+                raw_out.clear();
+                for _ in 0..BATCH_MESSAGES {
+                    if reference == "new_key" {
+                        let key = aws_key(&kb[k]);
+                        k = (k + 1) % kb.len();
+                        raw_seal(&key, counter, &aad, &p, &mut raw_out);
+                    } else {
+                        raw_seal(&one_key, counter, &aad, &p, &mut raw_out);
+                    }
+                    counter += 1;
+                }
+                black_box(&raw_out);
+            };
+            let mut ratios = Vec::new();
+            let (mut ours_ns, mut raw_ns) = (Vec::new(), Vec::new());
+            let start = Instant::now();
+            let mut pair = 0u64;
+            while start.elapsed().as_secs_f64() < seconds {
+                let t0 = Instant::now();
+                let (o, r) = if pair % 2 == 0 {
+                    ours();
+                    let t1 = Instant::now();
+                    raw();
+                    (t1 - t0, t1.elapsed())
+                } else {
+                    raw();
+                    let t1 = Instant::now();
+                    ours();
+                    (t1.elapsed(), t1 - t0)
+                };
+                pair += 1;
+                // The first tenth warms caches and clocks.
+                if start.elapsed().as_secs_f64() > seconds / 10.0 {
+                    ratios.push(r.as_secs_f64() / o.as_secs_f64());
+                    ours_ns.push(o.as_nanos() as f64 / BATCH_MESSAGES as f64);
+                    raw_ns.push(r.as_nanos() as f64 / BATCH_MESSAGES as f64);
+                }
+            }
+            let q = |v: &mut Vec<f64>, f: f64| {
+                v.sort_by(f64::total_cmp);
+                v[((v.len() - 1) as f64 * f) as usize]
+            };
+            println!(
+                "paired seal/{size}/{regime} vs raw/{size}/{reference}: {} pairs, raw/ours \
+                 median {:.3} (quartiles {:.3} {:.3}); per message median ours {:.0} ns, raw {:.0} ns",
+                ratios.len(),
+                q(&mut ratios, 0.5),
+                q(&mut ratios, 0.25),
+                q(&mut ratios, 0.75),
+                q(&mut ours_ns, 0.5),
+                q(&mut raw_ns, 0.5),
+            );
+        }
+    }
+}
+
 fn main() {
+    if let Ok(seconds) = std::env::var("SEAL_BENCH_PAIRED") {
+        paired(
+            seconds
+                .parse()
+                .expect("SEAL_BENCH_PAIRED=<seconds per comparison>"),
+        );
+        return;
+    }
     if cpu_clock() {
         let mut c = Criterion::default()
             .with_measurement(ThreadCpu { wall: WallTime })

@@ -41,7 +41,7 @@ use courier_pipeline::log::{LogError, Record, RecordHeader};
 use courier_pipeline::seal::keys::DerivedKeys;
 use courier_pipeline::seal::{SealError, SealedBatch, Sealer};
 use courier_pipeline::server::{Server, ServerStats, SubmitBatch, Ticket};
-use courier_pipeline::wire::{code, LogPosition, Reason, Status};
+use courier_pipeline::wire::{code, LogPosition, Message, Reason, Status};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::sync::Arc as StdArc;
 
@@ -345,8 +345,7 @@ impl Shard {
             return None;
         };
         // Per message: the checks, then sealing for its recipient; the sealed bytes are
-        // what the log stores. `sealed_of[i]` is the index in `self.sealed` of message i.
-        let mut sealed_of = Vec::with_capacity(batch.messages.len());
+        // what the log stores.
         // First the ingest checks and the idempotency claims: a resend is answered before
         // it counts for detection or billing. `early[i]` is message i's answer when it
         // stops here; `fresh` holds the claims of the others, in order.
@@ -395,8 +394,9 @@ impl Shard {
         );
         let mut verdicts = verdicts.into_iter();
         let mut fresh = fresh.into_iter();
-        // The claim of each message still headed for the log.
+        // The claim of each message still headed for the log, and the messages to seal.
         let mut claims = Vec::with_capacity(batch.messages.len());
+        let mut admitted: Vec<&Message> = Vec::with_capacity(batch.messages.len());
         for (m, early) in batch.messages.iter().zip(early) {
             if let Some(status) = early {
                 statuses.push(status);
@@ -421,21 +421,11 @@ impl Shard {
                     }
                     Status::Rejected(reason)
                 }
-                Verdict::Admit => match self.sealer.seal(batch.business_id, m, &mut self.sealed) {
-                    Ok(()) => {
-                        sealed_of.push(self.sealed.len() - 1);
-                        // Placeholder until the log gives the position.
-                        Status::Accepted(LogPosition(u64::MAX))
-                    }
-                    Err(SealError::Key(e)) => {
-                        tracing::warn!(business = batch.business_id, error = %e, "no sealing key for this business");
-                        Status::Rejected(Reason::Unauthorized)
-                    }
-                    Err(e @ SealError::NoncesExhausted { .. }) => {
-                        tracing::error!(shard = self.index, error = %e, "sealer exhausted: restart the shard");
-                        Status::Rejected(Reason::StorageUnavailable)
-                    }
-                },
+                Verdict::Admit => {
+                    admitted.push(m);
+                    // Placeholder until sealed and the log gives the position.
+                    Status::Accepted(LogPosition(u64::MAX))
+                }
             };
             if matches!(status, Status::Accepted(_)) {
                 claims.push(claim);
@@ -444,11 +434,41 @@ impl Shard {
             }
             statuses.push(status);
         }
-        let mut records = Vec::with_capacity(sealed_of.len());
-        let mut next_sealed = sealed_of.iter();
+        // The admitted messages are sealed in one call, so the keys of new recipients are
+        // derived together; sealed message i is admitted message i.
+        if !admitted.is_empty() {
+            let refused = match self.sealer.seal_batch(
+                batch.business_id,
+                &admitted,
+                &mut self.sealed,
+            ) {
+                Ok(()) => None,
+                Err(SealError::Key(e)) => {
+                    tracing::warn!(business = batch.business_id, error = %e, "no sealing key for this business");
+                    Some(Status::Rejected(Reason::Unauthorized))
+                }
+                Err(e @ SealError::NoncesExhausted { .. }) => {
+                    tracing::error!(shard = self.index, error = %e, "sealer exhausted: restart the shard");
+                    Some(Status::Rejected(Reason::StorageUnavailable))
+                }
+            };
+            if let Some(refused) = refused {
+                for s in statuses
+                    .iter_mut()
+                    .filter(|s| matches!(s, Status::Accepted(_)))
+                {
+                    *s = refused;
+                }
+                for claim in claims.drain(..) {
+                    self.idempotency.release(claim);
+                }
+            }
+        }
+        let mut records = Vec::with_capacity(self.sealed.len());
+        let mut next_sealed = 0..self.sealed.len();
         for (m, s) in batch.messages.iter().zip(&statuses) {
             if matches!(s, Status::Accepted(_)) {
-                let i = *next_sealed
+                let i = next_sealed
                     .next()
                     .expect("one sealed message per accepted one");
                 records.push(Record {

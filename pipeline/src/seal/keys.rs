@@ -60,17 +60,51 @@ pub trait RecipientKeys {
         recipient: &Recipient,
         out: &mut RecipientKey,
     ) -> Result<(), KeyError>;
+
+    /// Writes the keys of `recipients` (all of business `business_id`) into `out`, one
+    /// per recipient, in order: the cache misses of a batch, asked together so that an
+    /// implementation can overlap their work. The default asks one at a time.
+    fn recipient_keys(
+        &self,
+        business_id: u32,
+        recipients: &[Recipient],
+        out: &mut [RecipientKey],
+    ) -> Result<(), KeyError> {
+        debug_assert_eq!(recipients.len(), out.len());
+        for (r, o) in recipients.iter().zip(out) {
+            self.recipient_key(business_id, r, o)?;
+        }
+        Ok(())
+    }
 }
 
 impl<K: RecipientKeys + ?Sized> RecipientKeys for &K {
     fn recipient_key(&self, b: u32, r: &Recipient, out: &mut RecipientKey) -> Result<(), KeyError> {
         (**self).recipient_key(b, r, out)
     }
+
+    fn recipient_keys(
+        &self,
+        b: u32,
+        r: &[Recipient],
+        out: &mut [RecipientKey],
+    ) -> Result<(), KeyError> {
+        (**self).recipient_keys(b, r, out)
+    }
 }
 
 impl<K: RecipientKeys + ?Sized> RecipientKeys for Arc<K> {
     fn recipient_key(&self, b: u32, r: &Recipient, out: &mut RecipientKey) -> Result<(), KeyError> {
         (**self).recipient_key(b, r, out)
+    }
+
+    fn recipient_keys(
+        &self,
+        b: u32,
+        r: &[Recipient],
+        out: &mut [RecipientKey],
+    ) -> Result<(), KeyError> {
+        (**self).recipient_keys(b, r, out)
     }
 }
 
@@ -120,7 +154,7 @@ macro_rules! secret_bytes {
 
         impl $name {
             /// Wraps raw bytes.
-            pub fn from_bytes(bytes: [u8; $len]) -> $name {
+            pub const fn from_bytes(bytes: [u8; $len]) -> $name {
                 $name(bytes)
             }
 
@@ -311,6 +345,21 @@ fn finish(mut state: [u32; 8], absorbed: usize, data: &[u8], out: &mut [u8; 32])
     }
 }
 
+/// The outer hash's second block: the inner digest and its padding.
+fn outer_block(inner: &[u32; 8]) -> [u8; SHA256_BLOCK] {
+    let mut block = [0u8; SHA256_BLOCK];
+    write_digest(inner, (&mut block[..32]).try_into().expect("32 bytes"));
+    block[32] = 0x80;
+    block[SHA256_BLOCK - 8..].copy_from_slice(&(((SHA256_BLOCK + 32) * 8) as u64).to_be_bytes());
+    block
+}
+
+fn write_digest(state: &[u32; 8], out: &mut [u8; 32]) {
+    for (o, w) in out.chunks_exact_mut(4).zip(state) {
+        o.copy_from_slice(&w.to_be_bytes());
+    }
+}
+
 impl HmacPads {
     /// RFC 2104 with a key of at most one block (64 bytes).
     fn new(key: &[u8]) -> HmacPads {
@@ -335,18 +384,21 @@ impl HmacPads {
     fn sign_padded_block(&self, block: &[u8; SHA256_BLOCK], out: &mut [u8; 32]) {
         let mut inner = self.inner;
         compress(&mut inner, block);
-        let mut outer_block = [0u8; SHA256_BLOCK];
-        for (o, w) in outer_block.chunks_exact_mut(4).zip(inner) {
-            o.copy_from_slice(&w.to_be_bytes());
-        }
-        outer_block[32] = 0x80;
-        outer_block[SHA256_BLOCK - 8..]
-            .copy_from_slice(&(((SHA256_BLOCK + 32) * 8) as u64).to_be_bytes());
         let mut outer = self.outer;
-        compress(&mut outer, &outer_block);
-        for (o, w) in out.chunks_exact_mut(4).zip(outer) {
-            o.copy_from_slice(&w.to_be_bytes());
-        }
+        compress(&mut outer, &outer_block(&inner));
+        write_digest(&outer, out);
+    }
+
+    /// [`sign_padded_block`](Self::sign_padded_block) of two messages at once, their
+    /// compressions interleaved.
+    fn sign_padded_blocks2(&self, blocks: [&[u8; SHA256_BLOCK]; 2], out: [&mut [u8; 32]; 2]) {
+        let (mut i0, mut i1) = (self.inner, self.inner);
+        courier_sha256x2::compress2([&mut i0, &mut i1], blocks);
+        let (mut o0, mut o1) = (self.outer, self.outer);
+        courier_sha256x2::compress2([&mut o0, &mut o1], [&outer_block(&i0), &outer_block(&i1)]);
+        let [a, b] = out;
+        write_digest(&o0, a);
+        write_digest(&o1, b);
     }
 
     #[cfg(test)]
@@ -453,6 +505,34 @@ impl DerivedKeys {
     }
 }
 
+impl DerivedKeys {
+    fn pads(&self, business_id: u32) -> Result<&HmacPads, KeyError> {
+        self.businesses
+            .get(&business_id)
+            .ok_or(KeyError::UnknownBusiness { business_id })
+    }
+}
+
+/// HKDF-Expand's one block, L = 32 = HashLen: T(1) = HMAC(PRK, info | 0x01). The
+/// message (at most INFO_BYTES_MAX + 1 = 42 bytes) and its SHA-256 padding are laid out
+/// in one block with fixed-size copies: the zero-padded number, then the counter byte
+/// and the 0x80 over its zeros.
+fn expand_block(business_id: u32, recipient: &Recipient) -> [u8; SHA256_BLOCK] {
+    const P: usize = RECIPIENT_INFO_PREFIX.len();
+    let r = recipient.as_bytes().len();
+    let mut block = [0u8; SHA256_BLOCK];
+    block[..P].copy_from_slice(RECIPIENT_INFO_PREFIX);
+    block[P..P + 4].copy_from_slice(&business_id.to_le_bytes());
+    block[P + 4] = r as u8;
+    block[P + 5..P + 5 + crate::wire::RECIPIENT_BYTES_MAX].copy_from_slice(recipient.padded());
+    let n = P + 5 + r;
+    block[n] = 1;
+    block[n + 1] = 0x80;
+    let bits = ((SHA256_BLOCK + n + 1) * 8) as u64;
+    block[SHA256_BLOCK - 8..].copy_from_slice(&bits.to_be_bytes());
+    block
+}
+
 impl RecipientKeys for DerivedKeys {
     fn recipient_key(
         &self,
@@ -460,27 +540,36 @@ impl RecipientKeys for DerivedKeys {
         recipient: &Recipient,
         out: &mut RecipientKey,
     ) -> Result<(), KeyError> {
-        let prk = self
-            .businesses
-            .get(&business_id)
-            .ok_or(KeyError::UnknownBusiness { business_id })?;
-        // HKDF-Expand, L = 32 = HashLen: T(1) = HMAC(PRK, info | 0x01). The message
-        // (at most INFO_BYTES_MAX + 1 = 42 bytes) and its SHA-256 padding are laid out in
-        // one block with fixed-size copies: the zero-padded number, then the counter
-        // byte and the 0x80 over its zeros.
-        const P: usize = RECIPIENT_INFO_PREFIX.len();
-        let r = recipient.as_bytes().len();
-        let mut block = [0u8; SHA256_BLOCK];
-        block[..P].copy_from_slice(RECIPIENT_INFO_PREFIX);
-        block[P..P + 4].copy_from_slice(&business_id.to_le_bytes());
-        block[P + 4] = r as u8;
-        block[P + 5..P + 5 + crate::wire::RECIPIENT_BYTES_MAX].copy_from_slice(recipient.padded());
-        let n = P + 5 + r;
-        block[n] = 1;
-        block[n + 1] = 0x80;
-        let bits = ((SHA256_BLOCK + n + 1) * 8) as u64;
-        block[SHA256_BLOCK - 8..].copy_from_slice(&bits.to_be_bytes());
-        prk.sign_padded_block(&block, &mut out.0);
+        let prk = self.pads(business_id)?;
+        prk.sign_padded_block(&expand_block(business_id, recipient), &mut out.0);
+        Ok(())
+    }
+
+    fn recipient_keys(
+        &self,
+        business_id: u32,
+        recipients: &[Recipient],
+        out: &mut [RecipientKey],
+    ) -> Result<(), KeyError> {
+        debug_assert_eq!(recipients.len(), out.len());
+        let prk = self.pads(business_id)?;
+        let mut pairs = out.chunks_exact_mut(2);
+        for (r, o) in recipients.chunks_exact(2).zip(&mut pairs) {
+            let [o0, o1] = o else { unreachable!("pairs") };
+            prk.sign_padded_blocks2(
+                [
+                    &expand_block(business_id, &r[0]),
+                    &expand_block(business_id, &r[1]),
+                ],
+                [&mut o0.0, &mut o1.0],
+            );
+        }
+        if let ([r], [o]) = (
+            recipients.chunks_exact(2).remainder(),
+            pairs.into_remainder(),
+        ) {
+            prk.sign_padded_block(&expand_block(business_id, r), &mut o.0);
+        }
         Ok(())
     }
 }

@@ -4,8 +4,10 @@
 //! ```text
 //!  Submit batch (business, [Message])
 //!    └─ Sealer::seal_batch(business, messages, &mut SealedBatch)    one Sealer per shard
+//!         per chunk of 16: keys of the likely cache misses, RecipientKeys::recipient_keys
+//!                          (DerivedKeys: HKDF two at a time, SHA-256 interleaved)
 //!         per message:
-//!           key   = KeyCache hit, or RecipientKeys::recipient_key + AES key schedule (ring)
+//!           key   = KeyCache hit, or that key + AES key schedule (ring) on the stack
 //!           nonce = epoch (u32 BE) | shard (u16 BE) | counter (48-bit BE)
 //!           aad   = "courier/seal/v1" | business (u32 LE) | client id (u64 LE)
 //!                   | recipient length (u8) | recipient E.164 bytes
@@ -26,8 +28,9 @@
 //! seen, sealing appends into memory it already holds. Neither a cache hit nor a miss
 //! allocates: ring's keys are plain inline values, and the cache's ways are allocated
 //! when it is built. A miss derives the key (HKDF), expands it on the stack for that
-//! message and stores only the 32 derived bytes; the recipient's next message expands it
-//! into its way for good.
+//! message and stores only the 32 derived bytes (after sealing, so the seal does not wait
+//! behind the store to a cold way); the recipient's next message expands it into its way
+//! for good.
 //!
 //! **Implementations, chosen by measurement** (`benches/seal.rs`, BENCHMARKS.md,
 //! "Sealing (issue 4)"): the sealer seals with ring (its VAES/VPCLMULQDQ AES-GCM sealed
@@ -39,6 +42,8 @@
 
 mod cache;
 pub mod keys;
+
+use std::borrow::Borrow;
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 
@@ -62,6 +67,9 @@ pub const COUNTER_END: u64 = 1 << 48;
 /// Domain-separation prefix of the associated data; a new layout gets a new version.
 pub const AAD_PREFIX: &[u8] = b"courier/seal/v1";
 
+/// Messages of a batch whose missing keys are asked of the key source together: enough
+/// for pairs to form, few enough that the keys stay in a small scratch of the sealer.
+pub const DERIVE_CHUNK: usize = 16;
 const AAD_BYTES_MAX: usize = AAD_PREFIX.len() + 4 + 8 + 1 + RECIPIENT_BYTES_MAX;
 const _: () = assert!(4 + 2 + 6 == SEAL_NONCE_BYTES);
 
@@ -228,10 +236,11 @@ pub struct SealerConfig {
 /// recipient keys. Sans-IO: no clock, no randomness, no threads.
 ///
 /// For the integrator: build one per shard at start, with the epoch the keyring
-/// persisted; per accepted batch call [`seal_batch`](Sealer::seal_batch) (or
-/// [`seal`](Sealer::seal) per accepted message when some messages of a batch were
-/// rejected) into a `SealedBatch` the shard reuses, then append the sealed messages to the
-/// log. On [`SealError::NoncesExhausted`] stop acking and restart the shard.
+/// persisted; per batch call [`seal_batch`](Sealer::seal_batch) once with the messages
+/// admitted (a slice of them or of references to them: new recipients' keys are derived
+/// together) into a `SealedBatch` the shard reuses, then append the sealed messages to
+/// the log. [`seal`](Sealer::seal) seals a single message. On
+/// [`SealError::NoncesExhausted`] stop acking and restart the shard.
 ///
 /// Memory is bounded by the profile: the cache holds `cache_keys_max` keys (about
 /// 0.6 KiB each, allocated when the sealer is built: ring's expanded key inline), the output batch the largest batch's payload
@@ -269,6 +278,9 @@ pub struct Sealer<K> {
     epoch: u32,
     shard: u16,
     counter: u64,
+    /// The keys derived ahead for a chunk of a batch, and in the last slot the key of a
+    /// miss that was not (reused; the cache's ways hold such keys anyway).
+    derived: [RecipientKey; DERIVE_CHUNK + 1],
 }
 
 impl<K> std::fmt::Debug for Sealer<K> {
@@ -291,28 +303,58 @@ impl<K: RecipientKeys> Sealer<K> {
             epoch: config.epoch,
             shard: config.shard,
             counter: 0,
+            derived: std::array::from_fn(|_| RecipientKey::zeroed()),
         }
     }
 
-    /// Seals every message of a batch of `business_id`, appending them in order to `out`
-    /// (which the caller clears between batches). All or nothing: on error `out` holds
-    /// what it held before; the counters of a failed batch are skipped, never reused.
-    pub fn seal_batch(
+    /// Seals every message of a batch of `business_id` (messages or references to
+    /// them), appending them in order to `out` (which the caller clears between
+    /// batches). All or nothing: on error `out` holds what it held before; the counters
+    /// of a failed batch are skipped, never reused.
+    ///
+    /// Per chunk of [`DERIVE_CHUNK`] messages, the keys of the recipients the cache
+    /// probably lacks are asked of the key source together
+    /// ([`RecipientKeys::recipient_keys`]: [`DerivedKeys`] derives them two at a time,
+    /// their SHA-256 compressions interleaved), then each message is sealed in order.
+    pub fn seal_batch<M: Borrow<Message>>(
         &mut self,
         business_id: u32,
-        messages: &[Message],
+        messages: &[M],
         out: &mut SealedBatch,
     ) -> Result<(), SealError> {
         self.reserve(messages.len() as u64)?;
         let before = out.len();
-        let payload_bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
+        let payload_bytes: usize = messages.iter().map(|m| m.borrow().payload.len()).sum();
         out.bytes
             .reserve(payload_bytes + messages.len() * SEAL_OVERHEAD_BYTES);
         out.ends.reserve(messages.len());
-        for m in messages {
-            if let Err(e) = self.seal_unchecked(business_id, m, out) {
-                out.truncate(before);
-                return Err(e);
+        for chunk in messages.chunks(DERIVE_CHUNK) {
+            // The keys of the recipients the cache probably lacks. A guess: `with_key`
+            // still decides hit or miss, and a miss without a key here (the guess said
+            // hit, or the source failed, which the message's own lookup then reports)
+            // derives its own.
+            let mut recipients = [chunk[0].borrow().recipient; DERIVE_CHUNK];
+            let mut slot = [usize::MAX; DERIVE_CHUNK];
+            let mut n = 0;
+            for (i, m) in chunk.iter().enumerate() {
+                let recipient = &m.borrow().recipient;
+                if !self.cache.probably_holds(business_id, recipient) {
+                    recipients[n] = *recipient;
+                    slot[i] = n;
+                    n += 1;
+                }
+            }
+            let have = n > 0
+                && self
+                    .keys
+                    .recipient_keys(business_id, &recipients[..n], &mut self.derived[..n])
+                    .is_ok();
+            for (i, m) in chunk.iter().enumerate() {
+                let pre = (have && slot[i] != usize::MAX).then_some(slot[i]);
+                if let Err(e) = self.seal_unchecked(business_id, m.borrow(), pre, out) {
+                    out.truncate(before);
+                    return Err(e);
+                }
             }
         }
         Ok(())
@@ -326,7 +368,7 @@ impl<K: RecipientKeys> Sealer<K> {
         out: &mut SealedBatch,
     ) -> Result<(), SealError> {
         self.reserve(1)?;
-        self.seal_unchecked(business_id, message, out)
+        self.seal_unchecked(business_id, message, None, out)
     }
 
     /// Fails unless `n` more counters fit before the counter would wrap.
@@ -341,10 +383,12 @@ impl<K: RecipientKeys> Sealer<K> {
     }
 
     /// Seals one message; the caller has checked the counter.
+    #[inline(always)]
     fn seal_unchecked(
         &mut self,
         business_id: u32,
         m: &Message,
+        derived: Option<usize>,
         out: &mut SealedBatch,
     ) -> Result<(), SealError> {
         let counter = self.counter;
@@ -357,10 +401,20 @@ impl<K: RecipientKeys> Sealer<K> {
         out.bytes.extend_from_slice(&nonce);
         out.bytes.extend_from_slice(&m.payload);
         let keys = &self.keys;
-        let sealed = self.cache.with_key(
+        let scratch = &mut self.derived;
+        let sealed: Result<_, KeyError> = self.cache.with_key(
             business_id,
             &m.recipient,
-            |derived| keys.recipient_key(business_id, &m.recipient, derived),
+            move || match derived {
+                Some(d) => Ok(&scratch[d]),
+                None => {
+                    // Not derived ahead: into the scratch's own slot for this, apart
+                    // from the keys derived ahead for later messages of the chunk.
+                    let single = &mut scratch[DERIVE_CHUNK];
+                    keys.recipient_key(business_id, &m.recipient, single)?;
+                    Ok(&*single)
+                }
+            },
             |key| {
                 key.seal_in_place_separate_tag(
                     Nonce::assume_unique_for_key(nonce),

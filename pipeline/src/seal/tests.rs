@@ -406,3 +406,183 @@ fn ring_sealing_is_byte_identical_to_aws_lc_and_opens_with_both() {
         assert_eq!(opened, &payload[..], "length {len}");
     }
 }
+
+/// A key source that counts how it is asked, and can refuse batch requests.
+struct Counting {
+    inner: Arc<DerivedKeys>,
+    singles: std::cell::Cell<usize>,
+    batches: std::cell::RefCell<Vec<usize>>,
+    refuse_batches: bool,
+}
+
+impl Counting {
+    fn new(refuse_batches: bool) -> Counting {
+        Counting {
+            inner: keys(),
+            singles: 0.into(),
+            batches: Vec::new().into(),
+            refuse_batches,
+        }
+    }
+}
+
+impl RecipientKeys for Counting {
+    fn recipient_key(&self, b: u32, r: &Recipient, out: &mut RecipientKey) -> Result<(), KeyError> {
+        self.singles.set(self.singles.get() + 1);
+        self.inner.recipient_key(b, r, out)
+    }
+
+    fn recipient_keys(
+        &self,
+        b: u32,
+        r: &[Recipient],
+        out: &mut [RecipientKey],
+    ) -> Result<(), KeyError> {
+        self.batches.borrow_mut().push(r.len());
+        if self.refuse_batches {
+            return Err(KeyError::NoRecipientKey { business_id: b });
+        }
+        self.inner.recipient_keys(b, r, out)
+    }
+}
+
+/// 40 messages: recipients 0..20 new, then 10 repeats of 0..10, then 10 new ones
+/// (20..30), one of them twice in a row.
+fn mixed_batch() -> Vec<Message> {
+    let mut rs: Vec<u32> = (0..20).chain(0..10).chain(20..29).collect();
+    rs.push(28);
+    rs.iter()
+        .enumerate()
+        .map(|(i, &r)| message(500 + i as u64, recipient(r), &[i as u8; 33]))
+        .collect()
+}
+
+#[test]
+fn a_batch_asks_its_likely_misses_together_and_seals_as_one_by_one_would() {
+    let batch = mixed_batch();
+    let mut together = Sealer::new(
+        Counting::new(false),
+        SealerConfig {
+            epoch: 9,
+            shard: 2,
+            cache_keys_max: 64,
+        },
+    );
+    let mut out = SealedBatch::new();
+    together.seal_batch(BUSINESS, &batch, &mut out).unwrap();
+
+    // Chunks of 16: 0..16 all new; 16..32 = 16..20 new, 0..10 cached, 20, 21 new;
+    // 32..40 = 22..29 new, 28 again (asked twice: the guess is made before the chunk
+    // is sealed; the second lookup then hits).
+    assert_eq!(*together.keys.batches.borrow(), vec![16, 6, 8]);
+    assert_eq!(
+        together.keys.singles.get(),
+        0,
+        "every miss had its key ready"
+    );
+    assert_eq!(
+        together.cache_stats(),
+        CacheStats {
+            hits: 11,
+            misses: 29,
+            expansions: 11,
+        }
+    );
+
+    let mut one_by_one = sealer(keys(), 9, 2);
+    let mut expected = SealedBatch::new();
+    for m in &batch {
+        one_by_one.seal(BUSINESS, m, &mut expected).unwrap();
+    }
+    assert_eq!(out.as_bytes(), expected.as_bytes());
+    assert_eq!(one_by_one.cache_stats(), together.cache_stats());
+
+    // References seal the same.
+    let refs: Vec<&Message> = batch.iter().collect();
+    let mut by_ref = sealer(keys(), 9, 2);
+    let mut out_refs = SealedBatch::new();
+    by_ref.seal_batch(BUSINESS, &refs, &mut out_refs).unwrap();
+    assert_eq!(out_refs.as_bytes(), expected.as_bytes());
+}
+
+#[test]
+fn a_source_refusing_the_batch_request_is_asked_per_miss() {
+    let batch = mixed_batch();
+    let mut s = Sealer::new(
+        Counting::new(true),
+        SealerConfig {
+            epoch: 9,
+            shard: 2,
+            cache_keys_max: 64,
+        },
+    );
+    let mut out = SealedBatch::new();
+    s.seal_batch(BUSINESS, &batch, &mut out).unwrap();
+    assert_eq!(s.keys.batches.borrow().len(), 3);
+    assert_eq!(s.keys.singles.get(), 29, "one request per miss");
+    let mut expected = SealedBatch::new();
+    let mut one_by_one = sealer(keys(), 9, 2);
+    for m in &batch {
+        one_by_one.seal(BUSINESS, m, &mut expected).unwrap();
+    }
+    assert_eq!(out.as_bytes(), expected.as_bytes());
+}
+
+#[test]
+fn derived_keys_in_pairs_equal_keys_one_at_a_time() {
+    let keys = keys();
+    for n in 0..=7 {
+        let rs: Vec<Recipient> = (0..n).map(|i| recipient(1000 + i * 37)).collect();
+        let mut got: Vec<RecipientKey> = (0..n).map(|_| RecipientKey::zeroed()).collect();
+        keys.recipient_keys(BUSINESS + 1, &rs, &mut got).unwrap();
+        for (r, k) in rs.iter().zip(&got) {
+            assert!(*k == key_of(&keys, BUSINESS + 1, r), "{n} keys");
+        }
+    }
+    let rs = [recipient(1), recipient(2)];
+    let mut out = [RecipientKey::zeroed(), RecipientKey::zeroed()];
+    assert_eq!(
+        keys.recipient_keys(999, &rs, &mut out),
+        Err(KeyError::UnknownBusiness { business_id: 999 })
+    );
+}
+
+#[test]
+fn random_batches_through_a_tiny_cache_seal_as_one_by_one_would() {
+    // Four ways for twelve recipients: keys guessed cached are evicted by earlier misses
+    // of the same chunk, guessed misses turn out cached after an earlier duplicate, and
+    // every such miss without a key derived ahead asks for its own.
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(44);
+    let keys = keys();
+    let config = SealerConfig {
+        epoch: 5,
+        shard: 1,
+        cache_keys_max: 4,
+    };
+    let mut batched = Sealer::new(keys.clone(), config);
+    let mut single = Sealer::new(keys.clone(), config);
+    let (mut out, mut expected, mut plain) = (SealedBatch::new(), SealedBatch::new(), Vec::new());
+    let mut client_id = 0;
+    for _ in 0..200 {
+        let batch: Vec<Message> = (0..rng.random_range(1..40))
+            .map(|_| {
+                client_id += 1;
+                message(client_id, recipient(rng.random_range(0..12)), &[7; 20])
+            })
+            .collect();
+        out.clear();
+        expected.clear();
+        batched.seal_batch(BUSINESS, &batch, &mut out).unwrap();
+        for m in &batch {
+            single.seal(BUSINESS, m, &mut expected).unwrap();
+        }
+        assert_eq!(out.as_bytes(), expected.as_bytes());
+        for (m, sealed) in batch.iter().zip(out.iter()) {
+            let k = key_of(&keys, BUSINESS, &m.recipient);
+            open(&k, BUSINESS, &m.recipient, m.client_id, sealed, &mut plain).unwrap();
+        }
+    }
+    assert_eq!(batched.cache_stats(), single.cache_stats());
+    assert!(batched.cache_stats().hits > 0 && batched.cache_stats().misses > 1000);
+}

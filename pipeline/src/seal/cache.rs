@@ -85,6 +85,17 @@ impl std::fmt::Debug for KeyCache {
     }
 }
 
+/// The cache's hash of (business, recipient): computed once per message and handed to
+/// both [`KeyCache::probably_holds`] and [`KeyCache::with_key`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct KeyHash(u64);
+
+impl KeyHash {
+    pub(crate) fn of(business_id: u32, recipient: &Recipient) -> KeyHash {
+        KeyHash(hash(business_id, recipient))
+    }
+}
+
 fn hash(business_id: u32, recipient: &Recipient) -> u64 {
     // FxHash-style fold of the zero-padded number (two fixed words, no variable-length
     // copy) then a murmur3 finaliser: a few multiplies, no seed.
@@ -126,14 +137,13 @@ impl KeyCache {
 
     /// Whether a way of (business, recipient)'s set carries its fingerprint: true for
     /// every cached key, and for 4 in 65,536 others. Reads no way.
-    pub(crate) fn probably_holds(&self, business_id: u32, recipient: &Recipient) -> bool {
-        let h = hash(business_id, recipient);
+    pub(crate) fn probably_holds(&self, KeyHash(h): KeyHash) -> bool {
         let state = &self.sets[(h as usize) & self.set_mask];
         let fingerprint = (h >> 48) as u16;
         (0..WAYS).any(|w| state.occupied & (1 << w) != 0 && state.fingerprints[w] == fingerprint)
     }
 
-    /// Calls `use_key` with the expanded key of (business, recipient).
+    /// Calls `use_key` with the expanded key of (business, recipient), whose hash is `h`.
     ///
     /// On a miss, `derive` hands over the recipient's key (from the caller's scratch: no
     /// copy of the key on the stack to wipe); it is expanded on the stack for
@@ -143,12 +153,13 @@ impl KeyCache {
     /// recipient's next hit the way's key is expanded in place and stays expanded.
     pub(crate) fn with_key<'k, E, R>(
         &mut self,
+        KeyHash(h): KeyHash,
         business_id: u32,
         recipient: &Recipient,
         derive: impl FnOnce() -> Result<&'k RecipientKey, E>,
         use_key: impl FnOnce(&LessSafeKey) -> R,
     ) -> Result<R, E> {
-        let h = hash(business_id, recipient);
+        debug_assert_eq!(h, hash(business_id, recipient));
         let set = (h as usize) & self.set_mask;
         let fingerprint = (h >> 48) as u16;
         let base = WAYS * set;
@@ -278,7 +289,8 @@ mod tests {
     /// stored derived or stored expanded, the key handed out is that key.
     fn get(c: &mut KeyCache, business_id: u32, recipient: &Recipient) {
         let expected = tag_of(&expand(&RecipientKey::from_bytes([3; 32])));
-        let got = c.with_key(business_id, recipient, key, tag_of).unwrap();
+        let h = KeyHash::of(business_id, recipient);
+        let got = c.with_key(h, business_id, recipient, key, tag_of).unwrap();
         assert_eq!(got, expected);
     }
 
@@ -347,7 +359,13 @@ mod tests {
         let mut c = KeyCache::new(8);
         assert_eq!(c.capacity(), 8);
         assert!(c
-            .with_key(1, &r(1), || Err::<&RecipientKey, _>(()), |_| ())
+            .with_key(
+                KeyHash::of(1, &r(1)),
+                1,
+                &r(1),
+                || Err::<&RecipientKey, _>(()),
+                |_| ()
+            )
             .is_err());
         assert_eq!(c.stats(), CacheStats::default());
         get(&mut c, 1, &r(1));

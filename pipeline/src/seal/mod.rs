@@ -48,7 +48,7 @@ use std::borrow::Borrow;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 
 pub use cache::CacheStats;
-use cache::KeyCache;
+use cache::{KeyCache, KeyHash};
 pub use keys::{
     unwrap_root_key, wrap_root_key, DerivedKeys, KeyError, RecipientKey, RecipientKeys, RootKey,
     UnwrapError, WrappedRootKey, KEY_BYTES,
@@ -335,10 +335,12 @@ impl<K: RecipientKeys> Sealer<K> {
             // derives its own.
             let mut recipients = [chunk[0].borrow().recipient; DERIVE_CHUNK];
             let mut slot = [usize::MAX; DERIVE_CHUNK];
+            let mut hashes = [KeyHash::default(); DERIVE_CHUNK];
             let mut n = 0;
             for (i, m) in chunk.iter().enumerate() {
                 let recipient = &m.borrow().recipient;
-                if !self.cache.probably_holds(business_id, recipient) {
+                hashes[i] = KeyHash::of(business_id, recipient);
+                if !self.cache.probably_holds(hashes[i]) {
                     recipients[n] = *recipient;
                     slot[i] = n;
                     n += 1;
@@ -351,7 +353,7 @@ impl<K: RecipientKeys> Sealer<K> {
                     .is_ok();
             for (i, m) in chunk.iter().enumerate() {
                 let pre = (have && slot[i] != usize::MAX).then_some(slot[i]);
-                if let Err(e) = self.seal_unchecked(business_id, m.borrow(), pre, out) {
+                if let Err(e) = self.seal_unchecked(business_id, m.borrow(), hashes[i], pre, out) {
                     out.truncate(before);
                     return Err(e);
                 }
@@ -368,7 +370,8 @@ impl<K: RecipientKeys> Sealer<K> {
         out: &mut SealedBatch,
     ) -> Result<(), SealError> {
         self.reserve(1)?;
-        self.seal_unchecked(business_id, message, None, out)
+        let h = KeyHash::of(business_id, &message.recipient);
+        self.seal_unchecked(business_id, message, h, None, out)
     }
 
     /// Fails unless `n` more counters fit before the counter would wrap.
@@ -388,6 +391,7 @@ impl<K: RecipientKeys> Sealer<K> {
         &mut self,
         business_id: u32,
         m: &Message,
+        h: KeyHash,
         derived: Option<usize>,
         out: &mut SealedBatch,
     ) -> Result<(), SealError> {
@@ -403,6 +407,7 @@ impl<K: RecipientKeys> Sealer<K> {
         let keys = &self.keys;
         let scratch = &mut self.derived;
         let sealed: Result<_, KeyError> = self.cache.with_key(
+            h,
             business_id,
             &m.recipient,
             move || match derived {

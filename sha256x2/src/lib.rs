@@ -25,6 +25,19 @@
 /// Bytes of a SHA-256 block.
 pub const BLOCK_BYTES: usize = 64;
 
+/// SHA-256's initial state (FIPS 180-4, 5.3.3), where every hash's first compression
+/// starts.
+pub const IV: [u32; 8] = [
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
+    0x5be0_cd19,
+];
+
 /// Compresses `blocks[i]` into `states[i]`, for `i` in 0 and 1: the same result as
 /// `sha2::compress256(states[i], &[blocks[i]])`, the two computed together.
 #[inline]
@@ -37,23 +50,10 @@ pub fn compress2(states: [&mut [u32; 8]; 2], blocks: [&[u8; BLOCK_BYTES]; 2]) {
     compress2_portable(states, blocks);
 }
 
-/// [`compress2`] one after the other through `sha2` (the fallback; public for tests and
-/// benchmarks).
-pub fn compress2_portable(states: [&mut [u32; 8]; 2], blocks: [&[u8; BLOCK_BYTES]; 2]) {
+/// [`compress2`] one after the other through `sha2`: the fallback.
+fn compress2_portable(states: [&mut [u32; 8]; 2], blocks: [&[u8; BLOCK_BYTES]; 2]) {
     for (state, block) in states.into_iter().zip(blocks) {
         sha2::compress256(state, std::slice::from_ref(block.into()));
-    }
-}
-
-/// Whether [`compress2`] interleaves on this CPU (SHA-NI and SSE4.1 present).
-pub fn interleaved() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        shani::available()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
     }
 }
 
@@ -285,16 +285,6 @@ mod tests {
     #[test]
     fn fips_180_example_abc() {
         // FIPS 180-4 example: SHA-256("abc") in one padded block.
-        const IV: [u32; 8] = [
-            0x6a09_e667,
-            0xbb67_ae85,
-            0x3c6e_f372,
-            0xa54f_f53a,
-            0x510e_527f,
-            0x9b05_688c,
-            0x1f83_d9ab,
-            0x5be0_cd19,
-        ];
         let mut block = [0u8; 64];
         block[..3].copy_from_slice(b"abc");
         block[3] = 0x80;
@@ -317,19 +307,5 @@ mod tests {
         let mut e = IV;
         sha2_compress(&mut e, &[0; 64]);
         assert_eq!(b, e);
-    }
-
-    #[test]
-    fn reports_whether_it_interleaves() {
-        // On x86-64 the answer follows the CPU; elsewhere it is always the fallback.
-        #[cfg(target_arch = "x86_64")]
-        assert_eq!(
-            interleaved(),
-            std::arch::is_x86_feature_detected!("sha")
-                && std::arch::is_x86_feature_detected!("sse4.1")
-                && std::arch::is_x86_feature_detected!("ssse3")
-        );
-        #[cfg(not(target_arch = "x86_64"))]
-        assert!(!interleaved());
     }
 }

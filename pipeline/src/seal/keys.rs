@@ -301,17 +301,6 @@ struct HmacPads {
     outer: [u32; 8],
 }
 
-/// SHA-256's initial state (FIPS 180-4, 5.3.3).
-const SHA256_IV: [u32; 8] = [
-    0x6a09_e667,
-    0xbb67_ae85,
-    0x3c6e_f372,
-    0xa54f_f53a,
-    0x510e_527f,
-    0x9b05_688c,
-    0x1f83_d9ab,
-    0x5be0_cd19,
-];
 const SHA256_BLOCK: usize = 64;
 
 fn compress(state: &mut [u32; 8], block: &[u8; SHA256_BLOCK]) {
@@ -343,9 +332,7 @@ fn finish(mut state: [u32; 8], absorbed: usize, data: &[u8], out: &mut [u8; 32])
     for b in last[..end].chunks_exact(SHA256_BLOCK) {
         compress(&mut state, b.try_into().expect("64-byte chunk"));
     }
-    for (o, w) in out.chunks_exact_mut(4).zip(state) {
-        o.copy_from_slice(&w.to_be_bytes());
-    }
+    write_digest(&state, out);
 }
 
 /// The outer hash's second block: the inner digest and its padding.
@@ -376,7 +363,7 @@ impl HmacPads {
             ipad[i] ^= k;
             opad[i] ^= k;
         }
-        let (mut inner, mut outer) = (SHA256_IV, SHA256_IV);
+        let (mut inner, mut outer) = (courier_sha256x2::IV, courier_sha256x2::IV);
         compress(&mut inner, &ipad);
         compress(&mut outer, &opad);
         HmacPads { inner, outer }

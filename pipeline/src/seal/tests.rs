@@ -30,7 +30,7 @@ fn keys() -> Arc<DerivedKeys> {
     Arc::new(keys)
 }
 
-fn sealer(keys: Arc<DerivedKeys>, epoch: u32, shard: u16) -> Sealer<Arc<DerivedKeys>> {
+fn sealer<K: RecipientKeys>(keys: K, epoch: u32, shard: u16) -> Sealer<K> {
     Sealer::new(
         keys,
         SealerConfig {
@@ -446,6 +446,16 @@ impl RecipientKeys for Counting {
     }
 }
 
+/// `batch` sealed one message at a time by a fresh sealer of epoch 9, shard 2.
+fn sealed_one_by_one(batch: &[Message]) -> (SealedBatch, CacheStats) {
+    let mut s = sealer(keys(), 9, 2);
+    let mut out = SealedBatch::new();
+    for m in batch {
+        s.seal(BUSINESS, m, &mut out).unwrap();
+    }
+    (out, s.cache_stats())
+}
+
 /// 40 messages: recipients 0..20 new, then 10 repeats of 0..10, then 10 new ones
 /// (20..30), one of them twice in a row.
 fn mixed_batch() -> Vec<Message> {
@@ -460,14 +470,7 @@ fn mixed_batch() -> Vec<Message> {
 #[test]
 fn a_batch_asks_its_likely_misses_together_and_seals_as_one_by_one_would() {
     let batch = mixed_batch();
-    let mut together = Sealer::new(
-        Counting::new(false),
-        SealerConfig {
-            epoch: 9,
-            shard: 2,
-            cache_keys_max: 64,
-        },
-    );
+    let mut together = sealer(Counting::new(false), 9, 2);
     let mut out = SealedBatch::new();
     together.seal_batch(BUSINESS, &batch, &mut out).unwrap();
 
@@ -489,13 +492,9 @@ fn a_batch_asks_its_likely_misses_together_and_seals_as_one_by_one_would() {
         }
     );
 
-    let mut one_by_one = sealer(keys(), 9, 2);
-    let mut expected = SealedBatch::new();
-    for m in &batch {
-        one_by_one.seal(BUSINESS, m, &mut expected).unwrap();
-    }
+    let (expected, stats) = sealed_one_by_one(&batch);
     assert_eq!(out.as_bytes(), expected.as_bytes());
-    assert_eq!(one_by_one.cache_stats(), together.cache_stats());
+    assert_eq!(stats, together.cache_stats());
 
     // References seal the same.
     let refs: Vec<&Message> = batch.iter().collect();
@@ -508,24 +507,12 @@ fn a_batch_asks_its_likely_misses_together_and_seals_as_one_by_one_would() {
 #[test]
 fn a_source_refusing_the_batch_request_is_asked_per_miss() {
     let batch = mixed_batch();
-    let mut s = Sealer::new(
-        Counting::new(true),
-        SealerConfig {
-            epoch: 9,
-            shard: 2,
-            cache_keys_max: 64,
-        },
-    );
+    let mut s = sealer(Counting::new(true), 9, 2);
     let mut out = SealedBatch::new();
     s.seal_batch(BUSINESS, &batch, &mut out).unwrap();
     assert_eq!(s.keys.batches.borrow().len(), 3);
     assert_eq!(s.keys.singles.get(), 29, "one request per miss");
-    let mut expected = SealedBatch::new();
-    let mut one_by_one = sealer(keys(), 9, 2);
-    for m in &batch {
-        one_by_one.seal(BUSINESS, m, &mut expected).unwrap();
-    }
-    assert_eq!(out.as_bytes(), expected.as_bytes());
+    assert_eq!(out.as_bytes(), sealed_one_by_one(&batch).0.as_bytes());
 }
 
 #[test]

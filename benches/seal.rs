@@ -540,6 +540,7 @@ fn paired(seconds: f64) {
             let p = payload(size);
             let mut raw_out = Vec::with_capacity(BATCH_MESSAGES * (size + 28));
             let one_key = aws_key(&kb[0]);
+            let new_key = reference == "new_key";
             let (mut next, mut k, mut counter) = (0, 0, 0u64);
             let mut ours = || {
                 out.clear();
@@ -550,7 +551,7 @@ fn paired(seconds: f64) {
             let mut raw = || {
                 raw_out.clear();
                 for _ in 0..BATCH_MESSAGES {
-                    if reference == "new_key" {
+                    if new_key {
                         let key = aws_key(&kb[k]);
                         k = (k + 1) % kb.len();
                         raw_seal(&key, counter, &aad, &p, &mut raw_out);

@@ -1,10 +1,11 @@
 //! Durable append throughput: the shard's real path against plain writes + fdatasync.
 //!
 //! - `append/<payload bytes>`: what a shard does for one group commit of 64 records:
-//!   `Log::append` (frame, AES-256-GCM, CRC) → `ShardStore::take_actions` (the group
-//!   buffer) → `ShardStore::commit` (one linked write + fdatasync through the shard's
-//!   io_uring, `courier::uring::UdpRing`) → completions → `Log::on_synced`. The records are
-//!   durable when an iteration ends.
+//!   `GroupCommit::append` (`Log::append`: frame, AES-256-GCM, CRC; writes joined into the
+//!   group buffer) → `GroupCommit::poll_io` (metadata performed by `ShardStore`; one linked
+//!   write + fdatasync through the shard's io_uring, `courier::uring::UdpRing`) →
+//!   completions → `GroupCommit::complete` (`Log::on_synced`). The records are durable when
+//!   an iteration ends.
 //! - `raw_fdatasync/<payload bytes>`: the reference: the same number of bytes written
 //!   sequentially with `pwrite` (std `write_all_at`) and one `fdatasync` per group, i.e.
 //!   the same cadence, with no encoding, no encryption and no ring.
@@ -26,11 +27,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use courier::courier_pipeline::log::format::RECORD_OVERHEAD_BYTES;
-use courier::courier_pipeline::log::{Record, RecordHeader};
+use courier::courier_pipeline::log::{LogConfig, Record, RecordHeader};
+use courier::courier_pipeline::node::{Completion, GroupCommit, Io, WriteOutcome};
 use courier::courier_pipeline::profile::Profile;
 use courier::courier_pipeline::wire::Recipient;
 use courier::store::{list_segments, shard_dir, MasterKeyText, ShardStore};
-use courier::uring::{bind_reuseport, FileDone, RingConfig, RingEvent, UdpRing};
+use courier::uring::{bind_reuseport, FileDone, FileOpKind, RingConfig, RingEvent, UdpRing};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 /// Records per group commit (one fdatasync each).
@@ -59,6 +61,7 @@ struct Shell {
     _dir: tempfile::TempDir,
     data_dir: PathBuf,
     store: ShardStore,
+    commit: GroupCommit,
     ring: UdpRing,
     done: Vec<FileDone>,
 }
@@ -69,14 +72,15 @@ impl Shell {
         let mut profile = Profile::default_profile();
         profile.log.segment_bytes_max = FILE_BYTES_MAX;
         let data_dir = dir.path().to_path_buf();
-        let store = ShardStore::open(
+        let (store, log) = ShardStore::open(
             &data_dir,
             0,
             &MasterKeyText::random(),
-            &profile,
+            LogConfig::from_profile(&profile),
             &mut |_, _| {},
         )
         .expect("a fresh log opens");
+        let commit = GroupCommit::new(log, [7; 32]);
         let socket = bind_reuseport("127.0.0.1:0".parse().expect("literal"), 1 << 20, 1 << 20)
             .expect("a loopback socket for the ring");
         let ring = UdpRing::new(
@@ -91,6 +95,7 @@ impl Shell {
             _dir: dir,
             data_dir,
             store,
+            commit,
             ring,
             done: Vec::new(),
         }
@@ -103,16 +108,13 @@ impl Shell {
         positions: &mut Vec<courier::courier_pipeline::wire::LogPosition>,
     ) {
         positions.clear();
-        let (log, rng, actions) = self.store.log_mut();
-        log.append(now_ms(), rng, records, actions, positions)
+        self.commit
+            .append(now_ms(), records, positions)
             .expect("the log takes the group");
-        self.store
-            .take_actions()
-            .expect("keyring and segment files");
-        self.store.commit(&mut self.ring);
-        let target = self.store.log().next_index();
+        let target = self.commit.log().next_index();
         for _ in 0..WAITS_PER_GROUP_MAX {
-            if self.store.log().durable_end() >= target {
+            self.perform_io();
+            if self.commit.log().durable_end() >= target {
                 return;
             }
             self.ring
@@ -127,13 +129,39 @@ impl Shell {
                 })
                 .expect("ring drain");
             for d in self.done.drain(..) {
-                assert!(
-                    self.store.on_file_done(d).is_none(),
-                    "write + fdatasync failed"
-                );
+                assert!(d.is_complete(d.data.len()), "write + fdatasync failed");
+                if let Some(segment_id) = self.commit.segment_of(d.token) {
+                    self.store.write_done(segment_id);
+                }
+                let c = self.commit.complete(d.token, WriteOutcome::Done, d.data);
+                assert!(!matches!(c, Completion::Failed(_)), "the log failed");
             }
         }
         panic!("a group commit did not complete within {WAITS_PER_GROUP_MAX} waits");
+    }
+
+    /// The storage operations of the log, as the shard performs them.
+    fn perform_io(&mut self) {
+        while let Some(op) = self.commit.poll_io(self.ring.file_slots_free()) {
+            match op {
+                Io::DurableWrite {
+                    token,
+                    segment_id,
+                    offset,
+                    bytes,
+                } => {
+                    let file = self.store.segment_file(segment_id).expect("segment file");
+                    let queued =
+                        self.ring
+                            .submit_file(file, FileOpKind::DurableWrite, offset, bytes, token);
+                    assert!(queued.is_ok(), "a free file slot");
+                }
+                other => self
+                    .store
+                    .perform(other)
+                    .expect("keyring and segment files"),
+            }
+        }
     }
 
     /// Deletes segments the log rolled away from (the store closed them).
@@ -239,7 +267,7 @@ fn bench(c: &mut Criterion) {
                     shell.append_group(&records, &mut positions);
                 }
                 raw.drop_old();
-                let segments = shell.store.log().segment_ids().count();
+                let segments = shell.commit.log().segment_ids().count();
                 if segments != segments_seen {
                     segments_seen = segments;
                     shell.drop_old_segments();

@@ -5,8 +5,8 @@
 //!  shards ──ToControl::Status (1 s)──────────> DATA_DIR/detect/status.json   (courier businesses status)
 //!                                            └─> SharedStatus ──> crate::metrics (GET /metrics)
 //!         ──ToControl::Checkpoint (10 s, stop)─> DATA_DIR/detect/shard-K.ckpt (restored at start)
-//!  registry file changed (polled each second) ──ShardControl::Registry──> every shard
-//!  DATA_DIR/control/unpause-<id> (courier businesses unpause) ──ShardControl::Unpause──> every shard
+//!  registry file changed (polled each second) ──Control::Registry──> every shard
+//!  DATA_DIR/control/unpause-<id> (courier businesses unpause) ──Control::Unpause──> every shard
 //! ```
 //!
 //! Every file here holds business ids, ratings, counters and keyed recipient hashes;
@@ -21,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use courier_pipeline::detect::{BusinessSignal, Detector};
+use courier_pipeline::node::Control as ShardControl;
 use courier_pipeline::registry::Registry;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde::{Deserialize, Serialize};
@@ -29,15 +30,6 @@ use crate::shard::Peer;
 
 /// How often the registry file and the request spool are looked at.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
-
-/// A request for one shard.
-#[derive(Debug)]
-pub enum ShardControl {
-    /// The registry file changed: new limits, exemptions, businesses.
-    Registry(Arc<Registry>),
-    /// The operator lifts a business's pause.
-    Unpause(u32),
-}
 
 /// What shards tell the control thread.
 #[derive(Debug)]

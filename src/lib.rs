@@ -3,10 +3,12 @@
 //! ```text
 //!  courier serve ──> serve::start ──> one pinned thread per shard (shard::Shard::run)
 //!                                        │  uring::UdpRing: multishot recvmsg + GRO,
-//!                                        │  sendmsg + GSO, io_uring wait timeouts, eventfd wake
+//!                                        │  sendmsg + GSO, file writes + fdatasync,
+//!                                        │  io_uring wait timeouts, eventfd wake
 //!                                        ▼
-//!                                     courier_pipeline::server::Server (sans-IO QUIC)
-//!                                        │  batches ──> courier_pipeline::ingest ──> ack
+//!                                     courier_pipeline::node::Shard (the sans-IO core:
+//!                                        │  QUIC, stage chain, log, acks); store::ShardStore
+//!                                        │  performs its file operations
 //!  client::Client (quinn, tokio) ────────┘  used by load (courier demo, courier-loadgen)
 //!                                           and send (courier send FILE)
 //! ```

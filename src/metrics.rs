@@ -2,7 +2,7 @@
 //! with the text exposition format 0.0.4.
 //!
 //! ```text
-//!  shards ──ShardCounters (atomics, per shard)──┐
+//!  shards ──ShardStats (atomics, per shard)──┐
 //!  control thread ──SharedStatus (1 s, merged)──┴─> render ─> GET /metrics ─> scraper
 //! ```
 //!
@@ -26,68 +26,18 @@ use courier_pipeline::idempotency::{IdStats, Idempotency};
 use courier_pipeline::registry::Tier;
 
 use crate::control::SharedStatus;
-use crate::shard::ShardCounters;
+use courier_pipeline::node::{LatencySnapshot, ShardStats, ACK_LATENCY_BOUNDS_US};
 
 /// Largest request read (request line and headers); a longer one gets 431.
 pub const REQUEST_BYTES_MAX: usize = 8192;
 /// How long one connection may take to send its request and read the answer.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Upper bounds of the ack-latency buckets, microseconds (the last bucket is +Inf).
-pub const ACK_LATENCY_BOUNDS_US: [u64; 11] = [
-    500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
-];
-const _: () = {
-    let mut i = 1;
-    while i < ACK_LATENCY_BOUNDS_US.len() {
-        assert!(ACK_LATENCY_BOUNDS_US[i - 1] < ACK_LATENCY_BOUNDS_US[i]);
-        i += 1;
-    }
-};
-
-/// A fixed-bucket latency histogram one shard writes and the metrics thread reads.
-#[derive(Debug, Default)]
-pub struct AckLatency {
-    /// Observations per bucket (not cumulative); the last one is above every bound.
-    buckets: [AtomicU64; ACK_LATENCY_BOUNDS_US.len() + 1],
-    /// Sum of observations, microseconds. (The count is the sum of the buckets.)
-    sum_us: AtomicU64,
-}
-
-impl AckLatency {
-    /// Records one batch's time from being taken to its ACK.
-    pub fn observe(&self, latency: Duration) {
-        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        let i = ACK_LATENCY_BOUNDS_US.partition_point(|&b| b < us);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
-    }
-
-    /// Adds this histogram's cumulative bucket counts, sum and count to `acc`.
-    fn add_to(&self, acc: &mut HistogramValues) {
-        let mut cumulative = 0;
-        for (i, b) in self.buckets.iter().enumerate() {
-            cumulative += b.load(Ordering::Relaxed);
-            acc.cumulative[i] += cumulative;
-        }
-        acc.sum_us += self.sum_us.load(Ordering::Relaxed);
-        // The count is the +Inf bucket, as the format requires.
-        acc.count += cumulative;
-    }
-}
-
-#[derive(Default)]
-struct HistogramValues {
-    cumulative: [u64; ACK_LATENCY_BOUNDS_US.len() + 1],
-    sum_us: u64,
-    count: u64,
-}
-
 /// What the metrics are read from.
 #[derive(Debug, Clone)]
 pub struct MetricsSource {
     /// Every shard's counters, by shard index.
-    pub counters: Vec<Arc<ShardCounters>>,
+    pub counters: Vec<Arc<ShardStats>>,
     /// The control thread's latest merged detector status.
     pub status: SharedStatus,
     /// The shared idempotency table (`None` in unit tests).
@@ -256,7 +206,7 @@ struct ShardFamily {
     name: &'static str,
     kind: &'static str,
     help: &'static str,
-    read: fn(&ShardCounters) -> &AtomicU64,
+    read: fn(&ShardStats) -> &AtomicU64,
 }
 
 const SHARD_FAMILIES: &[ShardFamily] = &[
@@ -406,12 +356,11 @@ pub fn render(source: &MetricsSource, out: &mut String) {
 
     let help = "Time from a shard taking a SUBMIT batch to sending its ACK (the group \
                 commit's fdatasync included), seconds.";
-    let mut all = HistogramValues::default();
+    let mut all = LatencySnapshot::default();
     let mut per_shard = Vec::with_capacity(source.counters.len());
     for c in &source.counters {
-        let mut h = HistogramValues::default();
-        c.ack_latency.add_to(&mut h);
-        c.ack_latency.add_to(&mut all);
+        let h = c.ack_latency.snapshot();
+        all.add(&h);
         per_shard.push(h);
     }
     let _ = writeln!(
@@ -481,7 +430,7 @@ fn idempotency(st: &IdStats, w: &mut String) {
 }
 
 /// Writes one histogram's series; `labels` is empty or ends with a comma.
-fn histogram(w: &mut String, name: &str, labels: &str, h: &HistogramValues) {
+fn histogram(w: &mut String, name: &str, labels: &str, h: &LatencySnapshot) {
     for (i, &bound) in ACK_LATENCY_BOUNDS_US.iter().enumerate() {
         let _ = writeln!(
             w,
@@ -594,8 +543,8 @@ mod tests {
     use std::sync::Mutex;
 
     fn source() -> MetricsSource {
-        let counters: Vec<Arc<ShardCounters>> =
-            (0..2).map(|_| Arc::new(ShardCounters::default())).collect();
+        let counters: Vec<Arc<ShardStats>> =
+            (0..2).map(|_| Arc::new(ShardStats::default())).collect();
         counters[0].accepted.store(3, Ordering::Relaxed);
         counters[1].accepted.store(4, Ordering::Relaxed);
         counters[0].ack_latency.observe(Duration::from_micros(700));
@@ -628,21 +577,6 @@ mod tests {
             status: Arc::new(Mutex::new(Some(status))),
             idempotency: None,
         }
-    }
-
-    #[test]
-    fn histogram_buckets_are_cumulative_and_bounds_inclusive() {
-        let h = AckLatency::default();
-        h.observe(Duration::from_micros(500)); // le 0.0005
-        h.observe(Duration::from_micros(501)); // le 0.001
-        h.observe(Duration::from_secs(5)); // +Inf only
-        let mut v = HistogramValues::default();
-        h.add_to(&mut v);
-        assert_eq!(v.cumulative[0], 1);
-        assert_eq!(v.cumulative[1], 2);
-        assert_eq!(v.cumulative[ACK_LATENCY_BOUNDS_US.len() - 1], 2);
-        assert_eq!(v.cumulative[ACK_LATENCY_BOUNDS_US.len()], 3);
-        assert_eq!((v.count, v.sum_us), (3, 5_001_001));
     }
 
     #[test]

@@ -5,8 +5,6 @@
 //! them by 4-tuple hash, and a datagram that lands on the wrong shard is forwarded by
 //! connection ID (see [`crate::shard`]).
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::fs;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -17,77 +15,28 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use courier_pipeline::detect::{Delta, Detector};
-use courier_pipeline::idempotency::Idempotency;
-use courier_pipeline::ingest::Ingest;
-use courier_pipeline::log::RecordHeader;
+use courier_pipeline::idempotency::{Idempotency, RestoreSet, RestoredId, RESTORE_BATCH};
+use courier_pipeline::log::{LogConfig, RecordHeader};
+use courier_pipeline::node::{self, Control, ShardParts, ShardStats};
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::Registry;
-use courier_pipeline::seal::{SealedBatch, Sealer, SealerConfig};
+use courier_pipeline::seal::keys::DerivedKeys;
+use courier_pipeline::seal::{Sealer, SealerConfig};
 use courier_pipeline::server::{Server, ServerParts, ServerStats};
 use courier_pipeline::wire::LogPosition;
+use crossbeam_channel::{Receiver, Sender};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::control::ToControl;
+use crate::metrics::{MetricsServer, MetricsSource};
+use crate::shard::{Forwarded, Peer, Shard, DELTA_QUEUE_MAX, FORWARD_QUEUE_MAX};
+use crate::store::{MasterKeyText, ShardStore, StoreError};
+use crate::uring::{self, RingConfig, RingError, UdpRing};
 
 /// Expanded recipient keys each shard's sealer caches (about 0.6 KiB each).
 pub const SEAL_CACHE_KEYS: usize = 4096;
-
-use crate::control::{ShardControl, ToControl};
-use crate::metrics::{MetricsServer, MetricsSource};
-use crate::shard::{Forwarded, Peer, Shard, ShardCounters, DELTA_QUEUE_MAX, FORWARD_QUEUE_MAX};
-
 /// Control requests queued towards one shard.
 const CONTROL_QUEUE_MAX: usize = 64;
-
-/// A client id read back from a shard's log at start-up; ordered by time first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct RestoredId {
-    time_ms: u64,
-    position: LogPosition,
-    business_id: u32,
-    client_id: u64,
-}
-
-/// Ids a shard's recovery hands over at a time.
-const RESTORE_BATCH: usize = 4096;
-
-/// The newest `cap` client ids of all shards' logs, gathered while the shards recover
-/// in parallel: memory for `cap` ids however many the logs hold and however they are
-/// spread over the shards.
-#[derive(Debug)]
-struct RestoreSet {
-    cap: usize,
-    newest: std::sync::Mutex<BinaryHeap<Reverse<RestoredId>>>,
-}
-
-impl RestoreSet {
-    fn offer(&self, ids: &mut Vec<RestoredId>) {
-        let mut heap = self
-            .newest
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for id in ids.drain(..) {
-            if heap.len() < self.cap {
-                heap.push(Reverse(id));
-            } else if heap.peek().is_some_and(|Reverse(oldest)| id > *oldest) {
-                heap.pop();
-                heap.push(Reverse(id));
-            }
-        }
-    }
-
-    /// The ids, oldest first.
-    fn into_sorted(self) -> Vec<RestoredId> {
-        let heap = self
-            .newest
-            .into_inner()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        // Ascending `Reverse` is descending time.
-        let mut v: Vec<RestoredId> = heap.into_sorted_vec().into_iter().map(|r| r.0).collect();
-        v.reverse();
-        v
-    }
-}
-use crate::store::{MasterKeyText, ShardStore, StoreError};
-use crate::uring::{self, RingConfig, RingError, UdpRing};
 
 /// Why a server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +128,7 @@ pub struct Running {
     peers: Vec<Peer>,
     threads: Vec<JoinHandle<Result<ServerStats, ServeError>>>,
     control: Option<JoinHandle<()>>,
-    counters: Vec<Arc<ShardCounters>>,
+    counters: Vec<Arc<ShardStats>>,
     metrics: Option<MetricsServer>,
 }
 
@@ -376,7 +325,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
 
     // Before any shard starts: every business has a root key, and the master key unwraps
     // every existing one (a wrong master key stops here, before any data is touched).
-    std::fs::create_dir_all(&opts.data_dir).map_err(|source| ServeError::File {
+    fs::create_dir_all(&opts.data_dir).map_err(|source| ServeError::File {
         path: opts.data_dir.clone(),
         source,
     })?;
@@ -389,17 +338,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         0 => cpus.len().max(1),
         n => n as usize,
     };
-    let sockbuf = profile.io.socket_buffer_bytes as usize;
-    let first = uring::bind_reuseport(profile.listen, sockbuf, sockbuf).map_err(|source| {
-        ServeError::Bind {
-            addr: profile.listen,
-            source,
-        }
-    })?;
-    let addr = first.local_addr().map_err(|source| ServeError::Bind {
-        addr: profile.listen,
-        source,
-    })?;
+    let (sockets, addr) = bind_sockets(&profile, shards)?;
     // Bound before any shard starts, so a taken port stops start-up with nothing running.
     let metrics_listener = match profile.metrics_listen {
         Some(addr) => Some(
@@ -408,231 +347,80 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         ),
         None => None,
     };
-    let mut sockets = vec![first];
-    for _ in 1..shards {
-        sockets.push(
-            uring::bind_reuseport(addr, sockbuf, sockbuf)
-                .map_err(|source| ServeError::Bind { addr, source })?,
-        );
-    }
 
     let ids_max = profile.limits.idempotency_ids_max as usize;
-    let idempotency = Arc::new(Idempotency::new(ids_max));
-    let restore = Arc::new(RestoreSet {
-        cap: ids_max,
-        newest: std::sync::Mutex::new(BinaryHeap::new()),
+    let common = Arc::new(Common {
+        profile: profile.clone(),
+        registry: opts.registry.clone(),
+        crypto: quic_crypto,
+        master_key: opts.master_key.clone(),
+        business_keys,
+        data_dir: opts.data_dir.clone(),
+        cpus,
+        shards,
+        idempotency: Arc::new(Idempotency::new(ids_max)),
+        detect_secret: detect_secret(&opts.master_key),
+        reset_key: random_bytes(),
+        shutdown: Arc::new(AtomicBool::new(false)),
     });
-    let mut reset_key = [0u8; 64];
-    rand::fill(&mut reset_key[..]);
-    let shutdown = Arc::new(AtomicBool::new(false));
-    let (inbox_txs, inbox_rxs): (Vec<_>, Vec<_>) = (0..shards)
-        .map(|_| crossbeam_channel::bounded::<Forwarded>(FORWARD_QUEUE_MAX))
-        .unzip();
-    let (delta_txs, delta_rxs): (Vec<_>, Vec<_>) = (0..shards)
-        .map(|_| crossbeam_channel::bounded::<Arc<Delta>>(DELTA_QUEUE_MAX))
-        .unzip();
-    let (control_txs, control_rxs): (Vec<_>, Vec<_>) = (0..shards)
-        .map(|_| crossbeam_channel::bounded::<ShardControl>(CONTROL_QUEUE_MAX))
-        .unzip();
+    let restore = Arc::new(RestoreSet::new(ids_max));
     let (to_control_tx, to_control_rx) = crossbeam_channel::bounded::<ToControl>(4 * shards);
-    // Recipients exist in detector state only as keyed hashes; the key comes from the
-    // master key, so checkpoints stay valid across restarts and are useless without it.
-    let detect_secret = {
-        let s = opts
-            .master_key
-            .master_key()
-            .derive_secret(b"courier detect recipient hash v1");
-        let mut k = [0u8; 16];
-        k.copy_from_slice(&s[..16]);
-        k
-    };
-    // Each thread builds its ring (rings stay on their thread), reports its waker, then
-    // waits for the full peer list.
     let (waker_tx, waker_rx) = crossbeam_channel::bounded(shards);
-    let mut peer_txs = Vec::new();
+    let mut wiring = Vec::new();
     let mut threads = Vec::new();
     let mut counters = Vec::new();
-    let max_datagrams = (60_000 / usize::from(profile.quic.mtu_upper_bound)).max(1);
-    let shard_inputs = sockets
-        .into_iter()
-        .zip(inbox_rxs)
-        .zip(delta_rxs.into_iter().zip(control_rxs));
-    for (index, ((socket, inbox), (deltas, control))) in shard_inputs.enumerate() {
-        let to_control = to_control_tx.clone();
+    for (index, socket) in sockets.into_iter().enumerate() {
+        let (ends, inboxes) = shard_channels();
         let (peers_tx, peers_rx) = crossbeam_channel::bounded::<Vec<Peer>>(1);
-        peer_txs.push(peers_tx);
-        let c = Arc::new(ShardCounters::default());
-        counters.push(c.clone());
-        let profile = profile.clone();
-        let registry = opts.registry.clone();
-        let shutdown = shutdown.clone();
-        let waker_tx = waker_tx.clone();
-        let crypto = quic_crypto.clone();
-        let master_key = opts.master_key.clone();
-        let business_keys = business_keys.clone();
-        let data_dir = opts.data_dir.clone();
-        let cpu = profile.io.pin_threads.then(|| cpus[index % cpus.len()]);
-        let idempotency = idempotency.clone();
-        let restore = restore.clone();
+        let stats = Arc::new(ShardStats::default());
+        counters.push(stats.clone());
+        let t = ShardThread {
+            index,
+            socket,
+            common: common.clone(),
+            restore: restore.clone(),
+            inboxes,
+            to_control: to_control_tx.clone(),
+            waker_tx: waker_tx.clone(),
+            peers_rx,
+            stats,
+        };
         let thread = std::thread::Builder::new()
             .name(format!("courier-shard-{index}"))
-            .spawn(move || -> Result<ServerStats, ServeError> {
-                if let Some(cpu) = cpu {
-                    uring::pin_current_thread(cpu).map_err(ServeError::Cpu)?;
-                }
-                let ring = match UdpRing::new(socket, &ring_config(&profile)) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = waker_tx.send(Err(index));
-                        return Err(ServeError::Ring {
-                            shard: index,
-                            source: e,
-                        });
-                    }
-                };
-                // Recovery happens before the shard reports ready: nothing is served from
-                // a log that has not been checked.
-                // Every client id still in the log goes to the restore set: the start
-                // rebuilds the shared idempotency table from the newest of them.
-                let mut ids = Vec::with_capacity(RESTORE_BATCH);
-                let mut remember = |log_index: u64, h: &RecordHeader| {
-                    ids.push(RestoredId {
-                        time_ms: h.time_ms,
-                        position: LogPosition::new(index as u16, log_index),
-                        business_id: h.business_id,
-                        client_id: h.client_id,
-                    });
-                    if ids.len() == RESTORE_BATCH {
-                        restore.offer(&mut ids);
-                    }
-                };
-                let opened =
-                    ShardStore::open(&data_dir, index, &master_key, &profile, &mut remember);
-                restore.offer(&mut ids);
-                drop(restore);
-                let store = match opened {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = waker_tx.send(Err(index));
-                        return Err(ServeError::Store {
-                            shard: index,
-                            source: e,
-                        });
-                    }
-                };
-                // The sealer's nonces use the epoch the log just persisted for this run.
-                let Ok(epoch) = u32::try_from(store.log().epoch()) else {
-                    let _ = waker_tx.send(Err(index));
-                    return Err(ServeError::EpochExhausted(index));
-                };
-                let sealer = Sealer::new(
-                    business_keys,
-                    SealerConfig {
-                        epoch,
-                        shard: index as u16,
-                        cache_keys_max: SEAL_CACHE_KEYS,
-                    },
-                );
-                let mut detector = Detector::new(profile.detect.clone(), detect_secret);
-                match crate::control::restore_checkpoint(&data_dir, index, &mut detector) {
-                    Ok(true) => tracing::info!(shard = index, "detector state restored"),
-                    Ok(false) => {}
-                    Err(e) => tracing::error!(shard = index, error = %e, "detector checkpoint not restored"),
-                }
-                let _ = waker_tx.send(Ok((index, ring.waker())));
-                let Ok(peers) = peers_rx.recv() else {
-                    return Ok(ServerStats::default());
-                };
-                let mut seed = [0u8; 32];
-                rand::fill(&mut seed[..]);
-                let server = Server::new(
-                    ServerParts {
-                        shard: index as u8,
-                        crypto,
-                        reset_key,
-                        seed,
-                    },
-                    &profile,
-                    registry,
-                );
-                let shard = Shard {
-                    index,
-                    ring,
-                    server,
-                    ingest: Ingest::new(index as u16, profile.limits.payload_bytes_max, 0),
-                    store,
-                    sealer,
-                    sealed: SealedBatch::new(),
-                    detector,
-                    idempotency,
-                    deltas,
-                    control,
-                    to_control,
-                    peers,
-                    inbox,
-                    shutdown,
-                    counters: c,
-                    max_datagrams,
-                };
-                shard.run().map_err(|source| ServeError::Ring {
-                    shard: index,
-                    source,
-                })
-            })
+            .spawn(move || run_shard(t))
             .map_err(ServeError::Cpu)?;
         threads.push(thread);
+        wiring.push((ends, peers_tx));
     }
     drop(waker_tx);
     drop(to_control_tx);
-    let mut wakers = vec![None; shards];
-    let mut failed = None;
-    for _ in 0..shards {
-        match waker_rx.recv() {
-            Ok(Ok((i, w))) => wakers[i] = Some(w),
-            Ok(Err(i)) => failed = Some(i),
-            Err(_) => break,
-        }
-    }
-    if let Some(i) = failed.or_else(|| wakers.iter().position(Option::is_none)) {
-        drop(peer_txs);
-        let mut err = ServeError::Panicked(i);
-        for t in threads {
-            if let Ok(Err(e)) = t.join() {
-                err = e;
+    let peers = match wait_ready(&waker_rx, wiring) {
+        Ok(p) => p,
+        Err((failed, peer_txs)) => {
+            drop(peer_txs);
+            let mut err = ServeError::Panicked(failed);
+            for t in threads {
+                if let Ok(Err(e)) = t.join() {
+                    err = e;
+                }
             }
+            return Err(err);
         }
-        return Err(err);
-    }
-    let peers: Vec<Peer> = wakers
-        .into_iter()
-        .zip(inbox_txs)
-        .zip(delta_txs.into_iter().zip(control_txs))
-        .map(|((w, tx), (deltas, control))| Peer {
-            tx,
-            deltas,
-            control,
-            waker: w.expect("checked"),
-        })
-        .collect();
-    // Before any shard takes a message: the ids already in the logs, oldest first, so
-    // that the newest stay when the logs hold more than the table.
+    };
+    let (peers, peer_txs) = peers;
+    // Before any shard takes a message: the ids already in the logs (every shard thread
+    // dropped its handle of the set once its recovery was done).
     let rebuild_started = std::time::Instant::now();
-    // Every shard thread dropped its handle once its recovery was done.
-    let restored = Arc::into_inner(restore)
-        .expect("every shard finished recovery")
-        .into_sorted();
-    for r in &restored {
-        idempotency.restore(r.business_id, r.client_id, r.position, r.time_ms);
-    }
-    let st = idempotency.stats();
+    let restore = Arc::into_inner(restore).expect("every shard finished recovery");
+    let read = restore.restore_into(&common.idempotency);
+    let st = common.idempotency.stats();
     tracing::info!(
-        newest_read = restored.len(),
+        newest_read = read,
         remembered = st.entries,
         capacity = st.capacity,
         ms = rebuild_started.elapsed().as_millis() as u64,
         "idempotency table rebuilt from the log"
     );
-    drop(restored);
     for ptx in &peer_txs {
         let _ = ptx.send(peers.clone());
     }
@@ -648,7 +436,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     let mut running = Running {
         addr,
         cert,
-        shutdown,
+        shutdown: common.shutdown.clone(),
         peers,
         threads,
         control: Some(control),
@@ -656,14 +444,12 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         metrics: None,
     };
     if let Some(listener) = metrics_listener {
-        match MetricsServer::spawn(
-            listener,
-            MetricsSource {
-                counters,
-                status,
-                idempotency: Some(idempotency),
-            },
-        ) {
+        let source = MetricsSource {
+            counters,
+            status,
+            idempotency: Some(common.idempotency.clone()),
+        };
+        match MetricsServer::spawn(listener, source) {
             Ok(m) => running.metrics = Some(m),
             Err(e) => {
                 // The shards are up: stop them before reporting.
@@ -676,34 +462,262 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     Ok(running)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// One socket per shard on the profile's address (SO_REUSEPORT); returns them and the
+/// bound address (a port 0 in the profile is chosen by the first bind).
+fn bind_sockets(
+    profile: &Profile,
+    shards: usize,
+) -> Result<(Vec<std::net::UdpSocket>, SocketAddr), ServeError> {
+    let sockbuf = profile.io.socket_buffer_bytes as usize;
+    let first = uring::bind_reuseport(profile.listen, sockbuf, sockbuf).map_err(|source| {
+        ServeError::Bind {
+            addr: profile.listen,
+            source,
+        }
+    })?;
+    let addr = first.local_addr().map_err(|source| ServeError::Bind {
+        addr: profile.listen,
+        source,
+    })?;
+    let mut sockets = vec![first];
+    for _ in 1..shards {
+        sockets.push(
+            uring::bind_reuseport(addr, sockbuf, sockbuf)
+                .map_err(|source| ServeError::Bind { addr, source })?,
+        );
+    }
+    Ok((sockets, addr))
+}
 
-    fn id(time_ms: u64, shard: u16, index: u64) -> RestoredId {
-        RestoredId {
-            time_ms,
-            position: LogPosition::new(shard, index),
-            business_id: 1,
-            client_id: index,
+/// Recipients exist in detector state only as keyed hashes; the key comes from the master
+/// key, so checkpoints stay valid across restarts and are useless without it.
+fn detect_secret(master: &MasterKeyText) -> [u8; 16] {
+    let s = master
+        .master_key()
+        .derive_secret(b"courier detect recipient hash v1");
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&s[..16]);
+    k
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    rand::fill(&mut b[..]);
+    b
+}
+
+/// What every shard thread shares.
+struct Common {
+    profile: Arc<Profile>,
+    registry: Arc<Registry>,
+    crypto: Arc<dyn quinn_proto::crypto::ServerConfig>,
+    master_key: MasterKeyText,
+    business_keys: Arc<DerivedKeys>,
+    data_dir: PathBuf,
+    cpus: Vec<usize>,
+    shards: usize,
+    idempotency: Arc<Idempotency>,
+    detect_secret: [u8; 16],
+    /// Key for stateless resets; the same on every shard so any shard can reset.
+    reset_key: [u8; 64],
+    shutdown: Arc<AtomicBool>,
+}
+
+/// The sending ends of one shard's inboxes (for its peers).
+struct Ends {
+    tx: Sender<Forwarded>,
+    deltas: Sender<Arc<Delta>>,
+    control: Sender<Control>,
+}
+
+/// The receiving ends of one shard's inboxes (for its thread).
+struct Inboxes {
+    datagrams: Receiver<Forwarded>,
+    deltas: Receiver<Arc<Delta>>,
+    control: Receiver<Control>,
+}
+
+fn shard_channels() -> (Ends, Inboxes) {
+    let (tx, datagrams) = crossbeam_channel::bounded::<Forwarded>(FORWARD_QUEUE_MAX);
+    let (deltas_tx, deltas) = crossbeam_channel::bounded::<Arc<Delta>>(DELTA_QUEUE_MAX);
+    let (control_tx, control) = crossbeam_channel::bounded::<Control>(CONTROL_QUEUE_MAX);
+    (
+        Ends {
+            tx,
+            deltas: deltas_tx,
+            control: control_tx,
+        },
+        Inboxes {
+            datagrams,
+            deltas,
+            control,
+        },
+    )
+}
+
+/// A ready shard reports its index and waker; a failed one its index.
+type Ready = Result<(usize, uring::Waker), usize>;
+
+/// Waits for every shard to report ready; returns the peer list and the channels that
+/// hand it to the shards, or the failed shard's index (and the channels, to drop).
+#[allow(clippy::type_complexity)]
+fn wait_ready(
+    ready: &Receiver<Ready>,
+    wiring: Vec<(Ends, Sender<Vec<Peer>>)>,
+) -> Result<(Vec<Peer>, Vec<Sender<Vec<Peer>>>), (usize, Vec<Sender<Vec<Peer>>>)> {
+    let shards = wiring.len();
+    let mut wakers = vec![None; shards];
+    let mut failed = None;
+    for _ in 0..shards {
+        match ready.recv() {
+            Ok(Ok((i, w))) => wakers[i] = Some(w),
+            Ok(Err(i)) => failed = Some(i),
+            Err(_) => break,
         }
     }
-
-    #[test]
-    fn the_restore_set_keeps_the_newest_ids_of_all_shards_oldest_first() {
-        let set = RestoreSet {
-            cap: 5,
-            newest: std::sync::Mutex::new(BinaryHeap::new()),
-        };
-        // Shard 0 is all old, shard 1 all new, offered in small batches interleaved.
-        let mut a: Vec<RestoredId> = (0..4).map(|i| id(100 + i, 0, i)).collect();
-        let mut b: Vec<RestoredId> = (0..4).map(|i| id(200 + i, 1, i)).collect();
-        let mut c: Vec<RestoredId> = (4..8).map(|i| id(100 + i, 0, i)).collect();
-        set.offer(&mut b);
-        set.offer(&mut a);
-        set.offer(&mut c);
-        assert!(a.is_empty() && b.is_empty() && c.is_empty());
-        let times: Vec<u64> = set.into_sorted().iter().map(|r| r.time_ms).collect();
-        assert_eq!(times, [107, 200, 201, 202, 203]);
+    let (ends, peer_txs): (Vec<Ends>, Vec<_>) = wiring.into_iter().unzip();
+    if let Some(i) = failed.or_else(|| wakers.iter().position(Option::is_none)) {
+        return Err((i, peer_txs));
     }
+    let peers = wakers
+        .into_iter()
+        .zip(ends)
+        .map(|(w, e)| Peer {
+            tx: e.tx,
+            deltas: e.deltas,
+            control: e.control,
+            waker: w.expect("checked"),
+        })
+        .collect();
+    Ok((peers, peer_txs))
+}
+
+/// What one shard thread starts from.
+struct ShardThread {
+    index: usize,
+    socket: std::net::UdpSocket,
+    common: Arc<Common>,
+    restore: Arc<RestoreSet>,
+    inboxes: Inboxes,
+    to_control: Sender<ToControl>,
+    waker_tx: Sender<Ready>,
+    peers_rx: Receiver<Vec<Peer>>,
+    stats: Arc<ShardStats>,
+}
+
+/// A shard thread: pin, ring, recovery (before reporting ready: nothing is served from a
+/// log that has not been checked), then the loop.
+fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
+    let c = t.common.clone();
+    let prepared = prepare_shard(&c, t.index, t.socket, &t.restore);
+    // Every client id of this shard's log went to the restore set by now.
+    drop(t.restore);
+    let (ring, store, log, detector) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = t.waker_tx.send(Err(t.index));
+            return Err(e);
+        }
+    };
+    // The sealer's nonces use the epoch the log just persisted for this run.
+    let Ok(epoch) = u32::try_from(log.epoch()) else {
+        let _ = t.waker_tx.send(Err(t.index));
+        return Err(ServeError::EpochExhausted(t.index));
+    };
+    let _ = t.waker_tx.send(Ok((t.index, ring.waker())));
+    let Ok(peers) = t.peers_rx.recv() else {
+        return Ok(ServerStats::default());
+    };
+    let shard = t.index as u16;
+    let sealer = Sealer::new(
+        c.business_keys.clone(),
+        SealerConfig {
+            epoch,
+            shard,
+            cache_keys_max: SEAL_CACHE_KEYS,
+        },
+    );
+    let server = Server::new(
+        ServerParts {
+            shard: t.index as u8,
+            crypto: c.crypto.clone(),
+            reset_key: c.reset_key,
+            seed: random_bytes(),
+        },
+        &c.profile,
+        c.registry.clone(),
+    );
+    let parts = ShardParts {
+        shard,
+        shards: c.shards,
+        payload_bytes_max: c.profile.limits.payload_bytes_max,
+        server,
+        log,
+        sealer,
+        detector,
+        idempotency: c.idempotency.clone(),
+        seed: random_bytes(),
+        stats: t.stats,
+    };
+    let shard = Shard {
+        index: t.index,
+        ring,
+        core: node::Shard::new(parts, crate::shard::clock()),
+        store,
+        deltas: t.inboxes.deltas,
+        control: t.inboxes.control,
+        to_control: t.to_control,
+        peers,
+        inbox: t.inboxes.datagrams,
+        shutdown: c.shutdown.clone(),
+        max_datagrams: (60_000 / usize::from(c.profile.quic.mtu_upper_bound)).max(1),
+    };
+    shard.run().map_err(|source| ServeError::Ring {
+        shard: t.index,
+        source,
+    })
+}
+
+/// The parts of a shard that can fail to start: its pinning, its ring, its log (every
+/// client id in it offered to `restore`) and its detector.
+fn prepare_shard(
+    c: &Common,
+    index: usize,
+    socket: std::net::UdpSocket,
+    restore: &RestoreSet,
+) -> Result<(UdpRing, ShardStore, courier_pipeline::log::Log, Detector), ServeError> {
+    if c.profile.io.pin_threads {
+        uring::pin_current_thread(c.cpus[index % c.cpus.len()]).map_err(ServeError::Cpu)?;
+    }
+    let ring =
+        UdpRing::new(socket, &ring_config(&c.profile)).map_err(|source| ServeError::Ring {
+            shard: index,
+            source,
+        })?;
+    let mut ids = Vec::with_capacity(RESTORE_BATCH);
+    let mut remember = |log_index: u64, h: &RecordHeader| {
+        ids.push(RestoredId {
+            time_ms: h.time_ms,
+            position: LogPosition::new(index as u16, log_index),
+            business_id: h.business_id,
+            client_id: h.client_id,
+        });
+        if ids.len() == RESTORE_BATCH {
+            restore.offer(&mut ids);
+        }
+    };
+    let cfg = LogConfig::from_profile(&c.profile);
+    let opened = ShardStore::open(&c.data_dir, index as u16, &c.master_key, cfg, &mut remember);
+    restore.offer(&mut ids);
+    let (store, log) = opened.map_err(|source| ServeError::Store {
+        shard: index,
+        source,
+    })?;
+    let mut detector = Detector::new(c.profile.detect.clone(), c.detect_secret);
+    match crate::control::restore_checkpoint(&c.data_dir, index, &mut detector) {
+        Ok(true) => tracing::info!(shard = index, "detector state restored"),
+        Ok(false) => {}
+        Err(e) => tracing::error!(shard = index, error = %e, "detector checkpoint not restored"),
+    }
+    Ok((ring, store, log, detector))
 }

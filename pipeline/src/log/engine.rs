@@ -509,6 +509,26 @@ impl Log {
         self.active = Some(SegmentCodec::new(header, key, self.cfg.payload_bytes_max));
     }
 
+    /// Whether a batch of `records` records and `bytes` bytes (framed, as written) would be
+    /// taken now without [`LogError::Busy`]: the group awaiting its sync has room for it,
+    /// or it could never fit one group commit (then `append` refuses it for good, with
+    /// [`LogError::BatchTooLarge`], and waiting would not help).
+    pub fn has_room(&self, records: usize, bytes: u64) -> bool {
+        let max_records = self.cfg.group_commit_records_max as usize;
+        let max_bytes = self.cfg.group_commit_bytes_max;
+        if records > max_records || bytes > max_bytes {
+            return true;
+        }
+        self.pending.records as usize + records <= max_records
+            && self.pending.bytes + bytes <= max_bytes
+    }
+
+    /// Bytes a record with a `recipient_bytes`-byte recipient and a `payload_bytes`-byte
+    /// (sealed) payload takes in a segment.
+    pub fn record_bytes(recipient_bytes: usize, payload_bytes: usize) -> u64 {
+        (RECORD_OVERHEAD_BYTES + recipient_bytes + payload_bytes) as u64
+    }
+
     /// Whether a group commit should start now: records await a sync and none is in flight.
     pub fn commit_due(&self) -> bool {
         self.failed.is_none() && self.in_flight.is_none() && self.pending.records > 0
@@ -615,7 +635,7 @@ impl Log {
 }
 
 fn record_bytes(r: &Record<'_>) -> u64 {
-    (RECORD_OVERHEAD_BYTES + r.header.recipient.as_bytes().len() + r.payload.len()) as u64
+    Log::record_bytes(r.header.recipient.as_bytes().len(), r.payload.len())
 }
 
 fn flush(buf: &mut Vec<u8>, at: &mut Option<(u64, u64)>, actions: &mut Vec<Action>) {

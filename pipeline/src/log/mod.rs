@@ -46,6 +46,7 @@ pub mod engine;
 pub mod format;
 pub mod keys;
 pub mod policy;
+pub mod recovery;
 pub mod sim;
 
 pub use engine::{Action, Log, LogError, LogFailure, OpenError, SyncRequest, WriteFailure};
@@ -55,6 +56,7 @@ pub use format::{
 };
 pub use keys::{DataKey, KeyError, KeyState, Keyring, KeyringError, MasterKey};
 pub use policy::LogConfig;
+pub use recovery::{RecoverError, Recovery, RecoveryPlan, Repair};
 
 use format::HeaderError;
 

@@ -15,11 +15,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::engine::{Action, Log, LogError, LogFailure, OpenError, WriteFailure};
+use super::engine::{Action, Log, LogError, LogFailure, WriteFailure};
 use super::format::{OwnedRecord, Record, SegmentCodec, SegmentHeader, SEGMENT_HEADER_BYTES};
-use super::keys::{Keyring, KeyringError, MasterKey};
+use super::keys::{Keyring, MasterKey};
 use super::policy::LogConfig;
-use super::{recover_segment, RecoveryError, SegmentVerdict};
+use super::recovery::{RecoverError, Recovery, Repair};
 use crate::wire::LogPosition;
 
 /// A storage error the simulation injects.
@@ -167,18 +167,7 @@ impl MemStorage {
 }
 
 /// Why the simulated shell could not start a log.
-#[derive(Debug, thiserror::Error)]
-pub enum BootError {
-    /// The keyring file is corrupt.
-    #[error("keyring: {0}")]
-    Keyring(#[from] KeyringError),
-    /// A segment is corrupt or its key unusable.
-    #[error(transparent)]
-    Recovery(#[from] RecoveryError),
-    /// The kept segments do not form a log.
-    #[error(transparent)]
-    Open(#[from] OpenError),
-}
+pub type BootError = RecoverError;
 
 /// What a boot found.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -239,46 +228,40 @@ impl SimShell {
         self.created_this_boot.clear();
         self.ops_until_power_loss = None;
         let mut report = BootReport::default();
-        let master = MasterKey::from_bytes(self.master);
-        let keyring = match self.storage.keyring() {
-            Some(b) => Keyring::from_bytes(b)?,
-            None => Keyring::new(),
-        };
+        let ids = self.storage.file_ids();
         // Judge every segment before touching any: a wrong master key or corruption stops
         // the boot with storage as it was.
-        let mut verdicts = Vec::new();
-        for id in self.storage.file_ids() {
+        let mut recovery = Recovery::new(
+            self.storage.keyring(),
+            !ids.is_empty(),
+            MasterKey::from_bytes(self.master),
+            self.cfg.payload_bytes_max,
+        )?;
+        for id in ids {
             let bytes = self.storage.file(id).expect("listed");
-            let v = recover_segment(id, bytes, &keyring, &master, self.cfg.payload_bytes_max)?;
-            verdicts.push((id, v));
+            recovery.judge(id, bytes, &mut |_, _| {})?;
         }
-        let mut kept = Vec::new();
-        let mut removals = Vec::new();
-        for (id, verdict) in verdicts {
-            match verdict {
-                SegmentVerdict::Keep(s) => kept.push(s),
-                SegmentVerdict::Truncate { summary, to, .. } => {
-                    self.storage.truncate(id, to);
+        let plan = recovery.plan();
+        for repair in &plan.repairs {
+            match *repair {
+                Repair::Truncate { segment_id, to, .. } => {
+                    self.storage.truncate(segment_id, to);
                     report.truncated += 1;
-                    kept.push(summary);
                 }
-                SegmentVerdict::Remove(_) => removals.push(id),
+                Repair::Remove { segment_id, .. } => {
+                    self.storage.delete(segment_id);
+                    report.removed += 1;
+                }
             }
         }
-        report.removed = removals.len();
-        report.records = kept.iter().map(|s| u64::from(s.records)).sum();
-        for id in removals {
-            self.storage.delete(id);
-        }
-        let mut actions = std::mem::take(&mut self.actions);
-        let log = Log::open(self.cfg, self.shard, master, keyring, kept, &mut actions)?;
+        report.records = plan.records();
+        let (log, mut actions) = plan.open(self.cfg, self.shard)?;
         self.log = Some(log);
         report.removed += actions
             .iter()
             .filter(|a| matches!(a, Action::DeleteSegment { .. }))
             .count();
         self.perform(&mut actions);
-        self.actions = actions;
         Ok(report)
     }
 

@@ -39,6 +39,10 @@
 //! (the recovery scan reads every record anyway), so it needs no file of its own and can
 //! never disagree with what is stored.
 
+mod restore;
+
+pub use restore::{RestoreSet, RestoredId, RESTORE_BATCH};
+
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Mutex, MutexGuard};
 

@@ -1,0 +1,171 @@
+//! Start-up recovery of one shard's log, as decisions: the shell (files in `src/store.rs`,
+//! memory in the simulation) reads the keyring and every segment, hands their bytes here,
+//! performs the plan, then opens the log.
+//!
+//! ```text
+//!  keyring bytes ──> Recovery::new ──┐
+//!  each segment's bytes ──> Recovery::judge (nothing touched yet; an error stops the start)
+//!                                    ▼
+//!  Recovery::plan() ──> truncate torn tails, remove dead files   (the shell, durably)
+//!  RecoveryPlan::open(cfg, shard, master) ──> Log + actions       (the shell performs them
+//!                                                                  before serving)
+//! ```
+//!
+//! Invariant: nothing is changed on storage before every segment was judged, so a wrong
+//! master key or corruption in the middle of a segment stops the start with storage as it
+//! was.
+
+use super::engine::{Action, Log, OpenError};
+use super::format::{RecordError, RecordHeader, SegmentSummary};
+use super::keys::{Keyring, KeyringError, MasterKey};
+use super::policy::LogConfig;
+use super::{recover_segment_visiting, RecoveryError, RemoveReason, SegmentVerdict};
+
+/// Why a log could not be recovered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecoverError {
+    /// The keyring is damaged.
+    #[error("keyring: {0}")]
+    Keyring(#[from] KeyringError),
+    /// Segments exist but no keyring does: they can never be read.
+    #[error("segment files exist but the keyring is missing")]
+    KeyringMissing,
+    /// A segment is corrupt before its tail, or its key does not unwrap.
+    #[error(transparent)]
+    Segment(#[from] RecoveryError),
+    /// The kept segments do not form a log (wrong master key included).
+    #[error(transparent)]
+    Open(#[from] OpenError),
+}
+
+/// What recovery does to one segment file before the log opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repair {
+    /// Cut the torn tail: truncate the file to `to` bytes and sync it.
+    Truncate {
+        /// The segment.
+        segment_id: u64,
+        /// New length.
+        to: u64,
+        /// What was cut.
+        cause: RecordError,
+    },
+    /// Delete the file: it holds no record that can ever be read.
+    Remove {
+        /// The segment.
+        segment_id: u64,
+        /// Why.
+        reason: RemoveReason,
+    },
+}
+
+/// Recovery in progress: the keyring, and the verdicts of the segments judged so far.
+#[derive(Debug)]
+pub struct Recovery {
+    keyring: Keyring,
+    master: MasterKey,
+    payload_bytes_max: u32,
+    kept: Vec<SegmentSummary>,
+    repairs: Vec<Repair>,
+}
+
+impl Recovery {
+    /// Starts recovery from the keyring file's bytes (`None`: there is no keyring file)
+    /// and whether any segment file exists.
+    pub fn new(
+        keyring: Option<&[u8]>,
+        segments_exist: bool,
+        master: MasterKey,
+        payload_bytes_max: u32,
+    ) -> Result<Recovery, RecoverError> {
+        let keyring = match keyring {
+            Some(bytes) => Keyring::from_bytes(bytes)?,
+            None if segments_exist => return Err(RecoverError::KeyringMissing),
+            None => Keyring::new(),
+        };
+        Ok(Recovery {
+            keyring,
+            master,
+            payload_bytes_max,
+            kept: Vec::new(),
+            repairs: Vec::new(),
+        })
+    }
+
+    /// Judges segment file `segment_id` holding `bytes`. `visit(log index, header)` sees
+    /// every record that stays in the log, in order (the idempotency table is rebuilt
+    /// from them). Changes nothing.
+    pub fn judge(
+        &mut self,
+        segment_id: u64,
+        bytes: &[u8],
+        visit: &mut dyn FnMut(u64, &RecordHeader),
+    ) -> Result<(), RecoverError> {
+        let verdict = recover_segment_visiting(
+            segment_id,
+            bytes,
+            &self.keyring,
+            &self.master,
+            self.payload_bytes_max,
+            visit,
+        )?;
+        match verdict {
+            SegmentVerdict::Keep(s) => self.kept.push(s),
+            SegmentVerdict::Truncate { summary, to, cause } => {
+                self.kept.push(summary);
+                self.repairs.push(Repair::Truncate {
+                    segment_id,
+                    to,
+                    cause,
+                });
+            }
+            SegmentVerdict::Remove(reason) => {
+                self.repairs.push(Repair::Remove { segment_id, reason })
+            }
+        }
+        Ok(())
+    }
+
+    /// Every segment was judged: what to repair, then [`RecoveryPlan::open`].
+    pub fn plan(self) -> RecoveryPlan {
+        RecoveryPlan {
+            repairs: self.repairs,
+            keyring: self.keyring,
+            master: self.master,
+            kept: self.kept,
+        }
+    }
+}
+
+/// What recovery decided: repairs to perform, then the log to open.
+#[derive(Debug)]
+pub struct RecoveryPlan {
+    /// Perform these (durably) before [`RecoveryPlan::open`].
+    pub repairs: Vec<Repair>,
+    keyring: Keyring,
+    master: MasterKey,
+    kept: Vec<SegmentSummary>,
+}
+
+impl RecoveryPlan {
+    /// Records found intact in the kept segments.
+    pub fn records(&self) -> u64 {
+        self.kept.iter().map(|s| u64::from(s.records)).sum()
+    }
+
+    /// Opens the log (after the repairs were performed): returns it and the actions to
+    /// perform before serving (a new nonce epoch persisted, empty segments deleted, kept
+    /// segments synced).
+    pub fn open(self, cfg: LogConfig, shard: u16) -> Result<(Log, Vec<Action>), RecoverError> {
+        let mut actions = Vec::new();
+        let log = Log::open(
+            cfg,
+            shard,
+            self.master,
+            self.keyring,
+            self.kept,
+            &mut actions,
+        )?;
+        Ok((log, actions))
+    }
+}

@@ -1,0 +1,139 @@
+//! Batches waiting for their group commit, and the ACKs that answer them.
+//!
+//! Invariants: a batch's accepted messages are acked only once the log's durable end
+//! passed its last record, with their idempotency claims settled first; when the log
+//! fails, every waiting batch not yet durable is answered `storage_unavailable` and its
+//! claims released, so its ids are free for a resend.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use super::{stats, Now, Shard};
+use crate::idempotency::ClaimTicket;
+use crate::server::Ticket;
+use crate::wire::{Reason, Status};
+
+/// A batch whose accepted messages wait for the fdatasync that covers them.
+#[derive(Debug)]
+pub(super) struct Awaiting {
+    pub(super) ticket: Ticket,
+    /// When the shard took the batch (for the ack-latency histogram).
+    pub(super) taken: Instant,
+    pub(super) business_id: u32,
+    pub(super) statuses: Vec<Status>,
+    /// The idempotency claims of the accepted messages, in order: settled with their
+    /// positions once durable, released if the log fails first.
+    pub(super) claims: Vec<ClaimTicket>,
+    /// Durable once the log's durable end reaches this index.
+    pub(super) end_index: u64,
+}
+
+/// The waiting batches, in log order.
+#[derive(Debug, Default)]
+pub(super) struct AwaitingQueue(VecDeque<Awaiting>);
+
+impl AwaitingQueue {
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(super) fn push(&mut self, a: Awaiting) {
+        debug_assert!(self.0.back().is_none_or(|b| b.end_index <= a.end_index));
+        self.0.push_back(a);
+    }
+
+    /// The oldest waiting batch, if the log's durable end covers it.
+    fn pop_durable(&mut self, durable_end: u64) -> Option<Awaiting> {
+        if self.0.front().is_some_and(|a| a.end_index <= durable_end) {
+            self.0.pop_front()
+        } else {
+            None
+        }
+    }
+
+    fn pop(&mut self) -> Option<Awaiting> {
+        self.0.pop_front()
+    }
+}
+
+impl Shard {
+    /// Acks every waiting batch the log's durable end now covers.
+    pub(super) fn ack_durable(&mut self, now: Now) {
+        let durable = self.commit.log().durable_end();
+        while let Some(a) = self.awaiting.pop_durable(durable) {
+            self.settle_claims(&a);
+            self.ack(now, a.taken, a.ticket, a.business_id, &a.statuses);
+        }
+    }
+
+    /// The log failed: the waiting batches it made durable are acked, the others hear
+    /// `storage_unavailable` for their accepted messages.
+    pub(super) fn fail_awaiting(&mut self, now: Now) {
+        let durable = self.commit.log().durable_end();
+        while let Some(mut a) = self.awaiting.pop() {
+            if a.end_index > durable {
+                self.release_claims(&a.claims);
+                for s in a.statuses.iter_mut() {
+                    if matches!(s, Status::Accepted(_)) {
+                        *s = Status::Rejected(Reason::StorageUnavailable);
+                    }
+                }
+            } else {
+                self.settle_claims(&a);
+            }
+            self.ack(now, a.taken, a.ticket, a.business_id, &a.statuses);
+        }
+    }
+
+    /// A durable batch's ids answer `duplicate` from now on; done before its ACK leaves,
+    /// so a client can never resend an acked id and have it stored again.
+    pub(super) fn settle_claims(&self, a: &Awaiting) {
+        if self.bugs.release_instead_of_settle {
+            self.release_claims(&a.claims);
+            return;
+        }
+        let positions = a.statuses.iter().filter_map(|s| match s {
+            Status::Accepted(p) => Some(*p),
+            _ => None,
+        });
+        let mut settled = 0;
+        for (claim, p) in a.claims.iter().zip(positions) {
+            self.idempotency.settle(*claim, p);
+            settled += 1;
+        }
+        debug_assert_eq!(settled, a.claims.len(), "one claim per accepted message");
+    }
+
+    pub(super) fn release_claims(&self, claims: &[ClaimTicket]) {
+        for c in claims {
+            self.idempotency.release(*c);
+        }
+    }
+
+    /// Sends a batch's final statuses; its accepted messages are durable, so they count
+    /// for billing here.
+    pub(super) fn ack(
+        &mut self,
+        now: Now,
+        taken: Instant,
+        ticket: Ticket,
+        business_id: u32,
+        statuses: &[Status],
+    ) {
+        let accepted = statuses
+            .iter()
+            .filter(|s| matches!(s, Status::Accepted(_)))
+            .count() as u64;
+        if accepted > 0 {
+            self.detector
+                .record_accepted(now.unix_ms, business_id, accepted);
+        }
+        stats::add(&self.stats.accepted, accepted);
+        stats::add(&self.stats.not_accepted, statuses.len() as u64 - accepted);
+        stats::add(&self.stats.batches, 1);
+        self.stats
+            .ack_latency
+            .observe(now.at.saturating_duration_since(taken));
+        self.server.ack(now.at, ticket, statuses);
+    }
+}

@@ -1,0 +1,288 @@
+//! The stage chain one SUBMIT batch runs through, in order:
+//!
+//! ```text
+//!  room in the group commit?  no ──> held, untouched, until a commit frees room
+//!  business still registered? no ──> every message `rejected(unauthorized)`
+//!  per message: payload empty or over the bound ──> `rejected(payload_too_large)`
+//!               Idempotency::claim: durable copy ──> `duplicate(position)`,
+//!                                   copy in flight ──> `throttled(IN_FLIGHT_RETRY_MS)`
+//!  the rest, in one call: Detector::observe_batch ──> throttled / rejected / admitted
+//!  the admitted, in one call: Sealer::seal_batch (per-recipient AES-256-GCM)
+//!  the sealed: Log::append ──> positions; acked once their group commit is durable
+//! ```
+//!
+//! A resend is answered before it counts for detection or billing; only a message headed
+//! for the log keeps its claim, every other claim is released at once.
+
+use std::time::Instant;
+
+use super::ack::Awaiting;
+use super::{stats, Held, Now, Shard, IN_FLIGHT_RETRY_MS};
+use crate::detect::{BusinessLimits, Verdict};
+use crate::idempotency::{Claim, ClaimTicket};
+use crate::log::{Log, LogError, Record, RecordHeader};
+use crate::seal::{SealError, SEAL_OVERHEAD_BYTES};
+use crate::server::SubmitBatch;
+use crate::wire::{LogPosition, Message, Reason, Status};
+
+/// A message's answer before detection, or its fresh claim.
+enum Early {
+    Answered(Status),
+    Claimed(ClaimTicket),
+}
+
+/// Placeholder of an admitted message until the log gives its position.
+const UNPLACED: Status = Status::Accepted(LogPosition(u64::MAX));
+
+impl Shard {
+    /// Runs one batch through the chain. Returns it, untouched, when the log's group
+    /// commit has no room for it yet.
+    pub(super) fn take_batch(
+        &mut self,
+        now: Now,
+        taken: Instant,
+        batch: SubmitBatch,
+    ) -> Option<Held> {
+        if !self.has_room(&batch) {
+            return Some(Held { batch, taken });
+        }
+        // The registry in force decides the business's limits; a business removed from it
+        // since its connection authenticated sends no more.
+        let Some(limits) = self
+            .server
+            .registry()
+            .get(batch.business_id)
+            .map(BusinessLimits::from)
+        else {
+            let statuses = vec![Status::Rejected(Reason::Unauthorized); batch.messages.len()];
+            self.ack(now, taken, batch.ticket, batch.business_id, &statuses);
+            return None;
+        };
+        let early = self.claim_all(now, &batch);
+        let (mut statuses, mut claims, admitted) = self.judge(now, &limits, &batch, early);
+        self.seal_admitted(&batch, &admitted, &mut statuses, &mut claims);
+        self.append(now, taken, &batch, statuses, claims);
+        None
+    }
+
+    /// Whether the log's next group commit can take every message of `batch` (counted as
+    /// if all were admitted, so the append that follows cannot find it full).
+    fn has_room(&self, batch: &SubmitBatch) -> bool {
+        let bytes: u64 = batch
+            .messages
+            .iter()
+            .map(|m| {
+                Log::record_bytes(
+                    m.recipient.as_bytes().len(),
+                    m.payload.len() + SEAL_OVERHEAD_BYTES,
+                )
+            })
+            .sum();
+        self.commit.log().has_room(batch.messages.len(), bytes)
+    }
+
+    /// The payload checks and the idempotency claims, per message in order.
+    fn claim_all(&mut self, now: Now, batch: &SubmitBatch) -> Vec<Early> {
+        let mut early = Vec::with_capacity(batch.messages.len());
+        for m in &batch.messages {
+            let len = m.payload.len();
+            if len == 0 || len > self.payload_bytes_max as usize {
+                early.push(Early::Answered(Status::Rejected(Reason::PayloadTooLarge)));
+                continue;
+            }
+            let answer = match self
+                .idempotency
+                .claim(batch.business_id, m.client_id, now.unix_ms)
+            {
+                Claim::Fresh(t) => Early::Claimed(t),
+                Claim::Duplicate(p) => {
+                    stats::add(&self.stats.duplicates, 1);
+                    Early::Answered(Status::Duplicate(p))
+                }
+                Claim::InFlight => {
+                    stats::add(&self.stats.in_flight_retries, 1);
+                    Early::Answered(Status::Throttled {
+                        retry_after_ms: IN_FLIGHT_RETRY_MS,
+                    })
+                }
+            };
+            early.push(answer);
+        }
+        early
+    }
+
+    /// The detector's verdicts on the claimed messages, in one call. Returns every
+    /// message's status (admitted ones as [`UNPLACED`]), the claims of the admitted ones,
+    /// and their indexes in the batch. Other claims are released.
+    fn judge(
+        &mut self,
+        now: Now,
+        limits: &BusinessLimits,
+        batch: &SubmitBatch,
+        early: Vec<Early>,
+    ) -> (Vec<Status>, Vec<ClaimTicket>, Vec<usize>) {
+        let mut verdicts = Vec::with_capacity(early.len());
+        let judged = batch
+            .messages
+            .iter()
+            .zip(&early)
+            .filter(|(_, e)| matches!(e, Early::Claimed(_)))
+            .map(|(m, _)| &m.recipient);
+        self.detector
+            .observe_batch(now.unix_ms, limits, judged, &mut verdicts);
+        let mut verdicts = verdicts.into_iter();
+        let mut statuses = Vec::with_capacity(early.len());
+        let mut claims = Vec::with_capacity(early.len());
+        let mut admitted = Vec::with_capacity(early.len());
+        for (i, e) in early.into_iter().enumerate() {
+            let claim = match e {
+                Early::Answered(status) => {
+                    statuses.push(status);
+                    continue;
+                }
+                Early::Claimed(claim) => claim,
+            };
+            let verdict = verdicts.next().expect("one verdict per claimed message");
+            let status = match verdict {
+                Verdict::Admit => {
+                    admitted.push(i);
+                    claims.push(claim);
+                    statuses.push(UNPLACED);
+                    continue;
+                }
+                Verdict::Throttle { retry_after_ms } => {
+                    stats::add(&self.stats.detect_throttled, 1);
+                    Status::Throttled { retry_after_ms }
+                }
+                Verdict::Reject(reason) => {
+                    if matches!(reason, Reason::MessagingLimitReached | Reason::SenderPaused) {
+                        stats::add(&self.stats.detect_rejected, 1);
+                    }
+                    Status::Rejected(reason)
+                }
+            };
+            self.idempotency.release(claim);
+            statuses.push(status);
+        }
+        assert!(verdicts.next().is_none(), "one verdict per claimed message");
+        (statuses, claims, admitted)
+    }
+
+    /// Seals the admitted messages in one call (the keys of new recipients are derived
+    /// together); sealed message k is admitted message k. A refusal answers every
+    /// admitted message and releases its claim.
+    fn seal_admitted(
+        &mut self,
+        batch: &SubmitBatch,
+        admitted: &[usize],
+        statuses: &mut [Status],
+        claims: &mut Vec<ClaimTicket>,
+    ) {
+        self.sealed.clear();
+        if admitted.is_empty() {
+            return;
+        }
+        let messages: Vec<&Message> = admitted.iter().map(|&i| &batch.messages[i]).collect();
+        let refused = match self
+            .sealer
+            .seal_batch(batch.business_id, &messages, &mut self.sealed)
+        {
+            Ok(()) => return,
+            Err(SealError::Key(e)) => {
+                tracing::warn!(business = batch.business_id, error = %e, "no sealing key for this business");
+                Status::Rejected(Reason::Unauthorized)
+            }
+            Err(e @ SealError::NoncesExhausted { .. }) => {
+                tracing::error!(shard = self.shard, error = %e, "sealer exhausted: restart the shard");
+                Status::Rejected(Reason::StorageUnavailable)
+            }
+        };
+        for &i in admitted {
+            statuses[i] = refused;
+        }
+        for claim in claims.drain(..) {
+            self.idempotency.release(claim);
+        }
+    }
+
+    /// Appends the sealed messages and files the batch to wait for its group commit, or
+    /// acks it now when nothing is stored.
+    fn append(
+        &mut self,
+        now: Now,
+        taken: Instant,
+        batch: &SubmitBatch,
+        mut statuses: Vec<Status>,
+        claims: Vec<ClaimTicket>,
+    ) {
+        debug_assert_eq!(statuses.len(), batch.messages.len());
+        let placed = statuses.iter().filter(|s| **s == UNPLACED).count();
+        assert_eq!(
+            placed,
+            self.sealed.len(),
+            "one sealed message per admitted one"
+        );
+        assert_eq!(placed, claims.len(), "one claim per admitted message");
+        if placed == 0 {
+            self.ack(now, taken, batch.ticket, batch.business_id, &statuses);
+            return;
+        }
+        let mut records = Vec::with_capacity(placed);
+        let mut sealed = self.sealed.iter();
+        for (m, s) in batch.messages.iter().zip(&statuses) {
+            if *s == UNPLACED {
+                records.push(Record {
+                    header: RecordHeader {
+                        business_id: batch.business_id,
+                        time_ms: now.unix_ms,
+                        client_id: m.client_id,
+                        recipient: m.recipient,
+                    },
+                    payload: sealed.next().expect("counted above"),
+                });
+            }
+        }
+        let mut positions = Vec::with_capacity(placed);
+        let appended = self.commit.append(now.unix_ms, &records, &mut positions);
+        // The records borrow the sealed bytes (through an opaque iterator, which lives
+        // to the end of its scope unless dropped).
+        drop((records, sealed));
+        if let Err(e) = appended {
+            assert!(
+                e != LogError::Busy,
+                "room was checked before the batch was taken"
+            );
+            self.release_claims(&claims);
+            let refused = e.status();
+            for s in statuses.iter_mut().filter(|s| **s == UNPLACED) {
+                *s = refused;
+            }
+            self.ack(now, taken, batch.ticket, batch.business_id, &statuses);
+            return;
+        }
+        let mut positions = positions.into_iter();
+        for s in statuses.iter_mut().filter(|s| **s == UNPLACED) {
+            *s = Status::Accepted(positions.next().expect("one position per record"));
+        }
+        let waiting = Awaiting {
+            ticket: batch.ticket,
+            taken,
+            business_id: batch.business_id,
+            statuses,
+            claims,
+            end_index: self.commit.log().next_index(),
+        };
+        if self.bugs.ack_before_sync {
+            self.settle_claims(&waiting);
+            self.ack(
+                now,
+                taken,
+                waiting.ticket,
+                waiting.business_id,
+                &waiting.statuses,
+            );
+            return;
+        }
+        self.awaiting.push(waiting);
+    }
+}

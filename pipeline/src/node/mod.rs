@@ -1,0 +1,607 @@
+//! One shard's core: the whole message path of one core as one sans-IO state machine.
+//!
+//! ```text
+//!  handle_datagram(now, ..) ──> server::Server (QUIC, TLS, wire decoding, HELLO)
+//!                                  │ SUBMIT batch
+//!                                  ▼
+//!  the stage chain (chain.rs), per batch, in order:
+//!    payload checks ─> Idempotency::claim (shared by the shards: a resend is `duplicate`)
+//!    ─> Detector::observe_batch ─> Sealer::seal_batch ─> Log::append
+//!    not admitted: answered now          admitted: waits for its group commit
+//!                                  │ writes coalesced per segment (commit.rs)
+//!                                  ▼
+//!  poll_io(file slots) ──> Io::{PersistKeyring, CreateSegment, DeleteSegment}  (at once)
+//!                          Io::DurableWrite { token, segment, offset, bytes }  (write +
+//!                                                                  fdatasync, linked)
+//!  handle_write_done(now, token, outcome, buf) ──> Log::on_synced ──> idempotency settled,
+//!                                 detector billing, Server::ack ──> poll_transmit
+//!  handle_timeout(now) ──> QUIC timers; every tick: roll and retention (Io out), status
+//!                          (Event::Status); every exchange: Event::Delta to the peers
+//!  handle_delta / handle_control ──> the detector, the registry
+//!  begin_stop(now) ──> no new batches; flush commits; linger; close; is_stopped()
+//! ```
+//!
+//! The shell's loop, after every wake-up: feed every input (`handle_*`), then drain
+//! `poll_transmit`, `poll_io` and `poll_event`, then sleep until `poll_timeout` or the next
+//! input. Time comes in as [`Now`] (a monotonic instant for QUIC and deadlines, unix
+//! milliseconds for record times and retention); randomness from the seed the caller
+//! gives; nothing here touches a file, a socket or a clock, so the seeded simulation
+//! (`sim/`) runs exactly this code.
+//!
+//! Invariants:
+//! - a message is acked `accepted` only after the fdatasync covering it completed, and its
+//!   idempotency claim is settled before the ACK is written (so a resend after the ACK is
+//!   answered `duplicate`);
+//! - every batch taken is answered exactly once: now (nothing to store), once durable, or
+//!   with `storage_unavailable` when the log fails first; a batch the log has no room for
+//!   is held, untouched (not claimed, judged or sealed), until a commit frees room;
+//! - at most one group commit is in flight, and it starts only after every metadata
+//!   operation returned before it was performed.
+
+mod ack;
+mod chain;
+mod commit;
+mod stats;
+mod stop;
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use quinn_proto::Transmit;
+
+use crate::detect::{BusinessSignal, Delta, Detector};
+use crate::idempotency::Idempotency;
+use crate::log::{Log, LogFailure};
+use crate::registry::Registry;
+use crate::seal::keys::DerivedKeys;
+use crate::seal::{SealedBatch, Sealer};
+use crate::server::{Server, SubmitBatch};
+
+pub use commit::{Completion, GroupCommit};
+pub use stats::{AckLatency, LatencySnapshot, ShardStats, ACK_LATENCY_BOUNDS_US};
+
+use ack::AwaitingQueue;
+use stop::Stopping;
+
+/// How often the log's time-driven work (roll by age, retention) runs, and how often a
+/// shard publishes its detector status.
+pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a shard sends its detector delta to the other shards (staleness of the
+/// cross-shard view is at most about this plus one loop).
+pub const DELTA_INTERVAL: Duration = Duration::from_millis(50);
+/// How often a shard checkpoints its detector (and once more when it stops).
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// Retry-after for a copy of a message whose first copy is still waiting for its group
+/// commit (about one fdatasync): by then the answer is `duplicate` or the id is free.
+pub const IN_FLIGHT_RETRY_MS: u32 = 20;
+
+/// The time of an input: a monotonic instant (QUIC, deadlines, latencies) and the wall
+/// clock in unix milliseconds (record times, retention, detector windows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic time.
+    pub at: Instant,
+    /// Wall-clock time, unix milliseconds.
+    pub unix_ms: u64,
+}
+
+/// A request of the control thread.
+#[derive(Debug, Clone)]
+pub enum Control {
+    /// The registry file changed: new limits, exemptions, businesses.
+    Registry(Arc<Registry>),
+    /// The operator lifts a business's pause.
+    Unpause(u32),
+}
+
+/// What the shell carries to other threads.
+#[derive(Debug)]
+pub enum Event {
+    /// What this shard's detector learned since the last exchange: send it to every
+    /// other shard (dropping it when a peer's inbox is full is allowed, and counted).
+    Delta(Arc<Delta>),
+    /// The detector's view of every business it knows, for the status file, and when
+    /// `checkpoint` is set the detector's checkpoint bytes, to persist. The one with
+    /// `last` set comes once, when the shard has stopped: deliver it even if that waits.
+    Status {
+        /// When, unix ms.
+        at_unix_ms: u64,
+        /// One signal per business.
+        signals: Vec<BusinessSignal>,
+        /// [`Detector::checkpoint`] bytes, every [`CHECKPOINT_INTERVAL`] and at the end.
+        checkpoint: Option<Vec<u8>>,
+        /// The final status of a stopped shard.
+        last: bool,
+    },
+}
+
+/// A storage operation for the shell. Perform them in the order they come.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Io {
+    /// Replace the keyring file atomically and durably (temporary file, fsync, rename,
+    /// fsync the directory) before the next operation. Report a failure with
+    /// [`Shard::handle_metadata_failed`].
+    PersistKeyring {
+        /// The serialized keyring.
+        bytes: Vec<u8>,
+    },
+    /// Create the empty segment file and fsync the directory, before the next operation.
+    CreateSegment {
+        /// The segment.
+        segment_id: u64,
+    },
+    /// Remove the segment file and fsync the directory (its key is already destroyed).
+    DeleteSegment {
+        /// The segment.
+        segment_id: u64,
+    },
+    /// Write `bytes` at `offset` of the segment, then fdatasync it (linked: no sync
+    /// without the whole write). Complete with [`Shard::handle_write_done`], in any order
+    /// and at any later time, handing the buffer back.
+    DurableWrite {
+        /// Names this write in its completion.
+        token: u64,
+        /// The segment.
+        segment_id: u64,
+        /// Byte offset in the segment file.
+        offset: u64,
+        /// Encrypted, framed records.
+        bytes: Vec<u8>,
+    },
+}
+
+impl std::fmt::Debug for Io {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Io::PersistKeyring { bytes } => write!(f, "PersistKeyring({} bytes)", bytes.len()),
+            Io::CreateSegment { segment_id } => write!(f, "CreateSegment({segment_id})"),
+            Io::DeleteSegment { segment_id } => write!(f, "DeleteSegment({segment_id})"),
+            Io::DurableWrite {
+                token,
+                segment_id,
+                offset,
+                bytes,
+            } => write!(
+                f,
+                "DurableWrite(#{token}: segment {segment_id} @ {offset}, {} bytes)",
+                bytes.len()
+            ),
+        }
+    }
+}
+
+/// How a [`Io::DurableWrite`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// Written whole and synced.
+    Done,
+    /// The disk was full (ENOSPC, EDQUOT, or a short write).
+    NoSpace,
+    /// The write failed for another reason.
+    WriteFailed,
+    /// The write went through; the fdatasync failed.
+    SyncFailed,
+}
+
+/// Test-only faults planted in the real state machine, so the simulation can show that
+/// it catches them (`sim/`). Never set in production: the setter exists only with the
+/// `planted-bugs` feature.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlantedBugs {
+    /// Acknowledge accepted messages when they are appended, before their group commit.
+    pub ack_before_sync: bool,
+    /// Release idempotency claims instead of settling them once durable: a resend after
+    /// the ACK is stored again.
+    pub release_instead_of_settle: bool,
+}
+
+/// The parts of a shard, built by the shell at start-up (the log from recovery, the
+/// detector from its checkpoint).
+pub struct ShardParts {
+    /// This shard's index (also in its connection IDs and log positions).
+    pub shard: u16,
+    /// How many shards the node runs (deltas are exchanged when more than one).
+    pub shards: usize,
+    /// Largest message payload taken, bytes (larger or empty ones are rejected).
+    pub payload_bytes_max: u32,
+    /// The QUIC server.
+    pub server: Server,
+    /// The recovered log.
+    pub log: Log,
+    /// The sealer, on the epoch the log persisted at open.
+    pub sealer: Sealer<Arc<DerivedKeys>>,
+    /// The detector.
+    pub detector: Detector,
+    /// The node's idempotency table (shared by every shard).
+    pub idempotency: Arc<Idempotency>,
+    /// Seed of the randomness the log uses for new segment keys (a CSPRNG's output in
+    /// the shell, a test seed in simulation).
+    pub seed: [u8; 32],
+    /// Where the shard publishes its counters.
+    pub stats: Arc<ShardStats>,
+}
+
+impl std::fmt::Debug for ShardParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardParts")
+            .field("shard", &self.shard)
+            .field("shards", &self.shards)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A batch the log had no room for, and when it was first taken.
+struct Held {
+    batch: SubmitBatch,
+    taken: Instant,
+}
+
+/// Periodic work: when each kind is next due.
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    next_tick: Instant,
+    next_exchange: Instant,
+    next_checkpoint: Instant,
+}
+
+/// One shard's core. See the module docs for the calls and their order.
+pub struct Shard {
+    shard: u16,
+    shards: usize,
+    payload_bytes_max: u32,
+    server: Server,
+    idempotency: Arc<Idempotency>,
+    detector: Detector,
+    sealer: Sealer<Arc<DerivedKeys>>,
+    sealed: SealedBatch,
+    /// The log and its group commits.
+    commit: GroupCommit,
+    /// Batches waiting for their group commit.
+    awaiting: AwaitingQueue,
+    held: Option<Held>,
+    events: VecDeque<Event>,
+    schedule: Schedule,
+    stop: Option<Stopping>,
+    stats: Arc<ShardStats>,
+    bugs: PlantedBugs,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("shard", &self.shard)
+            .field("log_next_index", &self.commit.log().next_index())
+            .field("log_durable_end", &self.commit.log().durable_end())
+            .field("awaiting", &self.awaiting.len())
+            .field("stopping", &self.stop.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shard {
+    /// A shard from its parts, at `now`.
+    pub fn new(parts: ShardParts, now: Now) -> Shard {
+        assert!(parts.shards >= 1, "a node has at least one shard");
+        assert!(
+            usize::from(parts.shard) < parts.shards,
+            "shard index within the node"
+        );
+        assert_eq!(parts.server.shard(), parts.shard as u8, "one shard id");
+        let shard = Shard {
+            shard: parts.shard,
+            shards: parts.shards,
+            payload_bytes_max: parts.payload_bytes_max,
+            server: parts.server,
+            idempotency: parts.idempotency,
+            detector: parts.detector,
+            sealer: parts.sealer,
+            sealed: SealedBatch::new(),
+            commit: GroupCommit::new(parts.log, parts.seed),
+            awaiting: AwaitingQueue::default(),
+            held: None,
+            events: VecDeque::new(),
+            schedule: Schedule {
+                next_tick: now.at + TICK_INTERVAL,
+                next_exchange: now.at + DELTA_INTERVAL,
+                next_checkpoint: now.at + CHECKPOINT_INTERVAL,
+            },
+            stop: None,
+            stats: parts.stats,
+            bugs: PlantedBugs::default(),
+        };
+        shard.publish_log_figures();
+        shard
+    }
+
+    /// Plants test-only faults (see [`PlantedBugs`]).
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_bugs(&mut self, bugs: PlantedBugs) {
+        self.bugs = bugs;
+    }
+
+    /// This shard's index.
+    pub fn index(&self) -> u16 {
+        self.shard
+    }
+
+    /// The counters it publishes.
+    pub fn stats(&self) -> &Arc<ShardStats> {
+        &self.stats
+    }
+
+    /// The QUIC server (read-only: counters, connections).
+    pub fn server(&self) -> &Server {
+        &self.server
+    }
+
+    /// The log (read-only: positions, segments, failure).
+    pub fn log(&self) -> &Log {
+        self.commit.log()
+    }
+
+    /// The detector (read-only: signals, figures).
+    pub fn detector(&self) -> &Detector {
+        &self.detector
+    }
+
+    /// Feeds one received datagram.
+    pub fn handle_datagram(
+        &mut self,
+        now: Now,
+        remote: SocketAddr,
+        local_ip: Option<IpAddr>,
+        data: BytesMut,
+    ) {
+        self.server.handle_datagram(now.at, remote, local_ip, data);
+        self.advance(now);
+    }
+
+    /// Another shard's detector delta.
+    pub fn handle_delta(&mut self, now: Now, delta: &Delta) {
+        self.detector.merge(now.unix_ms, delta);
+        self.advance(now);
+    }
+
+    /// A request of the control thread.
+    pub fn handle_control(&mut self, now: Now, control: Control) {
+        match control {
+            Control::Registry(reg) => {
+                for b in reg.iter() {
+                    let changed = self
+                        .server
+                        .registry()
+                        .get(b.id)
+                        .is_none_or(|old| (old.tier, old.mps) != (b.tier, b.mps));
+                    if changed {
+                        self.detector.set_limits(b.id, b.tier, b.mps);
+                    }
+                }
+                self.server.set_registry(reg);
+            }
+            Control::Unpause(id) => {
+                if self.detector.unpause(id) {
+                    tracing::info!(
+                        shard = self.shard,
+                        business = id,
+                        "business unpaused by the operator"
+                    );
+                }
+            }
+        }
+        self.advance(now);
+    }
+
+    /// When [`Shard::handle_timeout`] is next due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next = self.schedule.next_tick;
+        if let Some(t) = self.server.poll_timeout() {
+            next = next.min(t);
+        }
+        if self.shards > 1 {
+            next = next.min(self.schedule.next_exchange);
+        }
+        if let Some(t) = self.stop.as_ref().and_then(Stopping::next_deadline) {
+            next = next.min(t);
+        }
+        Some(next)
+    }
+
+    /// Does whatever is due at `now`: QUIC timers, the log's tick (roll, retention), the
+    /// status, the delta exchange, the stop's deadlines.
+    pub fn handle_timeout(&mut self, now: Now) {
+        if self.server.poll_timeout().is_some_and(|t| t <= now.at) {
+            self.server.handle_timeout(now.at);
+        }
+        if self.shards > 1 && now.at >= self.schedule.next_exchange {
+            self.schedule.next_exchange = now.at + DELTA_INTERVAL;
+            let delta = self.detector.export_delta(now.unix_ms);
+            if !delta.is_empty() {
+                self.events.push_back(Event::Delta(Arc::new(delta)));
+            }
+        }
+        if now.at >= self.schedule.next_tick {
+            self.schedule.next_tick = now.at + TICK_INTERVAL;
+            self.tick(now);
+        }
+        self.advance(now);
+    }
+
+    /// The log's time-driven work and the periodic status.
+    fn tick(&mut self, now: Now) {
+        let dropped = self.commit.tick(now.unix_ms);
+        stats::add(&self.stats.log_segments_dropped, dropped.len() as u64);
+        self.publish_log_figures();
+        let checkpoint = now.at >= self.schedule.next_checkpoint;
+        if checkpoint {
+            self.schedule.next_checkpoint = now.at + CHECKPOINT_INTERVAL;
+        }
+        self.publish_status(now, checkpoint, false);
+    }
+
+    fn publish_status(&mut self, now: Now, checkpoint: bool, last: bool) {
+        self.events.push_back(Event::Status {
+            at_unix_ms: now.unix_ms,
+            signals: self.detector.signals(),
+            checkpoint: checkpoint.then(|| self.detector.checkpoint()),
+            last,
+        });
+    }
+
+    /// Log figures that change slowly (segment count), for the metrics.
+    fn publish_log_figures(&self) {
+        let segments = self.commit.log().segment_ids().count();
+        stats::set(&self.stats.log_segments, segments as u64);
+    }
+
+    /// The next datagram(s) to send, written into `buf` (cleared first), at most
+    /// `max_datagrams` of one GSO batch.
+    pub fn poll_transmit(
+        &mut self,
+        now: Instant,
+        max_datagrams: usize,
+        buf: &mut Vec<u8>,
+    ) -> Option<Transmit> {
+        if let Some(t) = self.server.poll_transmit(now, max_datagrams, buf) {
+            return Some(t);
+        }
+        // Closing waits until what could still go out went: closing a QUIC connection
+        // discards stream data not yet sent.
+        if self.stop.as_mut().is_some_and(|s| s.take_close_due(now)) {
+            self.server.close_all(
+                now,
+                crate::wire::code::SHUTTING_DOWN,
+                b"server shutting down",
+            );
+            return self.server.poll_transmit(now, max_datagrams, buf);
+        }
+        None
+    }
+
+    /// The next storage operation, if any. Group-commit writes are handed out only when
+    /// the shell has `file_slots_free` slots for all of one commit's writes.
+    pub fn poll_io(&mut self, file_slots_free: usize) -> Option<Io> {
+        let io = self.commit.poll_io(file_slots_free);
+        if let Some(Io::DurableWrite { bytes, .. }) = &io {
+            stats::add(&self.stats.log_appended_bytes, bytes.len() as u64);
+        }
+        io
+    }
+
+    /// The next event for other threads, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// A metadata operation ([`Io::PersistKeyring`], [`Io::CreateSegment`],
+    /// [`Io::DeleteSegment`]) failed: the log fails for good; waiting batches hear
+    /// `storage_unavailable`, and so does every later message. Operations queued after it
+    /// are dropped (nothing is written after a failure), except deletions of expired data.
+    pub fn handle_metadata_failed(&mut self, now: Now) {
+        let failure = self.commit.metadata_failed();
+        self.log_failed(now, failure);
+        self.advance(now);
+    }
+
+    /// A [`Io::DurableWrite`] completed (`buf` is its buffer, handed back for reuse).
+    pub fn handle_write_done(&mut self, now: Now, token: u64, outcome: WriteOutcome, buf: Vec<u8>) {
+        match self.commit.complete(token, outcome, buf) {
+            Completion::Nothing => {}
+            Completion::Synced => {
+                stats::add(&self.stats.commits, 1);
+                self.ack_durable(now);
+            }
+            Completion::Failed(f) => self.log_failed(now, f),
+        }
+        self.advance(now);
+    }
+
+    /// The segment a [`Io::DurableWrite`] still in flight goes to (for the shell's file
+    /// bookkeeping).
+    pub fn segment_of_write(&self, token: u64) -> Option<u64> {
+        self.commit.segment_of(token)
+    }
+
+    /// Stops taking batches; finishes the group commits of those already taken and acks
+    /// them, lingers a few round trips so the ACKs leave, then closes every connection
+    /// with `SHUTTING_DOWN`. [`Shard::is_stopped`] says when it is over.
+    pub fn begin_stop(&mut self, now: Now) {
+        if self.stop.is_none() {
+            self.stop = Some(Stopping::new(now.at));
+            self.advance(now);
+        }
+    }
+
+    /// Whether the stop is over (every connection closed, or its bounds passed). The
+    /// final [`Event::Status`] is queued by then.
+    pub fn is_stopped(&self) -> bool {
+        self.stop.as_ref().is_some_and(Stopping::is_done)
+    }
+
+    /// After every input: reports and signals drained, held and new batches through the
+    /// stage chain, the stop advanced.
+    fn advance(&mut self, now: Now) {
+        // Bounded by the server's report queue.
+        while let Some(entries) = self.server.poll_report() {
+            self.detector.report_entries(now.unix_ms, &entries);
+        }
+        if let Some(h) = self.held.take() {
+            self.held = self.take_batch(now, h.taken, h.batch);
+        }
+        // Bounded by the batches the server holds (connections x streams x depth).
+        while self.held.is_none() && self.stop.is_none() {
+            let Some(batch) = self.server.poll_batch() else {
+                break;
+            };
+            self.held = self.take_batch(now, now.at, batch);
+        }
+        self.drain_signals();
+        self.advance_stop(now);
+        stats::set(
+            &self.stats.connections,
+            self.server.connection_count() as u64,
+        );
+    }
+
+    fn drain_signals(&mut self) {
+        while let Some(sig) = self.detector.poll_signal() {
+            stats::add(&self.stats.signals, 1);
+            tracing::warn!(
+                shard = self.shard,
+                business = sig.business_id,
+                rating = sig.rating.name(),
+                tier = sig.tier.name(),
+                paused = sig.paused,
+                why = sig.why.map_or("none", |w| w.name()),
+                "integrity signal"
+            );
+        }
+    }
+
+    fn advance_stop(&mut self, now: Now) {
+        let Some(stop) = self.stop.as_mut() else {
+            return;
+        };
+        let flushed = self.awaiting.len() == 0 && self.held.is_none() && self.commit.is_idle();
+        let was_done = stop.is_done();
+        stop.advance(
+            now.at,
+            flushed,
+            self.server.rtt_max(),
+            self.server.connection_count(),
+        );
+        if stop.is_done() && !was_done {
+            self.publish_status(now, true, true);
+        }
+    }
+
+    /// The log failed for good: nothing waiting becomes durable; its senders hear
+    /// `storage_unavailable`, and so does every later message.
+    fn log_failed(&mut self, now: Now, failure: LogFailure) {
+        tracing::error!(shard = self.shard, %failure, "log failed: this shard takes no more messages");
+        stats::set(&self.stats.log_failed, 1);
+        self.fail_awaiting(now);
+    }
+}

@@ -22,7 +22,7 @@ use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::Registry;
 use courier_pipeline::seal::keys::DerivedKeys;
 use courier_pipeline::seal::{Sealer, SealerConfig};
-use courier_pipeline::server::{Server, ServerParts, ServerStats};
+use courier_pipeline::server::{stateless_reset_key, Server, ServerParts, ServerStats};
 use courier_pipeline::wire::LogPosition;
 use crossbeam_channel::{Receiver, Sender};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -360,7 +360,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         shards,
         idempotency: Arc::new(Idempotency::new(ids_max)),
         detect_secret: detect_secret(&opts.master_key),
-        reset_key: random_bytes(),
+        reset_key: stateless_reset_key(&opts.master_key.master_key()),
         shutdown: Arc::new(AtomicBool::new(false)),
     });
     let restore = Arc::new(RestoreSet::new(ids_max));
@@ -518,7 +518,8 @@ struct Common {
     shards: usize,
     idempotency: Arc<Idempotency>,
     detect_secret: [u8; 16],
-    /// Key for stateless resets; the same on every shard so any shard can reset.
+    /// Key for stateless resets: the same on every shard so any shard can reset, and at
+    /// every start (from the master key) so a restarted node resets forgotten connections.
     reset_key: [u8; 64],
     shutdown: Arc<AtomicBool>,
 }

@@ -31,12 +31,10 @@
 pub mod cid;
 pub mod detect;
 pub mod idempotency;
-pub mod ingest;
 pub mod log;
 pub mod node;
 pub mod profile;
 pub mod registry;
 pub mod seal;
 pub mod server;
-pub mod sim;
 pub mod wire;

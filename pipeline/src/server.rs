@@ -106,6 +106,12 @@ pub struct ServerStats {
     pub acks_out: u64,
     /// ACKs for batches whose stream or connection was already gone.
     pub acks_orphaned: u64,
+    /// Batches acked while an earlier batch of their stream still waited: their ACK was
+    /// held back to keep SUBMIT order.
+    pub acks_reordered: u64,
+    /// Most batches one stream had awaiting their ACK at once (at most
+    /// `batches_in_flight_per_stream_max`).
+    pub stream_pending_max: u64,
     /// Endpoint responses dropped because the queue was full.
     pub responses_dropped: u64,
 }
@@ -159,6 +165,19 @@ impl std::fmt::Debug for ServerParts {
             .field("shard", &self.shard)
             .finish_non_exhaustive()
     }
+}
+
+/// The key of a node's stateless resets, derived from its master key: the same at every
+/// start, so a client whose connection a crashed node forgot gets a stateless reset from
+/// the restarted node at its next packet (RFC 9000 10.3) and reconnects at once, instead
+/// of waiting out its idle timeout.
+pub fn stateless_reset_key(master: &crate::log::MasterKey) -> [u8; 64] {
+    let a = master.derive_secret(b"courier stateless reset v1 a");
+    let b = master.derive_secret(b"courier stateless reset v1 b");
+    let mut key = [0u8; 64];
+    key[..32].copy_from_slice(&a[..]);
+    key[32..].copy_from_slice(&b[..]);
+    key
 }
 
 /// QUIC transport settings of a courier server, from the profile.
@@ -462,10 +481,14 @@ impl Server {
             self.stats.acks_orphaned += 1;
             return;
         };
+        let reordered = st.pending.front().is_some_and(|f| f.seq != ticket.seq);
         let Some(p) = st.pending.iter_mut().find(|p| p.seq == ticket.seq) else {
             self.stats.acks_orphaned += 1;
             return;
         };
+        if reordered {
+            self.stats.acks_reordered += 1;
+        }
         assert_eq!(p.messages, statuses.len(), "one status per message");
         assert!(p.frame.is_none(), "a batch is acked once");
         let mut frame = BytesMut::with_capacity(
@@ -773,6 +796,8 @@ impl Server {
                     messages: messages.len(),
                     frame: None,
                 });
+                let pending = st.pending.len() as u64;
+                self.stats.stream_pending_max = self.stats.stream_pending_max.max(pending);
                 self.stats.batches_in += 1;
                 self.stats.messages_in += messages.len() as u64;
                 self.batches.push_back(SubmitBatch {

@@ -3,8 +3,8 @@
 //!
 //! This module reads no file and no clock. Time comes in as `now_ms` (unix milliseconds),
 //! randomness as a `&mut dyn RngCore`, file contents as byte slices; what to do goes out as
-//! [`Action`]s and [`SyncRequest`]s that the shell performs with io_uring (or
-//! [`sim::MemStorage`] in tests).
+//! [`Action`]s and [`SyncRequest`]s that the shell performs with io_uring (or the
+//! simulation's in-memory disks).
 //!
 //! ```text
 //!  start-up (per shard)
@@ -39,15 +39,14 @@
 //! file, replaced by write-temp, fsync, rename, fsync-directory.
 //!
 //! Modules: [`format`](mod@format) (bytes on disk), [`keys`] (master key, data keys, keyring),
-//! [`policy`] (roll and retention), [`engine`] ([`Log`]), [`sim`] (fault-injecting
-//! storage and a shell for simulation).
+//! [`policy`] (roll and retention), [`engine`] ([`Log`]), [`recovery`] (start-up
+//! decisions).
 
 pub mod engine;
 pub mod format;
 pub mod keys;
 pub mod policy;
 pub mod recovery;
-pub mod sim;
 
 pub use engine::{Action, Log, LogError, LogFailure, OpenError, SyncRequest, WriteFailure};
 pub use format::{

@@ -18,7 +18,8 @@
 //!  handle_timeout(now) ──> QUIC timers; every tick: roll and retention (Io out), status
 //!                          (Event::Status); every exchange: Event::Delta to the peers
 //!  handle_delta / handle_control ──> the detector, the registry
-//!  begin_stop(now) ──> no new batches; flush commits; linger; close; is_stopped()
+//!  begin_stop(now) ──> new batches answered `rejected(shutting_down)`; commits of the
+//!                      taken ones flushed and acked; linger; close; is_stopped()
 //! ```
 //!
 //! The shell's loop, after every wake-up: feed every input (`handle_*`), then drain
@@ -59,6 +60,7 @@ use crate::registry::Registry;
 use crate::seal::keys::DerivedKeys;
 use crate::seal::{SealedBatch, Sealer};
 use crate::server::{Server, SubmitBatch};
+use crate::wire::{Reason, Status};
 
 pub use commit::{Completion, GroupCommit};
 pub use stats::{AckLatency, LatencySnapshot, ShardStats, ACK_LATENCY_BOUNDS_US};
@@ -342,6 +344,12 @@ impl Shard {
         self.commit.log()
     }
 
+    /// Batches taken and not answered yet: waiting for their group commit, or held until
+    /// the log has room.
+    pub fn batches_waiting(&self) -> usize {
+        self.awaiting.len() + usize::from(self.held.is_some())
+    }
+
     /// The detector (read-only: signals, figures).
     pub fn detector(&self) -> &Detector {
         &self.detector
@@ -524,9 +532,10 @@ impl Shard {
         self.commit.segment_of(token)
     }
 
-    /// Stops taking batches; finishes the group commits of those already taken and acks
-    /// them, lingers a few round trips so the ACKs leave, then closes every connection
-    /// with `SHUTTING_DOWN`. [`Shard::is_stopped`] says when it is over.
+    /// Stops taking batches (a batch decoded from now on is answered
+    /// `rejected(shutting_down)`); finishes the group commits of those already taken and
+    /// acks them, lingers a few round trips so the ACKs leave, then closes every
+    /// connection with `SHUTTING_DOWN`. [`Shard::is_stopped`] says when it is over.
     pub fn begin_stop(&mut self, now: Now) {
         if self.stop.is_none() {
             self.stop = Some(Stopping::new(now.at));
@@ -551,10 +560,16 @@ impl Shard {
             self.held = self.take_batch(now, h.taken, h.batch);
         }
         // Bounded by the batches the server holds (connections x streams x depth).
-        while self.held.is_none() && self.stop.is_none() {
+        while self.held.is_none() {
             let Some(batch) = self.server.poll_batch() else {
                 break;
             };
+            if self.stop.is_some() {
+                // Stopping takes no new batch; its sender hears so rather than a close.
+                let statuses = vec![Status::Rejected(Reason::ShuttingDown); batch.messages.len()];
+                self.ack(now, now.at, batch.ticket, batch.business_id, &statuses);
+                continue;
+            }
             self.held = self.take_batch(now, now.at, batch);
         }
         self.drain_signals();

@@ -1,43 +1,39 @@
-//! A deterministic, seeded simulation of courier's ingest path: sim clients and one
-//! [`Server`] per shard, joined by a simulated network, all on a virtual clock.
+//! [`Sim`]: sim clients and one simulated courier node ([`SimNode`]: the real shard
+//! cores over fault-injecting disks), joined by a simulated network, all on a virtual
+//! clock.
 //!
 //! ```text
 //!   SimClient 0..n  (quinn-proto client Endpoint + Connection, wire v1 sender)
 //!        │ datagrams ▲
 //!        ▼           │
-//!   Network: delay + jitter, loss, reordering, bounded queue (net.rs)
+//!   Network: delay + jitter, loss, duplication, reordering, bounded queue (net.rs)
 //!        │
 //!        ▼  SO_REUSEPORT: shard = hash(client address) % shards
 //!   shell model: cid::owner_shard(datagram) names another shard? hand it over
 //!        │
 //!        ▼
-//!   Server of shard k ── poll_batch ──> Ingest of shard k ──> held acks (delay, jitter,
-//!        ▲                                                      out of order)
-//!        └──────────────────────── ack(ticket, statuses) <──────────┘
+//!   SimNode: courier_pipeline::node::Shard per shard (QUIC, stage chain, group commit)
+//!        │ Io ──> MemStorage per shard (latency, torn writes at a crash, failed fsync,
+//!        │        full disk); deltas between shards; checkpoints kept
+//!        └── crash (armed after any storage operation, or at any step) ──> boot: recovery
 //! ```
 //!
-//! The harness plays the shell's part of the polling contract (see [`crate::server`]):
-//! after every input to a server it drains `poll_batch` into the stage chain, acks what
-//! is due, drains `poll_transmit` into the network, and fires `handle_timeout` when
-//! `poll_timeout` is reached.
+//! The harness plays the shell's part of the polling contract (see
+//! `courier_pipeline::node`): after every input to a shard it drains `poll_transmit` into
+//! the network, performs `poll_io` on the shard's disk and delivers `poll_event`, and it
+//! fires `handle_timeout` when `poll_timeout` is reached.
 //!
 //! Invariants it keeps:
 //! - the harness reads no clock: [`Sim::new`] takes the base of virtual time from its
-//!   caller; every instant is `base + offset`, and nothing depends on the base's value;
-//! - every random draw (network, ack delays and order, endpoint and connection ID seeds)
-//!   comes from one [`StdRng`] seeded by [`SimConfig::seed`], and every collection that is
-//!   iterated is ordered, so one seed gives one trace; [`Sim::digest`] hashes that trace
-//!   (sizes and times, not ciphertexts: rustls draws its own key shares);
+//!   caller; every instant is `base + offset`, wall-clock time is a fixed epoch plus the
+//!   same offset, and nothing depends on the base's value;
+//! - every random draw (network, disk latency and tearing, endpoint, connection ID, log
+//!   key and node seeds) comes from one [`StdRng`] seeded by [`SimConfig::seed`], and
+//!   every collection that is iterated is ordered, so one seed gives one trace;
+//!   [`Sim::digest`] hashes that trace (sizes and times, not ciphertexts: rustls draws
+//!   its own key shares);
 //! - every loop and queue is bounded, and a run that exceeds [`SimConfig::steps_max`]
-//!   panics, naming the seed.
-//!
-//! Tests (`pipeline/tests/sim.rs`) build scenarios on it; `swarm_of_seeds` draws whole
-//! scenarios from seeds (`COURIER_SIM_SEEDS=A..B` runs more), and any failure replays from
-//! the seed it prints. Not modelled: a client moving during its handshake (its Initials
-//! carry no connection ID a shard can steer by, so [`cid::owner_shard`] cannot route them).
-
-mod client;
-mod net;
+//!   panics, naming the seed and the step.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -45,30 +41,28 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use courier_pipeline::cid;
+use courier_pipeline::node::{Now, PlantedBugs};
+use courier_pipeline::profile::Profile;
+use courier_pipeline::registry::Registry;
+use courier_pipeline::seal::keys::{DerivedKeys, RootKey};
+use courier_pipeline::server::Server;
+use courier_pipeline::wire::{self, LogPosition};
 use quinn_proto::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn_proto::{StreamId, Transmit};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{RngCore, SeedableRng};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 
-use crate::cid;
-use crate::ingest::Ingest;
-use crate::profile::Profile;
-use crate::registry::Registry;
-use crate::server::{Server, ServerParts, Ticket};
-use crate::wire::{self, LogPosition, Status};
-
-pub use client::{
-    batch_id, batch_stream_key, ClientPlan, ClientStream, Phase, SimClient, StreamKind, SERVER_NAME,
-};
-pub use net::{Fate, NetConfig, NetStats};
-
-use net::{Datagram, Network};
+use crate::client::{self, ClientPlan, SimClient, SERVER_NAME};
+use crate::net::{Datagram, Fate, NetConfig, NetStats, Network};
+use crate::node::{DiskOp, NodeSetup, SimNode, StorageConfig};
 
 /// The address every shard listens on (they share it, as with SO_REUSEPORT).
 pub const SERVER_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 7443);
+/// Wall-clock time at the start of every simulation, unix ms (2026-01-01).
+pub const EPOCH_UNIX_MS: u64 = 1_767_225_600_000;
 /// Datagrams asked of one `poll_transmit` (GSO batches, split by the network).
 const TRANSMIT_DATAGRAMS_MAX: usize = 10;
 /// Passes of one node's pump before it is declared stuck.
@@ -93,8 +87,8 @@ impl std::fmt::Debug for SimTls {
 }
 
 impl SimTls {
-    /// Builds both configs from a certificate for [`SERVER_NAME`] and its key (tests make
-    /// one with `rcgen`). An Ed25519 key keeps handshake sizes, and so traces, fixed.
+    /// Builds both configs from a certificate for [`SERVER_NAME`] and its key. An Ed25519
+    /// key keeps handshake sizes, and so traces, fixed.
     pub fn new(cert: CertificateDer<'static>, key: PrivateKeyDer<'static>) -> SimTls {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -117,37 +111,22 @@ impl SimTls {
             client: Arc::new(QuicClientConfig::try_from(client).expect("TLS 1.3 with AES-128-GCM")),
         }
     }
-}
 
-/// When the modelled stage chain answers a batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AckPolicy {
-    /// Virtual time from `poll_batch` to `ack` (a log's commit latency).
-    pub delay: Duration,
-    /// Extra delay, uniform in `0..=jitter`, drawn per batch: batches of one shard are then
-    /// acked out of order.
-    pub jitter: Duration,
-    /// Ack the batches that fall due together in a random order.
-    pub shuffle: bool,
-}
-
-impl AckPolicy {
-    /// Ack at once, in a random order.
-    pub fn immediate() -> AckPolicy {
-        AckPolicy {
-            delay: Duration::ZERO,
-            jitter: Duration::ZERO,
-            shuffle: true,
-        }
-    }
-
-    /// Ack after `delay` plus up to `jitter`, shuffled.
-    pub fn delayed(delay: Duration, jitter: Duration) -> AckPolicy {
-        AckPolicy {
-            delay,
-            jitter,
-            shuffle: true,
-        }
+    /// A self-signed certificate for [`SERVER_NAME`] with an Ed25519 key from a fixed
+    /// seed: the same bytes every run, and fixed-size signatures.
+    pub fn fixed() -> SimTls {
+        let kp = aws_lc_rs::signature::Ed25519KeyPair::from_seed_unchecked(&[7; 32])
+            .expect("a 32-byte seed");
+        let pkcs8 = kp.to_pkcs8().expect("pkcs8").as_ref().to_vec();
+        let key = rcgen::KeyPair::try_from(pkcs8.as_slice()).expect("an Ed25519 key");
+        let cert = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])
+            .expect("a valid name")
+            .self_signed(&key)
+            .expect("self-signed");
+        SimTls::new(
+            cert.der().clone(),
+            PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(pkcs8)),
+        )
     }
 }
 
@@ -156,112 +135,61 @@ impl AckPolicy {
 pub struct SimConfig {
     /// The one seed every random draw comes from.
     pub seed: u64,
-    /// Servers, one per shard.
+    /// Shards of the node.
     pub shards: usize,
-    /// The servers' profile.
+    /// The node's profile.
     pub profile: Profile,
-    /// The network between clients and servers.
+    /// The network between clients and the node.
     pub net: NetConfig,
-    /// How the stage chain acks.
-    pub acks: AckPolicy,
+    /// The node's disks.
+    pub storage: StorageConfig,
     /// Steps before the run is declared stuck.
     pub steps_max: u64,
     /// Model the shell's cross-shard hand-off: a datagram whose connection ID names
     /// another shard goes there. Off, it stays where SO_REUSEPORT put it.
     pub steer_by_cid: bool,
+    /// Test-only faults planted in the shard cores.
+    pub bugs: PlantedBugs,
 }
 
 impl SimConfig {
-    /// `shards` servers running `profile` on a clean network, acking at once.
+    /// `shards` shards running `profile` on a clean network and a fast disk.
     pub fn new(seed: u64, shards: usize, profile: Profile) -> SimConfig {
         SimConfig {
             seed,
             shards,
             profile,
             net: NetConfig::clean(),
-            acks: AckPolicy::immediate(),
+            storage: StorageConfig::fast(),
             steps_max: 2_000_000,
             steer_by_cid: true,
+            bugs: PlantedBugs::default(),
         }
     }
 }
 
-/// Counters of the simulation's shell model.
+/// Counters of the simulation.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SimStats {
     /// Steps taken.
     pub steps: u64,
-    /// Batches `poll_batch` handed out, all shards.
-    pub batches_handed: u64,
-    /// `ack` calls made.
-    pub acks_given: u64,
-    /// Most batches of one `(client, work stream)` handed out and not yet acked, by
-    /// [`batch_stream_key`].
-    pub outstanding_max: BTreeMap<u32, usize>,
-    /// Acks given while an earlier-handed batch of the same stream was still unacked: the
-    /// server must still write the ACKs in SUBMIT order.
-    pub acks_out_of_order: u64,
-    /// Statuses acked, by shard: accepted and otherwise.
-    pub accepted_by_shard: BTreeMap<usize, u64>,
-}
-
-struct Held {
-    due: Instant,
-    seq: u64,
-    ticket: Ticket,
-    batch_id: u64,
-    statuses: Vec<Status>,
-}
-
-struct Shard {
-    server: Server,
-    ingest: Ingest,
-    held: Vec<Held>,
-    /// Per [`batch_stream_key`], the `Held::seq` of each batch handed out and not acked,
-    /// in handout order.
-    outstanding: BTreeMap<u32, Vec<u64>>,
-}
-
-/// The simulation. See the module docs.
-pub struct Sim {
-    cfg: SimConfig,
-    base: Instant,
-    now: Instant,
-    rng: StdRng,
-    net: Network,
-    shards: Vec<Shard>,
-    clients: Vec<SimClient>,
-    client_addrs: Vec<SocketAddr>,
-    client_home: Vec<usize>,
-    tls: SimTls,
-    held_seq: u64,
-    digest: Sha256,
-    trace_events: u64,
-    stats: SimStats,
-    buf: Vec<u8>,
-}
-
-impl std::fmt::Debug for Sim {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sim")
-            .field("seed", &self.cfg.seed)
-            .field("elapsed", &self.elapsed())
-            .field("clients", &self.clients.len())
-            .field("stats", &self.stats)
-            .finish_non_exhaustive()
-    }
+    /// Crashes of the node.
+    pub crashes: u64,
+    /// Commit writes completed.
+    pub writes_completed: u64,
 }
 
 /// Trace record tags.
 mod tag {
     pub const SEND: u8 = 1;
     pub const DELIVER: u8 = 2;
-    pub const BATCH: u8 = 3;
-    pub const ACK: u8 = 4;
+    pub const DISK: u8 = 3;
     pub const CLIENT_ACK: u8 = 5;
     pub const STREAM_ERROR: u8 = 6;
     pub const CLOSED: u8 = 7;
     pub const MIGRATE: u8 = 8;
+    pub const CRASH: u8 = 9;
+    pub const BOOT: u8 = 10;
 }
 
 fn addr_id(a: SocketAddr) -> u64 {
@@ -292,8 +220,40 @@ fn client_addr(index: usize, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(ip), port)
 }
 
+/// The simulation. See the module docs.
+pub struct Sim {
+    cfg: SimConfig,
+    base: Instant,
+    now: Instant,
+    rng: StdRng,
+    net: Network,
+    node: SimNode,
+    clients: Vec<SimClient>,
+    client_addrs: Vec<SocketAddr>,
+    client_home: Vec<usize>,
+    tls: SimTls,
+    digest: Sha256,
+    trace_events: u64,
+    stats: SimStats,
+    buf: Vec<u8>,
+    disk_trace: Vec<DiskOp>,
+}
+
+impl std::fmt::Debug for Sim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sim")
+            .field("seed", &self.cfg.seed)
+            .field("elapsed", &self.elapsed())
+            .field("clients", &self.clients)
+            .field("node", &self.node)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Sim {
-    /// Servers for `cfg.shards` shards, sharing `registry`; no clients yet. Virtual time
+    /// A node of `cfg.shards` shards for the businesses of `registry` (each gets a root
+    /// key drawn from the seed), booted on empty disks; no clients yet. Virtual time
     /// starts at `base` (any `Instant`: callers pass `Instant::now()`, since `std` has no
     /// other way to make one; nothing depends on its value).
     pub fn new(base: Instant, cfg: SimConfig, tls: &SimTls, registry: Arc<Registry>) -> Sim {
@@ -302,47 +262,52 @@ impl Sim {
             "1 to 255 shards"
         );
         let mut rng = StdRng::seed_from_u64(cfg.seed);
-        let mut reset_key = [0u8; 64];
-        rng.fill_bytes(&mut reset_key);
-        let shards = (0..cfg.shards)
-            .map(|s| {
-                let mut seed = [0u8; 32];
-                rng.fill_bytes(&mut seed);
-                let parts = ServerParts {
-                    shard: s as u8,
-                    crypto: tls.server.clone(),
-                    reset_key,
-                    seed,
-                };
-                Shard {
-                    server: Server::new(parts, &cfg.profile, registry.clone()),
-                    ingest: Ingest::new(s as u16, cfg.profile.limits.payload_bytes_max, 0),
-                    held: Vec::new(),
-                    outstanding: BTreeMap::new(),
-                }
-            })
-            .collect();
-        Sim {
+        let mut keys = DerivedKeys::new();
+        for b in registry.iter() {
+            let mut root = [0u8; 32];
+            rng.fill_bytes(&mut root);
+            keys.insert_root(b.id, &RootKey::from_bytes(root));
+        }
+        let mut master = [0u8; 32];
+        rng.fill_bytes(&mut master);
+        let setup = NodeSetup {
+            shards: cfg.shards,
+            profile: cfg.profile.clone(),
+            registry,
+            crypto: tls.server.clone(),
+            master,
+            keys: Arc::new(keys),
+            storage: cfg.storage.clone(),
+            bugs: cfg.bugs,
+        };
+        let node = SimNode::new(setup, rng.next_u64());
+        let mut sim = Sim {
             net: Network::new(cfg.net.clone()),
             cfg,
             base,
             now: base,
             rng,
-            shards,
+            node,
             clients: Vec::new(),
             client_addrs: Vec::new(),
             client_home: Vec::new(),
             tls: tls.clone(),
-            held_seq: 0,
             digest: Sha256::new(),
             trace_events: 0,
             stats: SimStats::default(),
             buf: Vec::new(),
-        }
+            disk_trace: Vec::new(),
+        };
+        sim.boot().expect("empty disks boot");
+        sim
     }
 
     /// Adds a client that starts connecting now. Returns its index.
     pub fn add_client(&mut self, plan: ClientPlan) -> usize {
+        assert!(
+            !(plan.reconnect || plan.duplicate_every > 0) || plan.resend,
+            "reconnects and duplicates need resends"
+        );
         let index = self.clients.len();
         let mut seed = [0u8; 32];
         self.rng.fill_bytes(&mut seed);
@@ -361,7 +326,7 @@ impl Sim {
         self.clients.push(client);
         self.client_addrs.push(addr);
         self.client_home
-            .push(reuseport_shard(addr, self.shards.len()));
+            .push(reuseport_shard(addr, self.cfg.shards));
         self.pump_client(index);
         index
     }
@@ -371,6 +336,13 @@ impl Sim {
     /// The virtual now.
     pub fn now(&self) -> Instant {
         self.now
+    }
+
+    fn clock(&self) -> Now {
+        Now {
+            at: self.now,
+            unix_ms: EPOCH_UNIX_MS + (self.now - self.base).as_millis() as u64,
+        }
     }
 
     /// Virtual time since the start.
@@ -395,31 +367,25 @@ impl Sim {
         self.stats.steps += 1;
         assert!(
             self.stats.steps <= self.cfg.steps_max,
-            "seed {}: more than {} steps by {:?}: the run does not settle",
+            "seed {}: more than {} steps by {:?} (step {}): the run does not settle",
             self.cfg.seed,
             self.cfg.steps_max,
-            self.elapsed()
+            self.elapsed(),
+            self.stats.steps,
         );
         self.now = self.now.max(at);
-        let now = self.now;
+        let now = self.clock();
         // Bounded by the network's queue bound.
-        while let Some(d) = self.net.pop_due(now) {
+        while let Some(d) = self.net.pop_due(now.at) {
             self.deliver(d);
         }
-        for s in 0..self.shards.len() {
-            if self.shards[s]
-                .server
-                .poll_timeout()
-                .is_some_and(|t| t <= now)
-            {
-                self.shards[s].server.handle_timeout(now);
-            }
-            // Always pumped: held acks may have fallen due.
-            self.pump_shard(s);
-        }
+        let done = self.node.complete_writes(now);
+        self.stats.writes_completed += done as u64;
+        self.node.handle_timeouts(now);
+        self.pump_node();
         for c in 0..self.clients.len() {
-            if self.clients[c].poll_timeout().is_some_and(|t| t <= now) {
-                self.clients[c].handle_timeout(now);
+            if self.clients[c].poll_timeout().is_some_and(|t| t <= now.at) {
+                self.clients[c].handle_timeout(now.at);
                 self.pump_client(c);
             }
         }
@@ -465,10 +431,8 @@ impl Sim {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         };
-        for s in &self.shards {
-            fold(s.server.poll_timeout());
-            fold(s.held.iter().map(|h| h.due).min());
-        }
+        fold(self.node.next_timeout());
+        fold(self.node.next_write_due());
         for c in &mut self.clients {
             fold(c.poll_timeout());
         }
@@ -478,13 +442,17 @@ impl Sim {
     // ---- the network and the shell model ------------------------------------------------
 
     fn deliver(&mut self, d: Datagram) {
-        let now = self.now;
+        let now = self.clock();
         self.trace(
             tag::DELIVER,
             &[addr_id(d.src), addr_id(d.dst), d.data.len() as u64],
         );
         if d.dst == SERVER_ADDR {
-            let n = self.shards.len();
+            if !self.node.is_up() {
+                self.net.stats.undeliverable += 1;
+                return;
+            }
+            let n = self.cfg.shards;
             let mut shard = reuseport_shard(d.src, n);
             if self.cfg.steer_by_cid {
                 if let Some(owner) = cid::owner_shard(&d.data, n) {
@@ -496,15 +464,13 @@ impl Sim {
             }
             self.net.stats.delivered += 1;
             let data = BytesMut::from(&d.data[..]);
-            self.shards[shard]
-                .server
-                .handle_datagram(now, d.src, None, data);
-            self.pump_shard(shard);
+            self.node.handle_datagram(shard, now, d.src, data);
+            self.pump_node();
         } else if let Some(c) = self.client_addrs.iter().position(|a| *a == d.dst) {
             self.net.stats.delivered += 1;
             let mut responses = Vec::new();
             let data = BytesMut::from(&d.data[..]);
-            self.clients[c].handle_datagram(now, d.src, data, &mut responses);
+            self.clients[c].handle_datagram(now.at, d.src, data, &mut responses);
             let src = self.client_addrs[c];
             for (t, bytes) in responses {
                 self.send_transmit(src, &t, &bytes);
@@ -540,116 +506,46 @@ impl Sim {
         }
     }
 
-    /// The shell's loop for one shard after an input: batches to the stage chain, due acks
-    /// back, datagrams out, until nothing moves.
-    fn pump_shard(&mut self, s: usize) {
-        let now = self.now;
+    /// The shell's loop for every shard after an input: storage operations, events and
+    /// datagrams out, until nothing moves. An armed crash that struck takes the node down.
+    fn pump_node(&mut self) {
         for _ in 0..PUMP_PASSES_MAX {
+            if !self.node.is_up() {
+                return;
+            }
             let mut progressed = false;
-            while let Some(batch) = self.shards[s].server.poll_batch() {
-                progressed = true;
-                self.stats.batches_handed += 1;
-                let key = batch_stream_key(batch.batch_id);
-                let seq = self.held_seq;
-                self.held_seq += 1;
-                let shard = &mut self.shards[s];
-                let held = shard.outstanding.entry(key).or_default();
-                held.push(seq);
-                let max = self.stats.outstanding_max.entry(key).or_insert(0);
-                *max = (*max).max(held.len());
-                let mut statuses = Vec::with_capacity(batch.messages.len());
-                shard
-                    .ingest
-                    .process(batch.business_id, &batch.messages, &mut statuses);
-                let jitter = self
-                    .rng
-                    .random_range(0..=self.cfg.acks.jitter.as_nanos() as u64);
-                let due = now + self.cfg.acks.delay + Duration::from_nanos(jitter);
-                let messages = batch.messages.len() as u64;
-                self.shards[s].held.push(Held {
-                    due,
-                    seq,
-                    ticket: batch.ticket,
-                    batch_id: batch.batch_id,
-                    statuses,
-                });
-                self.trace(tag::BATCH, &[s as u64, batch.batch_id, messages]);
-            }
-            let bound = self.held_bound();
-            assert!(
-                self.shards[s].held.len() <= bound,
-                "seed {}: shard {s} handed out {} unacked batches, more than its bounds allow ({bound})",
-                self.cfg.seed,
-                self.shards[s].held.len()
-            );
-            let (mut due, rest): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.shards[s].held)
-                .into_iter()
-                .partition(|h| h.due <= now);
-            self.shards[s].held = rest;
-            due.sort_by_key(|h| (h.due, h.seq));
-            if self.cfg.acks.shuffle {
-                due.shuffle(&mut self.rng);
-            }
-            for h in due {
-                progressed = true;
-                self.stats.acks_given += 1;
-                let shard = &mut self.shards[s];
-                let key = batch_stream_key(h.batch_id);
-                let held = shard
-                    .outstanding
-                    .get_mut(&key)
-                    .expect("counted when handed out");
-                let at = held
-                    .iter()
-                    .position(|&q| q == h.seq)
-                    .expect("handed out once, acked once");
-                if at > 0 {
-                    self.stats.acks_out_of_order += 1;
+            for s in 0..self.cfg.shards {
+                let now = self.clock();
+                let mut trace = std::mem::take(&mut self.disk_trace);
+                progressed |= self.node.pump(s, now, &mut self.rng, &mut trace);
+                for op in trace.drain(..) {
+                    let code = match op {
+                        DiskOp::Write(n) => n,
+                        DiskOp::Completed => 1,
+                        DiskOp::Metadata => 2,
+                    };
+                    self.trace(tag::DISK, &[s as u64, code]);
                 }
-                held.remove(at);
-                if held.is_empty() {
-                    shard.outstanding.remove(&key);
+                self.disk_trace = trace;
+                if self.node.crash_due() {
+                    self.crash_node();
+                    return;
                 }
-                let accepted = h
-                    .statuses
-                    .iter()
-                    .filter(|st| matches!(st, Status::Accepted(_)))
-                    .count() as u64;
-                *self.stats.accepted_by_shard.entry(s).or_insert(0) += accepted;
-                shard.server.ack(now, h.ticket, &h.statuses);
-                let mut rec = vec![s as u64, h.batch_id];
-                rec.extend(h.statuses.iter().map(|st| match st {
-                    Status::Accepted(p) | Status::Duplicate(p) => p.0,
-                    Status::Throttled { retry_after_ms } => u64::from(*retry_after_ms),
-                    Status::Rejected(r) => *r as u64,
-                }));
-                self.trace(tag::ACK, &rec);
+                let mut buf = std::mem::take(&mut self.buf);
+                while let Some(t) =
+                    self.node
+                        .poll_transmit(s, now.at, TRANSMIT_DATAGRAMS_MAX, &mut buf)
+                {
+                    progressed = true;
+                    self.send_transmit(SERVER_ADDR, &t, &buf);
+                }
+                self.buf = buf;
             }
-            let mut buf = std::mem::take(&mut self.buf);
-            while let Some(t) =
-                self.shards[s]
-                    .server
-                    .poll_transmit(now, TRANSMIT_DATAGRAMS_MAX, &mut buf)
-            {
-                progressed = true;
-                self.send_transmit(SERVER_ADDR, &t, &buf);
-            }
-            self.buf = buf;
             if !progressed {
                 return;
             }
         }
-        panic!("seed {}: shard {s} never quiesced", self.cfg.seed);
-    }
-
-    /// Batches a shard can hand out before acks: the product of its bounds.
-    fn held_bound(&self) -> usize {
-        let l = &self.cfg.profile.limits;
-        l.connections_per_shard_max as usize
-            * l.streams_per_connection_max as usize
-            * l.batches_in_flight_per_stream_max as usize
-            // Orphans: batches of streams that failed while the stage chain held them.
-            * 2
+        panic!("seed {}: the node never quiesced", self.cfg.seed);
     }
 
     fn pump_client(&mut self, c: usize) {
@@ -736,7 +632,7 @@ impl Sim {
     /// server would keep answering the dead address until the idle timeout. Returns the
     /// shard the new address hashes to.
     pub fn migrate_client(&mut self, c: usize) -> usize {
-        let n = self.shards.len();
+        let n = self.cfg.shards;
         let old = self.client_addrs[c];
         let home = self.client_home[c];
         // Bounded: a hash spreads 1000 ports over any number of shards up to 255.
@@ -751,12 +647,34 @@ impl Sim {
         reuseport_shard(new, n)
     }
 
-    /// Shuts shard `s` down: [`Server::close_all`] with `code`, as the shell does on a
-    /// signal. Batches the stage chain holds are still acked when due.
-    pub fn shutdown_shard(&mut self, s: usize, code: u32, reason: &'static [u8]) {
-        let now = self.now;
-        self.shards[s].server.close_all(now, code, reason);
-        self.pump_shard(s);
+    /// Power loss of the node: every shard's state and writes in flight are gone, and
+    /// every disk keeps its synced bytes and a random prefix of the rest.
+    pub fn crash_node(&mut self) {
+        self.stats.crashes += 1;
+        self.trace(tag::CRASH, &[self.stats.crashes]);
+        self.node.crash();
+    }
+
+    /// Cuts the node's power after `ops` more storage operations.
+    pub fn arm_crash(&mut self, ops: usize) {
+        self.node.arm_crash(ops);
+    }
+
+    /// Starts the node again: every shard recovers its log, the idempotency table is
+    /// rebuilt from them, detectors restore their checkpoints.
+    pub fn boot(&mut self) -> Result<(), courier_pipeline::log::RecoverError> {
+        let now = self.clock();
+        self.node.boot(now, &mut self.rng)?;
+        self.trace(tag::BOOT, &[u64::from(self.node.boots())]);
+        self.pump_node();
+        Ok(())
+    }
+
+    /// Asks every shard to stop gracefully (as on SIGTERM).
+    pub fn stop_node(&mut self) {
+        let now = self.clock();
+        self.node.begin_stop(now);
+        self.pump_node();
     }
 
     /// Replaces the network's settings (datagrams in flight keep their fate).
@@ -781,7 +699,7 @@ impl Sim {
         &self.clients
     }
 
-    /// The shard that accepted client `c`'s connection (its first address's hash).
+    /// The shard that accepted client `c`'s first connection (its first address's hash).
     pub fn client_home_shard(&self, c: usize) -> usize {
         self.client_home[c]
     }
@@ -791,19 +709,47 @@ impl Sim {
         self.client_addrs[c]
     }
 
-    /// The server of shard `s`.
+    /// The node.
+    pub fn node(&self) -> &SimNode {
+        &self.node
+    }
+
+    /// The node, to inject disk faults.
+    pub fn node_mut(&mut self) -> &mut SimNode {
+        &mut self.node
+    }
+
+    /// The QUIC server of shard `s` (panics while the node is down).
     pub fn server(&self, s: usize) -> &Server {
-        &self.shards[s].server
+        self.node.core(s).server()
     }
 
-    /// Shard `s`'s ingest stage.
-    pub fn ingest(&self, s: usize) -> &Ingest {
-        &self.shards[s].ingest
+    /// Batches shard `s` took and has not answered yet (0 while the node is down).
+    pub fn batches_waiting(&self, s: usize) -> usize {
+        if self.node.is_up() {
+            self.node.core(s).batches_waiting()
+        } else {
+            0
+        }
     }
 
-    /// Batches shard `s` handed out that the modelled stage chain has not acked yet.
-    pub fn held_batches(&self, s: usize) -> usize {
-        self.shards[s].held.len()
+    /// Server counters summed over the shards (`None` while the node is down).
+    pub fn server_totals(&self) -> Option<courier_pipeline::server::ServerStats> {
+        if !self.node.is_up() {
+            return None;
+        }
+        let mut t = courier_pipeline::server::ServerStats::default();
+        for s in 0..self.cfg.shards {
+            let st = self.server(s).stats();
+            t.batches_in += st.batches_in;
+            t.acks_out += st.acks_out;
+            t.acks_orphaned += st.acks_orphaned;
+            t.acks_reordered += st.acks_reordered;
+            t.stream_errors += st.stream_errors;
+            t.auth_failures += st.auth_failures;
+            t.stream_pending_max = t.stream_pending_max.max(st.stream_pending_max);
+        }
+        Some(t)
     }
 
     /// The network's counters.
@@ -811,7 +757,7 @@ impl Sim {
         &self.net.stats
     }
 
-    /// The shell model's counters.
+    /// The simulation's counters.
     pub fn stats(&self) -> &SimStats {
         &self.stats
     }
@@ -821,9 +767,9 @@ impl Sim {
         self.net.in_flight()
     }
 
-    /// Hash of the trace so far: every datagram's size, route, fate and time, every batch
-    /// handed out, every ack and its positions, every ACK, stream error and close a client
-    /// saw. Two runs from one seed have one digest.
+    /// Hash of the trace so far: every datagram's size, route, fate and time, every disk
+    /// operation, crash and boot, every ACK, stream error and close a client saw. Two runs
+    /// from one seed have one digest.
     pub fn digest(&self) -> [u8; 32] {
         let mut d = self.digest.clone();
         d.update(self.trace_events.to_le_bytes());
@@ -837,7 +783,7 @@ impl Sim {
         for (c, client) in self.clients.iter().enumerate() {
             for (&id, &p) in client.accepted() {
                 assert!(
-                    usize::from(p.shard()) < self.shards.len(),
+                    usize::from(p.shard()) < self.cfg.shards,
                     "seed {}: position {p:?} names no shard",
                     self.cfg.seed
                 );

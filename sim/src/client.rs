@@ -4,35 +4,73 @@
 //!
 //! It owns the client's view of every stream it opened and checks every byte the server
 //! sends back: each ACK must answer the oldest unanswered SUBMIT of its stream, with one
-//! status per message. A violation is a server bug, so it panics, naming the seed.
+//! status per message. A violation of the protocol is a server bug, so it panics, naming
+//! the seed. What a message's answers mean for storage (accepted twice, a `duplicate` at
+//! another position) is recorded in its [`Ledger`] for the oracle to judge.
 //!
-//! Flow of a well-behaved client: handshake, HELLO on the first stream, WELCOME, then
-//! `streams` work streams, each pipelining up to `depth` SUBMITs, finished (FIN) after its
-//! last one; a work stream is done when every SUBMIT has its ACK and the server finished
-//! its half.
+//! Flow: handshake, HELLO on the first stream, WELCOME, then `streams` work streams
+//! ("lanes"), each pipelining up to `depth` SUBMITs of its planned batches. Every message
+//! has an id, a recipient and a payload that are functions of the client and the message
+//! number ([`message_id`], [`recipient_for`], [`payload_for`]), so the oracle can check
+//! what the log holds. Without `resend` a lane is finished (FIN) after its last planned
+//! SUBMIT; with it, throttled messages are sent again after their retry-after, and a lane
+//! is finished once every message has a final answer. With `reconnect`, a lost connection
+//! is replaced after [`RECONNECT_DELAY`] and the unanswered messages are sent again.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use courier_pipeline::cid::ShardCidGenerator;
+use courier_pipeline::wire::{
+    self, Frame, FrameDecoder, LogPosition, OutMessage, Reason, Recipient, Status, Welcome,
+};
 use quinn_proto::{
     ClientConfig, Connection, ConnectionError, ConnectionHandle, DatagramEvent, Dir, Endpoint,
     EndpointConfig, Event, ReadError, StreamEvent, StreamId, Transmit, VarInt, WriteError,
 };
 
-use crate::cid::ShardCidGenerator;
-use crate::wire::{self, Frame, FrameDecoder, LogPosition, OutMessage, Recipient, Status, Welcome};
-
 /// The server name the simulated server's certificate is issued for.
 pub const SERVER_NAME: &str = "courier.test";
+/// How long a client with `reconnect` waits after losing its connection.
+pub const RECONNECT_DELAY: Duration = Duration::from_millis(200);
 
 /// First byte of a sim client's connection IDs. Servers never read it: datagrams to a
 /// client are routed by address.
 const CLIENT_CID_TAG: u8 = 0xC1;
 /// Bytes read from a stream per call.
 const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
+/// Bits of a message id that number the message within its client.
+const MESSAGE_NUMBER_BITS: u32 = 40;
+
+/// The client id of message `n` of client `client`.
+pub fn message_id(client: usize, n: u64) -> u64 {
+    assert!(n < 1 << MESSAGE_NUMBER_BITS);
+    ((client as u64) << MESSAGE_NUMBER_BITS) | n
+}
+
+/// The recipient of message `n` of client `client` that spreads over `recipients`
+/// numbers of its own.
+pub fn recipient_for(client: usize, n: u64, recipients: usize) -> Recipient {
+    let k = n % recipients.max(1) as u64;
+    Recipient::parse(format!("+1{:04}{:07}", client % 10_000, k % 10_000_000).as_bytes())
+        .expect("valid E.164")
+}
+
+/// The payload of message `id`: `len` bytes, a function of the id.
+pub fn payload_for(id: u64, len: usize) -> Vec<u8> {
+    let mut x = id ^ 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
 
 /// What one client does.
 #[derive(Clone)]
@@ -40,11 +78,11 @@ pub struct ClientPlan {
     /// Bearer token sent in HELLO.
     pub token: Vec<u8>,
     /// Send HELLO as soon as the handshake completes; otherwise the test sends it
-    /// ([`crate::sim::Sim::client_send_hello`]) or never does.
+    /// ([`crate::Sim::client_send_hello`]) or never does.
     pub auto_hello: bool,
     /// Work streams opened after WELCOME.
     pub streams: usize,
-    /// SUBMITs sent on each work stream.
+    /// SUBMITs planned on each work stream (resends come on top).
     pub batches_per_stream: u64,
     /// SUBMITs a work stream keeps unanswered at most (pipelining depth).
     pub depth: usize,
@@ -52,6 +90,16 @@ pub struct ClientPlan {
     pub batch_messages: usize,
     /// Payload bytes per message.
     pub payload_bytes: usize,
+    /// Distinct recipients the messages go to, round robin.
+    pub recipients: usize,
+    /// Send throttled messages again after their retry-after; keep work streams open until
+    /// every message has a final answer.
+    pub resend: bool,
+    /// Replace a lost connection and send its unanswered messages again.
+    pub reconnect: bool,
+    /// Send every n-th accepted message once more with its id (0: never); the answer must
+    /// be `duplicate` at the same position.
+    pub duplicate_every: u64,
 }
 
 impl std::fmt::Debug for ClientPlan {
@@ -64,13 +112,17 @@ impl std::fmt::Debug for ClientPlan {
             .field("depth", &self.depth)
             .field("batch_messages", &self.batch_messages)
             .field("payload_bytes", &self.payload_bytes)
+            .field("recipients", &self.recipients)
+            .field("resend", &self.resend)
+            .field("reconnect", &self.reconnect)
+            .field("duplicate_every", &self.duplicate_every)
             .finish()
     }
 }
 
 impl ClientPlan {
     /// A plan with `token` and modest defaults: 2 streams of 8 batches, depth 4, 16
-    /// messages of 32 bytes.
+    /// messages of 32 bytes to one recipient; no resends, no reconnects.
     pub fn new(token: impl Into<Vec<u8>>) -> ClientPlan {
         ClientPlan {
             token: token.into(),
@@ -80,12 +132,21 @@ impl ClientPlan {
             depth: 4,
             batch_messages: 16,
             payload_bytes: 32,
+            recipients: 1,
+            resend: false,
+            reconnect: false,
+            duplicate_every: 0,
         }
     }
 
-    /// Batches the plan sends in all.
+    /// Batches the plan sends in all, resends not counted.
     pub fn batches_total(&self) -> u64 {
         self.streams as u64 * self.batches_per_stream
+    }
+
+    /// Messages the plan sends in all, resends not counted.
+    pub fn messages_total(&self) -> u64 {
+        self.batches_total() * self.batch_messages as u64
     }
 }
 
@@ -109,10 +170,80 @@ pub enum Phase {
 pub enum StreamKind {
     /// Carries HELLO and WELCOME.
     Hello,
-    /// A work stream, by its index in opening order.
+    /// A work stream, by its lane.
     Work(usize),
     /// Raw bytes a test wrote.
     Raw,
+}
+
+/// The final (or, without `resend`, last) answer for one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// `accepted` at this position.
+    Accepted(LogPosition),
+    /// `duplicate`: the id was already stored, at this position.
+    Duplicate(LogPosition),
+    /// `rejected` for this reason.
+    Rejected(Reason),
+    /// `throttled` and not sent again (a plan without `resend`).
+    Throttled,
+}
+
+/// What the client learned about its messages, for the oracle.
+#[derive(Debug, Default, Clone)]
+pub struct Ledger {
+    /// Message number → its answer (the first storing answer wins; see `conflicts`).
+    pub outcomes: BTreeMap<u64, Outcome>,
+    /// Messages answered as stored at two different positions, or `accepted` twice:
+    /// (message number, first position, later answer).
+    pub conflicts: Vec<(u64, LogPosition, Status)>,
+    /// Statuses received, by kind: accepted, duplicate, throttled, rejected.
+    pub answers: [u64; 4],
+    /// Messages sent again (throttled, unanswered when a connection was lost, or
+    /// duplicates on purpose).
+    pub resent: u64,
+}
+
+impl Ledger {
+    /// The position the log holds message `n` at, as its answers say.
+    pub fn stored_at(&self, n: u64) -> Option<LogPosition> {
+        match self.outcomes.get(&n)? {
+            Outcome::Accepted(p) | Outcome::Duplicate(p) => Some(*p),
+            _ => None,
+        }
+    }
+
+    fn record(&mut self, n: u64, status: Status) {
+        let kind = match status {
+            Status::Accepted(_) => 0,
+            Status::Duplicate(_) => 1,
+            Status::Throttled { .. } => 2,
+            Status::Rejected(_) => 3,
+        };
+        self.answers[kind] += 1;
+        let stored = match status {
+            Status::Accepted(p) | Status::Duplicate(p) => Some(p),
+            _ => None,
+        };
+        match (self.stored_at(n), stored) {
+            (Some(first), Some(p)) => {
+                // A stored message answers `duplicate` at its position from then on.
+                if p != first || matches!(status, Status::Accepted(_)) {
+                    self.conflicts.push((n, first, status));
+                }
+            }
+            (Some(_), None) => {} // e.g. a resend throttled while its first copy was stored
+            (None, _) => {
+                let outcome = match status {
+                    Status::Accepted(p) => Outcome::Accepted(p),
+                    Status::Duplicate(p) => Outcome::Duplicate(p),
+                    Status::Rejected(r) => Outcome::Rejected(r),
+                    Status::Throttled { .. } => Outcome::Throttled,
+                };
+                self.outcomes.insert(n, outcome);
+            }
+        }
+    }
 }
 
 /// The client's record of one stream it opened.
@@ -194,6 +325,34 @@ impl ClientStream {
     }
 }
 
+/// One work stream's messages, across the client's connections.
+#[derive(Debug, Default)]
+struct Lane {
+    /// Planned batches not sent yet, and batches lost with a connection (message numbers).
+    queue: VecDeque<Vec<u64>>,
+    /// Messages to send again, and when.
+    retries: Vec<(Instant, u64)>,
+    /// SUBMITs written on this lane, over every connection (numbers its batch ids).
+    batches_sent: u64,
+}
+
+impl Lane {
+    fn idle(&self) -> bool {
+        self.queue.is_empty() && self.retries.is_empty()
+    }
+
+    /// The next batch to write at `now`: due resends first.
+    fn next_batch(&mut self, now: Instant, batch_messages: usize) -> Option<Vec<u64>> {
+        if self.retries.iter().any(|&(at, _)| at <= now) {
+            self.retries.sort_unstable();
+            let due = self.retries.partition_point(|&(at, _)| at <= now);
+            let take = due.min(batch_messages);
+            return Some(self.retries.drain(..take).map(|(_, n)| n).collect());
+        }
+        self.queue.pop_front()
+    }
+}
+
 /// Something the client saw, reported to the simulation's trace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ClientEvent {
@@ -202,26 +361,36 @@ pub(crate) enum ClientEvent {
     Closed,
 }
 
-/// One client endpoint with one connection.
+/// One client endpoint with its connection (replaced after a loss with `reconnect`).
 pub struct SimClient {
     index: usize,
     seed: u64,
     plan: ClientPlan,
     endpoint: Endpoint,
+    config: ClientConfig,
+    server: SocketAddr,
     ch: ConnectionHandle,
     conn: Option<Connection>,
     phase: Phase,
     welcome: Option<Welcome>,
+    business_id: Option<u32>,
     close_reason: Option<ConnectionError>,
     closed_at: Option<Instant>,
+    connections: u32,
+    reconnect_at: Option<Instant>,
+    /// When the client was last driven: resends due by then wait for room on their
+    /// stream (an ACK or a WELCOME drives the client again), not for a timer.
+    driven_at: Option<Instant>,
     hello_stream: Option<StreamId>,
+    /// The current stream of each lane.
     work: Vec<StreamId>,
+    lanes: Vec<Lane>,
     streams: BTreeMap<StreamId, ClientStream>,
+    /// Streams of connections before this one.
+    past_streams: Vec<ClientStream>,
     accepted: BTreeMap<u64, LogPosition>,
     not_accepted: u64,
-    next_message: u64,
-    recipient: Recipient,
-    payload: Vec<u8>,
+    ledger: Ledger,
     pub(crate) events: Vec<ClientEvent>,
 }
 
@@ -231,14 +400,50 @@ impl std::fmt::Debug for SimClient {
             .field("index", &self.index)
             .field("phase", &self.phase)
             .field("close_reason", &self.close_reason)
+            .field("connections", &self.connections)
             .field("streams", &self.streams.len())
             .field("accepted", &self.accepted.len())
+            .field("answers", &self.ledger.answers)
+            .field(
+                "lanes",
+                &self
+                    .lanes
+                    .iter()
+                    .map(|l| {
+                        (
+                            l.queue.len(),
+                            l.retries.len(),
+                            l.retries
+                                .iter()
+                                .map(|r| r.0)
+                                .min()
+                                .map(|t| self.driven_at.map(|d| t.saturating_duration_since(d))),
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .field(
+                "work",
+                &self
+                    .work
+                    .iter()
+                    .map(|id| {
+                        let s = &self.streams[id];
+                        (
+                            s.sent,
+                            s.acked,
+                            s.in_flight.len(),
+                            s.fin_sent,
+                            s.fin_received,
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
 
-/// Batch ids carry who sent them: `client:16 | work stream:16 | seq:32`. The simulation
-/// reads the top 32 bits to count a stream's batches held by the server.
+/// Batch ids carry who sent them: `client:16 | work stream:16 | seq:32`.
 pub fn batch_id(client: usize, stream: usize, seq: u64) -> u64 {
     assert!(client < 1 << 16 && stream < 1 << 16 && seq < 1 << 32);
     ((client as u64) << 48) | ((stream as u64) << 32) | seq
@@ -250,7 +455,6 @@ pub fn batch_stream_key(batch_id: u64) -> u32 {
 }
 
 impl SimClient {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         index: usize,
         seed: u64,
@@ -268,33 +472,45 @@ impl SimClient {
         let mut endpoint =
             Endpoint::new(Arc::new(endpoint_config), None, true, Some(endpoint_seed));
         let (ch, conn) = endpoint
-            .connect(now, config, server, SERVER_NAME)
+            .connect(now, config.clone(), server, SERVER_NAME)
             .expect("a client config with a valid server name connects");
-        // Recipients are valid E.164 numbers; the content is irrelevant to the server.
-        let recipient = Recipient::parse(format!("+1555{:07}", index % 10_000_000).as_bytes())
-            .expect("valid E.164");
-        let payload = (0..plan.payload_bytes)
-            .map(|i| b'a' + (i % 26) as u8)
+        let per = plan.batch_messages as u64;
+        let lanes = (0..plan.streams)
+            .map(|k| {
+                let first = k as u64 * plan.batches_per_stream;
+                Lane {
+                    queue: (first..first + plan.batches_per_stream)
+                        .map(|b| (b * per..(b + 1) * per).collect())
+                        .collect(),
+                    ..Lane::default()
+                }
+            })
             .collect();
         SimClient {
             index,
             seed,
             plan,
             endpoint,
+            config,
+            server,
             ch,
             conn: Some(conn),
             phase: Phase::Handshaking,
             welcome: None,
+            business_id: None,
             close_reason: None,
             closed_at: None,
+            connections: 1,
+            reconnect_at: None,
+            driven_at: None,
             hello_stream: None,
             work: Vec::new(),
+            lanes,
             streams: BTreeMap::new(),
+            past_streams: Vec::new(),
             accepted: BTreeMap::new(),
             not_accepted: 0,
-            next_message: 0,
-            recipient,
-            payload,
+            ledger: Ledger::default(),
             events: Vec::new(),
         }
     }
@@ -314,19 +530,29 @@ impl SimClient {
         self.phase
     }
 
-    /// The WELCOME it received.
+    /// The WELCOME it received (on its current connection).
     pub fn welcome(&self) -> Option<&Welcome> {
         self.welcome.as_ref()
     }
 
-    /// Why the connection ended, once it has.
+    /// The business its token authenticated as (known after the first WELCOME).
+    pub fn business_id(&self) -> Option<u32> {
+        self.business_id
+    }
+
+    /// Why the last connection ended, once it has.
     pub fn close_reason(&self) -> Option<&ConnectionError> {
         self.close_reason.as_ref()
     }
 
-    /// When the connection ended (virtual time).
+    /// When the last connection ended (virtual time).
     pub fn closed_at(&self) -> Option<Instant> {
         self.closed_at
+    }
+
+    /// Connections made so far (1 plus reconnects).
+    pub fn connections(&self) -> u32 {
+        self.connections
     }
 
     /// The application error code the server closed the connection with, if it did.
@@ -337,7 +563,7 @@ impl SimClient {
         }
     }
 
-    /// Every accepted message: client message id → log position.
+    /// Every message answered `accepted`: client message id → log position.
     pub fn accepted(&self) -> &BTreeMap<u64, LogPosition> {
         &self.accepted
     }
@@ -347,7 +573,12 @@ impl SimClient {
         self.not_accepted
     }
 
-    /// Every stream the client opened.
+    /// What the client learned about each of its messages.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Every stream the current connection opened.
     pub fn streams(&self) -> &BTreeMap<StreamId, ClientStream> {
         &self.streams
     }
@@ -357,12 +588,12 @@ impl SimClient {
         &self.streams[&id]
     }
 
-    /// Work streams in opening order.
+    /// Work streams of the current connection, by lane.
     pub fn work_streams(&self) -> &[StreamId] {
         &self.work
     }
 
-    /// The work stream opened `index`-th.
+    /// The work stream of lane `index`.
     pub fn work_stream(&self, index: usize) -> &ClientStream {
         &self.streams[&self.work[index]]
     }
@@ -372,39 +603,65 @@ impl SimClient {
         self.hello_stream
     }
 
-    /// ACKs received on work streams.
+    /// ACKs received on work streams, every connection counted.
     pub fn batches_acked(&self) -> u64 {
-        self.work.iter().map(|id| self.streams[id].acked).sum()
+        let past = self.past_streams.iter();
+        let now = self.work.iter().map(|id| &self.streams[id]);
+        past.chain(now)
+            .filter(|s| matches!(s.kind, StreamKind::Work(_)))
+            .map(|s| s.acked)
+            .sum()
     }
 
-    /// Every work stream was opened, sent its plan and got every ACK and the server's FIN.
-    /// Stays true if the connection later closes (an idle timeout, say).
+    /// Every lane sent its messages and got every answer, and the server finished each
+    /// work stream. Stays true if the connection later closes (an idle timeout, say).
     pub fn done(&self) -> bool {
         self.welcome.is_some()
             && self.work.len() == self.plan.streams
+            && self.lanes.iter().all(Lane::idle)
             && self.work.iter().all(|id| {
                 let s = &self.streams[id];
-                s.acked == self.plan.batches_per_stream && s.fin_received
+                s.in_flight.is_empty() && s.fin_received
             })
     }
 
-    /// Nothing more will happen on its own: done, closed, or every work stream ended.
+    /// Nothing more will happen on its own: done, closed for good, or every work stream
+    /// ended.
     pub fn settled(&self) -> bool {
         self.done()
-            || self.phase == Phase::Closed
+            || (self.phase == Phase::Closed && self.reconnect_at.is_none())
             || (self.work.len() == self.plan.streams
                 && self.work.iter().all(|id| self.streams[id].settled()))
+    }
+
+    /// SUBMITs written and not answered on the current connection.
+    pub fn unanswered(&self) -> usize {
+        self.streams.values().map(|s| s.in_flight.len()).sum()
     }
 
     // ---- driven by the simulation -------------------------------------------------------
 
     pub(crate) fn poll_timeout(&mut self) -> Option<Instant> {
-        self.conn.as_mut().and_then(|c| c.poll_timeout())
+        let conn = self.conn.as_mut().and_then(|c| c.poll_timeout());
+        let driven = self.driven_at;
+        let retry = self
+            .lanes
+            .iter()
+            .flat_map(|l| l.retries.iter().map(|&(at, _)| at))
+            .filter(|&at| driven.is_none_or(|d| at > d))
+            .min()
+            .filter(|_| self.phase == Phase::Welcomed);
+        [conn, retry, self.reconnect_at].into_iter().flatten().min()
     }
 
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
         if let Some(conn) = self.conn.as_mut() {
-            conn.handle_timeout(now);
+            if conn.poll_timeout().is_some_and(|t| t <= now) {
+                conn.handle_timeout(now);
+            }
+        }
+        if self.reconnect_at.is_some_and(|t| t <= now) && self.conn.is_none() {
+            self.reconnect(now);
         }
         self.drive(now);
     }
@@ -422,12 +679,13 @@ impl SimClient {
             .endpoint
             .handle(now, remote, None, None, data, &mut buf)
         {
-            Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
-                assert_eq!(ch, self.ch, "a sim client has one connection");
+            // Events of a connection already replaced are dropped with it.
+            Some(DatagramEvent::ConnectionEvent(ch, ev)) if ch == self.ch => {
                 if let Some(conn) = self.conn.as_mut() {
                     conn.handle_event(ev);
                 }
             }
+            Some(DatagramEvent::ConnectionEvent(..)) => {}
             Some(DatagramEvent::Response(t)) => {
                 let bytes = buf[..t.size].to_vec();
                 out.push((t, bytes));
@@ -452,6 +710,7 @@ impl SimClient {
     /// Drives the connection until it has nothing more to say: endpoint events, app events,
     /// then the client's own logic (read, submit, flush).
     pub(crate) fn drive(&mut self, now: Instant) {
+        self.driven_at = Some(now);
         // Bounded: every pass consumes events produced from finite input, and the app logic
         // writes at most `depth` SUBMITs per stream per pass.
         for _ in 0..10_000 {
@@ -477,7 +736,7 @@ impl SimClient {
                     return;
                 }
             }
-            if self.pump_streams() {
+            if self.pump_streams(now) {
                 progressed = true;
             }
             if !progressed {
@@ -500,8 +759,12 @@ impl SimClient {
                 self.closed_at = Some(now);
                 self.close_reason = Some(reason);
                 self.events.push(ClientEvent::Closed);
+                if self.plan.reconnect {
+                    self.requeue_unanswered();
+                    self.reconnect_at = Some(now + RECONNECT_DELAY);
+                }
             }
-            Event::Stream(StreamEvent::Readable { id }) => self.read_stream(id),
+            Event::Stream(StreamEvent::Readable { id }) => self.read_stream(id, now),
             Event::Stream(StreamEvent::Stopped { id, error_code }) => {
                 let code = u32::try_from(error_code.into_inner()).expect("wire codes fit u32");
                 if let Some(st) = self.streams.get_mut(&id) {
@@ -530,8 +793,40 @@ impl SimClient {
         }
     }
 
+    /// The connection is lost: every SUBMIT it left unanswered goes back to its lane, to
+    /// be sent again (same ids) on the next connection.
+    fn requeue_unanswered(&mut self) {
+        for st in self.streams.values_mut() {
+            let StreamKind::Work(lane) = st.kind else {
+                continue;
+            };
+            for sent in st.in_flight.drain(..).rev() {
+                self.ledger.resent += sent.messages.len() as u64;
+                self.lanes[lane].queue.push_front(sent.messages);
+            }
+        }
+    }
+
+    /// A fresh connection from the same endpoint, after the last one drained.
+    fn reconnect(&mut self, now: Instant) {
+        self.reconnect_at = None;
+        let (ch, conn) = self
+            .endpoint
+            .connect(now, self.config.clone(), self.server, SERVER_NAME)
+            .expect("a client config with a valid server name connects");
+        self.ch = ch;
+        self.conn = Some(conn);
+        self.connections += 1;
+        self.phase = Phase::Handshaking;
+        self.welcome = None;
+        self.hello_stream = None;
+        self.work.clear();
+        self.past_streams
+            .extend(std::mem::take(&mut self.streams).into_values());
+    }
+
     /// Opens work streams, writes SUBMITs, flushes and finishes. True if anything moved.
-    fn pump_streams(&mut self) -> bool {
+    fn pump_streams(&mut self, now: Instant) -> bool {
         let Some(conn) = self.conn.as_mut() else {
             return false;
         };
@@ -541,47 +836,17 @@ impl SimClient {
                 let Some(id) = conn.streams().open(Dir::Bi) else {
                     break; // no stream credit yet; StreamEvent::Available wakes us
                 };
-                let index = self.work.len();
+                let lane = self.work.len();
                 self.work.push(id);
                 self.streams
-                    .insert(id, ClientStream::new(StreamKind::Work(index)));
+                    .insert(id, ClientStream::new(StreamKind::Work(lane)));
                 progressed = true;
             }
         }
         for (&id, st) in self.streams.iter_mut() {
-            if let StreamKind::Work(index) = st.kind {
-                while !st.paused
-                    && !st.poisoned
-                    && !st.failed()
-                    && st.in_flight.len() < self.plan.depth
-                    && st.sent < self.plan.batches_per_stream
-                {
-                    let batch = batch_id(self.index, index, st.sent);
-                    let first = self.next_message;
-                    self.next_message += self.plan.batch_messages as u64;
-                    let ids: Vec<u64> = (first..self.next_message)
-                        .map(|n| ((self.index as u64) << 40) | n)
-                        .collect();
-                    let msgs: Vec<OutMessage<'_>> = ids
-                        .iter()
-                        .map(|&client_id| OutMessage {
-                            client_id,
-                            recipient: &self.recipient,
-                            payload: &self.payload,
-                        })
-                        .collect();
-                    wire::encode_submit(batch, &msgs, &mut st.out);
-                    st.in_flight.push_back(SentBatch {
-                        batch_id: batch,
-                        first_message: ids[0],
-                        messages: msgs.len(),
-                    });
-                    st.sent += 1;
-                    if st.sent == self.plan.batches_per_stream {
-                        st.fin_pending = true;
-                    }
-                    progressed = true;
-                }
+            if let StreamKind::Work(lane) = st.kind {
+                progressed |=
+                    write_submits(&self.plan, self.index, lane, &mut self.lanes[lane], st, now);
             }
             while !st.out.is_empty() {
                 match conn.send_stream(id).write(&st.out) {
@@ -611,7 +876,7 @@ impl SimClient {
         progressed
     }
 
-    fn read_stream(&mut self, id: StreamId) {
+    fn read_stream(&mut self, id: StreamId, now: Instant) {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
@@ -643,14 +908,14 @@ impl SimClient {
             }
         }
         let _ = chunks.finalize();
-        self.decode_frames(id);
+        self.decode_frames(id, now);
     }
 
-    fn decode_frames(&mut self, id: StreamId) {
+    fn decode_frames(&mut self, id: StreamId, now: Instant) {
         let seed = self.seed;
-        let st = self.streams.get_mut(&id).expect("caller checked");
         // Bounded: each pass consumes one frame of the buffered bytes.
         loop {
+            let st = self.streams.get_mut(&id).expect("caller checked");
             let frame = match st.decoder.next_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -662,6 +927,10 @@ impl SimClient {
                         self.welcome.is_none(),
                         "seed {seed}: a second WELCOME on {id}"
                     );
+                    if let Some(b) = self.business_id {
+                        assert_eq!(b, w.business_id, "seed {seed}: the business changed");
+                    }
+                    self.business_id = Some(w.business_id);
                     self.welcome = Some(w);
                     if self.phase == Phase::HelloSent {
                         self.phase = Phase::Welcomed;
@@ -678,7 +947,7 @@ impl SimClient {
                         .iter()
                         .filter(|s| !matches!(s, Status::Accepted(_)))
                         .count() as u64;
-                    let StreamKind::Work(_) = kind else {
+                    let StreamKind::Work(lane) = kind else {
                         continue; // raw SUBMITs: their message ids are the test's business
                     };
                     let Some(sent) = st.in_flight.pop_front() else {
@@ -690,19 +959,11 @@ impl SimClient {
                     );
                     assert_eq!(
                         statuses.len(),
-                        sent.messages,
+                        sent.messages.len(),
                         "seed {seed}: ACK {batch_id:#x} has the wrong number of statuses"
                     );
-                    // A batch's message ids are consecutive from its first.
-                    for (i, status) in statuses.iter().enumerate() {
-                        if let Status::Accepted(p) = status {
-                            let client_id = sent.first_message + i as u64;
-                            let old = self.accepted.insert(client_id, *p);
-                            assert!(
-                                old.is_none(),
-                                "seed {seed}: message {client_id:#x} accepted twice"
-                            );
-                        }
+                    for (&n, status) in sent.messages.iter().zip(&statuses) {
+                        self.on_answer(lane, n, *status, now);
                     }
                 }
                 (frame, kind) => panic!(
@@ -710,6 +971,28 @@ impl SimClient {
                     frame_name(&frame)
                 ),
             }
+        }
+    }
+
+    /// Message `n` of `lane` got `status`.
+    fn on_answer(&mut self, lane: usize, n: u64, status: Status, now: Instant) {
+        let first_accept =
+            matches!(status, Status::Accepted(_)) && self.ledger.stored_at(n).is_none();
+        self.ledger.record(n, status);
+        match status {
+            Status::Accepted(p) if first_accept => {
+                self.accepted.insert(message_id(self.index, n), p);
+                if self.plan.duplicate_every > 0 && n % self.plan.duplicate_every == 0 {
+                    self.ledger.resent += 1;
+                    self.lanes[lane].retries.push((now, n));
+                }
+            }
+            Status::Throttled { retry_after_ms } if self.plan.resend => {
+                self.ledger.resent += 1;
+                let at = now + Duration::from_millis(u64::from(retry_after_ms));
+                self.lanes[lane].retries.push((at, n));
+            }
+            _ => {}
         }
     }
 
@@ -785,12 +1068,70 @@ impl SimClient {
     }
 }
 
+/// Writes the SUBMITs a lane's stream may send now. True if any was written.
+fn write_submits(
+    plan: &ClientPlan,
+    client: usize,
+    lane_index: usize,
+    lane: &mut Lane,
+    st: &mut ClientStream,
+    now: Instant,
+) -> bool {
+    let mut progressed = false;
+    while !st.paused
+        && !st.poisoned
+        && !st.failed()
+        && !st.fin_sent
+        && !st.fin_pending
+        && st.in_flight.len() < plan.depth
+    {
+        let Some(messages) = lane.next_batch(now, plan.batch_messages) else {
+            break;
+        };
+        let batch = batch_id(client, lane_index, lane.batches_sent);
+        lane.batches_sent += 1;
+        let specs: Vec<(u64, Recipient, Vec<u8>)> = messages
+            .iter()
+            .map(|&n| {
+                let id = message_id(client, n);
+                let to = recipient_for(client, n, plan.recipients);
+                (id, to, payload_for(id, plan.payload_bytes))
+            })
+            .collect();
+        let out: Vec<OutMessage<'_>> = specs
+            .iter()
+            .map(|(id, to, payload)| OutMessage {
+                client_id: *id,
+                recipient: to,
+                payload,
+            })
+            .collect();
+        wire::encode_submit(batch, &out, &mut st.out);
+        st.in_flight.push_back(SentBatch {
+            batch_id: batch,
+            messages,
+        });
+        st.sent += 1;
+        // Without resends a lane ends with its last planned SUBMIT.
+        if !plan.resend && lane.idle() {
+            st.fin_pending = true;
+        }
+        progressed = true;
+    }
+    // With resends a lane ends once every message has its final answer.
+    if plan.resend && lane.idle() && st.in_flight.is_empty() && !st.fin_sent && !st.fin_pending {
+        st.fin_pending = true;
+        progressed = true;
+    }
+    progressed
+}
+
 /// One SUBMIT written on a work stream and not yet answered.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct SentBatch {
     batch_id: u64,
-    first_message: u64,
-    messages: usize,
+    /// Its messages' numbers, in order.
+    messages: Vec<u64>,
 }
 
 fn frame_name(f: &Frame) -> &'static str {

@@ -1,6 +1,7 @@
-//! Fault-injecting in-memory storage, and [`SimShell`], a shell over it that performs a
-//! [`Log`]'s actions the way `src/` does with files. Everything is seeded: a failing seed
-//! replays exactly.
+//! Fault-injecting in-memory storage, recovery over it ([`recover`]), an auditor's read
+//! of everything on it ([`read_all`]), and [`SimShell`], a shell over it that performs a
+//! bare [`Log`]'s actions the way `src/` does with files (for the log's own tests).
+//! Everything is seeded: a failing seed replays exactly.
 //!
 //! The storage model, per segment file: bytes written since the last successful sync are
 //! *unsynced*. A crash keeps every synced byte and, of the unsynced ones, a random prefix
@@ -15,12 +16,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::engine::{Action, Log, LogError, LogFailure, WriteFailure};
-use super::format::{OwnedRecord, Record, SegmentCodec, SegmentHeader, SEGMENT_HEADER_BYTES};
-use super::keys::{Keyring, MasterKey};
-use super::policy::LogConfig;
-use super::recovery::{RecoverError, Recovery, Repair};
-use crate::wire::LogPosition;
+use courier_pipeline::log::format::{HeaderError, SEGMENT_HEADER_BYTES};
+use courier_pipeline::log::{
+    Action, Keyring, Log, LogConfig, LogError, LogFailure, MasterKey, OwnedRecord, Record,
+    RecordHeader, RecoverError, Recovery, Repair, ScanOutcome, SegmentCodec, SegmentHeader,
+    WriteFailure,
+};
+use courier_pipeline::wire::LogPosition;
 
 /// A storage error the simulation injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -227,40 +229,15 @@ impl SimShell {
     pub fn boot(&mut self) -> Result<BootReport, BootError> {
         self.created_this_boot.clear();
         self.ops_until_power_loss = None;
-        let mut report = BootReport::default();
-        let ids = self.storage.file_ids();
-        // Judge every segment before touching any: a wrong master key or corruption stops
-        // the boot with storage as it was.
-        let mut recovery = Recovery::new(
-            self.storage.keyring(),
-            !ids.is_empty(),
-            MasterKey::from_bytes(self.master),
-            self.cfg.payload_bytes_max,
+        let master = MasterKey::from_bytes(self.master);
+        let (log, mut actions, report) = recover(
+            &mut self.storage,
+            master,
+            self.cfg,
+            self.shard,
+            &mut |_, _| {},
         )?;
-        for id in ids {
-            let bytes = self.storage.file(id).expect("listed");
-            recovery.judge(id, bytes, &mut |_, _| {})?;
-        }
-        let plan = recovery.plan();
-        for repair in &plan.repairs {
-            match *repair {
-                Repair::Truncate { segment_id, to, .. } => {
-                    self.storage.truncate(segment_id, to);
-                    report.truncated += 1;
-                }
-                Repair::Remove { segment_id, .. } => {
-                    self.storage.delete(segment_id);
-                    report.removed += 1;
-                }
-            }
-        }
-        report.records = plan.records();
-        let (log, mut actions) = plan.open(self.cfg, self.shard)?;
         self.log = Some(log);
-        report.removed += actions
-            .iter()
-            .filter(|a| matches!(a, Action::DeleteSegment { .. }))
-            .count();
         self.perform(&mut actions);
         Ok(report)
     }
@@ -402,31 +379,100 @@ impl SimShell {
         self.boot()
     }
 
-    /// Reads every record on storage, segment by segment, as an auditor does: each one
-    /// authenticated, with its log index. Stops at the first problem (returned).
+    /// Reads every record on storage, segment by segment, as an auditor does (see
+    /// [`read_all`]).
     pub fn read_all(&self) -> Result<Vec<(u64, OwnedRecord)>, String> {
-        let master = MasterKey::from_bytes(self.master);
-        let keyring = Keyring::from_bytes(self.storage.keyring().ok_or("no keyring")?)
-            .map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        for id in self.storage.file_ids() {
-            let bytes = self.storage.file(id).expect("listed");
-            let header = SegmentHeader::decode(bytes).map_err(|e| format!("segment {id}: {e}"))?;
-            let key = keyring
-                .data_key(&master, header.data_key_id)
-                .map_err(|e| format!("segment {id}: {e}"))?;
-            let codec = SegmentCodec::new(header, key, self.cfg.payload_bytes_max);
-            let mut offset = SEGMENT_HEADER_BYTES as u64;
-            let mut index = 0u32;
-            while offset < bytes.len() as u64 {
-                let (rec, next) = codec
-                    .read_record(bytes, offset, index)
-                    .map_err(|e| format!("segment {id}: {e}"))?;
-                out.push((header.first_index + u64::from(index), rec));
-                offset = next;
-                index += 1;
+        read_all(&self.storage, &self.master, self.cfg.payload_bytes_max)
+    }
+}
+
+/// Recovery as the shell runs it at start: load the keyring, judge every segment
+/// (`visit` sees every record that stays), truncate torn tails, remove dead files, open
+/// the log. Returns it with the actions to perform before serving.
+pub fn recover(
+    storage: &mut MemStorage,
+    master: MasterKey,
+    cfg: LogConfig,
+    shard: u16,
+    visit: &mut dyn FnMut(u64, &RecordHeader),
+) -> Result<(Log, Vec<Action>, BootReport), BootError> {
+    let mut report = BootReport::default();
+    let ids = storage.file_ids();
+    // Judge every segment before touching any: a wrong master key or corruption stops
+    // the boot with storage as it was.
+    let mut recovery = Recovery::new(
+        storage.keyring(),
+        !ids.is_empty(),
+        master,
+        cfg.payload_bytes_max,
+    )?;
+    for id in ids {
+        let bytes = storage.file(id).expect("listed");
+        recovery.judge(id, bytes, visit)?;
+    }
+    let plan = recovery.plan();
+    for repair in &plan.repairs {
+        match *repair {
+            Repair::Truncate { segment_id, to, .. } => {
+                storage.truncate(segment_id, to);
+                report.truncated += 1;
+            }
+            Repair::Remove { segment_id, .. } => {
+                storage.delete(segment_id);
+                report.removed += 1;
             }
         }
-        Ok(out)
     }
+    report.records = plan.records();
+    let (log, actions) = plan.open(cfg, shard)?;
+    report.removed += actions
+        .iter()
+        .filter(|a| matches!(a, Action::DeleteSegment { .. }))
+        .count();
+    Ok((log, actions, report))
+}
+
+/// Reads every record on storage, segment by segment, as an auditor does: each one
+/// authenticated, with its log index. A torn tail (a write cut by a crash or a full
+/// disk, which the next recovery truncates) ends its segment; anything else is returned
+/// as a problem.
+pub fn read_all(
+    storage: &MemStorage,
+    master: &[u8; 32],
+    payload_bytes_max: u32,
+) -> Result<Vec<(u64, OwnedRecord)>, String> {
+    let master = MasterKey::from_bytes(*master);
+    let keyring =
+        Keyring::from_bytes(storage.keyring().ok_or("no keyring")?).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for id in storage.file_ids() {
+        let bytes = storage.file(id).expect("listed");
+        let header = match SegmentHeader::decode(bytes) {
+            Ok(h) => h,
+            // Created, header never written whole (recovery removes it): no records.
+            Err(HeaderError::Truncated(_)) => continue,
+            Err(e) => return Err(format!("segment {id}: {e}")),
+        };
+        let key = keyring
+            .data_key(&master, header.data_key_id)
+            .map_err(|e| format!("segment {id}: {e}"))?;
+        let codec = SegmentCodec::new(header, key, payload_bytes_max);
+        let end = match codec.scan(bytes) {
+            ScanOutcome::Clean(s) => s.bytes,
+            ScanOutcome::TornTail { truncate_to, .. } => truncate_to,
+            ScanOutcome::TornHeader { .. } => continue,
+            ScanOutcome::Corrupt(c) => return Err(format!("segment {id}: {c}")),
+        };
+        let mut offset = SEGMENT_HEADER_BYTES as u64;
+        let mut index = 0u32;
+        while offset < end {
+            let (rec, next) = codec
+                .read_record(bytes, offset, index)
+                .map_err(|e| format!("segment {id}: {e}"))?;
+            out.push((header.first_index + u64::from(index), rec));
+            offset = next;
+            index += 1;
+        }
+    }
+    Ok(out)
 }

@@ -3,12 +3,12 @@
 
 use std::collections::BTreeMap;
 
-use courier_pipeline::log::sim::{MemStorage, SimShell};
 use courier_pipeline::log::{
     recover_segment, KeyError, KeyState, Keyring, LogConfig, LogError, LogFailure, MasterKey,
     Record, RecordHeader, SegmentHeader, SegmentVerdict,
 };
 use courier_pipeline::wire::{Reason, Recipient, Status};
+use courier_sim::storage::{MemStorage, SimShell};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

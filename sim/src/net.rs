@@ -1,5 +1,6 @@
 //! The simulated network: datagrams between addresses, each delayed, jittered, perhaps
-//! lost or held back to arrive out of order, every draw from the simulation's seeded RNG.
+//! lost, duplicated or held back to arrive out of order, every draw from the simulation's
+//! seeded RNG.
 //!
 //! It owns the datagrams in flight and keeps one invariant: they leave in `(arrival time,
 //! send order)` order, so two runs from the same seed deliver the same datagrams at the same
@@ -29,6 +30,8 @@ pub struct NetConfig {
     pub reorder: f64,
     /// How long a reordered datagram is held back.
     pub reorder_delay: Duration,
+    /// Probability that a datagram arrives twice (the copy with a jitter of its own).
+    pub duplicate: f64,
     /// Datagrams in flight at most; more are dropped (a full router queue).
     pub in_flight_max: usize,
     /// Largest datagram the path carries; larger ones are dropped (a path MTU).
@@ -44,12 +47,14 @@ impl NetConfig {
             loss: 0.0,
             reorder: 0.0,
             reorder_delay: Duration::ZERO,
+            duplicate: 0.0,
             in_flight_max: 65_536,
             mtu_bytes: 1452,
         }
     }
 
-    /// A poor path: `loss` lost, jitter of 4 ms on 10 ms, 2% held back by 15 ms.
+    /// A poor path: `loss` lost, jitter of 4 ms on 10 ms, 2% held back by 15 ms, 1%
+    /// duplicated.
     pub fn lossy(loss: f64) -> NetConfig {
         NetConfig {
             delay: Duration::from_millis(10),
@@ -57,6 +62,7 @@ impl NetConfig {
             loss,
             reorder: 0.02,
             reorder_delay: Duration::from_millis(15),
+            duplicate: 0.01,
             ..NetConfig::clean()
         }
     }
@@ -66,6 +72,10 @@ impl NetConfig {
         assert!(
             (0.0..=1.0).contains(&self.reorder),
             "reorder is a probability"
+        );
+        assert!(
+            (0.0..=1.0).contains(&self.duplicate),
+            "duplicate is a probability"
         );
         assert!(
             self.in_flight_max > 0,
@@ -99,6 +109,8 @@ pub struct NetStats {
     pub lost: u64,
     /// Datagrams held back to be overtaken.
     pub reordered: u64,
+    /// Datagrams sent twice.
+    pub duplicated: u64,
     /// Datagrams dropped because the queue was full.
     pub dropped_queue_full: u64,
     /// Datagrams dropped for exceeding the MTU.
@@ -176,6 +188,8 @@ impl Network {
         let lost = rng.random_bool(self.cfg.loss);
         let jitter_nanos = rng.random_range(0..=self.cfg.jitter.as_nanos() as u64);
         let reordered = rng.random_bool(self.cfg.reorder);
+        let duplicated = rng.random_bool(self.cfg.duplicate);
+        let copy_jitter_nanos = rng.random_range(0..=self.cfg.jitter.as_nanos() as u64);
         if data.len() > self.cfg.mtu_bytes {
             self.stats.dropped_too_large += 1;
             return Fate::TooLarge;
@@ -193,6 +207,16 @@ impl Network {
             self.stats.reordered += 1;
             at += self.cfg.reorder_delay;
         }
+        self.enqueue(at, src, dst, data);
+        if duplicated && self.queue.len() < self.cfg.in_flight_max {
+            self.stats.duplicated += 1;
+            let copy_at = now + self.cfg.delay + Duration::from_nanos(copy_jitter_nanos);
+            self.enqueue(copy_at, src, dst, data);
+        }
+        Fate::Queued(at)
+    }
+
+    fn enqueue(&mut self, at: Instant, src: SocketAddr, dst: SocketAddr, data: &[u8]) {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.queue.push(Datagram {
@@ -202,7 +226,6 @@ impl Network {
             dst,
             data: data.to_vec(),
         });
-        Fate::Queued(at)
     }
 
     /// When the next datagram arrives.

@@ -1,0 +1,309 @@
+//! The whole message path under faults: seeded runs of the real shard cores with
+//! resending, reconnecting clients over a faulty network, disks that tear writes at a
+//! crash, fail an fsync or fill up, and crashes at any step; the oracle checks every
+//! invariant after every recovery and at the end.
+//!
+//! - `fixed_seeds` runs a fixed set of seeds in `cargo test`;
+//! - `COURIER_SIM_SEED=N cargo test -p courier-sim --test whole_path replay -- --nocapture`
+//!   replays one seed (a failure prints its seed and step);
+//! - `COURIER_SIM_SEEDS=A..B cargo test --release -p courier-sim --test whole_path long_mode
+//!   -- --ignored --nocapture` runs seeds A to B (the long mode: hours for millions);
+//! - the planted-bug tests switch a deliberate bug on in the real state machine and
+//!   assert that the simulation catches it within its seeds.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use courier_pipeline::node::PlantedBugs;
+use courier_pipeline::profile::Profile;
+use courier_pipeline::registry::{Registry, Tier};
+use courier_sim::{
+    ClientPlan, NetConfig, Oracle, Sim, SimConfig, SimTls, StorageConfig, Violation,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Seeds `cargo test` runs.
+const FIXED_SEEDS: std::ops::Range<u64> = 0..24;
+/// Seeds a planted bug must be caught within.
+const BUG_SEEDS: std::ops::Range<u64> = 0..24;
+/// Virtual time a run may take to settle after its last fault.
+const SETTLE_LIMIT: Duration = Duration::from_secs(600);
+
+/// What one run did, for the summary line and the replay check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Report {
+    digest: [u8; 32],
+    crashes: u64,
+    accepted: u64,
+    resent: u64,
+    records: u64,
+    steps: u64,
+}
+
+/// A fault a scenario injects.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Power loss at this virtual time.
+    CrashAt(Duration),
+    /// Power loss after this many more storage operations, armed at this time.
+    CrashAfterOps(Duration, usize),
+    /// Every fsync of one shard fails from this time on (until the next crash).
+    FailSyncs(Duration, usize),
+    /// One shard's disk fills up this many bytes from now (until the next crash).
+    DiskFull(Duration, usize, u64),
+}
+
+impl Fault {
+    fn at(self) -> Duration {
+        match self {
+            Fault::CrashAt(t)
+            | Fault::CrashAfterOps(t, _)
+            | Fault::FailSyncs(t, _)
+            | Fault::DiskFull(t, _, _) => t,
+        }
+    }
+}
+
+/// The businesses: an exempt bulk sender, a customer with detection on, a small one.
+fn registry() -> (Arc<Registry>, Vec<String>) {
+    let mut reg = Registry::default();
+    let (bulk, t0) = reg
+        .add("bulk", Tier::Unlimited, 1_000_000, &[1; 32])
+        .unwrap();
+    reg.set_exempt(bulk, true);
+    let (_, t1) = reg.add("customer", Tier::T2k, 400, &[2; 32]).unwrap();
+    let (_, t2) = reg.add("small", Tier::T250, 100, &[3; 32]).unwrap();
+    (Arc::new(reg), vec![t0, t1, t2])
+}
+
+/// The profile: the small one, with a short idle timeout so that clients of a crashed
+/// node notice within seconds, and small segments so that runs roll.
+fn profile() -> Profile {
+    let mut p = Profile::from_toml(include_str!("../../tuning/small.toml")).expect("small.toml");
+    p.quic.idle_timeout_ms = 3_000;
+    p.log.segment_bytes_max = 64 << 10;
+    p
+}
+
+/// The scenario of `seed`: shards, clients, network, disk, faults.
+fn scenario(seed: u64) -> (SimConfig, Vec<ClientPlan>, Vec<Fault>) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5ce1_a210);
+    let shards = rng.random_range(1..=3);
+    let mut cfg = SimConfig::new(seed, shards, profile());
+    cfg.net = match rng.random_range(0..3) {
+        0 => NetConfig::clean(),
+        _ => NetConfig::lossy(rng.random_range(0.0..0.05)),
+    };
+    cfg.storage = StorageConfig {
+        latency: Duration::from_micros(rng.random_range(200..3_000)),
+        jitter: Duration::from_micros(rng.random_range(0..3_000)),
+    };
+    let (_, tokens) = registry();
+    let clients = (0..rng.random_range(2..=4))
+        .map(|i| {
+            let mut plan = ClientPlan::new(tokens[i % tokens.len()].clone());
+            plan.streams = rng.random_range(1..=3);
+            plan.batches_per_stream = rng.random_range(5..=25);
+            plan.depth = rng.random_range(1..=4);
+            plan.batch_messages = rng.random_range(1..=24);
+            plan.payload_bytes = rng.random_range(1..=300);
+            // At most about 25 messages per number: the same-recipient limit (5 per 10 s
+            // in the small profile) lets such a plan finish within a few minutes.
+            let per_number_max = 25;
+            plan.recipients = rng
+                .random_range(1..=60)
+                .max(plan.messages_total().div_ceil(per_number_max) as usize);
+            plan.resend = true;
+            plan.reconnect = true;
+            plan.duplicate_every = [0, 7, 13][rng.random_range(0..3)];
+            plan
+        })
+        .collect();
+    let mut faults = Vec::new();
+    for _ in 0..rng.random_range(1..=3) {
+        let at = Duration::from_micros(rng.random_range(10_000..1_500_000));
+        faults.push(match rng.random_range(0..10) {
+            0..=4 => Fault::CrashAt(at),
+            5..=7 => Fault::CrashAfterOps(at, rng.random_range(1..40)),
+            8 => Fault::FailSyncs(at, rng.random_range(0..shards)),
+            _ => Fault::DiskFull(at, rng.random_range(0..shards), rng.random_range(0..20_000)),
+        });
+    }
+    faults.sort_by_key(|f| f.at());
+    (cfg, clients, faults)
+}
+
+/// Runs `seed` with `bugs` planted; the oracle checks after every recovery and at the end.
+fn run(seed: u64, bugs: PlantedBugs) -> Result<Report, Violation> {
+    let (mut cfg, plans, faults) = scenario(seed);
+    cfg.bugs = bugs;
+    let (reg, _) = registry();
+    let mut sim = Sim::new(Instant::now(), cfg, &SimTls::fixed(), reg);
+    for plan in plans {
+        sim.add_client(plan);
+    }
+    let mut oracle = Oracle::default();
+    for fault in faults {
+        let at = sim.at(fault.at());
+        sim.run_until_cond(at.saturating_duration_since(sim.now()), |s| {
+            !s.node().is_up()
+        });
+        if !sim.node().is_up() {
+            restart(&mut sim, &mut oracle)?;
+        }
+        match fault {
+            Fault::CrashAt(_) => {
+                sim.crash_node();
+                restart(&mut sim, &mut oracle)?;
+            }
+            Fault::CrashAfterOps(_, ops) => sim.arm_crash(ops),
+            Fault::FailSyncs(_, shard) => sim.node_mut().storage_mut(shard).fail_syncs = true,
+            Fault::DiskFull(_, shard, room) => {
+                let disk = sim.node_mut().storage_mut(shard);
+                let used: u64 = disk
+                    .file_ids()
+                    .iter()
+                    .map(|&id| disk.file(id).map_or(0, |f| f.len() as u64))
+                    .sum();
+                disk.capacity_bytes = Some(used + room);
+            }
+        }
+    }
+    // An armed crash may strike while settling; recover and settle again (bounded: one
+    // arm per fault).
+    for _ in 0..4 {
+        sim.run_until_cond(SETTLE_LIMIT, |s| {
+            !s.node().is_up() || s.clients().iter().all(|c| c.done())
+        });
+        if sim.node().is_up() {
+            break;
+        }
+        restart(&mut sim, &mut oracle)?;
+    }
+    oracle.check_end(&sim)?;
+    if let Some(c) = sim.clients().iter().position(|c| !c.done()) {
+        return Err(Violation {
+            seed,
+            step: sim.stats().steps,
+            what: format!(
+                "client {c} did not finish within {SETTLE_LIMIT:?}: {:?}",
+                sim.client(c)
+            ),
+        });
+    }
+    let ledger_sum = |f: &dyn Fn(&courier_sim::Ledger) -> u64| -> u64 {
+        sim.clients().iter().map(|c| f(c.ledger())).sum()
+    };
+    Ok(Report {
+        digest: sim.digest(),
+        crashes: sim.stats().crashes,
+        accepted: ledger_sum(&|l| l.answers[0]),
+        resent: ledger_sum(&|l| l.resent),
+        records: oracle.records_checked,
+        steps: sim.stats().steps,
+    })
+}
+
+/// After a crash: the node boots (recovery truncates torn tails) and the oracle checks
+/// the disks against what every client was told.
+fn restart(sim: &mut Sim, oracle: &mut Oracle) -> Result<(), Violation> {
+    sim.run_for(Duration::from_millis(100));
+    let boot = sim.boot();
+    boot.map_err(|e| Violation {
+        seed: sim.config().seed,
+        step: sim.stats().steps,
+        what: format!("the node does not recover: {e}"),
+    })?;
+    oracle.check(sim)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn run_or_panic(seed: u64) -> Report {
+    match run(seed, PlantedBugs::default()) {
+        Ok(r) => {
+            eprintln!(
+                "seed {seed}: {} crashes, {} accepted, {} resent, {} records, {} steps, digest {}",
+                r.crashes,
+                r.accepted,
+                r.resent,
+                r.records,
+                r.steps,
+                &hex(&r.digest)[..16]
+            );
+            r
+        }
+        Err(v) => panic!("{v}"),
+    }
+}
+
+#[test]
+fn fixed_seeds() {
+    let mut crashes = 0;
+    let mut resent = 0;
+    for seed in FIXED_SEEDS {
+        let r = run_or_panic(seed);
+        crashes += r.crashes;
+        resent += r.resent;
+    }
+    assert!(crashes >= FIXED_SEEDS.end / 2, "the seeds crash the node");
+    assert!(resent > 0, "the seeds make clients resend");
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    let a = run_or_panic(5);
+    let b = run_or_panic(5);
+    assert_eq!(a, b, "one seed, one trace");
+    let c = run_or_panic(6);
+    assert_ne!(a.digest, c.digest, "another seed takes another path");
+}
+
+#[test]
+fn replay() {
+    let Ok(seed) = std::env::var("COURIER_SIM_SEED") else {
+        return;
+    };
+    run_or_panic(seed.parse().expect("COURIER_SIM_SEED is a number"));
+}
+
+#[test]
+#[ignore = "the long mode: COURIER_SIM_SEEDS=A..B, for hours"]
+fn long_mode() {
+    let range = std::env::var("COURIER_SIM_SEEDS").unwrap_or_else(|_| "0..10000".into());
+    let (a, b) = range.split_once("..").expect("COURIER_SIM_SEEDS=A..B");
+    let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+    for seed in a..b {
+        run_or_panic(seed);
+    }
+}
+
+/// Runs the bug seeds with `bugs`; returns the first violation found.
+fn first_violation(bugs: PlantedBugs) -> Option<Violation> {
+    BUG_SEEDS.map(|seed| run(seed, bugs)).find_map(Result::err)
+}
+
+#[test]
+fn acking_before_the_sync_is_caught() {
+    let v = first_violation(PlantedBugs {
+        ack_before_sync: true,
+        ..PlantedBugs::default()
+    })
+    .expect("the simulation catches a shard that acks before its fdatasync");
+    eprintln!("caught: {v}");
+    assert!(v.what.contains("the log does not hold it"), "{v}");
+}
+
+#[test]
+fn forgetting_settled_ids_is_caught() {
+    let v = first_violation(PlantedBugs {
+        release_instead_of_settle: true,
+        ..PlantedBugs::default()
+    })
+    .expect("the simulation catches a shard that stores a resend twice");
+    eprintln!("caught: {v}");
+    assert!(v.what.contains("stored twice"), "{v}");
+}

@@ -234,12 +234,7 @@ fn bench(c: &mut Criterion) {
         let payload = vec![0x5a; size];
         let records: Vec<Record<'_>> = (0..GROUP_RECORDS)
             .map(|i| Record {
-                header: RecordHeader {
-                    business_id: 1,
-                    time_ms: now_ms(),
-                    client_id: i as u64,
-                    recipient,
-                },
+                header: RecordHeader::message(1, now_ms(), i as u64, recipient, now_ms()),
                 payload: &payload,
             })
             .collect();

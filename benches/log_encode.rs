@@ -10,6 +10,7 @@
 
 use std::hint::black_box;
 
+use courier::courier_pipeline::log::format::SEGMENT_VERSION;
 use courier::courier_pipeline::log::{
     DataKey, Record, RecordHeader, ScanOutcome, SegmentCodec, SegmentHeader,
 };
@@ -25,6 +26,7 @@ fn codec() -> SegmentCodec {
         data_key_id: 1,
         first_index: 0,
         created_ms: 1_700_000_000_000,
+        version: SEGMENT_VERSION,
     };
     SegmentCodec::new(header, DataKey::from_random(1, [7; 32]), 65_536 + 64)
 }
@@ -36,12 +38,7 @@ fn bench(c: &mut Criterion) {
     for size in PAYLOAD_SIZES {
         let payload = vec![0x5a; size];
         let record = |i: usize| Record {
-            header: RecordHeader {
-                business_id: 1,
-                time_ms: 1_700_000_000_000,
-                client_id: i as u64,
-                recipient,
-            },
+            header: RecordHeader::message(1, 1_700_000_000_000, i as u64, recipient, 0),
             payload: &payload,
         };
         let mut segment = Vec::new();

@@ -931,6 +931,7 @@ mod tests {
             batch_messages_max: 4,
             payload_bytes_max: 10,
             frame_bytes_max: 100,
+            features: None,
         }
     }
 

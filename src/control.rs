@@ -42,6 +42,8 @@ pub enum ToControl {
         at_unix_ms: u64,
         /// One signal per business.
         signals: Vec<BusinessSignal>,
+        /// Events (statuses, replies) waiting for their business on this shard.
+        event_backlogs: Vec<(u32, u64)>,
     },
     /// The shard's detector checkpoint.
     Checkpoint {
@@ -81,6 +83,9 @@ pub struct StatusFile {
     pub shards: usize,
     /// Businesses by id.
     pub businesses: Vec<BusinessStatus>,
+    /// Events (statuses, users' replies) waiting for each business, all shards, by id.
+    #[serde(default)]
+    pub event_backlogs: BTreeMap<u32, u64>,
 }
 
 /// The latest merged status, shared with the metrics thread (`None` until the first
@@ -191,6 +196,7 @@ pub fn spawn(c: Control) -> std::io::Result<JoinHandle<()>> {
 fn run(c: Control) {
     let mut registry_seen = c.registry_file.as_deref().and_then(file_stamp);
     let mut latest: BTreeMap<usize, Vec<BusinessSignal>> = BTreeMap::new();
+    let mut backlogs: BTreeMap<usize, Vec<(u32, u64)>> = BTreeMap::new();
     let mut status_dirty = false;
     let mut next_poll = Instant::now();
     if let Err(e) = fs::create_dir_all(detect_dir(&c.data_dir)) {
@@ -199,8 +205,14 @@ fn run(c: Control) {
     loop {
         let wait = next_poll.saturating_duration_since(Instant::now());
         match c.inbox.recv_timeout(wait) {
-            Ok(ToControl::Status { shard, signals, .. }) => {
+            Ok(ToControl::Status {
+                shard,
+                signals,
+                event_backlogs,
+                ..
+            }) => {
                 latest.insert(shard, signals);
+                backlogs.insert(shard, event_backlogs);
                 status_dirty = true;
             }
             Ok(ToControl::Checkpoint { shard, bytes }) => {
@@ -212,7 +224,7 @@ fn run(c: Control) {
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 if status_dirty {
-                    publish_status(&c, &latest);
+                    publish_status(&c, &latest, &backlogs);
                 }
                 return;
             }
@@ -220,7 +232,7 @@ fn run(c: Control) {
         if Instant::now() >= next_poll {
             next_poll = Instant::now() + POLL_INTERVAL;
             if status_dirty {
-                publish_status(&c, &latest);
+                publish_status(&c, &latest, &backlogs);
                 status_dirty = false;
             }
             if let Some(file) = &c.registry_file {
@@ -327,12 +339,20 @@ fn status_file(latest: &BTreeMap<usize, Vec<BusinessSignal>>, shards: usize) -> 
         shards_reporting: latest.len(),
         shards,
         businesses: merge_status(latest),
+        event_backlogs: BTreeMap::new(),
     }
 }
 
 /// Writes the status file and hands the same status to the metrics.
-fn publish_status(c: &Control, latest: &BTreeMap<usize, Vec<BusinessSignal>>) {
-    let file = status_file(latest, c.peers.len());
+fn publish_status(
+    c: &Control,
+    latest: &BTreeMap<usize, Vec<BusinessSignal>>,
+    backlogs: &BTreeMap<usize, Vec<(u32, u64)>>,
+) {
+    let mut file = status_file(latest, c.peers.len());
+    for &(b, n) in backlogs.values().flatten() {
+        *file.event_backlogs.entry(b).or_insert(0) += n;
+    }
     write_status(&c.data_dir, &file);
     *c.status.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
 }

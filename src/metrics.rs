@@ -550,6 +550,7 @@ mod tests {
         counters[0].ack_latency.observe(Duration::from_micros(700));
         counters[1].ack_latency.observe(Duration::from_secs(3));
         let status = StatusFile {
+            event_backlogs: Default::default(),
             updated_unix_ms: 1,
             shards_reporting: 2,
             shards: 2,

@@ -16,8 +16,8 @@ use std::thread::JoinHandle;
 
 use courier_pipeline::detect::{Delta, Detector};
 use courier_pipeline::idempotency::{Idempotency, RestoreSet, RestoredId, RESTORE_BATCH};
-use courier_pipeline::log::{LogConfig, RecordHeader};
-use courier_pipeline::node::{self, Control, ShardParts, ShardStats};
+use courier_pipeline::log::{LogConfig, OwnedRecord, RecordKind};
+use courier_pipeline::node::{self, Control, PeerMsg, Replay, ShardParts, ShardStats};
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::Registry;
 use courier_pipeline::seal::keys::DerivedKeys;
@@ -29,7 +29,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::control::ToControl;
 use crate::metrics::{MetricsServer, MetricsSource};
-use crate::shard::{Forwarded, Peer, Shard, DELTA_QUEUE_MAX, FORWARD_QUEUE_MAX};
+use crate::shard::{Forwarded, Peer, Shard, DELTA_QUEUE_MAX, FORWARD_QUEUE_MAX, PEER_QUEUE_MAX};
 use crate::store::{MasterKeyText, ShardStore, StoreError};
 use crate::uring::{self, RingConfig, RingError, UdpRing};
 
@@ -529,6 +529,7 @@ struct Ends {
     tx: Sender<Forwarded>,
     deltas: Sender<Arc<Delta>>,
     control: Sender<Control>,
+    peer: Sender<Arc<PeerMsg>>,
 }
 
 /// The receiving ends of one shard's inboxes (for its thread).
@@ -536,22 +537,26 @@ struct Inboxes {
     datagrams: Receiver<Forwarded>,
     deltas: Receiver<Arc<Delta>>,
     control: Receiver<Control>,
+    peer: Receiver<Arc<PeerMsg>>,
 }
 
 fn shard_channels() -> (Ends, Inboxes) {
     let (tx, datagrams) = crossbeam_channel::bounded::<Forwarded>(FORWARD_QUEUE_MAX);
     let (deltas_tx, deltas) = crossbeam_channel::bounded::<Arc<Delta>>(DELTA_QUEUE_MAX);
     let (control_tx, control) = crossbeam_channel::bounded::<Control>(CONTROL_QUEUE_MAX);
+    let (peer_tx, peer) = crossbeam_channel::bounded::<Arc<PeerMsg>>(PEER_QUEUE_MAX);
     (
         Ends {
             tx,
             deltas: deltas_tx,
             control: control_tx,
+            peer: peer_tx,
         },
         Inboxes {
             datagrams,
             deltas,
             control,
+            peer,
         },
     )
 }
@@ -587,6 +592,7 @@ fn wait_ready(
             tx: e.tx,
             deltas: e.deltas,
             control: e.control,
+            peer: e.peer,
             waker: w.expect("checked"),
         })
         .collect();
@@ -613,7 +619,7 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
     let prepared = prepare_shard(&c, t.index, t.socket, &t.restore);
     // Every client id of this shard's log went to the restore set by now.
     drop(t.restore);
-    let (ring, store, log, detector) = match prepared {
+    let (ring, store, log, detector, replay) = match prepared {
         Ok(p) => p,
         Err(e) => {
             let _ = t.waker_tx.send(Err(t.index));
@@ -659,6 +665,8 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
         idempotency: c.idempotency.clone(),
         seed: random_bytes(),
         stats: t.stats,
+        delivery: c.profile.delivery.clone(),
+        replay,
     };
     let shard = Shard {
         index: t.index,
@@ -667,6 +675,7 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
         store,
         deltas: t.inboxes.deltas,
         control: t.inboxes.control,
+        peer_inbox: t.inboxes.peer,
         to_control: t.to_control,
         peers,
         inbox: t.inboxes.datagrams,
@@ -679,14 +688,24 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
     })
 }
 
+/// What a shard starts from.
+type Prepared = (
+    UdpRing,
+    ShardStore,
+    courier_pipeline::log::Log,
+    Detector,
+    Replay,
+);
+
 /// The parts of a shard that can fail to start: its pinning, its ring, its log (every
-/// client id in it offered to `restore`) and its detector.
+/// client id in it offered to `restore`, what delivery still owes replayed) and its
+/// detector.
 fn prepare_shard(
     c: &Common,
     index: usize,
     socket: std::net::UdpSocket,
     restore: &RestoreSet,
-) -> Result<(UdpRing, ShardStore, courier_pipeline::log::Log, Detector), ServeError> {
+) -> Result<Prepared, ServeError> {
     if c.profile.io.pin_threads {
         uring::pin_current_thread(c.cpus[index % c.cpus.len()]).map_err(ServeError::Cpu)?;
     }
@@ -696,16 +715,21 @@ fn prepare_shard(
             source,
         })?;
     let mut ids = Vec::with_capacity(RESTORE_BATCH);
-    let mut remember = |log_index: u64, h: &RecordHeader| {
-        ids.push(RestoredId {
-            time_ms: h.time_ms,
-            position: LogPosition::new(index as u16, log_index),
-            business_id: h.business_id,
-            client_id: h.client_id,
-        });
-        if ids.len() == RESTORE_BATCH {
-            restore.offer(&mut ids);
+    let mut replay = Replay::new(index as u16);
+    let mut remember = |log_index: u64, rec: &OwnedRecord| {
+        let h = &rec.header;
+        if h.kind == RecordKind::Message {
+            ids.push(RestoredId {
+                time_ms: h.time_ms,
+                position: LogPosition::new(index as u16, log_index),
+                business_id: h.business_id,
+                client_id: h.client_id,
+            });
+            if ids.len() == RESTORE_BATCH {
+                restore.offer(&mut ids);
+            }
         }
+        replay.visit(log_index, rec);
     };
     let cfg = LogConfig::from_profile(&c.profile);
     let opened = ShardStore::open(&c.data_dir, index as u16, &c.master_key, cfg, &mut remember);
@@ -720,5 +744,5 @@ fn prepare_shard(
         Ok(false) => {}
         Err(e) => tracing::error!(shard = index, error = %e, "detector checkpoint not restored"),
     }
-    Ok((ring, store, log, detector))
+    Ok((ring, store, log, detector, replay))
 }

@@ -28,7 +28,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use courier_pipeline::cid::owner_shard;
 use courier_pipeline::detect::Delta;
-use courier_pipeline::node::{self, Control, Event, Io, Now, ShardStats, WriteOutcome};
+use courier_pipeline::node::{
+    self, Control, Event, Io, Now, PeerMsg, PeerTarget, ShardStats, WriteOutcome,
+};
 use courier_pipeline::server::ServerStats;
 use crossbeam_channel::{Receiver, Sender};
 
@@ -40,6 +42,9 @@ use crate::uring::{FileDone, FileOpKind, RingEvent, UdpRing, Waker};
 pub const FORWARD_QUEUE_MAX: usize = 4096;
 /// Deltas queued towards one shard; more are dropped and counted.
 pub const DELTA_QUEUE_MAX: usize = 64;
+/// Delivery messages queued towards one shard; more are dropped and counted (their owner
+/// repeats them after its timeouts).
+pub const PEER_QUEUE_MAX: usize = 16_384;
 
 /// A datagram received by one shard for a connection that another shard owns.
 #[derive(Debug)]
@@ -61,6 +66,8 @@ pub struct Peer {
     pub deltas: Sender<Arc<Delta>>,
     /// Its control inbox (from the control thread).
     pub control: Sender<Control>,
+    /// Its inbox of delivery messages from other shards.
+    pub peer: Sender<Arc<PeerMsg>>,
     /// Wakes its ring.
     pub waker: Waker,
 }
@@ -79,6 +86,8 @@ pub struct Shard {
     pub deltas: Receiver<Arc<Delta>>,
     /// Requests from the control thread.
     pub control: Receiver<Control>,
+    /// Delivery messages other shards sent here.
+    pub peer_inbox: Receiver<Arc<PeerMsg>>,
     /// Status and checkpoints to the control thread.
     pub to_control: Sender<ToControl>,
     /// Every shard's peer handle, this one's included (index = shard).
@@ -151,6 +160,9 @@ impl Shard {
         while let Ok(c) = self.control.try_recv() {
             self.core.handle_control(now, c);
         }
+        while let Ok(m) = self.peer_inbox.try_recv() {
+            self.core.handle_peer(now, &m);
+        }
     }
 
     fn deliver(&mut self, ev: Event) {
@@ -167,10 +179,12 @@ impl Shard {
                     }
                 }
             }
+            Event::Peer { to, msg } => self.send_peer(to, msg),
             Event::Status {
                 at_unix_ms,
                 signals,
                 checkpoint,
+                event_backlogs,
                 last,
             } => {
                 // Periodic ones are dropped when the control thread lags; the last waits.
@@ -178,6 +192,7 @@ impl Shard {
                     shard: self.index,
                     at_unix_ms,
                     signals,
+                    event_backlogs,
                 };
                 let _ = self.to_control.try_send(status);
                 if let Some(bytes) = checkpoint {
@@ -192,6 +207,25 @@ impl Shard {
                     }
                 }
             }
+        }
+    }
+
+    /// Hands a delivery message to one shard or every other one; a full inbox drops it
+    /// (counted): its owner repeats the work after a timeout.
+    fn send_peer(&self, to: PeerTarget, msg: Arc<PeerMsg>) {
+        let send = |i: usize| {
+            let p = &self.peers[i];
+            if p.peer.try_send(msg.clone()).is_ok() {
+                p.waker.wake();
+            } else {
+                self.stats().peer_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        match to {
+            PeerTarget::Shard(s) => send(usize::from(s)),
+            PeerTarget::All => (0..self.peers.len())
+                .filter(|&i| i != self.index)
+                .for_each(send),
         }
     }
 

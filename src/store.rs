@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use courier_pipeline::log::{
-    Action, Log, LogConfig, MasterKey, RecordHeader, RecoverError, Recovery, Repair,
+    Action, Log, LogConfig, MasterKey, OwnedRecord, RecoverError, Recovery, Repair,
 };
 use courier_pipeline::node::Io;
 
@@ -193,14 +193,14 @@ impl ShardStore {
     /// epoch is persisted. Nothing is changed on disk before the master key was proven to
     /// unwrap every live key.
     ///
-    /// `visit(log index, header)` sees every record that stays in the log, in log order
-    /// (the idempotency table is rebuilt from them).
+    /// `visit(log index, record)` sees every record that stays in the log, in log order
+    /// (the idempotency table and delivery's state are rebuilt from them).
     pub fn open(
         data_dir: &Path,
         shard: u16,
         master_key: &MasterKeyText,
         cfg: LogConfig,
-        visit: &mut dyn FnMut(u64, &RecordHeader),
+        visit: &mut dyn FnMut(u64, &OwnedRecord),
     ) -> Result<(ShardStore, Log), StoreError> {
         let dir = shard_dir(data_dir, usize::from(shard));
         let io = |path: &Path| {

@@ -127,7 +127,7 @@ async fn logged_messages_are_sealed_and_open_with_the_recipient_key() {
             .iter()
             .find(|(id, _, _)| *id == rec.header.client_id)
             .expect("a message that was sent");
-        assert_eq!(rec.header.recipient, *recipient);
+        assert_eq!(rec.header.recipient, Some(*recipient));
         assert_eq!(rec.header.business_id, business);
         // Stored sealed: the payload is not in the record body.
         assert_ne!(&rec.payload[..], &payload[..]);

@@ -189,15 +189,20 @@ impl Server {
             let mut index = 0;
             while at < bytes.len() as u64 {
                 let (rec, next) = codec.read_record(&bytes, at, index).unwrap();
+                at = next;
+                index += 1;
+                if rec.header.kind != courier_pipeline::log::RecordKind::Message {
+                    continue;
+                }
                 assert_eq!(rec.header.business_id, business);
+                let recipient = rec.header.recipient.expect("a message has a recipient");
                 let mut key = RecipientKey::zeroed();
-                keys.recipient_key(business, &rec.header.recipient, &mut key)
-                    .unwrap();
+                keys.recipient_key(business, &recipient, &mut key).unwrap();
                 let mut opened = Vec::new();
                 let payload = courier_pipeline::seal::open(
                     &key,
                     business,
-                    &rec.header.recipient,
+                    &recipient,
                     rec.header.client_id,
                     &rec.payload,
                     &mut opened,
@@ -206,11 +211,9 @@ impl Server {
                 .to_vec();
                 out.push((
                     rec.header.client_id,
-                    rec.header.recipient.as_str().to_string(),
+                    recipient.as_str().to_string(),
                     payload,
                 ));
-                at = next;
-                index += 1;
             }
         }
         out

@@ -23,6 +23,9 @@ fn start_server(dir: &Path) -> (Running, Vec<String>) {
     )
     .unwrap();
     profile.listen = "127.0.0.1:0".parse().unwrap();
+    // Ingest only: no delivery edge connects here, so a long run would fill delivery's
+    // bounds (pending_max) and be throttled by design.
+    profile.delivery.enabled = false;
     let mut registry = Registry::default();
     let tokens = (0..BUSINESSES)
         .map(|i| {

@@ -123,6 +123,8 @@ pub struct RawProfile {
     pub io: Io,
     /// `[log]`
     pub log: LogSettings,
+    /// `[delivery]`
+    pub delivery: crate::node::DeliveryConfig,
     /// `[detect]`
     pub detect: RawDetect,
 }
@@ -235,6 +237,8 @@ pub struct Profile {
     pub log: LogSettings,
     /// Detector bounds and thresholds.
     pub detect: DetectConfig,
+    /// Delivery bounds.
+    pub delivery: crate::node::DeliveryConfig,
 }
 
 /// Environment variables whose name starts with this and holds `__` override profile keys.
@@ -786,6 +790,10 @@ impl Profile {
             }
         }
 
+        c.issues.extend(raw.delivery.issues());
+        let mut delivery = raw.delivery;
+        delivery.clamp_to_retention(raw.log.retention_secs);
+
         if !c.issues.is_empty() {
             return Err(ProfileError::Invalid(c.issues));
         }
@@ -798,6 +806,7 @@ impl Profile {
             io: raw.io,
             log: raw.log,
             detect,
+            delivery,
         })
     }
 }

@@ -42,12 +42,22 @@ use quinn_proto::{
 use crate::cid::ShardCidGenerator;
 use crate::profile::Profile;
 use crate::registry::Registry;
+use crate::wire::delivery::{
+    self as wire_delivery, features, BusinessEvent, Deliver, DeliveryFrame, InboundEntry,
+    OutcomeEntry,
+};
 use crate::wire::{
-    self, code, Frame, FrameDecoder, Message, ReportEntry, Status, Welcome, WireLimits,
+    self, code, Frame, FrameDecoder, LogPosition, Message, Recipient, ReportEntry, Status, Welcome,
+    WireLimits,
 };
 
 /// REPORT frames decoded but not yet taken by the shell; more are refused.
 const REPORTS_QUEUED_MAX: usize = 1024;
+/// Delivery inputs decoded but not yet taken by the core; a frame finding the queue full
+/// fails its stream (the core drains it after every datagram, so only a flood fills it).
+const DELIVERY_INPUTS_QUEUED_MAX: usize = 65_536;
+/// Most DELIVERs an edge connection may have granted and not yet received.
+const CREDIT_MAX: u32 = 1 << 20;
 
 /// Endpoint-generated datagrams (stateless resets, refusals, version negotiation) queued
 /// for sending; more are dropped, as a router would.
@@ -64,7 +74,7 @@ pub struct Ticket {
     seq: u64,
 }
 
-/// A decoded SUBMIT, waiting for the stage chain.
+/// A decoded SUBMIT (or SUBMIT_TTL), waiting for the stage chain.
 #[derive(Debug)]
 pub struct SubmitBatch {
     /// Pass back to [`Server::ack`].
@@ -73,8 +83,95 @@ pub struct SubmitBatch {
     pub business_id: u32,
     /// The client's batch id.
     pub batch_id: u64,
+    /// Seconds the messages live (0: the relay's default).
+    pub ttl_secs: u32,
     /// The messages, payloads sliced from the frame.
     pub messages: Vec<Message>,
+}
+
+/// A connection, named across the shards of a node: its shard, its handle there and
+/// the generation of that handle (a handle is reused after its connection is gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnKey {
+    shard: u16,
+    handle: usize,
+    generation: u64,
+}
+
+impl ConnKey {
+    /// The shard that owns the connection.
+    pub fn shard(&self) -> u16 {
+        self.shard
+    }
+
+    /// A key for unit tests of the modules that route by it.
+    #[cfg(test)]
+    pub(crate) fn for_tests(shard: u16, n: u64) -> ConnKey {
+        ConnKey {
+            shard,
+            handle: n as usize,
+            generation: n,
+        }
+    }
+}
+
+/// What a connection that negotiated delivery features is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The platform's delivery edge: takes DELIVERs.
+    Edge,
+    /// A business that takes its statuses and users' messages.
+    Business(u32),
+}
+
+/// A decoded INBOUND from the edge: users' messages, answered by one ACK once durable.
+#[derive(Debug)]
+pub struct InboundBatch {
+    /// Pass back to [`Server::ack`].
+    pub ticket: Ticket,
+    /// The edge's batch id.
+    pub batch_id: u64,
+    /// The messages.
+    pub entries: Vec<InboundEntry>,
+}
+
+/// What delivery connections said, for the shard's core.
+#[derive(Debug)]
+pub enum DeliveryInput {
+    /// A connection negotiated a delivery feature: it can take DELIVERs or events.
+    Attached {
+        /// The connection.
+        conn: ConnKey,
+        /// What for.
+        role: Role,
+    },
+    /// A connection that was attached is gone (or its HELLO stream is).
+    Detached {
+        /// The connection.
+        conn: ConnKey,
+    },
+    /// The edge reported outcomes.
+    Outcomes(Vec<OutcomeEntry>),
+    /// The edge says these recipients are online.
+    Online(Vec<Recipient>),
+    /// A business acknowledged events.
+    EventAcks {
+        /// The business.
+        business_id: u32,
+        /// The events.
+        events: Vec<LogPosition>,
+    },
+    /// The edge handed over users' messages.
+    Inbound(InboundBatch),
+}
+
+/// Why a DELIVER was not written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotWritten {
+    /// The connection (or its HELLO stream) is gone.
+    Gone,
+    /// The edge granted no more credit.
+    NoCredit,
 }
 
 /// Counters of one shard's server. Never holds content.
@@ -114,6 +211,16 @@ pub struct ServerStats {
     pub stream_pending_max: u64,
     /// Endpoint responses dropped because the queue was full.
     pub responses_dropped: u64,
+    /// DELIVER frames written to edge connections.
+    pub delivers_out: u64,
+    /// Outcome entries received from the edge.
+    pub outcomes_in: u64,
+    /// Users' messages received from the edge.
+    pub inbound_in: u64,
+    /// Events (statuses, users' messages) written to businesses.
+    pub events_out: u64,
+    /// Event acknowledgements received from businesses.
+    pub event_acks_in: u64,
 }
 
 struct PendingAck {
@@ -139,6 +246,13 @@ struct Conn {
     business_id: Option<u32>,
     /// Authenticated with a platform credential: sends REPORTs, never SUBMITs.
     platform: bool,
+    /// Delivery features granted in WELCOME.
+    features: u32,
+    /// The HELLO stream, kept open when features were granted: DELIVERs and events go
+    /// out on it.
+    event_stream: Option<StreamId>,
+    /// DELIVERs the edge still takes.
+    credit: u32,
     hello_deadline: Instant,
     streams: HashMap<StreamId, StreamState>,
     timer: Option<Instant>,
@@ -213,6 +327,7 @@ pub struct Server {
     responses: VecDeque<(Transmit, Vec<u8>)>,
     batches: VecDeque<SubmitBatch>,
     reports: VecDeque<Vec<ReportEntry>>,
+    delivery_in: VecDeque<DeliveryInput>,
     scratch: Vec<u8>,
     stats: ServerStats,
 }
@@ -268,6 +383,7 @@ impl Server {
             responses: VecDeque::new(),
             batches: VecDeque::new(),
             reports: VecDeque::new(),
+            delivery_in: VecDeque::new(),
             scratch: Vec::new(),
             stats: ServerStats::default(),
         }
@@ -362,6 +478,9 @@ impl Server {
                                 generation,
                                 business_id: None,
                                 platform: false,
+                                features: 0,
+                                event_stream: None,
+                                credit: 0,
                                 hello_deadline,
                                 streams: HashMap::new(),
                                 timer: None,
@@ -565,6 +684,14 @@ impl Server {
             }
         }
         self.refile_timer(ch);
+        // The HELLO stream of a delivery connection ended (reset, stopped, finished).
+        let stream_gone = self.conns.get(&ch).is_some_and(|c| {
+            c.event_stream
+                .is_some_and(|id| !c.streams.contains_key(&id))
+        });
+        if stream_gone {
+            self.detach(ch);
+        }
         if let Some(conn) = self.conns.get_mut(&ch) {
             if !conn.send_queued {
                 conn.send_queued = true;
@@ -574,6 +701,7 @@ impl Server {
     }
 
     fn remove_conn(&mut self, ch: ConnectionHandle) {
+        self.detach(ch);
         if let Some(conn) = self.conns.remove(&ch) {
             if let Some(t) = conn.timer {
                 self.timers.remove(&(t, ch));
@@ -661,6 +789,7 @@ impl Server {
                     conn.closing = true;
                     conn.streams.clear();
                 }
+                self.detach(ch);
             }
             Event::Connected => {
                 // The HELLO budget runs from the end of the handshake, so a slow, lossy
@@ -739,81 +868,15 @@ impl Server {
 
     /// Acts on one frame. Returns false when the stream (or connection) was closed.
     fn on_frame(&mut self, ch: ConnectionHandle, id: StreamId, frame: Frame, now: Instant) -> bool {
-        let conn = self.conns.get_mut(&ch).expect("caller checked");
         match frame {
-            Frame::Hello { token, .. } => {
-                if conn.business_id.is_some() {
-                    self.fail_stream(ch, id, code::UNEXPECTED_FRAME);
-                    return false;
-                }
-                match self.registry.authenticate(&token.0) {
-                    Ok(b) => {
-                        self.stats.hellos_accepted += 1;
-                        conn.business_id = Some(b.id);
-                        conn.platform = b.platform;
-                        let st = conn.streams.get_mut(&id).expect("caller checked");
-                        wire::encode_welcome(
-                            &Welcome {
-                                business_id: b.id,
-                                batch_messages_max: self.limits.batch_messages_max,
-                                payload_bytes_max: self.limits.payload_bytes_max,
-                                frame_bytes_max: self.limits.frame_bytes_max,
-                            },
-                            &mut st.out,
-                        );
-                        self.flush_stream(ch, id);
-                        self.refile_timer(ch);
-                        true
-                    }
-                    Err(_) => {
-                        self.stats.auth_failures += 1;
-                        conn.closing = true;
-                        conn.streams.clear();
-                        conn.quinn.close(
-                            now,
-                            VarInt::from_u32(code::UNAUTHORIZED),
-                            Bytes::from_static(b"unauthorized"),
-                        );
-                        false
-                    }
-                }
-            }
-            Frame::Submit { batch_id, messages } => {
-                let Some(business_id) = conn.business_id else {
-                    self.fail_stream(ch, id, code::NOT_AUTHENTICATED);
-                    return false;
-                };
-                if conn.platform {
-                    self.fail_stream(ch, id, code::UNEXPECTED_FRAME);
-                    return false;
-                }
-                let st = conn.streams.get_mut(&id).expect("caller checked");
-                let seq = st.next_seq;
-                st.next_seq += 1;
-                st.pending.push_back(PendingAck {
-                    seq,
-                    batch_id,
-                    messages: messages.len(),
-                    frame: None,
-                });
-                let pending = st.pending.len() as u64;
-                self.stats.stream_pending_max = self.stats.stream_pending_max.max(pending);
-                self.stats.batches_in += 1;
-                self.stats.messages_in += messages.len() as u64;
-                self.batches.push_back(SubmitBatch {
-                    ticket: Ticket {
-                        conn: ch,
-                        generation: conn.generation,
-                        stream: id,
-                        seq,
-                    },
-                    business_id,
-                    batch_id,
-                    messages,
-                });
-                true
-            }
+            Frame::Hello {
+                token,
+                version,
+                features,
+            } => self.on_hello(ch, id, &token.0, version, features, now),
+            Frame::Submit { batch_id, messages } => self.on_submit(ch, id, batch_id, 0, messages),
             Frame::Report { entries } => {
+                let conn = self.conns.get_mut(&ch).expect("caller checked");
                 if conn.business_id.is_none() {
                     self.fail_stream(ch, id, code::NOT_AUTHENTICATED);
                     return false;
@@ -829,11 +892,262 @@ impl Server {
                 self.reports.push_back(entries);
                 true
             }
+            Frame::Delivery(f) => self.on_delivery_frame(ch, id, f),
             // Server frames never come from a client.
             Frame::Welcome(_) | Frame::Ack { .. } => {
                 self.fail_stream(ch, id, code::UNEXPECTED_FRAME);
                 false
             }
+        }
+    }
+
+    /// HELLO: authenticate, grant the features the credential allows, answer WELCOME.
+    fn on_hello(
+        &mut self,
+        ch: ConnectionHandle,
+        id: StreamId,
+        token: &[u8],
+        version: u16,
+        asked: u32,
+        now: Instant,
+    ) -> bool {
+        let conn = self.conns.get_mut(&ch).expect("caller checked");
+        if conn.business_id.is_some() {
+            self.fail_stream(ch, id, code::UNEXPECTED_FRAME);
+            return false;
+        }
+        let Ok(b) = self.registry.authenticate(token) else {
+            self.stats.auth_failures += 1;
+            conn.closing = true;
+            conn.streams.clear();
+            conn.quinn.close(
+                now,
+                VarInt::from_u32(code::UNAUTHORIZED),
+                Bytes::from_static(b"unauthorized"),
+            );
+            return false;
+        };
+        self.stats.hellos_accepted += 1;
+        conn.business_id = Some(b.id);
+        conn.platform = b.platform;
+        let allowed = if b.platform {
+            features::DELIVERY
+        } else {
+            features::EVENTS
+        };
+        let granted = asked & allowed;
+        conn.features = granted;
+        if granted != 0 {
+            conn.event_stream = Some(id);
+            let role = if b.platform {
+                Role::Edge
+            } else {
+                Role::Business(b.id)
+            };
+            let key = key_of(self.shard, ch, conn.generation);
+            self.delivery_in
+                .push_back(DeliveryInput::Attached { conn: key, role });
+        }
+        let st = conn.streams.get_mut(&id).expect("caller checked");
+        wire::encode_welcome(
+            &Welcome {
+                business_id: b.id,
+                batch_messages_max: self.limits.batch_messages_max,
+                payload_bytes_max: self.limits.payload_bytes_max,
+                frame_bytes_max: self.limits.frame_bytes_max,
+                features: (version == wire::VERSION_FEATURES).then_some(granted),
+            },
+            &mut st.out,
+        );
+        self.flush_stream(ch, id);
+        self.refile_timer(ch);
+        true
+    }
+
+    /// SUBMIT or SUBMIT_TTL: queued for the stage chain, its ACK reserved in order.
+    fn on_submit(
+        &mut self,
+        ch: ConnectionHandle,
+        id: StreamId,
+        batch_id: u64,
+        ttl_secs: u32,
+        messages: Vec<Message>,
+    ) -> bool {
+        let conn = self.conns.get_mut(&ch).expect("caller checked");
+        let Some(business_id) = conn.business_id else {
+            self.fail_stream(ch, id, code::NOT_AUTHENTICATED);
+            return false;
+        };
+        if conn.platform {
+            self.fail_stream(ch, id, code::UNEXPECTED_FRAME);
+            return false;
+        }
+        self.stats.batches_in += 1;
+        self.stats.messages_in += messages.len() as u64;
+        let ticket = self.reserve_ack(ch, id, batch_id, messages.len());
+        self.batches.push_back(SubmitBatch {
+            ticket,
+            business_id,
+            batch_id,
+            ttl_secs,
+            messages,
+        });
+        true
+    }
+
+    /// Reserves the ACK of a batch of `count` entries on stream `id`, in order.
+    fn reserve_ack(
+        &mut self,
+        ch: ConnectionHandle,
+        id: StreamId,
+        batch_id: u64,
+        count: usize,
+    ) -> Ticket {
+        let conn = self.conns.get_mut(&ch).expect("caller checked");
+        let st = conn.streams.get_mut(&id).expect("caller checked");
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        st.pending.push_back(PendingAck {
+            seq,
+            batch_id,
+            messages: count,
+            frame: None,
+        });
+        let pending = st.pending.len() as u64;
+        self.stats.stream_pending_max = self.stats.stream_pending_max.max(pending);
+        Ticket {
+            conn: ch,
+            generation: conn.generation,
+            stream: id,
+            seq,
+        }
+    }
+
+    /// A delivery frame from a client: businesses submit with a TTL and acknowledge
+    /// events; the edge grants credit, reports outcomes, online recipients and replies.
+    fn on_delivery_frame(&mut self, ch: ConnectionHandle, id: StreamId, f: DeliveryFrame) -> bool {
+        let conn = self.conns.get_mut(&ch).expect("caller checked");
+        let Some(business_id) = conn.business_id else {
+            self.fail_stream(ch, id, code::NOT_AUTHENTICATED);
+            return false;
+        };
+        let platform = conn.platform;
+        let full = self.delivery_in.len() >= DELIVERY_INPUTS_QUEUED_MAX;
+        let input = match f {
+            DeliveryFrame::SubmitTtl {
+                batch_id,
+                ttl_secs,
+                messages,
+            } => return self.on_submit(ch, id, batch_id, ttl_secs, messages),
+            DeliveryFrame::EventAck(events) if !platform && !full => {
+                self.stats.event_acks_in += events.len() as u64;
+                DeliveryInput::EventAcks {
+                    business_id,
+                    events,
+                }
+            }
+            DeliveryFrame::Credit(n) if platform => {
+                conn.credit = conn.credit.saturating_add(n).min(CREDIT_MAX);
+                return true;
+            }
+            DeliveryFrame::Outcome(entries) if platform && !full => {
+                self.stats.outcomes_in += entries.len() as u64;
+                DeliveryInput::Outcomes(entries)
+            }
+            DeliveryFrame::Online(recipients) if platform && !full => {
+                DeliveryInput::Online(recipients)
+            }
+            DeliveryFrame::Inbound { batch_id, entries } if platform && !full => {
+                self.stats.inbound_in += entries.len() as u64;
+                let ticket = self.reserve_ack(ch, id, batch_id, entries.len());
+                DeliveryInput::Inbound(InboundBatch {
+                    ticket,
+                    batch_id,
+                    entries,
+                })
+            }
+            // Server frames, frames of the other role, or a flood.
+            _ => {
+                self.fail_stream(ch, id, code::UNEXPECTED_FRAME);
+                return false;
+            }
+        };
+        self.delivery_in.push_back(input);
+        true
+    }
+
+    /// The next input of a delivery connection, for the core.
+    pub fn poll_delivery(&mut self) -> Option<DeliveryInput> {
+        self.delivery_in.pop_front()
+    }
+
+    /// Writes a DELIVER on an edge connection's HELLO stream, using one credit.
+    pub fn deliver(&mut self, now: Instant, conn: ConnKey, d: &Deliver) -> Result<(), NotWritten> {
+        let (ch, id) = self.event_stream(conn, features::DELIVERY)?;
+        let c = self.conns.get_mut(&ch).expect("checked");
+        if c.credit == 0 {
+            return Err(NotWritten::NoCredit);
+        }
+        c.credit -= 1;
+        let st = c.streams.get_mut(&id).expect("checked");
+        wire_delivery::encode_deliver(d, &mut st.out);
+        self.stats.delivers_out += 1;
+        self.flush_stream(ch, id);
+        self.drive(ch, now);
+        Ok(())
+    }
+
+    /// Writes events on a business connection's HELLO stream, in order.
+    pub fn push_events(
+        &mut self,
+        now: Instant,
+        conn: ConnKey,
+        events: &[BusinessEvent],
+    ) -> Result<(), NotWritten> {
+        let (ch, id) = self.event_stream(conn, features::EVENTS)?;
+        let c = self.conns.get_mut(&ch).expect("checked");
+        let st = c.streams.get_mut(&id).expect("checked");
+        wire_delivery::encode_events(events, &mut st.out);
+        self.stats.events_out += events.len() as u64;
+        self.flush_stream(ch, id);
+        self.drive(ch, now);
+        Ok(())
+    }
+
+    /// The live HELLO stream of `conn` if it was granted `feature`.
+    fn event_stream(
+        &self,
+        conn: ConnKey,
+        feature: u32,
+    ) -> Result<(ConnectionHandle, StreamId), NotWritten> {
+        assert_eq!(
+            conn.shard,
+            u16::from(self.shard),
+            "a connection of this shard"
+        );
+        let ch = ConnectionHandle(conn.handle);
+        let c = self
+            .conns
+            .get(&ch)
+            .filter(|c| c.generation == conn.generation && !c.closing)
+            .ok_or(NotWritten::Gone)?;
+        let id = c
+            .event_stream
+            .filter(|_| c.features & feature != 0)
+            .filter(|id| c.streams.contains_key(id))
+            .ok_or(NotWritten::Gone)?;
+        Ok((ch, id))
+    }
+
+    /// A connection that took deliveries or events no longer can: the core hears it once.
+    fn detach(&mut self, ch: ConnectionHandle) {
+        let Some(conn) = self.conns.get_mut(&ch) else {
+            return;
+        };
+        if conn.event_stream.take().is_some() {
+            let key = key_of(self.shard, ch, conn.generation);
+            self.delivery_in
+                .push_back(DeliveryInput::Detached { conn: key });
         }
     }
 
@@ -908,5 +1222,13 @@ impl Server {
             let _ = conn.quinn.send_stream(id).finish();
             conn.streams.remove(&id);
         }
+    }
+}
+
+fn key_of(shard: u8, ch: ConnectionHandle, generation: u64) -> ConnKey {
+    ConnKey {
+        shard: u16::from(shard),
+        handle: ch.0,
+        generation,
     }
 }

@@ -120,7 +120,7 @@ proptest! {
         let slow = encode_all(&[
             Frame::Submit { batch_id, messages },
             Frame::Ack { batch_id, statuses },
-            Frame::Hello { version: VERSION, token: Token(Bytes::from(token)) },
+            Frame::Hello { version: VERSION, token: Token(Bytes::from(token)), features: 0 },
         ]);
         prop_assert_eq!(fast, slow);
     }
@@ -161,10 +161,12 @@ fn edge_sizes_round_trip() {
         Frame::Hello {
             version: VERSION,
             token: Token(Bytes::new()),
+            features: 0,
         },
         Frame::Hello {
-            version: VERSION,
+            version: courier_pipeline::wire::VERSION_FEATURES,
             token: Token(Bytes::from(vec![0xAB; TOKEN_BYTES_MAX])),
+            features: u32::MAX,
         },
         Frame::Submit {
             batch_id: 0,

@@ -1141,5 +1141,6 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Report { .. } => "REPORT",
         Frame::Welcome(_) => "WELCOME",
         Frame::Ack { .. } => "ACK",
+        Frame::Delivery(_) => "a delivery frame",
     }
 }

@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use courier_pipeline::detect::Detector;
 use courier_pipeline::idempotency::{Idempotency, RestoreSet, RestoredId};
-use courier_pipeline::log::{Action, LogConfig, MasterKey, RecoverError};
+use courier_pipeline::log::{Action, LogConfig, MasterKey, RecordKind, RecoverError};
 use courier_pipeline::node::{
-    self, Event, Io, Now, PlantedBugs, ShardParts, ShardStats, WriteOutcome,
+    self, Event, Io, Now, PeerMsg, PeerTarget, PlantedBugs, Replay, ShardParts, ShardStats,
+    WriteOutcome,
 };
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::Registry;
@@ -127,6 +128,8 @@ pub struct SimNode {
     /// Key for stateless resets: derived from the master key, so the same every start.
     reset_key: [u8; 64],
     boots: u32,
+    /// Delivery messages between shards, not yet handed over.
+    peer_queue: std::collections::VecDeque<(usize, Arc<PeerMsg>)>,
     /// Wall-clock time of every boot, unix ms.
     boot_times_ms: Vec<u64>,
     ops_until_crash: Option<usize>,
@@ -160,6 +163,7 @@ impl SimNode {
             running: None,
             reset_key,
             boots: 0,
+            peer_queue: std::collections::VecDeque::new(),
             boot_times_ms: Vec::new(),
             ops_until_crash: None,
         }
@@ -215,23 +219,28 @@ impl SimNode {
         for s in 0..self.setup.shards {
             let shard = s as u16;
             let mut ids = Vec::new();
+            let mut replay = Replay::new(shard);
             let (log, actions, _) = recover(
                 &mut self.storage[s],
                 MasterKey::from_bytes(self.setup.master),
                 LogConfig::from_profile(profile),
                 shard,
-                &mut |index, h| {
-                    ids.push(RestoredId {
-                        time_ms: h.time_ms,
-                        position: LogPosition::new(shard, index),
-                        business_id: h.business_id,
-                        client_id: h.client_id,
-                    })
+                &mut |index, rec| {
+                    let h = &rec.header;
+                    if h.kind == RecordKind::Message {
+                        ids.push(RestoredId {
+                            time_ms: h.time_ms,
+                            position: LogPosition::new(shard, index),
+                            business_id: h.business_id,
+                            client_id: h.client_id,
+                        });
+                    }
+                    replay.visit(index, rec);
                 },
             )?;
             restore.offer(&mut ids);
             perform_open_actions(&mut self.storage[s], actions);
-            logs.push(log);
+            logs.push((log, replay));
         }
         let idempotency = Arc::new(Idempotency::new(ids_max));
         restore.restore_into(&idempotency);
@@ -239,8 +248,8 @@ impl SimNode {
             .map(|_| Arc::new(ShardStats::default()))
             .collect();
         let mut running = Vec::with_capacity(logs.len());
-        for (s, log) in logs.into_iter().enumerate() {
-            let parts = self.parts(s, log, idempotency.clone(), rng);
+        for (s, (log, replay)) in logs.into_iter().enumerate() {
+            let parts = self.parts(s, log, replay, idempotency.clone(), rng);
             let mut core = node::Shard::new(parts, now);
             core.plant_bugs(self.setup.bugs);
             running.push(RunningShard {
@@ -258,6 +267,7 @@ impl SimNode {
         &self,
         s: usize,
         log: courier_pipeline::log::Log,
+        replay: Replay,
         idempotency: Arc<Idempotency>,
         rng: &mut StdRng,
     ) -> ShardParts {
@@ -304,6 +314,8 @@ impl SimNode {
             idempotency,
             seed,
             stats: self.stats[s].clone(),
+            delivery: profile.delivery.clone(),
+            replay,
         }
     }
 
@@ -312,6 +324,7 @@ impl SimNode {
     /// operator replaced or freed the disk before the restart).
     pub fn crash(&mut self) {
         self.running = None;
+        self.peer_queue.clear();
         self.ops_until_crash = None;
         for st in &mut self.storage {
             st.crash();
@@ -443,6 +456,7 @@ impl SimNode {
             progressed = true;
             self.deliver(s, now, ev);
         }
+        progressed |= self.deliver_peer_messages(now);
         progressed
     }
 
@@ -476,7 +490,33 @@ impl SimNode {
                     self.checkpoints[s] = Some(bytes);
                 }
             }
+            // Delivery messages reach their shard after the other events of this pass
+            // (the real exchange adds a loop or more).
+            Event::Peer { to, msg } => {
+                let targets: Vec<usize> = match to {
+                    PeerTarget::Shard(t) => vec![usize::from(t)],
+                    PeerTarget::All => (0..self.setup.shards).filter(|&t| t != s).collect(),
+                };
+                for t in targets {
+                    self.peer_queue.push_back((t, msg.clone()));
+                }
+            }
         }
+    }
+
+    /// Hands the delivery messages between shards that are queued; returns whether any
+    /// was.
+    fn deliver_peer_messages(&mut self, now: Now) -> bool {
+        let mut any = false;
+        // Bounded: each handled message may queue a reply, which is handled next pass.
+        let queued: Vec<(usize, Arc<PeerMsg>)> = self.peer_queue.drain(..).collect();
+        for (t, msg) in queued {
+            any = true;
+            if let Some(r) = self.running.as_mut() {
+                r[t].core.handle_peer(now, &msg);
+            }
+        }
+        any
     }
 
     fn perform_io(

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use courier_pipeline::log::OwnedRecord;
+use courier_pipeline::log::{OwnedRecord, RecordKind};
 use courier_pipeline::seal::keys::RecipientKey;
 use courier_pipeline::seal::{open, RecipientKeys, SEAL_NONCE_BYTES};
 use courier_pipeline::wire::{LogPosition, Reason};
@@ -106,9 +106,13 @@ impl Oracle {
     fn check_nonces(&mut self, stored: &BTreeMap<LogPosition, Stored>) -> Result<(), String> {
         for s in stored.values() {
             let h = &s.record.header;
+            if h.kind != RecordKind::Message {
+                continue;
+            }
             let mut nonce = [0u8; SEAL_NONCE_BYTES];
             nonce.copy_from_slice(&s.record.payload[..SEAL_NONCE_BYTES]);
-            let key = (h.business_id, h.recipient.as_bytes().to_vec(), nonce);
+            let to = h.recipient.expect("a message has a recipient");
+            let key = (h.business_id, to.as_bytes().to_vec(), nonce);
             if let Some(&p) = self.nonces.get(&key) {
                 if p != s.position {
                     return Err(format!(
@@ -144,7 +148,10 @@ fn read_disks(sim: &Sim) -> Result<BTreeMap<LogPosition, Stored>, String> {
 /// No (business, client id) at two positions.
 fn check_stored_once(stored: &BTreeMap<LogPosition, Stored>) -> Result<(), String> {
     let mut by_id: BTreeMap<(u32, u64), LogPosition> = BTreeMap::new();
-    for s in stored.values() {
+    for s in stored
+        .values()
+        .filter(|s| s.record.header.kind == RecordKind::Message)
+    {
         let key = (s.record.header.business_id, s.record.header.client_id);
         if let Some(first) = by_id.insert(key, s.position) {
             return Err(format!(
@@ -191,7 +198,11 @@ fn check_answers(sim: &Sim, stored: &BTreeMap<LogPosition, Stored>) -> Result<()
             };
             let h = &s.record.header;
             let to = recipient_for(c, n, plan.recipients);
-            if h.business_id != business || h.client_id != id || h.recipient != to {
+            if h.kind != RecordKind::Message
+                || h.business_id != business
+                || h.client_id != id
+                || h.recipient != Some(to)
+            {
                 return Err(format!(
                     "position {p:?} holds message {:#x} of business {}, not client {c}'s {id:#x}",
                     h.client_id, h.business_id
@@ -233,11 +244,14 @@ fn check_detector_model(sim: &Sim, stored: &BTreeMap<LogPosition, Stored>) -> Re
     let mut recipients: BTreeMap<u32, BTreeSet<Vec<u8>>> = BTreeMap::new();
     for s in stored.values() {
         let h = &s.record.header;
+        let Some(to) = h.recipient.filter(|_| h.kind == RecordKind::Message) else {
+            continue;
+        };
         times.entry(h.business_id).or_default().push(h.time_ms);
         recipients
             .entry(h.business_id)
             .or_default()
-            .insert(h.recipient.as_bytes().to_vec());
+            .insert(to.as_bytes().to_vec());
     }
     for (id, mut t) in times {
         let Some(b) = registry.get(id) else { continue };

@@ -19,8 +19,7 @@ use rand::{Rng, SeedableRng};
 use courier_pipeline::log::format::{HeaderError, SEGMENT_HEADER_BYTES};
 use courier_pipeline::log::{
     Action, Keyring, Log, LogConfig, LogError, LogFailure, MasterKey, OwnedRecord, Record,
-    RecordHeader, RecoverError, Recovery, Repair, ScanOutcome, SegmentCodec, SegmentHeader,
-    WriteFailure,
+    RecoverError, Recovery, Repair, ScanOutcome, SegmentCodec, SegmentHeader, WriteFailure,
 };
 use courier_pipeline::wire::LogPosition;
 
@@ -394,7 +393,7 @@ pub fn recover(
     master: MasterKey,
     cfg: LogConfig,
     shard: u16,
-    visit: &mut dyn FnMut(u64, &RecordHeader),
+    visit: &mut dyn FnMut(u64, &OwnedRecord),
 ) -> Result<(Log, Vec<Action>, BootReport), BootError> {
     let mut report = BootReport::default();
     let ids = storage.file_ids();

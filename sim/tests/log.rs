@@ -36,12 +36,13 @@ struct Expect {
 }
 
 fn header(client_id: u64, time_ms: u64) -> RecordHeader {
-    RecordHeader {
-        business_id: 9,
+    RecordHeader::message(
+        9,
         time_ms,
         client_id,
-        recipient: Recipient::parse(b"+15550001111").unwrap(),
-    }
+        Recipient::parse(b"+15550001111").unwrap(),
+        time_ms,
+    )
 }
 
 fn payload_for(client_id: u64, len: usize) -> Vec<u8> {

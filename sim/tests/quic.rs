@@ -779,6 +779,7 @@ fn bad_input(kind: u32, frame_bytes_max: u32, token: &str) -> (Vec<u8>, bool, u3
                 batch_messages_max: 1,
                 payload_bytes_max: 1,
                 frame_bytes_max: 1,
+                features: None,
             };
             wire::encode_welcome(&w, &mut buf);
             (buf.to_vec(), false, code::UNEXPECTED_FRAME)
@@ -800,7 +801,7 @@ fn bad_input(kind: u32, frame_bytes_max: u32, token: &str) -> (Vec<u8>, bool, u3
         _ => {
             // HELLO of an unsupported version.
             let mut v = header(4, wire::frame_type::HELLO);
-            v.extend_from_slice(&2u16.to_le_bytes());
+            v.extend_from_slice(&3u16.to_le_bytes());
             v.extend_from_slice(&0u16.to_le_bytes());
             (v, false, code::BAD_HELLO)
         }

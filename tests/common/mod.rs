@@ -46,6 +46,7 @@ impl Default for Options {
                 batch_messages_max: 64,
                 payload_bytes_max: 4096,
                 frame_bytes_max: 1 << 20,
+                features: None,
             },
             throttle_first: false,
             barrier: None,

@@ -20,7 +20,7 @@ use rand::RngCore;
 
 use super::format::{
     EncodeError, Record, SegmentCodec, SegmentHeader, SegmentSummary, RECORD_OVERHEAD_BYTES,
-    SEGMENT_HEADER_BYTES,
+    SEGMENT_HEADER_BYTES, SEGMENT_VERSION,
 };
 use super::keys::{KeyError, KeyState, Keyring, MasterKey};
 use super::policy::{expired, roll_due, LogConfig};
@@ -487,6 +487,7 @@ impl Log {
             data_key_id: key.id(),
             first_index: self.next_index,
             created_ms: now_ms,
+            version: SEGMENT_VERSION,
         };
         self.keyring.raise_index_floor(self.next_index);
         actions.push(Action::PersistKeyring {
@@ -594,6 +595,32 @@ impl Log {
         *self.failed.get_or_insert(f)
     }
 
+    /// The end index of the segments the next [`Log::tick`] at `now_ms` would drop
+    /// (every record below it goes), or `None` when it drops none. Records below it that
+    /// still matter to delivery become `expired` first.
+    pub fn expiring_end(&self, now_ms: u64) -> Option<u64> {
+        // As `tick` does: an open segment past its age is closed first.
+        let open = self.active.is_some()
+            && self
+                .segments
+                .back()
+                .is_some_and(|m| now_ms.saturating_sub(m.created_ms) < self.cfg.segment_age_max_ms);
+        let mut end = None;
+        for (i, m) in self.segments.iter().enumerate() {
+            let newest = m.newest_ms.unwrap_or(m.created_ms);
+            let is_open = open && i + 1 == self.segments.len();
+            if i >= self.cfg.drops_per_step_max
+                || is_open
+                || m.end_index > self.durable_end
+                || !expired(&self.cfg, newest, now_ms)
+            {
+                break;
+            }
+            end = Some(m.end_index);
+        }
+        end
+    }
+
     /// Time-driven work, bounded per call: closes the open segment once it reaches its age
     /// limit (the next append opens a new one), and drops up to `drops_per_step_max`
     /// segments whose newest record is older than retention, destroying their keys. Returns
@@ -635,7 +662,7 @@ impl Log {
 }
 
 fn record_bytes(r: &Record<'_>) -> u64 {
-    Log::record_bytes(r.header.recipient.as_bytes().len(), r.payload.len())
+    Log::record_bytes(r.header.recipient_bytes(), r.payload.len())
 }
 
 fn flush(buf: &mut Vec<u8>, at: &mut Option<(u64, u64)>, actions: &mut Vec<Action>) {
@@ -672,12 +699,13 @@ mod tests {
 
     fn rec(payload: &[u8], time_ms: u64) -> Record<'_> {
         Record {
-            header: RecordHeader {
-                business_id: 1,
+            header: RecordHeader::message(
+                1,
                 time_ms,
-                client_id: 1,
-                recipient: Recipient::parse(b"+15550001111").unwrap(),
-            },
+                1,
+                Recipient::parse(b"+15550001111").unwrap(),
+                0,
+            ),
             payload,
         }
     }

@@ -9,9 +9,19 @@
 //!           crc32c covers len (4 bytes) and sealed, so a check needs no key
 //! sealed  = AES-256-GCM(data key, nonce, aad = "", plain) = ciphertext | tag[16]
 //! nonce   = segment_id:u64 | index_in_segment:u32     (little endian, 12 bytes)
-//! plain   = business_id:u32 | time_ms:u64 | client_id:u64
-//!           | recipient_len:u8 | recipient | payload_len:u32 | payload
+//! plain (version 2) = kind:u8 | business_id:u32 | time_ms:u64 | client_id:u64
+//!           | reference:u64 | code:u16 | recipient_len:u8 (0: none) | recipient
+//!           | payload_len:u32 | payload
+//! plain (version 1, read only) = business_id:u32 | time_ms:u64 | client_id:u64
+//!           | recipient_len:u8 | recipient | payload_len:u32 | payload   (a message)
 //! ```
+//!
+//! Record kinds ([`RecordKind`]): a message (its recipient-sealed payload, `reference` its
+//! expiry), a status of a message (`reference` the message's position, `code` the
+//! status), a user's inbound message to a business (`recipient` the user, the payload its
+//! content), and an acknowledgement cursor (`reference` the position through which the
+//! business acknowledged this shard's events). Segments written before delivery existed
+//! (version 1) hold messages only.
 //!
 //! **Why the nonce never repeats under a key.** Each data key is drawn fresh at random for
 //! exactly one segment and is never used for another one. Within a segment the record
@@ -34,17 +44,22 @@ pub const SEGMENT_HEADER_BYTES: usize = 44;
 /// Bytes of a record's frame header (`len:u32 | crc32c:u32`).
 pub const RECORD_FRAME_BYTES: usize = 8;
 /// Fixed bytes of a record's plaintext besides recipient and payload.
-pub const RECORD_PLAIN_FIXED_BYTES: usize = 4 + 8 + 8 + 1 + 4;
+pub const RECORD_PLAIN_FIXED_BYTES: usize = 1 + 4 + 8 + 8 + 8 + 2 + 1 + 4;
+/// Fixed bytes of a version 1 record's plaintext besides recipient and payload.
+const RECORD_PLAIN_FIXED_BYTES_V1: usize = 4 + 8 + 8 + 1 + 4;
 /// Bytes a record takes on disk besides its recipient and payload.
 pub const RECORD_OVERHEAD_BYTES: usize = RECORD_FRAME_BYTES + RECORD_PLAIN_FIXED_BYTES + TAG_BYTES;
 /// Bytes a record takes at most on disk besides its payload.
 pub const RECORD_OVERHEAD_BYTES_MAX: usize = RECORD_OVERHEAD_BYTES + RECIPIENT_BYTES_MAX;
-/// The segment format version this build writes and reads.
-pub const SEGMENT_VERSION: u16 = 1;
+/// The segment format version this build writes (it reads 1 too).
+pub const SEGMENT_VERSION: u16 = 2;
+/// The oldest segment format version this build reads.
+pub const SEGMENT_VERSION_MIN: u16 = 1;
 const SEGMENT_MAGIC: [u8; 4] = *b"CRSG";
 
 const _: () = assert!(SEGMENT_HEADER_BYTES == 4 + 2 + 2 + 8 + 8 + 8 + 8 + 4);
-const _: () = assert!(RECORD_OVERHEAD_BYTES_MAX == 8 + 25 + 16 + 16);
+const _: () = assert!(RECORD_OVERHEAD_BYTES_MAX == 8 + 36 + 16 + 16);
+const _: () = assert!(RECORD_PLAIN_FIXED_BYTES_V1 < RECORD_PLAIN_FIXED_BYTES);
 
 /// The largest `len` field of a record whose payload is at most `payload_bytes_max`.
 pub fn sealed_bytes_max(payload_bytes_max: u32) -> usize {
@@ -62,6 +77,8 @@ pub struct SegmentHeader {
     pub first_index: u64,
     /// When the segment was created, unix ms.
     pub created_ms: u64,
+    /// The format version of its records.
+    pub version: u16,
 }
 
 /// Why a segment header is not valid.
@@ -86,7 +103,7 @@ impl SegmentHeader {
     pub fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&SEGMENT_MAGIC);
-        out.extend_from_slice(&SEGMENT_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.version.to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());
         out.extend_from_slice(&self.segment_id.to_le_bytes());
         out.extend_from_slice(&self.data_key_id.to_le_bytes());
@@ -110,7 +127,7 @@ impl SegmentHeader {
             return Err(HeaderError::Magic);
         }
         let version = u16::from_le_bytes([bytes[4], bytes[5]]);
-        if version != SEGMENT_VERSION {
+        if !(SEGMENT_VERSION_MIN..=SEGMENT_VERSION).contains(&version) {
             return Err(HeaderError::Version(version));
         }
         Ok(SegmentHeader {
@@ -118,21 +135,84 @@ impl SegmentHeader {
             data_key_id: u64_at(bytes, 16),
             first_index: u64_at(bytes, 24),
             created_ms: u64_at(bytes, 32),
+            version,
         })
     }
 }
 
-/// The clear header of a record.
+/// What a record is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum RecordKind {
+    /// A business's message: `client_id`, `recipient`, `reference` = expiry (unix ms; 0 in
+    /// version 1 segments, written before delivery existed), payload = the sealed message.
+    Message = 0,
+    /// A status of a message: `client_id` of the message, `reference` = its position,
+    /// `code` = the status; no payload.
+    Status = 1,
+    /// A user's message to a business: `recipient` = the user, payload = the content.
+    Inbound = 2,
+    /// The business acknowledged this shard's events through position `reference`.
+    Cursor = 3,
+}
+
+impl RecordKind {
+    fn from_u8(b: u8) -> Option<RecordKind> {
+        Some(match b {
+            0 => RecordKind::Message,
+            1 => RecordKind::Status,
+            2 => RecordKind::Inbound,
+            3 => RecordKind::Cursor,
+            _ => return None,
+        })
+    }
+}
+
+/// The clear header of a record. Which fields mean something depends on its kind (see
+/// [`RecordKind`]); the others are zero or `None`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordHeader {
-    /// The sending business.
+    /// What the record is.
+    pub kind: RecordKind,
+    /// The business.
     pub business_id: u32,
     /// When the record was appended, unix ms.
     pub time_ms: u64,
-    /// The business's client message id.
+    /// The business's client message id (messages and their statuses).
     pub client_id: u64,
-    /// The recipient (its `Debug` is redacted).
-    pub recipient: Recipient,
+    /// The recipient of a message, the writer of an inbound message (its `Debug` is
+    /// redacted).
+    pub recipient: Option<Recipient>,
+    /// A message's expiry, a status's message position, a cursor's position.
+    pub reference: u64,
+    /// A status's code.
+    pub code: u16,
+}
+
+impl RecordHeader {
+    /// The header of a message record.
+    pub fn message(
+        business_id: u32,
+        time_ms: u64,
+        client_id: u64,
+        recipient: Recipient,
+        expires_ms: u64,
+    ) -> RecordHeader {
+        RecordHeader {
+            kind: RecordKind::Message,
+            business_id,
+            time_ms,
+            client_id,
+            recipient: Some(recipient),
+            reference: expires_ms,
+            code: 0,
+        }
+    }
+
+    /// Bytes of the recipient field.
+    pub fn recipient_bytes(&self) -> usize {
+        self.recipient.map_or(0, |r| r.as_bytes().len())
+    }
 }
 
 /// A record to append; the payload is the recipient-sealed message, opaque to the log.
@@ -377,16 +457,24 @@ impl SegmentCodec {
                 max: self.payload_bytes_max,
             });
         }
+        assert_eq!(
+            self.header.version, SEGMENT_VERSION,
+            "records are appended in the current format only"
+        );
         let start = out.len();
-        let r = record.header.recipient.as_bytes();
+        let h = &record.header;
+        let r = h.recipient.as_ref().map_or(&[][..], Recipient::as_bytes);
         let sealed_len = RECORD_PLAIN_FIXED_BYTES + r.len() + record.payload.len() + TAG_BYTES;
         out.reserve(RECORD_FRAME_BYTES + sealed_len);
         out.extend_from_slice(&(sealed_len as u32).to_le_bytes());
         out.extend_from_slice(&[0; 4]);
         let plain = out.len();
-        out.extend_from_slice(&record.header.business_id.to_le_bytes());
-        out.extend_from_slice(&record.header.time_ms.to_le_bytes());
-        out.extend_from_slice(&record.header.client_id.to_le_bytes());
+        out.push(h.kind as u8);
+        out.extend_from_slice(&h.business_id.to_le_bytes());
+        out.extend_from_slice(&h.time_ms.to_le_bytes());
+        out.extend_from_slice(&h.client_id.to_le_bytes());
+        out.extend_from_slice(&h.reference.to_le_bytes());
+        out.extend_from_slice(&h.code.to_le_bytes());
         out.push(r.len() as u8);
         out.extend_from_slice(r);
         out.extend_from_slice(&(record.payload.len() as u32).to_le_bytes());
@@ -447,7 +535,10 @@ impl SegmentCodec {
             .aead
             .open_in_place(self.nonce(index), Aad::empty(), &mut buf)
             .map_err(|_| RecordError::Aead { offset })?;
-        let rec = parse_plain(plain, offset, self.payload_bytes_max)?;
+        let rec = match self.header.version {
+            1 => parse_plain_v1(plain, offset, self.payload_bytes_max)?,
+            _ => parse_plain(plain, offset, self.payload_bytes_max)?,
+        };
         Ok((rec, total))
     }
 
@@ -466,13 +557,13 @@ impl SegmentCodec {
         self.scan_visiting(bytes, &mut |_, _| {})
     }
 
-    /// [`SegmentCodec::scan`], calling `visit(log index, header)` for each valid record in
+    /// [`SegmentCodec::scan`], calling `visit(log index, record)` for each valid record in
     /// order (records after a torn tail are not visited; on corruption, those before it
     /// were). Recovery uses it to rebuild the idempotency table from the log.
     pub fn scan_visiting(
         &self,
         bytes: &[u8],
-        visit: &mut dyn FnMut(u64, &RecordHeader),
+        visit: &mut dyn FnMut(u64, &OwnedRecord),
     ) -> ScanOutcome {
         let segment_id = self.header.segment_id;
         match SegmentHeader::decode(bytes) {
@@ -515,10 +606,7 @@ impl SegmentCodec {
             let index = summary.records;
             match self.read_at(bytes, offset, index) {
                 Ok((rec, used)) => {
-                    visit(
-                        self.header.first_index + u64::from(summary.records),
-                        &rec.header,
-                    );
+                    visit(self.header.first_index + u64::from(summary.records), &rec);
                     summary.records += 1;
                     summary.bytes += used as u64;
                     summary.newest_ms =
@@ -597,25 +685,66 @@ fn parse_plain(p: &[u8], offset: u64, payload_bytes_max: u32) -> Result<OwnedRec
     if p.len() < RECORD_PLAIN_FIXED_BYTES {
         return Err(bad("short plaintext"));
     }
-    let business_id = u32_at(p, 0);
-    let time_ms = u64_at(p, 4);
-    let client_id = u64_at(p, 12);
-    let rlen = p[20] as usize;
+    let kind = RecordKind::from_u8(p[0]).ok_or(bad("record kind"))?;
+    let business_id = u32_at(p, 1);
+    let time_ms = u64_at(p, 5);
+    let client_id = u64_at(p, 13);
+    let reference = u64_at(p, 21);
+    let code = u16::from_le_bytes([p[29], p[30]]);
+    let rlen = p[31] as usize;
     if rlen > RECIPIENT_BYTES_MAX || p.len() < RECORD_PLAIN_FIXED_BYTES + rlen {
         return Err(bad("recipient length"));
     }
-    let recipient = Recipient::parse(&p[21..21 + rlen]).ok_or(bad("recipient"))?;
-    let plen = u32_at(p, 21 + rlen) as usize;
+    let recipient = match rlen {
+        0 => None,
+        _ => Some(Recipient::parse(&p[32..32 + rlen]).ok_or(bad("recipient"))?),
+    };
+    let needs_recipient = matches!(kind, RecordKind::Message | RecordKind::Inbound);
+    if recipient.is_some() != needs_recipient {
+        return Err(bad("recipient for the record kind"));
+    }
+    let plen = u32_at(p, 32 + rlen) as usize;
     if plen > payload_bytes_max as usize || p.len() != RECORD_PLAIN_FIXED_BYTES + rlen + plen {
         return Err(bad("payload length"));
     }
     Ok(OwnedRecord {
         header: RecordHeader {
+            kind,
             business_id,
             time_ms,
             client_id,
             recipient,
+            reference,
+            code,
         },
+        payload: p[36 + rlen..].to_vec(),
+    })
+}
+
+/// A version 1 record: always a message, without an expiry.
+fn parse_plain_v1(
+    p: &[u8],
+    offset: u64,
+    payload_bytes_max: u32,
+) -> Result<OwnedRecord, RecordError> {
+    let bad = |what| RecordError::Malformed { offset, what };
+    if p.len() < RECORD_PLAIN_FIXED_BYTES_V1 {
+        return Err(bad("short plaintext"));
+    }
+    let business_id = u32_at(p, 0);
+    let time_ms = u64_at(p, 4);
+    let client_id = u64_at(p, 12);
+    let rlen = p[20] as usize;
+    if rlen > RECIPIENT_BYTES_MAX || p.len() < RECORD_PLAIN_FIXED_BYTES_V1 + rlen {
+        return Err(bad("recipient length"));
+    }
+    let recipient = Recipient::parse(&p[21..21 + rlen]).ok_or(bad("recipient"))?;
+    let plen = u32_at(p, 21 + rlen) as usize;
+    if plen > payload_bytes_max as usize || p.len() != RECORD_PLAIN_FIXED_BYTES_V1 + rlen + plen {
+        return Err(bad("payload length"));
+    }
+    Ok(OwnedRecord {
+        header: RecordHeader::message(business_id, time_ms, client_id, recipient, 0),
         payload: p[25 + rlen..].to_vec(),
     })
 }

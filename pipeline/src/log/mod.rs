@@ -50,8 +50,8 @@ pub mod recovery;
 
 pub use engine::{Action, Log, LogError, LogFailure, OpenError, SyncRequest, WriteFailure};
 pub use format::{
-    Corruption, CorruptionCause, OwnedRecord, Record, RecordError, RecordHeader, ScanOutcome,
-    SegmentCodec, SegmentHeader, SegmentSummary,
+    Corruption, CorruptionCause, OwnedRecord, Record, RecordError, RecordHeader, RecordKind,
+    ScanOutcome, SegmentCodec, SegmentHeader, SegmentSummary,
 };
 pub use keys::{DataKey, KeyError, KeyState, Keyring, KeyringError, MasterKey};
 pub use policy::LogConfig;
@@ -120,7 +120,7 @@ pub fn recover_segment(
     )
 }
 
-/// [`recover_segment`], calling `visit(log index, header)` for every record it reads
+/// [`recover_segment`], calling `visit(log index, record)` for every record it reads
 /// (see [`SegmentCodec::scan_visiting`]). Only the records of a `Keep` or `Truncate`
 /// verdict stay in the log; an error verdict stops the start anyway.
 pub fn recover_segment_visiting(
@@ -129,7 +129,7 @@ pub fn recover_segment_visiting(
     keyring: &Keyring,
     master: &MasterKey,
     payload_bytes_max: u32,
-    visit: &mut dyn FnMut(u64, &RecordHeader),
+    visit: &mut dyn FnMut(u64, &OwnedRecord),
 ) -> Result<SegmentVerdict, RecoveryError> {
     let header = match SegmentHeader::decode(bytes) {
         Ok(h) => h,

@@ -16,7 +16,7 @@
 //! was.
 
 use super::engine::{Action, Log, OpenError};
-use super::format::{RecordError, RecordHeader, SegmentSummary};
+use super::format::{OwnedRecord, RecordError, SegmentSummary};
 use super::keys::{Keyring, KeyringError, MasterKey};
 use super::policy::LogConfig;
 use super::{recover_segment_visiting, RecoveryError, RemoveReason, SegmentVerdict};
@@ -92,14 +92,14 @@ impl Recovery {
         })
     }
 
-    /// Judges segment file `segment_id` holding `bytes`. `visit(log index, header)` sees
+    /// Judges segment file `segment_id` holding `bytes`. `visit(log index, record)` sees
     /// every record that stays in the log, in order (the idempotency table is rebuilt
     /// from them). Changes nothing.
     pub fn judge(
         &mut self,
         segment_id: u64,
         bytes: &[u8],
-        visit: &mut dyn FnMut(u64, &RecordHeader),
+        visit: &mut dyn FnMut(u64, &OwnedRecord),
     ) -> Result<(), RecoverError> {
         let verdict = recover_segment_visiting(
             segment_id,

@@ -1,21 +1,26 @@
-//! Batches waiting for their group commit, and the ACKs that answer them.
+//! What waits for a group commit, and what follows it: the ACKs of batches, messages
+//! handed to delivery, events queued for businesses.
 //!
 //! Invariants: a batch's accepted messages are acked only once the log's durable end
-//! passed its last record, with their idempotency claims settled first; when the log
+//! passed its last record, with their idempotency claims settled first; a message enters
+//! delivery, and an event the outbox, only once its record is durable; when the log
 //! fails, every waiting batch not yet durable is answered `storage_unavailable` and its
 //! claims released, so its ids are free for a resend.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use bytes::Bytes;
+
 use super::{stats, Now, Shard};
 use crate::idempotency::ClaimTicket;
 use crate::server::Ticket;
-use crate::wire::{Reason, Status};
+use crate::wire::delivery::BusinessEvent;
+use crate::wire::{LogPosition, Reason, Recipient, Status};
 
-/// A batch whose accepted messages wait for the fdatasync that covers them.
+/// The ACK a batch is owed once durable.
 #[derive(Debug)]
-pub(super) struct Awaiting {
+pub(super) struct Answer {
     pub(super) ticket: Ticket,
     /// When the shard took the batch (for the ack-latency histogram).
     pub(super) taken: Instant,
@@ -24,6 +29,27 @@ pub(super) struct Awaiting {
     /// The idempotency claims of the accepted messages, in order: settled with their
     /// positions once durable, released if the log fails first.
     pub(super) claims: Vec<ClaimTicket>,
+    /// A business's SUBMIT (its accepted messages are billed), not the edge's INBOUND.
+    pub(super) billed: bool,
+}
+
+/// A message that enters delivery once durable.
+#[derive(Debug)]
+pub(super) struct Admitted {
+    pub(super) message: LogPosition,
+    pub(super) business_id: u32,
+    pub(super) client_id: u64,
+    pub(super) recipient: Recipient,
+    pub(super) expires_ms: u64,
+    pub(super) payload: Bytes,
+}
+
+/// Records waiting for the fdatasync that covers them, and what follows it.
+#[derive(Debug)]
+pub(super) struct Awaiting {
+    pub(super) answer: Option<Answer>,
+    pub(super) admitted: Vec<Admitted>,
+    pub(super) events: Vec<(u32, BusinessEvent)>,
     /// Durable once the log's durable end reaches this index.
     pub(super) end_index: u64,
 }
@@ -57,37 +83,69 @@ impl AwaitingQueue {
 }
 
 impl Shard {
-    /// Acks every waiting batch the log's durable end now covers.
+    /// Answers and hands on everything the log's durable end now covers.
     pub(super) fn ack_durable(&mut self, now: Now) {
         let durable = self.commit.log().durable_end();
         while let Some(a) = self.awaiting.pop_durable(durable) {
-            self.settle_claims(&a);
-            self.ack(now, a.taken, a.ticket, a.business_id, &a.statuses);
+            self.durable(now, a);
         }
     }
 
-    /// The log failed: the waiting batches it made durable are acked, the others hear
-    /// `storage_unavailable` for their accepted messages.
+    /// The log failed: what it made durable is answered and handed on, the other
+    /// batches hear `storage_unavailable` for their accepted messages.
     pub(super) fn fail_awaiting(&mut self, now: Now) {
         let durable = self.commit.log().durable_end();
-        while let Some(mut a) = self.awaiting.pop() {
-            if a.end_index > durable {
-                self.release_claims(&a.claims);
-                for s in a.statuses.iter_mut() {
-                    if matches!(s, Status::Accepted(_)) {
-                        *s = Status::Rejected(Reason::StorageUnavailable);
-                    }
-                }
-            } else {
-                self.settle_claims(&a);
+        while let Some(a) = self.awaiting.pop() {
+            if a.end_index <= durable {
+                self.durable(now, a);
+                continue;
             }
-            self.ack(now, a.taken, a.ticket, a.business_id, &a.statuses);
+            let Some(mut answer) = a.answer else {
+                continue;
+            };
+            self.release_claims(&answer.claims);
+            for s in answer.statuses.iter_mut() {
+                if matches!(s, Status::Accepted(_)) {
+                    *s = Status::Rejected(Reason::StorageUnavailable);
+                }
+            }
+            self.answer(now, &answer);
         }
+    }
+
+    /// Records just became durable: their batch is answered, their messages enter
+    /// delivery, their events the outbox.
+    pub(super) fn durable(&mut self, now: Now, a: Awaiting) {
+        if let Some(answer) = &a.answer {
+            self.settle_claims(answer);
+            self.answer(now, answer);
+        }
+        if let Some(d) = self.delivery.as_mut() {
+            for m in a.admitted {
+                d.admit(
+                    now.unix_ms,
+                    m.message,
+                    m.business_id,
+                    m.client_id,
+                    m.recipient,
+                    m.expires_ms,
+                    m.payload,
+                    false,
+                );
+            }
+        }
+        for (business_id, e) in a.events {
+            self.outbox.add(business_id, e);
+        }
+    }
+
+    fn answer(&mut self, now: Now, a: &Answer) {
+        self.ack(now, a.taken, a.ticket, a.business_id, &a.statuses, a.billed);
     }
 
     /// A durable batch's ids answer `duplicate` from now on; done before its ACK leaves,
     /// so a client can never resend an acked id and have it stored again.
-    pub(super) fn settle_claims(&self, a: &Awaiting) {
+    pub(super) fn settle_claims(&self, a: &Answer) {
         if self.bugs.release_instead_of_settle {
             self.release_claims(&a.claims);
             return;
@@ -110,8 +168,8 @@ impl Shard {
         }
     }
 
-    /// Sends a batch's final statuses; its accepted messages are durable, so they count
-    /// for billing here.
+    /// Sends a batch's final statuses; the accepted messages of a business's batch are
+    /// durable, so they count for billing here.
     pub(super) fn ack(
         &mut self,
         now: Now,
@@ -119,18 +177,23 @@ impl Shard {
         ticket: Ticket,
         business_id: u32,
         statuses: &[Status],
+        billed: bool,
     ) {
         let accepted = statuses
             .iter()
             .filter(|s| matches!(s, Status::Accepted(_)))
             .count() as u64;
-        if accepted > 0 {
-            self.detector
-                .record_accepted(now.unix_ms, business_id, accepted);
+        if billed {
+            if accepted > 0 {
+                self.detector
+                    .record_accepted(now.unix_ms, business_id, accepted);
+            }
+            stats::add(&self.stats.accepted, accepted);
+            stats::add(&self.stats.not_accepted, statuses.len() as u64 - accepted);
+            stats::add(&self.stats.batches, 1);
+        } else {
+            stats::add(&self.stats.inbound_accepted, accepted);
         }
-        stats::add(&self.stats.accepted, accepted);
-        stats::add(&self.stats.not_accepted, statuses.len() as u64 - accepted);
-        stats::add(&self.stats.batches, 1);
         self.stats
             .ack_latency
             .observe(now.at.saturating_duration_since(taken));

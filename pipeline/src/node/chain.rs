@@ -3,12 +3,14 @@
 //! ```text
 //!  room in the group commit?  no ──> held, untouched, until a commit frees room
 //!  business still registered? no ──> every message `rejected(unauthorized)`
+//!  room in delivery's bounds?  no ──> every message `throttled(DELIVERY_FULL_RETRY_MS)`
 //!  per message: payload empty or over the bound ──> `rejected(payload_too_large)`
 //!               Idempotency::claim: durable copy ──> `duplicate(position)`,
 //!                                   copy in flight ──> `throttled(IN_FLIGHT_RETRY_MS)`
 //!  the rest, in one call: Detector::observe_batch ──> throttled / rejected / admitted
 //!  the admitted, in one call: Sealer::seal_batch (per-recipient AES-256-GCM)
-//!  the sealed: Log::append ──> positions; acked once their group commit is durable
+//!  the sealed: Log::append ──> positions; acked once their group commit is durable,
+//!              then handed to delivery
 //! ```
 //!
 //! A resend is answered before it counts for detection or billing; only a message headed
@@ -16,7 +18,7 @@
 
 use std::time::Instant;
 
-use super::ack::Awaiting;
+use super::ack::{Admitted, Answer, Awaiting};
 use super::{stats, Held, Now, Shard, IN_FLIGHT_RETRY_MS};
 use crate::detect::{BusinessLimits, Verdict};
 use crate::idempotency::{Claim, ClaimTicket};
@@ -33,6 +35,9 @@ enum Early {
 
 /// Placeholder of an admitted message until the log gives its position.
 const UNPLACED: Status = Status::Accepted(LogPosition(u64::MAX));
+/// Retry-after of a batch refused because delivery's bounds are full (messages waiting
+/// for an edge that is slow or absent).
+pub const DELIVERY_FULL_RETRY_MS: u32 = 1000;
 
 impl Shard {
     /// Runs one batch through the chain. Returns it, untouched, when the log's group
@@ -55,9 +60,20 @@ impl Shard {
             .map(BusinessLimits::from)
         else {
             let statuses = vec![Status::Rejected(Reason::Unauthorized); batch.messages.len()];
-            self.ack(now, taken, batch.ticket, batch.business_id, &statuses);
+            self.ack(now, taken, batch.ticket, batch.business_id, &statuses, true);
             return None;
         };
+        if !self.delivery_room(&batch) {
+            stats::add(&self.stats.delivery_full, batch.messages.len() as u64);
+            let statuses = vec![
+                Status::Throttled {
+                    retry_after_ms: DELIVERY_FULL_RETRY_MS
+                };
+                batch.messages.len()
+            ];
+            self.ack(now, taken, batch.ticket, batch.business_id, &statuses, true);
+            return None;
+        }
         let early = self.claim_all(now, &batch);
         let (mut statuses, mut claims, admitted) = self.judge(now, &limits, &batch, early);
         self.seal_admitted(&batch, &admitted, &mut statuses, &mut claims);
@@ -79,6 +95,20 @@ impl Shard {
             })
             .sum();
         self.commit.log().has_room(batch.messages.len(), bytes)
+    }
+
+    /// Whether delivery can hold every message of `batch` once stored (always, with
+    /// delivery off).
+    fn delivery_room(&self, batch: &SubmitBatch) -> bool {
+        let Some(d) = &self.delivery else {
+            return true;
+        };
+        let bytes: u64 = batch
+            .messages
+            .iter()
+            .map(|m| (m.payload.len() + SEAL_OVERHEAD_BYTES) as u64)
+            .sum();
+        d.has_room(batch.messages.len(), bytes, self.outbox.payload_bytes())
     }
 
     /// The payload checks and the idempotency claims, per message in order.
@@ -224,20 +254,25 @@ impl Shard {
         );
         assert_eq!(placed, claims.len(), "one claim per admitted message");
         if placed == 0 {
-            self.ack(now, taken, batch.ticket, batch.business_id, &statuses);
+            self.ack(now, taken, batch.ticket, batch.business_id, &statuses, true);
             return;
         }
+        let expires_ms = self
+            .delivery
+            .as_ref()
+            .map_or(0, |d| d.config().expiry(now.unix_ms, batch.ttl_secs));
         let mut records = Vec::with_capacity(placed);
         let mut sealed = self.sealed.iter();
         for (m, s) in batch.messages.iter().zip(&statuses) {
             if *s == UNPLACED {
                 records.push(Record {
-                    header: RecordHeader {
-                        business_id: batch.business_id,
-                        time_ms: now.unix_ms,
-                        client_id: m.client_id,
-                        recipient: m.recipient,
-                    },
+                    header: RecordHeader::message(
+                        batch.business_id,
+                        now.unix_ms,
+                        m.client_id,
+                        m.recipient,
+                        expires_ms,
+                    ),
                     payload: sealed.next().expect("counted above"),
                 });
             }
@@ -257,32 +292,78 @@ impl Shard {
             for s in statuses.iter_mut().filter(|s| **s == UNPLACED) {
                 *s = refused;
             }
-            self.ack(now, taken, batch.ticket, batch.business_id, &statuses);
+            self.ack(now, taken, batch.ticket, batch.business_id, &statuses, true);
             return;
         }
+        let admitted = self.admitted(batch, &statuses, &positions, expires_ms);
         let mut positions = positions.into_iter();
         for s in statuses.iter_mut().filter(|s| **s == UNPLACED) {
             *s = Status::Accepted(positions.next().expect("one position per record"));
         }
-        let waiting = Awaiting {
+        let answer = Answer {
             ticket: batch.ticket,
             taken,
             business_id: batch.business_id,
             statuses,
             claims,
-            end_index: self.commit.log().next_index(),
+            billed: true,
         };
         if self.bugs.ack_before_sync {
-            self.settle_claims(&waiting);
+            self.settle_claims(&answer);
             self.ack(
                 now,
                 taken,
-                waiting.ticket,
-                waiting.business_id,
-                &waiting.statuses,
+                answer.ticket,
+                answer.business_id,
+                &answer.statuses,
+                true,
             );
+            // Delivery still waits for durability: the planted bug is in the ACK only.
+            self.awaiting.push(Awaiting {
+                answer: None,
+                admitted,
+                events: Vec::new(),
+                end_index: self.commit.log().next_index(),
+            });
             return;
         }
-        self.awaiting.push(waiting);
+        self.awaiting.push(Awaiting {
+            answer: Some(answer),
+            admitted,
+            events: Vec::new(),
+            end_index: self.commit.log().next_index(),
+        });
+    }
+
+    /// The messages of a batch just appended that enter delivery once durable (none with
+    /// delivery off): their positions and sealed payloads.
+    fn admitted(
+        &self,
+        batch: &SubmitBatch,
+        statuses: &[Status],
+        positions: &[LogPosition],
+        expires_ms: u64,
+    ) -> Vec<Admitted> {
+        if self.delivery.is_none() {
+            return Vec::new();
+        }
+        let placed = batch
+            .messages
+            .iter()
+            .zip(statuses)
+            .filter(|(_, s)| **s == UNPLACED)
+            .map(|(m, _)| m);
+        placed
+            .zip(positions)
+            .zip(self.sealed.iter())
+            .map(|((m, &message), sealed)| Admitted {
+                message,
+                business_id: batch.business_id,
+                client_id: m.client_id,
+                recipient: m.recipient,
+                expires_ms,
+                payload: bytes::Bytes::copy_from_slice(sealed),
+            })
+            .collect()
     }
 }

@@ -40,12 +40,17 @@
 //!   operation returned before it was performed.
 
 mod ack;
+mod bus;
 mod chain;
 mod commit;
+mod delivery;
+mod outbox;
+mod records;
+mod replay;
 mod stats;
 mod stop;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,17 +60,25 @@ use quinn_proto::Transmit;
 
 use crate::detect::{BusinessSignal, Delta, Detector};
 use crate::idempotency::Idempotency;
+use crate::log::RecordHeader;
 use crate::log::{Log, LogFailure};
 use crate::registry::Registry;
 use crate::seal::keys::DerivedKeys;
 use crate::seal::{SealedBatch, Sealer};
-use crate::server::{Server, SubmitBatch};
+use crate::server::{ConnKey, Role, Server, SubmitBatch};
+use crate::wire::delivery::StatusEvent;
 use crate::wire::{Reason, Status};
 
+pub use bus::{PeerMsg, PeerTarget};
 pub use commit::{Completion, GroupCommit};
+pub use delivery::{DeliveryConfig, DeliveryCounts, StatusChange};
+pub use outbox::OutboxCounts;
+pub use replay::Replay;
 pub use stats::{AckLatency, LatencySnapshot, ShardStats, ACK_LATENCY_BOUNDS_US};
 
 use ack::AwaitingQueue;
+use delivery::Delivery;
+use outbox::Outbox;
 use stop::Stopping;
 
 /// How often the log's time-driven work (roll by age, retention) runs, and how often a
@@ -115,8 +128,19 @@ pub enum Event {
         signals: Vec<BusinessSignal>,
         /// [`Detector::checkpoint`] bytes, every [`CHECKPOINT_INTERVAL`] and at the end.
         checkpoint: Option<Vec<u8>>,
+        /// Events (statuses, replies) waiting for their business, by business id.
+        event_backlogs: Vec<(u32, u64)>,
         /// The final status of a stopped shard.
         last: bool,
+    },
+    /// A message for another shard (or every other one): deliver it with
+    /// [`Shard::handle_peer`]. Dropping it when a peer's inbox is full is allowed (and
+    /// counted): the owner of the work repeats it.
+    Peer {
+        /// Where it goes.
+        to: PeerTarget,
+        /// What.
+        msg: Arc<PeerMsg>,
     },
 }
 
@@ -224,6 +248,11 @@ pub struct ShardParts {
     pub seed: [u8; 32],
     /// Where the shard publishes its counters.
     pub stats: Arc<ShardStats>,
+    /// How messages are delivered (with `enabled` off they are stored and acked, never
+    /// delivered).
+    pub delivery: DeliveryConfig,
+    /// What recovery found in the log about delivery.
+    pub replay: Replay,
 }
 
 impl std::fmt::Debug for ShardParts {
@@ -233,6 +262,14 @@ impl std::fmt::Debug for ShardParts {
             .field("shards", &self.shards)
             .finish_non_exhaustive()
     }
+}
+
+/// A record the core writes for itself (a status, a cursor), waiting for room in the log.
+#[derive(Debug)]
+struct Internal {
+    header: RecordHeader,
+    /// For a status: the event its business hears (its id filled in once appended).
+    event: Option<StatusEvent>,
 }
 
 /// A batch the log had no room for, and when it was first taken.
@@ -264,6 +301,16 @@ pub struct Shard {
     /// Batches waiting for their group commit.
     awaiting: AwaitingQueue,
     held: Option<Held>,
+    /// Messages waiting for delivery (`None`: delivery is off).
+    delivery: Option<Delivery>,
+    /// Events owed to businesses.
+    outbox: Outbox,
+    /// This shard's connections that take deliveries or events.
+    local_attachments: BTreeMap<ConnKey, Role>,
+    /// Statuses and cursors to append.
+    internal: VecDeque<Internal>,
+    /// The time of the last input.
+    clock: Now,
     events: VecDeque<Event>,
     schedule: Schedule,
     stop: Option<Stopping>,
@@ -292,7 +339,14 @@ impl Shard {
             "shard index within the node"
         );
         assert_eq!(parts.server.shard(), parts.shard as u8, "one shard id");
-        let shard = Shard {
+        let c = &parts.delivery;
+        let outbox = Outbox::new(
+            c.events_per_business_max,
+            c.events_per_push_max,
+            c.event_ack_timeout_ms,
+        );
+        let cfg = c.enabled.then(|| c.clone());
+        let mut shard = Shard {
             shard: parts.shard,
             shards: parts.shards,
             payload_bytes_max: parts.payload_bytes_max,
@@ -304,6 +358,11 @@ impl Shard {
             commit: GroupCommit::new(parts.log, parts.seed),
             awaiting: AwaitingQueue::default(),
             held: None,
+            delivery: cfg.map(Delivery::new),
+            outbox,
+            local_attachments: BTreeMap::new(),
+            internal: VecDeque::new(),
+            clock: now,
             events: VecDeque::new(),
             schedule: Schedule {
                 next_tick: now.at + TICK_INTERVAL,
@@ -315,7 +374,42 @@ impl Shard {
             bugs: PlantedBugs::default(),
         };
         shard.publish_log_figures();
+        shard.resume(now, parts.replay);
         shard
+    }
+
+    /// Takes up delivery where the log left it: waiting messages, unacknowledged events.
+    fn resume(&mut self, now: Now, replay: Replay) {
+        for (b, cursor) in &replay.cursors {
+            self.outbox.restore_cursor(*b, *cursor);
+        }
+        if self.delivery.is_none() {
+            return;
+        }
+        for (b, e) in replay.events {
+            self.outbox.add(b, e);
+        }
+        let delivery = self.delivery.as_mut().expect("checked");
+        for (m, r) in replay.messages {
+            delivery.admit(
+                now.unix_ms,
+                m,
+                r.business_id,
+                r.client_id,
+                r.recipient,
+                r.expires_ms,
+                r.payload,
+                r.sent,
+            );
+        }
+        if !delivery.has_room(0, 0, self.outbox.payload_bytes()) {
+            tracing::warn!(
+                shard = self.shard,
+                pending = delivery.pending(),
+                "the log holds more undelivered messages than delivery.pending_max or \
+                 pending_bytes_max allow: new messages are throttled until they drain"
+            );
+        }
     }
 
     /// Plants test-only faults (see [`PlantedBugs`]).
@@ -348,6 +442,16 @@ impl Shard {
     /// the log has room.
     pub fn batches_waiting(&self) -> usize {
         self.awaiting.len() + usize::from(self.held.is_some())
+    }
+
+    /// Delivery's counters, and the messages waiting (`None`: delivery is off).
+    pub fn delivery_counts(&self) -> Option<(DeliveryCounts, usize)> {
+        self.delivery.as_ref().map(|d| (d.counts(), d.pending()))
+    }
+
+    /// The outbox's counters and the events waiting.
+    pub fn outbox_counts(&self) -> (OutboxCounts, usize) {
+        (self.outbox.counts(), self.outbox.len())
     }
 
     /// The detector (read-only: signals, figures).
@@ -414,7 +518,19 @@ impl Shard {
         if let Some(t) = self.stop.as_ref().and_then(Stopping::next_deadline) {
             next = next.min(t);
         }
+        let delivery = self.delivery.as_ref().and_then(Delivery::next_due_ms);
+        for ms in [delivery, self.outbox.next_deadline_ms()]
+            .into_iter()
+            .flatten()
+        {
+            next = next.min(self.instant_of(ms));
+        }
         Some(next)
+    }
+
+    /// The monotonic instant of wall-clock time `unix_ms`, by the last input's clock.
+    fn instant_of(&self, unix_ms: u64) -> Instant {
+        self.clock.at + Duration::from_millis(unix_ms.saturating_sub(self.clock.unix_ms))
     }
 
     /// Does whatever is due at `now`: QUIC timers, the log's tick (roll, retention), the
@@ -423,6 +539,10 @@ impl Shard {
         if self.server.poll_timeout().is_some_and(|t| t <= now.at) {
             self.server.handle_timeout(now.at);
         }
+        if let Some(d) = self.delivery.as_mut() {
+            d.tick(now.unix_ms);
+        }
+        self.outbox.tick(now.unix_ms);
         if self.shards > 1 && now.at >= self.schedule.next_exchange {
             self.schedule.next_exchange = now.at + DELTA_INTERVAL;
             let delta = self.detector.export_delta(now.unix_ms);
@@ -439,6 +559,29 @@ impl Shard {
 
     /// The log's time-driven work and the periodic status.
     fn tick(&mut self, now: Now) {
+        // What retention is about to drop: undelivered messages become `expired` first,
+        // events leave the outbox.
+        if let Some(end) = self.commit.log().expiring_end(now.unix_ms) {
+            if let Some(d) = self.delivery.as_mut() {
+                d.expire_below(self.shard, end);
+            }
+            self.outbox.drop_below(self.shard, end);
+        }
+        while let Some((business_id, cursor)) = self.outbox.poll_cursor() {
+            self.internal.push_back(Internal {
+                header: RecordHeader {
+                    kind: crate::log::RecordKind::Cursor,
+                    business_id,
+                    time_ms: now.unix_ms,
+                    client_id: 0,
+                    recipient: None,
+                    reference: cursor.0,
+                    code: 0,
+                },
+                event: None,
+            });
+        }
+        self.announce_attachments();
         let dropped = self.commit.tick(now.unix_ms);
         stats::add(&self.stats.log_segments_dropped, dropped.len() as u64);
         self.publish_log_figures();
@@ -454,8 +597,32 @@ impl Shard {
             at_unix_ms: now.unix_ms,
             signals: self.detector.signals(),
             checkpoint: checkpoint.then(|| self.detector.checkpoint()),
+            event_backlogs: self.outbox.backlogs(),
             last,
         });
+    }
+
+    /// Delivery's counters and gauges, for the metrics.
+    fn publish_delivery_figures(&self) {
+        let st = &self.stats;
+        if let Some(d) = &self.delivery {
+            let c = d.counts();
+            stats::set(&st.delivery_pending, d.pending() as u64);
+            stats::set(&st.delivery_pending_bytes, d.payload_bytes());
+            stats::set(&st.delivery_handoffs, c.handoffs);
+            stats::set(&st.delivery_retransmissions, c.retransmissions);
+            stats::set(&st.delivered, c.delivered);
+            stats::set(&st.read, c.read);
+            stats::set(&st.failed, c.failed);
+            stats::set(&st.expired, c.expired);
+            let oldest = d.oldest_accepted_ms().unwrap_or(0);
+            stats::set(&st.delivery_oldest_unix_ms, oldest);
+        }
+        let o = self.outbox.counts();
+        stats::set(&st.events_pushed, o.events_pushed);
+        stats::set(&st.events_acked, o.acked);
+        stats::set(&st.events_dropped, o.dropped);
+        stats::set(&st.events_backlog, self.outbox.len() as u64);
     }
 
     /// Log figures that change slowly (segment count), for the metrics.
@@ -552,9 +719,14 @@ impl Shard {
     /// After every input: reports and signals drained, held and new batches through the
     /// stage chain, the stop advanced.
     fn advance(&mut self, now: Now) {
+        self.clock = now;
         // Bounded by the server's report queue.
         while let Some(entries) = self.server.poll_report() {
             self.detector.report_entries(now.unix_ms, &entries);
+        }
+        // Bounded by the server's delivery input queue.
+        while let Some(input) = self.server.poll_delivery() {
+            self.on_delivery_input(now, input);
         }
         if let Some(h) = self.held.take() {
             self.held = self.take_batch(now, h.taken, h.batch);
@@ -567,10 +739,22 @@ impl Shard {
             if self.stop.is_some() {
                 // Stopping takes no new batch; its sender hears so rather than a close.
                 let statuses = vec![Status::Rejected(Reason::ShuttingDown); batch.messages.len()];
-                self.ack(now, now.at, batch.ticket, batch.business_id, &statuses);
+                self.ack(
+                    now,
+                    now.at,
+                    batch.ticket,
+                    batch.business_id,
+                    &statuses,
+                    true,
+                );
                 continue;
             }
             self.held = self.take_batch(now, now.at, batch);
+        }
+        self.append_internal(now);
+        if self.delivery.is_some() {
+            self.dispatch(now);
+            self.append_internal(now);
         }
         self.drain_signals();
         self.advance_stop(now);
@@ -578,6 +762,7 @@ impl Shard {
             &self.stats.connections,
             self.server.connection_count() as u64,
         );
+        self.publish_delivery_figures();
     }
 
     fn drain_signals(&mut self) {
@@ -599,7 +784,10 @@ impl Shard {
         let Some(stop) = self.stop.as_mut() else {
             return;
         };
-        let flushed = self.awaiting.len() == 0 && self.held.is_none() && self.commit.is_idle();
+        let flushed = self.awaiting.len() == 0
+            && self.held.is_none()
+            && self.internal.is_empty()
+            && self.commit.is_idle();
         let was_done = stop.is_done();
         stop.advance(
             now.at,

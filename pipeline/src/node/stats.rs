@@ -110,6 +110,41 @@ pub struct ShardStats {
     pub log_segments_dropped: AtomicU64,
     /// Time from taking a batch to its ACK.
     pub ack_latency: AckLatency,
+    /// Users' messages from the edge made durable and acked.
+    pub inbound_accepted: AtomicU64,
+    /// Messages answered `throttled` because delivery's bounds were full.
+    pub delivery_full: AtomicU64,
+    /// Messages waiting for delivery (gauge).
+    pub delivery_pending: AtomicU64,
+    /// Unix ms when the oldest waiting message was accepted (gauge; 0: none waits).
+    pub delivery_oldest_unix_ms: AtomicU64,
+    /// Hand-offs to the edge, retransmissions included.
+    pub delivery_handoffs: AtomicU64,
+    /// Hand-offs after the first of a message.
+    pub delivery_retransmissions: AtomicU64,
+    /// Messages delivered.
+    pub delivered: AtomicU64,
+    /// `read` statuses.
+    pub read: AtomicU64,
+    /// Messages failed for good.
+    pub failed: AtomicU64,
+    /// Messages expired.
+    pub expired: AtomicU64,
+    /// Events (statuses, replies) pushed to businesses, repeats included.
+    pub events_pushed: AtomicU64,
+    /// Events businesses acknowledged.
+    pub events_acked: AtomicU64,
+    /// Events dropped past a business's bound or by retention.
+    pub events_dropped: AtomicU64,
+    /// Events waiting for businesses (gauge).
+    pub events_backlog: AtomicU64,
+    /// Statuses that could not be recorded (the log had failed).
+    pub statuses_lost: AtomicU64,
+    /// Payload bytes held for waiting messages (gauge).
+    pub delivery_pending_bytes: AtomicU64,
+    /// Delivery messages to other shards dropped because an inbox was full (counted by
+    /// the shell; the owner repeats the work).
+    pub peer_dropped: AtomicU64,
 }
 
 /// Adds `n` to a counter.

@@ -2,9 +2,13 @@
 //! hostile-input properties (which mutate valid frames).
 
 use bytes::{Bytes, BytesMut};
+use courier_pipeline::wire::delivery::{
+    Deliver, DeliveryFrame, FailReason, InboundEntry, InboundEvent, Outcome, OutcomeEntry,
+    StatusEvent, StatusKind,
+};
 use courier_pipeline::wire::{
     Frame, LogPosition, Message, Reason, Recipient, ReportEntry, Status, Token, Welcome,
-    RECIPIENT_DIGITS_MIN, TOKEN_BYTES_MAX, VERSION,
+    RECIPIENT_DIGITS_MIN, TOKEN_BYTES_MAX, VERSION, VERSION_FEATURES,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -65,10 +69,19 @@ pub fn status() -> impl Strategy<Value = Status> {
 }
 
 pub fn hello() -> impl Strategy<Value = Frame> {
-    prop::collection::vec(any::<u8>(), 0..=TOKEN_BYTES_MAX).prop_map(|t| Frame::Hello {
-        version: VERSION,
-        token: Token(Bytes::from(t)),
-    })
+    (
+        prop::collection::vec(any::<u8>(), 0..=TOKEN_BYTES_MAX),
+        prop::option::of(any::<u32>()),
+    )
+        .prop_map(|(t, features)| Frame::Hello {
+            version: if features.is_some() {
+                VERSION_FEATURES
+            } else {
+                VERSION
+            },
+            token: Token(Bytes::from(t)),
+            features: features.unwrap_or(0),
+        })
 }
 
 pub fn submit() -> impl Strategy<Value = Frame> {
@@ -92,14 +105,121 @@ pub fn report() -> impl Strategy<Value = Frame> {
 }
 
 pub fn welcome() -> impl Strategy<Value = Frame> {
-    any::<(u32, u32, u32, u32)>().prop_map(|(a, b, c, d)| {
-        Frame::Welcome(Welcome {
-            business_id: a,
-            batch_messages_max: b,
-            payload_bytes_max: c,
-            frame_bytes_max: d,
+    (
+        any::<(u32, u32, u32, u32)>(),
+        prop::option::of(any::<u32>()),
+    )
+        .prop_map(|((a, b, c, d), features)| {
+            Frame::Welcome(Welcome {
+                business_id: a,
+                batch_messages_max: b,
+                payload_bytes_max: c,
+                frame_bytes_max: d,
+                features,
+            })
         })
-    })
+}
+
+fn position() -> impl Strategy<Value = LogPosition> {
+    any::<u64>().prop_map(LogPosition)
+}
+
+fn fail_reason() -> impl Strategy<Value = FailReason> {
+    prop::sample::select(FailReason::ALL.to_vec())
+}
+
+fn status_event() -> impl Strategy<Value = StatusEvent> {
+    let kind = prop_oneof![
+        Just((StatusKind::Sent, None)),
+        Just((StatusKind::Delivered, None)),
+        Just((StatusKind::Read, None)),
+        Just((StatusKind::Expired, None)),
+        fail_reason().prop_map(|r| (StatusKind::Failed, Some(r))),
+    ];
+    (position(), position(), any::<u64>(), kind, any::<u64>()).prop_map(
+        |(event, message, client_id, (kind, reason), at_ms)| StatusEvent {
+            event,
+            message,
+            client_id,
+            kind,
+            reason,
+            at_ms,
+        },
+    )
+}
+
+fn outcome() -> impl Strategy<Value = OutcomeEntry> {
+    let o = prop_oneof![
+        Just(Outcome::Delivered),
+        Just(Outcome::Read),
+        Just(Outcome::RetryLater),
+        fail_reason().prop_map(Outcome::Failed),
+    ];
+    (position(), o).prop_map(|(message, outcome)| OutcomeEntry { message, outcome })
+}
+
+/// Every delivery frame, valid.
+pub fn delivery() -> impl Strategy<Value = Frame> {
+    let inbound_entry =
+        (any::<u32>(), recipient(), payload()).prop_map(|(business_id, sender, payload)| {
+            InboundEntry {
+                business_id,
+                sender,
+                payload,
+            }
+        });
+    let f = prop_oneof![
+        (
+            any::<u64>(),
+            any::<u32>(),
+            prop::collection::vec(message(), 1..=BATCH_ENTRIES_MAX)
+        )
+            .prop_map(|(batch_id, ttl_secs, messages)| DeliveryFrame::SubmitTtl {
+                batch_id,
+                ttl_secs,
+                messages
+            }),
+        prop::collection::vec(position(), 1..=BATCH_ENTRIES_MAX).prop_map(DeliveryFrame::EventAck),
+        prop::collection::vec(status_event(), 1..=BATCH_ENTRIES_MAX)
+            .prop_map(DeliveryFrame::Status),
+        (position(), any::<u64>(), recipient(), payload()).prop_map(
+            |(event, at_ms, sender, payload)| DeliveryFrame::InboundEvent(InboundEvent {
+                event,
+                at_ms,
+                sender,
+                payload
+            })
+        ),
+        any::<u32>().prop_map(DeliveryFrame::Credit),
+        prop::collection::vec(outcome(), 1..=BATCH_ENTRIES_MAX).prop_map(DeliveryFrame::Outcome),
+        prop::collection::vec(recipient(), 1..=BATCH_ENTRIES_MAX).prop_map(DeliveryFrame::Online),
+        (
+            any::<u64>(),
+            prop::collection::vec(inbound_entry, 1..=BATCH_ENTRIES_MAX)
+        )
+            .prop_map(|(batch_id, entries)| DeliveryFrame::Inbound { batch_id, entries }),
+        (
+            position(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<u64>(),
+            recipient(),
+            payload()
+        )
+            .prop_map(
+                |(message, business_id, client_id, expires_ms, recipient, payload)| {
+                    DeliveryFrame::Deliver(Deliver {
+                        message,
+                        business_id,
+                        client_id,
+                        expires_ms,
+                        recipient,
+                        payload,
+                    })
+                }
+            ),
+    ];
+    f.prop_map(Frame::Delivery)
 }
 
 pub fn ack() -> impl Strategy<Value = Frame> {
@@ -108,7 +228,7 @@ pub fn ack() -> impl Strategy<Value = Frame> {
 }
 
 pub fn frame() -> impl Strategy<Value = Frame> {
-    prop_oneof![hello(), submit(), report(), welcome(), ack()]
+    prop_oneof![hello(), submit(), report(), welcome(), ack(), delivery()]
 }
 
 // ---------------------------------------------------------------------------------------

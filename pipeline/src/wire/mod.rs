@@ -4,14 +4,19 @@
 //! frame   = len:u32 | type:u8 | body[len]          (little endian; len counts the body only)
 //!
 //! client -> server
-//!   HELLO  0x01  version:u16 | token_len:u16 | token
+//!   HELLO  0x01  version:u16 | token_len:u16 | token   (version 1; version 2 adds
+//!                | features:u32, see [`delivery`])
 //!   SUBMIT 0x02  batch_id:u64 | count:u32 | count * message
 //!                message = client_id:u64 | recipient_len:u8 | recipient | payload_len:u32 | payload
 //!   REPORT 0x03  count:u32 | count * (business_id:u32 | client_id:u64 | recipient_len:u8 | recipient)
 //! server -> client
 //!   WELCOME 0x81 business_id:u32 | batch_messages_max:u32 | payload_bytes_max:u32 | frame_bytes_max:u32
+//!                (| features:u32 when answering a version 2 HELLO)
 //!   ACK     0x82 batch_id:u64 | count:u32 | count * (status:u8 | value:u64)
 //! ```
+//!
+//! Delivery (statuses, users' replies, the platform's delivery edge) adds the frames of
+//! [`delivery`], negotiated by HELLO version 2: a version 1 client never sees them.
 //!
 //! A connection sends HELLO once, on its first stream, and waits for WELCOME before it
 //! sends SUBMIT on any stream. Each SUBMIT is answered by exactly one ACK on the same
@@ -25,12 +30,18 @@
 //! - [`Recipient`], [`Token`] and message payloads never show their content through
 //!   `Debug`, and no [`WireError`] carries content: errors can be logged safely.
 
+pub mod delivery;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+pub use delivery::DeliveryFrame;
 
 /// The ALPN protocol identifier of wire v1.
 pub const ALPN: &[u8] = b"courier/1";
-/// The protocol version carried in HELLO.
+/// The HELLO version of clients without delivery features.
 pub const VERSION: u16 = 1;
+/// The HELLO version that carries feature bits (see [`delivery::features`]).
+pub const VERSION_FEATURES: u16 = 2;
 /// Bytes of the frame header (`len:u32 | type:u8`).
 pub const FRAME_HEADER_BYTES: usize = 5;
 /// Longest bearer token accepted in HELLO.
@@ -59,8 +70,26 @@ pub mod frame_type {
     pub const REPORT: u8 = 0x03;
     /// Server accepts a HELLO and states its bounds.
     pub const WELCOME: u8 = 0x81;
-    /// Server answers one SUBMIT.
+    /// Server answers one SUBMIT (or INBOUND).
     pub const ACK: u8 = 0x82;
+    /// Business: events it handled.
+    pub const EVENT_ACK: u8 = 0x04;
+    /// Edge: outcomes of delivered messages.
+    pub const OUTCOME: u8 = 0x05;
+    /// Edge: recipients now online.
+    pub const ONLINE: u8 = 0x06;
+    /// Edge: users' messages to businesses.
+    pub const INBOUND: u8 = 0x07;
+    /// Edge: more DELIVERs it takes.
+    pub const CREDIT: u8 = 0x08;
+    /// Business: SUBMIT with a time to live.
+    pub const SUBMIT_TTL: u8 = 0x09;
+    /// Server to edge: a message to deliver.
+    pub const DELIVER: u8 = 0x83;
+    /// Server to business: statuses of its messages.
+    pub const STATUS: u8 = 0x84;
+    /// Server to business: a user's message.
+    pub const INBOUND_EVENT: u8 = 0x85;
 }
 
 /// Application error codes. Stream codes are sent in RESET_STREAM and STOP_SENDING when a
@@ -396,6 +425,8 @@ pub enum Frame {
         version: u16,
         /// Bearer token.
         token: Token,
+        /// Features asked for (version 2; 0 for version 1).
+        features: u32,
     },
     /// A batch of messages.
     Submit {
@@ -418,6 +449,8 @@ pub enum Frame {
         /// One status per message, in batch order.
         statuses: Vec<Status>,
     },
+    /// A frame of delivery (see [`delivery`]).
+    Delivery(DeliveryFrame),
 }
 
 /// What the server tells an authenticated client.
@@ -431,6 +464,8 @@ pub struct Welcome {
     pub payload_bytes_max: u32,
     /// Largest frame body accepted.
     pub frame_bytes_max: u32,
+    /// Features granted, when answering a version 2 HELLO (`None`: a version 1 WELCOME).
+    pub features: Option<u32>,
 }
 
 /// A message to encode: borrowed, so a client encodes without copying into owned messages.
@@ -454,19 +489,29 @@ impl std::fmt::Debug for OutMessage<'_> {
     }
 }
 
-fn put_header(out: &mut impl BufMut, ty: u8, len: usize) {
+pub(crate) fn put_header(out: &mut impl BufMut, ty: u8, len: usize) {
     let len = u32::try_from(len).expect("frame body fits u32");
     out.put_u32_le(len);
     out.put_u8(ty);
 }
 
-/// Encodes HELLO.
+/// Encodes HELLO version 1 (no features).
 pub fn encode_hello(token: &[u8], out: &mut BytesMut) {
     assert!(token.len() <= TOKEN_BYTES_MAX, "token too long");
     put_header(out, frame_type::HELLO, 2 + 2 + token.len());
     out.put_u16_le(VERSION);
     out.put_u16_le(token.len() as u16);
     out.put_slice(token);
+}
+
+/// Encodes HELLO version 2, asking for `features` (see [`delivery::features`]).
+pub fn encode_hello_features(token: &[u8], features: u32, out: &mut BytesMut) {
+    assert!(token.len() <= TOKEN_BYTES_MAX, "token too long");
+    put_header(out, frame_type::HELLO, 2 + 2 + token.len() + 4);
+    out.put_u16_le(VERSION_FEATURES);
+    out.put_u16_le(token.len() as u16);
+    out.put_slice(token);
+    out.put_u32_le(features);
 }
 
 /// Body bytes of a SUBMIT holding `messages`.
@@ -518,13 +563,20 @@ pub fn encode_report(entries: &[ReportEntry], out: &mut BytesMut) {
     }
 }
 
-/// Encodes WELCOME.
+/// Encodes WELCOME (20 bytes with features, 16 without).
 pub fn encode_welcome(w: &Welcome, out: &mut BytesMut) {
-    put_header(out, frame_type::WELCOME, 16);
+    put_header(
+        out,
+        frame_type::WELCOME,
+        if w.features.is_some() { 20 } else { 16 },
+    );
     out.put_u32_le(w.business_id);
     out.put_u32_le(w.batch_messages_max);
     out.put_u32_le(w.payload_bytes_max);
     out.put_u32_le(w.frame_bytes_max);
+    if let Some(f) = w.features {
+        out.put_u32_le(f);
+    }
 }
 
 /// Encodes ACK.
@@ -543,11 +595,19 @@ impl Frame {
     /// Encodes any frame (tests and tools; hot paths call the `encode_*` functions).
     pub fn encode(&self, out: &mut BytesMut) {
         match self {
-            Frame::Hello { version, token } => {
-                put_header(out, frame_type::HELLO, 4 + token.0.len());
+            Frame::Hello {
+                version,
+                token,
+                features,
+            } => {
+                let extra = if *version == VERSION_FEATURES { 4 } else { 0 };
+                put_header(out, frame_type::HELLO, 4 + token.0.len() + extra);
                 out.put_u16_le(*version);
                 out.put_u16_le(token.0.len() as u16);
                 out.put_slice(&token.0);
+                if extra > 0 {
+                    out.put_u32_le(*features);
+                }
             }
             Frame::Submit { batch_id, messages } => {
                 let out_msgs: Vec<OutMessage<'_>> = messages
@@ -563,6 +623,7 @@ impl Frame {
             Frame::Report { entries } => encode_report(entries, out),
             Frame::Welcome(w) => encode_welcome(w, out),
             Frame::Ack { batch_id, statuses } => encode_ack(*batch_id, statuses, out),
+            Frame::Delivery(f) => delivery::encode(f, out),
         }
     }
 }
@@ -580,18 +641,23 @@ pub fn decode_body(ty: u8, mut body: Bytes, limits: &WireLimits) -> Result<Frame
             }
             let version = body.get_u16_le();
             let token_len = usize::from(body.get_u16_le());
-            if version != VERSION {
-                return Err(WireError::BadHello("unsupported version"));
-            }
+            let extra = match version {
+                VERSION => 0,
+                VERSION_FEATURES => 4,
+                _ => return Err(WireError::BadHello("unsupported version")),
+            };
             if token_len > TOKEN_BYTES_MAX {
                 return Err(WireError::BadHello("token longer than 256 bytes"));
             }
-            if body.len() != token_len {
+            if body.len() != token_len + extra {
                 return Err(m("token length does not match the frame"));
             }
+            let token = Token(body.split_to(token_len));
+            let features = if extra > 0 { body.get_u32_le() } else { 0 };
             Ok(Frame::Hello {
                 version,
-                token: Token(body),
+                token,
+                features,
             })
         }
         frame_type::SUBMIT => {
@@ -683,10 +749,10 @@ pub fn decode_body(ty: u8, mut body: Bytes, limits: &WireLimits) -> Result<Frame
             Ok(Frame::Report { entries })
         }
         frame_type::WELCOME => {
-            if body.len() != 16 {
+            if body.len() != 16 && body.len() != 20 {
                 return Err(WireError::Malformed {
                     frame: "WELCOME",
-                    what: "body is not 16 bytes",
+                    what: "body is not 16 or 20 bytes",
                 });
             }
             Ok(Frame::Welcome(Welcome {
@@ -694,6 +760,7 @@ pub fn decode_body(ty: u8, mut body: Bytes, limits: &WireLimits) -> Result<Frame
                 batch_messages_max: body.get_u32_le(),
                 payload_bytes_max: body.get_u32_le(),
                 frame_bytes_max: body.get_u32_le(),
+                features: (body.len() == 4).then(|| body.get_u32_le()),
             }))
         }
         frame_type::ACK => {
@@ -715,11 +782,14 @@ pub fn decode_body(ty: u8, mut body: Bytes, limits: &WireLimits) -> Result<Frame
             }
             Ok(Frame::Ack { batch_id, statuses })
         }
+        other if delivery::is_delivery_type(other) => {
+            delivery::decode(other, body, limits).map(Frame::Delivery)
+        }
         other => Err(WireError::UnknownType(other)),
     }
 }
 
-fn check_count(count: u32, limits: &WireLimits) -> Result<(), WireError> {
+pub(crate) fn check_count(count: u32, limits: &WireLimits) -> Result<(), WireError> {
     if count == 0 || count > limits.batch_messages_max {
         return Err(WireError::BadBatchSize {
             count,
@@ -737,7 +807,7 @@ fn known_type(ty: u8) -> bool {
             | frame_type::REPORT
             | frame_type::WELCOME
             | frame_type::ACK
-    )
+    ) || delivery::is_delivery_type(ty)
 }
 
 /// Most bytes a decoder reserves ahead of the data that arrived.

@@ -1,0 +1,297 @@
+//! What the shards of a node tell each other about delivery, and how a shard routes it.
+//!
+//! A message, a status and a user's reply are owned by the shard whose log holds them;
+//! the connection that carries them (the edge's, a business's) may live on any shard,
+//! since the kernel spreads connections over shards. So the owner offers the work to the
+//! connection's shard, which writes it and answers:
+//!
+//! ```text
+//!  owner S                                   connection's shard E
+//!   Deliver { conn, DELIVER }  ───────────>   written: Handed   / gone, no credit: Bounced
+//!   Push { conn, events }      ───────────>   written: (nothing) / gone: PushBounced
+//!   <─────────── Outcomes (the edge's OUTCOMEs for S's messages)
+//!   <─────────── EventAcks (a business's EVENT_ACKs for S's events)
+//!  every shard ── Attach / Detach (its delivery connections; Attach again every tick)
+//!  edge's shard ── Online (recipients online) ──> every shard
+//! ```
+//!
+//! The channels between shards are bounded and may drop a message (counted by the
+//! shell); nothing is lost by it, because the owner repeats: a hand-off without an outcome
+//! and a push without an acknowledgement go again after their timeouts, and attachments
+//! are announced again every tick.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::{Event, Now, Shard};
+use crate::server::{ConnKey, DeliveryInput, NotWritten, Role};
+use crate::wire::delivery::{BusinessEvent, Deliver, OutcomeEntry};
+use crate::wire::{LogPosition, Recipient};
+
+/// A message between shards.
+#[derive(Debug, Clone)]
+pub enum PeerMsg {
+    /// A connection of the sender's can take deliveries or a business's events.
+    Attach {
+        /// The connection.
+        conn: ConnKey,
+        /// What for.
+        role: Role,
+    },
+    /// That connection is gone.
+    Detach {
+        /// The connection.
+        conn: ConnKey,
+    },
+    /// To the connection's shard: write this DELIVER on it.
+    Deliver {
+        /// The edge connection.
+        conn: ConnKey,
+        /// The message.
+        item: Deliver,
+    },
+    /// To the message's shard: the DELIVER was written.
+    Handed {
+        /// The message.
+        message: LogPosition,
+    },
+    /// To the message's shard: the DELIVER could not be written.
+    Bounced {
+        /// The message.
+        message: LogPosition,
+        /// The connection, when it is gone.
+        gone: Option<ConnKey>,
+    },
+    /// To the messages' shard: the edge's outcomes.
+    Outcomes(Vec<OutcomeEntry>),
+    /// To every shard: these recipients are online.
+    Online(Vec<Recipient>),
+    /// To the connection's shard: write these events of a business on it.
+    Push {
+        /// The business connection.
+        conn: ConnKey,
+        /// The business.
+        business_id: u32,
+        /// The events, in order.
+        events: Vec<BusinessEvent>,
+    },
+    /// To the events' shard: the push could not be written (the connection is gone).
+    PushBounced {
+        /// The business.
+        business_id: u32,
+        /// The connection.
+        conn: ConnKey,
+    },
+    /// To the events' shard: the business acknowledged these events.
+    EventAcks {
+        /// The business.
+        business_id: u32,
+        /// The events.
+        events: Vec<LogPosition>,
+    },
+}
+
+/// Where a [`PeerMsg`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerTarget {
+    /// One shard.
+    Shard(u16),
+    /// Every other shard.
+    All,
+}
+
+impl Shard {
+    /// A message from another shard.
+    pub fn handle_peer(&mut self, now: Now, msg: &PeerMsg) {
+        self.on_peer(now, msg.clone());
+        self.advance(now);
+    }
+
+    /// Sends `msg` to `to`, handling it here when it is for this shard.
+    pub(super) fn send_peer(&mut self, now: Now, to: u16, msg: PeerMsg) {
+        if to == self.shard {
+            self.on_peer(now, msg);
+        } else {
+            self.events.push_back(Event::Peer {
+                to: PeerTarget::Shard(to),
+                msg: Arc::new(msg),
+            });
+        }
+    }
+
+    fn broadcast(&mut self, msg: PeerMsg) {
+        if self.shards > 1 {
+            self.events.push_back(Event::Peer {
+                to: PeerTarget::All,
+                msg: Arc::new(msg),
+            });
+        }
+    }
+
+    fn on_peer(&mut self, now: Now, msg: PeerMsg) {
+        match msg {
+            PeerMsg::Attach { conn, role } => self.attached(conn, role),
+            PeerMsg::Detach { conn } => self.detached(now, conn),
+            PeerMsg::Deliver { conn, item } => {
+                let message = item.message;
+                let reply = match self.server.deliver(now.at, conn, &item) {
+                    Ok(()) => PeerMsg::Handed { message },
+                    Err(e) => PeerMsg::Bounced {
+                        message,
+                        gone: (e == NotWritten::Gone).then_some(conn),
+                    },
+                };
+                self.send_peer(now, message.shard(), reply);
+            }
+            PeerMsg::Handed { message } => {
+                if let Some(d) = self.delivery.as_mut() {
+                    d.handed(now.unix_ms, message);
+                }
+            }
+            PeerMsg::Bounced { message, gone } => {
+                if let Some(d) = self.delivery.as_mut() {
+                    d.bounced(now.unix_ms, message, gone);
+                }
+            }
+            PeerMsg::Outcomes(entries) => {
+                if let Some(d) = self.delivery.as_mut() {
+                    for e in entries {
+                        d.outcome(now.unix_ms, e.message, e.outcome);
+                    }
+                }
+            }
+            PeerMsg::Online(recipients) => self.online(now, &recipients),
+            PeerMsg::Push {
+                conn,
+                business_id,
+                events,
+            } => {
+                if self.server.push_events(now.at, conn, &events).is_err() {
+                    let owner = events.first().map_or(self.shard, |e| e.event().shard());
+                    self.send_peer(now, owner, PeerMsg::PushBounced { business_id, conn });
+                }
+            }
+            PeerMsg::PushBounced { business_id, conn } => self.outbox.bounced(business_id, conn),
+            PeerMsg::EventAcks {
+                business_id,
+                events,
+            } => self.outbox.acked(business_id, &events),
+        }
+    }
+
+    fn attached(&mut self, conn: ConnKey, role: Role) {
+        match role {
+            Role::Edge => {
+                if let Some(d) = self.delivery.as_mut() {
+                    d.edge_attached(conn);
+                }
+            }
+            Role::Business(b) => self.outbox.subscriber_attached(b, conn),
+        }
+    }
+
+    fn detached(&mut self, now: Now, conn: ConnKey) {
+        if let Some(d) = self.delivery.as_mut() {
+            d.edge_detached(now.unix_ms, conn);
+        }
+        self.outbox.subscriber_detached(conn);
+    }
+
+    fn online(&mut self, now: Now, recipients: &[Recipient]) {
+        if let Some(d) = self.delivery.as_mut() {
+            for r in recipients {
+                d.online(now.unix_ms, r);
+            }
+        }
+    }
+
+    /// What this shard's delivery connections said.
+    pub(super) fn on_delivery_input(&mut self, now: Now, input: DeliveryInput) {
+        match input {
+            DeliveryInput::Attached { conn, role } => {
+                self.local_attachments.insert(conn, role);
+                self.attached(conn, role);
+                self.broadcast(PeerMsg::Attach { conn, role });
+            }
+            DeliveryInput::Detached { conn } => {
+                self.local_attachments.remove(&conn);
+                self.detached(now, conn);
+                self.broadcast(PeerMsg::Detach { conn });
+            }
+            DeliveryInput::Outcomes(entries) => {
+                for (shard, entries) in by_shard(entries, |e| e.message) {
+                    self.send_peer(now, shard, PeerMsg::Outcomes(entries));
+                }
+            }
+            DeliveryInput::Online(recipients) => {
+                self.online(now, &recipients);
+                self.broadcast(PeerMsg::Online(recipients));
+            }
+            DeliveryInput::EventAcks {
+                business_id,
+                events,
+            } => {
+                for (shard, events) in by_shard(events, |e| *e) {
+                    self.send_peer(
+                        now,
+                        shard,
+                        PeerMsg::EventAcks {
+                            business_id,
+                            events,
+                        },
+                    );
+                }
+            }
+            DeliveryInput::Inbound(batch) => self.take_inbound(now, batch),
+        }
+    }
+
+    /// Announces this shard's delivery connections again (a lost Attach is repaired
+    /// within a tick).
+    pub(super) fn announce_attachments(&mut self) {
+        let attachments: Vec<(ConnKey, Role)> = self
+            .local_attachments
+            .iter()
+            .map(|(&c, &r)| (c, r))
+            .collect();
+        for (conn, role) in attachments {
+            self.broadcast(PeerMsg::Attach { conn, role });
+        }
+    }
+
+    /// Hands due messages to the edge and due events to businesses, within the bounds.
+    pub(super) fn dispatch(&mut self, now: Now) {
+        // Bounded by in_flight_max.
+        while let Some((conn, item)) = self
+            .delivery
+            .as_mut()
+            .and_then(|d| d.poll_dispatch(now.unix_ms))
+        {
+            self.send_peer(now, conn.shard(), PeerMsg::Deliver { conn, item });
+        }
+        let durable_end = self.commit.log().durable_end();
+        let shard = self.shard;
+        let durable = |e: LogPosition| e.shard() == shard && e.index() < durable_end;
+        // Bounded: one push in flight per business.
+        while let Some((conn, business_id, events)) = self.outbox.poll_push(now.unix_ms, durable) {
+            self.send_peer(
+                now,
+                conn.shard(),
+                PeerMsg::Push {
+                    conn,
+                    business_id,
+                    events,
+                },
+            );
+        }
+    }
+}
+
+/// Groups items by the shard of their position, in shard order.
+fn by_shard<T>(items: Vec<T>, pos: impl Fn(&T) -> LogPosition) -> BTreeMap<u16, Vec<T>> {
+    let mut out: BTreeMap<u16, Vec<T>> = BTreeMap::new();
+    for i in items {
+        out.entry(pos(&i).shard()).or_default().push(i);
+    }
+    out
+}

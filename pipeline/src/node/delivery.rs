@@ -1,0 +1,804 @@
+//! Delivery of one shard's messages to the platform's delivery edge: the pending index,
+//! retransmission, time to live, and the statuses they produce.
+//!
+//! ```text
+//!  a message durable (its ACK sent) ──> admit: pending, due now (payload kept, budgeted)
+//!  poll_dispatch(now) ──> due, an edge attached, fewer than in_flight_max out:
+//!                          (edge connection, DELIVER) for the shell of the edge's shard
+//!  handed(message) ──> `sent` (once) ; outcome timer armed
+//!  bounced(message) ──> that edge forgotten, due again shortly
+//!  outcome: delivered / read / failed(reason) ──> status, final (read may follow delivered)
+//!           retry_later ──> due after a backoff (doubling, capped), or at ONLINE
+//!  no outcome by outcome_timeout ──> due again (at-least-once; the edge drops copies by id)
+//!  expiry (the message's time to live) ──> `expired`, final
+//! ```
+//!
+//! Every status it produces comes out of [`Delivery::poll_status`] in the order it
+//! happened; the core makes each durable (a status record) before its business hears it.
+//!
+//! Bounds: at most `pending_max` messages and `pending_bytes_max` payload bytes wait here
+//! (past either, new SUBMITs are throttled: [`Delivery::has_room`]); at most
+//! `in_flight_max` are out with the edge at once; `delivered_kept_max` delivered messages
+//! are remembered for a later `read`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::profile::ProfileIssue;
+use crate::server::ConnKey;
+use crate::wire::delivery::{Deliver, FailReason, Outcome, StatusKind};
+use crate::wire::{LogPosition, Recipient};
+
+/// Delay before a bounced message (its edge connection was gone or out of credit) is
+/// offered again.
+const BOUNCE_RETRY_MS: u64 = 50;
+
+/// `[delivery]`: how messages are handed to the edge, and statuses and replies to
+/// businesses. Owned here; the profile composes it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Deliver messages at all: off, they are stored and acked as before delivery
+    /// existed (and no status is produced).
+    pub enabled: bool,
+    /// Time to live of a message when its SUBMIT names none, seconds.
+    pub ttl_default_secs: u64,
+    /// Longest time to live a SUBMIT may ask for, seconds (at most the log's retention).
+    pub ttl_max_secs: u64,
+    /// Most messages waiting for delivery per shard.
+    pub pending_max: u32,
+    /// Most payload bytes of waiting messages and unacknowledged replies per shard.
+    pub pending_bytes_max: u64,
+    /// Most messages handed to the edge and awaiting their outcome per shard.
+    pub in_flight_max: u32,
+    /// Milliseconds after a hand-off without an outcome before it is handed again.
+    pub outcome_timeout_ms: u32,
+    /// First retry delay after `retry_later`, milliseconds (doubling per attempt).
+    pub retry_backoff_min_ms: u32,
+    /// Longest retry delay, milliseconds.
+    pub retry_backoff_max_ms: u32,
+    /// Delivered messages remembered per shard for a later `read`.
+    pub delivered_kept_max: u32,
+    /// Most unacknowledged events (statuses, replies) kept per business and shard; older
+    /// ones are dropped (counted) and stay in the log only.
+    pub events_per_business_max: u32,
+    /// Most events in one push to a business.
+    pub events_per_push_max: u32,
+    /// Milliseconds a business has to acknowledge a push before it is pushed again.
+    pub event_ack_timeout_ms: u32,
+}
+
+impl DeliveryConfig {
+    /// The problems of this section, each naming its key.
+    pub fn issues(&self) -> Vec<ProfileIssue> {
+        let mut out = Vec::new();
+        let mut range = |key: &str, v: u64, lo: u64, hi: u64| {
+            if !(lo..=hi).contains(&v) {
+                out.push(ProfileIssue {
+                    key: format!("delivery.{key}"),
+                    problem: format!("{v} is outside {lo}..={hi}"),
+                });
+            }
+        };
+        range("ttl_max_secs", self.ttl_max_secs, 60, 10 * 366 * 86_400);
+        range(
+            "ttl_default_secs",
+            self.ttl_default_secs,
+            1,
+            self.ttl_max_secs,
+        );
+        range("pending_max", self.pending_max.into(), 16, 1 << 26);
+        range(
+            "pending_bytes_max",
+            self.pending_bytes_max,
+            1 << 20,
+            1 << 40,
+        );
+        range("in_flight_max", self.in_flight_max.into(), 1, 1 << 20);
+        range(
+            "outcome_timeout_ms",
+            self.outcome_timeout_ms.into(),
+            100,
+            3_600_000,
+        );
+        range(
+            "retry_backoff_min_ms",
+            self.retry_backoff_min_ms.into(),
+            10,
+            3_600_000,
+        );
+        range(
+            "retry_backoff_max_ms",
+            self.retry_backoff_max_ms.into(),
+            self.retry_backoff_min_ms.into(),
+            86_400_000,
+        );
+        range(
+            "delivered_kept_max",
+            self.delivered_kept_max.into(),
+            0,
+            1 << 26,
+        );
+        range(
+            "events_per_business_max",
+            self.events_per_business_max.into(),
+            16,
+            1 << 26,
+        );
+        range(
+            "events_per_push_max",
+            self.events_per_push_max.into(),
+            1,
+            4096,
+        );
+        range(
+            "event_ack_timeout_ms",
+            self.event_ack_timeout_ms.into(),
+            100,
+            3_600_000,
+        );
+        out
+    }
+
+    /// Caps the times to live at the log's retention: a message never outlives its
+    /// record.
+    pub fn clamp_to_retention(&mut self, retention_secs: u64) {
+        self.ttl_max_secs = self.ttl_max_secs.min(retention_secs);
+        self.ttl_default_secs = self.ttl_default_secs.min(self.ttl_max_secs);
+    }
+
+    /// The expiry of a message accepted at `now_ms` whose SUBMIT asked for `ttl_secs`
+    /// (0: the default), clamped to the maximum.
+    pub fn expiry(&self, now_ms: u64, ttl_secs: u32) -> u64 {
+        let ttl = match ttl_secs {
+            0 => self.ttl_default_secs,
+            t => u64::from(t).min(self.ttl_max_secs),
+        };
+        now_ms + ttl * 1000
+    }
+}
+
+/// A message waiting for delivery.
+#[derive(Debug, Clone)]
+struct Pending {
+    /// When it entered delivery, unix ms.
+    accepted_ms: u64,
+    business_id: u32,
+    client_id: u64,
+    recipient: Recipient,
+    expires_ms: u64,
+    payload: Bytes,
+    attempts: u32,
+    /// `sent` was recorded (it was handed at least once).
+    sent: bool,
+    state: State,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Due for a hand-off at this time.
+    Waiting { due_ms: u64 },
+    /// Offered to an edge connection's shard; not confirmed handed yet.
+    Offered { conn: ConnKey, since_ms: u64 },
+    /// On the edge; an outcome is due by this time.
+    Handed { deadline_ms: u64 },
+}
+
+/// A status a message just reached, for its business.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusChange {
+    /// The message.
+    pub message: LogPosition,
+    /// Its business.
+    pub business_id: u32,
+    /// The business's client message id.
+    pub client_id: u64,
+    /// The status.
+    pub kind: StatusKind,
+    /// Why, for `failed`.
+    pub reason: Option<FailReason>,
+}
+
+/// What delivery counts (per shard; for the metrics and the simulation).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryCounts {
+    /// Hand-offs (first ones and retransmissions).
+    pub handoffs: u64,
+    /// Hand-offs after the first of a message.
+    pub retransmissions: u64,
+    /// Messages the edge bounced back (its connection gone or out of credit).
+    pub bounced: u64,
+    /// Outcomes for messages no longer waiting (copies, or after a final status).
+    pub outcomes_stale: u64,
+    /// Final statuses by kind: delivered, failed, expired.
+    pub delivered: u64,
+    /// `read` statuses.
+    pub read: u64,
+    /// `failed` statuses.
+    pub failed: u64,
+    /// `expired` statuses.
+    pub expired: u64,
+}
+
+/// One shard's delivery state. See the module docs.
+#[derive(Debug)]
+pub struct Delivery {
+    cfg: DeliveryConfig,
+    pending: BTreeMap<LogPosition, Pending>,
+    /// `(due_ms, message)` of every waiting message.
+    due: BTreeSet<(u64, LogPosition)>,
+    /// `(deadline_ms, message)` of every message out with the edge.
+    deadlines: BTreeSet<(u64, LogPosition)>,
+    /// `(since_ms, message)` of every message offered and not yet confirmed handed.
+    offered: BTreeSet<(u64, LogPosition)>,
+    /// `(expires_ms, message)` of every pending message.
+    expiries: BTreeSet<(u64, LogPosition)>,
+    by_recipient: HashMap<Recipient, BTreeSet<LogPosition>>,
+    /// Edge connections that take deliveries, by their shard (every shard's).
+    edges: BTreeSet<ConnKey>,
+    next_edge: usize,
+    out: usize,
+    payload_bytes: u64,
+    /// Delivered messages awaiting a possible `read`, oldest first.
+    delivered: VecDeque<(LogPosition, u32, u64)>,
+    delivered_index: BTreeSet<LogPosition>,
+    changes: VecDeque<StatusChange>,
+    counts: DeliveryCounts,
+}
+
+impl Delivery {
+    /// Empty delivery state.
+    pub fn new(cfg: DeliveryConfig) -> Delivery {
+        Delivery {
+            cfg,
+            pending: BTreeMap::new(),
+            due: BTreeSet::new(),
+            deadlines: BTreeSet::new(),
+            offered: BTreeSet::new(),
+            expiries: BTreeSet::new(),
+            by_recipient: HashMap::new(),
+            edges: BTreeSet::new(),
+            next_edge: 0,
+            out: 0,
+            payload_bytes: 0,
+            delivered: VecDeque::new(),
+            delivered_index: BTreeSet::new(),
+            changes: VecDeque::new(),
+            counts: DeliveryCounts::default(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &DeliveryConfig {
+        &self.cfg
+    }
+
+    /// Messages waiting (not final yet).
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Payload bytes held for waiting messages.
+    pub fn payload_bytes(&self) -> u64 {
+        self.payload_bytes
+    }
+
+    /// When the oldest waiting message entered delivery, unix ms.
+    pub fn oldest_accepted_ms(&self) -> Option<u64> {
+        self.pending.values().next().map(|p| p.accepted_ms)
+    }
+
+    /// The counters.
+    pub fn counts(&self) -> DeliveryCounts {
+        self.counts
+    }
+
+    /// Whether `messages` more messages of `bytes` payload bytes fit the bounds (with
+    /// `extra_bytes` already promised to other holders of the same budget).
+    pub fn has_room(&self, messages: usize, bytes: u64, extra_bytes: u64) -> bool {
+        self.pending.len() + messages <= self.cfg.pending_max as usize
+            && self.payload_bytes + extra_bytes + bytes <= self.cfg.pending_bytes_max
+    }
+
+    /// A message became durable: it waits for delivery, due now. `sent` when a status
+    /// `sent` was already recorded for it (a restart found it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn admit(
+        &mut self,
+        now_ms: u64,
+        message: LogPosition,
+        business_id: u32,
+        client_id: u64,
+        recipient: Recipient,
+        expires_ms: u64,
+        payload: Bytes,
+        sent: bool,
+    ) {
+        assert!(
+            !self.pending.contains_key(&message),
+            "a message is admitted once"
+        );
+        self.payload_bytes += payload.len() as u64;
+        self.due.insert((now_ms, message));
+        self.expiries.insert((expires_ms, message));
+        self.by_recipient
+            .entry(recipient)
+            .or_default()
+            .insert(message);
+        self.pending.insert(
+            message,
+            Pending {
+                accepted_ms: now_ms,
+                business_id,
+                client_id,
+                recipient,
+                expires_ms,
+                payload,
+                attempts: u32::from(sent),
+                sent,
+                state: State::Waiting { due_ms: now_ms },
+            },
+        );
+    }
+
+    /// An edge connection can take deliveries.
+    pub fn edge_attached(&mut self, conn: ConnKey) {
+        self.edges.insert(conn);
+    }
+
+    /// An edge connection is gone: messages offered to it are due again.
+    pub fn edge_detached(&mut self, now_ms: u64, conn: ConnKey) {
+        self.edges.remove(&conn);
+        let offered: Vec<LogPosition> = self
+            .offered
+            .iter()
+            .map(|&(_, m)| m)
+            .filter(
+                |m| matches!(self.pending[m].state, State::Offered { conn: c, .. } if c == conn),
+            )
+            .collect();
+        for m in offered {
+            self.wait(m, now_ms);
+        }
+    }
+
+    /// The next message to hand to the edge at `now_ms`, and the edge connection to hand
+    /// it through, while fewer than `in_flight_max` are out.
+    pub fn poll_dispatch(&mut self, now_ms: u64) -> Option<(ConnKey, Deliver)> {
+        if self.edges.is_empty() || self.out >= self.cfg.in_flight_max as usize {
+            return None;
+        }
+        let &(due_ms, message) = self.due.first()?;
+        if due_ms > now_ms {
+            return None;
+        }
+        self.due.remove(&(due_ms, message));
+        let conn = *self
+            .edges
+            .iter()
+            .nth(self.next_edge % self.edges.len())
+            .expect("not empty");
+        self.next_edge = self.next_edge.wrapping_add(1);
+        let p = self
+            .pending
+            .get_mut(&message)
+            .expect("due messages are pending");
+        p.state = State::Offered {
+            conn,
+            since_ms: now_ms,
+        };
+        self.offered.insert((now_ms, message));
+        self.out += 1;
+        self.counts.handoffs += 1;
+        if p.attempts > 0 {
+            self.counts.retransmissions += 1;
+        }
+        p.attempts += 1;
+        let d = Deliver {
+            message,
+            business_id: p.business_id,
+            client_id: p.client_id,
+            expires_ms: p.expires_ms,
+            recipient: p.recipient,
+            payload: p.payload.clone(),
+        };
+        Some((conn, d))
+    }
+
+    /// The edge connection took the message: its outcome is due by the timeout. The first
+    /// hand-off of a message records `sent`.
+    pub fn handed(&mut self, now_ms: u64, message: LogPosition) {
+        let Some(p) = self.pending.get_mut(&message) else {
+            return;
+        };
+        let State::Offered { since_ms, .. } = p.state else {
+            return;
+        };
+        self.offered.remove(&(since_ms, message));
+        let deadline_ms = now_ms + u64::from(self.cfg.outcome_timeout_ms);
+        p.state = State::Handed { deadline_ms };
+        self.deadlines.insert((deadline_ms, message));
+        if !p.sent {
+            p.sent = true;
+            let change = change(message, p, StatusKind::Sent, None);
+            self.changes.push_back(change);
+        }
+    }
+
+    /// The edge connection could not take the message (gone, out of credit): it is
+    /// offered again shortly; a gone connection is forgotten.
+    pub fn bounced(&mut self, now_ms: u64, message: LogPosition, conn_gone: Option<ConnKey>) {
+        self.counts.bounced += 1;
+        if let Some(conn) = conn_gone {
+            self.edges.remove(&conn);
+        }
+        if self
+            .pending
+            .get(&message)
+            .is_some_and(|p| matches!(p.state, State::Offered { .. }))
+        {
+            self.wait(message, now_ms + BOUNCE_RETRY_MS);
+        }
+    }
+
+    /// The edge reported an outcome.
+    pub fn outcome(&mut self, now_ms: u64, message: LogPosition, outcome: Outcome) {
+        if !self.pending.contains_key(&message) {
+            // A read after the delivery, for a message remembered.
+            if outcome == Outcome::Read && self.delivered_index.remove(&message) {
+                if let Some(i) = self.delivered.iter().position(|d| d.0 == message) {
+                    let (m, business_id, client_id) = self.delivered.remove(i).expect("found");
+                    self.counts.read += 1;
+                    self.changes.push_back(StatusChange {
+                        message: m,
+                        business_id,
+                        client_id,
+                        kind: StatusKind::Read,
+                        reason: None,
+                    });
+                }
+            } else {
+                self.counts.outcomes_stale += 1;
+            }
+            return;
+        }
+        match outcome {
+            Outcome::Delivered => self.finish(message, StatusKind::Delivered, None, true),
+            Outcome::Read => {
+                self.finish(message, StatusKind::Delivered, None, false);
+                self.counts.read += 1;
+                let last = *self.changes.back().expect("delivered just queued");
+                self.changes.push_back(StatusChange {
+                    kind: StatusKind::Read,
+                    ..last
+                });
+            }
+            Outcome::Failed(r) => self.finish(message, StatusKind::Failed, Some(r), false),
+            Outcome::RetryLater => {
+                let p = &self.pending[&message];
+                let shift = p.attempts.saturating_sub(1).min(20);
+                let backoff = (u64::from(self.cfg.retry_backoff_min_ms) << shift)
+                    .min(u64::from(self.cfg.retry_backoff_max_ms));
+                self.wait(message, now_ms + backoff);
+            }
+        }
+    }
+
+    /// Recipients came online: their waiting messages are due now.
+    pub fn online(&mut self, now_ms: u64, recipient: &Recipient) {
+        let Some(ms) = self.by_recipient.get(recipient) else {
+            return;
+        };
+        let waiting: Vec<LogPosition> = ms
+            .iter()
+            .copied()
+            .filter(
+                |m| matches!(self.pending[m].state, State::Waiting { due_ms } if due_ms > now_ms),
+            )
+            .collect();
+        for m in waiting {
+            self.wait(m, now_ms);
+        }
+    }
+
+    /// Time-driven work at `now_ms`: messages past their expiry become `expired`;
+    /// hand-offs without an outcome by their deadline, or offers unanswered as long, are
+    /// due again.
+    pub fn tick(&mut self, now_ms: u64) {
+        while let Some(&(at, m)) = self.expiries.first() {
+            if at > now_ms {
+                break;
+            }
+            self.finish(m, StatusKind::Expired, None, false);
+        }
+        while let Some(&(at, m)) = self.deadlines.first() {
+            if at > now_ms {
+                break;
+            }
+            self.wait(m, now_ms);
+        }
+        let timeout = u64::from(self.cfg.outcome_timeout_ms);
+        while let Some(&(since, m)) = self.offered.first() {
+            if since + timeout > now_ms {
+                break;
+            }
+            self.wait(m, now_ms);
+        }
+    }
+
+    /// Messages of log indexes below `index_end` of this shard are about to be dropped by
+    /// retention: every one still waiting becomes `expired` first.
+    pub fn expire_below(&mut self, shard: u16, index_end: u64) {
+        let end = LogPosition::new(shard, index_end);
+        let doomed: Vec<LogPosition> = self.pending.range(..end).map(|(&m, _)| m).collect();
+        for m in doomed {
+            self.finish(m, StatusKind::Expired, None, false);
+        }
+    }
+
+    /// When [`Delivery::tick`] or [`Delivery::poll_dispatch`] next has work.
+    pub fn next_due_ms(&self) -> Option<u64> {
+        let can_dispatch = !self.edges.is_empty() && self.out < self.cfg.in_flight_max as usize;
+        let dispatch = self.due.first().map(|d| d.0).filter(|_| can_dispatch);
+        let timeout = u64::from(self.cfg.outcome_timeout_ms);
+        [
+            dispatch,
+            self.deadlines.first().map(|d| d.0),
+            self.offered.first().map(|d| d.0 + timeout),
+            self.expiries.first().map(|d| d.0),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// The next status reached, in the order they happened.
+    pub fn poll_status(&mut self) -> Option<StatusChange> {
+        self.changes.pop_front()
+    }
+
+    /// Makes a message due at `due_ms` (waiting), whatever its state.
+    fn wait(&mut self, message: LogPosition, due_ms: u64) {
+        let p = self.pending.get_mut(&message).expect("a pending message");
+        match p.state {
+            State::Waiting { due_ms: old } => {
+                self.due.remove(&(old, message));
+            }
+            State::Offered { since_ms, .. } => {
+                self.offered.remove(&(since_ms, message));
+                self.out -= 1;
+            }
+            State::Handed { deadline_ms } => {
+                self.deadlines.remove(&(deadline_ms, message));
+                self.out -= 1;
+            }
+        }
+        p.state = State::Waiting { due_ms };
+        self.due.insert((due_ms, message));
+    }
+
+    /// A message reached a final status: it waits no more; its status is queued.
+    fn finish(
+        &mut self,
+        message: LogPosition,
+        kind: StatusKind,
+        reason: Option<FailReason>,
+        remember: bool,
+    ) {
+        let Some(p) = self.remove(message) else {
+            return;
+        };
+        match kind {
+            StatusKind::Delivered => self.counts.delivered += 1,
+            StatusKind::Failed => self.counts.failed += 1,
+            StatusKind::Expired => self.counts.expired += 1,
+            StatusKind::Sent | StatusKind::Read => {}
+        }
+        self.changes.push_back(change(message, &p, kind, reason));
+        if remember && self.cfg.delivered_kept_max > 0 {
+            if self.delivered.len() >= self.cfg.delivered_kept_max as usize {
+                if let Some((old, _, _)) = self.delivered.pop_front() {
+                    self.delivered_index.remove(&old);
+                }
+            }
+            self.delivered
+                .push_back((message, p.business_id, p.client_id));
+            self.delivered_index.insert(message);
+        }
+    }
+
+    fn remove(&mut self, message: LogPosition) -> Option<Pending> {
+        let p = self.pending.remove(&message)?;
+        match p.state {
+            State::Waiting { due_ms } => {
+                self.due.remove(&(due_ms, message));
+            }
+            State::Offered { since_ms, .. } => {
+                self.offered.remove(&(since_ms, message));
+                self.out -= 1;
+            }
+            State::Handed { deadline_ms } => {
+                self.deadlines.remove(&(deadline_ms, message));
+                self.out -= 1;
+            }
+        }
+        self.expiries.remove(&(p.expires_ms, message));
+        if let Some(set) = self.by_recipient.get_mut(&p.recipient) {
+            set.remove(&message);
+            if set.is_empty() {
+                self.by_recipient.remove(&p.recipient);
+            }
+        }
+        self.payload_bytes -= p.payload.len() as u64;
+        Some(p)
+    }
+}
+
+fn change(
+    message: LogPosition,
+    p: &Pending,
+    kind: StatusKind,
+    reason: Option<FailReason>,
+) -> StatusChange {
+    StatusChange {
+        message,
+        business_id: p.business_id,
+        client_id: p.client_id,
+        kind,
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn cfg() -> DeliveryConfig {
+        DeliveryConfig {
+            enabled: true,
+            ttl_default_secs: 3600,
+            ttl_max_secs: 86_400,
+            pending_max: 100,
+            pending_bytes_max: 1 << 20,
+            in_flight_max: 2,
+            outcome_timeout_ms: 1000,
+            retry_backoff_min_ms: 100,
+            retry_backoff_max_ms: 1000,
+            delivered_kept_max: 4,
+            events_per_business_max: 64,
+            events_per_push_max: 8,
+            event_ack_timeout_ms: 1000,
+        }
+    }
+
+    fn to() -> Recipient {
+        Recipient::parse(b"+15550001111").unwrap()
+    }
+
+    fn conn() -> ConnKey {
+        ConnKey::for_tests(0, 1)
+    }
+
+    fn admit(d: &mut Delivery, i: u64, now: u64) -> LogPosition {
+        let m = LogPosition::new(0, i);
+        d.admit(
+            now,
+            m,
+            7,
+            i,
+            to(),
+            now + 10_000,
+            Bytes::from_static(b"x"),
+            false,
+        );
+        m
+    }
+
+    fn kinds(d: &mut Delivery) -> Vec<StatusKind> {
+        std::iter::from_fn(|| d.poll_status())
+            .map(|c| c.kind)
+            .collect()
+    }
+
+    #[test]
+    fn a_message_is_sent_once_then_delivered_then_read() {
+        let mut d = Delivery::new(cfg());
+        let m = admit(&mut d, 1, 0);
+        assert!(d.poll_dispatch(0).is_none(), "no edge yet");
+        d.edge_attached(conn());
+        let (c, deliver) = d.poll_dispatch(0).unwrap();
+        assert_eq!((c, deliver.message), (conn(), m));
+        d.handed(0, m);
+        d.outcome(5, m, Outcome::Delivered);
+        d.outcome(6, m, Outcome::Read);
+        d.outcome(7, m, Outcome::Read);
+        assert_eq!(
+            kinds(&mut d),
+            [StatusKind::Sent, StatusKind::Delivered, StatusKind::Read]
+        );
+        assert_eq!(d.pending(), 0);
+        assert_eq!(d.counts().outcomes_stale, 1);
+    }
+
+    #[test]
+    fn no_outcome_means_a_retransmission_and_sent_is_recorded_once() {
+        let mut d = Delivery::new(cfg());
+        d.edge_attached(conn());
+        let m = admit(&mut d, 1, 0);
+        d.poll_dispatch(0).unwrap();
+        d.handed(0, m);
+        d.tick(999);
+        assert!(d.poll_dispatch(999).is_none());
+        d.tick(1000);
+        let (_, again) = d.poll_dispatch(1000).unwrap();
+        assert_eq!(again.message, m);
+        d.handed(1000, m);
+        assert_eq!(kinds(&mut d), [StatusKind::Sent]);
+        assert_eq!(d.counts().retransmissions, 1);
+    }
+
+    #[test]
+    fn retry_later_backs_off_and_online_makes_it_due_at_once() {
+        let mut d = Delivery::new(cfg());
+        d.edge_attached(conn());
+        let m = admit(&mut d, 1, 0);
+        d.poll_dispatch(0).unwrap();
+        d.handed(0, m);
+        d.outcome(10, m, Outcome::RetryLater);
+        assert!(d.poll_dispatch(50).is_none());
+        assert_eq!(d.next_due_ms(), Some(110));
+        d.online(60, &to());
+        assert!(d.poll_dispatch(60).is_some(), "online: due now");
+    }
+
+    #[test]
+    fn in_flight_is_bounded_and_expiry_is_final() {
+        let mut d = Delivery::new(cfg());
+        d.edge_attached(conn());
+        for i in 0..3 {
+            admit(&mut d, i, 0);
+        }
+        assert!(d.poll_dispatch(0).is_some());
+        assert!(d.poll_dispatch(0).is_some());
+        assert!(d.poll_dispatch(0).is_none(), "in_flight_max 2");
+        d.tick(10_000);
+        assert_eq!(kinds(&mut d), [StatusKind::Expired; 3]);
+        assert_eq!(d.pending(), 0);
+        assert_eq!(d.payload_bytes(), 0);
+    }
+
+    #[test]
+    fn a_bounce_offers_again_and_forgets_a_gone_edge() {
+        let mut d = Delivery::new(cfg());
+        d.edge_attached(conn());
+        let m = admit(&mut d, 1, 0);
+        d.poll_dispatch(0).unwrap();
+        d.bounced(0, m, Some(conn()));
+        assert!(d.edges.is_empty());
+        d.edge_attached(conn());
+        assert!(d.poll_dispatch(10).is_none());
+        assert!(d.poll_dispatch(BOUNCE_RETRY_MS).is_some());
+    }
+
+    #[test]
+    fn retention_expires_what_it_is_about_to_drop() {
+        let mut d = Delivery::new(cfg());
+        admit(&mut d, 1, 0);
+        admit(&mut d, 5, 0);
+        d.expire_below(0, 3);
+        let c: Vec<StatusChange> = std::iter::from_fn(|| d.poll_status()).collect();
+        assert_eq!(c.len(), 1);
+        assert_eq!((c[0].client_id, c[0].kind), (1, StatusKind::Expired));
+        assert_eq!(d.pending(), 1);
+    }
+
+    #[test]
+    fn ttl_is_clamped() {
+        let c = cfg();
+        assert_eq!(c.expiry(1000, 0), 1000 + 3_600_000);
+        assert_eq!(c.expiry(1000, 10), 11_000);
+        assert_eq!(c.expiry(0, u32::MAX), 86_400_000);
+    }
+}

@@ -1,0 +1,386 @@
+//! The events one shard owes businesses: statuses of the messages in its log and users'
+//! replies it took, each pushed to a connection of its business until acknowledged.
+//!
+//! ```text
+//!  add(business, event) ──> the business's queue (log order; the event's record is
+//!                           durable before it is pushed)
+//!  poll_push(now) ──> a subscriber connection of the business and the first events of
+//!                     its queue (at most events_per_push_max), one push in flight per
+//!                     business: a business hears its events in order, never reordered
+//!  acked(events) ──> the acknowledged prefix leaves; the cursor (acknowledged through)
+//!                    moves, and is persisted as a cursor record (poll_cursor)
+//!  no acknowledgement by event_ack_timeout, or a bounce ──> pushed again (at least once)
+//! ```
+//!
+//! Bounds: `events_per_business_max` events per business; past it the oldest is dropped
+//! (counted; it stays in the log, and the cursor moves past it).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::server::ConnKey;
+use crate::wire::delivery::BusinessEvent as EventItem;
+use crate::wire::LogPosition;
+
+#[derive(Debug, Clone, Copy)]
+struct Push {
+    conn: ConnKey,
+    count: usize,
+    deadline_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<EventItem>,
+    /// Events acknowledged out of order (not at the front yet).
+    acked: BTreeSet<LogPosition>,
+    push: Option<Push>,
+    /// Every event of this business through this position is acknowledged (or dropped).
+    cursor: Option<LogPosition>,
+    cursor_dirty: bool,
+}
+
+/// What the outbox counts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxCounts {
+    /// Pushes made (first ones and repeats).
+    pub pushes: u64,
+    /// Events pushed (counting repeats).
+    pub events_pushed: u64,
+    /// Events acknowledged.
+    pub acked: u64,
+    /// Events dropped past `events_per_business_max` or by retention.
+    pub dropped: u64,
+    /// Pushes bounced by a gone connection.
+    pub bounced: u64,
+}
+
+/// One shard's outbox. See the module docs.
+#[derive(Debug)]
+pub struct Outbox {
+    per_business_max: usize,
+    per_push_max: usize,
+    ack_timeout_ms: u64,
+    queues: BTreeMap<u32, Queue>,
+    subscribers: BTreeMap<u32, BTreeSet<ConnKey>>,
+    /// Business whose turn it is to push first.
+    next_business: u32,
+    payload_bytes: u64,
+    events: usize,
+    counts: OutboxCounts,
+}
+
+impl Outbox {
+    /// An empty outbox with the delivery section's bounds.
+    pub fn new(per_business_max: u32, per_push_max: u32, ack_timeout_ms: u32) -> Outbox {
+        assert!(per_business_max > 0 && per_push_max > 0);
+        Outbox {
+            per_business_max: per_business_max as usize,
+            per_push_max: per_push_max as usize,
+            ack_timeout_ms: u64::from(ack_timeout_ms),
+            queues: BTreeMap::new(),
+            subscribers: BTreeMap::new(),
+            next_business: 0,
+            payload_bytes: 0,
+            events: 0,
+            counts: OutboxCounts::default(),
+        }
+    }
+
+    /// Events waiting for acknowledgement.
+    pub fn len(&self) -> usize {
+        self.events
+    }
+
+    /// Events waiting for one business.
+    pub fn backlog(&self, business_id: u32) -> usize {
+        self.queues.get(&business_id).map_or(0, |q| q.items.len())
+    }
+
+    /// Events waiting, by business (for the per-business metric).
+    pub fn backlogs(&self) -> Vec<(u32, u64)> {
+        self.queues
+            .iter()
+            .filter(|(_, q)| !q.items.is_empty())
+            .map(|(&b, q)| (b, q.items.len() as u64))
+            .collect()
+    }
+
+    /// Payload bytes of the replies waiting.
+    pub fn payload_bytes(&self) -> u64 {
+        self.payload_bytes
+    }
+
+    /// Whether one more event fits the business's bound without dropping one.
+    pub fn has_room(&self, business_id: u32) -> bool {
+        self.backlog(business_id) < self.per_business_max
+    }
+
+    /// The counters.
+    pub fn counts(&self) -> OutboxCounts {
+        self.counts
+    }
+
+    /// The business acknowledged everything through `cursor` before a restart.
+    pub fn restore_cursor(&mut self, business_id: u32, cursor: LogPosition) {
+        let q = self.queues.entry(business_id).or_default();
+        q.cursor = Some(q.cursor.map_or(cursor, |c| c.max(cursor)));
+        while q.items.front().is_some_and(|e| e.event() <= cursor) {
+            let e = q.items.pop_front().expect("checked");
+            self.events -= 1;
+            self.payload_bytes -= e.bytes();
+        }
+    }
+
+    /// Queues an event (in log order per business). Events at or below the business's
+    /// cursor were acknowledged before and are not queued again.
+    pub fn add(&mut self, business_id: u32, item: EventItem) {
+        let q = self.queues.entry(business_id).or_default();
+        if q.cursor.is_some_and(|c| item.event() <= c) {
+            return;
+        }
+        debug_assert!(q.items.back().is_none_or(|b| b.event() < item.event()));
+        if q.items.len() >= self.per_business_max {
+            let old = q.items.pop_front().expect("the bound is positive");
+            q.cursor = Some(old.event());
+            q.cursor_dirty = true;
+            q.acked.remove(&old.event());
+            if let Some(p) = q.push.as_mut() {
+                p.count = p.count.saturating_sub(1);
+            }
+            self.events -= 1;
+            self.payload_bytes -= old.bytes();
+            self.counts.dropped += 1;
+        }
+        self.events += 1;
+        self.payload_bytes += item.bytes();
+        q.items.push_back(item);
+    }
+
+    /// A connection of `business_id` takes its events.
+    pub fn subscriber_attached(&mut self, business_id: u32, conn: ConnKey) {
+        self.subscribers
+            .entry(business_id)
+            .or_default()
+            .insert(conn);
+    }
+
+    /// A connection no longer takes events; a push in flight to it is repeated.
+    pub fn subscriber_detached(&mut self, conn: ConnKey) {
+        for (b, subs) in self.subscribers.iter_mut() {
+            if subs.remove(&conn) {
+                if let Some(q) = self.queues.get_mut(b) {
+                    if q.push.is_some_and(|p| p.conn == conn) {
+                        q.push = None;
+                    }
+                }
+            }
+        }
+        self.subscribers.retain(|_, s| !s.is_empty());
+    }
+
+    /// The next push at `now_ms`: a subscriber of a business with events ready, and its
+    /// first events whose records are durable (`durable(event)`).
+    pub fn poll_push(
+        &mut self,
+        now_ms: u64,
+        durable: impl Fn(LogPosition) -> bool,
+    ) -> Option<(ConnKey, u32, Vec<EventItem>)> {
+        let start = self.next_business;
+        let order = self
+            .queues
+            .range(start..)
+            .chain(self.queues.range(..start))
+            .map(|(&b, _)| b);
+        let mut chosen = None;
+        for b in order {
+            let q = &self.queues[&b];
+            if q.push.is_some() || q.items.is_empty() || !durable(q.items[0].event()) {
+                continue;
+            }
+            if let Some(&conn) = self.subscribers.get(&b).and_then(|s| s.first()) {
+                chosen = Some((b, conn));
+                break;
+            }
+        }
+        let (b, conn) = chosen?;
+        self.next_business = b.wrapping_add(1);
+        let q = self.queues.get_mut(&b).expect("chosen");
+        let items: Vec<EventItem> = q
+            .items
+            .iter()
+            .take(self.per_push_max)
+            .take_while(|e| durable(e.event()))
+            .cloned()
+            .collect();
+        q.push = Some(Push {
+            conn,
+            count: items.len(),
+            deadline_ms: now_ms + self.ack_timeout_ms,
+        });
+        self.counts.pushes += 1;
+        self.counts.events_pushed += items.len() as u64;
+        Some((conn, b, items))
+    }
+
+    /// The business acknowledged these events.
+    pub fn acked(&mut self, business_id: u32, events: &[LogPosition]) {
+        let Some(q) = self.queues.get_mut(&business_id) else {
+            return;
+        };
+        for &e in events {
+            if q.items.iter().any(|i| i.event() == e) {
+                q.acked.insert(e);
+            }
+        }
+        let mut popped = 0;
+        while let Some(front) = q.items.front() {
+            let e = front.event();
+            if !q.acked.remove(&e) {
+                break;
+            }
+            let item = q.items.pop_front().expect("checked");
+            self.payload_bytes -= item.bytes();
+            q.cursor = Some(e);
+            q.cursor_dirty = true;
+            popped += 1;
+        }
+        self.events -= popped;
+        self.counts.acked += popped as u64;
+        if let Some(p) = q.push.as_mut() {
+            p.count = p.count.saturating_sub(popped);
+            if p.count == 0 {
+                q.push = None;
+            }
+        }
+    }
+
+    /// A push could not be written (the connection is gone): it is repeated elsewhere.
+    pub fn bounced(&mut self, business_id: u32, conn: ConnKey) {
+        self.counts.bounced += 1;
+        self.subscriber_detached(conn);
+        if let Some(q) = self.queues.get_mut(&business_id) {
+            if q.push.is_some_and(|p| p.conn == conn) {
+                q.push = None;
+            }
+        }
+    }
+
+    /// Pushes unacknowledged past their deadline may go again.
+    pub fn tick(&mut self, now_ms: u64) {
+        for q in self.queues.values_mut() {
+            if q.push.is_some_and(|p| p.deadline_ms <= now_ms) {
+                q.push = None;
+            }
+        }
+    }
+
+    /// Events of this shard with log indexes below `index_end` are being dropped by
+    /// retention: they leave the outbox (counted).
+    pub fn drop_below(&mut self, shard: u16, index_end: u64) {
+        let end = LogPosition::new(shard, index_end);
+        for q in self.queues.values_mut() {
+            while q.items.front().is_some_and(|e| e.event() < end) {
+                let e = q.items.pop_front().expect("checked");
+                q.acked.remove(&e.event());
+                q.cursor = Some(e.event());
+                q.cursor_dirty = true;
+                self.events -= 1;
+                self.payload_bytes -= e.bytes();
+                self.counts.dropped += 1;
+                q.push = None;
+            }
+        }
+    }
+
+    /// A cursor that moved since it was last persisted.
+    pub fn poll_cursor(&mut self) -> Option<(u32, LogPosition)> {
+        for (&b, q) in self.queues.iter_mut() {
+            if q.cursor_dirty {
+                q.cursor_dirty = false;
+                return q.cursor.map(|c| (b, c));
+            }
+        }
+        None
+    }
+
+    /// When a push times out next.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.queues
+            .values()
+            .filter_map(|q| q.push.map(|p| p.deadline_ms))
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::delivery::{StatusEvent, StatusKind};
+
+    fn status(i: u64) -> EventItem {
+        EventItem::Status(StatusEvent {
+            event: LogPosition::new(0, i),
+            message: LogPosition::new(0, 0),
+            client_id: i,
+            kind: StatusKind::Sent,
+            reason: None,
+            at_ms: 0,
+        })
+    }
+
+    fn ids(items: &[EventItem]) -> Vec<u64> {
+        items.iter().map(|e| e.event().index()).collect()
+    }
+
+    #[test]
+    fn one_push_in_flight_per_business_in_order_until_acked() {
+        let mut o = Outbox::new(100, 2, 1000);
+        let c = ConnKey::for_tests(0, 1);
+        for i in 1..=3 {
+            o.add(7, status(i));
+        }
+        assert!(o.poll_push(0, |_| true).is_none(), "no subscriber yet");
+        o.subscriber_attached(7, c);
+        let (conn, b, items) = o.poll_push(0, |_| true).unwrap();
+        assert_eq!((conn, b, ids(&items)), (c, 7, vec![1, 2]));
+        assert!(o.poll_push(0, |_| true).is_none(), "one push in flight");
+        o.acked(7, &[LogPosition::new(0, 2)]);
+        assert!(o.poll_push(0, |_| true).is_none(), "1 not acked yet");
+        o.acked(7, &[LogPosition::new(0, 1)]);
+        let (_, _, items) = o.poll_push(0, |_| true).unwrap();
+        assert_eq!(ids(&items), vec![3]);
+        assert_eq!(o.poll_cursor(), Some((7, LogPosition::new(0, 2))));
+        assert_eq!(o.poll_cursor(), None);
+    }
+
+    #[test]
+    fn an_unacknowledged_push_is_repeated_and_non_durable_events_wait() {
+        let mut o = Outbox::new(100, 8, 1000);
+        o.subscriber_attached(1, ConnKey::for_tests(0, 1));
+        o.add(1, status(1));
+        o.add(1, status(2));
+        let (_, _, items) = o.poll_push(0, |e| e.index() < 2).unwrap();
+        assert_eq!(ids(&items), vec![1]);
+        o.tick(999);
+        assert!(o.poll_push(999, |_| true).is_none());
+        o.tick(1000);
+        let (_, _, items) = o.poll_push(1000, |_| true).unwrap();
+        assert_eq!(ids(&items), vec![1, 2]);
+    }
+
+    #[test]
+    fn the_bound_drops_the_oldest_and_moves_the_cursor() {
+        let mut o = Outbox::new(2, 8, 1000);
+        for i in 1..=3 {
+            o.add(1, status(i));
+        }
+        assert_eq!(o.backlog(1), 2);
+        assert_eq!(o.counts().dropped, 1);
+        assert_eq!(o.poll_cursor(), Some((1, LogPosition::new(0, 1))));
+        let mut fresh = Outbox::new(2, 8, 1000);
+        fresh.restore_cursor(1, LogPosition::new(0, 2));
+        fresh.add(1, status(2));
+        fresh.add(1, status(3));
+        assert_eq!(fresh.backlog(1), 1, "acknowledged before the restart");
+    }
+}

@@ -18,12 +18,10 @@ pub use courier_pipeline;
 
 pub mod audit;
 pub mod business_keys;
-pub mod client;
 pub mod control;
 pub mod load;
 pub mod metrics;
 pub mod notify;
-pub mod send;
 pub mod serve;
 pub mod shard;
 pub mod signals;

@@ -56,7 +56,7 @@ enum Command {
     Demo(DemoArgs),
     /// Send a file of messages (JSON Lines) to a server: validated whole first, then
     /// pipelined; acked ids go to a state file so that a rerun sends only the rest.
-    #[command(after_help = courier::send::EXIT_CODES_HELP)]
+    #[command(after_help = courier_client::send::EXIT_CODES_HELP)]
     Send(SendArgs),
     /// Manage the business registry.
     #[command(subcommand)]
@@ -707,9 +707,9 @@ fn cmd_serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs `courier send`; returns the exit status (see `courier::send::exit_code`).
+/// Runs `courier send`; returns the exit status (see `courier_client::send::exit_code`).
 fn cmd_send(args: SendArgs) -> u8 {
-    use courier::send::{self, exit_code};
+    use courier_client::send::{self, exit_code};
     let state = args
         .state
         .clone()
@@ -762,7 +762,7 @@ fn cmd_send(args: SendArgs) -> u8 {
     }
 }
 
-fn send_options(args: &SendArgs, state: PathBuf) -> Result<courier::send::SendOptions> {
+fn send_options(args: &SendArgs, state: PathBuf) -> Result<courier_client::send::SendOptions> {
     let target = args.target.as_deref().context("--target is required")?;
     let server = std::net::ToSocketAddrs::to_socket_addrs(target)
         .with_context(|| format!("resolving --target {target}"))?
@@ -772,11 +772,12 @@ fn send_options(args: &SendArgs, state: PathBuf) -> Result<courier::send::SendOp
         .token
         .clone()
         .context("give a token with --token or COURIER_TOKEN")?;
-    let trust = courier::tls::trust_for_target(server, args.ca.as_deref(), args.allow_remote)?;
-    Ok(courier::send::SendOptions {
+    let trust =
+        courier_client::tls::trust_for_target(server, args.ca.as_deref(), args.allow_remote)?;
+    Ok(courier_client::send::SendOptions {
         file: args.file.clone(),
         state,
-        client: courier::client::ClientConfig {
+        client: courier_client::ClientConfig {
             server,
             server_name: "localhost".to_string(),
             token,
@@ -827,7 +828,7 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
     let cfg = courier::load::LoadConfig {
         target: addr,
         token,
-        trust: courier::tls::ServerTrust::Pinned(running.certificate().clone()),
+        trust: courier_client::ServerTrust::Pinned(running.certificate().clone()),
         connections: args.connections,
         batch: args.batch,
         size: args.size,
@@ -839,11 +840,11 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let blast_cfg = courier::client::ClientConfig {
+    let blast_cfg = courier_client::ClientConfig {
         server: addr,
         server_name: "localhost".into(),
         token: abusive_token,
-        trust: courier::tls::ServerTrust::Pinned(running.certificate().clone()),
+        trust: courier_client::ServerTrust::Pinned(running.certificate().clone()),
         streams: 1,
         batches_in_flight_per_stream: 1,
     };
@@ -924,8 +925,8 @@ struct BlastOutcome {
 
 /// After a quiet second, sends batches of never-contacted numbers as fast as the server
 /// answers, until the detector pauses the sender (at most 40 batches).
-async fn demo_blast(cfg: &courier::client::ClientConfig) -> Result<BlastOutcome> {
-    use courier::client::{Client, OutgoingMessage};
+async fn demo_blast(cfg: &courier_client::ClientConfig) -> Result<BlastOutcome> {
+    use courier_client::{Client, OutgoingMessage};
     use courier_pipeline::wire::{Reason, Recipient, Status};
     tokio::time::sleep(Duration::from_secs(1)).await;
     let client = Client::connect(cfg).await?;

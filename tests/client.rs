@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{Options, TestServer, POISON, RETRY_AFTER_MS, TOKEN};
-use courier::client::{Client, ClientConfig, ClientError, OutgoingMessage, Retried};
-use courier::tls::ServerTrust;
+use courier_client::ServerTrust;
+use courier_client::{Client, ClientConfig, ClientError, OutgoingMessage, Retried};
 use courier_pipeline::wire::{code, LogPosition, Reason, Recipient, Status};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(20);

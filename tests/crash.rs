@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use courier::audit::{self, AcceptedEntry, SegmentState, VerifyReport};
-use courier::client::Client;
+use courier_client::Client;
 use logkit::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

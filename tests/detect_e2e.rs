@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use courier::client::{Client, ClientConfig, OutgoingMessage, ReportOutcome};
 use courier::serve::{self, ServeOptions};
 use courier::store::MasterKeyText;
-use courier::tls::ServerTrust;
+use courier_client::ServerTrust;
+use courier_client::{Client, ClientConfig, OutgoingMessage, ReportOutcome};
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::{Registry, Tier};
 use courier_pipeline::wire::{code, Reason, Recipient, ReportEntry, Status};

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use courier::client::{Client, ClientConfig, ClientError, OutgoingMessage};
-use courier::tls::ServerTrust;
+use courier_client::ServerTrust;
+use courier_client::{Client, ClientConfig, ClientError, OutgoingMessage};
 use courier_pipeline::wire::{code, Recipient, Status};
 use quinn::{ConnectionError, VarInt};
 use rustls::pki_types::CertificateDer;

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use courier::client::{Client, ClientConfig, OutgoingMessage};
 use courier::serve::{self, Running, ServeOptions};
 use courier::shard::IN_FLIGHT_RETRY_MS;
 use courier::store::MasterKeyText;
-use courier::tls::ServerTrust;
+use courier_client::ServerTrust;
+use courier_client::{Client, ClientConfig, OutgoingMessage};
 use courier_pipeline::idempotency::{Claim, Idempotency};
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::{Registry, Tier};

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::{Options, TestServer, TOKEN};
 use courier::load::{self, LoadConfig, LoadError};
-use courier::tls::ServerTrust;
+use courier_client::ServerTrust;
 
 fn config(server: &TestServer) -> LoadConfig {
     LoadConfig {

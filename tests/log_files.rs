@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier::audit::{self, AcceptedEntry, SegmentState};
-use courier::client::Client;
 use courier::serve::{self, Running, ServeError, ServeOptions};
 use courier::store::MasterKeyText;
+use courier_client::Client;
 use courier_pipeline::wire::{LogPosition, Reason, Status};
 use logkit::*;
 

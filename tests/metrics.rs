@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use courier::client::{Client, ClientConfig, OutgoingMessage};
 use courier::serve::{self, ServeOptions};
 use courier::store::MasterKeyText;
-use courier::tls::ServerTrust;
+use courier_client::ServerTrust;
+use courier_client::{Client, ClientConfig, OutgoingMessage};
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::{Registry, Tier};
 use courier_pipeline::wire::{Reason, Recipient, Status};

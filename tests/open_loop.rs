@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use courier::client::{ClientError, OutgoingMessage, ReportOutcome};
 use courier::load::engine::{self, BoxFuture, SenderRun};
 use courier::load::traffic::{RecipientSpec, SizeSpec};
 use courier::load::{AcceptedRecord, Label};
 use courier::load::{LoadReport, RunOptions, SenderPlan, TokenSource, Transport};
+use courier_client::{ClientError, OutgoingMessage, ReportOutcome};
 use courier_pipeline::wire::{LogPosition, ReportEntry, Status};
 use tokio::time::Instant;
 

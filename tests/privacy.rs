@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use courier::audit::{self, AcceptedEntry};
-use courier::client::{Client, ClientConfig, OutgoingMessage};
 use courier::store::MasterKeyText;
-use courier::tls::ServerTrust;
+use courier_client::ServerTrust;
+use courier_client::{Client, ClientConfig, OutgoingMessage};
 use courier_pipeline::wire::{Recipient, Status};
 use rustls::pki_types::CertificateDer;
 

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use courier::client::{Client, ClientConfig, OutgoingMessage};
 use courier::serve::{self, ServeOptions};
 use courier::store::MasterKeyText;
-use courier::tls::ServerTrust;
+use courier_client::ServerTrust;
+use courier_client::{Client, ClientConfig, OutgoingMessage};
 use courier_pipeline::log::format::SEGMENT_HEADER_BYTES;
 use courier_pipeline::log::{Keyring, LogConfig, MasterKey, SegmentCodec, SegmentHeader};
 use courier_pipeline::profile::Profile;

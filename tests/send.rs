@@ -12,10 +12,10 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier::client::ClientConfig;
-use courier::send::{self, exit_code, SendOptions};
 use courier::serve::{self, Running, ServeOptions};
-use courier::tls::ServerTrust;
+use courier_client::send::{self, exit_code, SendOptions};
+use courier_client::ClientConfig;
+use courier_client::ServerTrust;
 use courier_pipeline::log::format::SEGMENT_HEADER_BYTES;
 use courier_pipeline::log::{Keyring, SegmentCodec, SegmentHeader};
 use courier_pipeline::registry::Registry;

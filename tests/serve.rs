@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use courier::client::{Client, ClientConfig, ClientError, OutgoingMessage};
 use courier::serve::{self, Running, ServeOptions};
-use courier::tls::ServerTrust;
+use courier_client::ServerTrust;
+use courier_client::{Client, ClientConfig, ClientError, OutgoingMessage};
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::{Registry, Tier};
 use courier_pipeline::wire::{self, code, Frame, FrameDecoder, Recipient, Status, WireLimits};
@@ -161,9 +161,9 @@ struct Raw {
 impl Raw {
     async fn connect(server: &TestServer) -> Raw {
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(courier::tls::client_config(&ServerTrust::Pinned(
-            server.running().certificate().clone(),
-        )));
+        endpoint.set_default_client_config(courier_client::tls::client_config(
+            &ServerTrust::Pinned(server.running().certificate().clone()),
+        ));
         let conn = endpoint
             .connect(server.running().local_addr(), "localhost")
             .unwrap()

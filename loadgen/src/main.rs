@@ -32,7 +32,7 @@ use courier::load::{
     self, AcceptedRecord, Label, LoadReport, Plan, RunConfig, RunOptions, SenderPlan, StopSignal,
     TokenSource,
 };
-use courier::tls::{CertificateDer, ServerTrust};
+use courier_client::tls::{CertificateDer, ServerTrust};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[global_allocator]

@@ -44,7 +44,7 @@ use super::report::{
 use super::scenario::{Plan, SenderPlan};
 use super::traffic::{filler, zipf_table, RecipientGen, RecipientSpec, Schedule, XorShift};
 use super::{CLIENT_ID_COUNTER_BITS, LATENCY_US_MAX};
-use crate::client::{Client, ClientError, OutgoingMessage, ReportOutcome};
+use courier_client::{Client, ClientError, OutgoingMessage, ReportOutcome};
 
 /// A message sent this long after its intended time counts as late.
 pub const LATE_AFTER: Duration = Duration::from_millis(10);

@@ -33,8 +33,8 @@ pub use report::{LoadReport, Percentiles};
 pub use scenario::{Label, Plan, SenderPlan, TokenSource};
 pub use workers::Workers;
 
-use crate::client::{Client, ClientConfig, ClientError, OutgoingMessage};
-use crate::tls::ServerTrust;
+use courier_client::ServerTrust;
+use courier_client::{Client, ClientConfig, ClientError, OutgoingMessage};
 use engine::SenderRun;
 use traffic::{RecipientSpec, SizeSpec};
 

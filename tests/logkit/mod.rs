@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use courier::audit::AcceptedEntry;
-use courier::client::{Client, ClientConfig, OutgoingMessage};
 use courier::store::MasterKeyText;
-use courier::tls::ServerTrust;
+use courier_client::ServerTrust;
+use courier_client::{Client, ClientConfig, OutgoingMessage};
 use courier_pipeline::log::format::SEGMENT_HEADER_BYTES;
 use courier_pipeline::log::{Keyring, SegmentCodec, SegmentHeader};
 use courier_pipeline::profile::Profile;

@@ -2,16 +2,21 @@
 //!
 //! ```text
 //! connect: Endpoint ──QUIC+TLS──> server
-//!          stream 0: HELLO(token) ──>  <── WELCOME(bounds)   (then the stream is released)
+//!          stream 0: session::Hello ── HELLO(token) ──>  <── WELCOME(bounds) ──> Session
+//!          (then the stream is released)
 //!
-//! submit(batch) ──validate against WELCOME──> encode SUBMIT ──> pick the least-loaded lane
+//! submit(batch) ──Session::encode_submit (WELCOME's bounds)──> pick the least-loaded lane
 //!        │                                                        │ acquire an in-flight permit
 //!        ▼                                                        ▼
 //!   awaits its reply <───────── lane k: writer task ── SUBMIT ──> stream k ──> server
-//!                        │                 │ registers the batch as pending, in write order
-//!                        └──── reader task <── ACK (batch_id, statuses), in order
-//!                              resolves the oldest pending batch
+//!                        │                 │ AckQueue::push: pending, in write order
+//!                        └──── reader task <── bytes ── AckQueue::handle_data ──> answers,
+//!                              oldest first, each to its batch's reply channel
 //! ```
+//!
+//! The wire logic (HELLO/WELCOME, bounds, SUBMIT encoding, matching ACKs with pending
+//! batches) is [`crate::session`]'s; this module adds the QUIC streams, tasks, permits
+//! and buffers around it.
 //!
 //! Invariants this module keeps:
 //! - a batch is validated against the server's WELCOME bounds before a byte is sent;
@@ -26,19 +31,17 @@
 //!   are untouched;
 //! - no error, log line or `Debug` output carries a token, a recipient or a payload.
 
-use std::collections::VecDeque;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use courier_pipeline::wire::{
-    self, code, Frame, FrameDecoder, OutMessage, Status, Welcome, WireError, WireLimits,
-};
+use courier_pipeline::wire::{self, code, Status, Welcome, WireError};
 use quinn::{ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::session::{AckQueue, Hello, PushRefused, Session, SessionError};
 use crate::tls::{self, ServerTrust};
 
 /// How long `connect` waits for the handshake and the WELCOME together.
@@ -48,13 +51,11 @@ pub const CLOSE_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most submit streams one client may use.
 pub const STREAMS_MAX: usize = 1024;
 /// Most batches in flight on one stream.
-pub const BATCHES_IN_FLIGHT_PER_STREAM_MAX: usize = 4096;
+pub const BATCHES_IN_FLIGHT_PER_STREAM_MAX: usize = crate::session::PENDING_PER_STREAM_MAX;
 /// Longest wait `submit_with_retry` honours between rounds, whatever the server asks.
 pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(60);
 /// Most bytes taken from a stream in one read.
 const READ_CHUNK_BYTES: usize = 64 << 10;
-/// The WELCOME body is 16 bytes; nothing else is accepted on the HELLO stream.
-const WELCOME_BODY_BYTES: u32 = 16;
 
 /// Where and how to connect.
 #[derive(Clone)]
@@ -194,6 +195,25 @@ pub enum ClientError {
     Closed,
 }
 
+impl From<SessionError> for ClientError {
+    fn from(e: SessionError) -> ClientError {
+        match e {
+            SessionError::TokenTooLong { .. } => {
+                ClientError::Config("token is longer than 256 bytes")
+            }
+            SessionError::Protocol(what) => ClientError::Protocol(what),
+            SessionError::Wire(e) => ClientError::Wire(e),
+            SessionError::StreamEnded => ClientError::StreamEnded,
+            SessionError::EmptyBatch => ClientError::EmptyBatch,
+            SessionError::BatchTooLarge { count, max } => ClientError::BatchTooLarge { count, max },
+            SessionError::PayloadTooLarge { index, bytes, max } => {
+                ClientError::PayloadTooLarge { index, bytes, max }
+            }
+            SessionError::FrameTooLarge { bytes, max } => ClientError::FrameTooLarge { bytes, max },
+        }
+    }
+}
+
 impl ClientError {
     /// Whether the connection is gone, so that no later submit can succeed.
     pub fn is_fatal(&self) -> bool {
@@ -244,7 +264,7 @@ fn write_error(e: WriteError) -> ClientError {
 pub struct Client {
     endpoint: quinn::Endpoint,
     connection: quinn::Connection,
-    welcome: Welcome,
+    session: Session,
     lanes: Vec<Lane>,
     next_lane: AtomicUsize,
     next_batch_id: AtomicU64,
@@ -255,7 +275,7 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("server", &self.connection.remote_address())
-            .field("welcome", &self.welcome)
+            .field("welcome", &self.session.welcome())
             .field("streams", &self.lanes.len())
             .finish_non_exhaustive()
     }
@@ -270,16 +290,24 @@ struct Lane {
 /// A batch on its way to a lane's writer.
 struct Job {
     frame: Bytes,
-    pending: Pending,
-}
-
-/// A batch written (or about to be) and not yet answered.
-struct Pending {
     batch_id: u64,
     count: usize,
-    reply: oneshot::Sender<Result<Vec<Status>, ClientError>>,
+    reply: Reply,
+}
+
+/// Where a batch's answer goes; the tag of its entry in the stream's [`AckQueue`].
+struct Reply {
+    tx: oneshot::Sender<Result<Vec<Status>, ClientError>>,
     /// Held until the batch is answered or failed: bounds a lane's batches in flight.
     _permit: OwnedSemaphorePermit,
+}
+
+impl Reply {
+    /// Answers the batch. The submitter may have stopped waiting; its batch was
+    /// answered all the same.
+    fn send(self, answer: Result<Vec<Status>, ClientError>) {
+        let _ = self.tx.send(answer);
+    }
 }
 
 impl Client {
@@ -305,7 +333,7 @@ impl Client {
             (Ipv6Addr::UNSPECIFIED, 0).into()
         };
         let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Bind(Arc::new(e)))?;
-        let (connection, welcome) =
+        let (connection, session) =
             match tokio::time::timeout(WELCOME_TIMEOUT, handshake(&endpoint, cfg)).await {
                 Ok(Ok(done)) => done,
                 Ok(Err(e)) => {
@@ -320,7 +348,12 @@ impl Client {
         let lanes = (0..cfg.streams)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(cfg.batches_in_flight_per_stream);
-                tokio::spawn(run_lane(connection.clone(), rx, welcome));
+                tokio::spawn(run_lane(
+                    connection.clone(),
+                    rx,
+                    session,
+                    cfg.batches_in_flight_per_stream,
+                ));
                 Lane {
                     jobs: tx,
                     permits: Arc::new(Semaphore::new(cfg.batches_in_flight_per_stream)),
@@ -330,7 +363,7 @@ impl Client {
         Ok(Client {
             endpoint,
             connection,
-            welcome,
+            session,
             lanes,
             next_lane: AtomicUsize::new(0),
             next_batch_id: AtomicU64::new(1),
@@ -360,7 +393,7 @@ impl Client {
 
     /// The bounds the server stated in WELCOME.
     pub fn welcome(&self) -> Welcome {
-        self.welcome
+        self.session.welcome()
     }
 
     /// Submit streams this client spreads batches over.
@@ -371,7 +404,7 @@ impl Client {
     /// Checks `batch` against the WELCOME bounds without sending it: `submit` refuses
     /// exactly the batches this refuses.
     pub fn check(&self, batch: &[OutgoingMessage]) -> Result<(), ClientError> {
-        check_batch(&self.welcome, batch).map(|_| ())
+        self.session.check(batch).map(|_| ()).map_err(Into::into)
     }
 
     /// Submits one batch and returns one status per message, in batch order.
@@ -384,7 +417,7 @@ impl Client {
             return Err(connection_error(reason));
         }
         let batch_id = self.next_batch_id.fetch_add(1, Ordering::Relaxed);
-        let frame = encode_batch(&self.welcome, batch_id, &batch, &self.frames)?;
+        let frame = encode_batch(&self.session, batch_id, &batch, &self.frames)?;
         let count = batch.len();
         drop(batch);
         let lane = self.pick_lane();
@@ -394,13 +427,13 @@ impl Client {
             .acquire_owned()
             .await
             .map_err(|_| ClientError::Closed)?;
-        let (reply, answer) = oneshot::channel();
+        let (tx, answer) = oneshot::channel();
         let job = Job {
             frame,
-            pending: Pending {
-                batch_id,
-                count,
-                reply,
+            batch_id,
+            count,
+            reply: Reply {
+                tx,
                 _permit: permit,
             },
         };
@@ -422,15 +455,9 @@ impl Client {
         entries: &[wire::ReportEntry],
         wait: Duration,
     ) -> Result<ReportOutcome, ClientError> {
-        if entries.is_empty() || entries.len() > self.welcome.batch_messages_max as usize {
-            return Err(ClientError::BatchTooLarge {
-                count: entries.len(),
-                max: self.welcome.batch_messages_max,
-            });
-        }
-        let (mut send, mut recv) = self.connection.open_bi().await.map_err(connection_error)?;
         let mut frame = BytesMut::new();
-        wire::encode_report(entries, &mut frame);
+        self.session.encode_report(entries, &mut frame)?;
+        let (mut send, mut recv) = self.connection.open_bi().await.map_err(connection_error)?;
         let outcome = match send.write_all(&frame).await {
             Err(WriteError::Stopped(code)) => ReportOutcome::Refused {
                 code: code.into_inner(),
@@ -540,64 +567,19 @@ impl Drop for Client {
     }
 }
 
-/// Checks `batch` against the WELCOME bounds; returns the body bytes of its SUBMIT.
-fn check_batch(welcome: &Welcome, batch: &[OutgoingMessage]) -> Result<usize, ClientError> {
-    if batch.is_empty() {
-        return Err(ClientError::EmptyBatch);
-    }
-    if batch.len() > welcome.batch_messages_max as usize {
-        return Err(ClientError::BatchTooLarge {
-            count: batch.len(),
-            max: welcome.batch_messages_max,
-        });
-    }
-    if let Some((index, m)) = batch
-        .iter()
-        .enumerate()
-        .find(|(_, m)| m.payload.len() > welcome.payload_bytes_max as usize)
-    {
-        return Err(ClientError::PayloadTooLarge {
-            index,
-            bytes: m.payload.len(),
-            max: welcome.payload_bytes_max,
-        });
-    }
-    let body_bytes = wire::BATCH_HEADER_BYTES
-        + batch
-            .iter()
-            .map(|m| wire::MESSAGE_OVERHEAD_BYTES + m.recipient.as_bytes().len() + m.payload.len())
-            .sum::<usize>();
-    if body_bytes > welcome.frame_bytes_max as usize {
-        return Err(ClientError::FrameTooLarge {
-            bytes: body_bytes,
-            max: welcome.frame_bytes_max,
-        });
-    }
-    Ok(body_bytes)
-}
-
-/// Checks `batch` against the WELCOME bounds and encodes its SUBMIT frame into a buffer
+/// Encodes `batch`'s SUBMIT frame (checked against `session`'s bounds) into a buffer
 /// from `pool`.
 fn encode_batch(
-    welcome: &Welcome,
+    session: &Session,
     batch_id: u64,
     batch: &[OutgoingMessage],
     pool: &Arc<FramePool>,
 ) -> Result<Bytes, ClientError> {
-    let body_bytes = check_batch(welcome, batch)?;
-    let out: Vec<OutMessage<'_>> = batch
-        .iter()
-        .map(|m| OutMessage {
-            client_id: m.client_id,
-            recipient: &m.recipient,
-            payload: &m.payload,
-        })
-        .collect();
-    debug_assert_eq!(wire::submit_body_bytes(&out), body_bytes);
     let mut buf = pool.take();
-    buf.reserve(wire::FRAME_HEADER_BYTES + body_bytes);
-    wire::encode_submit_into(batch_id, &out, &mut buf);
-    debug_assert_eq!(buf.len(), wire::FRAME_HEADER_BYTES + body_bytes);
+    if let Err(e) = session.encode_submit(batch_id, batch, &mut buf) {
+        pool.put(buf);
+        return Err(e.into());
+    }
     Ok(pool.frame(buf))
 }
 
@@ -671,124 +653,86 @@ impl FramePool {
 async fn handshake(
     endpoint: &quinn::Endpoint,
     cfg: &ClientConfig,
-) -> Result<(quinn::Connection, Welcome), ClientError> {
+) -> Result<(quinn::Connection, Session), ClientError> {
     let connecting =
         endpoint.connect_with(tls::client_config(&cfg.trust), cfg.server, &cfg.server_name)?;
     let connection = connecting.await.map_err(connection_error)?;
     let (mut send, mut recv) = connection.open_bi().await.map_err(connection_error)?;
-    let mut hello = BytesMut::new();
-    wire::encode_hello(cfg.token.as_bytes(), &mut hello);
-    send.write_all(&hello).await.map_err(write_error)?;
-    let mut decoder = FrameDecoder::new(WireLimits {
-        frame_bytes_max: WELCOME_BODY_BYTES,
-        batch_messages_max: 1,
-    });
-    let welcome = loop {
-        match decoder.next_frame()? {
-            Some(Frame::Welcome(w)) => break w,
-            Some(_) => return Err(ClientError::Protocol("expected WELCOME")),
-            None => {}
-        }
+    let mut hello_frame = BytesMut::new();
+    let mut hello = Hello::new(cfg.token.as_bytes(), &mut hello_frame)?;
+    send.write_all(&hello_frame).await.map_err(write_error)?;
+    let session = loop {
         match recv.read_chunk(READ_CHUNK_BYTES, true).await {
-            Ok(Some(chunk)) => decoder.push(&chunk.bytes),
-            Ok(None) => return Err(ClientError::StreamEnded),
+            Ok(Some(chunk)) => {
+                if let Some(session) = hello.handle_data(&chunk.bytes)? {
+                    break session;
+                }
+            }
+            Ok(None) => return Err(hello.handle_finish().into()),
             Err(e) => return Err(read_error(e)),
         }
     };
-    if welcome.batch_messages_max == 0 || welcome.frame_bytes_max == 0 {
-        return Err(ClientError::Protocol("WELCOME states unusable bounds"));
-    }
     // Done with the HELLO stream: finishing our side and stopping theirs closes it fully.
     let _ = send.finish();
     let _ = recv.stop(VarInt::from_u32(code::CLOSE_OK));
-    Ok((connection, welcome))
-}
-
-/// The decoder bounds for ACKs answering batches within `welcome`.
-fn ack_limits(welcome: &Welcome) -> WireLimits {
-    let body = wire::BATCH_HEADER_BYTES as u64
-        + u64::from(welcome.batch_messages_max) * wire::STATUS_BYTES as u64;
-    WireLimits {
-        frame_bytes_max: u32::try_from(body).unwrap_or(u32::MAX),
-        batch_messages_max: welcome.batch_messages_max,
-    }
+    Ok((connection, session))
 }
 
 /// The state one stream's writer and reader share.
 struct StreamShared {
-    state: Mutex<StreamState>,
+    queue: Mutex<AckQueue<Reply>>,
     /// Woken when the stream dies, so the writer moves to a fresh stream.
     died: Notify,
 }
 
-struct StreamState {
-    /// Batches written and unanswered, in write order.
-    pending: VecDeque<Pending>,
-    /// Why the stream died; once set, nothing more is registered.
-    dead: Option<ClientError>,
-}
-
 impl StreamShared {
-    fn new() -> StreamShared {
+    fn new(session: &Session, depth: usize) -> StreamShared {
         StreamShared {
-            state: Mutex::new(StreamState {
-                pending: VecDeque::new(),
-                dead: None,
-            }),
+            queue: Mutex::new(session.ack_queue(depth)),
             died: Notify::new(),
         }
     }
 
-    /// Registers a batch about to be written; hands it back if the stream is dead.
-    fn register(&self, pending: Pending) -> Result<(), Pending> {
-        let mut state = self.state.lock().expect("stream state lock");
-        if state.dead.is_some() {
-            return Err(pending);
+    /// Registers a batch about to be written; hands its reply back if the stream is dead.
+    fn register(&self, batch_id: u64, count: usize, reply: Reply) -> Result<(), Reply> {
+        let mut queue = self.queue.lock().expect("stream queue lock");
+        match queue.push(batch_id, count, reply) {
+            Ok(()) => Ok(()),
+            Err((PushRefused::Dead, reply)) => Err(reply),
+            Err((PushRefused::Full, _)) => {
+                unreachable!("a lane's permits keep its batches within the stream's depth")
+            }
         }
-        state.pending.push_back(pending);
-        Ok(())
     }
 
-    /// Resolves the oldest pending batch with an ACK.
-    fn resolve(&self, frame: Frame) -> Result<(), ClientError> {
-        let Frame::Ack { batch_id, statuses } = frame else {
-            return Err(ClientError::Protocol(
-                "a frame other than ACK on a submit stream",
-            ));
-        };
-        let pending = {
-            let mut state = self.state.lock().expect("stream state lock");
-            match state.pending.front() {
-                None => return Err(ClientError::Protocol("ACK with no batch pending")),
-                Some(p) if p.batch_id != batch_id => {
-                    return Err(ClientError::Protocol(
-                        "ACK for a batch other than the oldest",
-                    ))
-                }
-                Some(p) if p.count != statuses.len() => {
-                    return Err(ClientError::Protocol(
-                        "ACK status count differs from the batch",
-                    ))
-                }
-                Some(_) => state.pending.pop_front().expect("front exists"),
-            }
-        };
-        // The submitter may have stopped waiting; its batch was answered all the same.
-        let _ = pending.reply.send(Ok(statuses));
-        Ok(())
+    /// Takes bytes read from the stream and answers every batch they complete, in order.
+    fn on_data(&self, data: &[u8]) -> Result<(), SessionError> {
+        let mut queue = self.queue.lock().expect("stream queue lock");
+        let result = queue.handle_data(data);
+        while let Some(answer) = queue.poll_answer() {
+            answer.tag.send(Ok(answer.statuses));
+        }
+        result
+    }
+
+    /// The server finished its half: why nothing more will be answered.
+    fn on_finish(&self) -> SessionError {
+        self.queue
+            .lock()
+            .expect("stream queue lock")
+            .handle_finish()
     }
 
     /// Marks the stream dead and fails every pending batch with `err`.
     fn fail(&self, err: ClientError) {
-        let drained = {
-            let mut state = self.state.lock().expect("stream state lock");
-            if state.dead.is_none() {
-                state.dead = Some(err.clone());
-            }
-            std::mem::take(&mut state.pending)
-        };
-        for p in drained {
-            let _ = p.reply.send(Err(err.clone()));
+        let drained: Vec<Reply> = self
+            .queue
+            .lock()
+            .expect("stream queue lock")
+            .fail()
+            .collect();
+        for reply in drained {
+            reply.send(Err(err.clone()));
         }
         self.died.notify_one();
     }
@@ -796,8 +740,12 @@ impl StreamShared {
 
 /// One lane: opens a stream when there is work, writes SUBMITs on it, and replaces it
 /// with a fresh one when it dies. Ends when the client drops its queue.
-async fn run_lane(connection: quinn::Connection, mut jobs: mpsc::Receiver<Job>, welcome: Welcome) {
-    let limits = ack_limits(&welcome);
+async fn run_lane(
+    connection: quinn::Connection,
+    mut jobs: mpsc::Receiver<Job>,
+    session: Session,
+    depth: usize,
+) {
     let mut carried: Option<Job> = None;
     loop {
         let first = match carried.take() {
@@ -812,14 +760,15 @@ async fn run_lane(connection: quinn::Connection, mut jobs: mpsc::Receiver<Job>, 
             Err(e) => {
                 // The connection is gone: fail this batch and every later one.
                 let err = connection_error(e);
-                let _ = first.pending.reply.send(Err(err.clone()));
+                first.reply.send(Err(err.clone()));
                 while let Some(job) = jobs.recv().await {
-                    let _ = job.pending.reply.send(Err(err.clone()));
+                    job.reply.send(Err(err.clone()));
                 }
                 return;
             }
         };
-        match run_stream(send, recv, first, &mut jobs, limits).await {
+        let shared = Arc::new(StreamShared::new(&session, depth));
+        match run_stream(send, recv, first, &mut jobs, shared).await {
             StreamEnd::Died { unsent } => carried = unsent,
             StreamEnd::QueueClosed => return,
         }
@@ -840,10 +789,9 @@ async fn run_stream(
     recv: RecvStream,
     first: Job,
     jobs: &mut mpsc::Receiver<Job>,
-    limits: WireLimits,
+    shared: Arc<StreamShared>,
 ) -> StreamEnd {
-    let shared = Arc::new(StreamShared::new());
-    let reader = tokio::spawn(read_acks(recv, shared.clone(), limits));
+    let reader = tokio::spawn(read_acks(recv, shared.clone()));
     let mut next = Some(first);
     let end = loop {
         let job = match next.take() {
@@ -857,11 +805,21 @@ async fn run_stream(
                 },
             },
         };
-        let Job { frame, pending } = job;
+        let Job {
+            frame,
+            batch_id,
+            count,
+            reply,
+        } = job;
         // Registered before the write, so that its ACK always finds it.
-        if let Err(pending) = shared.register(pending) {
+        if let Err(reply) = shared.register(batch_id, count, reply) {
             break StreamEnd::Died {
-                unsent: Some(Job { frame, pending }),
+                unsent: Some(Job {
+                    frame,
+                    batch_id,
+                    count,
+                    reply,
+                }),
             };
         }
         if let Err(e) = send.write_chunk(frame).await {
@@ -885,53 +843,43 @@ async fn run_stream(
 
 /// Reads ACKs from one stream and resolves pending batches in order; on any failure
 /// marks the stream dead and fails what is pending.
-async fn read_acks(mut recv: RecvStream, shared: Arc<StreamShared>, limits: WireLimits) {
-    let mut decoder = FrameDecoder::new(limits);
-    let err = 'read: loop {
+async fn read_acks(mut recv: RecvStream, shared: Arc<StreamShared>) {
+    let err = loop {
         match recv.read_chunk(READ_CHUNK_BYTES, true).await {
             Ok(Some(chunk)) => {
-                decoder.push(&chunk.bytes);
-                loop {
-                    match decoder.next_frame() {
-                        Ok(Some(frame)) => {
-                            if let Err(e) = shared.resolve(frame) {
-                                break 'read e;
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => break 'read ClientError::Wire(e),
-                    }
+                if let Err(e) = shared.on_data(&chunk.bytes) {
+                    break stopped(&mut recv, e);
                 }
             }
-            Ok(None) => {
-                break match decoder.finish() {
-                    Ok(()) => ClientError::StreamEnded,
-                    Err(e) => ClientError::Wire(e),
-                }
-            }
+            Ok(None) => break stopped(&mut recv, shared.on_finish()),
             Err(e) => break read_error(e),
         }
     };
-    if let ClientError::Wire(e) = &err {
-        let _ = recv.stop(VarInt::from_u32(e.code()));
-    } else if let ClientError::Protocol(_) = &err {
-        let _ = recv.stop(VarInt::from_u32(code::UNEXPECTED_FRAME));
-    }
     shared.fail(err);
+}
+
+/// Stops the server's half of a stream that broke by a frame, with the code that names
+/// why (see `wire::code`).
+fn stopped(recv: &mut RecvStream, e: SessionError) -> ClientError {
+    if let Some(c) = e.stop_code() {
+        let _ = recv.stop(VarInt::from_u32(c));
+    }
+    e.into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use courier_pipeline::wire::Recipient;
+    use courier_pipeline::wire::{Frame, FrameDecoder, Recipient, WireLimits};
 
-    fn welcome() -> Welcome {
-        Welcome {
+    fn session() -> Session {
+        Session::new(Welcome {
             business_id: 1,
             batch_messages_max: 4,
             payload_bytes_max: 10,
             frame_bytes_max: 100,
-        }
+        })
+        .unwrap()
     }
 
     fn msg(id: u64, payload: &'static [u8]) -> OutgoingMessage {
@@ -942,54 +890,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn encode_refuses_batches_outside_welcome_bounds() {
-        let w = welcome();
-        let pool = FramePool::new(1);
-        assert!(matches!(
-            encode_batch(&w, 1, &[], &pool),
-            Err(ClientError::EmptyBatch)
-        ));
-        let five: Vec<_> = (0..5).map(|i| msg(i, b"x")).collect();
-        assert!(matches!(
-            encode_batch(&w, 1, &five, &pool),
-            Err(ClientError::BatchTooLarge { count: 5, max: 4 })
-        ));
-        assert!(matches!(
-            encode_batch(&w, 1, &[msg(0, b"x"), msg(1, b"01234567890")], &pool),
-            Err(ClientError::PayloadTooLarge {
-                index: 1,
-                bytes: 11,
-                max: 10
-            })
-        ));
-        // 4 messages of 13 + 12 + 10 bytes plus the 12 byte header: 152 > 100.
-        let four: Vec<_> = (0..4).map(|i| msg(i, b"0123456789")).collect();
-        assert!(matches!(
-            encode_batch(&w, 1, &four, &pool),
-            Err(ClientError::FrameTooLarge {
-                bytes: 152,
-                max: 100
-            })
-        ));
-    }
-
-    #[test]
-    fn encoded_submit_decodes_back() {
-        let pool = FramePool::new(1);
-        let frame = encode_batch(&welcome(), 9, &[msg(7, b"hi"), msg(8, b"")], &pool).unwrap();
-        let mut d = FrameDecoder::new(WireLimits::PERMISSIVE);
-        d.push(&frame);
-        let Some(Frame::Submit { batch_id, messages }) = d.next_frame().unwrap() else {
-            panic!("not a SUBMIT");
-        };
-        assert_eq!(batch_id, 9);
-        assert_eq!(messages.len(), 2);
-        assert_eq!(messages[0].client_id, 7);
-        assert_eq!(&messages[0].payload[..], b"hi");
-        assert_eq!(messages[1].client_id, 8);
-    }
-
     fn pooled(pool: &FramePool) -> usize {
         pool.free.lock().unwrap().len()
     }
@@ -997,7 +897,7 @@ mod tests {
     #[test]
     fn frame_buffers_come_back_once_every_copy_is_dropped() {
         let pool = FramePool::new(1);
-        let first = encode_batch(&welcome(), 1, &[msg(1, b"0123456789")], &pool).unwrap();
+        let first = encode_batch(&session(), 1, &[msg(1, b"0123456789")], &pool).unwrap();
         let at = first.as_ptr();
         // quinn holds clones and slices of a frame until its packets are acknowledged.
         let held = first.slice(3..);
@@ -1005,7 +905,7 @@ mod tests {
         assert_eq!(pooled(&pool), 0, "a slice still holds the buffer");
         drop(held);
         assert_eq!(pooled(&pool), 1);
-        let second = encode_batch(&welcome(), 2, &[msg(5, b"abc")], &pool).unwrap();
+        let second = encode_batch(&session(), 2, &[msg(5, b"abc")], &pool).unwrap();
         assert_eq!(second.as_ptr(), at, "the buffer is reused");
         let mut d = FrameDecoder::new(WireLimits::PERMISSIVE);
         d.push(&second);
@@ -1019,8 +919,12 @@ mod tests {
             "nothing left of the old frame"
         );
         // The pool keeps at most `keep` buffers.
-        let third = encode_batch(&welcome(), 3, &[msg(6, b"x")], &pool).unwrap();
+        let third = encode_batch(&session(), 3, &[msg(6, b"x")], &pool).unwrap();
         drop((second, third));
+        assert_eq!(pooled(&pool), 1);
+        // A refused batch gives its buffer back at once.
+        let err = encode_batch(&session(), 4, &[], &pool).unwrap_err();
+        assert!(matches!(err, ClientError::EmptyBatch));
         assert_eq!(pooled(&pool), 1);
     }
 
@@ -1040,7 +944,7 @@ mod tests {
             payload: Bytes::from_static(b"secret words"),
         };
         let err = encode_batch(
-            &welcome(),
+            &session(),
             1,
             &[OutgoingMessage {
                 payload: Bytes::from_static(b"secret words, too long"),
@@ -1055,40 +959,39 @@ mod tests {
     }
 
     #[test]
-    fn ack_mismatch_is_a_protocol_error_and_fails_pending() {
-        let shared = StreamShared::new();
+    fn a_protocol_error_fails_the_pending_batches_and_returns_their_permits() {
+        let shared = StreamShared::new(&session(), 2);
         let sem = Arc::new(Semaphore::new(2));
         let (tx1, mut rx1) = oneshot::channel();
         let (tx2, mut rx2) = oneshot::channel();
         for (id, tx) in [(1, tx1), (2, tx2)] {
-            let p = Pending {
-                batch_id: id,
-                count: 1,
-                reply: tx,
+            let reply = Reply {
+                tx,
                 _permit: sem.clone().try_acquire_owned().unwrap(),
             };
-            assert!(shared.register(p).is_ok());
+            assert!(shared.register(id, 1, reply).is_ok());
         }
         let accepted = vec![Status::Accepted(wire::LogPosition(5))];
-        shared
-            .resolve(Frame::Ack {
-                batch_id: 1,
-                statuses: accepted.clone(),
-            })
-            .unwrap();
+        let mut acks = BytesMut::new();
+        wire::encode_ack(1, &accepted, &mut acks);
+        wire::encode_ack(3, &accepted, &mut acks);
+        let err = shared.on_data(&acks).unwrap_err();
         assert_eq!(rx1.try_recv().unwrap().unwrap(), accepted);
-        let err = shared
-            .resolve(Frame::Ack {
-                batch_id: 3,
-                statuses: accepted,
-            })
-            .unwrap_err();
-        assert!(matches!(err, ClientError::Protocol(_)));
-        shared.fail(err);
+        assert!(matches!(err, SessionError::Protocol(_)));
+        shared.fail(err.into());
         assert!(matches!(
             rx2.try_recv().unwrap(),
             Err(ClientError::Protocol(_))
         ));
         assert_eq!(sem.available_permits(), 2, "permits come back");
+        let (tx, _rx) = oneshot::channel();
+        let reply = Reply {
+            tx,
+            _permit: sem.clone().try_acquire_owned().unwrap(),
+        };
+        assert!(
+            shared.register(9, 1, reply).is_err(),
+            "a dead stream takes no more"
+        );
     }
 }

@@ -19,7 +19,6 @@ pub use courier_pipeline;
 pub mod audit;
 pub mod business_keys;
 pub mod control;
-pub mod load;
 pub mod metrics;
 pub mod notify;
 pub mod serve;

@@ -792,6 +792,9 @@ fn send_options(args: &SendArgs, state: PathBuf) -> Result<courier_client::send:
 }
 
 fn cmd_demo(args: DemoArgs) -> Result<()> {
+    use courier_loadgen::traffic::{RecipientSpec, SizeSpec, POPULATION_MAX};
+    use courier_loadgen::{Label, Plan, RunConfig, RunOptions, SenderPlan, TokenSource};
+
     let dir = tempfile_dir()?;
     let mut profile = Profile::default_profile();
     profile.listen = "127.0.0.1:0".parse().expect("literal address");
@@ -825,35 +828,65 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
         args.batch,
         args.seconds
     );
-    let cfg = courier::load::LoadConfig {
+    let seconds = args.seconds as f64;
+    // The abusive sender starts after a quiet second (sooner in a very short demo) and
+    // messages never-contacted numbers at half its messages-per-second limit, so what
+    // stops it is the fan-out surge check, not its rate.
+    let onset_secs = DEMO_ABUSE_ONSET_SECS.min(seconds * 0.2);
+    let plan = Plan {
+        duration_secs: seconds,
+        senders: vec![
+            SenderPlan {
+                name: "bulk".into(),
+                label: Label::Normal,
+                token: TokenSource::Index(0),
+                rate: 0.0,
+                rate_from: 0.0,
+                start_secs: 0.0,
+                stop_secs: seconds,
+                connections: args.connections,
+                batch: args.batch,
+                size: SizeSpec::Fixed(args.size),
+                recipients: RecipientSpec::Uniform {
+                    population: POPULATION_MAX,
+                },
+                reports_per_sec: 0.0,
+            },
+            SenderPlan {
+                name: "abusive".into(),
+                label: Label::Abusive,
+                token: TokenSource::Index(1),
+                rate: DEMO_ABUSE_RATE,
+                rate_from: DEMO_ABUSE_RATE,
+                start_secs: onset_secs,
+                stop_secs: seconds,
+                connections: 1,
+                batch: 50,
+                size: SizeSpec::Fixed(DEMO_ABUSE_PAYLOAD_BYTES),
+                recipients: RecipientSpec::New,
+                reports_per_sec: 0.0,
+            },
+        ],
+    };
+    let cfg = RunConfig {
         target: addr,
-        token,
+        tokens: vec![token, abusive_token],
+        platform_token: None,
         trust: courier_client::ServerTrust::Pinned(running.certificate().clone()),
-        connections: args.connections,
-        batch: args.batch,
-        size: args.size,
-        duration: Duration::from_secs(args.seconds),
         streams_per_connection: args.streams,
         batches_in_flight_per_stream: args.in_flight,
+        plan,
+        options: RunOptions {
+            in_flight: args.streams * args.in_flight,
+            ..RunOptions::default()
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let blast_cfg = courier_client::ClientConfig {
-        server: addr,
-        server_name: "localhost".into(),
-        token: abusive_token,
-        trust: courier_client::ServerTrust::Pinned(running.certificate().clone()),
-        streams: 1,
-        batches_in_flight_per_stream: 1,
-    };
-    let (report, blast) = rt.block_on(async move {
-        let bulk = tokio::spawn(async move { courier::load::run(&cfg).await });
-        let blast = demo_blast(&blast_cfg).await;
-        (bulk.await, blast)
-    });
-    let report = report.map_err(|e| anyhow::anyhow!("load task failed: {e}"))?;
+    let report = rt.block_on(courier_loadgen::run_plan(&cfg));
+    rt.shutdown_timeout(Duration::from_secs(1));
     // The status file is written once a second.
     std::thread::sleep(Duration::from_millis(1_200));
     let status = courier::control::read_status(&dir).ok();
@@ -869,22 +902,34 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
          authenticated connection(s), {} group commits, {} datagrams forwarded between shards",
         totals.accepted, totals.batches, totals.commits, totals.forwarded
     );
-    match blast {
-        Ok(b) => {
-            println!(
-                "detector: business {abusive_id} (\"demo abusive sender\") blasted new numbers: \
-                 {} accepted, then {} rejected as sender_paused{}",
-                b.accepted,
-                b.paused,
-                b.paused_after
-                    .map(|t| format!(
-                        ", paused {:.0} ms after its first message",
-                        t.as_secs_f64() * 1e3
-                    ))
-                    .unwrap_or_default()
-            );
-        }
-        Err(e) => println!("detector: the abusive sender could not run: {e}"),
+    if let Some(bulk) = report.senders.iter().find(|s| s.label == Label::Normal) {
+        let l = &bulk.latency_us;
+        println!(
+            "bulk sender: business {id}, {} accepted, ack latency p50 {:.2} ms, p99 {:.2} ms, \
+             p99.9 {:.2} ms",
+            bulk.accepted,
+            l.p50 as f64 / 1e3,
+            l.p99 as f64 / 1e3,
+            l.p999 as f64 / 1e3
+        );
+    }
+    if let Some(b) = report.senders.iter().find(|s| s.label == Label::Abusive) {
+        let paused = b
+            .rejected_by_reason
+            .get("sender_paused")
+            .copied()
+            .unwrap_or(0);
+        println!(
+            "detector: business {abusive_id} (\"demo abusive sender\") blasted new numbers from \
+             {onset_secs:.1} s on: {} accepted, {paused} rejected as sender_paused, {} other \
+             rejections, {} throttled{}",
+            b.accepted,
+            b.rejected - paused,
+            b.throttled,
+            b.first_flag_after_onset_secs
+                .map(|t| format!("; first flagged {:.0} ms after its onset", t * 1e3))
+                .unwrap_or_else(|| "; never flagged".to_string())
+        );
     }
     if let Some(st) = status {
         for b in st.businesses {
@@ -916,59 +961,12 @@ fn cmd_demo(args: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-/// What the demo's abusive sender saw.
-struct BlastOutcome {
-    accepted: u64,
-    paused: u64,
-    paused_after: Option<Duration>,
-}
-
-/// After a quiet second, sends batches of never-contacted numbers as fast as the server
-/// answers, until the detector pauses the sender (at most 40 batches).
-async fn demo_blast(cfg: &courier_client::ClientConfig) -> Result<BlastOutcome> {
-    use courier_client::{Client, OutgoingMessage};
-    use courier_pipeline::wire::{Reason, Recipient, Status};
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let client = Client::connect(cfg).await?;
-    let mut out = BlastOutcome {
-        accepted: 0,
-        paused: 0,
-        paused_after: None,
-    };
-    let start = std::time::Instant::now();
-    for k in 0..40u64 {
-        let batch = (0..50u64)
-            .map(|i| {
-                let n = k * 50 + i;
-                OutgoingMessage {
-                    client_id: n,
-                    recipient: Recipient::parse(format!("+1999{n:010}").as_bytes())
-                        .expect("valid E.164"),
-                    payload: bytes::Bytes::from_static(b"limited time offer"),
-                }
-            })
-            .collect();
-        let statuses = client.submit(batch).await?;
-        for s in &statuses {
-            match s {
-                Status::Accepted(_) => out.accepted += 1,
-                Status::Rejected(Reason::SenderPaused) => {
-                    out.paused += 1;
-                    out.paused_after.get_or_insert(start.elapsed());
-                }
-                _ => {}
-            }
-        }
-        if statuses
-            .iter()
-            .all(|s| *s == Status::Rejected(Reason::SenderPaused))
-        {
-            break;
-        }
-    }
-    client.close().await;
-    Ok(out)
-}
+/// When the demo's abusive sender starts, seconds into the run (at most).
+const DEMO_ABUSE_ONSET_SECS: f64 = 1.0;
+/// Its rate, messages per second: half its registered `mps`, every one to a new number.
+const DEMO_ABUSE_RATE: f64 = 500.0;
+/// Its payload size, bytes (a short marketing text).
+const DEMO_ABUSE_PAYLOAD_BYTES: usize = 18;
 
 fn tempfile_dir() -> Result<PathBuf> {
     let mut rnd = [0u8; 8];

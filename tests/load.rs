@@ -5,8 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::{Options, TestServer, TOKEN};
-use courier::load::{self, LoadConfig, LoadError};
 use courier_client::ServerTrust;
+use courier_loadgen::{self as load, LoadConfig, LoadError};
 
 fn config(server: &TestServer) -> LoadConfig {
     LoadConfig {

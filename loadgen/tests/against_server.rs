@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use courier::load::scenario::Defaults;
-use courier::load::traffic::{RecipientSpec, SizeSpec};
-use courier::load::Plan;
 use courier::serve::{self, Running, ServeOptions};
+use courier_loadgen::scenario::Defaults;
+use courier_loadgen::traffic::{RecipientSpec, SizeSpec};
+use courier_loadgen::Plan;
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::{Registry, Tier};
 
@@ -259,7 +259,7 @@ fn every_shipped_scenario_runs_briefly_against_a_real_server() {
         let abusive = plan
             .senders
             .iter()
-            .filter(|s| s.label == courier::load::Label::Abusive)
+            .filter(|s| s.label == courier_loadgen::Label::Abusive)
             .count();
         assert_eq!(r["detection"]["abusive"], abusive as u64, "{name}");
         assert!(r["detection"]["precision"].is_null(), "{name}: {r}");

@@ -3,10 +3,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use courier::load::report::{
+use courier_loadgen::report::{
     Cpu, Detection, Duplicates, PercentilePoint, Reports, Second, SenderReport,
 };
-use courier::load::{Label, LoadReport, Percentiles};
+use courier_loadgen::{Label, LoadReport, Percentiles};
 
 fn sample() -> LoadReport {
     let senders = vec![SenderReport {
@@ -21,6 +21,8 @@ fn sample() -> LoadReport {
         rejected: 0,
         errors: 0,
         first_flag_after_onset_secs: Some(0.25),
+        rejected_by_reason: BTreeMap::new(),
+        latency_us: Percentiles::default(),
     }];
     LoadReport {
         sent: 1000,
@@ -183,7 +185,7 @@ fn a_loadgen_v1_report_still_loads() {
     assert_eq!((r.sent, r.latency_us.p999, r.latency_us.p9999), (10, 4, 0));
     assert!(r.timeline.is_empty() && r.mode.is_empty());
     let mut out = Vec::new();
-    courier::load::report::compare(&r, &sample(), &mut out).unwrap();
+    courier_loadgen::report::compare(&r, &sample(), &mut out).unwrap();
     let out = String::from_utf8(out).unwrap();
     assert!(out.contains("msgs/s") && out.contains("B/A"), "{out}");
     // sent: 1000 / 10.

@@ -23,7 +23,7 @@
 
 use serde::Deserialize;
 
-use super::traffic::{RecipientSpec, SizeSpec, SENDERS_MAX};
+use crate::traffic::{RecipientSpec, SizeSpec, SENDERS_MAX};
 
 /// Most connections of one sender.
 pub const SENDER_CONNECTIONS_MAX: usize = 1024;

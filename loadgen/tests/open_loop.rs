@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use courier::load::engine::{self, BoxFuture, SenderRun};
-use courier::load::traffic::{RecipientSpec, SizeSpec};
-use courier::load::{AcceptedRecord, Label};
-use courier::load::{LoadReport, RunOptions, SenderPlan, TokenSource, Transport};
 use courier_client::{ClientError, OutgoingMessage, ReportOutcome};
+use courier_loadgen::engine::{self, BoxFuture, SenderRun};
+use courier_loadgen::traffic::{RecipientSpec, SizeSpec};
+use courier_loadgen::{AcceptedRecord, Label};
+use courier_loadgen::{LoadReport, RunOptions, SenderPlan, TokenSource, Transport};
 use courier_pipeline::wire::{LogPosition, ReportEntry, Status};
 use tokio::time::Instant;
 
@@ -331,7 +331,7 @@ impl Transport for ThreadNoting {
 fn each_connection_sends_from_its_own_worker_thread() {
     // Real time here (the workers run runtimes of their own), but nothing below depends
     // on speed: only on which thread sent what, and that every message is counted.
-    let workers = courier::load::Workers::start(2, "lg-affinity").unwrap();
+    let workers = courier_loadgen::Workers::start(2, "lg-affinity").unwrap();
     let conns: Vec<Arc<ThreadNoting>> = (0..4).map(|_| Arc::default()).collect();
     let mut open = sender(2000.0, 10, 0.3);
     open.connections = 2;

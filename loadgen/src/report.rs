@@ -10,7 +10,7 @@ use std::io::Write;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use super::scenario::Label;
+use crate::scenario::Label;
 
 /// Latency percentiles, microseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -126,6 +126,13 @@ pub struct SenderReport {
     pub errors: u64,
     /// Seconds from its onset to its first `rejected` or `throttled`; `None`: never.
     pub first_flag_after_onset_secs: Option<f64>,
+    /// Its rejected messages by reason name (`Reason::name`), so that a pause
+    /// (`sender_paused`) is told apart from a limit.
+    #[serde(default)]
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    /// Latency of its answered messages, as for the whole run.
+    #[serde(default)]
+    pub latency_us: Percentiles,
 }
 
 impl SenderReport {
@@ -517,6 +524,8 @@ mod tests {
             rejected: 0,
             errors: 0,
             first_flag_after_onset_secs: first,
+            rejected_by_reason: BTreeMap::new(),
+            latency_us: Percentiles::default(),
         }
     }
 

@@ -37,13 +37,13 @@ use hdrhistogram::Histogram;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 
-use super::cpu::Meter;
-use super::report::{
+use crate::cpu::Meter;
+use crate::report::{
     self, Cpu, Detection, Duplicates, LoadReport, Percentiles, Reports, Second, SenderReport,
 };
-use super::scenario::{Plan, SenderPlan};
-use super::traffic::{filler, zipf_table, RecipientGen, RecipientSpec, Schedule, XorShift};
-use super::{CLIENT_ID_COUNTER_BITS, LATENCY_US_MAX};
+use crate::scenario::{Plan, SenderPlan};
+use crate::traffic::{filler, zipf_table, RecipientGen, RecipientSpec, Schedule, XorShift};
+use crate::{CLIENT_ID_COUNTER_BITS, LATENCY_US_MAX};
 use courier_client::{Client, ClientError, OutgoingMessage, ReportOutcome};
 
 /// A message sent this long after its intended time counts as late.
@@ -205,7 +205,7 @@ pub struct RunOptions {
     /// connection sends them and the server refuses them.
     pub reporter: Option<Arc<dyn Transport>>,
     /// Runtimes to spread connections over: connection `i` (counted over all senders)
-    /// connects and sends on `workers[i % len]` (see [`super::Workers`]). Empty: the
+    /// connects and sends on `workers[i % len]` (see [`crate::Workers`]). Empty: the
     /// caller's runtime.
     pub workers: Vec<tokio::runtime::Handle>,
 }
@@ -241,8 +241,8 @@ impl Default for RunOptions {
             accepted: None,
             on_second: None,
             stop: StopSignal::default(),
-            cpu: Meter::new(super::cpu::ServerCpu::InProcess),
-            drain_timeout: super::DRAIN_TIMEOUT,
+            cpu: Meter::new(crate::cpu::ServerCpu::InProcess),
+            drain_timeout: crate::DRAIN_TIMEOUT,
             reporter: None,
             workers: Vec::new(),
         }
@@ -983,6 +983,8 @@ pub async fn drive(duration: Duration, senders: Vec<SenderRun>, opts: &RunOption
             rejected: t.rejected,
             errors: t.errors,
             first_flag_after_onset_secs: (ns != u64::MAX).then(|| ns as f64 / 1e9),
+            rejected_by_reason: by_reason(&t.rejected_by_reason),
+            latency_us: Percentiles::of(&t.latency_us),
         });
     }
     let (generator_secs, server) = opts.cpu.between(&cpu_before, &cpu_after);
@@ -1011,12 +1013,7 @@ pub async fn drive(duration: Duration, senders: Vec<SenderRun>, opts: &RunOption
         msgs_per_sec: per_sec(total.accepted as f64),
         payload_bytes_per_sec: per_sec(total.accepted_bytes as f64),
         latency_us: Percentiles::of(&total.latency_us),
-        rejected_by_reason: Reason::ALL
-            .iter()
-            .zip(total.rejected_by_reason)
-            .filter(|(_, n)| *n > 0)
-            .map(|(r, n)| (r.name().to_string(), n))
-            .collect(),
+        rejected_by_reason: by_reason(&total.rejected_by_reason),
         mode: if open { "open" } else { "closed" }.to_string(),
         target_rate: if open { target_rate } else { 0.0 },
         late: total.late,
@@ -1037,6 +1034,16 @@ pub async fn drive(duration: Duration, senders: Vec<SenderRun>, opts: &RunOption
             server_source: server.map(|(_, src)| src),
         },
     }
+}
+
+/// Counts by reason name, the reasons that occurred only.
+fn by_reason(counts: &[u64; Reason::ALL.len()]) -> std::collections::BTreeMap<String, u64> {
+    Reason::ALL
+        .iter()
+        .zip(counts)
+        .filter(|(_, n)| **n > 0)
+        .map(|(r, n)| (r.name().to_string(), *n))
+        .collect()
 }
 
 /// The plan's length as a `Duration`.

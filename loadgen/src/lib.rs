@@ -1,4 +1,4 @@
-//! The load driver behind `courier-loadgen` and `courier demo`.
+//! courier-loadgen: the load engine behind the `courier-loadgen` binary and `courier demo`.
 //!
 //! ```text
 //! Plan (scenario TOML or flags) ──validate──> senders × connections (Client::connect, not timed)
@@ -7,18 +7,25 @@
 //!      counters once a second (progress, timeline)
 //!   └─ LoadReport: counts by status and reason, HDR percentiles, timeline, per-sender
 //!      detection scores, duplicates, spam reports, CPU of generator and server
+//!        ├─ print_table / JSON (serde) / compare
+//!        └─ plot::write_png (feature `plot`, on by default)
 //! ```
 //!
 //! Modules: [`traffic`] (recipients, sizes, schedules), [`scenario`] (TOML → [`Plan`]),
 //! [`engine`] (the loops, over a [`engine::Transport`]), [`report`] (JSON, table,
 //! comparison), [`cpu`] (`/proc` readings), [`workers`] (threads that each own a share of
-//! the connections).
+//! the connections), `plot` (PNG; feature `plot`).
 //!
+//! It talks to servers through `courier_client` only, and depends on no server code:
+//! `courier demo` runs it against an in-process server, `courier-loadgen` against any.
 //! Recipients are synthetic and payloads filler: the driver never sees real personal
 //! data, and prints none either way.
+#![forbid(unsafe_code)]
 
 pub mod cpu;
 pub mod engine;
+#[cfg(feature = "plot")]
+pub mod plot;
 pub mod report;
 pub mod scenario;
 pub mod traffic;

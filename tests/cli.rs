@@ -233,8 +233,19 @@ fn config_check_applies_environment_overrides_and_names_a_bad_one() {
         stdout.contains("override: log.retention_secs = 172800 (from COURIER_LOG__RETENTION_SECS)"),
         "{stdout}"
     );
-    assert!(stdout.contains("shards: 3,"), "{stdout}");
-    assert!(stdout.contains("retention_secs: 172800,"), "{stdout}");
+    // The effective profile is TOML (what it says about it is comments), overrides in.
+    let effective: toml::Table = toml::from_str(&stdout).expect("stdout is a TOML profile");
+    assert_eq!(
+        effective["server"]["shards"].as_integer(),
+        Some(3),
+        "{stdout}"
+    );
+    assert_eq!(
+        effective["log"]["retention_secs"].as_integer(),
+        Some(172800),
+        "{stdout}"
+    );
+    courier_pipeline::profile::Profile::from_toml(&stdout).expect("it loads as a profile");
 
     // A variable that names no key, and one that breaks a bound.
     for (var, value, expect) in [

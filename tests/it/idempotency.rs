@@ -8,31 +8,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use courier::serve::{self, Running, ServeOptions};
+use courier::serve::Running;
 use courier::shard::IN_FLIGHT_RETRY_MS;
 use courier::store::MasterKeyText;
 use courier_client::ServerTrust;
 use courier_client::{Client, ClientConfig, OutgoingMessage};
 use courier_pipeline::idempotency::{Claim, Idempotency};
-use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::{Registry, Tier};
 use courier_pipeline::wire::{LogPosition, Recipient, Status};
+use courier_testkit::server::{self, Setup};
 
 const MASTER_HEX: &str = "8f1c2d3e4a5b6c7d8e9fa0b1c2d3e4f5061728394a5b6c7d8e9f0a1b2c3d4e5f";
 
 fn start(dir: &Path, registry: &Registry) -> Running {
-    let mut profile =
-        Profile::from_toml(&std::fs::read_to_string("tuning/small.toml").unwrap()).unwrap();
-    profile.listen = "127.0.0.1:0".parse().unwrap();
-    profile.shards = 2;
-    serve::start(ServeOptions {
-        profile,
-        data_dir: dir.to_path_buf(),
-        registry: Arc::new(registry.clone()),
-        registry_file: None,
+    let setup = Setup {
         master_key: MasterKeyText::new(format!("{MASTER_HEX}\n").into_bytes()).unwrap(),
-    })
-    .unwrap()
+        ..Setup::new(2, registry.clone())
+    };
+    server::start(dir, setup)
 }
 
 fn config(running: &Running, token: &str) -> ClientConfig {

@@ -4,9 +4,7 @@
 //! error; the server exits 0; `courier log audit` finds every acknowledged message in
 //! the log, and the log holds no message whose ACK the stop swallowed.
 
-mod logkit;
-
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +13,7 @@ use bytes::Bytes;
 use courier_client::ServerTrust;
 use courier_client::{Client, ClientConfig, ClientError, OutgoingMessage};
 use courier_pipeline::wire::{code, Recipient, Status};
+use courier_testkit::spawn::{self, Files, Serve};
 use quinn::{ConnectionError, VarInt};
 use rustls::pki_types::CertificateDer;
 
@@ -101,46 +100,18 @@ async fn sender(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_answers_or_cleanly_closes_every_batch_and_keeps_every_ack() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let key_file = dir.path().join("master.key");
-    std::fs::write(&key_file, format!("{MASTER_HEX}\n")).unwrap();
-    let registry = dir.path().join("registry.toml");
-    let out = Command::new(env!("CARGO_BIN_EXE_courier"))
-        .args(["businesses", "add", "--name", "bulk", "--tier", "unlimited"])
-        .args(["--mps", "10000000", "--registry"])
-        .arg(&registry)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let addr = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let log_path = dir.path().join("serve.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
-        .args(["serve", "--profile", "tuning/small.toml", "--listen"])
-        .arg(addr.to_string())
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--registry")
-        .arg(&registry)
-        .arg("--master-key-file")
-        .arg(&key_file)
-        .env("COURIER_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    assert!(
-        logkit::wait_for(
-            &log_path,
-            "courier serving",
-            Instant::now() + Duration::from_secs(30)
-        ),
-        "server did not start"
+    let files = Files::new(dir.path(), MASTER_HEX);
+    let data = files.data.clone();
+    let key_file = files.key_file.clone();
+    let token = spawn::add_business(
+        super::courier_bin(),
+        &files.registry,
+        "bulk",
+        &["--tier", "unlimited", "--mps", "10000000"],
     );
+    let addr = spawn::free_port();
+    let log_path = dir.path().join("serve.log");
+    let mut server = Serve::new(super::courier_bin(), &files, addr, &log_path).spawn();
     let cert = CertificateDer::from(std::fs::read(data.join("tls/cert.der")).unwrap());
     let cfg = ClientConfig {
         server: addr,
@@ -184,11 +155,7 @@ async fn sigterm_under_load_answers_or_cleanly_closes_every_batch_and_keeps_ever
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
+    server.terminate();
     let answered_at_signal = answered.load(Ordering::Relaxed);
 
     let mut accepted = Vec::new();
@@ -214,17 +181,7 @@ async fn sigterm_under_load_answers_or_cleanly_closes_every_batch_and_keeps_ever
     assert!(answered.load(Ordering::Relaxed) >= answered_at_signal);
     assert!(!accepted.is_empty(), "some messages were accepted");
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "server did not stop after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = server.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "exit status {status}");
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("courier stopped"), "{log}");

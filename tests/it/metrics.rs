@@ -11,13 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use courier::serve::{self, ServeOptions};
 use courier::store::MasterKeyText;
 use courier_client::ServerTrust;
 use courier_client::{Client, ClientConfig, OutgoingMessage};
-use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::{Registry, Tier};
 use courier_pipeline::wire::{Reason, Recipient, Status};
+use courier_testkit::server::{self, small_profile, Setup};
 
 const MASTER_HEX: &str = "3c9e1a7b5d2f8e4a6c0b9d3f7e1a5c8b2d6f0e4a9c3b7d1f5e8a2c6b0d4f9e3a";
 const STEADY_NAME: &str = "Zanzibar Metrics Bakery";
@@ -144,12 +143,7 @@ fn value(samples: &[(String, f64)], series: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_match_the_clients_and_reveal_nothing_private() {
     let dir = tempfile::tempdir().unwrap();
-    let mut profile = Profile::from_toml(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tuning/small.toml"))
-            .unwrap(),
-    )
-    .unwrap();
-    profile.listen = "127.0.0.1:0".parse().unwrap();
+    let mut profile = small_profile(2);
     profile.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     let mut registry = Registry::default();
     let (steady, steady_token) = registry
@@ -158,14 +152,12 @@ async fn metrics_match_the_clients_and_reveal_nothing_private() {
     let (blaster, blast_token) = registry
         .add(BLAST_NAME, Tier::Unlimited, 100_000, &[8; 32])
         .unwrap();
-    let running = serve::start(ServeOptions {
+    let setup = Setup {
         profile,
-        data_dir: dir.path().join("data"),
-        registry: Arc::new(registry),
-        registry_file: None,
+        registry,
         master_key: MasterKeyText::new(MASTER_HEX.as_bytes().to_vec()).unwrap(),
-    })
-    .unwrap();
+    };
+    let running = server::start(&dir.path().join("data"), setup);
     let metrics = running.metrics_addr().expect("metrics are on");
     assert_ne!(metrics.port(), 0, "port 0 became a real port");
     let cfg = |token: &str| ClientConfig {

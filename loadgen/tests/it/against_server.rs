@@ -4,51 +4,25 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Arc;
 
-use courier::serve::{self, Running, ServeOptions};
+use courier::serve::Running;
 use courier_loadgen::scenario::Defaults;
 use courier_loadgen::traffic::{RecipientSpec, SizeSpec};
 use courier_loadgen::Plan;
-use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::{Registry, Tier};
+use courier_testkit::server::{self, Setup};
 
 /// Businesses registered: the shipped scenarios use indices 0 to 4.
 const BUSINESSES: usize = 5;
 
 fn start_server(dir: &Path) -> (Running, Vec<String>) {
-    let mut profile = Profile::from_toml(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tuning/small.toml"))
-            .unwrap(),
-    )
-    .unwrap();
-    profile.listen = "127.0.0.1:0".parse().unwrap();
     let mut registry = Registry::default();
+    // Full-speed load senders: exempt from detection, as an operator would set up a
+    // benchmark.
     let tokens = (0..BUSINESSES)
-        .map(|i| {
-            let (id, token) = registry
-                .add(
-                    &format!("loadgen test {i}"),
-                    Tier::Unlimited,
-                    1_000_000,
-                    &[5u8; 32],
-                )
-                .unwrap();
-            // Full-speed load senders: exempt from detection, as an operator would set
-            // up a benchmark.
-            registry.set_exempt(id, true);
-            token
-        })
+        .map(|i| server::add_exempt(&mut registry, &format!("loadgen test {i}"), &[5u8; 32]))
         .collect();
-    let running = serve::start(ServeOptions {
-        profile,
-        data_dir: dir.to_path_buf(),
-        registry: Arc::new(registry),
-        registry_file: None,
-        master_key: courier::store::MasterKeyText::random(),
-    })
-    .unwrap();
-    (running, tokens)
+    (server::start(dir, Setup::new(2, registry)), tokens)
 }
 
 fn loadgen(running: &Running, tokens: &[String], args: &[&str]) -> Output {
@@ -325,12 +299,6 @@ fn ctrl_c_prints_the_partial_report() {
 /// surge above 500 a second), tier 2000 for business 1, a platform credential for spam
 /// reports.
 fn start_detecting_server(dir: &Path) -> (Running, Vec<String>, String) {
-    let mut profile = Profile::from_toml(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tuning/small.toml"))
-            .unwrap(),
-    )
-    .unwrap();
-    profile.listen = "127.0.0.1:0".parse().unwrap();
     let mut registry = Registry::default();
     let (b0, t0) = registry
         .add("normal sender", Tier::Unlimited, 1_000_000, &[11; 32])
@@ -344,14 +312,7 @@ fn start_detecting_server(dir: &Path) -> (Running, Vec<String>, String) {
         .add("platform", Tier::Unlimited, 1_000, &[13; 32])
         .unwrap();
     registry.set_platform(p, true);
-    let running = serve::start(ServeOptions {
-        profile,
-        data_dir: dir.to_path_buf(),
-        registry: Arc::new(registry),
-        registry_file: None,
-        master_key: courier::store::MasterKeyText::random(),
-    })
-    .unwrap();
+    let running = server::start(dir, Setup::new(2, registry));
     (running, vec![t0, t1], platform)
 }
 

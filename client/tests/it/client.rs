@@ -1,17 +1,15 @@
 //! The client against a tiny test-only quinn server (tests/common), all on loopback.
 
-mod common;
-
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Options, TestServer, POISON, RETRY_AFTER_MS, TOKEN};
 use courier_client::ServerTrust;
 use courier_client::{Client, ClientConfig, ClientError, OutgoingMessage, Retried};
 use courier_pipeline::wire::{code, LogPosition, Reason, Recipient, Status};
+use courier_testkit::fake::{Options, TestServer, POISON, RETRY_AFTER_MS, TOKEN};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -78,7 +76,11 @@ async fn insecure_loopback_trust_connects() {
 async fn a_different_pinned_certificate_is_refused() {
     bounded(async {
         let server = TestServer::start(Options::default());
-        let (other, _) = courier::tls::self_signed(&["localhost".to_string()]);
+        let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+            .unwrap()
+            .cert
+            .der()
+            .clone();
         let mut cfg = config(&server, TOKEN, 1, 1);
         cfg.trust = ServerTrust::Pinned(other);
         let err = Client::connect(&cfg).await.unwrap_err();

@@ -4,10 +4,8 @@
 //! (tier, same recipient, rate) hold, and a registry change applies without a restart.
 //! Nothing identifying reaches the logs, even at TRACE.
 
-mod logkit;
-
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +17,7 @@ use courier_client::{Client, ClientConfig, OutgoingMessage, ReportOutcome};
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::{Registry, Tier};
 use courier_pipeline::wire::{code, Reason, Recipient, ReportEntry, Status};
+use courier_testkit::spawn::{self, Files, Serve};
 use rustls::pki_types::CertificateDer;
 
 const MASTER_HEX: &str = "5b2e7a9c1d3f5e7a9b2d4c6e8f0a1b3c5d7e9f2a4b6c8d0e1f3a5b7c9d2e4f6a";
@@ -72,32 +71,15 @@ impl Setup {
     }
 
     fn spawn(&self, round: usize) -> Child {
-        let key_file = self.dir.path().join("master.key");
-        std::fs::write(&key_file, format!("{MASTER_HEX}\n")).unwrap();
-        let child = courier()
-            .args(["serve", "--profile", "tuning/small.toml", "--listen"])
-            .arg(self.addr.to_string())
-            .arg("--data-dir")
-            .arg(self.data())
-            .arg("--registry")
-            .arg(self.registry())
-            .arg("--master-key-file")
-            .arg(&key_file)
-            .env("COURIER_LOG", "trace")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.log(round)).unwrap())
-            .spawn()
-            .unwrap();
-        assert!(
-            logkit::wait_for(
-                &self.log(round),
-                "courier serving",
-                Instant::now() + Duration::from_secs(30)
-            ),
-            "server did not start"
+        let files = Files::new(self.dir.path(), MASTER_HEX);
+        debug_assert_eq!(
+            (&files.data, &files.registry),
+            (&self.data(), &self.registry())
         );
-        child
+        Serve::new(super::courier_bin(), &files, self.addr, &self.log(round))
+            .env("COURIER_LOG", "trace")
+            .spawn()
+            .child
     }
 
     fn client_config(&self, token: &str) -> ClientConfig {
@@ -148,20 +130,9 @@ impl Setup {
 }
 
 fn stop(child: &mut Child) {
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            assert!(s.success(), "exit status {s}");
-            return;
-        }
-        assert!(Instant::now() < deadline, "server did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    spawn::terminate(child);
+    let s = spawn::wait_exit(child, Duration::from_secs(20));
+    assert!(s.success(), "exit status {s}");
 }
 
 /// A number no test elsewhere uses: `+4479` and 9 digits.

@@ -1,7 +1,10 @@
 //! A tiny test-only courier server on quinn: HELLO/WELCOME for one token, ACKs for
 //! SUBMITs with positions from a counter, and switches for throttling, stream resets and
-//! holding ACKs back. It is not the real server and tests nothing of it.
-#![allow(dead_code)]
+//! holding ACKs back. It is not the real server and tests nothing of it: the client
+//! library's and the load engine's tests run against it.
+//!
+//! Every queue here is bounded by what a test sends (each test sends a bounded number
+//! of batches); it runs on the caller's tokio runtime and stops when dropped.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

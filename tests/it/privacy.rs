@@ -4,11 +4,8 @@
 //! text or JSON log format (where every line is a JSON object); it exits 0; and every
 //! message it acknowledged is in its log.
 
-mod logkit;
-
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use courier::audit::{self, AcceptedEntry};
@@ -16,6 +13,7 @@ use courier::store::MasterKeyText;
 use courier_client::ServerTrust;
 use courier_client::{Client, ClientConfig, OutgoingMessage};
 use courier_pipeline::wire::{Recipient, Status};
+use courier_testkit::spawn::{self, Files, Serve};
 use rustls::pki_types::CertificateDer;
 
 const MASTER_HEX: &str = "3c1f5e7a9b2d4c6e8f0a1b3c5d7e9f2a4b6c8d0e1f3a5b7c9d2e4f6a8b0c1d3e";
@@ -62,58 +60,28 @@ async fn json_trace_logs_hold_no_content_and_every_line_is_json() {
 /// what it wrote to stderr.
 async fn serve_at_trace_under_traffic_then_sigterm(log_format: Option<&str>) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let key_file = dir.path().join("master.key");
-    std::fs::write(&key_file, format!("{MASTER_HEX}\n")).unwrap();
-    let registry = dir.path().join("registry.toml");
-    let out = Command::new(env!("CARGO_BIN_EXE_courier"))
-        .args([
-            "businesses",
-            "add",
-            "--name",
-            "privacy",
+    let files = Files::new(dir.path(), MASTER_HEX);
+    let data = files.data.clone();
+    let token = spawn::add_business(
+        super::courier_bin(),
+        &files.registry,
+        "privacy",
+        &[
             "--tier",
             "unlimited",
             "--mps",
             "100000",
             // 60 new numbers in well under a second is a surge; this test is about logs.
             "--exempt",
-            "--registry",
-        ])
-        .arg(&registry)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let addr = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+        ],
+    );
+    let addr = spawn::free_port();
     let log_path = dir.path().join("serve.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
-        .args(["serve", "--profile", "tuning/small.toml", "--listen"])
-        .arg(addr.to_string())
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--registry")
-        .arg(&registry)
-        .arg("--master-key-file")
-        .arg(&key_file)
+    let mut server = Serve::new(super::courier_bin(), &files, addr, &log_path)
         .env("COURIER_LOG", "trace")
         .env("COURIER_LOG_FORMAT", log_format.unwrap_or("text"))
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(dir.path().join("serve.out")).unwrap())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    assert!(
-        logkit::wait_for(
-            &log_path,
-            "courier serving",
-            Instant::now() + Duration::from_secs(30)
-        ),
-        "server did not start"
-    );
+        .stdout_to(&dir.path().join("serve.out"))
+        .spawn();
 
     // Distinctive numbers and payloads, to be searched for in the output afterwards.
     let messages: Vec<(u64, Recipient, String)> = (0..60u64)
@@ -163,22 +131,8 @@ async fn serve_at_trace_under_traffic_then_sigterm(log_format: Option<&str>) -> 
     .expect("traffic timed out");
 
     // SIGTERM: a graceful stop, exit status 0 within a bound.
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "server did not stop after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    server.terminate();
+    let status = server.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "exit status {status}");
 
     // Every acknowledged message is in the log.

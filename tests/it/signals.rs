@@ -35,13 +35,13 @@ fn a_second_sigterm_during_the_stop_forces_exit() {
         child();
         return;
     }
+    // This test's name in the test binary: its module path (less the crate) and name.
+    let name = format!(
+        "{}::a_second_sigterm_during_the_stop_forces_exit",
+        module_path!().split_once("::").map_or("", |(_, m)| m)
+    );
     let mut proc = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "a_second_sigterm_during_the_stop_forces_exit",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", &name, "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use courier::serve::{self, Running, ServeOptions};
+use courier::serve::Running;
 use courier_client::ServerTrust;
 use courier_client::{Client, ClientConfig, ClientError, OutgoingMessage};
-use courier_pipeline::profile::Profile;
-use courier_pipeline::registry::{Registry, Tier};
+use courier_pipeline::registry::Registry;
 use courier_pipeline::wire::{self, code, Frame, FrameDecoder, Recipient, Status, WireLimits};
+use courier_testkit::server::{self, Setup};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -23,24 +23,10 @@ struct TestServer {
 impl TestServer {
     fn start(shards: u32) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let mut profile =
-            Profile::from_toml(&std::fs::read_to_string("tuning/small.toml").unwrap()).unwrap();
-        profile.listen = "127.0.0.1:0".parse().unwrap();
-        profile.shards = shards;
         let mut registry = Registry::default();
-        let (id, token) = registry
-            .add("test sender", Tier::Unlimited, 1_000_000, &[3u8; 32])
-            .unwrap();
-        // These tests are about ingest: the detector is tested in tests/detect_e2e.rs.
-        registry.set_exempt(id, true);
-        let running = serve::start(ServeOptions {
-            profile,
-            data_dir: dir.path().to_path_buf(),
-            registry: Arc::new(registry),
-            registry_file: None,
-            master_key: courier::store::MasterKeyText::random(),
-        })
-        .unwrap();
+        // These tests are about ingest: the detector is tested in detect_e2e.
+        let token = server::add_exempt(&mut registry, "test sender", &[3u8; 32]);
+        let running = server::start(dir.path(), Setup::new(shards, registry));
         TestServer {
             running: Some(running),
             token,

@@ -5,18 +5,17 @@
 //!
 //! Replay a failure with `COURIER_CRASH_SEED=<seed printed by the failing run>`.
 
-mod logkit;
-
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use courier::audit::{self, AcceptedEntry, SegmentState, VerifyReport};
 use courier_client::Client;
-use logkit::*;
+use courier_testkit::logkit::*;
+use courier_testkit::spawn::{free_port, Files, Serve};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rustls::pki_types::CertificateDer;
@@ -31,40 +30,21 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const TEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 struct Setup {
-    data: PathBuf,
-    key_file: PathBuf,
-    registry: PathBuf,
+    files: Files,
     token: String,
     addr: SocketAddr,
 }
 
-fn free_port() -> SocketAddr {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap()
-}
-
 fn spawn_server(s: &Setup, round: usize) -> Child {
-    let log = std::fs::File::create(s.data.with_extension(format!("stderr-{round}"))).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_courier"))
-        .arg("serve")
-        .args(["--profile", "tuning/small.toml", "--listen"])
-        .arg(s.addr.to_string())
-        .arg("--data-dir")
-        .arg(&s.data)
-        .arg("--registry")
-        .arg(&s.registry)
-        .arg("--master-key-file")
-        .arg(&s.key_file)
-        .env("COURIER_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    let log = s.files.data.with_extension(format!("stderr-{round}"));
+    Serve::new(super::courier_bin(), &s.files, s.addr, &log)
+        .spawn_unready()
+        .child
 }
 
 fn server_log(s: &Setup, round: usize) -> String {
-    std::fs::read_to_string(s.data.with_extension(format!("stderr-{round}"))).unwrap_or_default()
+    std::fs::read_to_string(s.files.data.with_extension(format!("stderr-{round}")))
+        .unwrap_or_default()
 }
 
 /// Connects once the server answers; panics if it exits or takes too long.
@@ -84,7 +64,7 @@ async fn connect(s: &Setup, child: &mut Child, round: usize) -> Arc<Client> {
         // Connect once the server says it listens: a handshake sent before that waits
         // for its full timeout.
         if server_log(s, round).contains("courier serving") {
-            let cert = std::fs::read(s.data.join("tls/cert.der")).unwrap();
+            let cert = std::fs::read(s.files.data.join("tls/cert.der")).unwrap();
             let cfg = client_config(s.addr, CertificateDer::from(cert), &s.token);
             if let Ok(Ok(c)) =
                 tokio::time::timeout(Duration::from_secs(2), Client::connect(&cfg)).await
@@ -177,16 +157,13 @@ async fn sigkill_under_load_loses_no_acked_message() {
     eprintln!("crash test seed {seed} (replay with COURIER_CRASH_SEED={seed})");
     let mut rng = StdRng::seed_from_u64(seed);
     let tmp = tempfile::tempdir().unwrap();
-    let key_file = tmp.path().join("master.key");
-    std::fs::write(&key_file, key_text(9)).unwrap();
+    let hex = String::from_utf8(key_text(9)).unwrap();
+    let files = Files::new(tmp.path(), hex.trim());
     let key = master_key(9);
     let (reg, token) = registry();
-    let registry = tmp.path().join("registry.toml");
-    std::fs::write(&registry, reg.to_toml()).unwrap();
+    std::fs::write(&files.registry, reg.to_toml()).unwrap();
     let s = Setup {
-        data: tmp.path().join("data"),
-        key_file,
-        registry,
+        files,
         token,
         addr: free_port(),
     };
@@ -206,11 +183,16 @@ async fn sigkill_under_load_loses_no_acked_message() {
             // and every message acked before any earlier kill readable.
             let snapshot = acked.lock().unwrap().clone();
             check_verify(
-                &audit::verify(&s.data, &key).unwrap(),
+                &audit::verify(&s.files.data, &key).unwrap(),
                 false,
                 &format!("after restart {round}"),
             );
-            check_audit(&s.data, &key, &snapshot, &format!("after restart {round}"));
+            check_audit(
+                &s.files.data,
+                &key,
+                &snapshot,
+                &format!("after restart {round}"),
+            );
             check_secs += t0.elapsed().as_secs_f64();
             if round == ROUNDS {
                 child.kill().unwrap();
@@ -228,9 +210,14 @@ async fn sigkill_under_load_loses_no_acked_message() {
             // Acks seen so far all came before the kill.
             let t0 = Instant::now();
             let snapshot = acked.lock().unwrap().clone();
-            let report = audit::verify(&s.data, &key).unwrap();
+            let report = audit::verify(&s.files.data, &key).unwrap();
             torn_tails += check_verify(&report, true, &format!("after kill {round}"));
-            check_audit(&s.data, &key, &snapshot, &format!("after kill {round}"));
+            check_audit(
+                &s.files.data,
+                &key,
+                &snapshot,
+                &format!("after kill {round}"),
+            );
             check_secs += t0.elapsed().as_secs_f64();
             next_id.store(stop, Ordering::Relaxed);
         }

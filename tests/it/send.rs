@@ -1,25 +1,19 @@
 //! `courier send FILE` as a sender runs it: the binary against a real server on
 //! loopback (in process, io_uring shards, its log on disk), then the log read back with
-//! the master key. Plus the library's retry accounting against the test server of
-//! tests/common (which can throttle on demand).
-
-mod common;
-mod logkit;
+//! the master key. (The library's retry accounting against the fake server is in
+//! courier-client's tests.)
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Arc;
-use std::time::Duration;
 
-use courier::serve::{self, Running, ServeOptions};
-use courier_client::send::{self, exit_code, SendOptions};
-use courier_client::ClientConfig;
-use courier_client::ServerTrust;
+use courier::serve::Running;
+use courier_client::send::{self, exit_code};
 use courier_pipeline::log::format::SEGMENT_HEADER_BYTES;
 use courier_pipeline::log::{Keyring, SegmentCodec, SegmentHeader};
 use courier_pipeline::registry::Registry;
 use courier_pipeline::seal::keys::{RecipientKey, RecipientKeys};
+use courier_testkit::server::{self, Setup};
 
 const KEY_SEED: u8 = 41;
 /// Every payload in these files starts with it; it must never show in any output.
@@ -121,15 +115,12 @@ struct Server {
 impl Server {
     fn start() -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let (registry, token) = logkit::registry();
-        let running = serve::start(ServeOptions {
-            profile: logkit::small_profile(1),
-            data_dir: dir.path().join("data"),
-            registry: Arc::new(registry.clone()),
-            registry_file: None,
-            master_key: logkit::master_key(KEY_SEED),
-        })
-        .unwrap();
+        let (registry, token) = courier_testkit::logkit::registry();
+        let setup = Setup {
+            master_key: courier_testkit::logkit::master_key(KEY_SEED),
+            ..Setup::new(1, registry.clone())
+        };
+        let running = server::start(&dir.path().join("data"), setup);
         Server {
             running: Some(running),
             registry,
@@ -171,14 +162,14 @@ impl Server {
 
     /// Every record of the log, opened: (client id, recipient, payload).
     fn log(&self) -> Vec<(u64, String, Vec<u8>)> {
-        let master = logkit::master_key(KEY_SEED);
+        let master = courier_testkit::logkit::master_key(KEY_SEED);
         let keys =
             courier::business_keys::load_or_create(&self.data(), &master, &self.registry).unwrap();
         let business = self.registry.iter().next().unwrap().id;
-        let shard = logkit::shard_dir(&self.data(), 0);
+        let shard = courier_testkit::logkit::shard_dir(&self.data(), 0);
         let keyring = Keyring::from_bytes(&std::fs::read(shard.join("keyring")).unwrap()).unwrap();
         let mut out = Vec::new();
-        for seg in logkit::segments(&self.data(), 0) {
+        for seg in courier_testkit::logkit::segments(&self.data(), 0) {
             let bytes = std::fs::read(seg).unwrap();
             let header = SegmentHeader::decode(&bytes).unwrap();
             let key = keyring
@@ -530,140 +521,4 @@ fn a_wrong_token_is_exit_3_and_sends_nothing() {
     assert!(run.stderr.contains("refused the token"), "{run}");
     assert!(!run.stderr.contains("not-the-token"), "{run}");
     assert_eq!(server.running().totals().batches, 0);
-}
-
-/// Against the throttling test server: messages throttled once are retried after the
-/// retry-after and counted as throttled-then-accepted; with a single round they stay
-/// throttled, are listed in the summary and kept out of the state file.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn throttled_messages_are_retried_and_counted() {
-    tokio::time::timeout(Duration::from_secs(60), async {
-        let server = common::TestServer::start(common::Options {
-            throttle_first: true,
-            ..common::Options::default()
-        });
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("m.jsonl");
-        let sent = write_file(&file, 10);
-        let options = |attempts: u32, state: &str| SendOptions {
-            file: file.clone(),
-            state: dir.path().join(state),
-            client: ClientConfig {
-                server: server.addr,
-                server_name: "localhost".into(),
-                token: common::TOKEN.into(),
-                trust: ServerTrust::Pinned(server.cert.clone()),
-                streams: 2,
-                batches_in_flight_per_stream: 2,
-            },
-            batch_messages_max: 3,
-            attempts,
-            quiet: true,
-        };
-
-        // One round only: every message comes back throttled and stays so.
-        let once = send::send(&options(1, "once.acked")).await.unwrap();
-        assert_eq!((once.still_throttled, once.accepted), (10, 0));
-        assert_eq!(once.exit_code(), exit_code::NOT_ALL_ACCEPTED);
-        assert_eq!(once.not_accepted.len(), 10);
-        let listed: BTreeSet<u64> = once.not_accepted.iter().map(|n| n.id).collect();
-        assert_eq!(listed, sent.keys().copied().collect());
-        assert!(state_ids(&dir.path().join("once.acked")).is_empty());
-
-        // Seen once now, so the next round takes them; a fresh file's ids would be
-        // throttled first. Use a second file with new ids to see both at once.
-        let file2 = dir.path().join("m2.jsonl");
-        let text: String = (1..=10)
-            .map(|i| {
-                let mut m = Msg::new(i);
-                m.id = Some(500 + i);
-                m.line() + "\n"
-            })
-            .collect();
-        std::fs::write(&file2, text).unwrap();
-        let mut opts = options(5, "m2.acked");
-        opts.file = file2;
-        let retried = send::send(&opts).await.unwrap();
-        assert_eq!(retried.accepted, 10, "{retried:?}");
-        assert_eq!(retried.throttled_then_accepted, 10, "{retried:?}");
-        assert_eq!(retried.exit_code(), exit_code::OK);
-        let mut ids = state_ids(&dir.path().join("m2.acked"));
-        ids.sort_unstable();
-        assert_eq!(ids, (501..=510).collect::<Vec<u64>>());
-        let mut out = Vec::new();
-        retried.print(&mut out).unwrap();
-        let text = String::from_utf8(out).unwrap();
-        assert!(
-            text.lines()
-                .any(|l| l.split_whitespace().collect::<Vec<_>>()
-                    == ["throttled_then_accepted", "10"]),
-            "{text}"
-        );
-    })
-    .await
-    .expect("test timed out");
-}
-
-/// Against a test server that rejects some ids: they are counted by reason, listed by
-/// line and id in the summary, kept out of the state file, and the exit status is 1; a
-/// rerun sends only them again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rejected_messages_are_listed_not_recorded_and_resent_on_rerun() {
-    tokio::time::timeout(Duration::from_secs(60), async {
-        let server = common::TestServer::start(common::Options {
-            reject_from: Some(1000),
-            ..common::Options::default()
-        });
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("m.jsonl");
-        // Every third message has id 1000 + line: those are rejected.
-        let sent = write_file(&file, 12);
-        let rejected: BTreeSet<u64> = sent.keys().copied().filter(|&id| id >= 1000).collect();
-        assert_eq!(rejected.len(), 4);
-        let opts = SendOptions {
-            file: file.clone(),
-            state: send::default_state_path(&file),
-            client: ClientConfig {
-                server: server.addr,
-                server_name: "localhost".into(),
-                token: common::TOKEN.into(),
-                trust: ServerTrust::Pinned(server.cert.clone()),
-                streams: 1,
-                batches_in_flight_per_stream: 3,
-            },
-            batch_messages_max: 5,
-            attempts: 3,
-            quiet: true,
-        };
-        let s = send::send(&opts).await.unwrap();
-        assert_eq!((s.accepted, s.rejected_total()), (8, 4), "{s:?}");
-        assert_eq!(s.rejected.get("sender_paused"), Some(&4));
-        assert_eq!(s.exit_code(), exit_code::NOT_ALL_ACCEPTED);
-        let listed: BTreeSet<u64> = s.not_accepted.iter().map(|n| n.id).collect();
-        assert_eq!(listed, rejected);
-        // The file has a blank line after line 5: message 9 is on line 10 (id 1010).
-        assert!(s.not_accepted.iter().any(|n| n.line == 10 && n.id == 1010));
-        let state: BTreeSet<u64> = state_ids(&opts.state).into_iter().collect();
-        assert_eq!(state.len(), 8);
-        assert!(state.is_disjoint(&rejected));
-        let mut out = Vec::new();
-        s.print(&mut out).unwrap();
-        let text = String::from_utf8(out).unwrap();
-        assert!(
-            text.contains("not accepted: line 10 id 1010: rejected (sender_paused)"),
-            "{text}"
-        );
-
-        // A rerun sends only the rejected ones again.
-        let before = server.state.arrivals.lock().unwrap().len();
-        let again = send::send(&opts).await.unwrap();
-        assert_eq!((again.skipped, again.to_send), (8, 4));
-        let resent: BTreeSet<u64> = server.state.arrivals.lock().unwrap()[before..]
-            .iter()
-            .flat_map(|a| a.client_ids.clone())
-            .collect();
-        assert_eq!(resent, rejected);
-    })
-    .await
-    .expect("test timed out");
 }

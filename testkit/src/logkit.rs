@@ -1,7 +1,6 @@
-//! Helpers shared by the tests that run servers and read their logs (tests/log_files.rs,
-//! tests/crash.rs, and the spawned-server tests): a known master key, a registry, traffic
-//! that records what was acked, the segments of a shard, and waiting for a server's output.
-#![allow(dead_code)]
+//! Helpers for the tests that run servers and read their logs (the root's log_files,
+//! crash and spawned-server tests): a known master key, a registry, traffic that records
+//! what was acked, the segments of a shard, and waiting for a server's output.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,7 +12,6 @@ use courier_client::ServerTrust;
 use courier_client::{Client, ClientConfig, OutgoingMessage};
 use courier_pipeline::log::format::SEGMENT_HEADER_BYTES;
 use courier_pipeline::log::{Keyring, SegmentCodec, SegmentHeader};
-use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::{Registry, Tier};
 use courier_pipeline::wire::{Recipient, Status};
 use rustls::pki_types::CertificateDer;
@@ -36,13 +34,7 @@ pub fn master_key(seed: u8) -> MasterKeyText {
     MasterKeyText::new(key_text(seed)).unwrap()
 }
 
-/// The small profile with `shards` shards on an ephemeral loopback port.
-pub fn small_profile(shards: u32) -> Profile {
-    let mut p = Profile::from_toml(&std::fs::read_to_string("tuning/small.toml").unwrap()).unwrap();
-    p.listen = "127.0.0.1:0".parse().unwrap();
-    p.shards = shards;
-    p
-}
+pub use crate::server::small_profile;
 
 /// A registry with one unlimited business; returns it and its token.
 pub fn registry() -> (Registry, String) {

@@ -1,31 +1,28 @@
 //! The log's real files: torn tails, bit flips, a wrong master key and a full disk, on
 //! segments a real in-process server wrote; the operator tools run on them.
 
-mod logkit;
-
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use courier::audit::{self, AcceptedEntry, SegmentState};
-use courier::serve::{self, Running, ServeError, ServeOptions};
+use courier::serve::{self, Running, ServeError};
 use courier::store::MasterKeyText;
 use courier_client::Client;
 use courier_pipeline::wire::{LogPosition, Reason, Status};
-use logkit::*;
+use courier_testkit::logkit::*;
+use courier_testkit::server::{self, Setup};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn start(dir: &Path, key: &MasterKeyText) -> Result<(Running, String), ServeError> {
     let (registry, token) = registry();
-    let running = serve::start(ServeOptions {
-        profile: small_profile(1),
-        data_dir: dir.to_path_buf(),
-        registry: Arc::new(registry),
-        registry_file: None,
+    let setup = Setup {
         master_key: key.clone(),
-    })?;
+        ..Setup::new(1, registry)
+    };
+    let running = serve::start(server::options(dir, setup))?;
     Ok((running, token))
 }
 

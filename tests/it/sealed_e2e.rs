@@ -1,45 +1,37 @@
 //! A message that reaches the log is sealed for its recipient: reading the log back with
 //! the master key gives sealed bytes, never the payload, and the recipient's key opens them.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
-use courier::serve::{self, ServeOptions};
 use courier::store::MasterKeyText;
 use courier_client::ServerTrust;
 use courier_client::{Client, ClientConfig, OutgoingMessage};
 use courier_pipeline::log::format::SEGMENT_HEADER_BYTES;
 use courier_pipeline::log::{Keyring, LogConfig, MasterKey, SegmentCodec, SegmentHeader};
-use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::{Registry, Tier};
 use courier_pipeline::seal::keys::{
     unwrap_root_key, DerivedKeys, RecipientKey, RecipientKeys, WrappedRootKey,
 };
 use courier_pipeline::wire::{Recipient, Status};
+use courier_testkit::server::{self, small_profile, Setup};
 
 const MASTER_HEX: &str = "8f1c2d3e4a5b6c7d8e9fa0b1c2d3e4f5061728394a5b6c7d8e9f0a1b2c3d4e5f";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logged_messages_are_sealed_and_open_with_the_recipient_key() {
     let dir = tempfile::tempdir().unwrap();
-    let mut profile =
-        Profile::from_toml(&std::fs::read_to_string("tuning/small.toml").unwrap()).unwrap();
-    profile.listen = "127.0.0.1:0".parse().unwrap();
-    profile.shards = 1;
+    let profile = small_profile(1);
     let mut registry = Registry::default();
     let (business, token) = registry
         .add("sealing test", Tier::Unlimited, 1_000_000, &[9u8; 32])
         .unwrap();
     registry.set_exempt(business, true);
     let master = MasterKeyText::new(format!("{MASTER_HEX}\n").into_bytes()).unwrap();
-    let running = serve::start(ServeOptions {
+    let setup = Setup {
         profile: profile.clone(),
-        data_dir: dir.path().to_path_buf(),
-        registry: Arc::new(registry),
-        registry_file: None,
+        registry,
         master_key: master,
-    })
-    .unwrap();
+    };
+    let running = server::start(dir.path(), setup);
     let cfg = ClientConfig {
         server: running.local_addr(),
         server_name: "localhost".into(),

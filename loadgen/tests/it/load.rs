@@ -1,12 +1,10 @@
 //! The closed-loop driver against the test-only server (tests/common), on loopback.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Options, TestServer, TOKEN};
 use courier_client::ServerTrust;
 use courier_loadgen::{self as load, LoadConfig, LoadError};
+use courier_testkit::fake::{Options, TestServer, TOKEN};
 
 fn config(server: &TestServer) -> LoadConfig {
     LoadConfig {

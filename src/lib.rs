@@ -7,9 +7,13 @@
 //!                                        ▼
 //!                                     courier_pipeline::server::Server (sans-IO QUIC)
 //!                                        │  batches ──> courier_pipeline::ingest ──> ack
-//!  client::Client (quinn, tokio) ────────┘  used by load (courier demo, courier-loadgen)
-//!                                           and send (courier send FILE)
+//!  courier_client::Client (quinn, tokio) ┘  QUIC from senders: courier send FILE,
+//!                                           courier-loadgen and courier demo
 //! ```
+//!
+//! The client library (`courier-client`) and the load engine (`courier-loadgen`) are
+//! crates of their own; this one is the server and the `courier` CLI (`src/main.rs`,
+//! a module per command in `src/commands/`).
 //!
 //! Only `uring/` holds `unsafe` code; the rest of the crate denies it.
 #![deny(unsafe_code)]

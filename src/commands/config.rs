@@ -16,7 +16,8 @@ use super::env_vars;
 #[derive(clap::Subcommand, Debug)]
 pub(crate) enum ConfigCmd {
     /// Validate a profile with the COURIER_<SECTION>__<KEY> environment overrides applied
-    /// (as `serve` would), print the overrides and the profile, or print every error.
+    /// (as `serve` would), print the overrides and the effective profile as TOML, or print
+    /// every error.
     Check {
         /// Profile file (TOML).
         file: PathBuf,

@@ -81,41 +81,29 @@ impl ProgressLine {
         self.hidden
     }
 
-    /// Adds `n` to the count done and redraws if the last draw is old enough.
-    pub fn inc(&self, n: u64) {
-        self.update(|s| s.done = s.done.saturating_add(n));
+    /// Adds `n` to the count done; redraws, with `text` after the count (figures
+    /// only), if the last draw is old enough. `text` is built only for a redraw.
+    pub fn inc(&self, n: u64, text: impl FnOnce() -> String) {
+        self.update(|s| s.done = s.done.saturating_add(n), text);
     }
 
-    /// Sets the count done and redraws if the last draw is old enough.
-    pub fn set_position(&self, done: u64) {
-        self.update(|s| s.done = done);
+    /// Sets the count done; redraws, with `text`, if the last draw is old enough.
+    pub fn set(&self, done: u64, text: impl FnOnce() -> String) {
+        self.update(|s| s.done = done, text);
     }
 
-    /// Sets the text after the count (figures only) and redraws if the last draw is old
-    /// enough. The text is built only when it will be shown.
-    pub fn set_text(&self, text: impl FnOnce() -> String) {
+    fn update(&self, count: impl FnOnce(&mut State), text: impl FnOnce() -> String) {
         if self.hidden {
             return;
         }
         let mut s = self.state.lock().expect("progress lock");
+        count(&mut s);
+        let now = Instant::now();
+        if !due(&mut s, now) {
+            return;
+        }
         s.text = text();
-        self.redraw(&mut s, Instant::now());
-    }
-
-    fn update(&self, f: impl FnOnce(&mut State)) {
-        if self.hidden {
-            return;
-        }
-        let mut s = self.state.lock().expect("progress lock");
-        f(&mut s);
-        self.redraw(&mut s, Instant::now());
-    }
-
-    fn redraw(&self, s: &mut State, now: Instant) {
-        if !due(s, now) {
-            return;
-        }
-        let line = self.render(s, now.duration_since(self.started));
+        let line = self.render(&s, now.duration_since(self.started));
         let mut err = std::io::stderr().lock();
         // A progress line that cannot be written is not worth failing a send for.
         let _ = write!(err, "\r{line}\x1b[K");
@@ -233,8 +221,12 @@ mod tests {
     #[test]
     fn a_hidden_line_never_draws() {
         let p = ProgressLine::hidden();
-        p.inc(5);
-        p.set_text(|| unreachable!("the text of a hidden line is never built"));
+        p.inc(5, || {
+            unreachable!("the text of a hidden line is never built")
+        });
+        p.set(7, || {
+            unreachable!("the text of a hidden line is never built")
+        });
         assert!(p.state.lock().unwrap().drawn.is_none());
         p.finish();
     }

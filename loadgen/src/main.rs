@@ -385,8 +385,7 @@ fn main() -> anyhow::Result<()> {
     let bar = progress(args.quiet, plan.duration_secs);
     let on_second: Option<load::engine::OnSecond> = bar.clone().map(|bar| {
         let f: load::engine::OnSecond = Arc::new(move |s, (sent, accepted, errors)| {
-            bar.set_position(s.t_secs.floor() as u64);
-            bar.set_text(|| {
+            bar.set(s.t_secs.floor() as u64, || {
                 format!(
                     "{} msgs/s sent, {} acked; total {sent} sent, {accepted} accepted, {errors} errors; p99 {:.2} ms",
                     s.sent,

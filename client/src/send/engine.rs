@@ -318,8 +318,7 @@ fn record(
             state.path.display()
         ));
     }
-    bar.inc(n);
-    bar.set_text(|| {
+    bar.inc(n, || {
         let answered = summary.accepted
             + summary.duplicate
             + summary.rejected_total()

@@ -886,6 +886,7 @@ pub async fn drive(duration: Duration, senders: Vec<SenderRun>, opts: &RunOption
     let mut shared_senders = Vec::new();
     let mut conn_index = 0u64;
     let open = senders.iter().any(|s| !s.plan.closed_loop());
+    let closed = senders.iter().any(|s| s.plan.closed_loop());
     let target_rate: f64 = senders
         .iter()
         .map(|s| s.plan.rate.max(s.plan.rate_from))
@@ -1014,7 +1015,12 @@ pub async fn drive(duration: Duration, senders: Vec<SenderRun>, opts: &RunOption
         payload_bytes_per_sec: per_sec(total.accepted_bytes as f64),
         latency_us: Percentiles::of(&total.latency_us),
         rejected_by_reason: by_reason(&total.rejected_by_reason),
-        mode: if open { "open" } else { "closed" }.to_string(),
+        mode: match (open, closed) {
+            (true, true) => "mixed",
+            (true, false) => "open",
+            (false, _) => "closed",
+        }
+        .to_string(),
         target_rate: if open { target_rate } else { 0.0 },
         late: total.late,
         backlog_peak: total.backlog_peak,

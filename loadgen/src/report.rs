@@ -263,7 +263,8 @@ pub struct LoadReport {
     pub latency_us: Percentiles,
     /// Rejected messages by reason name (`Reason::name`).
     pub rejected_by_reason: BTreeMap<String, u64>,
-    /// `open` (fixed rate, latency from intended send times) or `closed` (full speed).
+    /// `open` (fixed rate, latency from intended send times), `closed` (full speed), or
+    /// `mixed` (some senders of each; `target_rate` is the open-loop senders').
     #[serde(default)]
     pub mode: String,
     /// Target rate summed over senders, messages per second (0 for closed loop).
@@ -346,7 +347,7 @@ impl LoadReport {
             writeln!(w, "  {reason:<27} {n:>12}")?;
         }
         writeln!(w, "errors         {:>12}", self.errors)?;
-        if self.mode == "open" {
+        if self.mode == "open" || self.mode == "mixed" {
             writeln!(
                 w,
                 "late/backlog   {:>12} late  (peak backlog {}, dropped {})",

@@ -366,3 +366,37 @@ fn each_connection_sends_from_its_own_worker_thread() {
         assert_eq!(threads, HashSet::from([want]), "connection {i}");
     }
 }
+
+/// `courier demo` runs a closed-loop bulk sender beside an open-loop abusive one: the
+/// report says the run was mixed, and its target rate is the open-loop sender's.
+#[tokio::test(start_paused = true)]
+async fn a_run_with_open_and_closed_loop_senders_reports_mixed() {
+    let no_stall = Duration::ZERO;
+    let senders = vec![
+        SenderRun {
+            plan: sender(0.0, 10, 0.5),
+            conns: vec![
+                Fake::new(Duration::from_millis(1), no_stall, no_stall) as Arc<dyn Transport>
+            ],
+        },
+        SenderRun {
+            plan: sender(200.0, 10, 0.5),
+            conns: vec![
+                Fake::new(Duration::from_millis(1), no_stall, no_stall) as Arc<dyn Transport>
+            ],
+        },
+    ];
+    let opts = RunOptions {
+        in_flight: 2,
+        ..RunOptions::default()
+    };
+    let r = engine::drive(Duration::from_secs_f64(0.5), senders, &opts).await;
+    assert_eq!(r.mode, "mixed");
+    assert_eq!(r.target_rate, 200.0);
+    assert_eq!(r.senders.len(), 2);
+    assert_eq!(r.senders[1].sent, 100, "{r:?}");
+    assert!(
+        r.senders[0].sent > 0 && r.senders[0].latency_us.p50 > 0,
+        "{r:?}"
+    );
+}

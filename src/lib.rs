@@ -7,11 +7,15 @@
 //!                                        │  io_uring wait timeouts, eventfd wake
 //!                                        ▼
 //!                                     courier_pipeline::node::Shard (the sans-IO core:
-//!                                        │  QUIC, stage chain, log, acks); store::ShardStore
-//!                                        │  performs its file operations
-//!  client::Client (quinn, tokio) ────────┘  used by load (courier demo, courier-loadgen)
-//!                                           and send (courier send FILE)
+//!                                        │  QUIC, stage chain, log, acks, delivery);
+//!                                        │  store::ShardStore performs its file operations
+//!  courier_client::Client (quinn, tokio) ┘  QUIC from senders: courier send FILE,
+//!                                           courier-loadgen and courier demo
 //! ```
+//!
+//! The client library (`courier-client`) and the load engine (`courier-loadgen`) are
+//! crates of their own; this one is the server and the `courier` CLI (`src/main.rs`,
+//! a module per command in `src/commands/`).
 //!
 //! Only `uring/` holds `unsafe` code; the rest of the crate denies it.
 #![deny(unsafe_code)]
@@ -20,12 +24,9 @@ pub use courier_pipeline;
 
 pub mod audit;
 pub mod business_keys;
-pub mod client;
 pub mod control;
-pub mod load;
 pub mod metrics;
 pub mod notify;
-pub mod send;
 pub mod serve;
 pub mod shard;
 pub mod signals;

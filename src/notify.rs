@@ -6,6 +6,14 @@
 //! `NOTIFY_SOCKET`: an absolute path, or an abstract name written with a leading `@`.
 //! Sending is best effort: a failure is logged and the server carries on (systemd then
 //! reports the unit as failing to start, which is where an operator looks).
+//!
+//! Why not the `sd-notify` crate: its releases 0.4.5 and 0.5.0 (read for issue 13) both
+//! `connect` to the value of `NOTIFY_SOCKET` as a file path, so an abstract socket
+//! (`@name`, which systemd hands to services in containers and `tests/sd_notify.rs`
+//! covers) fails with ENOENT. The standard library has what the abstract namespace needs
+//! (`SocketAddrExt::from_abstract_name`), so these few lines stay; they also never touch
+//! the environment (the crate's `*_and_unset_env` calls `env::remove_var`, which is not
+//! sound while other threads run, as the shards do by then).
 
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};

@@ -5,8 +5,9 @@
 //! ```text
 //! args ──> target + trust decision (loopback unless --allow-remote; pinned with --ca)
 //!      ──> Plan: --scenario FILE, or one sender from the flags (--rate or --max)
-//!      ──> courier::load::run_plan (connect every sender's clients, drive, drain)
-//!            ├─ progress line each second (indicatif) unless --quiet; Ctrl-C stops early
+//!      ──> courier_loadgen::run_plan (connect every sender's clients, drive, drain)
+//!            ├─ progress line each second (courier_client::progress) unless --quiet;
+//!            │  Ctrl-C stops early
 //!            └─ --accepted FILE: writer thread, one CSV line per accepted message
 //!      ──> table on stdout; --json FILE; --plot FILE.png
 //! --compare A.json B.json prints two saved runs side by side instead.
@@ -14,8 +15,6 @@
 //!
 //! Tokens are never printed; prefer `COURIER_TOKEN` over `--token`, which other users
 //! of the machine can read from the process list.
-
-mod plot;
 
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -25,15 +24,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use courier::load::cpu::{Meter, ServerCpu};
-use courier::load::scenario::Defaults;
-use courier::load::traffic::{RecipientSpec, SizeSpec};
-use courier::load::{
-    self, AcceptedRecord, Label, LoadReport, Plan, RunConfig, RunOptions, SenderPlan, StopSignal,
-    TokenSource,
+use courier_client::progress::ProgressLine;
+use courier_client::tls::{CertificateDer, ServerTrust};
+use courier_loadgen::cpu::{Meter, ServerCpu};
+use courier_loadgen::scenario::Defaults;
+use courier_loadgen::traffic::{RecipientSpec, SizeSpec};
+use courier_loadgen::{
+    self as load, AcceptedRecord, Label, LoadReport, Plan, RunConfig, RunOptions, SenderPlan,
+    StopSignal, TokenSource,
 };
-use courier::tls::{CertificateDer, ServerTrust};
-use indicatif::{ProgressBar, ProgressStyle};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -311,17 +310,25 @@ fn accepted_writer(path: &Path) -> anyhow::Result<(AcceptedTx, AcceptedWriter)> 
     Ok((tx, handle))
 }
 
-fn progress(quiet: bool, duration_secs: f64) -> Option<ProgressBar> {
-    if quiet {
-        return None;
-    }
-    let bar = ProgressBar::new(duration_secs.ceil() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:20}] {pos}/{len}s {msg}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    Some(bar)
+/// The progress line, out of the run's seconds; `None` when it would not be drawn.
+fn progress(quiet: bool, duration_secs: f64) -> Option<Arc<ProgressLine>> {
+    let bar = ProgressLine::new(duration_secs.ceil() as u64, "s", quiet);
+    (!bar.is_hidden()).then(|| Arc::new(bar))
+}
+
+/// Writes the PNG report (the `plot` feature draws it).
+#[cfg(feature = "plot")]
+fn write_plot(report: &LoadReport, path: &Path) -> anyhow::Result<()> {
+    Ok(load::plot::write_png(report, path)?)
+}
+
+/// Without the `plot` feature there is nothing to draw with.
+#[cfg(not(feature = "plot"))]
+fn write_plot(_: &LoadReport, path: &Path) -> anyhow::Result<()> {
+    bail!(
+        "{}: this courier-loadgen was built without the `plot` feature",
+        path.display()
+    )
 }
 
 fn main() -> anyhow::Result<()> {
@@ -337,7 +344,7 @@ fn main() -> anyhow::Result<()> {
         let report = read_report(path)?;
         report.print_table(&mut std::io::stdout().lock())?;
         if let Some(png) = &args.plot {
-            plot::write_png(&report, png)?;
+            write_plot(&report, png)?;
         }
         return Ok(());
     }
@@ -378,13 +385,14 @@ fn main() -> anyhow::Result<()> {
     let bar = progress(args.quiet, plan.duration_secs);
     let on_second: Option<load::engine::OnSecond> = bar.clone().map(|bar| {
         let f: load::engine::OnSecond = Arc::new(move |s, (sent, accepted, errors)| {
-            bar.set_position(s.t_secs.floor() as u64);
-            bar.set_message(format!(
-                "{} msgs/s sent, {} acked; total {sent} sent, {accepted} accepted, {errors} errors; p99 {:.2} ms",
-                s.sent,
-                s.accepted + s.not_accepted,
-                s.p99_us as f64 / 1e3
-            ));
+            bar.set(s.t_secs.floor() as u64, || {
+                format!(
+                    "{} msgs/s sent, {} acked; total {sent} sent, {accepted} accepted, {errors} errors; p99 {:.2} ms",
+                    s.sent,
+                    s.accepted + s.not_accepted,
+                    s.p99_us as f64 / 1e3
+                )
+            });
         });
         f
     });
@@ -461,7 +469,7 @@ fn main() -> anyhow::Result<()> {
     runtime.shutdown_timeout(Duration::from_secs(1));
     drop(workers);
     if let Some(bar) = &bar {
-        bar.finish_and_clear();
+        bar.finish();
     }
     let report = report?;
     report.print_table(&mut std::io::stdout().lock())?;
@@ -488,7 +496,7 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.plot {
-        plot::write_png(&report, path)?;
+        write_plot(&report, path)?;
     }
     Ok(())
 }

@@ -2,12 +2,13 @@
 //! drawn with plotters from a finished report (`--from-json` draws a saved one again).
 //!
 //! Text is rendered with plotters' `ab_glyph` backend and the DejaVu Sans font that the
-//! `dejavu` crate embeds, so no system font (fontconfig) is needed.
+//! `dejavu` crate embeds, so no system font (fontconfig) is needed. The module is behind
+//! the `plot` feature (on by default): `courier demo` uses this library without it, so
+//! the server's dependencies hold no plotting crate.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Context};
-use courier::load::LoadReport;
+use crate::LoadReport;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
@@ -16,9 +17,28 @@ const HEIGHT: u32 = 1100;
 /// The percentile axis runs to 99.9999% (six nines).
 const NINES_MAX: f64 = 6.0;
 
-fn register_font() -> anyhow::Result<()> {
+/// Why a plot was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    /// The font embedded in the binary did not load (a build problem, not an input one).
+    #[error("the embedded DejaVu Sans font did not load")]
+    Font,
+    /// plotters failed while drawing; holds its description.
+    #[error("drawing the plot: {0}")]
+    Draw(String),
+    /// The PNG could not be written.
+    #[error("writing {path}: {reason}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// plotters' description of the failure.
+        reason: String,
+    },
+}
+
+fn register_font() -> Result<(), PlotError> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
-        .map_err(|_| anyhow!("the embedded DejaVu Sans font did not load"))
+        .map_err(|_| PlotError::Font)
 }
 
 /// Percentile (0..100) to "nines" (0 at 0%, 1 at 90%, 2 at 99% ...).
@@ -38,12 +58,12 @@ fn nines_label(x: &f64) -> String {
     }
 }
 
-fn draw_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
-    anyhow!("drawing the plot: {e:?}")
+fn draw_err<E: std::fmt::Debug>(e: E) -> PlotError {
+    PlotError::Draw(format!("{e:?}"))
 }
 
 /// Draws `report` into a PNG at `path`.
-pub fn write_png(report: &LoadReport, path: &Path) -> anyhow::Result<()> {
+pub fn write_png(report: &LoadReport, path: &Path) -> Result<(), PlotError> {
     register_font()?;
     let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err)?;
@@ -188,7 +208,7 @@ pub fn write_png(report: &LoadReport, path: &Path) -> anyhow::Result<()> {
         (
             "p50",
             BLUE,
-            (|s: &courier::load::report::Second| s.p50_us) as fn(&_) -> u64,
+            (|s: &crate::report::Second| s.p50_us) as fn(&_) -> u64,
         ),
         ("p99", MAGENTA, |s| s.p99_us),
         ("max", BLACK, |s| s.max_us),
@@ -210,8 +230,10 @@ pub fn write_png(report: &LoadReport, path: &Path) -> anyhow::Result<()> {
         .position(SeriesLabelPosition::UpperRight)
         .draw()
         .map_err(draw_err)?;
-    root.present()
-        .with_context(|| format!("writing {}", path.display()))
+    root.present().map_err(|e| PlotError::Write {
+        path: path.to_path_buf(),
+        reason: format!("{e:?}"),
+    })
 }
 
 #[cfg(test)]

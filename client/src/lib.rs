@@ -1,0 +1,33 @@
+//! courier-client: what a bulk sender embeds to talk to a courier relay (wire v1 over
+//! QUIC), and the engine of `courier send FILE`.
+//!
+//! ```text
+//!            your code / courier send / courier-loadgen
+//!                │ submit(batch) -> statuses
+//!                ▼
+//!  client::Client (quinn + tokio: connection, lanes of streams, permits, buffers)
+//!                │ bytes in, frames and answers out
+//!                ▼
+//!  session (sans-IO: HELLO/WELCOME, WELCOME's bounds, SUBMIT encoding,
+//!           per-stream AckQueue matching ACKs with pending batches)
+//!                │ frames
+//!                ▼
+//!  courier_pipeline::wire (the codec the server decodes with)
+//!
+//!  tls: ServerTrust (pin the server's certificate, or loopback-only insecure) -> quinn config
+//!  send: a JSON Lines file, validated whole, sent pipelined, resumable (state file)
+//!  progress: the one-line progress display of `courier send` and `courier-loadgen`
+//! ```
+//!
+//! The library pulls in no server code: no io_uring, no log, no detector. No error, log
+//! line or `Debug` output of it carries a token, a recipient or a payload.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod progress;
+pub mod send;
+pub mod session;
+pub mod tls;
+
+pub use client::{Client, ClientConfig, ClientError, OutgoingMessage, ReportOutcome, Retried};
+pub use tls::ServerTrust;

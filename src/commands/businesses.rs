@@ -1,0 +1,294 @@
+//! `courier businesses add|list|set|unpause|status`: the registry file (tokens shown once,
+//! only their hashes stored) and the running server's status file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use courier_pipeline::registry::Registry;
+
+use super::{load_registry, parse_tier, write_registry};
+
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum BusinessesCmd {
+    /// Register a business and print its token (shown once; only its hash is stored).
+    Add {
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// Unique recipients per rolling 24 h: 250, 2000, 10000, 100000 or unlimited.
+        #[arg(long, default_value = "250")]
+        tier: String,
+        /// Messages per second.
+        #[arg(long, default_value_t = 80)]
+        mps: u32,
+        /// Exempt from abnormal-sending detection (the platform's own load and test
+        /// senders only; never a customer).
+        #[arg(long)]
+        exempt: bool,
+        /// A platform credential: its connections send spam REPORTs (which rate
+        /// businesses) and no messages.
+        #[arg(long)]
+        platform: bool,
+        /// Distinct recipients per minute the business is known to reach: the fan-out
+        /// surge check starts from it instead of from nothing (0: learn from scratch).
+        #[arg(long, default_value_t = 0)]
+        baseline_per_min: u32,
+        /// Registry file (created if missing).
+        #[arg(long)]
+        registry: PathBuf,
+    },
+    /// List the businesses of a registry (never tokens).
+    List {
+        /// Registry file.
+        #[arg(long)]
+        registry: PathBuf,
+    },
+    /// Change a business's tier, rate or exemption; a running server applies it within
+    /// about a second (it watches the registry file).
+    Set {
+        /// Business id.
+        #[arg(long)]
+        id: u32,
+        /// New unique-recipient tier: 250, 2000, 10000, 100000 or unlimited.
+        #[arg(long)]
+        tier: Option<String>,
+        /// New messages per second.
+        #[arg(long)]
+        mps: Option<u32>,
+        /// Exempt from detection (true or false).
+        #[arg(long)]
+        exempt: Option<bool>,
+        /// Distinct recipients per minute the business is known to reach.
+        #[arg(long)]
+        baseline_per_min: Option<u32>,
+        /// Registry file.
+        #[arg(long)]
+        registry: PathBuf,
+    },
+    /// Lift a business's pause (the detector's or a red rating's). A running server
+    /// applies it within about a second; otherwise the next start does.
+    Unpause {
+        /// Business id.
+        #[arg(long)]
+        id: u32,
+        /// The server's data directory.
+        #[arg(long, default_value = "courier-data")]
+        data_dir: PathBuf,
+    },
+    /// Integrity signals and billing counts per business (rating, tier in force, paused
+    /// and why, messages accepted today), as the running server last wrote them.
+    Status {
+        /// The server's data directory.
+        #[arg(long, default_value = "courier-data")]
+        data_dir: PathBuf,
+        /// Registry file, for business names; DATA_DIR/registry.toml when absent.
+        #[arg(long)]
+        registry: Option<PathBuf>,
+        /// Print the status file's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs a `courier businesses` subcommand.
+pub(crate) fn run(cmd: BusinessesCmd) -> Result<()> {
+    match cmd {
+        BusinessesCmd::Add {
+            name,
+            tier,
+            mps,
+            exempt,
+            platform,
+            baseline_per_min,
+            registry,
+        } => {
+            let flags = AddFlags {
+                exempt,
+                platform,
+                baseline_per_min,
+            };
+            cmd_businesses_add(&name, &tier, mps, flags, &registry)
+        }
+        BusinessesCmd::Set {
+            id,
+            tier,
+            mps,
+            exempt,
+            baseline_per_min,
+            registry,
+        } => cmd_businesses_set(
+            id,
+            tier.as_deref(),
+            mps,
+            exempt,
+            baseline_per_min,
+            &registry,
+        ),
+        BusinessesCmd::Unpause { id, data_dir } => {
+            let path = courier::control::request_unpause(&data_dir, id).with_context(|| {
+                format!("writing the unpause request under {}", data_dir.display())
+            })?;
+            eprintln!(
+                "unpause of business {id} requested ({}); a running server applies it within about a second",
+                path.display()
+            );
+            Ok(())
+        }
+        BusinessesCmd::Status {
+            data_dir,
+            registry,
+            json,
+        } => cmd_businesses_status(&data_dir, registry.as_deref(), json),
+        BusinessesCmd::List { registry } => {
+            let reg = load_registry(&registry)?;
+            println!(
+                "{:>6}  {:<10} {:>8}  {:<6}  name",
+                "id", "tier", "mps", "exempt"
+            );
+            for b in reg.iter() {
+                println!(
+                    "{:>6}  {:<10} {:>8}  {:<6}  {}",
+                    b.id,
+                    b.tier.name(),
+                    b.mps,
+                    if b.exempt { "yes" } else { "no" },
+                    b.name
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The optional settings of `businesses add`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AddFlags {
+    exempt: bool,
+    platform: bool,
+    baseline_per_min: u32,
+}
+
+pub(crate) fn cmd_businesses_set(
+    id: u32,
+    tier: Option<&str>,
+    mps: Option<u32>,
+    exempt: Option<bool>,
+    baseline_per_min: Option<u32>,
+    path: &Path,
+) -> Result<()> {
+    if tier.is_none() && mps.is_none() && exempt.is_none() && baseline_per_min.is_none() {
+        bail!("nothing to change: give --tier, --mps, --exempt or --baseline-per-min");
+    }
+    let mut reg = load_registry(path)?;
+    let b = reg
+        .get(id)
+        .with_context(|| format!("no business with id {id} in {}", path.display()))?;
+    let tier = match tier {
+        Some(t) => parse_tier(t)?,
+        None => b.tier,
+    };
+    let mps = mps.unwrap_or(b.mps);
+    reg.set_limits(id, tier, mps)
+        .map_err(|e| anyhow::anyhow!("--mps: {e}"))?;
+    if let Some(e) = exempt {
+        reg.set_exempt(id, e);
+    }
+    if let Some(b) = baseline_per_min {
+        reg.set_baseline(id, b);
+    }
+    let b = reg.get(id).expect("exists");
+    write_registry(&reg, path)?;
+    eprintln!(
+        "business {id}: tier {}, {} msg/s, exempt {}, baseline {} recipients/min \
+         (a running server applies it within about a second)",
+        b.tier, b.mps, b.exempt, b.baseline_per_min
+    );
+    Ok(())
+}
+
+pub(crate) fn cmd_businesses_status(
+    data_dir: &Path,
+    registry: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    let status = courier::control::read_status(data_dir).map_err(anyhow::Error::msg)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    let reg_path = registry.map_or_else(|| data_dir.join("registry.toml"), Path::to_path_buf);
+    let reg = load_registry(&reg_path).ok();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    println!(
+        "as of {:.1} s ago, {} of {} shard(s) reporting",
+        now_ms.saturating_sub(status.updated_unix_ms) as f64 / 1000.0,
+        status.shards_reporting,
+        status.shards
+    );
+    println!(
+        "{:>6}  {:<7} {:<10} {:<7} {:<15} {:>14}  name",
+        "id", "rating", "tier", "paused", "why", "accepted today"
+    );
+    for b in &status.businesses {
+        let name = reg
+            .as_ref()
+            .and_then(|r| r.get(b.id))
+            .map_or("?", |x| x.name.as_str());
+        println!(
+            "{:>6}  {:<7} {:<10} {:<7} {:<15} {:>14}  {name}",
+            b.id,
+            b.rating,
+            b.tier,
+            if b.paused { "yes" } else { "no" },
+            b.why.as_deref().unwrap_or("-"),
+            b.accepted_today
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn cmd_businesses_add(
+    name: &str,
+    tier: &str,
+    mps: u32,
+    flags: AddFlags,
+    path: &Path,
+) -> Result<()> {
+    let AddFlags {
+        exempt,
+        platform,
+        baseline_per_min,
+    } = flags;
+    let tier = parse_tier(tier)?;
+    let mut reg = if path.exists() {
+        load_registry(path)?
+    } else {
+        Registry::default()
+    };
+    let mut secret = [0u8; 32];
+    rand::fill(&mut secret[..]);
+    let (id, token) = reg.add(name, tier, mps, &secret)?;
+    reg.set_exempt(id, exempt);
+    reg.set_platform(id, platform);
+    reg.set_baseline(id, baseline_per_min);
+    write_registry(&reg, path)?;
+    eprintln!(
+        "registered {} {id} ({name}, tier {tier}, {mps} msg/s{}) in {}",
+        if platform {
+            "platform credential"
+        } else {
+            "business"
+        },
+        if exempt {
+            ", exempt from detection"
+        } else {
+            ""
+        },
+        path.display()
+    );
+    eprintln!("its token follows; it is shown only this once:");
+    println!("{token}");
+    Ok(())
+}

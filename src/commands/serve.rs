@@ -1,0 +1,96 @@
+//! `courier serve`: load the profile (with environment overrides), the registry and the
+//! master key, start the shards, tell systemd when ready, and stop on SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use courier::serve::{self, ServeOptions};
+use courier_pipeline::registry::Registry;
+
+use super::{load_profile, load_registry, read_master_key};
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct ServeArgs {
+    /// Tuning profile (TOML); the built-in default profile when absent. Any key can be
+    /// overridden with COURIER_<SECTION>__<KEY>=VALUE (e.g. COURIER_SERVER__SHARDS=4).
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// UDP listen address; overrides the profile's server.listen.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory (TLS identity; later the log).
+    #[arg(long, default_value = "courier-data")]
+    data_dir: PathBuf,
+    /// Business registry (TOML); DATA_DIR/registry.toml when absent.
+    #[arg(long)]
+    registry: Option<PathBuf>,
+    /// Number of shards; overrides the profile's server.shards (0 = one per CPU).
+    #[arg(long)]
+    shards: Option<u32>,
+    /// Master key file (64 hex characters; create one with `courier keys init`). It wraps
+    /// the log's data keys; a missing or wrong key stops start-up before any data is touched.
+    #[arg(long, env = "COURIER_MASTER_KEY_FILE")]
+    master_key_file: Option<PathBuf>,
+}
+
+pub(crate) fn install_signal_handler(
+    handle: courier::serve::ShutdownHandle,
+    notifier: Arc<courier::notify::Notifier>,
+) {
+    courier::signals::on_terminate(move || {
+        notifier.notify("STOPPING=1");
+        handle.shutdown();
+    });
+}
+
+pub(crate) fn run(args: ServeArgs) -> Result<()> {
+    let mut profile = load_profile(args.profile.as_deref())?;
+    if let Some(l) = args.listen {
+        profile.listen = l;
+    }
+    if let Some(s) = args.shards {
+        profile.shards = s;
+    }
+    let master_key = read_master_key(args.master_key_file.as_deref())?;
+    let registry_path = args
+        .registry
+        .unwrap_or_else(|| args.data_dir.join("registry.toml"));
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
+    let registry = if registry_path.exists() {
+        load_registry(&registry_path)?
+    } else {
+        tracing::warn!(
+            registry = %registry_path.display(),
+            "registry file not found: no business can authenticate until one is added with `courier businesses add`"
+        );
+        Registry::default()
+    };
+    let running = serve::start(ServeOptions {
+        profile,
+        data_dir: args.data_dir.clone(),
+        registry: Arc::new(registry),
+        registry_file: Some(registry_path),
+        master_key,
+    })?;
+    tracing::info!(
+        addr = %running.local_addr(),
+        shards = running.shards(),
+        cert = %args.data_dir.join("tls/cert.der").display(),
+        "courier serving"
+    );
+    match running.metrics_addr() {
+        Some(m) => tracing::info!("metrics on http://{m}/metrics"),
+        None => tracing::info!("metrics off (server.metrics_listen is \"\")"),
+    }
+    // Every shard has recovered its log and is listening: tell systemd (Type=notify).
+    let notifier = Arc::new(courier::notify::Notifier::from_env());
+    install_signal_handler(running.shutdown_handle(), notifier.clone());
+    notifier.notify("READY=1");
+    let stats = running.join()?;
+    let messages_in: u64 = stats.iter().map(|s| s.messages_in).sum();
+    tracing::info!(messages_in, "courier stopped");
+    Ok(())
+}

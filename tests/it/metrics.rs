@@ -1,0 +1,339 @@
+//! The Prometheus endpoint of a real server: scraped while a normal sender and a blast
+//! (paused as a fan-out surge) send, and after. The text parses as exposition format
+//! 0.0.4, its counters agree with what the clients were told, the businesses show by id
+//! with their billing counts and pause, and no phone number, payload, token, business
+//! name or master key ever appears in it.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use courier::store::MasterKeyText;
+use courier_client::ServerTrust;
+use courier_client::{Client, ClientConfig, OutgoingMessage};
+use courier_pipeline::registry::{Registry, Tier};
+use courier_pipeline::wire::{Reason, Recipient, Status};
+use courier_testkit::server::{self, small_profile, Setup};
+
+const MASTER_HEX: &str = "3c9e1a7b5d2f8e4a6c0b9d3f7e1a5c8b2d6f0e4a9c3b7d1f5e8a2c6b0d4f9e3a";
+const STEADY_NAME: &str = "Zanzibar Metrics Bakery";
+const BLAST_NAME: &str = "Quokka Blast Ltd";
+
+/// Distinctive numbers: `+4477` and 9 digits no other test uses.
+fn number(i: u64) -> Recipient {
+    Recipient::parse(format!("+4477{:09}", 314_159_265 + i * 13).as_bytes()).unwrap()
+}
+
+fn number_digits(i: u64) -> String {
+    format!("4477{:09}", 314_159_265 + i * 13)
+}
+
+fn payload(i: u64) -> String {
+    format!("secret-metrics-payload-{i}-xyzzy")
+}
+
+fn batch(ids: std::ops::Range<u64>) -> Vec<OutgoingMessage> {
+    ids.map(|i| OutgoingMessage {
+        client_id: i,
+        recipient: number(i),
+        payload: Bytes::from(payload(i)),
+    })
+    .collect()
+}
+
+/// One HTTP/1.1 request; returns the status line, the headers and the body.
+fn http(addr: SocketAddr, request: &str) -> (String, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8(raw).expect("the answer is UTF-8");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a header block");
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    let body = body.to_string();
+    let length: usize = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .expect("a content length")
+        .parse()
+        .unwrap();
+    assert_eq!(length, body.len(), "Content-Length matches the body");
+    (status.to_string(), headers.to_string(), body)
+}
+
+fn scrape(addr: SocketAddr) -> String {
+    let (status, headers, body) = http(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: text/plain\r\n\r\n",
+    );
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(
+        headers.contains("Content-Type: text/plain; version=0.0.4"),
+        "{headers}"
+    );
+    body
+}
+
+fn is_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+/// Checks the exposition format; returns the samples as (name{labels}, value).
+fn parse(text: &str) -> Vec<(String, f64)> {
+    assert!(text.ends_with('\n'), "the text ends with a newline");
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let (kw, name, arg) = (parts.next(), parts.next(), parts.next());
+            assert!(name.is_some_and(is_name), "bad comment line {line:?}");
+            match kw {
+                Some("HELP") => assert!(arg.is_some_and(|h| !h.is_empty()), "{line:?}"),
+                Some("TYPE") => assert!(
+                    matches!(arg, Some("counter" | "gauge" | "histogram")),
+                    "{line:?}"
+                ),
+                _ => panic!("unknown comment line {line:?}"),
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("name and value");
+        let name = match series.split_once('{') {
+            Some((name, labels)) => {
+                let labels = labels.strip_suffix('}').expect("labels close");
+                for pair in labels.split(',') {
+                    let (k, v) = pair.split_once('=').expect("label=value");
+                    assert!(is_name(k), "{line:?}");
+                    assert!(
+                        v.len() >= 2 && v.starts_with('"') && v.ends_with('"'),
+                        "{line:?}"
+                    );
+                    assert!(!v[1..v.len() - 1].contains(['"', '\\', '\n']), "{line:?}");
+                }
+                name
+            }
+            None => series,
+        };
+        assert!(is_name(name), "bad metric name in {line:?}");
+        assert!(name.starts_with("courier_"), "{line:?}");
+        let v: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse()
+                .unwrap_or_else(|_| panic!("value not numeric: {line:?}")),
+        };
+        samples.push((series.to_string(), v));
+    }
+    samples
+}
+
+fn value(samples: &[(String, f64)], series: &str) -> Option<f64> {
+    samples.iter().find(|(s, _)| s == series).map(|(_, v)| *v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_match_the_clients_and_reveal_nothing_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut profile = small_profile(2);
+    profile.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let mut registry = Registry::default();
+    let (steady, steady_token) = registry
+        .add(STEADY_NAME, Tier::T10k, 1000, &[7; 32])
+        .unwrap();
+    let (blaster, blast_token) = registry
+        .add(BLAST_NAME, Tier::Unlimited, 100_000, &[8; 32])
+        .unwrap();
+    let setup = Setup {
+        profile,
+        registry,
+        master_key: MasterKeyText::new(MASTER_HEX.as_bytes().to_vec()).unwrap(),
+    };
+    let running = server::start(&dir.path().join("data"), setup);
+    let metrics = running.metrics_addr().expect("metrics are on");
+    assert_ne!(metrics.port(), 0, "port 0 became a real port");
+    let cfg = |token: &str| ClientConfig {
+        server: running.local_addr(),
+        server_name: "localhost".into(),
+        token: token.to_string(),
+        trust: ServerTrust::Pinned(running.certificate().clone()),
+        streams: 2,
+        batches_in_flight_per_stream: 2,
+    };
+
+    // Other paths and methods: 404, nothing echoed.
+    let (status, _, body) = http(metrics, "GET /secret-path HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    assert!(!body.contains("secret-path"));
+    let (status, _, _) = http(metrics, "POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+
+    // A scraper runs while the traffic flows (bounded: at most 500 scrapes).
+    let stop = Arc::new(AtomicBool::new(false));
+    let scraper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut scrapes = Vec::new();
+            while !stop.load(Ordering::Acquire) && scrapes.len() < 500 {
+                scrapes.push(scrape(metrics));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            scrapes
+        })
+    };
+
+    // The normal sender: 40 messages to 40 numbers, a batch of 10 at a time.
+    let c = Client::connect(&cfg(&steady_token)).await.unwrap();
+    let mut statuses = Vec::new();
+    let mut batches = 0;
+    for k in 0..4u64 {
+        statuses.extend(c.submit(batch(k * 10..k * 10 + 10)).await.unwrap());
+        batches += 1;
+    }
+    let steady_accepted = statuses
+        .iter()
+        .filter(|s| matches!(s, Status::Accepted(_)))
+        .count();
+    assert_eq!(steady_accepted, 40, "a normal sender is never held back");
+    // A resend of its first ten: answered duplicate, neither stored nor billed again.
+    let resent = c.submit(batch(0..10)).await.unwrap();
+    assert!(
+        resent.iter().all(|s| matches!(s, Status::Duplicate(_))),
+        "{resent:?}"
+    );
+    statuses.extend(resent);
+    batches += 1;
+
+    // The blast: 2,000 never-contacted numbers at once; the detector pauses it.
+    let b = Client::connect(&cfg(&blast_token)).await.unwrap();
+    for k in 0..40u64 {
+        let first = 10_000 + k * 50;
+        statuses.extend(b.submit(batch(first..first + 50)).await.unwrap());
+        batches += 1;
+    }
+    assert!(
+        statuses.contains(&Status::Rejected(Reason::SenderPaused)),
+        "the blast was paused"
+    );
+    let accepted = statuses
+        .iter()
+        .filter(|s| matches!(s, Status::Accepted(_)))
+        .count() as f64;
+    let not_accepted = statuses.len() as f64 - accepted;
+    let blast_accepted = accepted - steady_accepted as f64;
+
+    // Every ACK was counted before it was sent: the totals are final now. The business
+    // figures follow within about a second (the control thread's merge).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let last = loop {
+        let text = scrape(metrics);
+        let s = parse(&text);
+        let steady_today = format!("courier_business_accepted_today{{business=\"{steady}\"}}");
+        let blast_today = format!("courier_business_accepted_today{{business=\"{blaster}\"}}");
+        let paused = format!("courier_business_paused{{business=\"{blaster}\"}}");
+        if value(&s, &steady_today) == Some(steady_accepted as f64)
+            && value(&s, &blast_today) == Some(blast_accepted)
+            && value(&s, &paused) == Some(1.0)
+        {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "business figures never matched the clients:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    stop.store(true, Ordering::Release);
+    let mut scrapes = scraper.join().unwrap();
+    assert!(!scrapes.is_empty(), "scraped while traffic flowed");
+    let s = parse(&last);
+    assert_eq!(value(&s, "courier_shards"), Some(2.0));
+    assert_eq!(value(&s, "courier_messages_accepted_total"), Some(accepted));
+    assert_eq!(
+        value(&s, "courier_messages_not_accepted_total"),
+        Some(not_accepted)
+    );
+    assert_eq!(
+        value(&s, "courier_batches_acked_total"),
+        Some(batches as f64)
+    );
+    assert_eq!(
+        value(&s, "courier_ack_latency_seconds_count"),
+        Some(batches as f64)
+    );
+    assert_eq!(
+        value(&s, "courier_ack_latency_seconds_bucket{le=\"+Inf\"}"),
+        Some(batches as f64)
+    );
+    let per_shard: f64 = (0..2)
+        .map(|i| {
+            value(
+                &s,
+                &format!("courier_shard_messages_accepted_total{{shard=\"{i}\"}}"),
+            )
+            .unwrap()
+        })
+        .sum();
+    assert_eq!(per_shard, accepted, "the shards add up to the total");
+    assert_eq!(value(&s, "courier_messages_duplicate_total"), Some(10.0));
+    // Every accepted id is remembered (the small profile's table holds 65,536).
+    assert_eq!(value(&s, "courier_idempotency_ids"), Some(accepted));
+    assert_eq!(
+        value(&s, "courier_idempotency_ids_capacity"),
+        Some(65_536.0)
+    );
+    assert_eq!(value(&s, "courier_idempotency_evicted_total"), Some(0.0));
+    assert!(value(&s, "courier_idempotency_oldest_unix_seconds").unwrap() > 1.7e9);
+    assert!(value(&s, "courier_detect_rejected_total").unwrap() > 0.0);
+    assert!(value(&s, "courier_integrity_signals_total").unwrap() >= 1.0);
+    assert!(value(&s, "courier_log_appended_bytes_total").unwrap() > 0.0);
+    assert!(value(&s, "courier_group_commits_total").unwrap() >= 1.0);
+    assert_eq!(
+        value(
+            &s,
+            &format!("courier_business_tier_recipients{{business=\"{steady}\"}}")
+        ),
+        Some(10_000.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            &format!("courier_business_rating{{business=\"{steady}\",rating=\"green\"}}")
+        ),
+        Some(1.0)
+    );
+
+    // Nothing private in any scrape, during or after the traffic.
+    scrapes.push(last);
+    let token_text = [steady_token.as_str(), blast_token.as_str()];
+    for text in &scrapes {
+        parse(text);
+        for i in (0..40).chain(10_000..12_000) {
+            assert!(!text.contains(&number_digits(i)), "a phone number leaked");
+            assert!(!text.contains(&payload(i)), "a payload leaked");
+        }
+        assert!(!text.contains("secret-metrics-payload"));
+        assert!(!text.contains("4477314"), "a number prefix leaked");
+        for t in token_text {
+            assert!(!text.contains(t), "a token leaked");
+        }
+        assert!(!text.contains(MASTER_HEX), "the master key leaked");
+        assert!(!text.contains(&MASTER_HEX[..16]));
+        assert!(!text.contains(STEADY_NAME) && !text.contains("Zanzibar"));
+        assert!(!text.contains(BLAST_NAME) && !text.contains("Quokka"));
+    }
+
+    drop((c, b));
+    running.shutdown();
+    running.join().unwrap();
+    // Stopped with the server.
+    assert!(TcpStream::connect_timeout(&metrics, Duration::from_secs(1)).is_err());
+}

@@ -1,0 +1,169 @@
+//! Privacy and graceful stop, as an operator sees them: `courier serve` at the most verbose
+//! log level, under traffic with known phone numbers and payloads, stopped with SIGTERM.
+//! Its output never holds a phone number, a payload, the token or the master key, in
+//! text or JSON log format (where every line is a JSON object); it exits 0; and every
+//! message it acknowledged is in its log.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use courier::audit::{self, AcceptedEntry};
+use courier::store::MasterKeyText;
+use courier_client::ServerTrust;
+use courier_client::{Client, ClientConfig, OutgoingMessage};
+use courier_pipeline::wire::{Recipient, Status};
+use courier_testkit::spawn::{self, Files, Serve};
+use rustls::pki_types::CertificateDer;
+
+const MASTER_HEX: &str = "3c1f5e7a9b2d4c6e8f0a1b3c5d7e9f2a4b6c8d0e1f3a5b7c9d2e4f6a8b0c1d3e";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logs_hold_no_content_and_sigterm_keeps_every_ack() {
+    let stderr = serve_at_trace_under_traffic_then_sigterm(None).await;
+    assert!(
+        !stderr.trim_start().starts_with('{'),
+        "text is the default format"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_trace_logs_hold_no_content_and_every_line_is_json() {
+    let stderr = serve_at_trace_under_traffic_then_sigterm(Some("json")).await;
+    let mut lines = 0;
+    let mut messages = Vec::new();
+    for line in stderr.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+        assert!(v.is_object(), "{line}");
+        assert!(
+            v.get("level").is_some() && v.get("timestamp").is_some(),
+            "{line}"
+        );
+        if let Some(m) = v.pointer("/fields/message").and_then(|m| m.as_str()) {
+            messages.push(m.to_string());
+        }
+        lines += 1;
+    }
+    assert!(lines > 10, "trace logging produced {lines} lines");
+    for expected in ["courier serving", "courier stopped"] {
+        assert!(
+            messages.iter().any(|m| m == expected),
+            "no {expected:?} event in {messages:?}"
+        );
+    }
+}
+
+/// Runs `courier serve` at TRACE (with `COURIER_LOG_FORMAT` when given) under traffic
+/// with known numbers and payloads, stops it with SIGTERM, and checks the exit status,
+/// the log and that no number, payload, token or key appears in its output. Returns
+/// what it wrote to stderr.
+async fn serve_at_trace_under_traffic_then_sigterm(log_format: Option<&str>) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let files = Files::new(dir.path(), MASTER_HEX);
+    let data = files.data.clone();
+    let token = spawn::add_business(
+        super::courier_bin(),
+        &files.registry,
+        "privacy",
+        &[
+            "--tier",
+            "unlimited",
+            "--mps",
+            "100000",
+            // 60 new numbers in well under a second is a surge; this test is about logs.
+            "--exempt",
+        ],
+    );
+    let addr = spawn::free_port();
+    let log_path = dir.path().join("serve.log");
+    let mut server = Serve::new(super::courier_bin(), &files, addr, &log_path)
+        .env("COURIER_LOG", "trace")
+        .env("COURIER_LOG_FORMAT", log_format.unwrap_or("text"))
+        .stdout_to(&dir.path().join("serve.out"))
+        .spawn();
+
+    // Distinctive numbers and payloads, to be searched for in the output afterwards.
+    let messages: Vec<(u64, Recipient, String)> = (0..60u64)
+        .map(|i| {
+            let number = format!("+4478{:08}", 31_415_926 + i * 1_009);
+            let payload = format!("PRIVATE-PAYLOAD-{i}-the-door-code-is-{}", 7_000 + i);
+            (i + 1, Recipient::parse(number.as_bytes()).unwrap(), payload)
+        })
+        .collect();
+    let cert = CertificateDer::from(std::fs::read(data.join("tls/cert.der")).unwrap());
+    let cfg = ClientConfig {
+        server: addr,
+        server_name: "localhost".into(),
+        token: token.clone(),
+        trust: ServerTrust::Pinned(cert),
+        streams: 2,
+        batches_in_flight_per_stream: 2,
+    };
+    let acked = tokio::time::timeout(Duration::from_secs(60), async {
+        let client = Arc::new(Client::connect(&cfg).await.unwrap());
+        let business = client.welcome().business_id;
+        let mut acked = Vec::new();
+        for chunk in messages.chunks(10) {
+            let batch = chunk
+                .iter()
+                .map(|(id, r, p)| OutgoingMessage {
+                    client_id: *id,
+                    recipient: *r,
+                    payload: Bytes::from(p.clone().into_bytes()),
+                })
+                .collect();
+            let statuses = client.submit(batch).await.unwrap();
+            for ((id, _, _), s) in chunk.iter().zip(statuses) {
+                let Status::Accepted(position) = s else {
+                    panic!("expected accepted, got {s:?}");
+                };
+                acked.push(AcceptedEntry {
+                    business_id: business,
+                    client_id: *id,
+                    position,
+                });
+            }
+        }
+        acked
+    })
+    .await
+    .expect("traffic timed out");
+
+    // SIGTERM: a graceful stop, exit status 0 within a bound.
+    server.terminate();
+    let status = server.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "exit status {status}");
+
+    // Every acknowledged message is in the log.
+    let master = MasterKeyText::new(MASTER_HEX.as_bytes().to_vec()).unwrap();
+    let report = audit::audit(&data, &master, &acked).unwrap();
+    assert_eq!(
+        (report.present, report.missing, report.mismatched),
+        (acked.len() as u64, 0, 0)
+    );
+
+    // Nothing identifying or secret in anything the server wrote.
+    let stderr = std::fs::read_to_string(&log_path).unwrap();
+    let mut output = stderr.clone();
+    output.push_str(&std::fs::read_to_string(dir.path().join("serve.out")).unwrap());
+    assert!(output.len() > 1000, "trace logging produced output");
+    // The metrics address is logged at start-up (small.toml asks for port 0: a real one).
+    assert!(output.contains("metrics on http://127.0.0.1:"), "{output}");
+    assert!(!output.contains("metrics on http://127.0.0.1:0/"));
+    for (_, recipient, payload) in &messages {
+        let digits = &recipient.as_str()[1..];
+        assert!(
+            !output.contains(digits),
+            "a phone number leaked into the logs"
+        );
+        assert!(
+            !output.contains(payload.as_str()),
+            "a payload leaked into the logs"
+        );
+    }
+    assert!(!output.contains("PRIVATE-PAYLOAD"), "payload text leaked");
+    assert!(!output.contains(&token[5..]), "the token leaked");
+    assert!(!output.contains(MASTER_HEX), "the master key leaked");
+    stderr
+}

@@ -1,0 +1,156 @@
+//! A message that reaches the log is sealed for its recipient: reading the log back with
+//! the master key gives sealed bytes, never the payload, and the recipient's key opens them.
+
+use bytes::Bytes;
+use courier::store::MasterKeyText;
+use courier_client::ServerTrust;
+use courier_client::{Client, ClientConfig, OutgoingMessage};
+use courier_pipeline::log::format::SEGMENT_HEADER_BYTES;
+use courier_pipeline::log::{Keyring, LogConfig, MasterKey, SegmentCodec, SegmentHeader};
+use courier_pipeline::registry::{Registry, Tier};
+use courier_pipeline::seal::keys::{
+    unwrap_root_key, DerivedKeys, RecipientKey, RecipientKeys, WrappedRootKey,
+};
+use courier_pipeline::wire::{Recipient, Status};
+use courier_testkit::server::{self, small_profile, Setup};
+
+const MASTER_HEX: &str = "8f1c2d3e4a5b6c7d8e9fa0b1c2d3e4f5061728394a5b6c7d8e9f0a1b2c3d4e5f";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logged_messages_are_sealed_and_open_with_the_recipient_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = small_profile(1);
+    let mut registry = Registry::default();
+    let (business, token) = registry
+        .add("sealing test", Tier::Unlimited, 1_000_000, &[9u8; 32])
+        .unwrap();
+    registry.set_exempt(business, true);
+    let master = MasterKeyText::new(format!("{MASTER_HEX}\n").into_bytes()).unwrap();
+    let setup = Setup {
+        profile: profile.clone(),
+        registry,
+        master_key: master,
+    };
+    let running = server::start(dir.path(), setup);
+    let cfg = ClientConfig {
+        server: running.local_addr(),
+        server_name: "localhost".into(),
+        token,
+        trust: ServerTrust::Pinned(running.certificate().clone()),
+        streams: 2,
+        batches_in_flight_per_stream: 2,
+    };
+    let sent: Vec<(u64, Recipient, Vec<u8>)> = (0..40u64)
+        .map(|i| {
+            let r = Recipient::parse(format!("+4915{:09}", 100_000 + i * 7).as_bytes()).unwrap();
+            (
+                i + 1,
+                r,
+                format!("hello number {i}, meet at noon").into_bytes(),
+            )
+        })
+        .collect();
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        let client = Client::connect(&cfg).await.unwrap();
+        let batch = sent
+            .iter()
+            .map(|(id, r, p)| OutgoingMessage {
+                client_id: *id,
+                recipient: *r,
+                payload: Bytes::from(p.clone()),
+            })
+            .collect();
+        let statuses = client.submit(batch).await.unwrap();
+        assert!(statuses.iter().all(|s| matches!(s, Status::Accepted(_))));
+        client.close().await;
+    })
+    .await
+    .expect("test timed out");
+    running.shutdown();
+    running.join().unwrap();
+
+    // Read the shard's log back with the master key.
+    let shard_dir = dir.path().join("log/shard-0");
+    let master_key = MasterKey::parse(MASTER_HEX.as_bytes()).unwrap();
+    let keyring = Keyring::from_bytes(&std::fs::read(shard_dir.join("keyring")).unwrap()).unwrap();
+    let log_cfg = LogConfig::from_profile(&profile);
+    let mut records = Vec::new();
+    for seg in courier::store::list_segments(&shard_dir).unwrap() {
+        let bytes = std::fs::read(shard_dir.join(format!("{seg:020}.seg"))).unwrap();
+        let header = SegmentHeader::decode(&bytes).unwrap();
+        let key = keyring.data_key(&master_key, header.data_key_id).unwrap();
+        let codec = SegmentCodec::new(header, key, log_cfg.payload_bytes_max);
+        let mut offset = SEGMENT_HEADER_BYTES as u64;
+        let mut index = 0;
+        while offset < bytes.len() as u64 {
+            let (rec, next) = codec.read_record(&bytes, offset, index).unwrap();
+            records.push(rec);
+            offset = next;
+            index += 1;
+        }
+    }
+    assert_eq!(
+        records.len(),
+        sent.len(),
+        "every accepted message is in the log"
+    );
+
+    // The recipient side: the business root key (wrapped by the master key) derives
+    // each recipient's key.
+    let line = std::fs::read_to_string(dir.path().join("business-keys")).unwrap();
+    let (id, hexed) = line.trim().split_once(' ').unwrap();
+    assert_eq!(id.parse::<u32>().unwrap(), business);
+    let mut wrapped = [0u8; 60];
+    hex::decode_to_slice(hexed, &mut wrapped).unwrap();
+    let mut master_bytes = [0u8; 32];
+    hex::decode_to_slice(MASTER_HEX, &mut master_bytes).unwrap();
+    let root = unwrap_root_key(
+        &master_bytes,
+        business,
+        &WrappedRootKey::from_bytes(wrapped),
+    )
+    .unwrap();
+    let mut keys = DerivedKeys::new();
+    keys.insert_root(business, &root);
+
+    let mut out = Vec::new();
+    for rec in &records {
+        let (_, recipient, payload) = sent
+            .iter()
+            .find(|(id, _, _)| *id == rec.header.client_id)
+            .expect("a message that was sent");
+        assert_eq!(rec.header.recipient, Some(*recipient));
+        assert_eq!(rec.header.business_id, business);
+        // Stored sealed: the payload is not in the record body.
+        assert_ne!(&rec.payload[..], &payload[..]);
+        assert!(!rec
+            .payload
+            .windows(payload.len().min(12))
+            .any(|w| w == &payload[..payload.len().min(12)]));
+        let mut key = RecipientKey::zeroed();
+        keys.recipient_key(business, recipient, &mut key).unwrap();
+        let opened = courier_pipeline::seal::open(
+            &key,
+            business,
+            recipient,
+            rec.header.client_id,
+            &rec.payload,
+            &mut out,
+        )
+        .expect("opens with the recipient's key");
+        assert_eq!(opened, &payload[..]);
+        // Another recipient's key does not open it.
+        let other = Recipient::parse(b"+15550009999").unwrap();
+        let mut wrong = RecipientKey::zeroed();
+        keys.recipient_key(business, &other, &mut wrong).unwrap();
+        assert!(courier_pipeline::seal::open(
+            &wrong,
+            business,
+            recipient,
+            rec.header.client_id,
+            &rec.payload,
+            &mut out
+        )
+        .is_err());
+    }
+}

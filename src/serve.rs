@@ -15,8 +15,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use courier_pipeline::detect::{Delta, Detector};
-use courier_pipeline::idempotency::{Idempotency, RestoreSet, RestoredId, RESTORE_BATCH};
-use courier_pipeline::log::{LogConfig, OwnedRecord, RecordKind};
+use courier_pipeline::idempotency::{
+    idempotency_key, Idempotency, RestoreSet, RestoredId, RESTORE_BATCH,
+};
+use courier_pipeline::log::{LogConfig, OwnedRecord};
 use courier_pipeline::node::{self, Control, PeerMsg, Replay, ShardParts, ShardStats};
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::Registry;
@@ -718,11 +720,11 @@ fn prepare_shard(
     let mut replay = Replay::new(index as u16);
     let mut remember = |log_index: u64, rec: &OwnedRecord| {
         let h = &rec.header;
-        if h.kind == RecordKind::Message {
+        if let Some(business_id) = idempotency_key(h) {
             ids.push(RestoredId {
                 time_ms: h.time_ms,
                 position: LogPosition::new(index as u16, log_index),
-                business_id: h.business_id,
+                business_id,
                 client_id: h.client_id,
             });
             if ids.len() == RESTORE_BATCH {

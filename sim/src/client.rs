@@ -17,16 +17,21 @@
 //! is finished once every message has a final answer. With `reconnect`, a lost connection
 //! is replaced after [`RECONNECT_DELAY`] and the unanswered messages are sent again.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use courier_pipeline::cid::ShardCidGenerator;
+use courier_pipeline::wire::delivery::{
+    self as wire_delivery, features, DeliveryFrame, InboundEntry, StatusKind,
+};
 use courier_pipeline::wire::{
     self, Frame, FrameDecoder, LogPosition, OutMessage, Reason, Recipient, Status, Welcome,
 };
+
+use crate::edge::{Devices, EdgePlan, Reply};
 use quinn_proto::{
     ClientConfig, Connection, ConnectionError, ConnectionHandle, DatagramEvent, Dir, Endpoint,
     EndpointConfig, Event, ReadError, StreamEvent, StreamId, Transmit, VarInt, WriteError,
@@ -100,6 +105,12 @@ pub struct ClientPlan {
     /// Send every n-th accepted message once more with its id (0: never); the answer must
     /// be `duplicate` at the same position.
     pub duplicate_every: u64,
+    /// Ask for statuses and users' replies (HELLO version 2 with EVENTS), acknowledge
+    /// them, and count a message done only once it has its final status.
+    pub events: bool,
+    /// Be the platform's delivery edge (a platform token): take DELIVERs for simulated
+    /// devices, report outcomes, hand over users' replies. Such a client sends no SUBMIT.
+    pub edge: Option<EdgePlan>,
 }
 
 impl std::fmt::Debug for ClientPlan {
@@ -116,6 +127,8 @@ impl std::fmt::Debug for ClientPlan {
             .field("resend", &self.resend)
             .field("reconnect", &self.reconnect)
             .field("duplicate_every", &self.duplicate_every)
+            .field("events", &self.events)
+            .field("edge", &self.edge)
             .finish()
     }
 }
@@ -136,6 +149,21 @@ impl ClientPlan {
             resend: false,
             reconnect: false,
             duplicate_every: 0,
+            events: false,
+            edge: None,
+        }
+    }
+
+    /// A plan for the delivery edge with `token` (a platform credential): no SUBMIT,
+    /// resends and reconnects on.
+    pub fn edge(token: impl Into<Vec<u8>>, plan: EdgePlan) -> ClientPlan {
+        ClientPlan {
+            streams: 0,
+            batches_per_stream: 0,
+            resend: true,
+            reconnect: true,
+            edge: Some(plan),
+            ..ClientPlan::new(token)
         }
     }
 
@@ -172,6 +200,8 @@ pub enum StreamKind {
     Hello,
     /// A work stream, by its lane.
     Work(usize),
+    /// The edge's stream of INBOUND batches.
+    Inbound,
     /// Raw bytes a test wrote.
     Raw,
 }
@@ -202,6 +232,17 @@ pub struct Ledger {
     /// Messages sent again (throttled, unanswered when a connection was lost, or
     /// duplicates on purpose).
     pub resent: u64,
+    /// Statuses heard on this connection (any client id of the business: a business's
+    /// events go to any of its connections), in the order heard, copies dropped:
+    /// (event, client id, status).
+    pub heard: Vec<(LogPosition, u64, StatusKind)>,
+    /// When each of `heard` was heard, and on which connection (by count).
+    pub heard_at: Vec<(Instant, u32)>,
+    /// Users' messages heard, by event: sender and content.
+    pub inbound: BTreeMap<LogPosition, (Recipient, Bytes)>,
+    /// Events heard again (at least once: a copy is acknowledged and dropped).
+    pub event_copies: u64,
+    events_seen: BTreeSet<LogPosition>,
 }
 
 impl Ledger {
@@ -391,6 +432,19 @@ pub struct SimClient {
     accepted: BTreeMap<u64, LogPosition>,
     not_accepted: u64,
     ledger: Ledger,
+    /// Events to acknowledge (EVENT_ACK on the HELLO stream).
+    acks_owed: Vec<LogPosition>,
+    /// The edge's devices (an edge client only).
+    devices: Option<Devices>,
+    /// DELIVERs taken since the last CREDIT frame (granted back).
+    credit_owed: u32,
+    /// The edge's replies waiting to be handed over, and the next reply id.
+    replies: VecDeque<(u64, Reply)>,
+    next_reply: u64,
+    /// INBOUND batches written and not answered, in order.
+    inbound_in_flight: VecDeque<Vec<(u64, Reply)>>,
+    /// No INBOUND is written before this (after a reply came back not stored).
+    replies_hold_until: Option<Instant>,
     pub(crate) events: Vec<ClientEvent>,
 }
 
@@ -465,6 +519,10 @@ impl SimClient {
         now: Instant,
     ) -> SimClient {
         assert!(plan.depth > 0 && plan.batch_messages > 0 && plan.payload_bytes > 0);
+        let devices = plan
+            .edge
+            .clone()
+            .map(|e| Devices::new(e, seed ^ (index as u64).wrapping_mul(0x9e37_79b9)));
         let reset_key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &endpoint_seed);
         let mut endpoint_config = EndpointConfig::new(Arc::new(reset_key));
         endpoint_config
@@ -511,8 +569,20 @@ impl SimClient {
             accepted: BTreeMap::new(),
             not_accepted: 0,
             ledger: Ledger::default(),
+            acks_owed: Vec::new(),
+            devices,
+            credit_owed: 0,
+            replies: VecDeque::new(),
+            next_reply: 0,
+            inbound_in_flight: VecDeque::new(),
+            replies_hold_until: None,
             events: Vec::new(),
         }
+    }
+
+    /// What the edge did (an edge client only).
+    pub fn devices(&self) -> Option<&Devices> {
+        self.devices.as_ref()
     }
 
     /// This client's index in the simulation.
@@ -623,6 +693,8 @@ impl SimClient {
                 let s = &self.streams[id];
                 s.in_flight.is_empty() && s.fin_received
             })
+            && self.replies.is_empty()
+            && self.inbound_in_flight.is_empty()
     }
 
     /// Nothing more will happen on its own: done, closed for good, or every work stream
@@ -642,6 +714,7 @@ impl SimClient {
     // ---- driven by the simulation -------------------------------------------------------
 
     pub(crate) fn poll_timeout(&mut self) -> Option<Instant> {
+        let online = self.devices.as_ref().and_then(Devices::next_online);
         let conn = self.conn.as_mut().and_then(|c| c.poll_timeout());
         let driven = self.driven_at;
         let retry = self
@@ -651,7 +724,11 @@ impl SimClient {
             .filter(|&at| driven.is_none_or(|d| at > d))
             .min()
             .filter(|_| self.phase == Phase::Welcomed);
-        [conn, retry, self.reconnect_at].into_iter().flatten().min()
+        let hold = self.replies_hold_until.filter(|_| !self.replies.is_empty());
+        [conn, retry, self.reconnect_at, online, hold]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
@@ -662,6 +739,12 @@ impl SimClient {
         }
         if self.reconnect_at.is_some_and(|t| t <= now) && self.conn.is_none() {
             self.reconnect(now);
+        }
+        if let Some(d) = self.devices.as_mut() {
+            d.tick(now);
+        }
+        if self.replies_hold_until.is_some_and(|t| t <= now) {
+            self.replies_hold_until = None;
         }
         self.drive(now);
     }
@@ -796,6 +879,12 @@ impl SimClient {
     /// The connection is lost: every SUBMIT it left unanswered goes back to its lane, to
     /// be sent again (same ids) on the next connection.
     fn requeue_unanswered(&mut self) {
+        for batch in self.inbound_in_flight.drain(..).rev() {
+            for r in batch.into_iter().rev() {
+                self.replies.push_front(r);
+            }
+        }
+        self.acks_owed.clear();
         for st in self.streams.values_mut() {
             let StreamKind::Work(lane) = st.kind else {
                 continue;
@@ -843,6 +932,12 @@ impl SimClient {
                 progressed = true;
             }
         }
+        if self.phase == Phase::Welcomed {
+            progressed |= self.write_delivery_frames();
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return progressed;
+        };
         for (&id, st) in self.streams.iter_mut() {
             if let StreamKind::Work(lane) = st.kind {
                 progressed |=
@@ -947,6 +1042,14 @@ impl SimClient {
                         .iter()
                         .filter(|s| !matches!(s, Status::Accepted(_)))
                         .count() as u64;
+                    if kind == StreamKind::Inbound {
+                        let Some(batch) = self.inbound_in_flight.pop_front() else {
+                            panic!("seed {seed}: ACK {batch_id:#x} answers no INBOUND");
+                        };
+                        assert_eq!(batch.len(), statuses.len(), "seed {seed}: INBOUND ACK");
+                        self.on_inbound_answers(batch, &statuses, now);
+                        continue;
+                    }
                     let StreamKind::Work(lane) = kind else {
                         continue; // raw SUBMITs: their message ids are the test's business
                     };
@@ -966,12 +1069,163 @@ impl SimClient {
                         self.on_answer(lane, n, *status, now);
                     }
                 }
+                (Frame::Delivery(f), StreamKind::Hello) => self.on_delivery_frame(f, now),
                 (frame, kind) => panic!(
                     "seed {seed}: unexpected {} frame on a {kind:?} stream {id}",
                     frame_name(&frame)
                 ),
             }
         }
+    }
+
+    /// A frame of delivery on the HELLO stream: events for a business, DELIVERs for the
+    /// edge.
+    fn on_delivery_frame(&mut self, f: DeliveryFrame, now: Instant) {
+        let seed = self.seed;
+        match f {
+            DeliveryFrame::Status(events) => {
+                assert!(self.plan.events, "seed {seed}: STATUS without EVENTS");
+                for e in events {
+                    self.acks_owed.push(e.event);
+                    if !self.ledger.events_seen.insert(e.event) {
+                        self.ledger.event_copies += 1;
+                        continue;
+                    }
+                    self.ledger.heard.push((e.event, e.client_id, e.kind));
+                    self.ledger.heard_at.push((now, self.connections));
+                }
+            }
+            DeliveryFrame::InboundEvent(e) => {
+                assert!(
+                    self.plan.events,
+                    "seed {seed}: INBOUND_EVENT without EVENTS"
+                );
+                self.acks_owed.push(e.event);
+                if self.ledger.events_seen.insert(e.event) {
+                    self.ledger.inbound.insert(e.event, (e.sender, e.payload));
+                } else {
+                    self.ledger.event_copies += 1;
+                }
+            }
+            DeliveryFrame::Deliver(d) => {
+                let devices = self
+                    .devices
+                    .as_mut()
+                    .unwrap_or_else(|| panic!("seed {seed}: DELIVER to a business"));
+                devices.deliver(now, d);
+                self.credit_owed += 1;
+            }
+            other => panic!("seed {seed}: the server sent {other:?}"),
+        }
+    }
+
+    /// The relay answered an INBOUND batch: accepted (or duplicate: an earlier copy was
+    /// stored) replies are done, throttled ones go again, rejected ones are counted.
+    fn on_inbound_answers(&mut self, batch: Vec<(u64, Reply)>, statuses: &[Status], now: Instant) {
+        let devices = self.devices.as_mut().expect("an edge client");
+        for ((id, reply), status) in batch.into_iter().zip(statuses) {
+            match *status {
+                Status::Accepted(p) | Status::Duplicate(p) => {
+                    let old = devices.ledger.replies_accepted.insert(p, reply);
+                    assert!(
+                        old.is_none_or(|o| o == devices.ledger.replies_accepted[&p]),
+                        "seed {}: two replies stored at {p:?}",
+                        self.seed
+                    );
+                }
+                // Not stored now; the edge keeps the reply and hands it over again (with
+                // its id: if the record survived after all, the answer is `duplicate`).
+                Status::Throttled { .. }
+                | Status::Rejected(Reason::StorageUnavailable | Reason::ShuttingDown) => {
+                    self.replies.push_back((id, reply));
+                    self.replies_hold_until = Some(now + RECONNECT_DELAY);
+                }
+                Status::Rejected(_) => devices.ledger.replies_refused += 1,
+            }
+        }
+    }
+
+    /// Writes what an events client or the edge owes on the HELLO stream (EVENT_ACK;
+    /// OUTCOME, ONLINE, CREDIT) and the edge's INBOUND batches. True if anything moved.
+    fn write_delivery_frames(&mut self) -> bool {
+        let mut progressed = false;
+        if let Some(d) = self.devices.as_mut() {
+            for r in d.replies.drain(..) {
+                self.replies.push_back((self.next_reply, r));
+                self.next_reply += 1;
+            }
+        }
+        let Some(hello) = self.hello_stream else {
+            return false;
+        };
+        let st = self.streams.get_mut(&hello).expect("the HELLO stream");
+        if !self.acks_owed.is_empty() {
+            wire_delivery::encode_event_ack(&std::mem::take(&mut self.acks_owed), &mut st.out);
+            progressed = true;
+        }
+        if let Some(d) = self.devices.as_mut() {
+            if !d.outcomes.is_empty() {
+                wire_delivery::encode_outcome(&std::mem::take(&mut d.outcomes), &mut st.out);
+                progressed = true;
+            }
+            if !d.online.is_empty() {
+                wire_delivery::encode_online(&std::mem::take(&mut d.online), &mut st.out);
+                progressed = true;
+            }
+            if self.credit_owed > 0 {
+                wire_delivery::encode_credit(std::mem::take(&mut self.credit_owed), &mut st.out);
+                progressed = true;
+            }
+        }
+        progressed | self.write_inbound()
+    }
+
+    /// The edge hands over up to `depth` batches of replies on its INBOUND stream.
+    fn write_inbound(&mut self) -> bool {
+        let Some(business_batch) = self.devices.as_ref().map(|_| self.plan.batch_messages) else {
+            return false;
+        };
+        if self.replies.is_empty() || self.inbound_in_flight.len() >= self.plan.depth {
+            return false;
+        }
+        if self.replies_hold_until.is_some() {
+            return false;
+        }
+        let id = match self
+            .streams
+            .iter()
+            .find(|(_, s)| s.kind == StreamKind::Inbound && !s.failed())
+        {
+            Some((&id, _)) => id,
+            None => {
+                let Some(id) = self.conn.as_mut().and_then(|c| c.streams().open(Dir::Bi)) else {
+                    return false;
+                };
+                self.streams
+                    .insert(id, ClientStream::new(StreamKind::Inbound));
+                id
+            }
+        };
+        let mut progressed = false;
+        while !self.replies.is_empty() && self.inbound_in_flight.len() < self.plan.depth {
+            let n = self.replies.len().min(business_batch);
+            let batch: Vec<(u64, Reply)> = self.replies.drain(..n).collect();
+            let entries: Vec<InboundEntry> = batch
+                .iter()
+                .map(|(rid, r)| InboundEntry {
+                    id: *rid,
+                    business_id: r.business_id,
+                    sender: r.sender,
+                    payload: r.payload.clone(),
+                })
+                .collect();
+            let st = self.streams.get_mut(&id).expect("just found");
+            wire_delivery::encode_inbound(st.sent, &entries, &mut st.out);
+            st.sent += 1;
+            self.inbound_in_flight.push_back(batch);
+            progressed = true;
+        }
+        progressed
     }
 
     /// Message `n` of `lane` got `status`.
@@ -1008,7 +1262,20 @@ impl SimClient {
             .open(Dir::Bi)
             .expect("a fresh connection has stream credit for HELLO");
         let mut st = ClientStream::new(StreamKind::Hello);
-        wire::encode_hello(&self.plan.token, &mut st.out);
+        let asked = match (&self.plan.edge, self.plan.events) {
+            (Some(_), _) => features::DELIVERY,
+            (None, true) => features::EVENTS,
+            (None, false) => 0,
+        };
+        if asked == 0 {
+            wire::encode_hello(&self.plan.token, &mut st.out);
+        } else {
+            wire::encode_hello_features(&self.plan.token, asked, &mut st.out);
+        }
+        if let Some(e) = &self.plan.edge {
+            wire_delivery::encode_credit(e.credit, &mut st.out);
+            self.credit_owed = 0;
+        }
         self.streams.insert(id, st);
         self.hello_stream = Some(id);
         if self.phase == Phase::Connected {
@@ -1141,6 +1408,16 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Report { .. } => "REPORT",
         Frame::Welcome(_) => "WELCOME",
         Frame::Ack { .. } => "ACK",
-        Frame::Delivery(_) => "a delivery frame",
+        Frame::Delivery(f) => match f {
+            DeliveryFrame::SubmitTtl { .. } => "SUBMIT_TTL",
+            DeliveryFrame::EventAck(_) => "EVENT_ACK",
+            DeliveryFrame::Status(_) => "STATUS",
+            DeliveryFrame::InboundEvent(_) => "INBOUND_EVENT",
+            DeliveryFrame::Credit(_) => "CREDIT",
+            DeliveryFrame::Outcome(_) => "OUTCOME",
+            DeliveryFrame::Online(_) => "ONLINE",
+            DeliveryFrame::Inbound { .. } => "INBOUND",
+            DeliveryFrame::Deliver(_) => "DELIVER",
+        },
     }
 }

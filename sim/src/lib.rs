@@ -27,6 +27,7 @@
 //! `planted-bugs` feature, which only this crate switches on.
 
 pub mod client;
+pub mod edge;
 pub mod net;
 pub mod node;
 pub mod oracle;
@@ -37,6 +38,7 @@ pub use client::{
     batch_id, batch_stream_key, message_id, payload_for, recipient_for, ClientPlan, ClientStream,
     Ledger, Outcome, Phase, SimClient, StreamKind, RECONNECT_DELAY, SERVER_NAME,
 };
+pub use edge::{reply_payload, Devices, EdgeLedger, EdgePlan, Reply};
 pub use net::{Fate, NetConfig, NetStats};
 pub use node::{NodeSetup, SimNode, StorageConfig};
 pub use oracle::{Oracle, Violation};

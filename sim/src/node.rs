@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use courier_pipeline::detect::Detector;
-use courier_pipeline::idempotency::{Idempotency, RestoreSet, RestoredId};
-use courier_pipeline::log::{Action, LogConfig, MasterKey, RecordKind, RecoverError};
+use courier_pipeline::idempotency::{idempotency_key, Idempotency, RestoreSet, RestoredId};
+use courier_pipeline::log::{Action, LogConfig, MasterKey, RecoverError};
 use courier_pipeline::node::{
     self, Event, Io, Now, PeerMsg, PeerTarget, PlantedBugs, Replay, ShardParts, ShardStats,
     WriteOutcome,
@@ -227,11 +227,11 @@ impl SimNode {
                 shard,
                 &mut |index, rec| {
                     let h = &rec.header;
-                    if h.kind == RecordKind::Message {
+                    if let Some(business_id) = idempotency_key(h) {
                         ids.push(RestoredId {
                             time_ms: h.time_ms,
                             position: LogPosition::new(shard, index),
-                            business_id: h.business_id,
+                            business_id,
                             client_id: h.client_id,
                         });
                     }

@@ -11,6 +11,11 @@
 //!   across restarts included, answers `duplicate` at the first position);
 //! - no (recipient key, nonce) pair repeats over every record ever read, across restarts;
 //! - every batch a client sent is answered, or its connection closed (at the end);
+//! - delivery (at the end): every message a business with events has stored has exactly
+//!   one final status (delivered, failed, expired), heard in order (`sent` before it,
+//!   `read` only after `delivered`, no status twice); every DELIVER the edge took is a
+//!   message the log holds, as stored; every reply the relay accepted from the edge
+//!   reached its business, as sent, exactly once, and no other business;
 //! - the detector's model: an exempt business never hears a detection verdict; a
 //!   business's stored messages per second stay within its rate (one second of burst on
 //!   top) within one run of the node (a restart restores the detector from its last
@@ -23,6 +28,7 @@ use std::time::Duration;
 use courier_pipeline::log::{OwnedRecord, RecordKind};
 use courier_pipeline::seal::keys::RecipientKey;
 use courier_pipeline::seal::{open, RecipientKeys, SEAL_NONCE_BYTES};
+use courier_pipeline::wire::delivery::StatusKind;
 use courier_pipeline::wire::{LogPosition, Reason};
 
 use crate::client::{message_id, payload_for, recipient_for, Outcome, Phase};
@@ -88,6 +94,12 @@ impl Oracle {
     /// answered or its connection closed.
     pub fn check_end(&mut self, sim: &Sim) -> Result<(), Violation> {
         self.check(sim)?;
+        let stored = read_disks(sim).expect("read just now");
+        check_delivery(sim, &stored).map_err(|what| Violation {
+            seed: sim.config().seed,
+            step: sim.stats().steps,
+            what,
+        })?;
         for (c, client) in sim.clients().iter().enumerate() {
             if client.unanswered() > 0 && client.phase() != Phase::Closed {
                 return Err(Violation {
@@ -287,6 +299,139 @@ fn check_detector_model(sim: &Sim, stored: &BTreeMap<LogPosition, Stored>) -> Re
                     "business {id}: {distinct} distinct recipients stored, over its tier of {limit}"
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Statuses and replies, against what the disks hold and the edge did.
+fn check_delivery(sim: &Sim, stored: &BTreeMap<LogPosition, Stored>) -> Result<(), String> {
+    let businesses: BTreeSet<u32> = sim
+        .clients()
+        .iter()
+        .filter_map(|c| c.business_id())
+        .collect();
+    for b in businesses {
+        for (id, heard) in sim.business_statuses(b) {
+            let kinds: Vec<StatusKind> = heard.iter().map(|(_, k)| *k).collect();
+            let stored_here = stored.values().any(|s| {
+                let h = &s.record.header;
+                h.kind == RecordKind::Message && h.business_id == b && h.client_id == id
+            });
+            if !stored_here {
+                return Err(format!("business {b} heard statuses {kinds:?} of message {id:#x}, which the log does not hold"));
+            }
+            status_order(&kinds)
+                .map_err(|e| format!("business {b}, message {id:#x}: {e}: {heard:?}"))?;
+        }
+    }
+    for (c, client) in sim.clients().iter().enumerate() {
+        if !client.plan().events {
+            continue;
+        }
+        let merged = sim.business_statuses(client.business_id().expect("welcomed"));
+        for (&n, o) in &client.ledger().outcomes {
+            let final_heard = merged.get(&message_id(c, n)).is_some_and(|h| {
+                h.iter()
+                    .any(|(_, k)| k.is_final() && *k != StatusKind::Read)
+            });
+            if matches!(o, Outcome::Accepted(_) | Outcome::Duplicate(_)) && !final_heard {
+                return Err(format!(
+                    "client {c} message {n}: stored, no final status heard"
+                ));
+            }
+        }
+    }
+    for edge in sim.clients().iter().filter_map(|c| c.devices()) {
+        for (p, d) in &edge.ledger.messages {
+            let s = stored
+                .get(p)
+                .ok_or_else(|| format!("DELIVER of {p:?}, which the log does not hold"))?;
+            let h = &s.record.header;
+            if h.kind != RecordKind::Message
+                || h.business_id != d.business_id
+                || h.client_id != d.client_id
+                || h.recipient != Some(d.recipient)
+                || s.record.payload != d.payload
+            {
+                return Err(format!("DELIVER of {p:?} is not the message stored there"));
+            }
+        }
+        for (event, reply) in &edge.ledger.replies_accepted {
+            let mut heard = 0;
+            for client in sim.clients() {
+                let Some((sender, payload)) = client.ledger().inbound.get(event) else {
+                    continue;
+                };
+                if client.business_id() != Some(reply.business_id) {
+                    return Err(format!(
+                        "reply {event:?} reached business {:?}, not {}",
+                        client.business_id(),
+                        reply.business_id
+                    ));
+                }
+                if *sender != reply.sender || *payload != reply.payload {
+                    return Err(format!("reply {event:?} arrived changed"));
+                }
+                heard += 1;
+            }
+            let subscribers = sim
+                .clients()
+                .iter()
+                .filter(|c| c.plan().events && c.business_id() == Some(reply.business_id))
+                .count();
+            if subscribers > 0 && heard == 0 {
+                return Err(format!(
+                    "reply {event:?} accepted from the edge never reached business {}",
+                    reply.business_id
+                ));
+            }
+        }
+    }
+    let accepted: BTreeSet<LogPosition> = sim
+        .clients()
+        .iter()
+        .filter_map(|c| c.devices())
+        .flat_map(|d| d.ledger.replies_accepted.keys().copied())
+        .collect();
+    for (c, client) in sim.clients().iter().enumerate() {
+        if let Some((e, (_, payload))) = client
+            .ledger()
+            .inbound
+            .iter()
+            .find(|(e, _)| !accepted.contains(e))
+        {
+            let elsewhere: Vec<LogPosition> = sim
+                .clients()
+                .iter()
+                .filter_map(|c| c.devices())
+                .flat_map(|d| d.ledger.replies_accepted.iter())
+                .filter(|(_, r)| r.payload == *payload)
+                .map(|(p, _)| *p)
+                .collect();
+            return Err(format!(
+                "client {c} heard reply {e:?}, which the edge never had accepted (the same reply accepted at {elsewhere:?})"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The statuses of one message, in the order heard, are a valid history.
+fn status_order(kinds: &[StatusKind]) -> Result<(), &'static str> {
+    let mut seen = BTreeSet::new();
+    let mut final_seen = None;
+    for &k in kinds {
+        if !seen.insert(k) {
+            return Err("a status heard twice");
+        }
+        match (k, final_seen) {
+            (StatusKind::Sent, None) => {}
+            (StatusKind::Sent, Some(_)) => return Err("sent after a final status"),
+            (StatusKind::Read, Some(StatusKind::Delivered)) => {}
+            (StatusKind::Read, _) => return Err("read without delivered before it"),
+            (_, Some(_)) => return Err("two final statuses"),
+            (k, None) => final_seen = Some(k),
         }
     }
     Ok(())

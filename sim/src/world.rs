@@ -776,6 +776,70 @@ impl Sim {
         d.finalize().into()
     }
 
+    /// Every status the connections of `business_id` heard, merged (copies of an event
+    /// dropped), by client message id, in the order the business first heard each:
+    /// (event, status). A business dedupes by event id across its connections, so a copy
+    /// heard later on another connection (a push repeated after a crash) is no new event.
+    pub fn business_statuses(
+        &self,
+        business_id: u32,
+    ) -> BTreeMap<u64, Vec<(LogPosition, courier_pipeline::wire::delivery::StatusKind)>> {
+        let mut all = Vec::new();
+        for (c, client) in self.clients.iter().enumerate() {
+            if client.business_id() != Some(business_id) {
+                continue;
+            }
+            let l = client.ledger();
+            for (&(event, id, kind), &(at, _)) in l.heard.iter().zip(&l.heard_at) {
+                all.push((at, c, event, id, kind));
+            }
+        }
+        all.sort_by_key(|&(at, c, ..)| (at, c));
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out: BTreeMap<u64, Vec<_>> = BTreeMap::new();
+        for (_, _, event, id, kind) in all {
+            if seen.insert(event) {
+                out.entry(id).or_default().push((event, kind));
+            }
+        }
+        out
+    }
+
+    /// Whether every message stored for a client with events has its final status,
+    /// heard by some connection of its business.
+    pub fn statuses_settled(&self) -> bool {
+        use courier_pipeline::wire::delivery::StatusKind;
+        self.clients.iter().enumerate().all(|(c, client)| {
+            let Some(b) = client.business_id().filter(|_| client.plan().events) else {
+                return true;
+            };
+            let merged = self.business_statuses(b);
+            client.ledger().outcomes.keys().all(|&n| {
+                client.ledger().stored_at(n).is_none()
+                    || merged.get(&client::message_id(c, n)).is_some_and(|h| {
+                        h.iter()
+                            .any(|(_, k)| k.is_final() && *k != StatusKind::Read)
+                    })
+            })
+        })
+    }
+
+    /// Whether every reply the edge had accepted reached a connection of its business
+    /// (when the business takes events at all).
+    pub fn replies_settled(&self) -> bool {
+        self.clients.iter().filter_map(|c| c.devices()).all(|d| {
+            d.ledger.replies_accepted.iter().all(|(event, reply)| {
+                let mut subscribers = self
+                    .clients
+                    .iter()
+                    .filter(|c| c.plan().events && c.business_id() == Some(reply.business_id))
+                    .peekable();
+                subscribers.peek().is_none()
+                    || subscribers.any(|c| c.ledger().inbound.contains_key(event))
+            })
+        })
+    }
+
     /// Checks that no log position was given to two messages, across every client, and
     /// that each position names a shard that exists. Returns the positions counted.
     pub fn check_positions_unique(&self) -> usize {

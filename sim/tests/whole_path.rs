@@ -18,7 +18,7 @@ use courier_pipeline::node::PlantedBugs;
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::{Registry, Tier};
 use courier_sim::{
-    ClientPlan, NetConfig, Oracle, Sim, SimConfig, SimTls, StorageConfig, Violation,
+    ClientPlan, EdgePlan, NetConfig, Oracle, Sim, SimConfig, SimTls, StorageConfig, Violation,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -65,7 +65,8 @@ impl Fault {
     }
 }
 
-/// The businesses: an exempt bulk sender, a customer with detection on, a small one.
+/// The businesses: an exempt bulk sender, a customer with detection on, a small one;
+/// and the platform's delivery edge (the fourth token).
 fn registry() -> (Arc<Registry>, Vec<String>) {
     let mut reg = Registry::default();
     let (bulk, t0) = reg
@@ -74,8 +75,13 @@ fn registry() -> (Arc<Registry>, Vec<String>) {
     reg.set_exempt(bulk, true);
     let (_, t1) = reg.add("customer", Tier::T2k, 400, &[2; 32]).unwrap();
     let (_, t2) = reg.add("small", Tier::T250, 100, &[3; 32]).unwrap();
-    (Arc::new(reg), vec![t0, t1, t2])
+    let (edge, t3) = reg.add("edge", Tier::Unlimited, 1, &[4; 32]).unwrap();
+    reg.set_platform(edge, true);
+    (Arc::new(reg), vec![t0, t1, t2, t3])
 }
+
+/// Businesses among the tokens (the last one is the edge's).
+const BUSINESS_TOKENS: usize = 3;
 
 /// The profile: the small one, with a short idle timeout so that clients of a crashed
 /// node notice within seconds, and small segments so that runs roll.
@@ -83,6 +89,11 @@ fn profile() -> Profile {
     let mut p = Profile::from_toml(include_str!("../../tuning/small.toml")).expect("small.toml");
     p.quic.idle_timeout_ms = 3_000;
     p.log.segment_bytes_max = 64 << 10;
+    // Short delivery timers, so a run with crashes settles in virtual seconds.
+    p.delivery.outcome_timeout_ms = 2_000;
+    p.delivery.event_ack_timeout_ms = 1_000;
+    p.delivery.retry_backoff_min_ms = 100;
+    p.delivery.retry_backoff_max_ms = 2_000;
     p
 }
 
@@ -100,9 +111,11 @@ fn scenario(seed: u64) -> (SimConfig, Vec<ClientPlan>, Vec<Fault>) {
         jitter: Duration::from_micros(rng.random_range(0..3_000)),
     };
     let (_, tokens) = registry();
-    let clients = (0..rng.random_range(2..=4))
+    let edge = rng.random_bool(0.8);
+    let mut clients: Vec<ClientPlan> = (0..rng.random_range(2..=4))
         .map(|i| {
-            let mut plan = ClientPlan::new(tokens[i % tokens.len()].clone());
+            let mut plan = ClientPlan::new(tokens[i % BUSINESS_TOKENS].clone());
+            plan.events = edge && rng.random_bool(0.8);
             plan.streams = rng.random_range(1..=3);
             plan.batches_per_stream = rng.random_range(5..=25);
             plan.depth = rng.random_range(1..=4);
@@ -120,15 +133,33 @@ fn scenario(seed: u64) -> (SimConfig, Vec<ClientPlan>, Vec<Fault>) {
             plan
         })
         .collect();
+    if edge {
+        let devices = EdgePlan {
+            offline_share: rng.random_range(0.0..0.5),
+            offline_max: Duration::from_millis(rng.random_range(10..3_000)),
+            not_on_platform_share: rng.random_range(0.0..0.1),
+            read_share: rng.random_range(0.0..0.5),
+            reply_share: rng.random_range(0.0..0.3),
+            credit: rng.random_range(1..=256),
+        };
+        clients.push(ClientPlan::edge(tokens[BUSINESS_TOKENS].clone(), devices));
+    }
     let mut faults = Vec::new();
     for _ in 0..rng.random_range(1..=3) {
         let at = Duration::from_micros(rng.random_range(10_000..1_500_000));
-        faults.push(match rng.random_range(0..10) {
+        let fault = match rng.random_range(0..10) {
             0..=4 => Fault::CrashAt(at),
             5..=7 => Fault::CrashAfterOps(at, rng.random_range(1..40)),
             8 => Fault::FailSyncs(at, rng.random_range(0..shards)),
             _ => Fault::DiskFull(at, rng.random_range(0..shards), rng.random_range(0..20_000)),
-        });
+        };
+        if matches!(fault, Fault::FailSyncs(..) | Fault::DiskFull(..)) {
+            // A failed log takes nothing more, statuses included, until the operator has
+            // fixed the disk and restarted the node.
+            let fixed = at + Duration::from_micros(rng.random_range(100_000..2_000_000));
+            faults.push(Fault::CrashAt(fixed));
+        }
+        faults.push(fault);
     }
     faults.sort_by_key(|f| f.at());
     (cfg, clients, faults)
@@ -137,6 +168,10 @@ fn scenario(seed: u64) -> (SimConfig, Vec<ClientPlan>, Vec<Fault>) {
 /// Runs `seed` with `bugs` planted; the oracle checks after every recovery and at the end.
 fn run(seed: u64, bugs: PlantedBugs) -> Result<Report, Violation> {
     let (mut cfg, plans, faults) = scenario(seed);
+    let debug = std::env::var_os("COURIER_SIM_DEBUG").is_some();
+    if debug {
+        eprintln!("seed {seed}: {cfg:?}\nplans {plans:#?}\nfaults {faults:?}");
+    }
     cfg.bugs = bugs;
     let (reg, _) = registry();
     let mut sim = Sim::new(Instant::now(), cfg, &SimTls::fixed(), reg);
@@ -174,14 +209,103 @@ fn run(seed: u64, bugs: PlantedBugs) -> Result<Report, Violation> {
     // arm per fault).
     for _ in 0..4 {
         sim.run_until_cond(SETTLE_LIMIT, |s| {
-            !s.node().is_up() || s.clients().iter().all(|c| c.done())
+            !s.node().is_up()
+                || (s.clients().iter().all(|c| c.done())
+                    && s.statuses_settled()
+                    && s.replies_settled())
         });
         if sim.node().is_up() {
             break;
         }
         restart(&mut sim, &mut oracle)?;
     }
-    oracle.check_end(&sim)?;
+    if debug {
+        eprintln!("stats {:?} net {:?}", sim.stats(), sim.net_stats());
+        if sim.node().is_up() {
+            for sh in 0..sim.config().shards {
+                let core = sim.node().core(sh);
+                eprintln!(
+                    "shard {sh}: waiting {} log {}..{} delivery {:?} outbox {:?} server {:?}",
+                    core.records_waiting(),
+                    core.log().durable_end(),
+                    core.log().next_index(),
+                    core.delivery_counts(),
+                    core.outbox_counts(),
+                    core.server().stats()
+                );
+            }
+        }
+        for c in sim.clients() {
+            eprintln!(
+                "{c:?} heard {} events, {} copies",
+                c.ledger().heard.len(),
+                c.ledger().event_copies
+            );
+            if let Some(d) = c.devices() {
+                eprintln!(
+                    "  edge: {} delivers, {} copies, {} messages, {} finals, {} replies accepted, {} refused",
+                    d.ledger.delivers,
+                    d.ledger.copies,
+                    d.ledger.messages.len(),
+                    d.ledger.finals.len(),
+                    d.ledger.replies_accepted.len(),
+                    d.ledger.replies_refused
+                );
+            }
+        }
+    }
+    if debug {
+        // The messages of events clients without a final status, and what was heard.
+        for (c, client) in sim.clients().iter().enumerate() {
+            let Some(b) = client.business_id().filter(|_| client.plan().events) else {
+                continue;
+            };
+            let merged = sim.business_statuses(b);
+            for (&n, o) in &client.ledger().outcomes {
+                let id = courier_sim::message_id(c, n);
+                let h = merged.get(&id);
+                let fin = h.is_some_and(|h| h.iter().any(|(_, k)| k.is_final()));
+                if !fin && client.ledger().stored_at(n).is_some() {
+                    let edge = sim
+                        .clients()
+                        .iter()
+                        .filter_map(|x| x.devices())
+                        .flat_map(|d| d.ledger.messages.iter())
+                        .find(|(_, d)| d.client_id == id)
+                        .map(|(p, _)| *p);
+                    eprintln!("  unfinished: client {c} n {n} {o:?} heard {h:?} edge {edge:?}");
+                    let setup = sim.node().setup();
+                    for sh in 0..setup.shards {
+                        let recs = courier_sim::storage::read_all(
+                            sim.node().storage(sh),
+                            &setup.master,
+                            1 << 20,
+                        )
+                        .unwrap();
+                        for (i, r) in recs {
+                            if r.header.reference == o_pos(o) {
+                                eprintln!("    record {sh}/{i}: {:?}", r.header);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let end = oracle.check_end(&sim);
+    if debug {
+        if let Err(v) = &end {
+            eprintln!("violation: {v}; boots at {:?}", sim.node().boot_times_ms());
+        }
+    }
+    end?;
+    if !sim.statuses_settled() {
+        return Err(Violation {
+            seed,
+            step: sim.stats().steps,
+            what: format!("statuses did not settle within {SETTLE_LIMIT:?}"),
+        });
+    }
     if let Some(c) = sim.clients().iter().position(|c| !c.done()) {
         return Err(Violation {
             seed,
@@ -216,6 +340,13 @@ fn restart(sim: &mut Sim, oracle: &mut Oracle) -> Result<(), Violation> {
         what: format!("the node does not recover: {e}"),
     })?;
     oracle.check(sim)
+}
+
+fn o_pos(o: &courier_sim::Outcome) -> u64 {
+    match o {
+        courier_sim::Outcome::Accepted(p) | courier_sim::Outcome::Duplicate(p) => p.0,
+        _ => 0,
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {

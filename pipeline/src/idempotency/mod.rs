@@ -41,7 +41,7 @@
 
 mod restore;
 
-pub use restore::{RestoreSet, RestoredId, RESTORE_BATCH};
+pub use restore::{idempotency_key, RestoreSet, RestoredId, RESTORE_BATCH};
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Mutex, MutexGuard};
@@ -56,6 +56,12 @@ pub const STRIPES: usize = 64;
 pub const ENTRIES_MIN: usize = 1024;
 /// Most ids a table may remember.
 pub const ENTRIES_MAX: usize = 1 << 30;
+
+/// Set in the business id of a key that names a user's reply from the edge (its id is
+/// the edge's), so replies and a business's own message ids never collide. Business
+/// ids stay below `registry::BUSINESSES_MAX` (2^20).
+pub const INBOUND_NAMESPACE: u32 = 1 << 31;
+const _: () = assert!(crate::registry::BUSINESSES_MAX < INBOUND_NAMESPACE as usize);
 
 /// Marks a slot whose message is claimed but not durable yet.
 const PENDING: u64 = u64::MAX;

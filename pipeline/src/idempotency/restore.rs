@@ -7,8 +7,20 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Mutex;
 
-use super::Idempotency;
+use super::{Idempotency, INBOUND_NAMESPACE};
+use crate::log::{RecordHeader, RecordKind};
 use crate::wire::LogPosition;
+
+/// The business id under which a record's id is remembered: a message's under its
+/// business, a user's reply under its business in the inbound namespace; `None` for
+/// records without an id (statuses, cursors).
+pub fn idempotency_key(h: &RecordHeader) -> Option<u32> {
+    match h.kind {
+        RecordKind::Message => Some(h.business_id),
+        RecordKind::Inbound => Some(h.business_id | INBOUND_NAMESPACE),
+        RecordKind::Status | RecordKind::Cursor => None,
+    }
+}
 
 /// Ids a shard's recovery should hand over at a time (see [`RestoreSet::offer`]).
 pub const RESTORE_BATCH: usize = 4096;

@@ -449,6 +449,11 @@ impl Shard {
         self.delivery.as_ref().map(|d| (d.counts(), d.pending()))
     }
 
+    /// Statuses and cursors waiting for room in the log.
+    pub fn records_waiting(&self) -> usize {
+        self.internal.len()
+    }
+
     /// The outbox's counters and the events waiting.
     pub fn outbox_counts(&self) -> (OutboxCounts, usize) {
         (self.outbox.counts(), self.outbox.len())

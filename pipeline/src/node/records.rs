@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!  INBOUND batch ──> per entry: registered business? payload in bounds? room in the
-//!                    business's outbox? ──> inbound record | rejected / throttled
+//!                    business's outbox? the edge's id new (idempotency, in a namespace
+//!                    of its own)? ──> inbound record | rejected / throttled / duplicate
 //!                    ──> ACK once durable; then INBOUND_EVENT queued for the business
 //!  Delivery::poll_status ──> status record ──> once durable: STATUS queued
 //!  Outbox::poll_cursor (every tick) ──> cursor record (what the business acknowledged)
@@ -17,11 +18,15 @@
 use bytes::Bytes;
 
 use super::ack::{Answer, Awaiting};
-use super::{stats, Internal, Now, Shard};
-use crate::log::{LogError, Record, RecordHeader, RecordKind};
+use super::{stats, Internal, Now, Shard, IN_FLIGHT_RETRY_MS};
+use crate::idempotency::{Claim, INBOUND_NAMESPACE};
+use crate::log::{Log, LogError, Record, RecordHeader, RecordKind};
 use crate::server::InboundBatch;
-use crate::wire::delivery::{BusinessEvent, InboundEvent, StatusEvent};
+use crate::wire::delivery::{BusinessEvent, InboundEntry, InboundEvent, StatusEvent};
 use crate::wire::{LogPosition, Reason, Status};
+
+/// Placeholder of a stored reply until the log gives its position.
+const UNPLACED: Status = Status::Accepted(LogPosition(u64::MAX));
 
 /// Retry-after of a reply refused because its business's outbox is full.
 const INBOUND_FULL_RETRY_MS: u32 = 1000;
@@ -30,107 +35,87 @@ impl Shard {
     /// Takes the users' messages of an INBOUND batch from the edge.
     pub(super) fn take_inbound(&mut self, now: Now, batch: InboundBatch) {
         let mut statuses = Vec::with_capacity(batch.entries.len());
-        let mut records = Vec::new();
+        let mut claims = Vec::new();
+        let mut placed: Vec<&InboundEntry> = Vec::new();
         let mut budget = 0u64;
         for e in &batch.entries {
-            let registered = self
-                .server
-                .registry()
-                .get(e.business_id)
-                .is_some_and(|b| !b.platform);
-            let room = self.delivery.as_ref().is_some_and(|d| {
-                d.has_room(
-                    0,
-                    budget + e.payload.len() as u64,
-                    self.outbox.payload_bytes(),
-                )
-            }) && self.outbox.has_room(e.business_id);
-            let status = if !registered {
-                Status::Rejected(Reason::Unauthorized)
-            } else if e.payload.is_empty() || e.payload.len() > self.payload_bytes_max as usize {
-                Status::Rejected(Reason::PayloadTooLarge)
-            } else if !room {
-                Status::Throttled {
-                    retry_after_ms: INBOUND_FULL_RETRY_MS,
-                }
-            } else {
-                budget += e.payload.len() as u64;
-                records.push(RecordHeader {
-                    kind: RecordKind::Inbound,
-                    business_id: e.business_id,
-                    time_ms: now.unix_ms,
-                    client_id: 0,
-                    recipient: Some(e.sender),
-                    reference: 0,
-                    code: 0,
-                });
-                Status::Accepted(LogPosition(u64::MAX))
-            };
-            statuses.push(status);
-        }
-        let placed: Vec<&crate::wire::delivery::InboundEntry> = batch
-            .entries
-            .iter()
-            .zip(&statuses)
-            .filter(|(_, s)| matches!(s, Status::Accepted(_)))
-            .map(|(e, _)| e)
-            .collect();
-        let bytes: u64 = records
-            .iter()
-            .zip(&placed)
-            .map(|(h, e)| crate::log::Log::record_bytes(h.recipient_bytes(), e.payload.len()))
-            .sum();
-        if !records.is_empty() && !self.commit.log().has_room(records.len(), bytes) {
-            // The group commit is full: the edge tries again shortly.
-            for s in statuses
-                .iter_mut()
-                .filter(|s| matches!(s, Status::Accepted(_)))
-            {
-                *s = Status::Throttled {
-                    retry_after_ms: super::chain::DELIVERY_FULL_RETRY_MS,
+            let mut status = self.judge_inbound(e, budget);
+            if status.is_none() {
+                let key = e.business_id | INBOUND_NAMESPACE;
+                status = match self.idempotency.claim(key, e.id, now.unix_ms) {
+                    Claim::Fresh(t) => {
+                        claims.push(t);
+                        placed.push(e);
+                        budget += e.payload.len() as u64;
+                        None
+                    }
+                    Claim::Duplicate(p) => Some(Status::Duplicate(p)),
+                    Claim::InFlight => Some(Status::Throttled {
+                        retry_after_ms: IN_FLIGHT_RETRY_MS,
+                    }),
                 };
             }
-            records.clear();
+            statuses.push(status.unwrap_or(UNPLACED));
         }
-        let recs: Vec<Record<'_>> = records
+        let headers: Vec<RecordHeader> = placed
             .iter()
-            .zip(&placed)
-            .map(|(h, e)| Record {
-                header: *h,
-                payload: &e.payload,
+            .map(|e| RecordHeader {
+                kind: RecordKind::Inbound,
+                business_id: e.business_id,
+                time_ms: now.unix_ms,
+                client_id: e.id,
+                recipient: Some(e.sender),
+                reference: 0,
+                code: 0,
             })
             .collect();
-        let mut positions = Vec::with_capacity(recs.len());
-        let appended = match recs.is_empty() {
-            true => Ok(()),
-            false => self.commit.append(now.unix_ms, &recs, &mut positions),
-        };
-        drop(recs);
-        let answer = |statuses| Answer {
+        let bytes: u64 = placed
+            .iter()
+            .map(|e| Log::record_bytes(e.sender.as_bytes().len(), e.payload.len()))
+            .sum();
+        let mut refused = None;
+        if !placed.is_empty() && !self.commit.log().has_room(placed.len(), bytes) {
+            // The group commit is full: the edge tries again shortly.
+            refused = Some(Status::Throttled {
+                retry_after_ms: super::chain::DELIVERY_FULL_RETRY_MS,
+            });
+        }
+        let mut positions = Vec::with_capacity(placed.len());
+        if refused.is_none() && !placed.is_empty() {
+            let recs: Vec<Record<'_>> = headers
+                .iter()
+                .zip(&placed)
+                .map(|(h, e)| Record {
+                    header: *h,
+                    payload: &e.payload,
+                })
+                .collect();
+            if let Err(e) = self.commit.append(now.unix_ms, &recs, &mut positions) {
+                refused = Some(e.status());
+            }
+        }
+        let mut answer = Answer {
             ticket: batch.ticket,
             taken: now.at,
             business_id: 0,
             statuses,
-            claims: Vec::new(),
+            claims,
             billed: false,
         };
-        if let Err(e) = appended {
-            for s in statuses
-                .iter_mut()
-                .filter(|s| matches!(s, Status::Accepted(_)))
-            {
-                *s = e.status();
+        if let Some(r) = refused {
+            self.release_claims(&answer.claims);
+            answer.claims.clear();
+            for s in answer.statuses.iter_mut().filter(|s| **s == UNPLACED) {
+                *s = r;
             }
-            let a = answer(statuses);
-            self.ack(now, a.taken, a.ticket, 0, &a.statuses, false);
+        }
+        if answer.claims.is_empty() {
+            self.ack(now, answer.taken, answer.ticket, 0, &answer.statuses, false);
             return;
         }
         let mut events = Vec::with_capacity(positions.len());
         let mut next = positions.iter().zip(&placed);
-        for s in statuses
-            .iter_mut()
-            .filter(|s| matches!(s, Status::Accepted(_)))
-        {
+        for s in answer.statuses.iter_mut().filter(|s| **s == UNPLACED) {
             let (&p, e) = next.next().expect("one position per record");
             *s = Status::Accepted(p);
             events.push((
@@ -143,17 +128,40 @@ impl Shard {
                 }),
             ));
         }
-        let a = answer(statuses);
-        if events.is_empty() {
-            self.ack(now, a.taken, a.ticket, 0, &a.statuses, false);
-            return;
-        }
         self.awaiting.push(Awaiting {
-            answer: Some(a),
+            answer: Some(answer),
             admitted: Vec::new(),
             events,
             end_index: self.commit.log().next_index(),
         });
+    }
+
+    /// An inbound entry's answer when it is not stored: its business unknown (or a
+    /// platform credential), its payload out of bounds, or no room for it (delivery off,
+    /// the budget or its business's outbox full). `budget` bytes are already promised
+    /// to the entries before it.
+    fn judge_inbound(&self, e: &InboundEntry, budget: u64) -> Option<Status> {
+        let registered = self
+            .server
+            .registry()
+            .get(e.business_id)
+            .is_some_and(|b| !b.platform);
+        if !registered {
+            return Some(Status::Rejected(Reason::Unauthorized));
+        }
+        if e.payload.is_empty() || e.payload.len() > self.payload_bytes_max as usize {
+            return Some(Status::Rejected(Reason::PayloadTooLarge));
+        }
+        let room = self.delivery.as_ref().is_some_and(|d| {
+            d.has_room(
+                0,
+                budget + e.payload.len() as u64,
+                self.outbox.payload_bytes(),
+            )
+        }) && self.outbox.has_room(e.business_id);
+        (!room).then_some(Status::Throttled {
+            retry_after_ms: INBOUND_FULL_RETRY_MS,
+        })
     }
 
     /// Appends the statuses delivery reached and the cursors queued, in order, as far as

@@ -18,8 +18,10 @@
 //!   CREDIT   0x08  credit:u32                            (more DELIVERs it can take)
 //!   OUTCOME  0x05  count:u32 | count * (message:u64 | outcome:u8 | reason:u8)
 //!   ONLINE   0x06  count:u32 | count * (recipient_len:u8 | recipient)
-//!   INBOUND  0x07  batch_id:u64 | count:u32 | count * (business_id:u32 | sender_len:u8
-//!                  | sender | len:u32 | payload)           (answered by ACK, like SUBMIT)
+//!   INBOUND  0x07  batch_id:u64 | count:u32 | count * (id:u64 | business_id:u32
+//!                  | sender_len:u8 | sender | len:u32 | payload)
+//!                  (answered by ACK, like SUBMIT; `id` is the edge's idempotency key: a
+//!                  resend is answered `duplicate` with the first position)
 //! server -> edge (HELLO stream, with DELIVERY)
 //!   DELIVER  0x83  message:u64 | business_id:u32 | client_id:u64 | expires_ms:u64
 //!                  | recipient_len:u8 | recipient | len:u32 | payload
@@ -54,7 +56,7 @@ pub const DELIVER_FIXED_BYTES: usize = 8 + 4 + 8 + 8 + 1 + 4;
 /// Fixed bytes of an INBOUND_EVENT body besides sender and payload.
 pub const INBOUND_EVENT_FIXED_BYTES: usize = 8 + 8 + 1 + 4;
 /// Fixed bytes of one INBOUND entry besides sender and payload.
-pub const INBOUND_ENTRY_FIXED_BYTES: usize = 4 + 1 + 4;
+pub const INBOUND_ENTRY_FIXED_BYTES: usize = 8 + 4 + 1 + 4;
 
 /// What happened to a message, as a business hears it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -205,6 +207,8 @@ pub struct OutcomeEntry {
 /// One user's message to a business, as the edge hands it over.
 #[derive(Clone, PartialEq, Eq)]
 pub struct InboundEntry {
+    /// The edge's id of the message: its idempotency key (per business).
+    pub id: u64,
     /// The business written to.
     pub business_id: u32,
     /// The user who wrote.
@@ -216,6 +220,7 @@ pub struct InboundEntry {
 impl std::fmt::Debug for InboundEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InboundEntry")
+            .field("id", &self.id)
             .field("business_id", &self.business_id)
             .field("sender", &self.sender)
             .field("payload_bytes", &self.payload.len())
@@ -470,6 +475,7 @@ pub fn encode_inbound(batch_id: u64, entries: &[InboundEntry], out: &mut BytesMu
     out.put_u64_le(batch_id);
     out.put_u32_le(u32::try_from(entries.len()).expect("count fits u32"));
     for e in entries {
+        out.put_u64_le(e.id);
         out.put_u32_le(e.business_id);
         put_recipient(out, &e.sender);
         out.put_u32_le(u32::try_from(e.payload.len()).expect("payload fits u32"));
@@ -661,13 +667,15 @@ pub fn decode(ty: u8, mut body: Bytes, limits: &WireLimits) -> Result<DeliveryFr
             }
             let mut entries = Vec::with_capacity(count as usize);
             for index in 0..count {
-                if body.len() < 4 {
+                if body.len() < 12 {
                     return Err(m("entry truncated"));
                 }
+                let id = body.get_u64_le();
                 let business_id = body.get_u32_le();
                 let sender = get_recipient(&mut body, index, m)?;
                 let payload = get_payload(&mut body, m)?;
                 entries.push(InboundEntry {
+                    id,
                     business_id,
                     sender,
                     payload,
@@ -824,6 +832,7 @@ mod tests {
         round_trip(DeliveryFrame::Inbound {
             batch_id: 3,
             entries: vec![InboundEntry {
+                id: 77,
                 business_id: 4,
                 sender: r("+15550001111"),
                 payload: Bytes::from_static(b"yes"),

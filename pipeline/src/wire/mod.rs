@@ -210,7 +210,7 @@ impl WireError {
 /// A recipient phone number in E.164 form (`+` then 7 to 15 digits, first digit not 0).
 ///
 /// Stored inline (no allocation). `Debug` and `Display` never show the number.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Recipient {
     len: u8,
     bytes: [u8; RECIPIENT_BYTES_MAX],

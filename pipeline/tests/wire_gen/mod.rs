@@ -160,14 +160,14 @@ fn outcome() -> impl Strategy<Value = OutcomeEntry> {
 
 /// Every delivery frame, valid.
 pub fn delivery() -> impl Strategy<Value = Frame> {
-    let inbound_entry =
-        (any::<u32>(), recipient(), payload()).prop_map(|(business_id, sender, payload)| {
-            InboundEntry {
-                business_id,
-                sender,
-                payload,
-            }
-        });
+    let inbound_entry = (any::<u64>(), any::<u32>(), recipient(), payload()).prop_map(
+        |(id, business_id, sender, payload)| InboundEntry {
+            id,
+            business_id,
+            sender,
+            payload,
+        },
+    );
     let f = prop_oneof![
         (
             any::<u64>(),

@@ -599,6 +599,10 @@ fn cmd_businesses_status(data_dir: &Path, registry: Option<&Path>, json: bool) -
             b.why.as_deref().unwrap_or("-"),
             b.accepted_today
         );
+        // What the pause or rating change was measured on (issue 14): counts only.
+        if let Some(m) = &b.measured {
+            println!("{:>6}  measured: {m}", "");
+        }
     }
     Ok(())
 }

@@ -251,6 +251,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
                     size,
                     recipients,
                     reports_per_sec: 0.0,
+                    retry_rounds: 0,
                 }],
             }
         }
@@ -612,6 +613,6 @@ mod tests {
             plan(&a).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             n += 1;
         }
-        assert_eq!(n, 5);
+        assert_eq!(n, 7);
     }
 }

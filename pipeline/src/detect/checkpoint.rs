@@ -301,9 +301,11 @@ fn write_business(w: &mut W, id: u32, st: &BusinessState) {
         w.u32(f.ring_peer[i]);
         w.u32(f.ring_new[i]);
     }
-    let (second, regs) = f.sketch_state();
-    w.u64(second);
-    for r in regs {
+    w.u64(f.second);
+    w.u32(f.second_events);
+    w.u8(u8::from(f.sketch_on));
+    w.u8(u8::from(f.prev_sketch_on));
+    for r in f.sketch_regs() {
         w.bytes(r);
     }
     w.u64(f.minute);
@@ -445,10 +447,18 @@ fn read_window_state(
             f.ring_peer[i] = r.u32()?;
             f.ring_new[i] = r.u32()?;
         }
-        let second = r.u64()?;
+        f.second = r.u64()?;
+        f.second_events = r.u32()?;
+        let flag = |v: u8| match v {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(CheckpointError::Corrupt("short sketch flag")),
+        };
+        f.sketch_on = flag(r.u8()?)?;
+        f.prev_sketch_on = flag(r.u8()?)?;
         let m = 1usize << SHORT_HLL_P;
         let regs = [r.take(m)?, r.take(m)?];
-        if !f.set_sketch_state(second, regs) {
+        if !f.set_sketch_regs(regs) {
             return Err(CheckpointError::Corrupt("short sketch register"));
         }
     }
@@ -459,6 +469,7 @@ fn read_window_state(
     if !f.baseline_per_min.is_finite() || f.baseline_per_min < 0.0 {
         return Err(CheckpointError::Corrupt("baseline"));
     }
+    f.relearn();
     Ok(())
 }
 

@@ -36,6 +36,11 @@ pub(crate) const FAN_TICK_MS: u64 = 100;
 pub(crate) const SHORT_HLL_P: u32 = 8;
 const SHORT_HLL_M: usize = 1 << SHORT_HLL_P;
 const SECOND_MS: u64 = 1_000;
+/// A second has a short sketch when the one before it counted at least this many first
+/// attempts here. Below it the same-recipient table holds every recipient of the window
+/// and the exact count is right; above it the sketch's clearing (256 bytes a second) is
+/// paid by at least as many messages, not by every message of a small sender.
+pub(crate) const SKETCH_FROM_EVENTS: u32 = 256;
 
 pub(crate) struct FanOut {
     pub(crate) tick: u64,
@@ -48,10 +53,22 @@ pub(crate) struct FanOut {
     pub(crate) minute: u64,
     pub(crate) minute_distinct: u32,
     pub(crate) baseline_per_min: f32,
-    /// The two short HyperLogLogs: `second` and `second - 1`.
+    /// `baseline_per_min` rounded: what the surge test compares with, in integers (it
+    /// runs on every counted message; the EWMA changes once a minute).
+    learned_per_min: u32,
+    /// The short HyperLogLogs of this second and the previous one, by the second's
+    /// parity (`hll[second % 2]` is this second's), so that a new second clears one and
+    /// copies none.
     hll: [ShortHll; 2],
-    /// The second `hll[0]` counts.
-    second: u64,
+    /// The second being counted.
+    pub(crate) second: u64,
+    /// First attempts counted here in this second.
+    pub(crate) second_events: u32,
+    /// This second has a sketch that holds every first attempt counted in it.
+    pub(crate) sketch_on: bool,
+    /// The previous second had one too (else its part of the window is counted exactly,
+    /// from the ring).
+    pub(crate) prev_sketch_on: bool,
 }
 
 /// A HyperLogLog of `2^8` registers with its sum of `2^-M[j]` (scaled by `2^32`) and
@@ -126,15 +143,23 @@ impl FanOut {
             minute: 0,
             minute_distinct: 0,
             baseline_per_min: 0.0,
+            learned_per_min: 0,
             hll: [ShortHll::new(), ShortHll::new()],
             second: 0,
+            second_events: 0,
+            sketch_on: false,
+            prev_sketch_on: false,
         }
     }
 
-    /// Loads the register line an insert of `h` writes (see `BusinessState::touch`).
+    /// Loads the register line an insert of `h` writes, when one will (see
+    /// `BusinessState::touch`).
     #[inline(always)]
     pub(crate) fn touch(&self, h: u64) -> u64 {
-        u64::from(self.hll[0].regs[ShortHll::split(h).0])
+        if !self.sketch_on {
+            return 0;
+        }
+        u64::from(self.hll[(self.second % 2) as usize].regs[ShortHll::split(h).0])
     }
 
     /// Moves the rings, the minute baseline and the short sketches to `now_ms`.
@@ -144,26 +169,34 @@ impl FanOut {
         if tick <= self.tick {
             return;
         }
-        let steps = (tick - self.tick).min(FAN_TICKS as u64);
-        for k in 1..=steps {
-            let s = ((self.tick + k) % FAN_TICKS as u64) as usize;
-            self.sum_local -= self.ring_local[s];
-            self.sum_peer -= self.ring_peer[s];
-            self.sum_new -= self.ring_new[s];
-            self.ring_local[s] = 0;
-            self.ring_peer[s] = 0;
-            self.ring_new[s] = 0;
+        if tick - self.tick >= FAN_TICKS as u64 {
+            // A second or more of silence: the whole ring goes.
+            self.ring_local = [0; FAN_TICKS];
+            self.ring_peer = [0; FAN_TICKS];
+            self.ring_new = [0; FAN_TICKS];
+            (self.sum_local, self.sum_peer, self.sum_new) = (0, 0, 0);
+        } else {
+            for k in 1..=tick - self.tick {
+                let s = ((self.tick + k) % FAN_TICKS as u64) as usize;
+                self.sum_local -= self.ring_local[s];
+                self.sum_peer -= self.ring_peer[s];
+                self.sum_new -= self.ring_new[s];
+                self.ring_local[s] = 0;
+                self.ring_peer[s] = 0;
+                self.ring_new[s] = 0;
+            }
         }
         self.tick = tick;
         let second = now_ms / SECOND_MS;
         if second > self.second {
-            if second == self.second + 1 {
-                self.hll[1] = self.hll[0].clone();
-            } else {
-                self.hll[1] = ShortHll::new();
+            let next = second == self.second + 1;
+            self.prev_sketch_on = next && self.sketch_on;
+            self.sketch_on = next && self.second_events >= SKETCH_FROM_EVENTS;
+            if self.sketch_on {
+                self.hll[(second % 2) as usize] = ShortHll::new();
             }
-            self.hll[0] = ShortHll::new();
             self.second = second;
+            self.second_events = 0;
         }
         let minute = now_ms / 60_000;
         if minute > self.minute {
@@ -171,6 +204,7 @@ impl FanOut {
             self.baseline_per_min += a * (self.minute_distinct as f32 - self.baseline_per_min);
             let idle = (minute - self.minute - 1).min(1_000) as i32;
             self.baseline_per_min *= (1.0 - a).powi(idle);
+            self.relearn();
             self.minute_distinct = 0;
             self.minute = minute;
         }
@@ -186,7 +220,10 @@ impl FanOut {
         self.ring_new[s] += u32::from(new);
         self.sum_new += u32::from(new);
         self.minute_distinct += 1;
-        self.hll[0].insert(h);
+        self.second_events += 1;
+        if self.sketch_on {
+            self.hll[(self.second % 2) as usize].insert(h);
+        }
     }
 
     /// Takes back one of this shard's counts, made in the tick `tick_mod` (mod
@@ -226,10 +263,25 @@ impl FanOut {
     }
 
     /// This shard's distinct recipients in the trailing second by the short sketches:
-    /// this second's estimate plus the part of the previous one still in the window.
-    fn local_sketch(&self, now_ms: u64) -> f64 {
-        let into = (now_ms % SECOND_MS) as f64 / SECOND_MS as f64;
-        self.hll[0].estimate() + self.hll[1].estimate() * (1.0 - into)
+    /// this second's estimate plus the part of the previous one still in the window (by
+    /// its sketch, or exactly from the ring when it had none). `None` when this second
+    /// has no sketch (a small sender: the exact count is right).
+    fn local_sketch(&self, now_ms: u64) -> Option<f64> {
+        if !self.sketch_on {
+            return None;
+        }
+        let cur = self.hll[(self.second % 2) as usize].estimate();
+        let prev = if self.prev_sketch_on {
+            let into = (now_ms % SECOND_MS) as f64 / SECOND_MS as f64;
+            self.hll[((self.second + 1) % 2) as usize].estimate() * (1.0 - into)
+        } else {
+            // The ring's slots of the previous second still in the window.
+            let first_tick = self.second * (SECOND_MS / FAN_TICK_MS);
+            ((self.tick + 1).saturating_sub(FAN_TICKS as u64)..first_tick)
+                .map(|t| f64::from(self.ring_local[(t % FAN_TICKS as u64) as usize]))
+                .sum()
+        };
+        Some(cur + prev)
     }
 
     /// The surge test: `Some(evidence)` when the last second's fan-out is a surge: at
@@ -243,25 +295,28 @@ impl FanOut {
         declared_per_min: u32,
     ) -> Option<Evidence> {
         let exact = self.sum_local + self.sum_peer;
-        let declared = declared_per_min as f32 > self.baseline_per_min;
-        let baseline = self.baseline_per_min.max(declared_per_min as f32);
-        let by_baseline = (cfg.surge_baseline_factor as f32 * baseline / 60.0).ceil();
+        let declared = declared_per_min > self.learned_per_min;
+        let baseline = self.learned_per_min.max(declared_per_min);
+        let by_baseline = (u64::from(cfg.surge_baseline_factor) * u64::from(baseline)).div_ceil(60);
         let threshold =
-            (by_baseline.min(u32::MAX as f32) as u32).max(cfg.surge_distinct_per_sec_min);
+            (by_baseline.min(u64::from(u32::MAX)) as u32).max(cfg.surge_distinct_per_sec_min);
         if exact < threshold
             || u64::from(self.sum_new) * 100 < u64::from(cfg.surge_new_share_pct) * u64::from(exact)
         {
             return None;
         }
-        let sketch = self.local_sketch(now_ms).round() as u32;
-        let distinct = self.sum_local.min(sketch) + self.sum_peer;
+        let local = match self.local_sketch(now_ms) {
+            Some(sketch) => self.sum_local.min(sketch.round() as u32),
+            None => self.sum_local,
+        };
+        let distinct = local + self.sum_peer;
         if distinct < threshold {
             return None;
         }
         Some(Evidence::FanOut {
             distinct_per_sec: distinct,
             new_pct: (u64::from(self.sum_new.min(exact)) * 100 / u64::from(exact.max(1))) as u32,
-            baseline_per_min: baseline.round() as u32,
+            baseline_per_min: baseline,
             baseline_declared: declared,
             threshold_per_sec: threshold,
             floor_per_sec: cfg.surge_distinct_per_sec_min,
@@ -280,7 +335,15 @@ impl FanOut {
         self.sum_peer = 0;
         self.sum_new = 0;
         self.minute_distinct = 0;
-        self.hll = [ShortHll::new(), ShortHll::new()];
+        self.second_events = 0;
+        self.sketch_on = false;
+        self.prev_sketch_on = false;
+    }
+
+    /// Brings the integer baseline the surge test uses up to `baseline_per_min` (after
+    /// the EWMA moved, or a restore).
+    pub(crate) fn relearn(&mut self) {
+        self.learned_per_min = self.baseline_per_min.round().min(u32::MAX as f32) as u32;
     }
 
     /// Rebuilds the sums after the rings were restored (checkpoint).
@@ -290,18 +353,20 @@ impl FanOut {
         self.sum_new = self.ring_new.iter().sum();
     }
 
-    /// The short sketches' registers, this second's then the previous one's, and the
-    /// second they count (checkpoint).
-    pub(crate) fn sketch_state(&self) -> (u64, [&[u8; SHORT_HLL_M]; 2]) {
-        (self.second, [&self.hll[0].regs, &self.hll[1].regs])
+    /// The short sketches' registers, this second's then the previous one's
+    /// (checkpoint; `second`, `second_events` and the two flags are written apart).
+    pub(crate) fn sketch_regs(&self) -> [&[u8; SHORT_HLL_M]; 2] {
+        let cur = (self.second % 2) as usize;
+        [&self.hll[cur].regs, &self.hll[cur ^ 1].regs]
     }
 
-    /// Restores the short sketches from [`sketch_state`](Self::sketch_state)'s output;
-    /// false if a register is out of range.
-    pub(crate) fn set_sketch_state(&mut self, second: u64, regs: [&[u8]; 2]) -> bool {
+    /// Restores the short sketches from [`sketch_regs`](Self::sketch_regs)'s output,
+    /// after `second` was set; false if a register is out of range.
+    pub(crate) fn set_sketch_regs(&mut self, regs: [&[u8]; 2]) -> bool {
         let max_rank = 32;
-        self.second = second;
-        for (hll, r) in self.hll.iter_mut().zip(regs) {
+        let cur = (self.second % 2) as usize;
+        for (k, r) in regs.into_iter().enumerate() {
+            let hll = &mut self.hll[cur ^ k];
             if r.len() != SHORT_HLL_M || r.iter().any(|&x| x > max_rank) {
                 return false;
             }
@@ -322,18 +387,60 @@ mod tests {
         super::super::keyed::siphash24(5, 6, &i.to_le_bytes())
     }
 
+    /// A fan-out at `now_ms` whose second has a short sketch: the second before counted
+    /// `SKETCH_FROM_EVENTS` first attempts (a second before the window).
+    fn sketching(now_ms: u64) -> FanOut {
+        let cfg = DetectConfig::default();
+        let mut f = FanOut::new();
+        f.advance(now_ms - SECOND_MS, &cfg);
+        for i in 0..u64::from(SKETCH_FROM_EVENTS) {
+            f.add_local(h(9_000_000 + i), false);
+        }
+        f.advance(now_ms, &cfg);
+        assert!(f.sketch_on && !f.prev_sketch_on);
+        f
+    }
+
+    #[test]
+    fn a_small_sender_has_no_sketch_and_a_large_one_gets_one_the_next_second() {
+        let cfg = DetectConfig::default();
+        let mut f = FanOut::new();
+        f.advance(5_000, &cfg);
+        for i in 0..100 {
+            f.add_local(h(i), true);
+        }
+        assert_eq!(
+            f.local_sketch(5_500),
+            None,
+            "no sketch: the exact count stands"
+        );
+        f.advance(6_000, &cfg);
+        assert!(!f.sketch_on, "100 a second is not enough for one");
+        for i in 0..300 {
+            f.add_local(h(1_000 + i), true);
+        }
+        f.advance(7_000, &cfg);
+        assert!(f.sketch_on && !f.prev_sketch_on);
+        f.advance(8_000, &cfg);
+        assert!(
+            !f.sketch_on && f.prev_sketch_on,
+            "this second had no events"
+        );
+        f.advance(10_000, &cfg);
+        assert!(!f.sketch_on && !f.prev_sketch_on, "a gap ends both");
+    }
+
     #[test]
     fn the_short_sketch_counts_a_recipient_once_per_second_at_any_volume() {
         for n in [30u64, 50, 200, 1_000, 15_000] {
-            let mut f = FanOut::new();
-            f.advance(10_000, &DetectConfig::default());
+            let mut f = sketching(10_000);
             // Each recipient three times: the exact count triples, the sketch does not.
             for _ in 0..3 {
                 for i in 0..n {
                     f.add_local(h(i), true);
                 }
             }
-            let est = f.local_sketch(10_999);
+            let est = f.local_sketch(10_999).expect("a sketch");
             let err = (est - n as f64).abs() / n as f64;
             assert!(err < 0.2, "{n}: {est}");
             assert_eq!(u64::from(f.sum_local), 3 * n);
@@ -343,9 +450,9 @@ mod tests {
     #[test]
     fn surge_takes_the_smaller_count_and_reports_what_it_measured() {
         let cfg = DetectConfig::default();
-        let mut f = FanOut::new();
-        f.advance(20_000, &cfg);
-        // 40 recipients sent to twice each within the second: 80 events, 40 distinct.
+        let mut f = sketching(20_000);
+        // 40 recipients counted twice each within the second (a large sender's table
+        // lost them in between): 80 events, 40 distinct.
         for _ in 0..2 {
             for i in 0..40 {
                 f.add_local(h(i), true);

@@ -5,10 +5,11 @@
 //!  first attempt to a recipient in the window (recent::find says none; issue 14: a
 //!  retry of a throttled message, or a repeat, finds its slot and is not counted)
 //!    -> local ring   (ten 100 ms slots, exact event counts)
-//!    -> short HLL    (2^8 registers per tumbling second, this and the previous one)
+//!    -> short HLL    (2^8 registers per tumbling second, this and the previous one;
+//!                     only for a second after one of >= 256 first attempts here)
 //!  peer shards' counts (deltas) -> peer ring (ten 100 ms slots)
 //!  surge test, on every counted event:
-//!    distinct = min(local ring, short HLL) + peer ring   (last second)
+//!    distinct = min(local ring, short HLL or, without one, the ring) + peer ring
 //!    distinct >= max(floor, factor x baseline / 60)  and  new share >= new_pct_min
 //! ```
 //!

@@ -78,7 +78,8 @@
 //!   resending a throttled batch after its largest `retry_after_ms` finds room for it.
 //! - **Fan-out surge** ([`fanout`]): recipients reached for the first time in the
 //!   same-recipient window, per trailing second (ten 100 ms slots), counted exactly and
-//!   capped by a short HyperLogLog (2^8 registers per tumbling second) that counts a
+//!   capped, for a business that counted at least 256 in the second before, by a short
+//!   HyperLogLog (2^8 registers per tumbling second) that counts a
 //!   recipient once per second whatever the volume; never-contacted ones (missing from a
 //!   two-generation Bloom filter of past recipients) counted alongside. A surge is at
 //!   least `surge_distinct_per_sec_min` distinct recipients in the last second, at least

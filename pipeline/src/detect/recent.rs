@@ -1,7 +1,7 @@
 //! Recipients of the same-recipient window (issue 14): which numbers this business
 //! messaged or tried to message lately, and how many of its messages each one took.
 //!
-//! A table of `entries` slots in buckets of [`BUCKET`] (one 64-byte line each). A slot
+//! A table of `entries` slots in buckets of `BUCKET` (8 slots, one 64-byte line). A slot
 //! holds one recipient as a 32-bit tag (bits of its keyed hash that do not choose the
 //! bucket), its admitted messages in the current and the previous tumbling window, and
 //! whether it was *attempted* (throttled or refused) in either. The sliding-window count

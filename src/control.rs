@@ -68,6 +68,12 @@ pub struct BusinessStatus {
     /// Why the last signal was raised (fan_out_surge, quality_yellow, quality_red,
     /// operator), if any.
     pub why: Option<String>,
+    /// What was measured against which threshold for `why` (issue 14), in counts only:
+    /// e.g. "distinct new recipients 212/s over the last 1 s (...) against a threshold
+    /// of 50/s: ...". Absent for the operator's own changes (and in status files
+    /// written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured: Option<String>,
     /// Accepted (durable) messages today, UTC, all shards.
     pub accepted_today: u64,
 }
@@ -313,6 +319,7 @@ fn merge_status(latest: &BTreeMap<usize, Vec<BusinessSignal>>) -> Vec<BusinessSt
                 }
                 if s.why.is_some() && (m.why.is_none() || s.paused) {
                     m.why = s.why;
+                    m.evidence = s.evidence;
                 }
                 m.accepted_today = m.accepted_today.max(s.accepted_today);
             })
@@ -326,6 +333,7 @@ fn merge_status(latest: &BTreeMap<usize, Vec<BusinessSignal>>) -> Vec<BusinessSt
             tier: s.tier.name().to_string(),
             paused: s.paused,
             why: s.why.map(|w| w.name().to_string()),
+            measured: s.evidence.map(|e| e.to_string()),
             accepted_today: s.accepted_today,
         })
         .collect()
@@ -372,7 +380,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use courier_pipeline::detect::{Rating, Why};
+    use courier_pipeline::detect::{Evidence, Rating, Why};
     use courier_pipeline::registry::Tier;
 
     fn sig(id: u32, paused: bool, rating: Rating, accepted: u64) -> BusinessSignal {
@@ -382,6 +390,16 @@ mod tests {
             tier: Tier::T10k,
             paused,
             why: paused.then_some(Why::FanOutSurge),
+            evidence: paused.then_some(Evidence::FanOut {
+                distinct_per_sec: 212,
+                new_pct: 96,
+                baseline_per_min: 480,
+                baseline_declared: false,
+                threshold_per_sec: 50,
+                floor_per_sec: 50,
+                factor: 5,
+                new_pct_min: 80,
+            }),
             accepted_today: accepted,
         }
     }
@@ -409,6 +427,15 @@ mod tests {
             (1, true, "yellow", 12)
         );
         assert_eq!(s[0].why.as_deref(), Some("fan_out_surge"));
+        assert_eq!(
+            s[0].measured.as_deref(),
+            Some(
+                "distinct new recipients 212/s over the last 1 s (96 % never contacted, at \
+                 least 80 % needed) against a threshold of 50/s: 5 x the learned baseline \
+                 of 8.0/s (480/min), at least 50/s"
+            )
+        );
+        assert_eq!(s[1].measured, None);
         assert_eq!((s[1].id, s[1].paused, s[1].accepted_today), (2, false, 5));
     }
 

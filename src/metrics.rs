@@ -561,6 +561,7 @@ mod tests {
                     tier: "2000".into(),
                     paused: true,
                     why: Some("fan_out_surge".into()),
+                    measured: None,
                     accepted_today: 11,
                 },
                 BusinessStatus {
@@ -569,6 +570,7 @@ mod tests {
                     tier: "unlimited".into(),
                     paused: false,
                     why: None,
+                    measured: None,
                     accepted_today: 0,
                 },
             ],

@@ -592,6 +592,48 @@ fn tally_answer(
     (!records.is_empty()).then_some(records)
 }
 
+/// Submits a batch; with `rounds` above 1, resends the messages that came back
+/// throttled after the largest retry-after of the round (at most
+/// [`courier_client::client::RETRY_AFTER_MAX`]), for at most `rounds` rounds in all, as
+/// `Client::submit_with_retry` does (issue 14: a retrying sender is judged on its
+/// messages, not its retries). Returns each message's last status, in order.
+async fn submit_retrying(
+    t: &dyn Transport,
+    batch: Vec<OutgoingMessage>,
+    rounds: u32,
+) -> Result<Vec<Status>, ClientError> {
+    if rounds <= 1 {
+        return t.submit(batch).await;
+    }
+    let mut last = t.submit(batch.clone()).await?;
+    for _ in 1..rounds {
+        let todo: Vec<usize> = (0..last.len())
+            .filter(|&i| matches!(last[i], Status::Throttled { .. }))
+            .collect();
+        let Some(wait_ms) = todo
+            .iter()
+            .filter_map(|&i| match last[i] {
+                Status::Throttled { retry_after_ms } => Some(retry_after_ms),
+                _ => None,
+            })
+            .max()
+        else {
+            break;
+        };
+        tokio::time::sleep(
+            Duration::from_millis(wait_ms.into()).min(courier_client::client::RETRY_AFTER_MAX),
+        )
+        .await;
+        let again = t
+            .submit(todo.iter().map(|&i| batch[i].clone()).collect())
+            .await?;
+        for (&i, st) in todo.iter().zip(again) {
+            last[i] = st;
+        }
+    }
+    Ok(last)
+}
+
 /// Open loop on one connection.
 async fn open_loop(
     sh: Arc<Shared>,
@@ -657,10 +699,14 @@ async fn open_loop(
         sh.sent.fetch_add(n, Ordering::Relaxed);
         let (sh2, s2, t2) = (sh.clone(), s.clone(), t.clone());
         tasks.spawn(async move {
-            let answer = match tokio::time::timeout_at(give_up_at, t2.submit(batch)).await {
-                Ok(a) => a,
-                Err(_) => Err(ClientError::Closed),
-            };
+            let rounds = s2.plan.retry_rounds;
+            let answer =
+                match tokio::time::timeout_at(give_up_at, submit_retrying(&*t2, batch, rounds))
+                    .await
+                {
+                    Ok(a) => a,
+                    Err(_) => Err(ClientError::Closed),
+                };
             record(&sh2, &s2, &metas, answer).await;
             drop(permit);
         });
@@ -709,7 +755,12 @@ async fn closed_loop(sh: Arc<Shared>, s: Arc<SenderShared>, t: Arc<dyn Transport
             .unzip();
         sent += n;
         sh.sent.fetch_add(n, Ordering::Relaxed);
-        let answer = match tokio::time::timeout_at(give_up_at, t.submit(batch)).await {
+        let answer = match tokio::time::timeout_at(
+            give_up_at,
+            submit_retrying(&*t, batch, s.plan.retry_rounds),
+        )
+        .await
+        {
             Ok(a) => a,
             Err(_) => Err(ClientError::Closed),
         };

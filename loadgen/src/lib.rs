@@ -198,6 +198,7 @@ pub async fn run(cfg: &LoadConfig) -> Result<LoadReport, LoadError> {
                 population: traffic::POPULATION_MAX,
             },
             reports_per_sec: 0.0,
+            retry_rounds: 0,
         }],
     };
     run_plan(&RunConfig {

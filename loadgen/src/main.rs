@@ -250,6 +250,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
                     size,
                     recipients,
                     reports_per_sec: 0.0,
+                    retry_rounds: 0,
                 }],
             }
         }
@@ -620,6 +621,6 @@ mod tests {
             plan(&a).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             n += 1;
         }
-        assert_eq!(n, 5);
+        assert_eq!(n, 7);
     }
 }

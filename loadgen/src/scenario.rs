@@ -16,6 +16,9 @@
 //! size = 1024                 # or { min = 100, max = 2000 } or [[100, 3], [4000, 1]]
 //! recipients = { kind = "uniform", population = 100000 }   # or zipf (s), or new
 //! reports_per_sec = 0         # REPORT frames (spam reports) sent on a stream of their own
+//! retry_rounds = 0            # resend throttled messages after their retry-after, up to
+//!                             #   this many rounds in all (as `courier send --attempts`);
+//!                             #   0: never (a throttled answer counts as flagged)
 //! ```
 //!
 //! A raw, `deny_unknown_fields` TOML form is validated once into a [`Plan`] with every
@@ -81,6 +84,8 @@ struct RawSender {
     recipients: Option<RecipientSpec>,
     #[serde(default)]
     reports_per_sec: f64,
+    #[serde(default)]
+    retry_rounds: u32,
 }
 
 /// Where a sender's token comes from.
@@ -129,7 +134,14 @@ pub struct SenderPlan {
     pub recipients: RecipientSpec,
     /// REPORT frames per second (one entry each), sent on a stream of their own.
     pub reports_per_sec: f64,
+    /// Rounds in all for a batch whose messages come back throttled: each resend after
+    /// the round's largest retry-after, as `Client::submit_with_retry` (issue 14's
+    /// retrying senders). 0 or 1: sent once.
+    pub retry_rounds: u32,
 }
+
+/// Most rounds `retry_rounds` may ask for.
+pub const RETRY_ROUNDS_MAX: u32 = 100;
 
 /// A validated run: its senders and its length.
 #[derive(Debug, Clone, PartialEq)]
@@ -198,6 +210,7 @@ impl Plan {
                 size: s.size.unwrap_or_else(|| d.size.clone()),
                 recipients: s.recipients.unwrap_or_else(|| d.recipients.clone()),
                 reports_per_sec: s.reports_per_sec,
+                retry_rounds: s.retry_rounds,
             };
             plan.check().map_err(err)?;
             senders.push(plan);
@@ -263,6 +276,9 @@ impl SenderPlan {
         }
         if self.batch == 0 {
             return Err("batch must be at least 1".into());
+        }
+        if self.retry_rounds > RETRY_ROUNDS_MAX {
+            return Err(format!("retry_rounds must be in 0..={RETRY_ROUNDS_MAX}"));
         }
         self.size.check()?;
         self.recipients.check()

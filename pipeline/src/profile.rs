@@ -82,8 +82,12 @@ pub struct RawDetect {
     pub same_recipient_max: u32,
     /// Same-recipient window, ms.
     pub same_recipient_window_ms: u32,
-    /// Counters per row of the same-recipient sketch, power of two.
-    pub same_recipient_sketch_width: u32,
+    /// Slots of the same-recipient table, power of two (8 bytes each).
+    pub same_recipient_table_entries: Option<u32>,
+    /// Before issue 14: counters per row of the same-recipient count-min sketch. Still
+    /// read, as `same_recipient_table_entries = width / 2` (the same bytes), so that an
+    /// operator's profile keeps loading; giving both is an error.
+    pub same_recipient_sketch_width: Option<u32>,
     /// Fewest distinct recipients per second that can be a surge.
     pub surge_distinct_per_sec_min: u32,
     /// A surge is this many times the business's own baseline.
@@ -408,6 +412,42 @@ impl Checker {
     }
 }
 
+/// `detect.same_recipient_table_entries`, or the older `same_recipient_sketch_width`
+/// converted to the same bytes (a count-min sketch of width `w` held `4 w` bytes; the
+/// table holds 8 per slot): an operator's profile from before issue 14 still loads.
+/// Checked: a power of two in 32..=8192 (8 slots make one bucket; 32 is what the old
+/// width's least value, 64, converts to; 8192 slots are 64 KiB, the whole per-business
+/// bound).
+fn same_recipient_table_entries(c: &mut Checker, d: &RawDetect) -> u32 {
+    const KEY: &str = "detect.same_recipient_table_entries";
+    let entries = match (
+        d.same_recipient_table_entries,
+        d.same_recipient_sketch_width,
+    ) {
+        (Some(_), Some(_)) => {
+            c.fail(
+                "detect.same_recipient_sketch_width",
+                "give same_recipient_table_entries only (the width is its older form)".into(),
+            );
+            return 0;
+        }
+        (Some(n), None) => n,
+        (None, Some(width)) => {
+            // Its old bounds.
+            c.range("detect.same_recipient_sketch_width", width, 64, 8192);
+            c.pow2("detect.same_recipient_sketch_width", width);
+            width / 2
+        }
+        (None, None) => {
+            c.fail(KEY, "missing".into());
+            return 0;
+        }
+    };
+    c.range(KEY, entries, 32, 8192);
+    c.pow2(KEY, entries);
+    entries
+}
+
 impl Profile {
     /// The built-in default profile.
     pub fn default_profile() -> Profile {
@@ -708,16 +748,7 @@ impl Profile {
             100,
             3_600_000,
         );
-        c.range(
-            "detect.same_recipient_sketch_width",
-            d.same_recipient_sketch_width,
-            64,
-            8192,
-        );
-        c.pow2(
-            "detect.same_recipient_sketch_width",
-            d.same_recipient_sketch_width,
-        );
+        let same_recipient_table_entries = same_recipient_table_entries(&mut c, d);
         c.range(
             "detect.surge_distinct_per_sec_min",
             d.surge_distinct_per_sec_min,
@@ -760,7 +791,7 @@ impl Profile {
             past_filter_bytes: d.past_filter_bytes,
             same_recipient_max: d.same_recipient_max,
             same_recipient_window_ms: d.same_recipient_window_ms,
-            same_recipient_sketch_width: d.same_recipient_sketch_width,
+            same_recipient_table_entries,
             surge_distinct_per_sec_min: d.surge_distinct_per_sec_min,
             surge_baseline_factor: d.surge_baseline_factor,
             surge_new_share_pct: d.surge_new_share_pct,
@@ -774,7 +805,8 @@ impl Profile {
         };
         if (8..=12).contains(&d.hll_precision)
             && d.past_filter_bytes.is_power_of_two()
-            && d.same_recipient_sketch_width.is_power_of_two()
+            && same_recipient_table_entries.is_power_of_two()
+            && same_recipient_table_entries >= 8
         {
             let need = detect.business_state_bytes_max();
             if need > d.business_state_bytes_max as usize {
@@ -783,7 +815,7 @@ impl Profile {
                     format!(
                         "{} is below the {need} bytes that hll_precision, \
                          exact_recipients_max, past_filter_bytes and \
-                         same_recipient_sketch_width need per business",
+                         same_recipient_table_entries need per business",
                         d.business_state_bytes_max
                     ),
                 );
@@ -896,6 +928,47 @@ mod tests {
             issues
                 .iter()
                 .any(|i| i.key == "detect.business_state_bytes_max"),
+            "{issues:?}"
+        );
+    }
+
+    /// Issue 14 replaced the same-recipient count-min sketch with a table: a profile
+    /// written before still loads (the width as the same bytes of table), one that gives
+    /// both keys does not.
+    #[test]
+    fn the_old_same_recipient_sketch_width_still_loads() {
+        let old = DEFAULT_PROFILE_TOML.replace(
+            "same_recipient_table_entries = 512",
+            "same_recipient_sketch_width = 1024",
+        );
+        assert_ne!(old, DEFAULT_PROFILE_TOML);
+        let p = Profile::from_toml(&old).unwrap();
+        assert_eq!(p.detect.same_recipient_table_entries, 512);
+        assert_eq!(p.detect, Profile::default_profile().detect);
+        let both = DEFAULT_PROFILE_TOML.replace(
+            "same_recipient_table_entries = 512",
+            "same_recipient_table_entries = 512\nsame_recipient_sketch_width = 1024",
+        );
+        let Err(ProfileError::Invalid(issues)) = Profile::from_toml(&both) else {
+            panic!("expected invalid");
+        };
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.key == "detect.same_recipient_sketch_width"),
+            "{issues:?}"
+        );
+        let odd = DEFAULT_PROFILE_TOML.replace(
+            "same_recipient_table_entries = 512",
+            "same_recipient_table_entries = 500",
+        );
+        let Err(ProfileError::Invalid(issues)) = Profile::from_toml(&odd) else {
+            panic!("expected invalid");
+        };
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.key == "detect.same_recipient_table_entries"),
             "{issues:?}"
         );
     }

@@ -245,6 +245,10 @@ pub(crate) fn cmd_businesses_status(
             b.why.as_deref().unwrap_or("-"),
             b.accepted_today
         );
+        // What the pause or rating change was measured on (issue 14): counts only.
+        if let Some(m) = &b.measured {
+            println!("{:>6}  measured: {m}", "");
+        }
     }
     Ok(())
 }

@@ -94,6 +94,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
                     population: POPULATION_MAX,
                 },
                 reports_per_sec: 0.0,
+                retry_rounds: 0,
             },
             SenderPlan {
                 name: "abusive".into(),
@@ -108,6 +109,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
                 size: SizeSpec::Fixed(DEMO_ABUSE_PAYLOAD_BYTES),
                 recipients: RecipientSpec::New,
                 reports_per_sec: 0.0,
+                retry_rounds: 0,
             },
         ],
     };

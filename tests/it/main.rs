@@ -9,6 +9,7 @@
 mod cli;
 mod crash;
 mod detect_e2e;
+mod detect_quality;
 mod graceful_stop;
 mod idempotency;
 mod log_files;

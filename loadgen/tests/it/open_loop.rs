@@ -103,6 +103,7 @@ fn sender(rate: f64, batch: usize, secs: f64) -> SenderPlan {
         size: SizeSpec::Fixed(100),
         recipients: RecipientSpec::Uniform { population: 1000 },
         reports_per_sec: 0.0,
+        retry_rounds: 0,
     }
 }
 

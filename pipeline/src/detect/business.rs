@@ -2,16 +2,15 @@
 //! baseline, quality rating and billing count. Every field has a fixed size or a bound
 //! from [`DetectConfig`](super::DetectConfig); [`BusinessState::bytes`] counts them.
 
+use super::fanout::FanOut;
+use super::recent::RecentRecipients;
 use super::recipients::{Recipients, HOURS};
-use super::sketches::{PastFilter, RecipientCounts};
-use super::{DetectConfig, Rating, Why};
+use super::sketches::PastFilter;
+use super::{DetectConfig, Evidence, Rating, Why};
 use crate::registry::Tier;
 
 pub(crate) const MS_PER_HOUR: u64 = 3_600_000;
 pub(crate) const MS_PER_DAY: u64 = 86_400_000;
-/// Sub-windows of the fan-out second.
-pub(crate) const FAN_TICKS: usize = 10;
-pub(crate) const FAN_TICK_MS: u64 = 100;
 /// A share of the per-business rate is never below 1/64 (see `Detector::export_delta`).
 pub(crate) const SHARE_FULL_PPM: u32 = 1_000_000;
 pub(crate) const SHARE_MIN_PPM: u32 = SHARE_FULL_PPM / 64;
@@ -27,6 +26,9 @@ pub(crate) struct Control {
     pub(crate) limits_epoch: u32,
     pub(crate) demotions: u8,
     pub(crate) limits_override: Option<(Tier, u32)>,
+    /// What the last pause or rating change was measured on (issue 14): shown with the
+    /// pause, travels and is kept with it.
+    pub(crate) evidence: Option<Evidence>,
 }
 
 pub(crate) struct BusinessState {
@@ -39,6 +41,10 @@ pub(crate) struct BusinessState {
 
     pub(crate) tokens: i64,
     pub(crate) bucket_ms: u64,
+    /// The latest time a rate-throttled message was told to come back (issue 14): the
+    /// next one is told to come a token later, so a batch throttled at once is not
+    /// told, every message of it, to retry when only one token will be there.
+    pub(crate) promised_ms: u64,
     pub(crate) share_ppm: u32,
     pub(crate) demand: u32,
     pub(crate) peer_demand: u32,
@@ -49,16 +55,8 @@ pub(crate) struct BusinessState {
     /// "probably known" (sketch mode); capped at 0.5 % of the limit per episode.
     pub(crate) overdraft: u32,
     pub(crate) filter: PastFilter,
-    pub(crate) counts: RecipientCounts,
-
-    pub(crate) tick: u64,
-    pub(crate) ring_distinct: [u32; FAN_TICKS],
-    pub(crate) ring_new: [u32; FAN_TICKS],
-    pub(crate) sum_distinct: u32,
-    pub(crate) sum_new: u32,
-    pub(crate) minute: u64,
-    pub(crate) minute_distinct: u32,
-    pub(crate) baseline_per_min: f32,
+    pub(crate) recent: RecentRecipients,
+    pub(crate) fanout: FanOut,
 
     pub(crate) q_hour: [u32; HOURS],
     pub(crate) q_delivered: [u32; HOURS],
@@ -84,7 +82,7 @@ impl std::fmt::Debug for BusinessState {
             .field("control", &self.control)
             .field("rating", &self.rating)
             .field("recipients_24h", &self.recipients.count())
-            .field("baseline_per_min", &self.baseline_per_min)
+            .field("baseline_per_min", &self.fanout.baseline_per_min)
             .field("accepted_today", &self.accepted_today)
             .finish_non_exhaustive()
     }
@@ -92,13 +90,13 @@ impl std::fmt::Debug for BusinessState {
 
 impl BusinessState {
     /// Drops what was built from recipient hashes (the recipient window, the
-    /// past-recipient filter, the same-recipient counts): used when those hashes were
+    /// past-recipient filter, the same-recipient table): used when those hashes were
     /// made with another hash function.
     pub(crate) fn forget_recipient_hashes(&mut self, cfg: &DetectConfig) {
         let fresh = BusinessState::new(cfg, self.caller_limits);
         self.recipients = fresh.recipients;
         self.filter = fresh.filter;
-        self.counts = fresh.counts;
+        self.recent = fresh.recent;
     }
 
     pub(crate) fn new(cfg: &DetectConfig, limits: (Tier, u32)) -> BusinessState {
@@ -110,11 +108,13 @@ impl BusinessState {
                 limits_epoch: 0,
                 demotions: 0,
                 limits_override: None,
+                evidence: None,
             },
             caller_limits: limits,
             limits_from_peer: false,
             tokens: i64::from(limits.1) * i64::from(SHARE_FULL_PPM),
             bucket_ms: 0,
+            promised_ms: 0,
             share_ppm: SHARE_FULL_PPM,
             demand: 0,
             peer_demand: 0,
@@ -122,18 +122,11 @@ impl BusinessState {
             recipients: Recipients::new(cfg.exact_recipients_max as usize),
             overdraft: 0,
             filter: PastFilter::new(cfg.past_filter_bytes as usize),
-            counts: RecipientCounts::new(
-                cfg.same_recipient_sketch_width as usize,
+            recent: RecentRecipients::new(
+                cfg.same_recipient_table_entries as usize,
                 cfg.same_recipient_window_ms,
             ),
-            tick: 0,
-            ring_distinct: [0; FAN_TICKS],
-            ring_new: [0; FAN_TICKS],
-            sum_distinct: 0,
-            sum_new: 0,
-            minute: 0,
-            minute_distinct: 0,
-            baseline_per_min: 0.0,
+            fanout: FanOut::new(),
             q_hour: [u32::MAX; HOURS],
             q_delivered: [0; HOURS],
             q_reports: [0; HOURS],
@@ -154,7 +147,7 @@ impl BusinessState {
         std::mem::size_of::<BusinessState>()
             + self.recipients.heap_bytes()
             + self.filter.heap_bytes()
-            + self.counts.heap_bytes()
+            + self.recent.heap_bytes()
     }
 
     /// The tier and rate in force: the operator's override, else the caller's, lowered
@@ -173,8 +166,9 @@ impl BusinessState {
     /// cache). `black_box` keeps the loads from being sunk to their later uses.
     #[inline(always)]
     pub(crate) fn touch(&self, h: u64, hour: u32) {
-        let x = self.counts.touch(h)
+        let x = self.recent.touch(h)
             ^ self.filter.touch(h)
+            ^ self.fanout.touch(h)
             ^ self.recipients.touch((h >> 32) as u32, hour);
         std::hint::black_box(x);
     }
@@ -195,64 +189,13 @@ impl BusinessState {
                 self.overdraft = 0; // the episode at the limit is over
             }
         }
-        self.counts.advance(now_ms);
-        let tick = now_ms / FAN_TICK_MS;
-        if tick > self.tick {
-            let steps = (tick - self.tick).min(FAN_TICKS as u64);
-            for k in 1..=steps {
-                let s = ((self.tick + k) % FAN_TICKS as u64) as usize;
-                self.sum_distinct -= self.ring_distinct[s];
-                self.sum_new -= self.ring_new[s];
-                self.ring_distinct[s] = 0;
-                self.ring_new[s] = 0;
-            }
-            self.tick = tick;
-            let minute = now_ms / 60_000;
-            if minute > self.minute {
-                let a = cfg.baseline_alpha_pct as f32 / 100.0;
-                self.baseline_per_min += a * (self.minute_distinct as f32 - self.baseline_per_min);
-                let idle = (minute - self.minute - 1).min(1_000) as i32;
-                self.baseline_per_min *= (1.0 - a).powi(idle);
-                self.minute_distinct = 0;
-                self.minute = minute;
-            }
-        }
+        self.recent.advance(now_ms);
+        self.fanout.advance(now_ms, cfg);
         let day = (now_ms / MS_PER_DAY) as u32;
         if day > self.day {
             self.day = day;
             self.accepted_today = 0;
         }
-    }
-
-    /// Counts distinct and never-contacted recipients into the current 100 ms slot.
-    #[inline]
-    pub(crate) fn add_fanout(&mut self, distinct: u32, new: u32) {
-        let s = (self.tick % FAN_TICKS as u64) as usize;
-        self.ring_distinct[s] += distinct;
-        self.ring_new[s] += new;
-        self.sum_distinct += distinct;
-        self.sum_new += new;
-        self.minute_distinct += distinct;
-    }
-
-    /// True when the last second's fan-out is a surge: at least the absolute floor, far
-    /// above this business's own per-minute baseline, and mostly never-contacted numbers.
-    #[inline]
-    pub(crate) fn surging(&self, cfg: &DetectConfig, declared_per_min: u32) -> bool {
-        let d = self.sum_distinct;
-        let baseline = self.baseline_per_min.max(declared_per_min as f32);
-        d >= cfg.surge_distinct_per_sec_min
-            && d as f32 * 60.0 >= cfg.surge_baseline_factor as f32 * baseline
-            && u64::from(self.sum_new) * 100 >= u64::from(cfg.surge_new_share_pct) * u64::from(d)
-    }
-
-    pub(crate) fn clear_fanout(&mut self) {
-        self.ring_distinct = [0; FAN_TICKS];
-        self.ring_new = [0; FAN_TICKS];
-        self.sum_distinct = 0;
-        self.sum_new = 0;
-        // A surge minute must not teach the baseline that surges are normal.
-        self.minute_distinct = 0;
     }
 
     /// Takes one message's token; `Err(retry_after_ms)` when the bucket is empty.
@@ -268,8 +211,23 @@ impl BusinessState {
             self.tokens -= TOKEN;
             Ok(())
         } else {
-            let ms = (TOKEN - self.tokens + rate - 1) / rate;
-            Err(ms.clamp(1, i64::from(u32::MAX)) as u32)
+            // The first message throttled waits for the next token; each one throttled
+            // while earlier ones still wait is told to come a token after the last one
+            // told, up to the time the bucket is full again (a client coming back later
+            // finds no more tokens than that). So a client that resends a throttled
+            // batch after its largest retry-after finds tokens for all of it, or a full
+            // bucket, instead of one token and another round per message (issue 14).
+            let first_ms = ((TOKEN - self.tokens + rate - 1) / rate).max(1) as u64;
+            let token_ms = ((TOKEN + rate - 1) / rate).max(1) as u64;
+            let full_ms = ((cap - self.tokens + rate - 1) / rate).max(1) as u64;
+            let mut at = now_ms + first_ms;
+            if self.promised_ms >= at {
+                at = self.promised_ms + token_ms;
+            }
+            at = at.min(now_ms + full_ms.max(first_ms));
+            self.promised_ms = at;
+            debug_assert!(at > now_ms);
+            Err((at - now_ms).min(u64::from(u32::MAX)) as u32)
         }
     }
 

@@ -6,25 +6,33 @@
 //! ```
 //!
 //! Little endian throughout. A business holds its control (pause and limits with their
-//! epochs), rate bucket, recipient window (exact tags with hours, or the 24 hourly
-//! HyperLogLogs), past-recipient filter, same-recipient counts, fan-out baseline, quality
-//! ring and billing count. Recipients appear only as keyed hashes, so a checkpoint holds
+//! epochs, and the evidence of the last pause or rating change), rate bucket, recipient
+//! window (exact tags with hours, or the 24 hourly HyperLogLogs), past-recipient filter,
+//! same-recipient table, fan-out rings, short sketches and baseline, quality ring and
+//! billing count. Recipients appear only as keyed hashes, so a checkpoint holds
 //! no phone number (and is useless without the process secret, which it does not hold:
 //! restore with the same secret). The interval counters of an unsent delta are not
 //! kept: a restart loses at most one exchange interval of cross-shard news.
 
-use super::business::{BusinessState, Control, FAN_TICKS};
+use super::business::{BusinessState, Control};
+use super::fanout::{FAN_TICKS, SHORT_HLL_P};
 use super::recipients::{ExactSet, HllRing, Recipients, HOURS};
-use super::{get_or_create, DetectConfig, Detector, Rating, Why};
+use super::{get_or_create, DetectConfig, Detector, Evidence, Rating, Why};
 use crate::registry::Tier;
 
 const MAGIC: &[u8; 4] = b"CDET";
+/// 3 (issue 14): the same-recipient count-min sketch became a tagged table (its size in
+/// the fingerprint is `same_recipient_table_entries`), the fan-out rings are split into
+/// this shard's and the peers' counts and come with their short HyperLogLogs, and the
+/// control holds the evidence of its pause or rating change.
+const VERSION: u16 = 3;
 /// 2: recipient hashes are SipHash-1-3 of the padded number (1: SipHash-2-4 of the
-/// number) and the past-recipient filter has 256-bit blocks (1: 512-bit); a version-1
-/// checkpoint's hashes and filter bits would not match this build's.
-const VERSION: u16 = 2;
-/// The layout of version 1 is the same; restoring one keeps everything but what was
-/// derived from recipient hashes (see [`Detector::restore`]).
+/// number) and the past-recipient filter has 256-bit blocks (1: 512-bit). Restored
+/// without its same-recipient counts (a count-min sketch this build no longer keeps):
+/// for at most two windows (20 s) a recipient may get up to twice its quota.
+const VERSION_SKETCH: u16 = 2;
+/// The layout of version 1 is version 2's; restoring one also drops what was derived
+/// from recipient hashes (see [`Detector::restore`]).
 const VERSION_OLD_HASH: u16 = 1;
 
 /// Why a checkpoint was refused. Nothing of the detector is changed when it is.
@@ -37,7 +45,7 @@ pub enum CheckpointError {
     #[error("not a detector checkpoint (bad magic)")]
     BadMagic,
     /// Written by a version this build does not read.
-    #[error("checkpoint version {0} is not supported (this build reads {VERSION})")]
+    #[error("checkpoint version {0} is not supported (this build reads 1 to {VERSION})")]
     Version(u16),
     /// The checksum does not match: the bytes were damaged.
     #[error("checkpoint checksum mismatch")]
@@ -120,11 +128,17 @@ fn fingerprint(w: &mut W, cfg: &DetectConfig) {
     w.u8(cfg.hll_precision);
     w.u32(cfg.exact_recipients_max);
     w.u32(cfg.past_filter_bytes);
-    w.u32(cfg.same_recipient_sketch_width);
+    w.u32(cfg.same_recipient_table_entries);
     w.u32(cfg.same_recipient_window_ms);
 }
 
-fn check_fingerprint(r: &mut R<'_>, cfg: &DetectConfig) -> Result<(), CheckpointError> {
+/// Checks the sketch sizes a checkpoint was written with. Returns, for a version-1 or 2
+/// checkpoint, the width of its count-min sketch (skipped when read).
+fn check_fingerprint(
+    r: &mut R<'_>,
+    cfg: &DetectConfig,
+    version: u16,
+) -> Result<Option<usize>, CheckpointError> {
     if r.u8()? != cfg.hll_precision {
         return Err(CheckpointError::Config("hll_precision"));
     }
@@ -134,13 +148,95 @@ fn check_fingerprint(r: &mut R<'_>, cfg: &DetectConfig) -> Result<(), Checkpoint
     if r.u32()? != cfg.past_filter_bytes {
         return Err(CheckpointError::Config("past_filter_bytes"));
     }
-    if r.u32()? != cfg.same_recipient_sketch_width {
-        return Err(CheckpointError::Config("same_recipient_sketch_width"));
-    }
+    let size = r.u32()?;
+    let sketch_width = if version == VERSION {
+        if size != cfg.same_recipient_table_entries {
+            return Err(CheckpointError::Config("same_recipient_table_entries"));
+        }
+        None
+    } else {
+        // The old sketch's width (bounded as its profile key was): its cells are skipped.
+        if !(size.is_power_of_two() && (64..=8192).contains(&size)) {
+            return Err(CheckpointError::Corrupt("same_recipient_sketch_width"));
+        }
+        Some(size as usize)
+    };
     if r.u32()? != cfg.same_recipient_window_ms {
         return Err(CheckpointError::Config("same_recipient_window_ms"));
     }
-    Ok(())
+    Ok(sketch_width)
+}
+
+fn write_evidence(w: &mut W, e: Option<Evidence>) {
+    let mut v = [0u32; 8];
+    let kind = match e {
+        None => 0,
+        Some(Evidence::FanOut {
+            distinct_per_sec,
+            new_pct,
+            baseline_per_min,
+            baseline_declared,
+            threshold_per_sec,
+            floor_per_sec,
+            factor,
+            new_pct_min,
+        }) => {
+            v = [
+                distinct_per_sec,
+                new_pct,
+                baseline_per_min,
+                u32::from(baseline_declared),
+                threshold_per_sec,
+                floor_per_sec,
+                factor,
+                new_pct_min,
+            ];
+            1
+        }
+        Some(Evidence::Quality {
+            reports,
+            delivered,
+            threshold_ppm,
+        }) => {
+            v[..3].copy_from_slice(&[reports, delivered, threshold_ppm]);
+            2
+        }
+    };
+    w.u8(kind);
+    for x in v {
+        w.u32(x);
+    }
+}
+
+fn read_evidence(r: &mut R<'_>) -> Result<Option<Evidence>, CheckpointError> {
+    let kind = r.u8()?;
+    let mut v = [0u32; 8];
+    for x in &mut v {
+        *x = r.u32()?;
+    }
+    Ok(match kind {
+        0 => None,
+        1 => Some(Evidence::FanOut {
+            distinct_per_sec: v[0],
+            new_pct: v[1],
+            baseline_per_min: v[2],
+            baseline_declared: match v[3] {
+                0 => false,
+                1 => true,
+                _ => return Err(CheckpointError::Corrupt("evidence")),
+            },
+            threshold_per_sec: v[4],
+            floor_per_sec: v[5],
+            factor: v[6],
+            new_pct_min: v[7],
+        }),
+        2 => Some(Evidence::Quality {
+            reports: v[0],
+            delivered: v[1],
+            threshold_ppm: v[2],
+        }),
+        _ => return Err(CheckpointError::Corrupt("evidence")),
+    })
 }
 
 fn write_business(w: &mut W, id: u32, st: &BusinessState) {
@@ -163,6 +259,7 @@ fn write_business(w: &mut W, id: u32, st: &BusinessState) {
             w.u32(0);
         }
     }
+    write_evidence(w, c.evidence);
     w.u8(tier_byte(st.caller_limits.0));
     w.u32(st.caller_limits.1);
     w.u64(st.tokens as u64);
@@ -193,18 +290,27 @@ fn write_business(w: &mut W, id: u32, st: &BusinessState) {
     for x in st.filter.generation_words() {
         w.u64(x);
     }
-    w.u64(st.counts.window);
-    for c in &st.counts.cells {
-        w.bytes(c);
+    w.u64(st.recent.window);
+    for &x in &st.recent.slots {
+        w.u64(x);
     }
-    w.u64(st.tick);
+    let f = &st.fanout;
+    w.u64(f.tick);
     for i in 0..FAN_TICKS {
-        w.u32(st.ring_distinct[i]);
-        w.u32(st.ring_new[i]);
+        w.u32(f.ring_local[i]);
+        w.u32(f.ring_peer[i]);
+        w.u32(f.ring_new[i]);
     }
-    w.u64(st.minute);
-    w.u32(st.minute_distinct);
-    w.u32(st.baseline_per_min.to_bits());
+    w.u64(f.second);
+    w.u32(f.second_events);
+    w.u8(u8::from(f.sketch_on));
+    w.u8(u8::from(f.prev_sketch_on));
+    for r in f.sketch_regs() {
+        w.bytes(r);
+    }
+    w.u64(f.minute);
+    w.u32(f.minute_distinct);
+    w.u32(f.baseline_per_min.to_bits());
     for i in 0..HOURS {
         w.u32(st.q_hour[i]);
         w.u32(st.q_delivered[i]);
@@ -215,9 +321,12 @@ fn write_business(w: &mut W, id: u32, st: &BusinessState) {
     w.u64(st.accepted_today);
 }
 
+/// Reads one business written by this build, or, with `sketch_width`, by version 1 or
+/// 2 (no evidence; a count-min sketch of that width, skipped; one fan-out ring).
 fn read_business(
     r: &mut R<'_>,
     cfg: &DetectConfig,
+    sketch_width: Option<usize>,
 ) -> Result<(u32, BusinessState), CheckpointError> {
     let id = r.u32()?;
     let pause_epoch = r.u32()?;
@@ -240,6 +349,10 @@ fn read_business(
         1 => Some((tier_of(o_tier)?, o_mps)),
         _ => return Err(CheckpointError::Corrupt("limits_override")),
     };
+    let evidence = match sketch_width {
+        None => read_evidence(r)?,
+        Some(_) => None,
+    };
     let caller_limits = (tier_of(r.u8()?)?, r.u32()?);
     let mut st = BusinessState::new(cfg, caller_limits);
     st.control = Control {
@@ -249,6 +362,7 @@ fn read_business(
         limits_epoch,
         demotions,
         limits_override,
+        evidence,
     };
     st.tokens = r.u64()? as i64;
     st.bucket_ms = r.u64()?;
@@ -292,23 +406,7 @@ fn read_business(
     for i in 0..st.filter.word_count() {
         st.filter.set_generation_word(i, r.u64()?);
     }
-    st.counts.set_window(r.u64()?);
-    for c in &mut st.counts.cells {
-        c.copy_from_slice(r.take(2)?);
-    }
-    st.tick = r.u64()?;
-    for i in 0..FAN_TICKS {
-        st.ring_distinct[i] = r.u32()?;
-        st.ring_new[i] = r.u32()?;
-    }
-    st.sum_distinct = st.ring_distinct.iter().sum();
-    st.sum_new = st.ring_new.iter().sum();
-    st.minute = r.u64()?;
-    st.minute_distinct = r.u32()?;
-    st.baseline_per_min = f32::from_bits(r.u32()?);
-    if !st.baseline_per_min.is_finite() || st.baseline_per_min < 0.0 {
-        return Err(CheckpointError::Corrupt("baseline"));
-    }
+    read_window_state(r, &mut st, sketch_width)?;
     for i in 0..HOURS {
         st.q_hour[i] = r.u32()?;
         st.q_delivered[i] = r.u32()?;
@@ -318,6 +416,61 @@ fn read_business(
     st.day = r.u32()?;
     st.accepted_today = r.u64()?;
     Ok((id, st))
+}
+
+/// The same-recipient table and the fan-out state of one business.
+fn read_window_state(
+    r: &mut R<'_>,
+    st: &mut BusinessState,
+    sketch_width: Option<usize>,
+) -> Result<(), CheckpointError> {
+    let window = r.u64()?;
+    let f = &mut st.fanout;
+    if let Some(width) = sketch_width {
+        // Two rows of `width` (current, previous) counter pairs: not kept (see
+        // VERSION_SKETCH); the table starts empty in the checkpoint's window.
+        r.take(2 * width * 2)?;
+        st.recent.set_window(window);
+        f.tick = r.u64()?;
+        for i in 0..FAN_TICKS {
+            f.ring_local[i] = r.u32()?;
+            f.ring_new[i] = r.u32()?;
+        }
+    } else {
+        st.recent.set_window(window);
+        for x in &mut st.recent.slots {
+            *x = r.u64()?;
+        }
+        f.tick = r.u64()?;
+        for i in 0..FAN_TICKS {
+            f.ring_local[i] = r.u32()?;
+            f.ring_peer[i] = r.u32()?;
+            f.ring_new[i] = r.u32()?;
+        }
+        f.second = r.u64()?;
+        f.second_events = r.u32()?;
+        let flag = |v: u8| match v {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(CheckpointError::Corrupt("short sketch flag")),
+        };
+        f.sketch_on = flag(r.u8()?)?;
+        f.prev_sketch_on = flag(r.u8()?)?;
+        let m = 1usize << SHORT_HLL_P;
+        let regs = [r.take(m)?, r.take(m)?];
+        if !f.set_sketch_regs(regs) {
+            return Err(CheckpointError::Corrupt("short sketch register"));
+        }
+    }
+    f.resum();
+    f.minute = r.u64()?;
+    f.minute_distinct = r.u32()?;
+    f.baseline_per_min = f32::from_bits(r.u32()?);
+    if !f.baseline_per_min.is_finite() || f.baseline_per_min < 0.0 {
+        return Err(CheckpointError::Corrupt("baseline"));
+    }
+    f.relearn();
+    Ok(())
 }
 
 impl Detector {
@@ -342,11 +495,13 @@ impl Detector {
     /// Replaces this detector's business state with a checkpoint's. On error nothing
     /// changes. Queued signals and the unsent delta are kept.
     ///
-    /// A version-1 checkpoint (written before the recipient hash changed) is restored
-    /// without what its hashes built: each business's 24 h recipient window, past-recipient
-    /// filter and same-recipient counts start empty; its pause, limits, rate bucket,
-    /// fan-out baseline, quality rating and billing count are kept, so an upgrade lifts
-    /// no pause and loses no billing.
+    /// A version-2 checkpoint (before issue 14) is restored without its same-recipient
+    /// counts (a count-min sketch), the evidence of its pauses and the split of its
+    /// fan-out ring; everything else is kept. A version-1 checkpoint (written before the
+    /// recipient hash changed) is restored without what its hashes built too: each
+    /// business's 24 h recipient window and past-recipient filter start empty; its
+    /// pause, limits, rate bucket, fan-out baseline, quality rating and billing count are
+    /// kept, so an upgrade lifts no pause and loses no billing.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), CheckpointError> {
         if bytes.len() < MAGIC.len() + 2 + 4 {
             return Err(CheckpointError::Truncated);
@@ -357,13 +512,13 @@ impl Detector {
         let (body, crc) = bytes.split_at(bytes.len() - 4);
         let mut r = R(&body[4..]);
         let version = r.u16()?;
-        if version != VERSION && version != VERSION_OLD_HASH {
+        if ![VERSION, VERSION_SKETCH, VERSION_OLD_HASH].contains(&version) {
             return Err(CheckpointError::Version(version));
         }
         if super::keyed::crc32c(body) != u32::from_le_bytes(crc.try_into().expect("4")) {
             return Err(CheckpointError::Checksum);
         }
-        check_fingerprint(&mut r, &self.cfg)?;
+        let sketch_width = check_fingerprint(&mut r, &self.cfg, version)?;
         let exporting = match r.u8()? {
             0 => false,
             1 => true,
@@ -375,7 +530,7 @@ impl Detector {
         }
         let mut states = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            states.push(read_business(&mut r, &self.cfg)?);
+            states.push(read_business(&mut r, &self.cfg, sketch_width)?);
         }
         if !r.0.is_empty() {
             return Err(CheckpointError::Corrupt("trailing bytes"));

@@ -780,6 +780,7 @@ impl Shard {
                 tier = sig.tier.name(),
                 paused = sig.paused,
                 why = sig.why.map_or("none", |w| w.name()),
+                measured = %sig.evidence.map_or_else(String::new, |e| e.to_string()),
                 "integrity signal"
             );
         }

@@ -200,6 +200,10 @@ impl VerifyReport {
 }
 
 /// The shard directories under `data_dir/log`, as (shard, path), by shard.
+///
+/// Shards are read as the decimal number the directory's name holds, in the 16 bits a log
+/// position carries, not as a `ShardId`: the tools report what is on disk (and what an
+/// accepted list names), including a directory no server writes.
 pub fn shard_dirs(data_dir: &Path) -> Result<Vec<(u16, PathBuf)>, AuditError> {
     let log = data_dir.join("log");
     if !log.is_dir() {
@@ -657,12 +661,12 @@ mod tests {
             AcceptedEntry {
                 business_id: 7,
                 client_id: 42,
-                position: LogPosition::new(1, 5),
+                position: LogPosition::new(courier_pipeline::ShardId::new(1), 5),
             },
             AcceptedEntry {
                 business_id: u32::MAX,
                 client_id: u64::MAX,
-                position: LogPosition::new(0, 0),
+                position: LogPosition::new(courier_pipeline::ShardId::new(0), 0),
             },
         ];
         let mut out = Vec::new();

@@ -386,8 +386,7 @@ fn article(type_name: &str) -> &'static str {
     }
 }
 
-/// The largest number of shards: connection IDs carry the shard index in one byte.
-pub const SHARDS_MAX: u32 = 256;
+pub use crate::shard_id::SHARDS_MAX;
 
 struct Checker {
     issues: Vec<ProfileIssue>,

@@ -50,6 +50,7 @@ use crate::wire::{
     self, code, Frame, FrameDecoder, LogPosition, Message, Recipient, ReportEntry, Status, Welcome,
     WireLimits,
 };
+use crate::ShardId;
 
 /// REPORT frames decoded but not yet taken by the shell; more are refused.
 const REPORTS_QUEUED_MAX: usize = 1024;
@@ -93,22 +94,22 @@ pub struct SubmitBatch {
 /// the generation of that handle (a handle is reused after its connection is gone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnKey {
-    shard: u16,
+    shard: ShardId,
     handle: usize,
     generation: u64,
 }
 
 impl ConnKey {
     /// The shard that owns the connection.
-    pub fn shard(&self) -> u16 {
+    pub fn shard(&self) -> ShardId {
         self.shard
     }
 
     /// A key for unit tests of the modules that route by it.
     #[cfg(test)]
-    pub(crate) fn for_tests(shard: u16, n: u64) -> ConnKey {
+    pub(crate) fn for_tests(shard: u8, n: u64) -> ConnKey {
         ConnKey {
-            shard,
+            shard: ShardId::new(shard),
             handle: n as usize,
             generation: n,
         }
@@ -264,7 +265,7 @@ struct Conn {
 #[derive(Clone)]
 pub struct ServerParts {
     /// This shard's index, carried in its connection IDs.
-    pub shard: u8,
+    pub shard: ShardId,
     /// TLS: the certificate chain and key, as a quinn-proto crypto config.
     pub crypto: Arc<dyn quinn_proto::crypto::ServerConfig>,
     /// Key for stateless resets; the same on every shard so any shard can reset.
@@ -314,7 +315,7 @@ pub fn transport_config(profile: &Profile) -> TransportConfig {
 
 /// One shard's sans-IO QUIC server.
 pub struct Server {
-    shard: u8,
+    shard: ShardId,
     endpoint: Endpoint,
     server_config: Arc<quinn_proto::ServerConfig>,
     registry: Arc<Registry>,
@@ -390,7 +391,7 @@ impl Server {
     }
 
     /// This shard's index.
-    pub fn shard(&self) -> u8 {
+    pub fn shard(&self) -> ShardId {
         self.shard
     }
 
@@ -1120,11 +1121,7 @@ impl Server {
         conn: ConnKey,
         feature: u32,
     ) -> Result<(ConnectionHandle, StreamId), NotWritten> {
-        assert_eq!(
-            conn.shard,
-            u16::from(self.shard),
-            "a connection of this shard"
-        );
+        assert_eq!(conn.shard, self.shard, "a connection of this shard");
         let ch = ConnectionHandle(conn.handle);
         let c = self
             .conns
@@ -1225,9 +1222,9 @@ impl Server {
     }
 }
 
-fn key_of(shard: u8, ch: ConnectionHandle, generation: u64) -> ConnKey {
+fn key_of(shard: ShardId, ch: ConnectionHandle, generation: u64) -> ConnKey {
     ConnKey {
-        shard: u16::from(shard),
+        shard,
         handle: ch.0,
         generation,
     }

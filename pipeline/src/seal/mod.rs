@@ -55,6 +55,7 @@ pub use keys::{
 };
 
 use crate::wire::{Message, Recipient, RECIPIENT_BYTES_MAX};
+use crate::ShardId;
 
 /// Bytes of the nonce at the start of a sealed message.
 pub const SEAL_NONCE_BYTES: usize = NONCE_LEN;
@@ -83,7 +84,7 @@ pub enum SealError {
         /// Epoch of the exhausted sealer.
         epoch: u32,
         /// Shard of the exhausted sealer.
-        shard: u16,
+        shard: ShardId,
     },
     /// No key for a recipient of this batch; nothing of the batch was kept.
     #[error(transparent)]
@@ -103,11 +104,11 @@ pub enum OpenError {
 }
 
 /// The 12-byte nonce of `(epoch, shard, counter)`, big endian, counter in 48 bits.
-pub fn nonce_bytes(epoch: u32, shard: u16, counter: u64) -> [u8; SEAL_NONCE_BYTES] {
+pub fn nonce_bytes(epoch: u32, shard: ShardId, counter: u64) -> [u8; SEAL_NONCE_BYTES] {
     assert!(counter < COUNTER_END, "counter is 48 bits");
     let mut n = [0; SEAL_NONCE_BYTES];
     n[..4].copy_from_slice(&epoch.to_be_bytes());
-    n[4..6].copy_from_slice(&shard.to_be_bytes());
+    n[4..6].copy_from_slice(&u16::from(shard).to_be_bytes());
     n[6..].copy_from_slice(&counter.to_be_bytes()[2..]);
     n
 }
@@ -226,7 +227,7 @@ pub struct SealerConfig {
     /// start, and never hand the same epoch to two runs: see the module docs.
     pub epoch: u32,
     /// The shard this sealer serves; no two sealers of one epoch share it.
-    pub shard: u16,
+    pub shard: ShardId,
     /// Expanded keys the shard keeps (rounded down to a power of two, at least 4: one set
     /// of the 4-way cache).
     pub cache_keys_max: usize,
@@ -252,12 +253,13 @@ pub struct SealerConfig {
 /// use courier_pipeline::seal::{open, DerivedKeys, RecipientKey, RecipientKeys, RootKey,
 ///     SealedBatch, Sealer, SealerConfig};
 /// use courier_pipeline::wire::{Message, Recipient};
+/// use courier_pipeline::ShardId;
 ///
 /// // At start: root keys unwrapped from the keyring, epoch persisted by the keyring.
 /// let mut keys = DerivedKeys::new();
 /// keys.insert_root(7, &RootKey::from_bytes([1; 32]));
 /// let keys = Arc::new(keys);
-/// let mut sealer = Sealer::new(keys.clone(), SealerConfig { epoch: 42, shard: 0, cache_keys_max: 4096 });
+/// let mut sealer = Sealer::new(keys.clone(), SealerConfig { epoch: 42, shard: ShardId::new(0), cache_keys_max: 4096 });
 /// let mut sealed = SealedBatch::new();
 ///
 /// // Per batch.
@@ -276,7 +278,7 @@ pub struct Sealer<K> {
     keys: K,
     cache: KeyCache,
     epoch: u32,
-    shard: u16,
+    shard: ShardId,
     counter: u64,
     /// The keys derived ahead for a chunk of a batch, and in the last slot the key of a
     /// miss that was not (reused; the cache's ways hold such keys anyway).

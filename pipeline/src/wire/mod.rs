@@ -34,6 +34,8 @@ pub mod delivery;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::ShardId;
+
 pub use delivery::DeliveryFrame;
 
 /// The ALPN protocol identifier of wire v1.
@@ -310,13 +312,18 @@ impl LogPosition {
     pub const INDEX_BITS: u32 = 48;
 
     /// Position of record `index` in the log of `shard`.
-    pub fn new(shard: u16, index: u64) -> LogPosition {
+    pub fn new(shard: ShardId, index: u64) -> LogPosition {
         assert!(index < 1 << Self::INDEX_BITS, "log index overflow");
-        LogPosition((u64::from(shard) << Self::INDEX_BITS) | index)
+        LogPosition((u64::from(u16::from(shard)) << Self::INDEX_BITS) | index)
     }
-    /// The shard whose log holds the record.
+    /// The shard field as encoded (16 bits). A position read from a peer may name a
+    /// value that is no shard: route by [`LogPosition::shard_id`].
     pub fn shard(self) -> u16 {
         (self.0 >> Self::INDEX_BITS) as u16
+    }
+    /// The shard whose log holds the record; `None` when the field names no shard.
+    pub fn shard_id(self) -> Option<ShardId> {
+        ShardId::try_from(self.shard()).ok()
     }
     /// The record's index in that log.
     pub fn index(self) -> u64 {
@@ -935,7 +942,7 @@ mod tests {
 
     #[test]
     fn log_position_parts() {
-        let p = LogPosition::new(3, 99);
+        let p = LogPosition::new(ShardId::new(3), 99);
         assert_eq!((p.shard(), p.index()), (3, 99));
     }
 

@@ -26,10 +26,10 @@ use courier_pipeline::wire::LogPosition;
 
 use crate::store::{list_segments, MasterKeyText};
 
-/// The payload bound the tools check record lengths against: the largest
-/// `limits.payload_bytes_max` a profile may set, so that a log written under any profile
-/// reads back (a tighter bound would call long records corrupt).
-pub const PAYLOAD_BYTES_MAX: u32 = 16 << 20;
+/// The payload bound the tools check record lengths against: the largest record payload a
+/// log written under any profile holds (the widest `limits.payload_bytes_max`, sealed), so
+/// that every log reads back (a tighter bound would call long records corrupt).
+pub const PAYLOAD_BYTES_MAX: u32 = courier_pipeline::log::RECORD_PAYLOAD_BYTES_LIMIT;
 
 /// Most lines an accepted list may hold; bounds the audit's memory.
 pub const ACCEPTED_LINES_MAX: usize = 100_000_000;

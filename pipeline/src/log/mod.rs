@@ -54,7 +54,7 @@ pub use format::{
     ScanOutcome, SegmentCodec, SegmentHeader, SegmentSummary,
 };
 pub use keys::{DataKey, KeyError, KeyState, Keyring, KeyringError, MasterKey};
-pub use policy::LogConfig;
+pub use policy::{LogConfig, RECORD_PAYLOAD_BYTES_LIMIT};
 pub use recovery::{RecoverError, Recovery, RecoveryPlan, Repair};
 
 use format::HeaderError;

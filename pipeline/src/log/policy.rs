@@ -8,11 +8,20 @@
 
 use crate::profile::Profile;
 
-use super::format::RECORD_OVERHEAD_BYTES_MAX;
+use super::format::{sealed_bytes_max, RECORD_OVERHEAD_BYTES_MAX};
+use crate::wire::PAYLOAD_BYTES_LIMIT;
 
 /// Room left in a record's payload for the sealing layer (nonce, tag, key id) on top of the
 /// client's payload bound.
 pub const SEAL_OVERHEAD_BYTES_MAX: u32 = 64;
+/// The largest record payload (a sealed message) of a log written under any profile: the
+/// bound the operator tools read every log with.
+pub const RECORD_PAYLOAD_BYTES_LIMIT: u32 = PAYLOAD_BYTES_LIMIT + SEAL_OVERHEAD_BYTES_MAX;
+
+// The sealer's own overhead (nonce and tag) fits the room the log keeps for it.
+const _: () = assert!(crate::seal::SEAL_OVERHEAD_BYTES <= SEAL_OVERHEAD_BYTES_MAX as usize);
+// The largest record's `len` field fits its 32 bits.
+const _: () = assert!(sealed_bytes_max(RECORD_PAYLOAD_BYTES_LIMIT) <= u32::MAX as usize);
 
 /// The log's bounds, from the profile's `[log]` section.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

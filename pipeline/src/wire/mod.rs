@@ -59,6 +59,31 @@ pub const STATUS_BYTES: usize = 1 + 8;
 /// Fixed bytes of a SUBMIT or ACK body before its entries.
 pub const BATCH_HEADER_BYTES: usize = 8 + 4;
 
+/// The largest message payload under any profile: the ceiling of `limits.payload_bytes_max`.
+/// A payload larger than this is refused by every server (each states its own, smaller or
+/// equal, bound in WELCOME).
+pub const PAYLOAD_BYTES_LIMIT: u32 = 16 << 20;
+/// The largest frame body under any profile: the ceiling of `limits.frame_bytes_max`.
+pub const FRAME_BYTES_LIMIT: u32 = 64 << 20;
+/// The smallest `limits.frame_bytes_max` a profile may set.
+pub const FRAME_BYTES_MIN: u32 = 1024;
+/// The most messages in one SUBMIT under any profile: the ceiling of
+/// `limits.batch_messages_max`.
+pub const BATCH_MESSAGES_LIMIT: u32 = 65_536;
+
+// One message of the largest payload fits the largest frame, and so does the ACK of the
+// largest batch: every bound a profile may set has a frame bound that holds it.
+const _: () = assert!(
+    BATCH_HEADER_BYTES
+        + MESSAGE_OVERHEAD_BYTES
+        + RECIPIENT_BYTES_MAX
+        + PAYLOAD_BYTES_LIMIT as usize
+        <= FRAME_BYTES_LIMIT as usize
+);
+const _: () = assert!(
+    BATCH_HEADER_BYTES + BATCH_MESSAGES_LIMIT as usize * STATUS_BYTES <= FRAME_BYTES_LIMIT as usize
+);
+
 const _: () = assert!(RECIPIENT_BYTES_MAX == 1 + 15);
 const _: () = assert!(RECIPIENT_DIGITS_MIN < RECIPIENT_BYTES_MAX);
 
@@ -142,7 +167,7 @@ impl WireLimits {
     /// Limits wide enough for any frame the encoder can produce; for tests and clients
     /// that decode what a trusted server sent.
     pub const PERMISSIVE: WireLimits = WireLimits {
-        frame_bytes_max: 64 << 20,
+        frame_bytes_max: FRAME_BYTES_LIMIT,
         batch_messages_max: 1 << 20,
     };
 }

@@ -658,7 +658,8 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
             reset_key: c.reset_key,
             seed: random_bytes(),
         },
-        &c.profile,
+        &c.profile.limits,
+        &c.profile.quic,
         c.registry.clone(),
     );
     let parts = ShardParts {

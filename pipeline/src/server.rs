@@ -28,6 +28,8 @@
 //! ACKs of the batches decoded before it, then FIN; once the client has finished its half
 //! (a truncated frame), RESET_STREAM instead, the only frame that can still carry the code.
 
+mod config;
+
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -40,7 +42,6 @@ use quinn_proto::{
 };
 
 use crate::cid::ShardCidGenerator;
-use crate::profile::Profile;
 use crate::registry::Registry;
 use crate::wire::delivery::{
     self as wire_delivery, features, BusinessEvent, Deliver, DeliveryFrame, InboundEntry,
@@ -51,6 +52,8 @@ use crate::wire::{
     WireLimits,
 };
 use crate::ShardId;
+
+pub use config::{Limits, Quic, MTU_MAX, MTU_MIN, WINDOW_BYTES_MAX, WINDOW_BYTES_MIN};
 
 /// REPORT frames decoded but not yet taken by the shell; more are refused.
 const REPORTS_QUEUED_MAX: usize = 1024;
@@ -261,7 +264,7 @@ struct Conn {
     closing: bool,
 }
 
-/// What a shard's server needs besides the profile.
+/// What a shard's server needs besides its configuration.
 #[derive(Clone)]
 pub struct ServerParts {
     /// This shard's index, carried in its connection IDs.
@@ -295,11 +298,10 @@ pub fn stateless_reset_key(master: &crate::log::MasterKey) -> [u8; 64] {
     key
 }
 
-/// QUIC transport settings of a courier server, from the profile.
-pub fn transport_config(profile: &Profile) -> TransportConfig {
-    let q = &profile.quic;
+/// QUIC transport settings of a courier server.
+pub fn transport_config(limits: &Limits, q: &Quic) -> TransportConfig {
     let mut t = TransportConfig::default();
-    t.max_concurrent_bidi_streams(VarInt::from_u32(profile.limits.streams_per_connection_max))
+    t.max_concurrent_bidi_streams(VarInt::from_u32(limits.streams_per_connection_max))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .max_idle_timeout(Some(VarInt::from_u32(q.idle_timeout_ms).into()))
         .stream_receive_window(VarInt::from_u32(q.stream_receive_window_bytes))
@@ -319,7 +321,7 @@ pub struct Server {
     endpoint: Endpoint,
     server_config: Arc<quinn_proto::ServerConfig>,
     registry: Arc<Registry>,
-    limits: crate::profile::Limits,
+    limits: Limits,
     wire_limits: WireLimits,
     conns: HashMap<ConnectionHandle, Conn>,
     next_generation: u64,
@@ -344,8 +346,14 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// A server for one shard.
-    pub fn new(parts: ServerParts, profile: &Profile, registry: Arc<Registry>) -> Server {
+    /// A server for one shard, taking in at most `limits` over connections of `quic`'s
+    /// transport (both validated when the profile loaded).
+    pub fn new(
+        parts: ServerParts,
+        limits: &Limits,
+        quic: &Quic,
+        registry: Arc<Registry>,
+    ) -> Server {
         let reset_key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &parts.reset_key);
         let mut endpoint_config = EndpointConfig::new(Arc::new(reset_key));
         let (shard, seed) = (parts.shard, parts.seed);
@@ -353,12 +361,12 @@ impl Server {
             .cid_generator(move || Box::new(ShardCidGenerator::new(shard, seed)))
             .rng_seed(Some(seed));
         endpoint_config
-            .max_udp_payload_size(profile.quic.mtu_upper_bound.max(1200))
-            .expect("profile bounds the MTU to 1200..=65527");
+            .max_udp_payload_size(quic.mtu_upper_bound.max(MTU_MIN))
+            .expect("quic.mtu_upper_bound is validated to MTU_MIN..=MTU_MAX");
         let mut server_config = quinn_proto::ServerConfig::with_crypto(parts.crypto);
         server_config
-            .transport_config(Arc::new(transport_config(profile)))
-            .max_incoming(profile.limits.connections_per_shard_max as usize)
+            .transport_config(Arc::new(transport_config(limits, quic)))
+            .max_incoming(limits.connections_per_shard_max as usize)
             .migration(true);
         let server_config = Arc::new(server_config);
         // The endpoint must hold the server config: without one, quinn-proto treats every
@@ -375,8 +383,8 @@ impl Server {
             endpoint,
             server_config,
             registry,
-            limits: profile.limits.clone(),
-            wire_limits: profile.limits.wire(),
+            limits: limits.clone(),
+            wire_limits: limits.wire(),
             conns: HashMap::new(),
             next_generation: 0,
             timers: BTreeSet::new(),

@@ -299,7 +299,8 @@ impl SimNode {
                 reset_key: self.reset_key,
                 seed: server_seed,
             },
-            profile,
+            &profile.limits,
+            &profile.quic,
             self.setup.registry.clone(),
         );
         let mut seed = [0u8; 32];

@@ -145,6 +145,12 @@ pub struct Limits {
     pub payload_bytes_max: u32,
     /// Most connections one shard holds.
     pub connections_per_shard_max: u32,
+    /// Most connections one source IP address holds on a shard; further handshakes
+    /// from it are refused.
+    pub connections_per_address_max: u32,
+    /// Most authenticated connections one credential holds on a shard; a HELLO beyond
+    /// it closes its connection with `too_many_connections`.
+    pub connections_per_business_max: u32,
     /// Most concurrent bidirectional streams a client may open per connection.
     pub streams_per_connection_max: u32,
     /// Most SUBMITs of one stream waiting for their ACK before the stream stops being read.
@@ -182,6 +188,11 @@ pub struct Quic {
     pub initial_mtu: u16,
     /// Largest UDP payload MTU discovery may try, bytes.
     pub mtu_upper_bound: u16,
+    /// When a new connection must first prove its address with a Retry round trip.
+    pub retry: crate::server::RetryMode,
+    /// With `retry = "under_load"`: handshaking connections on a shard from which new
+    /// ones are sent a Retry.
+    pub retry_half_open_min: u32,
 }
 
 /// `[io]`
@@ -576,6 +587,18 @@ impl Profile {
             1 << 20,
         );
         c.range(
+            "limits.connections_per_address_max",
+            l.connections_per_address_max,
+            1,
+            1 << 20,
+        );
+        c.range(
+            "limits.connections_per_business_max",
+            l.connections_per_business_max,
+            1,
+            1 << 20,
+        );
+        c.range(
             "limits.streams_per_connection_max",
             l.streams_per_connection_max,
             1,
@@ -597,6 +620,12 @@ impl Profile {
 
         let q = &raw.quic;
         c.range("quic.idle_timeout_ms", q.idle_timeout_ms, 100, 3_600_000);
+        c.range(
+            "quic.retry_half_open_min",
+            q.retry_half_open_min,
+            1,
+            1 << 20,
+        );
         c.range(
             "quic.stream_receive_window_bytes",
             q.stream_receive_window_bytes,

@@ -247,6 +247,36 @@ const SHARD_FAMILIES: &[ShardFamily] = &[
         read: |c| &c.connections,
     },
     ShardFamily {
+        name: "connections_refused_total",
+        kind: "counter",
+        help: "New connections refused because the shard's connection table was full.",
+        read: |c| &c.connections_refused,
+    },
+    ShardFamily {
+        name: "connections_address_cap_refused_total",
+        kind: "counter",
+        help: "New connections refused because their source address held its share.",
+        read: |c| &c.address_cap_refused,
+    },
+    ShardFamily {
+        name: "connections_business_cap_refused_total",
+        kind: "counter",
+        help: "Connections closed at HELLO because their credential held its share.",
+        read: |c| &c.business_cap_refused,
+    },
+    ShardFamily {
+        name: "quic_retries_sent_total",
+        kind: "counter",
+        help: "QUIC Retry packets sent to unvalidated client addresses.",
+        read: |c| &c.retries_sent,
+    },
+    ShardFamily {
+        name: "handshakes_half_open",
+        kind: "gauge",
+        help: "QUIC handshakes in progress.",
+        read: |c| &c.half_open,
+    },
+    ShardFamily {
         name: "group_commits_total",
         kind: "counter",
         help: "Log group commits (write and fdatasync) completed.",

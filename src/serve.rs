@@ -24,7 +24,9 @@ use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::Registry;
 use courier_pipeline::seal::keys::DerivedKeys;
 use courier_pipeline::seal::{Sealer, SealerConfig};
-use courier_pipeline::server::{stateless_reset_key, Server, ServerParts, ServerStats};
+use courier_pipeline::server::{
+    retry_token_key, stateless_reset_key, Server, ServerParts, ServerStats,
+};
 use courier_pipeline::wire::LogPosition;
 use courier_pipeline::ShardId;
 use crossbeam_channel::{Receiver, Sender};
@@ -365,6 +367,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         idempotency: Arc::new(Idempotency::new(ids_max)),
         detect_secret: detect_secret(&opts.master_key),
         reset_key: stateless_reset_key(&opts.master_key.master_key()),
+        token_key: retry_token_key(&opts.master_key.master_key()),
         shutdown: Arc::new(AtomicBool::new(false)),
     });
     let restore = Arc::new(RestoreSet::new(ids_max));
@@ -525,6 +528,7 @@ struct Common {
     /// Key for stateless resets: the same on every shard so any shard can reset, and at
     /// every start (from the master key) so a restarted node resets forgotten connections.
     reset_key: [u8; 64],
+    token_key: [u8; 32],
     shutdown: Arc<AtomicBool>,
 }
 
@@ -656,6 +660,7 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
             shard: t.shard,
             crypto: c.crypto.clone(),
             reset_key: c.reset_key,
+            token_key: c.token_key,
             seed: random_bytes(),
         },
         &c.profile.limits,

@@ -53,7 +53,7 @@ use crate::wire::{
 };
 use crate::ShardId;
 
-pub use config::{Limits, Quic, MTU_MAX, MTU_MIN, WINDOW_BYTES_MAX, WINDOW_BYTES_MIN};
+pub use config::{Limits, Quic, RetryMode, MTU_MAX, MTU_MIN, WINDOW_BYTES_MAX, WINDOW_BYTES_MIN};
 
 /// REPORT frames decoded but not yet taken by the shell; more are refused.
 const REPORTS_QUEUED_MAX: usize = 1024;
@@ -66,6 +66,14 @@ const CREDIT_MAX: u32 = 1 << 20;
 /// Endpoint-generated datagrams (stateless resets, refusals, version negotiation) queued
 /// for sending; more are dropped, as a router would.
 const RESPONSES_QUEUED_MAX: usize = 256;
+/// Streams a connection may open before its HELLO is accepted.
+const PRE_HELLO_STREAMS: u32 = 1;
+/// The decoder's bounds before HELLO: a frame no larger than the largest HELLO.
+const PRE_HELLO_LIMITS: WireLimits = WireLimits {
+    frame_bytes_max: wire::HELLO_BODY_BYTES_MAX as u32,
+    batch_messages_max: 1,
+};
+
 /// Bytes asked of a stream per read.
 const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
 
@@ -187,6 +195,16 @@ pub struct ServerStats {
     pub connections_accepted: u64,
     /// Handshakes refused because the shard was full.
     pub connections_refused: u64,
+    /// Handshakes refused because their source address held
+    /// `connections_per_address_max` connections.
+    pub address_cap_refused: u64,
+    /// Connections closed at HELLO because their credential held
+    /// `connections_per_business_max` connections.
+    pub business_cap_refused: u64,
+    /// Retry packets sent to unvalidated addresses (they hold no state here).
+    pub retries_sent: u64,
+    /// Handshakes in progress now (a gauge, not a counter).
+    pub half_open: u64,
     /// Connections fully drained and removed.
     pub connections_drained: u64,
     /// HELLOs accepted.
@@ -258,6 +276,10 @@ struct Conn {
     /// DELIVERs the edge still takes.
     credit: u32,
     hello_deadline: Instant,
+    /// The client's IP address when it connected (its share of `per_address`).
+    ip: IpAddr,
+    /// Counted in `half_open` until its handshake completes.
+    handshaking: bool,
     streams: HashMap<StreamId, StreamState>,
     timer: Option<Instant>,
     send_queued: bool,
@@ -275,6 +297,9 @@ pub struct ServerParts {
     pub reset_key: [u8; 64],
     /// Seed of the connection ID generator and of the endpoint's own randomness.
     pub seed: [u8; 32],
+    /// Key of address-validation tokens; the same on every shard (see
+    /// [`retry_token_key`]).
+    pub token_key: [u8; 32],
 }
 
 impl std::fmt::Debug for ServerParts {
@@ -298,10 +323,20 @@ pub fn stateless_reset_key(master: &crate::log::MasterKey) -> [u8; 64] {
     key
 }
 
+/// The key of a node's address-validation (Retry) tokens, derived from its master key:
+/// every shard and every start of the node validates the tokens of any other, and a token
+/// expires after quinn-proto's `retry_token_lifetime` (15 s). Tokens are bound to the
+/// client's address and the connection ID of its first Initial.
+pub fn retry_token_key(master: &crate::log::MasterKey) -> [u8; 32] {
+    *master.derive_secret(b"courier retry token v1")
+}
+
 /// QUIC transport settings of a courier server.
-pub fn transport_config(limits: &Limits, q: &Quic) -> TransportConfig {
+pub fn transport_config(q: &Quic) -> TransportConfig {
     let mut t = TransportConfig::default();
-    t.max_concurrent_bidi_streams(VarInt::from_u32(limits.streams_per_connection_max))
+    // One stream until HELLO is accepted (then `streams_per_connection_max`): before it a
+    // connection may buffer one HELLO-sized frame and nothing else.
+    t.max_concurrent_bidi_streams(VarInt::from_u32(PRE_HELLO_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .max_idle_timeout(Some(VarInt::from_u32(q.idle_timeout_ms).into()))
         .stream_receive_window(VarInt::from_u32(q.stream_receive_window_bytes))
@@ -331,6 +366,12 @@ pub struct Server {
     batches: VecDeque<SubmitBatch>,
     reports: VecDeque<Vec<ReportEntry>>,
     delivery_in: VecDeque<DeliveryInput>,
+    retry: RetryMode,
+    retry_half_open_min: u32,
+    /// Connections per source IP address (entries removed at zero).
+    per_address: HashMap<IpAddr, u32>,
+    /// Authenticated connections per credential (entries removed at zero).
+    per_business: HashMap<u32, u32>,
     scratch: Vec<u8>,
     stats: ServerStats,
 }
@@ -363,9 +404,11 @@ impl Server {
         endpoint_config
             .max_udp_payload_size(quic.mtu_upper_bound.max(MTU_MIN))
             .expect("quic.mtu_upper_bound is validated to MTU_MIN..=MTU_MAX");
-        let mut server_config = quinn_proto::ServerConfig::with_crypto(parts.crypto);
+        let token_key =
+            aws_lc_rs::hkdf::Salt::new(aws_lc_rs::hkdf::HKDF_SHA256, &[]).extract(&parts.token_key);
+        let mut server_config = quinn_proto::ServerConfig::new(parts.crypto, Arc::new(token_key));
         server_config
-            .transport_config(Arc::new(transport_config(limits, quic)))
+            .transport_config(Arc::new(transport_config(quic)))
             .max_incoming(limits.connections_per_shard_max as usize)
             .migration(true);
         let server_config = Arc::new(server_config);
@@ -393,6 +436,10 @@ impl Server {
             batches: VecDeque::new(),
             reports: VecDeque::new(),
             delivery_in: VecDeque::new(),
+            retry: quic.retry,
+            retry_half_open_min: quic.retry_half_open_min,
+            per_address: HashMap::new(),
+            per_business: HashMap::new(),
             scratch: Vec::new(),
             stats: ServerStats::default(),
         }
@@ -458,53 +505,87 @@ impl Server {
                 let bytes = self.scratch[..t.size].to_vec();
                 self.queue_response(t, bytes);
             }
-            Some(DatagramEvent::NewConnection(incoming)) => {
-                if self.conns.len() >= self.limits.connections_per_shard_max as usize {
-                    self.stats.connections_refused += 1;
-                    self.scratch.clear();
-                    let t = self.endpoint.refuse(incoming, &mut self.scratch);
+            Some(DatagramEvent::NewConnection(incoming)) => self.on_incoming(incoming, now),
+        }
+    }
+
+    /// A new connection attempt: Retry an unvalidated address when the mode asks for it,
+    /// refuse one beyond the shard's or its address's share, accept the rest.
+    fn on_incoming(&mut self, incoming: quinn_proto::Incoming, now: Instant) {
+        self.scratch.clear();
+        let wants_retry = match self.retry {
+            RetryMode::Always => true,
+            RetryMode::UnderLoad => self.stats.half_open >= u64::from(self.retry_half_open_min),
+            RetryMode::Never => false,
+        };
+        if wants_retry && !incoming.remote_address_validated() {
+            // `remote_address_validated() == false` guarantees `may_retry()`.
+            match self.endpoint.retry(incoming, &mut self.scratch) {
+                Ok(t) => {
+                    self.stats.retries_sent += 1;
                     let bytes = self.scratch[..t.size].to_vec();
                     self.queue_response(t, bytes);
-                    return;
                 }
-                self.scratch.clear();
-                match self.endpoint.accept(
-                    incoming,
-                    now,
-                    &mut self.scratch,
-                    Some(self.server_config.clone()),
-                ) {
-                    Ok((ch, quinn)) => {
-                        self.stats.connections_accepted += 1;
-                        let generation = self.next_generation;
-                        self.next_generation += 1;
-                        let hello_deadline =
-                            now + Duration::from_millis(u64::from(self.limits.hello_timeout_ms));
-                        self.conns.insert(
-                            ch,
-                            Conn {
-                                quinn,
-                                generation,
-                                business_id: None,
-                                platform: false,
-                                features: 0,
-                                event_stream: None,
-                                credit: 0,
-                                hello_deadline,
-                                streams: HashMap::new(),
-                                timer: None,
-                                send_queued: false,
-                                closing: false,
-                            },
-                        );
-                        self.drive(ch, now);
-                    }
-                    Err(e) => {
-                        if let Some(t) = e.response {
-                            let bytes = self.scratch[..t.size].to_vec();
-                            self.queue_response(t, bytes);
-                        }
-                    }
+                Err(e) => self.endpoint.ignore(e.into_incoming()),
+            }
+            return;
+        }
+        let ip = incoming.remote_address().ip();
+        let from_address = self.per_address.get(&ip).copied().unwrap_or(0);
+        let full = self.conns.len() >= self.limits.connections_per_shard_max as usize;
+        if full || from_address >= self.limits.connections_per_address_max {
+            // CONNECTION_REFUSED (a QUIC transport error): an application close such as
+            // SERVER_BUSY cannot travel in an Initial, and completing a handshake only to
+            // close it would spend the TLS work a flood wants us to spend.
+            if full {
+                self.stats.connections_refused += 1;
+            } else {
+                self.stats.address_cap_refused += 1;
+            }
+            let t = self.endpoint.refuse(incoming, &mut self.scratch);
+            let bytes = self.scratch[..t.size].to_vec();
+            self.queue_response(t, bytes);
+            return;
+        }
+        match self.endpoint.accept(
+            incoming,
+            now,
+            &mut self.scratch,
+            Some(self.server_config.clone()),
+        ) {
+            Ok((ch, quinn)) => {
+                self.stats.connections_accepted += 1;
+                self.stats.half_open += 1;
+                *self.per_address.entry(ip).or_insert(0) += 1;
+                let generation = self.next_generation;
+                self.next_generation += 1;
+                let hello_deadline =
+                    now + Duration::from_millis(u64::from(self.limits.hello_timeout_ms));
+                self.conns.insert(
+                    ch,
+                    Conn {
+                        quinn,
+                        generation,
+                        business_id: None,
+                        platform: false,
+                        features: 0,
+                        event_stream: None,
+                        credit: 0,
+                        hello_deadline,
+                        ip,
+                        handshaking: true,
+                        streams: HashMap::new(),
+                        timer: None,
+                        send_queued: false,
+                        closing: false,
+                    },
+                );
+                self.drive(ch, now);
+            }
+            Err(e) => {
+                if let Some(t) = e.response {
+                    let bytes = self.scratch[..t.size].to_vec();
+                    self.queue_response(t, bytes);
                 }
             }
         }
@@ -715,6 +796,13 @@ impl Server {
             if let Some(t) = conn.timer {
                 self.timers.remove(&(t, ch));
             }
+            if conn.handshaking {
+                self.stats.half_open -= 1;
+            }
+            release_share(&mut self.per_address, conn.ip);
+            if let Some(b) = conn.business_id {
+                release_share(&mut self.per_business, b);
+            }
             self.stats.connections_drained += 1;
         }
     }
@@ -745,11 +833,16 @@ impl Server {
                     return;
                 };
                 let mut opened = Vec::new();
+                let limits = if conn.business_id.is_some() {
+                    self.wire_limits
+                } else {
+                    PRE_HELLO_LIMITS
+                };
                 while let Some(id) = conn.quinn.streams().accept(Dir::Bi) {
                     conn.streams.insert(
                         id,
                         StreamState {
-                            decoder: FrameDecoder::new(self.wire_limits),
+                            decoder: FrameDecoder::new(limits),
                             pending: VecDeque::new(),
                             next_seq: 0,
                             out: BytesMut::new(),
@@ -806,6 +899,10 @@ impl Server {
                 if let Some(conn) = self.conns.get_mut(&ch) {
                     conn.hello_deadline =
                         now + Duration::from_millis(u64::from(self.limits.hello_timeout_ms));
+                    if conn.handshaking {
+                        conn.handshaking = false;
+                        self.stats.half_open -= 1;
+                    }
                 }
             }
             Event::Stream(_)
@@ -936,9 +1033,27 @@ impl Server {
             );
             return false;
         };
+        let held = self.per_business.get(&b.id).copied().unwrap_or(0);
+        if held >= self.limits.connections_per_business_max {
+            self.stats.business_cap_refused += 1;
+            conn.closing = true;
+            conn.streams.clear();
+            conn.quinn.close(
+                now,
+                VarInt::from_u32(code::TOO_MANY_CONNECTIONS),
+                Bytes::from_static(b"too many connections for this credential"),
+            );
+            return false;
+        }
+        *self.per_business.entry(b.id).or_insert(0) += 1;
         self.stats.hellos_accepted += 1;
         conn.business_id = Some(b.id);
         conn.platform = b.platform;
+        // Authenticated: the full stream allowance and frame bounds.
+        conn.quinn.set_max_concurrent_streams(
+            Dir::Bi,
+            VarInt::from_u32(self.limits.streams_per_connection_max),
+        );
         let allowed = if b.platform {
             features::DELIVERY
         } else {
@@ -958,6 +1073,7 @@ impl Server {
                 .push_back(DeliveryInput::Attached { conn: key, role });
         }
         let st = conn.streams.get_mut(&id).expect("caller checked");
+        st.decoder.set_limits(self.wire_limits);
         wire::encode_welcome(
             &Welcome {
                 business_id: b.id,
@@ -1235,5 +1351,16 @@ fn key_of(shard: ShardId, ch: ConnectionHandle, generation: u64) -> ConnKey {
         shard,
         handle: ch.0,
         generation,
+    }
+}
+
+/// Gives back one connection's share of a per-key count, removing the key at zero.
+fn release_share<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, u32>, key: K) {
+    if let std::collections::hash_map::Entry::Occupied(mut e) = counts.entry(key) {
+        debug_assert!(*e.get() > 0, "a share is released once");
+        *e.get_mut() -= 1;
+        if *e.get() == 0 {
+            e.remove();
+        }
     }
 }

@@ -113,6 +113,9 @@ pub struct ClientPlan {
     /// Be the platform's delivery edge (a platform token): take DELIVERs for simulated
     /// devices, report outcomes, hand over users' replies. Such a client sends no SUBMIT.
     pub edge: Option<EdgePlan>,
+    /// Connect from the IP address of client `host` (on a port of its own) instead of
+    /// an address of its own: several connections from one address.
+    pub host: Option<usize>,
 }
 
 impl std::fmt::Debug for ClientPlan {
@@ -131,6 +134,7 @@ impl std::fmt::Debug for ClientPlan {
             .field("duplicate_every", &self.duplicate_every)
             .field("events", &self.events)
             .field("edge", &self.edge)
+            .field("host", &self.host)
             .finish()
     }
 }
@@ -153,6 +157,7 @@ impl ClientPlan {
             duplicate_every: 0,
             events: false,
             edge: None,
+            host: None,
         }
     }
 
@@ -425,6 +430,8 @@ pub struct SimClient {
     /// stream (an ACK or a WELCOME drives the client again), not for a timer.
     driven_at: Option<Instant>,
     hello_stream: Option<StreamId>,
+    /// HELLO is to be written once the server grants a stream.
+    hello_wanted: bool,
     /// The current stream of each lane.
     work: Vec<StreamId>,
     lanes: Vec<Lane>,
@@ -564,6 +571,7 @@ impl SimClient {
             reconnect_at: None,
             driven_at: None,
             hello_stream: None,
+            hello_wanted: false,
             work: Vec::new(),
             lanes,
             streams: BTreeMap::new(),
@@ -911,6 +919,7 @@ impl SimClient {
         self.phase = Phase::Handshaking;
         self.welcome = None;
         self.hello_stream = None;
+        self.hello_wanted = false;
         self.work.clear();
         self.past_streams
             .extend(std::mem::take(&mut self.streams).into_values());
@@ -918,10 +927,14 @@ impl SimClient {
 
     /// Opens work streams, writes SUBMITs, flushes and finishes. True if anything moved.
     fn pump_streams(&mut self, now: Instant) -> bool {
-        let Some(conn) = self.conn.as_mut() else {
-            return false;
-        };
         let mut progressed = false;
+        if self.hello_wanted {
+            self.send_hello();
+            progressed = !self.hello_wanted;
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return progressed;
+        };
         if self.phase == Phase::Welcomed {
             while self.work.len() < self.plan.streams {
                 let Some(id) = conn.streams().open(Dir::Bi) else {
@@ -1255,14 +1268,18 @@ impl SimClient {
     // ---- actions a test takes (through the simulation, which then pumps the client) -----
 
     /// Opens a stream and writes HELLO with the plan's token.
+    /// Without stream credit (before HELLO the server grants one stream, and a failed
+    /// one's credit comes back only once both halves are closed) it is written as soon as
+    /// credit arrives.
     pub(crate) fn send_hello(&mut self) {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
-        let id = conn
-            .streams()
-            .open(Dir::Bi)
-            .expect("a fresh connection has stream credit for HELLO");
+        let Some(id) = conn.streams().open(Dir::Bi) else {
+            self.hello_wanted = true;
+            return;
+        };
+        self.hello_wanted = false;
         let mut st = ClientStream::new(StreamKind::Hello);
         let asked = match (&self.plan.edge, self.plan.events) {
             (Some(_), _) => features::DELIVERY,

@@ -27,7 +27,7 @@ use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::Registry;
 use courier_pipeline::seal::keys::DerivedKeys;
 use courier_pipeline::seal::{Sealer, SealerConfig};
-use courier_pipeline::server::{stateless_reset_key, Server, ServerParts};
+use courier_pipeline::server::{retry_token_key, stateless_reset_key, Server, ServerParts};
 use courier_pipeline::wire::LogPosition;
 use courier_pipeline::ShardId;
 use quinn_proto::Transmit;
@@ -128,6 +128,7 @@ pub struct SimNode {
     stats: Vec<Arc<ShardStats>>,
     /// Key for stateless resets: derived from the master key, so the same every start.
     reset_key: [u8; 64],
+    token_key: [u8; 32],
     boots: u32,
     /// Delivery messages between shards, not yet handed over.
     peer_queue: std::collections::VecDeque<(usize, Arc<PeerMsg>)>,
@@ -155,6 +156,7 @@ impl SimNode {
             .map(|s| MemStorage::new(seed ^ ((s as u64 + 1) * 0x9e37_79b9)))
             .collect();
         let reset_key = stateless_reset_key(&MasterKey::from_bytes(setup.master));
+        let token_key = retry_token_key(&MasterKey::from_bytes(setup.master));
         SimNode {
             checkpoints: vec![None; setup.shards],
             stats: Vec::new(),
@@ -163,6 +165,7 @@ impl SimNode {
             storage,
             running: None,
             reset_key,
+            token_key,
             boots: 0,
             peer_queue: std::collections::VecDeque::new(),
             boot_times_ms: Vec::new(),
@@ -297,6 +300,7 @@ impl SimNode {
                 shard,
                 crypto: self.setup.crypto.clone(),
                 reset_key: self.reset_key,
+                token_key: self.token_key,
                 seed: server_seed,
             },
             &profile.limits,

@@ -313,7 +313,11 @@ impl Sim {
         let mut seed = [0u8; 32];
         self.rng.fill_bytes(&mut seed);
         let config = quinn_proto::ClientConfig::new(self.tls.client.clone());
-        let addr = client_addr(index, CLIENT_PORT_FIRST);
+        let addr = match plan.host {
+            // Ports above the ones migrations take (1000 past the first).
+            Some(host) => client_addr(host, CLIENT_PORT_FIRST + 1001 + index as u16),
+            None => client_addr(index, CLIENT_PORT_FIRST),
+        };
         let mut client = SimClient::new(
             index,
             self.cfg.seed,

@@ -579,6 +579,167 @@ fn a_full_shard_refuses_the_next_connection() {
     assert_eq!(sim.server(0).stats().connections_accepted, 2);
 }
 
+/// `retry = "always"`: every connection first proves its address with a Retry round trip
+/// and then works as before.
+#[test]
+fn with_retry_always_every_connection_proves_its_address_and_works() {
+    use courier_pipeline::server::RetryMode;
+    let (reg, token) = registry();
+    let mut profile = profile();
+    profile.quic.retry = RetryMode::Always;
+    let mut cfg = SimConfig::new(52, 2, profile);
+    cfg.net = NetConfig::lossy(0.02);
+    let mut sim = Sim::new(Instant::now(), cfg, &tls(), reg);
+    let clients: Vec<usize> = (0..4)
+        .map(|_| sim.add_client(well_behaved_plan(&token)))
+        .collect();
+    assert!(sim.run_until_settled(Duration::from_secs(30)));
+    for c in clients {
+        assert!(sim.client(c).done(), "{:?}", sim.client(c));
+    }
+    let (retries, accepted): (u64, u64) = (0..2)
+        .map(|s| {
+            let st = sim.server(s).stats();
+            (st.retries_sent, st.connections_accepted)
+        })
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    assert_eq!(accepted, 4);
+    assert!(
+        retries >= 4,
+        "one Retry per connection at least, got {retries}"
+    );
+    assert_eq!(
+        sim.server(0).stats().half_open + sim.server(1).stats().half_open,
+        0
+    );
+}
+
+/// `retry = "under_load"`: below `retry_half_open_min` handshakes nobody pays the extra
+/// round trip.
+#[test]
+fn under_load_retry_is_not_sent_below_its_threshold() {
+    let (reg, token) = registry();
+    let mut profile = profile();
+    profile.quic.retry_half_open_min = 8;
+    let mut sim = Sim::new(Instant::now(), SimConfig::new(53, 1, profile), &tls(), reg);
+    let clients: Vec<usize> = (0..4)
+        .map(|_| sim.add_client(well_behaved_plan(&token)))
+        .collect();
+    assert!(sim.run_until_settled(Duration::from_secs(30)));
+    assert!(clients.iter().all(|&c| sim.client(c).done()));
+    assert_eq!(sim.server(0).stats().retries_sent, 0);
+    // With a threshold of 1, the second of two simultaneous handshakes is sent a Retry.
+    let (reg, token) = registry();
+    let mut profile = self::profile();
+    profile.quic.retry_half_open_min = 1;
+    let mut sim = Sim::new(Instant::now(), SimConfig::new(54, 1, profile), &tls(), reg);
+    let clients: Vec<usize> = (0..2)
+        .map(|_| sim.add_client(well_behaved_plan(&token)))
+        .collect();
+    assert!(sim.run_until_settled(Duration::from_secs(30)));
+    assert!(clients.iter().all(|&c| sim.client(c).done()));
+    assert!(sim.server(0).stats().retries_sent >= 1);
+}
+
+/// One source address holds at most `connections_per_address_max` connections of a
+/// shard; its next handshake is refused while other addresses still connect.
+#[test]
+fn one_address_holds_at_most_its_share_of_connections() {
+    let (reg, token) = registry();
+    let mut profile = profile();
+    profile.limits.connections_per_address_max = 2;
+    let mut sim = Sim::new(Instant::now(), SimConfig::new(55, 1, profile), &tls(), reg);
+    let plan = well_behaved_plan(&token);
+    let host = sim.add_client(plan.clone());
+    let mut same = plan.clone();
+    same.host = Some(host);
+    let second = sim.add_client(same.clone());
+    assert!(
+        sim.run_until_cond(Duration::from_secs(10), |s| [host, second]
+            .iter()
+            .all(|&c| s.client(c).phase() == Phase::Welcomed))
+    );
+    let third = sim.add_client(same);
+    let other = sim.add_client(plan);
+    assert!(sim.run_until_settled(Duration::from_secs(30)));
+    match sim.client(third).close_reason() {
+        Some(quinn_proto::ConnectionError::ConnectionClosed(c)) => assert_eq!(
+            c.error_code,
+            quinn_proto::TransportErrorCode::CONNECTION_REFUSED
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    for c in [host, second, other] {
+        assert!(sim.client(c).done(), "{:?}", sim.client(c));
+    }
+    let st = sim.server(0).stats();
+    assert_eq!((st.address_cap_refused, st.connections_accepted), (1, 3));
+}
+
+/// One credential holds at most `connections_per_business_max` authenticated
+/// connections of a shard: a HELLO beyond it closes its connection with
+/// `too_many_connections`; once one closes, a new one is welcome.
+#[test]
+fn one_business_holds_at_most_its_share_of_connections() {
+    let (reg, token) = registry();
+    let mut profile = profile();
+    profile.limits.connections_per_business_max = 1;
+    let mut sim = Sim::new(Instant::now(), SimConfig::new(56, 1, profile), &tls(), reg);
+    let plan = well_behaved_plan(&token);
+    let first = sim.add_client(plan.clone());
+    assert!(
+        sim.run_until_cond(Duration::from_secs(10), |s| s.client(first).phase()
+            == Phase::Welcomed)
+    );
+    let second = sim.add_client(plan.clone());
+    assert!(
+        sim.run_until_cond(Duration::from_secs(10), |s| s.client(second).phase()
+            == Phase::Closed)
+    );
+    assert_eq!(
+        sim.client(second).close_code(),
+        Some(u64::from(code::TOO_MANY_CONNECTIONS))
+    );
+    assert!(sim.client(second).accepted().is_empty());
+    assert!(sim.run_until_settled(Duration::from_secs(30)));
+    assert!(sim.client(first).done());
+    assert_eq!(sim.server(0).stats().business_cap_refused, 1);
+}
+
+/// Before HELLO a connection has one stream and HELLO-sized frames: a second stream
+/// waits for credit, and a frame header announcing more than a HELLO fails the stream
+/// with frame_too_large before any of its body is buffered.
+#[test]
+fn before_hello_a_connection_gets_one_stream_and_hello_sized_frames() {
+    let (reg, token) = registry();
+    let mut sim = Sim::new(
+        Instant::now(),
+        SimConfig::new(57, 1, profile()),
+        &tls(),
+        reg,
+    );
+    let mut silent = well_behaved_plan(&token);
+    silent.auto_hello = false;
+    let a = sim.add_client(silent);
+    let limit = Duration::from_secs(10);
+    assert!(sim.run_until_cond(limit, |s| s.client(a).phase() == Phase::Connected));
+    // 64 KiB announced: far below frame_bytes_max, far above any HELLO.
+    let big = header(64 << 10, wire::frame_type::SUBMIT);
+    let id = sim
+        .client_open_raw(a, &big, false)
+        .expect("one stream before HELLO");
+    assert!(
+        sim.client_open_raw(a, b"", false).is_none(),
+        "a second stream before HELLO"
+    );
+    assert!(sim.run_until_cond(limit, |s| s.client(a).stream(id).failed()));
+    assert_failed_with(sim.client(a).stream(id), code::FRAME_TOO_LARGE, false, 57);
+    // Authenticated, the connection gets its full allowance and works.
+    sim.client_send_hello(a);
+    assert!(sim.run_until_settled(Duration::from_secs(30)));
+    assert!(sim.client(a).done(), "{:?}", sim.client(a));
+}
+
 fn migration_run(seed: u64, steer_by_cid: bool) -> Sim {
     let (reg, token) = registry();
     let mut cfg = SimConfig::new(seed, 2, profile());

@@ -768,6 +768,15 @@ impl Shard {
             &self.stats.connections,
             self.server.connection_count() as u64,
         );
+        let server = self.server.stats();
+        stats::set(&self.stats.connections_refused, server.connections_refused);
+        stats::set(&self.stats.address_cap_refused, server.address_cap_refused);
+        stats::set(
+            &self.stats.business_cap_refused,
+            server.business_cap_refused,
+        );
+        stats::set(&self.stats.retries_sent, server.retries_sent);
+        stats::set(&self.stats.half_open, server.half_open);
         self.publish_delivery_figures();
     }
 

@@ -86,6 +86,16 @@ pub struct ShardStats {
     pub forward_dropped: AtomicU64,
     /// Live connections.
     pub connections: AtomicU64,
+    /// New connections refused because the shard's table was full (mirrors the server).
+    pub connections_refused: AtomicU64,
+    /// New connections refused because their address held its share (mirrors the server).
+    pub address_cap_refused: AtomicU64,
+    /// Connections closed at HELLO because their credential held its share.
+    pub business_cap_refused: AtomicU64,
+    /// QUIC Retry packets sent to unvalidated addresses.
+    pub retries_sent: AtomicU64,
+    /// Handshakes in progress (gauge).
+    pub half_open: AtomicU64,
     /// Group commits (write + fdatasync) completed.
     pub commits: AtomicU64,
     /// 1 once the shard's log failed for good.

@@ -31,6 +31,12 @@ pub struct Limits {
     pub payload_bytes_max: u32,
     /// Most connections one shard holds.
     pub connections_per_shard_max: u32,
+    /// Most connections one source IP address holds on a shard; further handshakes
+    /// from it are refused.
+    pub connections_per_address_max: u32,
+    /// Most authenticated connections one credential holds on a shard; a HELLO beyond
+    /// it closes its connection with `too_many_connections`.
+    pub connections_per_business_max: u32,
     /// Most concurrent bidirectional streams a client may open per connection.
     pub streams_per_connection_max: u32,
     /// Most SUBMITs of one stream waiting for their ACK before the stream stops being read.
@@ -75,6 +81,18 @@ impl Limits {
         c.range(
             "limits.connections_per_shard_max",
             self.connections_per_shard_max,
+            1,
+            1 << 20,
+        );
+        c.range(
+            "limits.connections_per_address_max",
+            self.connections_per_address_max,
+            1,
+            1 << 20,
+        );
+        c.range(
+            "limits.connections_per_business_max",
+            self.connections_per_business_max,
             1,
             1 << 20,
         );
@@ -150,12 +168,39 @@ pub struct Quic {
     pub initial_mtu: u16,
     /// Largest UDP payload MTU discovery may try, bytes.
     pub mtu_upper_bound: u16,
+    /// When a new connection must first prove its address with a Retry round trip.
+    pub retry: RetryMode,
+    /// With `retry = "under_load"`: handshaking connections on a shard from which new
+    /// ones are sent a Retry.
+    pub retry_half_open_min: u32,
+}
+
+/// When a new connection must first prove that it receives at its source address (a
+/// QUIC Retry round trip, RFC 9000 8.1.2) before the shard spends a handshake and a
+/// connection slot on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryMode {
+    /// Every new connection: one extra round trip for everyone.
+    Always,
+    /// Once the shard has `quic.retry_half_open_min` handshakes in progress: floods of
+    /// spoofed Initials cost one small Retry packet each and hold nothing.
+    UnderLoad,
+    /// Never (quinn-proto still keeps to the 3x anti-amplification limit of RFC 9000
+    /// 8.1 for an unvalidated address).
+    Never,
 }
 
 impl Quic {
     /// Checks every key of `[quic]`, naming each broken one.
     pub(crate) fn validate(&self, c: &mut Checker) {
         c.range("quic.idle_timeout_ms", self.idle_timeout_ms, 100, 3_600_000);
+        c.range(
+            "quic.retry_half_open_min",
+            self.retry_half_open_min,
+            1,
+            1 << 20,
+        );
         let windows = [
             (
                 "quic.stream_receive_window_bytes",

@@ -48,6 +48,8 @@ pub const VERSION_FEATURES: u16 = 2;
 pub const FRAME_HEADER_BYTES: usize = 5;
 /// Longest bearer token accepted in HELLO.
 pub const TOKEN_BYTES_MAX: usize = 256;
+/// Largest HELLO body: version, token length, token, features (wire version 2).
+pub const HELLO_BODY_BYTES_MAX: usize = 2 + 2 + TOKEN_BYTES_MAX + 4;
 /// Longest recipient field: `+` and at most 15 digits (E.164).
 pub const RECIPIENT_BYTES_MAX: usize = 16;
 /// Fewest digits accepted in an E.164 number (country code included).
@@ -152,6 +154,9 @@ pub mod code {
     pub const SERVER_BUSY: u32 = 0x03;
     /// Connection: no HELLO arrived within the profile's bound.
     pub const HELLO_TIMEOUT: u32 = 0x04;
+    /// Connection: the credential of its HELLO already holds
+    /// `connections_per_business_max` connections on this shard.
+    pub const TOO_MANY_CONNECTIONS: u32 = 0x05;
 }
 
 /// Bounds a decoder enforces; they come from the profile.
@@ -868,6 +873,12 @@ impl FrameDecoder {
     /// Bytes buffered and not yet decoded.
     pub fn buffered(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Changes the bounds from the next frame on (a connection's bounds widen once its
+    /// HELLO is accepted).
+    pub fn set_limits(&mut self, limits: WireLimits) {
+        self.limits = limits;
     }
 
     /// Appends stream bytes.

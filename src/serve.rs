@@ -305,15 +305,19 @@ pub fn tls_identity(
     Ok((cert, key))
 }
 
+/// The ring of one shard: the profile's `[io]` section (checked against the ring's bounds
+/// when it loaded) and the two sizes that are not knobs, from the same home.
 fn ring_config(profile: &Profile) -> RingConfig {
     let io = &profile.io;
     RingConfig {
         entries: io.ring_entries,
-        recv_buffers: u16::try_from(io.recv_buffers).unwrap_or(u16::MAX),
+        recv_buffers: u16::try_from(io.recv_buffers)
+            .expect("io.recv_buffers is validated to at most RECV_BUFFERS_MAX"),
         recv_buffer_bytes: io.recv_buffer_bytes,
-        send_slots: u16::try_from(io.send_slots).unwrap_or(u16::MAX),
-        send_slot_bytes: 65_536,
-        file_slots: 16,
+        send_slots: u16::try_from(io.send_slots)
+            .expect("io.send_slots is validated to at most SEND_SLOTS_MAX"),
+        send_slot_bytes: courier_pipeline::profile::SEND_SLOT_BYTES,
+        file_slots: courier_pipeline::profile::FILE_SLOTS as u16,
         gro: io.gro,
         gso: io.gso,
     }

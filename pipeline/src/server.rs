@@ -53,7 +53,10 @@ use crate::wire::{
 };
 use crate::ShardId;
 
-pub use config::{Limits, Quic, RetryMode, MTU_MAX, MTU_MIN, WINDOW_BYTES_MAX, WINDOW_BYTES_MIN};
+pub use config::{
+    Limits, Quic, RetryMode, MTU_MAX, MTU_MIN, STREAMS_PER_CONNECTION_LIMIT, WINDOW_BYTES_MAX,
+    WINDOW_BYTES_MIN,
+};
 
 /// REPORT frames decoded but not yet taken by the shell; more are refused.
 const REPORTS_QUEUED_MAX: usize = 1024;

@@ -14,6 +14,9 @@ use crate::wire::{
 pub const MTU_MIN: u16 = 1200;
 /// The largest UDP payload quinn-proto takes as `max_udp_payload_size`, bytes.
 pub const MTU_MAX: u16 = 65_527;
+/// Most bidirectional streams a profile may let one connection open
+/// (`limits.streams_per_connection_max`).
+pub const STREAMS_PER_CONNECTION_LIMIT: u32 = 1024;
 /// The least flow-control and send window, bytes.
 pub const WINDOW_BYTES_MIN: u32 = 16 << 10;
 /// The largest flow-control and send window, bytes.
@@ -100,7 +103,7 @@ impl Limits {
             "limits.streams_per_connection_max",
             self.streams_per_connection_max,
             1,
-            1024,
+            STREAMS_PER_CONNECTION_LIMIT,
         );
         c.range(
             "limits.batches_in_flight_per_stream_max",

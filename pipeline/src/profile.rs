@@ -1,9 +1,21 @@
 //! Tuning profiles: a raw serde struct (unknown keys refused) validated once into a typed
 //! [`Profile`] whose every bound has been checked.
 //!
-//! Every queue, table and buffer in courier takes its bound from here, so memory use is a
-//! function of the profile and not of traffic. Validation returns every error it finds,
-//! each naming the key and the bound it broke.
+//! Every queue, table and buffer in courier takes its bound from the profile, so memory
+//! use is a function of the profile and not of traffic. The profile only composes: each
+//! section is the configuration type of the component that owns it, which names its
+//! bounds and checks its keys, so that no bound is written twice:
+//!
+//! | section | type and bounds | checks |
+//! |---|---|---|
+//! | `[server]` | [`RawServer`], [`SHARDS_MAX`] (`shard_id`) | here |
+//! | `[limits]`, `[quic]` | [`crate::server::Limits`], [`crate::server::Quic`]; `server/config.rs`, ceilings from [`crate::wire`] | `server/config.rs` |
+//! | `[io]` | [`Io`] and the io_uring ring's bounds (`profile/io.rs`, which `src/uring` reads) | `profile/io.rs` |
+//! | `[log]` | [`LogSettings`] (`profile/log.rs`), record and seal overheads from [`crate::log`] | `profile/log.rs` |
+//! | `[detect]` | [`crate::detect::DetectConfig`] (`detect/config.rs`) | `detect/config.rs` |
+//! | `[delivery]` | [`crate::node::DeliveryConfig`] | `node/delivery.rs` |
+//!
+//! Validation returns every error it finds, each naming the key and the bound it broke.
 
 mod check;
 mod io;

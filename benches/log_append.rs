@@ -77,7 +77,7 @@ impl Shell {
             &data_dir,
             ShardId::new(0),
             &MasterKeyText::random(),
-            LogConfig::from_profile(&profile),
+            LogConfig::new(&profile.log, profile.limits.payload_bytes_max),
             &mut |_, _| {},
         )
         .expect("a fresh log opens");

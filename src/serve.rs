@@ -745,7 +745,7 @@ fn prepare_shard(
         }
         replay.visit(log_index, rec);
     };
-    let cfg = LogConfig::from_profile(&c.profile);
+    let cfg = LogConfig::new(&c.profile.log, c.profile.limits.payload_bytes_max);
     let opened = ShardStore::open(&c.data_dir, shard, &c.master_key, cfg, &mut remember);
     restore.offer(&mut ids);
     let (store, log) = opened.map_err(|source| ServeError::Store { shard, source })?;

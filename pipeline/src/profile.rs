@@ -11,7 +11,7 @@
 //! | `[server]` | [`RawServer`], [`SHARDS_MAX`] (`shard_id`) | here |
 //! | `[limits]`, `[quic]` | [`crate::server::Limits`], [`crate::server::Quic`]; `server/config.rs`, ceilings from [`crate::wire`] | `server/config.rs` |
 //! | `[io]` | [`Io`] and the io_uring ring's bounds (`profile/io.rs`, which `src/uring` reads) | `profile/io.rs` |
-//! | `[log]` | [`LogSettings`] (`profile/log.rs`), record and seal overheads from [`crate::log`] | `profile/log.rs` |
+//! | `[log]` | [`LogSettings`] (`log/settings.rs`), record and seal overheads from [`crate::log`] | `log/settings.rs` |
 //! | `[detect]` | [`crate::detect::DetectConfig`] (`detect/config.rs`) | `detect/config.rs` |
 //! | `[delivery]` | [`crate::node::DeliveryConfig`] | `node/delivery.rs` |
 //!
@@ -19,7 +19,6 @@
 
 mod check;
 mod io;
-mod log;
 
 use std::net::SocketAddr;
 
@@ -27,11 +26,11 @@ use serde::Deserialize;
 
 use crate::detect::{DetectConfig, LegacyDetectKeys};
 
+pub use crate::log::LogSettings;
 pub use crate::server::{Limits, Quic};
 pub use crate::shard_id::SHARDS_MAX;
 pub(crate) use check::Checker;
 pub use io::*;
-pub use log::LogSettings;
 
 /// The built-in default profile (`tuning/default.toml`), compiled into the binary.
 pub const DEFAULT_PROFILE_TOML: &str = include_str!("../../tuning/default.toml");

@@ -227,7 +227,7 @@ impl SimNode {
             let (log, actions, _) = recover(
                 &mut self.storage[s],
                 MasterKey::from_bytes(self.setup.master),
-                LogConfig::from_profile(profile),
+                LogConfig::new(&profile.log, profile.limits.payload_bytes_max),
                 shard,
                 &mut |index, rec| {
                     let h = &rec.header;

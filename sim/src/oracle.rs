@@ -144,8 +144,11 @@ impl Oracle {
 /// Every record on every disk, by position.
 fn read_disks(sim: &Sim) -> Result<BTreeMap<LogPosition, Stored>, String> {
     let setup = sim.node().setup();
-    let payload_max =
-        courier_pipeline::log::LogConfig::from_profile(&setup.profile).payload_bytes_max;
+    let payload_max = courier_pipeline::log::LogConfig::new(
+        &setup.profile.log,
+        setup.profile.limits.payload_bytes_max,
+    )
+    .payload_bytes_max;
     let mut out = BTreeMap::new();
     for s in ShardId::all(setup.shards) {
         let records = read_all(sim.node().storage(s.index()), &setup.master, payload_max)

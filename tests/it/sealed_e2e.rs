@@ -73,7 +73,7 @@ async fn logged_messages_are_sealed_and_open_with_the_recipient_key() {
     let shard_dir = dir.path().join("log/shard-0");
     let master_key = MasterKey::parse(MASTER_HEX.as_bytes()).unwrap();
     let keyring = Keyring::from_bytes(&std::fs::read(shard_dir.join("keyring")).unwrap()).unwrap();
-    let log_cfg = LogConfig::from_profile(&profile);
+    let log_cfg = LogConfig::new(&profile.log, profile.limits.payload_bytes_max);
     let mut records = Vec::new();
     for seg in courier::store::list_segments(&shard_dir).unwrap() {
         let bytes = std::fs::read(shard_dir.join(format!("{seg:020}.seg"))).unwrap();

@@ -1,12 +1,13 @@
-//! `[log]`: when segments roll and expire, and how much one group commit covers. The
-//! log's own bounds (record overhead, seal overhead) live in [`crate::log`]; this section
-//! is checked against them and against `[limits]`, whose batches it must hold.
+//! `[log]`: when segments roll and expire, and how much one group commit covers, as the
+//! profile writes it, with the bounds of each key. Checked against the log's own bounds
+//! (record and seal overheads) and against `[limits]`, whose batches it must hold;
+//! [`super::LogConfig::new`] turns it into the log's working units.
 
 use serde::Deserialize;
 
-use super::Checker;
-use crate::log::format::{RECORD_OVERHEAD_BYTES, RECORD_OVERHEAD_BYTES_MAX};
-use crate::log::policy::SEAL_OVERHEAD_BYTES_MAX;
+use super::format::RECORD_OVERHEAD_BYTES;
+use super::policy::{record_bytes_for_payload, SEAL_OVERHEAD_BYTES_MAX};
+use crate::profile::Checker;
 use crate::server::Limits;
 
 /// Smallest `log.segment_bytes_max`.
@@ -28,12 +29,8 @@ pub const GROUP_COMMIT_BYTES_MAX: u64 = 1 << 30;
 const _: () = assert!(GROUP_COMMIT_BYTES_MAX <= SEGMENT_BYTES_MAX);
 // The largest segment holds two records of the widest payload any profile allows, so
 // `limits.payload_bytes_max` never rules out every segment size.
-const _: () = assert!(SEGMENT_BYTES_MAX >= 2 * record_bytes_max(crate::wire::PAYLOAD_BYTES_LIMIT));
-
-/// Bytes of one record of `payload_bytes` sealed, with its frame.
-const fn record_bytes_max(payload_bytes: u32) -> u64 {
-    RECORD_OVERHEAD_BYTES_MAX as u64 + payload_bytes as u64 + SEAL_OVERHEAD_BYTES_MAX as u64
-}
+const _: () =
+    assert!(SEGMENT_BYTES_MAX >= 2 * record_bytes_for_payload(crate::wire::PAYLOAD_BYTES_LIMIT));
 
 /// `[log]`
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -61,7 +58,7 @@ impl LogSettings {
             SEGMENT_BYTES_MIN,
             SEGMENT_BYTES_MAX,
         );
-        let record_bytes = record_bytes_max(limits.payload_bytes_max);
+        let record_bytes = record_bytes_for_payload(limits.payload_bytes_max);
         if self.segment_bytes_max < 2 * record_bytes {
             c.fail(
                 "log.segment_bytes_max",

@@ -119,6 +119,7 @@ fn sealer(keys: &Arc<DerivedKeys>) -> Sealer<Arc<DerivedKeys>> {
         SealerConfig {
             epoch: 1,
             shard: ShardId::new(0),
+            nonce_mask: [0x5c; 12],
             cache_keys_max: CACHE_KEYS,
         },
     )
@@ -569,7 +570,7 @@ fn paired(seconds: f64) {
             let mut pair = 0u64;
             while start.elapsed().as_secs_f64() < seconds {
                 let t0 = Instant::now();
-                let (o, r) = if pair % 2 == 0 {
+                let (o, r) = if pair.is_multiple_of(2) {
                     ours();
                     let t1 = Instant::now();
                     raw();

@@ -53,6 +53,9 @@ pub fn load_or_create(
     registry: &Registry,
 ) -> Result<Arc<DerivedKeys>, String> {
     let path = data_dir.join(FILE_NAME);
+    if path.exists() {
+        crate::store::check_private_file(&path)?;
+    }
     let mut wrapped = match fs::read_to_string(&path) {
         Ok(text) => parse(&text)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),

@@ -122,7 +122,7 @@ fn checkpoint_path(data_dir: &Path, shard: ShardId) -> PathBuf {
 /// applies it within about a second and removes the file.
 pub fn request_unpause(data_dir: &Path, business_id: u32) -> std::io::Result<PathBuf> {
     let dir = spool_dir(data_dir);
-    fs::create_dir_all(&dir)?;
+    crate::store::create_private_dir(&dir)?;
     let path = dir.join(format!("unpause-{business_id}"));
     write_atomically(&path, b"")?;
     Ok(path)
@@ -206,7 +206,7 @@ fn run(c: Control) {
     let mut backlogs: BTreeMap<ShardId, Vec<(u32, u64)>> = BTreeMap::new();
     let mut status_dirty = false;
     let mut next_poll = Instant::now();
-    if let Err(e) = fs::create_dir_all(detect_dir(&c.data_dir)) {
+    if let Err(e) = crate::store::create_private_dir(&detect_dir(&c.data_dir)) {
         tracing::error!(error = %e, "cannot create the detector directory; no status or checkpoints");
     }
     loop {
@@ -373,9 +373,10 @@ fn write_status(data_dir: &Path, file: &StatusFile) {
     }
 }
 
-/// Replaces `path` atomically, with the permissions `File::create` would give.
+/// Replaces `path` atomically, readable by the server's user only (checkpoints and the
+/// status file tell which businesses are paused and why).
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    crate::store::write_file_atomically(path, bytes, 0o666)
+    crate::store::write_file_atomically(path, bytes, 0o600)
 }
 
 #[cfg(test)]

@@ -97,6 +97,12 @@ pub enum ServeError {
         #[source]
         source: StoreError,
     },
+    /// The data directory is in use by another server, or its lock file is unusable.
+    #[error(transparent)]
+    Lock(#[from] crate::store::LockError),
+    /// A secret file is open to its group or others (the message says how to fix it).
+    #[error("{0}")]
+    Insecure(String),
     /// The business root keys could not be loaded or created.
     #[error("business keys: {0}")]
     BusinessKeys(String),
@@ -135,6 +141,8 @@ pub struct Running {
     control: Option<JoinHandle<()>>,
     counters: Vec<Arc<ShardStats>>,
     metrics: Option<MetricsServer>,
+    /// Held until the shards have stopped (dropped last, with the rest of `Running`).
+    _lock: crate::store::DataDirLock,
 }
 
 /// Totals over every shard, as published by the shards.
@@ -280,6 +288,7 @@ pub fn tls_identity(
         move |source| ServeError::File { path, source }
     };
     if cert_path.exists() && key_path.exists() {
+        crate::store::check_private_file(&key_path).map_err(ServeError::Insecure)?;
         let cert = fs::read(&cert_path).map_err(file_err(&cert_path))?;
         let key = fs::read(&key_path).map_err(file_err(&key_path))?;
         return Ok((
@@ -287,7 +296,7 @@ pub fn tls_identity(
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
         ));
     }
-    fs::create_dir_all(&dir).map_err(file_err(&dir))?;
+    crate::store::create_private_dir(&dir).map_err(file_err(&dir))?;
     let (cert, key) = crate::tls::self_signed(&["localhost".to_string()]);
     let PrivateKeyDer::Pkcs8(pkcs8) = &key else {
         return Err(ServeError::Tls("generated key is not PKCS#8".into()));
@@ -298,10 +307,12 @@ pub fn tls_identity(
         .mode(0o600)
         .open(&key_path)
         .map_err(file_err(&key_path))?;
-    f.write_all(pkcs8.secret_pkcs8_der())
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .and_then(|_| f.write_all(pkcs8.secret_pkcs8_der()))
         .and_then(|_| f.sync_all())
         .map_err(file_err(&key_path))?;
-    fs::write(&cert_path, cert.as_ref()).map_err(file_err(&cert_path))?;
+    crate::store::write_file_atomically(&cert_path, cert.as_ref(), 0o644)
+        .map_err(file_err(&cert_path))?;
     Ok((cert, key))
 }
 
@@ -326,6 +337,13 @@ fn ring_config(profile: &Profile) -> RingConfig {
 /// Starts every shard and returns once all are listening.
 pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     let profile = Arc::new(opts.profile);
+    // First of all, before any file of it is read or written: one server per data
+    // directory.
+    crate::store::create_private_dir(&opts.data_dir).map_err(|source| ServeError::File {
+        path: opts.data_dir.clone(),
+        source,
+    })?;
+    let lock = crate::store::DataDirLock::acquire(&opts.data_dir)?;
     let (cert, key) = tls_identity(&opts.data_dir)?;
     let crypto = crate::tls::try_server_crypto(cert.clone(), key)
         .map_err(|e| ServeError::Tls(e.to_string()))?;
@@ -335,10 +353,6 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
 
     // Before any shard starts: every business has a root key, and the master key unwraps
     // every existing one (a wrong master key stops here, before any data is touched).
-    fs::create_dir_all(&opts.data_dir).map_err(|source| ServeError::File {
-        path: opts.data_dir.clone(),
-        source,
-    })?;
     let business_keys =
         crate::business_keys::load_or_create(&opts.data_dir, &opts.master_key, &opts.registry)
             .map_err(ServeError::BusinessKeys)?;
@@ -453,6 +467,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         control: Some(control),
         counters: counters.clone(),
         metrics: None,
+        _lock: lock,
     };
     if let Some(listener) = metrics_listener {
         let source = MetricsSource {
@@ -656,6 +671,9 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
         SealerConfig {
             epoch,
             shard: t.shard,
+            // Fresh from the OS each run, never stored: a restored data directory cannot
+            // repeat a nonce (pipeline/src/seal/mod.rs).
+            nonce_mask: rand::random(),
             cache_keys_max: SEAL_CACHE_KEYS,
         },
     );

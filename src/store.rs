@@ -52,6 +52,12 @@ pub enum StoreError {
         #[source]
         source: RecoverError,
     },
+    /// A secret file of the log (its keyring) is open to the group or others.
+    #[error("{reason}")]
+    Insecure {
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
 }
 
 /// What an operator can do about a recovery error, when anything.
@@ -82,6 +88,7 @@ impl MasterKeyText {
 
     /// Reads and checks a master key file.
     pub fn read(path: &Path) -> Result<MasterKeyText, String> {
+        check_private_file(path).map_err(|e| format!("master key {e}"))?;
         let text = fs::read(path).map_err(|e| format!("master key {}: {e}", path.display()))?;
         MasterKeyText::new(text).map_err(|e| format!("master key {}: {e}", path.display()))
     }
@@ -108,23 +115,118 @@ impl MasterKeyText {
     }
 }
 
-/// Replaces `path` with `bytes` so that a crash leaves the old file or the new one: writes
-/// `path` with extension `tmp` (created with `mode`, less the umask), syncs it, renames it
-/// over `path` and syncs the directory.
+/// Replaces `path` with `bytes` so that a crash leaves the old file or the new one:
+/// writes a new temporary file beside it (a random name, created exclusively and without
+/// following symbolic links, so nothing planted at a predictable name is written through),
+/// sets its mode to exactly `mode` whatever the umask, syncs it, renames it over `path`
+/// and syncs the directory.
 pub fn write_file_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    use std::os::unix::fs::PermissionsExt;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp-{:016x}", rand::random::<u64>()));
+    let tmp = path.with_file_name(name);
     let mut f = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
+    let written = f
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .and_then(|_| f.write_all(bytes))
+        .and_then(|_| f.sync_all());
     drop(f);
-    fs::rename(&tmp, path)?;
+    if let Err(e) = written.and_then(|_| fs::rename(&tmp, path)) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
     File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
+}
+
+/// Creates `dir` and its missing parents with mode 0700 (owner only; the umask can only
+/// narrow it). A directory that exists is left as it is.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Refuses a secret file that its group or others may read or write, as ssh refuses a
+/// private key: the message says how to fix it. Symbolic links are followed (a key kept
+/// elsewhere and linked in is judged by its own mode).
+pub fn check_private_file(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} has mode {:04o}: a key file must not be open to its group or others; \
+             fix it with `chmod 600 {}`",
+            path.display(),
+            mode & 0o7777,
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The data directory's single owner: an exclusive advisory lock (`flock`) on
+/// `DATA_DIR/lock`, held by a running server until its shards have stopped. Two servers
+/// on one directory would both append to the same logs and seal under the same nonce
+/// epochs (SO_REUSEPORT lets the second bind the port silently), so the second refuses
+/// to start. The kernel releases the lock when the process ends, however it ends: a
+/// SIGKILLed server leaves no stale lock behind.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: File,
+}
+
+impl DataDirLock {
+    /// Takes the lock of `data_dir`, or says that another process holds it.
+    pub fn acquire(data_dir: &Path) -> Result<DataDirLock, LockError> {
+        let path = data_dir.join("lock");
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|source| LockError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(DataDirLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Held { path }),
+            Err(std::fs::TryLockError::Error(source)) => Err(LockError::Io { path, source }),
+        }
+    }
+}
+
+/// Why the data directory could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process (a running `courier serve`) holds the directory.
+    #[error("{path} is locked: another courier server is using this data directory; stop it first (two servers on one directory would repeat nonces and corrupt the logs)")]
+    Held {
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// The lock file could not be opened or locked.
+    #[error("{path}: {source}")]
+    Io {
+        /// The lock file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Writes a new random master key to `path` with mode 0600; refuses to overwrite.
@@ -212,8 +314,11 @@ impl ShardStore {
             dir: dir.clone(),
             source,
         };
-        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        create_private_dir(&dir).map_err(io(&dir))?;
         let keyring_path = dir.join("keyring");
+        if keyring_path.exists() {
+            check_private_file(&keyring_path).map_err(|reason| StoreError::Insecure { reason })?;
+        }
         let ids = list_segments(&dir).map_err(io(&dir))?;
         let keyring = match fs::read(&keyring_path) {
             Ok(bytes) => Some(bytes),
@@ -358,6 +463,62 @@ fn repair_segment(dir: &Path, repair: &Repair) -> Result<(), StoreError> {
             );
             let path = dir.join(segment_file_name(segment_id));
             fs::remove_file(&path).map_err(io(&path))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn atomic_writes_get_exactly_their_mode_leave_no_temporary_and_replace_a_planted_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        fs::write(&outside, b"untouched").unwrap();
+        let path = dir.path().join("registry.toml");
+        // A symbolic link planted where the file goes: the write replaces the link, it
+        // does not write through it.
+        std::os::unix::fs::symlink(&outside, &path).unwrap();
+        write_file_atomically(&path, b"new", 0o600).unwrap();
+        assert_eq!(fs::read(&outside).unwrap(), b"untouched");
+        assert!(!fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o7777,
+            0o600
+        );
+        write_file_atomically(&path, b"newer", 0o640).unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o7777,
+            0o640
+        );
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "no temporary left: {names:?}");
+    }
+
+    #[test]
+    fn a_key_file_open_to_others_is_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        fs::write(&path, b"x").unwrap();
+        for (mode, ok) in [(0o600, true), (0o400, true), (0o640, false), (0o604, false)] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let r = check_private_file(&path);
+            assert_eq!(r.is_ok(), ok, "{mode:o}: {r:?}");
+            if let Err(e) = r {
+                assert!(
+                    e.contains(&format!("mode {mode:04o}")) && e.contains("chmod 600"),
+                    "{e}"
+                );
+            }
         }
     }
 }

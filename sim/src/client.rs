@@ -1251,7 +1251,7 @@ impl SimClient {
         match status {
             Status::Accepted(p) if first_accept => {
                 self.accepted.insert(message_id(self.index, n), p);
-                if self.plan.duplicate_every > 0 && n % self.plan.duplicate_every == 0 {
+                if self.plan.duplicate_every > 0 && n.is_multiple_of(self.plan.duplicate_every) {
                     self.ledger.resent += 1;
                     self.lanes[lane].retries.push((now, n));
                 }

@@ -282,6 +282,8 @@ impl SimNode {
             SealerConfig {
                 epoch,
                 shard,
+                // From the simulation's seeded generator: a replay seals the same bytes.
+                nonce_mask: rng.random(),
                 cache_keys_max: SEAL_CACHE_KEYS,
             },
         );

@@ -68,9 +68,10 @@ pub(crate) fn load_registry(path: &Path) -> Result<Registry> {
 }
 
 /// Writes the registry next to the old file and renames, so a crash (or a server
-/// re-reading it) sees either the old or the new one.
+/// re-reading it) sees either the old or the new one. Mode 0600: the registry decides who
+/// authenticates and who is exempt.
 pub(crate) fn write_registry(reg: &Registry, path: &Path) -> Result<()> {
-    courier::store::write_file_atomically(path, reg.to_toml().as_bytes(), 0o666)
+    courier::store::write_file_atomically(path, reg.to_toml().as_bytes(), 0o600)
         .with_context(|| format!("writing {}", path.display()))
 }
 

@@ -57,7 +57,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     let registry_path = args
         .registry
         .unwrap_or_else(|| args.data_dir.join("registry.toml"));
-    std::fs::create_dir_all(&args.data_dir)
+    courier::store::create_private_dir(&args.data_dir)
         .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
     let registry = if registry_path.exists() {
         load_registry(&registry_path)?

@@ -14,3 +14,18 @@ pub mod fake;
 pub mod logkit;
 pub mod server;
 pub mod spawn;
+
+/// Writes a secret file (a master key) as courier's own tools do: mode 0600, which
+/// `courier serve` requires of a key file.
+pub fn write_secret(path: &std::path::Path, bytes: impl AsRef<[u8]>) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .expect("creating a secret file");
+    f.write_all(bytes.as_ref()).expect("writing a secret file");
+}

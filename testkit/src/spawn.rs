@@ -42,7 +42,7 @@ impl Files {
     /// The files under `dir`; writes the master key file (64 hex characters).
     pub fn new(dir: &Path, master_hex: &str) -> Files {
         let key_file = dir.join("master.key");
-        std::fs::write(&key_file, format!("{master_hex}\n")).expect("writing the key file");
+        crate::write_secret(&key_file, format!("{master_hex}\n"));
         Files {
             data: dir.join("data"),
             registry: dir.join("registry.toml"),

@@ -198,7 +198,7 @@ fn keys_init_writes_a_private_key_once_and_serve_needs_one() {
 
     // A malformed key file is refused too.
     let bad = dir.path().join("bad.key");
-    std::fs::write(&bad, "not a key\n").unwrap();
+    courier_testkit::write_secret(&bad, "not a key\n");
     let out = courier()
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&data)

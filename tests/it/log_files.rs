@@ -59,7 +59,7 @@ fn courier() -> Command {
 
 fn write_key_file(dir: &Path, seed: u8) -> std::path::PathBuf {
     let p = dir.join(format!("master-{seed}.key"));
-    std::fs::write(&p, key_text(seed)).unwrap();
+    courier_testkit::write_secret(&p, key_text(seed));
     p
 }
 
@@ -361,6 +361,8 @@ async fn a_full_disk_rejects_with_storage_unavailable_and_loses_no_acked_message
         let to = big.join(path.strip_prefix(&mnt).unwrap());
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();
         std::fs::write(&to, bytes).unwrap();
+        // As an operator's copy keeps modes (`cp -p`): the keyring stays private.
+        std::fs::set_permissions(&to, std::fs::metadata(&path).unwrap().permissions()).unwrap();
     }
     restart(&big, &key).expect("recovers on a bigger disk");
     assert!(audit::verify(&big, &key).unwrap().is_clean());

@@ -10,6 +10,7 @@ mod cli;
 mod crash;
 mod detect_e2e;
 mod detect_quality;
+mod files;
 mod graceful_stop;
 mod idempotency;
 mod log_files;

@@ -6,7 +6,10 @@ use courier::store::MasterKeyText;
 use courier_client::ServerTrust;
 use courier_client::{Client, ClientConfig, OutgoingMessage};
 use courier_pipeline::log::format::SEGMENT_HEADER_BYTES;
-use courier_pipeline::log::{Keyring, LogConfig, MasterKey, SegmentCodec, SegmentHeader};
+use courier_pipeline::log::{
+    Keyring, LogConfig, MasterKey, OwnedRecord, SegmentCodec, SegmentHeader,
+};
+use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::{Registry, Tier};
 use courier_pipeline::seal::keys::{
     unwrap_root_key, DerivedKeys, RecipientKey, RecipientKeys, WrappedRootKey,
@@ -70,25 +73,7 @@ async fn logged_messages_are_sealed_and_open_with_the_recipient_key() {
     running.join().unwrap();
 
     // Read the shard's log back with the master key.
-    let shard_dir = dir.path().join("log/shard-0");
-    let master_key = MasterKey::parse(MASTER_HEX.as_bytes()).unwrap();
-    let keyring = Keyring::from_bytes(&std::fs::read(shard_dir.join("keyring")).unwrap()).unwrap();
-    let log_cfg = LogConfig::new(&profile.log, profile.limits.payload_bytes_max);
-    let mut records = Vec::new();
-    for seg in courier::store::list_segments(&shard_dir).unwrap() {
-        let bytes = std::fs::read(shard_dir.join(format!("{seg:020}.seg"))).unwrap();
-        let header = SegmentHeader::decode(&bytes).unwrap();
-        let key = keyring.data_key(&master_key, header.data_key_id).unwrap();
-        let codec = SegmentCodec::new(header, key, log_cfg.payload_bytes_max);
-        let mut offset = SEGMENT_HEADER_BYTES as u64;
-        let mut index = 0;
-        while offset < bytes.len() as u64 {
-            let (rec, next) = codec.read_record(&bytes, offset, index).unwrap();
-            records.push(rec);
-            offset = next;
-            index += 1;
-        }
-    }
+    let records = read_log(dir.path(), 0, &profile);
     assert_eq!(
         records.len(),
         sent.len(),
@@ -152,5 +137,144 @@ async fn logged_messages_are_sealed_and_open_with_the_recipient_key() {
             &mut out
         )
         .is_err());
+    }
+}
+
+/// Every record of shard `shard`'s log under `data_dir`, read with the master key.
+fn read_log(data_dir: &std::path::Path, shard: usize, profile: &Profile) -> Vec<OwnedRecord> {
+    let shard_dir = data_dir.join(format!("log/shard-{shard}"));
+    let master_key = MasterKey::parse(MASTER_HEX.as_bytes()).unwrap();
+    let keyring = Keyring::from_bytes(&std::fs::read(shard_dir.join("keyring")).unwrap()).unwrap();
+    let log_cfg = LogConfig::new(&profile.log, profile.limits.payload_bytes_max);
+    let mut records = Vec::new();
+    for seg in courier::store::list_segments(&shard_dir).unwrap() {
+        let bytes = std::fs::read(shard_dir.join(format!("{seg:020}.seg"))).unwrap();
+        let header = SegmentHeader::decode(&bytes).unwrap();
+        let key = keyring.data_key(&master_key, header.data_key_id).unwrap();
+        let codec = SegmentCodec::new(header, key, log_cfg.payload_bytes_max);
+        let mut offset = SEGMENT_HEADER_BYTES as u64;
+        let mut index = 0;
+        while offset < bytes.len() as u64 {
+            let (rec, next) = codec.read_record(&bytes, offset, index).unwrap();
+            records.push(rec);
+            offset = next;
+            index += 1;
+        }
+    }
+    records
+}
+
+/// Copies a directory tree, keeping file modes (as `cp -a` does).
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Restoring the data directory from an older copy (log, keyrings and business keys
+/// alike) hands every shard the nonce epochs it already used under the same recipient
+/// keys; the sealers' run masks keep every (key, nonce) pair unique anyway (issue 18).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_data_directory_repeats_no_nonce_under_a_recipient_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let backup = dir.path().join("backup");
+    let profile = small_profile(1);
+    let mut registry = Registry::default();
+    let (business, token) = registry
+        .add("restore test", Tier::Unlimited, 1_000_000, &[9u8; 32])
+        .unwrap();
+    registry.set_exempt(business, true);
+    let master = MasterKeyText::new(format!("{MASTER_HEX}\n").into_bytes()).unwrap();
+    // Three recipients, so that every run seals many messages under each key.
+    let recipients: Vec<Recipient> = (0..3)
+        .map(|i| Recipient::parse(format!("+4420{:08}", 7_000 + i).as_bytes()).unwrap())
+        .collect();
+    let run = |first_id: u64| {
+        let setup = Setup {
+            profile: profile.clone(),
+            registry: registry.clone(),
+            master_key: master.clone(),
+        };
+        let running = server::start(&data, setup);
+        let cfg = ClientConfig {
+            server: running.local_addr(),
+            server_name: "localhost".into(),
+            token: token.clone(),
+            trust: ServerTrust::Pinned(running.certificate().clone()),
+            streams: 1,
+            batches_in_flight_per_stream: 1,
+        };
+        let recipients = recipients.clone();
+        async move {
+            tokio::time::timeout(std::time::Duration::from_secs(60), async {
+                let client = Client::connect(&cfg).await.unwrap();
+                for b in 0..4u64 {
+                    let batch = (0..60u64)
+                        .map(|i| OutgoingMessage {
+                            client_id: first_id + b * 60 + i,
+                            recipient: recipients[(i % 3) as usize],
+                            payload: Bytes::from_static(b"restore"),
+                        })
+                        .collect();
+                    let statuses = client.submit(batch).await.unwrap();
+                    assert!(statuses.iter().all(|s| matches!(s, Status::Accepted(_))));
+                }
+                client.close().await;
+            })
+            .await
+            .expect("test timed out");
+            running.shutdown();
+            running.join().unwrap();
+        }
+    };
+    type Sealed = ((Option<Recipient>, u64), [u8; 12]);
+    let nonces = |records: &[OwnedRecord]| -> Vec<Sealed> {
+        records
+            .iter()
+            .map(|r| {
+                (
+                    (r.header.recipient, r.header.client_id),
+                    r.payload[..12].try_into().unwrap(),
+                )
+            })
+            .collect()
+    };
+
+    run(1).await;
+    copy_tree(&data, &backup);
+    // Run 2 goes on from the copy's state; run 3 from the same state again, after the
+    // restore: same keyring, same epochs, same business keys.
+    run(1_000).await;
+    let second = nonces(&read_log(&data, 0, &profile));
+    std::fs::remove_dir_all(&data).unwrap();
+    copy_tree(&backup, &data);
+    run(2_000).await;
+    let third = nonces(&read_log(&data, 0, &profile));
+
+    // One entry per message (run 1's messages are in both logs, with the same bytes).
+    let mut messages = std::collections::HashMap::new();
+    for (id, nonce) in second.iter().chain(&third) {
+        assert_eq!(*messages.entry(*id).or_insert(*nonce), *nonce);
+    }
+    assert_eq!(messages.len(), 3 * 240, "runs 1, 2 and 3");
+    // One business: the recipient names the key.
+    let mut pairs = std::collections::HashSet::new();
+    for ((recipient, _), nonce) in &messages {
+        let key = recipient
+            .expect("a message has a recipient")
+            .as_bytes()
+            .to_vec();
+        assert!(
+            pairs.insert((key, *nonce)),
+            "a (recipient key, nonce) pair repeated after the restore"
+        );
     }
 }

@@ -8,19 +8,38 @@
 //!                          (DerivedKeys: HKDF two at a time, SHA-256 interleaved)
 //!         per message:
 //!           key   = KeyCache hit, or that key + AES key schedule (ring) on the stack
-//!           nonce = epoch (u32 BE) | shard (u16 BE) | counter (48-bit BE)
+//!           nonce = (epoch (u32 BE) | shard (u16 BE) | counter (48-bit BE)) XOR run mask
 //!           aad   = "courier/seal/v1" | business (u32 LE) | client id (u64 LE)
 //!                   | recipient length (u8) | recipient E.164 bytes
 //!           out  += nonce(12) | ciphertext | tag(16)
 //!  recipient side: open(key, business, recipient, client id, sealed, &mut out)
 //! ```
 //!
-//! **Nonce uniqueness.** A nonce is unique across the whole relay, not only per key:
-//! the shard index separates shards, the counter separates messages of one sealer, and
-//! the epoch separates runs. The caller must **persist a fresh epoch before each start**
-//! (the log's keyring does: read the last epoch, write and fsync epoch + 1, then build
-//! the sealers), and must never build two sealers with the same (epoch, shard). The
-//! counter is 48 bits; a sealer refuses to seal past it ([`SealError::NoncesExhausted`])
+//! **Nonce uniqueness.** Two guarantees, one for a data directory that only ever moves
+//! forward and one for a data directory restored from an older copy:
+//!
+//! - *Deterministic, while the keyrings are intact.* Before the mask, a nonce is unique
+//!   across the whole relay: the shard index separates shards, the counter separates
+//!   messages of one sealer, and the epoch separates runs. The caller must **persist a
+//!   fresh epoch before each start** (the log's keyring does: read the last epoch, write
+//!   and fsync epoch + 1, then build the sealers), and must never build two sealers with
+//!   the same (epoch, shard). XOR with one mask is a bijection, so a sealer's nonces stay
+//!   distinct among themselves whatever its mask.
+//! - *Probabilistic, whatever was restored.* The recipient keys come from the business
+//!   root keys (`business-keys`), the epochs from each shard's keyring: restoring the log
+//!   (or losing a shard's folder) from an older copy hands out epochs a second time under
+//!   the same keys. So every sealer also XORs its nonces with a 96-bit **run mask** the
+//!   shell draws from the operating system's random source when it builds the sealer and
+//!   never stores. Two sealers repeat a nonce under one key only if their masks differ by
+//!   exactly the XOR of two of their structured nonces for that key: for `q` messages
+//!   sealed under a key over its whole life, across any number of runs, restores and
+//!   crashes, the chance that any two share a nonce is at most `q² / 2^97`, below 2^-33
+//!   even for 2^32 messages to one recipient (and NIST SP 800-38D's bound for random
+//!   nonces, 2^32 per key, is far from any recipient's traffic). A mask costs no
+//!   randomness per message: one XOR. The opener reads the nonce from the message and
+//!   needs no mask.
+//!
+//! The counter is 48 bits; a sealer refuses to seal past it ([`SealError::NoncesExhausted`])
 //! instead of wrapping, and the remedy is a new epoch, i.e. a restart of the shard.
 //!
 //! **Hot path without allocation.** [`SealedBatch`] is owned by the caller and reused
@@ -103,7 +122,8 @@ pub enum OpenError {
     Authentication,
 }
 
-/// The 12-byte nonce of `(epoch, shard, counter)`, big endian, counter in 48 bits.
+/// The 12-byte structured nonce of `(epoch, shard, counter)`, big endian, counter in 48
+/// bits, before the run mask.
 pub fn nonce_bytes(epoch: u32, shard: ShardId, counter: u64) -> [u8; SEAL_NONCE_BYTES] {
     assert!(counter < COUNTER_END, "counter is 48 bits");
     let mut n = [0; SEAL_NONCE_BYTES];
@@ -228,6 +248,11 @@ pub struct SealerConfig {
     pub epoch: u32,
     /// The shard this sealer serves; no two sealers of one epoch share it.
     pub shard: ShardId,
+    /// XORed into every nonce: drawn from the operating system's random source for each
+    /// sealer and never stored, so that a data directory restored from an older copy
+    /// cannot make a nonce repeat (see the module docs). Zero only in tests that check
+    /// the structured nonces.
+    pub nonce_mask: [u8; SEAL_NONCE_BYTES],
     /// Expanded keys the shard keeps (rounded down to a power of two, at least 4: one set
     /// of the 4-way cache).
     pub cache_keys_max: usize,
@@ -259,7 +284,8 @@ pub struct SealerConfig {
 /// let mut keys = DerivedKeys::new();
 /// keys.insert_root(7, &RootKey::from_bytes([1; 32]));
 /// let keys = Arc::new(keys);
-/// let mut sealer = Sealer::new(keys.clone(), SealerConfig { epoch: 42, shard: ShardId::new(0), cache_keys_max: 4096 });
+/// let config = SealerConfig { epoch: 42, shard: ShardId::new(0), nonce_mask: rand::random(), cache_keys_max: 4096 };
+/// let mut sealer = Sealer::new(keys.clone(), config);
 /// let mut sealed = SealedBatch::new();
 ///
 /// // Per batch.
@@ -279,6 +305,7 @@ pub struct Sealer<K> {
     cache: KeyCache,
     epoch: u32,
     shard: ShardId,
+    nonce_mask: [u8; SEAL_NONCE_BYTES],
     counter: u64,
     /// The keys derived ahead for a chunk of a batch, and in the last slot the key of a
     /// miss that was not (reused; the cache's ways hold such keys anyway).
@@ -304,6 +331,7 @@ impl<K: RecipientKeys> Sealer<K> {
             cache: KeyCache::new(config.cache_keys_max),
             epoch: config.epoch,
             shard: config.shard,
+            nonce_mask: config.nonce_mask,
             counter: 0,
             derived: std::array::from_fn(|_| RecipientKey::zeroed()),
         }
@@ -400,7 +428,10 @@ impl<K: RecipientKeys> Sealer<K> {
         let counter = self.counter;
         // The counter moves before the key lookup: a failed lookup burns the nonce.
         self.counter += 1;
-        let nonce = nonce_bytes(self.epoch, self.shard, counter);
+        let mut nonce = nonce_bytes(self.epoch, self.shard, counter);
+        for (n, m) in nonce.iter_mut().zip(&self.nonce_mask) {
+            *n ^= m;
+        }
         let mut aad_buf = [0; AAD_BYTES_MAX];
         let aad_len = aad(business_id, &m.recipient, m.client_id, &mut aad_buf);
         let start = out.bytes.len();

@@ -36,6 +36,7 @@ fn sealer<K: RecipientKeys>(keys: K, epoch: u32, shard: u8) -> Sealer<K> {
         SealerConfig {
             epoch,
             shard: ShardId::new(shard),
+            nonce_mask: [0; 12],
             cache_keys_max: 64,
         },
     )
@@ -197,6 +198,62 @@ fn restarts_with_fresh_epochs_never_repeat_a_nonce() {
 }
 
 #[test]
+fn a_restored_keyring_hands_out_epochs_again_and_the_run_masks_keep_nonces_apart() {
+    // A data directory restored from an older copy: the keyrings give every run the
+    // same epochs as runs before them did, under the same business keys. Ten "restores"
+    // of one (epoch, shard), each run with its own mask as the shell draws it.
+    let keys = keys();
+    let batch: Vec<Message> = (0..500)
+        .map(|i| message(i, recipient(i as u32 % 2), b"x"))
+        .collect();
+    let mut seen: HashSet<(Vec<u8>, [u8; 12])> = HashSet::new();
+    let mut out = SealedBatch::new();
+    for run in 0..10u8 {
+        let mut s = Sealer::new(
+            keys.clone(),
+            SealerConfig {
+                epoch: 7,
+                shard: ShardId::new(1),
+                nonce_mask: rand::random(),
+                cache_keys_max: 8,
+            },
+        );
+        out.clear();
+        s.seal_batch(BUSINESS, &batch, &mut out).unwrap();
+        for (m, sealed) in batch.iter().zip(out.iter()) {
+            let key = key_of(&keys, BUSINESS, &m.recipient);
+            let nonce: [u8; 12] = sealed[..12].try_into().unwrap();
+            assert!(
+                seen.insert((key.as_bytes().to_vec(), nonce)),
+                "run {run}: a nonce repeated under a key"
+            );
+            // The opener needs no mask: the nonce travels with the message.
+            let mut plain = Vec::new();
+            open(
+                &key,
+                BUSINESS,
+                &m.recipient,
+                m.client_id,
+                sealed,
+                &mut plain,
+            )
+            .unwrap();
+        }
+    }
+    assert_eq!(seen.len(), 5_000);
+
+    // Without masks (what the shell did before), the second run of the same epoch
+    // repeats the first one's nonces: the failure the masks remove.
+    let unmasked = |out: &mut SealedBatch| {
+        let mut s = sealer(keys.clone(), 7, 1);
+        out.clear();
+        s.seal_batch(BUSINESS, &batch, out).unwrap();
+        out.get(0).unwrap()[..12].to_vec()
+    };
+    assert_eq!(unmasked(&mut out), unmasked(&mut out));
+}
+
+#[test]
 fn the_counter_refuses_to_wrap_and_a_refused_batch_leaves_out_untouched() {
     let mut s = sealer(keys(), 4, 2).with_counter(COUNTER_END - 3);
     let batch: Vec<Message> = (0..2).map(|i| message(i, recipient(1), b"p")).collect();
@@ -266,6 +323,7 @@ fn wrapped_root_keys_feed_the_sealer() {
         SealerConfig {
             epoch: 1,
             shard: ShardId::new(0),
+            nonce_mask: [0; 12],
             cache_keys_max: 8,
         },
     );
@@ -554,6 +612,7 @@ fn random_batches_through_a_tiny_cache_seal_as_one_by_one_would() {
     let config = SealerConfig {
         epoch: 5,
         shard: ShardId::new(1),
+        nonce_mask: [0x3c; 12],
         cache_keys_max: 4,
     };
     let mut batched = Sealer::new(keys.clone(), config);

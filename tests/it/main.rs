@@ -8,6 +8,8 @@
 
 mod cli;
 mod crash;
+mod delivery_kit;
+mod delivery_send;
 mod detect_e2e;
 mod graceful_stop;
 mod idempotency;

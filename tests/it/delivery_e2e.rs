@@ -201,6 +201,35 @@ async fn every_message_ends_with_one_final_status_at_its_business() {
             w.sim.handoffs() > o.accepted as u64,
             "offline devices' messages were handed more than once"
         );
+        // The operator's view agrees: `courier log audit` reads the status records.
+        let list = dir.path().join("accepted.csv");
+        let mut csv = Vec::new();
+        courier::audit::write_accepted(&mut csv, &w.ledger.accepted_list()).unwrap();
+        std::fs::write(&list, csv).unwrap();
+        let out = std::process::Command::new(super::courier_bin())
+            .args(["log", "audit", "--require-outcome", "--accepted"])
+            .arg(&list)
+            .arg(&w.files.data)
+            .arg("--master-key-file")
+            .arg(&w.files.key_file)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains(&format!("present {}, missing 0, mismatched 0", o.accepted)),
+            "{text}"
+        );
+        let line = format!(
+            "outcomes: delivered {} (read {}), failed {} (not_on_platform {}), expired 0, \
+             no final status 0, more than one final status 0",
+            o.delivered, o.read, o.failed, o.failed
+        );
+        assert!(text.contains(&line), "{text}\nwant {line}");
     })
     .await
     .expect("test timed out");

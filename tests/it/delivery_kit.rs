@@ -147,6 +147,21 @@ impl Ledger {
         true
     }
 
+    /// The accepted messages as `courier log audit` lists them.
+    pub fn accepted_list(&self) -> Vec<courier::audit::AcceptedEntry> {
+        let g = self.0.lock().unwrap();
+        g.accepted
+            .iter()
+            .map(
+                |(&position, &(business_id, client_id))| courier::audit::AcceptedEntry {
+                    business_id,
+                    client_id,
+                    position,
+                },
+            )
+            .collect()
+    }
+
     /// Accepted messages without a final status yet.
     pub fn unresolved(&self) -> usize {
         let g = self.0.lock().unwrap();

@@ -150,6 +150,10 @@ async fn send_waits_for_final_statuses_counts_them_and_resumes() {
         assert_eq!(second.status.code(), Some(1), "some failed: {r:?}");
         let lines = std::fs::read_to_string(&statuses).unwrap();
         assert!(lines.lines().count() as u64 >= MESSAGES, "{lines}");
+        assert!(
+            !lines.contains('+') && !lines.contains(MARKER),
+            "ids and status names only: {lines}"
+        );
         let reply_lines = std::fs::read_to_string(&replies).unwrap();
         assert_eq!(reply_lines.lines().count(), 1);
         let v: serde_json::Value = serde_json::from_str(reply_lines.trim()).unwrap();

@@ -11,10 +11,15 @@
 //!        └─ plot::write_png (feature `plot`, on by default)
 //! ```
 //!
+//! A delivery run (`RunConfig::delivery`, `--deliver`) adds a simulated delivery edge
+//! ([`deliver`]: DELIVERs answered by [`devices`], ONLINE, replies) and makes every
+//! sender connection listen to its statuses; [`tracking`] checks the three views of
+//! each accepted message against each other and reports the delivery figures.
+//!
 //! Modules: [`traffic`] (recipients, sizes, schedules), [`scenario`] (TOML → [`Plan`]),
 //! [`engine`] (the loops, over a [`engine::Transport`]), [`report`] (JSON, table,
 //! comparison), [`cpu`] (`/proc` readings), [`workers`] (threads that each own a share of
-//! the connections), `plot` (PNG; feature `plot`).
+//! the connections), [`deliver`], [`devices`], [`tracking`], `plot` (PNG; feature `plot`).
 //!
 //! It talks to servers through `courier_client` only, and depends on no server code:
 //! `courier demo` runs it against an in-process server, `courier-loadgen` against any.

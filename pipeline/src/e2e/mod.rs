@@ -44,7 +44,7 @@ pub use hpke::{
 };
 pub use session::{
     seal_reply, BusinessKey, BusinessPublicKey, DeviceSession, MessageAad, RecipientSession,
-    ReplyError, SealedReply, SessionError, SessionHeader,
+    ReplyError, SealedReply, SessionError, SessionHeader, SessionState,
 };
 
 #[cfg(test)]

@@ -21,11 +21,27 @@
 //! message to its business, client message id and log position (a message cannot be
 //! replayed as another); the sequence number is in the nonce.
 //!
-//! **Sequence numbers across restarts.** A [`DeviceSession`] seals at increasing
-//! sequence numbers. Persisted with [`DeviceSession::export`], it must be restored with a
-//! `next_seq` at least as high as any it used before the crash: persist a floor ahead of
-//! use (e.g. the next 1,024) before sealing under it, as the log's sealer does with its
-//! epoch; a restore from an older copy then skips numbers but never repeats one.
+//! **Sequence numbers across restarts: reservations.** A [`DeviceSession`] seals at
+//! increasing sequence numbers, and its key and base nonce are fixed for its life, so a
+//! restored copy must never seal at a number the lost process used. A session persists
+//! only through [`DeviceSession::reserve`], whose [`SessionState`] records `seq_limit`, a
+//! number ahead of use, as the next sequence number; once the caller has written that
+//! state durably it says so with [`DeviceSession::reserved`], and the session seals below
+//! that limit only (past it: [`SessionError::SeqNotReserved`], the remedy being the next
+//! reservation). [`DeviceSession::import`] resumes at the stored limit and seals nothing
+//! until the caller has reserved and persisted again. So a restore from any durable copy
+//! skips numbers but never repeats one:
+//!
+//! ```text
+//!  new ─seal 0..n─> reserve(k): state S1 = n+k, limit = S1 (it may be durable any moment)
+//!      ─seal < S1─> reserve(k): state S2 ─write─> reserved(S2): limit = S2 ─seal < S2─> ..
+//!  crash, import(last durable Si) ─> next_seq = Si, limit = Si: reserve, write, reserved
+//! ```
+//!
+//! This assumes the caller's writes of one session's state land in order (a later state
+//! never overwritten by an earlier one). A session never persisted needs no limit: lost
+//! with the process, it is replaced by a new session (a fresh ephemeral key, so a new
+//! key and base nonce), whose header the next DELIVER carries.
 
 use zeroize::Zeroizing;
 
@@ -53,7 +69,7 @@ pub const REPLY_AAD_BYTES: usize = REPLY_PREFIX.len() + 4 + 8;
 pub const REPLY_HEADER_BYTES: usize = 4 + PUBLIC_KEY_BYTES;
 /// Bytes of a [`SessionHeader`] in [`DeviceSession::export`].
 pub const SESSION_HEADER_BYTES: usize = 4 + 4 + 1 + 4 + PUBLIC_KEY_BYTES;
-/// Bytes of [`DeviceSession::export`].
+/// Bytes of a [`SessionState`].
 pub const SESSION_STATE_BYTES: usize = 4 + SESSION_HEADER_BYTES + CONTEXT_SECRETS_BYTES + 8;
 
 const _: () = assert!(DELIVER_INFO_BYTES == 39);
@@ -94,6 +110,16 @@ pub enum SessionError {
     /// Persisted session bytes that cannot be a session.
     #[error("persisted session state is malformed")]
     BadState,
+    /// The session has sealed up to the limit of its last durable [`SessionState`].
+    /// Remedy: persist [`DeviceSession::reserve`]'s state, then call
+    /// [`DeviceSession::reserved`]; or set up a new session.
+    #[error("sequence number {next_seq} not reserved (durable limit {seq_limit}); persist a reservation")]
+    SeqNotReserved {
+        /// The sequence number the next message would take.
+        next_seq: u64,
+        /// The limit of the last durable state.
+        seq_limit: u64,
+    },
 }
 
 /// Why a reply was refused.
@@ -201,6 +227,40 @@ pub struct DeviceSession {
     business_id: u32,
     header: SessionHeader,
     context: SenderContext,
+    /// Seals only below this. `None` until the first [`DeviceSession::reserve`]: no copy
+    /// exists that could be restored.
+    seq_limit: Option<u64>,
+    /// The highest limit handed out in a [`SessionState`]; at least `seq_limit`.
+    seq_reserved: u64,
+}
+
+/// A session's persistent state, to write encrypted (it holds the session's key):
+/// `business_id:u32 | header (45) | key(32) | base_nonce(12) | seq_limit:u64`.
+/// `Debug` shows the limit only.
+pub struct SessionState {
+    bytes: Zeroizing<[u8; SESSION_STATE_BYTES]>,
+    seq_limit: u64,
+}
+
+impl SessionState {
+    /// The bytes to persist. Handle with care.
+    pub fn as_bytes(&self) -> &[u8; SESSION_STATE_BYTES] {
+        &self.bytes
+    }
+
+    /// The next sequence number a session restored from this state seals at; pass it to
+    /// [`DeviceSession::reserved`] once the state is durable.
+    pub fn seq_limit(&self) -> u64 {
+        self.seq_limit
+    }
+}
+
+impl std::fmt::Debug for SessionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionState")
+            .field("seq_limit", &self.seq_limit)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DeviceSession {
@@ -237,6 +297,8 @@ impl DeviceSession {
             business_id,
             header,
             context,
+            seq_limit: None,
+            seq_reserved: 0,
         })
     }
 
@@ -255,58 +317,100 @@ impl DeviceSession {
         self.context.next_seq()
     }
 
-    fn claim(&self, aad: &MessageAad) -> ([u8; MESSAGE_AAD_BYTES], u64) {
+    /// The limit it seals below (`None`: never persisted, no limit).
+    pub fn seq_limit(&self) -> Option<u64> {
+        self.seq_limit
+    }
+
+    fn claim(&self, aad: &MessageAad) -> Result<([u8; MESSAGE_AAD_BYTES], u64), SessionError> {
         assert_eq!(
             aad.business_id, self.business_id,
             "a session seals only its business's messages"
         );
-        (aad.encode(), self.context.next_seq())
+        let next_seq = self.context.next_seq();
+        match self.seq_limit {
+            Some(seq_limit) if next_seq >= seq_limit => {
+                Err(SessionError::SeqNotReserved {
+                    next_seq,
+                    seq_limit,
+                })
+            }
+            _ => Ok((aad.encode(), next_seq)),
+        }
     }
 
     /// Seals `in_out` in place as the next message; returns its sequence number and tag.
-    /// Allocates nothing: the hot path.
+    /// Allocates nothing: the hot path. On error `in_out` is unchanged.
     pub fn seal_in_place(
         &mut self,
         aad: &MessageAad,
         in_out: &mut [u8],
-    ) -> Result<(u64, [u8; TAG_BYTES]), HpkeError> {
-        let (aad, seq) = self.claim(aad);
+    ) -> Result<(u64, [u8; TAG_BYTES]), SessionError> {
+        let (aad, seq) = self.claim(aad)?;
         let tag = self.context.seal_in_place(seq, &aad, in_out)?;
         Ok((seq, tag))
     }
 
     /// Appends `ciphertext | tag` of `plaintext` as the next message to `out` (no
-    /// allocation when `out` has the capacity); returns its sequence number.
+    /// allocation when `out` has the capacity); returns its sequence number. On error
+    /// `out` is unchanged.
     pub fn seal_append(
         &mut self,
         aad: &MessageAad,
         plaintext: &[u8],
         out: &mut Vec<u8>,
-    ) -> Result<u64, HpkeError> {
-        let (aad, seq) = self.claim(aad);
+    ) -> Result<u64, SessionError> {
+        let (aad, seq) = self.claim(aad)?;
         self.context.seal_append(seq, &aad, plaintext, out)?;
         Ok(seq)
     }
 
-    /// `business_id | header | key | base_nonce | next_seq`, to persist encrypted (these
-    /// bytes hold the session's key).
-    pub fn export(&self) -> Zeroizing<[u8; SESSION_STATE_BYTES]> {
-        let mut out = Zeroizing::new([0; SESSION_STATE_BYTES]);
-        out[..4].copy_from_slice(&self.business_id.to_be_bytes());
-        let (h, rest) = out[4..].split_at_mut(SESSION_HEADER_BYTES);
+    /// Reserves the next `count` sequence numbers: the state to persist, whose
+    /// `seq_limit` is `count` past every number sealed or reserved so far. Once it is
+    /// durable, call [`DeviceSession::reserved`] with its limit. The first reservation
+    /// bounds sealing at once (the state could be durable at any moment).
+    ///
+    /// # Panics
+    /// If `count` is 0 or the limit would pass `u64::MAX` (a bug: no session lives that
+    /// long).
+    pub fn reserve(&mut self, count: u64) -> SessionState {
+        assert!(count > 0, "a reservation reserves something");
+        let from = self.context.next_seq().max(self.seq_reserved);
+        let seq_limit = from.checked_add(count).expect("sequence numbers exhausted");
+        self.seq_reserved = seq_limit;
+        if self.seq_limit.is_none() {
+            self.seq_limit = Some(seq_limit);
+        }
+        let mut bytes = Zeroizing::new([0; SESSION_STATE_BYTES]);
+        bytes[..4].copy_from_slice(&self.business_id.to_be_bytes());
+        let (h, rest) = bytes[4..].split_at_mut(SESSION_HEADER_BYTES);
         self.header.encode(h.try_into().expect("header bytes"));
-        let (secrets, next_seq) = self.context.export();
+        let (secrets, _) = self.context.export();
         rest[..CONTEXT_SECRETS_BYTES].copy_from_slice(&secrets.to_bytes()[..]);
-        rest[CONTEXT_SECRETS_BYTES..].copy_from_slice(&next_seq.to_be_bytes());
-        out
+        rest[CONTEXT_SECRETS_BYTES..].copy_from_slice(&seq_limit.to_be_bytes());
+        assert!(self.seq_limit.is_some_and(|l| l <= self.seq_reserved));
+        SessionState { bytes, seq_limit }
     }
 
-    /// The session of [`DeviceSession::export`], to seal from `next_seq` on: the higher
-    /// of the exported one and the caller's persisted floor.
-    pub fn import(
-        bytes: &[u8; SESSION_STATE_BYTES],
-        next_seq_floor: u64,
-    ) -> Result<DeviceSession, SessionError> {
+    /// The state of [`DeviceSession::reserve`] with this limit is durable: seal below it.
+    /// A limit below the current one (an older write confirmed late) changes nothing.
+    ///
+    /// # Panics
+    /// If no reservation handed out this limit (a bug).
+    pub fn reserved(&mut self, seq_limit: u64) {
+        assert!(
+            seq_limit <= self.seq_reserved,
+            "confirmed limit {seq_limit} was never reserved (highest {})",
+            self.seq_reserved
+        );
+        self.seq_limit = Some(self.seq_limit.map_or(seq_limit, |l| l.max(seq_limit)));
+    }
+
+    /// The session of a durable [`SessionState`]'s bytes. It resumes at the state's limit
+    /// and seals nothing until a new reservation is persisted and confirmed (until then
+    /// [`SessionError::SeqNotReserved`]): the process that wrote the state may have
+    /// sealed up to that limit.
+    pub fn import(bytes: &[u8; SESSION_STATE_BYTES]) -> Result<DeviceSession, SessionError> {
         let business_id = u32::from_be_bytes(bytes[..4].try_into().expect("4 bytes"));
         let (h, rest) = bytes[4..].split_at(SESSION_HEADER_BYTES);
         let header = SessionHeader::decode(h.try_into().expect("header bytes"))?;
@@ -315,12 +419,17 @@ impl DeviceSession {
                 .try_into()
                 .expect("secret bytes"),
         );
-        let exported =
+        let seq_limit =
             u64::from_be_bytes(rest[CONTEXT_SECRETS_BYTES..].try_into().expect("8 bytes"));
+        if seq_limit == u64::MAX {
+            return Err(SessionError::BadState);
+        }
         Ok(DeviceSession {
             business_id,
             header,
-            context: SenderContext::import(secrets, exported.max(next_seq_floor)),
+            context: SenderContext::import(secrets, seq_limit),
+            seq_limit: Some(seq_limit),
+            seq_reserved: seq_limit,
         })
     }
 }

@@ -137,34 +137,177 @@ fn a_rotated_prekey_opens_until_the_next_rotation() {
     );
 }
 
+fn seal_one(s: &mut DeviceSession, i: u64) -> Result<(u64, Vec<u8>), SessionError> {
+    let mut out = Vec::new();
+    let seq = s.seal_append(&aad(i, i), &i.to_be_bytes(), &mut out)?;
+    Ok((seq, out))
+}
+
 #[test]
-fn a_persisted_session_resumes_without_reusing_a_seq() {
+fn a_session_seals_only_below_its_durable_reservation() {
+    let vb = VerifiedBundle::new(device(1, 0).bundle()).unwrap();
+    let mut s = DeviceSession::new(BUSINESS, &vb, None).unwrap();
+    // Never persisted: no copy could be restored, no limit.
+    assert_eq!(s.seq_limit(), None);
+    for i in 0..2 {
+        assert_eq!(seal_one(&mut s, i).unwrap().0, i);
+    }
+    // The first state bounds sealing at once: it may be durable any moment.
+    let first = s.reserve(4);
+    assert_eq!(first.seq_limit(), 6);
+    assert_eq!(s.seq_limit(), Some(6));
+    for i in 2..6 {
+        assert_eq!(seal_one(&mut s, i).unwrap().0, i);
+    }
+    let refused = SessionError::SeqNotReserved {
+        next_seq: 6,
+        seq_limit: 6,
+    };
+    assert_eq!(seal_one(&mut s, 6).err(), Some(refused));
+    let mut buf = b"untouched".to_vec();
+    assert_eq!(
+        s.seal_in_place(&aad(6, 6), &mut buf).err(),
+        Some(refused)
+    );
+    assert_eq!(buf, b"untouched", "a refused seal leaves the buffer alone");
+    // A second state is not a licence until it is durable.
+    let second = s.reserve(4);
+    assert_eq!(second.seq_limit(), 10);
+    assert_eq!(seal_one(&mut s, 6).err(), Some(refused));
+    s.reserved(second.seq_limit());
+    s.reserved(first.seq_limit()); // a late, older confirmation changes nothing
+    assert_eq!(s.seq_limit(), Some(10));
+    for i in 6..10 {
+        assert_eq!(seal_one(&mut s, i).unwrap().0, i);
+    }
+    assert!(seal_one(&mut s, 10).is_err());
+    // Reservations are counted past what was reserved, not only what was sealed.
+    let third = s.reserve(1);
+    let fourth = s.reserve(1);
+    assert_eq!((third.seq_limit(), fourth.seq_limit()), (11, 12));
+}
+
+#[test]
+fn a_restored_session_never_reseals_a_seq() {
     let mut phone = device(1, 0);
     let vb = VerifiedBundle::new(phone.bundle()).unwrap();
     let mut s = DeviceSession::new(BUSINESS, &vb, None).unwrap();
-    let mut c0 = Vec::new();
-    s.seal_append(&aad(1, 1), b"first", &mut c0).unwrap();
-    let state = s.export();
-    // Crash: the persisted floor was 100, the export says 1: resume at 100.
-    let mut resumed = DeviceSession::import(&state, 100).unwrap();
-    assert_eq!(resumed.next_seq(), 100);
-    assert_eq!(resumed.header(), s.header());
-    let mut c1 = Vec::new();
-    assert_eq!(
-        resumed.seal_append(&aad(2, 2), b"second", &mut c1).unwrap(),
-        100
-    );
-    let mut r = phone.accept_session(BUSINESS, resumed.header()).unwrap();
-    assert_eq!(r.open(0, &aad(1, 1), &c0).unwrap(), b"first");
-    assert_eq!(r.open(100, &aad(2, 2), &c1).unwrap(), b"second");
-    assert_eq!(DeviceSession::import(&state, 0).unwrap().next_seq(), 1);
+    let first = s.reserve(3);
+    s.reserved(first.seq_limit());
+    let mut sealed: Vec<(u64, Vec<u8>)> = (0..3).map(|i| seal_one(&mut s, i).unwrap()).collect();
+    // The process writes a second state but crashes before it is durable: the disk
+    // holds `first`, and the lost process sealed only below its limit.
+    let _lost = s.reserve(100);
+    assert!(seal_one(&mut s, 3).is_err());
+    drop(s);
 
-    let mut bad = *state;
+    let mut resumed = DeviceSession::import(first.as_bytes()).unwrap();
+    assert_eq!(resumed.next_seq(), 3);
+    assert_eq!(resumed.seq_limit(), Some(3));
+    assert!(
+        matches!(
+            seal_one(&mut resumed, 3),
+            Err(SessionError::SeqNotReserved { .. })
+        ),
+        "nothing is sealed before a reservation is durable"
+    );
+    let state = resumed.reserve(5);
+    resumed.reserved(state.seq_limit());
+    sealed.push(seal_one(&mut resumed, 3).unwrap());
+    // A crash after `state` is durable and a second restore: it resumes past it.
+    let mut again = DeviceSession::import(state.as_bytes()).unwrap();
+    assert_eq!(again.next_seq(), 8);
+    let next = again.reserve(5);
+    again.reserved(next.seq_limit());
+    sealed.push(seal_one(&mut again, 4).unwrap());
+
+    let seqs: Vec<u64> = sealed.iter().map(|(q, _)| *q).collect();
+    assert_eq!(seqs, [0, 1, 2, 3, 8]);
+    assert_eq!(again.header(), resumed.header());
+    let mut r = phone.accept_session(BUSINESS, again.header()).unwrap();
+    for (i, (seq, ct)) in sealed.iter().enumerate() {
+        let i = [0u64, 1, 2, 3, 4][i];
+        assert_eq!(r.open(*seq, &aad(i, i), ct).unwrap(), i.to_be_bytes());
+    }
+}
+
+#[test]
+fn malformed_session_states_are_refused() {
+    let vb = VerifiedBundle::new(device(1, 0).bundle()).unwrap();
+    let mut s = DeviceSession::new(BUSINESS, &vb, None).unwrap();
+    let state = s.reserve(1);
+    assert!(DeviceSession::import(state.as_bytes()).is_ok());
+    let mut bad = *state.as_bytes();
     bad[4 + 8] = 2; // the one-time flag
     assert_eq!(
-        DeviceSession::import(&bad, 0).err(),
+        DeviceSession::import(&bad).err(),
         Some(SessionError::BadState)
     );
+    let mut bad = *state.as_bytes();
+    bad[4 + 8] = 0;
+    bad[4 + 12] = 1; // no one-time prekey, yet an id
+    assert_eq!(
+        DeviceSession::import(&bad).err(),
+        Some(SessionError::BadState)
+    );
+    let mut bad = *state.as_bytes();
+    let n = bad.len();
+    bad[n - 8..].copy_from_slice(&u64::MAX.to_be_bytes());
+    assert_eq!(
+        DeviceSession::import(&bad).err(),
+        Some(SessionError::BadState),
+        "a limit with no sequence number left"
+    );
+}
+
+#[test]
+#[should_panic(expected = "was never reserved")]
+fn confirming_a_limit_never_reserved_is_a_bug() {
+    let vb = VerifiedBundle::new(device(1, 0).bundle()).unwrap();
+    let mut s = DeviceSession::new(BUSINESS, &vb, None).unwrap();
+    let state = s.reserve(4);
+    s.reserved(state.seq_limit() + 1);
+}
+
+proptest::proptest! {
+    /// Any interleaving of seals, reservations, writes that land (confirmed or not) and
+    /// crashes: no sequence number is sealed twice under one session key.
+    #[test]
+    fn no_interleaving_with_crashes_reseals_a_seq(ops in proptest::collection::vec(0u8..6, 1..120)) {
+        let vb = VerifiedBundle::new(device(1, 0).bundle()).unwrap();
+        let mut s = DeviceSession::new(BUSINESS, &vb, None).unwrap();
+        let mut in_flight: Vec<SessionState> = Vec::new();
+        let mut durable: Option<SessionState> = None;
+        // (enc, seq) of every message sealed, across all lives.
+        let mut used = std::collections::HashSet::new();
+        for op in ops {
+            match op {
+                0 | 1 => {
+                    if let Ok((seq, _)) = seal_one(&mut s, 0) {
+                        proptest::prop_assert!(used.insert((s.header().enc, seq)), "seq {} resealed", seq);
+                    }
+                }
+                2 => in_flight.push(s.reserve(3)),
+                // The oldest write lands and is confirmed.
+                3 if !in_flight.is_empty() => {
+                    let st = in_flight.remove(0);
+                    s.reserved(st.seq_limit());
+                    durable = Some(st);
+                }
+                // The oldest write lands; the process dies before confirming it.
+                4 if !in_flight.is_empty() => durable = Some(in_flight.remove(0)),
+                // Crash: restore the durable state, or start a new session.
+                5 => {
+                    in_flight.clear();
+                    s = match &durable {
+                        Some(st) => DeviceSession::import(st.as_bytes()).unwrap(),
+                        None => DeviceSession::new(BUSINESS, &vb, None).unwrap(),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 #[test]
@@ -281,9 +424,9 @@ fn leaks(debug: &str, secret: &[u8]) -> bool {
 fn debug_shows_no_secret() {
     let mut phone = device(1, 1);
     let vb = VerifiedBundle::new(phone.bundle()).unwrap();
-    let session = DeviceSession::new(BUSINESS, &vb, Some(1)).unwrap();
-    let state = session.export();
-    let secrets = &state[4 + 45..4 + 45 + CONTEXT_SECRETS_BYTES];
+    let mut session = DeviceSession::new(BUSINESS, &vb, Some(1)).unwrap();
+    let state = session.reserve(16);
+    let secrets = &state.as_bytes()[4 + 45..4 + 45 + CONTEXT_SECRETS_BYTES];
     let rs = phone.accept_session(BUSINESS, session.header()).unwrap();
     let (s, r, sk) = pair(b"info");
     let (s_secrets, _) = s.export();
@@ -293,6 +436,7 @@ fn debug_shows_no_secret() {
 
     let debug = [
         format!("{session:?}"),
+        format!("{state:?}"),
         format!("{rs:?}"),
         format!("{s:?}"),
         format!("{r:?}"),
@@ -321,17 +465,39 @@ fn debug_shows_no_secret() {
     // The check would catch a derived Debug of the bytes.
     assert!(leaks(&format!("{:?}", &keys[0][..]), &keys[0]));
     assert!(leaks(&hex::encode(&keys[1]), &keys[1]));
-    // Errors carry numbers only.
-    let errors = [
-        format!("{}", HpkeError::Open),
-        format!("{:?}", SessionError::BadState),
-        format!(
-            "{}",
-            ReplyError::WrongKey {
-                expected: 1,
-                got: 2
-            }
-        ),
+    // Errors of failing operations on these very keys show none of them, in Display
+    // or Debug (their variants hold ids and counts only).
+    let mut rs = rs;
+    let mut ct = Vec::new();
+    session.reserved(state.seq_limit());
+    session
+        .seal_append(&aad(1, 1), b"my secret plaintext", &mut ct)
+        .unwrap();
+    ct[0] ^= 1;
+    let hpke = rs.open(0, &aad(1, 1), &ct).unwrap_err();
+    let mut exhausted = DeviceSession::import(state.as_bytes()).unwrap();
+    let unreserved = exhausted.seal_append(&aad(2, 2), b"x", &mut Vec::new());
+    let wrong_key = BusinessKey::from_bytes(4, &[0x5a; 32]).open_reply(BUSINESS, 1, &reply);
+    let mut forged = reply.clone();
+    forged.ciphertext[0] ^= 1;
+    let forged = business.open_reply(BUSINESS, 1, &forged);
+    let mut bad_bundle = phone.bundle();
+    bad_bundle.one_time_prekeys.clear();
+    bad_bundle.signed_prekey.signature[0] ^= 1;
+    let errors: Vec<Box<dyn std::error::Error>> = vec![
+        Box::new(hpke),
+        Box::new(unreserved.unwrap_err()),
+        Box::new(wrong_key.unwrap_err()),
+        Box::new(forged.unwrap_err()),
+        Box::new(bad_bundle.verify().unwrap_err()),
+        Box::new(phone.accept_session(BUSINESS, session.header()).unwrap_err()),
     ];
-    assert!(errors.iter().all(|e| keys.iter().all(|k| !leaks(e, k))));
+    for e in &errors {
+        for shown in [e.to_string(), format!("{e:?}")] {
+            assert!(!shown.is_empty());
+            for k in &keys {
+                assert!(!leaks(&shown, k), "error {shown} shows secret bytes");
+            }
+        }
+    }
 }

@@ -329,12 +329,10 @@ impl DeviceSession {
         );
         let next_seq = self.context.next_seq();
         match self.seq_limit {
-            Some(seq_limit) if next_seq >= seq_limit => {
-                Err(SessionError::SeqNotReserved {
-                    next_seq,
-                    seq_limit,
-                })
-            }
+            Some(seq_limit) if next_seq >= seq_limit => Err(SessionError::SeqNotReserved {
+                next_seq,
+                seq_limit,
+            }),
             _ => Ok((aad.encode(), next_seq)),
         }
     }

@@ -165,10 +165,7 @@ fn a_session_seals_only_below_its_durable_reservation() {
     };
     assert_eq!(seal_one(&mut s, 6).err(), Some(refused));
     let mut buf = b"untouched".to_vec();
-    assert_eq!(
-        s.seal_in_place(&aad(6, 6), &mut buf).err(),
-        Some(refused)
-    );
+    assert_eq!(s.seal_in_place(&aad(6, 6), &mut buf).err(), Some(refused));
     assert_eq!(buf, b"untouched", "a refused seal leaves the buffer alone");
     // A second state is not a licence until it is durable.
     let second = s.reserve(4);
@@ -490,7 +487,11 @@ fn debug_shows_no_secret() {
         Box::new(wrong_key.unwrap_err()),
         Box::new(forged.unwrap_err()),
         Box::new(bad_bundle.verify().unwrap_err()),
-        Box::new(phone.accept_session(BUSINESS, session.header()).unwrap_err()),
+        Box::new(
+            phone
+                .accept_session(BUSINESS, session.header())
+                .unwrap_err(),
+        ),
     ];
     for e in &errors {
         for shown in [e.to_string(), format!("{e:?}")] {

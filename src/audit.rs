@@ -20,7 +20,8 @@ use std::path::{Path, PathBuf};
 
 use courier_pipeline::log::format::SEGMENT_HEADER_BYTES;
 use courier_pipeline::log::{
-    CorruptionCause, KeyState, Keyring, MasterKey, ScanOutcome, SegmentCodec, SegmentHeader,
+    CorruptionCause, KeyState, Keyring, MasterKey, RecordKind, ScanOutcome, SegmentCodec,
+    SegmentHeader,
 };
 use courier_pipeline::wire::LogPosition;
 
@@ -226,7 +227,7 @@ pub fn shard_dirs(data_dir: &Path) -> Result<Vec<(u16, PathBuf)>, AuditError> {
 }
 
 /// A shard's keyring, or why it cannot be used. `Ok(None)`: no keyring file.
-fn read_keyring(dir: &Path) -> Result<Option<Keyring>, String> {
+pub(crate) fn read_keyring(dir: &Path) -> Result<Option<Keyring>, String> {
     let path = dir.join("keyring");
     match fs::read(&path) {
         Ok(bytes) => Keyring::from_bytes(&bytes)
@@ -237,7 +238,7 @@ fn read_keyring(dir: &Path) -> Result<Option<Keyring>, String> {
     }
 }
 
-fn segment_path(dir: &Path, id: u64) -> PathBuf {
+pub(crate) fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:020}.seg"))
 }
 
@@ -544,14 +545,15 @@ pub fn audit(
     Ok(report)
 }
 
-/// The ids (business, client) of the readable records of one segment, in index order,
-/// up to the first record that does not read; plus why reading stopped early, if it did.
+/// The ids (business, client) and kinds of the readable records of one segment, in
+/// index order, up to the first record that does not read; plus why reading stopped
+/// early, if it did.
 fn segment_ids(
     bytes: &[u8],
     header: SegmentHeader,
     keyring: &Keyring,
     master: &MasterKey,
-) -> (Vec<(u32, u64)>, Option<String>) {
+) -> (Vec<(u32, u64, RecordKind)>, Option<String>) {
     let key = match keyring.data_key(master, header.data_key_id) {
         Ok(k) => k,
         Err(e) => return (Vec::new(), Some(e.to_string())),
@@ -563,7 +565,11 @@ fn segment_ids(
     while offset < bytes.len() as u64 {
         match codec.read_record(bytes, offset, ids.len() as u32) {
             Ok((rec, next)) => {
-                ids.push((rec.header.business_id, rec.header.client_id));
+                ids.push((
+                    rec.header.business_id,
+                    rec.header.client_id,
+                    rec.header.kind,
+                ));
                 offset = next;
             }
             Err(e) => return (ids, Some(e.to_string())),
@@ -572,7 +578,7 @@ fn segment_ids(
     (ids, None)
 }
 
-type LoadedSegment = (u64, Vec<(u32, u64)>, Option<String>);
+type LoadedSegment = (u64, Vec<(u32, u64, RecordKind)>, Option<String>);
 
 fn audit_shard(
     dir: &Path,
@@ -623,8 +629,15 @@ fn audit_shard(
         }
         let (segment_id, ids, stop) = loaded.as_ref().expect("loaded above");
         match ids.get((index - header.first_index) as usize) {
-            Some(&(b, c)) if b == entry.business_id && c == entry.client_id => report.present += 1,
-            Some(&(b, c)) => report.note(Finding::Mismatched {
+            // A status record carries its message's ids: only a message record counts.
+            Some(&(_, _, kind)) if kind != RecordKind::Message => report.note(Finding::Missing {
+                entry,
+                why: format!("the record there is a {kind:?} record, not a message"),
+            }),
+            Some(&(b, c, _)) if b == entry.business_id && c == entry.client_id => {
+                report.present += 1
+            }
+            Some(&(b, c, _)) => report.note(Finding::Mismatched {
                 entry,
                 found_business_id: b,
                 found_client_id: c,

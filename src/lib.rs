@@ -27,6 +27,7 @@ pub mod business_keys;
 pub mod control;
 pub mod metrics;
 pub mod notify;
+pub mod outcomes;
 pub mod serve;
 pub mod shard;
 pub mod signals;

@@ -342,6 +342,90 @@ const SHARD_FAMILIES: &[ShardFamily] = &[
         help: "Detector deltas dropped because a peer shard's inbox was full.",
         read: |c| &c.deltas_dropped,
     },
+    ShardFamily {
+        name: "delivery_pending",
+        kind: "gauge",
+        help: "Messages waiting for delivery (durable, no final status yet), held in memory.",
+        read: |c| &c.delivery_pending,
+    },
+    ShardFamily {
+        name: "delivery_pending_bytes",
+        kind: "gauge",
+        help: "Payload bytes held in memory for waiting messages.",
+        read: |c| &c.delivery_pending_bytes,
+    },
+    ShardFamily {
+        name: "delivery_handoffs_total",
+        kind: "counter",
+        help: "Messages handed to the delivery edge (DELIVER), retransmissions included.",
+        read: |c| &c.delivery_handoffs,
+    },
+    ShardFamily {
+        name: "delivery_retransmissions_total",
+        kind: "counter",
+        help: "Hand-offs of a message after its first (retry_later, ONLINE, outcome timeout, a gone edge).",
+        read: |c| &c.delivery_retransmissions,
+    },
+    ShardFamily {
+        name: "delivery_full_total",
+        kind: "counter",
+        help: "Messages answered throttled because delivery's memory bounds (delivery.pending_max, pending_bytes_max) were full.",
+        read: |c| &c.delivery_full,
+    },
+    ShardFamily {
+        name: "inbound_accepted_total",
+        kind: "counter",
+        help: "Users' replies from the edge made durable and acked.",
+        read: |c| &c.inbound_accepted,
+    },
+    ShardFamily {
+        name: "events_pushed_total",
+        kind: "counter",
+        help: "Events (statuses, replies) pushed to businesses, repeats included.",
+        read: |c| &c.events_pushed,
+    },
+    ShardFamily {
+        name: "events_acked_total",
+        kind: "counter",
+        help: "Events businesses acknowledged.",
+        read: |c| &c.events_acked,
+    },
+    ShardFamily {
+        name: "events_dropped_total",
+        kind: "counter",
+        help: "Events dropped past delivery.events_per_business_max or by retention (they stay in the log).",
+        read: |c| &c.events_dropped,
+    },
+    ShardFamily {
+        name: "events_backlog",
+        kind: "gauge",
+        help: "Events waiting for their business's acknowledgement.",
+        read: |c| &c.events_backlog,
+    },
+    ShardFamily {
+        name: "delivery_statuses_lost_total",
+        kind: "counter",
+        help: "Statuses that could not be recorded because the shard's log had failed.",
+        read: |c| &c.statuses_lost,
+    },
+    ShardFamily {
+        name: "delivery_peer_dropped_total",
+        kind: "counter",
+        help: "Delivery messages between shards dropped because an inbox was full (the owner repeats the work).",
+        read: |c| &c.peer_dropped,
+    },
+];
+
+/// Reads one counter of a shard's figures.
+type ReadCounter = fn(&ShardStats) -> &AtomicU64;
+
+/// Final statuses by kind (`read` follows `delivered`): the label values and counters of
+/// `courier_delivery_outcomes_total`.
+const OUTCOMES: [(&str, ReadCounter); 4] = [
+    ("delivered", |c| &c.delivered),
+    ("read", |c| &c.read),
+    ("failed", |c| &c.failed),
+    ("expired", |c| &c.expired),
 ];
 
 /// Writes every metric in the text exposition format 0.0.4.
@@ -411,10 +495,77 @@ pub fn render(source: &MetricsSource, out: &mut String) {
         );
     }
 
+    delivery(source, now_unix_ms(), w);
     if let Some(t) = &source.idempotency {
         idempotency(&t.stats(), w);
     }
     businesses(source, w);
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Delivery's labelled figures: outcomes by kind, and the age of the oldest waiting
+/// message at `now_unix_ms` (0 when nothing waits).
+fn delivery(source: &MetricsSource, now_unix_ms: u64, w: &mut String) {
+    let help = "Messages that reached a status, by kind: delivered, read (after delivered), \
+                failed, expired.";
+    let _ = writeln!(
+        w,
+        "# HELP courier_delivery_outcomes_total {help} All shards.\n# TYPE courier_delivery_outcomes_total counter"
+    );
+    for (kind, read) in OUTCOMES {
+        let total: u64 = source
+            .counters
+            .iter()
+            .map(|c| read(c).load(Ordering::Relaxed))
+            .sum();
+        let _ = writeln!(
+            w,
+            "courier_delivery_outcomes_total{{kind=\"{kind}\"}} {total}"
+        );
+    }
+    let _ = writeln!(
+        w,
+        "# HELP courier_shard_delivery_outcomes_total {help} Per shard.\n# TYPE courier_shard_delivery_outcomes_total counter"
+    );
+    for (i, c) in source.counters.iter().enumerate() {
+        for (kind, read) in OUTCOMES {
+            let v = read(c).load(Ordering::Relaxed);
+            let _ = writeln!(
+                w,
+                "courier_shard_delivery_outcomes_total{{shard=\"{i}\",kind=\"{kind}\"}} {v}"
+            );
+        }
+    }
+    let age = |c: &ShardStats| match c.delivery_oldest_unix_ms.load(Ordering::Relaxed) {
+        0 => 0,
+        oldest => now_unix_ms.saturating_sub(oldest),
+    };
+    let help = "Age of the oldest message waiting for delivery, seconds (0: none waits).";
+    let oldest = source.counters.iter().map(|c| age(c)).max().unwrap_or(0);
+    let _ = writeln!(
+        w,
+        "# HELP courier_delivery_oldest_pending_age_seconds {help} Oldest of all shards.\n\
+         # TYPE courier_delivery_oldest_pending_age_seconds gauge\n\
+         courier_delivery_oldest_pending_age_seconds {}",
+        seconds(oldest * 1000)
+    );
+    let _ = writeln!(
+        w,
+        "# HELP courier_shard_delivery_oldest_pending_age_seconds {help} Per shard.\n\
+         # TYPE courier_shard_delivery_oldest_pending_age_seconds gauge"
+    );
+    for (i, c) in source.counters.iter().enumerate() {
+        let _ = writeln!(
+            w,
+            "courier_shard_delivery_oldest_pending_age_seconds{{shard=\"{i}\"}} {}",
+            seconds(age(c) * 1000)
+        );
+    }
 }
 
 /// The shared idempotency table's fill and the resend window it holds.
@@ -550,6 +701,15 @@ fn businesses(source: &MetricsSource, w: &mut String) {
             );
         }
     }
+    let backlogs = status.as_ref().map(|s| &s.event_backlogs);
+    let _ = writeln!(
+        w,
+        "# HELP courier_business_event_backlog Events (statuses, replies) waiting for the business's acknowledgement, all shards.\n\
+         # TYPE courier_business_event_backlog gauge"
+    );
+    for (b, n) in backlogs.into_iter().flatten() {
+        let _ = writeln!(w, "courier_business_event_backlog{{business=\"{b}\"}} {n}");
+    }
     let _ = writeln!(
         w,
         "# HELP courier_business_tier_recipients Unique recipients per 24 h the tier in force allows; absent for unlimited.\n\
@@ -579,8 +739,15 @@ mod tests {
         counters[1].accepted.store(4, Ordering::Relaxed);
         counters[0].ack_latency.observe(Duration::from_micros(700));
         counters[1].ack_latency.observe(Duration::from_secs(3));
+        counters[0].delivered.store(5, Ordering::Relaxed);
+        counters[1].delivered.store(6, Ordering::Relaxed);
+        counters[1].failed.store(2, Ordering::Relaxed);
+        counters[0].delivery_pending.store(9, Ordering::Relaxed);
+        counters[1]
+            .delivery_oldest_unix_ms
+            .store(now_unix_ms() - 90_000, Ordering::Relaxed);
         let status = StatusFile {
-            event_backlogs: Default::default(),
+            event_backlogs: [(7, 4)].into(),
             updated_unix_ms: 1,
             shards_reporting: 2,
             shards: 2,
@@ -646,6 +813,26 @@ mod tests {
         ));
         assert!(has("courier_business_tier_recipients{business=\"7\"} 2000"));
         assert!(!out.contains("courier_business_tier_recipients{business=\"8\"}"));
+        assert!(has(
+            "courier_delivery_outcomes_total{kind=\"delivered\"} 11"
+        ));
+        assert!(has("courier_delivery_outcomes_total{kind=\"failed\"} 2"));
+        assert!(has(
+            "courier_shard_delivery_outcomes_total{shard=\"1\",kind=\"delivered\"} 6"
+        ));
+        assert!(has("courier_delivery_pending 9"));
+        assert!(has("courier_business_event_backlog{business=\"7\"} 4"));
+        assert!(!out.contains("courier_business_event_backlog{business=\"8\"}"));
+        assert!(has(
+            "courier_shard_delivery_oldest_pending_age_seconds{shard=\"0\"} 0"
+        ));
+        let age: f64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("courier_delivery_oldest_pending_age_seconds "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((90.0..100.0).contains(&age), "{age}");
         // Every family is declared once, before its samples.
         let mut declared = std::collections::HashSet::new();
         for l in out.lines() {

@@ -37,11 +37,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use courier_pipeline::wire::{self, code, Status, Welcome, WireError};
+use courier_pipeline::wire::delivery::features;
+use courier_pipeline::wire::{self, code, LogPosition, Status, Welcome, WireError};
 use quinn::{ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::events::EventStream;
 use crate::session::{AckQueue, Hello, PushRefused, Session, SessionError};
+use crate::subscription::{self, Control, EventReceiver, IncomingRx};
 use crate::tls::{self, ServerTrust};
 
 /// How long `connect` waits for the handshake and the WELCOME together.
@@ -198,6 +201,14 @@ pub enum ClientError {
     /// The client was closed; the batch was not (or not completely) answered.
     #[error("the client is closed")]
     Closed,
+    /// The server did not grant the delivery feature this needs (events for a business,
+    /// deliveries for a platform credential), or the connection did not ask for it.
+    #[error("the server did not grant the delivery feature this needs")]
+    FeatureRefused,
+    /// The event stream (the HELLO stream of a connection with delivery features) ended
+    /// or broke; holds why. Reconnect to hear events again.
+    #[error("the event stream ended: {0}")]
+    EventStreamEnded(Arc<ClientError>),
 }
 
 impl From<SessionError> for ClientError {
@@ -229,7 +240,7 @@ impl ClientError {
     }
 }
 
-fn connection_error(e: ConnectionError) -> ClientError {
+pub(crate) fn connection_error(e: ConnectionError) -> ClientError {
     match &e {
         ConnectionError::ApplicationClosed(c)
             if c.error_code == VarInt::from_u32(code::UNAUTHORIZED) =>
@@ -241,7 +252,7 @@ fn connection_error(e: ConnectionError) -> ClientError {
     }
 }
 
-fn read_error(e: ReadError) -> ClientError {
+pub(crate) fn read_error(e: ReadError) -> ClientError {
     match e {
         ReadError::Reset(code) => ClientError::StreamReset {
             code: code.into_inner(),
@@ -253,7 +264,7 @@ fn read_error(e: ReadError) -> ClientError {
     }
 }
 
-fn write_error(e: WriteError) -> ClientError {
+pub(crate) fn write_error(e: WriteError) -> ClientError {
     match e {
         WriteError::Stopped(code) => ClientError::StreamReset {
             code: code.into_inner(),
@@ -274,6 +285,8 @@ pub struct Client {
     next_lane: AtomicUsize,
     next_batch_id: AtomicU64,
     frames: Arc<FramePool>,
+    /// The HELLO stream's writer, when delivery features were granted.
+    control: Option<Control>,
 }
 
 impl std::fmt::Debug for Client {
@@ -318,7 +331,45 @@ impl Reply {
 impl Client {
     /// Connects, authenticates with HELLO and waits for WELCOME (at most
     /// [`WELCOME_TIMEOUT`]). Submit streams are opened on first use.
+    ///
+    /// This is wire v1's HELLO (version 1): the connection submits and hears ACKs, and
+    /// never receives statuses or replies. [`Client::connect_with_events`] asks for them.
     pub async fn connect(cfg: &ClientConfig) -> Result<Client, ClientError> {
+        Ok(Client::connect_inner(cfg, None, 0).await?.0)
+    }
+
+    /// Connects as [`Client::connect`] does, with HELLO version 2 asking for the EVENTS
+    /// feature: the business's statuses and its users' replies come out of the returned
+    /// [`EventReceiver`], each at least once until acknowledged with
+    /// [`Client::ack_events`]. Fails with [`ClientError::FeatureRefused`] when the
+    /// server grants no events (a platform credential, say).
+    ///
+    /// Up to `buffered_frames` pushes wait in the receiver; past that the client stops
+    /// reading them and QUIC flow control holds the server back.
+    pub async fn connect_with_events(
+        cfg: &ClientConfig,
+        buffered_frames: usize,
+    ) -> Result<(Client, EventReceiver), ClientError> {
+        let (client, events) =
+            Client::connect_inner(cfg, Some(features::EVENTS), buffered_frames).await?;
+        match events {
+            Some(rx) if client.session.features() & features::EVENTS != 0 => {
+                Ok((client, EventReceiver::new(rx)))
+            }
+            _ => {
+                client.close().await;
+                Err(ClientError::FeatureRefused)
+            }
+        }
+    }
+
+    /// Connects and, when `features` is given, keeps the HELLO stream for events (a
+    /// channel of at most `buffered` pushes).
+    pub(crate) async fn connect_inner(
+        cfg: &ClientConfig,
+        features: Option<u32>,
+        buffered: usize,
+    ) -> Result<(Client, Option<IncomingRx>), ClientError> {
         if cfg.streams == 0 || cfg.streams > STREAMS_MAX {
             return Err(ClientError::Config("streams must be in 1..=1024"));
         }
@@ -338,18 +389,22 @@ impl Client {
             (Ipv6Addr::UNSPECIFIED, 0).into()
         };
         let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Bind(Arc::new(e)))?;
-        let (connection, session) =
-            match tokio::time::timeout(WELCOME_TIMEOUT, handshake(&endpoint, cfg)).await {
-                Ok(Ok(done)) => done,
-                Ok(Err(e)) => {
-                    endpoint.close(VarInt::from_u32(code::CLOSE_OK), b"");
-                    return Err(e);
-                }
-                Err(_) => {
-                    endpoint.close(VarInt::from_u32(code::CLOSE_OK), b"");
-                    return Err(ClientError::WelcomeTimeout(WELCOME_TIMEOUT));
-                }
-            };
+        let (connection, session, halves) = match tokio::time::timeout(
+            WELCOME_TIMEOUT,
+            handshake(&endpoint, cfg, features),
+        )
+        .await
+        {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => {
+                endpoint.close(VarInt::from_u32(code::CLOSE_OK), b"");
+                return Err(e);
+            }
+            Err(_) => {
+                endpoint.close(VarInt::from_u32(code::CLOSE_OK), b"");
+                return Err(ClientError::WelcomeTimeout(WELCOME_TIMEOUT));
+            }
+        };
         let lanes = (0..cfg.streams)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(cfg.batches_in_flight_per_stream);
@@ -365,7 +420,14 @@ impl Client {
                 }
             })
             .collect();
-        Ok(Client {
+        let (control, incoming) = match halves {
+            Some(h) => {
+                let (control, rx) = subscription::start(h, buffered);
+                (Some(control), Some(rx))
+            }
+            None => (None, None),
+        };
+        let client = Client {
             endpoint,
             connection,
             session,
@@ -373,7 +435,9 @@ impl Client {
             next_lane: AtomicUsize::new(0),
             next_batch_id: AtomicU64::new(1),
             frames: FramePool::new(cfg.streams * cfg.batches_in_flight_per_stream),
-        })
+            control,
+        };
+        Ok((client, incoming))
     }
 
     /// Moves the connection to a fresh local UDP socket (a new port), as a client behind
@@ -425,6 +489,35 @@ impl Client {
         let frame = encode_batch(&self.session, batch_id, &batch, &self.frames)?;
         let count = batch.len();
         drop(batch);
+        self.send_job(frame, batch_id, count).await
+    }
+
+    /// Submits one batch whose messages live `ttl_secs` (SUBMIT_TTL; 0: the relay's
+    /// default, which is also what [`Client::submit`] gets). A message not delivered by
+    /// then is reported `expired`. The relay caps the time at its `delivery.ttl_max_secs`.
+    pub async fn submit_ttl(
+        &self,
+        batch: Vec<OutgoingMessage>,
+        ttl_secs: u32,
+    ) -> Result<Vec<Status>, ClientError> {
+        if let Some(reason) = self.connection.close_reason() {
+            return Err(connection_error(reason));
+        }
+        let batch_id = self.next_batch_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = BytesMut::new();
+        self.session
+            .encode_submit_ttl(batch_id, ttl_secs, &batch, &mut frame)?;
+        self.send_job(frame.freeze(), batch_id, batch.len()).await
+    }
+
+    /// Sends an encoded frame answered by one ACK of `count` statuses (SUBMIT,
+    /// SUBMIT_TTL, INBOUND) on the least-loaded lane and waits for its answer.
+    pub(crate) async fn send_job(
+        &self,
+        frame: Bytes,
+        batch_id: u64,
+        count: usize,
+    ) -> Result<Vec<Status>, ClientError> {
         let lane = self.pick_lane();
         let permit = lane
             .permits
@@ -444,6 +537,44 @@ impl Client {
         };
         lane.jobs.send(job).await.map_err(|_| ClientError::Closed)?;
         answer.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// A fresh batch id for this connection.
+    pub(crate) fn next_batch_id(&self) -> u64 {
+        self.next_batch_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The session (WELCOME's bounds and features).
+    pub(crate) fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Whether the connection is closed (by either side), and why.
+    pub fn close_reason(&self) -> Option<ClientError> {
+        self.connection.close_reason().map(connection_error)
+    }
+
+    /// Acknowledges events (statuses, replies) heard on the [`EventReceiver`]: the
+    /// server stops pushing them and records how far the business got, so they are not
+    /// pushed again after a reconnect or a restart (a copy may still come when this
+    /// acknowledgement is lost; drop it by its event id). Acknowledge an event only once
+    /// it is handled: the server keeps it only until then.
+    pub async fn ack_events(&self, events: &[LogPosition]) -> Result<(), ClientError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let control = self.control_for(features::EVENTS)?;
+        let mut out = BytesMut::new();
+        crate::events::encode_event_acks(&self.session, events, &mut out);
+        control.send(out.freeze()).await
+    }
+
+    /// The HELLO stream's writer, when `feature` was granted.
+    pub(crate) fn control_for(&self, feature: u32) -> Result<&Control, ClientError> {
+        if self.session.features() & feature == 0 {
+            return Err(ClientError::FeatureRefused);
+        }
+        self.control.as_ref().ok_or(ClientError::FeatureRefused)
     }
 
     /// Sends one REPORT frame (spam reports) on a stream of its own and waits at most
@@ -653,18 +784,32 @@ impl FramePool {
     }
 }
 
-/// Opens the connection, sends HELLO, reads WELCOME, then releases the HELLO stream so
-/// that it does not hold one of the server's stream slots.
+/// The HELLO stream of a connection granted delivery features, kept open for events:
+/// its halves and the event decoder (holding what followed WELCOME).
+pub(crate) struct EventHalves {
+    pub(crate) send: SendStream,
+    pub(crate) recv: RecvStream,
+    pub(crate) stream: EventStream,
+}
+
+/// Opens the connection, sends HELLO (version 2 asking for `features` when given), reads
+/// WELCOME. Without features, or when none was granted, it then releases the HELLO stream
+/// so that it does not hold one of the server's stream slots; with features granted it
+/// keeps it for events.
 async fn handshake(
     endpoint: &quinn::Endpoint,
     cfg: &ClientConfig,
-) -> Result<(quinn::Connection, Session), ClientError> {
+    features: Option<u32>,
+) -> Result<(quinn::Connection, Session, Option<EventHalves>), ClientError> {
     let connecting =
         endpoint.connect_with(tls::client_config(&cfg.trust), cfg.server, &cfg.server_name)?;
     let connection = connecting.await.map_err(connection_error)?;
     let (mut send, mut recv) = connection.open_bi().await.map_err(connection_error)?;
     let mut hello_frame = BytesMut::new();
-    let mut hello = Hello::new(cfg.token.as_bytes(), &mut hello_frame)?;
+    let mut hello = match features {
+        None => Hello::new(cfg.token.as_bytes(), &mut hello_frame)?,
+        Some(f) => Hello::with_features(cfg.token.as_bytes(), f, &mut hello_frame)?,
+    };
     send.write_all(&hello_frame).await.map_err(write_error)?;
     let session = loop {
         match recv.read_chunk(READ_CHUNK_BYTES, true).await {
@@ -677,10 +822,18 @@ async fn handshake(
             Err(e) => return Err(read_error(e)),
         }
     };
+    if features.is_some() && session.features() != 0 {
+        let stream = EventStream::new(&session, &hello.leftover())?;
+        return Ok((
+            connection,
+            session,
+            Some(EventHalves { send, recv, stream }),
+        ));
+    }
     // Done with the HELLO stream: finishing our side and stopping theirs closes it fully.
     let _ = send.finish();
     let _ = recv.stop(VarInt::from_u32(code::CLOSE_OK));
-    Ok((connection, session))
+    Ok((connection, session, None))
 }
 
 /// The state one stream's writer and reader share.
@@ -865,7 +1018,7 @@ async fn read_acks(mut recv: RecvStream, shared: Arc<StreamShared>) {
 
 /// Stops the server's half of a stream that broke by a frame, with the code that names
 /// why (see `wire::code`).
-fn stopped(recv: &mut RecvStream, e: SessionError) -> ClientError {
+pub(crate) fn stopped(recv: &mut RecvStream, e: SessionError) -> ClientError {
     if let Some(c) = e.stop_code() {
         let _ = recv.stop(VarInt::from_u32(c));
     }

@@ -14,6 +14,11 @@
 //!                ▼
 //!  courier_pipeline::wire (the codec the server decodes with)
 //!
+//!  delivery (HELLO version 2; wire v1 clients are unchanged):
+//!    Client::connect_with_events ── EventReceiver: statuses and users' replies,
+//!                                   Client::ack_events (events: the sans-IO decoder)
+//!    edge::DeliveryEdge ── Deliveries: DELIVERs within a credit window;
+//!                          outcomes, online, inbound (ACKed like SUBMIT)
 //!  tls: ServerTrust (pin the server's certificate, or loopback-only insecure) -> quinn config
 //!  send: a JSON Lines file, validated whole, sent pipelined, resumable (state file)
 //!  progress: the one-line progress display of `courier send` and `courier-loadgen`
@@ -24,10 +29,15 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod edge;
+pub mod events;
 pub mod progress;
 pub mod send;
 pub mod session;
+pub mod subscription;
 pub mod tls;
 
 pub use client::{Client, ClientConfig, ClientError, OutgoingMessage, ReportOutcome, Retried};
+pub use edge::DeliveryEdge;
+pub use subscription::{Deliveries, EventReceiver};
 pub use tls::ServerTrust;

@@ -30,13 +30,16 @@
 use std::collections::VecDeque;
 
 use bytes::BytesMut;
+use courier_pipeline::wire::delivery::InboundEntry;
 use courier_pipeline::wire::{
     self, Frame, FrameDecoder, Message, OutMessage, ReportEntry, Status, Welcome, WireError,
     WireLimits,
 };
 
-/// The WELCOME body is 16 bytes; nothing larger is accepted on the HELLO stream.
+/// The WELCOME body answering HELLO version 1 is 16 bytes.
 const WELCOME_BODY_BYTES: u32 = 16;
+/// The WELCOME body answering HELLO version 2 is 20 bytes (the features granted).
+const WELCOME_V2_BODY_BYTES: u32 = 20;
 /// Most batches one stream may have pending (a bound on [`Session::ack_queue`]'s depth).
 pub const PENDING_PER_STREAM_MAX: usize = 4096;
 
@@ -109,46 +112,122 @@ impl SessionError {
 }
 
 /// A connection waiting for WELCOME on its HELLO stream.
+///
+/// HELLO version 1 ([`Hello::new`]) is what every client before delivery sent: the
+/// server answers with a 16-byte WELCOME and the stream is done. HELLO version 2
+/// ([`Hello::with_features`]) asks for delivery features; the server answers with a
+/// 20-byte WELCOME stating the features granted and, when any was granted, keeps the
+/// stream open for events (see [`crate::events`]): bytes that follow WELCOME in the
+/// same read are kept for them ([`Hello::leftover`]).
 #[derive(Debug)]
 pub struct Hello {
-    decoder: FrameDecoder,
+    /// Bytes of the stream not yet used: WELCOME while incomplete, then what followed it.
+    buf: Vec<u8>,
+    /// The features asked for; `None`: HELLO version 1.
+    asked: Option<u32>,
+    done: bool,
 }
 
 impl Hello {
-    /// Encodes HELLO with `token` into `out` (for the connection's first stream).
+    /// Encodes HELLO version 1 with `token` into `out` (for the connection's first stream).
     pub fn new(token: &[u8], out: &mut BytesMut) -> Result<Hello, SessionError> {
-        if token.len() > wire::TOKEN_BYTES_MAX {
-            return Err(SessionError::TokenTooLong {
-                max: wire::TOKEN_BYTES_MAX,
-            });
-        }
+        check_token(token)?;
         wire::encode_hello(token, out);
         Ok(Hello {
-            decoder: FrameDecoder::new(WireLimits {
-                frame_bytes_max: WELCOME_BODY_BYTES,
-                batch_messages_max: 1,
-            }),
+            buf: Vec::new(),
+            asked: None,
+            done: false,
+        })
+    }
+
+    /// Encodes HELLO version 2 asking for `features` (see
+    /// [`wire::delivery::features`]) into `out`.
+    pub fn with_features(
+        token: &[u8],
+        features: u32,
+        out: &mut BytesMut,
+    ) -> Result<Hello, SessionError> {
+        check_token(token)?;
+        wire::encode_hello_features(token, features, out);
+        Ok(Hello {
+            buf: Vec::new(),
+            asked: Some(features),
+            done: false,
         })
     }
 
     /// Takes bytes the server sent on the HELLO stream; the session once WELCOME is
-    /// complete. Bytes after WELCOME are not looked at (the caller releases the stream).
+    /// complete. Bytes after WELCOME are kept for [`Hello::leftover`] (events may follow
+    /// a version 2 WELCOME at once); nothing more is taken after it.
     pub fn handle_data(&mut self, data: &[u8]) -> Result<Option<Session>, SessionError> {
-        self.decoder.push(data);
-        match self.decoder.next_frame()? {
-            None => Ok(None),
-            Some(Frame::Welcome(w)) => Session::new(w).map(Some),
-            Some(_) => Err(SessionError::Protocol("expected WELCOME")),
+        if self.done {
+            return Err(SessionError::Protocol("data after WELCOME given to Hello"));
         }
+        // At most one WELCOME frame plus one read is buffered: the header is checked as
+        // soon as its 5 bytes are in.
+        self.buf.extend_from_slice(data);
+        if self.buf.len() < wire::FRAME_HEADER_BYTES {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes"));
+        let ty = self.buf[4];
+        if ty != wire::frame_type::WELCOME {
+            return Err(SessionError::Protocol("expected WELCOME"));
+        }
+        let want = match self.asked {
+            None => WELCOME_BODY_BYTES,
+            Some(_) => WELCOME_V2_BODY_BYTES,
+        };
+        if len != want {
+            return Err(SessionError::Wire(WireError::Malformed {
+                frame: "WELCOME",
+                what: "body length does not answer the HELLO version sent",
+            }));
+        }
+        let end = wire::FRAME_HEADER_BYTES + len as usize;
+        if self.buf.len() < end {
+            return Ok(None);
+        }
+        let body = bytes::Bytes::copy_from_slice(&self.buf[wire::FRAME_HEADER_BYTES..end]);
+        self.buf.drain(..end);
+        self.done = true;
+        let Frame::Welcome(w) = wire::decode_body(ty, body, &WireLimits::PERMISSIVE)? else {
+            unreachable!("a WELCOME body decodes to WELCOME");
+        };
+        if let (Some(asked), Some(granted)) = (self.asked, w.features) {
+            if granted & !asked != 0 {
+                return Err(SessionError::Protocol(
+                    "WELCOME grants a feature not asked for",
+                ));
+            }
+        }
+        Session::new(w).map(Some)
+    }
+
+    /// The bytes that followed WELCOME in the reads given to [`Hello::handle_data`].
+    pub fn leftover(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
     }
 
     /// The server ended the HELLO stream before WELCOME.
     pub fn handle_finish(&self) -> SessionError {
-        match self.decoder.finish() {
-            Ok(()) => SessionError::StreamEnded,
-            Err(e) => SessionError::Wire(e),
+        if self.buf.is_empty() {
+            SessionError::StreamEnded
+        } else {
+            SessionError::Wire(WireError::Truncated {
+                buffered: self.buf.len(),
+            })
         }
     }
+}
+
+fn check_token(token: &[u8]) -> Result<(), SessionError> {
+    if token.len() > wire::TOKEN_BYTES_MAX {
+        return Err(SessionError::TokenTooLong {
+            max: wire::TOKEN_BYTES_MAX,
+        });
+    }
+    Ok(())
 }
 
 /// An authenticated connection: the bounds the server stated in WELCOME, and what
@@ -170,6 +249,11 @@ impl Session {
     /// The bounds the server stated.
     pub fn welcome(&self) -> Welcome {
         self.welcome
+    }
+
+    /// The delivery features the server granted (0: none, or a version 1 WELCOME).
+    pub fn features(&self) -> u32 {
+        self.welcome.features.unwrap_or(0)
     }
 
     /// Checks `batch` against the WELCOME bounds; returns the body bytes of its SUBMIT.
@@ -233,6 +317,84 @@ impl Session {
         let start = out.len();
         out.reserve(wire::FRAME_HEADER_BYTES + body_bytes);
         wire::encode_submit_into(batch_id, &messages, out);
+        debug_assert_eq!(out.len() - start, wire::FRAME_HEADER_BYTES + body_bytes);
+        Ok(())
+    }
+
+    /// Checks `batch` and appends its SUBMIT_TTL frame to `out`: the messages live
+    /// `ttl_secs` (0: the relay's default; the relay caps it at its own maximum).
+    pub fn encode_submit_ttl(
+        &self,
+        batch_id: u64,
+        ttl_secs: u32,
+        batch: &[Message],
+        out: &mut BytesMut,
+    ) -> Result<(), SessionError> {
+        let body_bytes = self.check(batch)? + 4;
+        if body_bytes > self.welcome.frame_bytes_max as usize {
+            return Err(SessionError::FrameTooLarge {
+                bytes: body_bytes,
+                max: self.welcome.frame_bytes_max,
+            });
+        }
+        let messages: Vec<OutMessage<'_>> = batch
+            .iter()
+            .map(|m| OutMessage {
+                client_id: m.client_id,
+                recipient: &m.recipient,
+                payload: &m.payload,
+            })
+            .collect();
+        wire::delivery::encode_submit_ttl(batch_id, ttl_secs, &messages, out);
+        Ok(())
+    }
+
+    /// Checks users' replies (an edge's INBOUND batch) against the WELCOME bounds and
+    /// appends the INBOUND frame to `out`; it is answered by one ACK, like SUBMIT.
+    pub fn encode_inbound(
+        &self,
+        batch_id: u64,
+        entries: &[InboundEntry],
+        out: &mut BytesMut,
+    ) -> Result<(), SessionError> {
+        let w = &self.welcome;
+        if entries.is_empty() {
+            return Err(SessionError::EmptyBatch);
+        }
+        if entries.len() > w.batch_messages_max as usize {
+            return Err(SessionError::BatchTooLarge {
+                count: entries.len(),
+                max: w.batch_messages_max,
+            });
+        }
+        if let Some((index, e)) = entries
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.payload.len() > w.payload_bytes_max as usize)
+        {
+            return Err(SessionError::PayloadTooLarge {
+                index,
+                bytes: e.payload.len(),
+                max: w.payload_bytes_max,
+            });
+        }
+        let body_bytes = wire::BATCH_HEADER_BYTES
+            + entries
+                .iter()
+                .map(|e| {
+                    wire::delivery::INBOUND_ENTRY_FIXED_BYTES
+                        + e.sender.as_bytes().len()
+                        + e.payload.len()
+                })
+                .sum::<usize>();
+        if body_bytes > w.frame_bytes_max as usize {
+            return Err(SessionError::FrameTooLarge {
+                bytes: body_bytes,
+                max: w.frame_bytes_max,
+            });
+        }
+        let start = out.len();
+        wire::delivery::encode_inbound(batch_id, entries, out);
         debug_assert_eq!(out.len() - start, wire::FRAME_HEADER_BYTES + body_bytes);
         Ok(())
     }
@@ -484,6 +646,115 @@ mod tests {
         }
         let s = hello.handle_data(&w[w.len() - 1..]).unwrap().unwrap();
         assert_eq!(s.welcome(), welcome());
+    }
+
+    #[test]
+    fn hello_v2_asks_for_features_and_keeps_what_follows_welcome() {
+        let mut out = BytesMut::new();
+        let mut hello = Hello::with_features(b"c1.1.token", 0x1, &mut out).unwrap();
+        let mut d = FrameDecoder::new(WireLimits::PERMISSIVE);
+        d.push(&out);
+        let Some(Frame::Hello {
+            version, features, ..
+        }) = d.next_frame().unwrap()
+        else {
+            panic!("not a HELLO");
+        };
+        assert_eq!((version, features), (wire::VERSION_FEATURES, 0x1));
+        let v2 = Welcome {
+            features: Some(0x1),
+            ..welcome()
+        };
+        let mut w = BytesMut::new();
+        wire::encode_welcome(&v2, &mut w);
+        assert_eq!(
+            w.len(),
+            wire::FRAME_HEADER_BYTES + 20,
+            "a version 2 WELCOME"
+        );
+        w.extend_from_slice(b"\x07\x00");
+        let (head, tail) = w.split_at(9);
+        assert_eq!(hello.handle_data(head).unwrap(), None);
+        let s = hello.handle_data(tail).unwrap().unwrap();
+        assert_eq!((s.welcome(), s.features()), (v2, 0x1));
+        assert_eq!(hello.leftover(), b"\x07\x00", "the start of an event frame");
+        assert!(hello.handle_data(b"x").is_err(), "Hello is done");
+        // A feature not asked for, or a WELCOME of the other version, is refused.
+        let mut hello = Hello::with_features(b"t", 0x1, &mut out).unwrap();
+        let mut w = BytesMut::new();
+        wire::encode_welcome(
+            &Welcome {
+                features: Some(0x3),
+                ..welcome()
+            },
+            &mut w,
+        );
+        assert!(matches!(
+            hello.handle_data(&w),
+            Err(SessionError::Protocol(_))
+        ));
+        let mut v1 = Hello::new(b"t", &mut out).unwrap();
+        assert!(matches!(v1.handle_data(&w), Err(SessionError::Wire(_))));
+        assert_eq!(
+            session().features(),
+            0,
+            "a version 1 WELCOME grants nothing"
+        );
+    }
+
+    #[test]
+    fn submit_ttl_and_inbound_are_checked_against_welcome_and_decode_back() {
+        use courier_pipeline::wire::delivery::DeliveryFrame;
+        let s = session();
+        let mut out = BytesMut::new();
+        s.encode_submit_ttl(3, 60, &[msg(1, b"hi")], &mut out)
+            .unwrap();
+        let entry = |payload: &'static [u8]| InboundEntry {
+            id: 1,
+            business_id: 7,
+            sender: Recipient::parse(b"+15550000002").unwrap(),
+            payload: Bytes::from_static(payload),
+        };
+        s.encode_inbound(4, &[entry(b"yes")], &mut out).unwrap();
+        let mut d = FrameDecoder::new(WireLimits::PERMISSIVE);
+        d.push(&out);
+        let Some(Frame::Delivery(DeliveryFrame::SubmitTtl {
+            batch_id: 3,
+            ttl_secs: 60,
+            messages,
+        })) = d.next_frame().unwrap()
+        else {
+            panic!("not a SUBMIT_TTL");
+        };
+        assert_eq!(messages[0].client_id, 1);
+        let Some(Frame::Delivery(DeliveryFrame::Inbound {
+            batch_id: 4,
+            entries,
+        })) = d.next_frame().unwrap()
+        else {
+            panic!("not an INBOUND");
+        };
+        assert_eq!(entries, vec![entry(b"yes")]);
+        let mut out = BytesMut::new();
+        assert_eq!(
+            s.encode_inbound(5, &[], &mut out),
+            Err(SessionError::EmptyBatch)
+        );
+        assert!(matches!(
+            s.encode_inbound(5, &[entry(b"01234567890")], &mut out),
+            Err(SessionError::PayloadTooLarge { index: 0, .. })
+        ));
+        let five: Vec<InboundEntry> = (0..5).map(|_| entry(b"x")).collect();
+        assert!(matches!(
+            s.encode_inbound(5, &five, &mut out),
+            Err(SessionError::BatchTooLarge { count: 5, max: 4 })
+        ));
+        let four: Vec<_> = (0..4).map(|i| msg(i, b"0123456789")).collect();
+        assert!(matches!(
+            s.encode_submit_ttl(6, 1, &four, &mut out),
+            Err(SessionError::FrameTooLarge { .. })
+        ));
+        assert!(out.is_empty(), "a refused batch encodes nothing");
     }
 
     #[test]

@@ -42,6 +42,7 @@ use crate::report::{
     self, Cpu, Detection, Duplicates, LoadReport, Percentiles, Reports, Second, SenderReport,
 };
 use crate::scenario::{Plan, SenderPlan};
+use crate::tracking::Tracker;
 use crate::traffic::{filler, zipf_table, RecipientGen, RecipientSpec, Schedule, XorShift};
 use crate::{CLIENT_ID_COUNTER_BITS, LATENCY_US_MAX};
 use courier_client::{Client, ClientError, OutgoingMessage, ReportOutcome};
@@ -70,6 +71,16 @@ pub trait Transport: Send + Sync + 'static {
         &self,
         batch: Vec<OutgoingMessage>,
     ) -> BoxFuture<'_, Result<Vec<Status>, ClientError>>;
+    /// Submits a batch whose messages live `ttl_secs` (SUBMIT_TTL); 0 is the relay's
+    /// default, a plain SUBMIT. Transports without a time to live submit plainly.
+    fn submit_ttl(
+        &self,
+        batch: Vec<OutgoingMessage>,
+        ttl_secs: u32,
+    ) -> BoxFuture<'_, Result<Vec<Status>, ClientError>> {
+        let _ = ttl_secs;
+        self.submit(batch)
+    }
     /// Sends one REPORT frame on a stream of its own.
     fn report(
         &self,
@@ -93,6 +104,17 @@ impl Transport for Client {
         batch: Vec<OutgoingMessage>,
     ) -> BoxFuture<'_, Result<Vec<Status>, ClientError>> {
         Box::pin(Client::submit(self, batch))
+    }
+    fn submit_ttl(
+        &self,
+        batch: Vec<OutgoingMessage>,
+        ttl_secs: u32,
+    ) -> BoxFuture<'_, Result<Vec<Status>, ClientError>> {
+        if ttl_secs == 0 {
+            Box::pin(Client::submit(self, batch))
+        } else {
+            Box::pin(Client::submit_ttl(self, batch, ttl_secs))
+        }
     }
     fn report(
         &self,
@@ -208,6 +230,10 @@ pub struct RunOptions {
     /// connects and sends on `workers[i % len]` (see [`crate::Workers`]). Empty: the
     /// caller's runtime.
     pub workers: Vec<tokio::runtime::Handle>,
+    /// Seconds every message lives (SUBMIT_TTL); 0: the relay's default (plain SUBMIT).
+    pub ttl_secs: u32,
+    /// Where accepted messages are recorded for a delivery run (`--deliver`).
+    pub tracker: Option<Arc<Tracker>>,
 }
 
 impl RunOptions {
@@ -226,6 +252,7 @@ impl std::fmt::Debug for RunOptions {
             .field("in_flight", &self.in_flight)
             .field("seed", &self.seed)
             .field("workers", &self.workers.len())
+            .field("ttl_secs", &self.ttl_secs)
             .finish_non_exhaustive()
     }
 }
@@ -245,6 +272,8 @@ impl Default for RunOptions {
             drain_timeout: crate::DRAIN_TIMEOUT,
             reporter: None,
             workers: Vec::new(),
+            ttl_secs: 0,
+            tracker: None,
         }
     }
 }
@@ -359,6 +388,8 @@ struct Shared {
     backlog_secs_max: f64,
     in_flight: usize,
     drain_timeout: Duration,
+    ttl_secs: u32,
+    tracker: Option<Arc<Tracker>>,
 }
 
 impl Shared {
@@ -525,6 +556,9 @@ fn tally_answer(
         window.saturating_record(us);
         match *st {
             Status::Accepted(pos) => {
+                if let Some(tracker) = &sh.tracker {
+                    tracker.accepted(pos, m.intended);
+                }
                 t.accepted += 1;
                 t.accepted_bytes += u64::from(m.bytes);
                 accepted_now += 1;
@@ -601,11 +635,12 @@ async fn submit_retrying(
     t: &dyn Transport,
     batch: Vec<OutgoingMessage>,
     rounds: u32,
+    ttl_secs: u32,
 ) -> Result<Vec<Status>, ClientError> {
     if rounds <= 1 {
-        return t.submit(batch).await;
+        return t.submit_ttl(batch, ttl_secs).await;
     }
-    let mut last = t.submit(batch.clone()).await?;
+    let mut last = t.submit_ttl(batch.clone(), ttl_secs).await?;
     for _ in 1..rounds {
         let todo: Vec<usize> = (0..last.len())
             .filter(|&i| matches!(last[i], Status::Throttled { .. }))
@@ -625,7 +660,7 @@ async fn submit_retrying(
         )
         .await;
         let again = t
-            .submit(todo.iter().map(|&i| batch[i].clone()).collect())
+            .submit_ttl(todo.iter().map(|&i| batch[i].clone()).collect(), ttl_secs)
             .await?;
         for (&i, st) in todo.iter().zip(again) {
             last[i] = st;
@@ -700,13 +735,15 @@ async fn open_loop(
         let (sh2, s2, t2) = (sh.clone(), s.clone(), t.clone());
         tasks.spawn(async move {
             let rounds = s2.plan.retry_rounds;
-            let answer =
-                match tokio::time::timeout_at(give_up_at, submit_retrying(&*t2, batch, rounds))
-                    .await
-                {
-                    Ok(a) => a,
-                    Err(_) => Err(ClientError::Closed),
-                };
+            let answer = match tokio::time::timeout_at(
+                give_up_at,
+                submit_retrying(&*t2, batch, rounds, sh2.ttl_secs),
+            )
+            .await
+            {
+                Ok(a) => a,
+                Err(_) => Err(ClientError::Closed),
+            };
             record(&sh2, &s2, &metas, answer).await;
             drop(permit);
         });
@@ -757,7 +794,7 @@ async fn closed_loop(sh: Arc<Shared>, s: Arc<SenderShared>, t: Arc<dyn Transport
         sh.sent.fetch_add(n, Ordering::Relaxed);
         let answer = match tokio::time::timeout_at(
             give_up_at,
-            submit_retrying(&*t, batch, s.plan.retry_rounds),
+            submit_retrying(&*t, batch, s.plan.retry_rounds, sh.ttl_secs),
         )
         .await
         {
@@ -930,6 +967,8 @@ pub async fn drive(duration: Duration, senders: Vec<SenderRun>, opts: &RunOption
         backlog_secs_max: opts.backlog_secs_max,
         in_flight: opts.in_flight.max(1),
         drain_timeout: opts.drain_timeout,
+        ttl_secs: opts.ttl_secs,
+        tracker: opts.tracker.clone(),
     });
     let done = Arc::new(watch::channel(false).0);
     let tick = tokio::spawn(ticker(sh.clone(), opts.on_second.clone(), done.clone()));
@@ -1083,6 +1122,7 @@ pub async fn drive(duration: Duration, senders: Vec<SenderRun>, opts: &RunOption
         senders: sender_reports,
         duplicates: total.dups,
         reports: total.reports,
+        delivery: None,
         cpu: Cpu {
             generator_secs,
             generator_us_per_msg: per_msg(generator_secs),

@@ -11,10 +11,15 @@
 //!        └─ plot::write_png (feature `plot`, on by default)
 //! ```
 //!
+//! A delivery run (`RunConfig::delivery`, `--deliver`) adds a simulated delivery edge
+//! ([`deliver`]: DELIVERs answered by [`devices`], ONLINE, replies) and makes every
+//! sender connection listen to its statuses; [`tracking`] checks the three views of
+//! each accepted message against each other and reports the delivery figures.
+//!
 //! Modules: [`traffic`] (recipients, sizes, schedules), [`scenario`] (TOML → [`Plan`]),
 //! [`engine`] (the loops, over a [`engine::Transport`]), [`report`] (JSON, table,
 //! comparison), [`cpu`] (`/proc` readings), [`workers`] (threads that each own a share of
-//! the connections), `plot` (PNG; feature `plot`).
+//! the connections), [`deliver`], [`devices`], [`tracking`], `plot` (PNG; feature `plot`).
 //!
 //! It talks to servers through `courier_client` only, and depends on no server code:
 //! `courier demo` runs it against an in-process server, `courier-loadgen` against any.
@@ -23,11 +28,14 @@
 #![forbid(unsafe_code)]
 
 pub mod cpu;
+pub mod deliver;
+pub mod devices;
 pub mod engine;
 #[cfg(feature = "plot")]
 pub mod plot;
 pub mod report;
 pub mod scenario;
+pub mod tracking;
 pub mod traffic;
 pub mod workers;
 
@@ -41,7 +49,8 @@ pub use scenario::{Label, Plan, SenderPlan, TokenSource};
 pub use workers::Workers;
 
 use courier_client::ServerTrust;
-use courier_client::{Client, ClientConfig, ClientError, OutgoingMessage};
+use courier_client::{Client, ClientConfig, ClientError, EventReceiver, OutgoingMessage};
+use deliver::{DeliveryPlan, DeliveryRun};
 use engine::SenderRun;
 use traffic::{RecipientSpec, SizeSpec};
 
@@ -121,6 +130,9 @@ pub struct RunConfig {
     pub plan: Plan,
     /// Everything else.
     pub options: RunOptions,
+    /// A simulated delivery edge beside the senders (`--deliver`); the senders then
+    /// listen to their statuses and replies.
+    pub delivery: Option<DeliveryPlan>,
 }
 
 impl std::fmt::Debug for RunConfig {
@@ -140,6 +152,7 @@ impl std::fmt::Debug for RunConfig {
             )
             .field("plan", &self.plan)
             .field("options", &self.options)
+            .field("delivery", &self.delivery)
             .finish()
     }
 }
@@ -163,6 +176,10 @@ pub enum LoadError {
     /// lower `batch` or `size`.
     #[error("the configured batch does not fit the server's bounds")]
     BatchOutOfBounds(#[source] ClientError),
+    /// The simulated edge could not connect (a token that is not a platform
+    /// credential's is refused the DELIVERY feature).
+    #[error("the delivery edge could not connect")]
+    Edge(#[source] ClientError),
 }
 
 fn check(cfg: &LoadConfig) -> Result<(), LoadError> {
@@ -213,6 +230,7 @@ pub async fn run(cfg: &LoadConfig) -> Result<LoadReport, LoadError> {
             in_flight: cfg.streams_per_connection * cfg.batches_in_flight_per_stream,
             ..RunOptions::default()
         },
+        delivery: None,
     })
     .await
 }
@@ -234,7 +252,22 @@ pub async fn run_plan_dry(plan: &Plan, options: &RunOptions) -> Result<LoadRepor
     Ok(engine::drive(engine::plan_duration(plan), senders, options).await)
 }
 
-/// Connects every sender's clients, runs the plan and reports.
+/// Connects one sender connection; with `listen`, with the EVENTS feature, so that its
+/// business's statuses and replies come out of the receiver.
+async fn connect(
+    cfg: &ClientConfig,
+    listen: bool,
+) -> Result<(Client, Option<EventReceiver>), ClientError> {
+    if listen {
+        let (c, e) = Client::connect_with_events(cfg, deliver::EVENT_FRAMES_BUFFERED).await?;
+        Ok((c, Some(e)))
+    } else {
+        Ok((Client::connect(cfg).await?, None))
+    }
+}
+
+/// Connects every sender's clients (and, for a delivery run, the simulated edge first),
+/// runs the plan and reports; a delivery run then waits for the last statuses.
 pub async fn run_plan(cfg: &RunConfig) -> Result<LoadReport, LoadError> {
     cfg.plan.check().map_err(LoadError::Config)?;
     let total: usize = cfg.plan.senders.iter().map(|s| s.connections).sum();
@@ -243,6 +276,24 @@ pub async fn run_plan(cfg: &RunConfig) -> Result<LoadReport, LoadError> {
             "at most {CONNECTIONS_MAX} connections in all"
         )));
     }
+    let base = ClientConfig {
+        server: cfg.target,
+        server_name: "localhost".to_string(),
+        token: String::new(),
+        trust: cfg.trust.clone(),
+        streams: cfg.streams_per_connection,
+        batches_in_flight_per_stream: cfg.batches_in_flight_per_stream,
+    };
+    let mut delivery = match &cfg.delivery {
+        Some(plan) => {
+            plan.check().map_err(LoadError::Config)?;
+            let run = DeliveryRun::start(&base, plan)
+                .await
+                .map_err(LoadError::Edge)?;
+            Some(run)
+        }
+        None => None,
+    };
     let mut senders = Vec::new();
     let mut index = 0;
     for s in &cfg.plan.senders {
@@ -257,13 +308,10 @@ pub async fn run_plan(cfg: &RunConfig) -> Result<LoadReport, LoadError> {
             })?,
         };
         let client_cfg = ClientConfig {
-            server: cfg.target,
-            server_name: "localhost".to_string(),
             token,
-            trust: cfg.trust.clone(),
-            streams: cfg.streams_per_connection,
-            batches_in_flight_per_stream: cfg.batches_in_flight_per_stream,
+            ..base.clone()
         };
+        let listen = delivery.is_some();
         let mut conns: Vec<Arc<dyn Transport>> = Vec::new();
         for _ in 0..s.connections {
             // A client's quinn driver and stream tasks run on the runtime it connects
@@ -271,15 +319,20 @@ pub async fn run_plan(cfg: &RunConfig) -> Result<LoadReport, LoadError> {
             let connected = match cfg.options.worker_for(index) {
                 Some(h) => {
                     let c = client_cfg.clone();
-                    h.spawn(async move { Client::connect(&c).await })
+                    h.spawn(async move { connect(&c, listen).await })
                         .await
                         .unwrap_or(Err(ClientError::Closed))
                 }
-                None => Client::connect(&client_cfg).await,
+                None => connect(&client_cfg, listen).await,
             };
-            let client = connected.map_err(|source| LoadError::Connect { index, source })?;
+            let (client, events) =
+                connected.map_err(|source| LoadError::Connect { index, source })?;
             index += 1;
-            conns.push(Arc::new(client));
+            let client = Arc::new(client);
+            if let (Some(d), Some(events)) = (delivery.as_mut(), events) {
+                d.listen(client.clone(), events);
+            }
+            conns.push(client);
         }
         // The largest batch this sender can draw must fit the server's bounds.
         let largest = traffic::filler(s.size.max());
@@ -303,12 +356,10 @@ pub async fn run_plan(cfg: &RunConfig) -> Result<LoadReport, LoadError> {
     let mut options = cfg.options.clone();
     if let Some(token) = &cfg.platform_token {
         let platform = Client::connect(&ClientConfig {
-            server: cfg.target,
-            server_name: "localhost".to_string(),
             token: token.clone(),
-            trust: cfg.trust.clone(),
             streams: 1,
             batches_in_flight_per_stream: 1,
+            ..base.clone()
         })
         .await
         .map_err(|source| LoadError::Connect { index, source })?;
@@ -316,7 +367,11 @@ pub async fn run_plan(cfg: &RunConfig) -> Result<LoadReport, LoadError> {
         clients.push(platform.clone());
         options.reporter = Some(platform);
     }
-    let report = engine::drive(engine::plan_duration(&cfg.plan), senders, &options).await;
+    options.tracker = delivery.as_ref().map(DeliveryRun::tracker);
+    let mut report = engine::drive(engine::plan_duration(&cfg.plan), senders, &options).await;
+    if let Some(d) = delivery {
+        report.delivery = Some(d.finish(&options.stop).await);
+    }
     let mut closing = tokio::task::JoinSet::new();
     for c in clients {
         closing.spawn(async move { c.close().await });

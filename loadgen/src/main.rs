@@ -27,6 +27,8 @@ use clap::Parser;
 use courier_client::progress::ProgressLine;
 use courier_client::tls::{CertificateDer, ServerTrust};
 use courier_loadgen::cpu::{Meter, ServerCpu};
+use courier_loadgen::deliver::DeliveryPlan;
+use courier_loadgen::devices::DeviceModel;
 use courier_loadgen::scenario::Defaults;
 use courier_loadgen::traffic::{RecipientSpec, SizeSpec};
 use courier_loadgen::{
@@ -147,6 +149,46 @@ struct Args {
     /// the run warns that the generator was CPU-bound.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Deliver too: a simulated delivery edge (over --platform-token's connection, with
+    /// the DELIVERY feature) takes every message, reports outcomes by its devices and
+    /// hands over replies; the senders listen to their statuses. The report gains
+    /// delivery counts and latencies, and the run fails (exit status 1) unless every
+    /// accepted message reached exactly one final status at its business.
+    #[arg(long, requires = "platform_token")]
+    deliver: bool,
+    /// Devices (recipients) of the run: uniform recipients over N numbers, one device
+    /// each (sets --recipients uniform --population N).
+    #[arg(long, conflicts_with_all = ["population", "recipients"])]
+    devices: Option<u64>,
+    /// Share of devices offline at any moment (0..=0.95); each is offline for that share
+    /// of every --offline-period at its own phase, and the edge says ONLINE when it is back.
+    #[arg(long, default_value_t = 0.0, requires = "deliver")]
+    offline_share: f64,
+    /// Length of a device's online/offline cycle, seconds.
+    #[arg(long, default_value_t = 5.0, requires = "deliver")]
+    offline_period: f64,
+    /// Share of recipients not on the platform: their messages fail (not_on_platform).
+    #[arg(long, default_value_t = 0.0, requires = "deliver")]
+    fail_rate: f64,
+    /// Share of delivered messages also read (reported `read` 50 ms after `delivered`).
+    #[arg(long, default_value_t = 0.0, requires = "deliver")]
+    read_rate: f64,
+    /// Share of delivered messages whose recipient replies (INBOUND to its business).
+    #[arg(long, default_value_t = 0.0, requires = "deliver")]
+    reply_rate: f64,
+    /// Edge connections.
+    #[arg(long, default_value_t = 1, requires = "deliver")]
+    edge_connections: usize,
+    /// DELIVERs each edge connection takes ahead (its credit window).
+    #[arg(long, default_value_t = 4096, requires = "deliver")]
+    edge_window: u32,
+    /// Longest wait after sending for the last statuses and replies, seconds.
+    #[arg(long, default_value_t = 30.0, requires = "deliver")]
+    settle: f64,
+    /// Messages live this many seconds (SUBMIT_TTL); then they are `expired`. Default:
+    /// the relay's own time to live (plain SUBMIT).
+    #[arg(long)]
+    ttl: Option<u32>,
 }
 
 /// How the server will be trusted, decided before any file is read.
@@ -186,6 +228,36 @@ fn resolve(target: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("--target {target} resolves to no address"))
 }
 
+/// The simulated edge of `--deliver`.
+fn delivery_plan(args: &Args) -> anyhow::Result<Option<DeliveryPlan>> {
+    if !args.deliver {
+        return Ok(None);
+    }
+    let plan = DeliveryPlan {
+        edge_token: args
+            .platform_token
+            .clone()
+            .context("--deliver needs --platform-token (or COURIER_PLATFORM_TOKEN)")?,
+        connections: args.edge_connections,
+        window: args.edge_window,
+        devices: DeviceModel {
+            seed: args.seed,
+            offline_share: args.offline_share,
+            period_secs: args.offline_period,
+            fail_rate: args.fail_rate,
+            read_rate: args.read_rate,
+            reply_rate: args.reply_rate,
+        },
+        settle: Duration::try_from_secs_f64(args.settle)
+            .ok()
+            .filter(|d| *d <= Duration::from_secs(3600))
+            .context("--settle must be in 0..=3600 seconds")?,
+    };
+    plan.check()
+        .map_err(|e| anyhow::anyhow!("--deliver: {e}"))?;
+    Ok(Some(plan))
+}
+
 fn parse_recipients(s: &str, population: Option<u64>) -> anyhow::Result<RecipientSpec> {
     let spec = match s {
         "uniform" => RecipientSpec::Uniform {
@@ -210,7 +282,10 @@ fn parse_recipients(s: &str, population: Option<u64>) -> anyhow::Result<Recipien
 /// The plan: the scenario file, or one sender made of the flags.
 fn plan(args: &Args) -> anyhow::Result<Plan> {
     let size = SizeSpec::parse(&args.size).map_err(|e| anyhow::anyhow!("--size: {e}"))?;
-    let recipients = parse_recipients(&args.recipients, args.population)?;
+    let recipients = match args.devices {
+        Some(n) => parse_recipients("uniform", Some(n))?,
+        None => parse_recipients(&args.recipients, args.population)?,
+    };
     let plan = match &args.scenario {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -376,6 +451,7 @@ fn main() -> anyhow::Result<()> {
         (target, trust)
     };
     let plan = plan(&args)?;
+    let delivery = delivery_plan(&args)?;
     let (accepted_tx, writer) = match &args.accepted {
         Some(path) => {
             let (tx, h) = accepted_writer(path)?;
@@ -427,7 +503,10 @@ fn main() -> anyhow::Result<()> {
             drain_timeout: load::DRAIN_TIMEOUT,
             reporter: None,
             workers: workers.handles().to_vec(),
+            ttl_secs: args.ttl.unwrap_or(0),
+            tracker: None,
         },
+        delivery,
     };
     eprintln!(
         "courier-loadgen: {} for {:.1}s: {} sender(s), {}; {} streams x {} in flight per connection",
@@ -498,6 +577,21 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(path) = &args.plot {
         write_plot(&report, path)?;
+    }
+    if let Some(d) = &report.delivery {
+        if !d.passed() {
+            eprintln!(
+                "courier-loadgen: delivery check FAILED: {} accepted message(s) without a final \
+                 status after {:.1} s, {} extra final status(es), {} out of order, {} reply(ies) \
+                 heard by the wrong business",
+                d.unresolved,
+                d.settle_secs,
+                d.extra_finals,
+                d.order_violations,
+                d.inbound_misrouted
+            );
+            std::process::exit(1);
+        }
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::scenario::Label;
+use crate::tracking::DeliveryReport;
 
 /// Latency percentiles, microseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -305,6 +306,10 @@ pub struct LoadReport {
     /// CPU time of generator and server.
     #[serde(default)]
     pub cpu: Cpu,
+    /// Delivery through the simulated edge (`--deliver`): statuses, retransmissions,
+    /// replies, latencies and the checks.
+    #[serde(default)]
+    pub delivery: Option<DeliveryReport>,
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
@@ -432,6 +437,9 @@ impl LoadReport {
                 )?;
             }
         }
+        if let Some(d) = &self.delivery {
+            print_delivery(d, w)?;
+        }
         let c = &self.cpu;
         writeln!(
             w,
@@ -445,6 +453,71 @@ impl LoadReport {
         )?;
         Ok(())
     }
+}
+
+/// The delivery part of the table.
+fn print_delivery(d: &DeliveryReport, w: &mut impl Write) -> std::io::Result<()> {
+    let lat = |p: &Percentiles| {
+        format!(
+            "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+            p.p50, p.p90, p.p99, p.p999, p.max
+        )
+    };
+    writeln!(w, "delivery")?;
+    writeln!(w, "  delivered    {:>12}  (read {})", d.delivered, d.read)?;
+    writeln!(w, "  failed       {:>12}", d.failed)?;
+    for (reason, n) in &d.failed_by_reason {
+        writeln!(w, "    {reason:<25} {n:>12}")?;
+    }
+    writeln!(w, "  expired      {:>12}", d.expired)?;
+    writeln!(
+        w,
+        "  hand-offs    {:>12}  (retransmissions {}, retry_later {}, ONLINE {})",
+        d.handoffs, d.retransmissions, d.retry_later, d.online
+    )?;
+    writeln!(
+        w,
+        "  inbound      {:>12}  accepted by the relay; {} heard by businesses, {} throttled, {} lost, {} misrouted",
+        d.inbound, d.inbound_received, d.inbound_throttled, d.inbound_lost, d.inbound_misrouted
+    )?;
+    writeln!(
+        w,
+        "  submit → delivered (us)   {}",
+        lat(&d.submit_to_delivered_us)
+    )?;
+    writeln!(
+        w,
+        "  delivered → STATUS (us)   {}",
+        lat(&d.delivered_to_status_us)
+    )?;
+    if d.online_to_delivered_us.max > 0 {
+        writeln!(
+            w,
+            "  ONLINE → delivered (us)   {}",
+            lat(&d.online_to_delivered_us)
+        )?;
+    }
+    writeln!(
+        w,
+        "  check        {}: {} accepted message(s) tracked, {} without a final status after {:.1} s of settling, {} extra final, {} out of order ({} event copies dropped{})",
+        if d.passed() { "PASS" } else { "FAIL" },
+        d.tracked,
+        d.unresolved,
+        d.settle_secs,
+        d.extra_finals,
+        d.order_violations,
+        d.events_duplicate,
+        if d.untracked > 0 {
+            format!("; {} not tracked", d.untracked)
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// A delivery figure of a run, NaN (shown `n/a`) when it did not deliver.
+fn dv(r: &LoadReport, f: impl Fn(&DeliveryReport) -> u64) -> f64 {
+    r.delivery.as_ref().map_or(f64::NAN, |d| f(d) as f64)
 }
 
 /// Prints two runs side by side with the ratio B/A of every figure.
@@ -482,6 +555,25 @@ pub fn compare(a: &LoadReport, b: &LoadReport, w: &mut impl Write) -> std::io::R
             "gen us/msg",
             a.cpu.generator_us_per_msg,
             b.cpu.generator_us_per_msg,
+        ),
+        ("delivered", dv(a, |d| d.delivered), dv(b, |d| d.delivered)),
+        ("failed", dv(a, |d| d.failed), dv(b, |d| d.failed)),
+        ("expired", dv(a, |d| d.expired), dv(b, |d| d.expired)),
+        (
+            "retransmit",
+            dv(a, |d| d.retransmissions),
+            dv(b, |d| d.retransmissions),
+        ),
+        ("inbound", dv(a, |d| d.inbound), dv(b, |d| d.inbound)),
+        (
+            "sub→del p99 us",
+            dv(a, |d| d.submit_to_delivered_us.p99),
+            dv(b, |d| d.submit_to_delivered_us.p99),
+        ),
+        (
+            "del→st p99 us",
+            dv(a, |d| d.delivered_to_status_us.p99),
+            dv(b, |d| d.delivered_to_status_us.p99),
         ),
         (
             "server us/msg",

@@ -30,6 +30,7 @@
 
 pub mod cid;
 pub mod detect;
+pub mod e2e;
 pub mod idempotency;
 pub mod log;
 pub mod node;

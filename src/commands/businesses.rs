@@ -26,7 +26,9 @@ pub(crate) enum BusinessesCmd {
         #[arg(long)]
         exempt: bool,
         /// A platform credential: its connections send spam REPORTs (which rate
-        /// businesses) and no messages.
+        /// businesses) and no messages, and may be the delivery edge (HELLO version 2
+        /// with the DELIVERY feature: they take DELIVERs, report outcomes, say when
+        /// recipients are online and hand over users' replies).
         #[arg(long)]
         platform: bool,
         /// Distinct recipients per minute the business is known to reach: the fan-out

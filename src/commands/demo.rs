@@ -125,6 +125,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
             in_flight: args.streams * args.in_flight,
             ..RunOptions::default()
         },
+        delivery: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

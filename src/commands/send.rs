@@ -51,6 +51,33 @@ pub(crate) struct SendArgs {
     /// already holds.
     #[arg(long)]
     check: bool,
+    /// What to wait for: `acked` (durable at the relay; the default) or `delivered`
+    /// (also listen to the business's statuses and wait until every acked message of
+    /// FILE is delivered, failed or expired; the summary counts them).
+    #[arg(long, value_enum, default_value_t = WaitFor::Acked)]
+    wait: WaitFor,
+    /// With --wait delivered: the file of final statuses heard (`ID STATUS` lines),
+    /// appended before each is acknowledged; ids in it are not waited for again.
+    /// Default: FILE.statuses.
+    #[arg(long)]
+    statuses: Option<PathBuf>,
+    /// With --wait delivered: where users' replies heard meanwhile are appended (JSON
+    /// Lines: event, at_ms, sender, payload_b64). Default: FILE.replies.
+    #[arg(long)]
+    replies: Option<PathBuf>,
+    /// With --wait delivered: seconds to wait after the last ACK for the last final
+    /// statuses.
+    #[arg(long, default_value_t = 300)]
+    wait_timeout: u64,
+}
+
+/// What `courier send` waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum WaitFor {
+    /// Every message acked (durable at the relay).
+    Acked,
+    /// Every acked message delivered, failed or expired.
+    Delivered,
 }
 
 impl std::fmt::Debug for SendArgs {
@@ -147,5 +174,16 @@ pub(crate) fn send_options(
         batch_messages_max: args.batch,
         attempts: args.attempts,
         quiet: args.quiet,
+        delivery: (args.wait == WaitFor::Delivered).then(|| courier_client::send::DeliveryWait {
+            statuses: args
+                .statuses
+                .clone()
+                .unwrap_or_else(|| courier_client::send::default_statuses_path(&args.file)),
+            replies: args
+                .replies
+                .clone()
+                .unwrap_or_else(|| courier_client::send::default_replies_path(&args.file)),
+            timeout: std::time::Duration::from_secs(args.wait_timeout),
+        }),
     })
 }

@@ -8,6 +8,11 @@
 
 mod cli;
 mod crash;
+mod delivery_e2e;
+mod delivery_inbound;
+mod delivery_kit;
+mod delivery_paths;
+mod delivery_send;
 mod detect_e2e;
 mod detect_quality;
 mod files;

@@ -334,6 +334,156 @@ async fn metrics_match_the_clients_and_reveal_nothing_private() {
     drop((c, b));
     running.shutdown();
     running.join().unwrap();
-    // Stopped with the server.
-    assert!(TcpStream::connect_timeout(&metrics, Duration::from_secs(1)).is_err());
+    // Stopped with the server: nothing listens on its port. A connect to a freed
+    // loopback port can pick that very port as its own source and connect to itself
+    // (TCP simultaneous open), which is not a listener answering.
+    match TcpStream::connect_timeout(&metrics, Duration::from_secs(1)) {
+        Err(_) => {}
+        Ok(s) => assert_eq!(
+            s.local_addr().unwrap(),
+            s.peer_addr().unwrap(),
+            "something still listens on the metrics port"
+        ),
+    }
+}
+
+/// Delivery's metrics on a real server: hand-offs, retransmissions, outcomes by kind,
+/// replies, the oldest waiting message's age and each business's event backlog (by id),
+/// while a business has not yet listened and after it acknowledged everything; still no
+/// number or content in any scrape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_metrics_count_what_the_edge_and_the_business_saw() {
+    use courier_client::edge::DeliveryEdge;
+    use courier_pipeline::wire::delivery::{FailReason, InboundEntry, Outcome, OutcomeEntry};
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut profile = small_profile(2);
+        profile.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        let mut registry = Registry::default();
+        let (shop, shop_token) = registry
+            .add(STEADY_NAME, Tier::Unlimited, 1000, &[7; 32])
+            .unwrap();
+        registry.set_exempt(shop, true);
+        let (edge_id, edge_token) = registry
+            .add("edge", Tier::Unlimited, 1000, &[9; 32])
+            .unwrap();
+        registry.set_platform(edge_id, true);
+        let running = server::start(
+            &dir.path().join("data"),
+            Setup {
+                profile,
+                registry,
+                master_key: MasterKeyText::new(MASTER_HEX.as_bytes().to_vec()).unwrap(),
+            },
+        );
+        let metrics = running.metrics_addr().unwrap();
+        let cfg = |token: &str| courier_testkit::server::client_config(&running, token, 1, 2);
+        let (edge, mut deliveries) = DeliveryEdge::connect(&cfg(&edge_token), 16).await.unwrap();
+        let client = Client::connect(&cfg(&shop_token)).await.unwrap();
+        let statuses = client.submit(batch(0..3)).await.unwrap();
+        assert!(statuses.iter().all(|s| matches!(s, Status::Accepted(_))));
+        // 0: read; 1: failed; 2: offline, then back (a retransmission).
+        let mut by_id = std::collections::BTreeMap::new();
+        for _ in 0..3 {
+            let d = deliveries.recv().await.unwrap();
+            by_id.insert(d.client_id, d);
+        }
+        let out = |d: &courier_pipeline::wire::delivery::Deliver, outcome| OutcomeEntry {
+            message: d.message,
+            outcome,
+        };
+        edge.outcomes(&[
+            out(&by_id[&0], Outcome::Read),
+            out(&by_id[&1], Outcome::Failed(FailReason::BlockedByUser)),
+            out(&by_id[&2], Outcome::RetryLater),
+        ])
+        .await
+        .unwrap();
+        let waiting = scrape_until(
+            metrics,
+            "courier_delivery_outcomes_total{kind=\"failed\"}",
+            1.0,
+        )
+        .await;
+        assert_eq!(
+            value(&parse(&waiting), "courier_delivery_pending"),
+            Some(1.0)
+        );
+        edge.online(&[number(2)]).await.unwrap();
+        let again = deliveries.recv().await.unwrap();
+        assert_eq!(again.client_id, 2);
+        edge.outcomes(&[out(&again, Outcome::Delivered)])
+            .await
+            .unwrap();
+        edge.inbound(vec![InboundEntry {
+            id: 3,
+            business_id: shop,
+            sender: number(3),
+            payload: Bytes::from(payload(3)),
+        }])
+        .await
+        .unwrap();
+        // The business has not listened yet: its events wait, by its id.
+        let backlog = format!("courier_business_event_backlog{{business=\"{shop}\"}}");
+        // sent, delivered, read; sent, failed; sent, delivered; the reply.
+        let before = scrape_until(metrics, &backlog, 8.0).await;
+        let s = parse(&before);
+        for (series, v) in [
+            ("courier_delivery_handoffs_total", 4.0),
+            ("courier_delivery_retransmissions_total", 1.0),
+            ("courier_delivery_outcomes_total{kind=\"delivered\"}", 2.0),
+            ("courier_delivery_outcomes_total{kind=\"read\"}", 1.0),
+            ("courier_delivery_outcomes_total{kind=\"failed\"}", 1.0),
+            ("courier_delivery_outcomes_total{kind=\"expired\"}", 0.0),
+            ("courier_delivery_pending", 0.0),
+            ("courier_delivery_oldest_pending_age_seconds", 0.0),
+            ("courier_inbound_accepted_total", 1.0),
+            ("courier_events_backlog", 8.0),
+            (backlog.as_str(), 8.0),
+        ] {
+            assert_eq!(value(&s, series), Some(v), "{series}\n{before}");
+        }
+        // It listens and acknowledges everything: the backlog goes.
+        let (listener, mut events) = Client::connect_with_events(&cfg(&shop_token), 8)
+            .await
+            .unwrap();
+        let mut heard = 0;
+        while heard < 8 {
+            let e = events.recv().await.unwrap();
+            listener.ack_events(&[e.event()]).await.unwrap();
+            heard += 1;
+        }
+        let after = scrape_until(metrics, "courier_events_acked_total", 8.0).await;
+        let after_s = parse(&after);
+        assert_eq!(value(&after_s, "courier_events_backlog"), Some(0.0));
+        for text in [&waiting, &before, &after] {
+            for i in 0..4 {
+                assert!(!text.contains(&number_digits(i)), "a phone number leaked");
+                assert!(!text.contains(&payload(i)), "a payload leaked");
+            }
+            assert!(!text.contains(STEADY_NAME));
+        }
+        for c in [&client, &listener] {
+            c.close().await;
+        }
+        edge.close().await;
+        running.shutdown();
+        running.join().unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Scrapes until `series` reads `want` (at most 5 s); returns that scrape.
+async fn scrape_until(addr: SocketAddr, series: &str, want: f64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = tokio::task::spawn_blocking(move || scrape(addr))
+            .await
+            .unwrap();
+        if value(&parse(&text), series) == Some(want) || Instant::now() > deadline {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

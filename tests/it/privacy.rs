@@ -167,3 +167,160 @@ async fn serve_at_trace_under_traffic_then_sigterm(log_format: Option<&str>) -> 
     assert!(!output.contains(MASTER_HEX), "the master key leaked");
     stderr
 }
+
+/// Delivery at TRACE: statuses (sent, delivered, read, failed, expired after a short
+/// time to live), a recipient offline then back (retry_later, ONLINE), users' replies
+/// with their own numbers and words, and events acknowledged; nothing of a number, a
+/// payload, a reply, a token or the key reaches the server's output, nor the `Debug`
+/// output of what the business hears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_at_trace_logs_ids_never_numbers_or_content() {
+    use courier_client::edge::DeliveryEdge;
+    use courier_pipeline::wire::delivery::{
+        BusinessEvent, FailReason, InboundEntry, Outcome, OutcomeEntry,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let files = Files::new(dir.path(), MASTER_HEX);
+    let bin = super::courier_bin();
+    let token = spawn::add_business(
+        bin,
+        &files.registry,
+        "privacy shop",
+        &["--tier", "unlimited", "--mps", "100000", "--exempt"],
+    );
+    let edge_token = spawn::add_business(bin, &files.registry, "privacy edge", &["--platform"]);
+    let addr = spawn::free_port();
+    let log_path = dir.path().join("serve.log");
+    let mut server = Serve::new(bin, &files, addr, &log_path)
+        .env("COURIER_LOG", "trace")
+        .stdout_to(&dir.path().join("serve.out"))
+        .spawn();
+    let numbers: Vec<Recipient> = (0..20u64)
+        .map(|i| {
+            Recipient::parse(format!("+4479{:08}", 27_182_818 + i * 7_919).as_bytes()).unwrap()
+        })
+        .collect();
+    let repliers: Vec<Recipient> = (0..5u64)
+        .map(|i| Recipient::parse(format!("+3361{:07}", 4_142_135 + i * 31).as_bytes()).unwrap())
+        .collect();
+    let cert = CertificateDer::from(std::fs::read(files.data.join("tls/cert.der")).unwrap());
+    let cfg = |token: &str| ClientConfig {
+        server: addr,
+        server_name: "localhost".into(),
+        token: token.to_string(),
+        trust: ServerTrust::Pinned(cert.clone()),
+        streams: 1,
+        batches_in_flight_per_stream: 2,
+    };
+    let heard = tokio::time::timeout(Duration::from_secs(60), async {
+        let (client, mut events) = Client::connect_with_events(&cfg(&token), 8).await.unwrap();
+        let (edge, mut deliveries) = DeliveryEdge::connect(&cfg(&edge_token), 64).await.unwrap();
+        let shop = client.welcome().business_id;
+        let batch: Vec<OutgoingMessage> = numbers
+            .iter()
+            .enumerate()
+            .map(|(i, r)| OutgoingMessage {
+                client_id: i as u64,
+                recipient: *r,
+                payload: Bytes::from(format!(
+                    "PRIVATE-PAYLOAD-{i}-the-door-code-is-{}",
+                    9_000 + i
+                )),
+            })
+            .collect();
+        let (short, long) = batch.split_at(2);
+        client.submit_ttl(short.to_vec(), 1).await.unwrap();
+        client.submit(long.to_vec()).await.unwrap();
+        let mut waiting = Vec::new();
+        for _ in 0..numbers.len() {
+            let d = deliveries.recv().await.unwrap();
+            let outcome = match d.client_id % 5 {
+                _ if d.client_id < 2 => Outcome::RetryLater,
+                0 => Outcome::Failed(FailReason::BlockedByUser),
+                1 => {
+                    waiting.push(d.recipient);
+                    Outcome::RetryLater
+                }
+                2 => Outcome::Read,
+                _ => Outcome::Delivered,
+            };
+            edge.outcomes(&[OutcomeEntry {
+                message: d.message,
+                outcome,
+            }])
+            .await
+            .unwrap();
+        }
+        edge.online(&waiting).await.unwrap();
+        for _ in 0..waiting.len() {
+            let d = deliveries.recv().await.unwrap();
+            edge.outcomes(&[OutcomeEntry {
+                message: d.message,
+                outcome: Outcome::Delivered,
+            }])
+            .await
+            .unwrap();
+        }
+        let replies: Vec<InboundEntry> = repliers
+            .iter()
+            .enumerate()
+            .map(|(i, r)| InboundEntry {
+                id: i as u64,
+                business_id: shop,
+                sender: *r,
+                payload: Bytes::from(format!("PRIVATE-REPLY-{i}-call-me-at-home")),
+            })
+            .collect();
+        edge.inbound(replies).await.unwrap();
+        // Everything the shop hears, acknowledged, until both short-lived ones expired.
+        let mut heard = Vec::new();
+        let mut expired = 0;
+        while expired < 2 {
+            let e = events.recv().await.unwrap();
+            client.ack_events(&[e.event()]).await.unwrap();
+            if let BusinessEvent::Status(s) = &e {
+                expired += usize::from(s.kind.name() == "expired");
+            }
+            heard.push(e);
+        }
+        client.close().await;
+        edge.close().await;
+        heard
+    })
+    .await
+    .expect("traffic timed out");
+    assert!(heard.iter().any(|e| matches!(e, BusinessEvent::Inbound(_))));
+
+    server.terminate();
+    assert!(server.wait_exit(Duration::from_secs(20)).success());
+    let mut output = std::fs::read_to_string(&log_path).unwrap();
+    output.push_str(&std::fs::read_to_string(dir.path().join("serve.out")).unwrap());
+    assert!(output.len() > 1000, "trace logging produced output");
+    for r in numbers.iter().chain(&repliers) {
+        assert!(
+            !output.contains(&r.as_str()[1..]),
+            "a phone number leaked into the logs"
+        );
+    }
+    for secret in [
+        "PRIVATE-PAYLOAD",
+        "PRIVATE-REPLY",
+        "door-code",
+        "call-me-at-home",
+    ] {
+        assert!(
+            !output.contains(secret),
+            "content leaked into the logs: {secret}"
+        );
+    }
+    for t in [&token, &edge_token] {
+        assert!(!output.contains(&t[5..]), "a token leaked");
+    }
+    assert!(!output.contains(MASTER_HEX), "the master key leaked");
+    // The events' own Debug output (what a business might log) hides numbers and words.
+    let debug = format!("{heard:?}");
+    assert!(!debug.contains("PRIVATE-REPLY"), "{debug}");
+    for r in &repliers {
+        assert!(!debug.contains(&r.as_str()[1..]), "{debug}");
+    }
+}

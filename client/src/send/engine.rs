@@ -24,9 +24,13 @@ use super::lines::{
 use super::state::{read_state, StateWriter};
 use super::summary::Summary;
 use super::validate::validate;
+use super::wait::{read_statuses, DeliverySummary, Listener};
 use super::{SendError, SendOptions, LINE_BYTES_MAX, READ_BUFFER_BYTES};
 use crate::progress::ProgressLine;
 use crate::{Client, ClientError, OutgoingMessage, Retried};
+
+/// Pushes of statuses and replies the listener buffers before QUIC holds the relay back.
+const EVENT_FRAMES_BUFFERED: usize = 64;
 
 /// One batch in flight: the lines and ids of its messages, in order.
 type Meta = Vec<(u64, u64)>;
@@ -44,6 +48,10 @@ pub async fn send(opts: &SendOptions) -> Result<Summary, SendError> {
         )));
     }
     let state_read = read_state(&opts.state)?;
+    let book = match &opts.delivery {
+        Some(w) => Some(read_statuses(&w.statuses)?),
+        None => None,
+    };
     let v = validate(&opts.file, &Bounds::WIDEST, &state_read.done)?;
     if !v.is_clean() {
         return Err(SendError::BadInput {
@@ -58,13 +66,32 @@ pub async fn send(opts: &SendOptions) -> Result<Summary, SendError> {
         state: opts.state.clone(),
         ..Summary::default()
     };
-    if summary.to_send == 0 {
-        // Everything was acked before: no need for a server.
+    let awaiting_before = book.as_ref().map_or(0, |b| {
+        state_read
+            .done
+            .iter()
+            .filter(|id| !b.finals.contains_key(id))
+            .count()
+    });
+    if summary.to_send == 0 && awaiting_before == 0 {
+        // Everything was acked (and has its final status) before: no need for a server.
+        summary.delivery = book.map(|b| DeliverySummary::of(&state_read.done, &b));
         return Ok(summary);
     }
-    let client = Client::connect(&opts.client)
-        .await
-        .map_err(SendError::Connect)?;
+    let (client, events) = match &opts.delivery {
+        Some(_) => {
+            let (c, e) = Client::connect_with_events(&opts.client, EVENT_FRAMES_BUFFERED)
+                .await
+                .map_err(SendError::Connect)?;
+            (c, Some(e))
+        }
+        None => (
+            Client::connect(&opts.client)
+                .await
+                .map_err(SendError::Connect)?,
+            None,
+        ),
+    };
     let welcome = client.welcome();
     let bounds = Bounds::of(&welcome);
     if v.exceeds(&bounds) {
@@ -78,6 +105,19 @@ pub async fn send(opts: &SendOptions) -> Result<Summary, SendError> {
         }
         // Clean now: the file changed since pass 1; pass 2 checks every line again.
     }
+    let client = Arc::new(client);
+    let listener = match (&opts.delivery, events, book) {
+        (Some(w), Some(events), Some(book)) => {
+            match Listener::start(client.clone(), events, w, book) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    client.close().await;
+                    return Err(e);
+                }
+            }
+        }
+        _ => None,
+    };
     let mut state =
         StateWriter::open(&opts.state, &state_read).map_err(|source| SendError::Io {
             path: opts.state.clone(),
@@ -85,34 +125,53 @@ pub async fn send(opts: &SendOptions) -> Result<Summary, SendError> {
         })?;
     if !opts.quiet {
         eprintln!(
-            "courier send: {} message(s) in {}, {} already acked per {} (skipped); sending {} to {}",
+            "courier send: {} message(s) in {}, {} already acked per {} (skipped); sending {} to {}{}",
             v.messages,
             opts.file.display(),
             v.skipped,
             opts.state.display(),
             summary.to_send,
-            opts.client.server
+            opts.client.server,
+            if listener.is_some() {
+                format!("; waiting for their delivery ({awaiting_before} acked before still to hear of)")
+            } else {
+                String::new()
+            }
         );
     }
     let bar = ProgressLine::new(summary.to_send, "answered", opts.quiet);
-    let client = Arc::new(client);
     let t0 = Instant::now();
-    run_batches(
-        opts,
-        &client,
-        &welcome,
-        &bounds,
-        &state_read.done,
-        &mut state,
-        &mut summary,
-        &bar,
-    )
-    .await;
+    let mut acked = state_read.done.clone();
+    if summary.to_send > 0 {
+        run_batches(
+            opts,
+            &client,
+            &welcome,
+            &bounds,
+            &state_read.done,
+            &mut state,
+            &mut summary,
+            &bar,
+            &mut acked,
+        )
+        .await;
+    }
     summary.elapsed = t0.elapsed();
     bar.finish();
     if let Err(e) = state.sync() {
         let why = format!("syncing the state file {}: {e}", state.path.display());
         summary.stopped.get_or_insert(why);
+    }
+    if let (Some(l), Some(w)) = (listener, &opts.delivery) {
+        if !opts.quiet {
+            eprintln!(
+                "courier send: waiting at most {:.0} s for the final statuses of {} acked message(s)",
+                w.timeout.as_secs_f64(),
+                acked.len()
+            );
+        }
+        summary.delivery = Some(l.wait(&acked, w.timeout).await);
+        l.stop();
     }
     client.close().await;
     Ok(summary)
@@ -131,6 +190,7 @@ async fn run_batches(
     state: &mut StateWriter,
     summary: &mut Summary,
     bar: &ProgressLine,
+    acked: &mut HashSet<u64>,
 ) {
     let window = client.streams() * opts.client.batches_in_flight_per_stream;
     let batch_max = opts
@@ -227,7 +287,7 @@ async fn run_batches(
         }
         while in_flight.len() >= window {
             match in_flight.join_next().await {
-                Some(r) => answered += record(r, state, summary, bar),
+                Some(r) => answered += record(r, state, summary, bar, acked),
                 None => break,
             }
         }
@@ -236,7 +296,7 @@ async fn run_batches(
         }
     }
     while let Some(r) = in_flight.join_next().await {
-        answered += record(r, state, summary, bar);
+        answered += record(r, state, summary, bar, acked);
     }
     if let Err(e) = state.flush() {
         summary.stopped.get_or_insert(format!(
@@ -270,6 +330,7 @@ fn record(
     state: &mut StateWriter,
     summary: &mut Summary,
     bar: &ProgressLine,
+    acked: &mut HashSet<u64>,
 ) -> u64 {
     let (meta, result) = match joined {
         Ok(r) => r,
@@ -297,10 +358,12 @@ fn record(
                     summary.throttled_then_accepted += 1;
                 }
                 write = write.and_then(|()| state.record(id));
+                acked.insert(id);
             }
             Status::Duplicate(_) => {
                 summary.duplicate += 1;
                 write = write.and_then(|()| state.record(id));
+                acked.insert(id);
             }
             Status::Throttled { .. } => {
                 summary.still_throttled += 1;

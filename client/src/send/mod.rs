@@ -16,9 +16,17 @@
 //!        ──> progress line (answered / to send, rate); summary by status at the end
 //! ```
 //!
+//! With `--wait delivered` ([`SendOptions::delivery`]) the connection also asks for the
+//! business's events (HELLO version 2): a listener records every final status in
+//! `FILE.statuses` and every user's reply in `FILE.replies` before acknowledging it, and
+//! after the last ACK the send waits until each acked id of the file (this run's and
+//! earlier runs') has a final status; a rerun waits only for the ids the statuses file
+//! does not settle.
+//!
 //! Modules, by concern: [`lines`] (one line: parse, bound), [`validate`] (pass 1),
-//! [`state`] (the resume file), [`engine`] (pass 2: connect and send), [`summary`]
-//! (counts, verdict, exit status).
+//! [`state`] (the resume file), [`engine`] (pass 2: connect and send), [`wait`]
+//! (statuses and replies while sending, then the wait), [`summary`] (counts, verdict,
+//! exit status).
 //!
 //! Invariants this module keeps:
 //! - nothing is sent unless every line of the file is valid: a bad line is reported by
@@ -42,6 +50,7 @@ pub mod lines;
 pub mod state;
 pub mod summary;
 pub mod validate;
+pub mod wait;
 
 use std::path::{Path, PathBuf};
 
@@ -50,6 +59,7 @@ pub use lines::{is_blank, parse_line, Bounds, LineProblem, LineReader, ReadLine}
 pub use state::{read_state, StateRead};
 pub use summary::{NotAccepted, Summary};
 pub use validate::{validate, BadLine, Validation};
+pub use wait::{read_statuses, DeliverySummary, DeliveryWait, StatusBook};
 
 use courier_pipeline::wire::PAYLOAD_BYTES_LIMIT;
 
@@ -77,10 +87,12 @@ const _: () = assert!(LINE_BYTES_MAX >= 4 * (PAYLOAD_BYTES_LIMIT as usize).div_c
 
 /// Exit statuses of `courier send`.
 pub mod exit_code {
-    /// Every message was accepted, or acknowledged by an earlier run.
+    /// Every message was accepted, or acknowledged by an earlier run (and with
+    /// `--wait delivered`, delivered).
     pub const OK: u8 = 0;
     /// Some message was not accepted: rejected, still throttled after the last round,
-    /// or unanswered.
+    /// or unanswered; or, waiting for delivery, failed, expired or without a final
+    /// status in time.
     pub const NOT_ALL_ACCEPTED: u8 = 1;
     /// Bad input (a bad line, a bad state file) or bad usage; nothing was sent.
     pub const BAD_INPUT: u8 = 2;
@@ -91,9 +103,12 @@ pub mod exit_code {
 /// The exit statuses, for `--help`.
 pub const EXIT_CODES_HELP: &str = "\
 Exit status:
-  0  every message was accepted (or acked by an earlier run, per the state file)
+  0  every message was accepted (or acked by an earlier run, per the state file), and
+     with --wait delivered every one was delivered
   1  some message was not accepted: rejected, still throttled after --attempts rounds,
-     or unanswered (e.g. the connection was lost); a rerun resends all but the acked ones
+     or unanswered (e.g. the connection was lost); a rerun resends all but the acked ones;
+     with --wait delivered also: some message failed, expired or had no final status
+     within --wait-timeout (a rerun waits for those again)
   2  bad input or usage: a bad line or duplicate id (nothing was sent), a bad state file
   3  no connection: the server could not be reached or refused the token (nothing sent)";
 
@@ -179,6 +194,9 @@ pub struct SendOptions {
     pub attempts: u32,
     /// No progress bar and no start line.
     pub quiet: bool,
+    /// `--wait delivered`: listen to the business's statuses and wait for every acked
+    /// message's final status (`None`: stop at the acks, as before).
+    pub delivery: Option<DeliveryWait>,
 }
 
 impl std::fmt::Debug for SendOptions {
@@ -191,14 +209,29 @@ impl std::fmt::Debug for SendOptions {
             .field("batch_messages_max", &self.batch_messages_max)
             .field("attempts", &self.attempts)
             .field("quiet", &self.quiet)
+            .field("delivery", &self.delivery)
             .finish()
     }
 }
 
 /// The state file used when none is given: `FILE.acked`.
 pub fn default_state_path(file: &Path) -> PathBuf {
+    with_suffix(file, ".acked")
+}
+
+/// The statuses file of `--wait delivered` when none is given: `FILE.statuses`.
+pub fn default_statuses_path(file: &Path) -> PathBuf {
+    with_suffix(file, ".statuses")
+}
+
+/// The replies file of `--wait delivered` when none is given: `FILE.replies`.
+pub fn default_replies_path(file: &Path) -> PathBuf {
+    with_suffix(file, ".replies")
+}
+
+fn with_suffix(file: &Path, suffix: &str) -> PathBuf {
     let mut s = file.as_os_str().to_owned();
-    s.push(".acked");
+    s.push(suffix);
     PathBuf::from(s)
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use courier_pipeline::wire::Status;
 
+use super::wait::DeliverySummary;
 use super::{exit_code, ERRORS_SHOWN_MAX, NOT_ACCEPTED_SHOWN_MAX};
 use crate::ClientError;
 
@@ -54,6 +55,8 @@ pub struct Summary {
     pub state: PathBuf,
     /// Time from the first SUBMIT to the last answer.
     pub elapsed: Duration,
+    /// With `--wait delivered`: the final statuses of the file's acked messages.
+    pub delivery: Option<DeliverySummary>,
 }
 
 impl Summary {
@@ -70,7 +73,11 @@ impl Summary {
 
     /// The exit status (see [`exit_code`]).
     pub fn exit_code(&self) -> u8 {
-        if self.all_done() {
+        let delivered = self
+            .delivery
+            .as_ref()
+            .is_none_or(DeliverySummary::all_delivered);
+        if self.all_done() && delivered {
             exit_code::OK
         } else {
             exit_code::NOT_ALL_ACCEPTED
@@ -107,6 +114,18 @@ impl Summary {
                 0.0
             }
         )?;
+        if let Some(d) = &self.delivery {
+            row(out, "delivered", d.delivered)?;
+            row(out, "read", d.read)?;
+            row(out, "failed", d.failed_total())?;
+            for (reason, n) in &d.failed {
+                row(out, &format!("failed.{reason}"), *n)?;
+            }
+            row(out, "expired", d.expired)?;
+            row(out, "no_final_status", d.no_final_status)?;
+            row(out, "replies", d.replies)?;
+            writeln!(out, "{:<32}{:>12.3} s", "waited", d.waited.as_secs_f64())?;
+        }
         for n in &self.not_accepted {
             let what = match n.status {
                 Status::Rejected(r) => format!("rejected ({})", r.name()),
@@ -128,6 +147,19 @@ impl Summary {
         }
         if let Some(why) = &self.stopped {
             writeln!(out, "stopped early: {why}")?;
+        }
+        if let Some(why) = self.delivery.as_ref().and_then(|d| d.stopped.as_ref()) {
+            writeln!(out, "stopped listening early: {why}")?;
+        }
+        if let Some(d) = self.delivery.as_ref().filter(|d| !d.all_delivered()) {
+            writeln!(
+                out,
+                "delivery: {} failed, {} expired, {} without a final status yet (a rerun waits \
+                 for those again)",
+                d.failed_total(),
+                d.expired,
+                d.no_final_status
+            )?;
         }
         if self.all_done() {
             writeln!(

@@ -133,6 +133,7 @@ async fn throttled_messages_are_retried_and_counted() {
             batch_messages_max: 3,
             attempts,
             quiet: true,
+            delivery: None,
         };
 
         // One round only: every message comes back throttled and stays so.
@@ -208,6 +209,7 @@ async fn rejected_messages_are_listed_not_recorded_and_resent_on_rerun() {
             batch_messages_max: 5,
             attempts: 3,
             quiet: true,
+            delivery: None,
         };
         let s = send::send(&opts).await.unwrap();
         assert_eq!((s.accepted, s.rejected_total()), (8, 4), "{s:?}");

@@ -45,6 +45,7 @@ fn run_scenario(server: &Running, name: &str, time: f64, tokens: Vec<String>) ->
         batches_in_flight_per_stream: 4,
         plan,
         options: RunOptions::default(),
+        delivery: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -2,6 +2,7 @@
 //! loop, closed loop), the JSON report contract, and the binary against a real server.
 
 mod against_server;
+mod deliver;
 mod detect_scenarios;
 mod load;
 mod open_loop;

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use courier_loadgen::report::{
     Cpu, Detection, Duplicates, PercentilePoint, Reports, Second, SenderReport,
 };
+use courier_loadgen::tracking::DeliveryReport;
 use courier_loadgen::{Label, LoadReport, Percentiles};
 
 fn sample() -> LoadReport {
@@ -85,6 +86,28 @@ fn sample() -> LoadReport {
             server_us_per_msg: Some(1000.0),
             server_source: Some("pid 1".into()),
         },
+        delivery: Some(DeliveryReport {
+            delivered: 850,
+            read: 200,
+            failed: 40,
+            failed_by_reason: BTreeMap::from([("not_on_platform".to_string(), 40)]),
+            expired: 10,
+            sent: 890,
+            handoffs: 1100,
+            retransmissions: 200,
+            retry_later: 180,
+            online: 90,
+            inbound: 60,
+            inbound_received: 60,
+            tracked: 900,
+            submit_to_delivered_us: Percentiles {
+                p50: 900,
+                p99: 3000,
+                ..Percentiles::default()
+            },
+            settle_secs: 1.5,
+            ..DeliveryReport::default()
+        }),
     }
 }
 
@@ -124,8 +147,41 @@ fn report_json_has_exactly_the_documented_fields() {
             "duplicates",
             "reports",
             "cpu",
+            // issue 15
+            "delivery",
         ])
     );
+    assert_eq!(
+        keys(&v["delivery"]),
+        BTreeSet::from([
+            "delivered",
+            "read",
+            "failed",
+            "failed_by_reason",
+            "expired",
+            "sent",
+            "handoffs",
+            "retransmissions",
+            "retry_later",
+            "online",
+            "inbound",
+            "inbound_received",
+            "inbound_misrouted",
+            "inbound_throttled",
+            "inbound_lost",
+            "events_duplicate",
+            "submit_to_delivered_us",
+            "delivered_to_status_us",
+            "online_to_delivered_us",
+            "tracked",
+            "untracked",
+            "unresolved",
+            "extra_finals",
+            "order_violations",
+            "settle_secs",
+        ])
+    );
+    assert_eq!(v["delivery"]["submit_to_delivered_us"]["p99"], 3000);
     assert_eq!(
         keys(&v["latency_us"]),
         BTreeSet::from(["p50", "p90", "p99", "p999", "p9999", "max"])
@@ -174,6 +230,11 @@ fn undefined_scores_are_null_not_invented() {
     assert!(table.contains("precision n/a  recall 0.00"), "{table}");
     assert!(table.contains("every sender was admitted"), "{table}");
     assert!(table.contains("p99.99 3000"), "{table}");
+    assert!(
+        table.contains("delivered             850  (read 200)"),
+        "{table}"
+    );
+    assert!(table.contains("check        PASS"), "{table}");
 }
 
 #[test]
@@ -183,7 +244,7 @@ fn a_loadgen_v1_report_still_loads() {
         "latency_us":{"p50":1,"p90":2,"p99":3,"p999":4,"max":5},"rejected_by_reason":{}}"#;
     let r: LoadReport = serde_json::from_str(v1).unwrap();
     assert_eq!((r.sent, r.latency_us.p999, r.latency_us.p9999), (10, 4, 0));
-    assert!(r.timeline.is_empty() && r.mode.is_empty());
+    assert!(r.timeline.is_empty() && r.mode.is_empty() && r.delivery.is_none());
     let mut out = Vec::new();
     courier_loadgen::report::compare(&r, &sample(), &mut out).unwrap();
     let out = String::from_utf8(out).unwrap();

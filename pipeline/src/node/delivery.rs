@@ -392,11 +392,6 @@ impl Delivery {
         };
         self.offered.insert((now_ms, message));
         self.out += 1;
-        self.counts.handoffs += 1;
-        if p.attempts > 0 {
-            self.counts.retransmissions += 1;
-        }
-        p.attempts += 1;
         let d = Deliver {
             message,
             business_id: p.business_id,
@@ -410,6 +405,10 @@ impl Delivery {
 
     /// The edge connection took the message: its outcome is due by the timeout. The first
     /// hand-off of a message records `sent`.
+    ///
+    /// Hand-offs, retransmissions and the attempts that set the backoff are counted here,
+    /// not when the message is offered: an offer that bounces (the edge out of credit)
+    /// reached no edge, and once counted them by the hundred per message.
     pub fn handed(&mut self, now_ms: u64, message: LogPosition) {
         let Some(p) = self.pending.get_mut(&message) else {
             return;
@@ -417,6 +416,11 @@ impl Delivery {
         let State::Offered { since_ms, .. } = p.state else {
             return;
         };
+        self.counts.handoffs += 1;
+        if p.attempts > 0 {
+            self.counts.retransmissions += 1;
+        }
+        p.attempts += 1;
         self.offered.remove(&(since_ms, message));
         let deadline_ms = now_ms + u64::from(self.cfg.outcome_timeout_ms);
         p.state = State::Handed { deadline_ms };
@@ -781,6 +785,30 @@ mod tests {
         d.edge_attached(conn());
         assert!(d.poll_dispatch(10).is_none());
         assert!(d.poll_dispatch(BOUNCE_RETRY_MS).is_some());
+    }
+
+    /// Bounced offers (the edge out of credit) once counted as hand-offs and
+    /// retransmissions, and as attempts, so a message bounced a few times then answered
+    /// `retry_later` waited out the longest backoff.
+    #[test]
+    fn bounced_offers_are_no_hand_offs_and_do_not_lengthen_the_backoff() {
+        let mut d = Delivery::new(cfg());
+        d.edge_attached(conn());
+        let m = admit(&mut d, 1, 0);
+        let mut now = 0;
+        for _ in 0..5 {
+            d.poll_dispatch(now).unwrap();
+            d.bounced(now, m, None);
+            now += BOUNCE_RETRY_MS;
+        }
+        assert_eq!((d.counts().handoffs, d.counts().retransmissions), (0, 0));
+        assert_eq!(d.counts().bounced, 5);
+        d.poll_dispatch(now).unwrap();
+        d.handed(now, m);
+        assert_eq!((d.counts().handoffs, d.counts().retransmissions), (1, 0));
+        d.outcome(now, m, Outcome::RetryLater);
+        let min = u64::from(cfg().retry_backoff_min_ms);
+        assert_eq!(d.next_due_ms(), Some(now + min), "the first backoff");
     }
 
     #[test]

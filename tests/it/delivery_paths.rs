@@ -1,0 +1,239 @@
+//! Delivery's slower paths, one at a time, with an edge the test drives by hand:
+//! retransmission after `retry_later` waits for the recipient (ONLINE brings it within a
+//! second, long before the backoff would), a message past its time to live becomes
+//! `expired` at its business, and wire v1 clients keep working beside it all.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use courier::serve::Running;
+use courier_client::edge::DeliveryEdge;
+use courier_client::{Client, EventReceiver, OutgoingMessage};
+use courier_pipeline::registry::{Registry, Tier};
+use courier_pipeline::wire::delivery::{BusinessEvent, Outcome, OutcomeEntry, StatusKind};
+use courier_pipeline::wire::{Recipient, Status};
+use courier_testkit::server::{self, client_config, Setup};
+
+/// The backoff after `retry_later`: long, so that only ONLINE can bring a message back
+/// within the test's bounds.
+const BACKOFF_MS: u32 = 60_000;
+
+fn start(dir: &std::path::Path) -> (Running, String, String) {
+    let mut registry = Registry::default();
+    let business = server::add_exempt(&mut registry, "shop", &[3u8; 32]);
+    let (id, edge) = registry
+        .add("edge", Tier::Unlimited, 1_000, &[4u8; 32])
+        .unwrap();
+    registry.set_platform(id, true);
+    let mut setup = Setup::new(2, registry);
+    setup.profile.delivery.retry_backoff_min_ms = BACKOFF_MS;
+    setup.profile.delivery.retry_backoff_max_ms = BACKOFF_MS;
+    (server::start(dir, setup), business, edge)
+}
+
+fn message(id: u64, to: &str) -> OutgoingMessage {
+    OutgoingMessage {
+        client_id: id,
+        recipient: Recipient::parse(to.as_bytes()).unwrap(),
+        payload: Bytes::from_static(b"your parcel is on its way"),
+    }
+}
+
+/// The next status the business hears (acknowledged at once), within `within`.
+async fn next_status(
+    client: &Client,
+    events: &mut EventReceiver,
+    within: Duration,
+) -> Option<(StatusKind, u64)> {
+    let e = tokio::time::timeout(within, events.recv())
+        .await
+        .ok()?
+        .ok()?;
+    client.ack_events(&[e.event()]).await.unwrap();
+    match e {
+        BusinessEvent::Status(s) => Some((s.kind, s.client_id)),
+        BusinessEvent::Inbound(_) => panic!("no reply was sent"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_message_is_delivered_within_a_second_of_online() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let (running, business, edge_token) = start(dir.path());
+        let (client, mut events) =
+            Client::connect_with_events(&client_config(&running, &business, 1, 1), 8)
+                .await
+                .unwrap();
+        let (edge, mut deliveries) =
+            DeliveryEdge::connect(&client_config(&running, &edge_token, 1, 1), 16)
+                .await
+                .unwrap();
+        let to = "+4915112340001";
+        let statuses = client.submit(vec![message(7, to)]).await.unwrap();
+        let Status::Accepted(position) = statuses[0] else {
+            panic!("{statuses:?}");
+        };
+        let first = deliveries.recv().await.unwrap();
+        assert_eq!((first.message, first.client_id), (position, 7));
+        assert_eq!(first.recipient.as_str(), to);
+        edge.outcomes(&[OutcomeEntry {
+            message: first.message,
+            outcome: Outcome::RetryLater,
+        }])
+        .await
+        .unwrap();
+        let within = Duration::from_secs(5);
+        assert_eq!(
+            next_status(&client, &mut events, within).await,
+            Some((StatusKind::Sent, 7))
+        );
+        // Offline: nothing comes back before the backoff (a minute)...
+        let early = tokio::time::timeout(Duration::from_millis(700), deliveries.recv()).await;
+        assert!(early.is_err(), "handed again before ONLINE: {early:?}");
+        // ...but within a second of ONLINE.
+        let online_at = Instant::now();
+        edge.online(&[first.recipient]).await.unwrap();
+        let again = tokio::time::timeout(Duration::from_secs(1), deliveries.recv())
+            .await
+            .expect("handed again within a second of ONLINE")
+            .unwrap();
+        let took = online_at.elapsed();
+        assert_eq!(again.message, position, "the same message, by its id");
+        edge.outcomes(&[OutcomeEntry {
+            message: again.message,
+            outcome: Outcome::Delivered,
+        }])
+        .await
+        .unwrap();
+        assert_eq!(
+            next_status(&client, &mut events, within).await,
+            Some((StatusKind::Delivered, 7))
+        );
+        eprintln!("ONLINE -> DELIVER again: {took:?}");
+        client.close().await;
+        edge.close().await;
+        running.shutdown();
+        running.join().unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_past_its_time_to_live_is_expired_at_its_business() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let (running, business, edge_token) = start(dir.path());
+        let (client, mut events) =
+            Client::connect_with_events(&client_config(&running, &business, 1, 1), 8)
+                .await
+                .unwrap();
+        let (edge, mut deliveries) =
+            DeliveryEdge::connect(&client_config(&running, &edge_token, 1, 1), 16)
+                .await
+                .unwrap();
+        // One message lives a second and its recipient stays offline; one has no edge
+        // answer at all... both have the default otherwise.
+        let sent_at = Instant::now();
+        let statuses = client
+            .submit_ttl(vec![message(1, "+4915112340002")], 1)
+            .await
+            .unwrap();
+        assert!(matches!(statuses[0], Status::Accepted(_)), "{statuses:?}");
+        let d = deliveries.recv().await.unwrap();
+        edge.outcomes(&[OutcomeEntry {
+            message: d.message,
+            outcome: Outcome::RetryLater,
+        }])
+        .await
+        .unwrap();
+        assert!(
+            d.expires_ms > 0,
+            "the DELIVER says when the relay stops trying"
+        );
+        let within = Duration::from_secs(5);
+        assert_eq!(
+            next_status(&client, &mut events, within).await,
+            Some((StatusKind::Sent, 1))
+        );
+        assert_eq!(
+            next_status(&client, &mut events, within).await,
+            Some((StatusKind::Expired, 1))
+        );
+        let took = sent_at.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+            "expired after {took:?}"
+        );
+        // Nothing more about it: expired is final.
+        assert_eq!(
+            next_status(&client, &mut events, Duration::from_millis(500)).await,
+            None
+        );
+        client.close().await;
+        edge.close().await;
+        running.shutdown();
+        running.join().unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wire_v1_clients_work_unchanged_beside_delivery() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let (running, business, edge_token) = start(dir.path());
+        let (edge, mut deliveries) =
+            DeliveryEdge::connect(&client_config(&running, &edge_token, 1, 1), 16)
+                .await
+                .unwrap();
+        // HELLO version 1: a 16-byte WELCOME, no features, no events; SUBMIT as ever.
+        let v1 = Arc::new(
+            Client::connect(&client_config(&running, &business, 2, 2))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(v1.welcome().features, None);
+        let statuses = v1
+            .submit(vec![
+                message(1, "+4915112340003"),
+                message(2, "+4915112340004"),
+            ])
+            .await
+            .unwrap();
+        assert!(statuses.iter().all(|s| matches!(s, Status::Accepted(_))));
+        // Its messages are delivered all the same; it just does not hear of it.
+        for _ in 0..2 {
+            let d = deliveries.recv().await.unwrap();
+            edge.outcomes(&[OutcomeEntry {
+                message: d.message,
+                outcome: Outcome::Delivered,
+            }])
+            .await
+            .unwrap();
+        }
+        assert!(matches!(
+            v1.ack_events(&[courier_pipeline::wire::LogPosition(1)])
+                .await,
+            Err(courier_client::ClientError::FeatureRefused)
+        ));
+        // A business token cannot take deliveries, nor an edge token events.
+        assert!(matches!(
+            DeliveryEdge::connect(&client_config(&running, &business, 1, 1), 4).await,
+            Err(courier_client::ClientError::FeatureRefused)
+        ));
+        assert!(matches!(
+            Client::connect_with_events(&client_config(&running, &edge_token, 1, 1), 4).await,
+            Err(courier_client::ClientError::FeatureRefused)
+        ));
+        v1.close().await;
+        edge.close().await;
+        running.shutdown();
+        running.join().unwrap();
+    })
+    .await
+    .expect("test timed out");
+}

@@ -129,7 +129,7 @@ fn observe(c: &mut Criterion) {
     println!(
         "detect state: business 1 {per_business} B, largest {largest} B, bound {} B, \
          {BUSINESSES} businesses {:.1} MiB",
-        det.config().business_state_bytes_max(),
+        det.config().business_state_bytes_needed(),
         total as f64 / (1 << 20) as f64
     );
     assert!(largest <= 64 << 10);

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use courier::courier_pipeline::idempotency::{Claim, Idempotency};
 use courier::courier_pipeline::wire::LogPosition;
+use courier::courier_pipeline::ShardId;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 /// The default profile's `limits.idempotency_ids_max`.
@@ -39,7 +40,7 @@ fn claim_settle(t: &Idempotency, next: &AtomicU64) {
     let n = next.fetch_add(1, Ordering::Relaxed);
     let business = (n % BUSINESSES) as u32;
     if let Claim::Fresh(tk) = t.claim(business, n, n / 1000) {
-        t.settle(tk, LogPosition::new(0, n));
+        t.settle(tk, LogPosition::new(ShardId::new(0), n));
     }
 }
 

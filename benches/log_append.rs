@@ -31,6 +31,7 @@ use courier::courier_pipeline::log::{LogConfig, Record, RecordHeader};
 use courier::courier_pipeline::node::{Completion, GroupCommit, Io, WriteOutcome};
 use courier::courier_pipeline::profile::Profile;
 use courier::courier_pipeline::wire::Recipient;
+use courier::courier_pipeline::ShardId;
 use courier::store::{list_segments, shard_dir, MasterKeyText, ShardStore};
 use courier::uring::{bind_reuseport, FileDone, FileOpKind, RingConfig, RingEvent, UdpRing};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -74,9 +75,9 @@ impl Shell {
         let data_dir = dir.path().to_path_buf();
         let (store, log) = ShardStore::open(
             &data_dir,
-            0,
+            ShardId::new(0),
             &MasterKeyText::random(),
-            LogConfig::from_profile(&profile),
+            LogConfig::new(&profile.log, profile.limits.payload_bytes_max),
             &mut |_, _| {},
         )
         .expect("a fresh log opens");
@@ -166,7 +167,7 @@ impl Shell {
 
     /// Deletes segments the log rolled away from (the store closed them).
     fn drop_old_segments(&self) {
-        let dir = shard_dir(&self.data_dir, 0);
+        let dir = shard_dir(&self.data_dir, ShardId::new(0));
         let ids = list_segments(&dir).expect("list segments");
         for id in ids.iter().rev().skip(1) {
             let _ = std::fs::remove_file(dir.join(format!("{id:020}.seg")));

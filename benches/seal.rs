@@ -56,6 +56,7 @@ use courier::courier_pipeline::seal::{
     SealerConfig,
 };
 use courier::courier_pipeline::wire::{Message, Recipient};
+use courier::courier_pipeline::ShardId;
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use rayon::prelude::*;
@@ -117,7 +118,7 @@ fn sealer(keys: &Arc<DerivedKeys>) -> Sealer<Arc<DerivedKeys>> {
         keys.clone(),
         SealerConfig {
             epoch: 1,
-            shard: 0,
+            shard: ShardId::new(0),
             nonce_mask: [0x5c; 12],
             cache_keys_max: CACHE_KEYS,
         },
@@ -142,7 +143,7 @@ fn key_bytes() -> Vec<[u8; 32]> {
 
 /// Seals one message with aws-lc-rs into `out` in the pipeline's layout.
 fn raw_seal(key: &LessSafeKey, counter: u64, aad: &[u8], payload: &[u8], out: &mut Vec<u8>) {
-    let nonce = nonce_bytes(1, 0, counter);
+    let nonce = nonce_bytes(1, ShardId::new(0), counter);
     let start = out.len();
     out.extend_from_slice(&nonce);
     out.extend_from_slice(payload);
@@ -231,7 +232,7 @@ fn bench_seal<M: Measurement>(c: &mut Criterion<M>) {
 }
 
 fn aes_gcm_seal(key: &Aes256Gcm, counter: u64, aad: &[u8], payload: &[u8], out: &mut Vec<u8>) {
-    let nonce = nonce_bytes(1, 0, counter);
+    let nonce = nonce_bytes(1, ShardId::new(0), counter);
     let start = out.len();
     out.extend_from_slice(&nonce);
     out.extend_from_slice(payload);
@@ -255,7 +256,7 @@ fn ring_seal(
     payload: &[u8],
     out: &mut Vec<u8>,
 ) {
-    let nonce = nonce_bytes(1, 0, counter);
+    let nonce = nonce_bytes(1, ShardId::new(0), counter);
     let start = out.len();
     out.extend_from_slice(&nonce);
     out.extend_from_slice(payload);
@@ -427,7 +428,7 @@ fn bench_par(c: &mut Criterion) {
     let key = aws_key(&[9; 32]);
     let p = payload(SIZE);
     let seal_slot = |slot: &mut [u8], counter: u64| {
-        let nonce = nonce_bytes(1, 0, counter);
+        let nonce = nonce_bytes(1, ShardId::new(0), counter);
         slot[..12].copy_from_slice(&nonce);
         slot[12..12 + SIZE].copy_from_slice(&p);
         let tag = key

@@ -14,6 +14,7 @@ use courier::courier_pipeline::wire::{
     encode_ack, encode_submit, Frame, FrameDecoder, LogPosition, OutMessage, Reason, Recipient,
     Status, WireLimits,
 };
+use courier::courier_pipeline::ShardId;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 /// Messages per SUBMIT (and statuses per ACK).
@@ -59,8 +60,8 @@ fn out_messages<'a>(recipients: &'a [Recipient], payloads: &'a [Vec<u8>]) -> Vec
 fn statuses() -> Vec<Status> {
     (0..BATCH_MESSAGES as u64)
         .map(|i| match i % 8 {
-            0..=4 => Status::Accepted(LogPosition::new(3, 1_000_000 + i)),
-            5 => Status::Duplicate(LogPosition::new(1, i)),
+            0..=4 => Status::Accepted(LogPosition::new(ShardId::new(3), 1_000_000 + i)),
+            5 => Status::Duplicate(LogPosition::new(ShardId::new(1), i)),
             6 => Status::Throttled {
                 retry_after_ms: 250,
             },

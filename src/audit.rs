@@ -27,10 +27,10 @@ use courier_pipeline::wire::LogPosition;
 
 use crate::store::{list_segments, MasterKeyText};
 
-/// The payload bound the tools check record lengths against: the largest
-/// `limits.payload_bytes_max` a profile may set, so that a log written under any profile
-/// reads back (a tighter bound would call long records corrupt).
-pub const PAYLOAD_BYTES_MAX: u32 = 16 << 20;
+/// The payload bound the tools check record lengths against: the largest record payload a
+/// log written under any profile holds (the widest `limits.payload_bytes_max`, sealed), so
+/// that every log reads back (a tighter bound would call long records corrupt).
+pub const PAYLOAD_BYTES_MAX: u32 = courier_pipeline::log::RECORD_PAYLOAD_BYTES_LIMIT;
 
 /// Most lines an accepted list may hold; bounds the audit's memory.
 pub const ACCEPTED_LINES_MAX: usize = 100_000_000;
@@ -201,6 +201,10 @@ impl VerifyReport {
 }
 
 /// The shard directories under `data_dir/log`, as (shard, path), by shard.
+///
+/// Shards are read as the decimal number the directory's name holds, in the 16 bits a log
+/// position carries, not as a `ShardId`: the tools report what is on disk (and what an
+/// accepted list names), including a directory no server writes.
 pub fn shard_dirs(data_dir: &Path) -> Result<Vec<(u16, PathBuf)>, AuditError> {
     let log = data_dir.join("log");
     if !log.is_dir() {
@@ -670,12 +674,12 @@ mod tests {
             AcceptedEntry {
                 business_id: 7,
                 client_id: 42,
-                position: LogPosition::new(1, 5),
+                position: LogPosition::new(courier_pipeline::ShardId::new(1), 5),
             },
             AcceptedEntry {
                 business_id: u32::MAX,
                 client_id: u64::MAX,
-                position: LogPosition::new(0, 0),
+                position: LogPosition::new(courier_pipeline::ShardId::new(0), 0),
             },
         ];
         let mut out = Vec::new();

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 use courier_pipeline::detect::{BusinessSignal, Detector};
 use courier_pipeline::node::Control as ShardControl;
 use courier_pipeline::registry::Registry;
+use courier_pipeline::ShardId;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde::{Deserialize, Serialize};
 
@@ -37,7 +38,7 @@ pub enum ToControl {
     /// The shard's view of every business it knows.
     Status {
         /// The shard.
-        shard: usize,
+        shard: ShardId,
         /// When, unix ms.
         at_unix_ms: u64,
         /// One signal per business.
@@ -48,7 +49,7 @@ pub enum ToControl {
     /// The shard's detector checkpoint.
     Checkpoint {
         /// The shard.
-        shard: usize,
+        shard: ShardId,
         /// [`Detector::checkpoint`] bytes.
         bytes: Vec<u8>,
     },
@@ -113,7 +114,7 @@ pub fn spool_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("control")
 }
 
-fn checkpoint_path(data_dir: &Path, shard: usize) -> PathBuf {
+fn checkpoint_path(data_dir: &Path, shard: ShardId) -> PathBuf {
     detect_dir(data_dir).join(format!("shard-{shard}.ckpt"))
 }
 
@@ -146,14 +147,14 @@ pub fn read_status(data_dir: &Path) -> Result<StatusFile, String> {
 /// and the detector starts empty; the error is returned for the log.
 pub fn restore_checkpoint(
     data_dir: &Path,
-    shard: usize,
+    shard: ShardId,
     detector: &mut Detector,
 ) -> Result<bool, String> {
     let own = checkpoint_path(data_dir, shard);
     let path = if own.exists() {
         own
     } else {
-        checkpoint_path(data_dir, 0)
+        checkpoint_path(data_dir, ShardId::new(0))
     };
     let bytes = match fs::read(&path) {
         Ok(b) => b,
@@ -201,8 +202,8 @@ pub fn spawn(c: Control) -> std::io::Result<JoinHandle<()>> {
 
 fn run(c: Control) {
     let mut registry_seen = c.registry_file.as_deref().and_then(file_stamp);
-    let mut latest: BTreeMap<usize, Vec<BusinessSignal>> = BTreeMap::new();
-    let mut backlogs: BTreeMap<usize, Vec<(u32, u64)>> = BTreeMap::new();
+    let mut latest: BTreeMap<ShardId, Vec<BusinessSignal>> = BTreeMap::new();
+    let mut backlogs: BTreeMap<ShardId, Vec<(u32, u64)>> = BTreeMap::new();
     let mut status_dirty = false;
     let mut next_poll = Instant::now();
     if let Err(e) = crate::store::create_private_dir(&detect_dir(&c.data_dir)) {
@@ -224,7 +225,7 @@ fn run(c: Control) {
             Ok(ToControl::Checkpoint { shard, bytes }) => {
                 let path = checkpoint_path(&c.data_dir, shard);
                 if let Err(e) = write_atomically(&path, &bytes) {
-                    tracing::error!(shard, error = %e, "detector checkpoint not written");
+                    tracing::error!(shard = shard.index(), error = %e, "detector checkpoint not written");
                 }
             }
             Err(RecvTimeoutError::Timeout) => {}
@@ -304,7 +305,7 @@ fn apply_spool(data_dir: &Path, peers: &[Peer]) {
 
 /// Merges the shards' views: each shard's detector already holds every shard's traffic
 /// (deltas), so per business the most severe view and the highest count win.
-fn merge_status(latest: &BTreeMap<usize, Vec<BusinessSignal>>) -> Vec<BusinessStatus> {
+fn merge_status(latest: &BTreeMap<ShardId, Vec<BusinessSignal>>) -> Vec<BusinessStatus> {
     let mut by_id: BTreeMap<u32, BusinessSignal> = BTreeMap::new();
     for s in latest.values().flatten() {
         by_id
@@ -339,7 +340,7 @@ fn merge_status(latest: &BTreeMap<usize, Vec<BusinessSignal>>) -> Vec<BusinessSt
         .collect()
 }
 
-fn status_file(latest: &BTreeMap<usize, Vec<BusinessSignal>>, shards: usize) -> StatusFile {
+fn status_file(latest: &BTreeMap<ShardId, Vec<BusinessSignal>>, shards: usize) -> StatusFile {
     StatusFile {
         updated_unix_ms: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -354,8 +355,8 @@ fn status_file(latest: &BTreeMap<usize, Vec<BusinessSignal>>, shards: usize) -> 
 /// Writes the status file and hands the same status to the metrics.
 fn publish_status(
     c: &Control,
-    latest: &BTreeMap<usize, Vec<BusinessSignal>>,
-    backlogs: &BTreeMap<usize, Vec<(u32, u64)>>,
+    latest: &BTreeMap<ShardId, Vec<BusinessSignal>>,
+    backlogs: &BTreeMap<ShardId, Vec<(u32, u64)>>,
 ) {
     let mut file = status_file(latest, c.peers.len());
     for &(b, n) in backlogs.values().flatten() {
@@ -409,13 +410,13 @@ mod tests {
     fn status_takes_the_most_severe_view_per_business() {
         let mut latest = BTreeMap::new();
         latest.insert(
-            0,
+            ShardId::new(0),
             vec![
                 sig(1, false, Rating::Green, 10),
                 sig(2, false, Rating::Green, 5),
             ],
         );
-        latest.insert(1, vec![sig(1, true, Rating::Yellow, 12)]);
+        latest.insert(ShardId::new(1), vec![sig(1, true, Rating::Yellow, 12)]);
         let s = merge_status(&latest);
         assert_eq!(s.len(), 2);
         assert_eq!(
@@ -448,7 +449,7 @@ mod tests {
         assert!(read_status(dir.path()).unwrap_err().contains("status.json"));
         fs::create_dir_all(detect_dir(dir.path())).unwrap();
         let mut latest = BTreeMap::new();
-        latest.insert(0, vec![sig(3, true, Rating::Red, 7)]);
+        latest.insert(ShardId::new(0), vec![sig(3, true, Rating::Red, 7)]);
         write_status(dir.path(), &status_file(&latest, 2));
         let back = read_status(dir.path()).unwrap();
         assert_eq!((back.shards, back.shards_reporting), (2, 1));

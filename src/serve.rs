@@ -28,6 +28,7 @@ use courier_pipeline::server::{
     retry_token_key, stateless_reset_key, Server, ServerParts, ServerStats,
 };
 use courier_pipeline::wire::LogPosition;
+use courier_pipeline::ShardId;
 use crossbeam_channel::{Receiver, Sender};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
@@ -82,7 +83,7 @@ pub enum ServeError {
     #[error("shard {shard}: {source}")]
     Ring {
         /// The shard.
-        shard: usize,
+        shard: ShardId,
         /// The error.
         #[source]
         source: RingError,
@@ -91,7 +92,7 @@ pub enum ServeError {
     #[error("shard {shard}: {source}")]
     Store {
         /// The shard.
-        shard: usize,
+        shard: ShardId,
         /// The error.
         #[source]
         source: StoreError,
@@ -107,10 +108,10 @@ pub enum ServeError {
     BusinessKeys(String),
     /// A shard's nonce epoch no longer fits the sealer's 32 bits: rotate the log's keyring.
     #[error("shard {0}: nonce epoch exhausted")]
-    EpochExhausted(usize),
+    EpochExhausted(ShardId),
     /// A shard thread panicked: a bug.
     #[error("shard {0} panicked")]
-    Panicked(usize),
+    Panicked(ShardId),
 }
 
 /// What `start` needs.
@@ -235,7 +236,8 @@ impl Running {
         let mut out = Vec::new();
         let mut first_err = None;
         for (i, t) in self.threads.into_iter().enumerate() {
-            match t.join().map_err(|_| ServeError::Panicked(i)) {
+            let shard = ShardId::try_from(i).expect("a thread per shard");
+            match t.join().map_err(|_| ServeError::Panicked(shard)) {
                 Ok(Ok(stats)) => out.push(stats),
                 Ok(Err(e)) | Err(e) => {
                     first_err.get_or_insert(e);
@@ -314,15 +316,19 @@ pub fn tls_identity(
     Ok((cert, key))
 }
 
+/// The ring of one shard: the profile's `[io]` section (checked against the ring's bounds
+/// when it loaded) and the two sizes that are not knobs, from the same home.
 fn ring_config(profile: &Profile) -> RingConfig {
     let io = &profile.io;
     RingConfig {
         entries: io.ring_entries,
-        recv_buffers: u16::try_from(io.recv_buffers).unwrap_or(u16::MAX),
+        recv_buffers: u16::try_from(io.recv_buffers)
+            .expect("io.recv_buffers is validated to at most RECV_BUFFERS_MAX"),
         recv_buffer_bytes: io.recv_buffer_bytes,
-        send_slots: u16::try_from(io.send_slots).unwrap_or(u16::MAX),
-        send_slot_bytes: 65_536,
-        file_slots: 16,
+        send_slots: u16::try_from(io.send_slots)
+            .expect("io.send_slots is validated to at most SEND_SLOTS_MAX"),
+        send_slot_bytes: courier_pipeline::profile::SEND_SLOT_BYTES,
+        file_slots: courier_pipeline::profile::FILE_SLOTS as u16,
         gro: io.gro,
         gso: io.gso,
     }
@@ -388,13 +394,13 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     let mut wiring = Vec::new();
     let mut threads = Vec::new();
     let mut counters = Vec::new();
-    for (index, socket) in sockets.into_iter().enumerate() {
+    for (shard, socket) in ShardId::all(shards).zip(sockets) {
         let (ends, inboxes) = shard_channels();
         let (peers_tx, peers_rx) = crossbeam_channel::bounded::<Vec<Peer>>(1);
         let stats = Arc::new(ShardStats::default());
         counters.push(stats.clone());
         let t = ShardThread {
-            index,
+            shard,
             socket,
             common: common.clone(),
             restore: restore.clone(),
@@ -405,7 +411,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
             stats,
         };
         let thread = std::thread::Builder::new()
-            .name(format!("courier-shard-{index}"))
+            .name(format!("courier-shard-{shard}"))
             .spawn(move || run_shard(t))
             .map_err(ServeError::Cpu)?;
         threads.push(thread);
@@ -582,28 +588,32 @@ fn shard_channels() -> (Ends, Inboxes) {
     )
 }
 
-/// A ready shard reports its index and waker; a failed one its index.
-type Ready = Result<(usize, uring::Waker), usize>;
+/// A ready shard reports its id and waker; a failed one its id.
+type Ready = Result<(ShardId, uring::Waker), ShardId>;
 
 /// Waits for every shard to report ready; returns the peer list and the channels that
-/// hand it to the shards, or the failed shard's index (and the channels, to drop).
+/// hand it to the shards, or the failed shard (and the channels, to drop).
 #[allow(clippy::type_complexity)]
 fn wait_ready(
     ready: &Receiver<Ready>,
     wiring: Vec<(Ends, Sender<Vec<Peer>>)>,
-) -> Result<(Vec<Peer>, Vec<Sender<Vec<Peer>>>), (usize, Vec<Sender<Vec<Peer>>>)> {
+) -> Result<(Vec<Peer>, Vec<Sender<Vec<Peer>>>), (ShardId, Vec<Sender<Vec<Peer>>>)> {
     let shards = wiring.len();
     let mut wakers = vec![None; shards];
     let mut failed = None;
     for _ in 0..shards {
         match ready.recv() {
-            Ok(Ok((i, w))) => wakers[i] = Some(w),
+            Ok(Ok((i, w))) => wakers[i.index()] = Some(w),
             Ok(Err(i)) => failed = Some(i),
             Err(_) => break,
         }
     }
     let (ends, peer_txs): (Vec<Ends>, Vec<_>) = wiring.into_iter().unzip();
-    if let Some(i) = failed.or_else(|| wakers.iter().position(Option::is_none)) {
+    let missing = || {
+        let i = wakers.iter().position(Option::is_none)?;
+        Some(ShardId::try_from(i).expect("a waker slot per shard"))
+    };
+    if let Some(i) = failed.or_else(missing) {
         return Err((i, peer_txs));
     }
     let peers = wakers
@@ -622,7 +632,7 @@ fn wait_ready(
 
 /// What one shard thread starts from.
 struct ShardThread {
-    index: usize,
+    shard: ShardId,
     socket: std::net::UdpSocket,
     common: Arc<Common>,
     restore: Arc<RestoreSet>,
@@ -637,31 +647,30 @@ struct ShardThread {
 /// log that has not been checked), then the loop.
 fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
     let c = t.common.clone();
-    let prepared = prepare_shard(&c, t.index, t.socket, &t.restore);
+    let prepared = prepare_shard(&c, t.shard, t.socket, &t.restore);
     // Every client id of this shard's log went to the restore set by now.
     drop(t.restore);
     let (ring, store, log, detector, replay) = match prepared {
         Ok(p) => p,
         Err(e) => {
-            let _ = t.waker_tx.send(Err(t.index));
+            let _ = t.waker_tx.send(Err(t.shard));
             return Err(e);
         }
     };
     // The sealer's nonces use the epoch the log just persisted for this run.
     let Ok(epoch) = u32::try_from(log.epoch()) else {
-        let _ = t.waker_tx.send(Err(t.index));
-        return Err(ServeError::EpochExhausted(t.index));
+        let _ = t.waker_tx.send(Err(t.shard));
+        return Err(ServeError::EpochExhausted(t.shard));
     };
-    let _ = t.waker_tx.send(Ok((t.index, ring.waker())));
+    let _ = t.waker_tx.send(Ok((t.shard, ring.waker())));
     let Ok(peers) = t.peers_rx.recv() else {
         return Ok(ServerStats::default());
     };
-    let shard = t.index as u16;
     let sealer = Sealer::new(
         c.business_keys.clone(),
         SealerConfig {
             epoch,
-            shard,
+            shard: t.shard,
             // Fresh from the OS each run, never stored: a restored data directory cannot
             // repeat a nonce (pipeline/src/seal/mod.rs).
             nonce_mask: rand::random(),
@@ -670,17 +679,18 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
     );
     let server = Server::new(
         ServerParts {
-            shard: t.index as u8,
+            shard: t.shard,
             crypto: c.crypto.clone(),
             reset_key: c.reset_key,
             token_key: c.token_key,
             seed: random_bytes(),
         },
-        &c.profile,
+        &c.profile.limits,
+        &c.profile.quic,
         c.registry.clone(),
     );
     let parts = ShardParts {
-        shard,
+        shard: t.shard,
         shards: c.shards,
         payload_bytes_max: c.profile.limits.payload_bytes_max,
         server,
@@ -694,7 +704,7 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
         replay,
     };
     let shard = Shard {
-        index: t.index,
+        id: t.shard,
         ring,
         core: node::Shard::new(parts, crate::shard::clock()),
         store,
@@ -708,7 +718,7 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
         max_datagrams: (60_000 / usize::from(c.profile.quic.mtu_upper_bound)).max(1),
     };
     shard.run().map_err(|source| ServeError::Ring {
-        shard: t.index,
+        shard: t.shard,
         source,
     })
 }
@@ -727,26 +737,23 @@ type Prepared = (
 /// detector.
 fn prepare_shard(
     c: &Common,
-    index: usize,
+    shard: ShardId,
     socket: std::net::UdpSocket,
     restore: &RestoreSet,
 ) -> Result<Prepared, ServeError> {
     if c.profile.io.pin_threads {
-        uring::pin_current_thread(c.cpus[index % c.cpus.len()]).map_err(ServeError::Cpu)?;
+        uring::pin_current_thread(c.cpus[shard.index() % c.cpus.len()]).map_err(ServeError::Cpu)?;
     }
-    let ring =
-        UdpRing::new(socket, &ring_config(&c.profile)).map_err(|source| ServeError::Ring {
-            shard: index,
-            source,
-        })?;
+    let ring = UdpRing::new(socket, &ring_config(&c.profile))
+        .map_err(|source| ServeError::Ring { shard, source })?;
     let mut ids = Vec::with_capacity(RESTORE_BATCH);
-    let mut replay = Replay::new(index as u16);
+    let mut replay = Replay::new(shard);
     let mut remember = |log_index: u64, rec: &OwnedRecord| {
         let h = &rec.header;
         if let Some(business_id) = idempotency_key(h) {
             ids.push(RestoredId {
                 time_ms: h.time_ms,
-                position: LogPosition::new(index as u16, log_index),
+                position: LogPosition::new(shard, log_index),
                 business_id,
                 client_id: h.client_id,
             });
@@ -756,18 +763,17 @@ fn prepare_shard(
         }
         replay.visit(log_index, rec);
     };
-    let cfg = LogConfig::from_profile(&c.profile);
-    let opened = ShardStore::open(&c.data_dir, index as u16, &c.master_key, cfg, &mut remember);
+    let cfg = LogConfig::new(&c.profile.log, c.profile.limits.payload_bytes_max);
+    let opened = ShardStore::open(&c.data_dir, shard, &c.master_key, cfg, &mut remember);
     restore.offer(&mut ids);
-    let (store, log) = opened.map_err(|source| ServeError::Store {
-        shard: index,
-        source,
-    })?;
+    let (store, log) = opened.map_err(|source| ServeError::Store { shard, source })?;
     let mut detector = Detector::new(c.profile.detect.clone(), c.detect_secret);
-    match crate::control::restore_checkpoint(&c.data_dir, index, &mut detector) {
-        Ok(true) => tracing::info!(shard = index, "detector state restored"),
+    match crate::control::restore_checkpoint(&c.data_dir, shard, &mut detector) {
+        Ok(true) => tracing::info!(shard = shard.index(), "detector state restored"),
         Ok(false) => {}
-        Err(e) => tracing::error!(shard = index, error = %e, "detector checkpoint not restored"),
+        Err(e) => {
+            tracing::error!(shard = shard.index(), error = %e, "detector checkpoint not restored")
+        }
     }
     Ok((ring, store, log, detector, replay))
 }

@@ -32,6 +32,7 @@ use courier_pipeline::node::{
     self, Control, Event, Io, Now, PeerMsg, PeerTarget, ShardStats, WriteOutcome,
 };
 use courier_pipeline::server::ServerStats;
+use courier_pipeline::ShardId;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::control::ToControl;
@@ -74,8 +75,8 @@ pub struct Peer {
 
 /// Everything a shard thread owns.
 pub struct Shard {
-    /// Index, also carried in connection IDs.
-    pub index: usize,
+    /// This shard, also carried in connection IDs.
+    pub id: ShardId,
     /// The ring over the shard's socket and files.
     pub ring: UdpRing,
     /// The sans-IO core that decides.
@@ -103,7 +104,7 @@ pub struct Shard {
 impl std::fmt::Debug for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shard")
-            .field("index", &self.index)
+            .field("id", &self.id)
             .field("core", &self.core)
             .finish_non_exhaustive()
     }
@@ -169,7 +170,7 @@ impl Shard {
         match ev {
             Event::Delta(delta) => {
                 for (i, p) in self.peers.iter().enumerate() {
-                    if i == self.index {
+                    if i == self.id.index() {
                         continue;
                     }
                     if p.deltas.try_send(delta.clone()).is_ok() {
@@ -189,7 +190,7 @@ impl Shard {
             } => {
                 // Periodic ones are dropped when the control thread lags; the last waits.
                 let status = ToControl::Status {
-                    shard: self.index,
+                    shard: self.id,
                     at_unix_ms,
                     signals,
                     event_backlogs,
@@ -197,7 +198,7 @@ impl Shard {
                 let _ = self.to_control.try_send(status);
                 if let Some(bytes) = checkpoint {
                     let c = ToControl::Checkpoint {
-                        shard: self.index,
+                        shard: self.id,
                         bytes,
                     };
                     if last {
@@ -222,9 +223,9 @@ impl Shard {
             }
         };
         match to {
-            PeerTarget::Shard(s) => send(usize::from(s)),
+            PeerTarget::Shard(s) => send(s.index()),
             PeerTarget::All => (0..self.peers.len())
-                .filter(|&i| i != self.index)
+                .filter(|&i| i != self.id.index())
                 .for_each(send),
         }
     }
@@ -246,7 +247,7 @@ impl Shard {
             else {
                 let what = format!("{op:?}");
                 if let Err(e) = self.store.perform(op) {
-                    tracing::error!(shard = self.index, action = %what, error = %e, "log action failed; the log stops taking messages");
+                    tracing::error!(shard = self.id.index(), action = %what, error = %e, "log action failed; the log stops taking messages");
                     self.core.handle_metadata_failed(now);
                 }
                 continue;
@@ -254,7 +255,7 @@ impl Shard {
             let file = match self.store.segment_file(segment_id) {
                 Ok(f) => f,
                 Err(e) => {
-                    tracing::error!(shard = self.index, segment = segment_id, error = %e, "segment file not opened for a group commit");
+                    tracing::error!(shard = self.id.index(), segment = segment_id, error = %e, "segment file not opened for a group commit");
                     self.core
                         .handle_write_done(now, token, WriteOutcome::WriteFailed, bytes);
                     continue;
@@ -275,7 +276,7 @@ impl Shard {
             WriteOutcome::Done
         } else {
             tracing::error!(
-                shard = self.index,
+                shard = self.id.index(),
                 written = ?done.written.as_ref().map_err(|e| e.to_string()),
                 synced = ?done.synced.as_ref().map(|r| r.as_ref().map_err(|e| e.to_string())),
                 "group commit failed; the log stops taking messages and never retries"
@@ -300,7 +301,7 @@ impl Shard {
         files: &mut Vec<FileDone>,
     ) -> Result<(), crate::uring::RingError> {
         let shards = self.peers.len();
-        let me = self.index;
+        let me = self.id;
         let core = &mut self.core;
         let peers = &self.peers;
         self.ring.drain(|ev| {
@@ -327,9 +328,10 @@ impl Shard {
                             local_ip,
                         };
                         let stats = core.stats();
-                        if peers[owner].tx.try_send(fwd).is_ok() {
+                        let peer = &peers[owner.index()];
+                        if peer.tx.try_send(fwd).is_ok() {
                             stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                            peers[owner].waker.wake();
+                            peer.waker.wake();
                         } else {
                             stats.forward_dropped.fetch_add(1, Ordering::Relaxed);
                         }

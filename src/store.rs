@@ -28,6 +28,7 @@ use courier_pipeline::log::{
     Action, Log, LogConfig, MasterKey, OwnedRecord, RecoverError, Recovery, Repair,
 };
 use courier_pipeline::node::Io;
+use courier_pipeline::ShardId;
 
 /// Why a shard's log could not be opened or written.
 #[derive(Debug, thiserror::Error)]
@@ -251,7 +252,7 @@ fn segment_file_name(id: u64) -> String {
 }
 
 /// The log directory of shard `shard` under `data_dir`.
-pub fn shard_dir(data_dir: &Path, shard: usize) -> PathBuf {
+pub fn shard_dir(data_dir: &Path, shard: ShardId) -> PathBuf {
     data_dir.join("log").join(format!("shard-{shard}"))
 }
 
@@ -299,12 +300,12 @@ impl ShardStore {
     /// (the idempotency table and delivery's state are rebuilt from them).
     pub fn open(
         data_dir: &Path,
-        shard: u16,
+        shard: ShardId,
         master_key: &MasterKeyText,
         cfg: LogConfig,
         visit: &mut dyn FnMut(u64, &OwnedRecord),
     ) -> Result<(ShardStore, Log), StoreError> {
-        let dir = shard_dir(data_dir, usize::from(shard));
+        let dir = shard_dir(data_dir, shard);
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| StoreError::Io { path, source }

@@ -51,10 +51,15 @@ use crate::tls::{self, ServerTrust};
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `close` waits for the endpoint to become idle.
 pub const CLOSE_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Most submit streams one client may use.
-pub const STREAMS_MAX: usize = 1024;
+/// Most submit streams one client may use: as many as the widest server profile lets
+/// one connection open.
+pub const STREAMS_MAX: usize = courier_pipeline::server::STREAMS_PER_CONNECTION_LIMIT as usize;
 /// Most batches in flight on one stream.
 pub const BATCHES_IN_FLIGHT_PER_STREAM_MAX: usize = crate::session::PENDING_PER_STREAM_MAX;
+// `connect`'s messages state these bounds (they are `&'static str`).
+const _: () = assert!(STREAMS_MAX == 1024);
+const _: () = assert!(BATCHES_IN_FLIGHT_PER_STREAM_MAX == 4096);
+const _: () = assert!(wire::TOKEN_BYTES_MAX == 256);
 /// Longest wait `submit_with_retry` honours between rounds, whatever the server asks.
 pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(60);
 /// Most bytes taken from a stream in one read.

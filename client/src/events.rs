@@ -298,6 +298,7 @@ mod tests {
     use bytes::Bytes;
     use courier_pipeline::wire::delivery::{FailReason, Outcome, StatusKind};
     use courier_pipeline::wire::Welcome;
+    use courier_pipeline::ShardId;
 
     fn session(features: u32) -> Session {
         Session::new(Welcome {
@@ -312,8 +313,8 @@ mod tests {
 
     fn status(i: u64, kind: StatusKind) -> StatusEvent {
         StatusEvent {
-            event: LogPosition::new(0, 100 + i),
-            message: LogPosition::new(0, i),
+            event: LogPosition::new(ShardId::new(0), 100 + i),
+            message: LogPosition::new(ShardId::new(0), i),
             client_id: i,
             kind,
             reason: None,
@@ -334,7 +335,7 @@ mod tests {
         let six: Vec<StatusEvent> = (0..6).map(|i| status(i, StatusKind::Sent)).collect();
         wd::encode_status(&six, &mut bytes);
         let reply = InboundEvent {
-            event: LogPosition::new(1, 9),
+            event: LogPosition::new(ShardId::new(1), 9),
             at_ms: 7,
             sender: r("+4915112345678"),
             payload: Bytes::from_static(b"yes please"),
@@ -354,7 +355,7 @@ mod tests {
         assert_eq!(es.poll(), None);
         let events = Incoming::Statuses(six).into_events();
         assert_eq!(events.len(), 6);
-        assert_eq!(events[5].event(), LogPosition::new(0, 105));
+        assert_eq!(events[5].event(), LogPosition::new(ShardId::new(0), 105));
     }
 
     #[test]
@@ -362,7 +363,7 @@ mod tests {
         let mut d = BytesMut::new();
         wd::encode_deliver(
             &Deliver {
-                message: LogPosition::new(0, 1),
+                message: LogPosition::new(ShardId::new(0), 1),
                 business_id: 1,
                 client_id: 2,
                 expires_ms: 3,
@@ -414,7 +415,9 @@ mod tests {
             d.push(bytes);
             std::iter::from_fn(|| d.next_frame().unwrap()).collect::<Vec<Frame>>()
         };
-        let events: Vec<LogPosition> = (0..9).map(|i| LogPosition::new(1, i)).collect();
+        let events: Vec<LogPosition> = (0..9)
+            .map(|i| LogPosition::new(ShardId::new(1), i))
+            .collect();
         let mut out = BytesMut::new();
         encode_event_acks(&s, &events, &mut out);
         let frames = decode_all(&out);
@@ -429,7 +432,7 @@ mod tests {
         assert_eq!(acked, events);
         let outcomes: Vec<OutcomeEntry> = (0..5)
             .map(|i| OutcomeEntry {
-                message: LogPosition::new(0, i),
+                message: LogPosition::new(ShardId::new(0), i),
                 outcome: if i % 2 == 0 {
                     Outcome::Delivered
                 } else {
@@ -470,7 +473,7 @@ mod tests {
         let mut bytes = BytesMut::new();
         wd::encode_inbound_event(
             &InboundEvent {
-                event: LogPosition::new(1, 9),
+                event: LogPosition::new(ShardId::new(1), 9),
                 at_ms: 7,
                 sender: r("+4915112345678"),
                 payload: Bytes::from_static(b"secret reply"),

@@ -38,7 +38,7 @@ pub const CLIENT_RECEIVE_WINDOW_BYTES: u32 = 16 << 20;
 /// Bytes the client may have in flight unacknowledged on one connection.
 pub const CLIENT_SEND_WINDOW_BYTES: u64 = 16 << 20;
 /// Smallest datagram the client starts with; MTU discovery raises it.
-pub const CLIENT_INITIAL_MTU_BYTES: u16 = 1200;
+pub const CLIENT_INITIAL_MTU_BYTES: u16 = courier_pipeline::server::MTU_MIN;
 /// A connection with no traffic for this long is closed by the client.
 pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -116,6 +116,7 @@ fn unit(h: u64) -> f64 {
 mod tests {
     use super::*;
     use crate::traffic::population_recipient;
+    use courier_pipeline::ShardId;
 
     fn model() -> DeviceModel {
         DeviceModel {
@@ -135,8 +136,12 @@ mod tests {
         let (mut failed, mut offline, mut read, mut reply) = (0, 0, 0, 0);
         for i in 0..n {
             let r = population_recipient(i);
-            let f = m.fate(&r, LogPosition::new(0, i), 12.3);
-            assert_eq!(f, m.fate(&r, LogPosition::new(0, i), 12.3), "deterministic");
+            let f = m.fate(&r, LogPosition::new(ShardId::new(0), i), 12.3);
+            assert_eq!(
+                f,
+                m.fate(&r, LogPosition::new(ShardId::new(0), i), 12.3),
+                "deterministic"
+            );
             match f {
                 Fate::NotOnPlatform => failed += 1,
                 Fate::Offline { online_in_ms } => {
@@ -144,7 +149,7 @@ mod tests {
                     let back = 12.3 + online_in_ms as f64 / 1000.0 + 0.001;
                     assert!(
                         matches!(
-                            m.fate(&r, LogPosition::new(0, i), back),
+                            m.fate(&r, LogPosition::new(ShardId::new(0), i), back),
                             Fate::Delivered { .. }
                         ),
                         "online again when it said"

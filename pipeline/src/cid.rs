@@ -9,6 +9,8 @@
 use quinn_proto::{ConnectionId, ConnectionIdGenerator, InvalidCid};
 use rand::{RngCore, SeedableRng};
 
+use crate::ShardId;
+
 /// Bytes of every connection ID courier issues.
 pub const CID_BYTES: usize = 8;
 
@@ -20,13 +22,13 @@ const _: () = assert!(
 /// Issues connection IDs whose first byte is the shard index.
 #[derive(Debug)]
 pub struct ShardCidGenerator {
-    shard: u8,
+    shard: ShardId,
     rng: rand::rngs::StdRng,
 }
 
 impl ShardCidGenerator {
     /// A generator for `shard`, its random bytes drawn from a generator seeded by `seed`.
-    pub fn new(shard: u8, seed: [u8; 32]) -> ShardCidGenerator {
+    pub fn new(shard: ShardId, seed: [u8; 32]) -> ShardCidGenerator {
         ShardCidGenerator {
             shard,
             rng: rand::rngs::StdRng::from_seed(seed),
@@ -37,13 +39,13 @@ impl ShardCidGenerator {
 impl ConnectionIdGenerator for ShardCidGenerator {
     fn generate_cid(&mut self) -> ConnectionId {
         let mut bytes = [0u8; CID_BYTES];
-        bytes[0] = self.shard;
+        bytes[0] = self.shard.get();
         self.rng.fill_bytes(&mut bytes[1..]);
         ConnectionId::new(&bytes)
     }
 
     fn validate(&self, cid: &ConnectionId) -> Result<(), InvalidCid> {
-        if cid.len() == CID_BYTES && cid[0] == self.shard {
+        if cid.len() == CID_BYTES && cid[0] == self.shard.get() {
             Ok(())
         } else {
             Err(InvalidCid)
@@ -65,7 +67,7 @@ impl ConnectionIdGenerator for ShardCidGenerator {
 /// shard issued; Initial and 0-RTT packets carry one the client chose, so they belong to
 /// whichever shard received them (`None`). An index at or above `shards` is `None` too:
 /// the receiving endpoint then answers it as it would any unknown packet.
-pub fn owner_shard(datagram: &[u8], shards: usize) -> Option<usize> {
+pub fn owner_shard(datagram: &[u8], shards: usize) -> Option<ShardId> {
     let first = *datagram.first()?;
     let shard = if first & 0x80 == 0 {
         // Short header: DCID right after the first byte.
@@ -77,7 +79,8 @@ pub fn owner_shard(datagram: &[u8], shards: usize) -> Option<usize> {
         }
         *datagram.get(6)?
     };
-    (usize::from(shard) < shards).then_some(usize::from(shard))
+    let shard = ShardId::new(shard);
+    shard.within(shards).then_some(shard)
 }
 
 #[cfg(test)]
@@ -86,25 +89,27 @@ mod tests {
 
     #[test]
     fn cids_carry_the_shard_and_differ() {
-        let mut g = ShardCidGenerator::new(5, [1; 32]);
+        let mut g = ShardCidGenerator::new(ShardId::new(5), [1; 32]);
         let a = g.generate_cid();
         let b = g.generate_cid();
         assert_eq!((a[0], b[0]), (5, 5));
         assert_ne!(a, b);
         assert!(g.validate(&a).is_ok());
-        assert!(ShardCidGenerator::new(4, [1; 32]).validate(&a).is_err());
+        assert!(ShardCidGenerator::new(ShardId::new(4), [1; 32])
+            .validate(&a)
+            .is_err());
     }
 
     #[test]
     fn steering_reads_short_and_handshake_headers() {
         let mut short = vec![0x40, 3];
         short.extend_from_slice(&[0; 20]);
-        assert_eq!(owner_shard(&short, 4), Some(3));
+        assert_eq!(owner_shard(&short, 4), Some(ShardId::new(3)));
         assert_eq!(owner_shard(&short, 2), None, "index beyond shard count");
         // Handshake long header: 0xe0 = long, fixed bit, type 2.
         let mut hs = vec![0xe0, 0, 0, 0, 1, CID_BYTES as u8, 1];
         hs.extend_from_slice(&[0; 20]);
-        assert_eq!(owner_shard(&hs, 4), Some(1));
+        assert_eq!(owner_shard(&hs, 4), Some(ShardId::new(1)));
         // Initial long header (type 0): the client chose the DCID.
         let mut init = vec![0xc0, 0, 0, 0, 1, CID_BYTES as u8, 1];
         init.extend_from_slice(&[0; 20]);

@@ -38,4 +38,7 @@ pub mod profile;
 pub mod registry;
 pub mod seal;
 pub mod server;
+pub mod shard_id;
 pub mod wire;
+
+pub use shard_id::ShardId;

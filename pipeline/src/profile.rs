@@ -1,16 +1,36 @@
 //! Tuning profiles: a raw serde struct (unknown keys refused) validated once into a typed
 //! [`Profile`] whose every bound has been checked.
 //!
-//! Every queue, table and buffer in courier takes its bound from here, so memory use is a
-//! function of the profile and not of traffic. Validation returns every error it finds,
-//! each naming the key and the bound it broke.
+//! Every queue, table and buffer in courier takes its bound from the profile, so memory
+//! use is a function of the profile and not of traffic. The profile only composes: each
+//! section is the configuration type of the component that owns it, which names its
+//! bounds and checks its keys, so that no bound is written twice:
+//!
+//! | section | type and bounds | checks |
+//! |---|---|---|
+//! | `[server]` | [`RawServer`], [`SHARDS_MAX`] (`shard_id`) | here |
+//! | `[limits]`, `[quic]` | [`crate::server::Limits`], [`crate::server::Quic`]; `server/config.rs`, ceilings from [`crate::wire`] | `server/config.rs` |
+//! | `[io]` | [`Io`] and the io_uring ring's bounds (`profile/io.rs`, which `src/uring` reads) | `profile/io.rs` |
+//! | `[log]` | [`LogSettings`] (`log/settings.rs`), record and seal overheads from [`crate::log`] | `log/settings.rs` |
+//! | `[detect]` | [`crate::detect::DetectConfig`] (`detect/config.rs`) | `detect/config.rs` |
+//! | `[delivery]` | [`crate::node::DeliveryConfig`] | `node/delivery.rs` |
+//!
+//! Validation returns every error it finds, each naming the key and the bound it broke.
+
+mod check;
+mod io;
 
 use std::net::SocketAddr;
 
 use serde::Deserialize;
 
-use crate::detect::{DetectConfig, BUSINESS_STATE_BYTES_LIMIT};
-use crate::wire::{self, WireLimits};
+use crate::detect::{DetectConfig, LegacyDetectKeys};
+
+pub use crate::log::LogSettings;
+pub use crate::server::{Limits, Quic};
+pub use crate::shard_id::SHARDS_MAX;
+pub(crate) use check::Checker;
+pub use io::*;
 
 /// The built-in default profile (`tuning/default.toml`), compiled into the binary.
 pub const DEFAULT_PROFILE_TOML: &str = include_str!("../../tuning/default.toml");
@@ -63,57 +83,10 @@ pub struct RawServer {
     pub metrics_listen: String,
 }
 
-/// `[detect]`: bounds and thresholds of the abnormal-sending detector (see
-/// [`crate::detect`]).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawDetect {
-    /// Most businesses one shard's detector holds.
-    pub businesses_max: u32,
-    /// Most bytes of one business's detector state; at most 65536.
-    pub business_state_bytes_max: u32,
-    /// HyperLogLog precision (registers per hourly sketch = 2^p).
-    pub hll_precision: u8,
-    /// Distinct recipients per 24 h counted exactly before the sketches take over.
-    pub exact_recipients_max: u32,
-    /// Bytes of the past-recipient filter, power of two.
-    pub past_filter_bytes: u32,
-    /// Most messages to one recipient per window.
-    pub same_recipient_max: u32,
-    /// Same-recipient window, ms.
-    pub same_recipient_window_ms: u32,
-    /// Slots of the same-recipient table, power of two (8 bytes each).
-    pub same_recipient_table_entries: Option<u32>,
-    /// Before issue 14: counters per row of the same-recipient count-min sketch. Still
-    /// read, as `same_recipient_table_entries = width / 2` (the same bytes), so that an
-    /// operator's profile keeps loading; giving both is an error.
-    pub same_recipient_sketch_width: Option<u32>,
-    /// Fewest distinct recipients per second that can be a surge.
-    pub surge_distinct_per_sec_min: u32,
-    /// A surge is this many times the business's own baseline.
-    pub surge_baseline_factor: u32,
-    /// Least percentage of never-contacted recipients in a surge.
-    pub surge_new_share_pct: u32,
-    /// EWMA weight of the latest minute in the baseline, percent.
-    pub baseline_alpha_pct: u32,
-    /// Reports per million delivered from which the rating is yellow.
-    pub rating_yellow_ppm: u32,
-    /// Reports per million delivered from which the rating is red.
-    pub rating_red_ppm: u32,
-    /// Fewest reports before the rating can leave green.
-    pub rating_reports_min: u32,
-    /// Red pauses the business instead of lowering its tier.
-    pub red_pauses: bool,
-    /// Most recipient events in one cross-shard delta.
-    pub delta_events_max: u32,
-    /// Most integrity signals queued for polling.
-    pub signals_max: u32,
-}
-
-/// A profile as written in TOML. Sections whose values need no conversion
-/// (`[limits]`, `[quic]`, `[io]`, `[log]`) deserialize straight into the types a
-/// [`Profile`] holds; a `Profile` itself only comes out of [`Profile::validate`], so its
-/// sections have always been checked.
+/// A profile as written in TOML. Every section but `[server]` deserializes straight into
+/// the configuration type of the component that owns it, which also owns its bounds and
+/// its checks; a `Profile` itself only comes out of [`Profile::validate`], so its sections
+/// have always been checked.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProfile {
@@ -130,107 +103,37 @@ pub struct RawProfile {
     /// `[delivery]`
     pub delivery: crate::node::DeliveryConfig,
     /// `[detect]`
-    pub detect: RawDetect,
+    pub detect: DetectConfig,
+    /// Keys of `[detect]` in their form from before issue 14, taken out of the table
+    /// before it was deserialized (see [`RawProfile::from_table`]).
+    #[serde(skip)]
+    pub legacy_detect: LegacyDetectKeys,
 }
 
-/// `[limits]`
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Limits {
-    /// Largest frame body, bytes.
-    pub frame_bytes_max: u32,
-    /// Most messages in one SUBMIT.
-    pub batch_messages_max: u32,
-    /// Largest message payload, bytes.
-    pub payload_bytes_max: u32,
-    /// Most connections one shard holds.
-    pub connections_per_shard_max: u32,
-    /// Most connections one source IP address holds on a shard; further handshakes
-    /// from it are refused.
-    pub connections_per_address_max: u32,
-    /// Most authenticated connections one credential holds on a shard; a HELLO beyond
-    /// it closes its connection with `too_many_connections`.
-    pub connections_per_business_max: u32,
-    /// Most concurrent bidirectional streams a client may open per connection.
-    pub streams_per_connection_max: u32,
-    /// Most SUBMITs of one stream waiting for their ACK before the stream stops being read.
-    pub batches_in_flight_per_stream_max: u32,
-    /// Milliseconds a connection may take, after its handshake, to send a valid HELLO.
-    pub hello_timeout_ms: u32,
-    /// Most client message ids the idempotency table remembers, all shards together
-    /// (about 35 bytes each when full; see [`crate::idempotency`]).
-    pub idempotency_ids_max: u32,
-}
-
-impl Limits {
-    /// The bounds the frame decoder enforces.
-    pub fn wire(&self) -> WireLimits {
-        WireLimits {
-            frame_bytes_max: self.frame_bytes_max,
-            batch_messages_max: self.batch_messages_max,
-        }
+impl RawProfile {
+    /// Deserializes a parsed profile document, reading the older keys of `[detect]` as
+    /// today's first.
+    pub fn from_table(mut doc: toml::Table) -> Result<RawProfile, toml::de::Error> {
+        let legacy = match doc.get_mut("detect").and_then(|d| d.as_table_mut()) {
+            Some(detect) => LegacyDetectKeys::take(detect).map_err(serde::de::Error::custom)?,
+            None => LegacyDetectKeys::default(),
+        };
+        let mut raw = RawProfile::deserialize(doc)?;
+        raw.legacy_detect = legacy;
+        Ok(raw)
     }
-}
 
-/// `[quic]`
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Quic {
-    /// Milliseconds without traffic before a connection is closed.
-    pub idle_timeout_ms: u32,
-    /// Flow-control window per stream, bytes.
-    pub stream_receive_window_bytes: u32,
-    /// Flow-control window per connection, bytes.
-    pub connection_receive_window_bytes: u32,
-    /// Bytes a connection may have in flight towards the peer.
-    pub send_window_bytes: u32,
-    /// UDP payload size used from the start, bytes (at least 1200).
-    pub initial_mtu: u16,
-    /// Largest UDP payload MTU discovery may try, bytes.
-    pub mtu_upper_bound: u16,
-    /// When a new connection must first prove its address with a Retry round trip.
-    pub retry: crate::server::RetryMode,
-    /// With `retry = "under_load"`: handshaking connections on a shard from which new
-    /// ones are sent a Retry.
-    pub retry_half_open_min: u32,
-}
-
-/// `[io]`
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Io {
-    /// io_uring submission queue entries (power of two).
-    pub ring_entries: u32,
-    /// Provided receive buffers per shard (power of two).
-    pub recv_buffers: u32,
-    /// Bytes per receive buffer; 65536 lets GRO coalesce.
-    pub recv_buffer_bytes: u32,
-    /// sendmsg operations in flight per shard.
-    pub send_slots: u32,
-    /// SO_RCVBUF and SO_SNDBUF requested per socket, bytes.
-    pub socket_buffer_bytes: u32,
-    /// Coalesce received datagrams (UDP GRO).
-    pub gro: bool,
-    /// Send batches of datagrams in one call (UDP GSO).
-    pub gso: bool,
-    /// Pin each shard thread to its own CPU.
-    pub pin_threads: bool,
-}
-
-/// `[log]`
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogSettings {
-    /// A segment rolls once it holds this many bytes.
-    pub segment_bytes_max: u64,
-    /// A segment rolls once it is this old, seconds.
-    pub segment_age_max_secs: u64,
-    /// Segments whose newest record is older than this are dropped with their keys, seconds.
-    pub retention_secs: u64,
-    /// Most records one fdatasync covers.
-    pub group_commit_records_max: u32,
-    /// Most record bytes one fdatasync covers.
-    pub group_commit_bytes_max: u64,
+    /// Parses TOML text. A profile without older keys is deserialized from its text, so
+    /// that a parse error points at its line.
+    pub fn from_toml(text: &str) -> Result<RawProfile, ProfileError> {
+        let parse = |e: toml::de::Error| ProfileError::Parse(e.to_string());
+        let doc: toml::Table = toml::from_str(text).map_err(parse)?;
+        let raw = RawProfile::from_table(doc).map_err(parse)?;
+        if raw.legacy_detect != LegacyDetectKeys::default() {
+            return Ok(raw);
+        }
+        toml::from_str(text).map_err(parse)
+    }
 }
 
 /// A validated profile.
@@ -397,68 +300,6 @@ fn article(type_name: &str) -> &'static str {
     }
 }
 
-/// The largest number of shards: connection IDs carry the shard index in one byte.
-pub const SHARDS_MAX: u32 = 256;
-
-struct Checker {
-    issues: Vec<ProfileIssue>,
-}
-
-impl Checker {
-    fn range<T: PartialOrd + std::fmt::Display + Copy>(&mut self, key: &str, v: T, lo: T, hi: T) {
-        if v < lo || v > hi {
-            self.fail(key, format!("{v} is outside {lo}..={hi}"));
-        }
-    }
-    fn pow2(&mut self, key: &str, v: u32) {
-        if !v.is_power_of_two() {
-            self.fail(key, format!("{v} is not a power of two"));
-        }
-    }
-    fn fail(&mut self, key: &str, problem: String) {
-        self.issues.push(ProfileIssue {
-            key: key.to_string(),
-            problem,
-        });
-    }
-}
-
-/// `detect.same_recipient_table_entries`, or the older `same_recipient_sketch_width`
-/// converted to the same bytes (a count-min sketch of width `w` held `4 w` bytes; the
-/// table holds 8 per slot): an operator's profile from before issue 14 still loads.
-/// Checked: a power of two in 32..=8192 (8 slots make one bucket; 32 is what the old
-/// width's least value, 64, converts to; 8192 slots are 64 KiB, the whole per-business
-/// bound).
-fn same_recipient_table_entries(c: &mut Checker, d: &RawDetect) -> u32 {
-    const KEY: &str = "detect.same_recipient_table_entries";
-    let entries = match (
-        d.same_recipient_table_entries,
-        d.same_recipient_sketch_width,
-    ) {
-        (Some(_), Some(_)) => {
-            c.fail(
-                "detect.same_recipient_sketch_width",
-                "give same_recipient_table_entries only (the width is its older form)".into(),
-            );
-            return 0;
-        }
-        (Some(n), None) => n,
-        (None, Some(width)) => {
-            // Its old bounds.
-            c.range("detect.same_recipient_sketch_width", width, 64, 8192);
-            c.pow2("detect.same_recipient_sketch_width", width);
-            width / 2
-        }
-        (None, None) => {
-            c.fail(KEY, "missing".into());
-            return 0;
-        }
-    };
-    c.range(KEY, entries, 32, 8192);
-    c.pow2(KEY, entries);
-    entries
-}
-
 impl Profile {
     /// The built-in default profile.
     pub fn default_profile() -> Profile {
@@ -467,9 +308,7 @@ impl Profile {
 
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Profile, ProfileError> {
-        let raw: RawProfile =
-            toml::from_str(text).map_err(|e| ProfileError::Parse(e.to_string()))?;
-        Profile::validate(raw)
+        Profile::validate(RawProfile::from_toml(text)?)
     }
 
     /// Parses TOML text, applies the `COURIER_<SECTION>__<KEY>` overrides found in `env`
@@ -488,7 +327,7 @@ impl Profile {
         let mut doc: toml::Table =
             toml::from_str(text).map_err(|e| ProfileError::Parse(e.to_string()))?;
         let applied = apply_env_overrides(&mut doc, env)?;
-        let raw = RawProfile::deserialize(doc).map_err(|e| {
+        let raw = RawProfile::from_table(doc).map_err(|e| {
             // A value of the right TOML type can still miss its Rust type (300 for a u8);
             // the error names the key, and this names the variable that set it.
             let mut msg = e.to_string().trim_end().to_string();
@@ -521,23 +360,58 @@ impl Profile {
         }
     }
 
-    /// Checks every bound; lists every broken key.
+    /// Checks every bound; lists every broken key. Each section's owner checks its own
+    /// keys; the relations between sections are checked by the section that depends on
+    /// the other (`[io]` on `[quic]`'s MTU, `[log]` on `[limits]`' batches).
     pub fn validate(raw: RawProfile) -> Result<Profile, ProfileError> {
-        let mut c = Checker { issues: Vec::new() };
-        let listen = match raw.server.listen.parse::<SocketAddr>() {
+        let mut c = Checker::default();
+        let (listen, metrics_listen) = raw.server.validate(&mut c);
+        raw.limits.validate(&mut c);
+        raw.quic.validate(&mut c);
+        raw.io.validate(&raw.quic, &mut c);
+        raw.log.validate(&raw.limits, &mut c);
+        raw.detect.validate(&mut c);
+        raw.legacy_detect.validate(&mut c);
+        c.extend(raw.delivery.issues());
+        let mut delivery = raw.delivery;
+        delivery.clamp_to_retention(raw.log.retention_secs);
+
+        let issues = c.into_issues();
+        if !issues.is_empty() {
+            return Err(ProfileError::Invalid(issues));
+        }
+        Ok(Profile {
+            listen: listen.expect("an unparsed server.listen is an issue"),
+            shards: raw.server.shards,
+            metrics_listen,
+            limits: raw.limits,
+            quic: raw.quic,
+            io: raw.io,
+            log: raw.log,
+            detect: raw.detect,
+            delivery,
+        })
+    }
+}
+
+impl RawServer {
+    /// Checks `[server]`; returns the listen address (`None` when it does not parse, an
+    /// issue then) and the metrics address (`None` when disabled or broken).
+    fn validate(&self, c: &mut Checker) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        let listen = match self.listen.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
                 c.fail(
                     "server.listen",
-                    format!("{:?} is not an IP:port address", raw.server.listen),
+                    format!("{:?} is not an IP:port address", self.listen),
                 );
                 None
             }
         };
-        c.range("server.shards", raw.server.shards, 0, SHARDS_MAX);
+        c.range("server.shards", self.shards, 0, SHARDS_MAX);
         // Any address that parses is allowed (an operator may expose it on purpose); the
         // default is loopback.
-        let metrics_listen = match raw.server.metrics_listen.as_str() {
+        let metrics_listen = match self.metrics_listen.as_str() {
             "" => None,
             text => match text.parse::<SocketAddr>() {
                 Ok(a) => Some(a),
@@ -550,325 +424,7 @@ impl Profile {
                 }
             },
         };
-
-        let l = &raw.limits;
-        c.range("limits.frame_bytes_max", l.frame_bytes_max, 1024, 64 << 20);
-        c.range("limits.batch_messages_max", l.batch_messages_max, 1, 65_536);
-        c.range("limits.payload_bytes_max", l.payload_bytes_max, 1, 16 << 20);
-        let one_message = (wire::BATCH_HEADER_BYTES
-            + wire::MESSAGE_OVERHEAD_BYTES
-            + wire::RECIPIENT_BYTES_MAX) as u64
-            + u64::from(l.payload_bytes_max);
-        if u64::from(l.frame_bytes_max) < one_message {
-            c.fail(
-                "limits.frame_bytes_max",
-                format!(
-                    "{} cannot hold one message of limits.payload_bytes_max ({} bytes needed)",
-                    l.frame_bytes_max, one_message
-                ),
-            );
-        }
-        // An ACK for a full batch must fit in a frame the client accepts.
-        let ack_bytes =
-            (wire::BATCH_HEADER_BYTES + l.batch_messages_max as usize * wire::STATUS_BYTES) as u64;
-        if u64::from(l.frame_bytes_max) < ack_bytes {
-            c.fail(
-                "limits.batch_messages_max",
-                format!(
-                    "an ACK of {} statuses ({ack_bytes} bytes) exceeds limits.frame_bytes_max",
-                    l.batch_messages_max
-                ),
-            );
-        }
-        c.range(
-            "limits.connections_per_shard_max",
-            l.connections_per_shard_max,
-            1,
-            1 << 20,
-        );
-        c.range(
-            "limits.connections_per_address_max",
-            l.connections_per_address_max,
-            1,
-            1 << 20,
-        );
-        c.range(
-            "limits.connections_per_business_max",
-            l.connections_per_business_max,
-            1,
-            1 << 20,
-        );
-        c.range(
-            "limits.streams_per_connection_max",
-            l.streams_per_connection_max,
-            1,
-            1024,
-        );
-        c.range(
-            "limits.batches_in_flight_per_stream_max",
-            l.batches_in_flight_per_stream_max,
-            1,
-            1024,
-        );
-        c.range("limits.hello_timeout_ms", l.hello_timeout_ms, 10, 600_000);
-        c.range(
-            "limits.idempotency_ids_max",
-            l.idempotency_ids_max,
-            crate::idempotency::ENTRIES_MIN as u32,
-            crate::idempotency::ENTRIES_MAX as u32,
-        );
-
-        let q = &raw.quic;
-        c.range("quic.idle_timeout_ms", q.idle_timeout_ms, 100, 3_600_000);
-        c.range(
-            "quic.retry_half_open_min",
-            q.retry_half_open_min,
-            1,
-            1 << 20,
-        );
-        c.range(
-            "quic.stream_receive_window_bytes",
-            q.stream_receive_window_bytes,
-            16 << 10,
-            1 << 30,
-        );
-        c.range(
-            "quic.connection_receive_window_bytes",
-            q.connection_receive_window_bytes,
-            16 << 10,
-            1 << 30,
-        );
-        if q.connection_receive_window_bytes < q.stream_receive_window_bytes {
-            c.fail(
-                "quic.connection_receive_window_bytes",
-                "must be at least quic.stream_receive_window_bytes".into(),
-            );
-        }
-        c.range(
-            "quic.send_window_bytes",
-            q.send_window_bytes,
-            16 << 10,
-            1 << 30,
-        );
-        c.range("quic.initial_mtu", q.initial_mtu, 1200, 65_527);
-        c.range("quic.mtu_upper_bound", q.mtu_upper_bound, 1200, 65_527);
-        if q.mtu_upper_bound < q.initial_mtu {
-            c.fail(
-                "quic.mtu_upper_bound",
-                "must be at least quic.initial_mtu".into(),
-            );
-        }
-
-        let io = &raw.io;
-        c.range("io.ring_entries", io.ring_entries, 64, 32_768);
-        c.pow2("io.ring_entries", io.ring_entries);
-        c.range("io.recv_buffers", io.recv_buffers, 4, 32_768);
-        c.pow2("io.recv_buffers", io.recv_buffers);
-        c.range("io.recv_buffer_bytes", io.recv_buffer_bytes, 2048, 1 << 20);
-        if io.recv_buffer_bytes < u32::from(q.mtu_upper_bound) + 512 {
-            c.fail(
-                "io.recv_buffer_bytes",
-                "must hold one datagram of quic.mtu_upper_bound plus 512 bytes of headers".into(),
-            );
-        }
-        c.range("io.send_slots", io.send_slots, 1, 4096);
-        if io.send_slots >= io.ring_entries {
-            c.fail(
-                "io.send_slots",
-                "must be below io.ring_entries so receives always find room".into(),
-            );
-        }
-        c.range(
-            "io.socket_buffer_bytes",
-            io.socket_buffer_bytes,
-            64 << 10,
-            1 << 30,
-        );
-
-        let lg = &raw.log;
-        // A record of the largest payload, sealed, with its frame.
-        let record_bytes_max = crate::log::format::RECORD_OVERHEAD_BYTES_MAX as u64
-            + u64::from(l.payload_bytes_max)
-            + u64::from(crate::log::policy::SEAL_OVERHEAD_BYTES_MAX);
-        c.range(
-            "log.segment_bytes_max",
-            lg.segment_bytes_max,
-            1 << 20,
-            4 << 30,
-        );
-        if lg.segment_bytes_max < 2 * record_bytes_max {
-            c.fail(
-                "log.segment_bytes_max",
-                format!(
-                    "{} cannot hold two records of limits.payload_bytes_max ({record_bytes_max} bytes each)",
-                    lg.segment_bytes_max
-                ),
-            );
-        }
-        c.range(
-            "log.retention_secs",
-            lg.retention_secs,
-            60,
-            10 * 366 * 86_400,
-        );
-        c.range(
-            "log.segment_age_max_secs",
-            lg.segment_age_max_secs,
-            1,
-            lg.retention_secs.max(1),
-        );
-        c.range(
-            "log.group_commit_records_max",
-            lg.group_commit_records_max,
-            1,
-            1 << 20,
-        );
-        if lg.group_commit_records_max < l.batch_messages_max {
-            c.fail(
-                "log.group_commit_records_max",
-                format!(
-                    "{} is below limits.batch_messages_max ({}): one SUBMIT must fit in a group commit",
-                    lg.group_commit_records_max, l.batch_messages_max
-                ),
-            );
-        }
-        c.range(
-            "log.group_commit_bytes_max",
-            lg.group_commit_bytes_max,
-            64 << 10,
-            1 << 30,
-        );
-        // A full SUBMIT as records: its frame bytes plus the log's per-record overhead.
-        let batch_log_bytes = u64::from(l.frame_bytes_max)
-            + u64::from(l.batch_messages_max)
-                * (crate::log::format::RECORD_OVERHEAD_BYTES as u64
-                    + u64::from(crate::log::policy::SEAL_OVERHEAD_BYTES_MAX));
-        if lg.group_commit_bytes_max < batch_log_bytes {
-            c.fail(
-                "log.group_commit_bytes_max",
-                format!(
-                    "{} cannot hold one full SUBMIT as log records ({batch_log_bytes} bytes)",
-                    lg.group_commit_bytes_max
-                ),
-            );
-        }
-
-        let d = &raw.detect;
-        c.range("detect.businesses_max", d.businesses_max, 1, 1 << 20);
-        c.range(
-            "detect.business_state_bytes_max",
-            d.business_state_bytes_max,
-            4096,
-            BUSINESS_STATE_BYTES_LIMIT as u32,
-        );
-        c.range("detect.hll_precision", d.hll_precision, 8, 12);
-        c.range(
-            "detect.exact_recipients_max",
-            d.exact_recipients_max,
-            16,
-            8192,
-        );
-        c.range("detect.past_filter_bytes", d.past_filter_bytes, 1024, 32768);
-        c.pow2("detect.past_filter_bytes", d.past_filter_bytes);
-        c.range("detect.same_recipient_max", d.same_recipient_max, 1, 250);
-        c.range(
-            "detect.same_recipient_window_ms",
-            d.same_recipient_window_ms,
-            100,
-            3_600_000,
-        );
-        let same_recipient_table_entries = same_recipient_table_entries(&mut c, d);
-        c.range(
-            "detect.surge_distinct_per_sec_min",
-            d.surge_distinct_per_sec_min,
-            1,
-            1_000_000,
-        );
-        c.range(
-            "detect.surge_baseline_factor",
-            d.surge_baseline_factor,
-            1,
-            1000,
-        );
-        c.range("detect.surge_new_share_pct", d.surge_new_share_pct, 0, 100);
-        c.range("detect.baseline_alpha_pct", d.baseline_alpha_pct, 1, 100);
-        c.range(
-            "detect.rating_yellow_ppm",
-            d.rating_yellow_ppm,
-            1,
-            1_000_000,
-        );
-        c.range("detect.rating_red_ppm", d.rating_red_ppm, 1, 1_000_000);
-        if d.rating_red_ppm <= d.rating_yellow_ppm {
-            c.fail(
-                "detect.rating_red_ppm",
-                "must be above detect.rating_yellow_ppm".into(),
-            );
-        }
-        c.range(
-            "detect.rating_reports_min",
-            d.rating_reports_min,
-            1,
-            1_000_000,
-        );
-        c.range("detect.delta_events_max", d.delta_events_max, 1, 1 << 24);
-        c.range("detect.signals_max", d.signals_max, 1, 1 << 20);
-        let detect = DetectConfig {
-            businesses_max: d.businesses_max,
-            hll_precision: d.hll_precision,
-            exact_recipients_max: d.exact_recipients_max,
-            past_filter_bytes: d.past_filter_bytes,
-            same_recipient_max: d.same_recipient_max,
-            same_recipient_window_ms: d.same_recipient_window_ms,
-            same_recipient_table_entries,
-            surge_distinct_per_sec_min: d.surge_distinct_per_sec_min,
-            surge_baseline_factor: d.surge_baseline_factor,
-            surge_new_share_pct: d.surge_new_share_pct,
-            baseline_alpha_pct: d.baseline_alpha_pct,
-            rating_yellow_ppm: d.rating_yellow_ppm,
-            rating_red_ppm: d.rating_red_ppm,
-            rating_reports_min: d.rating_reports_min,
-            red_pauses: d.red_pauses,
-            delta_events_max: d.delta_events_max,
-            signals_max: d.signals_max,
-        };
-        if (8..=12).contains(&d.hll_precision)
-            && d.past_filter_bytes.is_power_of_two()
-            && same_recipient_table_entries.is_power_of_two()
-            && same_recipient_table_entries >= 8
-        {
-            let need = detect.business_state_bytes_max();
-            if need > d.business_state_bytes_max as usize {
-                c.fail(
-                    "detect.business_state_bytes_max",
-                    format!(
-                        "{} is below the {need} bytes that hll_precision, \
-                         exact_recipients_max, past_filter_bytes and \
-                         same_recipient_table_entries need per business",
-                        d.business_state_bytes_max
-                    ),
-                );
-            }
-        }
-
-        c.issues.extend(raw.delivery.issues());
-        let mut delivery = raw.delivery;
-        delivery.clamp_to_retention(raw.log.retention_secs);
-
-        if !c.issues.is_empty() {
-            return Err(ProfileError::Invalid(c.issues));
-        }
-        Ok(Profile {
-            listen: listen.expect("checked above"),
-            shards: raw.server.shards,
-            metrics_listen,
-            limits: raw.limits,
-            quic: raw.quic,
-            io: raw.io,
-            log: raw.log,
-            detect,
-            delivery,
-        })
+        (listen, metrics_listen)
     }
 }
 

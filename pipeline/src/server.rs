@@ -28,6 +28,8 @@
 //! ACKs of the batches decoded before it, then FIN; once the client has finished its half
 //! (a truncated frame), RESET_STREAM instead, the only frame that can still carry the code.
 
+mod config;
+
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -40,7 +42,6 @@ use quinn_proto::{
 };
 
 use crate::cid::ShardCidGenerator;
-use crate::profile::Profile;
 use crate::registry::Registry;
 use crate::wire::delivery::{
     self as wire_delivery, features, BusinessEvent, Deliver, DeliveryFrame, InboundEntry,
@@ -49,6 +50,12 @@ use crate::wire::delivery::{
 use crate::wire::{
     self, code, Frame, FrameDecoder, LogPosition, Message, Recipient, ReportEntry, Status, Welcome,
     WireLimits,
+};
+use crate::ShardId;
+
+pub use config::{
+    Limits, Quic, RetryMode, MTU_MAX, MTU_MIN, STREAMS_PER_CONNECTION_LIMIT, WINDOW_BYTES_MAX,
+    WINDOW_BYTES_MIN,
 };
 
 /// REPORT frames decoded but not yet taken by the shell; more are refused.
@@ -101,22 +108,22 @@ pub struct SubmitBatch {
 /// the generation of that handle (a handle is reused after its connection is gone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnKey {
-    shard: u16,
+    shard: ShardId,
     handle: usize,
     generation: u64,
 }
 
 impl ConnKey {
     /// The shard that owns the connection.
-    pub fn shard(&self) -> u16 {
+    pub fn shard(&self) -> ShardId {
         self.shard
     }
 
     /// A key for unit tests of the modules that route by it.
     #[cfg(test)]
-    pub(crate) fn for_tests(shard: u16, n: u64) -> ConnKey {
+    pub(crate) fn for_tests(shard: u8, n: u64) -> ConnKey {
         ConnKey {
-            shard,
+            shard: ShardId::new(shard),
             handle: n as usize,
             generation: n,
         }
@@ -282,11 +289,11 @@ struct Conn {
     closing: bool,
 }
 
-/// What a shard's server needs besides the profile.
+/// What a shard's server needs besides its configuration.
 #[derive(Clone)]
 pub struct ServerParts {
     /// This shard's index, carried in its connection IDs.
-    pub shard: u8,
+    pub shard: ShardId,
     /// TLS: the certificate chain and key, as a quinn-proto crypto config.
     pub crypto: Arc<dyn quinn_proto::crypto::ServerConfig>,
     /// Key for stateless resets; the same on every shard so any shard can reset.
@@ -319,22 +326,6 @@ pub fn stateless_reset_key(master: &crate::log::MasterKey) -> [u8; 64] {
     key
 }
 
-/// When a new connection must first prove that it receives at its source address (a
-/// QUIC Retry round trip, RFC 9000 8.1.2) before the shard spends a handshake and a
-/// connection slot on it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RetryMode {
-    /// Every new connection: one extra round trip for everyone.
-    Always,
-    /// Once the shard has `quic.retry_half_open_min` handshakes in progress: floods of
-    /// spoofed Initials cost one small Retry packet each and hold nothing.
-    UnderLoad,
-    /// Never (quinn-proto still keeps to the 3x anti-amplification limit of RFC 9000
-    /// 8.1 for an unvalidated address).
-    Never,
-}
-
 /// The key of a node's address-validation (Retry) tokens, derived from its master key:
 /// every shard and every start of the node validates the tokens of any other, and a token
 /// expires after quinn-proto's `retry_token_lifetime` (15 s). Tokens are bound to the
@@ -343,9 +334,8 @@ pub fn retry_token_key(master: &crate::log::MasterKey) -> [u8; 32] {
     *master.derive_secret(b"courier retry token v1")
 }
 
-/// QUIC transport settings of a courier server, from the profile.
-pub fn transport_config(profile: &Profile) -> TransportConfig {
-    let q = &profile.quic;
+/// QUIC transport settings of a courier server.
+pub fn transport_config(q: &Quic) -> TransportConfig {
     let mut t = TransportConfig::default();
     // One stream until HELLO is accepted (then `streams_per_connection_max`): before it a
     // connection may buffer one HELLO-sized frame and nothing else.
@@ -365,11 +355,11 @@ pub fn transport_config(profile: &Profile) -> TransportConfig {
 
 /// One shard's sans-IO QUIC server.
 pub struct Server {
-    shard: u8,
+    shard: ShardId,
     endpoint: Endpoint,
     server_config: Arc<quinn_proto::ServerConfig>,
     registry: Arc<Registry>,
-    limits: crate::profile::Limits,
+    limits: Limits,
     wire_limits: WireLimits,
     conns: HashMap<ConnectionHandle, Conn>,
     next_generation: u64,
@@ -400,8 +390,14 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// A server for one shard.
-    pub fn new(parts: ServerParts, profile: &Profile, registry: Arc<Registry>) -> Server {
+    /// A server for one shard, taking in at most `limits` over connections of `quic`'s
+    /// transport (both validated when the profile loaded).
+    pub fn new(
+        parts: ServerParts,
+        limits: &Limits,
+        quic: &Quic,
+        registry: Arc<Registry>,
+    ) -> Server {
         let reset_key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &parts.reset_key);
         let mut endpoint_config = EndpointConfig::new(Arc::new(reset_key));
         let (shard, seed) = (parts.shard, parts.seed);
@@ -409,14 +405,14 @@ impl Server {
             .cid_generator(move || Box::new(ShardCidGenerator::new(shard, seed)))
             .rng_seed(Some(seed));
         endpoint_config
-            .max_udp_payload_size(profile.quic.mtu_upper_bound.max(1200))
-            .expect("profile bounds the MTU to 1200..=65527");
+            .max_udp_payload_size(quic.mtu_upper_bound.max(MTU_MIN))
+            .expect("quic.mtu_upper_bound is validated to MTU_MIN..=MTU_MAX");
         let token_key =
             aws_lc_rs::hkdf::Salt::new(aws_lc_rs::hkdf::HKDF_SHA256, &[]).extract(&parts.token_key);
         let mut server_config = quinn_proto::ServerConfig::new(parts.crypto, Arc::new(token_key));
         server_config
-            .transport_config(Arc::new(transport_config(profile)))
-            .max_incoming(profile.limits.connections_per_shard_max as usize)
+            .transport_config(Arc::new(transport_config(quic)))
+            .max_incoming(limits.connections_per_shard_max as usize)
             .migration(true);
         let server_config = Arc::new(server_config);
         // The endpoint must hold the server config: without one, quinn-proto treats every
@@ -433,8 +429,8 @@ impl Server {
             endpoint,
             server_config,
             registry,
-            limits: profile.limits.clone(),
-            wire_limits: profile.limits.wire(),
+            limits: limits.clone(),
+            wire_limits: limits.wire(),
             conns: HashMap::new(),
             next_generation: 0,
             timers: BTreeSet::new(),
@@ -443,8 +439,8 @@ impl Server {
             batches: VecDeque::new(),
             reports: VecDeque::new(),
             delivery_in: VecDeque::new(),
-            retry: profile.quic.retry,
-            retry_half_open_min: profile.quic.retry_half_open_min,
+            retry: quic.retry,
+            retry_half_open_min: quic.retry_half_open_min,
             per_address: HashMap::new(),
             per_business: HashMap::new(),
             scratch: Vec::new(),
@@ -453,7 +449,7 @@ impl Server {
     }
 
     /// This shard's index.
-    pub fn shard(&self) -> u8 {
+    pub fn shard(&self) -> ShardId {
         self.shard
     }
 
@@ -1252,11 +1248,7 @@ impl Server {
         conn: ConnKey,
         feature: u32,
     ) -> Result<(ConnectionHandle, StreamId), NotWritten> {
-        assert_eq!(
-            conn.shard,
-            u16::from(self.shard),
-            "a connection of this shard"
-        );
+        assert_eq!(conn.shard, self.shard, "a connection of this shard");
         let ch = ConnectionHandle(conn.handle);
         let c = self
             .conns
@@ -1357,9 +1349,9 @@ impl Server {
     }
 }
 
-fn key_of(shard: u8, ch: ConnectionHandle, generation: u64) -> ConnKey {
+fn key_of(shard: ShardId, ch: ConnectionHandle, generation: u64) -> ConnKey {
     ConnKey {
-        shard: u16::from(shard),
+        shard,
         handle: ch.0,
         generation,
     }

@@ -13,6 +13,7 @@ use courier_pipeline::wire::{
     Reason, Recipient, ReportEntry, Status, Token, WireLimits, FRAME_HEADER_BYTES, TOKEN_BYTES_MAX,
     VERSION,
 };
+use courier_pipeline::ShardId;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use wire_gen::{
@@ -133,8 +134,10 @@ fn every_status_and_reason_round_trips() {
     let mut statuses = vec![
         Status::Accepted(LogPosition(0)),
         Status::Accepted(LogPosition(u64::MAX)),
+        // The largest position a server writes (positions read back may name any shard
+        // field: `LogPosition(u64::MAX)` above).
         Status::Accepted(LogPosition::new(
-            u16::MAX,
+            ShardId::new(u8::MAX),
             (1 << LogPosition::INDEX_BITS) - 1,
         )),
         Status::Duplicate(LogPosition(0)),

@@ -30,6 +30,7 @@ use courier_pipeline::wire::delivery::{
 use courier_pipeline::wire::{
     self, Frame, FrameDecoder, LogPosition, OutMessage, Reason, Recipient, Status, Welcome,
 };
+use courier_pipeline::ShardId;
 
 use crate::edge::{Devices, EdgePlan, Reply};
 use quinn_proto::{
@@ -42,9 +43,10 @@ pub const SERVER_NAME: &str = "courier.test";
 /// How long a client with `reconnect` waits after losing its connection.
 pub const RECONNECT_DELAY: Duration = Duration::from_millis(200);
 
-/// First byte of a sim client's connection IDs. Servers never read it: datagrams to a
+/// First byte of a sim client's connection IDs (the servers' generator writes a shard id
+/// there, so the tag is one). Servers never read it: datagrams to a
 /// client are routed by address.
-const CLIENT_CID_TAG: u8 = 0xC1;
+const CLIENT_CID_TAG: ShardId = ShardId::new(0xC1);
 /// Bytes read from a stream per call.
 const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
 /// Bits of a message id that number the message within its client.

@@ -29,6 +29,7 @@ use courier_pipeline::seal::keys::DerivedKeys;
 use courier_pipeline::seal::{Sealer, SealerConfig};
 use courier_pipeline::server::{retry_token_key, stateless_reset_key, Server, ServerParts};
 use courier_pipeline::wire::LogPosition;
+use courier_pipeline::ShardId;
 use quinn_proto::Transmit;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore};
@@ -219,14 +220,14 @@ impl SimNode {
         let ids_max = profile.limits.idempotency_ids_max as usize;
         let restore = RestoreSet::new(ids_max);
         let mut logs = Vec::with_capacity(self.setup.shards);
-        for s in 0..self.setup.shards {
-            let shard = s as u16;
+        for shard in ShardId::all(self.setup.shards) {
+            let s = shard.index();
             let mut ids = Vec::new();
             let mut replay = Replay::new(shard);
             let (log, actions, _) = recover(
                 &mut self.storage[s],
                 MasterKey::from_bytes(self.setup.master),
-                LogConfig::from_profile(profile),
+                LogConfig::new(&profile.log, profile.limits.payload_bytes_max),
                 shard,
                 &mut |index, rec| {
                     let h = &rec.header;
@@ -251,8 +252,8 @@ impl SimNode {
             .map(|_| Arc::new(ShardStats::default()))
             .collect();
         let mut running = Vec::with_capacity(logs.len());
-        for (s, (log, replay)) in logs.into_iter().enumerate() {
-            let parts = self.parts(s, log, replay, idempotency.clone(), rng);
+        for (shard, (log, replay)) in ShardId::all(self.setup.shards).zip(logs) {
+            let parts = self.parts(shard, log, replay, idempotency.clone(), rng);
             let mut core = node::Shard::new(parts, now);
             core.plant_bugs(self.setup.bugs);
             running.push(RunningShard {
@@ -268,7 +269,7 @@ impl SimNode {
 
     fn parts(
         &self,
-        s: usize,
+        shard: ShardId,
         log: courier_pipeline::log::Log,
         replay: Replay,
         idempotency: Arc<Idempotency>,
@@ -280,7 +281,7 @@ impl SimNode {
             self.setup.keys.clone(),
             SealerConfig {
                 epoch,
-                shard: s as u16,
+                shard,
                 // From the simulation's seeded generator: a replay seals the same bytes.
                 nonce_mask: rng.random(),
                 cache_keys_max: SEAL_CACHE_KEYS,
@@ -289,7 +290,7 @@ impl SimNode {
         let secret = MasterKey::from_bytes(self.setup.master)
             .derive_secret(b"courier detect recipient hash v1");
         let mut detector = Detector::new(profile.detect.clone(), secret[..16].try_into().unwrap());
-        if let Some(bytes) = &self.checkpoints[s] {
+        if let Some(bytes) = &self.checkpoints[shard.index()] {
             detector
                 .restore(bytes)
                 .expect("a checkpoint the detector wrote restores");
@@ -298,19 +299,20 @@ impl SimNode {
         rng.fill_bytes(&mut server_seed);
         let server = Server::new(
             ServerParts {
-                shard: s as u8,
+                shard,
                 crypto: self.setup.crypto.clone(),
                 reset_key: self.reset_key,
                 token_key: self.token_key,
                 seed: server_seed,
             },
-            profile,
+            &profile.limits,
+            &profile.quic,
             self.setup.registry.clone(),
         );
         let mut seed = [0u8; 32];
         rng.fill_bytes(&mut seed);
         ShardParts {
-            shard: s as u16,
+            shard,
             shards: self.setup.shards,
             payload_bytes_max: profile.limits.payload_bytes_max,
             server,
@@ -319,7 +321,7 @@ impl SimNode {
             detector,
             idempotency,
             seed,
-            stats: self.stats[s].clone(),
+            stats: self.stats[shard.index()].clone(),
             delivery: profile.delivery.clone(),
             replay,
         }
@@ -381,10 +383,10 @@ impl SimNode {
             .min()
     }
 
-    /// Feeds a datagram to shard `s`.
-    pub fn handle_datagram(&mut self, s: usize, now: Now, from: SocketAddr, data: BytesMut) {
+    /// Feeds a datagram to `shard`.
+    pub fn handle_datagram(&mut self, shard: ShardId, now: Now, from: SocketAddr, data: BytesMut) {
         if let Some(r) = self.running.as_mut() {
-            r[s].core.handle_datagram(now, from, None, data);
+            r[shard.index()].core.handle_datagram(now, from, None, data);
         }
     }
 
@@ -500,7 +502,7 @@ impl SimNode {
             // (the real exchange adds a loop or more).
             Event::Peer { to, msg } => {
                 let targets: Vec<usize> = match to {
-                    PeerTarget::Shard(t) => vec![usize::from(t)],
+                    PeerTarget::Shard(t) => vec![t.index()],
                     PeerTarget::All => (0..self.setup.shards).filter(|&t| t != s).collect(),
                 };
                 for t in targets {

@@ -30,6 +30,7 @@ use courier_pipeline::seal::keys::RecipientKey;
 use courier_pipeline::seal::{open, RecipientKeys, SEAL_NONCE_BYTES};
 use courier_pipeline::wire::delivery::StatusKind;
 use courier_pipeline::wire::{LogPosition, Reason};
+use courier_pipeline::ShardId;
 
 use crate::client::{message_id, payload_for, recipient_for, Outcome, Phase};
 use crate::storage::read_all;
@@ -143,14 +144,17 @@ impl Oracle {
 /// Every record on every disk, by position.
 fn read_disks(sim: &Sim) -> Result<BTreeMap<LogPosition, Stored>, String> {
     let setup = sim.node().setup();
-    let payload_max =
-        courier_pipeline::log::LogConfig::from_profile(&setup.profile).payload_bytes_max;
+    let payload_max = courier_pipeline::log::LogConfig::new(
+        &setup.profile.log,
+        setup.profile.limits.payload_bytes_max,
+    )
+    .payload_bytes_max;
     let mut out = BTreeMap::new();
-    for s in 0..setup.shards {
-        let records = read_all(sim.node().storage(s), &setup.master, payload_max)
+    for s in ShardId::all(setup.shards) {
+        let records = read_all(sim.node().storage(s.index()), &setup.master, payload_max)
             .map_err(|e| format!("shard {s}: the log does not read back: {e}"))?;
         for (index, record) in records {
-            let position = LogPosition::new(s as u16, index);
+            let position = LogPosition::new(s, index);
             out.insert(position, Stored { position, record });
         }
     }

@@ -22,6 +22,7 @@ use courier_pipeline::log::{
     RecoverError, Recovery, Repair, ScanOutcome, SegmentCodec, SegmentHeader, WriteFailure,
 };
 use courier_pipeline::wire::LogPosition;
+use courier_pipeline::ShardId;
 
 /// A storage error the simulation injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -193,7 +194,7 @@ pub struct SimShell {
     pub storage: MemStorage,
     log: Option<Log>,
     cfg: LogConfig,
-    shard: u16,
+    shard: ShardId,
     master: [u8; 32],
     rng: StdRng,
     actions: Vec<Action>,
@@ -206,7 +207,7 @@ impl SimShell {
     pub fn new(
         storage: MemStorage,
         cfg: LogConfig,
-        shard: u16,
+        shard: ShardId,
         master: [u8; 32],
         seed: u64,
     ) -> SimShell {
@@ -392,7 +393,7 @@ pub fn recover(
     storage: &mut MemStorage,
     master: MasterKey,
     cfg: LogConfig,
-    shard: u16,
+    shard: ShardId,
     visit: &mut dyn FnMut(u64, &OwnedRecord),
 ) -> Result<(Log, Vec<Action>, BootReport), BootError> {
     let mut report = BootReport::default();

@@ -48,6 +48,7 @@ use courier_pipeline::registry::Registry;
 use courier_pipeline::seal::keys::{DerivedKeys, RootKey};
 use courier_pipeline::server::Server;
 use courier_pipeline::wire::{self, LogPosition};
+use courier_pipeline::ShardId;
 use quinn_proto::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn_proto::{StreamId, Transmit};
 use rand::rngs::StdRng;
@@ -201,7 +202,7 @@ fn addr_id(a: SocketAddr) -> u64 {
 
 /// The shard SO_REUSEPORT would pick for a datagram from `src`: a hash of the address.
 /// FNV-1a, fixed so that traces do not depend on the standard library's hasher.
-pub fn reuseport_shard(src: SocketAddr, shards: usize) -> usize {
+pub fn reuseport_shard(src: SocketAddr, shards: usize) -> ShardId {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |b: u8| {
         h ^= u64::from(b);
@@ -212,7 +213,7 @@ pub fn reuseport_shard(src: SocketAddr, shards: usize) -> usize {
         IpAddr::V6(ip) => ip.octets().into_iter().for_each(&mut eat),
     }
     src.port().to_be_bytes().into_iter().for_each(&mut eat);
-    (h % shards as u64) as usize
+    ShardId::try_from((h % shards as u64) as usize).expect("shards are at most SHARDS_MAX")
 }
 
 fn client_addr(index: usize, port: u16) -> SocketAddr {
@@ -230,7 +231,7 @@ pub struct Sim {
     node: SimNode,
     clients: Vec<SimClient>,
     client_addrs: Vec<SocketAddr>,
-    client_home: Vec<usize>,
+    client_home: Vec<ShardId>,
     tls: SimTls,
     digest: Sha256,
     trace_events: u64,
@@ -635,7 +636,7 @@ impl Sim {
     /// and a client waiting for ACKs sends nothing (no keep-alive), so without it the
     /// server would keep answering the dead address until the idle timeout. Returns the
     /// shard the new address hashes to.
-    pub fn migrate_client(&mut self, c: usize) -> usize {
+    pub fn migrate_client(&mut self, c: usize) -> ShardId {
         let n = self.cfg.shards;
         let old = self.client_addrs[c];
         let home = self.client_home[c];
@@ -704,7 +705,7 @@ impl Sim {
     }
 
     /// The shard that accepted client `c`'s first connection (its first address's hash).
-    pub fn client_home_shard(&self, c: usize) -> usize {
+    pub fn client_home_shard(&self, c: usize) -> ShardId {
         self.client_home[c]
     }
 
@@ -851,7 +852,7 @@ impl Sim {
         for (c, client) in self.clients.iter().enumerate() {
             for (&id, &p) in client.accepted() {
                 assert!(
-                    usize::from(p.shard()) < self.cfg.shards,
+                    p.shard_id().is_some_and(|s| s.within(self.cfg.shards)),
                     "seed {}: position {p:?} names no shard",
                     self.cfg.seed
                 );

@@ -8,6 +8,7 @@ use courier_pipeline::log::{
     Record, RecordHeader, SegmentHeader, SegmentVerdict,
 };
 use courier_pipeline::wire::{Reason, Recipient, Status};
+use courier_pipeline::ShardId;
 use courier_sim::storage::{MemStorage, SimShell};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -108,7 +109,13 @@ fn present(sh: &SimShell) -> BTreeMap<u64, Expect> {
 }
 
 fn boot(seed: u64, cfg: LogConfig) -> SimShell {
-    let mut sh = SimShell::new(MemStorage::new(seed), cfg, 3, MASTER, seed ^ 0x5eed);
+    let mut sh = SimShell::new(
+        MemStorage::new(seed),
+        cfg,
+        ShardId::new(3),
+        MASTER,
+        seed ^ 0x5eed,
+    );
     sh.boot().expect("empty storage boots");
     sh
 }
@@ -458,7 +465,7 @@ fn a_wrong_master_key_stops_boot_before_anything_is_touched() {
         (st.keyring().unwrap().to_vec(), files)
     };
     let before = snapshot(&storage);
-    let mut wrong = SimShell::new(storage, small_cfg(), 3, [0x43; 32], 5);
+    let mut wrong = SimShell::new(storage, small_cfg(), ShardId::new(3), [0x43; 32], 5);
     let err = wrong.boot().unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("wrong master key"), "{msg}");

@@ -49,6 +49,9 @@ mod tests;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
+use courier_pipeline::profile as io_bounds;
+use courier_pipeline::server::MTU_MIN;
+
 pub use file::{FileDone, FileOpKind};
 pub use send::SendBuf;
 pub use socket::bind_reuseport;
@@ -56,18 +59,22 @@ pub use thread::{available_cpus, pin_current_thread};
 pub use udp::UdpRing;
 pub use waker::Waker;
 
+// The ring's bounds are the profile's `[io]` bounds (courier_pipeline::profile::io), so
+// that a profile is refused when it loads rather than when a shard starts; they are
+// restated here in the ring's own types.
+
 /// The kernel's largest io_uring submission queue (`IORING_MAX_ENTRIES`).
-pub const SQ_ENTRIES_MAX: u32 = 32_768;
+pub const SQ_ENTRIES_MAX: u32 = io_bounds::RING_ENTRIES_MAX;
 /// The kernel's largest provided-buffer ring.
-pub const RECV_BUFFERS_MAX: u16 = 32_768;
+pub const RECV_BUFFERS_MAX: u16 = io_bounds::RECV_BUFFERS_MAX as u16;
 /// Upper bound on the memory of all receive buffers of one ring.
-pub const RECV_MEMORY_BYTES_MAX: u64 = 1 << 30;
+pub const RECV_MEMORY_BYTES_MAX: u64 = io_bounds::RECV_MEMORY_BYTES_MAX;
 /// Upper bound on the number of send slots of one ring.
-pub const SEND_SLOTS_MAX: u16 = 4_096;
+pub const SEND_SLOTS_MAX: u16 = io_bounds::SEND_SLOTS_MAX as u16;
 /// Smallest send slot: one QUIC datagram of the minimum size (RFC 9000, 14.1).
-pub const SEND_SLOT_BYTES_MIN: u32 = 1_200;
+pub const SEND_SLOT_BYTES_MIN: u32 = MTU_MIN as u32;
 /// Largest send slot: one UDP payload can never exceed 64 KiB, GSO batches included.
-pub const SEND_SLOT_BYTES_MAX: u32 = 65_536;
+pub const SEND_SLOT_BYTES_MAX: u32 = io_bounds::SEND_SLOT_BYTES;
 /// The kernel's `UDP_MAX_SEGMENTS` (64 on every kernel that has GSO; quinn-udp uses the same).
 pub const GSO_SEGMENTS_MAX: usize = 64;
 
@@ -76,13 +83,23 @@ pub const GSO_SEGMENTS_MAX: usize = 64;
 pub const RECV_HEADER_BYTES: u32 =
     (udp::RECVMSG_OUT_BYTES + udp::RECV_NAME_BYTES + udp::RECV_CONTROL_BYTES) as u32;
 /// Smallest provided buffer: the header plus one QUIC datagram of the minimum size.
-pub const RECV_BUFFER_BYTES_MIN: u32 = RECV_HEADER_BYTES + 1_200;
+pub const RECV_BUFFER_BYTES_MIN: u32 = RECV_HEADER_BYTES + MTU_MIN as u32;
 /// Largest provided buffer.
-pub const RECV_BUFFER_BYTES_MAX: u32 = 1 << 20;
+pub const RECV_BUFFER_BYTES_MAX: u32 = io_bounds::RECV_BUFFER_BYTES_MAX;
 
 /// Submission entries kept for operations other than sends: the multishot recvmsg, the
 /// eventfd read and one cancel for each of them (used on drop).
-const SQ_RESERVED_ENTRIES: u32 = 4;
+const SQ_RESERVED_ENTRIES: u32 = io_bounds::SQ_RESERVED_ENTRIES;
+
+// The profile's bounds fit the ring's types.
+const _: () = assert!(io_bounds::RECV_BUFFERS_MAX <= u16::MAX as u32);
+const _: () = assert!(io_bounds::SEND_SLOTS_MAX <= u16::MAX as u32);
+const _: () = assert!(io_bounds::FILE_SLOTS <= FILE_SLOTS_MAX as u32);
+// The profile keeps room for this ring's recvmsg header in every buffer, so a buffer it
+// allows is one the ring takes.
+const _: () = assert!(RECV_HEADER_BYTES <= io_bounds::RECV_HEADER_BYTES_MAX);
+const _: () = assert!(io_bounds::RECV_BUFFER_BYTES_MIN >= RECV_BUFFER_BYTES_MIN);
+const _: () = assert!(io_bounds::RING_ENTRIES_MIN >= 8);
 
 /// Sizes of one ring; all bounded and checked by [`RingConfig::validate`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +132,7 @@ impl Default for RingConfig {
             // 64 KiB of payload (the largest GRO batch) plus the recvmsg header, page-rounded.
             recv_buffer_bytes: 65_536 + 4_096,
             send_slots: 64,
-            send_slot_bytes: 65_536,
+            send_slot_bytes: SEND_SLOT_BYTES_MAX,
             file_slots: 8,
             gro: true,
             gso: true,
@@ -132,7 +149,7 @@ pub const FILE_SLOTS_MAX: u16 = 256;
 impl RingConfig {
     /// Submission queue entries every possible operation needs at once.
     pub(crate) fn sq_entries_needed(&self) -> u32 {
-        u32::from(self.send_slots) + 2 * u32::from(self.file_slots) + SQ_RESERVED_ENTRIES
+        io_bounds::sq_entries_needed(u32::from(self.send_slots), u32::from(self.file_slots))
     }
 
     /// Check every bound; the error names the offending key.

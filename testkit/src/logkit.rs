@@ -127,6 +127,7 @@ pub async fn send(
 
 /// The log directory of `shard`.
 pub fn shard_dir(data_dir: &Path, shard: usize) -> PathBuf {
+    let shard = courier_pipeline::ShardId::try_from(shard).expect("a shard id");
     courier::store::shard_dir(data_dir, shard)
 }
 

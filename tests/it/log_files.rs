@@ -11,6 +11,7 @@ use courier::serve::{self, Running, ServeError};
 use courier::store::MasterKeyText;
 use courier_client::Client;
 use courier_pipeline::wire::{LogPosition, Reason, Status};
+use courier_pipeline::ShardId;
 use courier_testkit::logkit::*;
 use courier_testkit::server::{self, Setup};
 
@@ -256,7 +257,7 @@ async fn verify_and_audit_commands_report_counts_and_never_print_content() {
     extra.push(AcceptedEntry {
         business_id: entries[0].business_id,
         client_id: 999_999,
-        position: LogPosition::new(0, n + 100),
+        position: LogPosition::new(ShardId::new(0), n + 100),
     });
     extra[0].client_id += 1_000_000;
     let mut csv = Vec::new();

@@ -145,7 +145,7 @@ fn read_log(data_dir: &std::path::Path, shard: usize, profile: &Profile) -> Vec<
     let shard_dir = data_dir.join(format!("log/shard-{shard}"));
     let master_key = MasterKey::parse(MASTER_HEX.as_bytes()).unwrap();
     let keyring = Keyring::from_bytes(&std::fs::read(shard_dir.join("keyring")).unwrap()).unwrap();
-    let log_cfg = LogConfig::from_profile(profile);
+    let log_cfg = LogConfig::new(&profile.log, profile.limits.payload_bytes_max);
     let mut records = Vec::new();
     for seg in courier::store::list_segments(&shard_dir).unwrap() {
         let bytes = std::fs::read(shard_dir.join(format!("{seg:020}.seg"))).unwrap();

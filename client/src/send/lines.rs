@@ -19,7 +19,6 @@ use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{BOUNDS_WIDEST_FRAME_BYTES, BOUNDS_WIDEST_PAYLOAD_BYTES};
 use crate::OutgoingMessage;
 
 /// The size bounds a line is checked against.
@@ -33,11 +32,11 @@ pub struct Bounds {
 
 impl Bounds {
     /// The widest bounds any valid profile allows (`limits.payload_bytes_max` at most
-    /// 16 MiB, `limits.frame_bytes_max` at most 64 MiB): a line outside them is bad for
-    /// every server.
+    /// [`wire::PAYLOAD_BYTES_LIMIT`], `limits.frame_bytes_max` at most
+    /// [`wire::FRAME_BYTES_LIMIT`]): a line outside them is bad for every server.
     pub const WIDEST: Bounds = Bounds {
-        payload_bytes_max: BOUNDS_WIDEST_PAYLOAD_BYTES,
-        frame_bytes_max: BOUNDS_WIDEST_FRAME_BYTES,
+        payload_bytes_max: wire::PAYLOAD_BYTES_LIMIT,
+        frame_bytes_max: wire::FRAME_BYTES_LIMIT,
     };
 
     /// The bounds a server stated in WELCOME.

@@ -61,6 +61,8 @@ pub use summary::{NotAccepted, Summary};
 pub use validate::{validate, BadLine, Validation};
 pub use wait::{read_statuses, DeliverySummary, DeliveryWait, StatusBook};
 
+use courier_pipeline::wire::PAYLOAD_BYTES_LIMIT;
+
 use crate::{ClientConfig, ClientError};
 
 /// Most messages one file may hold (pass 1 keeps 16 bytes per message: id and line).
@@ -79,8 +81,9 @@ pub const STATE_BYTES_MAX: u64 = MESSAGES_MAX * 21;
 /// Bytes read from the input file at a time.
 const READ_BUFFER_BYTES: usize = 1 << 20;
 
-const _: () =
-    assert!(LINE_BYTES_MAX >= 4 * (BOUNDS_WIDEST_PAYLOAD_BYTES as usize).div_ceil(3) + 1024);
+// A line holds the largest payload any profile allows, base64 (4 bytes per 3) with room
+// for the rest of the line.
+const _: () = assert!(LINE_BYTES_MAX >= 4 * (PAYLOAD_BYTES_LIMIT as usize).div_ceil(3) + 1024);
 
 /// Exit statuses of `courier send`.
 pub mod exit_code {
@@ -108,9 +111,6 @@ Exit status:
      within --wait-timeout (a rerun waits for those again)
   2  bad input or usage: a bad line or duplicate id (nothing was sent), a bad state file
   3  no connection: the server could not be reached or refused the token (nothing sent)";
-
-const BOUNDS_WIDEST_PAYLOAD_BYTES: u32 = 16 << 20;
-const BOUNDS_WIDEST_FRAME_BYTES: u32 = 64 << 20;
 
 /// What went wrong before sending could start. Never carries content or the token.
 #[derive(Debug, thiserror::Error)]

@@ -17,7 +17,10 @@
 use super::business::{BusinessState, Control};
 use super::fanout::{FAN_TICKS, SHORT_HLL_P};
 use super::recipients::{ExactSet, HllRing, Recipients, HOURS};
-use super::{get_or_create, DetectConfig, Detector, Evidence, Rating, Why};
+use super::{
+    get_or_create, DetectConfig, Detector, Evidence, Rating, Why, SKETCH_WIDTH_MAX,
+    SKETCH_WIDTH_MIN,
+};
 use crate::registry::Tier;
 
 const MAGIC: &[u8; 4] = b"CDET";
@@ -156,7 +159,7 @@ fn check_fingerprint(
         None
     } else {
         // The old sketch's width (bounded as its profile key was): its cells are skipped.
-        if !(size.is_power_of_two() && (64..=8192).contains(&size)) {
+        if !(size.is_power_of_two() && (SKETCH_WIDTH_MIN..=SKETCH_WIDTH_MAX).contains(&size)) {
             return Err(CheckpointError::Corrupt("same_recipient_sketch_width"));
         }
         Some(size as usize)

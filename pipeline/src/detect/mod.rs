@@ -115,11 +115,12 @@
 //!
 //! ## Memory
 //! At most `businesses_max` businesses per detector, each at most
-//! [`DetectConfig::business_state_bytes_max`] bytes (≤ 64 KiB with the default and every
+//! [`DetectConfig::business_state_bytes_needed`] bytes (≤ 64 KiB with the default and every
 //! shipped profile; checked when the profile loads).
 
 mod business;
 mod checkpoint;
+mod config;
 pub mod fanout;
 mod keyed;
 pub mod recent;
@@ -130,98 +131,16 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
 pub use checkpoint::CheckpointError;
+pub use config::{
+    DetectConfig, LegacyDetectKeys, BUSINESS_STATE_BYTES_LIMIT, HLL_PRECISION_MAX,
+    HLL_PRECISION_MIN, SAME_RECIPIENT_TABLE_ENTRIES_MAX, SAME_RECIPIENT_TABLE_ENTRIES_MIN,
+    SKETCH_WIDTH_MAX, SKETCH_WIDTH_MIN,
+};
 pub use keyed::RecipientHasher;
 
 use crate::registry::{Business, Tier};
 use crate::wire::{Reason, Recipient, ReportEntry, Status};
 use business::{BusinessState, Control, MS_PER_HOUR, SHARE_FULL_PPM, SHARE_MIN_PPM};
-
-/// Most bytes one business's state may take (issue 5).
-pub const BUSINESS_STATE_BYTES_LIMIT: usize = 64 << 10;
-
-/// Detector bounds and thresholds, validated from the profile's `[detect]` section.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DetectConfig {
-    /// Most businesses one detector (shard) holds state for.
-    pub businesses_max: u32,
-    /// HyperLogLog precision p (2^p one-byte registers per hourly sketch).
-    pub hll_precision: u8,
-    /// Distinct recipients per 24 h counted exactly before switching to the sketches.
-    pub exact_recipients_max: u32,
-    /// Bytes of the past-recipient filter (both generations), power of two.
-    pub past_filter_bytes: u32,
-    /// Most messages to one recipient in the sliding window.
-    pub same_recipient_max: u32,
-    /// Length of the same-recipient window, ms.
-    pub same_recipient_window_ms: u32,
-    /// Slots of the same-recipient table (recipients of the window), power of two,
-    /// at least 8 (8 bytes each).
-    pub same_recipient_table_entries: u32,
-    /// Fewest distinct recipients in one second that can be a surge.
-    pub surge_distinct_per_sec_min: u32,
-    /// A surge is this many times the business's baseline rate of distinct recipients.
-    pub surge_baseline_factor: u32,
-    /// Least share of never-contacted recipients in a surge, percent.
-    pub surge_new_share_pct: u32,
-    /// EWMA weight of the latest minute in the baseline, percent.
-    pub baseline_alpha_pct: u32,
-    /// Reports per million delivered messages (24 h) from which the rating is yellow.
-    pub rating_yellow_ppm: u32,
-    /// Reports per million delivered messages (24 h) from which the rating is red.
-    pub rating_red_ppm: u32,
-    /// Fewest reports in 24 h before the rating can leave green.
-    pub rating_reports_min: u32,
-    /// Red pauses the business instead of lowering its tier.
-    pub red_pauses: bool,
-    /// Most recipient events one delta carries; more are dropped (and counted).
-    pub delta_events_max: u32,
-    /// Most integrity signals queued for `poll_signal`; older ones are dropped.
-    pub signals_max: u32,
-}
-
-impl Default for DetectConfig {
-    fn default() -> DetectConfig {
-        DetectConfig {
-            businesses_max: 4096,
-            hll_precision: 11,
-            exact_recipients_max: 2048,
-            past_filter_bytes: 8192,
-            same_recipient_max: 5,
-            same_recipient_window_ms: 10_000,
-            same_recipient_table_entries: 512,
-            surge_distinct_per_sec_min: 50,
-            surge_baseline_factor: 5,
-            surge_new_share_pct: 80,
-            baseline_alpha_pct: 10,
-            rating_yellow_ppm: 2_000,
-            rating_red_ppm: 10_000,
-            rating_reports_min: 10,
-            red_pauses: false,
-            delta_events_max: 65_536,
-            signals_max: 4096,
-        }
-    }
-}
-
-impl DetectConfig {
-    /// Worst-case bytes of one business's state under this configuration: the struct,
-    /// the larger of the exact table and the sketch ring, the filter and the
-    /// same-recipient table.
-    pub fn business_state_bytes_max(&self) -> usize {
-        std::mem::size_of::<BusinessState>()
-            + recipients::ExactSet::heap_bytes_for(self.exact_recipients_max as usize).max(
-                std::mem::size_of::<recipients::HllRing>()
-                    + recipients::HllRing::heap_bytes_for(self.hll_precision),
-            )
-            + self.past_filter_bytes as usize
-            + recent::RecentRecipients::heap_bytes_for(self.same_recipient_table_entries as usize)
-    }
-
-    /// Worst-case bytes of a whole detector's business state.
-    pub fn state_bytes_max(&self) -> usize {
-        self.businesses_max as usize * self.business_state_bytes_max()
-    }
-}
 
 /// The limits of one business as the registry states them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -87,7 +87,7 @@ impl RecentRecipients {
     }
 
     /// Bytes a table of `entries` slots holds on the heap.
-    pub(crate) fn heap_bytes_for(entries: usize) -> usize {
+    pub(crate) const fn heap_bytes_for(entries: usize) -> usize {
         entries * 8
     }
 

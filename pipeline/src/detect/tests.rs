@@ -24,9 +24,9 @@ fn limits(id: u32, tier: Tier, mps: u32) -> BusinessLimits {
 fn state_per_business_fits_64_kib() {
     let cfg = DetectConfig::default();
     assert!(
-        cfg.business_state_bytes_max() <= BUSINESS_STATE_BYTES_LIMIT,
+        cfg.business_state_bytes_needed() <= BUSINESS_STATE_BYTES_LIMIT,
         "{}",
-        cfg.business_state_bytes_max()
+        cfg.business_state_bytes_needed()
     );
     // Enough recipients to leave exact mode (the sketch ring is the larger state), sent
     // fast, so the surge test is set out of reach (it would pause the sender first).
@@ -46,9 +46,9 @@ fn state_per_business_fits_64_kib() {
     let bytes = d.business_state_bytes(1).unwrap();
     eprintln!(
         "one business: {bytes} bytes, at most {} bytes",
-        cfg.business_state_bytes_max()
+        cfg.business_state_bytes_needed()
     );
-    assert!(bytes <= cfg.business_state_bytes_max(), "{bytes}");
+    assert!(bytes <= cfg.business_state_bytes_needed(), "{bytes}");
     assert!(bytes <= BUSINESS_STATE_BYTES_LIMIT, "{bytes}");
     assert!(
         matches!(

@@ -364,7 +364,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn pos(i: u64) -> LogPosition {
-        LogPosition::new(1, i)
+        LogPosition::new(crate::ShardId::new(1), i)
     }
 
     fn fresh(c: Claim) -> ClaimTicket {

@@ -96,10 +96,10 @@ impl RestoreSet {
 mod tests {
     use super::*;
 
-    fn id(time_ms: u64, shard: u16, index: u64) -> RestoredId {
+    fn id(time_ms: u64, shard: u8, index: u64) -> RestoredId {
         RestoredId {
             time_ms,
-            position: LogPosition::new(shard, index),
+            position: LogPosition::new(crate::ShardId::new(shard), index),
             business_id: 1,
             client_id: index,
         }

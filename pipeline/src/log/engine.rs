@@ -25,6 +25,7 @@ use super::format::{
 use super::keys::{KeyError, KeyState, Keyring, MasterKey};
 use super::policy::{expired, roll_due, LogConfig};
 use crate::wire::{LogPosition, Reason, Status};
+use crate::ShardId;
 
 /// Something the shell must do, in the order the log returned them.
 ///
@@ -220,7 +221,7 @@ struct Group {
 #[derive(Debug)]
 pub struct Log {
     cfg: LogConfig,
-    shard: u16,
+    shard: ShardId,
     master: MasterKey,
     keyring: Keyring,
     /// Oldest first; the last one is the open segment when `active` is set.
@@ -244,7 +245,7 @@ impl Log {
     /// crash). Perform them all before serving.
     pub fn open(
         cfg: LogConfig,
-        shard: u16,
+        shard: ShardId,
         master: MasterKey,
         mut keyring: Keyring,
         mut kept: Vec<SegmentSummary>,
@@ -714,7 +715,7 @@ mod tests {
         let mut actions = Vec::new();
         let log = Log::open(
             cfg(),
-            1,
+            ShardId::new(1),
             MasterKey::from_bytes([1; 32]),
             Keyring::new(),
             Vec::new(),
@@ -743,7 +744,7 @@ mod tests {
         assert_eq!(w, segment_id);
         let ring = Keyring::from_bytes(bytes).unwrap();
         assert_eq!(ring.state(*segment_id), KeyState::Live);
-        assert_eq!(positions, vec![LogPosition::new(1, 0)]);
+        assert_eq!(positions, vec![LogPosition::new(ShardId::new(1), 0)]);
         assert!(log.commit_due());
     }
 

@@ -62,7 +62,7 @@ const _: () = assert!(RECORD_OVERHEAD_BYTES_MAX == 8 + 36 + 16 + 16);
 const _: () = assert!(RECORD_PLAIN_FIXED_BYTES_V1 < RECORD_PLAIN_FIXED_BYTES);
 
 /// The largest `len` field of a record whose payload is at most `payload_bytes_max`.
-pub fn sealed_bytes_max(payload_bytes_max: u32) -> usize {
+pub const fn sealed_bytes_max(payload_bytes_max: u32) -> usize {
     RECORD_PLAIN_FIXED_BYTES + RECIPIENT_BYTES_MAX + payload_bytes_max as usize + TAG_BYTES
 }
 

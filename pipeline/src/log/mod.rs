@@ -47,6 +47,7 @@ pub mod format;
 pub mod keys;
 pub mod policy;
 pub mod recovery;
+mod settings;
 
 pub use engine::{Action, Log, LogError, LogFailure, OpenError, SyncRequest, WriteFailure};
 pub use format::{
@@ -54,8 +55,12 @@ pub use format::{
     ScanOutcome, SegmentCodec, SegmentHeader, SegmentSummary,
 };
 pub use keys::{DataKey, KeyError, KeyState, Keyring, KeyringError, MasterKey};
-pub use policy::LogConfig;
+pub use policy::{LogConfig, RECORD_PAYLOAD_BYTES_LIMIT};
 pub use recovery::{RecoverError, Recovery, RecoveryPlan, Repair};
+pub use settings::{
+    LogSettings, GROUP_COMMIT_BYTES_MAX, GROUP_COMMIT_BYTES_MIN, GROUP_COMMIT_RECORDS_MAX,
+    RETENTION_SECS_MAX, RETENTION_SECS_MIN, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
+};
 
 use format::HeaderError;
 

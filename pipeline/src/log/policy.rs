@@ -6,13 +6,30 @@
 //! segment stops taking records once it is that old and is dropped whole once its newest
 //! record is older than retention.
 
-use crate::profile::Profile;
-
-use super::format::RECORD_OVERHEAD_BYTES_MAX;
+use super::format::{sealed_bytes_max, RECORD_OVERHEAD_BYTES_MAX};
+use super::LogSettings;
+use crate::wire::PAYLOAD_BYTES_LIMIT;
 
 /// Room left in a record's payload for the sealing layer (nonce, tag, key id) on top of the
 /// client's payload bound.
 pub const SEAL_OVERHEAD_BYTES_MAX: u32 = 64;
+/// The largest record payload (a sealed message) of a log written under any profile: the
+/// bound the operator tools read every log with.
+pub const RECORD_PAYLOAD_BYTES_LIMIT: u32 = PAYLOAD_BYTES_LIMIT + SEAL_OVERHEAD_BYTES_MAX;
+
+// The sealer's own overhead (nonce and tag) fits the room the log keeps for it.
+const _: () = assert!(crate::seal::SEAL_OVERHEAD_BYTES <= SEAL_OVERHEAD_BYTES_MAX as usize);
+/// Most segments one retention step drops, so that one step's work is bounded.
+pub const DROPS_PER_STEP_MAX: usize = 16;
+
+/// Bytes one record takes at most on disk when it holds a client payload of
+/// `payload_bytes`, sealed: the one formula for the profile's checks and [`LogConfig`].
+pub const fn record_bytes_for_payload(payload_bytes: u32) -> u64 {
+    RECORD_OVERHEAD_BYTES_MAX as u64 + payload_bytes as u64 + SEAL_OVERHEAD_BYTES_MAX as u64
+}
+
+// The largest record's `len` field fits its 32 bits.
+const _: () = assert!(sealed_bytes_max(RECORD_PAYLOAD_BYTES_LIMIT) <= u32::MAX as usize);
 
 /// The log's bounds, from the profile's `[log]` section.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,16 +51,17 @@ pub struct LogConfig {
 }
 
 impl LogConfig {
-    /// The log settings of a validated profile.
-    pub fn from_profile(p: &Profile) -> LogConfig {
+    /// The log's configuration from its validated `[log]` section, for client payloads of
+    /// at most `payload_bytes_max` (the profile's `limits.payload_bytes_max`).
+    pub fn new(settings: &LogSettings, payload_bytes_max: u32) -> LogConfig {
         LogConfig {
-            segment_bytes_max: p.log.segment_bytes_max,
-            segment_age_max_ms: p.log.segment_age_max_secs * 1000,
-            retention_ms: p.log.retention_secs * 1000,
-            group_commit_records_max: p.log.group_commit_records_max,
-            group_commit_bytes_max: p.log.group_commit_bytes_max,
-            payload_bytes_max: p.limits.payload_bytes_max + SEAL_OVERHEAD_BYTES_MAX,
-            drops_per_step_max: 16,
+            segment_bytes_max: settings.segment_bytes_max,
+            segment_age_max_ms: settings.segment_age_max_secs * 1000,
+            retention_ms: settings.retention_secs * 1000,
+            group_commit_records_max: settings.group_commit_records_max,
+            group_commit_bytes_max: settings.group_commit_bytes_max,
+            payload_bytes_max: payload_bytes_max + SEAL_OVERHEAD_BYTES_MAX,
+            drops_per_step_max: DROPS_PER_STEP_MAX,
         }
     }
 
@@ -120,7 +138,10 @@ mod tests {
 
     #[test]
     fn config_from_the_default_profile() {
-        let c = LogConfig::from_profile(&Profile::default_profile());
+        let c = {
+            let p = crate::profile::Profile::default_profile();
+            LogConfig::new(&p.log, p.limits.payload_bytes_max)
+        };
         assert_eq!(c.retention_ms, 30 * 86_400_000);
         assert_eq!(c.segment_age_max_ms, c.retention_ms / 30);
         assert_eq!(c.segment_bytes_max, 256 << 20);

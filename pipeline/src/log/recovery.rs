@@ -20,6 +20,7 @@ use super::format::{OwnedRecord, RecordError, SegmentSummary};
 use super::keys::{Keyring, KeyringError, MasterKey};
 use super::policy::LogConfig;
 use super::{recover_segment_visiting, RecoveryError, RemoveReason, SegmentVerdict};
+use crate::ShardId;
 
 /// Why a log could not be recovered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -156,7 +157,7 @@ impl RecoveryPlan {
     /// Opens the log (after the repairs were performed): returns it and the actions to
     /// perform before serving (a new nonce epoch persisted, empty segments deleted, kept
     /// segments synced).
-    pub fn open(self, cfg: LogConfig, shard: u16) -> Result<(Log, Vec<Action>), RecoverError> {
+    pub fn open(self, cfg: LogConfig, shard: ShardId) -> Result<(Log, Vec<Action>), RecoverError> {
         let mut actions = Vec::new();
         let log = Log::open(
             cfg,

@@ -27,6 +27,7 @@ use super::{Event, Now, Shard};
 use crate::server::{ConnKey, DeliveryInput, NotWritten, Role};
 use crate::wire::delivery::{BusinessEvent, Deliver, OutcomeEntry};
 use crate::wire::{LogPosition, Recipient};
+use crate::ShardId;
 
 /// A message between shards.
 #[derive(Debug, Clone)]
@@ -95,7 +96,7 @@ pub enum PeerMsg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerTarget {
     /// One shard.
-    Shard(u16),
+    Shard(ShardId),
     /// Every other shard.
     All,
 }
@@ -108,7 +109,9 @@ impl Shard {
     }
 
     /// Sends `msg` to `to`, handling it here when it is for this shard.
-    pub(super) fn send_peer(&mut self, now: Now, to: u16, msg: PeerMsg) {
+    pub(super) fn send_peer(&mut self, now: Now, to: ShardId, msg: PeerMsg) {
+        // Positions and connections from peers were checked where they came in (`by_shard`).
+        assert!(to.within(self.shards), "{to:?} is a shard of this node");
         if to == self.shard {
             self.on_peer(now, msg);
         } else {
@@ -134,6 +137,7 @@ impl Shard {
             PeerMsg::Detach { conn } => self.detached(now, conn),
             PeerMsg::Deliver { conn, item } => {
                 let message = item.message;
+                let owner = owner_of(message);
                 let reply = match self.server.deliver(now.at, conn, &item) {
                     Ok(()) => PeerMsg::Handed { message },
                     Err(e) => PeerMsg::Bounced {
@@ -141,7 +145,7 @@ impl Shard {
                         gone: (e == NotWritten::Gone).then_some(conn),
                     },
                 };
-                self.send_peer(now, message.shard(), reply);
+                self.send_peer(now, owner, reply);
             }
             PeerMsg::Handed { message } => {
                 if let Some(d) = self.delivery.as_mut() {
@@ -167,7 +171,7 @@ impl Shard {
                 events,
             } => {
                 if self.server.push_events(now.at, conn, &events).is_err() {
-                    let owner = events.first().map_or(self.shard, |e| e.event().shard());
+                    let owner = events.first().map_or(self.shard, |e| owner_of(e.event()));
                     self.send_peer(now, owner, PeerMsg::PushBounced { business_id, conn });
                 }
             }
@@ -219,7 +223,7 @@ impl Shard {
                 self.broadcast(PeerMsg::Detach { conn });
             }
             DeliveryInput::Outcomes(entries) => {
-                for (shard, entries) in by_shard(entries, |e| e.message) {
+                for (shard, entries) in by_shard(entries, self.shards, |e| e.message) {
                     self.send_peer(now, shard, PeerMsg::Outcomes(entries));
                 }
             }
@@ -231,7 +235,7 @@ impl Shard {
                 business_id,
                 events,
             } => {
-                for (shard, events) in by_shard(events, |e| *e) {
+                for (shard, events) in by_shard(events, self.shards, |e| *e) {
                     self.send_peer(
                         now,
                         shard,
@@ -271,7 +275,7 @@ impl Shard {
         }
         let durable_end = self.commit.log().durable_end();
         let shard = self.shard;
-        let durable = |e: LogPosition| e.shard() == shard && e.index() < durable_end;
+        let durable = |e: LogPosition| e.shard_id() == Some(shard) && e.index() < durable_end;
         // Bounded: one push in flight per business.
         while let Some((conn, business_id, events)) = self.outbox.poll_push(now.unix_ms, durable) {
             self.send_peer(
@@ -287,11 +291,55 @@ impl Shard {
     }
 }
 
-/// Groups items by the shard of their position, in shard order.
-fn by_shard<T>(items: Vec<T>, pos: impl Fn(&T) -> LogPosition) -> BTreeMap<u16, Vec<T>> {
-    let mut out: BTreeMap<u16, Vec<T>> = BTreeMap::new();
+/// The shard whose log holds `position`, for a position this node wrote (a message handed
+/// out, an event pushed): its shard field is one of this node's shards.
+fn owner_of(position: LogPosition) -> ShardId {
+    position
+        .shard_id()
+        .expect("a position this node wrote names a shard")
+}
+
+/// Groups items that a peer named by position (the edge's outcomes, a business's
+/// acknowledgements) by the shard of that position, in shard order. A position whose
+/// shard is not one of the node's `shards` cannot be a message or an event of this node:
+/// it is dropped here, as its owner would ignore a position it does not hold (it used to
+/// index past the shell's table of shards).
+fn by_shard<T>(
+    items: Vec<T>,
+    shards: usize,
+    pos: impl Fn(&T) -> LogPosition,
+) -> BTreeMap<ShardId, Vec<T>> {
+    let mut out: BTreeMap<ShardId, Vec<T>> = BTreeMap::new();
     for i in items {
-        out.entry(pos(&i).shard()).or_default().push(i);
+        if let Some(shard) = pos(&i).shard_id().filter(|s| s.within(shards)) {
+            out.entry(shard).or_default().push(i);
+        }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(shard: u16, index: u64) -> LogPosition {
+        LogPosition((u64::from(shard) << LogPosition::INDEX_BITS) | index)
+    }
+
+    #[test]
+    fn positions_of_other_nodes_shards_are_not_routed() {
+        let positions = vec![at(1, 5), at(0, 2), at(3, 1), at(1, 6), at(300, 0), at(2, 9)];
+        let routed = by_shard(positions, 3, |p| *p);
+        let routed: Vec<(u8, Vec<LogPosition>)> =
+            routed.into_iter().map(|(s, v)| (s.get(), v)).collect();
+        assert_eq!(
+            routed,
+            [
+                (0, vec![at(0, 2)]),
+                (1, vec![at(1, 5), at(1, 6)]),
+                (2, vec![at(2, 9)]),
+            ],
+            "shard 3 of a 3-shard node and shard 300 of none are dropped, the rest keep their order"
+        );
+    }
 }

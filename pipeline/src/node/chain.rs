@@ -223,7 +223,7 @@ impl Shard {
                 Status::Rejected(Reason::Unauthorized)
             }
             Err(e @ SealError::NoncesExhausted { .. }) => {
-                tracing::error!(shard = self.shard, error = %e, "sealer exhausted: restart the shard");
+                tracing::error!(shard = self.shard.index(), error = %e, "sealer exhausted: restart the shard");
                 Status::Rejected(Reason::StorageUnavailable)
             }
         };

@@ -30,6 +30,7 @@ use crate::profile::ProfileIssue;
 use crate::server::ConnKey;
 use crate::wire::delivery::{Deliver, FailReason, Outcome, StatusKind};
 use crate::wire::{LogPosition, Recipient};
+use crate::ShardId;
 
 /// Delay before a bounced message (its edge connection was gone or out of credit) is
 /// offered again.
@@ -534,7 +535,7 @@ impl Delivery {
 
     /// Messages of log indexes below `index_end` of this shard are about to be dropped by
     /// retention: every one still waiting becomes `expired` first.
-    pub fn expire_below(&mut self, shard: u16, index_end: u64) {
+    pub fn expire_below(&mut self, shard: ShardId, index_end: u64) {
         let end = LogPosition::new(shard, index_end);
         let doomed: Vec<LogPosition> = self.pending.range(..end).map(|(&m, _)| m).collect();
         for m in doomed {
@@ -686,7 +687,7 @@ mod tests {
     }
 
     fn admit(d: &mut Delivery, i: u64, now: u64) -> LogPosition {
-        let m = LogPosition::new(0, i);
+        let m = LogPosition::new(ShardId::new(0), i);
         d.admit(
             now,
             m,
@@ -815,7 +816,7 @@ mod tests {
         let mut d = Delivery::new(cfg());
         admit(&mut d, 1, 0);
         admit(&mut d, 5, 0);
-        d.expire_below(0, 3);
+        d.expire_below(ShardId::new(0), 3);
         let c: Vec<StatusChange> = std::iter::from_fn(|| d.poll_status()).collect();
         assert_eq!(c.len(), 1);
         assert_eq!((c[0].client_id, c[0].kind), (1, StatusKind::Expired));

@@ -68,6 +68,7 @@ use crate::seal::{SealedBatch, Sealer};
 use crate::server::{ConnKey, Role, Server, SubmitBatch};
 use crate::wire::delivery::StatusEvent;
 use crate::wire::{Reason, Status};
+use crate::ShardId;
 
 pub use bus::{PeerMsg, PeerTarget};
 pub use commit::{Completion, GroupCommit};
@@ -228,7 +229,7 @@ pub struct PlantedBugs {
 /// detector from its checkpoint).
 pub struct ShardParts {
     /// This shard's index (also in its connection IDs and log positions).
-    pub shard: u16,
+    pub shard: ShardId,
     /// How many shards the node runs (deltas are exchanged when more than one).
     pub shards: usize,
     /// Largest message payload taken, bytes (larger or empty ones are rejected).
@@ -288,7 +289,7 @@ struct Schedule {
 
 /// One shard's core. See the module docs for the calls and their order.
 pub struct Shard {
-    shard: u16,
+    shard: ShardId,
     shards: usize,
     payload_bytes_max: u32,
     server: Server,
@@ -335,10 +336,10 @@ impl Shard {
     pub fn new(parts: ShardParts, now: Now) -> Shard {
         assert!(parts.shards >= 1, "a node has at least one shard");
         assert!(
-            usize::from(parts.shard) < parts.shards,
+            parts.shard.within(parts.shards),
             "shard index within the node"
         );
-        assert_eq!(parts.server.shard(), parts.shard as u8, "one shard id");
+        assert_eq!(parts.server.shard(), parts.shard, "one shard id");
         let c = &parts.delivery;
         let outbox = Outbox::new(
             c.events_per_business_max,
@@ -404,7 +405,7 @@ impl Shard {
         }
         if !delivery.has_room(0, 0, self.outbox.payload_bytes()) {
             tracing::warn!(
-                shard = self.shard,
+                shard = self.shard.index(),
                 pending = delivery.pending(),
                 "the log holds more undelivered messages than delivery.pending_max or \
                  pending_bytes_max allow: new messages are throttled until they drain"
@@ -419,7 +420,7 @@ impl Shard {
     }
 
     /// This shard's index.
-    pub fn index(&self) -> u16 {
+    pub fn index(&self) -> ShardId {
         self.shard
     }
 
@@ -501,7 +502,7 @@ impl Shard {
             Control::Unpause(id) => {
                 if self.detector.unpause(id) {
                     tracing::info!(
-                        shard = self.shard,
+                        shard = self.shard.index(),
                         business = id,
                         "business unpaused by the operator"
                     );
@@ -783,7 +784,7 @@ impl Shard {
         while let Some(sig) = self.detector.poll_signal() {
             stats::add(&self.stats.signals, 1);
             tracing::warn!(
-                shard = self.shard,
+                shard = self.shard.index(),
                 business = sig.business_id,
                 rating = sig.rating.name(),
                 tier = sig.tier.name(),
@@ -818,7 +819,7 @@ impl Shard {
     /// The log failed for good: nothing waiting becomes durable; its senders hear
     /// `storage_unavailable`, and so does every later message.
     fn log_failed(&mut self, now: Now, failure: LogFailure) {
-        tracing::error!(shard = self.shard, %failure, "log failed: this shard takes no more messages");
+        tracing::error!(shard = self.shard.index(), %failure, "log failed: this shard takes no more messages");
         stats::set(&self.stats.log_failed, 1);
         self.fail_awaiting(now);
     }

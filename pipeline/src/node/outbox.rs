@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use crate::server::ConnKey;
 use crate::wire::delivery::BusinessEvent as EventItem;
 use crate::wire::LogPosition;
+use crate::ShardId;
 
 #[derive(Debug, Clone, Copy)]
 struct Push {
@@ -276,7 +277,7 @@ impl Outbox {
 
     /// Events of this shard with log indexes below `index_end` are being dropped by
     /// retention: they leave the outbox (counted).
-    pub fn drop_below(&mut self, shard: u16, index_end: u64) {
+    pub fn drop_below(&mut self, shard: ShardId, index_end: u64) {
         let end = LogPosition::new(shard, index_end);
         for q in self.queues.values_mut() {
             while q.items.front().is_some_and(|e| e.event() < end) {
@@ -319,8 +320,8 @@ mod tests {
 
     fn status(i: u64) -> EventItem {
         EventItem::Status(StatusEvent {
-            event: LogPosition::new(0, i),
-            message: LogPosition::new(0, 0),
+            event: LogPosition::new(ShardId::new(0), i),
+            message: LogPosition::new(ShardId::new(0), 0),
             client_id: i,
             kind: StatusKind::Sent,
             reason: None,
@@ -344,12 +345,15 @@ mod tests {
         let (conn, b, items) = o.poll_push(0, |_| true).unwrap();
         assert_eq!((conn, b, ids(&items)), (c, 7, vec![1, 2]));
         assert!(o.poll_push(0, |_| true).is_none(), "one push in flight");
-        o.acked(7, &[LogPosition::new(0, 2)]);
+        o.acked(7, &[LogPosition::new(ShardId::new(0), 2)]);
         assert!(o.poll_push(0, |_| true).is_none(), "1 not acked yet");
-        o.acked(7, &[LogPosition::new(0, 1)]);
+        o.acked(7, &[LogPosition::new(ShardId::new(0), 1)]);
         let (_, _, items) = o.poll_push(0, |_| true).unwrap();
         assert_eq!(ids(&items), vec![3]);
-        assert_eq!(o.poll_cursor(), Some((7, LogPosition::new(0, 2))));
+        assert_eq!(
+            o.poll_cursor(),
+            Some((7, LogPosition::new(ShardId::new(0), 2)))
+        );
         assert_eq!(o.poll_cursor(), None);
     }
 
@@ -376,9 +380,12 @@ mod tests {
         }
         assert_eq!(o.backlog(1), 2);
         assert_eq!(o.counts().dropped, 1);
-        assert_eq!(o.poll_cursor(), Some((1, LogPosition::new(0, 1))));
+        assert_eq!(
+            o.poll_cursor(),
+            Some((1, LogPosition::new(ShardId::new(0), 1)))
+        );
         let mut fresh = Outbox::new(2, 8, 1000);
-        fresh.restore_cursor(1, LogPosition::new(0, 2));
+        fresh.restore_cursor(1, LogPosition::new(ShardId::new(0), 2));
         fresh.add(1, status(2));
         fresh.add(1, status(3));
         assert_eq!(fresh.backlog(1), 1, "acknowledged before the restart");

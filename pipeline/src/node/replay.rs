@@ -18,6 +18,7 @@ use bytes::Bytes;
 use crate::log::{OwnedRecord, RecordKind};
 use crate::wire::delivery::{BusinessEvent, InboundEvent, StatusEvent, StatusKind};
 use crate::wire::{LogPosition, Recipient};
+use crate::ShardId;
 
 /// A message that may still need delivering.
 #[derive(Debug, Clone)]
@@ -33,7 +34,7 @@ pub(super) struct Replayed {
 /// What a shard's log says about delivery; fed by recovery, consumed by the core.
 #[derive(Debug, Default)]
 pub struct Replay {
-    shard: u16,
+    shard: ShardId,
     pub(super) messages: BTreeMap<LogPosition, Replayed>,
     pub(super) events: Vec<(u32, BusinessEvent)>,
     pub(super) cursors: BTreeMap<u32, LogPosition>,
@@ -43,7 +44,7 @@ pub struct Replay {
 
 impl Replay {
     /// An empty replay of the log of `shard`.
-    pub fn new(shard: u16) -> Replay {
+    pub fn new(shard: ShardId) -> Replay {
         Replay {
             shard,
             ..Replay::default()

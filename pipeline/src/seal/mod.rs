@@ -74,6 +74,7 @@ pub use keys::{
 };
 
 use crate::wire::{Message, Recipient, RECIPIENT_BYTES_MAX};
+use crate::ShardId;
 
 /// Bytes of the nonce at the start of a sealed message.
 pub const SEAL_NONCE_BYTES: usize = NONCE_LEN;
@@ -102,7 +103,7 @@ pub enum SealError {
         /// Epoch of the exhausted sealer.
         epoch: u32,
         /// Shard of the exhausted sealer.
-        shard: u16,
+        shard: ShardId,
     },
     /// No key for a recipient of this batch; nothing of the batch was kept.
     #[error(transparent)]
@@ -123,11 +124,11 @@ pub enum OpenError {
 
 /// The 12-byte structured nonce of `(epoch, shard, counter)`, big endian, counter in 48
 /// bits, before the run mask.
-pub fn nonce_bytes(epoch: u32, shard: u16, counter: u64) -> [u8; SEAL_NONCE_BYTES] {
+pub fn nonce_bytes(epoch: u32, shard: ShardId, counter: u64) -> [u8; SEAL_NONCE_BYTES] {
     assert!(counter < COUNTER_END, "counter is 48 bits");
     let mut n = [0; SEAL_NONCE_BYTES];
     n[..4].copy_from_slice(&epoch.to_be_bytes());
-    n[4..6].copy_from_slice(&shard.to_be_bytes());
+    n[4..6].copy_from_slice(&u16::from(shard).to_be_bytes());
     n[6..].copy_from_slice(&counter.to_be_bytes()[2..]);
     n
 }
@@ -246,7 +247,7 @@ pub struct SealerConfig {
     /// start, and never hand the same epoch to two runs: see the module docs.
     pub epoch: u32,
     /// The shard this sealer serves; no two sealers of one epoch share it.
-    pub shard: u16,
+    pub shard: ShardId,
     /// XORed into every nonce: drawn from the operating system's random source for each
     /// sealer and never stored, so that a data directory restored from an older copy
     /// cannot make a nonce repeat (see the module docs). Zero only in tests that check
@@ -277,12 +278,13 @@ pub struct SealerConfig {
 /// use courier_pipeline::seal::{open, DerivedKeys, RecipientKey, RecipientKeys, RootKey,
 ///     SealedBatch, Sealer, SealerConfig};
 /// use courier_pipeline::wire::{Message, Recipient};
+/// use courier_pipeline::ShardId;
 ///
 /// // At start: root keys unwrapped from the keyring, epoch persisted by the keyring.
 /// let mut keys = DerivedKeys::new();
 /// keys.insert_root(7, &RootKey::from_bytes([1; 32]));
 /// let keys = Arc::new(keys);
-/// let config = SealerConfig { epoch: 42, shard: 0, nonce_mask: rand::random(), cache_keys_max: 4096 };
+/// let config = SealerConfig { epoch: 42, shard: ShardId::new(0), nonce_mask: rand::random(), cache_keys_max: 4096 };
 /// let mut sealer = Sealer::new(keys.clone(), config);
 /// let mut sealed = SealedBatch::new();
 ///
@@ -302,7 +304,7 @@ pub struct Sealer<K> {
     keys: K,
     cache: KeyCache,
     epoch: u32,
-    shard: u16,
+    shard: ShardId,
     nonce_mask: [u8; SEAL_NONCE_BYTES],
     counter: u64,
     /// The keys derived ahead for a chunk of a batch, and in the last slot the key of a

@@ -30,12 +30,12 @@ fn keys() -> Arc<DerivedKeys> {
     Arc::new(keys)
 }
 
-fn sealer<K: RecipientKeys>(keys: K, epoch: u32, shard: u16) -> Sealer<K> {
+fn sealer<K: RecipientKeys>(keys: K, epoch: u32, shard: u8) -> Sealer<K> {
     Sealer::new(
         keys,
         SealerConfig {
             epoch,
-            shard,
+            shard: ShardId::new(shard),
             nonce_mask: [0; 12],
             cache_keys_max: 64,
         },
@@ -67,7 +67,7 @@ fn a_batch_round_trips_in_order_with_the_stated_layout() {
     let mut plain = Vec::new();
     for (i, (m, sealed)) in batch.iter().zip(out.iter()).enumerate() {
         assert_eq!(sealed.len(), m.payload.len() + SEAL_OVERHEAD_BYTES);
-        assert_eq!(&sealed[..12], &nonce_bytes(3, 5, i as u64));
+        assert_eq!(&sealed[..12], &nonce_bytes(3, ShardId::new(5), i as u64));
         let k = key_of(&keys, BUSINESS, &m.recipient);
         let p = open(&k, BUSINESS, &m.recipient, m.client_id, sealed, &mut plain).unwrap();
         assert_eq!(p, &m.payload[..]);
@@ -178,7 +178,7 @@ fn restarts_with_fresh_epochs_never_repeat_a_nonce() {
     let mut out = SealedBatch::new();
     let mut sealed_total = 0;
     for epoch in 1..=200u32 {
-        for shard in 0..3u16 {
+        for shard in 0..3u8 {
             let mut s = sealer(keys.clone(), epoch, shard);
             for _ in 0..(1 + epoch % 3) {
                 out.clear();
@@ -213,7 +213,7 @@ fn a_restored_keyring_hands_out_epochs_again_and_the_run_masks_keep_nonces_apart
             keys.clone(),
             SealerConfig {
                 epoch: 7,
-                shard: 1,
+                shard: ShardId::new(1),
                 nonce_mask: rand::random(),
                 cache_keys_max: 8,
             },
@@ -261,18 +261,24 @@ fn the_counter_refuses_to_wrap_and_a_refused_batch_leaves_out_untouched() {
     s.seal_batch(BUSINESS, &batch, &mut out).unwrap();
     assert_eq!(
         &out.get(1).unwrap()[..12],
-        &nonce_bytes(4, 2, COUNTER_END - 2)
+        &nonce_bytes(4, ShardId::new(2), COUNTER_END - 2)
     );
     let before = out.as_bytes().to_vec();
     let err = s.seal_batch(BUSINESS, &batch, &mut out).unwrap_err();
-    assert_eq!(err, SealError::NoncesExhausted { epoch: 4, shard: 2 });
+    assert_eq!(
+        err,
+        SealError::NoncesExhausted {
+            epoch: 4,
+            shard: ShardId::new(2)
+        }
+    );
     assert_eq!(out.as_bytes(), &before[..]);
     assert_eq!(out.len(), 2);
     // The last counter is still usable one message at a time, then nothing.
     s.seal(BUSINESS, &batch[0], &mut out).unwrap();
     assert_eq!(
         &out.get(2).unwrap()[..12],
-        &nonce_bytes(4, 2, COUNTER_END - 1)
+        &nonce_bytes(4, ShardId::new(2), COUNTER_END - 1)
     );
     assert_eq!(s.nonces_left(), 0);
     assert!(matches!(
@@ -298,7 +304,10 @@ fn an_unknown_business_fails_the_whole_batch_and_burns_no_reused_nonce() {
     assert_eq!(out.len(), 1);
     // The failed attempt consumed a counter; the next message gets a later one.
     s.seal(BUSINESS, &batch[1], &mut out).unwrap();
-    assert_eq!(&out.get(1).unwrap()[..12], &nonce_bytes(1, 0, 2));
+    assert_eq!(
+        &out.get(1).unwrap()[..12],
+        &nonce_bytes(1, ShardId::new(0), 2)
+    );
 }
 
 #[test]
@@ -313,7 +322,7 @@ fn wrapped_root_keys_feed_the_sealer() {
         keys,
         SealerConfig {
             epoch: 1,
-            shard: 0,
+            shard: ShardId::new(0),
             nonce_mask: [0; 12],
             cache_keys_max: 8,
         },
@@ -430,7 +439,7 @@ fn ring_sealing_is_byte_identical_to_aws_lc_and_opens_with_both() {
         let sealed = out.get(0).unwrap();
 
         let key = key_of(&keys, BUSINESS, &r);
-        let nonce = nonce_bytes(9, 3, i as u64);
+        let nonce = nonce_bytes(9, ShardId::new(3), i as u64);
         // The associated data as the module docs state it, built independently.
         let mut aad_ref = AAD_PREFIX.to_vec();
         aad_ref.extend_from_slice(&BUSINESS.to_le_bytes());
@@ -602,7 +611,7 @@ fn random_batches_through_a_tiny_cache_seal_as_one_by_one_would() {
     let keys = keys();
     let config = SealerConfig {
         epoch: 5,
-        shard: 1,
+        shard: ShardId::new(1),
         nonce_mask: [0x3c; 12],
         cache_keys_max: 4,
     };

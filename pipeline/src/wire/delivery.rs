@@ -797,10 +797,13 @@ mod tests {
 
     #[test]
     fn every_delivery_frame_round_trips() {
-        let p = LogPosition::new(2, 77);
-        round_trip(DeliveryFrame::EventAck(vec![p, LogPosition::new(0, 1)]));
+        let p = LogPosition::new(crate::ShardId::new(2), 77);
+        round_trip(DeliveryFrame::EventAck(vec![
+            p,
+            LogPosition::new(crate::ShardId::new(0), 1),
+        ]));
         round_trip(DeliveryFrame::Status(vec![StatusEvent {
-            event: LogPosition::new(1, 5),
+            event: LogPosition::new(crate::ShardId::new(1), 5),
             message: p,
             client_id: 9,
             kind: StatusKind::Failed,

@@ -34,6 +34,8 @@ pub mod delivery;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::ShardId;
+
 pub use delivery::DeliveryFrame;
 
 /// The ALPN protocol identifier of wire v1.
@@ -58,6 +60,31 @@ pub const MESSAGE_OVERHEAD_BYTES: usize = 8 + 1 + 4;
 pub const STATUS_BYTES: usize = 1 + 8;
 /// Fixed bytes of a SUBMIT or ACK body before its entries.
 pub const BATCH_HEADER_BYTES: usize = 8 + 4;
+
+/// The largest message payload under any profile: the ceiling of `limits.payload_bytes_max`.
+/// A payload larger than this is refused by every server (each states its own, smaller or
+/// equal, bound in WELCOME).
+pub const PAYLOAD_BYTES_LIMIT: u32 = 16 << 20;
+/// The largest frame body under any profile: the ceiling of `limits.frame_bytes_max`.
+pub const FRAME_BYTES_LIMIT: u32 = 64 << 20;
+/// The smallest `limits.frame_bytes_max` a profile may set.
+pub const FRAME_BYTES_MIN: u32 = 1024;
+/// The most messages in one SUBMIT under any profile: the ceiling of
+/// `limits.batch_messages_max`.
+pub const BATCH_MESSAGES_LIMIT: u32 = 65_536;
+
+// One message of the largest payload fits the largest frame, and so does the ACK of the
+// largest batch: every bound a profile may set has a frame bound that holds it.
+const _: () = assert!(
+    BATCH_HEADER_BYTES
+        + MESSAGE_OVERHEAD_BYTES
+        + RECIPIENT_BYTES_MAX
+        + PAYLOAD_BYTES_LIMIT as usize
+        <= FRAME_BYTES_LIMIT as usize
+);
+const _: () = assert!(
+    BATCH_HEADER_BYTES + BATCH_MESSAGES_LIMIT as usize * STATUS_BYTES <= FRAME_BYTES_LIMIT as usize
+);
 
 const _: () = assert!(RECIPIENT_BYTES_MAX == 1 + 15);
 const _: () = assert!(RECIPIENT_DIGITS_MIN < RECIPIENT_BYTES_MAX);
@@ -145,7 +172,7 @@ impl WireLimits {
     /// Limits wide enough for any frame the encoder can produce; for tests and clients
     /// that decode what a trusted server sent.
     pub const PERMISSIVE: WireLimits = WireLimits {
-        frame_bytes_max: 64 << 20,
+        frame_bytes_max: FRAME_BYTES_LIMIT,
         batch_messages_max: 1 << 20,
     };
 }
@@ -315,13 +342,18 @@ impl LogPosition {
     pub const INDEX_BITS: u32 = 48;
 
     /// Position of record `index` in the log of `shard`.
-    pub fn new(shard: u16, index: u64) -> LogPosition {
+    pub fn new(shard: ShardId, index: u64) -> LogPosition {
         assert!(index < 1 << Self::INDEX_BITS, "log index overflow");
-        LogPosition((u64::from(shard) << Self::INDEX_BITS) | index)
+        LogPosition((u64::from(u16::from(shard)) << Self::INDEX_BITS) | index)
     }
-    /// The shard whose log holds the record.
+    /// The shard field as encoded (16 bits). A position read from a peer may name a
+    /// value that is no shard: route by [`LogPosition::shard_id`].
     pub fn shard(self) -> u16 {
         (self.0 >> Self::INDEX_BITS) as u16
+    }
+    /// The shard whose log holds the record; `None` when the field names no shard.
+    pub fn shard_id(self) -> Option<ShardId> {
+        ShardId::try_from(self.shard()).ok()
     }
     /// The record's index in that log.
     pub fn index(self) -> u64 {
@@ -946,7 +978,7 @@ mod tests {
 
     #[test]
     fn log_position_parts() {
-        let p = LogPosition::new(3, 99);
+        let p = LogPosition::new(ShardId::new(3), 99);
         assert_eq!((p.shard(), p.index()), (3, 99));
     }
 

@@ -1,0 +1,123 @@
+//! `[log]`: when segments roll and expire, and how much one group commit covers, as the
+//! profile writes it, with the bounds of each key. Checked against the log's own bounds
+//! (record and seal overheads) and against `[limits]`, whose batches it must hold;
+//! [`super::LogConfig::new`] turns it into the log's working units.
+
+use serde::Deserialize;
+
+use super::format::RECORD_OVERHEAD_BYTES;
+use super::policy::{record_bytes_for_payload, SEAL_OVERHEAD_BYTES_MAX};
+use crate::profile::Checker;
+use crate::server::Limits;
+
+/// Smallest `log.segment_bytes_max`.
+pub const SEGMENT_BYTES_MIN: u64 = 1 << 20;
+/// Largest `log.segment_bytes_max`.
+pub const SEGMENT_BYTES_MAX: u64 = 4 << 30;
+/// Shortest `log.retention_secs`: a minute.
+pub const RETENTION_SECS_MIN: u64 = 60;
+/// Longest `log.retention_secs`: ten years.
+pub const RETENTION_SECS_MAX: u64 = 10 * 366 * 86_400;
+/// Most records one group commit may cover.
+pub const GROUP_COMMIT_RECORDS_MAX: u32 = 1 << 20;
+/// Smallest `log.group_commit_bytes_max`.
+pub const GROUP_COMMIT_BYTES_MIN: u64 = 64 << 10;
+/// Largest `log.group_commit_bytes_max`.
+pub const GROUP_COMMIT_BYTES_MAX: u64 = 1 << 30;
+
+// A segment of the largest size holds a group commit of the largest size.
+const _: () = assert!(GROUP_COMMIT_BYTES_MAX <= SEGMENT_BYTES_MAX);
+// The largest segment holds two records of the widest payload any profile allows, so
+// `limits.payload_bytes_max` never rules out every segment size.
+const _: () =
+    assert!(SEGMENT_BYTES_MAX >= 2 * record_bytes_for_payload(crate::wire::PAYLOAD_BYTES_LIMIT));
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// A segment rolls once it holds this many bytes.
+    pub segment_bytes_max: u64,
+    /// A segment rolls once it is this old, seconds.
+    pub segment_age_max_secs: u64,
+    /// Segments whose newest record is older than this are dropped with their keys, seconds.
+    pub retention_secs: u64,
+    /// Most records one fdatasync covers.
+    pub group_commit_records_max: u32,
+    /// Most record bytes one fdatasync covers.
+    pub group_commit_bytes_max: u64,
+}
+
+impl LogSettings {
+    /// Checks every key of `[log]`, naming each broken one; a segment must hold two
+    /// records, and a group commit one full SUBMIT, of `limits`.
+    pub(crate) fn validate(&self, limits: &Limits, c: &mut Checker) {
+        c.range(
+            "log.segment_bytes_max",
+            self.segment_bytes_max,
+            SEGMENT_BYTES_MIN,
+            SEGMENT_BYTES_MAX,
+        );
+        let record_bytes = record_bytes_for_payload(limits.payload_bytes_max);
+        if self.segment_bytes_max < 2 * record_bytes {
+            c.fail(
+                "log.segment_bytes_max",
+                format!(
+                    "{} cannot hold two records of limits.payload_bytes_max ({record_bytes} bytes each)",
+                    self.segment_bytes_max
+                ),
+            );
+        }
+        c.range(
+            "log.retention_secs",
+            self.retention_secs,
+            RETENTION_SECS_MIN,
+            RETENTION_SECS_MAX,
+        );
+        c.range(
+            "log.segment_age_max_secs",
+            self.segment_age_max_secs,
+            1,
+            self.retention_secs.max(1),
+        );
+        self.validate_group_commit(limits, c);
+    }
+
+    /// One SUBMIT must fit one group commit, in records and in bytes.
+    fn validate_group_commit(&self, limits: &Limits, c: &mut Checker) {
+        c.range(
+            "log.group_commit_records_max",
+            self.group_commit_records_max,
+            1,
+            GROUP_COMMIT_RECORDS_MAX,
+        );
+        if self.group_commit_records_max < limits.batch_messages_max {
+            c.fail(
+                "log.group_commit_records_max",
+                format!(
+                    "{} is below limits.batch_messages_max ({}): one SUBMIT must fit in a group commit",
+                    self.group_commit_records_max, limits.batch_messages_max
+                ),
+            );
+        }
+        c.range(
+            "log.group_commit_bytes_max",
+            self.group_commit_bytes_max,
+            GROUP_COMMIT_BYTES_MIN,
+            GROUP_COMMIT_BYTES_MAX,
+        );
+        // A full SUBMIT as records: its frame bytes plus the log's per-record overhead.
+        let batch_log_bytes = u64::from(limits.frame_bytes_max)
+            + u64::from(limits.batch_messages_max)
+                * (RECORD_OVERHEAD_BYTES as u64 + u64::from(SEAL_OVERHEAD_BYTES_MAX));
+        if self.group_commit_bytes_max < batch_log_bytes {
+            c.fail(
+                "log.group_commit_bytes_max",
+                format!(
+                    "{} cannot hold one full SUBMIT as log records ({batch_log_bytes} bytes)",
+                    self.group_commit_bytes_max
+                ),
+            );
+        }
+    }
+}

@@ -156,6 +156,13 @@ pub struct Business {
     token_sha256: [u8; 32],
 }
 
+impl Business {
+    /// Whether `other` authenticates the same token (a rotated token does not).
+    pub fn same_token(&self, other: &Business) -> bool {
+        self.token_sha256 == other.token_sha256
+    }
+}
+
 impl std::fmt::Debug for Business {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Business")

@@ -214,6 +214,9 @@ pub struct ServerStats {
     pub hellos_accepted: u64,
     /// Connections closed for a bad token.
     pub auth_failures: u64,
+    /// Authenticated connections closed because a registry reload revoked their
+    /// credential.
+    pub revoked: u64,
     /// Connections closed for sending no HELLO in time.
     pub hello_timeouts: u64,
     /// Streams closed for a bad frame.
@@ -478,9 +481,37 @@ impl Server {
             .unwrap_or_default()
     }
 
-    /// Replaces the registry; new HELLOs use it, authenticated connections keep theirs.
-    pub fn set_registry(&mut self, registry: Arc<Registry>) {
+    /// Replaces the registry. New HELLOs use it; an authenticated connection whose
+    /// credential it revokes (the business removed, its token rotated, or its platform
+    /// role changed) is closed now with `UNAUTHORIZED`. Returns how many were closed.
+    pub fn set_registry(&mut self, now: Instant, registry: Arc<Registry>) -> usize {
+        let revoked: Vec<ConnectionHandle> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.closing)
+            .filter_map(|(&ch, c)| {
+                let id = c.business_id?;
+                let old = self.registry.get(id);
+                let still = registry.get(id).is_some_and(|new| {
+                    new.platform == c.platform && old.is_some_and(|old| old.same_token(new))
+                });
+                (!still).then_some(ch)
+            })
+            .collect();
         self.registry = registry;
+        for &ch in &revoked {
+            let conn = self.conns.get_mut(&ch).expect("listed above");
+            self.stats.revoked += 1;
+            conn.closing = true;
+            conn.streams.clear();
+            conn.quinn.close(
+                now,
+                VarInt::from_u32(code::UNAUTHORIZED),
+                Bytes::from_static(b"credential revoked"),
+            );
+            self.drive(ch, now);
+        }
+        revoked.len()
     }
 
     /// Feeds one received datagram.

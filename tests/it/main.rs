@@ -22,6 +22,7 @@ mod log_files;
 mod metrics;
 mod privacy;
 mod readme;
+mod revocation;
 mod sd_notify;
 mod sealed_e2e;
 mod send;

@@ -497,7 +497,14 @@ impl Shard {
                         self.detector.set_limits(b.id, b.tier, b.mps);
                     }
                 }
-                self.server.set_registry(reg);
+                let revoked = self.server.set_registry(now.at, reg);
+                if revoked > 0 {
+                    tracing::warn!(
+                        shard = self.shard.index(),
+                        connections = revoked,
+                        "connections closed: the reloaded registry revoked their credentials"
+                    );
+                }
             }
             Control::Unpause(id) => {
                 if self.detector.unpause(id) {

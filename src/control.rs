@@ -190,6 +190,8 @@ pub struct Control {
     pub inbox: Receiver<ToControl>,
     /// Where the latest merged status is published for the metrics.
     pub status: SharedStatus,
+    /// Unwraps (and wraps, for businesses added while running) the business root keys.
+    pub master_key: crate::store::MasterKeyText,
 }
 
 /// Starts the control thread. It ends after every shard has stopped, having written
@@ -243,7 +245,7 @@ fn run(c: Control) {
                 status_dirty = false;
             }
             if let Some(file) = &c.registry_file {
-                reload_registry(file, &mut registry_seen, &c.peers);
+                reload_registry(&c, file, &mut registry_seen);
             }
             apply_spool(&c.data_dir, &c.peers);
         }
@@ -256,7 +258,7 @@ fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
     Some((m.modified().ok()?, m.len()))
 }
 
-fn reload_registry(file: &Path, seen: &mut Option<(SystemTime, u64)>, peers: &[Peer]) {
+fn reload_registry(c: &Control, file: &Path, seen: &mut Option<(SystemTime, u64)>) {
     let stamp = file_stamp(file);
     if stamp.is_none() || stamp == *seen {
         return;
@@ -264,12 +266,20 @@ fn reload_registry(file: &Path, seen: &mut Option<(SystemTime, u64)>, peers: &[P
     *seen = stamp;
     let parsed = fs::read_to_string(file)
         .map_err(|e| e.to_string())
-        .and_then(|t| Registry::from_toml(&t).map_err(|e| e.to_string()));
+        .and_then(|t| Registry::from_toml(&t).map_err(|e| e.to_string()))
+        // Root keys for the businesses added since start, persisted before any shard
+        // seals for them; every key is checked to unwrap, as at start.
+        .and_then(|reg| {
+            crate::business_keys::load_or_create(&c.data_dir, &c.master_key, &reg)
+                .map(|keys| (reg, keys))
+        });
     match parsed {
-        Ok(reg) => {
+        Ok((reg, keys)) => {
             let reg = Arc::new(reg);
-            for p in peers {
-                let _ = p.control.send(ShardControl::Registry(reg.clone()));
+            for p in &c.peers {
+                let _ = p
+                    .control
+                    .send(ShardControl::Registry(reg.clone(), keys.clone()));
                 p.waker.wake();
             }
             tracing::info!(businesses = reg.len(), file = %file.display(), "registry reloaded");

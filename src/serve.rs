@@ -456,6 +456,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         peers: peers.clone(),
         inbox: to_control_rx,
         status: status.clone(),
+        master_key: opts.master_key.clone(),
     })
     .map_err(ServeError::Cpu)?;
     let mut running = Running {

@@ -1,6 +1,7 @@
 //! A registry reload reaches live sessions (issue 18): within about a second every
 //! connection whose credential the new registry removed, rotated or stripped of its
-//! platform role is closed `unauthorized`; the others carry on.
+//! platform role is closed `unauthorized`; the others carry on. A business added while it
+//! runs sends at once (its root key is created by the reload).
 
 use std::time::{Duration, Instant};
 
@@ -118,6 +119,26 @@ async fn a_reload_closes_revoked_sessions_within_a_second_and_spares_the_others(
         let st = clients[0].submit(batch(10)).await.unwrap();
         assert!(matches!(st[0], Status::Accepted(_)), "{st:?}");
         eprintln!("revoked sessions closed after {:?}", &closed_after[1..]);
+
+        // A business added while the server runs sends at once: the reload creates its
+        // root key, and its first message is sealed and accepted.
+        let late = add("late", &[]);
+        let added = Instant::now();
+        let late_client = loop {
+            match Client::connect(&config(&late)).await {
+                Ok(c) => break c,
+                Err(ClientError::Unauthorized) if added.elapsed() < Duration::from_secs(5) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("the added business cannot connect: {e}"),
+            }
+        };
+        let st = late_client.submit(batch(20)).await.unwrap();
+        assert!(matches!(st[0], Status::Accepted(_)), "{st:?}");
+        eprintln!(
+            "a business added while running sent after {:?}",
+            added.elapsed()
+        );
     })
     .await
     .expect("test timed out");

@@ -107,8 +107,9 @@ pub struct Now {
 /// A request of the control thread.
 #[derive(Debug, Clone)]
 pub enum Control {
-    /// The registry file changed: new limits, exemptions, businesses.
-    Registry(Arc<Registry>),
+    /// The registry file changed: new limits, exemptions, businesses, and the root keys
+    /// of every business in it (those of businesses added since start included).
+    Registry(Arc<Registry>, Arc<DerivedKeys>),
     /// The operator lifts a business's pause.
     Unpause(u32),
 }
@@ -486,7 +487,10 @@ impl Shard {
     /// A request of the control thread.
     pub fn handle_control(&mut self, now: Now, control: Control) {
         match control {
-            Control::Registry(reg) => {
+            Control::Registry(reg, keys) => {
+                // A business added since start can be sealed for from now on; the keys of
+                // the others are the same (root keys are never replaced).
+                self.sealer.set_keys(keys);
                 for b in reg.iter() {
                     let changed = self
                         .server

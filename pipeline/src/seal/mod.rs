@@ -324,6 +324,13 @@ impl<K> std::fmt::Debug for Sealer<K> {
 }
 
 impl<K: RecipientKeys> Sealer<K> {
+    /// Replaces the key source, keeping the counter and the cache: the caller hands a
+    /// source that derives the same key as the old one for every (business, recipient)
+    /// the old one knew (new businesses added), so cached keys stay right.
+    pub fn set_keys(&mut self, keys: K) {
+        self.keys = keys;
+    }
+
     /// A sealer whose counter starts at 0 under `config.epoch`.
     pub fn new(keys: K, config: SealerConfig) -> Sealer<K> {
         Sealer {

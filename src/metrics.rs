@@ -247,6 +247,18 @@ const SHARD_FAMILIES: &[ShardFamily] = &[
         read: |c| &c.connections,
     },
     ShardFamily {
+        name: "disk_below_reserve",
+        kind: "gauge",
+        help: "Logs whose file system is below log.disk_reserve_bytes (new batches throttled).",
+        read: |c| &c.disk_low,
+    },
+    ShardFamily {
+        name: "disk_low_throttled_total",
+        kind: "counter",
+        help: "Messages throttled because the disk was below its reserve.",
+        read: |c| &c.disk_low_throttled,
+    },
+    ShardFamily {
         name: "connections_refused_total",
         kind: "counter",
         help: "New connections refused because the shard's connection table was full.",

@@ -703,6 +703,7 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
         stats: t.stats,
         delivery: c.profile.delivery.clone(),
         replay,
+        disk_reserve_bytes: c.profile.log.disk_reserve_bytes,
     };
     let shard = Shard {
         id: t.shard,

@@ -39,6 +39,9 @@ use crate::control::ToControl;
 use crate::store::ShardStore;
 use crate::uring::{FileDone, FileOpKind, RingEvent, UdpRing, Waker};
 
+/// How often a shard measures the free space of its log's file system.
+const DISK_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Datagrams queued towards one other shard; more are dropped (QUIC recovers them).
 pub const FORWARD_QUEUE_MAX: usize = 4096;
 /// Deltas queued towards one shard; more are dropped and counted.
@@ -115,8 +118,13 @@ impl Shard {
     /// server's final counters.
     pub fn run(mut self) -> Result<ServerStats, crate::uring::RingError> {
         let mut files = Vec::new();
+        let mut next_disk_check = Instant::now();
         loop {
             let now = clock();
+            if now.at >= next_disk_check {
+                next_disk_check = now.at + DISK_CHECK_INTERVAL;
+                self.measure_disk(now);
+            }
             if self.shutdown.load(Ordering::Acquire) {
                 self.core.begin_stop(now);
             }
@@ -138,6 +146,17 @@ impl Shard {
             self.take_messages(now);
             if self.core.poll_timeout().is_some_and(|t| t <= now.at) {
                 self.core.handle_timeout(now);
+            }
+        }
+    }
+
+    /// Tells the core the free space of the log's file system (a statvfs, no IO on the
+    /// disk itself). A failed measurement leaves the last one in force, logged.
+    fn measure_disk(&mut self, now: Now) {
+        match self.store.free_bytes() {
+            Ok(free) => self.core.handle_disk_free(now, free),
+            Err(e) => {
+                tracing::warn!(shard = self.id.index(), error = %e, "free disk space not measured")
             }
         }
     }

@@ -281,6 +281,15 @@ pub struct ShardStore {
     files: HashMap<u64, Arc<File>>,
 }
 
+impl ShardStore {
+    /// Bytes an unprivileged writer may still use on the log's file system (statvfs
+    /// `f_bavail × f_frsize`).
+    pub fn free_bytes(&self) -> std::io::Result<u64> {
+        let st = rustix::fs::statvfs(&self.dir)?;
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+}
+
 impl std::fmt::Debug for ShardStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShardStore")

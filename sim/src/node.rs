@@ -324,6 +324,9 @@ impl SimNode {
             stats: self.stats[shard.index()].clone(),
             delivery: profile.delivery.clone(),
             replay,
+            // The simulated disks report no free space: nothing is throttled for it
+            // (their full-disk faults exercise the failure path instead).
+            disk_reserve_bytes: profile.log.disk_reserve_bytes,
         }
     }
 

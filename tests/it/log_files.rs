@@ -18,11 +18,22 @@ use courier_testkit::server::{self, Setup};
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn start(dir: &Path, key: &MasterKeyText) -> Result<(Running, String), ServeError> {
+    start_with_reserve(dir, key, 0)
+}
+
+/// A one-shard server on `dir` whose log keeps `reserve` bytes free on its file system
+/// (0 here by default: the tests on tiny file systems are about what a full disk does).
+fn start_with_reserve(
+    dir: &Path,
+    key: &MasterKeyText,
+    reserve: u64,
+) -> Result<(Running, String), ServeError> {
     let (registry, token) = registry();
-    let setup = Setup {
+    let mut setup = Setup {
         master_key: key.clone(),
         ..Setup::new(1, registry)
     };
+    setup.profile.log.disk_reserve_bytes = reserve;
     let running = serve::start(server::options(dir, setup))?;
     Ok((running, token))
 }
@@ -375,5 +386,100 @@ async fn a_full_disk_rejects_with_storage_unavailable_and_loses_no_acked_message
         "full disk: {} acked and all present after restart; {refused} refused \
          ({unavailable} storage_unavailable)",
         entries.len()
+    );
+}
+
+/// With a disk reserve the disk never fills: once free space falls below it new batches
+/// are `throttled` (never `storage_unavailable`, the log never fails), every acked
+/// message stays, and serving resumes by itself once space returns (issue 18).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_disk_reserve_batches_are_throttled_and_serving_resumes_when_space_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&mnt)
+        .output();
+    let _guard = match mounted {
+        Ok(o) if o.status.success() => Mount(mnt.clone()),
+        Ok(o) => {
+            eprintln!(
+                "SKIPPED below_the_disk_reserve...: cannot mount an 8 MiB tmpfs here: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            return;
+        }
+        Err(e) => {
+            eprintln!("SKIPPED below_the_disk_reserve...: cannot run mount: {e}");
+            return;
+        }
+    };
+    // Something else on the disk that the operator can delete: 2 MiB.
+    let ballast = mnt.join("ballast");
+    std::fs::write(&ballast, vec![0u8; 2 << 20]).unwrap();
+    let key = master_key(7);
+    let (running, token) = start_with_reserve(&mnt, &key, 3 << 20).unwrap();
+    let cfg = client_config(running.local_addr(), running.certificate().clone(), &token);
+    let (entries, throttled) = tokio::time::timeout(TEST_TIMEOUT, async {
+        let client = Arc::new(Client::connect(&cfg).await.unwrap());
+        let business = client.welcome().business_id;
+        let (mut entries, mut throttled) = (Vec::new(), 0u64);
+        // 8 MiB - 2 MiB ballast - 3 MiB reserve: about 3 MiB of ~1.2 KiB records, well
+        // under 200 batches of 32; bounded. The shard measures the disk once a second, so
+        // it may go a little below the reserve before it throttles; never to the end.
+        for b in 0..200u64 {
+            let first = b * 32;
+            let statuses = client.submit(batch(first, 32, 1024)).await.unwrap();
+            for s in &statuses {
+                match s {
+                    Status::Accepted(_) => {}
+                    Status::Throttled { .. } => throttled += 1,
+                    other => panic!("unexpected status {other:?}"),
+                }
+            }
+            entries.extend(accepted(business, first, &statuses));
+            if throttled >= 64 {
+                break;
+            }
+            // Paced a little, so that the once-a-second measurement sees the fill.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(throttled >= 64, "the reserve was never reached");
+
+        // The operator frees space: within about two measurements batches are taken.
+        std::fs::remove_file(&ballast).unwrap();
+        let freed = std::time::Instant::now();
+        let mut b = 1_000u64;
+        loop {
+            let statuses = client.submit(batch(b * 32, 32, 1024)).await.unwrap();
+            entries.extend(accepted(business, b * 32, &statuses));
+            if statuses.iter().all(|s| matches!(s, Status::Accepted(_))) {
+                break;
+            }
+            assert!(
+                freed.elapsed() < Duration::from_secs(5),
+                "serving did not resume after space returned"
+            );
+            b += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!(
+            "disk reserve: {} accepted, {throttled} throttled, resumed {:?} after space returned",
+            entries.len(),
+            freed.elapsed()
+        );
+        client.close().await;
+        (entries, throttled)
+    })
+    .await
+    .expect("test timed out");
+    assert_eq!(running.totals().logs_failed, 0, "the log never failed");
+    assert!(throttled > 0);
+    stop(running);
+    let a = audit::audit(&mnt, &key, &entries).unwrap();
+    assert_eq!(
+        (a.present, a.missing, a.mismatched),
+        (entries.len() as u64, 0, 0)
     );
 }

@@ -24,6 +24,8 @@ pub const GROUP_COMMIT_RECORDS_MAX: u32 = 1 << 20;
 pub const GROUP_COMMIT_BYTES_MIN: u64 = 64 << 10;
 /// Largest `log.group_commit_bytes_max`.
 pub const GROUP_COMMIT_BYTES_MAX: u64 = 1 << 30;
+/// Largest `log.disk_reserve_bytes`: 1 TiB.
+pub const DISK_RESERVE_BYTES_MAX: u64 = 1 << 40;
 
 // A segment of the largest size holds a group commit of the largest size.
 const _: () = assert!(GROUP_COMMIT_BYTES_MAX <= SEGMENT_BYTES_MAX);
@@ -46,6 +48,11 @@ pub struct LogSettings {
     pub group_commit_records_max: u32,
     /// Most record bytes one fdatasync covers.
     pub group_commit_bytes_max: u64,
+    /// Free space the log's file system keeps: below it, new batches and users' replies
+    /// are answered `throttled` before a write could meet a full disk, and serving
+    /// resumes by itself once space returns. 0: no reserve (a full disk then fails the
+    /// shard's log for good, as a failed write does).
+    pub disk_reserve_bytes: u64,
 }
 
 impl LogSettings {
@@ -81,6 +88,12 @@ impl LogSettings {
             self.retention_secs.max(1),
         );
         self.validate_group_commit(limits, c);
+        c.range(
+            "log.disk_reserve_bytes",
+            self.disk_reserve_bytes,
+            0,
+            DISK_RESERVE_BYTES_MAX,
+        );
     }
 
     /// One SUBMIT must fit one group commit, in records and in bytes.

@@ -38,6 +38,9 @@ const UNPLACED: Status = Status::Accepted(LogPosition(u64::MAX));
 /// Retry-after of a batch refused because delivery's bounds are full (messages waiting
 /// for an edge that is slow or absent).
 pub const DELIVERY_FULL_RETRY_MS: u32 = 1000;
+/// `retry_after_ms` of messages throttled because the disk is below its reserve: about
+/// when the shell measures the free space again.
+pub const DISK_LOW_RETRY_MS: u32 = 1000;
 
 impl Shard {
     /// Runs one batch through the chain. Returns it, untouched, when the log's group
@@ -63,6 +66,17 @@ impl Shard {
             self.ack(now, taken, batch.ticket, batch.business_id, &statuses, true);
             return None;
         };
+        if self.disk_low() {
+            stats::add(&self.stats.disk_low_throttled, batch.messages.len() as u64);
+            let statuses = vec![
+                Status::Throttled {
+                    retry_after_ms: DISK_LOW_RETRY_MS
+                };
+                batch.messages.len()
+            ];
+            self.ack(now, taken, batch.ticket, batch.business_id, &statuses, true);
+            return None;
+        }
         if !self.delivery_room(&batch) {
             stats::add(&self.stats.delivery_full, batch.messages.len() as u64);
             let statuses = vec![

@@ -255,6 +255,8 @@ pub struct ShardParts {
     pub delivery: DeliveryConfig,
     /// What recovery found in the log about delivery.
     pub replay: Replay,
+    /// `log.disk_reserve_bytes`: below this much free space new batches are throttled.
+    pub disk_reserve_bytes: u64,
 }
 
 impl std::fmt::Debug for ShardParts {
@@ -307,6 +309,10 @@ pub struct Shard {
     delivery: Option<Delivery>,
     /// Events owed to businesses.
     outbox: Outbox,
+    /// Free bytes the log's file system must keep, and what the shell last measured
+    /// (`None` before the first measurement: nothing is throttled on a guess).
+    disk_reserve_bytes: u64,
+    disk_free_bytes: Option<u64>,
     /// This shard's connections that take deliveries or events.
     local_attachments: BTreeMap<ConnKey, Role>,
     /// Statuses and cursors to append.
@@ -362,6 +368,8 @@ impl Shard {
             held: None,
             delivery: cfg.map(Delivery::new),
             outbox,
+            disk_reserve_bytes: parts.disk_reserve_bytes,
+            disk_free_bytes: None,
             local_attachments: BTreeMap::new(),
             internal: VecDeque::new(),
             clock: now,
@@ -482,6 +490,39 @@ impl Shard {
     pub fn handle_delta(&mut self, now: Now, delta: &Delta) {
         self.detector.merge(now.unix_ms, delta);
         self.advance(now);
+    }
+
+    /// The shell measured the free space of the log's file system (about once a
+    /// second). Below `log.disk_reserve_bytes` new batches and users' replies are
+    /// throttled; above it they are taken again.
+    pub fn handle_disk_free(&mut self, now: Now, bytes: u64) {
+        let was_low = self.disk_low();
+        self.disk_free_bytes = Some(bytes);
+        let low = self.disk_low();
+        if low != was_low {
+            stats::set(&self.stats.disk_low, u64::from(low));
+            if low {
+                tracing::warn!(
+                    shard = self.shard.index(),
+                    free_bytes = bytes,
+                    reserve_bytes = self.disk_reserve_bytes,
+                    "disk space below the reserve: new batches are throttled until it returns"
+                );
+            } else {
+                tracing::info!(
+                    shard = self.shard.index(),
+                    free_bytes = bytes,
+                    "disk space above the reserve again: taking batches"
+                );
+            }
+        }
+        self.advance(now);
+    }
+
+    /// Whether the log's file system has less free space than the reserve.
+    fn disk_low(&self) -> bool {
+        self.disk_free_bytes
+            .is_some_and(|free| free < self.disk_reserve_bytes)
     }
 
     /// A request of the control thread.

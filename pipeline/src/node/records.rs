@@ -152,6 +152,11 @@ impl Shard {
         if e.payload.is_empty() || e.payload.len() > self.payload_bytes_max as usize {
             return Some(Status::Rejected(Reason::PayloadTooLarge));
         }
+        if self.disk_low() {
+            return Some(Status::Throttled {
+                retry_after_ms: super::chain::DISK_LOW_RETRY_MS,
+            });
+        }
         let room = self.delivery.as_ref().is_some_and(|d| {
             d.has_room(
                 0,

@@ -86,6 +86,10 @@ pub struct ShardStats {
     pub forward_dropped: AtomicU64,
     /// Live connections.
     pub connections: AtomicU64,
+    /// 1 while the log's file system is below `log.disk_reserve_bytes`.
+    pub disk_low: AtomicU64,
+    /// Messages throttled because the disk was below its reserve.
+    pub disk_low_throttled: AtomicU64,
     /// New connections refused because the shard's table was full (mirrors the server).
     pub connections_refused: AtomicU64,
     /// New connections refused because their address held its share (mirrors the server).

@@ -294,28 +294,37 @@ impl Drop for Mount {
     }
 }
 
+/// Mounts a tmpfs of `size` (as `mount -o size=`) on a new directory `mnt`, unmounted
+/// when the guard drops; `None` (the test says SKIPPED and returns) where this machine
+/// does not let the tests mount.
+fn mount_tmpfs(mnt: &Path, size: &str, test: &str) -> Option<Mount> {
+    std::fs::create_dir(mnt).unwrap();
+    match Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(mnt)
+        .output()
+    {
+        Ok(o) if o.status.success() => Some(Mount(mnt.to_path_buf())),
+        Ok(o) => {
+            eprintln!(
+                "SKIPPED {test}: cannot mount a {size} tmpfs here: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("SKIPPED {test}: cannot run mount: {e}");
+            None
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_rejects_with_storage_unavailable_and_loses_no_acked_message() {
     let tmp = tempfile::tempdir().unwrap();
     let mnt = tmp.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(&mnt)
-        .output();
-    let _guard = match mounted {
-        Ok(o) if o.status.success() => Mount(mnt.clone()),
-        Ok(o) => {
-            eprintln!(
-                "SKIPPED a_full_disk...: cannot mount a 4 MiB tmpfs here: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            return;
-        }
-        Err(e) => {
-            eprintln!("SKIPPED a_full_disk...: cannot run mount: {e}");
-            return;
-        }
+    let Some(_guard) = mount_tmpfs(&mnt, "4m", "a_full_disk...") else {
+        return;
     };
     let key = master_key(6);
     let (running, token) = start(&mnt, &key).unwrap();
@@ -396,24 +405,8 @@ async fn a_full_disk_rejects_with_storage_unavailable_and_loses_no_acked_message
 async fn below_the_disk_reserve_batches_are_throttled_and_serving_resumes_when_space_returns() {
     let tmp = tempfile::tempdir().unwrap();
     let mnt = tmp.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(&mnt)
-        .output();
-    let _guard = match mounted {
-        Ok(o) if o.status.success() => Mount(mnt.clone()),
-        Ok(o) => {
-            eprintln!(
-                "SKIPPED below_the_disk_reserve...: cannot mount an 8 MiB tmpfs here: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            return;
-        }
-        Err(e) => {
-            eprintln!("SKIPPED below_the_disk_reserve...: cannot run mount: {e}");
-            return;
-        }
+    let Some(_guard) = mount_tmpfs(&mnt, "8m", "below_the_disk_reserve...") else {
+        return;
     };
     // Something else on the disk that the operator can delete: 2 MiB.
     let ballast = mnt.join("ballast");

@@ -204,14 +204,7 @@ async fn a_restored_data_directory_repeats_no_nonce_under_a_recipient_key() {
             master_key: master.clone(),
         };
         let running = server::start(&data, setup);
-        let cfg = ClientConfig {
-            server: running.local_addr(),
-            server_name: "localhost".into(),
-            token: token.clone(),
-            trust: ServerTrust::Pinned(running.certificate().clone()),
-            streams: 1,
-            batches_in_flight_per_stream: 1,
-        };
+        let cfg = server::client_config(&running, &token, 1, 1);
         let recipients = recipients.clone();
         async move {
             tokio::time::timeout(std::time::Duration::from_secs(60), async {

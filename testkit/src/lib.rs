@@ -6,12 +6,14 @@
 //! spawn   ── a `courier serve` child process: files, flags, log file, ready, SIGTERM, exit
 //! fake    ── a fake quinn server speaking wire v1 (client library and load engine tests)
 //! logkit  ── master keys, registries, traffic that records what was acked, segments
+//! sendfile ── `courier send` files (messages, base64, blank lines) and their marker
 //! ```
 //!
 //! Everything binds loopback addresses only, and every wait has a deadline.
 
 pub mod fake;
 pub mod logkit;
+pub mod sendfile;
 pub mod server;
 pub mod spawn;
 

@@ -259,33 +259,48 @@ impl Session {
     /// Checks `batch` against the WELCOME bounds; returns the body bytes of its SUBMIT.
     /// [`Session::encode_submit`] refuses exactly the batches this refuses.
     pub fn check(&self, batch: &[Message]) -> Result<usize, SessionError> {
+        self.check_bounds(
+            batch.iter().map(|m| {
+                let entry = wire::MESSAGE_OVERHEAD_BYTES + m.recipient.as_bytes().len();
+                (m.payload.len(), entry)
+            }),
+            batch.len(),
+        )
+    }
+
+    /// The WELCOME bounds of a SUBMIT or INBOUND batch of `count` entries, given each
+    /// entry's payload bytes and its bytes besides the payload: 1 ..= `batch_messages_max`
+    /// entries, each payload within `payload_bytes_max`, the body within
+    /// `frame_bytes_max`. Returns the body bytes.
+    fn check_bounds(
+        &self,
+        entries: impl Iterator<Item = (usize, usize)> + Clone,
+        count: usize,
+    ) -> Result<usize, SessionError> {
         let w = &self.welcome;
-        if batch.is_empty() {
+        if count == 0 {
             return Err(SessionError::EmptyBatch);
         }
-        if batch.len() > w.batch_messages_max as usize {
+        if count > w.batch_messages_max as usize {
             return Err(SessionError::BatchTooLarge {
-                count: batch.len(),
+                count,
                 max: w.batch_messages_max,
             });
         }
-        if let Some((index, m)) = batch
-            .iter()
+        if let Some((index, (bytes, _))) = entries
+            .clone()
             .enumerate()
-            .find(|(_, m)| m.payload.len() > w.payload_bytes_max as usize)
+            .find(|(_, (payload, _))| *payload > w.payload_bytes_max as usize)
         {
             return Err(SessionError::PayloadTooLarge {
                 index,
-                bytes: m.payload.len(),
+                bytes,
                 max: w.payload_bytes_max,
             });
         }
         let body_bytes = wire::BATCH_HEADER_BYTES
-            + batch
-                .iter()
-                .map(|m| {
-                    wire::MESSAGE_OVERHEAD_BYTES + m.recipient.as_bytes().len() + m.payload.len()
-                })
+            + entries
+                .map(|(payload, other)| payload + other)
                 .sum::<usize>();
         if body_bytes > w.frame_bytes_max as usize {
             return Err(SessionError::FrameTooLarge {
@@ -357,42 +372,13 @@ impl Session {
         entries: &[InboundEntry],
         out: &mut BytesMut,
     ) -> Result<(), SessionError> {
-        let w = &self.welcome;
-        if entries.is_empty() {
-            return Err(SessionError::EmptyBatch);
-        }
-        if entries.len() > w.batch_messages_max as usize {
-            return Err(SessionError::BatchTooLarge {
-                count: entries.len(),
-                max: w.batch_messages_max,
-            });
-        }
-        if let Some((index, e)) = entries
-            .iter()
-            .enumerate()
-            .find(|(_, e)| e.payload.len() > w.payload_bytes_max as usize)
-        {
-            return Err(SessionError::PayloadTooLarge {
-                index,
-                bytes: e.payload.len(),
-                max: w.payload_bytes_max,
-            });
-        }
-        let body_bytes = wire::BATCH_HEADER_BYTES
-            + entries
-                .iter()
-                .map(|e| {
-                    wire::delivery::INBOUND_ENTRY_FIXED_BYTES
-                        + e.sender.as_bytes().len()
-                        + e.payload.len()
-                })
-                .sum::<usize>();
-        if body_bytes > w.frame_bytes_max as usize {
-            return Err(SessionError::FrameTooLarge {
-                bytes: body_bytes,
-                max: w.frame_bytes_max,
-            });
-        }
+        let body_bytes = self.check_bounds(
+            entries.iter().map(|e| {
+                let entry = wire::delivery::INBOUND_ENTRY_FIXED_BYTES + e.sender.as_bytes().len();
+                (e.payload.len(), entry)
+            }),
+            entries.len(),
+        )?;
         let start = out.len();
         wire::delivery::encode_inbound(batch_id, entries, out);
         debug_assert_eq!(out.len() - start, wire::FRAME_HEADER_BYTES + body_bytes);

@@ -27,6 +27,7 @@ fn codec() -> SegmentCodec {
         first_index: 0,
         created_ms: 1_700_000_000_000,
         version: SEGMENT_VERSION,
+        continues: false,
     };
     SegmentCodec::new(header, DataKey::from_random(1, [7; 32]), 65_536 + 64)
 }

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use courier_pipeline::log::{
-    Action, Log, LogConfig, MasterKey, OwnedRecord, RecoverError, Recovery, Repair,
+    Action, Log, LogConfig, MasterKey, OwnedRecord, RecoverError, Recovery, RemoveReason, Repair,
 };
 use courier_pipeline::node::Io;
 use courier_pipeline::ShardId;
@@ -465,11 +465,15 @@ fn repair_segment(dir: &Path, repair: &Repair) -> Result<(), StoreError> {
             f.set_len(to).and_then(|_| f.sync_all()).map_err(io(&path))
         }
         Repair::Remove { segment_id, reason } => {
-            tracing::warn!(
-                segment = segment_id,
-                ?reason,
-                "removing a segment that holds no readable record"
-            );
+            let what = match reason {
+                RemoveReason::AfterLostRecords => {
+                    "removing a segment written after records lost in a crash (none of its records was acknowledged)"
+                }
+                RemoveReason::TornHeader | RemoveReason::KeyDestroyed => {
+                    "removing a segment that holds no readable record"
+                }
+            };
+            tracing::warn!(segment = segment_id, ?reason, "{what}");
             let path = dir.join(segment_file_name(segment_id));
             fs::remove_file(&path).map_err(io(&path))
         }

@@ -20,6 +20,7 @@ fn header() -> SegmentHeader {
         first_index: 1000,
         created_ms: 1_700_000_000_000,
         version: SEGMENT_VERSION,
+        continues: false,
     }
 }
 
@@ -231,6 +232,7 @@ fn recovery_refuses_a_wrong_master_key_and_corruption() {
         first_index: 0,
         created_ms: 0,
         version: SEGMENT_VERSION,
+        continues: false,
     };
     let c = SegmentCodec::new(h, key, PAYLOAD_MAX);
     let mut bytes = Vec::new();
@@ -281,6 +283,7 @@ fn nothing_shows_recipient_payload_or_key_bytes() {
             first_index: 0,
             created_ms: 0,
             version: SEGMENT_VERSION,
+            continues: false,
         },
         DataKey::from_random(key.id(), [0xab; 32]),
         PAYLOAD_MAX,

@@ -133,13 +133,19 @@ fn durable_records_survive_random_crashes() {
         // What was appended at each index (latest wins), and what was reported durable.
         let mut appended: BTreeMap<u64, Expect> = BTreeMap::new();
         let mut durable: BTreeMap<u64, Expect> = BTreeMap::new();
+        // The run (boots so far) that appended each index; indexes are never reused.
+        let mut run_of: BTreeMap<u64, u32> = BTreeMap::new();
+        let mut run = 0u32;
         for _step in 0..60 {
             now += rng.random_range(0..120);
             match rng.random_range(0..10) {
                 0..=5 => {
                     let n = rng.random_range(1..8);
                     match append(&mut sh, now, &mut next_client, n, &mut rng) {
-                        Ok(recs) => appended.extend(recs),
+                        Ok(recs) => {
+                            run_of.extend(recs.iter().map(|(i, _)| (*i, run)));
+                            appended.extend(recs);
+                        }
                         Err(LogError::Busy) => {}
                         Err(e) => panic!("seed {seed}: {e}"),
                     }
@@ -161,7 +167,10 @@ fn durable_records_survive_random_crashes() {
                             now += rng.random_range(0..1000);
                             let n = rng.random_range(1..20);
                             match append(&mut sh, now, &mut next_client, n, &mut rng) {
-                                Ok(recs) => appended.extend(recs),
+                                Ok(recs) => {
+                                    run_of.extend(recs.iter().map(|(i, _)| (*i, run)));
+                                    appended.extend(recs);
+                                }
                                 Err(LogError::Busy) => {}
                                 Err(e) => panic!("seed {seed}: {e}"),
                             }
@@ -190,6 +199,24 @@ fn durable_records_survive_random_crashes() {
                             "seed {seed}: index {i} is not what was appended"
                         );
                     }
+                    // No record past a lost one of the same run: it was never acknowledged
+                    // (one sync covers every segment written since the last), and keeping
+                    // it would leave a hole (a `read` status without its `delivered`).
+                    // Gaps where a new run resumed above the index floor are fine.
+                    for &i in got.keys() {
+                        let lost_before = i > 0
+                            && !got.contains_key(&(i - 1))
+                            && appended
+                                .get(&(i - 1))
+                                .is_some_and(|e| e.time_ms + small_cfg().retention_ms >= now);
+                        if lost_before && run_of.get(&(i - 1)) == run_of.get(&i) {
+                            panic!(
+                                "seed {seed}: index {i} kept, {} of the same run lost",
+                                i - 1
+                            );
+                        }
+                    }
+                    run += 1;
                     assert!(sh.log().next_index() >= got.keys().next_back().map_or(0, |i| i + 1));
                     // What survived is durable now (recovery synced it); the rest is gone.
                     appended = got.clone();

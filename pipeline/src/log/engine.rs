@@ -233,6 +233,8 @@ pub struct Log {
     in_flight: Option<SyncRequest>,
     next_sync_id: u64,
     failed: Option<LogFailure>,
+    /// This run opened a segment already: the next one continues it (header flag).
+    rolled: bool,
 }
 
 impl Log {
@@ -331,6 +333,7 @@ impl Log {
             in_flight: None,
             next_sync_id: 1,
             failed: None,
+            rolled: false,
         })
     }
 
@@ -489,7 +492,9 @@ impl Log {
             first_index: self.next_index,
             created_ms: now_ms,
             version: SEGMENT_VERSION,
+            continues: self.rolled,
         };
+        self.rolled = true;
         self.keyring.raise_index_floor(self.next_index);
         actions.push(Action::PersistKeyring {
             bytes: self.keyring.to_bytes(),

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! segment = header | record*
-//! header  = "CRSG" | version:u16 | 0:u16 | segment_id:u64 | data_key_id:u64
+//! header  = "CRSG" | version:u16 | flags:u16 | segment_id:u64 | data_key_id:u64
 //!           | first_index:u64 | created_ms:u64 | crc32c:u32 (of the 40 bytes before)
 //! record  = len:u32 | crc32c:u32 | sealed[len]
 //!           crc32c covers len (4 bytes) and sealed, so a check needs no key
@@ -15,6 +15,10 @@
 //! plain (version 1, read only) = business_id:u32 | time_ms:u64 | client_id:u64
 //!           | recipient_len:u8 | recipient | payload_len:u32 | payload   (a message)
 //! ```
+//!
+//! Header flags: bit 0 `continues` (the segment was opened by a roll of the run that wrote
+//! the segment before it, so its first index is where that segment ended: recovery reads a
+//! gap before it as records lost in a crash); the other bits are written 0 and ignored.
 //!
 //! Record kinds ([`RecordKind`]): a message (its recipient-sealed payload, `reference` its
 //! expiry), a status of a message (`reference` the message's position, `code` the
@@ -79,7 +83,13 @@ pub struct SegmentHeader {
     pub created_ms: u64,
     /// The format version of its records.
     pub version: u16,
+    /// Opened by a roll of the run that wrote the segment before it: its first index is
+    /// where that segment ended (flag bit 0; segments of older builds have it clear).
+    pub continues: bool,
 }
+
+/// Header flag: the segment continues the one before it (see [`SegmentHeader::continues`]).
+const FLAG_CONTINUES: u16 = 1;
 
 /// Why a segment header is not valid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -104,7 +114,8 @@ impl SegmentHeader {
         let start = out.len();
         out.extend_from_slice(&SEGMENT_MAGIC);
         out.extend_from_slice(&self.version.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
+        let flags = if self.continues { FLAG_CONTINUES } else { 0 };
+        out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&self.segment_id.to_le_bytes());
         out.extend_from_slice(&self.data_key_id.to_le_bytes());
         out.extend_from_slice(&self.first_index.to_le_bytes());
@@ -136,6 +147,7 @@ impl SegmentHeader {
             first_index: u64_at(bytes, 24),
             created_ms: u64_at(bytes, 32),
             version,
+            continues: u16::from_le_bytes([bytes[6], bytes[7]]) & FLAG_CONTINUES != 0,
         })
     }
 }

@@ -89,6 +89,13 @@ pub enum RemoveReason {
     TornHeader,
     /// Its key was destroyed (a retention step was interrupted before the file went).
     KeyDestroyed,
+    /// It starts past the end of the segment before it, or follows one that did, and was
+    /// written by the last run: the records in between were lost in a crash, so its
+    /// records belong to group commits whose sync never completed (one sync covers every
+    /// segment written since the last) and none was acknowledged. Keeping them would
+    /// leave a hole in the log (a later record without the earlier ones: a `read`
+    /// status without its `delivered`).
+    AfterLostRecords,
 }
 
 /// Why a segment stops recovery.

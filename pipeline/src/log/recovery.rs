@@ -14,9 +14,21 @@
 //! Invariant: nothing is changed on storage before every segment was judged, so a wrong
 //! master key or corruption in the middle of a segment stops the start with storage as it
 //! was.
+//!
+//! Invariant: recovery keeps no record past records lost in a crash. A segment opened by
+//! a roll starts where the one before it ended (its header says it `continues`); when it
+//! starts past the end of what recovery kept of that one, records between were lost (an
+//! unsynced write can vanish whole, leaving a clean-looking shorter segment, or the
+//! earlier segment's header was torn). That segment and every later one then hold only
+//! records of group commits whose sync never completed (one sync covers every segment
+//! written since the last, so an acknowledged record has every earlier one durable):
+//! none was acknowledged, and they are removed unread, before any torn tail is cut, so an
+//! interrupted repair meets the same gap at the next start. A gap before a segment that
+//! does not continue (the first of a run, which starts at the keyring's index floor, or
+//! one written by an older build) is where an earlier start resumed: it stays.
 
 use super::engine::{Action, Log, OpenError};
-use super::format::{OwnedRecord, RecordError, SegmentSummary};
+use super::format::{OwnedRecord, RecordError, SegmentHeader, SegmentSummary};
 use super::keys::{Keyring, KeyringError, MasterKey};
 use super::policy::LogConfig;
 use super::{recover_segment_visiting, RecoveryError, RemoveReason, SegmentVerdict};
@@ -34,9 +46,36 @@ pub enum RecoverError {
     /// A segment is corrupt before its tail, or its key does not unwrap.
     #[error(transparent)]
     Segment(#[from] RecoveryError),
+    /// The shell judged segments out of order (a bug in the shell, not in the files).
+    #[error("segment {segment_id} judged after segment {after}: segments must be judged in ascending order")]
+    OutOfOrder {
+        /// The segment judged.
+        segment_id: u64,
+        /// The segment judged before it.
+        after: u64,
+    },
     /// The kept segments do not form a log (wrong master key included).
     #[error(transparent)]
     Open(#[from] OpenError),
+}
+
+/// What the segment judged before the next one left in the log.
+#[derive(Debug, Clone, Copy)]
+enum Before {
+    /// No segment, or one retention removed.
+    Nothing,
+    /// A segment whose records end at `end`.
+    Kept { end: u64 },
+    /// A segment whose header was torn: a segment continuing it follows lost records.
+    TornHeader,
+}
+
+impl Before {
+    fn kept(s: &SegmentSummary) -> Before {
+        Before::Kept {
+            end: s.header.first_index + u64::from(s.records),
+        }
+    }
 }
 
 /// What recovery does to one segment file before the log opens.
@@ -68,6 +107,13 @@ pub struct Recovery {
     payload_bytes_max: u32,
     kept: Vec<SegmentSummary>,
     repairs: Vec<Repair>,
+    /// The last segment judged.
+    last: Option<u64>,
+    /// What the segment judged last left in the log.
+    before: Before,
+    /// Records were lost before the segment judged last: every later one is removed
+    /// unread.
+    lost: bool,
 }
 
 impl Recovery {
@@ -90,18 +136,43 @@ impl Recovery {
             payload_bytes_max,
             kept: Vec::new(),
             repairs: Vec::new(),
+            last: None,
+            before: Before::Nothing,
+            lost: false,
         })
     }
 
-    /// Judges segment file `segment_id` holding `bytes`. `visit(log index, record)` sees
-    /// every record that stays in the log, in order (the idempotency table is rebuilt
-    /// from them). Changes nothing.
+    /// Judges segment file `segment_id` holding `bytes`; segments are judged in ascending
+    /// order of id. `visit(log index, record)` sees every record that stays in the log, in
+    /// order (the idempotency table and delivery are rebuilt from them). Changes nothing.
     pub fn judge(
         &mut self,
         segment_id: u64,
         bytes: &[u8],
         visit: &mut dyn FnMut(u64, &OwnedRecord),
     ) -> Result<(), RecoverError> {
+        if let Some(after) = self.last.filter(|&l| l >= segment_id) {
+            return Err(RecoverError::OutOfOrder { segment_id, after });
+        }
+        self.last = Some(segment_id);
+        if !self.lost {
+            self.lost = match (SegmentHeader::decode(bytes), self.before) {
+                (Ok(h), Before::Kept { end }) => h.continues && h.first_index > end,
+                (Ok(h), Before::TornHeader) => h.continues,
+                (_, Before::Nothing) | (Err(_), _) => false,
+            };
+        }
+        if self.lost {
+            // Removed before a torn tail is cut (see the module docs).
+            self.repairs.insert(
+                0,
+                Repair::Remove {
+                    segment_id,
+                    reason: RemoveReason::AfterLostRecords,
+                },
+            );
+            return Ok(());
+        }
         let verdict = recover_segment_visiting(
             segment_id,
             bytes,
@@ -111,8 +182,12 @@ impl Recovery {
             visit,
         )?;
         match verdict {
-            SegmentVerdict::Keep(s) => self.kept.push(s),
+            SegmentVerdict::Keep(s) => {
+                self.before = Before::kept(&s);
+                self.kept.push(s);
+            }
             SegmentVerdict::Truncate { summary, to, cause } => {
+                self.before = Before::kept(&summary);
                 self.kept.push(summary);
                 self.repairs.push(Repair::Truncate {
                     segment_id,
@@ -121,6 +196,12 @@ impl Recovery {
                 });
             }
             SegmentVerdict::Remove(reason) => {
+                self.before = match reason {
+                    // Its records, if any reached the disk, cannot be read.
+                    RemoveReason::TornHeader => Before::TornHeader,
+                    // Retention's (the oldest segments): nothing before is owed.
+                    RemoveReason::KeyDestroyed | RemoveReason::AfterLostRecords => Before::Nothing,
+                };
                 self.repairs.push(Repair::Remove { segment_id, reason })
             }
         }

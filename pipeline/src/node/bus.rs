@@ -20,7 +20,7 @@
 //! and a push without an acknowledgement go again after their timeouts, and attachments
 //! are announced again every tick.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use super::{Event, Now, Shard};
@@ -138,11 +138,25 @@ impl Shard {
             PeerMsg::Deliver { conn, item } => {
                 let message = item.message;
                 let owner = owner_of(message);
-                let reply = match self.server.deliver(now.at, conn, &item) {
+                // Behind DELIVERs already waiting for this connection's credit, in turn:
+                // no shard's offers overtake another's.
+                let result = if self.credit_wait.holds(conn) {
+                    Err(NotWritten::NoCredit)
+                } else {
+                    self.server.deliver(now.at, conn, &item)
+                };
+                let reply = match result {
                     Ok(()) => PeerMsg::Handed { message },
-                    Err(e) => PeerMsg::Bounced {
+                    Err(NotWritten::NoCredit) => match self.credit_wait.push(now, conn, item) {
+                        Ok(()) => return,
+                        Err(_) => PeerMsg::Bounced {
+                            message,
+                            gone: None,
+                        },
+                    },
+                    Err(NotWritten::Gone) => PeerMsg::Bounced {
                         message,
-                        gone: (e == NotWritten::Gone).then_some(conn),
+                        gone: Some(conn),
                     },
                 };
                 self.send_peer(now, owner, reply);
@@ -263,8 +277,38 @@ impl Shard {
         }
     }
 
+    /// Writes the DELIVERs waiting for their connection's credit, in arrival order, while
+    /// it lasts; those that waited too long, or whose connection is gone, go back to their
+    /// owners.
+    fn drain_credit_wait(&mut self, now: Now) {
+        for conn in self.credit_wait.conns() {
+            while let Some(item) = self.credit_wait.front(now, conn) {
+                let message = item.message;
+                let reply = match item.stale {
+                    true => PeerMsg::Bounced {
+                        message,
+                        gone: None,
+                    },
+                    false => match self.server.deliver(now.at, conn, item.deliver) {
+                        Ok(()) => PeerMsg::Handed { message },
+                        Err(NotWritten::NoCredit) => break,
+                        Err(NotWritten::Gone) => PeerMsg::Bounced {
+                            message,
+                            gone: Some(conn),
+                        },
+                    },
+                };
+                self.credit_wait.pop(conn);
+                self.send_peer(now, owner_of(message), reply);
+            }
+        }
+    }
+
     /// Hands due messages to the edge and due events to businesses, within the bounds.
     pub(super) fn dispatch(&mut self, now: Now) {
+        if !self.credit_wait.is_empty() {
+            self.drain_credit_wait(now);
+        }
         // Bounded by in_flight_max.
         while let Some((conn, item)) = self
             .delivery
@@ -316,6 +360,91 @@ fn by_shard<T>(
         }
     }
     out
+}
+
+/// DELIVERs that reached their edge connection's shard while the connection had no
+/// credit left. Bouncing them made each owner offer again 50 ms later, and the shard
+/// holding the edge connection, whose offers arrive first, took every credit the edge
+/// returned: another shard could hand over nothing for seconds while its waiting
+/// messages filled its bounds and its senders were throttled. Held here in arrival
+/// order, from every shard alike, they are written as the edge grants credit.
+///
+/// Bounded: at most `len_max` DELIVERs (every shard's `in_flight_max` together, which
+/// the owners' own bound already keeps them under), each for at most `wait_ms_max` (half
+/// the owners' `outcome_timeout_ms`, so an owner never offers a message again while a
+/// copy still waits here); past either bound a DELIVER goes back to its owner as before.
+#[derive(Debug, Default)]
+pub(super) struct CreditWait {
+    queues: BTreeMap<ConnKey, VecDeque<(u64, Deliver)>>,
+    len: usize,
+    len_max: usize,
+    wait_ms_max: u64,
+}
+
+/// The first DELIVER waiting for a connection.
+pub(super) struct Waiting<'a> {
+    pub message: LogPosition,
+    pub deliver: &'a Deliver,
+    /// It waited past the bound: back to its owner.
+    pub stale: bool,
+}
+
+impl CreditWait {
+    pub(super) fn new(len_max: usize, wait_ms_max: u64) -> CreditWait {
+        CreditWait {
+            queues: BTreeMap::new(),
+            len: 0,
+            len_max,
+            wait_ms_max,
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether DELIVERs wait for `conn` (a new one then waits behind them).
+    pub(super) fn holds(&self, conn: ConnKey) -> bool {
+        self.queues.contains_key(&conn)
+    }
+
+    /// Queues `item` for `conn`, or gives it back when the queue is full.
+    pub(super) fn push(&mut self, now: Now, conn: ConnKey, item: Deliver) -> Result<(), Deliver> {
+        if self.len >= self.len_max {
+            return Err(item);
+        }
+        self.queues
+            .entry(conn)
+            .or_default()
+            .push_back((now.unix_ms, item));
+        self.len += 1;
+        Ok(())
+    }
+
+    pub(super) fn conns(&self) -> Vec<ConnKey> {
+        self.queues.keys().copied().collect()
+    }
+
+    pub(super) fn front(&self, now: Now, conn: ConnKey) -> Option<Waiting<'_>> {
+        let (since_ms, d) = self.queues.get(&conn)?.front()?;
+        Some(Waiting {
+            message: d.message,
+            deliver: d,
+            stale: now.unix_ms.saturating_sub(*since_ms) > self.wait_ms_max,
+        })
+    }
+
+    pub(super) fn pop(&mut self, conn: ConnKey) {
+        let Some(q) = self.queues.get_mut(&conn) else {
+            return;
+        };
+        if q.pop_front().is_some() {
+            self.len -= 1;
+        }
+        if q.is_empty() {
+            self.queues.remove(&conn);
+        }
+    }
 }
 
 #[cfg(test)]

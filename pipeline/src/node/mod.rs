@@ -313,6 +313,8 @@ pub struct Shard {
     /// (`None` before the first measurement: nothing is throttled on a guess).
     disk_reserve_bytes: u64,
     disk_free_bytes: Option<u64>,
+    /// DELIVERs for this shard's edge connections waiting for their credit.
+    credit_wait: bus::CreditWait,
     /// This shard's connections that take deliveries or events.
     local_attachments: BTreeMap<ConnKey, Role>,
     /// Statuses and cursors to append.
@@ -370,6 +372,10 @@ impl Shard {
             outbox,
             disk_reserve_bytes: parts.disk_reserve_bytes,
             disk_free_bytes: None,
+            credit_wait: bus::CreditWait::new(
+                (c.in_flight_max as usize).saturating_mul(parts.shards),
+                u64::from(c.outcome_timeout_ms / 2),
+            ),
             local_attachments: BTreeMap::new(),
             internal: VecDeque::new(),
             clock: now,

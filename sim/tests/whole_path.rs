@@ -438,3 +438,72 @@ fn forgetting_settled_ids_is_caught() {
     eprintln!("caught: {v}");
     assert!(v.what.contains("stored twice"), "{v}");
 }
+
+/// An edge that grants a window far below `in_flight_max` x shards (here 16 messages; `in_flight_max` is 4,096)
+/// starves no shard: offers that find the connection out of credit wait at its shard in
+/// arrival order and are written as credit comes, instead of bouncing back to their
+/// owners to be offered again 50 ms later (when the shard holding the edge connection,
+/// whose offers arrive first, took every returned credit and another shard could hand
+/// over nothing for seconds). Every shard hands messages over, none bounces, and every
+/// stored message is delivered.
+#[test]
+fn a_small_edge_window_starves_no_shard() {
+    let shards = 3;
+    let mut cfg = SimConfig::new(7, shards, profile());
+    cfg.net = NetConfig::clean();
+    let (reg, tokens) = registry();
+    let mut sim = Sim::new(Instant::now(), cfg, &SimTls::fixed(), reg);
+    // Connections from several addresses, so that they land on different shards.
+    for i in 0..6 {
+        let mut plan = ClientPlan::new(tokens[i % BUSINESS_TOKENS].clone());
+        plan.events = true;
+        plan.streams = 2;
+        plan.batches_per_stream = 6;
+        plan.depth = 2;
+        plan.batch_messages = 8;
+        plan.payload_bytes = 100;
+        plan.recipients = 40;
+        plan.resend = true;
+        sim.add_client(plan);
+    }
+    sim.add_client(ClientPlan::edge(
+        tokens[BUSINESS_TOKENS].clone(),
+        EdgePlan {
+            offline_share: 0.0,
+            offline_max: Duration::from_millis(10),
+            not_on_platform_share: 0.0,
+            read_share: 0.0,
+            reply_share: 0.0,
+            credit: 16,
+        },
+    ));
+    sim.run_until_cond(SETTLE_LIMIT, |s| {
+        s.clients().iter().all(|c| c.done()) && s.statuses_settled()
+    });
+    assert!(
+        sim.clients().iter().all(|c| c.done()) && sim.statuses_settled(),
+        "every message ends with its status"
+    );
+    Oracle::default()
+        .check_end(&sim)
+        .unwrap_or_else(|v| panic!("{v}"));
+    let counts: Vec<_> = (0..shards)
+        .map(|s| {
+            let (c, _pending) = sim
+                .node()
+                .core(s)
+                .delivery_counts()
+                .expect("delivery is on");
+            c
+        })
+        .collect();
+    let handing = counts.iter().filter(|c| c.handoffs > 0).count();
+    assert!(
+        handing >= 2,
+        "messages of at least two shards go through one edge connection: {counts:?}"
+    );
+    for (s, c) in counts.iter().enumerate() {
+        assert_eq!(c.bounced, 0, "shard {s} had offers bounced: {counts:?}");
+        assert_eq!(c.delivered, c.handoffs, "shard {s}: {c:?}");
+    }
+}

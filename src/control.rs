@@ -45,6 +45,8 @@ pub enum ToControl {
         signals: Vec<BusinessSignal>,
         /// Events (statuses, replies) waiting for their business on this shard.
         event_backlogs: Vec<(u32, u64)>,
+        /// Users' replies each business received today (UTC) on this shard.
+        inbound_today: Vec<(u32, u64)>,
     },
     /// The shard's detector checkpoint.
     Checkpoint {
@@ -93,6 +95,10 @@ pub struct StatusFile {
     /// Events (statuses, users' replies) waiting for each business, all shards, by id.
     #[serde(default)]
     pub event_backlogs: BTreeMap<u32, u64>,
+    /// Users' replies each business received today (UTC), all shards, by id: the
+    /// business's inbound figure (rebuilt from the log at start-up).
+    #[serde(default)]
+    pub inbound_today: BTreeMap<u32, u64>,
 }
 
 /// The latest merged status, shared with the metrics thread (`None` until the first
@@ -205,7 +211,7 @@ pub fn spawn(c: Control) -> std::io::Result<JoinHandle<()>> {
 fn run(c: Control) {
     let mut registry_seen = c.registry_file.as_deref().and_then(file_stamp);
     let mut latest: BTreeMap<ShardId, Vec<BusinessSignal>> = BTreeMap::new();
-    let mut backlogs: BTreeMap<ShardId, Vec<(u32, u64)>> = BTreeMap::new();
+    let mut backlogs: BTreeMap<ShardId, ShardFigures> = BTreeMap::new();
     let mut status_dirty = false;
     let mut next_poll = Instant::now();
     if let Err(e) = crate::store::create_private_dir(&detect_dir(&c.data_dir)) {
@@ -218,10 +224,17 @@ fn run(c: Control) {
                 shard,
                 signals,
                 event_backlogs,
+                inbound_today,
                 ..
             }) => {
                 latest.insert(shard, signals);
-                backlogs.insert(shard, event_backlogs);
+                backlogs.insert(
+                    shard,
+                    ShardFigures {
+                        event_backlogs,
+                        inbound_today,
+                    },
+                );
                 status_dirty = true;
             }
             Ok(ToControl::Checkpoint { shard, bytes }) => {
@@ -359,18 +372,31 @@ fn status_file(latest: &BTreeMap<ShardId, Vec<BusinessSignal>>, shards: usize) -
         shards,
         businesses: merge_status(latest),
         event_backlogs: BTreeMap::new(),
+        inbound_today: BTreeMap::new(),
     }
+}
+
+/// A shard's per-business figures besides its detector's signals.
+#[derive(Debug, Default)]
+struct ShardFigures {
+    event_backlogs: Vec<(u32, u64)>,
+    inbound_today: Vec<(u32, u64)>,
 }
 
 /// Writes the status file and hands the same status to the metrics.
 fn publish_status(
     c: &Control,
     latest: &BTreeMap<ShardId, Vec<BusinessSignal>>,
-    backlogs: &BTreeMap<ShardId, Vec<(u32, u64)>>,
+    figures: &BTreeMap<ShardId, ShardFigures>,
 ) {
     let mut file = status_file(latest, c.peers.len());
-    for &(b, n) in backlogs.values().flatten() {
-        *file.event_backlogs.entry(b).or_insert(0) += n;
+    for f in figures.values() {
+        for &(b, n) in &f.event_backlogs {
+            *file.event_backlogs.entry(b).or_insert(0) += n;
+        }
+        for &(b, n) in &f.inbound_today {
+            *file.inbound_today.entry(b).or_insert(0) += n;
+        }
     }
     write_status(&c.data_dir, &file);
     *c.status.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);

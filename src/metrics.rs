@@ -722,6 +722,15 @@ fn businesses(source: &MetricsSource, w: &mut String) {
     for (b, n) in backlogs.into_iter().flatten() {
         let _ = writeln!(w, "courier_business_event_backlog{{business=\"{b}\"}} {n}");
     }
+    let inbound = status.as_ref().map(|s| &s.inbound_today);
+    let _ = writeln!(
+        w,
+        "# HELP courier_business_inbound_today Users' replies the business received today, UTC, all shards (durable; rebuilt from the log at start-up).\n\
+         # TYPE courier_business_inbound_today gauge"
+    );
+    for (b, n) in inbound.into_iter().flatten() {
+        let _ = writeln!(w, "courier_business_inbound_today{{business=\"{b}\"}} {n}");
+    }
     let _ = writeln!(
         w,
         "# HELP courier_business_tier_recipients Unique recipients per 24 h the tier in force allows; absent for unlimited.\n\
@@ -760,6 +769,7 @@ mod tests {
             .store(now_unix_ms() - 90_000, Ordering::Relaxed);
         let status = StatusFile {
             event_backlogs: [(7, 4)].into(),
+            inbound_today: [(7, 2)].into(),
             updated_unix_ms: 1,
             shards_reporting: 2,
             shards: 2,
@@ -835,6 +845,7 @@ mod tests {
         assert!(has("courier_delivery_pending 9"));
         assert!(has("courier_business_event_backlog{business=\"7\"} 4"));
         assert!(!out.contains("courier_business_event_backlog{business=\"8\"}"));
+        assert!(has("courier_business_inbound_today{business=\"7\"} 2"));
         assert!(has(
             "courier_shard_delivery_oldest_pending_age_seconds{shard=\"0\"} 0"
         ));

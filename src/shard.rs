@@ -205,6 +205,7 @@ impl Shard {
                 signals,
                 checkpoint,
                 event_backlogs,
+                inbound_today,
                 last,
             } => {
                 // Periodic ones are dropped when the control thread lags; the last waits.
@@ -213,6 +214,7 @@ impl Shard {
                     at_unix_ms,
                     signals,
                     event_backlogs,
+                    inbound_today,
                 };
                 let _ = self.to_control.try_send(status);
                 if let Some(bytes) = checkpoint {

@@ -2,7 +2,8 @@
 //! (INBOUND, ACKed `accepted(position)` once durable), each reaches the business it was
 //! written to, never another; a business that drops its connection before acknowledging
 //! hears them again (same event ids), and once acknowledged never again, across a
-//! graceful restart; a reply not yet acknowledged survives a SIGKILL.
+//! graceful restart; a reply not yet acknowledged survives a SIGKILL. Each business's
+//! inbound figure (replies received today) counts each reply once, across both restarts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -100,6 +101,28 @@ async fn hear(
     heard
 }
 
+/// Waits until `status.json` shows `want` as the businesses' inbound figures (replies
+/// received today), or fails after 15 s with what it showed.
+async fn inbound_today_is(w: &World, want: &[(u32, u64)]) {
+    let path = w.files.data.join("detect/status.json");
+    let want: BTreeMap<String, u64> = want.iter().map(|(b, n)| (b.to_string(), *n)).collect();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let got: Option<BTreeMap<String, u64>> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| serde_json::from_value(v["inbound_today"].clone()).ok());
+        if got.as_ref() == Some(&want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "inbound_today in status.json is {got:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn payloads(heard: &BTreeMap<u64, Bytes>) -> BTreeSet<String> {
     heard
         .values()
@@ -129,6 +152,8 @@ async fn replies_reach_their_business_once_across_a_reconnect_and_restarts() {
         let to_a = hand_over(&edge, vec![reply(a, 1), reply(b, 2), reply(a, 3)]).await;
         let to_b = vec![to_a[1]];
         let to_a = vec![to_a[0], to_a[2]];
+        // The businesses' inbound figures (billing-style counts of today's replies).
+        inbound_today_is(&w, &[(a, 2), (b, 1)]).await;
 
         // A hears its two, and drops its connection before acknowledging them.
         let (shop_a, mut events_a) = w.shop(0).await;
@@ -167,6 +192,8 @@ async fn replies_reach_their_business_once_across_a_reconnect_and_restarts() {
         let mut server = w.serve(1);
         let edge = w.edge().await;
         let later_a = hand_over(&edge, vec![reply(a, 4)]).await;
+        // Today's figures survive the restart (rebuilt from the log) and go on counting.
+        inbound_today_is(&w, &[(a, 3), (b, 1)]).await;
         let (shop_a, mut events_a) = w.shop(0).await;
         let heard = hear(&shop_a, &mut events_a, quiet, true).await;
         assert_eq!(
@@ -186,6 +213,7 @@ async fn replies_reach_their_business_once_across_a_reconnect_and_restarts() {
         shop_a.close().await;
         edge.close().await;
         let mut server = w.serve(2);
+        inbound_today_is(&w, &[(a, 3), (b, 2)]).await;
         let (shop_b, mut events_b) = w.shop(1).await;
         let heard = hear(&shop_b, &mut events_b, quiet, true).await;
         assert_eq!(heard.keys().copied().collect::<Vec<_>>(), unheard_b);

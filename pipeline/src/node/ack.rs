@@ -135,6 +135,9 @@ impl Shard {
             }
         }
         for (business_id, e) in a.events {
+            if let BusinessEvent::Inbound(i) = &e {
+                self.inbound_today.count(business_id, i.at_ms);
+            }
             self.outbox.add(business_id, e);
         }
     }

@@ -44,6 +44,7 @@ mod bus;
 mod chain;
 mod commit;
 mod delivery;
+mod inbound_today;
 mod outbox;
 mod records;
 mod replay;
@@ -66,7 +67,7 @@ use crate::registry::Registry;
 use crate::seal::keys::DerivedKeys;
 use crate::seal::{SealedBatch, Sealer};
 use crate::server::{ConnKey, Role, Server, SubmitBatch};
-use crate::wire::delivery::StatusEvent;
+use crate::wire::delivery::{BusinessEvent, StatusEvent};
 use crate::wire::{Reason, Status};
 use crate::ShardId;
 
@@ -132,6 +133,8 @@ pub enum Event {
         checkpoint: Option<Vec<u8>>,
         /// Events (statuses, replies) waiting for their business, by business id.
         event_backlogs: Vec<(u32, u64)>,
+        /// Users' replies each business received today (UTC) on this shard, by id.
+        inbound_today: Vec<(u32, u64)>,
         /// The final status of a stopped shard.
         last: bool,
     },
@@ -309,6 +312,8 @@ pub struct Shard {
     delivery: Option<Delivery>,
     /// Events owed to businesses.
     outbox: Outbox,
+    /// Users' replies each business received today.
+    inbound_today: inbound_today::InboundToday,
     /// Free bytes the log's file system must keep, and what the shell last measured
     /// (`None` before the first measurement: nothing is throttled on a guess).
     disk_reserve_bytes: u64,
@@ -370,6 +375,7 @@ impl Shard {
             held: None,
             delivery: cfg.map(Delivery::new),
             outbox,
+            inbound_today: inbound_today::InboundToday::default(),
             disk_reserve_bytes: parts.disk_reserve_bytes,
             disk_free_bytes: None,
             credit_wait: bus::CreditWait::new(
@@ -403,6 +409,9 @@ impl Shard {
             return;
         }
         for (b, e) in replay.events {
+            if let BusinessEvent::Inbound(i) = &e {
+                self.inbound_today.count(b, i.at_ms);
+            }
             self.outbox.add(b, e);
         }
         let delivery = self.delivery.as_mut().expect("checked");
@@ -662,6 +671,7 @@ impl Shard {
             signals: self.detector.signals(),
             checkpoint: checkpoint.then(|| self.detector.checkpoint()),
             event_backlogs: self.outbox.backlogs(),
+            inbound_today: self.inbound_today.figures(now.unix_ms),
             last,
         });
     }

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use courier_pipeline::log::format::SEGMENT_HEADER_BYTES;
 use courier_pipeline::log::{
-    CorruptionCause, KeyState, Keyring, MasterKey, RecordKind, ScanOutcome, SegmentCodec,
+    Before, CorruptionCause, KeyState, Keyring, MasterKey, RecordKind, ScanOutcome, SegmentCodec,
     SegmentHeader,
 };
 use courier_pipeline::wire::LogPosition;
@@ -97,6 +97,9 @@ pub enum SegmentState {
     },
     /// Its data key was destroyed by retention; recovery removes the file.
     KeyDestroyed,
+    /// It was written after records lost in a crash (or follows such a segment): none of
+    /// its records was acknowledged, and recovery removes the file.
+    AfterLostRecords,
     /// Its data key cannot be used: wrong master key, tampered or missing keyring.
     KeyError(String),
 }
@@ -128,6 +131,9 @@ impl fmt::Display for SegmentState {
             SegmentState::KeyDestroyed => {
                 f.write_str("key destroyed (expired; unreadable by design)")
             }
+            SegmentState::AfterLostRecords => f.write_str(
+                "after records lost in a crash (never acknowledged; recovery removes the file)",
+            ),
             SegmentState::KeyError(e) => write!(f, "KEY ERROR: {e}"),
         }
     }
@@ -263,12 +269,25 @@ pub fn verify(data_dir: &Path, master_key: &MasterKeyText) -> Result<VerifyRepor
                 Keyring::new()
             }
         };
+        // What recovery will remove as written after lost records (its rule, in order).
+        let mut before = Before::Nothing;
+        let mut lost = false;
         for id in ids {
             let path = segment_path(&dir, id);
             let bytes = fs::read(&path).map_err(io_err(&path))?;
-            report
-                .segments
-                .push(verify_segment(shard, id, &bytes, &keyring, &master));
+            lost = lost || SegmentHeader::decode(&bytes).is_ok_and(|h| before.lost_before(&h));
+            let mut r = verify_segment(shard, id, &bytes, &keyring, &master);
+            if lost {
+                r.state = SegmentState::AfterLostRecords;
+            }
+            before = match r.state {
+                SegmentState::Ok | SegmentState::TornTail { .. } => Before::Kept {
+                    end: r.first_index + u64::from(r.records),
+                },
+                SegmentState::TornHeader => Before::TornHeader,
+                _ => Before::Nothing,
+            };
+            report.segments.push(r);
         }
     }
     Ok(report)

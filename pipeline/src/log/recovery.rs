@@ -59,21 +59,36 @@ pub enum RecoverError {
     Open(#[from] OpenError),
 }
 
-/// What the segment judged before the next one left in the log.
-#[derive(Debug, Clone, Copy)]
-enum Before {
-    /// No segment, or one retention removed.
+/// What the segment before another one left in the log (see the module docs): recovery's
+/// rule, also applied by `courier log verify` to say what recovery will remove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Before {
+    /// No segment, or one retention removed (or one that stops recovery).
     Nothing,
     /// A segment whose records end at `end`.
-    Kept { end: u64 },
+    Kept {
+        /// Log index after its last readable record.
+        end: u64,
+    },
     /// A segment whose header was torn: a segment continuing it follows lost records.
     TornHeader,
 }
 
 impl Before {
-    fn kept(s: &SegmentSummary) -> Before {
+    /// A segment kept with `s`'s records.
+    pub fn kept(s: &SegmentSummary) -> Before {
         Before::Kept {
             end: s.header.first_index + u64::from(s.records),
+        }
+    }
+
+    /// Whether a segment with `header` after this one was written after records lost in
+    /// a crash (recovery removes it and every later segment of the shard).
+    pub fn lost_before(self, header: &SegmentHeader) -> bool {
+        match self {
+            Before::Kept { end } => header.continues && header.first_index > end,
+            Before::TornHeader => header.continues,
+            Before::Nothing => false,
         }
     }
 }
@@ -156,11 +171,7 @@ impl Recovery {
         }
         self.last = Some(segment_id);
         if !self.lost {
-            self.lost = match (SegmentHeader::decode(bytes), self.before) {
-                (Ok(h), Before::Kept { end }) => h.continues && h.first_index > end,
-                (Ok(h), Before::TornHeader) => h.continues,
-                (_, Before::Nothing) | (Err(_), _) => false,
-            };
+            self.lost = SegmentHeader::decode(bytes).is_ok_and(|h| self.before.lost_before(&h));
         }
         if self.lost {
             // Removed before a torn tail is cut (see the module docs).

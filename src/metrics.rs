@@ -1,26 +1,55 @@
-//! The Prometheus endpoint: one small std thread answering `GET /metrics` over plain TCP
-//! with the text exposition format 0.0.4.
+//! The Prometheus endpoint: `GET /metrics` over plain TCP (HTTP/1.1, hyper's server) with
+//! the text exposition format 0.0.4.
 //!
 //! ```text
 //!  shards ──ShardStats (atomics, per shard)──┐
 //!  control thread ──SharedStatus (1 s, merged)──┴─> render ─> GET /metrics ─> scraper
+//!
+//!  thread courier-metrics: tokio current-thread runtime
+//!    accept ─(a permit of CONNECTIONS_MAX)─> task: hyper http1, whole connection
+//!                                             under REQUEST_DEADLINE, then closed
 //! ```
 //!
 //! What it exports is counters, gauges, the ack-latency histogram, shard indices and
 //! business ids: never a business name, a phone number, a payload, a token or a key.
 //! Nothing of the request is echoed back.
 //!
-//! Work is bounded: one connection at a time, one request per connection, a request of at
-//! most [`REQUEST_BYTES_MAX`] read within [`IO_TIMEOUT`], and a response whose size is a
-//! function of the shard count and the number of businesses the detectors hold.
+//! Work is bounded, and no client can hold up another or the shards:
+//! - HTTP parsing, its bounds and its error answers are hyper's (a maintained server,
+//!   not a hand-written parser): a request head over [`REQUEST_BYTES_MAX`] gets `431`, one
+//!   that does not parse `400`; a path other than `/metrics` gets `404`, another method on
+//!   it `405`.
+//! - Each connection is one request and its answer, and the whole of it, request read and
+//!   answer written, must finish within [`REQUEST_DEADLINE`]: a client that trickles its
+//!   request or never reads the answer is closed then (the deadline is on the connection,
+//!   not on each read, so trickling a byte at a time does not extend it).
+//! - Up to [`CONNECTIONS_MAX`] connections are served at once, each in its own task, so a
+//!   stuck client delays no other scrape; past that, new connections wait in the kernel's
+//!   listen queue until a slot frees, which is at most one deadline.
+//! - The shards' figures are atomics the shards update and this thread only loads: no lock
+//!   a shard could wait on. The business figures sit behind the control thread's mutex,
+//!   held only to clone them.
+//!
+//! The exposition text is written here rather than with a Prometheus client crate
+//! (`prometheus`, `prometheus-client`): those keep each metric as a registered object
+//! that the code updates, whereas courier's figures already live in the shards' atomics
+//! (`ShardStats`) and the control thread's merged status, read at scrape time. A crate
+//! would mean either mirroring every figure into its objects or a custom collector per
+//! family that writes the same lines as now; the format is small, and the test below
+//! checks every family against it.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::sync::{oneshot, Semaphore};
 
 use courier_pipeline::idempotency::{IdStats, Idempotency};
 use courier_pipeline::registry::Tier;
@@ -28,10 +57,16 @@ use courier_pipeline::registry::Tier;
 use crate::control::SharedStatus;
 use courier_pipeline::node::{LatencySnapshot, ShardStats, ACK_LATENCY_BOUNDS_US};
 
-/// Largest request read (request line and headers); a longer one gets 431.
+/// Largest request head (request line and headers) read; a longer one gets 431. hyper's
+/// smallest read buffer bound.
 pub const REQUEST_BYTES_MAX: usize = 8192;
-/// How long one connection may take to send its request and read the answer.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one connection may take, from accept to the last byte of the answer.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+/// Connections served at once; more wait in the listen queue.
+pub const CONNECTIONS_MAX: usize = 16;
+
+const TEXT: &str = "text/plain; charset=utf-8";
+const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// What the metrics are read from.
 #[derive(Debug, Clone)]
@@ -48,7 +83,7 @@ pub struct MetricsSource {
 #[derive(Debug)]
 pub struct MetricsServer {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -56,14 +91,26 @@ impl MetricsServer {
     /// Starts answering on an already bound listener.
     pub fn spawn(listener: TcpListener, source: MetricsSource) -> std::io::Result<MetricsServer> {
         let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        listener.set_nonblocking(true)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()?;
+        let (stop, stopped) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("courier-metrics".into())
-            .spawn(move || serve(listener, &source, &flag))?;
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => serve(l, Arc::new(source), stopped).await,
+                        Err(e) => tracing::error!(error = %e, "metrics listener not usable"),
+                    }
+                });
+                // Dropping the runtime here ends the connections still open.
+            })?;
         Ok(MetricsServer {
             addr,
-            stop,
+            stop: Some(stop),
             thread: Some(thread),
         })
     }
@@ -73,132 +120,111 @@ impl MetricsServer {
         self.addr
     }
 
-    /// Stops the thread and waits for it (at most one connection's [`IO_TIMEOUT`]).
+    /// Stops the endpoint and waits for its thread; connections still open are closed.
     pub fn stop(mut self) {
-        if self.wake() {
-            if let Some(t) = self.thread.take() {
-                let _ = t.join();
-            }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
-    }
-
-    /// Sets the stop flag and unblocks `accept` with a connection of our own. Returns
-    /// false when that connection failed (the thread is then left to end with the
-    /// process rather than blocking shutdown).
-    fn wake(&self) -> bool {
-        self.stop.store(true, Ordering::Release);
-        let ip = match self.addr.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ip => ip,
-        };
-        match TcpStream::connect_timeout(&SocketAddr::new(ip, self.addr.port()), IO_TIMEOUT) {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics thread not woken; left running");
-                false
-            }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
 
 impl Drop for MetricsServer {
     fn drop(&mut self) {
-        if self.thread.is_some() {
-            self.wake();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
     }
 }
 
-fn serve(listener: TcpListener, source: &MetricsSource, stop: &AtomicBool) {
-    let mut body = String::new();
+/// Accepts until told to stop, each connection in a task of its own while a permit holds.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    source: Arc<MetricsSource>,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
-        let accepted = listener.accept();
-        if stop.load(Ordering::Acquire) {
-            return;
-        }
+        let permit = tokio::select! {
+            _ = &mut stopped => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return, // the semaphore is never closed
+            },
+        };
+        let accepted = tokio::select! {
+            _ = &mut stopped => return,
+            a = listener.accept() => a,
+        };
         match accepted {
             Ok((stream, _)) => {
-                if let Err(e) = answer(stream, source, &mut body) {
-                    tracing::debug!(error = %e, "metrics request not answered");
-                }
+                let source = source.clone();
+                tokio::spawn(async move {
+                    connection(stream, source).await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 // EMFILE and the like: wait a little instead of spinning.
                 tracing::warn!(error = %e, "metrics accept failed");
-                std::thread::sleep(Duration::from_millis(100));
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
 }
 
-/// Reads one request (bounded in size and time) and answers it; the connection closes.
-fn answer(mut stream: TcpStream, source: &MetricsSource, body: &mut String) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut buf = [0u8; REQUEST_BYTES_MAX];
-    let mut len = 0;
-    let complete = loop {
-        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-            break true;
-        }
-        if len == buf.len() {
-            break false;
-        }
-        match stream.read(&mut buf[len..])? {
-            0 => break false,
-            n => len += n,
-        }
-    };
-    if !complete {
-        let too_big = len == buf.len();
-        return respond(
-            &mut stream,
-            if too_big {
-                "431 Request Header Fields Too Large"
-            } else {
-                "400 Bad Request"
-            },
-            "text/plain; charset=utf-8",
-            "expected: GET /metrics HTTP/1.1\n",
-        );
-    }
-    let line = buf[..len].split(|&b| b == b'\r').next().unwrap_or(&[]);
-    let mut parts = line.split(|&b| b == b' ');
-    let (method, target) = (parts.next(), parts.next());
-    let path = target.map(|t| t.split(|&b| b == b'?').next().unwrap_or(t));
-    if method == Some(b"GET") && path == Some(b"/metrics") {
-        body.clear();
-        render(source, body);
-        respond(
-            &mut stream,
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            body,
-        )
-    } else {
-        respond(
-            &mut stream,
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            "not found: the only resource is GET /metrics\n",
-        )
+/// Serves one connection: one request, one answer, all of it within [`REQUEST_DEADLINE`].
+async fn connection(stream: tokio::net::TcpStream, source: Arc<MetricsSource>) {
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let answer = answer(&req, &source);
+        async move { Ok::<_, std::convert::Infallible>(answer) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .title_case_headers(true)
+        .max_buf_size(REQUEST_BYTES_MAX)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    match tokio::time::timeout(REQUEST_DEADLINE, conn).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "metrics request not answered"),
+        // Dropping the connection closes it.
+        Err(_) => tracing::debug!("metrics connection closed at its deadline"),
     }
 }
 
-fn respond(
-    stream: &mut TcpStream,
-    status: &str,
-    content_type: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())?;
-    stream.flush()
+/// The answer to one request: the metrics, or a short plain-text refusal.
+fn answer<B>(req: &Request<B>, source: &MetricsSource) -> Response<Full<Bytes>> {
+    if req.uri().path() != "/metrics" {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not found: the only resource is GET /metrics\n",
+        );
+    }
+    if req.method() != Method::GET {
+        let mut r = plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed: the only resource is GET /metrics\n",
+        );
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET"));
+        return r;
+    }
+    let mut body = String::new();
+    render(source, &mut body);
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(EXPOSITION));
+    r
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(TEXT));
+    r
 }
 
 /// One counter or gauge read from every shard.

@@ -8,6 +8,9 @@
 //! goodput and a new client gets in. With `retry = "never"` the same flood fills the
 //! connection table and the new client is refused: the test shows both.
 //!
+//! One Initial that is never followed up shows the anti-amplification limit: whatever
+//! the mode, the server sends that address at most three times the bytes it received.
+//!
 //! Its own test binary, so that the flood cannot slow the timing-sensitive tests of the
 //! others (cargo runs test binaries one after another); the tests in it take turns.
 
@@ -289,4 +292,67 @@ fn without_retry_the_same_flood_fills_the_table_and_a_new_client_is_refused() {
     assert_eq!(sum(&o.stats, |s| s.retries_sent), 0);
     assert!(refused > 0, "the table filled");
     assert!(o.late.is_err(), "the new client got in: {:?}", o.late);
+}
+
+/// What the server sends back, all of it, for one client Initial it never hears from
+/// again: (bytes sent by the client, bytes the server sent back, datagrams back).
+fn answer_to_one_initial(retry: RetryMode) -> (usize, usize, usize) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let (running, _token) = start_server(dir.path(), retry);
+    let trust = ServerTrust::Pinned(running.certificate().clone());
+    // A real quinn client's first datagram (its Initial, padded to 1,200 bytes).
+    let initial = initials(running.local_addr(), &trust, 1).remove(0);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.send_to(&initial, running.local_addr()).unwrap();
+    // Everything that comes back within 3 s: the first flight and every retransmission
+    // of it (the server's first PTO is well under a second). The client sends nothing
+    // more, so its address is never validated.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let (mut back, mut datagrams) = (0, 0);
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        sock.set_read_timeout(Some(left)).unwrap();
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                assert_eq!(from, running.local_addr(), "only the server answers");
+                back += n;
+                datagrams += 1;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("receiving: {e}"),
+        }
+    }
+    running.shutdown();
+    running.join().unwrap();
+    (initial.len(), back, datagrams)
+}
+
+/// Issue 18, item 1: before a client's address is validated the server sends it at most
+/// three times the bytes it received (RFC 9000, 8.1), in every `quic.retry` mode,
+/// retransmissions included: a spoofed Initial cannot turn the server into an amplifier.
+#[test]
+fn one_initial_gets_at_most_three_times_its_bytes_back_in_every_retry_mode() {
+    for retry in [RetryMode::Always, RetryMode::UnderLoad, RetryMode::Never] {
+        let (sent, back, datagrams) = answer_to_one_initial(retry);
+        eprintln!(
+            "retry {retry:?}: 1 Initial of {sent} bytes; {back} bytes back in {datagrams} \
+             datagrams within 3 s ({:.2}x)",
+            back as f64 / sent as f64
+        );
+        assert!(sent >= 1200, "an Initial is padded to 1,200 bytes: {sent}");
+        assert!(back > 0, "{retry:?}: the server answered nothing");
+        assert!(
+            back <= 3 * sent,
+            "{retry:?}: {back} bytes back for {sent} received (over 3x)"
+        );
+    }
 }

@@ -8,7 +8,7 @@
 //!   └─ LoadReport: counts by status and reason, HDR percentiles, timeline, per-sender
 //!      detection scores, duplicates, spam reports, CPU of generator and server
 //!        ├─ print_table / JSON (serde) / compare
-//!        └─ plot::write_png (feature `plot`, on by default)
+//!        └─ plot::write_svg (feature `plot`, on by default)
 //! ```
 //!
 //! A delivery run (`RunConfig::delivery`, `--deliver`) adds a simulated delivery edge
@@ -19,7 +19,7 @@
 //! Modules: [`traffic`] (recipients, sizes, schedules), [`scenario`] (TOML → [`Plan`]),
 //! [`engine`] (the loops, over a [`engine::Transport`]), [`report`] (JSON, table,
 //! comparison), [`cpu`] (`/proc` readings), [`workers`] (threads that each own a share of
-//! the connections), [`deliver`], [`devices`], [`tracking`], `plot` (PNG; feature `plot`).
+//! the connections), [`deliver`], [`devices`], [`tracking`], `plot` (SVG; feature `plot`).
 //!
 //! It talks to servers through `courier_client` only, and depends on no server code:
 //! `courier demo` runs it against an in-process server, `courier-loadgen` against any.

@@ -1,6 +1,6 @@
 //! `courier-loadgen`: bulk senders against a courier server, open loop at a fixed rate
 //! (latency from each message's intended send time) or closed loop at full speed, with
-//! scenarios, HDR percentiles, live progress, JSON and PNG reports and verification.
+//! scenarios, HDR percentiles, live progress, JSON and SVG reports and verification.
 //!
 //! ```text
 //! args ──> target + trust decision (loopback unless --allow-remote; pinned with --ca)
@@ -9,7 +9,7 @@
 //!            ├─ progress line each second (courier_client::progress) unless --quiet;
 //!            │  Ctrl-C stops early
 //!            └─ --accepted FILE: writer thread, one CSV line per accepted message
-//!      ──> table on stdout; --json FILE; --plot FILE.png
+//!      ──> table on stdout; --json FILE; --plot FILE.svg
 //! --compare A.json B.json prints two saved runs side by side instead.
 //! ```
 //!
@@ -104,7 +104,7 @@ struct Args {
     /// Write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Draw latency by percentile and throughput over time into this PNG.
+    /// Draw latency by percentile and throughput over time into this SVG file (FILE.svg).
     #[arg(long)]
     plot: Option<PathBuf>,
     /// Print two saved JSON reports side by side with ratios B/A, and exit.
@@ -392,10 +392,10 @@ fn progress(quiet: bool, duration_secs: f64) -> Option<Arc<ProgressLine>> {
     (!bar.is_hidden()).then(|| Arc::new(bar))
 }
 
-/// Writes the PNG report (the `plot` feature draws it).
+/// Writes the SVG report (the `plot` feature draws it).
 #[cfg(feature = "plot")]
 fn write_plot(report: &LoadReport, path: &Path) -> anyhow::Result<()> {
-    Ok(load::plot::write_png(report, path)?)
+    Ok(load::plot::write_svg(report, path)?)
 }
 
 /// Without the `plot` feature there is nothing to draw with.
@@ -419,8 +419,8 @@ fn main() -> anyhow::Result<()> {
     if let Some(path) = &args.from_json {
         let report = read_report(path)?;
         report.print_table(&mut std::io::stdout().lock())?;
-        if let Some(png) = &args.plot {
-            write_plot(&report, png)?;
+        if let Some(svg) = &args.plot {
+            write_plot(&report, svg)?;
         }
         return Ok(());
     }

@@ -1,16 +1,18 @@
-//! `--plot FILE.png`: latency by percentile, throughput over time and latency over time,
+//! `--plot FILE.svg`: latency by percentile, throughput over time and latency over time,
 //! drawn with plotters from a finished report (`--from-json` draws a saved one again).
 //!
-//! Text is rendered with plotters' `ab_glyph` backend and the DejaVu Sans font that the
-//! `dejavu` crate embeds, so no system font (fontconfig) is needed. The module is behind
-//! the `plot` feature (on by default): `courier demo` uses this library without it, so
-//! the server's dependencies hold no plotting crate.
+//! The output is SVG: its text is SVG `<text>` elements that the viewer renders with its
+//! own sans-serif font, so no font file is embedded and no font parser is compiled in
+//! (plotters' PNG backend needs one to draw text, and the one it offers, `ab_glyph` with
+//! `ttf-parser`, is unmaintained: RUSTSEC-2026-0192). plotters lays text out with its
+//! built-in estimate of glyph widths, close enough for labels and titles. The module is
+//! behind the `plot` feature (on by default): `courier demo` uses this library without
+//! it, so the server's dependencies hold no plotting crate.
 
 use std::path::{Path, PathBuf};
 
 use crate::LoadReport;
 use plotters::prelude::*;
-use plotters::style::FontStyle;
 
 const WIDTH: u32 = 1200;
 const HEIGHT: u32 = 1100;
@@ -20,13 +22,13 @@ const NINES_MAX: f64 = 6.0;
 /// Why a plot was not written.
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
-    /// The font embedded in the binary did not load (a build problem, not an input one).
-    #[error("the embedded DejaVu Sans font did not load")]
-    Font,
     /// plotters failed while drawing; holds its description.
     #[error("drawing the plot: {0}")]
     Draw(String),
-    /// The PNG could not be written.
+    /// The file's name does not end in `.svg` (the plot is SVG, whatever the name says).
+    #[error("{0}: the plot is SVG; name the file FILE.svg")]
+    NotSvg(PathBuf),
+    /// The SVG could not be written.
     #[error("writing {path}: {reason}")]
     Write {
         /// The file.
@@ -34,11 +36,6 @@ pub enum PlotError {
         /// plotters' description of the failure.
         reason: String,
     },
-}
-
-fn register_font() -> Result<(), PlotError> {
-    plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
-        .map_err(|_| PlotError::Font)
 }
 
 /// Percentile (0..100) to "nines" (0 at 0%, 1 at 90%, 2 at 99% ...).
@@ -62,10 +59,15 @@ fn draw_err<E: std::fmt::Debug>(e: E) -> PlotError {
     PlotError::Draw(format!("{e:?}"))
 }
 
-/// Draws `report` into a PNG at `path`.
-pub fn write_png(report: &LoadReport, path: &Path) -> Result<(), PlotError> {
-    register_font()?;
-    let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
+/// Draws `report` into an SVG file at `path`.
+pub fn write_svg(report: &LoadReport, path: &Path) -> Result<(), PlotError> {
+    if !path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("svg"))
+    {
+        return Err(PlotError::NotSvg(path.to_path_buf()));
+    }
+    let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err)?;
     let title = format!(
         "courier-loadgen: {} loop{}, {:.0} msgs/s accepted, p99 {:.2} ms, max {:.2} ms",
@@ -248,5 +250,42 @@ mod tests {
         assert_eq!(nines_label(&2.0), "99%");
         assert_eq!(nines_label(&0.0), "0%");
         assert_eq!(nines_label(&4.0), "99.99%");
+    }
+
+    fn example() -> LoadReport {
+        serde_json::from_str(include_str!("../../docs/loadgen-example.json")).unwrap()
+    }
+
+    #[test]
+    fn the_example_report_draws_as_svg_with_text_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("example.svg");
+        write_svg(&example(), &path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.trim_end().ends_with("</svg>"));
+        for title in [
+            "latency by percentile",
+            "throughput over time",
+            "latency over time",
+        ] {
+            assert!(svg.contains(title), "{title} missing");
+        }
+        assert!(
+            svg.lines().any(|l| l.trim() == "99.9%"),
+            "the percentile axis is labelled"
+        );
+        let curves = svg.matches("<polyline").count();
+        assert!(curves >= 6, "{curves} curves, 6 expected");
+    }
+
+    #[test]
+    fn a_plot_file_not_named_svg_is_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let png = dir.path().join("open.png");
+        let err = write_svg(&example(), &png).unwrap_err();
+        assert!(matches!(err, PlotError::NotSvg(_)), "{err}");
+        assert!(err.to_string().contains("FILE.svg"), "{err}");
+        assert!(!png.exists());
     }
 }

@@ -16,6 +16,7 @@ mod delivery_send;
 mod detect_e2e;
 mod detect_quality;
 mod files;
+mod foreign_client;
 mod graceful_stop;
 mod idempotency;
 mod log_files;

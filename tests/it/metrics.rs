@@ -173,8 +173,9 @@ async fn metrics_match_the_clients_and_reveal_nothing_private() {
     let (status, _, body) = http(metrics, "GET /secret-path HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(status, "HTTP/1.1 404 Not Found");
     assert!(!body.contains("secret-path"));
-    let (status, _, _) = http(metrics, "POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    let (status, headers, _) = http(metrics, "POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 405 Method Not Allowed");
+    assert!(headers.contains("Allow: GET"), "{headers}");
 
     // A scraper runs while the traffic flows (bounded: at most 500 scrapes).
     let stop = Arc::new(AtomicBool::new(false));
@@ -492,4 +493,165 @@ async fn scrape_until(addr: SocketAddr, series: &str, want: f64) -> String {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A server with metrics on a free loopback port, and its metrics address.
+fn metrics_server(dir: &std::path::Path) -> (courier::serve::Running, SocketAddr) {
+    let mut profile = small_profile(1);
+    profile.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let mut registry = Registry::default();
+    registry
+        .add(STEADY_NAME, Tier::Unlimited, 1000, &[7; 32])
+        .unwrap();
+    let running = server::start(
+        &dir.join("data"),
+        Setup {
+            profile,
+            registry,
+            master_key: MasterKeyText::new(MASTER_HEX.as_bytes().to_vec()).unwrap(),
+        },
+    );
+    let addr = running.metrics_addr().unwrap();
+    (running, addr)
+}
+
+/// Sends `request` as it is and returns the status line of the answer.
+fn status_of(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // The server may answer and close before it read all of an oversized request: then
+    // the write fails, or the close comes as a reset after the answer. Keep what came.
+    let _ = s.write_all(request);
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    for _ in 0..1000 {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&raw);
+    text.split("\r\n").next().unwrap_or_default().to_string()
+}
+
+/// Whether the server closed `s`: a read sees the end (or a reset) within 10 s, with no
+/// answer sent. Fails when the read times out (the connection was left open).
+fn closed_without_answer(s: &mut TcpStream) {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 256];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!(
+            "answered instead of closed: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("not closed by the server: {e}"),
+    }
+}
+
+/// Issue 18: the old endpoint applied its 2 s timeout per read and served one connection
+/// at a time, so a client trickling its request a byte at a time held it for ever and no
+/// scrape got through. Now the deadline covers the whole request and a scrape is served
+/// beside it.
+#[test]
+fn a_trickling_client_does_not_hold_up_a_scrape_and_is_closed_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, metrics) = metrics_server(dir.path());
+    let mut slow = TcpStream::connect(metrics).unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+        .unwrap();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    let trickler = std::thread::spawn(move || {
+        // One byte each 100 ms, at most 200 of them (20 s, ten deadlines): the server
+        // must close the connection long before.
+        for i in 0..200 {
+            if slow.write_all(b"a").is_err() {
+                return (i, slow);
+            }
+            if i == 3 {
+                let _ = sent_tx.send(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the trickling client was never closed");
+    });
+    sent_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the trickler started");
+    // While it trickles (well inside its deadline), a scrape is answered.
+    let text = scrape(metrics);
+    assert!(!parse(&text).is_empty());
+    assert!(
+        !trickler.is_finished(),
+        "the trickler was still sending during the scrape"
+    );
+    let (bytes, mut slow) = trickler.join().unwrap();
+    assert!(bytes > 3, "closed after {bytes} bytes");
+    closed_without_answer(&mut slow);
+    running.shutdown();
+    running.join().unwrap();
+}
+
+/// More idle connections than are served at once (they send nothing, or half a request):
+/// each is closed at its deadline with no answer, and a scrape behind them is answered.
+#[test]
+fn idle_and_half_sent_connections_are_closed_and_a_scrape_still_gets_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, metrics) = metrics_server(dir.path());
+    let mut idle: Vec<TcpStream> = (0..courier::metrics::CONNECTIONS_MAX + 4)
+        .map(|i| {
+            let mut s = TcpStream::connect(metrics).unwrap();
+            if i % 2 == 0 {
+                s.write_all(b"GET /metr").unwrap();
+            }
+            s
+        })
+        .collect();
+    let text = scrape(metrics);
+    assert!(text.contains("courier_shards 1"), "{text}");
+    for s in &mut idle {
+        closed_without_answer(s);
+    }
+    running.shutdown();
+    running.join().unwrap();
+}
+
+/// What a bad request gets: a clear status, never the metrics, nothing echoed.
+#[test]
+fn bad_requests_get_clear_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, metrics) = metrics_server(dir.path());
+    let (status, _, body) = http(metrics, "GET /metricsx HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    assert!(
+        body.contains("GET /metrics") && !body.contains("metricsx"),
+        "{body}"
+    );
+    for method in ["POST", "PUT", "DELETE"] {
+        let (status, headers, body) = http(
+            metrics,
+            &format!("{method} /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"),
+        );
+        assert_eq!(status, "HTTP/1.1 405 Method Not Allowed", "{method}");
+        assert!(headers.contains("Allow: GET"), "{headers}");
+        assert!(!body.contains("courier_"), "{body}");
+    }
+    // A request head over REQUEST_BYTES_MAX.
+    let mut big = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    big.resize(courier::metrics::REQUEST_BYTES_MAX * 2, b'a');
+    big.extend_from_slice(b"\r\n\r\n");
+    assert_eq!(
+        status_of(metrics, &big),
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
+    // Not HTTP at all.
+    assert_eq!(
+        status_of(metrics, b"\x16\x03\x01 garbage\r\n\r\n"),
+        "HTTP/1.1 400 Bad Request"
+    );
+    // Still serving.
+    assert!(scrape(metrics).contains("courier_shards 1"));
+    running.shutdown();
+    running.join().unwrap();
 }

@@ -100,7 +100,7 @@ fn open_loop_sends_at_the_rate_and_verifies_what_it_can() {
     let (running, tokens) = start_server(dir.path());
     let out_json = dir.path().join("open.json");
     let accepted_csv = dir.path().join("accepted.csv");
-    let png = dir.path().join("open.png");
+    let svg = dir.path().join("open.svg");
     let pid = std::process::id().to_string();
     let out = loadgen(
         &running,
@@ -128,7 +128,7 @@ fn open_loop_sends_at_the_rate_and_verifies_what_it_can() {
             "--accepted",
             accepted_csv.to_str().unwrap(),
             "--plot",
-            png.to_str().unwrap(),
+            svg.to_str().unwrap(),
         ],
     );
     running.shutdown();
@@ -166,8 +166,15 @@ fn open_loop_sends_at_the_rate_and_verifies_what_it_can() {
     assert!(r["cpu"]["server_secs"].as_f64().unwrap() > 0.0, "{r}");
     assert_eq!(r["cpu"]["server_source"], format!("pid {pid}"));
     assert!(!r["timeline"].as_array().unwrap().is_empty());
-    let png = std::fs::read(&png).unwrap();
-    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    // The plot is SVG, its titles SVG text (no font is parsed to draw them).
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
+    assert!(svg.trim_end().ends_with("</svg>"));
+    assert!(
+        svg.contains("latency by percentile"),
+        "the panel titles are text"
+    );
+    assert!(svg.contains("<polyline"), "the curves are drawn");
 }
 
 fn scenarios() -> Vec<PathBuf> {

@@ -150,7 +150,11 @@ pub mod code {
     pub const UNAUTHORIZED: u32 = 0x01;
     /// Connection: the server is shutting down; unacked messages were not taken.
     pub const SHUTTING_DOWN: u32 = 0x02;
-    /// Connection: the server's connection table is full.
+    /// Connection: reserved, never sent. A full connection table (or a source address at
+    /// its share) is answered to the client's Initial with the QUIC *transport* close
+    /// CONNECTION_REFUSED (transport error 0x02), before any TLS work: an application
+    /// close cannot travel in an Initial packet. A client reading codes must tell the
+    /// transport close from the application close [`SHUTTING_DOWN`].
     pub const SERVER_BUSY: u32 = 0x03;
     /// Connection: no HELLO arrived within the profile's bound.
     pub const HELLO_TIMEOUT: u32 = 0x04;

@@ -4,9 +4,12 @@
 //! meet the codes the README and `pipeline/src/wire/mod.rs` document, while the project's
 //! own (quinn) client, connected alongside, keeps having its messages accepted.
 //!
-//! aioquic is installed by `.ci/run` (a virtual environment under the target directory,
-//! named to the test by `COURIER_PYTHON`). Without it the test fails and says how to
-//! install it; `COURIER_SKIP_AIOQUIC=1` skips it explicitly.
+//! aioquic comes from PyPI, installed by the test set-up itself: `COURIER_PYTHON` names a
+//! Python that has it (`.ci/run` sets it); otherwise the first of these tests creates a
+//! virtual environment, `target/aioquic-venv` (under `CARGO_TARGET_DIR` when set), and
+//! installs `aioquic==1.7.2` into it (the user's site when Python has no venv). When that fails (no network to the registry, no
+//! Python) the test fails and says how to install it; `COURIER_SKIP_AIOQUIC=1` skips it
+//! explicitly.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -23,28 +26,82 @@ use courier_testkit::server::{self, client_config, Setup};
 const QUIC_CONNECTION_REFUSED: u64 = 0x02;
 const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/aioquic/client.py");
 
-/// The Python that has aioquic, or `None` when the test is skipped on purpose.
-fn python() -> Option<String> {
-    let python = std::env::var("COURIER_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&python)
+/// The aioquic release the tests run against.
+const AIOQUIC: &str = "aioquic==1.7.2";
+
+fn imports_aioquic(python: &Path) -> bool {
+    Command::new(python)
         .args(["-c", "import aioquic"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        return Some(python);
+        .is_ok_and(|s| s.success())
+}
+
+/// The test set-up's virtual environment with aioquic, created and filled from PyPI on
+/// first use (once per test binary: both tests wait for the one set-up).
+fn venv_python() -> Result<std::path::PathBuf, String> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let venv = target.join("aioquic-venv");
+    let python = venv.join("bin/python");
+    if imports_aioquic(&python) {
+        return Ok(python);
     }
-    if std::env::var("COURIER_SKIP_AIOQUIC").as_deref() == Ok("1") {
-        eprintln!("SKIPPED: aioquic is not importable by {python} and COURIER_SKIP_AIOQUIC=1");
-        return None;
+    let run = |cmd: &mut Command| -> Result<(), String> {
+        let out = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| format!("{cmd:?}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{cmd:?}: {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    let in_venv = run(Command::new("python3").arg("-m").arg("venv").arg(&venv)).and_then(|()| {
+        run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", AIOQUIC]))
+    });
+    if in_venv.is_ok() && imports_aioquic(&python) {
+        return Ok(python);
     }
-    panic!(
-        "aioquic is not importable by `{python}`. Install it as .ci/run does:\n  \
-         python3 -m venv target/aioquic-venv && target/aioquic-venv/bin/pip install aioquic==1.7.2\n  \
-         export COURIER_PYTHON=$PWD/target/aioquic-venv/bin/python\n\
-         or set COURIER_SKIP_AIOQUIC=1 to skip this test."
-    );
+    // A Python without venv (Debian's without python3-venv): the user's site instead.
+    let system = Path::new("python3");
+    run(Command::new(system).args(["-m", "pip", "install", "--quiet", "--user", AIOQUIC]))
+        .map_err(|e| format!("{}; then {e}", in_venv.err().unwrap_or_default()))?;
+    if imports_aioquic(system) {
+        Ok(system.to_path_buf())
+    } else {
+        Err(format!("{AIOQUIC} installed but not importable"))
+    }
+}
+
+/// The Python that has aioquic, or `None` when the test is skipped on purpose.
+fn python() -> Option<String> {
+    static SETUP: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    let found = SETUP.get_or_init(|| match std::env::var("COURIER_PYTHON") {
+        Ok(p) if imports_aioquic(Path::new(&p)) => Ok(p),
+        Ok(p) => Err(format!("COURIER_PYTHON={p} cannot import aioquic")),
+        Err(_) => venv_python().map(|p| p.display().to_string()),
+    });
+    match found {
+        Ok(python) => Some(python.clone()),
+        Err(_) if std::env::var("COURIER_SKIP_AIOQUIC").as_deref() == Ok("1") => {
+            eprintln!("SKIPPED: aioquic is not available and COURIER_SKIP_AIOQUIC=1");
+            None
+        }
+        Err(why) => panic!(
+            "aioquic is not available: {why}\nInstall it as the test set-up does:\n  \
+             python3 -m venv target/aioquic-venv && target/aioquic-venv/bin/pip install {AIOQUIC}\n\
+             or set COURIER_SKIP_AIOQUIC=1 to skip this test."
+        ),
+    }
 }
 
 /// Runs the aioquic client's scenarios against `running`; one JSON object per scenario.

@@ -182,7 +182,7 @@ async fn resends_are_duplicates_across_shards_and_restarts() {
 /// lives here): four threads claiming the same ids get each one fresh exactly once.
 #[test]
 fn shared_between_threads_every_id_is_claimed_fresh_exactly_once() {
-    let t = Arc::new(Idempotency::new(1 << 16));
+    let t = Arc::new(Idempotency::new(1 << 16, 1 << 16));
     let handles: Vec<_> = (0..4)
         .map(|_| {
             let t = t.clone();

@@ -827,6 +827,8 @@ impl Shard {
             &self.stats.business_cap_refused,
             server.business_cap_refused,
         );
+        stats::set(&self.stats.share_paused, server.share_paused);
+        stats::set(&self.stats.others_ahead_max, server.others_ahead_max);
         stats::set(&self.stats.retries_sent, server.retries_sent);
         stats::set(&self.stats.half_open, server.half_open);
         self.publish_delivery_figures();

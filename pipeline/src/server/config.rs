@@ -51,7 +51,7 @@ pub struct Limits {
     /// Milliseconds a connection may take, after its handshake, to send a valid HELLO.
     pub hello_timeout_ms: u32,
     /// Most client message ids the idempotency table remembers, all shards together
-    /// (about 35 bytes each when full; see [`crate::idempotency`]).
+    /// (about 51 bytes each when full; see [`crate::idempotency`]).
     pub idempotency_ids_max: u32,
     /// Ids of one business the idempotency table keeps when it is full, whatever other
     /// businesses send (see [`crate::idempotency`], "Fair shares").

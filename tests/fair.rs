@@ -71,8 +71,10 @@ async fn a_modest_sender_beside_a_greedy_one_keeps_a_short_ack_latency() {
         .unwrap();
     registry.set_exempt(greedy, true);
     registry.set_exempt(modest, true);
-    // One shard: every connection meets on it.
-    let setup = Setup::new(1, registry);
+    // One shard: every connection meets on it. Ingest only: no edge takes deliveries,
+    // and delivery's bounds would throttle the greedy business first.
+    let mut setup = Setup::new(1, registry);
+    setup.profile.delivery.enabled = false;
     let running = server::start(dir.path(), setup);
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -277,7 +277,7 @@ const SHARD_FAMILIES: &[ShardFamily] = &[
         read: |c| &c.business_cap_refused,
     },
     ShardFamily {
-        name: "business_share_paused_total",
+        name: "streams_paused_at_share_total",
         kind: "counter",
         help: "Times a stream was left unread because its business had limits.batches_in_flight_per_business_max batches in flight on the shard (backpressure).",
         read: |c| &c.share_paused,

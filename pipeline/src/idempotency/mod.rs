@@ -858,7 +858,11 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            let b = if x % 3 == 0 { (x >> 8) as u32 % 5 } else { 0 };
+            let b = if x.is_multiple_of(3) {
+                (x >> 8) as u32 % 5
+            } else {
+                0
+            };
             match (x >> 16) % 4 {
                 0 | 1 => {
                     if let Claim::Fresh(tk) = t.claim(b, (x >> 24) % 5_000, step) {

@@ -24,11 +24,13 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 /// The default profile's `limits.idempotency_ids_max`.
 const IDS: usize = 4_000_000;
+/// The default profile's `limits.idempotency_ids_per_business_max`.
+const SHARE: usize = 1_000_000;
 /// Businesses the ids are spread over.
 const BUSINESSES: u64 = 1000;
 
 fn full_table() -> (Arc<Idempotency>, Arc<AtomicU64>) {
-    let t = Arc::new(Idempotency::new(IDS));
+    let t = Arc::new(Idempotency::new(IDS, SHARE));
     let next = Arc::new(AtomicU64::new(0));
     for _ in 0..IDS {
         claim_settle(&t, &next);

@@ -303,6 +303,18 @@ const SHARD_FAMILIES: &[ShardFamily] = &[
         read: |c| &c.business_cap_refused,
     },
     ShardFamily {
+        name: "streams_paused_at_share_total",
+        kind: "counter",
+        help: "Times a stream was left unread because its business had limits.batches_in_flight_per_business_max batches in flight on the shard (backpressure).",
+        read: |c| &c.share_paused,
+    },
+    ShardFamily {
+        name: "batch_others_ahead_max",
+        kind: "gauge",
+        help: "Most batches of other businesses taken while one batch was first of its business in the shard's queue (one per other business with batches waiting, at most).",
+        read: |c| &c.others_ahead_max,
+    },
+    ShardFamily {
         name: "quic_retries_sent_total",
         kind: "counter",
         help: "QUIC Retry packets sent to unvalidated client addresses.",
@@ -632,6 +644,12 @@ fn idempotency(st: &IdStats, w: &mut String) {
             "counter",
             "Client ids forgotten while their message was still being stored (table far too small).",
             st.evicted_in_flight,
+        ),
+        (
+            "idempotency_evicted_within_share_total",
+            "counter",
+            "Client ids of a business within limits.idempotency_ids_per_business_max forgotten for another business (every business within its share and the table full: size the table or the share).",
+            st.evicted_within_share,
         ),
     ];
     for (name, kind, help, v) in gauges {

@@ -382,7 +382,10 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         data_dir: opts.data_dir.clone(),
         cpus,
         shards,
-        idempotency: Arc::new(Idempotency::new(ids_max)),
+        idempotency: Arc::new(Idempotency::new(
+            ids_max,
+            profile.limits.idempotency_ids_per_business_max as usize,
+        )),
         detect_secret: detect_secret(&opts.master_key),
         reset_key: stateless_reset_key(&opts.master_key.master_key()),
         token_key: retry_token_key(&opts.master_key.master_key()),

@@ -563,4 +563,38 @@ mod tests {
         let p = Profile::default_profile();
         assert_eq!(p.detect, DetectConfig::default());
     }
+
+    /// Issue 18's fair shares: a share larger than the table, or a business bound of
+    /// zero, is refused and named.
+    #[test]
+    fn fair_share_keys_are_validated_by_name() {
+        let text = DEFAULT_PROFILE_TOML
+            .replace(
+                "idempotency_ids_per_business_max = 1000000",
+                "idempotency_ids_per_business_max = 5000000",
+            )
+            .replace(
+                "batches_in_flight_per_business_max = 256",
+                "batches_in_flight_per_business_max = 0",
+            );
+        let Err(ProfileError::Invalid(issues)) = Profile::from_toml(&text) else {
+            panic!("expected invalid");
+        };
+        let share = issues
+            .iter()
+            .find(|i| i.key == "limits.idempotency_ids_per_business_max")
+            .expect("the share is named");
+        assert!(
+            share.problem.contains("limits.idempotency_ids_max"),
+            "{share:?}"
+        );
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.key == "limits.batches_in_flight_per_business_max"),
+            "{issues:?}"
+        );
+        let p = Profile::default_profile();
+        assert!(p.limits.idempotency_ids_per_business_max <= p.limits.idempotency_ids_max);
+    }
 }

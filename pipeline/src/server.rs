@@ -19,8 +19,12 @@
 //! Bounds: connections per shard (`connections_per_shard_max`, handshakes beyond it are
 //! refused), streams per connection (a transport parameter), SUBMITs awaiting their ACK
 //! per stream (`batches_in_flight_per_stream_max`: past it the stream is not read, so QUIC
-//! flow control holds the sender back), and one frame per stream decoder. So the batches
-//! waiting in [`Server::poll_batch`] are bounded by the product of those.
+//! flow control holds the sender back), SUBMITs awaiting their ACK per business, all its
+//! connections and streams together (`batches_in_flight_per_business_max`, the same
+//! way), and one frame per stream decoder. So the batches waiting in
+//! [`Server::poll_batch`] are bounded by the product of those, and by the businesses
+//! connected times their share. [`Server::poll_batch`] takes them in turns, one batch per
+//! business (`fair.rs` states the bound that gives a business against another's backlog).
 //!
 //! ACKs leave each stream in SUBMIT order even when the shell acks out of order.
 //!
@@ -29,6 +33,7 @@
 //! (a truncated frame), RESET_STREAM instead, the only frame that can still carry the code.
 
 mod config;
+mod fair;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -52,6 +57,7 @@ use crate::wire::{
     WireLimits,
 };
 use crate::ShardId;
+use fair::{FairQueue, Shares};
 
 pub use config::{
     Limits, Quic, RetryMode, MTU_MAX, MTU_MIN, STREAMS_PER_CONNECTION_LIMIT, WINDOW_BYTES_MAX,
@@ -87,6 +93,22 @@ pub struct Ticket {
     generation: u64,
     stream: StreamId,
     seq: u64,
+    /// The business whose share of batches in flight it counts in (SUBMITs only).
+    business: Option<u32>,
+}
+
+impl Ticket {
+    /// A ticket for unit tests of the queues that carry it.
+    #[cfg(test)]
+    pub(crate) fn for_tests(seq: u64) -> Ticket {
+        Ticket {
+            conn: ConnectionHandle(0),
+            generation: 0,
+            stream: StreamId::new(quinn_proto::Side::Client, Dir::Bi, 0),
+            seq,
+            business: None,
+        }
+    }
 }
 
 /// A decoded SUBMIT (or SUBMIT_TTL), waiting for the stage chain.
@@ -237,6 +259,12 @@ pub struct ServerStats {
     /// Most batches one stream had awaiting their ACK at once (at most
     /// `batches_in_flight_per_stream_max`).
     pub stream_pending_max: u64,
+    /// Times a stream was left unread because its business had
+    /// `batches_in_flight_per_business_max` batches in flight on the shard.
+    pub share_paused: u64,
+    /// Most batches of other businesses taken ahead of one batch while it waited in the
+    /// shard's queue (see `server::fair` for the bound).
+    pub others_ahead_max: u64,
     /// Endpoint responses dropped because the queue was full.
     pub responses_dropped: u64,
     /// DELIVER frames written to edge connections.
@@ -266,6 +294,9 @@ struct StreamState {
     recv_done: bool,
     /// Not read because `pending` is full; resumed by `ack`.
     paused: bool,
+    /// Not read because its business's share of batches in flight is full; filed in
+    /// `Shares` and resumed by an ACK of that business.
+    share_paused: bool,
 }
 
 struct Conn {
@@ -369,7 +400,8 @@ pub struct Server {
     timers: BTreeSet<(Instant, ConnectionHandle)>,
     send_queue: VecDeque<ConnectionHandle>,
     responses: VecDeque<(Transmit, Vec<u8>)>,
-    batches: VecDeque<SubmitBatch>,
+    batches: FairQueue,
+    shares: Shares,
     reports: VecDeque<Vec<ReportEntry>>,
     delivery_in: VecDeque<DeliveryInput>,
     retry: RetryMode,
@@ -439,7 +471,8 @@ impl Server {
             timers: BTreeSet::new(),
             send_queue: VecDeque::new(),
             responses: VecDeque::new(),
-            batches: VecDeque::new(),
+            batches: FairQueue::default(),
+            shares: Shares::new(limits.batches_in_flight_per_business_max),
             reports: VecDeque::new(),
             delivery_in: VecDeque::new(),
             retry: quic.retry,
@@ -702,15 +735,52 @@ impl Server {
     }
 
     /// The next decoded batch for the stage chain.
+    /// Batches of every business are taken in turns, one each (see `server::fair`).
     pub fn poll_batch(&mut self) -> Option<SubmitBatch> {
-        self.batches.pop_front()
+        let batch = self.batches.pop();
+        self.stats.others_ahead_max = self.batches.others_ahead_max();
+        batch
+    }
+
+    /// Decoded batches waiting for [`Server::poll_batch`].
+    pub fn batches_queued(&self) -> usize {
+        self.batches.len()
     }
 
     /// Delivers the statuses of a batch; its ACK is written once every earlier batch of the
     /// same stream has been acked. `statuses` has one entry per message of the batch.
     /// A ticket whose stream or connection is gone is counted and dropped: the client saw
     /// the stream fail and will resubmit, and idempotency answers `duplicate`.
+    ///
+    /// A SUBMIT's ACK also gives its business's share back: streams of that business left
+    /// unread at its share are read again.
     pub fn ack(&mut self, now: Instant, ticket: Ticket, statuses: &[Status]) {
+        let resumed = ticket
+            .business
+            .map(|b| self.shares.acked(b))
+            .unwrap_or_default();
+        self.write_ack(now, ticket, statuses);
+        for (ch, id) in resumed {
+            self.resume_share(ch, id, now);
+        }
+    }
+
+    /// Reads a stream again that was left unread at its business's share.
+    fn resume_share(&mut self, ch: ConnectionHandle, id: StreamId, now: Instant) {
+        let Some(st) = self.conns.get_mut(&ch).and_then(|c| c.streams.get_mut(&id)) else {
+            return;
+        };
+        if !st.share_paused {
+            // The handle and stream id now name another stream.
+            return;
+        }
+        st.share_paused = false;
+        self.read_stream(ch, id, now);
+        self.finish_if_done(ch, id);
+        self.drive(ch, now);
+    }
+
+    fn write_ack(&mut self, now: Instant, ticket: Ticket, statuses: &[Status]) {
         let read_max = self.limits.batches_in_flight_per_stream_max as usize;
         let Some(conn) = self.conns.get_mut(&ticket.conn) else {
             self.stats.acks_orphaned += 1;
@@ -882,6 +952,7 @@ impl Server {
                             out: BytesMut::new(),
                             recv_done: false,
                             paused: false,
+                            share_paused: false,
                         },
                     );
                     opened.push(id);
@@ -960,6 +1031,17 @@ impl Server {
             if st.pending.len() >= read_max {
                 st.paused = true;
                 return;
+            }
+            if let Some(b) = conn.business_id.filter(|_| !conn.platform) {
+                if st.share_paused {
+                    return;
+                }
+                if self.shares.is_full(b) {
+                    st.share_paused = true;
+                    self.shares.wait(b, ch, id);
+                    self.stats.share_paused += 1;
+                    return;
+                }
             }
             match st.decoder.next_frame() {
                 Ok(Some(frame)) => {
@@ -1143,8 +1225,10 @@ impl Server {
         }
         self.stats.batches_in += 1;
         self.stats.messages_in += messages.len() as u64;
-        let ticket = self.reserve_ack(ch, id, batch_id, messages.len());
-        self.batches.push_back(SubmitBatch {
+        let mut ticket = self.reserve_ack(ch, id, batch_id, messages.len());
+        ticket.business = Some(business_id);
+        self.shares.took(business_id);
+        self.batches.push(SubmitBatch {
             ticket,
             business_id,
             batch_id,
@@ -1179,6 +1263,7 @@ impl Server {
             generation: conn.generation,
             stream: id,
             seq,
+            business: None,
         }
     }
 

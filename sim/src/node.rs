@@ -246,7 +246,8 @@ impl SimNode {
             perform_open_actions(&mut self.storage[s], actions);
             logs.push((log, replay));
         }
-        let idempotency = Arc::new(Idempotency::new(ids_max));
+        let share = profile.limits.idempotency_ids_per_business_max as usize;
+        let idempotency = Arc::new(Idempotency::new(ids_max, share));
         restore.restore_into(&idempotency);
         self.stats = (0..self.setup.shards)
             .map(|_| Arc::new(ShardStats::default()))

@@ -21,6 +21,7 @@ fn tls() -> SimTls {
 fn profile() -> Profile {
     let mut p = Profile::default_profile();
     p.limits.idempotency_ids_max = 1 << 16;
+    p.limits.idempotency_ids_per_business_max = 1 << 14;
     p
 }
 

@@ -182,7 +182,7 @@ async fn resends_are_duplicates_across_shards_and_restarts() {
 /// lives here): four threads claiming the same ids get each one fresh exactly once.
 #[test]
 fn shared_between_threads_every_id_is_claimed_fresh_exactly_once() {
-    let t = Arc::new(Idempotency::new(1 << 16));
+    let t = Arc::new(Idempotency::new(1 << 16, 1 << 16));
     let handles: Vec<_> = (0..4)
         .map(|_| {
             let t = t.clone();
@@ -204,4 +204,68 @@ fn shared_between_threads_every_id_is_claimed_fresh_exactly_once() {
         .collect();
     all.sort_unstable();
     assert_eq!(all, (0..5_000).collect::<Vec<_>>());
+}
+
+/// Fair shares of the table (issue 18): a business flooding the shards with fresh ids
+/// does not make the table forget another business's recent ids. Business B stores 200
+/// ids; business A then stores four times the table's capacity of fresh ids; every
+/// resend of B's ids is still answered `duplicate` with its original position, and
+/// nothing of B's is stored twice. (With one shared table and no shares, the flood
+/// forgets them: see the table's unit test
+/// `a_flood_from_one_business_leaves_the_others_ids_within_their_share`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_fresh_ids_from_one_business_keeps_the_others_resends_duplicate() {
+    const TABLE: u32 = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let mut registry = Registry::default();
+    let (flooder, flooder_token) = registry
+        .add("flooder", Tier::Unlimited, 1_000_000, &[5u8; 32])
+        .unwrap();
+    let (modest, modest_token) = registry
+        .add("modest", Tier::Unlimited, 1_000_000, &[6u8; 32])
+        .unwrap();
+    registry.set_exempt(flooder, true);
+    registry.set_exempt(modest, true);
+    let mut setup = Setup {
+        master_key: MasterKeyText::new(format!("{MASTER_HEX}\n").into_bytes()).unwrap(),
+        ..Setup::new(2, registry.clone())
+    };
+    setup.profile.limits.idempotency_ids_max = TABLE;
+    setup.profile.limits.idempotency_ids_per_business_max = TABLE / 4;
+    let running = server::start(dir.path(), setup);
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let b = Client::connect(&config(&running, &modest_token))
+            .await
+            .unwrap();
+        let originals: Vec<LogPosition> = b
+            .submit(messages(1..=200))
+            .await
+            .unwrap()
+            .iter()
+            .map(accepted)
+            .collect();
+        let a = Client::connect(&config(&running, &flooder_token))
+            .await
+            .unwrap();
+        let flood = 4 * u64::from(TABLE);
+        for first in (0..flood).step_by(1000) {
+            let ids = 1_000_000 + first..1_000_000 + (first + 1000).min(flood);
+            for s in a.submit(messages(ids)).await.unwrap() {
+                accepted(&s);
+            }
+        }
+        let st = b.submit(messages(1..=200)).await.unwrap();
+        for (id, (s, p)) in (1..=200).zip(st.iter().zip(&originals)) {
+            assert_eq!(*s, Status::Duplicate(*p), "modest id {id} after the flood");
+        }
+        a.close().await;
+        b.close().await;
+    })
+    .await
+    .expect("test timed out");
+    let totals = running.totals();
+    assert_eq!(totals.duplicates, 200);
+    assert_eq!(totals.accepted, 200 + 4 * u64::from(TABLE));
+    running.shutdown();
+    running.join().unwrap();
 }

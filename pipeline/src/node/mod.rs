@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  handle_datagram(now, ..) ──> server::Server (QUIC, TLS, wire decoding, HELLO)
-//!                                  │ SUBMIT batch
+//!                                  │ SUBMIT batches, one business per turn, each business
+//!                                  │ held to its share in flight (server/fair.rs)
 //!                                  ▼
 //!  the stage chain (chain.rs), per batch, in order:
 //!    payload checks ─> Idempotency::claim (shared by the shards: a resend is `duplicate`)
@@ -805,7 +806,8 @@ impl Shard {
         if let Some(h) = self.held.take() {
             self.held = self.take_batch(now, h.taken, h.batch);
         }
-        // Bounded by the batches the server holds (connections x streams x depth).
+        // Bounded by the batches the server holds (connections x streams x depth, and
+        // each business's share of batches in flight).
         while self.held.is_none() {
             let Some(batch) = self.server.poll_batch() else {
                 break;
@@ -843,6 +845,8 @@ impl Shard {
             &self.stats.business_cap_refused,
             server.business_cap_refused,
         );
+        stats::set(&self.stats.share_paused, server.share_paused);
+        stats::set(&self.stats.others_ahead_max, server.others_ahead_max);
         stats::set(&self.stats.retries_sent, server.retries_sent);
         stats::set(&self.stats.half_open, server.half_open);
         self.publish_delivery_figures();

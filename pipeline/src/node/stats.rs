@@ -96,6 +96,12 @@ pub struct ShardStats {
     pub address_cap_refused: AtomicU64,
     /// Connections closed at HELLO because their credential held its share.
     pub business_cap_refused: AtomicU64,
+    /// Times a stream was left unread because its business had its share of batches in
+    /// flight on the shard (mirrors the server).
+    pub share_paused: AtomicU64,
+    /// Most batches of other businesses taken while one batch was first of its business
+    /// in the shard's queue (gauge; see `server::fair` for the bound).
+    pub others_ahead_max: AtomicU64,
     /// QUIC Retry packets sent to unvalidated addresses.
     pub retries_sent: AtomicU64,
     /// Handshakes in progress (gauge).

@@ -44,11 +44,18 @@ pub struct Limits {
     pub streams_per_connection_max: u32,
     /// Most SUBMITs of one stream waiting for their ACK before the stream stops being read.
     pub batches_in_flight_per_stream_max: u32,
+    /// Most SUBMITs of one business decoded on a shard and not yet acked, all its
+    /// connections and streams together; past it the business's streams are not read
+    /// (backpressure, not rejection). See `server::fair` for the bound it gives others.
+    pub batches_in_flight_per_business_max: u32,
     /// Milliseconds a connection may take, after its handshake, to send a valid HELLO.
     pub hello_timeout_ms: u32,
     /// Most client message ids the idempotency table remembers, all shards together
-    /// (about 35 bytes each when full; see [`crate::idempotency`]).
+    /// (about 51 bytes each when full; see [`crate::idempotency`]).
     pub idempotency_ids_max: u32,
+    /// Ids of one business the idempotency table keeps when it is full, whatever other
+    /// businesses send (see [`crate::idempotency`], "Fair shares").
+    pub idempotency_ids_per_business_max: u32,
 }
 
 impl Limits {
@@ -112,6 +119,12 @@ impl Limits {
             1024,
         );
         c.range(
+            "limits.batches_in_flight_per_business_max",
+            self.batches_in_flight_per_business_max,
+            1,
+            1 << 20,
+        );
+        c.range(
             "limits.hello_timeout_ms",
             self.hello_timeout_ms,
             10,
@@ -123,6 +136,21 @@ impl Limits {
             idempotency::ENTRIES_MIN as u32,
             idempotency::ENTRIES_MAX as u32,
         );
+        c.range(
+            "limits.idempotency_ids_per_business_max",
+            self.idempotency_ids_per_business_max,
+            idempotency::ENTRIES_MIN as u32,
+            idempotency::ENTRIES_MAX as u32,
+        );
+        if self.idempotency_ids_per_business_max > self.idempotency_ids_max {
+            c.fail(
+                "limits.idempotency_ids_per_business_max",
+                format!(
+                    "{} exceeds limits.idempotency_ids_max ({}): a share is part of the table",
+                    self.idempotency_ids_per_business_max, self.idempotency_ids_max
+                ),
+            );
+        }
     }
 
     /// A frame holds one message of the largest payload, and the ACK of a full batch.

@@ -125,6 +125,10 @@ pub enum LogFailure {
     /// The keyring could not be persisted.
     #[error("the keyring could not be persisted")]
     KeyringFailed,
+    /// Every index of the log's space was handed out (only a forged or damaged keyring or
+    /// segment header gets near it: 2^48 records).
+    #[error("the log's index space is exhausted")]
+    IndexSpaceExhausted,
 }
 
 /// Why an append was refused. Maps to a wire [`Status`] with [`LogError::status`].
@@ -177,6 +181,12 @@ pub enum OpenError {
         segment_id: u64,
         /// Why.
         cause: KeyError,
+    },
+    /// The kept segments or the keyring's index floor end beyond the log's index space.
+    #[error("the log would continue at index {next_index}, beyond its index space")]
+    IndexSpace {
+        /// Where the log would continue.
+        next_index: u64,
     },
     /// Segments overlap or are out of order.
     #[error("segment {segment_id} starts at index {first_index}, before the end of the previous segment ({previous_end})")]
@@ -294,6 +304,9 @@ impl Log {
                 created_ms: s.header.created_ms,
                 newest_ms: s.newest_ms,
             });
+        }
+        if next_index > LogPosition::INDEX_LIMIT {
+            return Err(OpenError::IndexSpace { next_index });
         }
         // Keys whose segment never made it to disk, or that held nothing.
         let kept_keys: Vec<u64> = segments.iter().map(|m| m.data_key_id).collect();
@@ -417,6 +430,11 @@ impl Log {
                 records: n,
                 bytes: batch_bytes,
             });
+        }
+        if self.next_index + n as u64 > LogPosition::INDEX_LIMIT {
+            let f = LogFailure::IndexSpaceExhausted;
+            self.failed = Some(f);
+            return Err(LogError::Failed(f));
         }
         if self.pending.records as usize + n > self.cfg.group_commit_records_max as usize
             || self.pending.bytes + batch_bytes > self.cfg.group_commit_bytes_max

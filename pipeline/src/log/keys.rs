@@ -22,6 +22,8 @@ use std::collections::BTreeMap;
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use zeroize::Zeroizing;
 
+use crate::wire::LogPosition;
+
 /// Bytes of a master or data key (AES-256).
 pub const KEY_BYTES: usize = 32;
 /// Bytes of an AES-GCM nonce.
@@ -97,6 +99,11 @@ pub enum KeyringError {
     /// More entries than [`KEYRING_KEYS_MAX`].
     #[error("keyring announces {0} keys, more than the bound")]
     TooManyKeys(u32),
+    /// A counter is where it cannot advance from: the nonce epoch or the key id counter at
+    /// `u64::MAX`, or the index floor beyond the log's index space. No log writes such a
+    /// keyring; opening one would have to reuse an epoch, a key id or a position.
+    #[error("keyring {0} is at or past its limit")]
+    Exhausted(&'static str),
     /// Entries out of order, duplicated, or not below `next_key_id`.
     #[error("keyring entry {index} is inconsistent")]
     Inconsistent {
@@ -482,6 +489,15 @@ impl Keyring {
         let epoch = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
         let next_key_id = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
         let index_floor = u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes"));
+        if epoch == u64::MAX {
+            return Err(KeyringError::Exhausted("nonce epoch"));
+        }
+        if next_key_id == u64::MAX {
+            return Err(KeyringError::Exhausted("key id counter"));
+        }
+        if index_floor > LogPosition::INDEX_LIMIT {
+            return Err(KeyringError::Exhausted("index floor"));
+        }
         let mut live = BTreeMap::new();
         let mut prev = 0u64;
         for (index, e) in bytes[KEYRING_HEADER_BYTES..body]

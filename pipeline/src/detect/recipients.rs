@@ -183,7 +183,9 @@ impl ExactSet {
     /// Records `tag` in `hour`. False when it is new and the set is full.
     #[inline]
     fn insert(&mut self, tag: u32, hour: u32) -> bool {
-        if hour + HOURS as u32 <= self.latest_hour {
+        // Saturating here and in `advance`: a checkpoint may name hours near u32::MAX
+        // (fuzzing found the overflow, `fuzz/regressions/checkpoint/`); no clock does.
+        if hour.saturating_add(HOURS as u32) <= self.latest_hour {
             return true; // older than the window: counts for nothing
         }
         if hour > self.latest_hour {
@@ -224,7 +226,7 @@ impl ExactSet {
         self.slots.fill(0);
         self.len = 0;
         for (t, h) in old {
-            if h + HOURS as u32 > hour {
+            if h.saturating_add(HOURS as u32) > hour {
                 let ok = self.insert(t, h);
                 debug_assert!(ok, "reinserting fewer tags than before");
             }
@@ -321,7 +323,7 @@ impl HllRing {
         let mut cleared = false;
         for s in 0..HOURS {
             let h = self.slot_hour[s];
-            if h != u32::MAX && h + HOURS as u32 <= self.latest_hour {
+            if h != u32::MAX && h.saturating_add(HOURS as u32) <= self.latest_hour {
                 self.regs[s * m..(s + 1) * m].fill(0);
                 self.slot_hour[s] = u32::MAX;
                 cleared = true;
@@ -363,7 +365,7 @@ impl HllRing {
 
     #[inline]
     pub(crate) fn insert(&mut self, tag: u32, hour: u32) {
-        if hour + HOURS as u32 <= self.latest_hour {
+        if hour.saturating_add(HOURS as u32) <= self.latest_hour {
             return;
         }
         if hour > self.latest_hour {

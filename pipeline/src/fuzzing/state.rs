@@ -13,8 +13,8 @@ fn detector() -> Detector {
 }
 
 /// `data[0]` bit 0 set: the trailing CRC is recomputed. The rest is a checkpoint; one that
-/// restores checkpoints again to bytes that restore to the same bytes, and a failed
-/// restore leaves the detector as it was.
+/// restores checkpoints again to bytes that restore to the same bytes, and takes a few
+/// messages of each restored business; a failed restore leaves the detector as it was.
 pub fn checkpoint(data: &[u8]) {
     let Some((&ctl, rest)) = data.split_first() else {
         return;
@@ -27,6 +27,16 @@ pub fn checkpoint(data: &[u8]) {
     let before = d.checkpoint();
     match d.restore(&bytes) {
         Ok(()) => {
+            // A restored detector meets traffic: a shard observes right after a restore
+            // (the seeds hold businesses 1 and 2).
+            for id in 1..=3 {
+                for i in 0..3u64 {
+                    d.observe(NOW_MS + i * 61_000, &limits(id), &num(i));
+                }
+            }
+            let _ = d.checkpoint();
+            let mut d = detector();
+            d.restore(&bytes).expect("restored once, restores again");
             let once = d.checkpoint();
             let mut again = detector();
             again
@@ -89,6 +99,19 @@ pub fn registry(data: &[u8]) {
     }
 }
 
+/// A time near the seeds' (late 2023), in unix ms.
+const NOW_MS: u64 = 1_700_000_100_000;
+
+fn limits(id: u32) -> BusinessLimits {
+    BusinessLimits {
+        id,
+        tier: Tier::T2k,
+        mps: 100,
+        exempt: false,
+        baseline_per_min: 0,
+    }
+}
+
 fn num(i: u64) -> Recipient {
     Recipient::parse(format!("+1555{i:07}").as_bytes()).expect("valid")
 }
@@ -96,13 +119,6 @@ fn num(i: u64) -> Recipient {
 pub(super) fn checkpoint_seeds() -> Vec<(String, Vec<u8>)> {
     let mut d = detector();
     let empty = d.checkpoint();
-    let limits = |id| BusinessLimits {
-        id,
-        tier: Tier::T2k,
-        mps: 100,
-        exempt: false,
-        baseline_per_min: 0,
-    };
     let mut t = 1_700_000_000_000u64;
     for i in 0..40 {
         t += 250;

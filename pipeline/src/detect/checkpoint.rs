@@ -433,14 +433,18 @@ fn read_window_state(
         // Two rows of `width` (current, previous) counter pairs: not kept (see
         // VERSION_SKETCH); the table starts empty in the checkpoint's window.
         r.take(2 * width * 2)?;
-        st.recent.set_window(window);
+        if !st.recent.set_window(window) {
+            return Err(CheckpointError::Corrupt("same-recipient window"));
+        }
         f.tick = r.u64()?;
         for i in 0..FAN_TICKS {
             f.ring_local[i] = r.u32()?;
             f.ring_new[i] = r.u32()?;
         }
     } else {
-        st.recent.set_window(window);
+        if !st.recent.set_window(window) {
+            return Err(CheckpointError::Corrupt("same-recipient window"));
+        }
         for x in &mut st.recent.slots {
             *x = r.u64()?;
         }

@@ -593,15 +593,20 @@ mod index_space {
         };
         assert_eq!(
             with(8, u64::MAX).unwrap_err(),
-            KeyringError::Exhausted("nonce epoch")
+            KeyringError::Counter("nonce epoch")
         );
         assert_eq!(
             with(16, u64::MAX).unwrap_err(),
-            KeyringError::Exhausted("key id counter")
+            KeyringError::Counter("key id counter")
+        );
+        assert_eq!(
+            with(16, 0).unwrap_err(),
+            KeyringError::Counter("key id counter"),
+            "key ids start at 1 (found by fuzzing: a roll issued key 0, which no keyring holds)"
         );
         assert_eq!(
             with(24, LIMIT + 1).unwrap_err(),
-            KeyringError::Exhausted("index floor")
+            KeyringError::Counter("index floor")
         );
         // The edges themselves are fine: a full log opens and refuses appends.
         assert!(with(8, u64::MAX - 1).is_ok());

@@ -99,11 +99,12 @@ pub enum KeyringError {
     /// More entries than [`KEYRING_KEYS_MAX`].
     #[error("keyring announces {0} keys, more than the bound")]
     TooManyKeys(u32),
-    /// A counter is where it cannot advance from: the nonce epoch or the key id counter at
-    /// `u64::MAX`, or the index floor beyond the log's index space. No log writes such a
-    /// keyring; opening one would have to reuse an epoch, a key id or a position.
-    #[error("keyring {0} is at or past its limit")]
-    Exhausted(&'static str),
+    /// A counter is out of its range: the nonce epoch at `u64::MAX`, the key id counter at
+    /// 0 (ids start at 1) or `u64::MAX`, or the index floor beyond the log's index space.
+    /// No log writes such a keyring; opening one would have to reuse an epoch, a key id or
+    /// a position, or issue key id 0.
+    #[error("keyring {0} is out of its range")]
+    Counter(&'static str),
     /// Entries out of order, duplicated, or not below `next_key_id`.
     #[error("keyring entry {index} is inconsistent")]
     Inconsistent {
@@ -490,13 +491,13 @@ impl Keyring {
         let next_key_id = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
         let index_floor = u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes"));
         if epoch == u64::MAX {
-            return Err(KeyringError::Exhausted("nonce epoch"));
+            return Err(KeyringError::Counter("nonce epoch"));
         }
-        if next_key_id == u64::MAX {
-            return Err(KeyringError::Exhausted("key id counter"));
+        if next_key_id == 0 || next_key_id == u64::MAX {
+            return Err(KeyringError::Counter("key id counter"));
         }
         if index_floor > LogPosition::INDEX_LIMIT {
-            return Err(KeyringError::Exhausted("index floor"));
+            return Err(KeyringError::Counter("index floor"));
         }
         let mut live = BTreeMap::new();
         let mut prev = 0u64;

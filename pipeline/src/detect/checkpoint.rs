@@ -469,7 +469,9 @@ fn read_window_state(
             return Err(CheckpointError::Corrupt("short sketch register"));
         }
     }
-    f.resum();
+    if !f.resum() {
+        return Err(CheckpointError::Corrupt("fan-out ring"));
+    }
     f.minute = r.u64()?;
     f.minute_distinct = r.u32()?;
     f.baseline_per_min = f32::from_bits(r.u32()?);

@@ -125,9 +125,9 @@ pub enum LogFailure {
     /// The keyring could not be persisted.
     #[error("the keyring could not be persisted")]
     KeyringFailed,
-    /// Every index of the log's space was handed out (only a forged or damaged keyring or
-    /// segment header gets near it: 2^48 records).
-    #[error("the log's index space is exhausted")]
+    /// Every index of the log's space was handed out, or every key id (only a forged or
+    /// damaged keyring or segment header gets near either: 2^48 records, 2^64 segments).
+    #[error("the log's index or key id space is exhausted")]
     IndexSpaceExhausted,
 }
 
@@ -182,6 +182,10 @@ pub enum OpenError {
         /// Why.
         cause: KeyError,
     },
+    /// The keyring's nonce epoch or key id counter is at `u64::MAX`: the log cannot
+    /// advance it (only a forged or damaged keyring holds one).
+    #[error("the keyring's {0} is exhausted")]
+    Exhausted(&'static str),
     /// The kept segments or the keyring's index floor end beyond the log's index space.
     #[error("the log would continue at index {next_index}, beyond its index space")]
     IndexSpace {
@@ -261,6 +265,12 @@ impl Log {
         mut kept: Vec<SegmentSummary>,
         actions: &mut Vec<Action>,
     ) -> Result<Log, OpenError> {
+        if keyring.epoch() == u64::MAX {
+            return Err(OpenError::Exhausted("nonce epoch"));
+        }
+        if keyring.next_key_id() == u64::MAX {
+            return Err(OpenError::Exhausted("key id counter"));
+        }
         // Prove the master key before anything is touched: every live key must unwrap.
         // (An empty keyring cannot tell a wrong master key; it protects nothing yet.)
         for key_id in keyring.live_ids() {
@@ -431,7 +441,10 @@ impl Log {
                 bytes: batch_bytes,
             });
         }
-        if self.next_index + n as u64 > LogPosition::INDEX_LIMIT {
+        // A roll needs a key id below u64::MAX (the counter must advance past it).
+        if self.next_index + n as u64 > LogPosition::INDEX_LIMIT
+            || self.keyring.next_key_id() == u64::MAX
+        {
             let f = LogFailure::IndexSpaceExhausted;
             self.failed = Some(f);
             return Err(LogError::Failed(f));

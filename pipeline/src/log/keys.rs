@@ -99,10 +99,10 @@ pub enum KeyringError {
     /// More entries than [`KEYRING_KEYS_MAX`].
     #[error("keyring announces {0} keys, more than the bound")]
     TooManyKeys(u32),
-    /// A counter is out of its range: the nonce epoch at `u64::MAX`, the key id counter at
-    /// 0 (ids start at 1) or `u64::MAX`, or the index floor beyond the log's index space.
-    /// No log writes such a keyring; opening one would have to reuse an epoch, a key id or
-    /// a position, or issue key id 0.
+    /// A counter is out of its range: the key id counter at 0 (ids start at 1), or the
+    /// index floor beyond the log's index space. No log writes such a keyring. (Counters
+    /// at `u64::MAX` parse, so that every keyring a log writes reads back; the log refuses
+    /// to advance them, see `OpenError::Exhausted`.)
     #[error("keyring {0} is out of its range")]
     Counter(&'static str),
     /// Entries out of order, duplicated, or not below `next_key_id`.
@@ -490,10 +490,7 @@ impl Keyring {
         let epoch = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
         let next_key_id = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
         let index_floor = u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes"));
-        if epoch == u64::MAX {
-            return Err(KeyringError::Counter("nonce epoch"));
-        }
-        if next_key_id == 0 || next_key_id == u64::MAX {
+        if next_key_id == 0 {
             return Err(KeyringError::Counter("key id counter"));
         }
         if index_floor > LogPosition::INDEX_LIMIT {

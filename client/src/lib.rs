@@ -31,6 +31,8 @@
 pub mod client;
 pub mod edge;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod progress;
 pub mod send;
 pub mod session;

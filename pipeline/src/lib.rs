@@ -31,6 +31,8 @@
 pub mod cid;
 pub mod detect;
 pub mod e2e;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod idempotency;
 pub mod log;
 pub mod node;

@@ -466,3 +466,163 @@ fn a_version_1_segment_reads_back() {
     );
     assert_eq!(rec.payload, b"hello");
 }
+
+// Found by fuzzing (the `segment` and `keyring` targets, `fuzz/regressions/`): a segment
+// header or keyring with valid CRCs but counters at the edge of their range made recovery
+// overflow or a later append panic on a position past the index space. They are refused
+// with errors now, and a log that reaches the top of its index space refuses appends.
+
+mod index_space {
+    use super::*;
+    use courier_pipeline::log::format::HeaderError;
+    use courier_pipeline::log::{KeyringError, LogConfig, OpenError, Recovery};
+    use courier_pipeline::wire::LogPosition;
+    use courier_pipeline::ShardId;
+
+    const LIMIT: u64 = LogPosition::INDEX_LIMIT;
+
+    fn config() -> LogConfig {
+        LogConfig {
+            segment_bytes_max: 1 << 20,
+            segment_age_max_ms: 3_600_000,
+            retention_ms: 86_400_000,
+            group_commit_records_max: 64,
+            group_commit_bytes_max: 1 << 20,
+            payload_bytes_max: PAYLOAD_MAX,
+            drops_per_step_max: 4,
+        }
+    }
+
+    /// A keyring with one key, and a segment of `records` records under it whose header
+    /// names `first_index` (written with a valid CRC, as a forger or bit rot with luck would).
+    fn segment_at(first_index: u64, records: u32) -> (Keyring, Vec<u8>) {
+        let master = MasterKey::from_bytes([5; 32]);
+        let mut ring = Keyring::new();
+        let key = ring.create_key(&master, [9; 32], [1; 12]);
+        let h = SegmentHeader {
+            segment_id: key.id(),
+            data_key_id: key.id(),
+            first_index: 0,
+            created_ms: 0,
+            version: SEGMENT_VERSION,
+        };
+        let c = SegmentCodec::new(h, key, PAYLOAD_MAX);
+        let mut bytes = Vec::new();
+        h.encode(&mut bytes);
+        for i in 0..records {
+            c.encode_record(i, &record(u64::from(i), b"hello"), &mut bytes)
+                .unwrap();
+        }
+        bytes[24..32].copy_from_slice(&first_index.to_le_bytes());
+        let crc = crc32c::crc32c(&bytes[..40]);
+        bytes[40..44].copy_from_slice(&crc.to_le_bytes());
+        (ring, bytes)
+    }
+
+    fn open(ring: &Keyring, bytes: &[u8]) -> Result<courier_pipeline::log::Log, OpenError> {
+        let master = MasterKey::from_bytes([5; 32]);
+        let mut r = Recovery::new(Some(&ring.to_bytes()), true, master, PAYLOAD_MAX).unwrap();
+        r.judge(1, bytes, &mut |_, _| {}).unwrap();
+        match r.plan().open(config(), ShardId::new(0)) {
+            Ok((log, _)) => Ok(log),
+            Err(courier_pipeline::log::RecoverError::Open(e)) => Err(e),
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+
+    #[test]
+    fn a_segment_header_beyond_the_index_space_is_corruption_not_an_overflow() {
+        for first_index in [LIMIT, u64::MAX - 2] {
+            let (ring, bytes) = segment_at(first_index, 3);
+            let master = MasterKey::from_bytes([5; 32]);
+            let err = recover_segment(1, &bytes, &ring, &master, PAYLOAD_MAX).unwrap_err();
+            let RecoveryError::Corrupt(c) = err else {
+                panic!("corruption expected, got {err}");
+            };
+            assert_eq!(c.offset, 0);
+            assert_eq!(
+                c.cause,
+                CorruptionCause::Header(HeaderError::FirstIndex(first_index))
+            );
+        }
+    }
+
+    #[test]
+    fn a_log_whose_segments_end_past_the_index_space_does_not_open() {
+        let (ring, bytes) = segment_at(LIMIT - 1, 3);
+        assert_eq!(
+            open(&ring, &bytes).unwrap_err(),
+            OpenError::IndexSpace {
+                next_index: LIMIT + 2
+            }
+        );
+    }
+
+    #[test]
+    fn a_log_at_the_top_of_its_index_space_refuses_appends_with_an_error() {
+        let (ring, bytes) = segment_at(LIMIT - 2, 1);
+        let mut log = open(&ring, &bytes).unwrap();
+        assert_eq!(log.next_index(), LIMIT - 1);
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+        let (mut actions, mut positions) = (Vec::new(), Vec::new());
+        let r = record(1, b"last");
+        log.append(1, &mut rng, &[r], &mut actions, &mut positions)
+            .unwrap();
+        assert_eq!(
+            positions[0].index(),
+            LIMIT - 1,
+            "the last index is handed out"
+        );
+        assert_eq!(
+            log.append(2, &mut rng, &[r], &mut actions, &mut positions),
+            Err(LogError::Failed(LogFailure::IndexSpaceExhausted))
+        );
+        assert_eq!(log.failure(), Some(LogFailure::IndexSpaceExhausted));
+    }
+
+    #[test]
+    fn a_keyring_whose_counters_cannot_advance_is_refused() {
+        let master = MasterKey::from_bytes([5; 32]);
+        let mut ring = Keyring::new();
+        ring.create_key(&master, [9; 32], [1; 12]);
+        let good = ring.to_bytes();
+        let with = |offset: usize, value: u64| {
+            let mut b = good.clone();
+            b[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
+            let n = b.len() - 4;
+            let crc = crc32c::crc32c(&b[..n]);
+            b[n..].copy_from_slice(&crc.to_le_bytes());
+            Keyring::from_bytes(&b)
+        };
+        // Counters at u64::MAX parse (a log may write them) but a log does not open on
+        // them (found by fuzzing: an epoch at u64::MAX - 1 opened, was bumped, and the
+        // keyring written would not read back).
+        for (offset, what) in [(8, "nonce epoch"), (16, "key id counter")] {
+            let ring = with(offset, u64::MAX).unwrap();
+            let mut r = Recovery::new(
+                Some(&ring.to_bytes()),
+                false,
+                MasterKey::from_bytes([5; 32]),
+                PAYLOAD_MAX,
+            )
+            .unwrap();
+            r.judge(1, &[], &mut |_, _| {}).unwrap();
+            assert_eq!(
+                r.plan().open(config(), ShardId::new(0)).unwrap_err(),
+                courier_pipeline::log::RecoverError::Open(OpenError::Exhausted(what))
+            );
+        }
+        assert_eq!(
+            with(16, 0).unwrap_err(),
+            KeyringError::Counter("key id counter"),
+            "key ids start at 1 (found by fuzzing: a roll issued key 0, which no keyring holds)"
+        );
+        assert_eq!(
+            with(24, LIMIT + 1).unwrap_err(),
+            KeyringError::Counter("index floor")
+        );
+        // The edges themselves are fine: a full log opens and refuses appends.
+        assert!(with(8, u64::MAX - 1).is_ok());
+        assert!(with(24, LIMIT).is_ok());
+    }
+}

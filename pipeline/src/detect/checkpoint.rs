@@ -433,14 +433,18 @@ fn read_window_state(
         // Two rows of `width` (current, previous) counter pairs: not kept (see
         // VERSION_SKETCH); the table starts empty in the checkpoint's window.
         r.take(2 * width * 2)?;
-        st.recent.set_window(window);
+        if !st.recent.set_window(window) {
+            return Err(CheckpointError::Corrupt("same-recipient window"));
+        }
         f.tick = r.u64()?;
         for i in 0..FAN_TICKS {
             f.ring_local[i] = r.u32()?;
             f.ring_new[i] = r.u32()?;
         }
     } else {
-        st.recent.set_window(window);
+        if !st.recent.set_window(window) {
+            return Err(CheckpointError::Corrupt("same-recipient window"));
+        }
         for x in &mut st.recent.slots {
             *x = r.u64()?;
         }
@@ -465,7 +469,9 @@ fn read_window_state(
             return Err(CheckpointError::Corrupt("short sketch register"));
         }
     }
-    f.resum();
+    if !f.resum() {
+        return Err(CheckpointError::Corrupt("fan-out ring"));
+    }
     f.minute = r.u64()?;
     f.minute_distinct = r.u32()?;
     f.baseline_per_min = f32::from_bits(r.u32()?);

@@ -348,10 +348,23 @@ impl FanOut {
     }
 
     /// Rebuilds the sums after the rings were restored (checkpoint).
-    pub(crate) fn resum(&mut self) {
-        self.sum_local = self.ring_local.iter().sum();
-        self.sum_peer = self.ring_peer.iter().sum();
-        self.sum_new = self.ring_new.iter().sum();
+    ///
+    /// False, and the sums unchanged, when a ring's sum does not fit u32: only a damaged
+    /// checkpoint holds such counts (fuzzing found the overflow, `fuzz/regressions/checkpoint/`).
+    #[must_use]
+    pub(crate) fn resum(&mut self) -> bool {
+        let sum = |ring: &[u32]| ring.iter().try_fold(0u32, |a, &x| a.checked_add(x));
+        let (Some(local), Some(peer), Some(new)) = (
+            sum(&self.ring_local),
+            sum(&self.ring_peer),
+            sum(&self.ring_new),
+        ) else {
+            return false;
+        };
+        self.sum_local = local;
+        self.sum_peer = peer;
+        self.sum_new = new;
+        true
     }
 
     /// The short sketches' registers, this second's then the previous one's

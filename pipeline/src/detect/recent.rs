@@ -95,11 +95,22 @@ impl RecentRecipients {
         self.slots.capacity() * 8
     }
 
-    /// Sets the window number (from a checkpoint) without touching the slots.
-    pub(crate) fn set_window(&mut self, window: u64) {
+    /// Sets the window number (from a checkpoint) without touching the slots. False, and
+    /// nothing changed, when the window would end past `u64::MAX` ms: only a damaged
+    /// checkpoint names such a window (fuzzing found the overflow,
+    /// `fuzz/regressions/checkpoint/`).
+    #[must_use]
+    pub(crate) fn set_window(&mut self, window: u64) -> bool {
+        let Some(start_ms) = window.checked_mul(self.window_ms) else {
+            return false;
+        };
+        let Some(end_ms) = start_ms.checked_add(self.window_ms) else {
+            return false;
+        };
         self.window = window;
-        self.start_ms = window * self.window_ms;
-        self.end_ms = self.start_ms + self.window_ms;
+        self.start_ms = start_ms;
+        self.end_ms = end_ms;
+        true
     }
 
     /// The first slot of `h`'s bucket and its tag.
@@ -127,7 +138,8 @@ impl RecentRecipients {
         } else {
             self.slots.fill(0);
         }
-        self.set_window(window);
+        let moved = self.set_window(window);
+        debug_assert!(moved, "a window of a clock's time fits u64");
     }
 
     /// Which of the two windows `t` falls in: `Some(false)` the current one,

@@ -183,7 +183,10 @@ impl ExactSet {
     /// Records `tag` in `hour`. False when it is new and the set is full.
     #[inline]
     fn insert(&mut self, tag: u32, hour: u32) -> bool {
-        if hour + HOURS as u32 <= self.latest_hour {
+        // In u64 here and in `advance`: a checkpoint may name hours near u32::MAX
+        // (fuzzing found the overflow, `fuzz/regressions/checkpoint/`; saturating instead
+        // expired the last 24 hours before u32::MAX, which fuzzing found too).
+        if u64::from(hour) + HOURS as u64 <= u64::from(self.latest_hour) {
             return true; // older than the window: counts for nothing
         }
         if hour > self.latest_hour {
@@ -224,7 +227,7 @@ impl ExactSet {
         self.slots.fill(0);
         self.len = 0;
         for (t, h) in old {
-            if h + HOURS as u32 > hour {
+            if u64::from(h) + HOURS as u64 > u64::from(hour) {
                 let ok = self.insert(t, h);
                 debug_assert!(ok, "reinserting fewer tags than before");
             }
@@ -321,7 +324,7 @@ impl HllRing {
         let mut cleared = false;
         for s in 0..HOURS {
             let h = self.slot_hour[s];
-            if h != u32::MAX && h + HOURS as u32 <= self.latest_hour {
+            if h != u32::MAX && u64::from(h) + HOURS as u64 <= u64::from(self.latest_hour) {
                 self.regs[s * m..(s + 1) * m].fill(0);
                 self.slot_hour[s] = u32::MAX;
                 cleared = true;
@@ -363,7 +366,7 @@ impl HllRing {
 
     #[inline]
     pub(crate) fn insert(&mut self, tag: u32, hour: u32) {
-        if hour + HOURS as u32 <= self.latest_hour {
+        if u64::from(hour) + HOURS as u64 <= u64::from(self.latest_hour) {
             return;
         }
         if hour > self.latest_hour {

@@ -125,6 +125,10 @@ pub enum LogFailure {
     /// The keyring could not be persisted.
     #[error("the keyring could not be persisted")]
     KeyringFailed,
+    /// Every index of the log's space was handed out, or every key id (only a forged or
+    /// damaged keyring or segment header gets near either: 2^48 records, 2^64 segments).
+    #[error("the log's index or key id space is exhausted")]
+    IndexSpaceExhausted,
 }
 
 /// Why an append was refused. Maps to a wire [`Status`] with [`LogError::status`].
@@ -177,6 +181,16 @@ pub enum OpenError {
         segment_id: u64,
         /// Why.
         cause: KeyError,
+    },
+    /// The keyring's nonce epoch or key id counter is at `u64::MAX`: the log cannot
+    /// advance it (only a forged or damaged keyring holds one).
+    #[error("the keyring's {0} is exhausted")]
+    Exhausted(&'static str),
+    /// The kept segments or the keyring's index floor end beyond the log's index space.
+    #[error("the log would continue at index {next_index}, beyond its index space")]
+    IndexSpace {
+        /// Where the log would continue.
+        next_index: u64,
     },
     /// Segments overlap or are out of order.
     #[error("segment {segment_id} starts at index {first_index}, before the end of the previous segment ({previous_end})")]
@@ -253,6 +267,12 @@ impl Log {
         mut kept: Vec<SegmentSummary>,
         actions: &mut Vec<Action>,
     ) -> Result<Log, OpenError> {
+        if keyring.epoch() == u64::MAX {
+            return Err(OpenError::Exhausted("nonce epoch"));
+        }
+        if keyring.next_key_id() == u64::MAX {
+            return Err(OpenError::Exhausted("key id counter"));
+        }
         // Prove the master key before anything is touched: every live key must unwrap.
         // (An empty keyring cannot tell a wrong master key; it protects nothing yet.)
         for key_id in keyring.live_ids() {
@@ -296,6 +316,9 @@ impl Log {
                 created_ms: s.header.created_ms,
                 newest_ms: s.newest_ms,
             });
+        }
+        if next_index > LogPosition::INDEX_LIMIT {
+            return Err(OpenError::IndexSpace { next_index });
         }
         // Keys whose segment never made it to disk, or that held nothing.
         let kept_keys: Vec<u64> = segments.iter().map(|m| m.data_key_id).collect();
@@ -420,6 +443,14 @@ impl Log {
                 records: n,
                 bytes: batch_bytes,
             });
+        }
+        // A roll needs a key id below u64::MAX (the counter must advance past it).
+        if self.next_index + n as u64 > LogPosition::INDEX_LIMIT
+            || self.keyring.next_key_id() == u64::MAX
+        {
+            let f = LogFailure::IndexSpaceExhausted;
+            self.failed = Some(f);
+            return Err(LogError::Failed(f));
         }
         if self.pending.records as usize + n > self.cfg.group_commit_records_max as usize
             || self.pending.bytes + batch_bytes > self.cfg.group_commit_bytes_max

@@ -41,7 +41,7 @@
 use aws_lc_rs::aead::{Aad, Nonce};
 
 use super::keys::{DataKey, TAG_BYTES};
-use crate::wire::{Recipient, RECIPIENT_BYTES_MAX};
+use crate::wire::{LogPosition, Recipient, RECIPIENT_BYTES_MAX};
 
 /// Bytes of the segment header at offset 0.
 pub const SEGMENT_HEADER_BYTES: usize = 44;
@@ -106,6 +106,9 @@ pub enum HeaderError {
     /// The header's CRC does not match.
     #[error("segment header CRC mismatch")]
     Crc,
+    /// The first index lies outside the log's index space: no log writes such a header.
+    #[error("segment header names first index {0}, beyond the log's index space")]
+    FirstIndex(u64),
 }
 
 impl SegmentHeader {
@@ -141,10 +144,16 @@ impl SegmentHeader {
         if !(SEGMENT_VERSION_MIN..=SEGMENT_VERSION).contains(&version) {
             return Err(HeaderError::Version(version));
         }
+        // A log index is below LogPosition::INDEX_LIMIT; a CRC-valid header beyond it is
+        // damage or a forgery, and its first index plus a record count could overflow.
+        let first_index = u64_at(bytes, 24);
+        if first_index >= LogPosition::INDEX_LIMIT {
+            return Err(HeaderError::FirstIndex(first_index));
+        }
         Ok(SegmentHeader {
             segment_id: u64_at(bytes, 8),
             data_key_id: u64_at(bytes, 16),
-            first_index: u64_at(bytes, 24),
+            first_index,
             created_ms: u64_at(bytes, 32),
             version,
             continues: u16::from_le_bytes([bytes[6], bytes[7]]) & FLAG_CONTINUES != 0,
@@ -511,6 +520,27 @@ impl SegmentCodec {
             assert_eq!(back.as_record(), *record);
         }
         Ok(written)
+    }
+
+    /// Frames and seals arbitrary `plain` bytes as record number `index`, as
+    /// [`SegmentCodec::encode_record`] frames a record's plaintext: the fuzz targets build
+    /// records no encoder would write, to reach the plaintext parser behind the tag.
+    #[doc(hidden)]
+    pub fn seal_plaintext_for_fuzzing(&self, index: u32, plain: &[u8], out: &mut Vec<u8>) {
+        let start = out.len();
+        let sealed_len = u32::try_from(plain.len() + TAG_BYTES).expect("a fuzz record fits u32");
+        out.extend_from_slice(&sealed_len.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        let sealed = out.len();
+        out.extend_from_slice(plain);
+        let tag = self
+            .key
+            .aead
+            .seal_in_place_separate_tag(self.nonce(index), Aad::empty(), &mut out[sealed..])
+            .expect("AES-GCM seal cannot fail for a bounded record");
+        out.extend_from_slice(tag.as_ref());
+        let crc = frame_crc(&out[start..start + 4], &out[sealed..]);
+        out[start + 4..sealed].copy_from_slice(&crc.to_le_bytes());
     }
 
     /// Checks the frame of the record at `offset` of `bytes` without the key: bounds, then

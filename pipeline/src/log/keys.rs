@@ -22,6 +22,8 @@ use std::collections::BTreeMap;
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use zeroize::Zeroizing;
 
+use crate::wire::LogPosition;
+
 /// Bytes of a master or data key (AES-256).
 pub const KEY_BYTES: usize = 32;
 /// Bytes of an AES-GCM nonce.
@@ -97,6 +99,12 @@ pub enum KeyringError {
     /// More entries than [`KEYRING_KEYS_MAX`].
     #[error("keyring announces {0} keys, more than the bound")]
     TooManyKeys(u32),
+    /// A counter is out of its range: the key id counter at 0 (ids start at 1), or the
+    /// index floor beyond the log's index space. No log writes such a keyring. (Counters
+    /// at `u64::MAX` parse, so that every keyring a log writes reads back; the log refuses
+    /// to advance them, see `OpenError::Exhausted`.)
+    #[error("keyring {0} is out of its range")]
+    Counter(&'static str),
     /// Entries out of order, duplicated, or not below `next_key_id`.
     #[error("keyring entry {index} is inconsistent")]
     Inconsistent {
@@ -482,6 +490,12 @@ impl Keyring {
         let epoch = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
         let next_key_id = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
         let index_floor = u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes"));
+        if next_key_id == 0 {
+            return Err(KeyringError::Counter("key id counter"));
+        }
+        if index_floor > LogPosition::INDEX_LIMIT {
+            return Err(KeyringError::Counter("index floor"));
+        }
         let mut live = BTreeMap::new();
         let mut prev = 0u64;
         for (index, e) in bytes[KEYRING_HEADER_BYTES..body]

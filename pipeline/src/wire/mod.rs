@@ -344,6 +344,8 @@ pub struct LogPosition(pub u64);
 impl LogPosition {
     /// Bits of the position that hold the record index.
     pub const INDEX_BITS: u32 = 48;
+    /// Indexes a log can hand out: every index is below this (a full log takes nothing).
+    pub const INDEX_LIMIT: u64 = 1 << Self::INDEX_BITS;
 
     /// Position of record `index` in the log of `shard`.
     pub fn new(shard: ShardId, index: u64) -> LogPosition {

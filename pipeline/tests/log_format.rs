@@ -505,6 +505,7 @@ mod index_space {
             first_index: 0,
             created_ms: 0,
             version: SEGMENT_VERSION,
+            continues: false,
         };
         let c = SegmentCodec::new(h, key, PAYLOAD_MAX);
         let mut bytes = Vec::new();

@@ -232,7 +232,7 @@ impl BusinessState {
     }
 
     fn q_slot(&mut self, hour: u32) -> Option<usize> {
-        if hour + HOURS as u32 <= self.hour {
+        if u64::from(hour) + HOURS as u64 <= u64::from(self.hour) {
             return None;
         }
         let s = (hour % HOURS as u32) as usize;
@@ -265,7 +265,7 @@ impl BusinessState {
         let mut r = 0u64;
         for s in 0..HOURS {
             let h = self.q_hour[s];
-            if h != u32::MAX && h + HOURS as u32 > self.hour {
+            if h != u32::MAX && u64::from(h) + HOURS as u64 > u64::from(self.hour) {
                 d += u64::from(self.q_delivered[s]);
                 r += u64::from(self.q_reports[s]);
             }

@@ -71,6 +71,7 @@ pub fn segment(data: &[u8]) {
             },
             created_ms: CREATED_MS,
             version: if ctl & 2 != 0 { 1 } else { 2 },
+            continues: false,
         };
         build_segment(header, key, rest)
     };
@@ -284,6 +285,7 @@ pub(super) fn segment_seeds() -> Vec<(String, Vec<u8>)> {
         first_index: 100,
         created_ms: CREATED_MS,
         version: crate::log::format::SEGMENT_VERSION,
+        continues: false,
     };
     let codec = SegmentCodec::new(header, key, PAYLOAD_BYTES_MAX);
     let mut file = vec![0u8];

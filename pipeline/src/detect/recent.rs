@@ -205,8 +205,11 @@ impl RecentRecipients {
             return true;
         }
         let prev = (s >> COUNT_PREV_SHIFT) & 0xff;
-        // ceil(prev * left / W) >= max - cur  <=>  prev * left > (max - cur - 1) * W
-        prev * (self.end_ms - now_ms) > (max - cur - 1) * self.window_ms
+        // ceil(prev * left / W) >= max - cur  <=>  prev * left > (max - cur - 1) * W,
+        // in u128: a restored window may end far ahead of the clock (a checkpoint from a
+        // clock that ran ahead), and its products must not overflow (fuzz finding 10).
+        let left = u128::from(self.end_ms.saturating_sub(now_ms));
+        u128::from(prev) * left > u128::from(max - cur - 1) * u128::from(self.window_ms)
     }
 
     /// Sliding-window count of `h` (tests: the reference `at_limit` agrees with).

@@ -474,6 +474,9 @@ fn read_window_state(
     }
     f.minute = r.u64()?;
     f.minute_distinct = r.u32()?;
+    if f.minute_distinct > super::fanout::RESTORED_COUNT_MAX {
+        return Err(CheckpointError::Corrupt("fan-out minute count"));
+    }
     f.baseline_per_min = f32::from_bits(r.u32()?);
     if !f.baseline_per_min.is_finite() || f.baseline_per_min < 0.0 {
         return Err(CheckpointError::Corrupt("baseline"));

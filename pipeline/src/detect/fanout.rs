@@ -37,6 +37,10 @@ pub(crate) const FAN_TICK_MS: u64 = 100;
 pub(crate) const SHORT_HLL_P: u32 = 8;
 const SHORT_HLL_M: usize = 1 << SHORT_HLL_P;
 const SECOND_MS: u64 = 1_000;
+/// The largest per-second or per-minute count a checkpoint may restore: a quarter of u32,
+/// so that the counting after a restore (one per message) and the surge test's sum of
+/// local and peer counts cannot overflow; one shard's second never comes near it.
+pub(crate) const RESTORED_COUNT_MAX: u32 = u32::MAX / 4;
 /// A second has a short sketch when the one before it counted at least this many first
 /// attempts here. Below it the same-recipient table holds every recipient of the window
 /// and the exact count is right; above it the sketch's clearing (256 bytes a second) is
@@ -349,8 +353,9 @@ impl FanOut {
 
     /// Rebuilds the sums after the rings were restored (checkpoint).
     ///
-    /// False, and the sums unchanged, when a ring's sum does not fit u32: only a damaged
-    /// checkpoint holds such counts (fuzzing found the overflow, `fuzz/regressions/checkpoint/`).
+    /// False, and the sums unchanged, when a ring's sum or the second's event count passes
+    /// [`RESTORED_COUNT_MAX`]: only a damaged checkpoint holds such counts (fuzzing found
+    /// the overflows, `fuzz/regressions/checkpoint/`).
     #[must_use]
     pub(crate) fn resum(&mut self) -> bool {
         let sum = |ring: &[u32]| ring.iter().try_fold(0u32, |a, &x| a.checked_add(x));
@@ -361,6 +366,14 @@ impl FanOut {
         ) else {
             return false;
         };
+        // Headroom for the counting that follows a restore (one per message, and the
+        // surge test adds local and peer): no second of one shard comes near it.
+        if [local, peer, new, self.second_events]
+            .iter()
+            .any(|&c| c > RESTORED_COUNT_MAX)
+        {
+            return false;
+        }
         self.sum_local = local;
         self.sum_peer = peer;
         self.sum_new = new;

@@ -406,6 +406,10 @@ fn read_business(
         _ => return Err(CheckpointError::Corrupt("recipients mode")),
     };
     st.filter.cur_items = r.u32()?;
+    if st.filter.cur_items as usize >= st.filter.items_max() {
+        // The filter retires a generation at this count: never saved above it.
+        return Err(CheckpointError::Corrupt("never-contacted filter count"));
+    }
     for i in 0..st.filter.word_count() {
         st.filter.set_generation_word(i, r.u64()?);
     }

@@ -35,6 +35,12 @@ impl PastFilter {
         }
     }
 
+    /// Recipients the current generation takes before it retires the old one (so a
+    /// filter never holds `cur_items` at or above it; a restore checks that).
+    pub(crate) fn items_max(&self) -> usize {
+        self.words.len() / 2 * 64 / 8
+    }
+
     pub(crate) fn heap_bytes(&self) -> usize {
         self.words.capacity() * 8
     }
@@ -105,7 +111,7 @@ impl PastFilter {
             cur[at[i]] |= bits[i];
         }
         self.cur_items += 1;
-        if self.cur_items as usize >= self.words.len() / 2 * 64 / 8 {
+        if self.cur_items as usize >= self.items_max() {
             // Retire the old generation: its halves become the new, empty, current one.
             self.cur_half ^= 1;
             for line in self.words.chunks_exact_mut(LINE_WORDS) {

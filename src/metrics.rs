@@ -459,6 +459,48 @@ const SHARD_FAMILIES: &[ShardFamily] = &[
         read: |c| &c.statuses_lost,
     },
     ShardFamily {
+        name: "e2e_keys_wanted_total",
+        kind: "counter",
+        help: "Recipients whose device keys were asked of the edge (KEYS_WANTED).",
+        read: |c| &c.e2e_keys_wanted,
+    },
+    ShardFamily {
+        name: "e2e_bundles_refused_total",
+        kind: "counter",
+        help: "Recipients' device bundle lists refused (bad structure or signature).",
+        read: |c| &c.e2e_bundles_refused,
+    },
+    ShardFamily {
+        name: "e2e_sessions_new_total",
+        kind: "counter",
+        help: "Device sessions set up (HPKE to a device's prekey).",
+        read: |c| &c.e2e_sessions_new,
+    },
+    ShardFamily {
+        name: "e2e_copies_total",
+        kind: "counter",
+        help: "Message copies sealed for devices.",
+        read: |c| &c.e2e_copies,
+    },
+    ShardFamily {
+        name: "e2e_replies_refused_total",
+        kind: "counter",
+        help: "Users' replies sealed end to end that did not open (answered rejected).",
+        read: |c| &c.e2e_replies_refused,
+    },
+    ShardFamily {
+        name: "e2e_directory_recipients",
+        kind: "gauge",
+        help: "Recipients whose device bundles the shard holds in memory (delivery.e2e.directory_max).",
+        read: |c| &c.e2e_directory,
+    },
+    ShardFamily {
+        name: "e2e_sessions",
+        kind: "gauge",
+        help: "Device sessions the shard holds (delivery.e2e.sessions_max).",
+        read: |c| &c.e2e_sessions,
+    },
+    ShardFamily {
         name: "delivery_peer_dropped_total",
         kind: "counter",
         help: "Delivery messages between shards dropped because an inbox was full (the owner repeats the work).",

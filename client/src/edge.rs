@@ -10,6 +10,12 @@
 //!   inbound(replies)   ──> INBOUND on a submit stream <── ACK: accepted(position) once
 //!                          durable, throttled(retry_after) when the business's queue or
 //!                          the relay's memory bound is full, rejected(reason)
+//! with E2E (connect_e2e):
+//!   Deliveries::recv_item() <── DELIVER_E2E (a copy per device), KEYS_WANTED(recipients),
+//!                               BUSINESS_KEYS (the keys replies are sealed to)
+//!   device_keys([..])  ──> DEVICE_KEYS: each recipient's signed device bundles
+//!   inbound(replies)   ──> the payloads are `e2e::SealedReply` bytes; one that does not
+//!                          open is answered rejected(bad_ciphertext)
 //! ```
 //!
 //! Every DELIVER needs an OUTCOME within the relay's `delivery.outcome_timeout_ms`, or it
@@ -17,10 +23,10 @@
 //! `delivery.retry_backoff_min_ms`) until ONLINE names the recipient.
 
 use bytes::BytesMut;
-use courier_pipeline::wire::delivery::{features, InboundEntry, OutcomeEntry};
+use courier_pipeline::wire::delivery::{features, DeviceKeysEntry, InboundEntry, OutcomeEntry};
 use courier_pipeline::wire::{Recipient, Status, Welcome};
 
-use crate::events::{encode_credit, encode_online, encode_outcomes};
+use crate::events::{encode_credit, encode_device_keys, encode_online, encode_outcomes};
 use crate::subscription::{Control, Deliveries};
 use crate::{Client, ClientConfig, ClientError};
 
@@ -41,13 +47,32 @@ impl DeliveryEdge {
         cfg: &ClientConfig,
         window: u32,
     ) -> Result<(DeliveryEdge, Deliveries), ClientError> {
+        DeliveryEdge::connect_with(cfg, window, features::DELIVERY).await
+    }
+
+    /// [`DeliveryEdge::connect`] asking for end-to-end sealing too (DELIVERY | E2E):
+    /// messages come sealed for the recipients' devices, the relay asks for device keys
+    /// and publishes the businesses' reply keys ([`crate::EdgeItem`]). Whether the relay
+    /// granted E2E: [`DeliveryEdge::e2e`]; a relay that seals for devices refuses
+    /// DELIVERY without it ([`ClientError::FeatureRefused`]).
+    pub async fn connect_e2e(
+        cfg: &ClientConfig,
+        window: u32,
+    ) -> Result<(DeliveryEdge, Deliveries), ClientError> {
+        DeliveryEdge::connect_with(cfg, window, features::DELIVERY | features::E2E).await
+    }
+
+    async fn connect_with(
+        cfg: &ClientConfig,
+        window: u32,
+        asked: u32,
+    ) -> Result<(DeliveryEdge, Deliveries), ClientError> {
         if window == 0 || window > WINDOW_MAX {
             return Err(ClientError::Config(
                 "the credit window must be in 1..=1048576",
             ));
         }
-        let (client, rx) =
-            Client::connect_inner(cfg, Some(features::DELIVERY), window as usize).await?;
+        let (client, rx) = Client::connect_inner(cfg, Some(asked), window as usize).await?;
         let (control, rx) = match (client.control_for(features::DELIVERY), rx) {
             (Ok(c), Some(rx)) => (c.clone(), rx),
             _ => {
@@ -80,6 +105,19 @@ impl DeliveryEdge {
     pub async fn online(&self, recipients: &[Recipient]) -> Result<(), ClientError> {
         let mut out = BytesMut::new();
         encode_online(self.client.session(), recipients, &mut out);
+        self.control()?.send(out.freeze()).await
+    }
+
+    /// Whether the relay granted end-to-end sealing.
+    pub fn e2e(&self) -> bool {
+        self.client.session().features() & features::E2E != 0
+    }
+
+    /// Publishes recipients' device bundles (answering KEYS_WANTED, or at a rotation;
+    /// a list with no device says the recipient has none).
+    pub async fn device_keys(&self, entries: &[DeviceKeysEntry]) -> Result<(), ClientError> {
+        let mut out = BytesMut::new();
+        encode_device_keys(self.client.session(), entries, &mut out);
         self.control()?.send(out.freeze()).await
     }
 

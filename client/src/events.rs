@@ -73,6 +73,10 @@ pub enum Incoming {
     Inbound(InboundEvent),
     /// A message for the edge to deliver.
     Deliver(Deliver),
+    /// The relay wants these recipients' device keys (E2E).
+    KeysWanted(Vec<Recipient>),
+    /// The businesses' reply keys (E2E).
+    BusinessKeys(Vec<wd::BusinessKeyEntry>),
 }
 
 impl Incoming {
@@ -81,7 +85,9 @@ impl Incoming {
         match self {
             Incoming::Statuses(s) => s.into_iter().map(BusinessEvent::Status).collect(),
             Incoming::Inbound(i) => vec![BusinessEvent::Inbound(i)],
-            Incoming::Deliver(_) => Vec::new(),
+            Incoming::Deliver(_) | Incoming::KeysWanted(_) | Incoming::BusinessKeys(_) => {
+                Vec::new()
+            }
         }
     }
 }
@@ -115,6 +121,17 @@ pub fn event_limits(session: &Session) -> WireLimits {
         + wire::RECIPIENT_BYTES_MAX as u64
         + u64::from(w.payload_bytes_max)
         + SEAL_OVERHEAD_BYTES as u64;
+    // DELIVER_E2E: a copy per device, each with its header and tag.
+    let devices = courier_pipeline::e2e::bundle::DEVICES_PER_RECIPIENT_MAX as u64;
+    let deliver = deliver.max(
+        wd::DELIVER_FIXED_BYTES as u64
+            + wire::RECIPIENT_BYTES_MAX as u64
+            + 1
+            + devices
+                * (wd::DEVICE_COPY_FIXED_BYTES as u64
+                    + u64::from(w.payload_bytes_max)
+                    + courier_pipeline::e2e::hpke::TAG_BYTES as u64),
+    );
     let status = 4 + wd::STATUS_EVENT_BYTES as u64 * u64::from(EVENTS_PER_FRAME_MAX);
     let frame = u64::from(w.frame_bytes_max).max(deliver).max(status);
     WireLimits {
@@ -168,6 +185,12 @@ impl EventStream {
                 (StreamRole::Edge, Frame::Delivery(DeliveryFrame::Deliver(d))) => {
                     Incoming::Deliver(d)
                 }
+                (StreamRole::Edge, Frame::Delivery(DeliveryFrame::KeysWanted(r))) => {
+                    Incoming::KeysWanted(r)
+                }
+                (StreamRole::Edge, Frame::Delivery(DeliveryFrame::BusinessKeys(k))) => {
+                    Incoming::BusinessKeys(k)
+                }
                 _ => {
                     return Err(self.die(SessionError::Protocol(
                         "a frame this connection's role never takes on its event stream",
@@ -208,6 +231,28 @@ fn per_frame(session: &Session, each: usize) -> usize {
     let w = session.welcome();
     let by_bytes = (w.frame_bytes_max as usize).saturating_sub(4) / each;
     by_bytes.min(w.batch_messages_max as usize).max(1)
+}
+
+/// Appends DEVICE_KEYS frames with `entries` (as many frames as the server's bounds
+/// need; none for no entry).
+pub fn encode_device_keys(session: &Session, entries: &[wd::DeviceKeysEntry], out: &mut BytesMut) {
+    let w = session.welcome();
+    let room = (w.frame_bytes_max as usize).saturating_sub(4);
+    let mut i = 0;
+    while i < entries.len() {
+        let mut bytes = 0;
+        let mut n = 0;
+        for e in &entries[i..] {
+            let each = 1 + e.recipient.as_bytes().len() + 4 + e.bundles.len();
+            if n > 0 && (bytes + each > room || n >= w.batch_messages_max as usize) {
+                break;
+            }
+            bytes += each;
+            n += 1;
+        }
+        wd::encode_device_keys(&entries[i..i + n], out);
+        i += n;
+    }
 }
 
 /// Appends EVENT_ACK frames acknowledging `events` (as many frames as the server's
@@ -369,6 +414,7 @@ mod tests {
                 expires_ms: 3,
                 recipient: r("+15550001111"),
                 payload: Bytes::from(vec![7u8; 100 + SEAL_OVERHEAD_BYTES]),
+                e2e: false,
             },
             &mut d,
         );

@@ -41,5 +41,5 @@ pub mod tls;
 
 pub use client::{Client, ClientConfig, ClientError, OutgoingMessage, ReportOutcome, Retried};
 pub use edge::DeliveryEdge;
-pub use subscription::{Deliveries, EventReceiver};
+pub use subscription::{Deliveries, EdgeItem, EventReceiver};
 pub use tls::ServerTrust;

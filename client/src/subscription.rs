@@ -203,6 +203,18 @@ impl EventReceiver {
 /// arrives (drop copies by [`Deliver::message`]). Taking one from here grants the relay
 /// one more credit (in CREDIT frames of a quarter window), so at most the window waits
 /// here.
+/// What the relay sends an edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EdgeItem {
+    /// A message to deliver (DELIVER, or DELIVER_E2E: see its `e2e`).
+    Deliver(Deliver),
+    /// Recipients whose device keys the relay wants: answer with
+    /// [`crate::DeliveryEdge::device_keys`].
+    KeysWanted(Vec<courier_pipeline::wire::Recipient>),
+    /// The businesses' reply keys (sent at connect and at each rotation).
+    BusinessKeys(Vec<courier_pipeline::wire::delivery::BusinessKeyEntry>),
+}
+
 pub struct Deliveries {
     rx: IncomingRx,
     control: Control,
@@ -232,8 +244,32 @@ impl Deliveries {
         }
     }
 
-    /// The next message to deliver; an error once the stream is over.
+    /// The next message to deliver; an error once the stream is over. What an edge with
+    /// E2E also receives (key requests, reply keys) is skipped: such an edge uses
+    /// [`Deliveries::recv_item`].
     pub async fn recv(&mut self) -> Result<Deliver, ClientError> {
+        loop {
+            if let EdgeItem::Deliver(d) = self.recv_item().await? {
+                return Ok(d);
+            }
+        }
+    }
+
+    /// The next message if one is ready now (`Ok(None)`: none yet); skips what
+    /// [`Deliveries::recv`] skips.
+    pub async fn try_recv(&mut self) -> Result<Option<Deliver>, ClientError> {
+        loop {
+            match self.try_recv_item().await? {
+                Some(EdgeItem::Deliver(d)) => return Ok(Some(d)),
+                Some(_) => continue,
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// The next thing the relay sent: a message, or (with E2E) a key request or the
+    /// businesses' reply keys.
+    pub async fn recv_item(&mut self) -> Result<EdgeItem, ClientError> {
         if let Some(err) = &self.ended {
             return Err(err.clone());
         }
@@ -241,8 +277,8 @@ impl Deliveries {
         self.take(item).await
     }
 
-    /// The next message if one is ready now (`Ok(None)`: none yet).
-    pub async fn try_recv(&mut self) -> Result<Option<Deliver>, ClientError> {
+    /// [`Deliveries::recv_item`] if something is ready now.
+    pub async fn try_recv_item(&mut self) -> Result<Option<EdgeItem>, ClientError> {
         if let Some(err) = &self.ended {
             return Err(err.clone());
         }
@@ -256,7 +292,7 @@ impl Deliveries {
     async fn take(
         &mut self,
         item: Option<Result<Incoming, ClientError>>,
-    ) -> Result<Deliver, ClientError> {
+    ) -> Result<EdgeItem, ClientError> {
         let err = match item {
             Some(Ok(Incoming::Deliver(d))) => {
                 self.taken += 1;
@@ -266,9 +302,11 @@ impl Deliveries {
                     self.taken = 0;
                     self.control.send(out.freeze()).await?;
                 }
-                return Ok(d);
+                return Ok(EdgeItem::Deliver(d));
             }
-            Some(Ok(_)) => unreachable!("an edge stream yields DELIVERs only"),
+            Some(Ok(Incoming::KeysWanted(r))) => return Ok(EdgeItem::KeysWanted(r)),
+            Some(Ok(Incoming::BusinessKeys(k))) => return Ok(EdgeItem::BusinessKeys(k)),
+            Some(Ok(_)) => unreachable!("an edge stream yields edge frames only"),
             Some(Err(e)) => e,
             None => ClientError::EventStreamEnded(Arc::new(ClientError::Closed)),
         };

@@ -170,6 +170,8 @@ pub struct InboundBatch {
     pub batch_id: u64,
     /// The messages.
     pub entries: Vec<InboundEntry>,
+    /// Their payloads are replies sealed end to end (the edge negotiated E2E).
+    pub e2e: bool,
 }
 
 /// What delivery connections said, for the shard's core.
@@ -200,6 +202,8 @@ pub enum DeliveryInput {
     },
     /// The edge handed over users' messages.
     Inbound(InboundBatch),
+    /// The edge published recipients' device bundles (not verified yet).
+    DeviceKeys(Vec<wire_delivery::DeviceKeysEntry>),
 }
 
 /// Why a DELIVER was not written.
@@ -412,6 +416,8 @@ pub struct Server {
     per_business: HashMap<u32, u32>,
     scratch: Vec<u8>,
     stats: ServerStats,
+    /// DELIVERY is granted only with E2E (the profile's `delivery.e2e.enabled`).
+    end_to_end: bool,
 }
 
 impl std::fmt::Debug for Server {
@@ -481,6 +487,7 @@ impl Server {
             per_business: HashMap::new(),
             scratch: Vec::new(),
             stats: ServerStats::default(),
+            end_to_end: false,
         }
     }
 
@@ -1171,11 +1178,19 @@ impl Server {
             VarInt::from_u32(self.limits.streams_per_connection_max),
         );
         let allowed = if b.platform {
-            features::DELIVERY
+            features::DELIVERY | features::E2E
         } else {
             features::EVENTS
         };
-        let granted = asked & allowed;
+        let mut granted = asked & allowed;
+        // E2E goes with DELIVERY; a relay that seals for devices hands messages only to
+        // an edge that takes them so.
+        let both = features::DELIVERY | features::E2E;
+        if !self.end_to_end {
+            granted &= !features::E2E;
+        } else if granted & both != both {
+            granted &= !both;
+        }
         conn.features = granted;
         if granted != 0 {
             conn.event_stream = Some(id);
@@ -1303,12 +1318,19 @@ impl Server {
             }
             DeliveryFrame::Inbound { batch_id, entries } if platform && !full => {
                 self.stats.inbound_in += entries.len() as u64;
+                let e2e = conn.features & features::E2E != 0;
                 let ticket = self.reserve_ack(ch, id, batch_id, entries.len());
                 DeliveryInput::Inbound(InboundBatch {
                     ticket,
                     batch_id,
                     entries,
+                    e2e,
                 })
+            }
+            DeliveryFrame::DeviceKeys(entries)
+                if platform && !full && conn.features & features::E2E != 0 =>
+            {
+                DeliveryInput::DeviceKeys(entries)
             }
             // Server frames, frames of the other role, or a flood.
             _ => {
@@ -1336,6 +1358,43 @@ impl Server {
         let st = c.streams.get_mut(&id).expect("checked");
         wire_delivery::encode_deliver(d, &mut st.out);
         self.stats.delivers_out += 1;
+        self.flush_stream(ch, id);
+        self.drive(ch, now);
+        Ok(())
+    }
+
+    /// Delivery connections take DELIVERs only with E2E (`true`), or only without it.
+    pub fn set_end_to_end(&mut self, on: bool) {
+        self.end_to_end = on;
+    }
+
+    /// Writes KEYS_WANTED on an edge connection's HELLO stream.
+    pub fn keys_wanted(
+        &mut self,
+        now: Instant,
+        conn: ConnKey,
+        recipients: &[Recipient],
+    ) -> Result<(), NotWritten> {
+        let (ch, id) = self.event_stream(conn, features::E2E)?;
+        let c = self.conns.get_mut(&ch).expect("checked");
+        let st = c.streams.get_mut(&id).expect("checked");
+        wire_delivery::encode_keys_wanted(recipients, &mut st.out);
+        self.flush_stream(ch, id);
+        self.drive(ch, now);
+        Ok(())
+    }
+
+    /// Writes BUSINESS_KEYS on an edge connection's HELLO stream.
+    pub fn business_keys(
+        &mut self,
+        now: Instant,
+        conn: ConnKey,
+        entries: &[wire_delivery::BusinessKeyEntry],
+    ) -> Result<(), NotWritten> {
+        let (ch, id) = self.event_stream(conn, features::E2E)?;
+        let c = self.conns.get_mut(&ch).expect("checked");
+        let st = c.streams.get_mut(&id).expect("checked");
+        wire_delivery::encode_business_keys(entries, &mut st.out);
         self.flush_stream(ch, id);
         self.drive(ch, now);
         Ok(())

@@ -1436,7 +1436,11 @@ fn frame_name(f: &Frame) -> &'static str {
             DeliveryFrame::Outcome(_) => "OUTCOME",
             DeliveryFrame::Online(_) => "ONLINE",
             DeliveryFrame::Inbound { .. } => "INBOUND",
+            DeliveryFrame::Deliver(d) if d.e2e => "DELIVER_E2E",
             DeliveryFrame::Deliver(_) => "DELIVER",
+            DeliveryFrame::KeysWanted(_) => "KEYS_WANTED",
+            DeliveryFrame::BusinessKeys(_) => "BUSINESS_KEYS",
+            DeliveryFrame::DeviceKeys(_) => "DEVICE_KEYS",
         },
     }
 }

@@ -160,6 +160,19 @@ pub struct SessionHeader {
 }
 
 impl SessionHeader {
+    /// Its bytes, as DELIVER_E2E carries them:
+    /// `device_id:u32 | prekey_id:u32 | one_time_present:u8 | one_time_prekey_id:u32 | enc(32)`.
+    pub fn to_bytes(&self) -> [u8; SESSION_HEADER_BYTES] {
+        let mut out = [0; SESSION_HEADER_BYTES];
+        self.encode(&mut out);
+        out
+    }
+
+    /// The header of [`SessionHeader::to_bytes`].
+    pub fn from_bytes(b: &[u8; SESSION_HEADER_BYTES]) -> Result<SessionHeader, SessionError> {
+        SessionHeader::decode(b)
+    }
+
     fn encode(&self, out: &mut [u8; SESSION_HEADER_BYTES]) {
         out[..4].copy_from_slice(&self.device_id.to_be_bytes());
         out[4..8].copy_from_slice(&self.prekey_id.to_be_bytes());

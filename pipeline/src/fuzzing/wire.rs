@@ -209,6 +209,7 @@ pub(super) fn seeds() -> Vec<(String, Vec<u8>)> {
             expires_ms: 1_700_000_360_000,
             recipient: r("+4915112345678"),
             payload: Bytes::from_static(b"sealed"),
+            e2e: false,
         })),
     ];
     let mut seeds = Vec::new();

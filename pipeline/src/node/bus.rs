@@ -13,6 +13,9 @@
 //!   <─────────── EventAcks (a business's EVENT_ACKs for S's events)
 //!  every shard ── Attach / Detach (its delivery connections; Attach again every tick)
 //!  edge's shard ── Online (recipients online) ──> every shard
+//!  with end-to-end sealing:
+//!  owner S ── KeysWanted { conn, recipients } ──> the edge connection's shard (KEYS_WANTED)
+//!  edge's shard ── DeviceKeys (verified there) ──> every shard
 //! ```
 //!
 //! The channels between shards are bounded and may drop a message (counted by the
@@ -23,9 +26,11 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use super::{Event, Now, Shard};
+use super::devices::{verify_bundles, SealFail};
+use super::{stats, Event, KeyCheck, Now, Shard};
+use crate::e2e::VerifiedBundle;
 use crate::server::{ConnKey, DeliveryInput, NotWritten, Role};
-use crate::wire::delivery::{BusinessEvent, Deliver, OutcomeEntry};
+use crate::wire::delivery::{BusinessEvent, Deliver, FailReason, OutcomeEntry};
 use crate::wire::{LogPosition, Recipient};
 use crate::ShardId;
 
@@ -83,6 +88,15 @@ pub enum PeerMsg {
         /// The connection.
         conn: ConnKey,
     },
+    /// To an edge connection's shard: ask it for these recipients' device keys.
+    KeysWanted {
+        /// The edge connection.
+        conn: ConnKey,
+        /// The recipients.
+        recipients: Vec<Recipient>,
+    },
+    /// To every shard: recipients' device bundles, verified where they came in.
+    DeviceKeys(Vec<(Recipient, Arc<[VerifiedBundle]>)>),
     /// To the events' shard: the business acknowledged these events.
     EventAcks {
         /// The business.
@@ -190,6 +204,11 @@ impl Shard {
                 }
             }
             PeerMsg::PushBounced { business_id, conn } => self.outbox.bounced(business_id, conn),
+            PeerMsg::KeysWanted { conn, recipients } => {
+                // Lost when the connection is gone: the owner asks again after its retry.
+                let _ = self.server.keys_wanted(now.at, conn, &recipients);
+            }
+            PeerMsg::DeviceKeys(learned) => self.learn_keys(now, learned),
             PeerMsg::EventAcks {
                 business_id,
                 events,
@@ -230,6 +249,28 @@ impl Shard {
                 self.local_attachments.insert(conn, role);
                 self.attached(conn, role);
                 self.broadcast(PeerMsg::Attach { conn, role });
+                if role == Role::Edge {
+                    self.publish_reply_keys_to(now, conn);
+                }
+            }
+            DeliveryInput::DeviceKeys(entries) => {
+                let mut learned = Vec::with_capacity(entries.len());
+                for e in entries {
+                    match verify_bundles(&e.bundles) {
+                        Ok(bundles) => learned.push((e.recipient, bundles)),
+                        Err(_) => {
+                            // Refused whole: its messages keep waiting for good keys.
+                            stats::add(&self.stats.e2e_bundles_refused, 1);
+                            if let Some(d) = self.devices.as_mut() {
+                                d.refused();
+                            }
+                        }
+                    }
+                }
+                if !learned.is_empty() {
+                    self.broadcast(PeerMsg::DeviceKeys(learned.clone()));
+                    self.learn_keys(now, learned);
+                }
             }
             DeliveryInput::Detached { conn } => {
                 self.local_attachments.remove(&conn);
@@ -277,6 +318,55 @@ impl Shard {
         }
     }
 
+    /// Recipients' verified bundles: known from now on, their waiting messages due now.
+    fn learn_keys(&mut self, now: Now, learned: Vec<(Recipient, Arc<[VerifiedBundle]>)>) {
+        let Some(devices) = self.devices.as_mut() else {
+            return;
+        };
+        for (r, bundles) in learned {
+            let any = !bundles.is_empty();
+            devices.learn(now.unix_ms, r, bundles);
+            if any {
+                if let Some(d) = self.delivery.as_mut() {
+                    d.online(now.unix_ms, &r);
+                }
+            }
+        }
+    }
+
+    /// Sends the businesses' reply keys in force to this shard's edge connections when
+    /// they changed (a rotation, a business added), or to all when `force`.
+    pub(super) fn publish_reply_keys(&mut self, now: Now, force: bool) {
+        let Some(devices) = self.devices.as_ref() else {
+            return;
+        };
+        let state = (devices.reply_key_id(now.unix_ms), self.sealer.keys().len());
+        if !force && self.published_reply_keys == Some(state) {
+            return;
+        }
+        self.published_reply_keys = Some(state);
+        let edges: Vec<ConnKey> = self
+            .local_attachments
+            .iter()
+            .filter(|(_, r)| **r == Role::Edge)
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in edges {
+            self.publish_reply_keys_to(now, conn);
+        }
+    }
+
+    fn publish_reply_keys_to(&mut self, now: Now, conn: ConnKey) {
+        let Some(devices) = self.devices.as_mut() else {
+            return;
+        };
+        let entries = devices.reply_keys(self.sealer.keys(), now.unix_ms);
+        if !entries.is_empty() {
+            // A gone connection needs no keys.
+            let _ = self.server.business_keys(now.at, conn, &entries);
+        }
+    }
+
     /// Writes the DELIVERs waiting for their connection's credit, in arrival order, while
     /// it lasts; those that waited too long, or whose connection is gone, go back to their
     /// owners.
@@ -309,13 +399,57 @@ impl Shard {
         if !self.credit_wait.is_empty() {
             self.drain_credit_wait(now);
         }
-        // Bounded by in_flight_max.
-        while let Some((conn, item)) = self
+        // Bounded by in_flight_max (and by the due messages, each looked at once).
+        loop {
+            let devices = &self.devices;
+            let check = |r: &Recipient| match devices {
+                Some(d) if !d.ready(r) => KeyCheck::Missing {
+                    wait_ms: u64::from(d.config().device_key_wait_ms),
+                    recheck_ms: u64::from(d.config().keys_wanted_retry_ms),
+                },
+                _ => KeyCheck::Ready,
+            };
+            let Some((conn, mut item)) = self
+                .delivery
+                .as_mut()
+                .and_then(|d| d.poll_dispatch(now.unix_ms, check))
+            else {
+                break;
+            };
+            if let Some(devices) = self.devices.as_mut() {
+                match devices.seal(self.sealer.keys(), now.unix_ms, &mut item) {
+                    Ok(refresh) => {
+                        if refresh && devices.want(now.unix_ms, item.recipient) {
+                            self.ask_keys(now, vec![item.recipient]);
+                        }
+                    }
+                    Err(fail) => {
+                        let reason = match fail {
+                            SealFail::AtRest => FailReason::Undeliverable,
+                            SealFail::NoDevice => FailReason::NoDeviceKey,
+                        };
+                        if let Some(d) = self.delivery.as_mut() {
+                            d.fail(item.message, reason);
+                        }
+                        continue;
+                    }
+                }
+            }
+            self.send_peer(now, conn.shard(), PeerMsg::Deliver { conn, item });
+        }
+        let wanted = self
             .delivery
             .as_mut()
-            .and_then(|d| d.poll_dispatch(now.unix_ms))
-        {
-            self.send_peer(now, conn.shard(), PeerMsg::Deliver { conn, item });
+            .map(|d| d.take_keys_wanted())
+            .unwrap_or_default();
+        if let Some(devices) = self.devices.as_mut() {
+            let ask: Vec<Recipient> = wanted
+                .into_iter()
+                .filter(|r| devices.want(now.unix_ms, *r))
+                .collect();
+            if !ask.is_empty() {
+                self.ask_keys(now, ask);
+            }
         }
         let durable_end = self.commit.log().durable_end();
         let shard = self.shard;
@@ -334,6 +468,29 @@ impl Shard {
         }
     }
 }
+
+impl Shard {
+    /// Sends KEYS_WANTED for `recipients` through one of the edge connections.
+    fn ask_keys(&mut self, now: Now, recipients: Vec<Recipient>) {
+        let Some(conn) = self.delivery.as_mut().and_then(|d| d.pick_edge()) else {
+            return;
+        };
+        stats::add(&self.stats.e2e_keys_wanted, recipients.len() as u64);
+        for chunk in recipients.chunks(KEYS_WANTED_PER_FRAME) {
+            self.send_peer(
+                now,
+                conn.shard(),
+                PeerMsg::KeysWanted {
+                    conn,
+                    recipients: chunk.to_vec(),
+                },
+            );
+        }
+    }
+}
+
+/// Recipients in one KEYS_WANTED (well under any edge's batch bound).
+const KEYS_WANTED_PER_FRAME: usize = 64;
 
 /// The shard whose log holds `position`, for a position this node wrote (a message handed
 /// out, an event pushed): its shard field is one of this node's shards.

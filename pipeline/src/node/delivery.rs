@@ -69,6 +69,9 @@ pub struct DeliveryConfig {
     pub events_per_push_max: u32,
     /// Milliseconds a business has to acknowledge a push before it is pushed again.
     pub event_ack_timeout_ms: u32,
+    /// `[delivery.e2e]`: sealing for recipients' devices (off when the section is absent).
+    #[serde(default)]
+    pub e2e: super::devices::E2eConfig,
 }
 
 impl DeliveryConfig {
@@ -140,6 +143,7 @@ impl DeliveryConfig {
             100,
             3_600_000,
         );
+        out.extend(self.e2e.issues());
         out
     }
 
@@ -172,6 +176,9 @@ struct Pending {
     expires_ms: u64,
     payload: Bytes,
     attempts: u32,
+    /// With end-to-end sealing: when waiting for the recipient's device keys ends in
+    /// `failed(no_device_key)` (set when its first wait starts).
+    keys_wait_until: Option<u64>,
     /// `sent` was recorded (it was handed at least once).
     sent: bool,
     state: State,
@@ -185,6 +192,21 @@ enum State {
     Offered { conn: ConnKey, since_ms: u64 },
     /// On the edge; an outcome is due by this time.
     Handed { deadline_ms: u64 },
+}
+
+/// Whether a due message's recipient can be sealed for now ([`Delivery::poll_dispatch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// Yes (or no end-to-end sealing).
+    Ready,
+    /// Its device keys are missing: it waits at most `wait_ms` in all (then
+    /// `failed(no_device_key)`), looked at again after `recheck_ms` or when keys arrive.
+    Missing {
+        /// The longest wait.
+        wait_ms: u64,
+        /// When to look again.
+        recheck_ms: u64,
+    },
 }
 
 /// A status a message just reached, for its business.
@@ -247,6 +269,8 @@ pub struct Delivery {
     delivered_index: BTreeSet<LogPosition>,
     changes: VecDeque<StatusChange>,
     counts: DeliveryCounts,
+    /// Recipients whose device keys a due message lacks, for KEYS_WANTED.
+    keys_wanted: Vec<Recipient>,
 }
 
 impl Delivery {
@@ -268,6 +292,7 @@ impl Delivery {
             delivered_index: BTreeSet::new(),
             changes: VecDeque::new(),
             counts: DeliveryCounts::default(),
+            keys_wanted: Vec::new(),
         }
     }
 
@@ -338,10 +363,37 @@ impl Delivery {
                 expires_ms,
                 payload,
                 attempts: u32::from(sent),
+                keys_wait_until: None,
                 sent,
                 state: State::Waiting { due_ms: now_ms },
             },
         );
+    }
+
+    /// Recipients whose device keys due messages lacked since the last call (repeats
+    /// possible; the caller asks the edge at most once per retry interval).
+    pub fn take_keys_wanted(&mut self) -> Vec<Recipient> {
+        std::mem::take(&mut self.keys_wanted)
+    }
+
+    /// An edge connection to send a request through (round robin), if any.
+    pub fn pick_edge(&mut self) -> Option<ConnKey> {
+        if self.edges.is_empty() {
+            return None;
+        }
+        let conn = *self
+            .edges
+            .iter()
+            .nth(self.next_edge % self.edges.len())
+            .expect("not empty");
+        self.next_edge = self.next_edge.wrapping_add(1);
+        Some(conn)
+    }
+
+    /// A message offered for a hand-off cannot be handed, for good (its seal for the
+    /// devices failed): it fails with `reason`.
+    pub fn fail(&mut self, message: LogPosition, reason: FailReason) {
+        self.finish(message, StatusKind::Failed, Some(reason), false);
     }
 
     /// An edge connection can take deliveries.
@@ -366,15 +418,48 @@ impl Delivery {
     }
 
     /// The next message to hand to the edge at `now_ms`, and the edge connection to hand
-    /// it through, while fewer than `in_flight_max` are out.
-    pub fn poll_dispatch(&mut self, now_ms: u64) -> Option<(ConnKey, Deliver)> {
-        if self.edges.is_empty() || self.out >= self.cfg.in_flight_max as usize {
-            return None;
-        }
-        let &(due_ms, message) = self.due.first()?;
-        if due_ms > now_ms {
-            return None;
-        }
+    /// it through, while fewer than `in_flight_max` are out. `keys` says whether a due
+    /// message's recipient can be sealed for: one that cannot waits (its recipient is
+    /// queued for [`Delivery::take_keys_wanted`]) or, past its wait, fails with
+    /// `no_device_key`.
+    pub fn poll_dispatch(
+        &mut self,
+        now_ms: u64,
+        mut keys: impl FnMut(&Recipient) -> KeyCheck,
+    ) -> Option<(ConnKey, Deliver)> {
+        let (due_ms, message) = loop {
+            if self.edges.is_empty() || self.out >= self.cfg.in_flight_max as usize {
+                return None;
+            }
+            let &(due_ms, message) = self.due.first()?;
+            if due_ms > now_ms {
+                return None;
+            }
+            let p = self
+                .pending
+                .get_mut(&message)
+                .expect("due messages are pending");
+            match keys(&p.recipient) {
+                KeyCheck::Ready => break (due_ms, message),
+                KeyCheck::Missing {
+                    wait_ms,
+                    recheck_ms,
+                } => {
+                    let until = *p.keys_wait_until.get_or_insert(now_ms + wait_ms);
+                    if now_ms >= until {
+                        self.finish(
+                            message,
+                            StatusKind::Failed,
+                            Some(FailReason::NoDeviceKey),
+                            false,
+                        );
+                    } else {
+                        self.keys_wanted.push(p.recipient);
+                        self.wait(message, (now_ms + recheck_ms.max(1)).min(until));
+                    }
+                }
+            }
+        };
         self.due.remove(&(due_ms, message));
         let conn = *self
             .edges
@@ -399,6 +484,7 @@ impl Delivery {
             expires_ms: p.expires_ms,
             recipient: p.recipient,
             payload: p.payload.clone(),
+            e2e: false,
         };
         Some((conn, d))
     }
@@ -660,6 +746,10 @@ fn change(
 mod tests {
     use super::*;
 
+    fn ready(_: &Recipient) -> KeyCheck {
+        KeyCheck::Ready
+    }
+
     pub(crate) fn cfg() -> DeliveryConfig {
         DeliveryConfig {
             enabled: true,
@@ -675,6 +765,7 @@ mod tests {
             events_per_business_max: 64,
             events_per_push_max: 8,
             event_ack_timeout_ms: 1000,
+            e2e: Default::default(),
         }
     }
 
@@ -711,9 +802,9 @@ mod tests {
     fn a_message_is_sent_once_then_delivered_then_read() {
         let mut d = Delivery::new(cfg());
         let m = admit(&mut d, 1, 0);
-        assert!(d.poll_dispatch(0).is_none(), "no edge yet");
+        assert!(d.poll_dispatch(0, ready).is_none(), "no edge yet");
         d.edge_attached(conn());
-        let (c, deliver) = d.poll_dispatch(0).unwrap();
+        let (c, deliver) = d.poll_dispatch(0, ready).unwrap();
         assert_eq!((c, deliver.message), (conn(), m));
         d.handed(0, m);
         d.outcome(5, m, Outcome::Delivered);
@@ -732,12 +823,12 @@ mod tests {
         let mut d = Delivery::new(cfg());
         d.edge_attached(conn());
         let m = admit(&mut d, 1, 0);
-        d.poll_dispatch(0).unwrap();
+        d.poll_dispatch(0, ready).unwrap();
         d.handed(0, m);
         d.tick(999);
-        assert!(d.poll_dispatch(999).is_none());
+        assert!(d.poll_dispatch(999, ready).is_none());
         d.tick(1000);
-        let (_, again) = d.poll_dispatch(1000).unwrap();
+        let (_, again) = d.poll_dispatch(1000, ready).unwrap();
         assert_eq!(again.message, m);
         d.handed(1000, m);
         assert_eq!(kinds(&mut d), [StatusKind::Sent]);
@@ -749,13 +840,13 @@ mod tests {
         let mut d = Delivery::new(cfg());
         d.edge_attached(conn());
         let m = admit(&mut d, 1, 0);
-        d.poll_dispatch(0).unwrap();
+        d.poll_dispatch(0, ready).unwrap();
         d.handed(0, m);
         d.outcome(10, m, Outcome::RetryLater);
-        assert!(d.poll_dispatch(50).is_none());
+        assert!(d.poll_dispatch(50, ready).is_none());
         assert_eq!(d.next_due_ms(), Some(110));
         d.online(60, &to());
-        assert!(d.poll_dispatch(60).is_some(), "online: due now");
+        assert!(d.poll_dispatch(60, ready).is_some(), "online: due now");
     }
 
     #[test]
@@ -765,9 +856,9 @@ mod tests {
         for i in 0..3 {
             admit(&mut d, i, 0);
         }
-        assert!(d.poll_dispatch(0).is_some());
-        assert!(d.poll_dispatch(0).is_some());
-        assert!(d.poll_dispatch(0).is_none(), "in_flight_max 2");
+        assert!(d.poll_dispatch(0, ready).is_some());
+        assert!(d.poll_dispatch(0, ready).is_some());
+        assert!(d.poll_dispatch(0, ready).is_none(), "in_flight_max 2");
         d.tick(10_000);
         assert_eq!(kinds(&mut d), [StatusKind::Expired; 3]);
         assert_eq!(d.pending(), 0);
@@ -779,12 +870,12 @@ mod tests {
         let mut d = Delivery::new(cfg());
         d.edge_attached(conn());
         let m = admit(&mut d, 1, 0);
-        d.poll_dispatch(0).unwrap();
+        d.poll_dispatch(0, ready).unwrap();
         d.bounced(0, m, Some(conn()));
         assert!(d.edges.is_empty());
         d.edge_attached(conn());
-        assert!(d.poll_dispatch(10).is_none());
-        assert!(d.poll_dispatch(BOUNCE_RETRY_MS).is_some());
+        assert!(d.poll_dispatch(10, ready).is_none());
+        assert!(d.poll_dispatch(BOUNCE_RETRY_MS, ready).is_some());
     }
 
     /// Bounced offers (the edge out of credit) once counted as hand-offs and
@@ -797,13 +888,13 @@ mod tests {
         let m = admit(&mut d, 1, 0);
         let mut now = 0;
         for _ in 0..5 {
-            d.poll_dispatch(now).unwrap();
+            d.poll_dispatch(now, ready).unwrap();
             d.bounced(now, m, None);
             now += BOUNCE_RETRY_MS;
         }
         assert_eq!((d.counts().handoffs, d.counts().retransmissions), (0, 0));
         assert_eq!(d.counts().bounced, 5);
-        d.poll_dispatch(now).unwrap();
+        d.poll_dispatch(now, ready).unwrap();
         d.handed(now, m);
         assert_eq!((d.counts().handoffs, d.counts().retransmissions), (1, 0));
         d.outcome(now, m, Outcome::RetryLater);
@@ -829,5 +920,46 @@ mod tests {
         assert_eq!(c.expiry(1000, 0), 1000 + 3_600_000);
         assert_eq!(c.expiry(1000, 10), 11_000);
         assert_eq!(c.expiry(0, u32::MAX), 86_400_000);
+    }
+
+    #[test]
+    fn a_message_waits_for_device_keys_then_fails_no_device_key() {
+        let mut d = Delivery::new(cfg());
+        d.edge_attached(conn());
+        let m = admit(&mut d, 1, 0);
+        let missing = |_: &Recipient| KeyCheck::Missing {
+            wait_ms: 500,
+            recheck_ms: 100,
+        };
+        assert!(d.poll_dispatch(0, missing).is_none());
+        assert_eq!(d.take_keys_wanted(), vec![to()]);
+        assert!(d.take_keys_wanted().is_empty());
+        // Looked at again after the recheck interval, asked for again.
+        assert!(d.poll_dispatch(99, missing).is_none());
+        assert!(d.take_keys_wanted().is_empty());
+        assert!(d.poll_dispatch(100, missing).is_none());
+        assert_eq!(d.take_keys_wanted(), vec![to()]);
+        // Keys arrive: due at once (as at ONLINE), handed.
+        d.online(150, &to());
+        let (_, got) = d.poll_dispatch(150, ready).unwrap();
+        assert_eq!(got.message, m);
+        // Another message never gets keys: failed(no_device_key) at the end of its wait,
+        // counted from its first wait, with no `sent` before it.
+        let m2 = admit(&mut d, 2, 200);
+        for t in (200..700).step_by(100) {
+            assert!(d.poll_dispatch(t, missing).is_none());
+        }
+        assert_eq!(d.pending(), 2);
+        assert!(d.poll_dispatch(700, missing).is_none());
+        assert_eq!(d.pending(), 1);
+        let changes: Vec<StatusChange> = std::iter::from_fn(|| d.poll_status()).collect();
+        let last = changes.last().unwrap();
+        assert_eq!(
+            (last.message, last.kind, last.reason),
+            (m2, StatusKind::Failed, Some(FailReason::NoDeviceKey))
+        );
+        assert!(!changes
+            .iter()
+            .any(|c| c.message == m2 && c.kind == StatusKind::Sent));
     }
 }

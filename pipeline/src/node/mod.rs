@@ -45,6 +45,7 @@ mod bus;
 mod chain;
 mod commit;
 mod delivery;
+mod devices;
 mod inbound_today;
 mod outbox;
 mod records;
@@ -74,13 +75,15 @@ use crate::ShardId;
 
 pub use bus::{PeerMsg, PeerTarget};
 pub use commit::{Completion, GroupCommit};
-pub use delivery::{DeliveryConfig, DeliveryCounts, StatusChange};
+pub use delivery::{DeliveryConfig, DeliveryCounts, KeyCheck, StatusChange};
+pub use devices::{verify_bundles, DevicesCounts, E2eConfig};
 pub use outbox::OutboxCounts;
 pub use replay::Replay;
 pub use stats::{AckLatency, LatencySnapshot, ShardStats, ACK_LATENCY_BOUNDS_US};
 
 use ack::AwaitingQueue;
 use delivery::Delivery;
+use devices::Devices;
 use outbox::Outbox;
 use stop::Stopping;
 
@@ -311,6 +314,10 @@ pub struct Shard {
     held: Option<Held>,
     /// Messages waiting for delivery (`None`: delivery is off).
     delivery: Option<Delivery>,
+    /// Devices' keys and sessions (`None`: no end-to-end sealing).
+    devices: Option<Devices>,
+    /// The reply key id and business keys last published to this shard's edges.
+    published_reply_keys: Option<(u32, usize)>,
     /// Events owed to businesses.
     outbox: Outbox,
     /// Users' replies each business received today.
@@ -362,11 +369,14 @@ impl Shard {
             c.event_ack_timeout_ms,
         );
         let cfg = c.enabled.then(|| c.clone());
+        let devices = (c.enabled && c.e2e.enabled).then(|| Devices::new(c.e2e.clone()));
+        let mut server = parts.server;
+        server.set_end_to_end(devices.is_some());
         let mut shard = Shard {
             shard: parts.shard,
             shards: parts.shards,
             payload_bytes_max: parts.payload_bytes_max,
-            server: parts.server,
+            server,
             idempotency: parts.idempotency,
             detector: parts.detector,
             sealer: parts.sealer,
@@ -375,6 +385,8 @@ impl Shard {
             awaiting: AwaitingQueue::default(),
             held: None,
             delivery: cfg.map(Delivery::new),
+            devices,
+            published_reply_keys: None,
             outbox,
             inbound_today: inbound_today::InboundToday::default(),
             disk_reserve_bytes: parts.disk_reserve_bytes,
@@ -478,6 +490,12 @@ impl Shard {
     /// Statuses and cursors waiting for room in the log.
     pub fn records_waiting(&self) -> usize {
         self.internal.len()
+    }
+
+    /// The end-to-end stage's counters and its directory and session counts (`None`:
+    /// no end-to-end sealing).
+    pub fn devices_counts(&self) -> Option<(DevicesCounts, (usize, usize))> {
+        self.devices.as_ref().map(|d| (d.counts(), d.sizes()))
     }
 
     /// The outbox's counters and the events waiting.
@@ -656,6 +674,7 @@ impl Shard {
             });
         }
         self.announce_attachments();
+        self.publish_reply_keys(now, false);
         let dropped = self.commit.tick(now.unix_ms);
         stats::add(&self.stats.log_segments_dropped, dropped.len() as u64);
         self.publish_log_figures();
@@ -698,6 +717,15 @@ impl Shard {
         stats::set(&st.events_acked, o.acked);
         stats::set(&st.events_dropped, o.dropped);
         stats::set(&st.events_backlog, self.outbox.len() as u64);
+        if let Some(d) = &self.devices {
+            let c = d.counts();
+            let (directory, sessions) = d.sizes();
+            stats::set(&st.e2e_sessions_new, c.sessions_new);
+            stats::set(&st.e2e_copies, c.copies);
+            stats::set(&st.e2e_replies_refused, c.replies_refused);
+            stats::set(&st.e2e_directory, directory as u64);
+            stats::set(&st.e2e_sessions, sessions as u64);
+        }
     }
 
     /// Log figures that change slowly (segment count), for the metrics.

@@ -33,13 +33,37 @@ const INBOUND_FULL_RETRY_MS: u32 = 1000;
 
 impl Shard {
     /// Takes the users' messages of an INBOUND batch from the edge.
-    pub(super) fn take_inbound(&mut self, now: Now, batch: InboundBatch) {
+    pub(super) fn take_inbound(&mut self, now: Now, mut batch: InboundBatch) {
+        // Replies sealed end to end are opened first; one that does not open is refused
+        // and never stored.
+        let mut unopened = vec![false; batch.entries.len()];
+        if batch.e2e {
+            for (e, bad) in batch.entries.iter_mut().zip(unopened.iter_mut()) {
+                let opened = self.devices.as_mut().and_then(|d| {
+                    d.open_reply(
+                        self.sealer.keys(),
+                        now.unix_ms,
+                        e.business_id,
+                        e.id,
+                        &e.payload,
+                    )
+                    .ok()
+                });
+                match opened {
+                    Some(plain) => e.payload = bytes::Bytes::from(plain),
+                    None => *bad = true,
+                }
+            }
+        }
         let mut statuses = Vec::with_capacity(batch.entries.len());
         let mut claims = Vec::new();
         let mut placed: Vec<&InboundEntry> = Vec::new();
         let mut budget = 0u64;
-        for e in &batch.entries {
-            let mut status = self.judge_inbound(e, budget);
+        for (e, &bad) in batch.entries.iter().zip(&unopened) {
+            let mut status = match bad {
+                true => Some(Status::Rejected(Reason::BadCiphertext)),
+                false => self.judge_inbound(e, budget),
+            };
             if status.is_none() {
                 let key = e.business_id | INBOUND_NAMESPACE;
                 status = match self.idempotency.claim(key, e.id, now.unix_ms) {

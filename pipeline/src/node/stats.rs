@@ -165,6 +165,20 @@ pub struct ShardStats {
     /// Delivery messages to other shards dropped because an inbox was full (counted by
     /// the shell; the owner repeats the work).
     pub peer_dropped: AtomicU64,
+    /// Recipients asked for with KEYS_WANTED.
+    pub e2e_keys_wanted: AtomicU64,
+    /// Recipients' bundle lists refused where they came in (bad structure or signature).
+    pub e2e_bundles_refused: AtomicU64,
+    /// Device sessions set up.
+    pub e2e_sessions_new: AtomicU64,
+    /// Copies sealed for devices.
+    pub e2e_copies: AtomicU64,
+    /// Users' replies that did not open.
+    pub e2e_replies_refused: AtomicU64,
+    /// Recipients in the shard's device directory (gauge).
+    pub e2e_directory: AtomicU64,
+    /// Device sessions the shard holds (gauge).
+    pub e2e_sessions: AtomicU64,
 }
 
 /// Adds `n` to a counter.

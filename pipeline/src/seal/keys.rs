@@ -492,6 +492,39 @@ impl DerivedKeys {
         self.businesses.len()
     }
 
+    /// The ids of the businesses loaded, ascending.
+    pub fn business_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.businesses.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The private X25519 key (32 bytes) of `business_id`'s reply key `key_id`, the key
+    /// its users' devices seal replies to (issue 16):
+    /// `HKDF-SHA256(salt = none, ikm = root, info = "courier/e2e/v1 business reply key" |
+    /// business id (u32 BE) | key id (u32 BE), L = 32)`. Derived, not stored: it goes with
+    /// the business's root key, and a rotation is a new key id.
+    pub fn reply_secret(
+        &self,
+        business_id: u32,
+        key_id: u32,
+    ) -> Result<zeroize::Zeroizing<[u8; KEY_BYTES]>, KeyError> {
+        const P: usize = REPLY_KEY_INFO_PREFIX.len();
+        let prk = self.pads(business_id)?;
+        let mut block = [0u8; SHA256_BLOCK];
+        block[..P].copy_from_slice(REPLY_KEY_INFO_PREFIX);
+        block[P..P + 4].copy_from_slice(&business_id.to_be_bytes());
+        block[P + 4..P + 8].copy_from_slice(&key_id.to_be_bytes());
+        let n = P + 8;
+        block[n] = 1;
+        block[n + 1] = 0x80;
+        let bits = ((SHA256_BLOCK + n + 1) * 8) as u64;
+        block[SHA256_BLOCK - 8..].copy_from_slice(&bits.to_be_bytes());
+        let mut out = zeroize::Zeroizing::new([0u8; KEY_BYTES]);
+        prk.sign_padded_block(&block, &mut out);
+        Ok(out)
+    }
+
     /// Whether no business is loaded.
     pub fn is_empty(&self) -> bool {
         self.businesses.is_empty()
@@ -505,6 +538,10 @@ impl DerivedKeys {
             .ok_or(KeyError::UnknownBusiness { business_id })
     }
 }
+
+/// Domain separation of a business's reply key (see [`DerivedKeys::reply_secret`]).
+pub const REPLY_KEY_INFO_PREFIX: &[u8] = b"courier/e2e/v1 business reply key";
+const _: () = assert!(REPLY_KEY_INFO_PREFIX.len() + 8 + 1 + 1 + 8 <= SHA256_BLOCK);
 
 /// HKDF-Expand's one block, L = 32 = HashLen: T(1) = HMAC(PRK, info | 0x01). The
 /// message (at most INFO_BYTES_MAX + 1 = 42 bytes) and its SHA-256 padding are laid out
@@ -611,6 +648,38 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn reply_keys_are_rfc5869_hkdf_sha256_and_differ_by_business_and_id() {
+        let root = RootKey::from_bytes([9; 32]);
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(root.as_bytes());
+        let mut keys = DerivedKeys::new();
+        keys.insert_root(5, &root);
+        keys.insert_root(6, &root);
+        for (business, key_id) in [(5u32, 0u32), (5, 1), (6, 0), (5, u32::MAX)] {
+            let info: [&[u8]; 3] = [
+                REPLY_KEY_INFO_PREFIX,
+                &business.to_be_bytes(),
+                &key_id.to_be_bytes(),
+            ];
+            let mut reference = [0u8; 32];
+            prk.expand(&info, hkdf::HKDF_SHA256)
+                .unwrap()
+                .fill(&mut reference)
+                .unwrap();
+            assert_eq!(*keys.reply_secret(business, key_id).unwrap(), reference);
+        }
+        assert_ne!(
+            *keys.reply_secret(5, 0).unwrap(),
+            *keys.reply_secret(6, 0).unwrap()
+        );
+        assert_ne!(
+            *keys.reply_secret(5, 0).unwrap(),
+            *keys.reply_secret(5, 1).unwrap()
+        );
+        assert!(keys.reply_secret(7, 0).is_err(), "unknown business");
+        assert_eq!(keys.business_ids(), vec![5, 6]);
     }
 
     #[test]

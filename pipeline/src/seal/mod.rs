@@ -495,6 +495,11 @@ impl<K: RecipientKeys> Sealer<K> {
         self.cache.forget_business(business_id);
     }
 
+    /// The key source.
+    pub fn keys(&self) -> &K {
+        &self.keys
+    }
+
     /// The key source, e.g. to load a business's root key.
     pub fn keys_mut(&mut self) -> &mut K {
         &mut self.keys

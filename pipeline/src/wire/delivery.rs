@@ -7,6 +7,9 @@
 //!   WELCOME   0x81  (16 bytes as in v1) | features:u32    (granted; only answering a v2 HELLO)
 //!   features: EVENTS (0x1, a business: STATUS and INBOUND_EVENT come on the HELLO stream)
 //!             DELIVERY (0x2, a platform credential: DELIVER comes on the HELLO stream)
+//!             E2E (0x4, with DELIVERY: messages are sealed for devices, replies for
+//!                  businesses; the edge publishes device keys. A relay whose profile sets
+//!                  `[e2e] enabled` grants DELIVERY only together with E2E)
 //! business -> server
 //!   SUBMIT_TTL 0x09  batch_id:u64 | ttl_secs:u32 | count:u32 | count * message (as SUBMIT)
 //!   EVENT_ACK  0x04  count:u32 | count * event:u64       (events handled; any stream)
@@ -21,11 +24,30 @@
 //!   INBOUND  0x07  batch_id:u64 | count:u32 | count * (id:u64 | business_id:u32
 //!                  | sender_len:u8 | sender | len:u32 | payload)
 //!                  (answered by ACK, like SUBMIT; `id` is the edge's idempotency key: a
-//!                  resend is answered `duplicate` with the first position)
+//!                  resend is answered `duplicate` with the first position; with E2E the
+//!                  payload is a sealed reply (`e2e::SealedReply`), opened by the relay:
+//!                  one that does not open is answered `rejected(bad_ciphertext)`)
+//!   DEVICE_KEYS 0x0A count:u32 | count * (recipient_len:u8 | recipient | len:u32
+//!                  | bundle list (`e2e::bundle`, at most BUNDLE_LIST_BYTES_MAX; no device:
+//!                  the recipient has none))                                  (with E2E)
 //! server -> edge (HELLO stream, with DELIVERY)
 //!   DELIVER  0x83  message:u64 | business_id:u32 | client_id:u64 | expires_ms:u64
 //!                  | recipient_len:u8 | recipient | len:u32 | payload
+//! server -> edge (HELLO stream, with DELIVERY and E2E)
+//!   DELIVER_E2E  0x88  as DELIVER, the payload being the device copies:
+//!                copies:u8 (1..=DEVICES_PER_RECIPIENT_MAX) | copies * (device_id:u32
+//!                | seq:u64 | session header (45, `e2e::SessionHeader`) | len:u32
+//!                | ciphertext | tag)
+//!   KEYS_WANTED  0x86  count:u32 | count * (recipient_len:u8 | recipient)
+//!                (answer with DEVICE_KEYS for each)
+//!   BUSINESS_KEYS 0x87 count:u32 (<= BUSINESS_KEYS_PER_FRAME_MAX) | count * (business_id:u32
+//!                | key_id:u32 | X25519 public key(32))   (the keys replies are sealed to)
 //! ```
+//!
+//! Every DELIVER_E2E copy carries its session's header, not only a session's first
+//! message: hand-offs are at least once and spread over the edge's connections, so the
+//! first message of a session is not always the first to reach its device, and a device
+//! that lost its side of a session can rebuild it from any message (45 bytes per copy).
 //!
 //! Event and message ids are log positions (`shard:16 | index:48`): unique per node, so
 //! a receiver drops a copy it already handled (every push is at least once).
@@ -43,8 +65,11 @@ pub mod features {
     pub const EVENTS: u32 = 0x1;
     /// A platform connection receives DELIVER on its HELLO stream.
     pub const DELIVERY: u32 = 0x2;
+    /// With DELIVERY: end-to-end sealing for devices and replies (DELIVER_E2E,
+    /// KEYS_WANTED, BUSINESS_KEYS; DEVICE_KEYS from the edge; INBOUND payloads sealed).
+    pub const E2E: u32 = 0x4;
     /// Every feature this build knows.
-    pub const ALL: u32 = EVENTS | DELIVERY;
+    pub const ALL: u32 = EVENTS | DELIVERY | E2E;
 }
 
 /// Bytes of one STATUS entry.
@@ -57,6 +82,12 @@ pub const DELIVER_FIXED_BYTES: usize = 8 + 4 + 8 + 8 + 1 + 4;
 pub const INBOUND_EVENT_FIXED_BYTES: usize = 8 + 8 + 1 + 4;
 /// Fixed bytes of one INBOUND entry besides sender and payload.
 pub const INBOUND_ENTRY_FIXED_BYTES: usize = 8 + 4 + 1 + 4;
+/// Most business keys in one BUSINESS_KEYS frame (more go in several frames).
+pub const BUSINESS_KEYS_PER_FRAME_MAX: usize = 256;
+/// Bytes of one BUSINESS_KEYS entry.
+pub const BUSINESS_KEY_BYTES: usize = 4 + 4 + 32;
+/// Bytes of a device copy in a DELIVER_E2E payload besides its ciphertext.
+pub const DEVICE_COPY_FIXED_BYTES: usize = 4 + 8 + crate::e2e::session::SESSION_HEADER_BYTES + 4;
 
 /// What happened to a message, as a business hears it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -241,8 +272,11 @@ pub struct Deliver {
     pub expires_ms: u64,
     /// Who it is for.
     pub recipient: Recipient,
-    /// The sealed message.
+    /// The sealed message: sealed at rest by the relay (DELIVER), or its device copies
+    /// (DELIVER_E2E, when `e2e`; see [`decode_device_copies`]).
     pub payload: Bytes,
+    /// Sealed end to end for the recipient's devices (sent as DELIVER_E2E).
+    pub e2e: bool,
 }
 
 impl std::fmt::Debug for Deliver {
@@ -253,6 +287,117 @@ impl std::fmt::Debug for Deliver {
             .field("client_id", &self.client_id)
             .field("expires_ms", &self.expires_ms)
             .field("payload_bytes", &self.payload.len())
+            .field("e2e", &self.e2e)
+            .finish()
+    }
+}
+
+/// One device's copy of a message in a DELIVER_E2E.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DeviceCopy {
+    /// The device.
+    pub device_id: u32,
+    /// The message's sequence number in its session.
+    pub seq: u64,
+    /// The session's header (`e2e::SessionHeader` bytes).
+    pub header: [u8; crate::e2e::session::SESSION_HEADER_BYTES],
+    /// `ciphertext | tag`.
+    pub ciphertext: Bytes,
+}
+
+impl std::fmt::Debug for DeviceCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceCopy")
+            .field("device_id", &self.device_id)
+            .field("seq", &self.seq)
+            .field("ciphertext_bytes", &self.ciphertext.len())
+            .finish()
+    }
+}
+
+/// Appends one device copy to a DELIVER_E2E payload being built (after its count byte).
+pub fn put_device_copy(
+    out: &mut Vec<u8>,
+    device_id: u32,
+    seq: u64,
+    header: &[u8; crate::e2e::session::SESSION_HEADER_BYTES],
+    ciphertext: &[u8],
+) {
+    out.extend_from_slice(&device_id.to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(header);
+    out.extend_from_slice(
+        &u32::try_from(ciphertext.len())
+            .expect("ciphertext fits u32")
+            .to_le_bytes(),
+    );
+    out.extend_from_slice(ciphertext);
+}
+
+/// The device copies of a DELIVER_E2E payload: 1 to `DEVICES_PER_RECIPIENT_MAX`, each
+/// device once, nothing after the last.
+pub fn decode_device_copies(payload: &Bytes) -> Result<Vec<DeviceCopy>, WireError> {
+    let m = |what| WireError::Malformed {
+        frame: "DELIVER_E2E",
+        what,
+    };
+    let mut body = payload.clone();
+    if body.is_empty() {
+        return Err(m("no copy count"));
+    }
+    let count = usize::from(body.get_u8());
+    if count == 0 || count > crate::e2e::bundle::DEVICES_PER_RECIPIENT_MAX {
+        return Err(m("copy count out of bounds"));
+    }
+    let mut copies: Vec<DeviceCopy> = Vec::with_capacity(count);
+    for _ in 0..count {
+        if body.len() < DEVICE_COPY_FIXED_BYTES {
+            return Err(m("device copy truncated"));
+        }
+        let device_id = body.get_u32_le();
+        let seq = body.get_u64_le();
+        let mut header = [0; crate::e2e::session::SESSION_HEADER_BYTES];
+        body.copy_to_slice(&mut header);
+        let ciphertext = get_payload(&mut body, m)?;
+        if copies.iter().any(|c| c.device_id == device_id) {
+            return Err(m("a device has two copies"));
+        }
+        copies.push(DeviceCopy {
+            device_id,
+            seq,
+            header,
+            ciphertext,
+        });
+    }
+    if !body.is_empty() {
+        return Err(m("bytes after the last copy"));
+    }
+    Ok(copies)
+}
+
+/// One business's key for replies, as BUSINESS_KEYS carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BusinessKeyEntry {
+    /// The business.
+    pub business_id: u32,
+    /// Its current reply key.
+    pub key: crate::e2e::BusinessPublicKey,
+}
+
+/// One recipient's published device bundles, as DEVICE_KEYS carries them (the bundle
+/// list's bytes, decoded and verified by the relay).
+#[derive(Clone, PartialEq, Eq)]
+pub struct DeviceKeysEntry {
+    /// The recipient.
+    pub recipient: Recipient,
+    /// `e2e::bundle` list bytes.
+    pub bundles: Bytes,
+}
+
+impl std::fmt::Debug for DeviceKeysEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceKeysEntry")
+            .field("bundle_bytes", &self.bundles.len())
             .finish()
     }
 }
@@ -491,7 +636,12 @@ pub fn deliver_frame_bytes(d: &Deliver) -> usize {
 /// Encodes DELIVER.
 pub fn encode_deliver(d: &Deliver, out: &mut BytesMut) {
     let body = DELIVER_FIXED_BYTES + d.recipient.as_bytes().len() + d.payload.len();
-    put_header(out, frame_type::DELIVER, body);
+    let ty = if d.e2e {
+        frame_type::DELIVER_E2E
+    } else {
+        frame_type::DELIVER
+    };
+    put_header(out, ty, body);
     out.put_u64_le(d.message.0);
     out.put_u32_le(d.business_id);
     out.put_u64_le(d.client_id);
@@ -499,6 +649,51 @@ pub fn encode_deliver(d: &Deliver, out: &mut BytesMut) {
     put_recipient(out, &d.recipient);
     out.put_u32_le(u32::try_from(d.payload.len()).expect("payload fits u32"));
     out.put_slice(&d.payload);
+}
+
+/// Encodes KEYS_WANTED.
+pub fn encode_keys_wanted(recipients: &[Recipient], out: &mut BytesMut) {
+    let body = 4 + recipients
+        .iter()
+        .map(|r| 1 + r.as_bytes().len())
+        .sum::<usize>();
+    put_header(out, frame_type::KEYS_WANTED, body);
+    out.put_u32_le(u32::try_from(recipients.len()).expect("count fits u32"));
+    for r in recipients {
+        put_recipient(out, r);
+    }
+}
+
+/// Encodes BUSINESS_KEYS frames, at most [`BUSINESS_KEYS_PER_FRAME_MAX`] entries each.
+pub fn encode_business_keys(entries: &[BusinessKeyEntry], out: &mut BytesMut) {
+    for chunk in entries.chunks(BUSINESS_KEYS_PER_FRAME_MAX) {
+        put_header(
+            out,
+            frame_type::BUSINESS_KEYS,
+            4 + BUSINESS_KEY_BYTES * chunk.len(),
+        );
+        out.put_u32_le(chunk.len() as u32);
+        for e in chunk {
+            out.put_u32_le(e.business_id);
+            out.put_u32_le(e.key.key_id);
+            out.put_slice(&e.key.public);
+        }
+    }
+}
+
+/// Encodes DEVICE_KEYS.
+pub fn encode_device_keys(entries: &[DeviceKeysEntry], out: &mut BytesMut) {
+    let body = 4 + entries
+        .iter()
+        .map(|e| 1 + e.recipient.as_bytes().len() + 4 + e.bundles.len())
+        .sum::<usize>();
+    put_header(out, frame_type::DEVICE_KEYS, body);
+    out.put_u32_le(u32::try_from(entries.len()).expect("count fits u32"));
+    for e in entries {
+        put_recipient(out, &e.recipient);
+        out.put_u32_le(u32::try_from(e.bundles.len()).expect("bundles fit u32"));
+        out.put_slice(&e.bundles);
+    }
 }
 
 /// A decoded delivery frame.
@@ -532,8 +727,14 @@ pub enum DeliveryFrame {
         /// The messages.
         entries: Vec<InboundEntry>,
     },
-    /// A message for the edge.
+    /// A message for the edge (DELIVER, or DELIVER_E2E when its `e2e` is set).
     Deliver(Deliver),
+    /// Recipients whose device keys the relay wants.
+    KeysWanted(Vec<Recipient>),
+    /// Businesses' reply keys.
+    BusinessKeys(Vec<BusinessKeyEntry>),
+    /// Recipients' device bundles, from the edge.
+    DeviceKeys(Vec<DeviceKeysEntry>),
 }
 
 /// Decodes the body of a delivery frame of type `ty`.
@@ -683,7 +884,7 @@ pub fn decode(ty: u8, mut body: Bytes, limits: &WireLimits) -> Result<DeliveryFr
             }
             DeliveryFrame::Inbound { batch_id, entries }
         }
-        frame_type::DELIVER => {
+        frame_type::DELIVER | frame_type::DELIVER_E2E => {
             if body.len() < 28 {
                 return Err(m("shorter than its fixed fields"));
             }
@@ -700,7 +901,67 @@ pub fn decode(ty: u8, mut body: Bytes, limits: &WireLimits) -> Result<DeliveryFr
                 expires_ms,
                 recipient,
                 payload,
+                e2e: ty == frame_type::DELIVER_E2E,
             })
+        }
+        frame_type::KEYS_WANTED => {
+            if body.len() < 4 {
+                return Err(m("shorter than its fixed fields"));
+            }
+            let count = body.get_u32_le();
+            check_count(count, limits)?;
+            if (count as usize).saturating_mul(1 + RECIPIENT_DIGITS_MIN + 1) > body.len() {
+                return Err(m("count larger than the body can hold"));
+            }
+            let mut recipients = Vec::with_capacity(count as usize);
+            for index in 0..count {
+                recipients.push(get_recipient(&mut body, index, m)?);
+            }
+            DeliveryFrame::KeysWanted(recipients)
+        }
+        frame_type::BUSINESS_KEYS => {
+            if body.len() < 4 {
+                return Err(m("shorter than its fixed fields"));
+            }
+            let count = body.get_u32_le() as usize;
+            if count == 0 || count > BUSINESS_KEYS_PER_FRAME_MAX {
+                return Err(m("count out of bounds"));
+            }
+            if body.len() != count * BUSINESS_KEY_BYTES {
+                return Err(m("body is not count entries"));
+            }
+            let mut entries = Vec::with_capacity(count);
+            for _ in 0..count {
+                let business_id = body.get_u32_le();
+                let key_id = body.get_u32_le();
+                let mut public = [0; 32];
+                body.copy_to_slice(&mut public);
+                entries.push(BusinessKeyEntry {
+                    business_id,
+                    key: crate::e2e::BusinessPublicKey { key_id, public },
+                });
+            }
+            DeliveryFrame::BusinessKeys(entries)
+        }
+        frame_type::DEVICE_KEYS => {
+            if body.len() < 4 {
+                return Err(m("shorter than its fixed fields"));
+            }
+            let count = body.get_u32_le();
+            check_count(count, limits)?;
+            if (count as usize).saturating_mul(1 + RECIPIENT_DIGITS_MIN + 1 + 4) > body.len() {
+                return Err(m("count larger than the body can hold"));
+            }
+            let mut entries = Vec::with_capacity(count as usize);
+            for index in 0..count {
+                let recipient = get_recipient(&mut body, index, m)?;
+                let bundles = get_payload(&mut body, m)?;
+                if bundles.len() > crate::e2e::bundle::BUNDLE_LIST_BYTES_MAX {
+                    return Err(m("bundle list larger than its bound"));
+                }
+                entries.push(DeviceKeysEntry { recipient, bundles });
+            }
+            DeliveryFrame::DeviceKeys(entries)
         }
         other => return Err(WireError::UnknownType(other)),
     };
@@ -741,6 +1002,10 @@ pub fn frame_name(ty: u8) -> &'static str {
         frame_type::ONLINE => "ONLINE",
         frame_type::INBOUND => "INBOUND",
         frame_type::DELIVER => "DELIVER",
+        frame_type::DELIVER_E2E => "DELIVER_E2E",
+        frame_type::KEYS_WANTED => "KEYS_WANTED",
+        frame_type::BUSINESS_KEYS => "BUSINESS_KEYS",
+        frame_type::DEVICE_KEYS => "DEVICE_KEYS",
         _ => "unknown",
     }
 }
@@ -776,6 +1041,9 @@ pub fn encode(f: &DeliveryFrame, out: &mut BytesMut) {
         DeliveryFrame::Online(r) => encode_online(r, out),
         DeliveryFrame::Inbound { batch_id, entries } => encode_inbound(*batch_id, entries, out),
         DeliveryFrame::Deliver(d) => encode_deliver(d, out),
+        DeliveryFrame::KeysWanted(r) => encode_keys_wanted(r, out),
+        DeliveryFrame::BusinessKeys(e) => encode_business_keys(e, out),
+        DeliveryFrame::DeviceKeys(e) => encode_device_keys(e, out),
     }
 }
 
@@ -848,7 +1116,40 @@ mod tests {
             expires_ms: 3,
             recipient: r("+15550001111"),
             payload: Bytes::from_static(b"sealed"),
+            e2e: false,
         }));
+        let mut copies = vec![2u8];
+        put_device_copy(&mut copies, 1, 0, &[3; 45], b"ct-and-tag-of-one-device");
+        put_device_copy(&mut copies, 9, 77, &[4; 45], b"another");
+        round_trip(DeliveryFrame::Deliver(Deliver {
+            message: p,
+            business_id: 1,
+            client_id: 2,
+            expires_ms: 3,
+            recipient: r("+15550001111"),
+            payload: Bytes::from(copies.clone()),
+            e2e: true,
+        }));
+        let got = decode_device_copies(&Bytes::from(copies)).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[1].device_id, got[1].seq), (9, 77));
+        assert_eq!(&got[1].ciphertext[..], b"another");
+        assert_eq!(got[0].header, [3; 45]);
+        round_trip(DeliveryFrame::KeysWanted(vec![
+            r("+15550001111"),
+            r("+4915112345678"),
+        ]));
+        round_trip(DeliveryFrame::BusinessKeys(vec![BusinessKeyEntry {
+            business_id: 7,
+            key: crate::e2e::BusinessPublicKey {
+                key_id: 3,
+                public: [5; 32],
+            },
+        }]));
+        round_trip(DeliveryFrame::DeviceKeys(vec![DeviceKeysEntry {
+            recipient: r("+15550001111"),
+            bundles: Bytes::from_static(&[1, 0]),
+        }]));
         round_trip(DeliveryFrame::SubmitTtl {
             batch_id: 8,
             ttl_secs: 60,
@@ -920,5 +1221,28 @@ mod tests {
             super::super::code::MALFORMED_FRAME,
             "a count the body cannot hold"
         );
+    }
+
+    #[test]
+    fn device_copies_refuse_bad_structure() {
+        let one = |id: u32| {
+            let mut v = Vec::new();
+            put_device_copy(&mut v, id, 1, &[0; 45], b"x");
+            v
+        };
+        let bad = |bytes: Vec<u8>| decode_device_copies(&Bytes::from(bytes)).is_err();
+        assert!(bad(vec![]), "no count");
+        assert!(bad(vec![0]), "zero copies");
+        assert!(
+            bad([vec![17], one(1)].concat()),
+            "more than the devices bound"
+        );
+        assert!(bad([vec![2], one(1)].concat()), "fewer copies than counted");
+        assert!(bad([vec![2], one(1), one(1)].concat()), "one device twice");
+        assert!(bad([vec![1], one(1), vec![0]].concat()), "trailing byte");
+        let mut long = [vec![1], one(1)].concat();
+        long.truncate(long.len() - 1);
+        assert!(bad(long), "ciphertext runs past the payload");
+        assert!(!bad([vec![2], one(1), one(2)].concat()));
     }
 }

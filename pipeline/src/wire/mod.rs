@@ -119,6 +119,14 @@ pub mod frame_type {
     pub const STATUS: u8 = 0x84;
     /// Server to business: a user's message.
     pub const INBOUND_EVENT: u8 = 0x85;
+    /// Edge: recipients' device key bundles (with E2E).
+    pub const DEVICE_KEYS: u8 = 0x0A;
+    /// Server to edge: recipients whose device keys it wants (with E2E).
+    pub const KEYS_WANTED: u8 = 0x86;
+    /// Server to edge: businesses' reply keys (with E2E).
+    pub const BUSINESS_KEYS: u8 = 0x87;
+    /// Server to edge: a message sealed for the recipient's devices (with E2E).
+    pub const DELIVER_E2E: u8 = 0x88;
 }
 
 /// Application error codes. Stream codes are sent in RESET_STREAM and STOP_SENDING when a
@@ -385,11 +393,14 @@ pub enum Reason {
     StorageUnavailable = 6,
     /// The server is shutting down.
     ShuttingDown = 7,
+    /// A user's reply sealed end to end did not open (bad ciphertext, wrong business or
+    /// key, a retired key): answered to the edge, never stored.
+    BadCiphertext = 8,
 }
 
 impl Reason {
     /// Every reason, in wire order.
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 8] = [
         Reason::Unauthorized,
         Reason::InvalidRecipient,
         Reason::PayloadTooLarge,
@@ -397,6 +408,7 @@ impl Reason {
         Reason::MessagingLimitReached,
         Reason::StorageUnavailable,
         Reason::ShuttingDown,
+        Reason::BadCiphertext,
     ];
 
     /// Decodes a reason byte.
@@ -414,6 +426,7 @@ impl Reason {
             Reason::MessagingLimitReached => "messaging_limit_reached",
             Reason::StorageUnavailable => "storage_unavailable",
             Reason::ShuttingDown => "shutting_down",
+            Reason::BadCiphertext => "bad_ciphertext",
         }
     }
 }

@@ -204,10 +204,11 @@ pub fn delivery() -> impl Strategy<Value = Frame> {
             any::<u64>(),
             any::<u64>(),
             recipient(),
-            payload()
+            payload(),
+            any::<bool>()
         )
             .prop_map(
-                |(message, business_id, client_id, expires_ms, recipient, payload)| {
+                |(message, business_id, client_id, expires_ms, recipient, payload, e2e)| {
                     DeliveryFrame::Deliver(Deliver {
                         message,
                         business_id,
@@ -215,6 +216,7 @@ pub fn delivery() -> impl Strategy<Value = Frame> {
                         expires_ms,
                         recipient,
                         payload,
+                        e2e,
                     })
                 }
             ),

@@ -14,6 +14,11 @@
 //!     EVENT_ACK (every event, copies included, once handled)
 //!  finish: wait until every accepted message has its final status and every reply was
 //!          heard (or `settle` passes), then stop and report
+//!  with E2E (the relay seals for devices; the edge always asks for it):
+//!     KEYS_WANTED ──> DeviceWorld::bundles ──> DEVICE_KEYS (real keys, 1 or 2 devices
+//!     per recipient); BUSINESS_KEYS ──> the reply keys; every DELIVER_E2E is opened on
+//!     every device of its recipient (content checked, and not opening on the other
+//!     device); replies are sealed to the business's key
 //! ```
 //!
 //! Bounds: the edge holds at most its credit window of DELIVERs, [`READS_QUEUED_MAX`]
@@ -22,14 +27,16 @@
 //! [`REPLIES_QUEUED_MAX`] replies; what does not fit is sent at once or counted.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use courier_client::edge::DeliveryEdge;
-use courier_client::{Client, ClientConfig, ClientError, Deliveries, EventReceiver};
+use courier_client::{Client, ClientConfig, ClientError, Deliveries, EdgeItem, EventReceiver};
+use courier_pipeline::e2e::DeviceWorld;
 use courier_pipeline::wire::delivery::{
-    BusinessEvent, Deliver, FailReason, InboundEntry, Outcome, OutcomeEntry,
+    BusinessEvent, Deliver, DeviceKeysEntry, FailReason, InboundEntry, Outcome, OutcomeEntry,
 };
 use courier_pipeline::wire::{LogPosition, Recipient, Status};
 use tokio::sync::mpsc;
@@ -38,7 +45,11 @@ use tokio::time::Instant;
 
 use crate::devices::{DeviceModel, Fate};
 use crate::engine::StopSignal;
-use crate::tracking::{reply_payload, DeliveryReport, Tracker};
+use crate::tracking::{reply_payload, DeliveryReport, E2eReport, Tracker};
+use crate::traffic::is_filler;
+
+/// Recipients whose devices the simulated edge holds (their keys and sessions).
+pub const DEVICE_RECIPIENTS_MAX: usize = 1 << 20;
 
 /// `read` outcomes waiting to be sent (each some time after its `delivered`); past it a
 /// message is reported `read` at once.
@@ -106,6 +117,7 @@ pub struct DeliveryRun {
     tasks: JoinSet<()>,
     edges: Vec<Arc<DeliveryEdge>>,
     settle: Duration,
+    ctx: Arc<EdgeCtx>,
 }
 
 /// What every edge task of a run shares.
@@ -115,6 +127,17 @@ struct EdgeCtx {
     t0: Instant,
     replies: mpsc::Sender<InboundEntry>,
     stop: StopSignal,
+    /// The recipients' devices (used when the relay granted E2E).
+    world: Mutex<DeviceWorld>,
+    /// Whether the relay granted E2E (the same for every connection of a relay).
+    e2e: std::sync::atomic::AtomicBool,
+    content_mismatch: AtomicU64,
+}
+
+impl std::fmt::Debug for EdgeCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeCtx").finish_non_exhaustive()
+    }
 }
 
 impl DeliveryRun {
@@ -134,6 +157,9 @@ impl DeliveryRun {
             t0: Instant::now(),
             replies: replies_tx,
             stop: stop.clone(),
+            world: Mutex::new(DeviceWorld::new(plan.devices.seed, DEVICE_RECIPIENTS_MAX)),
+            e2e: std::sync::atomic::AtomicBool::new(false),
+            content_mismatch: AtomicU64::new(0),
         });
         let cfg = ClientConfig {
             token: plan.edge_token.clone(),
@@ -143,7 +169,10 @@ impl DeliveryRun {
         };
         let mut edges = Vec::new();
         for _ in 0..plan.connections {
-            let (edge, deliveries) = DeliveryEdge::connect(&cfg, plan.window).await?;
+            // Asks for E2E always: a relay that does not seal for devices grants DELIVERY
+            // alone, one that does refuses DELIVERY without E2E.
+            let (edge, deliveries) = DeliveryEdge::connect_e2e(&cfg, plan.window).await?;
+            ctx.e2e.store(edge.e2e(), Ordering::Relaxed);
             let edge = Arc::new(edge);
             tasks.spawn(run_edge(edge.clone(), deliveries, ctx.clone()));
             edges.push(edge);
@@ -160,6 +189,7 @@ impl DeliveryRun {
             tasks,
             edges,
             settle: plan.settle,
+            ctx,
         })
     }
 
@@ -200,7 +230,22 @@ impl DeliveryRun {
         })
         .await;
         self.tasks.abort_all();
-        self.tracker.report(settle_secs)
+        let mut report = self.tracker.report(settle_secs);
+        if self.ctx.e2e.load(Ordering::Relaxed) {
+            let w = self.ctx.world.lock().expect("world lock").counts();
+            report.e2e = Some(E2eReport {
+                messages_opened: w.messages_opened,
+                copies_opened: w.copies_opened,
+                open_failures: w.open_failures,
+                content_mismatch: self.ctx.content_mismatch.load(Ordering::Relaxed),
+                cross_device_checks: w.cross_device_checks,
+                cross_device_opened: w.cross_device_opened,
+                sessions_accepted: w.sessions_accepted,
+                bundles_published: w.bundles_published,
+                replies_sealed: w.replies_sealed,
+            });
+        }
+        report
     }
 }
 
@@ -255,6 +300,13 @@ fn decide(
     onlines: &mut OnlineSchedule,
     reads: &mut VecDeque<(Instant, LogPosition)>,
 ) -> Outcome {
+    if ctx.e2e.load(Ordering::Relaxed) {
+        // Every copy handed over is opened, repeats included.
+        let opened = ctx.world.lock().expect("world lock").open(d);
+        if opened.as_deref().is_some_and(|p| !is_filler(p)) {
+            ctx.content_mismatch.fetch_add(1, Ordering::Relaxed);
+        }
+    }
     let (_, delivered_before) = ctx.tracker.handed(d.message);
     if delivered_before {
         return Outcome::Delivered;
@@ -274,15 +326,24 @@ fn decide(
         }
         Fate::Delivered { read, reply } => {
             ctx.tracker.delivered(d.message, now);
+            let plain = reply.then(|| reply_payload(d.business_id, d.message));
+            // One reply per message: the message's position is a unique id.
+            let payload = match plain {
+                Some(p) if ctx.e2e.load(Ordering::Relaxed) => ctx
+                    .world
+                    .lock()
+                    .expect("world lock")
+                    .seal_reply(d.business_id, d.message.0, &p),
+                p => p.map(Bytes::from),
+            };
             if reply {
-                let entry = InboundEntry {
-                    // One reply per message: the message's position is a unique id.
+                let entry = payload.map(|payload| InboundEntry {
                     id: d.message.0,
                     business_id: d.business_id,
                     sender: d.recipient,
-                    payload: Bytes::from(reply_payload(d.business_id, d.message)),
-                };
-                if ctx.replies.try_send(entry).is_ok() {
+                    payload,
+                });
+                if entry.is_some_and(|e| ctx.replies.try_send(e).is_ok()) {
                     ctx.tracker.reply_queued();
                 } else {
                     ctx.tracker.inbound(0, 0, 1, false);
@@ -312,14 +373,40 @@ async fn run_edge(edge: Arc<DeliveryEdge>, mut rx: Deliveries, ctx: Arc<EdgeCtx>
         tokio::select! {
             biased;
             () = ctx.stop.wait() => return,
-            d = rx.recv() => {
-                let Ok(d) = d else { return };
-                let mut batch = vec![d];
-                while batch.len() < BATCH_MAX {
-                    match rx.try_recv().await {
-                        Ok(Some(d)) => batch.push(d),
-                        _ => break,
+            item = rx.recv_item() => {
+                let Ok(item) = item else { return };
+                let mut batch = Vec::new();
+                let mut wanted = Vec::new();
+                let mut next = Some(item);
+                // Bounded by BATCH_MAX.
+                while let Some(item) = next.take() {
+                    match item {
+                        EdgeItem::Deliver(d) => batch.push(d),
+                        EdgeItem::KeysWanted(r) => wanted.extend(r),
+                        EdgeItem::BusinessKeys(k) => {
+                            ctx.world.lock().expect("world lock").learn_business_keys(&k);
+                        }
                     }
+                    if batch.len() + wanted.len() < BATCH_MAX {
+                        next = rx.try_recv_item().await.ok().flatten();
+                    }
+                }
+                if !wanted.is_empty() {
+                    let entries: Vec<DeviceKeysEntry> = {
+                        let mut world = ctx.world.lock().expect("world lock");
+                        wanted
+                            .iter()
+                            .filter_map(|r| {
+                                Some(DeviceKeysEntry { recipient: *r, bundles: world.bundles(r)? })
+                            })
+                            .collect()
+                    };
+                    if edge.device_keys(&entries).await.is_err() {
+                        return;
+                    }
+                }
+                if batch.is_empty() {
+                    continue;
                 }
                 let now = Instant::now();
                 let outcomes: Vec<OutcomeEntry> = batch

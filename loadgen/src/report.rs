@@ -497,6 +497,21 @@ fn print_delivery(d: &DeliveryReport, w: &mut impl Write) -> std::io::Result<()>
             lat(&d.online_to_delivered_us)
         )?;
     }
+    if let Some(e) = &d.e2e {
+        writeln!(
+            w,
+            "  e2e          {:>12}  opened on every device ({} copies, {} sessions, {} bundle lists, {} replies sealed); {} failed to open, {} wrong content, {} of {} cross-device tries opened",
+            e.messages_opened,
+            e.copies_opened,
+            e.sessions_accepted,
+            e.bundles_published,
+            e.replies_sealed,
+            e.open_failures,
+            e.content_mismatch,
+            e.cross_device_opened,
+            e.cross_device_checks
+        )?;
+    }
     writeln!(
         w,
         "  check        {}: {} accepted message(s) tracked, {} without a final status after {:.1} s of settling, {} extra final, {} out of order ({} event copies dropped{})",

@@ -108,6 +108,40 @@ pub struct DeliveryReport {
     pub order_violations: u64,
     /// Seconds waited after sending for the last statuses.
     pub settle_secs: f64,
+    /// End-to-end sealing, when the relay granted it: what the devices saw.
+    #[serde(default)]
+    pub e2e: Option<E2eReport>,
+}
+
+/// What the simulated devices saw of end-to-end sealing (`e2e` of the delivery report).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct E2eReport {
+    /// DELIVERs whose every copy opened on its device to one plaintext.
+    pub messages_opened: u64,
+    /// Device copies opened.
+    pub copies_opened: u64,
+    /// DELIVERs that did not open (a copy that failed, a device without a copy, copies
+    /// that disagree, a DELIVER not sealed for devices): must be 0.
+    pub open_failures: u64,
+    /// Opened messages whose plaintext was not what the senders sent: must be 0.
+    pub content_mismatch: u64,
+    /// Copies tried with another device's session.
+    pub cross_device_checks: u64,
+    /// Of those, opened: must be 0.
+    pub cross_device_opened: u64,
+    /// Device sessions set up.
+    pub sessions_accepted: u64,
+    /// Recipients' bundle lists the edge published (KEYS_WANTED answered).
+    pub bundles_published: u64,
+    /// Replies sealed to their business's key.
+    pub replies_sealed: u64,
+}
+
+impl E2eReport {
+    /// Whether every device check holds.
+    pub fn passed(&self) -> bool {
+        self.open_failures == 0 && self.content_mismatch == 0 && self.cross_device_opened == 0
+    }
 }
 
 impl DeliveryReport {
@@ -118,6 +152,7 @@ impl DeliveryReport {
             && self.extra_finals == 0
             && self.order_violations == 0
             && self.inbound_misrouted == 0
+            && self.e2e.as_ref().is_none_or(E2eReport::passed)
     }
 }
 
@@ -454,6 +489,7 @@ impl Tracker {
             extra_finals: ld(&c.extra_finals),
             order_violations: ld(&c.order_violations),
             settle_secs,
+            e2e: None,
         }
     }
 }

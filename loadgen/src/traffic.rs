@@ -295,6 +295,11 @@ impl SizeSpec {
     }
 }
 
+/// Whether `bytes` are filler (what [`filler`] makes, of any length).
+pub fn is_filler(bytes: &[u8]) -> bool {
+    bytes.iter().zip(FILLER.iter().cycle()).all(|(a, b)| a == b)
+}
+
 /// `size` bytes of filler; payloads are zero-copy slices of one such buffer.
 pub fn filler(size: usize) -> Bytes {
     FILLER

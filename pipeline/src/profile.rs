@@ -14,6 +14,7 @@
 //! | `[log]` | [`LogSettings`] (`log/settings.rs`), record and seal overheads from [`crate::log`] | `log/settings.rs` |
 //! | `[detect]` | [`crate::detect::DetectConfig`] (`detect/config.rs`) | `detect/config.rs` |
 //! | `[delivery]` | [`crate::node::DeliveryConfig`] | `node/delivery.rs` |
+//! | `[e2e]` | [`crate::node::E2eConfig`] (carried in `delivery.e2e`) | `node/devices.rs` |
 //!
 //! Validation returns every error it finds, each naming the key and the bound it broke.
 
@@ -102,6 +103,9 @@ pub struct RawProfile {
     pub log: LogSettings,
     /// `[delivery]`
     pub delivery: crate::node::DeliveryConfig,
+    /// `[e2e]` (off when absent: profiles from before it keep working)
+    #[serde(default)]
+    pub e2e: crate::node::E2eConfig,
     /// `[detect]`
     pub detect: DetectConfig,
     /// Keys of `[detect]` in their form from before issue 14, taken out of the table
@@ -373,7 +377,9 @@ impl Profile {
         raw.detect.validate(&mut c);
         raw.legacy_detect.validate(&mut c);
         c.extend(raw.delivery.issues());
+        c.extend(raw.e2e.issues());
         let mut delivery = raw.delivery;
+        delivery.e2e = raw.e2e;
         delivery.clamp_to_retention(raw.log.retention_secs);
 
         let issues = c.into_issues();

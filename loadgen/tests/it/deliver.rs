@@ -109,4 +109,34 @@ fn the_simulated_edge_delivers_every_accepted_message_and_the_report_checks_it()
     for k in ["submit_to_delivered_us", "delivered_to_status_us"] {
         assert!(d[k]["p50"].as_u64().unwrap() > 0, "{k}: {d}");
     }
+    // The default profile seals for devices (issue 16): every DELIVER the edge took
+    // opened on every device of its recipient to what was sent, never on another
+    // device, and every reply was sealed to its business's key and opened by the relay
+    // (the businesses heard them above).
+    let e = &d["e2e"];
+    let e2e = |k: &str| e[k].as_u64().unwrap_or_else(|| panic!("{k} in {e}"));
+    assert_eq!(e2e("messages_opened"), n("handoffs"), "{e}");
+    assert!(
+        e2e("copies_opened") > e2e("messages_opened"),
+        "two-device recipients: {e}"
+    );
+    assert_eq!(
+        (
+            e2e("open_failures"),
+            e2e("content_mismatch"),
+            e2e("cross_device_opened")
+        ),
+        (0, 0, 0),
+        "{e}"
+    );
+    assert!(e2e("cross_device_checks") > 0, "{e}");
+    assert!(
+        e2e("sessions_accepted") > 0 && e2e("bundles_published") > 0,
+        "{e}"
+    );
+    assert_eq!(
+        e2e("replies_sealed"),
+        n("inbound") + n("inbound_lost"),
+        "{e} {d}"
+    );
 }

@@ -22,6 +22,8 @@
 //! - [`session`]: per-device delivery sessions and replies, with their `info` and AAD
 //!   encodings.
 //! - [`device`]: a device with its private keys, for tests and the load generator.
+//! - [`world`]: every recipient's devices of a run, opening DELIVER_E2E copies and sealing
+//!   replies, for tests and the load generator's edge.
 //!
 //! **Chosen by measurement** (`benches/device_seal.rs`, BENCHMARKS.md "Device sealing
 //! (issue 16)"): this HPKE on aws-lc-rs against the `hpke` crate (pure Rust: x25519-dalek,
@@ -34,6 +36,7 @@ pub mod bundle;
 pub mod device;
 pub mod hpke;
 pub mod session;
+pub mod world;
 
 pub use bundle::{
     decode_bundles, encode_bundles, one_time_prekey_message, signed_prekey_message, BundleError,
@@ -48,6 +51,7 @@ pub use session::{
     seal_reply, BusinessKey, BusinessPublicKey, DeviceSession, MessageAad, RecipientSession,
     ReplyError, SealedReply, SessionError, SessionHeader, SessionState,
 };
+pub use world::{DeviceWorld, WorldCounts};
 
 #[cfg(test)]
 mod tests;

@@ -69,8 +69,9 @@ pub struct DeliveryConfig {
     pub events_per_push_max: u32,
     /// Milliseconds a business has to acknowledge a push before it is pushed again.
     pub event_ack_timeout_ms: u32,
-    /// `[delivery.e2e]`: sealing for recipients' devices (off when the section is absent).
-    #[serde(default)]
+    /// The profile's `[e2e]` section (sealing for recipients' devices), set by the
+    /// profile's validation; not a key of `[delivery]`.
+    #[serde(skip, default)]
     pub e2e: super::devices::E2eConfig,
 }
 
@@ -143,7 +144,6 @@ impl DeliveryConfig {
             100,
             3_600_000,
         );
-        out.extend(self.e2e.issues());
         out
     }
 

@@ -20,6 +20,8 @@
 //! the directory lives in memory only (bounded by `directory_max`, oldest learned out
 //! first, asked again after `directory_refresh_secs`), never on disk, so nothing of it
 //! outlives the process or the retention; after a restart the relay asks the edge again.
+//! One-time prekeys are split between shards by id (a shard takes those whose id is its
+//! index modulo the shard count), so two shards never set up sessions to the same one.
 //! Sessions (`sessions_max` per shard, oldest out first) are never persisted either: a
 //! session lost with the process or evicted is replaced by a new one with a fresh
 //! ephemeral key, so a (key, nonce) pair can never repeat, at the price of one HPKE setup
@@ -47,7 +49,7 @@ use crate::seal::keys::{DerivedKeys, RecipientKey, RecipientKeys};
 use crate::wire::delivery::{put_device_copy, BusinessKeyEntry, Deliver};
 use crate::wire::Recipient;
 
-/// `[delivery.e2e]`: end-to-end sealing for recipients' devices and replies.
+/// `[e2e]`: end-to-end sealing for recipients' devices and replies (with delivery on).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct E2eConfig {
@@ -91,7 +93,7 @@ impl E2eConfig {
         let mut range = |key: &str, v: u64, lo: u64, hi: u64| {
             if !(lo..=hi).contains(&v) {
                 out.push(ProfileIssue {
-                    key: format!("delivery.e2e.{key}"),
+                    key: format!("e2e.{key}"),
                     problem: format!("{v} is outside {lo}..={hi}"),
                 });
             }
@@ -181,6 +183,11 @@ struct Slot {
 /// One shard's end-to-end state. See the module docs.
 pub struct Devices {
     cfg: E2eConfig,
+    /// This shard's index and the node's shard count: a shard uses only the one-time
+    /// prekeys whose id is its index modulo the count, so that no two shards (whose
+    /// directories are apart) set up two sessions to one one-time prekey.
+    shard: u32,
+    shards: u32,
     directory: HashMap<Recipient, Entry>,
     directory_order: VecDeque<(u64, Recipient)>,
     asked: HashMap<Recipient, u64>,
@@ -215,9 +222,12 @@ pub fn verify_bundles(bytes: &[u8]) -> Result<Arc<[VerifiedBundle]>, BundleError
 
 impl Devices {
     /// Empty state.
-    pub fn new(cfg: E2eConfig) -> Devices {
+    pub fn new(cfg: E2eConfig, shard: u32, shards: u32) -> Devices {
+        assert!(shard < shards.max(1), "a shard of the node");
         Devices {
             cfg,
+            shard,
+            shards: shards.max(1),
             directory: HashMap::new(),
             directory_order: VecDeque::new(),
             asked: HashMap::new(),
@@ -420,10 +430,12 @@ impl Devices {
                 .get(&recipient)
                 .map(|e| e.used_one_time.as_slice())
                 .unwrap_or_default();
+            let (shard, shards) = (self.shard, self.shards);
             let one_time = b
                 .one_time_prekeys
                 .iter()
                 .map(|k| k.id)
+                .filter(|id| id % shards == shard)
                 .find(|id| !used.contains(&(b.device_id, *id)));
             let session = DeviceSession::new(business_id, bundle, one_time).ok()?;
             if let (Some(id), Some(e)) = (one_time, self.directory.get_mut(&recipient)) {
@@ -616,7 +628,7 @@ mod tests {
             Device::from_seed(2, &[2; 32], 0),
         );
         let mut stranger = Device::from_seed(1, &[9; 32], 0);
-        let mut devices = Devices::new(E2eConfig::default());
+        let mut devices = Devices::new(E2eConfig::default(), 0, 1);
         assert!(!devices.ready(&alice));
         devices.learn(0, alice, bundles(&[&phone, &laptop]));
         assert!(devices.ready(&alice));
@@ -677,7 +689,7 @@ mod tests {
         let keys = keys();
         let bob = r("+15550002222");
         let mut dev = Device::from_seed(1, &[5; 32], 0);
-        let mut devices = Devices::new(E2eConfig::default());
+        let mut devices = Devices::new(E2eConfig::default(), 0, 1);
         devices.learn(0, bob, bundles(&[&dev]));
         let mut d = deliver(&keys, bob, b"one");
         devices.seal(&keys, 0, &mut d).unwrap();
@@ -698,7 +710,7 @@ mod tests {
     fn no_device_and_a_bad_relay_seal_are_refused() {
         let keys = keys();
         let carol = r("+15550003333");
-        let mut devices = Devices::new(E2eConfig::default());
+        let mut devices = Devices::new(E2eConfig::default(), 0, 1);
         let mut d = deliver(&keys, carol, b"x");
         assert_eq!(devices.seal(&keys, 0, &mut d), Err(SealFail::NoDevice));
         devices.learn(0, carol, Arc::from(Vec::new()));
@@ -731,7 +743,7 @@ mod tests {
             sessions_max: 16,
             ..E2eConfig::default()
         };
-        let mut devices = Devices::new(cfg);
+        let mut devices = Devices::new(cfg, 0, 1);
         let dev = Device::from_seed(1, &[1; 32], 0);
         let list = bundles(&[&dev]);
         for i in 0..100u64 {
@@ -748,7 +760,7 @@ mod tests {
 
     #[test]
     fn keys_wanted_is_asked_again_only_after_the_retry() {
-        let mut devices = Devices::new(E2eConfig::default());
+        let mut devices = Devices::new(E2eConfig::default(), 0, 1);
         let dave = r("+15550004444");
         assert!(devices.want(0, dave));
         assert!(!devices.want(999, dave));
@@ -762,7 +774,7 @@ mod tests {
             reply_key_rotation_secs: 60,
             ..E2eConfig::default()
         };
-        let mut devices = Devices::new(cfg);
+        let mut devices = Devices::new(cfg, 0, 1);
         let at = |period: u64| period * 60_000;
         let published = devices.reply_keys(&keys, at(5));
         assert_eq!(published.len(), 2);

@@ -369,7 +369,13 @@ impl Shard {
             c.event_ack_timeout_ms,
         );
         let cfg = c.enabled.then(|| c.clone());
-        let devices = (c.enabled && c.e2e.enabled).then(|| Devices::new(c.e2e.clone()));
+        let devices = (c.enabled && c.e2e.enabled).then(|| {
+            Devices::new(
+                c.e2e.clone(),
+                u32::from(parts.shard.get()),
+                parts.shards as u32,
+            )
+        });
         let mut server = parts.server;
         server.set_end_to_end(devices.is_some());
         let mut shard = Shard {

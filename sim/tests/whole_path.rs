@@ -94,6 +94,10 @@ fn profile() -> Profile {
     p.delivery.event_ack_timeout_ms = 1_000;
     p.delivery.retry_backoff_min_ms = 100;
     p.delivery.retry_backoff_max_ms = 2_000;
+    // The simulated edge holds no device keys: it takes DELIVERs sealed by the relay
+    // (the relay-side end-to-end stage is tested in pipeline's node::devices and through
+    // the real binaries in tests/it/delivery_*.rs).
+    p.delivery.e2e.enabled = false;
     p
 }
 

@@ -6,6 +6,10 @@
 //! at random moments (10 rounds), and with the edge's and the businesses' connections
 //! dropped and made again.
 //!
+//! The server seals for devices (the default profile's `[e2e]`, issue 16): the edge's
+//! devices hold real keys, and every message they were handed opened on every device of
+//! its recipient to exactly what its business sent, and on no other device.
+//!
 //! Replay a failure with `COURIER_DELIVERY_SEED=<seed printed by the failing run>`.
 
 use std::net::SocketAddr;
@@ -13,7 +17,6 @@ use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use courier_client::edge::DeliveryEdge;
 use courier_client::Client;
 use courier_loadgen::devices::DeviceModel;
 use courier_testkit::logkit::client_config;
@@ -23,7 +26,9 @@ use rand::{Rng, SeedableRng};
 use rustls::pki_types::CertificateDer;
 use tokio::task::JoinSet;
 
-use super::delivery_kit::{eventually, listen, send_outstanding, EdgeSim, Ledger, Outcomes};
+use super::delivery_kit::{
+    eventually, listen, send_outstanding, DeviceEdge, EdgeSim, Ledger, Outcomes,
+};
 
 const MASTER_HEX: &str = "5d2e8f1a3c4b6d7e9f0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f6a";
 /// Devices (recipients) of a run.
@@ -114,10 +119,12 @@ impl World {
 
     /// Connects the edge and both businesses, and starts the edge and the listeners on
     /// `tasks`; returns the connections.
-    async fn connect(&self, tasks: &mut JoinSet<()>) -> (Arc<DeliveryEdge>, Vec<Arc<Client>>) {
-        let (edge, deliveries) = DeliveryEdge::connect(&self.config(&self.edge), 256)
-            .await
-            .expect("the edge connects");
+    async fn connect(&self, tasks: &mut JoinSet<()>) -> (Arc<DeviceEdge>, Vec<Arc<Client>>) {
+        let (edge, deliveries) =
+            DeviceEdge::connect(&self.config(&self.edge), 256, self.sim.world.clone())
+                .await
+                .expect("the edge connects");
+        assert!(edge.e2e(), "the default profile seals for devices");
         let edge = Arc::new(edge);
         tasks.spawn(self.sim.clone().serve(edge.clone(), deliveries));
         let mut clients = Vec::new();
@@ -146,7 +153,7 @@ impl World {
     }
 }
 
-async fn close_all(edge: &DeliveryEdge, clients: &[Arc<Client>], tasks: &mut JoinSet<()>) {
+async fn close_all(edge: &DeviceEdge, clients: &[Arc<Client>], tasks: &mut JoinSet<()>) {
     edge.close().await;
     for c in clients {
         c.close().await;
@@ -180,7 +187,39 @@ async fn settle(w: &World, round: usize, first_cycle: Option<u64>) -> Outcomes {
         w.ledger.unresolved()
     );
     assert!(status.success(), "exit status {status}");
-    w.ledger.check()
+    let o = w.ledger.check();
+    assert_opened(w, &o);
+    o
+}
+
+/// Every accepted message the edge was handed opened on its devices to what its
+/// business sent, and no copy opened on another device.
+fn assert_opened(w: &World, o: &Outcomes) {
+    let c = w.sim.device_counts();
+    assert_eq!(
+        (c.open_failures, c.cross_device_opened),
+        (0, 0),
+        "device checks: {c:?}"
+    );
+    assert!(
+        c.cross_device_checks > 0 && c.sessions_accepted > 0,
+        "{c:?}"
+    );
+    let mut handed = 0;
+    for m in w.ledger.accepted_list() {
+        if let Some(plain) = w.sim.opened(m.position) {
+            handed += 1;
+            assert_eq!(
+                plain,
+                format!("delivery test message {}", m.client_id).as_bytes(),
+                "message {} of business {}",
+                m.client_id,
+                m.business_id
+            );
+        }
+    }
+    // Every delivered or failed (not on the platform) message was handed over.
+    assert!(handed >= o.delivered + o.failed, "{handed} handed, {o:?}");
 }
 
 fn assert_outcomes(o: &Outcomes, min_accepted: usize) {

@@ -9,11 +9,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use courier_client::edge::DeliveryEdge;
 use courier_client::{Client, ClientConfig, EventReceiver};
 use courier_pipeline::wire::delivery::{BusinessEvent, InboundEntry};
-use courier_pipeline::wire::{Recipient, Status};
+use courier_pipeline::wire::{Reason, Recipient, Status};
 use courier_testkit::logkit::client_config;
+
+use super::delivery_kit::DeviceEdge;
 use courier_testkit::spawn::{self, free_port, Files, Serve, Spawned};
 use rustls::pki_types::CertificateDer;
 
@@ -43,11 +44,16 @@ impl World {
             .unwrap()
     }
 
-    async fn edge(&self) -> DeliveryEdge {
-        DeliveryEdge::connect(&self.config(&self.edge), 16)
+    /// An edge whose devices seal replies to the businesses' keys (the relay opens
+    /// them: issue 16).
+    async fn edge(&self) -> DeviceEdge {
+        let world = super::delivery_kit::device_world(3);
+        let edge = DeviceEdge::connect(&self.config(&self.edge), 16, world)
             .await
             .unwrap()
-            .0
+            .0;
+        assert!(edge.e2e(), "the default profile seals end to end");
+        edge
     }
 }
 
@@ -65,7 +71,7 @@ fn reply(business_id: u32, n: u32) -> InboundEntry {
 }
 
 /// Hands replies over; returns their event ids (positions) from the ACK.
-async fn hand_over(edge: &DeliveryEdge, entries: Vec<InboundEntry>) -> Vec<u64> {
+async fn hand_over(edge: &DeviceEdge, entries: Vec<InboundEntry>) -> Vec<u64> {
     edge.inbound(entries)
         .await
         .unwrap()
@@ -178,6 +184,31 @@ async fn replies_reach_their_business_once_across_a_reconnect_and_restarts() {
         assert_eq!(
             payloads(&heard_b),
             BTreeSet::from([format!("reply 2 to business {b}")])
+        );
+        // Replies that do not open at the relay are refused (rejected, bad_ciphertext),
+        // never stored nor heard: sealed for another business, changed on the way, or
+        // not sealed at all (issue 16).
+        let sealed_for_a = edge.seal_reply(a, 90, b"reply 90").unwrap();
+        let mut tampered = sealed_for_a.to_vec();
+        *tampered.last_mut().unwrap() ^= 1;
+        let bad = |id: u64, business_id: u32, payload: Bytes| InboundEntry {
+            id,
+            business_id,
+            sender: Recipient::parse(b"+447700900090").unwrap(),
+            payload,
+        };
+        let statuses = (*edge)
+            .inbound(vec![
+                bad(90, b, sealed_for_a.clone()),
+                bad(91, a, Bytes::from(tampered)),
+                bad(92, a, Bytes::from_static(b"reply 92 in the clear")),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            statuses,
+            vec![Status::Rejected(Reason::BadCiphertext); 3],
+            "bad replies are refused"
         );
         // Acknowledgements are recorded once a second (cursor records): let one pass.
         tokio::time::sleep(Duration::from_millis(1500)).await;

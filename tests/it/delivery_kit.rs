@@ -7,6 +7,10 @@
 //!  send_outstanding(client) ── SUBMIT ──> ACK accepted | duplicate ──> Ledger::answered
 //!  listen(client, events)   <── STATUS / INBOUND_EVENT ──> Ledger::heard ──> EVENT_ACK
 //!  EdgeSim::serve(edge)     <── DELIVER ──> DeviceModel ──> OUTCOME, ONLINE (at return)
+//!  DeviceEdge / DeviceDeliveries: an edge connection with E2E whose devices hold real
+//!                   keys (DeviceWorld): answers KEYS_WANTED, opens every DELIVER_E2E on
+//!                   every device of its recipient (the tests read the plaintext), seals
+//!                   replies to the business's key
 //!  Ledger::check ── one final status per accepted message (after dropping copies by
 //!                   event id), heard by its own business, `sent` never after it, `read`
 //!                   only after `delivered`
@@ -18,10 +22,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use courier_client::edge::DeliveryEdge;
-use courier_client::{Client, Deliveries, EventReceiver, OutgoingMessage};
+use courier_client::{
+    Client, ClientConfig, ClientError, Deliveries, EdgeItem, EventReceiver, OutgoingMessage,
+};
 use courier_loadgen::devices::{DeviceModel, Fate};
+use courier_pipeline::e2e::{DeviceWorld, WorldCounts};
 use courier_pipeline::wire::delivery::{
-    BusinessEvent, FailReason, Outcome, OutcomeEntry, StatusKind,
+    BusinessEvent, Deliver, DeviceKeysEntry, FailReason, InboundEntry, Outcome, OutcomeEntry,
+    StatusKind,
 };
 use courier_pipeline::wire::{LogPosition, Recipient, Status};
 use tokio::time::Instant;
@@ -287,6 +295,167 @@ pub async fn send_outstanding(client: Arc<Client>, ledger: Arc<Ledger>, devices:
     while tasks.join_next().await.is_some() {}
 }
 
+/// Recipients whose devices a test's world holds.
+const WORLD_RECIPIENTS_MAX: usize = 1 << 16;
+
+/// A test's devices, shared by its edge connections (and kept across them).
+pub fn device_world(seed: u64) -> Arc<Mutex<DeviceWorld>> {
+    Arc::new(Mutex::new(DeviceWorld::new(seed, WORLD_RECIPIENTS_MAX)))
+}
+
+/// An edge connection asking for E2E, with devices behind it (see the module docs).
+/// Derefs to the [`DeliveryEdge`] for outcomes, ONLINE and closing.
+pub struct DeviceEdge {
+    edge: Arc<DeliveryEdge>,
+    world: Arc<Mutex<DeviceWorld>>,
+}
+
+impl std::ops::Deref for DeviceEdge {
+    type Target = DeliveryEdge;
+    fn deref(&self) -> &DeliveryEdge {
+        &self.edge
+    }
+}
+
+/// The messages of a [`DeviceEdge`], opened on their devices.
+pub struct DeviceDeliveries {
+    rx: Deliveries,
+    /// Items read while waiting for the reply keys at connect.
+    early: std::collections::VecDeque<EdgeItem>,
+    edge: Arc<DeliveryEdge>,
+    world: Arc<Mutex<DeviceWorld>>,
+}
+
+impl DeviceEdge {
+    /// Connects with DELIVERY and E2E (a relay without E2E grants DELIVERY alone); with
+    /// E2E, returns once the relay published the businesses' reply keys (it does so
+    /// right after WELCOME), so that replies can be sealed at once.
+    pub async fn connect(
+        cfg: &ClientConfig,
+        window: u32,
+        world: Arc<Mutex<DeviceWorld>>,
+    ) -> Result<(DeviceEdge, DeviceDeliveries), ClientError> {
+        let (edge, mut rx) = DeliveryEdge::connect_e2e(cfg, window).await?;
+        let mut early = std::collections::VecDeque::new();
+        if edge.e2e() {
+            let wait = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match rx.recv_item().await? {
+                        EdgeItem::BusinessKeys(k) => {
+                            world.lock().unwrap().learn_business_keys(&k);
+                            return Ok::<(), ClientError>(());
+                        }
+                        other => early.push_back(other),
+                    }
+                }
+            });
+            wait.await.expect("the relay publishes its reply keys")?;
+        }
+        let edge = Arc::new(edge);
+        Ok((
+            DeviceEdge {
+                edge: edge.clone(),
+                world: world.clone(),
+            },
+            DeviceDeliveries {
+                rx,
+                early,
+                edge,
+                world,
+            },
+        ))
+    }
+
+    /// `plaintext` sealed by a device as a reply to `business_id` with the edge's id
+    /// `edge_id` (None before the relay published that business's key).
+    pub fn seal_reply(&self, business_id: u32, edge_id: u64, plaintext: &[u8]) -> Option<Bytes> {
+        self.world
+            .lock()
+            .unwrap()
+            .seal_reply(business_id, edge_id, plaintext)
+    }
+
+    /// Hands over users' replies, sealed by their devices to the business's key when the
+    /// relay seals end to end (a reply whose business's key is not known yet goes as it
+    /// is, and the relay refuses it).
+    pub async fn inbound(
+        &self,
+        mut entries: Vec<InboundEntry>,
+    ) -> Result<Vec<Status>, ClientError> {
+        if self.edge.e2e() {
+            let mut w = self.world.lock().unwrap();
+            for e in &mut entries {
+                if let Some(sealed) = w.seal_reply(e.business_id, e.id, &e.payload) {
+                    e.payload = sealed;
+                }
+            }
+        }
+        self.edge.inbound(entries).await
+    }
+}
+
+impl DeviceDeliveries {
+    /// The next message, its payload the plaintext its devices opened (empty when they
+    /// could not: counted in the world's `open_failures`); key requests and reply keys
+    /// are handled on the way.
+    pub async fn recv(&mut self) -> Result<Deliver, ClientError> {
+        loop {
+            let item = match self.early.pop_front() {
+                Some(item) => item,
+                None => self.rx.recv_item().await?,
+            };
+            if let Some(d) = self.take(item).await? {
+                return Ok(d);
+            }
+        }
+    }
+
+    /// [`DeviceDeliveries::recv`] if something is ready now.
+    pub async fn try_recv(&mut self) -> Result<Option<Deliver>, ClientError> {
+        while let Some(item) = match self.early.pop_front() {
+            Some(item) => Some(item),
+            None => self.rx.try_recv_item().await?,
+        } {
+            if let Some(d) = self.take(item).await? {
+                return Ok(Some(d));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn take(&mut self, item: EdgeItem) -> Result<Option<Deliver>, ClientError> {
+        match item {
+            EdgeItem::Deliver(mut d) => {
+                if d.e2e {
+                    let plain = self.world.lock().unwrap().open(&d);
+                    d.payload = plain.map(Bytes::from).unwrap_or_default();
+                    d.e2e = false;
+                }
+                Ok(Some(d))
+            }
+            EdgeItem::KeysWanted(rs) => {
+                let entries: Vec<DeviceKeysEntry> = {
+                    let mut w = self.world.lock().unwrap();
+                    rs.iter()
+                        .filter_map(|r| {
+                            Some(DeviceKeysEntry {
+                                recipient: *r,
+                                bundles: w.bundles(r)?,
+                            })
+                        })
+                        .collect()
+                };
+                self.edge.device_keys(&entries).await?;
+                Ok(None)
+            }
+            EdgeItem::BusinessKeys(k) => {
+                self.world.lock().unwrap().learn_business_keys(&k);
+                Ok(None)
+            }
+        }
+    }
+}
+
 /// The edge's memory, kept across its connections: what it delivered (a copy is
 /// delivered again) and which offline recipients to announce when.
 #[derive(Debug)]
@@ -294,6 +463,8 @@ pub struct EdgeSim {
     model: DeviceModel,
     t0: Instant,
     state: Mutex<EdgeState>,
+    /// The devices behind every connection of the edge.
+    pub world: Arc<Mutex<DeviceWorld>>,
 }
 
 #[derive(Debug, Default)]
@@ -301,6 +472,8 @@ struct EdgeState {
     delivered: HashSet<u64>,
     online: BTreeMap<Instant, HashSet<Recipient>>,
     handoffs: u64,
+    /// What each message's devices opened (the last hand-off's plaintext).
+    opened: HashMap<u64, Bytes>,
 }
 
 impl EdgeSim {
@@ -310,7 +483,18 @@ impl EdgeSim {
             model,
             t0: Instant::now(),
             state: Mutex::new(EdgeState::default()),
+            world: device_world(model.seed),
         })
+    }
+
+    /// What the devices of `message` opened at its last hand-off (None: never handed).
+    pub fn opened(&self, message: LogPosition) -> Option<Bytes> {
+        self.state.lock().unwrap().opened.get(&message.0).cloned()
+    }
+
+    /// What the devices counted.
+    pub fn device_counts(&self) -> WorldCounts {
+        self.world.lock().unwrap().counts()
     }
 
     /// DELIVERs taken, copies included.
@@ -318,9 +502,11 @@ impl EdgeSim {
         self.state.lock().unwrap().handoffs
     }
 
-    fn outcome(&self, message: LogPosition, r: &Recipient, now: Instant) -> Outcome {
+    fn outcome(&self, d: &Deliver, now: Instant) -> Outcome {
+        let (message, r) = (d.message, &d.recipient);
         let mut st = self.state.lock().unwrap();
         st.handoffs += 1;
+        st.opened.insert(message.0, d.payload.clone());
         if st.delivered.contains(&message.0) {
             return Outcome::Delivered;
         }
@@ -357,7 +543,7 @@ impl EdgeSim {
 
     /// Serves one edge connection until it ends: answers DELIVERs, announces devices
     /// back online.
-    pub async fn serve(self: Arc<Self>, edge: Arc<DeliveryEdge>, mut rx: Deliveries) {
+    pub async fn serve(self: Arc<Self>, edge: Arc<DeviceEdge>, mut rx: DeviceDeliveries) {
         loop {
             let (due, next) = self.due_online(Instant::now());
             if !due.is_empty() && edge.online(&due).await.is_err() {
@@ -371,12 +557,12 @@ impl EdgeSim {
             let now = Instant::now();
             let mut outcomes = vec![OutcomeEntry {
                 message: d.message,
-                outcome: self.outcome(d.message, &d.recipient, now),
+                outcome: self.outcome(&d, now),
             }];
             while let Ok(Some(d)) = rx.try_recv().await {
                 outcomes.push(OutcomeEntry {
                     message: d.message,
-                    outcome: self.outcome(d.message, &d.recipient, now),
+                    outcome: self.outcome(&d, now),
                 });
             }
             if edge.outcomes(&outcomes).await.is_err() {

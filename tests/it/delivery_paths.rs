@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use courier::serve::Running;
 use courier_client::edge::DeliveryEdge;
+
+use super::delivery_kit::{device_world, DeviceEdge};
 use courier_client::{Client, EventReceiver, OutgoingMessage};
 use courier_pipeline::registry::{Registry, Tier};
 use courier_pipeline::wire::delivery::{BusinessEvent, Outcome, OutcomeEntry, StatusKind};
@@ -66,10 +68,13 @@ async fn a_waiting_message_is_delivered_within_a_second_of_online() {
             Client::connect_with_events(&client_config(&running, &business, 1, 1), 8)
                 .await
                 .unwrap();
-        let (edge, mut deliveries) =
-            DeliveryEdge::connect(&client_config(&running, &edge_token, 1, 1), 16)
-                .await
-                .unwrap();
+        let (edge, mut deliveries) = DeviceEdge::connect(
+            &client_config(&running, &edge_token, 1, 1),
+            16,
+            device_world(1),
+        )
+        .await
+        .unwrap();
         let to = "+4915112340001";
         let statuses = client.submit(vec![message(7, to)]).await.unwrap();
         let Status::Accepted(position) = statuses[0] else {
@@ -130,10 +135,13 @@ async fn a_message_past_its_time_to_live_is_expired_at_its_business() {
             Client::connect_with_events(&client_config(&running, &business, 1, 1), 8)
                 .await
                 .unwrap();
-        let (edge, mut deliveries) =
-            DeliveryEdge::connect(&client_config(&running, &edge_token, 1, 1), 16)
-                .await
-                .unwrap();
+        let (edge, mut deliveries) = DeviceEdge::connect(
+            &client_config(&running, &edge_token, 1, 1),
+            16,
+            device_world(1),
+        )
+        .await
+        .unwrap();
         // One message lives a second and its recipient stays offline; one has no edge
         // answer at all... both have the default otherwise.
         let sent_at = Instant::now();
@@ -186,10 +194,13 @@ async fn wire_v1_clients_work_unchanged_beside_delivery() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let dir = tempfile::tempdir().unwrap();
         let (running, business, edge_token) = start(dir.path());
-        let (edge, mut deliveries) =
-            DeliveryEdge::connect(&client_config(&running, &edge_token, 1, 1), 16)
-                .await
-                .unwrap();
+        let (edge, mut deliveries) = DeviceEdge::connect(
+            &client_config(&running, &edge_token, 1, 1),
+            16,
+            device_world(1),
+        )
+        .await
+        .unwrap();
         // HELLO version 1: a 16-byte WELCOME, no features, no events; SUBMIT as ever.
         let v1 = Arc::new(
             Client::connect(&client_config(&running, &business, 2, 2))
@@ -218,6 +229,11 @@ async fn wire_v1_clients_work_unchanged_beside_delivery() {
         assert!(matches!(
             v1.ack_events(&[courier_pipeline::wire::LogPosition(1)])
                 .await,
+            Err(courier_client::ClientError::FeatureRefused)
+        ));
+        // A relay that seals for devices hands nothing to an edge without E2E.
+        assert!(matches!(
+            DeliveryEdge::connect(&client_config(&running, &edge_token, 1, 1), 4).await,
             Err(courier_client::ClientError::FeatureRefused)
         ));
         // A business token cannot take deliveries, nor an edge token events.

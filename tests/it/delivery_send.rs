@@ -11,14 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use courier_client::edge::DeliveryEdge;
 use courier_loadgen::devices::{DeviceModel, Fate};
 use courier_pipeline::registry::{Registry, Tier};
 use courier_pipeline::wire::delivery::InboundEntry;
 use courier_pipeline::wire::LogPosition;
 use courier_testkit::server::{self, client_config, Setup};
 
-use super::delivery_kit::{recipient, EdgeSim};
+use super::delivery_kit::{recipient, DeviceEdge, EdgeSim};
 
 const MESSAGES: u64 = 60;
 const DEVICES: u64 = 40;
@@ -105,10 +104,13 @@ async fn send_waits_for_final_statuses_counts_them_and_resumes() {
 
         // The edge comes; a user has written to the shop meanwhile.
         let sim = EdgeSim::new(model());
-        let (edge, deliveries) =
-            DeliveryEdge::connect(&client_config(&running, &edge_token, 1, 1), 64)
-                .await
-                .unwrap();
+        let (edge, deliveries) = DeviceEdge::connect(
+            &client_config(&running, &edge_token, 1, 1),
+            64,
+            sim.world.clone(),
+        )
+        .await
+        .unwrap();
         let edge = Arc::new(edge);
         let serving = tokio::spawn(sim.clone().serve(edge.clone(), deliveries));
         let shop = courier_client::Client::connect(&client_config(&running, &token, 1, 1))

@@ -354,7 +354,6 @@ async fn metrics_match_the_clients_and_reveal_nothing_private() {
 /// number or content in any scrape.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_metrics_count_what_the_edge_and_the_business_saw() {
-    use courier_client::edge::DeliveryEdge;
     use courier_pipeline::wire::delivery::{FailReason, InboundEntry, Outcome, OutcomeEntry};
     tokio::time::timeout(Duration::from_secs(60), async {
         let dir = tempfile::tempdir().unwrap();
@@ -379,7 +378,13 @@ async fn delivery_metrics_count_what_the_edge_and_the_business_saw() {
         );
         let metrics = running.metrics_addr().unwrap();
         let cfg = |token: &str| courier_testkit::server::client_config(&running, token, 1, 2);
-        let (edge, mut deliveries) = DeliveryEdge::connect(&cfg(&edge_token), 16).await.unwrap();
+        let (edge, mut deliveries) = super::delivery_kit::DeviceEdge::connect(
+            &cfg(&edge_token),
+            16,
+            super::delivery_kit::device_world(5),
+        )
+        .await
+        .unwrap();
         let client = Client::connect(&cfg(&shop_token)).await.unwrap();
         let statuses = client.submit(batch(0..3)).await.unwrap();
         assert!(statuses.iter().all(|s| matches!(s, Status::Accepted(_))));
@@ -440,9 +445,15 @@ async fn delivery_metrics_count_what_the_edge_and_the_business_saw() {
             ("courier_inbound_accepted_total", 1.0),
             ("courier_events_backlog", 8.0),
             (backlog.as_str(), 8.0),
+            // Sealed for the devices (issue 16): every hand-off, a copy per device.
+            ("courier_e2e_replies_refused_total", 0.0),
+            ("courier_e2e_bundles_refused_total", 0.0),
         ] {
             assert_eq!(value(&s, series), Some(v), "{series}\n{before}");
         }
+        let copies = value(&s, "courier_e2e_copies_total").unwrap_or(0.0);
+        let sessions = value(&s, "courier_e2e_sessions_new_total").unwrap_or(0.0);
+        assert!(copies >= 4.0 && sessions >= 3.0, "{before}");
         // It listens and acknowledges everything: the backlog goes.
         let (listener, mut events) = Client::connect_with_events(&cfg(&shop_token), 8)
             .await

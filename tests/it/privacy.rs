@@ -172,10 +172,13 @@ async fn serve_at_trace_under_traffic_then_sigterm(log_format: Option<&str>) -> 
 /// time to live), a recipient offline then back (retry_later, ONLINE), users' replies
 /// with their own numbers and words, and events acknowledged; nothing of a number, a
 /// payload, a reply, a token or the key reaches the server's output, nor the `Debug`
-/// output of what the business hears.
+/// output of what the business hears. Sealed end to end (the default profile, issue 16):
+/// no device's key (identity, prekeys) reaches the output or any file of the data
+/// directory (the device directory and the sessions live in memory only), and every
+/// message opened on its devices.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_at_trace_logs_ids_never_numbers_or_content() {
-    use courier_client::edge::DeliveryEdge;
+    use super::delivery_kit::{device_world, DeviceEdge};
     use courier_pipeline::wire::delivery::{
         BusinessEvent, FailReason, InboundEntry, Outcome, OutcomeEntry,
     };
@@ -212,9 +215,15 @@ async fn delivery_at_trace_logs_ids_never_numbers_or_content() {
         streams: 1,
         batches_in_flight_per_stream: 2,
     };
+    let world = device_world(11);
+    // What the devices publish: public, but linked to numbers.
+    let mut device_keys: Vec<[u8; 32]> = Vec::new();
     let heard = tokio::time::timeout(Duration::from_secs(60), async {
         let (client, mut events) = Client::connect_with_events(&cfg(&token), 8).await.unwrap();
-        let (edge, mut deliveries) = DeliveryEdge::connect(&cfg(&edge_token), 64).await.unwrap();
+        let (edge, mut deliveries) = DeviceEdge::connect(&cfg(&edge_token), 64, world.clone())
+            .await
+            .unwrap();
+        assert!(edge.e2e());
         let shop = client.welcome().business_id;
         let batch: Vec<OutgoingMessage> = numbers
             .iter()
@@ -234,6 +243,10 @@ async fn delivery_at_trace_logs_ids_never_numbers_or_content() {
         let mut waiting = Vec::new();
         for _ in 0..numbers.len() {
             let d = deliveries.recv().await.unwrap();
+            assert!(
+                d.payload.starts_with(b"PRIVATE-PAYLOAD-"),
+                "opened on the devices"
+            );
             let outcome = match d.client_id % 5 {
                 _ if d.client_id < 2 => Outcome::RetryLater,
                 0 => Outcome::Failed(FailReason::BlockedByUser),
@@ -285,6 +298,17 @@ async fn delivery_at_trace_logs_ids_never_numbers_or_content() {
         }
         client.close().await;
         edge.close().await;
+        {
+            let mut w = world.lock().unwrap();
+            for r in &numbers {
+                let list = w.bundles(r).unwrap();
+                for b in courier_pipeline::e2e::decode_bundles(&list).unwrap() {
+                    device_keys.push(b.identity_key);
+                    device_keys.push(b.signed_prekey.public);
+                    device_keys.extend(b.one_time_prekeys.iter().map(|k| k.public));
+                }
+            }
+        }
         heard
     })
     .await
@@ -317,6 +341,42 @@ async fn delivery_at_trace_logs_ids_never_numbers_or_content() {
         assert!(!output.contains(&t[5..]), "a token leaked");
     }
     assert!(!output.contains(MASTER_HEX), "the master key leaked");
+    let c = world.lock().unwrap().counts();
+    assert!(c.messages_opened > 0 && c.replies_sealed == 5, "{c:?}");
+    assert_eq!((c.open_failures, c.cross_device_opened), (0, 0), "{c:?}");
+    // No device key in the output or in any file the server wrote (raw or hex).
+    let mut files_bytes = Vec::new();
+    let mut stack = vec![files.data.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files_bytes.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    assert!(!device_keys.is_empty());
+    for k in &device_keys {
+        let hexed = hex::encode(k);
+        assert!(
+            !output.contains(&hexed),
+            "a device key leaked into the logs"
+        );
+        for (p, bytes) in &files_bytes {
+            assert!(
+                !bytes.windows(32).any(|w| w == k),
+                "a device key is in {}",
+                p.display()
+            );
+            assert!(
+                !bytes.windows(64).any(|w| w == hexed.as_bytes()),
+                "a device key (hex) is in {}",
+                p.display()
+            );
+        }
+    }
     // The events' own Debug output (what a business might log) hides numbers and words.
     let debug = format!("{heard:?}");
     assert!(!debug.contains("PRIVATE-REPLY"), "{debug}");

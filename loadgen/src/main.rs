@@ -583,12 +583,16 @@ fn main() -> anyhow::Result<()> {
             eprintln!(
                 "courier-loadgen: delivery check FAILED: {} accepted message(s) without a final \
                  status after {:.1} s, {} extra final status(es), {} out of order, {} reply(ies) \
-                 heard by the wrong business",
+                 heard by the wrong business{}",
                 d.unresolved,
                 d.settle_secs,
                 d.extra_finals,
                 d.order_violations,
-                d.inbound_misrouted
+                d.inbound_misrouted,
+                d.e2e.as_ref().map_or(String::new(), |e| format!(
+                    "; e2e: {} message(s) did not open on their devices, {} with the wrong                      content, {} opened on another device",
+                    e.open_failures, e.content_mismatch, e.cross_device_opened
+                ))
             );
             std::process::exit(1);
         }

@@ -179,6 +179,8 @@ fn report_json_has_exactly_the_documented_fields() {
             "extra_finals",
             "order_violations",
             "settle_secs",
+            // issue 16 (null when the relay does not seal for devices)
+            "e2e",
         ])
     );
     assert_eq!(v["delivery"]["submit_to_delivered_us"]["p99"], 3000);

@@ -221,7 +221,7 @@ fn frame_of_exactly_frame_bytes_max_is_accepted() {
 
 #[test]
 fn unknown_type_fails_on_its_header() {
-    for ty in [0x00, 0x0a, 0x7f, 0x80, 0x86, 0xff] {
+    for ty in [0x00, 0x0b, 0x7f, 0x80, 0x89, 0xff] {
         let bytes = raw_frame(ty, &[0; 32]);
         assert_refused(
             LIMITS,
@@ -511,8 +511,8 @@ fn ack_with_unknown_status_kind_is_malformed() {
 
 #[test]
 fn ack_with_unknown_reason_is_malformed() {
-    // Kind 3 is Rejected; its value is the reason byte, 1..=7.
-    for value in [0, 8, 0xff, 0x101, u64::MAX] {
+    // Kind 3 is Rejected; its value is the reason byte, 1..=8.
+    for value in [0, 9, 0xff, 0x101, u64::MAX] {
         assert_refused(
             LIMITS,
             &raw_frame(frame_type::ACK, &ack_body(&[(3, value)])),

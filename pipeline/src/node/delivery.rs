@@ -3,8 +3,11 @@
 //!
 //! ```text
 //!  a message durable (its ACK sent) ──> admit: pending, due now (payload kept, budgeted)
-//!  poll_dispatch(now) ──> due, an edge attached, fewer than in_flight_max out:
-//!                          (edge connection, DELIVER) for the shell of the edge's shard
+//!  poll_dispatch(now, keys) ──> due, an edge attached, fewer than in_flight_max out:
+//!                          (edge connection, DELIVER) for the shell of the edge's shard;
+//!                          with end-to-end sealing, a recipient without device keys
+//!                          waits (KEYS_WANTED) at most e2e.device_key_wait_ms, then
+//!                          failed(no_device_key)
 //!  handed(message) ──> `sent` (once) ; outcome timer armed
 //!  bounced(message) ──> that edge forgotten, due again shortly
 //!  outcome: delivered / read / failed(reason) ──> status, final (read may follow delivered)

@@ -29,7 +29,7 @@ use crate::wire::delivery::{decode_device_copies, BusinessKeyEntry, Deliver};
 use crate::wire::Recipient;
 
 /// One-time prekeys each simulated device publishes.
-pub const ONE_TIME_PREKEYS: u32 = 4;
+pub const ONE_TIME_PREKEYS: u32 = 2;
 /// Sessions kept per device (one per business and setup; a restarted relay sets up anew).
 pub const SESSIONS_PER_RECIPIENT_MAX: usize = 64;
 

@@ -34,6 +34,103 @@ fn start(dir: &std::path::Path) -> (Running, String, String) {
     (server::start(dir, setup), business, edge)
 }
 
+/// An edge that never publishes device keys: the relay asks (KEYS_WANTED) and waits
+/// `e2e.device_key_wait_ms`, then the message fails `no_device_key` at its business,
+/// after no `sent` (it was never handed over). Then the keys come for another recipient,
+/// and its message is delivered sealed for its devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_without_device_keys_fails_no_device_key_after_the_wait() {
+    use courier_client::EdgeItem;
+    use courier_pipeline::wire::delivery::{DeviceKeysEntry, FailReason};
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut registry = Registry::default();
+        let business = server::add_exempt(&mut registry, "shop", &[3u8; 32]);
+        let (id, edge_token) = registry
+            .add("edge", Tier::Unlimited, 1_000, &[4u8; 32])
+            .unwrap();
+        registry.set_platform(id, true);
+        let mut setup = Setup::new(2, registry);
+        setup.profile.delivery.e2e.device_key_wait_ms = 1_500;
+        setup.profile.delivery.e2e.keys_wanted_retry_ms = 200;
+        let running = server::start(dir.path(), setup);
+        let (client, mut events) =
+            Client::connect_with_events(&client_config(&running, &business, 1, 1), 8)
+                .await
+                .unwrap();
+        let (edge, mut items) =
+            DeliveryEdge::connect_e2e(&client_config(&running, &edge_token, 1, 1), 16)
+                .await
+                .unwrap();
+        assert!(edge.e2e());
+        let to = Recipient::parse(b"+4915112340009").unwrap();
+        let sent_at = Instant::now();
+        client.submit(vec![message(9, to.as_str())]).await.unwrap();
+        // Asked for, and asked again after the retry interval; never answered.
+        let mut asked = 0;
+        while asked < 2 {
+            match items.recv_item().await.unwrap() {
+                EdgeItem::KeysWanted(r) => {
+                    assert_eq!(r, vec![to]);
+                    asked += 1;
+                }
+                EdgeItem::BusinessKeys(_) => {}
+                EdgeItem::Deliver(d) => panic!("handed without keys: {d:?}"),
+            }
+        }
+        let (kind, reason) = loop {
+            let e = tokio::time::timeout(Duration::from_secs(10), events.recv())
+                .await
+                .expect("a status")
+                .unwrap();
+            client.ack_events(&[e.event()]).await.unwrap();
+            if let BusinessEvent::Status(s) = e {
+                break (s.kind, s.reason);
+            }
+        };
+        assert_eq!(
+            (kind, reason),
+            (StatusKind::Failed, Some(FailReason::NoDeviceKey)),
+            "no `sent` first: it was never handed over"
+        );
+        assert!(sent_at.elapsed() >= Duration::from_millis(1_500));
+        // Keys published for another recipient: its message is handed, sealed.
+        let world = device_world(2);
+        let other = Recipient::parse(b"+4915112340010").unwrap();
+        client
+            .submit(vec![message(10, other.as_str())])
+            .await
+            .unwrap();
+        let d = loop {
+            match items.recv_item().await.unwrap() {
+                EdgeItem::KeysWanted(r) => {
+                    let entries: Vec<DeviceKeysEntry> = r
+                        .iter()
+                        .map(|r| DeviceKeysEntry {
+                            recipient: *r,
+                            bundles: world.lock().unwrap().bundles(r).unwrap(),
+                        })
+                        .collect();
+                    edge.device_keys(&entries).await.unwrap();
+                }
+                EdgeItem::BusinessKeys(_) => {}
+                EdgeItem::Deliver(d) => break d,
+            }
+        };
+        assert!(d.e2e && d.client_id == 10);
+        assert_eq!(
+            world.lock().unwrap().open(&d).unwrap(),
+            b"your parcel is on its way"
+        );
+        client.close().await;
+        edge.close().await;
+        running.shutdown();
+        running.join().unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
 fn message(id: u64, to: &str) -> OutgoingMessage {
     OutgoingMessage {
         client_id: id,

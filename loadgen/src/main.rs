@@ -590,7 +590,8 @@ fn main() -> anyhow::Result<()> {
                 d.order_violations,
                 d.inbound_misrouted,
                 d.e2e.as_ref().map_or(String::new(), |e| format!(
-                    "; e2e: {} message(s) did not open on their devices, {} with the wrong                      content, {} opened on another device",
+                    "; e2e: {} message(s) did not open on their devices, {} with the wrong \
+                     content, {} opened on another device",
                     e.open_failures, e.content_mismatch, e.cross_device_opened
                 ))
             );

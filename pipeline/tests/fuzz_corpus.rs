@@ -10,13 +10,14 @@ use std::path::{Path, PathBuf};
 
 use courier_pipeline::fuzzing;
 
-const TARGETS: [&str; 6] = [
+const TARGETS: [&str; 7] = [
     "wire",
     "segment",
     "keyring",
     "checkpoint",
     "profile",
     "registry",
+    "e2e",
 ];
 
 fn fuzz_dir() -> PathBuf {

@@ -59,6 +59,8 @@ pub struct WorldCounts {
 
 struct Holder {
     devices: Vec<Device>,
+    /// The bundle list as last encoded (signing costs; cleared when a device changes).
+    published: Option<Bytes>,
     /// `(business, device id, enc)` -> the device's side of that session.
     sessions: HashMap<(u32, u32, [u8; PUBLIC_KEY_BYTES]), RecipientSession>,
 }
@@ -134,6 +136,7 @@ impl DeviceWorld {
                 *recipient,
                 Holder {
                     devices,
+                    published: None,
                     sessions: HashMap::new(),
                 },
             );
@@ -145,11 +148,17 @@ impl DeviceWorld {
     /// when the bound on recipients is full.
     pub fn bundles(&mut self, recipient: &Recipient) -> Option<Bytes> {
         let h = self.holder(recipient)?;
-        let list: Vec<_> = h.devices.iter().map(Device::bundle).collect();
-        let mut out = Vec::new();
-        encode_bundles(&list, &mut out);
+        let bytes = h
+            .published
+            .get_or_insert_with(|| {
+                let list: Vec<_> = h.devices.iter().map(Device::bundle).collect();
+                let mut out = Vec::new();
+                encode_bundles(&list, &mut out);
+                Bytes::from(out)
+            })
+            .clone();
         self.counts.bundles_published += 1;
-        Some(Bytes::from(out))
+        Some(bytes)
     }
 
     /// Rotates every signed prekey of `recipient`'s devices (publish again afterwards).
@@ -158,6 +167,7 @@ impl DeviceWorld {
             for d in &mut h.devices {
                 d.rotate_prekey();
             }
+            h.published = None;
         }
     }
 
@@ -215,6 +225,10 @@ impl DeviceWorld {
                         .iter_mut()
                         .find(|x| x.device_id() == c.device_id)?;
                     let s = device.accept_session(d.business_id, &header).ok()?;
+                    if header.one_time_prekey_id.is_some() {
+                        // That one-time prekey is gone from the device's bundle.
+                        h.published = None;
+                    }
                     counts.sessions_accepted += 1;
                     h.sessions.insert(key, s);
                 }

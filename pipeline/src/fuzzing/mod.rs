@@ -13,10 +13,12 @@
 //!
 //! Not part of the public API: the names and inputs change with the targets.
 
+mod e2e;
 mod log;
 mod state;
 mod wire;
 
+pub use e2e::e2e;
 pub use log::{keyring, segment};
 pub use state::{checkpoint, profile, registry};
 pub use wire::wire;
@@ -43,6 +45,9 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     for (name, bytes) in state::registry_seeds() {
         out.push(("registry", name, bytes));
     }
+    for (name, bytes) in e2e::seeds() {
+        out.push(("e2e", name, bytes));
+    }
     out
 }
 
@@ -55,6 +60,7 @@ pub fn target(name: &str) -> Option<fn(&[u8])> {
         "checkpoint" => checkpoint,
         "profile" => profile,
         "registry" => registry,
+        "e2e" => e2e,
         _ => return None,
     })
 }

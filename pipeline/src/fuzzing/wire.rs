@@ -211,6 +211,37 @@ pub(super) fn seeds() -> Vec<(String, Vec<u8>)> {
             payload: Bytes::from_static(b"sealed"),
             e2e: false,
         })),
+        Frame::Delivery(delivery::DeliveryFrame::Deliver(Deliver {
+            message: LogPosition(6),
+            business_id: 7,
+            client_id: 2,
+            expires_ms: 1_700_000_360_000,
+            recipient: r("+4915112345678"),
+            payload: {
+                let mut copies = vec![1u8];
+                delivery::put_device_copy(&mut copies, 1, 0, &[0; 45], &[7; 20]);
+                Bytes::from(copies)
+            },
+            e2e: true,
+        })),
+        Frame::Delivery(delivery::DeliveryFrame::KeysWanted(vec![r(
+            "+4915112345678",
+        )])),
+        Frame::Delivery(delivery::DeliveryFrame::BusinessKeys(vec![
+            delivery::BusinessKeyEntry {
+                business_id: 7,
+                key: crate::e2e::BusinessPublicKey {
+                    key_id: 1,
+                    public: [5; 32],
+                },
+            },
+        ])),
+        Frame::Delivery(delivery::DeliveryFrame::DeviceKeys(vec![
+            delivery::DeviceKeysEntry {
+                recipient: r("+14155550123"),
+                bundles: Bytes::from_static(&[1, 0]),
+            },
+        ])),
     ];
     let mut seeds = Vec::new();
     // Control byte: batches of up to 64, frames up to 1 MiB, chunks of 11 bytes.

@@ -95,8 +95,9 @@ pub enum PeerMsg {
         /// The recipients.
         recipients: Vec<Recipient>,
     },
-    /// To every shard: recipients' device bundles, verified where they came in.
-    DeviceKeys(Vec<(Recipient, Arc<[VerifiedBundle]>)>),
+    /// To every shard: recipients' device bundles, verified where they came in, with
+    /// the bytes they were published as.
+    DeviceKeys(Vec<(Recipient, Arc<[VerifiedBundle]>, bytes::Bytes)>),
     /// To the events' shard: the business acknowledged these events.
     EventAcks {
         /// The business.
@@ -256,8 +257,14 @@ impl Shard {
             DeliveryInput::DeviceKeys(entries) => {
                 let mut learned = Vec::with_capacity(entries.len());
                 for e in entries {
-                    match verify_bundles(&e.bundles) {
-                        Ok(bundles) => learned.push((e.recipient, bundles)),
+                    // The list this shard holds already (asked twice, a refresh that
+                    // changed nothing): verified before.
+                    let known = self
+                        .devices
+                        .as_ref()
+                        .and_then(|d| d.known(&e.recipient, &e.bundles));
+                    match known.map_or_else(|| verify_bundles(&e.bundles), Ok) {
+                        Ok(bundles) => learned.push((e.recipient, bundles, e.bundles)),
                         Err(_) => {
                             // Refused whole: its messages keep waiting for good keys.
                             stats::add(&self.stats.e2e_bundles_refused, 1);
@@ -319,13 +326,17 @@ impl Shard {
     }
 
     /// Recipients' verified bundles: known from now on, their waiting messages due now.
-    fn learn_keys(&mut self, now: Now, learned: Vec<(Recipient, Arc<[VerifiedBundle]>)>) {
+    fn learn_keys(
+        &mut self,
+        now: Now,
+        learned: Vec<(Recipient, Arc<[VerifiedBundle]>, bytes::Bytes)>,
+    ) {
         let Some(devices) = self.devices.as_mut() else {
             return;
         };
-        for (r, bundles) in learned {
+        for (r, bundles, raw) in learned {
             let any = !bundles.is_empty();
-            devices.learn(now.unix_ms, r, bundles);
+            devices.learn(now.unix_ms, r, bundles, raw);
             if any {
                 if let Some(d) = self.delivery.as_mut() {
                     d.online(now.unix_ms, &r);

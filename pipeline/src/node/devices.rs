@@ -160,6 +160,8 @@ pub struct DevicesCounts {
 
 struct Entry {
     bundles: Arc<[VerifiedBundle]>,
+    /// The published list's bytes: the same list again needs no verification.
+    raw: Bytes,
     learned_ms: u64,
     serial: u64,
     /// One-time prekeys already used for a session, `(device_id, prekey_id)`.
@@ -291,8 +293,24 @@ impl Devices {
         true
     }
 
-    /// A recipient's verified bundles (none: it has no device now).
-    pub fn learn(&mut self, now_ms: u64, recipient: Recipient, bundles: Arc<[VerifiedBundle]>) {
+    /// The verified bundles of `recipient` when `raw` is the list this shard already
+    /// holds for it (an edge answering twice, or a refresh that changed nothing): no
+    /// signature needs checking again.
+    pub fn known(&self, recipient: &Recipient, raw: &[u8]) -> Option<Arc<[VerifiedBundle]>> {
+        self.directory
+            .get(recipient)
+            .filter(|e| e.raw == raw)
+            .map(|e| Arc::clone(&e.bundles))
+    }
+
+    /// A recipient's verified bundles, published as `raw` (none: it has no device now).
+    pub fn learn(
+        &mut self,
+        now_ms: u64,
+        recipient: Recipient,
+        bundles: Arc<[VerifiedBundle]>,
+        raw: Bytes,
+    ) {
         self.counts.bundles_learned += 1;
         self.asked.remove(&recipient);
         self.serial += 1;
@@ -306,6 +324,7 @@ impl Devices {
             recipient,
             Entry {
                 bundles,
+                raw,
                 learned_ms: now_ms,
                 serial,
                 used_one_time,
@@ -630,7 +649,7 @@ mod tests {
         let mut stranger = Device::from_seed(1, &[9; 32], 0);
         let mut devices = Devices::new(E2eConfig::default(), 0, 1);
         assert!(!devices.ready(&alice));
-        devices.learn(0, alice, bundles(&[&phone, &laptop]));
+        devices.learn(0, alice, bundles(&[&phone, &laptop]), Bytes::new());
         assert!(devices.ready(&alice));
         let mut d = deliver(&keys, alice, b"hello from the business");
         assert_eq!(devices.seal(&keys, 0, &mut d), Ok(false));
@@ -690,12 +709,12 @@ mod tests {
         let bob = r("+15550002222");
         let mut dev = Device::from_seed(1, &[5; 32], 0);
         let mut devices = Devices::new(E2eConfig::default(), 0, 1);
-        devices.learn(0, bob, bundles(&[&dev]));
+        devices.learn(0, bob, bundles(&[&dev]), Bytes::new());
         let mut d = deliver(&keys, bob, b"one");
         devices.seal(&keys, 0, &mut d).unwrap();
         let first = decode_device_copies(&d.payload).unwrap()[0].header;
         dev.rotate_prekey();
-        devices.learn(1, bob, bundles(&[&dev]));
+        devices.learn(1, bob, bundles(&[&dev]), Bytes::new());
         let mut d = deliver(&keys, bob, b"two");
         devices.seal(&keys, 1, &mut d).unwrap();
         let c = &decode_device_copies(&d.payload).unwrap()[0];
@@ -713,9 +732,14 @@ mod tests {
         let mut devices = Devices::new(E2eConfig::default(), 0, 1);
         let mut d = deliver(&keys, carol, b"x");
         assert_eq!(devices.seal(&keys, 0, &mut d), Err(SealFail::NoDevice));
-        devices.learn(0, carol, Arc::from(Vec::new()));
+        devices.learn(0, carol, Arc::from(Vec::new()), Bytes::new());
         assert!(!devices.ready(&carol), "a recipient without devices");
-        devices.learn(0, carol, bundles(&[&Device::from_seed(1, &[6; 32], 0)]));
+        devices.learn(
+            0,
+            carol,
+            bundles(&[&Device::from_seed(1, &[6; 32], 0)]),
+            Bytes::new(),
+        );
         let mut bad = d.clone();
         let mut p = bad.payload.to_vec();
         p[20] ^= 1;
@@ -748,7 +772,7 @@ mod tests {
         let list = bundles(&[&dev]);
         for i in 0..100u64 {
             let rcpt = r(&format!("+1555{:07}", i));
-            devices.learn(i, rcpt, Arc::clone(&list));
+            devices.learn(i, rcpt, Arc::clone(&list), Bytes::new());
             let mut d = deliver(&keys, rcpt, b"m");
             devices.seal(&keys, i, &mut d).unwrap();
             let (dir, sessions) = devices.sizes();
@@ -756,6 +780,22 @@ mod tests {
         }
         assert!(devices.directory_order.len() <= 32);
         assert!(devices.session_order.len() <= 32);
+    }
+
+    #[test]
+    fn the_same_list_again_is_known_without_verifying() {
+        let mut devices = Devices::new(E2eConfig::default(), 0, 1);
+        let erin = r("+15550005555");
+        let dev = Device::from_seed(1, &[3; 32], 0);
+        let mut raw = Vec::new();
+        encode_bundles(&[dev.bundle()], &mut raw);
+        let raw = Bytes::from(raw);
+        assert!(devices.known(&erin, &raw).is_none());
+        devices.learn(0, erin, verify_bundles(&raw).unwrap(), raw.clone());
+        assert_eq!(devices.known(&erin, &raw).unwrap().len(), 1);
+        let mut other = raw.to_vec();
+        other[10] ^= 1;
+        assert!(devices.known(&erin, &other).is_none(), "changed bytes");
     }
 
     #[test]

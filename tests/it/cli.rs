@@ -217,6 +217,8 @@ fn config_check_applies_environment_overrides_and_names_a_bad_one() {
         .args(["config", "check", "tuning/small.toml"])
         .env("COURIER_SERVER__SHARDS", "3")
         .env("COURIER_LOG__RETENTION_SECS", "172800")
+        // A segment at most a thirtieth of the retention old (issue 19).
+        .env("COURIER_LOG__SEGMENT_AGE_MAX_SECS", "5760")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

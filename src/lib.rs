@@ -25,6 +25,7 @@ pub use courier_pipeline;
 pub mod audit;
 pub mod business_keys;
 pub mod control;
+pub mod expire;
 pub mod metrics;
 pub mod notify;
 pub mod outcomes;

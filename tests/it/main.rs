@@ -23,6 +23,7 @@ mod log_files;
 mod metrics;
 mod privacy;
 mod readme;
+mod retention;
 mod revocation;
 mod sd_notify;
 mod sealed_e2e;

@@ -20,7 +20,13 @@ fn every_tuning_profile_is_valid() {
     names.sort();
     assert_eq!(
         names,
-        ["default", "latency", "no-storage", "small", "throughput"],
+        [
+            "default",
+            "latency",
+            "short-retention",
+            "small",
+            "throughput"
+        ],
         "the profiles ARCHITECTURE.md names"
     );
 }

@@ -96,7 +96,13 @@ fn businesses_add_prints_a_token_once_and_stores_only_its_hash() {
 
 #[test]
 fn config_check_accepts_shipped_profiles_and_names_broken_keys() {
-    for name in ["default", "small", "throughput", "latency", "no-storage"] {
+    for name in [
+        "default",
+        "small",
+        "throughput",
+        "latency",
+        "short-retention",
+    ] {
         let out = courier()
             .args(["config", "check", &format!("tuning/{name}.toml")])
             .output()

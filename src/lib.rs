@@ -22,6 +22,7 @@
 
 pub use courier_pipeline;
 
+pub mod access;
 pub mod audit;
 pub mod business_keys;
 pub mod control;

@@ -6,6 +6,7 @@
 //! Set-up shared with the other crates' tests (in-process server, the `courier serve`
 //! spawner, the fake quinn server, log helpers) is in `courier-testkit`.
 
+mod access_log;
 mod cli;
 mod crash;
 mod delivery_e2e;

@@ -22,9 +22,11 @@
 
 pub use courier_pipeline;
 
+pub mod access;
 pub mod audit;
 pub mod business_keys;
 pub mod control;
+pub mod expire;
 pub mod metrics;
 pub mod notify;
 pub mod outcomes;

@@ -771,7 +771,18 @@ fn prepare_shard(
     let cfg = LogConfig::new(&c.profile.log, c.profile.limits.payload_bytes_max);
     let opened = ShardStore::open(&c.data_dir, shard, &c.master_key, cfg, &mut remember);
     restore.offer(&mut ids);
-    let (store, log) = opened.map_err(|source| ServeError::Store { shard, source })?;
+    let (mut store, mut log) = opened.map_err(|source| ServeError::Store { shard, source })?;
+    // Retention first: nothing expired is served, even after a stop across the deadline.
+    let now_ms = crate::shard::clock().unix_ms;
+    let expired = crate::expire::before_serving(
+        &mut store,
+        &mut log,
+        &mut replay,
+        c.profile.delivery.enabled,
+        now_ms,
+    )
+    .map_err(|source| ServeError::Store { shard, source })?;
+    log_drops(shard, &expired, now_ms);
     let mut detector = Detector::new(c.profile.detect.clone(), c.detect_secret);
     match crate::control::restore_checkpoint(&c.data_dir, shard, &mut detector) {
         Ok(true) => tracing::info!(shard = shard.index(), "detector state restored"),
@@ -781,4 +792,24 @@ fn prepare_shard(
         }
     }
     Ok((ring, store, log, detector, replay))
+}
+
+/// Logs each segment retention dropped at start-up (ids and counts only).
+fn log_drops(shard: ShardId, expired: &crate::expire::Expired, now_ms: u64) {
+    for d in &expired.segments {
+        tracing::info!(
+            shard = shard.index(),
+            segment = d.segment_id,
+            records = d.records,
+            oldest_age_secs = now_ms.saturating_sub(d.since_ms) / 1000,
+            "retention dropped a segment before serving (its key destroyed first)"
+        );
+    }
+    if expired.statuses > 0 {
+        tracing::info!(
+            shard = shard.index(),
+            messages = expired.statuses,
+            "messages waiting in dropped segments recorded as expired"
+        );
+    }
 }

@@ -52,6 +52,15 @@ pub enum StoreError {
         #[source]
         source: RecoverError,
     },
+    /// The `expired` statuses owed before a retention drop could not be appended.
+    #[error("{dir}: the expired statuses owed before a retention drop: {source}")]
+    Append {
+        /// The shard's log directory.
+        dir: PathBuf,
+        /// Why the log refused them.
+        #[source]
+        source: courier_pipeline::log::LogError,
+    },
     /// A secret file of the log (its keyring) is open to the group or others.
     #[error("{reason}")]
     Insecure {
@@ -406,7 +415,13 @@ impl ShardStore {
         }
     }
 
-    fn perform_action(&mut self, a: Action) -> std::io::Result<()> {
+    /// The shard's log directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Performs one of the log's actions synchronously and durably (a write is synced).
+    pub fn perform_action(&mut self, a: Action) -> std::io::Result<()> {
         match a {
             Action::PersistKeyring { bytes } => {
                 write_file_atomically(&self.dir.join("keyring"), &bytes, 0o600)

@@ -20,7 +20,13 @@ fn every_tuning_profile_is_valid() {
     names.sort();
     assert_eq!(
         names,
-        ["default", "latency", "no-storage", "small", "throughput"],
+        [
+            "default",
+            "latency",
+            "short-retention",
+            "small",
+            "throughput"
+        ],
         "the profiles ARCHITECTURE.md names"
     );
 }
@@ -190,4 +196,107 @@ fn an_override_can_supply_a_key_the_file_lacks() {
     let (p, _) =
         Profile::from_toml_with_env(&text, env(&[("COURIER_SERVER__SHARDS", "3")])).unwrap();
     assert_eq!(p.shards, 3);
+}
+
+// Issue 19: the retention the platform promises (30 days at most) and segments small
+// enough that a whole-segment drop takes records at most a thirtieth of it early.
+
+fn log_issue(text: &str, key: &str) -> String {
+    let Err(ProfileError::Invalid(issues)) = Profile::from_toml(text) else {
+        panic!("expected an invalid profile");
+    };
+    let issue = issues
+        .iter()
+        .find(|i| i.key == key)
+        .unwrap_or_else(|| panic!("no issue names {key}: {issues:?}"));
+    issue.problem.clone()
+}
+
+#[test]
+fn retention_above_30_days_needs_the_explicit_allowance() {
+    let over = DEFAULT_PROFILE_TOML.replace("retention_secs = 2592000", "retention_secs = 2592001");
+    let problem = log_issue(&over, "log.retention_secs");
+    assert!(problem.contains("30 days"), "{problem}");
+    assert!(
+        problem.contains("allow_retention_over_30_days = true"),
+        "the error names the remedy: {problem}"
+    );
+    // Allowed explicitly, in the same section, it loads (the segment age still fits).
+    let allowed = over.replace(
+        "allow_retention_over_30_days = false",
+        "allow_retention_over_30_days = true",
+    );
+    let p = Profile::from_toml(&allowed).unwrap();
+    assert_eq!(p.log.retention_secs, 2_592_001);
+    // Exactly 30 days needs nothing.
+    assert!(Profile::from_toml(DEFAULT_PROFILE_TOML).is_ok());
+    // The key is optional (profiles written before it still load) and false by default.
+    let without = DEFAULT_PROFILE_TOML.replace("allow_retention_over_30_days = false\n", "");
+    assert_ne!(without, DEFAULT_PROFILE_TOML);
+    assert!(
+        !Profile::from_toml(&without)
+            .unwrap()
+            .log
+            .allow_retention_over_30_days
+    );
+    let over_without = without.replace("retention_secs = 2592000", "retention_secs = 3000000");
+    log_issue(&over_without, "log.retention_secs");
+    // The same from the environment.
+    let err = Profile::from_toml_with_env(
+        DEFAULT_PROFILE_TOML,
+        env(&[("COURIER_LOG__RETENTION_SECS", "31536000")]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("log.retention_secs") && err.contains("30 days"),
+        "{err}"
+    );
+    let (p, _) = Profile::from_toml_with_env(
+        DEFAULT_PROFILE_TOML,
+        env(&[
+            ("COURIER_LOG__RETENTION_SECS", "31536000"),
+            ("COURIER_LOG__ALLOW_RETENTION_OVER_30_DAYS", "true"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(p.log.retention_secs, 31_536_000);
+}
+
+#[test]
+fn segment_age_above_a_thirtieth_of_retention_is_refused() {
+    // 86401 > 2592000 / 30.
+    let text = DEFAULT_PROFILE_TOML.replace(
+        "segment_age_max_secs = 86400",
+        "segment_age_max_secs = 86401",
+    );
+    let problem = log_issue(&text, "log.segment_age_max_secs");
+    assert!(problem.contains("1..=86400"), "{problem}");
+    assert!(problem.contains("retention_secs / 30"), "{problem}");
+    // A shorter retention lowers the bound with it.
+    let text = DEFAULT_PROFILE_TOML.replace("retention_secs = 2592000", "retention_secs = 3600");
+    let problem = log_issue(&text, "log.segment_age_max_secs");
+    assert!(problem.contains("1..=120"), "{problem}");
+    let text = text.replace("segment_age_max_secs = 86400", "segment_age_max_secs = 120");
+    assert!(Profile::from_toml(&text).is_ok());
+}
+
+#[test]
+fn every_tuning_profile_keeps_the_retention_promise() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tuning");
+    for entry in std::fs::read_dir(dir).expect("tuning/ exists") {
+        let path = entry.expect("readable dir entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("readable profile");
+        let p = Profile::from_toml(&text).unwrap();
+        assert!(p.log.retention_secs <= 30 * 86_400, "{}", path.display());
+        assert!(!p.log.allow_retention_over_30_days, "{}", path.display());
+        assert!(
+            p.log.segment_age_max_secs <= p.log.retention_secs / 30,
+            "{}",
+            path.display()
+        );
+    }
 }

@@ -96,7 +96,13 @@ fn businesses_add_prints_a_token_once_and_stores_only_its_hash() {
 
 #[test]
 fn config_check_accepts_shipped_profiles_and_names_broken_keys() {
-    for name in ["default", "small", "throughput", "latency", "no-storage"] {
+    for name in [
+        "default",
+        "small",
+        "throughput",
+        "latency",
+        "short-retention",
+    ] {
         let out = courier()
             .args(["config", "check", &format!("tuning/{name}.toml")])
             .output()
@@ -217,6 +223,8 @@ fn config_check_applies_environment_overrides_and_names_a_bad_one() {
         .args(["config", "check", "tuning/small.toml"])
         .env("COURIER_SERVER__SHARDS", "3")
         .env("COURIER_LOG__RETENTION_SECS", "172800")
+        // A segment at most a thirtieth of the retention old (issue 19).
+        .env("COURIER_LOG__SEGMENT_AGE_MAX_SECS", "5760")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -6,6 +6,7 @@
 //! Set-up shared with the other crates' tests (in-process server, the `courier serve`
 //! spawner, the fake quinn server, log helpers) is in `courier-testkit`.
 
+mod access_log;
 mod cli;
 mod crash;
 mod delivery_e2e;
@@ -23,6 +24,7 @@ mod log_files;
 mod metrics;
 mod privacy;
 mod readme;
+mod retention;
 mod revocation;
 mod sd_notify;
 mod sealed_e2e;

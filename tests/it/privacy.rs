@@ -1,8 +1,9 @@
 //! Privacy and graceful stop, as an operator sees them: `courier serve` at the most verbose
 //! log level, under traffic with known phone numbers and payloads, stopped with SIGTERM.
 //! Its output never holds a phone number, a payload, the token or the master key, in
-//! text or JSON log format (where every line is a JSON object); it exits 0; and every
-//! message it acknowledged is in its log.
+//! text or JSON log format (where every line is a JSON object), nor does the access log
+//! a `courier log verify` of its data leaves; it exits 0; and every message it
+//! acknowledged is in its log.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -143,10 +144,25 @@ async fn serve_at_trace_under_traffic_then_sigterm(log_format: Option<&str>) -> 
         (acked.len() as u64, 0, 0)
     );
 
-    // Nothing identifying or secret in anything the server wrote.
+    // The operator's read of the log leaves a trace in the access log (issue 19).
+    let verify = std::process::Command::new(super::courier_bin())
+        .args(["log", "verify"])
+        .arg(&data)
+        .arg("--master-key-file")
+        .arg(&files.key_file)
+        .output()
+        .unwrap();
+    assert!(verify.status.success());
+    let access = std::fs::read_to_string(data.join("access.log")).unwrap();
+    assert_eq!(access.lines().count(), 1, "{access}");
+    assert!(access.contains("\"log verify\""), "{access}");
+
+    // Nothing identifying or secret in anything the server wrote, nor in the access log.
     let stderr = std::fs::read_to_string(&log_path).unwrap();
     let mut output = stderr.clone();
     output.push_str(&std::fs::read_to_string(dir.path().join("serve.out")).unwrap());
+    output.push_str(&access);
+    output.push_str(&String::from_utf8_lossy(&verify.stdout));
     assert!(output.len() > 1000, "trace logging produced output");
     // The metrics address is logged at start-up (small.toml asks for port 0: a real one).
     assert!(output.contains("metrics on http://127.0.0.1:"), "{output}");

@@ -23,7 +23,7 @@ use super::format::{
     SEGMENT_HEADER_BYTES, SEGMENT_VERSION,
 };
 use super::keys::{KeyError, KeyState, Keyring, MasterKey};
-use super::policy::{expired, roll_due, LogConfig};
+use super::policy::{expired, retained_since_ms, roll_due, LogConfig};
 use crate::wire::{LogPosition, Reason, Status};
 use crate::ShardId;
 
@@ -221,7 +221,29 @@ struct SegMeta {
     end_index: u64,
     bytes: u64,
     created_ms: u64,
-    newest_ms: Option<u64>,
+    oldest_ms: Option<u64>,
+}
+
+impl SegMeta {
+    /// Whether retention drops this segment at `now_ms` (its oldest record reached it).
+    fn expired(&self, cfg: &LogConfig, now_ms: u64) -> bool {
+        expired(
+            cfg,
+            retained_since_ms(self.created_ms, self.oldest_ms),
+            now_ms,
+        )
+    }
+}
+
+/// A segment retention dropped (for the operator's log line: ids and counts only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DroppedSegment {
+    /// The segment.
+    pub segment_id: u64,
+    /// Records it held.
+    pub records: u64,
+    /// Since when its records counted for retention (its oldest record), unix ms.
+    pub since_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -314,7 +336,7 @@ impl Log {
                 end_index,
                 bytes: s.bytes,
                 created_ms: s.header.created_ms,
-                newest_ms: s.newest_ms,
+                oldest_ms: s.oldest_ms,
             });
         }
         if next_index > LogPosition::INDEX_LIMIT {
@@ -490,7 +512,7 @@ impl Log {
             debug_assert_eq!(written, bytes);
             m.bytes += written;
             m.end_index += 1;
-            m.newest_ms = Some(m.newest_ms.unwrap_or(0).max(r.header.time_ms));
+            m.oldest_ms = Some(m.oldest_ms.unwrap_or(u64::MAX).min(r.header.time_ms));
             if !self.pending.segment_ids.contains(&m.segment_id) {
                 self.pending.segment_ids.push(m.segment_id);
             }
@@ -542,7 +564,7 @@ impl Log {
             end_index: header.first_index,
             bytes: SEGMENT_HEADER_BYTES as u64,
             created_ms: now_ms,
-            newest_ms: None,
+            oldest_ms: None,
         });
         self.active = Some(SegmentCodec::new(header, key, self.cfg.payload_bytes_max));
     }
@@ -632,24 +654,21 @@ impl Log {
         *self.failed.get_or_insert(f)
     }
 
-    /// The end index of the segments the next [`Log::tick`] at `now_ms` would drop
-    /// (every record below it goes), or `None` when it drops none. Records below it that
-    /// still matter to delivery become `expired` first.
+    /// The end index of the segments a [`Log::tick`] at `now_ms` would drop (every record
+    /// below it goes), or `None` when it drops none. Records below it that still matter to
+    /// delivery become `expired` first; the core asks ahead of time (`now_ms` a little in
+    /// the future) so that those statuses are durable before the segments go.
     pub fn expiring_end(&self, now_ms: u64) -> Option<u64> {
-        // As `tick` does: an open segment past its age is closed first.
-        let open = self.active.is_some()
-            && self
-                .segments
-                .back()
-                .is_some_and(|m| now_ms.saturating_sub(m.created_ms) < self.cfg.segment_age_max_ms);
         let mut end = None;
         for (i, m) in self.segments.iter().enumerate() {
-            let newest = m.newest_ms.unwrap_or(m.created_ms);
-            let is_open = open && i + 1 == self.segments.len();
+            let is_last = i + 1 == self.segments.len();
+            // As `tick` does: the open segment is closed first once it is past its age or
+            // expired (then it is dropped too: the next append opens a new one).
+            let is_open = self.active.is_some() && is_last && !self.closes_at(m, now_ms);
             if i >= self.cfg.drops_per_step_max
                 || is_open
                 || m.end_index > self.durable_end
-                || !expired(&self.cfg, newest, now_ms)
+                || !m.expired(&self.cfg, now_ms)
             {
                 break;
             }
@@ -658,16 +677,38 @@ impl Log {
         end
     }
 
+    /// Whether the open segment `m` is closed at `now_ms`: past its age, or its oldest
+    /// record reached the retention (possible only with a roll interval above the
+    /// retention, which the profile refuses; kept so that no record ever outlives it).
+    fn closes_at(&self, m: &SegMeta, now_ms: u64) -> bool {
+        now_ms.saturating_sub(m.created_ms) >= self.cfg.segment_age_max_ms
+            || m.expired(&self.cfg, now_ms)
+    }
+
     /// Time-driven work, bounded per call: closes the open segment once it reaches its age
     /// limit (the next append opens a new one), and drops up to `drops_per_step_max`
-    /// segments whose newest record is older than retention, destroying their keys. Returns
+    /// segments whose oldest record reached the retention, destroying their keys. Returns
     /// the dropped segment ids; `actions` gets the keyring to persist, then the deletions.
     ///
     /// Runs even on a failed log: deleting expired data is still owed.
     pub fn tick(&mut self, now_ms: u64, actions: &mut Vec<Action>) -> Vec<u64> {
+        self.tick_below(now_ms, u64::MAX, actions)
+            .iter()
+            .map(|d| d.segment_id)
+            .collect()
+    }
+
+    /// [`Log::tick`], dropping only segments that end at or below `end_max` (the core holds
+    /// back a segment until the `expired` statuses of the messages in it are durable).
+    pub fn tick_below(
+        &mut self,
+        now_ms: u64,
+        end_max: u64,
+        actions: &mut Vec<Action>,
+    ) -> Vec<DroppedSegment> {
         if self.active.is_some() {
             let m = self.segments.back().expect("open segment");
-            if now_ms.saturating_sub(m.created_ms) >= self.cfg.segment_age_max_ms {
+            if self.closes_at(m, now_ms) {
                 self.active = None;
             }
         }
@@ -677,21 +718,29 @@ impl Log {
                 break;
             };
             let is_open = self.active.is_some() && self.segments.len() == 1;
-            let newest = m.newest_ms.unwrap_or(m.created_ms);
-            if is_open || m.end_index > self.durable_end || !expired(&self.cfg, newest, now_ms) {
+            if is_open
+                || m.end_index > self.durable_end
+                || m.end_index > end_max
+                || !m.expired(&self.cfg, now_ms)
+            {
                 break;
             }
-            let segment_id = m.segment_id;
+            dropped.push(DroppedSegment {
+                segment_id: m.segment_id,
+                records: m.end_index - m.first_index,
+                since_ms: retained_since_ms(m.created_ms, m.oldest_ms),
+            });
             self.keyring.destroy(m.data_key_id);
             self.segments.pop_front();
-            dropped.push(segment_id);
         }
         if !dropped.is_empty() {
             actions.push(Action::PersistKeyring {
                 bytes: self.keyring.to_bytes(),
             });
-            for &segment_id in &dropped {
-                actions.push(Action::DeleteSegment { segment_id });
+            for d in &dropped {
+                actions.push(Action::DeleteSegment {
+                    segment_id: d.segment_id,
+                });
             }
         }
         dropped
@@ -748,9 +797,13 @@ mod tests {
     }
 
     fn open() -> (Log, Vec<Action>) {
+        open_with(cfg())
+    }
+
+    fn open_with(cfg: LogConfig) -> (Log, Vec<Action>) {
         let mut actions = Vec::new();
         let log = Log::open(
-            cfg(),
+            cfg,
             ShardId::new(1),
             MasterKey::from_bytes([1; 32]),
             Keyring::new(),
@@ -842,8 +895,8 @@ mod tests {
         log.on_synced(req.id);
         let first = log.segment_ids().next().unwrap();
         actions.clear();
-        assert!(log.tick(10_000, &mut actions).is_empty(), "not expired yet");
-        assert_eq!(log.tick(10_001, &mut actions), vec![first]);
+        assert!(log.tick(9_999, &mut actions).is_empty(), "not expired yet");
+        assert_eq!(log.tick(10_000, &mut actions), vec![first]);
         let [Action::PersistKeyring { bytes }, Action::DeleteSegment { segment_id }] = &actions[..]
         else {
             panic!("{actions:?}");
@@ -855,5 +908,92 @@ mod tests {
         );
         assert_eq!(log.segment_of(0), None);
         assert!(log.segment_of(1).is_some());
+    }
+
+    /// Appends one record at `now_ms` and makes it durable; returns its index.
+    fn append_durable(log: &mut Log, rng: &mut StdRng, now_ms: u64) -> u64 {
+        let (mut actions, mut positions) = (Vec::new(), Vec::new());
+        log.append(
+            now_ms,
+            rng,
+            &[rec(b"m", now_ms)],
+            &mut actions,
+            &mut positions,
+        )
+        .unwrap();
+        let req = log.begin_sync().unwrap();
+        log.on_synced(req.id);
+        positions[0].index()
+    }
+
+    /// Issue 19, acceptance: with the default profile no record is readable 30 days and
+    /// 1 s after it was accepted, wherever the segment boundaries fall around it (its
+    /// offset in its segment) and whatever the phase of the one-second retention tick;
+    /// and no segment goes before its oldest record reached the retention.
+    #[test]
+    fn default_profile_no_record_is_readable_30_days_and_1_s_after_acceptance() {
+        let p = crate::profile::Profile::default_profile();
+        let cfg = LogConfig::new(&p.log, p.limits.payload_bytes_max);
+        let (retention, age) = (cfg.retention_ms, cfg.segment_age_max_ms);
+        assert_eq!(retention, 30 * 86_400_000);
+        let hour = 3_600_000;
+        // Edges of a segment's life, then a deterministic spread over it.
+        let mut offsets = vec![
+            0,
+            1,
+            999,
+            1000,
+            1001,
+            age / 2,
+            age - 1001,
+            age - 1,
+            age,
+            age + 1,
+        ];
+        offsets.extend((1..=40u64).map(|k| (k * 7_919_017 + k * k * 13) % (age + 1)));
+        for (case, &offset) in offsets.iter().enumerate() {
+            let (mut log, _) = open_with(cfg);
+            let mut rng = StdRng::seed_from_u64(case as u64);
+            let t0 = 1_700_000_000_000u64 + case as u64 * 37;
+            let phase = (offset * 7 + case as u64 * 131) % 1000;
+            append_durable(&mut log, &mut rng, t0);
+            let accepted = t0 + offset;
+            let watched = append_durable(&mut log, &mut rng, accepted);
+            // Its segment counts from its first record: t0, unless the watched record
+            // opened a segment of its own (past the roll interval).
+            let since = if offset < age { t0 } else { accepted };
+            let mut dropped_at = None;
+            let mut now = accepted;
+            let mut check = |log: &mut Log, now: u64| {
+                let mut actions = Vec::new();
+                log.tick(now, &mut actions);
+                if dropped_at.is_none() && log.segment_of(watched).is_none() {
+                    dropped_at = Some(now);
+                }
+            };
+            // An hour of traffic at a time, ticking, up to a few seconds before the drop.
+            while now + hour < since + retention - 5_000 {
+                now += hour;
+                append_durable(&mut log, &mut rng, now);
+                check(&mut log, now);
+            }
+            // Then the one-second tick, at its phase, until a second past the deadline.
+            let mut tick = (since + retention - 5_000) / 1000 * 1000 + phase;
+            while tick <= accepted + retention + 1000 {
+                check(&mut log, tick);
+                tick += 1000;
+            }
+            let at = dropped_at.unwrap_or_else(|| panic!("offset {offset}: never dropped"));
+            assert!(
+                at >= since + retention,
+                "offset {offset}: dropped early at {at}"
+            );
+            assert!(
+                at < since + retention + 1000,
+                "offset {offset}: dropped at {at}, not at the first tick past the retention"
+            );
+            assert!(at <= accepted + retention + 1000, "offset {offset}");
+            assert!(log.segment_of(watched).is_none(), "offset {offset}");
+        }
     }
 }

@@ -406,6 +406,9 @@ pub struct SegmentSummary {
     pub bytes: u64,
     /// Time of the newest record, unix ms (`None`: no records).
     pub newest_ms: Option<u64>,
+    /// Time of the oldest record, unix ms (`None`: no records): retention drops the
+    /// segment once this one reaches the retention.
+    pub oldest_ms: Option<u64>,
 }
 
 /// The result of scanning a segment (recovery and verification).
@@ -641,6 +644,7 @@ impl SegmentCodec {
             records: 0,
             bytes: SEGMENT_HEADER_BYTES as u64,
             newest_ms: None,
+            oldest_ms: None,
         };
         let end = bytes.len() as u64;
         while summary.bytes < end {
@@ -653,6 +657,12 @@ impl SegmentCodec {
                     summary.bytes += used as u64;
                     summary.newest_ms =
                         Some(summary.newest_ms.unwrap_or(0).max(rec.header.time_ms));
+                    summary.oldest_ms = Some(
+                        summary
+                            .oldest_ms
+                            .unwrap_or(u64::MAX)
+                            .min(rec.header.time_ms),
+                    );
                 }
                 Err(cause @ (RecordError::Aead { .. } | RecordError::Malformed { .. })) => {
                     return ScanOutcome::Corrupt(Corruption {

@@ -49,7 +49,9 @@ pub mod policy;
 pub mod recovery;
 mod settings;
 
-pub use engine::{Action, Log, LogError, LogFailure, OpenError, SyncRequest, WriteFailure};
+pub use engine::{
+    Action, DroppedSegment, Log, LogError, LogFailure, OpenError, SyncRequest, WriteFailure,
+};
 pub use format::{
     Corruption, CorruptionCause, OwnedRecord, Record, RecordError, RecordHeader, RecordKind,
     ScanOutcome, SegmentCodec, SegmentHeader, SegmentSummary,

@@ -1,10 +1,18 @@
 //! The log's decisions that depend on time and size: when a segment rolls and which
 //! segments retention drops. Pure functions of their arguments.
 //!
-//! Invariant: with `segment_age_max_ms <= retention_ms / 30` (the default), no record
-//! outlives retention by more than one roll interval plus one retention step, because a
-//! segment stops taking records once it is that old and is dropped whole once its newest
-//! record is older than retention.
+//! Invariant: no record is readable more than `retention_ms` (plus one retention step,
+//! a second while serving) after it was accepted, because a segment is dropped whole once
+//! its *oldest* record (or its creation, whichever is earlier) reaches the retention. The
+//! other records of a segment go early, by at most the segment's age when it rolled
+//! (`segment_age_max_ms`, which the profile holds at or below `retention_ms / 30`: one day
+//! of 30 by default).
+//!
+//! Why the oldest and not the newest record: deletion is by whole segment (the key is the
+//! segment's), so one of the two ends of a segment must be early or late. Dropping at the
+//! newest record kept the oldest one a whole roll interval past the retention (31 days of
+//! a promised 30); the promise is a maximum age, so the segment goes when its oldest record
+//! reaches it, and the newer ones go up to one roll interval early.
 
 use super::format::{sealed_bytes_max, RECORD_OVERHEAD_BYTES_MAX};
 use super::LogSettings;
@@ -38,7 +46,7 @@ pub struct LogConfig {
     pub segment_bytes_max: u64,
     /// A segment rolls once it is this old, ms.
     pub segment_age_max_ms: u64,
-    /// Segments whose newest record is older than this are dropped, ms.
+    /// A segment is dropped once its oldest record is this old, ms.
     pub retention_ms: u64,
     /// Most records one fdatasync covers.
     pub group_commit_records_max: u32,
@@ -103,10 +111,18 @@ pub fn roll_due(
     }
 }
 
-/// Whether a segment whose newest record is at `newest_ms` has passed retention at `now_ms`.
-/// A segment without records is expired once it was created `retention_ms` ago.
-pub fn expired(cfg: &LogConfig, newest_ms: u64, now_ms: u64) -> bool {
-    now_ms.saturating_sub(newest_ms) > cfg.retention_ms
+/// Since when a segment's records count for retention: its oldest record's time, or its
+/// creation when that is earlier (records are appended after the segment was created, so
+/// the two agree unless the wall clock went back; the earlier one never keeps a record too
+/// long). A segment without records counts from its creation.
+pub fn retained_since_ms(created_ms: u64, oldest_ms: Option<u64>) -> u64 {
+    oldest_ms.map_or(created_ms, |o| o.min(created_ms))
+}
+
+/// Whether a segment whose records count from `since_ms` (see [`retained_since_ms`]) has
+/// reached retention at `now_ms`: its oldest record is `retention_ms` old.
+pub fn expired(cfg: &LogConfig, since_ms: u64, now_ms: u64) -> bool {
+    now_ms.saturating_sub(since_ms) >= cfg.retention_ms
 }
 
 #[cfg(test)]
@@ -149,10 +165,19 @@ mod tests {
         assert!(c.record_bytes_max() < c.group_commit_bytes_max);
     }
 
+    /// Issue 19: segments were dropped once their newest record passed the retention, so
+    /// the oldest record of a segment was kept up to one roll interval longer (31 days).
     #[test]
-    fn expiry_is_strictly_after_retention() {
+    fn expiry_is_when_the_oldest_record_reaches_retention() {
         let c = cfg();
-        assert!(!expired(&c, 1000, 4000));
-        assert!(expired(&c, 1000, 4001));
+        assert!(!expired(&c, 1000, 3999));
+        assert!(expired(&c, 1000, 4000));
+        assert_eq!(retained_since_ms(500, Some(700)), 500);
+        assert_eq!(
+            retained_since_ms(500, Some(400)),
+            400,
+            "a clock that went back"
+        );
+        assert_eq!(retained_since_ms(500, None), 500);
     }
 }

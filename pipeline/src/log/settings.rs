@@ -16,8 +16,15 @@ pub const SEGMENT_BYTES_MIN: u64 = 1 << 20;
 pub const SEGMENT_BYTES_MAX: u64 = 4 << 30;
 /// Shortest `log.retention_secs`: a minute.
 pub const RETENTION_SECS_MIN: u64 = 60;
-/// Longest `log.retention_secs`: ten years.
+/// Longest `log.retention_secs`: ten years (only with `allow_retention_over_30_days`).
 pub const RETENTION_SECS_MAX: u64 = 10 * 366 * 86_400;
+/// Longest `log.retention_secs` without `allow_retention_over_30_days`: the 30 days the
+/// platform promises.
+pub const RETENTION_SECS_PROMISED: u64 = 30 * 86_400;
+/// `log.segment_age_max_secs` is at most `retention_secs / SEGMENTS_PER_RETENTION_MIN`, so
+/// that the records a whole-segment drop takes early are at most a thirtieth of the
+/// retention young (policy.rs).
+pub const SEGMENTS_PER_RETENTION_MIN: u64 = 30;
 /// Most records one group commit may cover.
 pub const GROUP_COMMIT_RECORDS_MAX: u32 = 1 << 20;
 /// Smallest `log.group_commit_bytes_max`.
@@ -42,8 +49,13 @@ pub struct LogSettings {
     pub segment_bytes_max: u64,
     /// A segment rolls once it is this old, seconds.
     pub segment_age_max_secs: u64,
-    /// Segments whose newest record is older than this are dropped with their keys, seconds.
+    /// A segment is dropped with its key once its oldest record is this old, seconds; at
+    /// most 30 days unless `allow_retention_over_30_days`.
     pub retention_secs: u64,
+    /// Allows a `retention_secs` above 30 days (the platform's promise). Optional, false
+    /// when absent.
+    #[serde(default)]
+    pub allow_retention_over_30_days: bool,
     /// Most records one fdatasync covers.
     pub group_commit_records_max: u32,
     /// Most record bytes one fdatasync covers.
@@ -81,12 +93,29 @@ impl LogSettings {
             RETENTION_SECS_MIN,
             RETENTION_SECS_MAX,
         );
-        c.range(
-            "log.segment_age_max_secs",
-            self.segment_age_max_secs,
-            1,
-            self.retention_secs.max(1),
-        );
+        if self.retention_secs > RETENTION_SECS_PROMISED && !self.allow_retention_over_30_days {
+            c.fail(
+                "log.retention_secs",
+                format!(
+                    "{} is above 30 days ({RETENTION_SECS_PROMISED}), the most the platform \
+                     promises to keep a message; set log.allow_retention_over_30_days = true \
+                     to keep data longer",
+                    self.retention_secs
+                ),
+            );
+        }
+        let age_max = (self.retention_secs / SEGMENTS_PER_RETENTION_MIN).max(1);
+        if !(1..=age_max).contains(&self.segment_age_max_secs) {
+            c.fail(
+                "log.segment_age_max_secs",
+                format!(
+                    "{} is outside 1..={age_max} (log.retention_secs / \
+                     {SEGMENTS_PER_RETENTION_MIN}): retention drops whole segments, so a \
+                     segment's newer records go up to its age early",
+                    self.segment_age_max_secs
+                ),
+            );
+        }
         self.validate_group_commit(limits, c);
         c.range(
             "log.disk_reserve_bytes",

@@ -116,6 +116,14 @@ impl GroupCommit {
         dropped
     }
 
+    /// [`GroupCommit::tick`], dropping only segments ending at or below `end_max`.
+    pub fn tick_below(&mut self, now_ms: u64, end_max: u64) -> Vec<crate::log::DroppedSegment> {
+        let mut actions = Vec::new();
+        let dropped = self.log.tick_below(now_ms, end_max, &mut actions);
+        self.queue(actions);
+        dropped
+    }
+
     /// Whether nothing is left to do: no operation queued, no commit due or in flight.
     pub fn is_idle(&self) -> bool {
         self.io.is_empty() && self.in_flight.is_none() && !self.log.commit_due()

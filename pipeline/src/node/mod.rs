@@ -50,6 +50,7 @@ mod inbound_today;
 mod outbox;
 mod records;
 mod replay;
+mod retention;
 mod stats;
 mod stop;
 
@@ -79,6 +80,7 @@ pub use delivery::{DeliveryConfig, DeliveryCounts, KeyCheck, StatusChange};
 pub use devices::{verify_bundles, DevicesCounts, E2eConfig};
 pub use outbox::OutboxCounts;
 pub use replay::Replay;
+pub use retention::RETENTION_LEAD_MS;
 pub use stats::{AckLatency, LatencySnapshot, ShardStats, ACK_LATENCY_BOUNDS_US};
 
 use ack::AwaitingQueue;
@@ -332,6 +334,8 @@ pub struct Shard {
     local_attachments: BTreeMap<ConnKey, Role>,
     /// Statuses and cursors to append.
     internal: VecDeque<Internal>,
+    /// What retention announced to delivery, and which segments may go.
+    expiry: retention::ExpiryGate,
     /// The time of the last input.
     clock: Now,
     events: VecDeque<Event>,
@@ -403,6 +407,7 @@ impl Shard {
             ),
             local_attachments: BTreeMap::new(),
             internal: VecDeque::new(),
+            expiry: retention::ExpiryGate::default(),
             clock: now,
             events: VecDeque::new(),
             schedule: Schedule {
@@ -657,13 +662,16 @@ impl Shard {
 
     /// The log's time-driven work and the periodic status.
     fn tick(&mut self, now: Now) {
-        // What retention is about to drop: undelivered messages become `expired` first,
-        // events leave the outbox.
-        if let Some(end) = self.commit.log().expiring_end(now.unix_ms) {
-            if let Some(d) = self.delivery.as_mut() {
-                d.expire_below(self.shard, end);
+        // What retention is about to drop (a little ahead: retention.rs): undelivered
+        // messages become `expired` first, events leave the outbox.
+        let soon = now.unix_ms + retention::RETENTION_LEAD_MS;
+        if let Some(end) = self.commit.log().expiring_end(soon) {
+            if self.expiry.announce(end) {
+                if let Some(d) = self.delivery.as_mut() {
+                    d.expire_below(self.shard, end);
+                }
+                self.outbox.drop_below(self.shard, end);
             }
-            self.outbox.drop_below(self.shard, end);
         }
         while let Some((business_id, cursor)) = self.outbox.poll_cursor() {
             self.internal.push_back(Internal {
@@ -681,7 +689,22 @@ impl Shard {
         }
         self.announce_attachments();
         self.publish_reply_keys(now, false);
-        let dropped = self.commit.tick(now.unix_ms);
+        let log = self.commit.log();
+        // A failed log writes no status any more; deleting expired data is still owed.
+        let end_max = match log.failure() {
+            Some(_) => u64::MAX,
+            None => self.expiry.drop_end_max(log.durable_end()),
+        };
+        let dropped = self.commit.tick_below(now.unix_ms, end_max);
+        for d in &dropped {
+            tracing::info!(
+                shard = self.shard.index(),
+                segment = d.segment_id,
+                records = d.records,
+                oldest_age_secs = now.unix_ms.saturating_sub(d.since_ms) / 1000,
+                "retention dropped a segment (its key destroyed first)"
+            );
+        }
         stats::add(&self.stats.log_segments_dropped, dropped.len() as u64);
         self.publish_log_figures();
         let checkpoint = now.at >= self.schedule.next_checkpoint;
@@ -866,6 +889,8 @@ impl Shard {
             self.dispatch(now);
             self.append_internal(now);
         }
+        let next_index = self.commit.log().next_index();
+        self.expiry.appended(self.internal.is_empty(), next_index);
         self.drain_signals();
         self.advance_stop(now);
         stats::set(

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
-use crate::log::{OwnedRecord, RecordKind};
+use crate::log::{OwnedRecord, RecordHeader, RecordKind};
 use crate::wire::delivery::{BusinessEvent, InboundEvent, StatusEvent, StatusKind};
 use crate::wire::{LogPosition, Recipient};
 use crate::ShardId;
@@ -93,6 +93,36 @@ impl Replay {
         }
     }
 
+    /// Retention drops every record of this shard below log index `end` before the shard
+    /// serves (start-up, or `courier log expire`): the messages still waiting there leave
+    /// the replay, and the status records that make them `expired` are returned, to be
+    /// appended (and made durable) before the drop; events below `end` go with their
+    /// records. Feed the appended statuses back with [`Replay::visit`], so that their
+    /// businesses hear them.
+    pub fn expire_below(&mut self, end: u64, now_ms: u64) -> Vec<RecordHeader> {
+        let end = LogPosition::new(self.shard, end);
+        let rest = self.messages.split_off(&end);
+        let doomed = std::mem::replace(&mut self.messages, rest);
+        self.events.retain(|(_, e)| e.event() >= end);
+        doomed
+            .into_iter()
+            .map(|(m, r)| RecordHeader {
+                kind: RecordKind::Status,
+                business_id: r.business_id,
+                time_ms: now_ms,
+                client_id: r.client_id,
+                recipient: None,
+                reference: m.0,
+                code: StatusEvent::code(StatusKind::Expired, None),
+            })
+            .collect()
+    }
+
+    /// Messages still waiting for delivery.
+    pub fn waiting(&self) -> usize {
+        self.messages.len()
+    }
+
     fn status(&mut self, position: LogPosition, rec: &OwnedRecord) {
         let h = &rec.header;
         let Some((kind, reason)) = StatusEvent::from_code(h.code) else {
@@ -121,5 +151,71 @@ impl Replay {
                 at_ms: h.time_ms,
             }),
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(client_id: u64) -> OwnedRecord {
+        let r = Recipient::parse(b"+15550001111").unwrap();
+        OwnedRecord {
+            header: RecordHeader::message(7, 1_000, client_id, r, 9_000),
+            payload: b"sealed".to_vec(),
+        }
+    }
+
+    /// Issue 19: a start-up retention drop turns the messages still waiting below the
+    /// drop into `expired` status records, and the events below it go with their records.
+    #[test]
+    fn expiring_below_a_drop_owes_a_status_per_waiting_message() {
+        let shard = ShardId::new(2);
+        let mut r = Replay::new(shard);
+        let status = |client_id: u64, message: u64, kind| OwnedRecord {
+            header: RecordHeader {
+                kind: RecordKind::Status,
+                business_id: 7,
+                time_ms: 1_100,
+                client_id,
+                recipient: None,
+                reference: LogPosition::new(shard, message).0,
+                code: StatusEvent::code(kind, None),
+            },
+            payload: Vec::new(),
+        };
+        r.visit(0, &message(10));
+        r.visit(1, &message(11));
+        // Message 11 already has its final status (an event at index 2).
+        r.visit(2, &status(11, 1, StatusKind::Delivered));
+        r.visit(3, &message(12));
+        r.visit(4, &status(12, 3, StatusKind::Sent));
+        assert_eq!((r.waiting(), r.events.len()), (2, 2));
+        let owed = r.expire_below(3, 5_000);
+        assert_eq!(owed.len(), 1, "only message 10 waits below index 3");
+        let h = owed[0];
+        assert_eq!(
+            (h.kind, h.business_id, h.client_id),
+            (RecordKind::Status, 7, 10)
+        );
+        assert_eq!(h.reference, LogPosition::new(shard, 0).0);
+        assert_eq!(h.time_ms, 5_000);
+        assert_eq!(
+            StatusEvent::from_code(h.code),
+            Some((StatusKind::Expired, None))
+        );
+        assert_eq!(r.waiting(), 1, "message 12 still waits");
+        // The event at index 2 went with its record; the one at 4 stays.
+        let events: Vec<u64> = r.events.iter().map(|(_, e)| e.event().index()).collect();
+        assert_eq!(events, [4]);
+        // Fed back as appended, the status reaches its business.
+        r.visit(
+            5,
+            &OwnedRecord {
+                header: h,
+                payload: Vec::new(),
+            },
+        );
+        assert_eq!(r.events.len(), 2);
     }
 }

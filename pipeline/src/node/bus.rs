@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use super::devices::{verify_bundles, SealFail};
+use super::devices::{SealFail, SESSIONS_PER_DISPATCH_MAX};
 use super::{stats, Event, KeyCheck, Now, Shard};
 use crate::e2e::VerifiedBundle;
 use crate::server::{ConnKey, DeliveryInput, NotWritten, Role};
@@ -255,28 +255,10 @@ impl Shard {
                 }
             }
             DeliveryInput::DeviceKeys(entries) => {
-                let mut learned = Vec::with_capacity(entries.len());
-                for e in entries {
-                    // The list this shard holds already (asked twice, a refresh that
-                    // changed nothing): verified before.
-                    let known = self
-                        .devices
-                        .as_ref()
-                        .and_then(|d| d.known(&e.recipient, &e.bundles));
-                    match known.map_or_else(|| verify_bundles(&e.bundles), Ok) {
-                        Ok(bundles) => learned.push((e.recipient, bundles, e.bundles)),
-                        Err(_) => {
-                            // Refused whole: its messages keep waiting for good keys.
-                            stats::add(&self.stats.e2e_bundles_refused, 1);
-                            if let Some(d) = self.devices.as_mut() {
-                                d.refused();
-                            }
-                        }
-                    }
-                }
-                if !learned.is_empty() {
-                    self.broadcast(PeerMsg::DeviceKeys(learned.clone()));
-                    self.learn_keys(now, learned);
+                // Verified a few lists per turn ([`Shard::verify_published`]): a signature
+                // check per key must not hold the shard's acks.
+                if let Some(d) = self.devices.as_mut() {
+                    d.queue_published(entries);
                 }
             }
             DeliveryInput::Detached { conn } => {
@@ -322,6 +304,21 @@ impl Shard {
             .collect();
         for (conn, role) in attachments {
             self.broadcast(PeerMsg::Attach { conn, role });
+        }
+    }
+
+    /// Verifies some of the bundle lists the edge published here, and hands the good ones
+    /// to every shard. A list refused (bad structure or a bad signature) is refused whole:
+    /// its recipient's messages keep waiting for good keys.
+    pub(super) fn verify_published(&mut self, now: Now) {
+        let Some(devices) = self.devices.as_mut() else {
+            return;
+        };
+        let (learned, refused) = devices.verify_some();
+        stats::add(&self.stats.e2e_bundles_refused, refused);
+        if !learned.is_empty() {
+            self.broadcast(PeerMsg::DeviceKeys(learned.clone()));
+            self.learn_keys(now, learned);
         }
     }
 
@@ -410,8 +407,18 @@ impl Shard {
         if !self.credit_wait.is_empty() {
             self.drain_credit_wait(now);
         }
-        // Bounded by in_flight_max (and by the due messages, each looked at once).
+        self.verify_published(now);
+        // Bounded by in_flight_max (and by the due messages, each looked at once), and by
+        // the sessions one call may set up.
+        let sessions_before = self.devices.as_ref().map_or(0, |d| d.counts().sessions_new);
         loop {
+            let set_up = self
+                .devices
+                .as_ref()
+                .map_or(0, |d| d.counts().sessions_new - sessions_before);
+            if set_up >= SESSIONS_PER_DISPATCH_MAX {
+                break;
+            }
             let devices = &self.devices;
             let check = |r: &Recipient| match devices {
                 Some(d) if !d.ready(r) => KeyCheck::Missing {

@@ -128,6 +128,14 @@ impl E2eConfig {
     }
 }
 
+/// Most new device sessions one dispatch sets up (an X25519 key and agreement each,
+/// tens of µs): past it the due messages wait for the next call, so that a burst of new
+/// recipients spreads over many turns of the shard's loop instead of holding its acks.
+pub const SESSIONS_PER_DISPATCH_MAX: u64 = 16;
+/// Most published bundle lists one turn verifies (a signature check per key); the rest
+/// wait in [`Devices::queue_published`]'s bounded queue.
+pub const LISTS_VERIFIED_PER_TURN_MAX: usize = 8;
+
 /// Why a message could not be sealed for its devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SealFail {
@@ -200,6 +208,9 @@ pub struct Devices {
     plain: Vec<u8>,
     sealed: Vec<u8>,
     counts: DevicesCounts,
+    /// Bundle lists published and not yet verified, oldest first (at most
+    /// `directory_max`; past it the oldest go, and their recipients are asked again).
+    published: VecDeque<crate::wire::delivery::DeviceKeysEntry>,
 }
 
 impl std::fmt::Debug for Devices {
@@ -240,6 +251,7 @@ impl Devices {
             plain: Vec::new(),
             sealed: Vec::new(),
             counts: DevicesCounts::default(),
+            published: VecDeque::new(),
         }
     }
 
@@ -258,9 +270,47 @@ impl Devices {
         (self.directory.len(), self.sessions.len())
     }
 
-    /// A bundle list was refused where it came in.
-    pub fn refused(&mut self) {
-        self.counts.bundles_refused += 1;
+    /// Queues published bundle lists for verification ([`Devices::verify_some`]).
+    pub fn queue_published(&mut self, entries: Vec<crate::wire::delivery::DeviceKeysEntry>) {
+        self.published.extend(entries);
+        while self.published.len() > self.cfg.directory_max as usize {
+            self.published.pop_front();
+        }
+    }
+
+    /// Whether published lists wait for verification.
+    pub fn has_published(&self) -> bool {
+        !self.published.is_empty()
+    }
+
+    /// Verifies up to [`LISTS_VERIFIED_PER_TURN_MAX`] queued lists (a list this shard
+    /// holds already costs no check): the verified ones, with their bytes, and how many
+    /// were refused.
+    #[allow(clippy::type_complexity)]
+    pub fn verify_some(&mut self) -> (Vec<(Recipient, Arc<[VerifiedBundle]>, Bytes)>, u64) {
+        let mut learned = Vec::new();
+        let mut refused = 0;
+        let mut checked = 0;
+        while checked < LISTS_VERIFIED_PER_TURN_MAX {
+            let Some(e) = self.published.pop_front() else {
+                break;
+            };
+            let result = match self.known(&e.recipient, &e.bundles) {
+                Some(b) => Ok(b),
+                None => {
+                    checked += 1;
+                    verify_bundles(&e.bundles)
+                }
+            };
+            match result {
+                Ok(bundles) => learned.push((e.recipient, bundles, e.bundles)),
+                Err(_) => {
+                    refused += 1;
+                    self.counts.bundles_refused += 1;
+                }
+            }
+        }
+        (learned, refused)
     }
 
     /// Whether a message for `recipient` can be sealed now: at least one device known.
@@ -350,7 +400,8 @@ impl Devices {
 
     /// Seals `d` (its payload the relay's at-rest seal) for each of its recipient's
     /// devices: its payload becomes the DELIVER_E2E copies. Returns whether the
-    /// recipient's bundles are due for a refresh (ask the edge again).
+    /// recipient's bundles are due for a refresh (ask the edge again); the sessions set
+    /// up are counted in [`DevicesCounts::sessions_new`].
     pub fn seal(
         &mut self,
         keys: &DerivedKeys,
@@ -796,6 +847,48 @@ mod tests {
         let mut other = raw.to_vec();
         other[10] ^= 1;
         assert!(devices.known(&erin, &other).is_none(), "changed bytes");
+    }
+
+    #[test]
+    fn published_lists_are_verified_a_few_per_turn_and_bad_ones_refused() {
+        use crate::wire::delivery::DeviceKeysEntry;
+        let mut devices = Devices::new(E2eConfig::default(), 0, 1);
+        let list = |seed: u8, bad: bool| {
+            let mut b = Device::from_seed(1, &[seed; 32], 1).bundle();
+            if bad {
+                b.one_time_prekeys[0].public[0] ^= 1;
+            }
+            let mut raw = Vec::new();
+            encode_bundles(&[b], &mut raw);
+            Bytes::from(raw)
+        };
+        let entries: Vec<DeviceKeysEntry> = (0..20u8)
+            .map(|i| DeviceKeysEntry {
+                recipient: r(&format!("+1555000{:04}", i)),
+                bundles: list(i, i == 3),
+            })
+            .collect();
+        devices.queue_published(entries.clone());
+        let (first, refused) = devices.verify_some();
+        assert_eq!((first.len(), refused), (LISTS_VERIFIED_PER_TURN_MAX - 1, 1));
+        for (r, b, raw) in first {
+            devices.learn(0, r, b, raw);
+        }
+        let mut turns = 1;
+        while devices.has_published() {
+            let (more, refused) = devices.verify_some();
+            assert_eq!(refused, 0);
+            for (r, b, raw) in more {
+                devices.learn(0, r, b, raw);
+            }
+            turns += 1;
+        }
+        assert_eq!(turns, 3);
+        assert_eq!(devices.sizes().0, 19, "every good list learned");
+        // The same lists again cost no check: all in one turn.
+        devices.queue_published(entries);
+        let (again, refused) = devices.verify_some();
+        assert!(again.len() > LISTS_VERIFIED_PER_TURN_MAX && refused <= 1);
     }
 
     #[test]

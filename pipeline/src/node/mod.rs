@@ -621,6 +621,10 @@ impl Shard {
         if let Some(t) = self.stop.as_ref().and_then(Stopping::next_deadline) {
             next = next.min(t);
         }
+        // Lists the edge published wait for their verification, a few per turn.
+        if self.devices.as_ref().is_some_and(Devices::has_published) {
+            next = next.min(self.clock.at);
+        }
         let delivery = self.delivery.as_ref().and_then(Delivery::next_due_ms);
         for ms in [delivery, self.outbox.next_deadline_ms()]
             .into_iter()

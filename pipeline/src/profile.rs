@@ -375,6 +375,8 @@ impl Profile {
         c.extend(raw.delivery.issues());
         let mut delivery = raw.delivery;
         delivery.clamp_to_retention(raw.log.retention_secs);
+        let mut detect = raw.detect;
+        detect.remember_recipients_for(raw.log.retention_secs);
 
         let issues = c.into_issues();
         if !issues.is_empty() {
@@ -388,7 +390,7 @@ impl Profile {
             quic: raw.quic,
             io: raw.io,
             log: raw.log,
-            detect: raw.detect,
+            detect,
             delivery,
         })
     }

@@ -381,6 +381,8 @@ impl Profile {
         let mut delivery = raw.delivery;
         delivery.e2e = raw.e2e;
         delivery.clamp_to_retention(raw.log.retention_secs);
+        let mut detect = raw.detect;
+        detect.remember_recipients_for(raw.log.retention_secs);
 
         let issues = c.into_issues();
         if !issues.is_empty() {
@@ -394,7 +396,7 @@ impl Profile {
             quic: raw.quic,
             io: raw.io,
             log: raw.log,
-            detect: raw.detect,
+            detect,
             delivery,
         })
     }

@@ -309,6 +309,10 @@ async fn blast_is_paused_across_shards_survives_restart_and_the_operator_unpause
         courier::control::detect_dir(&s.data()).join("shard-0.ckpt"),
     ];
     for f in files {
+        // Keyed hashes of numbers: private to the server's user (issue 19).
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} has mode {mode:o}", f.display());
         let bytes = std::fs::read(&f).unwrap();
         for i in (0..10).chain(1_000..1_100) {
             let n = number(i);

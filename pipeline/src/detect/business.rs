@@ -189,8 +189,19 @@ impl BusinessState {
                 self.overdraft = 0; // the episode at the limit is over
             }
         }
+        if cfg.recipient_memory_ms < MS_PER_DAY {
+            // A retention shorter than the 24 h window (issue 19): the tags of every hour
+            // that is as old as the retention go (their counts stay). The hour holding
+            // `now - memory` may hold a tag that old, so it goes too.
+            if let Some(t) = now_ms.checked_sub(cfg.recipient_memory_ms) {
+                self.recipients.forget_before(
+                    (t / MS_PER_HOUR).saturating_add(1).min(u64::from(u32::MAX)) as u32,
+                );
+            }
+        }
         self.recent.advance(now_ms);
         self.fanout.advance(now_ms, cfg);
+        self.filter.age(now_ms, cfg.recipient_memory_ms);
         let day = (now_ms / MS_PER_DAY) as u32;
         if day > self.day {
             self.day = day;

@@ -7,16 +7,22 @@
 //!
 //! Little endian throughout. A business holds its control (pause and limits with their
 //! epochs, and the evidence of the last pause or rating change), rate bucket, recipient
-//! window (exact tags with hours, or the 24 hourly HyperLogLogs), past-recipient filter,
-//! same-recipient table, fan-out rings, short sketches and baseline, quality ring and
+//! window (exact tags with hours, or the 24 hourly HyperLogLogs), past-recipient filter
+//! (with the start of each generation), same-recipient table, fan-out rings, short sketches and baseline, quality ring and
 //! billing count. Recipients appear only as keyed hashes, so a checkpoint holds
 //! no phone number (and is useless without the process secret, which it does not hold:
 //! restore with the same secret). The interval counters of an unsent delta are not
 //! kept: a restart loses at most one exchange interval of cross-shard news.
+//!
+//! Every structure in it ages by time (issue 19), and the shell writes a checkpoint only
+//! after [`Detector::expire`] moved every business to its clock: so a checkpoint holds
+//! no recipient hash older than `detect.recipient_memory_ms` (the log's retention), and
+//! the shell writes it with mode 0600.
 
 use super::business::{BusinessState, Control};
 use super::fanout::{FAN_TICKS, SHORT_HLL_P};
 use super::recipients::{ExactSet, HllRing, Recipients, HOURS};
+use super::sketches::PastFilter;
 use super::{
     get_or_create, DetectConfig, Detector, Evidence, Rating, Why, SKETCH_WIDTH_MAX,
     SKETCH_WIDTH_MIN,
@@ -24,11 +30,16 @@ use super::{
 use crate::registry::Tier;
 
 const MAGIC: &[u8; 4] = b"CDET";
+/// 4 (issue 19): the past-recipient filter carries the start of each generation and how
+/// the old one was retired, so that it forgets by time (see `sketches::PastFilter`), and
+/// the exact 24 h window the recipients it counts without their tags (`recipients`).
+const VERSION: u16 = 4;
 /// 3 (issue 14): the same-recipient count-min sketch became a tagged table (its size in
 /// the fingerprint is `same_recipient_table_entries`), the fan-out rings are split into
 /// this shard's and the peers' counts and come with their short HyperLogLogs, and the
-/// control holds the evidence of its pause or rating change.
-const VERSION: u16 = 3;
+/// control holds the evidence of its pause or rating change. Restored without its
+/// past-recipient filter (see [`Detector::restore`]).
+const VERSION_TABLE: u16 = 3;
 /// 2: recipient hashes are SipHash-1-3 of the padded number (1: SipHash-2-4 of the
 /// number) and the past-recipient filter has 256-bit blocks (1: 512-bit). Restored
 /// without its same-recipient counts (a count-min sketch this build no longer keeps):
@@ -152,7 +163,7 @@ fn check_fingerprint(
         return Err(CheckpointError::Config("past_filter_bytes"));
     }
     let size = r.u32()?;
-    let sketch_width = if version == VERSION {
+    let sketch_width = if version >= VERSION_TABLE {
         if size != cfg.same_recipient_table_entries {
             return Err(CheckpointError::Config("same_recipient_table_entries"));
         }
@@ -279,6 +290,11 @@ fn write_business(w: &mut W, id: u32, st: &BusinessState) {
                 w.u32(t);
                 w.u32(h);
             }
+            w.u32(e.forgotten_below);
+            for s in 0..HOURS {
+                w.u32(e.anon.hour[s]);
+                w.u32(e.anon.count[s]);
+            }
         }
         Recipients::Sketch(h) => {
             w.u8(1);
@@ -293,6 +309,9 @@ fn write_business(w: &mut W, id: u32, st: &BusinessState) {
     for x in st.filter.generation_words() {
         w.u64(x);
     }
+    w.u64(st.filter.cur_start_ms);
+    w.u64(st.filter.old_start_ms);
+    w.u8(u8::from(st.filter.old_by_time));
     w.u64(st.recent.window);
     for &x in &st.recent.slots {
         w.u64(x);
@@ -324,11 +343,13 @@ fn write_business(w: &mut W, id: u32, st: &BusinessState) {
     w.u64(st.accepted_today);
 }
 
-/// Reads one business written by this build, or, with `sketch_width`, by version 1 or
-/// 2 (no evidence; a count-min sketch of that width, skipped; one fan-out ring).
+/// Reads one business written by this build, or by version 3 (no generation starts: the
+/// filter is dropped), or, with `sketch_width`, by version 1 or 2 (no evidence; a
+/// count-min sketch of that width, skipped; one fan-out ring; the filter dropped).
 fn read_business(
     r: &mut R<'_>,
     cfg: &DetectConfig,
+    version: u16,
     sketch_width: Option<usize>,
 ) -> Result<(u32, BusinessState), CheckpointError> {
     let id = r.u32()?;
@@ -383,11 +404,19 @@ fn read_business(
             for _ in 0..n {
                 v.push((r.u32()?, r.u32()?));
             }
-            Recipients::Exact(ExactSet::restore(
-                cfg.exact_recipients_max as usize,
-                latest,
-                &v,
-            ))
+            let mut e = ExactSet::restore(cfg.exact_recipients_max as usize, latest, &v);
+            if version == VERSION {
+                let below = r.u32()?;
+                let mut anon = [(0, 0); HOURS];
+                for a in &mut anon {
+                    *a = (r.u32()?, r.u32()?);
+                }
+                // The writer moves every tag older than `below` to the counts.
+                if v.iter().any(|&(_, h)| h < below) || !e.restore_anon(below, &anon) {
+                    return Err(CheckpointError::Corrupt("forgotten recipients"));
+                }
+            }
+            Recipients::Exact(e)
         }
         1 => {
             let mut h = Box::new(HllRing::new(cfg.hll_precision));
@@ -412,6 +441,26 @@ fn read_business(
     }
     for i in 0..st.filter.word_count() {
         st.filter.set_generation_word(i, r.u64()?);
+    }
+    if version == VERSION {
+        st.filter.cur_start_ms = r.u64()?;
+        st.filter.old_start_ms = r.u64()?;
+        st.filter.old_by_time = match r.u8()? {
+            0 => false,
+            1 => true,
+            _ => {
+                return Err(CheckpointError::Corrupt(
+                    "never-contacted filter retirement",
+                ))
+            }
+        };
+        if !st.filter.restored_consistent() {
+            return Err(CheckpointError::Corrupt("never-contacted filter count"));
+        }
+    } else {
+        // Written before issue 19: when its recipients were inserted is not known, so
+        // the filter is not kept (it could hold numbers older than the retention).
+        st.filter = PastFilter::new(cfg.past_filter_bytes as usize);
     }
     read_window_state(r, &mut st, sketch_width)?;
     for i in 0..HOURS {
@@ -509,7 +558,15 @@ impl Detector {
     }
 
     /// Replaces this detector's business state with a checkpoint's. On error nothing
-    /// changes. Queued signals and the unsent delta are kept.
+    /// changes. Queued signals and the unsent delta are kept. The shell then calls
+    /// [`expire`](Self::expire) with its clock: a checkpoint from before a long stop
+    /// holds recipients the retention has since passed.
+    ///
+    /// A checkpoint of version 1 to 3 (before issue 19) is restored without its
+    /// past-recipient filter: it does not say when its recipients were inserted, so it
+    /// could hold numbers older than the retention. For up to the retention after the
+    /// upgrade, the fan-out check then counts as never contacted recipients that were
+    /// (a surge needs a jump of distinct recipients over the baseline besides).
     ///
     /// A version-2 checkpoint (before issue 14) is restored without its same-recipient
     /// counts (a count-min sketch), the evidence of its pauses and the split of its
@@ -528,7 +585,7 @@ impl Detector {
         let (body, crc) = bytes.split_at(bytes.len() - 4);
         let mut r = R(&body[4..]);
         let version = r.u16()?;
-        if ![VERSION, VERSION_SKETCH, VERSION_OLD_HASH].contains(&version) {
+        if ![VERSION, VERSION_TABLE, VERSION_SKETCH, VERSION_OLD_HASH].contains(&version) {
             return Err(CheckpointError::Version(version));
         }
         if super::keyed::crc32c(body) != u32::from_le_bytes(crc.try_into().expect("4")) {
@@ -546,7 +603,7 @@ impl Detector {
         }
         let mut states = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            states.push(read_business(&mut r, &self.cfg, sketch_width)?);
+            states.push(read_business(&mut r, &self.cfg, version, sketch_width)?);
         }
         if !r.0.is_empty() {
             return Err(CheckpointError::Corrupt("trailing bytes"));

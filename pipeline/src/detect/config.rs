@@ -78,6 +78,22 @@ pub struct DetectConfig {
     pub delta_events_max: u32,
     /// Most integrity signals queued for `poll_signal`; older ones are dropped.
     pub signals_max: u32,
+    /// How long the detector may remember a recipient, ms (issue 19): the log's
+    /// retention, which the profile sets here from `log.retention_secs` (not a key of
+    /// `[detect]`: a profile giving it is refused as an unknown key). Keyed hashes of
+    /// numbers may not outlive the messages they were taken from: the past-recipient
+    /// filter forgets a recipient within it (see `sketches::PastFilter`), every other
+    /// structure within its own, shorter window (24 h, the same-recipient window, one
+    /// second).
+    #[serde(skip, default = "default_recipient_memory_ms")]
+    pub recipient_memory_ms: u64,
+}
+
+/// The default profile's retention, 30 days, as ms.
+pub const RECIPIENT_MEMORY_MS_DEFAULT: u64 = 30 * 86_400_000;
+
+fn default_recipient_memory_ms() -> u64 {
+    RECIPIENT_MEMORY_MS_DEFAULT
 }
 
 impl Default for DetectConfig {
@@ -101,11 +117,18 @@ impl Default for DetectConfig {
             red_pauses: false,
             delta_events_max: 65_536,
             signals_max: 4096,
+            recipient_memory_ms: RECIPIENT_MEMORY_MS_DEFAULT,
         }
     }
 }
 
 impl DetectConfig {
+    /// Sets [`recipient_memory_ms`](Self::recipient_memory_ms) from the log's retention
+    /// (at least 2 ms, so that a generation of the filter lasts at least 1 ms).
+    pub fn remember_recipients_for(&mut self, retention_secs: u64) {
+        self.recipient_memory_ms = retention_secs.saturating_mul(1000).max(2);
+    }
+
     /// Worst-case bytes of one business's state under this configuration: the struct,
     /// the larger of the exact table and the sketch ring, the filter and the
     /// same-recipient table.

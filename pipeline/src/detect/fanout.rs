@@ -119,6 +119,11 @@ impl ShortHll {
         }
     }
 
+    /// No register set.
+    fn is_empty(&self) -> bool {
+        self.zeros == SHORT_HLL_M as u32
+    }
+
     /// The estimate: linear counting while it is the better one, raw HLL above.
     fn estimate(&self) -> f64 {
         let m = SHORT_HLL_M as f64;
@@ -197,8 +202,15 @@ impl FanOut {
             let next = second == self.second + 1;
             self.prev_sketch_on = next && self.sketch_on;
             self.sketch_on = next && self.second_events >= SKETCH_FROM_EVENTS;
-            if self.sketch_on {
-                self.hll[(second % 2) as usize] = ShortHll::new();
+            // A sketch that is not on is empty (issue 19): its registers are bits of
+            // recipient hashes from seconds ago, which would otherwise stay in memory
+            // and in checkpoints however long the business is quiet.
+            let cur = (second % 2) as usize;
+            if self.sketch_on || !self.hll[cur].is_empty() {
+                self.hll[cur] = ShortHll::new();
+            }
+            if !self.prev_sketch_on && !self.hll[cur ^ 1].is_empty() {
+                self.hll[cur ^ 1] = ShortHll::new();
             }
             self.second = second;
             self.second_events = 0;

@@ -22,7 +22,8 @@
 //!  every <= 100 ms (shell, crossbeam channel between shards):
 //!    let d = det.export_delta(now); send d to every peer; peer.merge(now, &d)
 //!  operator: unpause(id), set_limits(id, tier, mps); status: signals(), poll_signal()
-//!  on shutdown / periodically: checkpoint() -> bytes; on start: restore(&bytes)
+//!  on shutdown / every 10 s: expire(now); checkpoint() -> bytes
+//!  on start: restore(&bytes); expire(now)
 //! ```
 //!
 //! ## Calling it per batch (for the integrator)
@@ -104,6 +105,32 @@
 //! counters only, and checkpoints hold hashes and counters. Signals carry a business id,
 //! rating, tier, paused flag, an enum reason and a count.
 //!
+//! **Keyed hashes age by time** (issue 19). A hash of a number may not outlive the
+//! messages it came from, so every structure holding recipient hashes (or bits of them)
+//! forgets them within `recipient_memory_ms`, which the profile sets to the log's
+//! retention (`log.retention_secs`):
+//!
+//! | structure | holds | forgets after |
+//! |---|---|---|
+//! | 24 h window ([`recipients`]) | high 32 bits per recipient, or HLL registers | 24 h (the hour it was last seen); under a retention below a day, tags at the retention, counts kept (registers: 24 h, they name no recipient) |
+//! | same-recipient table ([`recent`]) | low 32 bits per recipient | two `same_recipient_window_ms` windows |
+//! | short fan-out sketches ([`fanout`]) | HLL registers | the next second (a sketch not in use is zeroed) |
+//! | past-recipient filter (`sketches::PastFilter`) | Bloom bits | `recipient_memory_ms` at most (two generations of half of it, each dropped by its start's age) |
+//! | unsent delta events | whole hashes | the next exchange (≤ 100 ms), else `recipient_memory_ms` |
+//! | `observe_batch`'s scratch | whole hashes | the end of the batch |
+//!
+//! Each of these moves with its business's traffic, so for a business that goes quiet
+//! [`Detector::expire`] moves them all to the shell's clock: the shell calls it after a
+//! restore and before every checkpoint (every 10 s), so `detect/shard-K.ckpt` holds no
+//! hash older than the retention, and memory none older than the retention plus 10 s.
+//! Why by generation
+//! start rather than per entry: the filter keeps no time per recipient (it has no room
+//! for one), and two generations of half the memory each bound every entry's age at the
+//! memory while a recipient messaged within the last half of it is still known (one
+//! found only in a generation retired by time is copied forward when messaged again).
+//! What the filter forgets sooner costs only this: a recipient last messaged more than
+//! half the retention ago may count as never contacted in a surge test.
+//!
 //! ## Across shards
 //! Each shard holds its own detector. The shell calls [`Detector::export_delta`] on every
 //! shard every ≤ 100 ms, sends each delta to every other shard over a crossbeam channel,
@@ -133,8 +160,8 @@ use std::hash::{BuildHasherDefault, Hasher};
 pub use checkpoint::CheckpointError;
 pub use config::{
     DetectConfig, LegacyDetectKeys, BUSINESS_STATE_BYTES_LIMIT, HLL_PRECISION_MAX,
-    HLL_PRECISION_MIN, SAME_RECIPIENT_TABLE_ENTRIES_MAX, SAME_RECIPIENT_TABLE_ENTRIES_MIN,
-    SKETCH_WIDTH_MAX, SKETCH_WIDTH_MIN,
+    HLL_PRECISION_MIN, RECIPIENT_MEMORY_MS_DEFAULT, SAME_RECIPIENT_TABLE_ENTRIES_MAX,
+    SAME_RECIPIENT_TABLE_ENTRIES_MIN, SKETCH_WIDTH_MAX, SKETCH_WIDTH_MIN,
 };
 pub use keyed::RecipientHasher;
 
@@ -553,6 +580,8 @@ impl Detector {
         hashes.extend(recipients.into_iter().map(|r| self.hasher.hash(r)));
         out.reserve(hashes.len());
         self.decide_hashes(now_ms, business, &hashes, &mut |v| out.push(v));
+        // Kept for its capacity only: no recipient hash stays here between batches.
+        hashes.clear();
         self.batch_hashes = hashes;
     }
 
@@ -619,6 +648,28 @@ impl Detector {
         st.limits_from_peer = false;
         st.advance(now_ms, cfg);
         Verdict::Admit
+    }
+
+    /// Moves every business's state to `now_ms`, so that what it holds of recipients'
+    /// numbers (keyed hashes, in the 24 h window, the same-recipient table, the short
+    /// fan-out sketches and the past-recipient filter) ages out on time even for a
+    /// business that sends nothing more (each of them otherwise moves only with its
+    /// business's own traffic). The shell calls it before every [`checkpoint`] and once
+    /// after a [`restore`](Self::restore), with its clock: so a
+    /// checkpoint holds no recipient hash older than `recipient_memory_ms` (issue 19).
+    /// Costs one pass over the businesses; the clearing it does would otherwise happen at
+    /// the business's next message.
+    ///
+    /// [`checkpoint`]: Self::checkpoint
+    pub fn expire(&mut self, now_ms: u64) {
+        let cfg = &self.cfg;
+        for st in self.businesses.values_mut() {
+            st.advance(now_ms, cfg);
+        }
+        // Unsent events: a shell that exchanges deltas takes them every 100 ms; one that
+        // stopped exchanging keeps none older than the memory.
+        self.events
+            .retain(|e| now_ms.saturating_sub(e.at_ms) < cfg.recipient_memory_ms);
     }
 
     /// Counts `n` accepted (durable) messages of a business for billing.
@@ -935,7 +986,7 @@ impl Detector {
                 (e.at_ms / MS_PER_HOUR) as u32,
                 cfg.hll_precision,
             );
-            st.filter.insert(e.hash);
+            st.filter.insert(e.hash, now_ms.max(e.at_ms));
         }
         for id in rerate {
             self.rerate(id);
@@ -1077,7 +1128,7 @@ fn admitted(
         (now_ms / MS_PER_HOUR) as u32,
         cfg.hll_precision,
     );
-    st.filter.insert(h);
+    st.filter.insert(h, now_ms);
     st.add_delivered(1);
     st.recent.admit(h, slot)
 }
@@ -1169,3 +1220,5 @@ fn push_signal(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_aging;

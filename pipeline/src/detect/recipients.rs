@@ -18,6 +18,21 @@
 //!   cardinalities use linear counting, which is tighter. Hashes are 32 bits: fine to
 //!   ~10⁸ distinct tags, far above any tier.
 //!
+//! **Forgetting within a short retention** (issue 19). A tag is 32 bits of a keyed hash
+//! of a number: it may not outlive the log's retention. With a retention of 24 h or more
+//! the window's own expiry does it. With a shorter one (`detect.recipient_memory_ms`
+//! below a day: the short-retention profile) the exact set forgets the tags of every
+//! hour that is as old as the retention ([`Recipients::forget_before`]) but keeps *how
+//! many* recipients that hour had, per hour, so the tier still counts them for the rest
+//! of the 24 h: the limit stays a 24 h limit. What is lost is only membership: a
+//! forgotten recipient messaged again at the limit is refused as a new one, and counted
+//! again (an over-count: the limit errs on the strict side). When the set turns into
+//! the sketch, each forgotten recipient enters its hour's sketch as a stand-in tag (a
+//! hash of the hour and an index, no recipient's), so that it still counts. The
+//! sketch's registers are kept for their 24 h whatever the retention: a register is
+//! the largest rank among the thousands of recipients that fall in it (the sketch mode
+//! starts above `exact_max` recipients a day), and names none of them.
+//!
 //! Sketches are mergeable by register max, so a peer shard's recipients (sent as tags
 //! with their hour) fold in the same way as local ones.
 
@@ -59,11 +74,23 @@ impl Recipients {
         }
     }
 
+    /// Forgets the tags of every hour before `hour_min` (keeping how many there were):
+    /// see the module docs. Nothing to do in sketch mode, or when those hours are
+    /// forgotten already (one comparison: it runs per message under a short retention).
+    #[inline]
+    pub(crate) fn forget_before(&mut self, hour_min: u32) {
+        if let Recipients::Exact(e) = self {
+            if hour_min > e.forgotten_below {
+                e.forget_before(hour_min);
+            }
+        }
+    }
+
     /// Distinct tags in the window (estimated in sketch mode).
     #[inline]
     pub(crate) fn count(&self) -> u64 {
         match self {
-            Recipients::Exact(e) => e.len as u64,
+            Recipients::Exact(e) => e.len as u64 + e.anon_total,
             Recipients::Sketch(h) => h.estimate,
         }
     }
@@ -114,6 +141,9 @@ impl Recipients {
                 for (t, h) in e.entries() {
                     ring.insert(t, h);
                 }
+                for (t, h) in e.stand_ins() {
+                    ring.insert(t, h);
+                }
                 ring.insert(tag, hour);
                 *self = Recipients::Sketch(ring);
             }
@@ -130,6 +160,20 @@ pub(crate) struct ExactSet {
     pub(crate) len: usize,
     max: usize,
     pub(crate) latest_hour: u32,
+    /// Tags of hours before this one are not kept (a short retention passed them).
+    pub(crate) forgotten_below: u32,
+    /// Recipients of the window whose tags were forgotten, per hour slot (boxed: most
+    /// profiles never use it, and the enum holding this set stays small).
+    pub(crate) anon: Box<AnonHours>,
+    /// Sum of `anon.count` over the window.
+    anon_total: u64,
+}
+
+/// Per hour slot: the absolute hour (`u32::MAX`: none) and how many recipients of it were
+/// counted without their tags (at most the set's `max` an hour).
+pub(crate) struct AnonHours {
+    pub(crate) hour: [u32; HOURS],
+    pub(crate) count: [u32; HOURS],
 }
 
 const PRESENT: u64 = 1 << 63;
@@ -142,16 +186,109 @@ impl ExactSet {
             len: 0,
             max,
             latest_hour: 0,
+            forgotten_below: 0,
+            anon: Box::new(AnonHours {
+                hour: [u32::MAX; HOURS],
+                count: [0; HOURS],
+            }),
+            anon_total: 0,
         }
+    }
+
+    /// Counts one recipient of `hour` whose tag is not kept.
+    fn count_anon(&mut self, hour: u32) {
+        if u64::from(hour) + HOURS as u64 <= u64::from(self.latest_hour) {
+            return;
+        }
+        let s = (hour % HOURS as u32) as usize;
+        if self.anon.hour[s] != hour {
+            if self.anon.hour[s] != u32::MAX && self.anon.hour[s] > hour {
+                return; // the slot holds a later hour: this one left the window
+            }
+            self.anon_total -= u64::from(self.anon.count[s]);
+            self.anon.hour[s] = hour;
+            self.anon.count[s] = 0;
+        }
+        if (self.anon.count[s] as usize) < self.max {
+            self.anon.count[s] += 1;
+            self.anon_total += 1;
+        }
+    }
+
+    /// Moves the tags of every hour before `hour_min` to the anonymous counts.
+    fn forget_before(&mut self, hour_min: u32) {
+        self.forgotten_below = hour_min;
+        let old: Vec<(u32, u32)> = self.entries().collect();
+        self.slots.fill(0);
+        self.len = 0;
+        for (t, h) in old {
+            if h < hour_min {
+                self.count_anon(h);
+            } else {
+                let ok = self.insert(t, h);
+                debug_assert!(ok, "reinserting fewer tags than before");
+            }
+        }
+    }
+
+    /// Stand-in tags for the anonymous counts, each with its hour: a hash of the hour and
+    /// an index, the same for the same counts (no recipient's).
+    fn stand_ins(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        (0..HOURS)
+            .filter(|&s| self.anon.hour[s] != u32::MAX)
+            .flat_map(move |s| {
+                let hour = self.anon.hour[s];
+                (0..self.anon.count[s]).map(move |i| {
+                    // splitmix64's finalizer: distinct inputs give well-spread tags.
+                    let mut x =
+                        (u64::from(hour) << 32 | u64::from(i)).wrapping_add(0x9e37_79b9_7f4a_7c15);
+                    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                    (((x ^ (x >> 31)) >> 32) as u32, hour)
+                })
+            })
+    }
+
+    /// Restores the anonymous counts (after the tags); false if one is out of range.
+    #[must_use]
+    pub(crate) fn restore_anon(&mut self, forgotten_below: u32, slots: &[(u32, u32)]) -> bool {
+        self.forgotten_below = forgotten_below;
+        for (s, &(hour, count)) in slots.iter().enumerate() {
+            let empty = hour == u32::MAX;
+            if (empty && count != 0)
+                || (!empty && (hour % HOURS as u32) as usize != s)
+                || count as usize > self.max
+            {
+                return false;
+            }
+            self.anon.hour[s] = hour;
+            self.anon.count[s] = count;
+        }
+        self.sum_anon();
+        true
+    }
+
+    /// Drops anonymous counts that left the window and sums the rest.
+    fn sum_anon(&mut self) {
+        let mut total = 0;
+        for s in 0..HOURS {
+            let h = self.anon.hour[s];
+            if h != u32::MAX && u64::from(h) + HOURS as u64 <= u64::from(self.latest_hour) {
+                self.anon.hour[s] = u32::MAX;
+                self.anon.count[s] = 0;
+            }
+            total += u64::from(self.anon.count[s]);
+        }
+        self.anon_total = total;
     }
 
     /// Bytes a set for `max` tags holds on the heap.
     pub(crate) fn heap_bytes_for(max: usize) -> usize {
-        (max * 2).next_power_of_two() * 8
+        (max * 2).next_power_of_two() * 8 + std::mem::size_of::<AnonHours>()
     }
 
     fn heap_bytes(&self) -> usize {
-        self.slots.capacity() * 8
+        self.slots.capacity() * 8 + std::mem::size_of::<AnonHours>()
     }
 
     #[inline]
@@ -191,6 +328,11 @@ impl ExactSet {
         }
         if hour > self.latest_hour {
             self.advance(hour);
+        }
+        if hour < self.forgotten_below {
+            // A peer's event from an hour whose tags are forgotten here: counted only.
+            self.count_anon(hour);
+            return true;
         }
         let slot = (hour % HOURS as u32) as u8;
         let age_new = self.latest_hour - hour;
@@ -232,6 +374,7 @@ impl ExactSet {
                 debug_assert!(ok, "reinserting fewer tags than before");
             }
         }
+        self.sum_anon();
     }
 
     /// Every (tag, absolute hour last seen).

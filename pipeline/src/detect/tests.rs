@@ -323,11 +323,11 @@ fn a_version_1_checkpoint_keeps_pauses_and_billing_but_not_its_hashes() {
     // The 24 h window was built from the old hashes: it starts again.
     assert_eq!(e.observe(300_000, &b, &num(999)), Verdict::Admit);
     // Other versions are still refused.
-    let mut v4 = v1.clone();
-    v4[4..6].copy_from_slice(&4u16.to_le_bytes());
-    let crc4 = super::keyed::crc32c(&v4[..n]);
-    v4[n..].copy_from_slice(&crc4.to_le_bytes());
-    assert_eq!(e.restore(&v4), Err(CheckpointError::Version(4)));
+    let mut v5 = v1.clone();
+    v5[4..6].copy_from_slice(&5u16.to_le_bytes());
+    let crc5 = super::keyed::crc32c(&v5[..n]);
+    v5[n..].copy_from_slice(&crc5.to_le_bytes());
+    assert_eq!(e.restore(&v5), Err(CheckpointError::Version(5)));
 }
 
 #[test]
@@ -803,12 +803,14 @@ fn a_retry_on_another_shard_is_not_a_new_recipient_there() {
 
 /// Checkpoints written before issue 14 (version 2, a count-min sketch for the same
 /// recipient; this fixture was written by that build) restore with their pauses,
-/// limits, 24 h windows, ratings and billing counts.
+/// limits, 24 h windows, ratings and billing counts (not their past-recipient filters).
 #[test]
 fn a_version_2_checkpoint_restores_all_but_its_same_recipient_counts() {
     let v2 = include_bytes!("fixtures/version-2.ckpt");
     let mut d = Detector::new(DetectConfig::default(), SECRET);
     d.restore(v2).unwrap();
+    // Its past-recipient filters are not kept (issue 19: their entries' ages are unknown).
+    assert!(d.businesses[&7].filter.generation_words().all(|w| w == 0));
     // Business 7: tier 250, its 250 recipients in the window, billed for them.
     let b = limits(7, Tier::T250, 1000);
     assert_eq!(d.signal(7).unwrap().accepted_today, 250);
@@ -831,12 +833,12 @@ fn a_version_2_checkpoint_restores_all_but_its_same_recipient_counts() {
     // Business 3: red, tier lowered from 10,000 to 2,000.
     let s = d.signal(3).unwrap();
     assert_eq!((s.rating, s.tier), (Rating::Red, Tier::T2k));
-    // Written again, it is a version-3 checkpoint that restores exactly.
-    let v3 = d.checkpoint();
-    assert_eq!(u16::from_le_bytes([v3[4], v3[5]]), 3);
+    // Written again, it is a version-4 checkpoint that restores exactly.
+    let v4 = d.checkpoint();
+    assert_eq!(u16::from_le_bytes([v4[4], v4[5]]), 4);
     let mut e = Detector::new(DetectConfig::default(), SECRET);
-    e.restore(&v3).unwrap();
-    assert_eq!(e.checkpoint(), v3);
+    e.restore(&v4).unwrap();
+    assert_eq!(e.checkpoint(), v4);
 }
 
 /// A client resending on another connection before the shards exchanged deltas: both

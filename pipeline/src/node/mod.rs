@@ -419,6 +419,9 @@ impl Shard {
             stats: parts.stats,
             bugs: PlantedBugs::default(),
         };
+        // A detector restored from a checkpoint written before a stop: what the
+        // retention passed meanwhile goes before any traffic (issue 19).
+        shard.detector.expire(now.unix_ms);
         shard.publish_log_figures();
         shard.resume(now, parts.replay);
         shard
@@ -719,6 +722,11 @@ impl Shard {
     }
 
     fn publish_status(&mut self, now: Now, checkpoint: bool, last: bool) {
+        if checkpoint {
+            // Nothing older than the retention goes into the file (issue 19); quiet
+            // businesses' state ages here, every checkpoint interval.
+            self.detector.expire(now.unix_ms);
+        }
         self.events.push_back(Event::Status {
             at_unix_ms: now.unix_ms,
             signals: self.detector.signals(),

@@ -1375,13 +1375,9 @@ impl Server {
         conn: ConnKey,
         recipients: &[Recipient],
     ) -> Result<(), NotWritten> {
-        let (ch, id) = self.event_stream(conn, features::E2E)?;
-        let c = self.conns.get_mut(&ch).expect("checked");
-        let st = c.streams.get_mut(&id).expect("checked");
-        wire_delivery::encode_keys_wanted(recipients, &mut st.out);
-        self.flush_stream(ch, id);
-        self.drive(ch, now);
-        Ok(())
+        self.write_e2e(now, conn, |out| {
+            wire_delivery::encode_keys_wanted(recipients, out)
+        })
     }
 
     /// Writes BUSINESS_KEYS on an edge connection's HELLO stream.
@@ -1391,10 +1387,22 @@ impl Server {
         conn: ConnKey,
         entries: &[wire_delivery::BusinessKeyEntry],
     ) -> Result<(), NotWritten> {
+        self.write_e2e(now, conn, |out| {
+            wire_delivery::encode_business_keys(entries, out)
+        })
+    }
+
+    /// Writes what `encode` makes on the HELLO stream of an edge granted E2E.
+    fn write_e2e(
+        &mut self,
+        now: Instant,
+        conn: ConnKey,
+        encode: impl FnOnce(&mut BytesMut),
+    ) -> Result<(), NotWritten> {
         let (ch, id) = self.event_stream(conn, features::E2E)?;
         let c = self.conns.get_mut(&ch).expect("checked");
         let st = c.streams.get_mut(&id).expect("checked");
-        wire_delivery::encode_business_keys(entries, &mut st.out);
+        encode(&mut st.out);
         self.flush_stream(ch, id);
         self.drive(ch, now);
         Ok(())

@@ -22,6 +22,14 @@ use courier_testkit::server::{self, client_config, Setup};
 const BACKOFF_MS: u32 = 60_000;
 
 fn start(dir: &std::path::Path) -> (Running, String, String) {
+    start_with(dir, |_| {})
+}
+
+/// [`start`] with the profile changed by `tune` first.
+fn start_with(
+    dir: &std::path::Path,
+    tune: impl FnOnce(&mut courier_pipeline::profile::Profile),
+) -> (Running, String, String) {
     let mut registry = Registry::default();
     let business = server::add_exempt(&mut registry, "shop", &[3u8; 32]);
     let (id, edge) = registry
@@ -31,6 +39,7 @@ fn start(dir: &std::path::Path) -> (Running, String, String) {
     let mut setup = Setup::new(2, registry);
     setup.profile.delivery.retry_backoff_min_ms = BACKOFF_MS;
     setup.profile.delivery.retry_backoff_max_ms = BACKOFF_MS;
+    tune(&mut setup.profile);
     (server::start(dir, setup), business, edge)
 }
 
@@ -44,16 +53,10 @@ async fn a_recipient_without_device_keys_fails_no_device_key_after_the_wait() {
     use courier_pipeline::wire::delivery::{DeviceKeysEntry, FailReason};
     tokio::time::timeout(Duration::from_secs(60), async {
         let dir = tempfile::tempdir().unwrap();
-        let mut registry = Registry::default();
-        let business = server::add_exempt(&mut registry, "shop", &[3u8; 32]);
-        let (id, edge_token) = registry
-            .add("edge", Tier::Unlimited, 1_000, &[4u8; 32])
-            .unwrap();
-        registry.set_platform(id, true);
-        let mut setup = Setup::new(2, registry);
-        setup.profile.delivery.e2e.device_key_wait_ms = 1_500;
-        setup.profile.delivery.e2e.keys_wanted_retry_ms = 200;
-        let running = server::start(dir.path(), setup);
+        let (running, business, edge_token) = start_with(dir.path(), |p| {
+            p.delivery.e2e.device_key_wait_ms = 1_500;
+            p.delivery.e2e.keys_wanted_retry_ms = 200;
+        });
         let (client, mut events) =
             Client::connect_with_events(&client_config(&running, &business, 1, 1), 8)
                 .await

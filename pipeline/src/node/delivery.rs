@@ -464,12 +464,7 @@ impl Delivery {
             }
         };
         self.due.remove(&(due_ms, message));
-        let conn = *self
-            .edges
-            .iter()
-            .nth(self.next_edge % self.edges.len())
-            .expect("not empty");
-        self.next_edge = self.next_edge.wrapping_add(1);
+        let conn = self.pick_edge().expect("an edge is attached");
         let p = self
             .pending
             .get_mut(&message)

@@ -500,6 +500,27 @@ fn get_recipient(
     Ok(r)
 }
 
+/// `count:u32 | count * (recipient_len:u8 | recipient)` (ONLINE, KEYS_WANTED).
+fn get_recipients(
+    body: &mut Bytes,
+    limits: &WireLimits,
+    m: impl Fn(&'static str) -> WireError + Copy,
+) -> Result<Vec<Recipient>, WireError> {
+    if body.len() < 4 {
+        return Err(m("shorter than its fixed fields"));
+    }
+    let count = body.get_u32_le();
+    check_count(count, limits)?;
+    if (count as usize).saturating_mul(1 + RECIPIENT_DIGITS_MIN + 1) > body.len() {
+        return Err(m("count larger than the body can hold"));
+    }
+    let mut recipients = Vec::with_capacity(count as usize);
+    for index in 0..count {
+        recipients.push(get_recipient(body, index, m)?);
+    }
+    Ok(recipients)
+}
+
 fn get_payload(
     body: &mut Bytes,
     m: impl Fn(&'static str) -> WireError,
@@ -597,11 +618,15 @@ pub fn encode_outcome(entries: &[OutcomeEntry], out: &mut BytesMut) {
 
 /// Encodes ONLINE.
 pub fn encode_online(recipients: &[Recipient], out: &mut BytesMut) {
+    put_recipients(frame_type::ONLINE, recipients, out);
+}
+
+fn put_recipients(ty: u8, recipients: &[Recipient], out: &mut BytesMut) {
     let body = 4 + recipients
         .iter()
         .map(|r| 1 + r.as_bytes().len())
         .sum::<usize>();
-    put_header(out, frame_type::ONLINE, body);
+    put_header(out, ty, body);
     out.put_u32_le(u32::try_from(recipients.len()).expect("count fits u32"));
     for r in recipients {
         put_recipient(out, r);
@@ -653,15 +678,7 @@ pub fn encode_deliver(d: &Deliver, out: &mut BytesMut) {
 
 /// Encodes KEYS_WANTED.
 pub fn encode_keys_wanted(recipients: &[Recipient], out: &mut BytesMut) {
-    let body = 4 + recipients
-        .iter()
-        .map(|r| 1 + r.as_bytes().len())
-        .sum::<usize>();
-    put_header(out, frame_type::KEYS_WANTED, body);
-    out.put_u32_le(u32::try_from(recipients.len()).expect("count fits u32"));
-    for r in recipients {
-        put_recipient(out, r);
-    }
+    put_recipients(frame_type::KEYS_WANTED, recipients, out);
 }
 
 /// Encodes BUSINESS_KEYS frames, at most [`BUSINESS_KEYS_PER_FRAME_MAX`] entries each.
@@ -840,21 +857,7 @@ pub fn decode(ty: u8, mut body: Bytes, limits: &WireLimits) -> Result<DeliveryFr
             }
             DeliveryFrame::Outcome(entries)
         }
-        frame_type::ONLINE => {
-            if body.len() < 4 {
-                return Err(m("shorter than its fixed fields"));
-            }
-            let count = body.get_u32_le();
-            check_count(count, limits)?;
-            if (count as usize).saturating_mul(1 + RECIPIENT_DIGITS_MIN + 1) > body.len() {
-                return Err(m("count larger than the body can hold"));
-            }
-            let mut recipients = Vec::with_capacity(count as usize);
-            for index in 0..count {
-                recipients.push(get_recipient(&mut body, index, m)?);
-            }
-            DeliveryFrame::Online(recipients)
-        }
+        frame_type::ONLINE => DeliveryFrame::Online(get_recipients(&mut body, limits, m)?),
         frame_type::INBOUND => {
             if body.len() < 12 {
                 return Err(m("shorter than its fixed fields"));
@@ -904,21 +907,7 @@ pub fn decode(ty: u8, mut body: Bytes, limits: &WireLimits) -> Result<DeliveryFr
                 e2e: ty == frame_type::DELIVER_E2E,
             })
         }
-        frame_type::KEYS_WANTED => {
-            if body.len() < 4 {
-                return Err(m("shorter than its fixed fields"));
-            }
-            let count = body.get_u32_le();
-            check_count(count, limits)?;
-            if (count as usize).saturating_mul(1 + RECIPIENT_DIGITS_MIN + 1) > body.len() {
-                return Err(m("count larger than the body can hold"));
-            }
-            let mut recipients = Vec::with_capacity(count as usize);
-            for index in 0..count {
-                recipients.push(get_recipient(&mut body, index, m)?);
-            }
-            DeliveryFrame::KeysWanted(recipients)
-        }
+        frame_type::KEYS_WANTED => DeliveryFrame::KeysWanted(get_recipients(&mut body, limits, m)?),
         frame_type::BUSINESS_KEYS => {
             if body.len() < 4 {
                 return Err(m("shorter than its fixed fields"));

@@ -143,9 +143,13 @@ impl std::fmt::Debug for EdgeCtx {
 impl DeliveryRun {
     /// Connects the edge (`base` gives target and trust; the plan's token replaces its
     /// token) and starts its tasks on the caller's runtime.
+    /// The devices of the first `population` numbers of the shared population
+    /// (`traffic::population_recipient`) are made, and their bundles signed, before the
+    /// edge connects (capped at [`DEVICE_RECIPIENTS_MAX`]).
     pub async fn start(
         base: &ClientConfig,
         plan: &DeliveryPlan,
+        population: u64,
     ) -> Result<DeliveryRun, ClientError> {
         let tracker = Arc::new(Tracker::new());
         let stop = StopSignal::default();
@@ -157,7 +161,7 @@ impl DeliveryRun {
             t0: Instant::now(),
             replies: replies_tx,
             stop: stop.clone(),
-            world: Mutex::new(DeviceWorld::new(plan.devices.seed, DEVICE_RECIPIENTS_MAX)),
+            world: Mutex::new(prepared_world(plan.devices.seed, population)),
             e2e: std::sync::atomic::AtomicBool::new(false),
             content_mismatch: AtomicU64::new(0),
         });
@@ -247,6 +251,16 @@ impl DeliveryRun {
         }
         report
     }
+}
+
+/// A world whose first `population` numbers' devices exist and have signed bundles.
+fn prepared_world(seed: u64, population: u64) -> DeviceWorld {
+    let mut world = DeviceWorld::new(seed, DEVICE_RECIPIENTS_MAX);
+    let n = population.min(DEVICE_RECIPIENTS_MAX as u64);
+    for i in 0..n {
+        world.prepare(&crate::traffic::population_recipient(i));
+    }
+    world
 }
 
 /// Offline recipients with messages waiting, by when they come online.

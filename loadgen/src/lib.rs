@@ -287,7 +287,21 @@ pub async fn run_plan(cfg: &RunConfig) -> Result<LoadReport, LoadError> {
     let mut delivery = match &cfg.delivery {
         Some(plan) => {
             plan.check().map_err(LoadError::Config)?;
-            let run = DeliveryRun::start(&base, plan)
+            // The devices of a known population publish their keys before the run, as a
+            // platform's devices did long before a business writes to them; new
+            // recipients' devices are made when the relay first asks.
+            let population = cfg
+                .plan
+                .senders
+                .iter()
+                .map(|s| match &s.recipients {
+                    traffic::RecipientSpec::Uniform { population }
+                    | traffic::RecipientSpec::Zipf { population, .. } => *population,
+                    traffic::RecipientSpec::New => 0,
+                })
+                .max()
+                .unwrap_or(0);
+            let run = DeliveryRun::start(&base, plan, population)
                 .await
                 .map_err(LoadError::Edge)?;
             Some(run)

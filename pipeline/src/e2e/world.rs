@@ -144,6 +144,15 @@ impl DeviceWorld {
         self.holders.get_mut(recipient)
     }
 
+    /// Makes `recipient`'s devices and signs their bundle list ahead of use (a device
+    /// exists before anyone writes to it); `false` when the bound on recipients is full.
+    pub fn prepare(&mut self, recipient: &Recipient) -> bool {
+        let published = self.counts.bundles_published;
+        let made = self.bundles(recipient).is_some();
+        self.counts.bundles_published = published;
+        made
+    }
+
     /// The encoded bundle list `recipient`'s devices publish now (DEVICE_KEYS); `None`
     /// when the bound on recipients is full.
     pub fn bundles(&mut self, recipient: &Recipient) -> Option<Bytes> {

@@ -221,8 +221,9 @@ fn a_flipped_bit_before_the_tail_is_corruption_with_segment_and_offset() {
     assert!(matches!(c.scan(&b), ScanOutcome::Corrupt(c) if c.offset == 0));
 }
 
-#[test]
-fn recovery_refuses_a_wrong_master_key_and_corruption() {
+/// A keyring with one data key (under master key `[5; 32]`) and a segment of `records`
+/// records "hello" under it, from index 0; the segment's id is the key's.
+fn one_key_segment(records: u32) -> (Keyring, u64, Vec<u8>) {
     let master = MasterKey::from_bytes([5; 32]);
     let mut ring = Keyring::new();
     let key = ring.create_key(&master, [9; 32], [1; 12]);
@@ -237,11 +238,17 @@ fn recovery_refuses_a_wrong_master_key_and_corruption() {
     let c = SegmentCodec::new(h, key, PAYLOAD_MAX);
     let mut bytes = Vec::new();
     h.encode(&mut bytes);
-    for i in 0..3 {
+    for i in 0..records {
         c.encode_record(i, &record(u64::from(i), b"hello"), &mut bytes)
             .unwrap();
     }
-    let id = h.segment_id;
+    (ring, h.segment_id, bytes)
+}
+
+#[test]
+fn recovery_refuses_a_wrong_master_key_and_corruption() {
+    let master = MasterKey::from_bytes([5; 32]);
+    let (ring, id, bytes) = one_key_segment(3);
     assert!(matches!(
         recover_segment(id, &bytes, &ring, &master, PAYLOAD_MAX),
         Ok(SegmentVerdict::Keep(s)) if s.records == 3
@@ -496,24 +503,7 @@ mod index_space {
     /// A keyring with one key, and a segment of `records` records under it whose header
     /// names `first_index` (written with a valid CRC, as a forger or bit rot with luck would).
     fn segment_at(first_index: u64, records: u32) -> (Keyring, Vec<u8>) {
-        let master = MasterKey::from_bytes([5; 32]);
-        let mut ring = Keyring::new();
-        let key = ring.create_key(&master, [9; 32], [1; 12]);
-        let h = SegmentHeader {
-            segment_id: key.id(),
-            data_key_id: key.id(),
-            first_index: 0,
-            created_ms: 0,
-            version: SEGMENT_VERSION,
-            continues: false,
-        };
-        let c = SegmentCodec::new(h, key, PAYLOAD_MAX);
-        let mut bytes = Vec::new();
-        h.encode(&mut bytes);
-        for i in 0..records {
-            c.encode_record(i, &record(u64::from(i), b"hello"), &mut bytes)
-                .unwrap();
-        }
+        let (ring, _, mut bytes) = one_key_segment(records);
         bytes[24..32].copy_from_slice(&first_index.to_le_bytes());
         let crc = crc32c::crc32c(&bytes[..40]);
         bytes[40..44].copy_from_slice(&crc.to_le_bytes());

@@ -36,7 +36,7 @@ use courier_client::edge::DeliveryEdge;
 use courier_client::{Client, ClientConfig, ClientError, Deliveries, EdgeItem, EventReceiver};
 use courier_pipeline::e2e::DeviceWorld;
 use courier_pipeline::wire::delivery::{
-    BusinessEvent, Deliver, DeviceKeysEntry, FailReason, InboundEntry, Outcome, OutcomeEntry,
+    BusinessEvent, Deliver, FailReason, InboundEntry, Outcome, OutcomeEntry,
 };
 use courier_pipeline::wire::{LogPosition, Recipient, Status};
 use tokio::sync::mpsc;
@@ -406,15 +406,7 @@ async fn run_edge(edge: Arc<DeliveryEdge>, mut rx: Deliveries, ctx: Arc<EdgeCtx>
                     }
                 }
                 if !wanted.is_empty() {
-                    let entries: Vec<DeviceKeysEntry> = {
-                        let mut world = ctx.world.lock().expect("world lock");
-                        wanted
-                            .iter()
-                            .filter_map(|r| {
-                                Some(DeviceKeysEntry { recipient: *r, bundles: world.bundles(r)? })
-                            })
-                            .collect()
-                    };
+                    let entries = ctx.world.lock().expect("world lock").device_keys(&wanted);
                     if edge.device_keys(&entries).await.is_err() {
                         return;
                     }

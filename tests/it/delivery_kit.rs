@@ -28,8 +28,7 @@ use courier_client::{
 use courier_loadgen::devices::{DeviceModel, Fate};
 use courier_pipeline::e2e::{DeviceWorld, WorldCounts};
 use courier_pipeline::wire::delivery::{
-    BusinessEvent, Deliver, DeviceKeysEntry, FailReason, InboundEntry, Outcome, OutcomeEntry,
-    StatusKind,
+    BusinessEvent, Deliver, FailReason, InboundEntry, Outcome, OutcomeEntry, StatusKind,
 };
 use courier_pipeline::wire::{LogPosition, Recipient, Status};
 use tokio::time::Instant;
@@ -434,17 +433,7 @@ impl DeviceDeliveries {
                 Ok(Some(d))
             }
             EdgeItem::KeysWanted(rs) => {
-                let entries: Vec<DeviceKeysEntry> = {
-                    let mut w = self.world.lock().unwrap();
-                    rs.iter()
-                        .filter_map(|r| {
-                            Some(DeviceKeysEntry {
-                                recipient: *r,
-                                bundles: w.bundles(r)?,
-                            })
-                        })
-                        .collect()
-                };
+                let entries = self.world.lock().unwrap().device_keys(&rs);
                 self.edge.device_keys(&entries).await?;
                 Ok(None)
             }

@@ -25,7 +25,7 @@ use super::bundle::encode_bundles;
 use super::device::Device;
 use super::hpke::PUBLIC_KEY_BYTES;
 use super::session::{seal_reply, BusinessPublicKey, MessageAad, RecipientSession, SessionHeader};
-use crate::wire::delivery::{decode_device_copies, BusinessKeyEntry, Deliver};
+use crate::wire::delivery::{decode_device_copies, BusinessKeyEntry, Deliver, DeviceKeysEntry};
 use crate::wire::Recipient;
 
 /// One-time prekeys each simulated device publishes.
@@ -168,6 +168,20 @@ impl DeviceWorld {
             .clone();
         self.counts.bundles_published += 1;
         Some(bytes)
+    }
+
+    /// The DEVICE_KEYS entries answering a KEYS_WANTED for `recipients` (those past the
+    /// bound on recipients are left out).
+    pub fn device_keys(&mut self, recipients: &[Recipient]) -> Vec<DeviceKeysEntry> {
+        recipients
+            .iter()
+            .filter_map(|r| {
+                Some(DeviceKeysEntry {
+                    recipient: *r,
+                    bundles: self.bundles(r)?,
+                })
+            })
+            .collect()
     }
 
     /// Rotates every signed prekey of `recipient`'s devices (publish again afterwards).

@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use super::devices::{SealFail, SESSIONS_PER_DISPATCH_MAX};
-use super::{stats, Event, KeyCheck, Now, Shard};
+use super::{Event, KeyCheck, Now, Shard};
 use crate::e2e::VerifiedBundle;
 use crate::server::{ConnKey, DeliveryInput, NotWritten, Role};
 use crate::wire::delivery::{BusinessEvent, Deliver, FailReason, OutcomeEntry};
@@ -314,8 +314,7 @@ impl Shard {
         let Some(devices) = self.devices.as_mut() else {
             return;
         };
-        let (learned, refused) = devices.verify_some();
-        stats::add(&self.stats.e2e_bundles_refused, refused);
+        let learned = devices.verify_some();
         if !learned.is_empty() {
             self.broadcast(PeerMsg::DeviceKeys(learned.clone()));
             self.learn_keys(now, learned);
@@ -493,7 +492,6 @@ impl Shard {
         let Some(conn) = self.delivery.as_mut().and_then(|d| d.pick_edge()) else {
             return;
         };
-        stats::add(&self.stats.e2e_keys_wanted, recipients.len() as u64);
         for chunk in recipients.chunks(KEYS_WANTED_PER_FRAME) {
             self.send_peer(
                 now,

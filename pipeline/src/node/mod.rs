@@ -77,7 +77,7 @@ use crate::ShardId;
 pub use bus::{PeerMsg, PeerTarget};
 pub use commit::{Completion, GroupCommit};
 pub use delivery::{DeliveryConfig, DeliveryCounts, KeyCheck, StatusChange};
-pub use devices::{verify_bundles, DevicesCounts, E2eConfig};
+pub use devices::E2eConfig;
 pub use outbox::OutboxCounts;
 pub use replay::Replay;
 pub use retention::RETENTION_LEAD_MS;
@@ -506,12 +506,6 @@ impl Shard {
         self.internal.len()
     }
 
-    /// The end-to-end stage's counters and its directory and session counts (`None`:
-    /// no end-to-end sealing).
-    pub fn devices_counts(&self) -> Option<(DevicesCounts, (usize, usize))> {
-        self.devices.as_ref().map(|d| (d.counts(), d.sizes()))
-    }
-
     /// The outbox's counters and the events waiting.
     pub fn outbox_counts(&self) -> (OutboxCounts, usize) {
         (self.outbox.counts(), self.outbox.len())
@@ -761,6 +755,8 @@ impl Shard {
         if let Some(d) = &self.devices {
             let c = d.counts();
             let (directory, sessions) = d.sizes();
+            stats::set(&st.e2e_keys_wanted, c.keys_wanted);
+            stats::set(&st.e2e_bundles_refused, c.bundles_refused);
             stats::set(&st.e2e_sessions_new, c.sessions_new);
             stats::set(&st.e2e_copies, c.copies);
             stats::set(&st.e2e_replies_refused, c.replies_refused);

@@ -40,7 +40,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use quinn_proto::{
     ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig, Event, ReadError, StreamEvent,
     StreamId, Transmit, TransportConfig, VarInt, WriteError,
@@ -811,13 +811,22 @@ impl Server {
         }
         assert_eq!(p.messages, statuses.len(), "one status per message");
         assert!(p.frame.is_none(), "a batch is acked once");
-        let mut frame = BytesMut::with_capacity(
-            wire::FRAME_HEADER_BYTES
-                + wire::BATCH_HEADER_BYTES
-                + statuses.len() * wire::STATUS_BYTES,
-        );
-        wire::encode_ack(p.batch_id, statuses, &mut frame);
-        p.frame = Some(frame);
+        if reordered {
+            // It waits for the earlier batches' ACKs: kept apart until they are out.
+            let mut frame = BytesMut::with_capacity(
+                wire::FRAME_HEADER_BYTES
+                    + wire::BATCH_HEADER_BYTES
+                    + statuses.len() * wire::STATUS_BYTES,
+            );
+            wire::encode_ack(p.batch_id, statuses, &mut frame);
+            p.frame = Some(frame);
+        } else {
+            // The first batch of the stream (the usual case): straight into the output.
+            let batch_id = p.batch_id;
+            st.pending.pop_front();
+            wire::encode_ack(batch_id, statuses, &mut st.out);
+            self.stats.acks_out += 1;
+        }
         // Release ACKs in SUBMIT order.
         while st.pending.front().is_some_and(|p| p.frame.is_some()) {
             let p = st.pending.pop_front().expect("checked");
@@ -1505,7 +1514,7 @@ impl Server {
         while !st.out.is_empty() {
             match conn.quinn.send_stream(id).write(&st.out) {
                 Ok(n) => {
-                    let _ = st.out.split_to(n);
+                    st.out.advance(n);
                 }
                 Err(WriteError::Blocked) => return,
                 Err(WriteError::Stopped(_) | WriteError::ClosedStream) => {

@@ -427,18 +427,19 @@ impl Log {
             .map(|m| m.segment_id)
     }
 
-    /// Appends a batch: all records or none. Pushes the actions to perform to `actions` and
-    /// one position per record to `positions`. The records become durable with the sync
+    /// Appends a batch: all records or none. Hands the actions to perform to `actions`
+    /// (a `Vec<Action>`, or a caller's [`AppendSink`] that takes the encoded bytes where
+    /// they will be written from) and pushes one position per record to `positions`. The records become durable with the sync
     /// that covers them ([`Log::begin_sync`] / [`Log::on_synced`]), not before.
     ///
     /// `rng` supplies the new key and wrap nonce when a segment rolls (a CSPRNG in the
     /// shell, a seeded one in simulation).
-    pub fn append(
+    pub fn append<S: AppendSink>(
         &mut self,
         now_ms: u64,
         rng: &mut dyn RngCore,
         records: &[Record<'_>],
-        actions: &mut Vec<Action>,
+        actions: &mut S,
         positions: &mut Vec<LogPosition>,
     ) -> Result<(), LogError> {
         if let Some(f) = self.failed {
@@ -480,8 +481,6 @@ impl Log {
             return Err(LogError::Busy);
         }
 
-        let mut buf: Vec<u8> = Vec::new();
-        let mut buf_at: Option<(u64, u64)> = None; // (segment, offset)
         for r in records {
             let bytes = record_bytes(r);
             let roll = match (&self.active, self.segments.back()) {
@@ -497,17 +496,13 @@ impl Log {
                 _ => true,
             };
             if roll {
-                flush(&mut buf, &mut buf_at, actions);
-                self.roll(now_ms, rng, actions, &mut buf, &mut buf_at);
+                self.roll(now_ms, rng, actions);
             }
             let codec = self.active.as_ref().expect("an open segment");
             let m = self.segments.back_mut().expect("an open segment");
-            if buf_at.is_none() {
-                buf_at = Some((m.segment_id, m.bytes));
-            }
             let index_in_segment = (self.next_index - m.first_index) as u32;
             let written = codec
-                .encode_record(index_in_segment, r, &mut buf)
+                .encode_record(index_in_segment, r, actions.buffer(m.segment_id, m.bytes))
                 .expect("checked above") as u64;
             debug_assert_eq!(written, bytes);
             m.bytes += written;
@@ -519,20 +514,12 @@ impl Log {
             positions.push(LogPosition::new(self.shard, self.next_index));
             self.next_index += 1;
         }
-        flush(&mut buf, &mut buf_at, actions);
         self.pending.records += n as u32;
         self.pending.bytes += batch_bytes;
         Ok(())
     }
 
-    fn roll(
-        &mut self,
-        now_ms: u64,
-        rng: &mut dyn RngCore,
-        actions: &mut Vec<Action>,
-        buf: &mut Vec<u8>,
-        buf_at: &mut Option<(u64, u64)>,
-    ) {
+    fn roll<S: AppendSink>(&mut self, now_ms: u64, rng: &mut dyn RngCore, actions: &mut S) {
         let mut random = [0u8; 32];
         let mut nonce = [0u8; 12];
         rng.fill_bytes(&mut random);
@@ -549,14 +536,13 @@ impl Log {
         };
         self.rolled = true;
         self.keyring.raise_index_floor(self.next_index);
-        actions.push(Action::PersistKeyring {
+        actions.action(Action::PersistKeyring {
             bytes: self.keyring.to_bytes(),
         });
-        actions.push(Action::CreateSegment {
+        actions.action(Action::CreateSegment {
             segment_id: header.segment_id,
         });
-        header.encode(buf);
-        *buf_at = Some((header.segment_id, 0));
+        header.encode(actions.buffer(header.segment_id, 0));
         self.segments.push_back(SegMeta {
             segment_id: header.segment_id,
             data_key_id: header.data_key_id,
@@ -751,14 +737,41 @@ fn record_bytes(r: &Record<'_>) -> u64 {
     Log::record_bytes(r.header.recipient_bytes(), r.payload.len())
 }
 
-fn flush(buf: &mut Vec<u8>, at: &mut Option<(u64, u64)>, actions: &mut Vec<Action>) {
-    if let Some((segment_id, offset)) = at.take() {
-        if !buf.is_empty() {
-            actions.push(Action::Write {
+/// Where [`Log::append`] hands its work: metadata actions to perform in order, and the
+/// bytes of its records and segment headers, encoded straight into the buffer they will
+/// be written from.
+///
+/// A `Vec<Action>` is one: the bytes become [`Action::Write`]s, one per contiguous run.
+/// The serving shard's group commit is another: it encodes into the commit's own write
+/// buffer, so a record is copied once (sealed payload into the buffer, where the at-rest
+/// encryption runs in place) instead of into a batch buffer first and the commit's after.
+pub trait AppendSink {
+    /// A metadata action ([`Action::PersistKeyring`], [`Action::CreateSegment`]); its
+    /// order relative to the writes of a segment created by it must be kept (the segment
+    /// exists before anything is written to it).
+    fn action(&mut self, action: Action);
+    /// The buffer to append to whose next byte goes to `offset` of segment `segment_id`.
+    fn buffer(&mut self, segment_id: u64, offset: u64) -> &mut Vec<u8>;
+}
+
+impl AppendSink for Vec<Action> {
+    fn action(&mut self, action: Action) {
+        self.push(action);
+    }
+
+    fn buffer(&mut self, segment_id: u64, offset: u64) -> &mut Vec<u8> {
+        let continues = matches!(self.last(), Some(Action::Write { segment_id: s, offset: o, bytes })
+            if *s == segment_id && o + bytes.len() as u64 == offset);
+        if !continues {
+            self.push(Action::Write {
                 segment_id,
                 offset,
-                bytes: std::mem::take(buf),
+                bytes: Vec::new(),
             });
+        }
+        match self.last_mut() {
+            Some(Action::Write { bytes, .. }) => bytes,
+            _ => unreachable!("a write was just pushed"),
         }
     }
 }

@@ -50,7 +50,8 @@ pub mod recovery;
 mod settings;
 
 pub use engine::{
-    Action, DroppedSegment, Log, LogError, LogFailure, OpenError, SyncRequest, WriteFailure,
+    Action, AppendSink, DroppedSegment, Log, LogError, LogFailure, OpenError, SyncRequest,
+    WriteFailure,
 };
 pub use format::{
     Corruption, CorruptionCause, OwnedRecord, Record, RecordError, RecordHeader, RecordKind,

@@ -116,9 +116,10 @@ impl Shard {
     /// Records just became durable: their batch is answered, their messages enter
     /// delivery, their events the outbox.
     pub(super) fn durable(&mut self, now: Now, a: Awaiting) {
-        if let Some(answer) = &a.answer {
-            self.settle_claims(answer);
-            self.answer(now, answer);
+        if let Some(answer) = a.answer {
+            self.settle_claims(&answer);
+            self.answer(now, &answer);
+            self.scratch.give_back(answer.statuses, answer.claims);
         }
         if let Some(d) = self.delivery.as_mut() {
             for m in a.admitted {

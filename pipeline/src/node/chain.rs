@@ -28,7 +28,8 @@ use crate::server::SubmitBatch;
 use crate::wire::{LogPosition, Message, Reason, Status};
 
 /// A message's answer before detection, or its fresh claim.
-enum Early {
+#[derive(Debug)]
+pub(super) enum Early {
     Answered(Status),
     Claimed(ClaimTicket),
 }
@@ -41,6 +42,48 @@ pub const DELIVERY_FULL_RETRY_MS: u32 = 1000;
 /// `retry_after_ms` of messages throttled because the disk is below its reserve: about
 /// when the shell measures the free space again.
 pub const DISK_LOW_RETRY_MS: u32 = 1000;
+
+/// The chain's working lists, kept by the shard between batches so that a batch
+/// allocates none of them (each is emptied before use and keeps its capacity).
+#[derive(Debug, Default)]
+pub(super) struct Scratch {
+    early: Vec<Early>,
+    verdicts: Vec<Verdict>,
+    admitted: Vec<usize>,
+    positions: Vec<LogPosition>,
+    /// The records of a batch, kept empty between batches (see [`reuse`]).
+    records: Vec<Record<'static>>,
+    /// Lists of answered batches ([`Answer`]'s statuses and claims), for the next ones.
+    spare_statuses: Vec<Vec<Status>>,
+    spare_claims: Vec<Vec<ClaimTicket>>,
+}
+
+/// Lists of answered batches kept for reuse, of each kind: about as many as batches wait
+/// for a group commit at a time.
+const SPARE_LISTS_MAX: usize = 64;
+
+/// An empty list of any lifetime in the memory of `v` (emptied first): collecting a
+/// `Vec`'s own iterator into a `Vec` of an element of the same size and alignment reuses
+/// its allocation (the standard library's in-place collection), so a list of borrowed
+/// records keeps its capacity from batch to batch without `unsafe`.
+fn reuse<'a, 'b>(mut v: Vec<Record<'a>>) -> Vec<Record<'b>> {
+    v.clear();
+    v.into_iter().map(|_| unreachable!("emptied")).collect()
+}
+
+impl Scratch {
+    /// An answered batch's lists, kept for a later batch.
+    pub(super) fn give_back(&mut self, mut statuses: Vec<Status>, mut claims: Vec<ClaimTicket>) {
+        if self.spare_statuses.len() < SPARE_LISTS_MAX {
+            statuses.clear();
+            self.spare_statuses.push(statuses);
+        }
+        if self.spare_claims.len() < SPARE_LISTS_MAX {
+            claims.clear();
+            self.spare_claims.push(claims);
+        }
+    }
+}
 
 impl Shard {
     /// Runs one batch through the chain. Returns it, untouched, when the log's group
@@ -88,10 +131,12 @@ impl Shard {
             self.ack(now, taken, batch.ticket, batch.business_id, &statuses, true);
             return None;
         }
-        let early = self.claim_all(now, &batch);
-        let (mut statuses, mut claims, admitted) = self.judge(now, &limits, &batch, early);
-        self.seal_admitted(&batch, &admitted, &mut statuses, &mut claims);
-        self.append(now, taken, &batch, statuses, claims);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        self.claim_all(now, &batch, &mut scratch.early);
+        let (mut statuses, mut claims) = self.judge(now, &limits, &batch, &mut scratch);
+        self.seal_admitted(&batch, &scratch.admitted, &mut statuses, &mut claims);
+        self.append(now, taken, &batch, statuses, claims, &mut scratch);
+        self.scratch = scratch;
         None
     }
 
@@ -126,8 +171,8 @@ impl Shard {
     }
 
     /// The payload checks and the idempotency claims, per message in order.
-    fn claim_all(&mut self, now: Now, batch: &SubmitBatch) -> Vec<Early> {
-        let mut early = Vec::with_capacity(batch.messages.len());
+    fn claim_all(&mut self, now: Now, batch: &SubmitBatch, early: &mut Vec<Early>) {
+        early.clear();
         for m in &batch.messages {
             let len = m.payload.len();
             if len == 0 || len > self.payload_bytes_max as usize {
@@ -152,33 +197,43 @@ impl Shard {
             };
             early.push(answer);
         }
-        early
     }
 
-    /// The detector's verdicts on the claimed messages, in one call. Returns every
-    /// message's status (admitted ones as [`UNPLACED`]), the claims of the admitted ones,
-    /// and their indexes in the batch. Other claims are released.
+    /// The detector's verdicts on the claimed messages (`scratch.early`), in one call.
+    /// Returns every message's status (admitted ones as [`UNPLACED`]) and the claims of
+    /// the admitted ones; their indexes in the batch go to `scratch.admitted`. Other
+    /// claims are released.
     fn judge(
         &mut self,
         now: Now,
         limits: &BusinessLimits,
         batch: &SubmitBatch,
-        early: Vec<Early>,
-    ) -> (Vec<Status>, Vec<ClaimTicket>, Vec<usize>) {
-        let mut verdicts = Vec::with_capacity(early.len());
+        scratch: &mut Scratch,
+    ) -> (Vec<Status>, Vec<ClaimTicket>) {
+        let Scratch {
+            early,
+            verdicts,
+            admitted,
+            spare_statuses,
+            spare_claims,
+            ..
+        } = scratch;
+        verdicts.clear();
+        admitted.clear();
         let judged = batch
             .messages
             .iter()
-            .zip(&early)
+            .zip(early.iter())
             .filter(|(_, e)| matches!(e, Early::Claimed(_)))
             .map(|(m, _)| &m.recipient);
         self.detector
-            .observe_batch(now.unix_ms, limits, judged, &mut verdicts);
-        let mut verdicts = verdicts.into_iter();
-        let mut statuses = Vec::with_capacity(early.len());
-        let mut claims = Vec::with_capacity(early.len());
-        let mut admitted = Vec::with_capacity(early.len());
-        for (i, e) in early.into_iter().enumerate() {
+            .observe_batch(now.unix_ms, limits, judged, verdicts);
+        let mut verdicts = verdicts.drain(..);
+        let mut statuses = spare_statuses.pop().unwrap_or_default();
+        let mut claims = spare_claims.pop().unwrap_or_default();
+        statuses.reserve(early.len());
+        claims.reserve(early.len());
+        for (i, e) in early.drain(..).enumerate() {
             let claim = match e {
                 Early::Answered(status) => {
                     statuses.push(status);
@@ -209,7 +264,7 @@ impl Shard {
             statuses.push(status);
         }
         assert!(verdicts.next().is_none(), "one verdict per claimed message");
-        (statuses, claims, admitted)
+        (statuses, claims)
     }
 
     /// Seals the admitted messages in one call (the keys of new recipients are derived
@@ -226,11 +281,17 @@ impl Shard {
         if admitted.is_empty() {
             return;
         }
-        let messages: Vec<&Message> = admitted.iter().map(|&i| &batch.messages[i]).collect();
-        let refused = match self
-            .sealer
-            .seal_batch(batch.business_id, &messages, &mut self.sealed)
-        {
+        // Usually every message is admitted: then the batch's own list is sealed, and
+        // only a batch with refusals builds a list of the admitted ones.
+        let sealed = if admitted.len() == batch.messages.len() {
+            self.sealer
+                .seal_batch(batch.business_id, &batch.messages, &mut self.sealed)
+        } else {
+            let messages: Vec<&Message> = admitted.iter().map(|&i| &batch.messages[i]).collect();
+            self.sealer
+                .seal_batch(batch.business_id, &messages, &mut self.sealed)
+        };
+        let refused = match sealed {
             Ok(()) => return,
             Err(SealError::Key(e)) => {
                 tracing::warn!(business = batch.business_id, error = %e, "no sealing key for this business");
@@ -258,7 +319,9 @@ impl Shard {
         batch: &SubmitBatch,
         mut statuses: Vec<Status>,
         claims: Vec<ClaimTicket>,
+        scratch: &mut Scratch,
     ) {
+        let positions = &mut scratch.positions;
         debug_assert_eq!(statuses.len(), batch.messages.len());
         let placed = statuses.iter().filter(|s| **s == UNPLACED).count();
         assert_eq!(
@@ -275,7 +338,8 @@ impl Shard {
             .delivery
             .as_ref()
             .map_or(0, |d| d.config().expiry(now.unix_ms, batch.ttl_secs));
-        let mut records = Vec::with_capacity(placed);
+        let mut records = reuse(std::mem::take(&mut scratch.records));
+        records.reserve(placed);
         let mut sealed = self.sealed.iter();
         for (m, s) in batch.messages.iter().zip(&statuses) {
             if *s == UNPLACED {
@@ -291,11 +355,12 @@ impl Shard {
                 });
             }
         }
-        let mut positions = Vec::with_capacity(placed);
-        let appended = self.commit.append(now.unix_ms, &records, &mut positions);
+        positions.clear();
+        let appended = self.commit.append(now.unix_ms, &records, positions);
         // The records borrow the sealed bytes (through an opaque iterator, which lives
         // to the end of its scope unless dropped).
-        drop((records, sealed));
+        drop(sealed);
+        scratch.records = reuse(records);
         if let Err(e) = appended {
             assert!(
                 e != LogError::Busy,
@@ -309,8 +374,8 @@ impl Shard {
             self.ack(now, taken, batch.ticket, batch.business_id, &statuses, true);
             return;
         }
-        let admitted = self.admitted(batch, &statuses, &positions, expires_ms);
-        let mut positions = positions.into_iter();
+        let admitted = self.admitted(batch, &statuses, positions, expires_ms);
+        let mut positions = positions.drain(..);
         for s in statuses.iter_mut().filter(|s| **s == UNPLACED) {
             *s = Status::Accepted(positions.next().expect("one position per record"));
         }
@@ -379,5 +444,30 @@ impl Shard {
                 payload: bytes::Bytes::copy_from_slice(sealed),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Recipient;
+
+    #[test]
+    fn a_reused_record_list_keeps_its_memory_across_lifetimes() {
+        let first: Vec<Record<'static>> = Vec::with_capacity(64);
+        let at = first.as_ptr() as usize;
+        let payload = vec![7u8; 16];
+        let mut records: Vec<Record<'_>> = reuse(first);
+        assert_eq!(records.as_ptr() as usize, at, "the same allocation");
+        assert!(records.capacity() >= 64);
+        for i in 0..64 {
+            records.push(Record {
+                header: RecordHeader::message(1, 2, i, Recipient::parse(b"+15550100").unwrap(), 0),
+                payload: &payload,
+            });
+        }
+        let back: Vec<Record<'static>> = reuse(records);
+        assert!(back.is_empty());
+        assert_eq!(back.as_ptr() as usize, at, "still the same allocation");
     }
 }

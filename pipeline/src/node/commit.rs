@@ -23,7 +23,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::{Io, WriteOutcome};
-use crate::log::{Action, Log, LogError, LogFailure, Record, WriteFailure};
+use crate::log::{Action, AppendSink, Log, LogError, LogFailure, Record, WriteFailure};
 use crate::wire::LogPosition;
 
 /// Buffers of finished writes kept for the next commits.
@@ -73,6 +73,60 @@ pub struct GroupCommit {
     io: VecDeque<Io>,
 }
 
+/// The group commit as the log's [`AppendSink`]: records are encoded straight into the
+/// next commit's write for their segment, joining the previous one when they continue it
+/// (one write per segment and commit, in a buffer recycled from an earlier commit);
+/// metadata actions queue in order.
+struct CommitSink<'a> {
+    group: &'a mut Vec<GroupWrite>,
+    spare: &'a mut Vec<Vec<u8>>,
+    io: &'a mut VecDeque<Io>,
+}
+
+impl AppendSink for CommitSink<'_> {
+    fn action(&mut self, action: Action) {
+        let io = match action {
+            Action::Write {
+                segment_id,
+                offset,
+                bytes,
+            } => {
+                // Only a tick's actions arrive here (appends encode in place); none
+                // writes today, but one that did would join the group like an append.
+                self.buffer(segment_id, offset).extend_from_slice(&bytes);
+                return;
+            }
+            Action::PersistKeyring { bytes } => Io::PersistKeyring { bytes },
+            Action::CreateSegment { segment_id } => Io::CreateSegment { segment_id },
+            Action::DeleteSegment { segment_id } => Io::DeleteSegment { segment_id },
+            Action::SyncSegment { segment_id } => {
+                // Only `Log::open` asks for these, and recovery performs them.
+                unreachable!("a serving log asked to sync segment {segment_id}")
+            }
+        };
+        self.io.push_back(io);
+    }
+
+    fn buffer(&mut self, segment_id: u64, offset: u64) -> &mut Vec<u8> {
+        let continues = matches!(self.group.last(), Some(last)
+            if last.segment_id == segment_id && last.offset + last.bytes.len() as u64 == offset);
+        if !continues {
+            let mut bytes = self.spare.pop().unwrap_or_default();
+            bytes.clear();
+            self.group.push(GroupWrite {
+                segment_id,
+                offset,
+                bytes,
+            });
+        }
+        &mut self
+            .group
+            .last_mut()
+            .expect("a write was just pushed")
+            .bytes
+    }
+}
+
 impl GroupCommit {
     /// The write side of a recovered `log`; `seed` seeds the randomness of new segment
     /// keys (a CSPRNG's output in the shell, a test seed in simulation).
@@ -100,12 +154,13 @@ impl GroupCommit {
         records: &[Record<'_>],
         positions: &mut Vec<LogPosition>,
     ) -> Result<(), LogError> {
-        let mut actions = Vec::new();
-        let appended = self
-            .log
-            .append(now_ms, &mut self.rng, records, &mut actions, positions);
-        self.queue(actions);
-        appended
+        let mut sink = CommitSink {
+            group: &mut self.group,
+            spare: &mut self.spare,
+            io: &mut self.io,
+        };
+        self.log
+            .append(now_ms, &mut self.rng, records, &mut sink, positions)
     }
 
     /// The log's time-driven work (roll by age, retention); returns the dropped segments.
@@ -159,44 +214,14 @@ impl GroupCommit {
 
     /// Turns the log's actions into operations: writes join the group, the rest queue.
     fn queue(&mut self, actions: Vec<Action>) {
+        let mut sink = CommitSink {
+            group: &mut self.group,
+            spare: &mut self.spare,
+            io: &mut self.io,
+        };
         for a in actions {
-            let io = match a {
-                Action::Write {
-                    segment_id,
-                    offset,
-                    bytes,
-                } => {
-                    self.add(segment_id, offset, &bytes);
-                    continue;
-                }
-                Action::PersistKeyring { bytes } => Io::PersistKeyring { bytes },
-                Action::CreateSegment { segment_id } => Io::CreateSegment { segment_id },
-                Action::DeleteSegment { segment_id } => Io::DeleteSegment { segment_id },
-                Action::SyncSegment { segment_id } => {
-                    // Only `Log::open` asks for these, and recovery performs them.
-                    unreachable!("a serving log asked to sync segment {segment_id}")
-                }
-            };
-            self.io.push_back(io);
+            sink.action(a);
         }
-    }
-
-    /// Adds a write to the next commit, joining the previous one when it continues it.
-    fn add(&mut self, segment_id: u64, offset: u64, bytes: &[u8]) {
-        if let Some(last) = self.group.last_mut() {
-            if last.segment_id == segment_id && last.offset + last.bytes.len() as u64 == offset {
-                last.bytes.extend_from_slice(bytes);
-                return;
-            }
-        }
-        let mut buf = self.spare.pop().unwrap_or_default();
-        buf.clear();
-        buf.extend_from_slice(bytes);
-        self.group.push(GroupWrite {
-            segment_id,
-            offset,
-            bytes: buf,
-        });
     }
 
     /// Starts the due commit when none is in flight and the shell has `slots` for all of

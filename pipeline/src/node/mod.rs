@@ -309,6 +309,8 @@ pub struct Shard {
     detector: Detector,
     sealer: Sealer<Arc<DerivedKeys>>,
     sealed: SealedBatch,
+    /// The stage chain's working lists.
+    scratch: chain::Scratch,
     /// The log and its group commits.
     commit: GroupCommit,
     /// Batches waiting for their group commit.
@@ -391,6 +393,7 @@ impl Shard {
             detector: parts.detector,
             sealer: parts.sealer,
             sealed: SealedBatch::new(),
+            scratch: chain::Scratch::default(),
             commit: GroupCommit::new(parts.log, parts.seed),
             awaiting: AwaitingQueue::default(),
             held: None,

@@ -70,15 +70,22 @@ pub(super) struct FairQueue {
     taken: u64,
     /// Most batches of other businesses taken while one batch was first of its business.
     others_ahead_max: u64,
+    /// Emptied queues kept for the next businesses (at most [`SPARE_QUEUES_MAX`]), so a
+    /// business whose queue empties and fills again between batches allocates nothing.
+    spare: Vec<VecDeque<SubmitBatch>>,
 }
+
+/// Emptied queues a shard keeps for reuse.
+const SPARE_QUEUES_MAX: usize = 16;
 
 impl FairQueue {
     /// Queues a decoded batch behind its business's earlier ones.
     pub(super) fn push(&mut self, batch: SubmitBatch) {
         let business = batch.business_id;
         let taken = self.taken;
+        let spare = &mut self.spare;
         let q = self.queues.entry(business).or_insert_with(|| Queue {
-            batches: VecDeque::new(),
+            batches: spare.pop().unwrap_or_default(),
             head_since: taken,
         });
         if q.batches.is_empty() {
@@ -104,7 +111,10 @@ impl FairQueue {
         self.taken += 1;
         q.head_since = self.taken;
         if q.batches.is_empty() {
-            self.queues.remove(&business);
+            let q = self.queues.remove(&business).expect("just found");
+            if self.spare.len() < SPARE_QUEUES_MAX {
+                self.spare.push(q.batches);
+            }
         } else {
             self.turn.push_back(business);
         }

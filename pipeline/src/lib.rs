@@ -44,3 +44,9 @@ pub mod shard_id;
 pub mod wire;
 
 pub use shard_id::ShardId;
+
+/// A hash map for keys that no peer chooses freely (connection handles the endpoint
+/// assigns, business ids from the registry, stream ids bounded per connection): foldhash
+/// without a key, cheaper on the hot path than the standard library's SipHash. Keys a
+/// peer picks without bound (addresses, message ids) keep a keyed hasher.
+pub(crate) type LocalMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;

@@ -321,7 +321,7 @@ struct Conn {
     ip: IpAddr,
     /// Counted in `half_open` until its handshake completes.
     handshaking: bool,
-    streams: HashMap<StreamId, StreamState>,
+    streams: crate::LocalMap<StreamId, StreamState>,
     timer: Option<Instant>,
     send_queued: bool,
     closing: bool,
@@ -399,7 +399,7 @@ pub struct Server {
     registry: Arc<Registry>,
     limits: Limits,
     wire_limits: WireLimits,
-    conns: HashMap<ConnectionHandle, Conn>,
+    conns: crate::LocalMap<ConnectionHandle, Conn>,
     next_generation: u64,
     timers: BTreeSet<(Instant, ConnectionHandle)>,
     send_queue: VecDeque<ConnectionHandle>,
@@ -413,7 +413,7 @@ pub struct Server {
     /// Connections per source IP address (entries removed at zero).
     per_address: HashMap<IpAddr, u32>,
     /// Authenticated connections per credential (entries removed at zero).
-    per_business: HashMap<u32, u32>,
+    per_business: crate::LocalMap<u32, u32>,
     scratch: Vec<u8>,
     stats: ServerStats,
     /// DELIVERY is granted only with E2E (the profile's `delivery.e2e.enabled`).
@@ -472,7 +472,7 @@ impl Server {
             registry,
             limits: limits.clone(),
             wire_limits: limits.wire(),
-            conns: HashMap::new(),
+            conns: crate::LocalMap::default(),
             next_generation: 0,
             timers: BTreeSet::new(),
             send_queue: VecDeque::new(),
@@ -484,7 +484,7 @@ impl Server {
             retry: quic.retry,
             retry_half_open_min: quic.retry_half_open_min,
             per_address: HashMap::new(),
-            per_business: HashMap::new(),
+            per_business: crate::LocalMap::default(),
             scratch: Vec::new(),
             stats: ServerStats::default(),
             end_to_end: false,
@@ -648,7 +648,7 @@ impl Server {
                         hello_deadline,
                         ip,
                         handshaking: true,
-                        streams: HashMap::new(),
+                        streams: crate::LocalMap::default(),
                         timer: None,
                         send_queued: false,
                         closing: false,
@@ -1550,7 +1550,10 @@ fn key_of(shard: ShardId, ch: ConnectionHandle, generation: u64) -> ConnKey {
 }
 
 /// Gives back one connection's share of a per-key count, removing the key at zero.
-fn release_share<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, u32>, key: K) {
+fn release_share<K: std::hash::Hash + Eq, S: std::hash::BuildHasher>(
+    counts: &mut HashMap<K, u32, S>,
+    key: K,
+) {
     if let std::collections::hash_map::Entry::Occupied(mut e) = counts.entry(key) {
         debug_assert!(*e.get() > 0, "a share is released once");
         *e.get_mut() -= 1;

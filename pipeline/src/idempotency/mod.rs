@@ -64,7 +64,18 @@ mod restore;
 pub use restore::{idempotency_key, RestoreSet, RestoredId, RESTORE_BATCH};
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+/// The table's hasher: foldhash, keyed with a random seed per process. Ids are chosen by
+/// senders, so with a hasher without a secret key one sender could make many ids collide
+/// on purpose; SipHash (the standard library's) resists that too but took 2-3% of the
+/// server's profile samples under load (two hashes per claim once the table is full: the
+/// id's and the forgotten id's; BENCHMARKS.md "Zero-copy ingest"). foldhash is not a cryptographic hash: its seed could in principle be
+/// learnt from timing by a sender that measures the table for a long time; the stripes'
+/// bounded size and the per-business shares bound what such a sender could slow down.
+type RandomState = foldhash::quality::RandomState;
+/// Business ids come from the registry, not from senders: a fast hasher without a key.
+type OwnerHasher = foldhash::fast::FixedState;
 use std::sync::{Mutex, MutexGuard};
 
 use hashbrown::HashTable;
@@ -191,7 +202,7 @@ struct Stripe {
     /// Slot numbers of live slots, by the hash of their key.
     index: HashTable<u32>,
     /// Businesses with live ids here (at most one entry per live slot).
-    owners: HashMap<u32, Owner>,
+    owners: HashMap<u32, Owner, OwnerHasher>,
     /// Businesses holding more than their share.
     over: Vec<u32>,
     /// Number of the next claim (see [`PENDING`]).
@@ -245,7 +256,7 @@ impl Idempotency {
                     newest: NIL,
                     free: NIL,
                     index: HashTable::with_capacity(capacity),
-                    owners: HashMap::new(),
+                    owners: HashMap::default(),
                     over: Vec::new(),
                     claims: 0,
                     evicted: 0,
@@ -256,7 +267,7 @@ impl Idempotency {
             .collect();
         Idempotency {
             stripes,
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
         }
     }
 

@@ -46,7 +46,7 @@
 //! Memory: one queue entry per business with batches waiting or streams paused, at most
 //! one per connection of the shard.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use quinn_proto::{ConnectionHandle, StreamId};
 
@@ -63,7 +63,7 @@ struct Queue {
 /// Decoded batches of every business of a shard, taken in turns. See the module docs.
 #[derive(Debug, Default)]
 pub(super) struct FairQueue {
-    queues: HashMap<u32, Queue>,
+    queues: crate::LocalMap<u32, Queue>,
     /// Businesses with batches waiting, in turn order (each once).
     turn: VecDeque<u32>,
     /// Batches taken since start.
@@ -145,7 +145,7 @@ struct Share {
 #[derive(Debug)]
 pub(super) struct Shares {
     share: u32,
-    by_business: HashMap<u32, Share>,
+    by_business: crate::LocalMap<u32, Share>,
 }
 
 impl Shares {
@@ -154,7 +154,7 @@ impl Shares {
         assert!(share >= 1, "a share holds a batch");
         Shares {
             share,
-            by_business: HashMap::new(),
+            by_business: crate::LocalMap::default(),
         }
     }
 

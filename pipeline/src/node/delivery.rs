@@ -24,7 +24,7 @@
 //! `in_flight_max` are out with the edge at once; `delivered_kept_max` delivered messages
 //! are remembered for a later `read`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -252,7 +252,11 @@ pub struct DeliveryCounts {
 #[derive(Debug)]
 pub struct Delivery {
     cfg: DeliveryConfig,
-    pending: BTreeMap<LogPosition, Pending>,
+    /// Every pending message by position (positions are the log's, not a peer's: an
+    /// unkeyed fast hash), and their positions in log order for the oldest and for
+    /// retention's ranges (see [`Delivery::admit`]).
+    pending: crate::LocalMap<LogPosition, Pending>,
+    order: VecDeque<LogPosition>,
     /// `(due_ms, message)` of every waiting message.
     due: BTreeSet<(u64, LogPosition)>,
     /// `(deadline_ms, message)` of every message out with the edge.
@@ -261,7 +265,8 @@ pub struct Delivery {
     offered: BTreeSet<(u64, LogPosition)>,
     /// `(expires_ms, message)` of every pending message.
     expiries: BTreeSet<(u64, LogPosition)>,
-    by_recipient: HashMap<Recipient, BTreeSet<LogPosition>>,
+    /// Recipients are chosen by senders: keyed with a random per-process seed.
+    by_recipient: HashMap<Recipient, BTreeSet<LogPosition>, foldhash::quality::RandomState>,
     /// Edge connections that take deliveries, by their shard (every shard's).
     edges: BTreeSet<ConnKey>,
     next_edge: usize,
@@ -281,12 +286,13 @@ impl Delivery {
     pub fn new(cfg: DeliveryConfig) -> Delivery {
         Delivery {
             cfg,
-            pending: BTreeMap::new(),
+            pending: crate::LocalMap::default(),
+            order: VecDeque::new(),
             due: BTreeSet::new(),
             deadlines: BTreeSet::new(),
             offered: BTreeSet::new(),
             expiries: BTreeSet::new(),
-            by_recipient: HashMap::new(),
+            by_recipient: HashMap::default(),
             edges: BTreeSet::new(),
             next_edge: 0,
             out: 0,
@@ -316,7 +322,8 @@ impl Delivery {
 
     /// When the oldest waiting message entered delivery, unix ms.
     pub fn oldest_accepted_ms(&self) -> Option<u64> {
-        self.pending.values().next().map(|p| p.accepted_ms)
+        let oldest = self.order.front()?;
+        self.pending.get(oldest).map(|p| p.accepted_ms)
     }
 
     /// The counters.
@@ -350,6 +357,15 @@ impl Delivery {
             "a message is admitted once"
         );
         self.payload_bytes += payload.len() as u64;
+        // Messages enter in log order (as they become durable, or as the log is read
+        // back at start-up): appended at the back. One out of order is placed by search.
+        match self.order.back() {
+            Some(&last) if last > message => {
+                let at = self.order.partition_point(|&m| m < message);
+                self.order.insert(at, message);
+            }
+            _ => self.order.push_back(message),
+        }
         self.due.insert((now_ms, message));
         self.expiries.insert((expires_ms, message));
         self.by_recipient
@@ -621,7 +637,13 @@ impl Delivery {
     /// retention: every one still waiting becomes `expired` first.
     pub fn expire_below(&mut self, shard: ShardId, index_end: u64) {
         let end = LogPosition::new(shard, index_end);
-        let doomed: Vec<LogPosition> = self.pending.range(..end).map(|(&m, _)| m).collect();
+        let doomed: Vec<LogPosition> = self
+            .order
+            .iter()
+            .take_while(|&&m| m < end)
+            .filter(|m| self.pending.contains_key(m))
+            .copied()
+            .collect();
         for m in doomed {
             self.finish(m, StatusKind::Expired, None, false);
         }
@@ -721,7 +743,24 @@ impl Delivery {
             }
         }
         self.payload_bytes -= p.payload.len() as u64;
+        self.trim_order();
         Some(p)
+    }
+
+    /// Drops finished messages from the order: from its front at once (so its first is
+    /// the oldest pending message), from the rest when they outnumber the pending ones
+    /// (amortized, so the order holds at most about twice the pending messages).
+    fn trim_order(&mut self) {
+        while let Some(m) = self.order.front() {
+            if self.pending.contains_key(m) {
+                break;
+            }
+            self.order.pop_front();
+        }
+        if self.order.len() > 2 * self.pending.len() + 1024 {
+            let pending = &self.pending;
+            self.order.retain(|m| pending.contains_key(m));
+        }
     }
 }
 
@@ -910,6 +949,51 @@ mod tests {
         assert_eq!(c.len(), 1);
         assert_eq!((c[0].client_id, c[0].kind), (1, StatusKind::Expired));
         assert_eq!(d.pending(), 1);
+    }
+
+    #[test]
+    fn the_order_of_pending_messages_survives_finishes_and_late_arrivals() {
+        let mut d = Delivery::new(cfg());
+        // Admitted at times 10, 20, ..., one out of log order (index 4 after index 6).
+        for (i, now) in [(2, 10), (3, 20), (6, 30), (4, 40), (8, 50)] {
+            admit(&mut d, i, now);
+        }
+        assert_eq!(d.oldest_accepted_ms(), Some(10));
+        // Indexes 2 and 3 expire; first in log order is then index 4 (admitted at 40,
+        // after index 6 at 30: "oldest" follows the log).
+        d.expire_below(ShardId::new(0), 4);
+        assert_eq!(kinds(&mut d), [StatusKind::Expired, StatusKind::Expired]);
+        assert_eq!(d.oldest_accepted_ms(), Some(40));
+        // Below 7: indexes 4 and 6, not 8.
+        d.expire_below(ShardId::new(0), 7);
+        let ids: Vec<u64> = std::iter::from_fn(|| d.poll_status())
+            .map(|c| c.client_id)
+            .collect();
+        assert_eq!(ids, [4, 6]);
+        assert_eq!(d.pending(), 1);
+        assert_eq!(d.oldest_accepted_ms(), Some(50));
+        d.expire_below(ShardId::new(0), 100);
+        assert_eq!(kinds(&mut d), [StatusKind::Expired]);
+        assert_eq!(d.oldest_accepted_ms(), None);
+    }
+
+    #[test]
+    fn finished_messages_behind_an_old_one_do_not_pile_up_in_the_order() {
+        let mut cfg = cfg();
+        cfg.pending_max = 10_000;
+        let mut d = Delivery::new(cfg);
+        let ms: Vec<LogPosition> = (0..5000).map(|i| admit(&mut d, i, 0)).collect();
+        // The first stays pending; every later one fails.
+        for &m in &ms[1..] {
+            d.fail(m, FailReason::NotOnPlatform);
+        }
+        assert_eq!(d.pending(), 1);
+        assert!(
+            d.order.len() <= 2 * d.pending() + 1024 + 1,
+            "{}",
+            d.order.len()
+        );
+        assert_eq!(d.oldest_accepted_ms(), Some(0));
     }
 
     #[test]

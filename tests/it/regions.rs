@@ -293,8 +293,11 @@ async fn each_region_directory_holds_only_its_businesses_data() {
     })
     .await
     .expect("traffic timed out");
+    let mut output = String::new();
     for s in servers {
+        let log = s.log.clone();
         stop(s);
+        output.push_str(&std::fs::read_to_string(log).unwrap());
     }
 
     // The eu region's log recovers on its own: a resend is answered `duplicate`.
@@ -317,7 +320,23 @@ async fn each_region_directory_holds_only_its_businesses_data() {
     })
     .await
     .expect("resend timed out");
+    let log = again.log.clone();
     stop(again);
+    output.push_str(&std::fs::read_to_string(log).unwrap());
+    // The servers' output holds no number, content, token or key of any site (the
+    // privacy rule, for region servers too).
+    assert!(output.contains("eu-store") && output.contains("courier serving"));
+    for site in &sites {
+        for r in site.numbers.iter().chain(&site.repliers) {
+            assert!(!output.contains(&r.as_str()[1..]), "a number in the output");
+        }
+        assert!(!output.contains(&site.marker), "content in the output");
+        assert!(!output.contains(&site.token[5..]), "a token in the output");
+    }
+    assert!(
+        !output.contains(MAIN_HEX) && !output.contains(EU_HEX),
+        "a key in the output"
+    );
 
     // No file of a directory holds another site's numbers or payload markers.
     for site in &sites {
@@ -329,7 +348,7 @@ async fn each_region_directory_holds_only_its_businesses_data() {
             for (path, bytes) in &files_here {
                 for r in other.numbers.iter().chain(&other.repliers) {
                     assert!(
-                        !contains(bytes, r.as_str()[1..].as_bytes()),
+                        !contains(bytes, &r.as_str().as_bytes()[1..]),
                         "{} number in {}",
                         other.name,
                         path.display()
@@ -467,4 +486,93 @@ fn bad_region_setups_stop_start_up_with_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("region"));
+}
+
+/// A business moved to a region while both servers run: its connection to the main
+/// server is closed, and the region's server admits it within a few seconds; what it
+/// sends from then on is stored in the region's directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_business_moved_to_a_region_is_served_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = super::courier_bin();
+    let files = Files::new(dir.path(), MAIN_HEX);
+    let mut main = Site::new("main", files.data.clone(), MAIN_HEX, "+4479");
+    let eu = Site::new("eu", dir.path().join("eu-store"), MAIN_HEX, "+3361");
+    let us = Site::new("us", dir.path().join("us-store"), MAIN_HEX, "+1555");
+    std::fs::create_dir(&eu.data).unwrap();
+    let profile = write_profile(dir.path(), &eu, &us, &files.key_file);
+    let args = ["--tier", "unlimited", "--mps", "100000", "--exempt"];
+    main.token = spawn::add_business(bin, &files.registry, "mover", &args);
+    main.business_id = main.token.split('.').nth(1).unwrap().parse().unwrap();
+    let servers = [
+        main.serve(&files, &profile, &dir.path().join("main.log"))
+            .spawn(),
+        eu.serve(&files, &profile, &dir.path().join("eu.log"))
+            .spawn(),
+    ];
+    let one = |site: &Site, i: u64| OutgoingMessage {
+        client_id: i,
+        recipient: site.numbers[0],
+        payload: Bytes::from(format!("{}-PAYLOAD-{i}", site.marker)),
+    };
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let client = Client::connect(&main.cfg(&main.token)).await.unwrap();
+        let st = client.submit(vec![one(&main, 0)]).await.unwrap();
+        assert!(matches!(st[0], Status::Accepted(_)), "{st:?}");
+        assert!(Client::connect(&eu.cfg(&main.token)).await.is_err());
+        let out = std::process::Command::new(bin)
+            .args(["businesses", "set", "--id", &main.business_id.to_string()])
+            .args(["--region", "eu", "--registry"])
+            .arg(&files.registry)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Each server re-reads the registry about once a second; 100 tries of 100 ms.
+        let mut moved = None;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Ok(c) = Client::connect(&eu.cfg(&main.token)).await {
+                moved = Some(c);
+                break;
+            }
+        }
+        let moved = moved.expect("the region's server admits the moved business");
+        let st = moved.submit(vec![one(&eu, 1)]).await.unwrap();
+        assert!(matches!(st[0], Status::Accepted(_)), "{st:?}");
+        moved.close().await;
+        // The old connection was closed (credential revoked there): nothing more is
+        // stored in the main directory.
+        let mut refused = false;
+        for _ in 0..100 {
+            if client.submit(vec![one(&main, 2)]).await.is_err() {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(refused, "the main server kept serving the moved business");
+        assert!(Client::connect(&main.cfg(&main.token)).await.is_err());
+    })
+    .await
+    .expect("the move timed out");
+    for s in servers {
+        stop(s);
+    }
+    let ids = |data: &Path| -> Vec<u64> {
+        read_logs(data, MAIN_HEX)
+            .iter()
+            .filter(|r| r.header.kind == RecordKind::Message)
+            .map(|r| r.header.client_id)
+            .collect()
+    };
+    assert_eq!(
+        ids(&main.data),
+        vec![0],
+        "before the move: the main directory"
+    );
+    assert_eq!(ids(&eu.data), vec![1], "after it: the region's");
 }

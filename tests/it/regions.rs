@@ -277,6 +277,22 @@ async fn each_region_directory_holds_only_its_businesses_data() {
         for (seed, site) in sites.iter().enumerate() {
             traffic(site, &edge_token, seed as u64 + 1).await;
         }
+        // A user's reply to the eu business handed to the main server is refused there,
+        // never stored (its business is not in that server's registry).
+        let (edge, _rx) = DeviceEdge::connect(&sites[0].cfg(&edge_token), 8, device_world(9))
+            .await
+            .unwrap();
+        let answers = edge
+            .inbound(vec![InboundEntry {
+                id: 99,
+                business_id: sites[1].business_id,
+                sender: sites[1].repliers[0],
+                payload: Bytes::from(format!("{}-REPLY-STRAY", sites[1].marker)),
+            }])
+            .await
+            .unwrap();
+        assert!(matches!(answers[0], Status::Rejected(_)), "{answers:?}");
+        edge.close().await;
         // A business is served by its region's server only.
         for (site, other) in [
             (&sites[0], &sites[1]),

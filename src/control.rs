@@ -190,6 +190,8 @@ pub struct Control {
     pub data_dir: PathBuf,
     /// The registry file to watch, if the server was started from one.
     pub registry_file: Option<PathBuf>,
+    /// The part of the registry file this server admits (its region's businesses).
+    pub regions: crate::region::RegionFilter,
     /// Every shard.
     pub peers: Vec<Peer>,
     /// From every shard; the thread ends once every shard dropped its sender.
@@ -280,6 +282,7 @@ fn reload_registry(c: &Control, file: &Path, seen: &mut Option<(SystemTime, u64)
     let parsed = fs::read_to_string(file)
         .map_err(|e| e.to_string())
         .and_then(|t| Registry::from_toml(&t).map_err(|e| e.to_string()))
+        .and_then(|reg| c.regions.apply(&reg))
         // Root keys for the businesses added since start, persisted before any shard
         // seals for them; every key is checked to unwrap, as at start.
         .and_then(|reg| {

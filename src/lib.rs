@@ -30,6 +30,7 @@ pub mod expire;
 pub mod metrics;
 pub mod notify;
 pub mod outcomes;
+pub mod region;
 pub mod serve;
 pub mod shard;
 pub mod signals;

@@ -106,6 +106,10 @@ pub enum ServeError {
     /// The business root keys could not be loaded or created.
     #[error("business keys: {0}")]
     BusinessKeys(String),
+    /// The server's region is not in the profile, its directory is missing or not
+    /// writable, or a business of the registry names a region the profile lacks.
+    #[error("{0}")]
+    Region(String),
     /// A shard's nonce epoch no longer fits the sealer's 32 bits: rotate the log's keyring.
     #[error("shard {0}: nonce epoch exhausted")]
     EpochExhausted(ShardId),
@@ -128,6 +132,10 @@ pub struct ServeOptions {
     pub registry_file: Option<PathBuf>,
     /// The key that wraps the log's data keys.
     pub master_key: MasterKeyText,
+    /// The region this server serves (`None`: the main server, businesses without a
+    /// region). `data_dir` is then the region's directory, which must exist; only the
+    /// region's businesses (and platform credentials) of `registry` are admitted.
+    pub region: Option<String>,
 }
 
 /// A running server.
@@ -337,6 +345,14 @@ fn ring_config(profile: &Profile) -> RingConfig {
 /// Starts every shard and returns once all are listening.
 pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     let profile = Arc::new(opts.profile);
+    // Which businesses this server admits, and the region's directory checked, before
+    // any file is created (a region's directory is never created here).
+    let regions = crate::region::RegionFilter::new(&profile, opts.region.as_deref())
+        .map_err(ServeError::Region)?;
+    if let Some(r) = regions.region() {
+        crate::region::check_region_dir(r, &opts.data_dir).map_err(ServeError::Region)?;
+    }
+    let registry = Arc::new(regions.apply(&opts.registry).map_err(ServeError::Region)?);
     // First of all, before any file of it is read or written: one server per data
     // directory.
     crate::store::create_private_dir(&opts.data_dir).map_err(|source| ServeError::File {
@@ -354,7 +370,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     // Before any shard starts: every business has a root key, and the master key unwraps
     // every existing one (a wrong master key stops here, before any data is touched).
     let business_keys =
-        crate::business_keys::load_or_create(&opts.data_dir, &opts.master_key, &opts.registry)
+        crate::business_keys::load_or_create(&opts.data_dir, &opts.master_key, &registry)
             .map_err(ServeError::BusinessKeys)?;
 
     let cpus = uring::available_cpus().map_err(ServeError::Cpu)?;
@@ -375,7 +391,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     let ids_max = profile.limits.idempotency_ids_max as usize;
     let common = Arc::new(Common {
         profile: profile.clone(),
-        registry: opts.registry.clone(),
+        registry: registry.clone(),
         crypto: quic_crypto,
         master_key: opts.master_key.clone(),
         business_keys,
@@ -456,6 +472,7 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     let control = crate::control::spawn(crate::control::Control {
         data_dir: opts.data_dir.clone(),
         registry_file: opts.registry_file.clone(),
+        regions,
         peers: peers.clone(),
         inbox: to_control_rx,
         status: status.clone(),

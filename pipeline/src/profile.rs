@@ -15,11 +15,13 @@
 //! | `[detect]` | [`crate::detect::DetectConfig`] (`detect/config.rs`) | `detect/config.rs` |
 //! | `[delivery]` | [`crate::node::DeliveryConfig`] | `node/delivery.rs` |
 //! | `[e2e]` | [`crate::node::E2eConfig`] (carried in `delivery.e2e`) | `node/devices.rs` |
+//! | `[regions.NAME]` | [`Region`]: a region's data directory, address, master key (`profile/region.rs`) | `profile/region.rs` |
 //!
 //! Validation returns every error it finds, each naming the key and the bound it broke.
 
 mod check;
 mod io;
+mod region;
 
 use std::net::SocketAddr;
 
@@ -32,6 +34,7 @@ pub use crate::server::{Limits, Quic};
 pub use crate::shard_id::SHARDS_MAX;
 pub(crate) use check::Checker;
 pub use io::*;
+pub use region::{RawRegion, Region};
 
 /// The built-in default profile (`tuning/default.toml`), compiled into the binary.
 pub const DEFAULT_PROFILE_TOML: &str = include_str!("../../tuning/default.toml");
@@ -108,6 +111,9 @@ pub struct RawProfile {
     pub e2e: crate::node::E2eConfig,
     /// `[detect]`
     pub detect: DetectConfig,
+    /// `[regions.NAME]`: regions and their data directories (none when absent).
+    #[serde(default)]
+    pub regions: std::collections::BTreeMap<String, RawRegion>,
     /// Keys of `[detect]` in their form from before issue 14, taken out of the table
     /// before it was deserialized (see [`RawProfile::from_table`]).
     #[serde(skip)]
@@ -161,6 +167,8 @@ pub struct Profile {
     pub detect: DetectConfig,
     /// Delivery bounds.
     pub delivery: crate::node::DeliveryConfig,
+    /// Regions by name: each one's data directory, served by `courier serve --region`.
+    pub regions: std::collections::BTreeMap<String, Region>,
 }
 
 /// Environment variables whose name starts with this and holds `__` override profile keys.
@@ -378,6 +386,7 @@ impl Profile {
         raw.legacy_detect.validate(&mut c);
         c.extend(raw.delivery.issues());
         c.extend(raw.e2e.issues());
+        let regions = region::validate(&raw.regions, listen, &mut c);
         let mut delivery = raw.delivery;
         delivery.e2e = raw.e2e;
         delivery.clamp_to_retention(raw.log.retention_secs);
@@ -398,6 +407,7 @@ impl Profile {
             log: raw.log,
             detect,
             delivery,
+            regions,
         })
     }
 }

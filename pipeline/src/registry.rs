@@ -9,6 +9,7 @@
 //! token_sha256 = "9f86d0..."   # SHA-256 of the bearer token; the token itself is never stored
 //! tier = "2000"                # unique recipients per rolling 24 h: 250, 2000, 10000, 100000, unlimited
 //! mps = 80                     # messages per second
+//! region = "eu"                # optional: kept at rest in this region's directory
 //! ```
 //!
 //! Tokens have the form `c1.<business id>.<64 hex digits>` (32 random bytes). Verifying
@@ -113,6 +114,23 @@ pub struct RawBusiness {
     /// Distinct recipients per minute the business is known to reach; absent means 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub baseline_per_min: u32,
+    /// The region whose directory keeps the business's data at rest (a `[regions.NAME]`
+    /// of the profile); absent: the main data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+}
+
+/// Longest region name, bytes.
+pub const REGION_NAME_BYTES_MAX: usize = 32;
+
+/// Whether `name` may name a region: 1..=32 characters of `a-z`, `0-9` and `-` (it
+/// appears in paths, profiles and commands, so nothing that needs quoting).
+pub fn valid_region_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= REGION_NAME_BYTES_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -153,6 +171,9 @@ pub struct Business {
     /// business's own learned baseline is higher, so a large sender new to this relay is
     /// not taken for a blast. 0: learn from scratch.
     pub baseline_per_min: u32,
+    /// The region whose directory keeps its data at rest; `None`: the main data
+    /// directory. Served only by that region's server (`courier serve --region`).
+    pub region: Option<String>,
     token_sha256: [u8; 32],
 }
 
@@ -173,6 +194,7 @@ impl std::fmt::Debug for Business {
             .field("exempt", &self.exempt)
             .field("platform", &self.platform)
             .field("baseline_per_min", &self.baseline_per_min)
+            .field("region", &self.region)
             .finish_non_exhaustive()
     }
 }
@@ -216,6 +238,18 @@ pub struct Registry {
 /// SHA-256 of a token.
 pub fn token_hash(token: &[u8]) -> [u8; 32] {
     Sha256::digest(token).into()
+}
+
+fn check_region(region: &str, platform: bool) -> Result<(), String> {
+    if platform {
+        return Err("a platform credential is served in every region and takes none".into());
+    }
+    if !valid_region_name(region) {
+        return Err(format!(
+            "region {region:?}: a region's name is 1..={REGION_NAME_BYTES_MAX} characters of a-z, 0-9 and '-'"
+        ));
+    }
+    Ok(())
 }
 
 /// Builds a token for `id` from 32 secret random bytes.
@@ -270,6 +304,9 @@ impl Registry {
         if b.mps == 0 {
             return Err("mps must be greater than 0".into());
         }
+        if let Some(r) = &b.region {
+            check_region(r, b.platform)?;
+        }
         let mut token_sha256 = [0u8; 32];
         hex::decode_to_slice(&b.token_sha256, &mut token_sha256)
             .map_err(|_| "token_sha256 must be 64 hex digits".to_string())?;
@@ -284,6 +321,7 @@ impl Registry {
                 exempt: b.exempt,
                 platform: b.platform,
                 baseline_per_min: b.baseline_per_min,
+                region: b.region,
                 token_sha256,
             },
         );
@@ -314,6 +352,7 @@ impl Registry {
             exempt: false,
             platform: false,
             baseline_per_min: 0,
+            region: None,
         })
         .map_err(|problem| RegistryError::Invalid { index, id, problem })?;
         Ok((id, token))
@@ -362,6 +401,53 @@ impl Registry {
             .is_some()
     }
 
+    /// Places a business in a region (`None`: the main data directory). A running
+    /// server picks the change up from the file: the connections of a business that left
+    /// its region are closed, and it is served by its new region's server from then on;
+    /// what it stored before stays where it was until retention or erasure removes it.
+    pub fn set_region(&mut self, id: u32, region: Option<&str>) -> Result<(), RegistryError> {
+        let index = self.order.iter().position(|&i| i == id);
+        let (Some(index), Some(b)) = (index, self.by_id.get_mut(&id)) else {
+            return Err(RegistryError::NotFound(id));
+        };
+        if let Some(r) = region {
+            check_region(r, b.platform).map_err(|problem| RegistryError::Invalid {
+                index,
+                id,
+                problem,
+            })?;
+        }
+        b.region = region.map(str::to_string);
+        Ok(())
+    }
+
+    /// The registry a server of `region` serves (`None`: the main server): the
+    /// businesses placed there, and every platform credential (the platform's edge and
+    /// reporters talk to every region's server).
+    pub fn for_region(&self, region: Option<&str>) -> Registry {
+        let mut out = Registry::default();
+        for id in &self.order {
+            let b = &self.by_id[id];
+            if b.platform || b.region.as_deref() == region {
+                out.order.push(*id);
+                out.by_id.insert(*id, b.clone());
+            }
+        }
+        out
+    }
+
+    /// Every region a business names, each once, sorted.
+    pub fn regions(&self) -> Vec<&str> {
+        let mut r: Vec<&str> = self
+            .by_id
+            .values()
+            .filter_map(|b| b.region.as_deref())
+            .collect();
+        r.sort_unstable();
+        r.dedup();
+        r
+    }
+
     /// The registry as TOML text, in insertion order.
     pub fn to_toml(&self) -> String {
         let raw = RawRegistry {
@@ -379,6 +465,7 @@ impl Registry {
                         exempt: b.exempt,
                         platform: b.platform,
                         baseline_per_min: b.baseline_per_min,
+                        region: b.region.clone(),
                     }
                 })
                 .collect(),
@@ -422,6 +509,55 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn regions_survive_the_file_and_split_the_registry() {
+        let mut reg = Registry::default();
+        let (main, t_main) = reg.add("Main", Tier::T2k, 80, &[1u8; 32]).unwrap();
+        let (eu, t_eu) = reg.add("Eu", Tier::T2k, 80, &[2u8; 32]).unwrap();
+        let (edge, t_edge) = reg.add("Edge", Tier::T2k, 80, &[3u8; 32]).unwrap();
+        assert!(reg.set_platform(edge, true));
+        reg.set_region(eu, Some("eu-west")).unwrap();
+        let reg = Registry::from_toml(&reg.to_toml()).unwrap();
+        assert_eq!(reg.get(eu).unwrap().region.as_deref(), Some("eu-west"));
+        assert_eq!(reg.get(main).unwrap().region, None);
+        assert_eq!(reg.regions(), vec!["eu-west"]);
+        let in_eu = reg.for_region(Some("eu-west"));
+        assert!(in_eu.authenticate(t_eu.as_bytes()).is_ok());
+        assert!(
+            in_eu.authenticate(t_edge.as_bytes()).is_ok(),
+            "platform everywhere"
+        );
+        assert!(in_eu.authenticate(t_main.as_bytes()).is_err());
+        let in_main = reg.for_region(None);
+        assert!(in_main.authenticate(t_main.as_bytes()).is_ok());
+        assert!(in_main.authenticate(t_edge.as_bytes()).is_ok());
+        assert!(in_main.authenticate(t_eu.as_bytes()).is_err());
+        assert_eq!(reg.for_region(Some("us")).len(), 1, "only the platform");
+    }
+
+    #[test]
+    fn bad_regions_are_refused_with_the_reason() {
+        let mut reg = Registry::default();
+        let (id, _) = reg.add("Main", Tier::T2k, 80, &[1u8; 32]).unwrap();
+        for bad in ["", "EU", "eu west", "a/b", &"x".repeat(33)] {
+            let e = reg.set_region(id, Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("region"), "{bad:?}: {e}");
+        }
+        assert!(matches!(
+            reg.set_region(99, Some("eu")),
+            Err(RegistryError::NotFound(99))
+        ));
+        let (edge, _) = reg.add("Edge", Tier::T2k, 80, &[3u8; 32]).unwrap();
+        assert!(reg.set_platform(edge, true));
+        let e = reg.set_region(edge, Some("eu")).unwrap_err().to_string();
+        assert!(e.contains("platform"), "{e}");
+        let text = reg
+            .to_toml()
+            .replace("name = \"Main\"", "name = \"Main\"\nregion = \"../x\"");
+        let e = Registry::from_toml(&text).unwrap_err().to_string();
+        assert!(e.contains("region"), "{e}");
+    }
 
     #[test]
     fn add_authenticate_roundtrip_through_toml() {

@@ -35,6 +35,11 @@ pub(crate) enum BusinessesCmd {
         /// surge check starts from it instead of from nothing (0: learn from scratch).
         #[arg(long, default_value_t = 0)]
         baseline_per_min: u32,
+        /// Region whose data directory keeps the business's data at rest (a
+        /// `[regions.NAME]` of the profile; served by `courier serve --region NAME`).
+        /// Absent: the main data directory.
+        #[arg(long)]
+        region: Option<String>,
         /// Registry file (created if missing).
         #[arg(long)]
         registry: PathBuf,
@@ -63,6 +68,11 @@ pub(crate) enum BusinessesCmd {
         /// Distinct recipients per minute the business is known to reach.
         #[arg(long)]
         baseline_per_min: Option<u32>,
+        /// Move the business to this region ("" for the main data directory): its
+        /// region's server serves it from then on, and its connections elsewhere are
+        /// closed; what it stored before stays where it was until retention drops it.
+        #[arg(long)]
+        region: Option<String>,
         /// Registry file.
         #[arg(long)]
         registry: PathBuf,
@@ -102,12 +112,14 @@ pub(crate) fn run(cmd: BusinessesCmd) -> Result<()> {
             exempt,
             platform,
             baseline_per_min,
+            region,
             registry,
         } => {
             let flags = AddFlags {
                 exempt,
                 platform,
                 baseline_per_min,
+                region,
             };
             cmd_businesses_add(&name, &tier, mps, flags, &registry)
         }
@@ -117,13 +129,17 @@ pub(crate) fn run(cmd: BusinessesCmd) -> Result<()> {
             mps,
             exempt,
             baseline_per_min,
+            region,
             registry,
         } => cmd_businesses_set(
             id,
-            tier.as_deref(),
-            mps,
-            exempt,
-            baseline_per_min,
+            SetFlags {
+                tier: tier.as_deref(),
+                mps,
+                exempt,
+                baseline_per_min,
+                region: region.as_deref(),
+            },
             &registry,
         ),
         BusinessesCmd::Unpause { id, data_dir } => {
@@ -144,16 +160,17 @@ pub(crate) fn run(cmd: BusinessesCmd) -> Result<()> {
         BusinessesCmd::List { registry } => {
             let reg = load_registry(&registry)?;
             println!(
-                "{:>6}  {:<10} {:>8}  {:<6}  name",
-                "id", "tier", "mps", "exempt"
+                "{:>6}  {:<10} {:>8}  {:<6}  {:<12}  name",
+                "id", "tier", "mps", "exempt", "region"
             );
             for b in reg.iter() {
                 println!(
-                    "{:>6}  {:<10} {:>8}  {:<6}  {}",
+                    "{:>6}  {:<10} {:>8}  {:<6}  {:<12}  {}",
                     b.id,
                     b.tier.name(),
                     b.mps,
                     if b.exempt { "yes" } else { "no" },
+                    b.region.as_deref().unwrap_or("-"),
                     b.name
                 );
             }
@@ -163,23 +180,40 @@ pub(crate) fn run(cmd: BusinessesCmd) -> Result<()> {
 }
 
 /// The optional settings of `businesses add`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct AddFlags {
     exempt: bool,
     platform: bool,
     baseline_per_min: u32,
+    region: Option<String>,
 }
 
-pub(crate) fn cmd_businesses_set(
-    id: u32,
-    tier: Option<&str>,
+/// What `businesses set` changes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SetFlags<'a> {
+    tier: Option<&'a str>,
     mps: Option<u32>,
     exempt: Option<bool>,
     baseline_per_min: Option<u32>,
-    path: &Path,
-) -> Result<()> {
-    if tier.is_none() && mps.is_none() && exempt.is_none() && baseline_per_min.is_none() {
-        bail!("nothing to change: give --tier, --mps, --exempt or --baseline-per-min");
+    /// `Some("")`: back to the main data directory.
+    region: Option<&'a str>,
+}
+
+pub(crate) fn cmd_businesses_set(id: u32, flags: SetFlags<'_>, path: &Path) -> Result<()> {
+    let SetFlags {
+        tier,
+        mps,
+        exempt,
+        baseline_per_min,
+        region,
+    } = flags;
+    if tier.is_none()
+        && mps.is_none()
+        && exempt.is_none()
+        && baseline_per_min.is_none()
+        && region.is_none()
+    {
+        bail!("nothing to change: give --tier, --mps, --exempt, --baseline-per-min or --region");
     }
     let mut reg = load_registry(path)?;
     let b = reg
@@ -198,12 +232,20 @@ pub(crate) fn cmd_businesses_set(
     if let Some(b) = baseline_per_min {
         reg.set_baseline(id, b);
     }
+    if let Some(r) = region {
+        reg.set_region(id, Some(r).filter(|r| !r.is_empty()))
+            .map_err(|e| anyhow::anyhow!("--region: {e}"))?;
+    }
     let b = reg.get(id).expect("exists");
     write_registry(&reg, path)?;
     eprintln!(
-        "business {id}: tier {}, {} msg/s, exempt {}, baseline {} recipients/min \
+        "business {id}: tier {}, {} msg/s, exempt {}, baseline {} recipients/min, region {} \
          (a running server applies it within about a second)",
-        b.tier, b.mps, b.exempt, b.baseline_per_min
+        b.tier,
+        b.mps,
+        b.exempt,
+        b.baseline_per_min,
+        b.region.as_deref().unwrap_or("none (main data directory)")
     );
     Ok(())
 }
@@ -266,6 +308,7 @@ pub(crate) fn cmd_businesses_add(
         exempt,
         platform,
         baseline_per_min,
+        region,
     } = flags;
     let tier = parse_tier(tier)?;
     let mut reg = if path.exists() {
@@ -279,9 +322,13 @@ pub(crate) fn cmd_businesses_add(
     reg.set_exempt(id, exempt);
     reg.set_platform(id, platform);
     reg.set_baseline(id, baseline_per_min);
+    if let Some(r) = &region {
+        reg.set_region(id, Some(r))
+            .map_err(|e| anyhow::anyhow!("--region: {e}"))?;
+    }
     write_registry(&reg, path)?;
     eprintln!(
-        "registered {} {id} ({name}, tier {tier}, {mps} msg/s{}) in {}",
+        "registered {} {id} ({name}, tier {tier}, {mps} msg/s{}{}) in {}",
         if platform {
             "platform credential"
         } else {
@@ -292,6 +339,7 @@ pub(crate) fn cmd_businesses_add(
         } else {
             ""
         },
+        region.map_or_else(String::new, |r| format!(", region {r}")),
         path.display()
     );
     eprintln!("its token follows; it is shown only this once:");

@@ -59,6 +59,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
         registry: Arc::new(registry),
         registry_file: None,
         master_key: courier::store::MasterKeyText::random(),
+        region: None,
     })?;
     let addr = running.local_addr();
     let metrics = running.metrics_addr();

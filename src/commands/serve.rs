@@ -20,9 +20,16 @@ pub(crate) struct ServeArgs {
     /// UDP listen address; overrides the profile's server.listen.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Data directory (TLS identity; later the log).
+    /// Data directory (TLS identity, log, checkpoints). With --region, the main data
+    /// directory only locates the registry; the region's own directory holds the data.
     #[arg(long, default_value = "courier-data")]
     data_dir: PathBuf,
+    /// Serve one region ("local storage"): the businesses the registry places in
+    /// `[regions.NAME]` of the profile, from that table's data_dir (which must exist),
+    /// on its listen address, with its master_key_file when it names one. Without it the
+    /// server serves the businesses that have no region, from --data-dir.
+    #[arg(long, value_name = "NAME")]
+    region: Option<String>,
     /// Business registry (TOML); DATA_DIR/registry.toml when absent.
     #[arg(long)]
     registry: Option<PathBuf>,
@@ -47,18 +54,40 @@ pub(crate) fn install_signal_handler(
 
 pub(crate) fn run(args: ServeArgs) -> Result<()> {
     let mut profile = load_profile(args.profile.as_deref())?;
+    let registry_path = args
+        .registry
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("registry.toml"));
+    let mut master_key_file = args.master_key_file.clone();
+    let data_dir = match &args.region {
+        None => {
+            courier::store::create_private_dir(&args.data_dir)
+                .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
+            args.data_dir.clone()
+        }
+        Some(name) => {
+            // Checked again (with the directory) by serve::start.
+            let region = profile.regions.get(name).cloned().with_context(|| {
+                format!(
+                    "--region {name}: the profile defines no [regions.{name}] (defined: {})",
+                    region_names(&profile)
+                )
+            })?;
+            profile.listen = region.listen;
+            profile.metrics_listen = region.metrics_listen;
+            if let Some(k) = region.master_key_file {
+                master_key_file = Some(k);
+            }
+            region.data_dir
+        }
+    };
     if let Some(l) = args.listen {
         profile.listen = l;
     }
     if let Some(s) = args.shards {
         profile.shards = s;
     }
-    let master_key = read_master_key(args.master_key_file.as_deref())?;
-    let registry_path = args
-        .registry
-        .unwrap_or_else(|| args.data_dir.join("registry.toml"));
-    courier::store::create_private_dir(&args.data_dir)
-        .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
+    let master_key = read_master_key(master_key_file.as_deref())?;
     let registry = if registry_path.exists() {
         load_registry(&registry_path)?
     } else {
@@ -70,15 +99,18 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     };
     let running = serve::start(ServeOptions {
         profile,
-        data_dir: args.data_dir.clone(),
+        data_dir: data_dir.clone(),
         registry: Arc::new(registry),
         registry_file: Some(registry_path),
         master_key,
+        region: args.region.clone(),
     })?;
     tracing::info!(
         addr = %running.local_addr(),
         shards = running.shards(),
-        cert = %args.data_dir.join("tls/cert.der").display(),
+        region = args.region.as_deref().unwrap_or("none (main data directory)"),
+        data_dir = %data_dir.display(),
+        cert = %data_dir.join("tls/cert.der").display(),
         "courier serving"
     );
     match running.metrics_addr() {
@@ -93,4 +125,16 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     let messages_in: u64 = stats.iter().map(|s| s.messages_in).sum();
     tracing::info!(messages_in, "courier stopped");
     Ok(())
+}
+
+fn region_names(profile: &courier_pipeline::profile::Profile) -> String {
+    if profile.regions.is_empty() {
+        return "none".into();
+    }
+    profile
+        .regions
+        .keys()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ")
 }

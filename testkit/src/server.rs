@@ -63,6 +63,7 @@ pub fn options(dir: &Path, setup: Setup) -> ServeOptions {
         registry: Arc::new(setup.registry),
         registry_file: None,
         master_key: setup.master_key,
+        region: None,
     }
 }
 

@@ -84,9 +84,23 @@ impl Serve {
     /// --master-key-file` with `COURIER_LOG=info`, stdin and stdout closed, stderr to
     /// `log`. The command runs in the workspace root (where `tuning/` is).
     pub fn new(bin: &Path, files: &Files, addr: SocketAddr, log: &Path) -> Serve {
+        Serve::with_profile(bin, files, addr, log, Path::new("tuning/small.toml"))
+    }
+
+    /// [`Serve::new`] with another profile (a relative path is taken from the workspace
+    /// root).
+    pub fn with_profile(
+        bin: &Path,
+        files: &Files,
+        addr: SocketAddr,
+        log: &Path,
+        profile: &Path,
+    ) -> Serve {
         let mut cmd = Command::new(bin);
         cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .args(["serve", "--profile", "tuning/small.toml", "--listen"])
+            .args(["serve", "--profile"])
+            .arg(profile)
+            .arg("--listen")
             .arg(addr.to_string())
             .arg("--data-dir")
             .arg(&files.data)
@@ -106,6 +120,12 @@ impl Serve {
     /// Sets an environment variable of the server (`COURIER_LOG`, `NOTIFY_SOCKET`, ...).
     pub fn env(mut self, key: &str, value: &str) -> Serve {
         self.cmd.env(key, value);
+        self
+    }
+
+    /// Adds command-line arguments (`--region NAME`, ...).
+    pub fn args(mut self, args: &[&str]) -> Serve {
+        self.cmd.args(args);
         self
     }
 

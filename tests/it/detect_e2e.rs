@@ -354,6 +354,7 @@ async fn limits_hold_and_registry_changes_apply_without_restart() {
         registry: Arc::new(registry.clone()),
         registry_file: Some(registry_file.clone()),
         master_key: MasterKeyText::random(),
+        region: None,
     })
     .unwrap();
     let cfg = |token: &str| ClientConfig {

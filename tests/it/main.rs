@@ -24,6 +24,7 @@ mod log_files;
 mod metrics;
 mod privacy;
 mod readme;
+mod regions;
 mod retention;
 mod revocation;
 mod sd_notify;

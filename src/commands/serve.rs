@@ -59,6 +59,19 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         .unwrap_or_else(|| args.data_dir.join("registry.toml"));
     courier::store::create_private_dir(&args.data_dir)
         .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
+    // An erase that stopped half-way is finished before the registry and the keys are
+    // read: rolled forward past its commit point (the master key file already holds the
+    // new key), back before it.
+    match courier::erase::finish_interrupted(&args.data_dir)? {
+        Some(courier::erase::Interrupted::Completed { business_id }) => {
+            tracing::info!(business_id, "completed an interrupted erase of a business")
+        }
+        Some(courier::erase::Interrupted::RolledBack { business_id }) => tracing::warn!(
+            business_id,
+            "rolled back an interrupted erase of a business: it is NOT erased; run `courier businesses erase` again"
+        ),
+        None => {}
+    }
     let registry = if registry_path.exists() {
         load_registry(&registry_path)?
     } else {

@@ -639,3 +639,36 @@ fn bad_erase_requests_are_refused_and_change_nothing() {
         "{access}"
     );
 }
+
+/// `courier serve` finishes an interrupted erase before it reads the registry and the
+/// keys: forward past the commit point, back before it, saying which at start-up.
+#[test]
+fn serve_finishes_an_interrupted_erase_before_it_serves() {
+    for (step, said) in [
+        (Step::Committed, "completed an interrupted erase"),
+        (Step::Staged, "rolled back an interrupted erase"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (files, profile) = library_setup(dir.path());
+        let req = EraseRequest {
+            data_dir: &files.data,
+            master_key_file: &files.key_file,
+            registry: &files.registry,
+            detect: &profile.detect,
+            business_id: ERASED,
+        };
+        courier::erase::erase(&req, Some(step)).unwrap_err();
+        let log = dir.path().join("serve.log");
+        let mut server = Serve::new(crate::courier_bin(), &files, spawn::free_port(), &log).spawn();
+        server.terminate();
+        assert!(server.wait_exit(Duration::from_secs(20)).success());
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains(said), "{step:?}: {text}");
+        assert!(staged_files(&files).is_empty(), "{step:?}");
+        let registry =
+            Registry::from_toml(&std::fs::read_to_string(&files.registry).unwrap()).unwrap();
+        assert_eq!(registry.is_erased(ERASED), step == Step::Committed);
+        let master = std::fs::read_to_string(&files.key_file).unwrap();
+        assert!(!text.contains(master.trim()) && !text.contains(MASTER_HEX));
+    }
+}

@@ -169,6 +169,10 @@ pub struct Erased {
     pub checkpoints_rewritten: u64,
     /// Detector checkpoints dropped (they did not restore under the profile).
     pub checkpoints_dropped: u64,
+    /// Segments written before per-business field keys (format version 1 or 2): the
+    /// user fields of their records stay under their data keys alone, readable under the
+    /// new master key until retention drops them.
+    pub old_format_segments: u64,
 }
 
 /// What the start-up check found of an interrupted erase.
@@ -318,6 +322,7 @@ fn plan(
         Err(e) => return Err(EraseError::Invalid(e.to_string())),
     };
     for (_, dir) in shards {
+        out.old_format_segments += old_format_segments(&dir)?;
         let path = dir.join("keyring");
         let bytes = match fs::read(&path) {
             Ok(b) => b,
@@ -374,6 +379,23 @@ fn plan(
         }
     }
     Ok((plan, out))
+}
+
+/// Segments of a shard directory whose header names a format before version 3 (a
+/// header that does not decode is left to recovery).
+fn old_format_segments(dir: &Path) -> Result<u64, EraseError> {
+    use std::io::Read;
+    let mut n = 0;
+    for id in crate::store::list_segments(dir).map_err(io(dir))? {
+        let path = dir.join(format!("{id:020}.seg"));
+        let mut head = [0u8; courier_pipeline::log::format::SEGMENT_HEADER_BYTES];
+        let read = File::open(&path).and_then(|mut f| f.read_exact(&mut head));
+        if read.is_ok() {
+            let header = courier_pipeline::log::SegmentHeader::decode(&head);
+            n += u64::from(header.is_ok_and(|h| h.version < 3));
+        }
+    }
+    Ok(n)
 }
 
 /// The detector checkpoints of `data_dir` (`detect/shard-K.ckpt`).

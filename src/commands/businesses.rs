@@ -418,6 +418,7 @@ pub(crate) fn cmd_businesses_erase(
             ("segment_keys_rewrapped".into(), e.segment_keys_rewrapped),
             ("checkpoints_rewritten".into(), e.checkpoints_rewritten),
             ("checkpoints_dropped".into(), e.checkpoints_dropped),
+            ("old_format_segments".into(), e.old_format_segments),
         ];
     }
     record.finish(result.is_ok());
@@ -441,5 +442,13 @@ pub(crate) fn cmd_businesses_erase(
         e.checkpoints_rewritten,
         e.checkpoints_dropped
     );
+    if e.old_format_segments > 0 {
+        println!(
+            "{} segment(s) were written before per-business field keys (format version 2): \
+             the recipients' numbers and replies in their records stay readable under the new \
+             master key until retention drops them",
+            e.old_format_segments
+        );
+    }
     Ok(())
 }

@@ -292,6 +292,10 @@ async fn an_erased_business_is_unreadable_in_the_live_directory_and_in_a_copy_ta
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("business 1 erased"), "{stdout}");
     assert!(
+        !stdout.contains("format version 2"),
+        "every segment is version 3: {stdout}"
+    );
+    assert!(
         stderr.contains("business erased"),
         "logged at INFO: {stderr}"
     );
@@ -671,4 +675,36 @@ fn serve_finishes_an_interrupted_erase_before_it_serves() {
         let master = std::fs::read_to_string(&files.key_file).unwrap();
         assert!(!text.contains(master.trim()) && !text.contains(MASTER_HEX));
     }
+}
+
+/// Segments written before per-business field keys (format version 2) keep their
+/// records' numbers under their data keys until retention: the erase counts them, so the
+/// operator is told.
+#[test]
+fn an_erase_counts_the_segments_of_the_older_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let (files, profile) = library_setup(dir.path());
+    let shard = courier_testkit::logkit::shard_dir(&files.data, 0);
+    let segs = courier_testkit::logkit::segments(&files.data, 0);
+    assert_eq!(segs.len(), 1);
+    // A header naming version 2, as an older build wrote it.
+    let header = SegmentHeader::decode(&std::fs::read(&segs[0]).unwrap()).unwrap();
+    let mut bytes = Vec::new();
+    SegmentHeader {
+        version: 2,
+        ..header
+    }
+    .encode(&mut bytes);
+    std::fs::write(shard.join(format!("{:020}.seg", 999)), &bytes).unwrap();
+    let req = EraseRequest {
+        data_dir: &files.data,
+        master_key_file: &files.key_file,
+        registry: &files.registry,
+        detect: &profile.detect,
+        business_id: ERASED,
+    };
+    let erased = courier::erase::erase(&req, None).unwrap();
+    assert_eq!(erased.old_format_segments, 1, "{erased:?}");
+    assert!(erased.root_key_destroyed);
+    assert_eq!((erased.keyrings, erased.root_keys_rewrapped), (1, 1));
 }

@@ -9,11 +9,12 @@
 //!           crc32c covers len (4 bytes) and sealed, so a check needs no key
 //! sealed  = AES-256-GCM(data key, nonce, aad = "", plain) = ciphertext | tag[16]
 //! nonce   = segment_id:u64 | index_in_segment:u32     (little endian, 12 bytes)
-//! plain (version 3) = fixed | fields_key:u8 | AES-256-GCM(field key, index:u32 | 0[8],
-//!           aad = fixed | fields_key, tail) = tail ciphertext | tag[16]
+//! sealed (version 3) = AES-256-GCM(data key, nonce, aad = "", fixed | fields_key:u8)
+//!           | AES-256-GCM(field key, index:u32 | 0[8], aad = fixed | fields_key, tail)
+//!           (each ciphertext | tag[16])
 //! fixed   = kind:u8 | business_id:u32 | time_ms:u64 | client_id:u64 | reference:u64 | code:u16
 //! tail    = recipient_len:u8 (0: none) | recipient | payload_len:u32 | payload
-//! plain (version 2, read only) = fixed | tail
+//! plain (version 2, read only) = fixed | tail, sealed whole under the data key
 //! plain (version 1, read only) = business_id:u32 | time_ms:u64 | client_id:u64
 //!           | recipient_len:u8 | recipient | payload_len:u32 | payload   (a message)
 //! ```
@@ -40,11 +41,14 @@
 //!
 //! **Per-business field keys (version 3, issue 19: erasing a business).** What a record
 //! says about a business's users (the recipient's number, a user's reply, the sealed
-//! payload) is its `tail`, encrypted a second time, inside the segment's encryption,
-//! under a key only that business's root key yields: `fields_key` 1 = HMAC(the
-//! business's field root (from its root key, [`FieldKeys`]), salt), where the salt is
-//! HMAC(data key, a label), so the key is new in every segment (a random data key each)
-//! and the index nonce never repeats under it, restores of old copies included.
+//! payload) is its `tail`, encrypted under a key that needs both the segment's data key
+//! and that business's root key: `fields_key` 1 = HMAC(the business's field root (from
+//! its root key, [`FieldKeys`]), salt), where the salt is HMAC(data key, a label), so the
+//! key is new in every segment (a random data key each) and the index nonce never repeats
+//! under it, restores of old copies included. The data key seals the `fixed` part (ids,
+//! times, codes) and the tail's tag binds it (AAD). The tail is encrypted once, not once
+//! per key: a second pass over the payload doubled the format's CPU cost
+//! (`benches/log_encode.rs`).
 //! `fields_key` 0 = a key of the segment alone (records with nothing of a user: statuses,
 //! cursors; and logs opened without business keys, such as tools' and tests'). Dropping a
 //! business's root key (`courier businesses erase`) leaves its records' tails unreadable
@@ -631,6 +635,12 @@ impl SegmentCodec {
         });
         let mut aad = [0u8; RECORD_HEADER_FIXED_BYTES + 1];
         aad.copy_from_slice(&out[plain..]);
+        let head_tag = self
+            .key
+            .aead
+            .seal_in_place_separate_tag(self.nonce(index), Aad::empty(), &mut out[plain..])
+            .expect("AES-GCM seal cannot fail for a bounded record");
+        out.extend_from_slice(head_tag.as_ref());
         let tail = out.len();
         out.push(r.len() as u8);
         out.extend_from_slice(r);
@@ -641,12 +651,6 @@ impl SegmentCodec {
             .seal_in_place_separate_tag(Self::tail_nonce(index), Aad::from(&aad), &mut out[tail..])
             .expect("AES-GCM seal cannot fail for a bounded record");
         out.extend_from_slice(tail_tag.as_ref());
-        let tag = self
-            .key
-            .aead
-            .seal_in_place_separate_tag(self.nonce(index), Aad::empty(), &mut out[plain..])
-            .expect("AES-GCM seal cannot fail for a bounded record");
-        out.extend_from_slice(tag.as_ref());
         let crc = frame_crc(&out[start..start + 4], &out[plain..]);
         out[start + 4..plain].copy_from_slice(&crc.to_le_bytes());
 
@@ -669,17 +673,36 @@ impl SegmentCodec {
     #[doc(hidden)]
     pub fn seal_plaintext_for_fuzzing(&self, index: u32, plain: &[u8], out: &mut Vec<u8>) {
         let start = out.len();
-        let sealed_len = u32::try_from(plain.len() + TAG_BYTES).expect("a fuzz record fits u32");
+        // Version 3 seals the head under the data key and the rest under the segment's
+        // field key (a business's key is the parser's to look up): two tags.
+        let head = RECORD_HEADER_FIXED_BYTES + 1;
+        let split = (self.header.version >= 3 && plain.len() >= head).then_some(head);
+        let tags = if split.is_some() { 2 } else { 1 };
+        let sealed_len =
+            u32::try_from(plain.len() + tags * TAG_BYTES).expect("a fuzz record fits u32");
         out.extend_from_slice(&sealed_len.to_le_bytes());
         out.extend_from_slice(&[0; 4]);
         let sealed = out.len();
-        out.extend_from_slice(plain);
+        out.extend_from_slice(&plain[..split.unwrap_or(plain.len())]);
         let tag = self
             .key
             .aead
             .seal_in_place_separate_tag(self.nonce(index), Aad::empty(), &mut out[sealed..])
             .expect("AES-GCM seal cannot fail for a bounded record");
         out.extend_from_slice(tag.as_ref());
+        if let Some(head) = split {
+            let tail = out.len();
+            out.extend_from_slice(&plain[head..]);
+            let tag = self
+                .segment_fields
+                .seal_in_place_separate_tag(
+                    Self::tail_nonce(index),
+                    Aad::from(&plain[..head]),
+                    &mut out[tail..],
+                )
+                .expect("AES-GCM seal cannot fail for a bounded record");
+            out.extend_from_slice(tag.as_ref());
+        }
         let crc = frame_crc(&out[start..start + 4], &out[sealed..]);
         out[start + 4..sealed].copy_from_slice(&crc.to_le_bytes());
     }
@@ -713,6 +736,9 @@ impl SegmentCodec {
         let total = self.frame_at(bytes, offset)?;
         let o = offset as usize;
         let mut buf = bytes[o + RECORD_FRAME_BYTES..o + total].to_vec();
+        if self.header.version >= 3 {
+            return Ok((self.read_v3(&mut buf, offset, index)?, total));
+        }
         let plain = self
             .key
             .aead
@@ -720,27 +746,33 @@ impl SegmentCodec {
             .map_err(|_| RecordError::Aead { offset })?;
         let rec = match self.header.version {
             1 => parse_plain_v1(plain, offset, self.payload_bytes_max)?,
-            2 => parse_plain(plain, offset, self.payload_bytes_max)?,
-            _ => self.parse_plain_v3(plain, offset, index)?,
+            _ => parse_plain(plain, offset, self.payload_bytes_max)?,
         };
         Ok((rec, total))
     }
 
-    /// A version 3 plaintext: the tail opened under its field key, then read as version
-    /// 2's; hidden when the key is not here.
-    fn parse_plain_v3(
+    /// A version 3 record's sealed bytes: the head opened under the data key, the tail
+    /// under its field key, then read as version 2's plaintext; hidden when the field key
+    /// is not here.
+    fn read_v3(
         &self,
-        p: &[u8],
+        sealed: &mut [u8],
         offset: u64,
         index: u32,
     ) -> Result<OwnedRecord, RecordError> {
         let bad = |what| RecordError::Malformed { offset, what };
-        let fixed = RECORD_HEADER_FIXED_BYTES;
-        if p.len() < RECORD_PLAIN_FIXED_BYTES {
-            return Err(bad("short plaintext"));
+        let head = RECORD_HEADER_FIXED_BYTES + 1;
+        if sealed.len() < RECORD_PLAIN_FIXED_BYTES + TAG_BYTES {
+            return Err(bad("short record"));
         }
+        let (head_sealed, tail_sealed) = sealed.split_at_mut(head + TAG_BYTES);
+        let p = self
+            .key
+            .aead
+            .open_in_place(self.nonce(index), Aad::empty(), head_sealed)
+            .map_err(|_| RecordError::Aead { offset })?;
         let business_id = u32_at(p, 1);
-        let key = match p[fixed] {
+        let key = match p[head - 1] {
             FIELDS_UNDER_SEGMENT => None,
             FIELDS_UNDER_BUSINESS => match self.business_key(business_id) {
                 Some(k) => Some(k),
@@ -748,19 +780,13 @@ impl SegmentCodec {
             },
             _ => return Err(bad("fields key")),
         };
-        let mut v2 = Vec::with_capacity(p.len());
-        v2.extend_from_slice(&p[..fixed]);
-        v2.extend_from_slice(&p[fixed + 1..]);
         let tail_key = key.as_deref().unwrap_or(&self.segment_fields);
-        let opened = tail_key
-            .open_in_place(
-                Self::tail_nonce(index),
-                Aad::from(&p[..fixed + 1]),
-                &mut v2[fixed..],
-            )
-            .map_err(|_| RecordError::Aead { offset })?
-            .len();
-        v2.truncate(fixed + opened);
+        let tail = tail_key
+            .open_in_place(Self::tail_nonce(index), Aad::from(&p[..head]), tail_sealed)
+            .map_err(|_| RecordError::Aead { offset })?;
+        let mut v2 = Vec::with_capacity(head - 1 + tail.len());
+        v2.extend_from_slice(&p[..head - 1]);
+        v2.extend_from_slice(tail);
         parse_plain(&v2, offset, self.payload_bytes_max)
     }
 

@@ -16,31 +16,33 @@
 //!     registry (its id never reused), the journal removed
 //! ```
 //!
-//! **What makes the business unreadable.** A stored message's payload is sealed under a
-//! key derived from its business's root key (`seal::DerivedKeys`); the root key exists
-//! only wrapped by the master key in `business-keys`. Erasing drops that root key from the
-//! file: in the live directory, the business's payloads no longer open under any key.
+//! **What makes the business unreadable.** What a record says about a business's users
+//! (a message's recipient number and sealed payload, a user's reply and number) is
+//! encrypted, since segment format version 3, under a key derived in each segment from
+//! both the segment's data key and the business's root key (`courier_pipeline::log::
+//! format`); the payload is besides sealed under recipient keys derived from the root
+//! key (`seal::DerivedKeys`). The root key exists only wrapped by the master key in
+//! `business-keys`. Erasing drops it from the file: in the live directory those fields
+//! no longer open under any key (the records read back hidden, with their ids), and no
+//! segment is rewritten.
 //!
 //! **Why the master key must change too.** A copy of the data directory taken before
 //! holds the wrapped root key, and every segment's data key wrapped by the master key, so
-//! with the old master key it would yield the payloads, and (the segments being encrypted
-//! with data keys only) the recipients' numbers and users' replies of every record. So the
-//! erase rotates the master key: every keyring entry and every other business's root key
+//! with the old master key it would yield everything. So the erase rotates the master
+//! key: every keyring entry and every other business's root key
 //! is rewrapped under a new random key, the new key replaces the old in the master key
 //! file, and the old key is destroyed. Nothing in an old copy opens under the new key, for
 //! any business: **a backup taken before an erase can no longer be read at all**. That is
 //! the price of "even from a copy taken before" without rewriting 30 days of segments;
 //! the README says so to operators, who keep no copy of the old master key file.
 //!
-//! **What the live directory still holds.** Segments are not rewritten: until retention
-//! drops them (30 days at most), the erased business's records stay in the live
-//! segments, encrypted at rest under data keys that the new master key still unwraps. Its
-//! payloads do not open (root key gone), statuses and cursors carry ids and codes only,
-//! but a record's recipient number, and a user's reply (opened by the relay when it was
-//! received), are fields of the record under the segment's data key. Per-business
-//! encryption of those fields inside the record (a v3 record keyed from the business
-//! root key, so that dropping the root key also hides them in the live directory) is the
-//! next step and is not built yet: see the README.
+//! **What the live directory still holds.** Until retention drops them (30 days at
+//! most), the erased business's records stay in the live segments under data keys the
+//! new master key still unwraps: their ids, times and status codes read, their user
+//! fields do not. Records written before format version 3 (by an older build) keep their
+//! user fields under the data key alone, so their numbers (not their payloads, sealed
+//! under the root key) stay readable until those segments age out; the run counts such
+//! segments ([`Erased::old_format_segments`]) and the command says so.
 //!
 //! **Crash safety.** The commit point is the rename of the new master key file over the
 //! old one. Before it, the old key and every old file are untouched (staged files lie

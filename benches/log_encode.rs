@@ -3,17 +3,22 @@
 //! shell's write and fdatasync; the durable append bench (`log_append`) adds the IO.
 //!
 //! Ids: `encode/<payload bytes>` and `scan/<payload bytes>` (a segment of 64 records
-//! scanned as recovery does: CRC, tag and fields of every record). Throughput in bytes of
-//! records on disk.
+//! scanned as recovery does: CRC, tag and fields of every record), and
+//! `encode_business_key/<payload bytes>`: as the server writes since issue 19, with each
+//! record's user fields under its business's field key (a second AES-256-GCM, the key
+//! derived once per business and segment). Throughput in bytes of records on disk.
 //!
 //! Run: `cargo bench --bench log_encode -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
 
 use courier::courier_pipeline::log::format::SEGMENT_VERSION;
+use std::sync::Arc;
+
 use courier::courier_pipeline::log::{
-    DataKey, Record, RecordHeader, ScanOutcome, SegmentCodec, SegmentHeader,
+    DataKey, FieldKeys, Record, RecordHeader, ScanOutcome, SegmentCodec, SegmentHeader,
 };
+use courier::courier_pipeline::seal::keys::{DerivedKeys, RootKey};
 use courier::courier_pipeline::wire::Recipient;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
@@ -34,6 +39,10 @@ fn codec() -> SegmentCodec {
 
 fn bench(c: &mut Criterion) {
     let codec = codec();
+    let mut keys = DerivedKeys::new();
+    keys.insert_root(1, &RootKey::generate(&mut rand::rng()));
+    let keys: Arc<dyn FieldKeys> = Arc::new(keys);
+    let with_keys = self::codec().with_field_keys(Some(keys));
     let recipient = Recipient::parse(b"+4915112345678").expect("valid E.164");
     let mut group = c.benchmark_group("log");
     for size in PAYLOAD_SIZES {
@@ -63,6 +72,21 @@ fn bench(c: &mut Criterion) {
                 black_box(out.len())
             })
         });
+        group.bench_with_input(
+            BenchmarkId::new("encode_business_key", size),
+            &size,
+            |b, _| {
+                b.iter(|| {
+                    out.clear();
+                    for i in 0..RECORDS {
+                        with_keys
+                            .encode_record(i as u32, &record(i), &mut out)
+                            .expect("bounded");
+                    }
+                    black_box(out.len())
+                })
+            },
+        );
         group.bench_with_input(BenchmarkId::new("scan", size), &size, |b, _| {
             b.iter(|| match codec.scan(black_box(&segment)) {
                 ScanOutcome::Clean(s) => s.records,

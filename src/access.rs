@@ -1,5 +1,6 @@
 //! The access log, `DATA_DIR/access.log`: every run of a command that decrypts stored data
-//! (`courier log verify`, `audit`, `expire`) appends one line saying who ran what, when,
+//! (`courier log verify`, `audit`, `expire`) or unwraps its keys (`courier businesses
+//! erase`) appends one line saying who ran what, when,
 //! over which range, with which counts and outcome. Ids and counts only: never content, a
 //! phone number or a key.
 //!

@@ -22,7 +22,7 @@ use crate::store::MasterKeyText;
 /// The file name under the data directory.
 pub const FILE_NAME: &str = "business-keys";
 
-fn parse(text: &str) -> Result<BTreeMap<u32, WrappedRootKey>, String> {
+pub(crate) fn parse(text: &str) -> Result<BTreeMap<u32, WrappedRootKey>, String> {
     let mut out = BTreeMap::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -71,11 +71,7 @@ pub fn load_or_create(
         }
     }
     if created > 0 {
-        let mut text = String::new();
-        for (id, w) in &wrapped {
-            text.push_str(&format!("{id} {}\n", hex::encode(w.as_bytes())));
-        }
-        crate::store::write_file_atomically(&path, text.as_bytes(), 0o600)
+        crate::store::write_file_atomically(&path, render(&wrapped).as_bytes(), 0o600)
             .map_err(|e| format!("{}: {e}", path.display()))?;
         tracing::info!(created, "created business root keys");
     }
@@ -86,4 +82,20 @@ pub fn load_or_create(
         keys.insert_root(*id, &root);
     }
     Ok(Arc::new(keys))
+}
+
+/// Loads the root keys `data_dir` holds, creating none (the offline tools: `courier log
+/// expire` reads its records' user fields with them, as the server would). No file: no
+/// keys. Fails when a key does not unwrap (wrong master key, damaged file).
+pub fn load(data_dir: &Path, master: &MasterKeyText) -> Result<Arc<DerivedKeys>, String> {
+    load_or_create(data_dir, master, &Registry::default())
+}
+
+/// The file's text for `wrapped` (one line per business, ids ascending).
+pub(crate) fn render(wrapped: &BTreeMap<u32, WrappedRootKey>) -> String {
+    let mut text = String::new();
+    for (id, w) in wrapped {
+        text.push_str(&format!("{id} {}\n", hex::encode(w.as_bytes())));
+    }
+    text
 }

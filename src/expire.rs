@@ -99,6 +99,7 @@ fn append_durably(
             let rec = OwnedRecord {
                 header: *h,
                 payload: Vec::new(),
+                fields_hidden: false,
             };
             replay.visit(p.index(), &rec);
         }

@@ -26,6 +26,7 @@ pub mod access;
 pub mod audit;
 pub mod business_keys;
 pub mod control;
+pub mod erase;
 pub mod expire;
 pub mod metrics;
 pub mod notify;

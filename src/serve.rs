@@ -786,7 +786,17 @@ fn prepare_shard(
         replay.visit(log_index, rec);
     };
     let cfg = LogConfig::new(&c.profile.log, c.profile.limits.payload_bytes_max);
-    let opened = ShardStore::open(&c.data_dir, shard, &c.master_key, cfg, &mut remember);
+    // With the businesses' keys: replay sees their users' fields, and the log writes them
+    // under those keys (erasing a business hides them: `crate::erase`).
+    let fields: Arc<dyn courier_pipeline::log::FieldKeys> = c.business_keys.clone();
+    let opened = ShardStore::open_with_field_keys(
+        &c.data_dir,
+        shard,
+        &c.master_key,
+        Some(fields),
+        cfg,
+        &mut remember,
+    );
     restore.offer(&mut ids);
     let (mut store, mut log) = opened.map_err(|source| ServeError::Store { shard, source })?;
     // Retention first: nothing expired is served, even after a stop across the deadline.

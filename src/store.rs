@@ -323,6 +323,20 @@ impl ShardStore {
         cfg: LogConfig,
         visit: &mut dyn FnMut(u64, &OwnedRecord),
     ) -> Result<(ShardStore, Log), StoreError> {
+        ShardStore::open_with_field_keys(data_dir, shard, master_key, None, cfg, visit)
+    }
+
+    /// [`ShardStore::open`] with the businesses' field keys (the server's): `visit` sees
+    /// the user fields of every record of a business that has its key, and the log writes
+    /// new records' user fields under them (`courier_pipeline::log::format`).
+    pub fn open_with_field_keys(
+        data_dir: &Path,
+        shard: ShardId,
+        master_key: &MasterKeyText,
+        fields: Option<Arc<dyn courier_pipeline::log::FieldKeys>>,
+        cfg: LogConfig,
+        visit: &mut dyn FnMut(u64, &OwnedRecord),
+    ) -> Result<(ShardStore, Log), StoreError> {
         let dir = shard_dir(data_dir, shard);
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -349,7 +363,8 @@ impl ShardStore {
             master_key.master_key(),
             cfg.payload_bytes_max,
         )
-        .map_err(recovery)?;
+        .map_err(recovery)?
+        .with_field_keys(fields);
         // Judge every segment before touching any.
         for &id in &ids {
             let path = dir.join(segment_file_name(id));

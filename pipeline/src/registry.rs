@@ -144,6 +144,12 @@ fn is_false(b: &bool) -> bool {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRegistry {
+    /// Ids of erased businesses (`courier businesses erase`): never given out again, so
+    /// that nothing left of an erased business (a billing count, a log record until it
+    /// ages out) is ever taken for a new one's. Before `business`: TOML writes plain
+    /// values before tables.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    erased: Vec<u32>,
     #[serde(default)]
     business: Vec<RawBusiness>,
 }
@@ -233,6 +239,7 @@ pub struct Unauthorized;
 pub struct Registry {
     by_id: HashMap<u32, Business>,
     order: Vec<u32>,
+    erased: std::collections::BTreeSet<u32>,
 }
 
 /// SHA-256 of a token.
@@ -277,6 +284,10 @@ impl Registry {
             return Err(RegistryError::TooMany);
         }
         let mut reg = Registry::default();
+        if raw.erased.len() > BUSINESSES_MAX {
+            return Err(RegistryError::TooMany);
+        }
+        reg.erased.extend(raw.erased);
         for (index, b) in raw.business.into_iter().enumerate() {
             let id = b.id;
             reg.insert_raw(b)
@@ -291,6 +302,9 @@ impl Registry {
         }
         if self.by_id.contains_key(&b.id) {
             return Err("duplicate id".into());
+        }
+        if self.erased.contains(&b.id) {
+            return Err("this id belongs to an erased business and is never reused".into());
         }
         if b.name.is_empty() || b.name.len() > NAME_BYTES_MAX {
             return Err(format!("name must be 1..={NAME_BYTES_MAX} bytes"));
@@ -340,7 +354,14 @@ impl Registry {
         if self.by_id.len() >= BUSINESSES_MAX {
             return Err(RegistryError::TooMany);
         }
-        let id = self.by_id.keys().max().copied().unwrap_or(0) + 1;
+        let id = self
+            .by_id
+            .keys()
+            .chain(self.erased.iter())
+            .max()
+            .copied()
+            .unwrap_or(0)
+            + 1;
         let token = format_token(id, secret);
         let index = self.order.len();
         self.insert_raw(RawBusiness {
@@ -448,9 +469,27 @@ impl Registry {
         r
     }
 
+    /// Removes business `id` for good (`courier businesses erase`): its id is remembered
+    /// as erased and never given to another business.
+    pub fn erase(&mut self, id: u32) -> Result<(), RegistryError> {
+        if self.erased.len() >= BUSINESSES_MAX {
+            return Err(RegistryError::TooMany);
+        }
+        self.by_id.remove(&id).ok_or(RegistryError::NotFound(id))?;
+        self.order.retain(|&i| i != id);
+        self.erased.insert(id);
+        Ok(())
+    }
+
+    /// Whether `id` belongs to an erased business.
+    pub fn is_erased(&self, id: u32) -> bool {
+        self.erased.contains(&id)
+    }
+
     /// The registry as TOML text, in insertion order.
     pub fn to_toml(&self) -> String {
         let raw = RawRegistry {
+            erased: self.erased.iter().copied().collect(),
             business: self
                 .order
                 .iter()
@@ -638,5 +677,28 @@ mod tests {
             Registry::from_toml(text),
             Err(RegistryError::Invalid { .. })
         ));
+    }
+
+    #[test]
+    fn an_erased_id_is_never_given_out_again_and_survives_the_file() {
+        let mut reg = Registry::default();
+        let (a, token_a) = reg.add("Acme", Tier::T250, 80, &[1u8; 32]).unwrap();
+        let (b, _) = reg.add("Beta", Tier::T250, 80, &[2u8; 32]).unwrap();
+        // The highest id goes: max + 1 alone would hand it out again.
+        reg.erase(b).unwrap();
+        assert_eq!(reg.erase(b), Err(RegistryError::NotFound(b)));
+        let mut reg = Registry::from_toml(&reg.to_toml()).unwrap();
+        assert!(reg.is_erased(b) && !reg.is_erased(a));
+        assert!(reg.get(b).is_none());
+        assert_eq!(reg.len(), 1);
+        assert!(reg.authenticate(token_a.as_bytes()).is_ok());
+        let (c, _) = reg.add("Gamma", Tier::T250, 80, &[3u8; 32]).unwrap();
+        assert!(c > b, "erased id {b} given out again as {c}");
+        // A hand-edited registry that brings an erased id back is refused by name.
+        let text = reg
+            .to_toml()
+            .replace(&format!("id = {c}"), &format!("id = {b}"));
+        let err = Registry::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("erased"), "{err}");
     }
 }

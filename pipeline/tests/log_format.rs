@@ -301,6 +301,7 @@ fn nothing_shows_recipient_payload_or_key_bytes() {
     let owned = OwnedRecord {
         header: r.header,
         payload: PAYLOAD.to_vec(),
+        fields_hidden: false,
     };
     let texts = [
         format!("{r:?}"),
@@ -472,6 +473,152 @@ fn a_version_1_segment_reads_back() {
         RecordHeader::message(42, 7, 9, Recipient::parse(who).unwrap(), 0)
     );
     assert_eq!(rec.payload, b"hello");
+}
+
+#[test]
+fn a_version_2_segment_reads_back() {
+    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+    let h = SegmentHeader {
+        version: 2,
+        ..header()
+    };
+    let mut bytes = Vec::new();
+    h.encode(&mut bytes);
+    // kind | business | time | client | reference | code | rlen | recipient | plen | payload
+    let who = b"+4915112345678";
+    let mut plain = vec![RecordKind::Inbound as u8];
+    plain.extend_from_slice(&42u32.to_le_bytes());
+    plain.extend_from_slice(&7u64.to_le_bytes());
+    plain.extend_from_slice(&9u64.to_le_bytes());
+    plain.extend_from_slice(&0u64.to_le_bytes());
+    plain.extend_from_slice(&0u16.to_le_bytes());
+    plain.push(who.len() as u8);
+    plain.extend_from_slice(who);
+    plain.extend_from_slice(&5u32.to_le_bytes());
+    plain.extend_from_slice(b"hello");
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[3; 32]).unwrap());
+    let mut nonce = [0u8; 12];
+    nonce[..8].copy_from_slice(&SEGMENT_ID.to_le_bytes());
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::empty(),
+        &mut plain,
+    )
+    .unwrap();
+    let len = (plain.len() as u32).to_le_bytes();
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&len), &plain);
+    bytes.extend_from_slice(&len);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    bytes.extend_from_slice(&plain);
+    let c = SegmentCodec::new(h, DataKey::from_random(SEGMENT_ID, [3; 32]), PAYLOAD_MAX);
+    let (rec, _) = c
+        .read_record(&bytes, SEGMENT_HEADER_BYTES as u64, 0)
+        .unwrap();
+    assert_eq!(rec.header.kind, RecordKind::Inbound);
+    assert_eq!(rec.header.recipient, Some(Recipient::parse(who).unwrap()));
+    assert_eq!(
+        (rec.payload.as_slice(), rec.fields_hidden),
+        (&b"hello"[..], false)
+    );
+}
+
+/// Field keys of a set of businesses, as the businesses' root keys give them.
+#[derive(Debug)]
+struct Fields(Vec<u32>);
+
+impl courier_pipeline::log::FieldKeys for Fields {
+    fn field_key(&self, business_id: u32, salt: &[u8; 32]) -> Option<zeroize::Zeroizing<[u8; 32]>> {
+        self.0.contains(&business_id).then(|| {
+            let mut k = zeroize::Zeroizing::new(*salt);
+            k[0] ^= business_id as u8;
+            k
+        })
+    }
+}
+
+/// Issue 19, erasing a business: a version 3 record's user fields are under its
+/// business's key; without that key (erased) they read back hidden, with its ids, and
+/// its statuses and the other businesses' records read as before.
+#[test]
+fn user_fields_read_back_hidden_without_their_business_key() {
+    use std::sync::Arc;
+    let who = Recipient::parse(b"+4915112345678").unwrap();
+    let records = [
+        record(1, b"of business 42"),
+        Record {
+            header: RecordHeader {
+                kind: RecordKind::Inbound,
+                business_id: 43,
+                time_ms: 5,
+                client_id: 6,
+                recipient: Some(who),
+                reference: 0,
+                code: 0,
+            },
+            payload: b"a reply to 43",
+        },
+        Record {
+            header: RecordHeader {
+                kind: RecordKind::Status,
+                business_id: 42,
+                time_ms: 5,
+                client_id: 1,
+                recipient: None,
+                reference: 1000,
+                code: 2,
+            },
+            payload: b"",
+        },
+    ];
+    let both: Arc<dyn courier_pipeline::log::FieldKeys> = Arc::new(Fields(vec![42, 43]));
+    let writer = codec(9).with_field_keys(Some(both));
+    let mut bytes = Vec::new();
+    header().encode(&mut bytes);
+    for (i, r) in records.iter().enumerate() {
+        writer.encode_record(i as u32, r, &mut bytes).unwrap();
+    }
+    let read = |fields: Option<Arc<dyn courier_pipeline::log::FieldKeys>>| {
+        let mut out = Vec::new();
+        let outcome = codec(9)
+            .with_field_keys(fields)
+            .scan_visiting(&bytes, &mut |_, r| out.push(r.clone()));
+        assert!(matches!(outcome, ScanOutcome::Clean(_)), "{outcome:?}");
+        out
+    };
+    // With both keys: everything, as written.
+    let all = read(Some(Arc::new(Fields(vec![42, 43]))));
+    for (r, back) in records.iter().zip(&all) {
+        assert_eq!(back.as_record(), *r);
+        assert!(!back.fields_hidden);
+    }
+    // Business 42 erased: its message is hidden (ids kept), its status is not.
+    let erased = read(Some(Arc::new(Fields(vec![43]))));
+    assert!(erased[0].fields_hidden);
+    assert_eq!(
+        (erased[0].header.business_id, erased[0].header.client_id),
+        (42, 1)
+    );
+    assert_eq!(erased[0].header.recipient, None);
+    assert!(erased[0].payload.is_empty());
+    assert_eq!(erased[1].as_record(), records[1]);
+    assert_eq!(erased[2].as_record(), records[2]);
+    // No business keys at all (a tool): the statuses read, the user fields do not.
+    let none = read(None);
+    assert!(none[0].fields_hidden && none[1].fields_hidden);
+    assert_eq!(none[2].as_record(), records[2]);
+    // A wrong business key is tampering, not an erased business.
+    #[derive(Debug)]
+    struct Wrong;
+    impl courier_pipeline::log::FieldKeys for Wrong {
+        fn field_key(&self, _: u32, _: &[u8; 32]) -> Option<zeroize::Zeroizing<[u8; 32]>> {
+            Some(zeroize::Zeroizing::new([7; 32]))
+        }
+    }
+    let outcome = codec(9).with_field_keys(Some(Arc::new(Wrong))).scan(&bytes);
+    assert!(matches!(outcome, ScanOutcome::Corrupt(_)), "{outcome:?}");
+    // Nothing of the user lies in the bytes, even to one holding the data key alone.
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(!text.contains("business 42") && !text.contains("+4915112345678"));
 }
 
 // Found by fuzzing (the `segment` and `keyring` targets, `fuzz/regressions/`): a segment

@@ -1,5 +1,6 @@
-//! `courier businesses add|list|set|unpause|status`: the registry file (tokens shown once,
-//! only their hashes stored) and the running server's status file.
+//! `courier businesses add|list|set|unpause|status|erase`: the registry file (tokens shown
+//! once, only their hashes stored), the running server's status file, and erasing a
+//! business with the server stopped (`courier::erase`).
 
 use std::path::{Path, PathBuf};
 
@@ -87,6 +88,34 @@ pub(crate) enum BusinessesCmd {
         #[arg(long, default_value = "courier-data")]
         data_dir: PathBuf,
     },
+    /// Erase a business for good, with the server stopped: its stored messages, statuses and replies become unreadable, here and in any copy taken before (the master key is replaced)
+    ///
+    /// Its root key is destroyed and the master key rotated: every keyring and every other
+    /// business's root key is rewrapped under a new key written to the master key file,
+    /// so every backup of the data directory taken before can no longer be read, for any
+    /// business. Its id is never reused; its billing counts stay. Asks to type the id
+    /// unless --yes.
+    Erase {
+        /// Business id.
+        #[arg(long)]
+        id: u32,
+        /// The server's data directory.
+        #[arg(long, default_value = "courier-data")]
+        data_dir: PathBuf,
+        /// Registry file; DATA_DIR/registry.toml when absent.
+        #[arg(long)]
+        registry: Option<PathBuf>,
+        /// The server's tuning profile (its detector checkpoints are rewritten); the
+        /// built-in default profile when absent.
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        /// The master key file the server uses; replaced by a new key.
+        #[arg(long, env = "COURIER_MASTER_KEY_FILE")]
+        master_key_file: Option<PathBuf>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Integrity signals and billing counts per business (rating, tier in force, paused
     /// and why, messages accepted today), as the running server last wrote them.
     Status {
@@ -157,6 +186,25 @@ pub(crate) fn run(cmd: BusinessesCmd) -> Result<()> {
             registry,
             json,
         } => cmd_businesses_status(&data_dir, registry.as_deref(), json),
+        BusinessesCmd::Erase {
+            id,
+            data_dir,
+            registry,
+            profile,
+            master_key_file,
+            yes,
+        } => {
+            let registry = registry.unwrap_or_else(|| data_dir.join("registry.toml"));
+            let args = EraseArgs {
+                id,
+                data_dir: &data_dir,
+                registry: &registry,
+                profile: profile.as_deref(),
+                master_key_file: master_key_file.as_deref(),
+                yes,
+            };
+            cmd_businesses_erase(&args, &mut std::io::stdin().lock())
+        }
         BusinessesCmd::List { registry } => {
             let reg = load_registry(&registry)?;
             println!(
@@ -344,5 +392,111 @@ pub(crate) fn cmd_businesses_add(
     );
     eprintln!("its token follows; it is shown only this once:");
     println!("{token}");
+    Ok(())
+}
+
+/// The arguments of `businesses erase`.
+pub(crate) struct EraseArgs<'a> {
+    id: u32,
+    data_dir: &'a Path,
+    registry: &'a Path,
+    profile: Option<&'a Path>,
+    master_key_file: Option<&'a Path>,
+    yes: bool,
+}
+
+/// `courier businesses erase`: confirmation, then `courier::erase::erase`, with one line
+/// in the access log (it rewrites every keyring) and ids and counts on stdout.
+pub(crate) fn cmd_businesses_erase(
+    a: &EraseArgs<'_>,
+    confirm: &mut dyn std::io::BufRead,
+) -> Result<()> {
+    use courier::access::{AccessLog, AccessRecord};
+    let profile = super::load_profile(a.profile)?;
+    let key_file = a
+        .master_key_file
+        .context("no master key: pass --master-key-file FILE or set COURIER_MASTER_KEY_FILE")?;
+    if !a.data_dir.is_dir() {
+        bail!("{}: no such data directory", a.data_dir.display());
+    }
+    if !a.yes {
+        eprintln!(
+            "This erases business {id} for good: its stored messages, statuses and replies \
+             become unreadable, and the master key in {} is replaced (backups of the data \
+             directory taken before can no longer be read, for any business). Type the id \
+             ({id}) to go on:",
+            key_file.display(),
+            id = a.id
+        );
+        let mut line = String::new();
+        confirm
+            .read_line(&mut line)
+            .context("reading the confirmation")?;
+        if line.trim() != a.id.to_string() {
+            bail!(
+                "not confirmed (expected {}); nothing was changed (pass --yes to skip the question)",
+                a.id
+            );
+        }
+    }
+    let path = |p: &Path| p.display().to_string();
+    let mut record = AccessRecord::new(
+        "businesses erase",
+        vec![
+            ("dir".into(), path(a.data_dir)),
+            ("id".into(), a.id.to_string()),
+            ("registry".into(), path(a.registry)),
+            ("master_key_file".into(), path(key_file)),
+        ],
+    );
+    let mut access = AccessLog::open(a.data_dir)?;
+    let req = courier::erase::EraseRequest {
+        data_dir: a.data_dir,
+        master_key_file: key_file,
+        registry: a.registry,
+        detect: &profile.detect,
+        business_id: a.id,
+    };
+    let result = courier::erase::erase(&req, None);
+    if let Ok(e) = &result {
+        record.counts = vec![
+            ("root_key_destroyed".into(), u64::from(e.root_key_destroyed)),
+            ("root_keys_rewrapped".into(), e.root_keys_rewrapped),
+            ("keyrings".into(), e.keyrings),
+            ("segment_keys_rewrapped".into(), e.segment_keys_rewrapped),
+            ("checkpoints_rewritten".into(), e.checkpoints_rewritten),
+            ("checkpoints_dropped".into(), e.checkpoints_dropped),
+            ("old_format_segments".into(), e.old_format_segments),
+        ];
+    }
+    record.finish(result.is_ok());
+    let traced = access.append(&record);
+    let e = result?;
+    traced?;
+    println!(
+        "business {} erased: root key {}, {} other root key(s) and {} segment key(s) in {} \
+         keyring(s) rewrapped under a new master key (written to {}), {} detector \
+         checkpoint(s) rewritten without recipient hashes, {} dropped",
+        e.business_id,
+        if e.root_key_destroyed {
+            "destroyed"
+        } else {
+            "absent (never served)"
+        },
+        e.root_keys_rewrapped,
+        e.segment_keys_rewrapped,
+        e.keyrings,
+        key_file.display(),
+        e.checkpoints_rewritten,
+        e.checkpoints_dropped
+    );
+    if e.old_format_segments > 0 {
+        println!(
+            "{} segment(s) were written before per-business field keys (format version 2): \
+             the recipients' numbers and replies in their records stay readable under the new \
+             master key until retention drops them",
+            e.old_format_segments
+        );
+    }
     Ok(())
 }

@@ -246,6 +246,10 @@ fn expire(
     // The server's lock: a running server owns the log (and drops by itself).
     let _lock = courier::store::DataDirLock::acquire(dir)?;
     let cfg = LogConfig::new(&profile.log, profile.limits.payload_bytes_max);
+    // The businesses' keys, as the server's start-up has them: messages waiting in a
+    // dropped segment are known by their (per-business encrypted) fields.
+    let fields: std::sync::Arc<dyn courier_pipeline::log::FieldKeys> =
+        courier::business_keys::load(dir, &key).map_err(anyhow::Error::msg)?;
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .context("the clock is before 1970")?
@@ -260,10 +264,14 @@ fn expire(
             )
         })?;
         let mut replay = Replay::new(shard);
-        let (mut store, mut log) =
-            courier::store::ShardStore::open(dir, shard, &key, cfg, &mut |i, r| {
-                replay.visit(i, r)
-            })?;
+        let (mut store, mut log) = courier::store::ShardStore::open_with_field_keys(
+            dir,
+            shard,
+            &key,
+            Some(fields.clone()),
+            cfg,
+            &mut |i, r| replay.visit(i, r),
+        )?;
         read += replay.records;
         let expired = courier::expire::before_serving(
             &mut store,

@@ -87,6 +87,19 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     if let Some(s) = args.shards {
         profile.shards = s;
     }
+    // An erase that stopped half-way is finished before the registry and the keys are
+    // read: rolled forward past its commit point (the master key file already holds the
+    // new key), back before it.
+    match courier::erase::finish_interrupted(&data_dir)? {
+        Some(courier::erase::Interrupted::Completed { business_id }) => {
+            tracing::info!(business_id, "completed an interrupted erase of a business")
+        }
+        Some(courier::erase::Interrupted::RolledBack { business_id }) => tracing::warn!(
+            business_id,
+            "rolled back an interrupted erase of a business: it is NOT erased; run `courier businesses erase` again"
+        ),
+        None => {}
+    }
     let master_key = read_master_key(master_key_file.as_deref())?;
     let registry = if registry_path.exists() {
         load_registry(&registry_path)?

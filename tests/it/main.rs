@@ -16,6 +16,7 @@ mod delivery_paths;
 mod delivery_send;
 mod detect_e2e;
 mod detect_quality;
+mod erase;
 mod files;
 mod foreign_client;
 mod graceful_stop;

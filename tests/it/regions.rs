@@ -181,6 +181,11 @@ async fn traffic(site: &Site, edge_token: &str, seed: u64) {
 /// Every record of every shard's log under `data`, read with `key_hex`.
 fn read_logs(data: &Path, key_hex: &str) -> Vec<OwnedRecord> {
     let master = MasterKey::parse(key_hex.as_bytes()).unwrap();
+    // The directory's business keys too: a record's user fields are under them (log
+    // format v3, issue 19 erase).
+    let text = courier::store::MasterKeyText::new(key_hex.as_bytes().to_vec()).unwrap();
+    let fields: std::sync::Arc<dyn courier_pipeline::log::FieldKeys> =
+        courier::business_keys::load(data, &text).unwrap();
     let mut records = Vec::new();
     for shard in 0..2 {
         let dir = data.join(format!("log/shard-{shard}"));
@@ -193,7 +198,8 @@ fn read_logs(data: &Path, key_hex: &str) -> Vec<OwnedRecord> {
             let bytes = std::fs::read(dir.join(format!("{seg:020}.seg"))).unwrap();
             let header = SegmentHeader::decode(&bytes).unwrap();
             let key = keyring.data_key(&master, header.data_key_id).unwrap();
-            let codec = SegmentCodec::new(header, key, 1 << 20);
+            let codec =
+                SegmentCodec::new(header, key, 1 << 20).with_field_keys(Some(fields.clone()));
             let (mut offset, mut index) = (SEGMENT_HEADER_BYTES as u64, 0);
             while offset < bytes.len() as u64 {
                 let (rec, next) = codec.read_record(&bytes, offset, index).unwrap();

@@ -146,12 +146,17 @@ fn read_log(data_dir: &std::path::Path, shard: usize, profile: &Profile) -> Vec<
     let master_key = MasterKey::parse(MASTER_HEX.as_bytes()).unwrap();
     let keyring = Keyring::from_bytes(&std::fs::read(shard_dir.join("keyring")).unwrap()).unwrap();
     let log_cfg = LogConfig::new(&profile.log, profile.limits.payload_bytes_max);
+    // The businesses' root keys too: a record's user fields are under them (issue 19).
+    let master = MasterKeyText::new(MASTER_HEX.as_bytes().to_vec()).unwrap();
+    let fields: std::sync::Arc<dyn courier_pipeline::log::FieldKeys> =
+        courier::business_keys::load(data_dir, &master).unwrap();
     let mut records = Vec::new();
     for seg in courier::store::list_segments(&shard_dir).unwrap() {
         let bytes = std::fs::read(shard_dir.join(format!("{seg:020}.seg"))).unwrap();
         let header = SegmentHeader::decode(&bytes).unwrap();
         let key = keyring.data_key(&master_key, header.data_key_id).unwrap();
-        let codec = SegmentCodec::new(header, key, log_cfg.payload_bytes_max);
+        let codec = SegmentCodec::new(header, key, log_cfg.payload_bytes_max)
+            .with_field_keys(Some(fields.clone()));
         let mut offset = SEGMENT_HEADER_BYTES as u64;
         let mut index = 0;
         while offset < bytes.len() as u64 {

@@ -88,7 +88,11 @@ impl Server {
             let key = keyring
                 .data_key(&master.master_key(), header.data_key_id)
                 .unwrap();
-            let codec = SegmentCodec::new(header, key, courier::audit::PAYLOAD_BYTES_MAX);
+            // With the business's key: the record's user fields are under it (issue 19).
+            let codec = SegmentCodec::new(header, key, courier::audit::PAYLOAD_BYTES_MAX)
+                .with_field_keys(Some(
+                    keys.clone() as std::sync::Arc<dyn courier_pipeline::log::FieldKeys>
+                ));
             let mut at = SEGMENT_HEADER_BYTES as u64;
             let mut index = 0;
             while at < bytes.len() as u64 {

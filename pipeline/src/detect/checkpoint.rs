@@ -557,6 +557,17 @@ impl Detector {
         w.0
     }
 
+    /// Forgets everything derived from recipient hashes, in every business (24 h
+    /// recipient window, past-recipient filter, same-recipient table), keeping pauses,
+    /// limits, rate buckets, fan-out baselines, quality ratings and billing counts: what a
+    /// checkpoint keeps when the secret its hashes were keyed with is gone (a master key
+    /// rotation by `courier businesses erase`, as for a version-1 checkpoint).
+    pub fn forget_recipient_hashes(&mut self) {
+        for st in self.businesses.values_mut() {
+            st.forget_recipient_hashes(&self.cfg);
+        }
+    }
+
     /// Replaces this detector's business state with a checkpoint's. On error nothing
     /// changes. Queued signals and the unsent delta are kept. The shell then calls
     /// [`expire`](Self::expire) with its clock: a checkpoint from before a long stop

@@ -43,7 +43,8 @@ fn config() -> LogConfig {
 }
 
 /// `data[0]` bit 0 clear: the rest is a segment file's bytes as they are (bit 1: with its
-/// header CRC recomputed). Bit 0 set: a valid header (bit 1: format version 1; bit 2: a
+/// header CRC recomputed). Bit 0 set: a valid header (bit 1: format version 1, else bit 3:
+/// version 3, whose plaintexts nest a tail under a field key, else version 2; bit 2: a
 /// first index near the top of the index space) followed by records whose plaintexts come
 /// from the input (`len:u8 | plaintext`, sealed under the segment's key and CRC-framed; a
 /// length of 0xff appends the rest raw). The segment is judged by recovery, the verdict
@@ -70,7 +71,11 @@ pub fn segment(data: &[u8]) {
                 100
             },
             created_ms: CREATED_MS,
-            version: if ctl & 2 != 0 { 1 } else { 2 },
+            version: match (ctl & 2 != 0, ctl & 8 != 0) {
+                (true, _) => 1,
+                (false, true) => 3,
+                (false, false) => 2,
+            },
             continues: false,
         };
         build_segment(header, key, rest)

@@ -271,6 +271,9 @@ pub struct Log {
     failed: Option<LogFailure>,
     /// This run opened a segment already: the next one continues it (header flag).
     rolled: bool,
+    /// The businesses' field keys: each new segment writes its records' user fields
+    /// under them (`format`'s version 3).
+    field_keys: Option<std::sync::Arc<dyn super::FieldKeys>>,
 }
 
 impl Log {
@@ -379,7 +382,18 @@ impl Log {
             next_sync_id: 1,
             failed: None,
             rolled: false,
+            field_keys: None,
         })
+    }
+
+    /// Sets the businesses' field keys: the open segment and every later one use them
+    /// (set right after the log opens, and again when a registry reload adds businesses;
+    /// a business's key never changes, so records written before still read back).
+    pub fn set_field_keys(&mut self, keys: Option<std::sync::Arc<dyn super::FieldKeys>>) {
+        if let Some(active) = self.active.as_mut() {
+            active.set_field_keys(keys.clone());
+        }
+        self.field_keys = keys;
     }
 
     /// The log's settings.
@@ -552,7 +566,10 @@ impl Log {
             created_ms: now_ms,
             oldest_ms: None,
         });
-        self.active = Some(SegmentCodec::new(header, key, self.cfg.payload_bytes_max));
+        self.active = Some(
+            SegmentCodec::new(header, key, self.cfg.payload_bytes_max)
+                .with_field_keys(self.field_keys.clone()),
+        );
     }
 
     /// Whether a batch of `records` records and `bytes` bytes (framed, as written) would be

@@ -9,9 +9,12 @@
 //!           crc32c covers len (4 bytes) and sealed, so a check needs no key
 //! sealed  = AES-256-GCM(data key, nonce, aad = "", plain) = ciphertext | tag[16]
 //! nonce   = segment_id:u64 | index_in_segment:u32     (little endian, 12 bytes)
-//! plain (version 2) = kind:u8 | business_id:u32 | time_ms:u64 | client_id:u64
-//!           | reference:u64 | code:u16 | recipient_len:u8 (0: none) | recipient
-//!           | payload_len:u32 | payload
+//! sealed (version 3) = AES-256-GCM(data key, nonce, aad = "", fixed | fields_key:u8)
+//!           | AES-256-GCM(field key, index:u32 | 0[8], aad = fixed | fields_key, tail)
+//!           (each ciphertext | tag[16])
+//! fixed   = kind:u8 | business_id:u32 | time_ms:u64 | client_id:u64 | reference:u64 | code:u16
+//! tail    = recipient_len:u8 (0: none) | recipient | payload_len:u32 | payload
+//! plain (version 2, read only) = fixed | tail, sealed whole under the data key
 //! plain (version 1, read only) = business_id:u32 | time_ms:u64 | client_id:u64
 //!           | recipient_len:u8 | recipient | payload_len:u32 | payload   (a message)
 //! ```
@@ -36,11 +39,31 @@
 //! The segment id in the nonce additionally binds a record to its segment: a record copied
 //! into another segment fails its tag.
 //!
+//! **Per-business field keys (version 3, issue 19: erasing a business).** What a record
+//! says about a business's users (the recipient's number, a user's reply, the sealed
+//! payload) is its `tail`, encrypted under a key that needs both the segment's data key
+//! and that business's root key: `fields_key` 1 = HMAC(the business's field root (from
+//! its root key, [`FieldKeys`]), salt), where the salt is HMAC(data key, a label), so the
+//! key is new in every segment (a random data key each) and the index nonce never repeats
+//! under it, restores of old copies included. The data key seals the `fixed` part (ids,
+//! times, codes) and the tail's tag binds it (AAD). The tail is encrypted once, not once
+//! per key: a second pass over the payload doubled the format's CPU cost
+//! (`benches/log_encode.rs`).
+//! `fields_key` 0 = a key of the segment alone (records with nothing of a user: statuses,
+//! cursors; and logs opened without business keys, such as tools' and tests'). Dropping a
+//! business's root key (`courier businesses erase`) leaves its records' tails unreadable
+//! under every key that remains, without rewriting a segment: they read back as
+//! [`OwnedRecord::fields_hidden`]. Version 2 segments (before) keep their tails under the
+//! data key alone; they age out with the retention.
+//!
 //! Every length is checked against its bound before anything is allocated for it.
 
-use aws_lc_rs::aead::{Aad, Nonce};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use super::keys::{DataKey, TAG_BYTES};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+
+use super::keys::{DataKey, KEY_BYTES, TAG_BYTES};
 use crate::wire::{LogPosition, Recipient, RECIPIENT_BYTES_MAX};
 
 /// Bytes of the segment header at offset 0.
@@ -48,22 +71,27 @@ pub const SEGMENT_HEADER_BYTES: usize = 44;
 /// Bytes of a record's frame header (`len:u32 | crc32c:u32`).
 pub const RECORD_FRAME_BYTES: usize = 8;
 /// Fixed bytes of a record's plaintext besides recipient and payload.
-pub const RECORD_PLAIN_FIXED_BYTES: usize = 1 + 4 + 8 + 8 + 8 + 2 + 1 + 4;
+pub const RECORD_PLAIN_FIXED_BYTES: usize = RECORD_HEADER_FIXED_BYTES + 1 + 1 + 4 + TAG_BYTES;
+/// Bytes of a record's `fixed` part (kind .. code).
+const RECORD_HEADER_FIXED_BYTES: usize = 1 + 4 + 8 + 8 + 8 + 2;
+/// Fixed bytes of a version 2 record's plaintext besides recipient and payload.
+const RECORD_PLAIN_FIXED_BYTES_V2: usize = RECORD_HEADER_FIXED_BYTES + 1 + 4;
 /// Fixed bytes of a version 1 record's plaintext besides recipient and payload.
 const RECORD_PLAIN_FIXED_BYTES_V1: usize = 4 + 8 + 8 + 1 + 4;
 /// Bytes a record takes on disk besides its recipient and payload.
 pub const RECORD_OVERHEAD_BYTES: usize = RECORD_FRAME_BYTES + RECORD_PLAIN_FIXED_BYTES + TAG_BYTES;
 /// Bytes a record takes at most on disk besides its payload.
 pub const RECORD_OVERHEAD_BYTES_MAX: usize = RECORD_OVERHEAD_BYTES + RECIPIENT_BYTES_MAX;
-/// The segment format version this build writes (it reads 1 too).
-pub const SEGMENT_VERSION: u16 = 2;
+/// The segment format version this build writes (it reads 1 and 2 too).
+pub const SEGMENT_VERSION: u16 = 3;
 /// The oldest segment format version this build reads.
 pub const SEGMENT_VERSION_MIN: u16 = 1;
 const SEGMENT_MAGIC: [u8; 4] = *b"CRSG";
 
 const _: () = assert!(SEGMENT_HEADER_BYTES == 4 + 2 + 2 + 8 + 8 + 8 + 8 + 4);
-const _: () = assert!(RECORD_OVERHEAD_BYTES_MAX == 8 + 36 + 16 + 16);
-const _: () = assert!(RECORD_PLAIN_FIXED_BYTES_V1 < RECORD_PLAIN_FIXED_BYTES);
+const _: () = assert!(RECORD_OVERHEAD_BYTES_MAX == 8 + 53 + 16 + 16);
+const _: () = assert!(RECORD_PLAIN_FIXED_BYTES_V1 < RECORD_PLAIN_FIXED_BYTES_V2);
+const _: () = assert!(RECORD_PLAIN_FIXED_BYTES_V2 < RECORD_PLAIN_FIXED_BYTES);
 
 /// The largest `len` field of a record whose payload is at most `payload_bytes_max`.
 pub const fn sealed_bytes_max(payload_bytes_max: u32) -> usize {
@@ -261,6 +289,10 @@ pub struct OwnedRecord {
     pub header: RecordHeader,
     /// The body.
     pub payload: Vec<u8>,
+    /// Its user fields (recipient, payload) are under a business key the reader does not
+    /// hold (an erased business, or a reader given no business keys): `recipient` is
+    /// `None` and `payload` empty whatever the record held.
+    pub fields_hidden: bool,
 }
 
 impl OwnedRecord {
@@ -387,12 +419,56 @@ pub enum CorruptionCause {
     },
 }
 
+/// The per-business keys of version 3 records' user fields (see the module docs):
+/// implemented by the businesses' root keys (`seal::DerivedKeys`).
+pub trait FieldKeys: Send + Sync + std::fmt::Debug {
+    /// The field key of `business_id` in the segment whose salt is `salt`, or `None` when
+    /// this reader has no key for it (an erased business). Deterministic: the writer and
+    /// every later reader derive the same key.
+    fn field_key(
+        &self,
+        business_id: u32,
+        salt: &[u8; KEY_BYTES],
+    ) -> Option<zeroize::Zeroizing<[u8; KEY_BYTES]>>;
+}
+
+/// Labels of what a segment derives from its data key (HMAC-SHA256 with the data key).
+const FIELD_SALT_LABEL: &[u8] = b"courier log field salt v3";
+const SEGMENT_FIELD_KEY_LABEL: &[u8] = b"courier log segment field key v3";
+/// `fields_key` values.
+const FIELDS_UNDER_SEGMENT: u8 = 0;
+const FIELDS_UNDER_BUSINESS: u8 = 1;
+
 /// Encrypts and decrypts one segment's records.
-#[derive(Debug)]
 pub struct SegmentCodec {
     header: SegmentHeader,
     key: DataKey,
     payload_bytes_max: u32,
+    /// The businesses' field keys (version 3); `None`: every tail under the segment's key
+    /// when writing, and tails under a business key read back hidden.
+    fields: Option<Arc<dyn FieldKeys>>,
+    /// HMAC(data key, salt label): what business field keys are derived with here.
+    salt: zeroize::Zeroizing<[u8; KEY_BYTES]>,
+    /// The segment's own field key (`fields_key` 0).
+    segment_fields: LessSafeKey,
+    /// Business field keys derived so far, by business (`None`: it has none). Bounded by
+    /// the registry's businesses.
+    business_fields: Mutex<HashMap<u32, Option<Arc<LessSafeKey>>>>,
+}
+
+impl std::fmt::Debug for SegmentCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegmentCodec")
+            .field("header", &self.header)
+            .field("key", &self.key)
+            .field("payload_bytes_max", &self.payload_bytes_max)
+            .field("business_fields", &self.fields.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn aes_key(bytes: &[u8; KEY_BYTES]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, bytes).expect("32 bytes is an AES-256 key"))
 }
 
 /// A summary of a segment whose every record was read and authenticated.
@@ -440,11 +516,60 @@ impl SegmentCodec {
     /// Panics if `key` is not the header's key (a bug in the caller).
     pub fn new(header: SegmentHeader, key: DataKey, payload_bytes_max: u32) -> SegmentCodec {
         assert_eq!(header.data_key_id, key.id(), "data key of another segment");
+        let salt = key.derive(FIELD_SALT_LABEL);
+        let segment_fields = aes_key(&key.derive(SEGMENT_FIELD_KEY_LABEL));
         SegmentCodec {
             header,
             key,
             payload_bytes_max,
+            fields: None,
+            salt,
+            segment_fields,
+            business_fields: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same codec with the businesses' field keys: version 3 records of a business
+    /// it has a key for are written (and read back) with their user fields under that
+    /// business's key. Without it they are written under the segment's key and read back
+    /// hidden ([`OwnedRecord::fields_hidden`]).
+    pub fn with_field_keys(mut self, fields: Option<Arc<dyn FieldKeys>>) -> SegmentCodec {
+        self.fields = fields;
+        self
+    }
+
+    /// Replaces the businesses' field keys (more businesses: a registry reload).
+    pub fn set_field_keys(&mut self, fields: Option<Arc<dyn FieldKeys>>) {
+        self.fields = fields;
+        self.business_fields
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+
+    /// The field key of `business_id` here, derived once per segment.
+    fn business_key(&self, business_id: u32) -> Option<Arc<LessSafeKey>> {
+        let fields = self.fields.as_ref()?;
+        let mut cache = self
+            .business_fields
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache
+            .entry(business_id)
+            .or_insert_with(|| {
+                fields
+                    .field_key(business_id, &self.salt)
+                    .map(|k| Arc::new(aes_key(&k)))
+            })
+            .clone()
+    }
+
+    /// The nonce of a record's tail under its field key: that key is this segment's own,
+    /// and the index is used once in a segment.
+    fn tail_nonce(index: u32) -> Nonce {
+        let mut n = [0u8; 12];
+        n[..4].copy_from_slice(&index.to_le_bytes());
+        Nonce::assume_unique_for_key(n)
     }
 
     /// The segment header.
@@ -499,16 +624,33 @@ impl SegmentCodec {
         out.extend_from_slice(&h.client_id.to_le_bytes());
         out.extend_from_slice(&h.reference.to_le_bytes());
         out.extend_from_slice(&h.code.to_le_bytes());
-        out.push(r.len() as u8);
-        out.extend_from_slice(r);
-        out.extend_from_slice(&(record.payload.len() as u32).to_le_bytes());
-        out.extend_from_slice(record.payload);
-        let tag = self
+        // A record that says something of a user goes under its business's key.
+        let about_a_user = !r.is_empty() || !record.payload.is_empty();
+        let business = about_a_user
+            .then(|| self.business_key(h.business_id))
+            .flatten();
+        out.push(match business {
+            Some(_) => FIELDS_UNDER_BUSINESS,
+            None => FIELDS_UNDER_SEGMENT,
+        });
+        let mut aad = [0u8; RECORD_HEADER_FIXED_BYTES + 1];
+        aad.copy_from_slice(&out[plain..]);
+        let head_tag = self
             .key
             .aead
             .seal_in_place_separate_tag(self.nonce(index), Aad::empty(), &mut out[plain..])
             .expect("AES-GCM seal cannot fail for a bounded record");
-        out.extend_from_slice(tag.as_ref());
+        out.extend_from_slice(head_tag.as_ref());
+        let tail = out.len();
+        out.push(r.len() as u8);
+        out.extend_from_slice(r);
+        out.extend_from_slice(&(record.payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(record.payload);
+        let tail_key = business.as_deref().unwrap_or(&self.segment_fields);
+        let tail_tag = tail_key
+            .seal_in_place_separate_tag(Self::tail_nonce(index), Aad::from(&aad), &mut out[tail..])
+            .expect("AES-GCM seal cannot fail for a bounded record");
+        out.extend_from_slice(tail_tag.as_ref());
         let crc = frame_crc(&out[start..start + 4], &out[plain..]);
         out[start + 4..plain].copy_from_slice(&crc.to_le_bytes());
 
@@ -531,17 +673,36 @@ impl SegmentCodec {
     #[doc(hidden)]
     pub fn seal_plaintext_for_fuzzing(&self, index: u32, plain: &[u8], out: &mut Vec<u8>) {
         let start = out.len();
-        let sealed_len = u32::try_from(plain.len() + TAG_BYTES).expect("a fuzz record fits u32");
+        // Version 3 seals the head under the data key and the rest under the segment's
+        // field key (a business's key is the parser's to look up): two tags.
+        let head = RECORD_HEADER_FIXED_BYTES + 1;
+        let split = (self.header.version >= 3 && plain.len() >= head).then_some(head);
+        let tags = if split.is_some() { 2 } else { 1 };
+        let sealed_len =
+            u32::try_from(plain.len() + tags * TAG_BYTES).expect("a fuzz record fits u32");
         out.extend_from_slice(&sealed_len.to_le_bytes());
         out.extend_from_slice(&[0; 4]);
         let sealed = out.len();
-        out.extend_from_slice(plain);
+        out.extend_from_slice(&plain[..split.unwrap_or(plain.len())]);
         let tag = self
             .key
             .aead
             .seal_in_place_separate_tag(self.nonce(index), Aad::empty(), &mut out[sealed..])
             .expect("AES-GCM seal cannot fail for a bounded record");
         out.extend_from_slice(tag.as_ref());
+        if let Some(head) = split {
+            let tail = out.len();
+            out.extend_from_slice(&plain[head..]);
+            let tag = self
+                .segment_fields
+                .seal_in_place_separate_tag(
+                    Self::tail_nonce(index),
+                    Aad::from(&plain[..head]),
+                    &mut out[tail..],
+                )
+                .expect("AES-GCM seal cannot fail for a bounded record");
+            out.extend_from_slice(tag.as_ref());
+        }
         let crc = frame_crc(&out[start..start + 4], &out[sealed..]);
         out[start + 4..sealed].copy_from_slice(&crc.to_le_bytes());
     }
@@ -575,6 +736,9 @@ impl SegmentCodec {
         let total = self.frame_at(bytes, offset)?;
         let o = offset as usize;
         let mut buf = bytes[o + RECORD_FRAME_BYTES..o + total].to_vec();
+        if self.header.version >= 3 {
+            return Ok((self.read_v3(&mut buf, offset, index)?, total));
+        }
         let plain = self
             .key
             .aead
@@ -585,6 +749,45 @@ impl SegmentCodec {
             _ => parse_plain(plain, offset, self.payload_bytes_max)?,
         };
         Ok((rec, total))
+    }
+
+    /// A version 3 record's sealed bytes: the head opened under the data key, the tail
+    /// under its field key, then read as version 2's plaintext; hidden when the field key
+    /// is not here.
+    fn read_v3(
+        &self,
+        sealed: &mut [u8],
+        offset: u64,
+        index: u32,
+    ) -> Result<OwnedRecord, RecordError> {
+        let bad = |what| RecordError::Malformed { offset, what };
+        let head = RECORD_HEADER_FIXED_BYTES + 1;
+        if sealed.len() < RECORD_PLAIN_FIXED_BYTES + TAG_BYTES {
+            return Err(bad("short record"));
+        }
+        let (head_sealed, tail_sealed) = sealed.split_at_mut(head + TAG_BYTES);
+        let p = self
+            .key
+            .aead
+            .open_in_place(self.nonce(index), Aad::empty(), head_sealed)
+            .map_err(|_| RecordError::Aead { offset })?;
+        let business_id = u32_at(p, 1);
+        let key = match p[head - 1] {
+            FIELDS_UNDER_SEGMENT => None,
+            FIELDS_UNDER_BUSINESS => match self.business_key(business_id) {
+                Some(k) => Some(k),
+                None => return hidden(p, offset),
+            },
+            _ => return Err(bad("fields key")),
+        };
+        let tail_key = key.as_deref().unwrap_or(&self.segment_fields);
+        let tail = tail_key
+            .open_in_place(Self::tail_nonce(index), Aad::from(&p[..head]), tail_sealed)
+            .map_err(|_| RecordError::Aead { offset })?;
+        let mut v2 = Vec::with_capacity(head - 1 + tail.len());
+        v2.extend_from_slice(&p[..head - 1]);
+        v2.extend_from_slice(tail);
+        parse_plain(&v2, offset, self.payload_bytes_max)
     }
 
     /// Scans a whole segment (`bytes` from offset 0): header, then every record in order,
@@ -734,7 +937,7 @@ fn frame_crc(len: &[u8], sealed: &[u8]) -> u32 {
 
 fn parse_plain(p: &[u8], offset: u64, payload_bytes_max: u32) -> Result<OwnedRecord, RecordError> {
     let bad = |what| RecordError::Malformed { offset, what };
-    if p.len() < RECORD_PLAIN_FIXED_BYTES {
+    if p.len() < RECORD_PLAIN_FIXED_BYTES_V2 {
         return Err(bad("short plaintext"));
     }
     let kind = RecordKind::from_u8(p[0]).ok_or(bad("record kind"))?;
@@ -744,7 +947,7 @@ fn parse_plain(p: &[u8], offset: u64, payload_bytes_max: u32) -> Result<OwnedRec
     let reference = u64_at(p, 21);
     let code = u16::from_le_bytes([p[29], p[30]]);
     let rlen = p[31] as usize;
-    if rlen > RECIPIENT_BYTES_MAX || p.len() < RECORD_PLAIN_FIXED_BYTES + rlen {
+    if rlen > RECIPIENT_BYTES_MAX || p.len() < RECORD_PLAIN_FIXED_BYTES_V2 + rlen {
         return Err(bad("recipient length"));
     }
     let recipient = match rlen {
@@ -756,7 +959,7 @@ fn parse_plain(p: &[u8], offset: u64, payload_bytes_max: u32) -> Result<OwnedRec
         return Err(bad("recipient for the record kind"));
     }
     let plen = u32_at(p, 32 + rlen) as usize;
-    if plen > payload_bytes_max as usize || p.len() != RECORD_PLAIN_FIXED_BYTES + rlen + plen {
+    if plen > payload_bytes_max as usize || p.len() != RECORD_PLAIN_FIXED_BYTES_V2 + rlen + plen {
         return Err(bad("payload length"));
     }
     Ok(OwnedRecord {
@@ -770,6 +973,29 @@ fn parse_plain(p: &[u8], offset: u64, payload_bytes_max: u32) -> Result<OwnedRec
             code,
         },
         payload: p[36 + rlen..].to_vec(),
+        fields_hidden: false,
+    })
+}
+
+/// A version 3 record whose fields are under a business key this reader does not hold:
+/// its ids and times, nothing of its user.
+fn hidden(p: &[u8], offset: u64) -> Result<OwnedRecord, RecordError> {
+    let kind = RecordKind::from_u8(p[0]).ok_or(RecordError::Malformed {
+        offset,
+        what: "record kind",
+    })?;
+    Ok(OwnedRecord {
+        header: RecordHeader {
+            kind,
+            business_id: u32_at(p, 1),
+            time_ms: u64_at(p, 5),
+            client_id: u64_at(p, 13),
+            recipient: None,
+            reference: u64_at(p, 21),
+            code: u16::from_le_bytes([p[29], p[30]]),
+        },
+        payload: Vec::new(),
+        fields_hidden: true,
     })
 }
 
@@ -798,6 +1024,7 @@ fn parse_plain_v1(
     Ok(OwnedRecord {
         header: RecordHeader::message(business_id, time_ms, client_id, recipient, 0),
         payload: p[25 + rlen..].to_vec(),
+        fields_hidden: false,
     })
 }
 

@@ -265,6 +265,16 @@ impl DataKey {
     pub fn id(&self) -> u64 {
         self.id
     }
+
+    /// HMAC-SHA256(this key, `label`): a secret of this segment for another purpose (the
+    /// record format's field salt and field key), independent of the key itself.
+    pub(crate) fn derive(&self, label: &[u8]) -> Zeroizing<[u8; KEY_BYTES]> {
+        use aws_lc_rs::hmac;
+        let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &self.bytes[..]), label);
+        let mut out = Zeroizing::new([0u8; KEY_BYTES]);
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
 }
 
 impl std::fmt::Debug for DataKey {
@@ -426,6 +436,28 @@ impl Keyring {
     /// was live. Persist the keyring before removing the segment file.
     pub fn destroy(&mut self, key_id: u64) -> bool {
         self.live.remove(&key_id).is_some()
+    }
+
+    /// The same keyring with every live key rewrapped from `old` to `new` (a master key
+    /// rotation: `courier businesses erase`). Epoch, counters and destroyed ids are kept;
+    /// each rewrapped key gets a fresh wrap nonce from `wrap_nonce`. Fails with
+    /// [`KeyError::UnwrapFailed`] (changing nothing) when `old` does not unwrap a key.
+    pub fn rewrapped(
+        &self,
+        old: &MasterKey,
+        new: &MasterKey,
+        wrap_nonce: &mut dyn FnMut() -> [u8; NONCE_BYTES],
+    ) -> Result<Keyring, KeyError> {
+        let mut live = BTreeMap::new();
+        for (&id, w) in &self.live {
+            let key = old.unwrap(w)?;
+            live.insert(id, new.wrap(&key, wrap_nonce()));
+        }
+        assert_eq!(live.len(), self.live.len());
+        Ok(Keyring {
+            live,
+            ..self.clone()
+        })
     }
 
     /// Ids of the live keys, ascending.
@@ -603,5 +635,41 @@ mod tests {
         for cut in 0..bytes.len() {
             assert!(Keyring::from_bytes(&bytes[..cut]).is_err());
         }
+    }
+
+    #[test]
+    fn rewrapped_keyring_opens_under_the_new_master_key_only() {
+        let (old, new) = (master(4), master(5));
+        let mut ring = Keyring::new();
+        for i in 0..3u8 {
+            ring.create_key(&old, [i; 32], [i; 12]);
+        }
+        assert!(ring.destroy(2));
+        ring.next_epoch();
+        let mut n = 0u8;
+        let mut nonce = || {
+            n += 1;
+            [n; 12]
+        };
+        let moved = ring.rewrapped(&old, &new, &mut nonce).unwrap();
+        assert_eq!(
+            (moved.epoch(), moved.next_key_id(), moved.state(2)),
+            (1, 4, KeyState::Destroyed)
+        );
+        assert_eq!(moved.live_ids().collect::<Vec<_>>(), vec![1, 3]);
+        for id in [1, 3] {
+            let before = ring.data_key(&old, id).unwrap();
+            let after = moved.data_key(&new, id).unwrap();
+            assert_eq!(*before.bytes, *after.bytes);
+            assert_eq!(
+                moved.data_key(&old, id).unwrap_err(),
+                KeyError::UnwrapFailed { key_id: id }
+            );
+        }
+        // A wrong old key changes nothing and says so.
+        assert_eq!(
+            ring.rewrapped(&new, &old, &mut || [0; 12]).unwrap_err(),
+            KeyError::UnwrapFailed { key_id: 1 }
+        );
     }
 }

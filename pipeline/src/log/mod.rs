@@ -54,8 +54,8 @@ pub use engine::{
     WriteFailure,
 };
 pub use format::{
-    Corruption, CorruptionCause, OwnedRecord, Record, RecordError, RecordHeader, RecordKind,
-    ScanOutcome, SegmentCodec, SegmentHeader, SegmentSummary,
+    Corruption, CorruptionCause, FieldKeys, OwnedRecord, Record, RecordError, RecordHeader,
+    RecordKind, ScanOutcome, SegmentCodec, SegmentHeader, SegmentSummary,
 };
 pub use keys::{DataKey, KeyError, KeyState, Keyring, KeyringError, MasterKey};
 pub use policy::{LogConfig, RECORD_PAYLOAD_BYTES_LIMIT};
@@ -146,6 +146,28 @@ pub fn recover_segment_visiting(
     payload_bytes_max: u32,
     visit: &mut dyn FnMut(u64, &OwnedRecord),
 ) -> Result<SegmentVerdict, RecoveryError> {
+    recover_segment_with_fields(
+        segment_id,
+        bytes,
+        keyring,
+        master,
+        payload_bytes_max,
+        None,
+        visit,
+    )
+}
+
+/// [`recover_segment_visiting`] with the businesses' field keys, so that `visit` sees
+/// the user fields of version 3 records (hidden without them: see `format`).
+pub fn recover_segment_with_fields(
+    segment_id: u64,
+    bytes: &[u8],
+    keyring: &Keyring,
+    master: &MasterKey,
+    payload_bytes_max: u32,
+    fields: Option<&std::sync::Arc<dyn FieldKeys>>,
+    visit: &mut dyn FnMut(u64, &OwnedRecord),
+) -> Result<SegmentVerdict, RecoveryError> {
     let header = match SegmentHeader::decode(bytes) {
         Ok(h) => h,
         Err(HeaderError::Truncated(_)) => {
@@ -176,7 +198,10 @@ pub fn recover_segment_visiting(
     let key = keyring
         .data_key(master, header.data_key_id)
         .map_err(|cause| RecoveryError::Key { segment_id, cause })?;
-    match SegmentCodec::new(header, key, payload_bytes_max).scan_visiting(bytes, visit) {
+    match SegmentCodec::new(header, key, payload_bytes_max)
+        .with_field_keys(fields.cloned())
+        .scan_visiting(bytes, visit)
+    {
         ScanOutcome::Clean(summary) => Ok(SegmentVerdict::Keep(summary)),
         ScanOutcome::TornTail {
             summary,

@@ -31,7 +31,7 @@ use super::engine::{Action, Log, OpenError};
 use super::format::{OwnedRecord, RecordError, SegmentHeader, SegmentSummary};
 use super::keys::{Keyring, KeyringError, MasterKey};
 use super::policy::LogConfig;
-use super::{recover_segment_visiting, RecoveryError, RemoveReason, SegmentVerdict};
+use super::{recover_segment_with_fields, FieldKeys, RecoveryError, RemoveReason, SegmentVerdict};
 use crate::ShardId;
 
 /// Why a log could not be recovered.
@@ -117,6 +117,8 @@ pub enum Repair {
 /// Recovery in progress: the keyring, and the verdicts of the segments judged so far.
 #[derive(Debug)]
 pub struct Recovery {
+    /// The businesses' field keys, for records' user fields (and for the log opened).
+    fields: Option<std::sync::Arc<dyn FieldKeys>>,
     keyring: Keyring,
     master: MasterKey,
     payload_bytes_max: u32,
@@ -146,6 +148,7 @@ impl Recovery {
             None => Keyring::new(),
         };
         Ok(Recovery {
+            fields: None,
             keyring,
             master,
             payload_bytes_max,
@@ -155,6 +158,13 @@ impl Recovery {
             before: Before::Nothing,
             lost: false,
         })
+    }
+
+    /// Gives recovery (and the log it opens) the businesses' field keys: records' user
+    /// fields are visited in the clear, and new records are written under them.
+    pub fn with_field_keys(mut self, fields: Option<std::sync::Arc<dyn FieldKeys>>) -> Recovery {
+        self.fields = fields;
+        self
     }
 
     /// Judges segment file `segment_id` holding `bytes`; segments are judged in ascending
@@ -184,12 +194,13 @@ impl Recovery {
             );
             return Ok(());
         }
-        let verdict = recover_segment_visiting(
+        let verdict = recover_segment_with_fields(
             segment_id,
             bytes,
             &self.keyring,
             &self.master,
             self.payload_bytes_max,
+            self.fields.as_ref(),
             visit,
         )?;
         match verdict {
@@ -222,6 +233,7 @@ impl Recovery {
     /// Every segment was judged: what to repair, then [`RecoveryPlan::open`].
     pub fn plan(self) -> RecoveryPlan {
         RecoveryPlan {
+            fields: self.fields,
             repairs: self.repairs,
             keyring: self.keyring,
             master: self.master,
@@ -235,6 +247,7 @@ impl Recovery {
 pub struct RecoveryPlan {
     /// Perform these (durably) before [`RecoveryPlan::open`].
     pub repairs: Vec<Repair>,
+    fields: Option<std::sync::Arc<dyn FieldKeys>>,
     keyring: Keyring,
     master: MasterKey,
     kept: Vec<SegmentSummary>,
@@ -251,7 +264,7 @@ impl RecoveryPlan {
     /// segments synced).
     pub fn open(self, cfg: LogConfig, shard: ShardId) -> Result<(Log, Vec<Action>), RecoverError> {
         let mut actions = Vec::new();
-        let log = Log::open(
+        let mut log = Log::open(
             cfg,
             shard,
             self.master,
@@ -259,6 +272,7 @@ impl RecoveryPlan {
             self.kept,
             &mut actions,
         )?;
+        log.set_field_keys(self.fields);
         Ok((log, actions))
     }
 }

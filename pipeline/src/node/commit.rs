@@ -146,6 +146,11 @@ impl GroupCommit {
         &self.log
     }
 
+    /// Gives the log the businesses' field keys (a registry reload added businesses).
+    pub fn set_field_keys(&mut self, keys: std::sync::Arc<dyn crate::log::FieldKeys>) {
+        self.log.set_field_keys(Some(keys));
+    }
+
     /// Appends a batch (all or none) at `now_ms`; `positions` gets one position per
     /// record. Durable once a commit covering it completes.
     pub fn append(

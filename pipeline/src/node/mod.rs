@@ -576,6 +576,7 @@ impl Shard {
             Control::Registry(reg, keys) => {
                 // A business added since start can be sealed for from now on; the keys of
                 // the others are the same (root keys are never replaced).
+                self.commit.set_field_keys(keys.clone());
                 self.sealer.set_keys(keys);
                 for b in reg.iter() {
                     let changed = self

@@ -9,7 +9,8 @@
 //!  cursor record ──> the business acknowledged events through it: those are not pushed
 //! ```
 //!
-//! Messages of version 1 segments (written before delivery existed) are not delivered.
+//! Messages of version 1 segments (written before delivery existed) are not delivered,
+//! nor are messages and replies whose user fields are hidden (their business was erased).
 
 use std::collections::BTreeMap;
 
@@ -56,6 +57,11 @@ impl Replay {
         self.records += 1;
         let position = LogPosition::new(self.shard, index);
         let h = &rec.header;
+        if rec.fields_hidden {
+            // Its business was erased (its key is gone): nothing of it is delivered or
+            // pushed; its statuses and cursors (ids only) are still read below.
+            return;
+        }
         match h.kind {
             // Version 1 messages carry no expiry: they predate delivery.
             RecordKind::Message if h.reference > 0 => {
@@ -163,6 +169,7 @@ mod tests {
         OwnedRecord {
             header: RecordHeader::message(7, 1_000, client_id, r, 9_000),
             payload: b"sealed".to_vec(),
+            fields_hidden: false,
         }
     }
 
@@ -183,6 +190,7 @@ mod tests {
                 code: StatusEvent::code(kind, None),
             },
             payload: Vec::new(),
+            fields_hidden: false,
         };
         r.visit(0, &message(10));
         r.visit(1, &message(11));
@@ -214,6 +222,7 @@ mod tests {
             &OwnedRecord {
                 header: h,
                 payload: Vec::new(),
+                fields_hidden: false,
             },
         );
         assert_eq!(r.events.len(), 2);

@@ -412,7 +412,14 @@ impl HmacPads {
 /// Read-only once loaded: share it between shards with an `Arc`.
 pub struct DerivedKeys {
     businesses: HashMap<u32, HmacPads, BuildHasherDefault<BusinessIdHasher>>,
+    /// Each business's log field root (HKDF-Expand of its PRK with [`FIELD_ROOT_INFO`]):
+    /// the log derives from it the key of the user fields of its records in each segment
+    /// (`log::format::FieldKeys`), so dropping the root key hides them.
+    fields: HashMap<u32, hmac::Key, BuildHasherDefault<BusinessIdHasher>>,
 }
+
+/// HKDF-Expand info of a business's log field root (one block: `info | 0x01`).
+const FIELD_ROOT_INFO: &[u8] = b"courier log field root v3\x01";
 
 /// Hasher of the business-id map, looked up once per cache miss: one multiply, where
 /// the default SipHash costs more than a tenth of the HKDF it precedes. Business ids
@@ -458,6 +465,7 @@ impl DerivedKeys {
     pub fn new() -> DerivedKeys {
         DerivedKeys {
             businesses: HashMap::default(),
+            fields: HashMap::default(),
         }
     }
 
@@ -466,6 +474,14 @@ impl DerivedKeys {
         // HKDF-Extract with no salt = HMAC(key = HashLen zero bytes, root) (RFC 5869 2.2).
         let salt = hmac::Key::new(hmac::HMAC_SHA256, &[0; KEY_BYTES]);
         let prk = hmac::sign(&salt, root.as_bytes());
+        let field_root = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, prk.as_ref()),
+            FIELD_ROOT_INFO,
+        );
+        self.fields.insert(
+            business_id,
+            hmac::Key::new(hmac::HMAC_SHA256, field_root.as_ref()),
+        );
         self.businesses
             .insert(business_id, HmacPads::new(prk.as_ref()));
     }
@@ -484,6 +500,7 @@ impl DerivedKeys {
 
     /// Unloads a business; its recipients' keys can no longer be derived here.
     pub fn remove(&mut self, business_id: u32) -> bool {
+        self.fields.remove(&business_id);
         self.businesses.remove(&business_id).is_some()
     }
 
@@ -561,6 +578,19 @@ fn expand_block(business_id: u32, recipient: &Recipient) -> [u8; SHA256_BLOCK] {
     let bits = ((SHA256_BLOCK + n + 1) * 8) as u64;
     block[SHA256_BLOCK - 8..].copy_from_slice(&bits.to_be_bytes());
     block
+}
+
+impl crate::log::format::FieldKeys for DerivedKeys {
+    fn field_key(
+        &self,
+        business_id: u32,
+        salt: &[u8; KEY_BYTES],
+    ) -> Option<zeroize::Zeroizing<[u8; KEY_BYTES]>> {
+        let tag = hmac::sign(self.fields.get(&business_id)?, salt);
+        let mut out = zeroize::Zeroizing::new([0u8; KEY_BYTES]);
+        out.copy_from_slice(tag.as_ref());
+        Some(out)
+    }
 }
 
 impl RecipientKeys for DerivedKeys {

@@ -58,7 +58,6 @@
 //!
 //! Every length is checked against its bound before anything is allocated for it.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
@@ -453,7 +452,7 @@ pub struct SegmentCodec {
     segment_fields: LessSafeKey,
     /// Business field keys derived so far, by business (`None`: it has none). Bounded by
     /// the registry's businesses.
-    business_fields: Mutex<HashMap<u32, Option<Arc<LessSafeKey>>>>,
+    business_fields: Mutex<crate::LocalMap<u32, Option<Arc<LessSafeKey>>>>,
 }
 
 impl std::fmt::Debug for SegmentCodec {
@@ -525,7 +524,7 @@ impl SegmentCodec {
             fields: None,
             salt,
             segment_fields,
-            business_fields: Mutex::new(HashMap::new()),
+            business_fields: Mutex::new(crate::LocalMap::default()),
         }
     }
 

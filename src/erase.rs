@@ -237,13 +237,16 @@ pub fn erase(req: &EraseRequest<'_>, stop_after: Option<Step>) -> Result<Erased,
     }
     let id = req.business_id;
     let registry = load_registry(req.registry)?;
-    if registry.is_erased(id) {
+    // A business erased already may still have a root key in another data directory it
+    // stored in (a region it was moved out of): erasing it there destroys that key and
+    // rotates that directory's master key the same way; the registry stays as it is.
+    if registry.is_erased(id) && !holds_root_key(req.data_dir, id)? {
         return Err(EraseError::AlreadyErased {
             id,
             registry: req.registry.to_path_buf(),
         });
     }
-    if registry.get(id).is_none() {
+    if !registry.is_erased(id) && registry.get(id).is_none() {
         return Err(EraseError::Unknown {
             id,
             registry: req.registry.to_path_buf(),
@@ -291,6 +294,18 @@ pub fn erase(req: &EraseRequest<'_>, stop_after: Option<Step>) -> Result<Erased,
         "business erased; the master key was rotated"
     );
     Ok(out)
+}
+
+/// Whether `data_dir`'s business keys hold a root key of business `id`.
+fn holds_root_key(data_dir: &Path, id: u32) -> Result<bool, EraseError> {
+    let path = data_dir.join(crate::business_keys::FILE_NAME);
+    match fs::read_to_string(&path) {
+        Ok(text) => Ok(crate::business_keys::parse(&text)
+            .map_err(EraseError::Invalid)?
+            .contains_key(&id)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io(&path)(e)),
+    }
 }
 
 fn stop(stop_after: Option<Step>, step: Step) -> Result<(), EraseError> {

@@ -568,6 +568,17 @@ fn a_stop_at_every_step_of_the_rotation_is_finished_by_the_next_start() {
 fn bad_erase_requests_are_refused_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (files, _) = library_setup(dir.path());
+    // A second data directory where the business stored too (a region it left), with a
+    // master key of its own.
+    let other = tempfile::tempdir().unwrap();
+    let other_files = Files::new(other.path(), &"ab".repeat(32));
+    std::fs::create_dir_all(&other_files.data).unwrap();
+    {
+        let master = MasterKeyText::read(&other_files.key_file).unwrap();
+        let registry =
+            Registry::from_toml(&std::fs::read_to_string(&files.registry).unwrap()).unwrap();
+        courier::business_keys::load_or_create(&other_files.data, &master, &registry).unwrap();
+    }
     let snapshot = || {
         let mut all = Vec::new();
         files_under(dir.path(), &mut all);
@@ -636,6 +647,25 @@ fn bad_erase_requests_are_refused_and_change_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     let err = run(&yes, "");
+    assert!(err.contains("already erased"), "{err}");
+    // In the other directory its root key is still there: erasing it there goes ahead
+    // (and rotates that directory's key), then that directory is done too.
+    let mut there: Vec<String> = base("1");
+    there[5] = p(&other_files.data).into();
+    there[9] = p(&other_files.key_file).into();
+    there.push("--yes".into());
+    let key_before = std::fs::read(&other_files.key_file).unwrap();
+    let out = courier(&there.iter().map(String::as_str).collect::<Vec<_>>(), "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(std::fs::read(&other_files.key_file).unwrap(), key_before);
+    let left = std::fs::read_to_string(other_files.data.join("business-keys")).unwrap();
+    assert!(left.lines().all(|l| !l.starts_with("1 ")), "{left}");
+    assert!(left.lines().any(|l| l.starts_with("2 ")), "{left}");
+    let err = run(&there, "");
     assert!(err.contains("already erased"), "{err}");
     let access = std::fs::read_to_string(files.data.join("access.log")).unwrap();
     assert!(

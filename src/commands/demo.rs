@@ -43,6 +43,11 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
     profile.listen = "127.0.0.1:0".parse().expect("literal address");
     // A demo next to a running server must not take its metrics port: an ephemeral one.
     profile.metrics_listen = Some("127.0.0.1:0".parse().expect("literal address"));
+    // No delivery edge runs in the demo: with delivery on, the messages would wait for
+    // one until delivery's memory bounds filled (within about two seconds at the bulk
+    // sender's rate) and every batch after would be throttled, which the report would
+    // count against the detector. `courier-loadgen --deliver` runs an edge.
+    profile.delivery.enabled = false;
     let mut registry = Registry::default();
     let mut secret = [0u8; 32];
     rand::fill(&mut secret[..]);
@@ -64,7 +69,8 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
     let addr = running.local_addr();
     let metrics = running.metrics_addr();
     println!(
-        "courier demo: serving on {addr} with {} shard(s) (built-in default profile); \
+        "courier demo: serving on {addr} with {} shard(s) (built-in default profile, \
+         delivery off: no delivery edge runs in the demo); \
          {} connection(s) sending {}-byte messages in batches of {} for {} s",
         running.shards(),
         args.connections,

@@ -33,6 +33,14 @@ fn demo_runs_and_reports_accepted_messages() {
         .expect("a detector line");
     assert!(detector.contains("rejected as sender_paused"), "{detector}");
     assert!(stdout.contains("paused true (fan_out_surge)"), "{stdout}");
+    // The bulk sender (exempt, delivery off in the demo) is never throttled or flagged:
+    // the report's one flag is the abusive sender's.
+    let bulk = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("bulk "))
+        .expect("a bulk sender line");
+    assert!(bulk.trim_end().ends_with("never"), "{bulk}");
+    assert!(stdout.contains("FP 0"), "{stdout}");
 }
 
 #[test]

@@ -429,11 +429,31 @@ fn every_record_kind_round_trips() {
     }
 }
 
+/// Appends record 0 of segment [`SEGMENT_ID`] in an older format, by hand: `plain` sealed
+/// under the data key `[3; 32]` (nonce: segment id, index 0), framed with its length and
+/// CRC-32C as every format version frames a record.
+fn frame_old_record(bytes: &mut Vec<u8>, mut plain: Vec<u8>) {
+    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[3; 32]).unwrap());
+    let mut nonce = [0u8; 12];
+    nonce[..8].copy_from_slice(&SEGMENT_ID.to_le_bytes());
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::empty(),
+        &mut plain,
+    )
+    .unwrap();
+    let len = (plain.len() as u32).to_le_bytes();
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&len), &plain);
+    bytes.extend_from_slice(&len);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    bytes.extend_from_slice(&plain);
+}
+
 /// Segments written before delivery existed (version 1: messages without a kind or an
 /// expiry) still read back, as messages whose expiry is 0.
 #[test]
 fn a_version_1_segment_reads_back() {
-    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
     let h = SegmentHeader {
         version: 1,
         ..header()
@@ -450,20 +470,7 @@ fn a_version_1_segment_reads_back() {
     plain.extend_from_slice(who);
     plain.extend_from_slice(&5u32.to_le_bytes());
     plain.extend_from_slice(b"hello");
-    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[3; 32]).unwrap());
-    let mut nonce = [0u8; 12];
-    nonce[..8].copy_from_slice(&SEGMENT_ID.to_le_bytes());
-    key.seal_in_place_append_tag(
-        Nonce::assume_unique_for_key(nonce),
-        Aad::empty(),
-        &mut plain,
-    )
-    .unwrap();
-    let len = (plain.len() as u32).to_le_bytes();
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&len), &plain);
-    bytes.extend_from_slice(&len);
-    bytes.extend_from_slice(&crc.to_le_bytes());
-    bytes.extend_from_slice(&plain);
+    frame_old_record(&mut bytes, plain);
     let c = SegmentCodec::new(h, DataKey::from_random(SEGMENT_ID, [3; 32]), PAYLOAD_MAX);
     let (rec, _) = c
         .read_record(&bytes, SEGMENT_HEADER_BYTES as u64, 0)
@@ -477,7 +484,6 @@ fn a_version_1_segment_reads_back() {
 
 #[test]
 fn a_version_2_segment_reads_back() {
-    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
     let h = SegmentHeader {
         version: 2,
         ..header()
@@ -496,20 +502,7 @@ fn a_version_2_segment_reads_back() {
     plain.extend_from_slice(who);
     plain.extend_from_slice(&5u32.to_le_bytes());
     plain.extend_from_slice(b"hello");
-    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[3; 32]).unwrap());
-    let mut nonce = [0u8; 12];
-    nonce[..8].copy_from_slice(&SEGMENT_ID.to_le_bytes());
-    key.seal_in_place_append_tag(
-        Nonce::assume_unique_for_key(nonce),
-        Aad::empty(),
-        &mut plain,
-    )
-    .unwrap();
-    let len = (plain.len() as u32).to_le_bytes();
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&len), &plain);
-    bytes.extend_from_slice(&len);
-    bytes.extend_from_slice(&crc.to_le_bytes());
-    bytes.extend_from_slice(&plain);
+    frame_old_record(&mut bytes, plain);
     let c = SegmentCodec::new(h, DataKey::from_random(SEGMENT_ID, [3; 32]), PAYLOAD_MAX);
     let (rec, _) = c
         .read_record(&bytes, SEGMENT_HEADER_BYTES as u64, 0)

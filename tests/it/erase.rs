@@ -34,14 +34,10 @@ const MASTER_HEX: &str = "6a1e5c2b9d3f4a7e8c0b1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f6071
 const ERASED: u32 = 1;
 const KEPT: u32 = 2;
 
-fn root() -> &'static str {
-    env!("CARGO_MANIFEST_DIR")
-}
-
 fn courier(args: &[&str], stdin: &str) -> Output {
     use std::io::Write;
     let mut child = Command::new(crate::courier_bin())
-        .current_dir(root())
+        .current_dir(super::retention::root())
         .args(args)
         .env_remove("COURIER_MASTER_KEY_FILE")
         .env("COURIER_LOG", "info")
@@ -409,7 +405,8 @@ fn library_setup(dir: &Path) -> (Files, Profile) {
     let bin = crate::courier_bin();
     spawn::add_business(bin, &files.registry, "erased", &[]);
     spawn::add_business(bin, &files.registry, "kept", &[]);
-    let text = std::fs::read_to_string(format!("{}/tuning/small.toml", root())).unwrap();
+    let text =
+        std::fs::read_to_string(format!("{}/tuning/small.toml", super::retention::root())).unwrap();
     let profile = Profile::from_toml(&text).unwrap();
     let master = MasterKeyText::read(&files.key_file).unwrap();
     let registry = Registry::from_toml(&std::fs::read_to_string(&files.registry).unwrap()).unwrap();
@@ -425,10 +422,7 @@ fn library_setup(dir: &Path) -> (Files, Profile) {
         &mut |_, _| {},
     )
     .unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let now = super::retention::now_ms();
     let payloads: Vec<(Recipient, String)> = [ERASED, KEPT].map(|b| message(b, 1)).to_vec();
     let records: Vec<Record<'_>> = [ERASED, KEPT]
         .iter()
@@ -438,26 +432,19 @@ fn library_setup(dir: &Path) -> (Files, Profile) {
             payload: payload.as_bytes(),
         })
         .collect();
-    let (mut actions, mut positions) = (Vec::new(), Vec::new());
-    log.append(
-        now,
-        &mut rand::rng(),
-        &records,
-        &mut actions,
-        &mut positions,
-    )
-    .unwrap();
-    for a in actions {
-        store.perform_action(a).unwrap();
-    }
-    let req = log.begin_sync().unwrap();
-    for &segment_id in &req.segment_ids {
-        store
-            .perform_action(courier_pipeline::log::Action::SyncSegment { segment_id })
-            .unwrap();
-    }
-    log.on_synced(req.id);
+    super::retention::append_durably(&mut store, &mut log, now, &records);
     (files, profile)
+}
+
+/// The request that erases business [`ERASED`] of a [`library_setup`] directory.
+fn erase_request<'a>(files: &'a Files, profile: &'a Profile) -> EraseRequest<'a> {
+    EraseRequest {
+        data_dir: &files.data,
+        master_key_file: &files.key_file,
+        registry: &files.registry,
+        detect: &profile.detect,
+        business_id: ERASED,
+    }
 }
 
 fn staged_files(files: &Files) -> Vec<PathBuf> {
@@ -482,13 +469,7 @@ fn a_stop_at_every_step_of_the_rotation_is_finished_by_the_next_start() {
     for step in [Step::Journaled, Step::Staged, Step::Committed] {
         let dir = tempfile::tempdir().unwrap();
         let (files, profile) = library_setup(dir.path());
-        let req = EraseRequest {
-            data_dir: &files.data,
-            master_key_file: &files.key_file,
-            registry: &files.registry,
-            detect: &profile.detect,
-            business_id: ERASED,
-        };
+        let req = erase_request(&files, &profile);
         let err = courier::erase::erase(&req, Some(step)).unwrap_err();
         assert!(matches!(err, EraseError::Stopped(s) if s == step), "{err}");
         assert!(
@@ -589,20 +570,22 @@ fn bad_erase_requests_are_refused_and_change_nothing() {
             .collect::<Vec<_>>()
     };
     let before = snapshot();
-    let base = |id: &str| {
+    // Erasing `id` in the data directory and with the master key of `at`.
+    let erase_in = |id: &str, at: &Files| {
         vec![
             "businesses".to_string(),
             "erase".into(),
             "--id".into(),
             id.into(),
             "--data-dir".into(),
-            p(&files.data).into(),
+            p(&at.data).into(),
             "--registry".into(),
             p(&files.registry).into(),
             "--master-key-file".into(),
-            p(&files.key_file).into(),
+            p(&at.key_file).into(),
         ]
     };
+    let base = |id: &str| erase_in(id, &files);
     let run = |args: &[String], stdin: &str| {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = courier(&args, stdin);
@@ -650,9 +633,7 @@ fn bad_erase_requests_are_refused_and_change_nothing() {
     assert!(err.contains("already erased"), "{err}");
     // In the other directory its root key is still there: erasing it there goes ahead
     // (and rotates that directory's key), then that directory is done too.
-    let mut there: Vec<String> = base("1");
-    there[5] = p(&other_files.data).into();
-    there[9] = p(&other_files.key_file).into();
+    let mut there = erase_in("1", &other_files);
     there.push("--yes".into());
     let key_before = std::fs::read(&other_files.key_file).unwrap();
     let out = courier(&there.iter().map(String::as_str).collect::<Vec<_>>(), "");
@@ -684,13 +665,7 @@ fn serve_finishes_an_interrupted_erase_before_it_serves() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let (files, profile) = library_setup(dir.path());
-        let req = EraseRequest {
-            data_dir: &files.data,
-            master_key_file: &files.key_file,
-            registry: &files.registry,
-            detect: &profile.detect,
-            business_id: ERASED,
-        };
+        let req = erase_request(&files, &profile);
         courier::erase::erase(&req, Some(step)).unwrap_err();
         let log = dir.path().join("serve.log");
         let mut server = Serve::new(crate::courier_bin(), &files, spawn::free_port(), &log).spawn();
@@ -726,13 +701,7 @@ fn an_erase_counts_the_segments_of_the_older_format() {
     }
     .encode(&mut bytes);
     std::fs::write(shard.join(format!("{:020}.seg", 999)), &bytes).unwrap();
-    let req = EraseRequest {
-        data_dir: &files.data,
-        master_key_file: &files.key_file,
-        registry: &files.registry,
-        detect: &profile.detect,
-        business_id: ERASED,
-    };
+    let req = erase_request(&files, &profile);
     let erased = courier::erase::erase(&req, None).unwrap();
     assert_eq!(erased.old_format_segments, 1, "{erased:?}");
     assert!(erased.root_key_destroyed);

@@ -23,14 +23,7 @@ pub(super) const MASTER_HEX: &str =
     "5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f";
 pub(super) const RECIPIENT: &str = "+15557654321";
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
-fn root() -> &'static str {
+pub(super) fn root() -> &'static str {
     concat!(env!("CARGO_MANIFEST_DIR"))
 }
 
@@ -51,10 +44,26 @@ fn append(
             payload: &payload,
         })
         .collect();
+    append_durably(store, log, time_ms, &records);
+}
+
+/// Appends `records` at `time_ms` and syncs them, performing the log's actions on
+/// `store` as the server's shard would.
+pub(super) fn append_durably(
+    store: &mut ShardStore,
+    log: &mut courier_pipeline::log::Log,
+    time_ms: u64,
+    records: &[Record<'_>],
+) {
     let (mut actions, mut positions) = (Vec::new(), Vec::new());
-    let mut rng = rand::rng();
-    log.append(time_ms, &mut rng, &records, &mut actions, &mut positions)
-        .unwrap();
+    log.append(
+        time_ms,
+        &mut rand::rng(),
+        records,
+        &mut actions,
+        &mut positions,
+    )
+    .unwrap();
     for a in actions {
         store.perform_action(a).unwrap();
     }
@@ -65,6 +74,13 @@ fn append(
             .unwrap();
     }
     log.on_synced(req.id);
+}
+
+pub(super) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 /// A data directory whose shard 0 holds two messages accepted 30 days and 5 s ago (one

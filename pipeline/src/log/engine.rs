@@ -443,8 +443,9 @@ impl Log {
 
     /// Appends a batch: all records or none. Hands the actions to perform to `actions`
     /// (a `Vec<Action>`, or a caller's [`AppendSink`] that takes the encoded bytes where
-    /// they will be written from) and pushes one position per record to `positions`. The records become durable with the sync
-    /// that covers them ([`Log::begin_sync`] / [`Log::on_synced`]), not before.
+    /// they will be written from) and pushes one position per record to `positions`.
+    /// The records become durable with the sync that covers them ([`Log::begin_sync`] /
+    /// [`Log::on_synced`]), not before.
     ///
     /// `rng` supplies the new key and wrap nonce when a segment rolls (a CSPRNG in the
     /// shell, a seeded one in simulation).

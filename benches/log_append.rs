@@ -130,7 +130,10 @@ impl Shell {
                 })
                 .expect("ring drain");
             for d in self.done.drain(..) {
-                assert!(d.is_complete(d.data.len()), "write + fdatasync failed");
+                assert!(
+                    d.is_complete(d.data.len() - d.skip),
+                    "write + fdatasync failed"
+                );
                 if let Some(segment_id) = self.commit.segment_of(d.token) {
                     self.store.write_done(segment_id);
                 }
@@ -149,12 +152,18 @@ impl Shell {
                     token,
                     segment_id,
                     offset,
+                    skip,
                     bytes,
                 } => {
                     let file = self.store.segment_file(segment_id).expect("segment file");
-                    let queued =
-                        self.ring
-                            .submit_file(file, FileOpKind::DurableWrite, offset, bytes, token);
+                    let queued = self.ring.submit_file(
+                        file,
+                        FileOpKind::DurableWrite,
+                        offset,
+                        bytes,
+                        skip,
+                        token,
+                    );
                     assert!(queued.is_ok(), "a free file slot");
                 }
                 other => self

@@ -18,7 +18,7 @@ use std::fs;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
-use courier_pipeline::log::format::SEGMENT_HEADER_BYTES;
+use courier_pipeline::log::format::{records_end, SEGMENT_HEADER_BYTES};
 use courier_pipeline::log::{
     Before, CorruptionCause, KeyState, Keyring, MasterKey, RecordKind, ScanOutcome, SegmentCodec,
     SegmentHeader,
@@ -581,7 +581,7 @@ fn segment_ids(
     let mut ids = Vec::new();
     let mut offset = SEGMENT_HEADER_BYTES as u64;
     // Bounded: each record takes at least one byte of the file.
-    while offset < bytes.len() as u64 {
+    while !records_end(bytes, offset) {
         match codec.read_record(bytes, offset, ids.len() as u32) {
             Ok((rec, next)) => {
                 ids.push((

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::path::Path;
 
-use courier_pipeline::log::format::SEGMENT_HEADER_BYTES;
+use courier_pipeline::log::format::{records_end, SEGMENT_HEADER_BYTES};
 use courier_pipeline::log::{Keyring, MasterKey, RecordKind, SegmentCodec, SegmentHeader};
 use courier_pipeline::wire::delivery::{StatusEvent, StatusKind};
 
@@ -178,7 +178,7 @@ fn statuses(
     let mut offset = SEGMENT_HEADER_BYTES as u64;
     let mut index = 0u32;
     // Bounded: each record takes at least one byte of the file.
-    while offset < bytes.len() as u64 {
+    while !records_end(bytes, offset) {
         let Ok((rec, next)) = codec.read_record(bytes, offset, index) else {
             return false;
         };

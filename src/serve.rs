@@ -671,12 +671,23 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
     let prepared = prepare_shard(&c, t.shard, t.socket, &t.restore);
     // Every client id of this shard's log went to the restore set by now.
     drop(t.restore);
-    let (ring, store, log, detector, replay) = match prepared {
+    let (ring, mut store, log, detector, replay) = match prepared {
         Ok(p) => p,
         Err(e) => {
             let _ = t.waker_tx.send(Err(t.shard));
             return Err(e);
         }
+    };
+    let direct_io_block = if c.profile.log.direct_io {
+        match store.enable_direct_io() {
+            Ok(()) => Some(crate::store::DIRECT_IO_BLOCK),
+            Err(e) => {
+                tracing::info!(shard = t.shard.index(), error = %e, "the log's file system refuses O_DIRECT; writing through the page cache");
+                None
+            }
+        }
+    } else {
+        None
     };
     // The sealer's nonces use the epoch the log just persisted for this run.
     let Ok(epoch) = u32::try_from(log.epoch()) else {
@@ -724,6 +735,7 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
         delivery: c.profile.delivery.clone(),
         replay,
         disk_reserve_bytes: c.profile.log.disk_reserve_bytes,
+        direct_io_block,
     };
     let shard = Shard {
         id: t.shard,

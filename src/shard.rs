@@ -263,6 +263,7 @@ impl Shard {
                 token,
                 segment_id,
                 offset,
+                skip,
                 bytes,
             } = op
             else {
@@ -284,7 +285,7 @@ impl Shard {
             };
             let queued =
                 self.ring
-                    .submit_file(file, FileOpKind::DurableWrite, offset, bytes, token);
+                    .submit_file(file, FileOpKind::DurableWrite, offset, bytes, skip, token);
             // The core hands a commit out only when all its writes fit the free slots.
             assert!(queued.is_ok(), "a file slot for every write of the commit");
         }
@@ -292,7 +293,7 @@ impl Shard {
 
     /// A commit write came back from the ring.
     fn write_done(&mut self, now: Now, done: FileDone) {
-        let len = done.data.len();
+        let len = done.data.len() - done.skip;
         let outcome = if done.is_complete(len) {
             WriteOutcome::Done
         } else {

@@ -16,6 +16,13 @@
 //! Invariants kept by the performing: the keyring is replaced atomically and durably
 //! (temporary file, fsync, rename, directory fsync); a segment's creation and removal are
 //! durable (directory fsync) before the next operation.
+//!
+//! Direct I/O (`log.direct_io`, on by default): the files the ring writes commits to are
+//! opened with `O_DIRECT`, so a commit's bytes go from the shard's buffer to the device
+//! without a copy into the page cache; the core aligns every commit write to
+//! [`DIRECT_IO_BLOCK`] (`courier_pipeline::node::GroupCommit::with_direct_io`). A file
+//! system that refuses it (tmpfs, some network file systems) is found by a probe write at
+//! start-up, and the shard then writes through the page cache as before.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -282,12 +289,18 @@ pub fn list_segments(dir: &Path) -> std::io::Result<Vec<u64>> {
     Ok(ids)
 }
 
+/// The alignment of direct I/O commit writes: in memory, file offset and length. A
+/// multiple of every logical block size in use (512 and 4096 bytes).
+pub const DIRECT_IO_BLOCK: usize = 4096;
+
 /// One shard's log files, as the shard's core asks for them.
 pub struct ShardStore {
     dir: PathBuf,
     dir_file: File,
     /// Open segment files: the newest, and any with a write in flight.
     files: HashMap<u64, Arc<File>>,
+    /// Segment files for the ring are opened with `O_DIRECT`.
+    direct: bool,
 }
 
 impl ShardStore {
@@ -382,6 +395,7 @@ impl ShardStore {
             dir,
             dir_file,
             files: HashMap::new(),
+            direct: false,
         };
         for a in actions {
             let what = format!("{a:?}");
@@ -407,19 +421,44 @@ impl ShardStore {
         self.perform_action(action)
     }
 
+    /// Opens the files the ring writes with `O_DIRECT` from now on, after a probe write
+    /// in the log's directory shows the file system takes it; the error says why not
+    /// (the store then stays with the page cache). The core must align its writes
+    /// ([`DIRECT_IO_BLOCK`]).
+    pub fn enable_direct_io(&mut self) -> std::io::Result<()> {
+        probe_direct_io(&self.dir)?;
+        // Files opened before (none while serving has not started) are opened again.
+        self.files.clear();
+        self.direct = true;
+        Ok(())
+    }
+
+    /// Whether the ring's writes go past the page cache.
+    pub fn direct_io(&self) -> bool {
+        self.direct
+    }
+
     /// The file of a segment, for a write through the ring.
     pub fn segment_file(&mut self, segment_id: u64) -> std::io::Result<Arc<File>> {
         if let Some(f) = self.files.get(&segment_id) {
             return Ok(f.clone());
         }
         let f = Arc::new(
-            OpenOptions::new()
-                .read(true)
-                .write(true)
+            self.ring_options()
                 .open(self.dir.join(segment_file_name(segment_id)))?,
         );
         self.files.insert(segment_id, f.clone());
         Ok(f)
+    }
+
+    /// How files the ring writes are opened.
+    fn ring_options(&self) -> OpenOptions {
+        let mut o = OpenOptions::new();
+        o.read(true).write(true);
+        if self.direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        o
     }
 
     /// A write to `segment_id` finished: only the newest segment is written again, so the
@@ -442,9 +481,8 @@ impl ShardStore {
                 write_file_atomically(&self.dir.join("keyring"), &bytes, 0o600)
             }
             Action::CreateSegment { segment_id } => {
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(true)
+                let f = self
+                    .ring_options()
                     .create_new(true)
                     .open(self.dir.join(segment_file_name(segment_id)))?;
                 self.dir_file.sync_all()?;
@@ -456,7 +494,10 @@ impl ShardStore {
                 offset,
                 bytes,
             } => {
-                let f = self.segment_file(segment_id)?;
+                // Through the page cache: these bytes are not aligned for O_DIRECT.
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(self.dir.join(segment_file_name(segment_id)))?;
                 f.write_all_at(&bytes, offset)?;
                 f.sync_data()
             }
@@ -472,6 +513,27 @@ impl ShardStore {
             }
         }
     }
+}
+
+/// Writes one aligned block with `O_DIRECT` to a new file in `dir`, then removes it.
+fn probe_direct_io(dir: &Path) -> std::io::Result<()> {
+    let path = dir.join(format!(".direct-io-probe-{:016x}", rand::random::<u64>()));
+    let result = (|| {
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(0o600)
+            .open(&path)?;
+        let mut buf = vec![0u8; 2 * DIRECT_IO_BLOCK];
+        let at = buf.as_ptr().align_offset(DIRECT_IO_BLOCK);
+        let block = &mut buf[at..at + DIRECT_IO_BLOCK];
+        block.fill(0x5a);
+        f.write_all_at(block, 0)?;
+        f.sync_data()
+    })();
+    let removed = fs::remove_file(&path);
+    result.and(removed)
 }
 
 /// Performs one repair of recovery, durably.
@@ -545,6 +607,21 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 2, "no temporary left: {names:?}");
+    }
+
+    #[test]
+    fn the_direct_io_probe_leaves_nothing_and_fails_where_it_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        probe_direct_io(dir.path()).expect("the test directory's file system takes O_DIRECT");
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "no probe file left"
+        );
+        // Where the probe cannot write, the error comes back (the shard then keeps the
+        // page cache).
+        let missing = dir.path().join("missing");
+        assert!(probe_direct_io(&missing).is_err());
     }
 
     #[test]

@@ -345,23 +345,46 @@ fn nothing_shows_recipient_payload_or_key_bytes() {
 }
 
 #[test]
-fn zeroed_space_after_the_last_record_is_a_torn_tail() {
-    // A preallocated or extended file reads as zeros past the last write.
+fn zeroed_space_after_the_last_record_ends_the_segment_cleanly() {
+    // A direct I/O write's padding, or a preallocated or extended file, reads as zeros
+    // past the last record: the segment ends there, with nothing to repair.
     let c = codec(1);
-    let (mut bytes, _) = segment(&c, 3);
+    let (mut bytes, offsets) = segment(&c, 3);
     let end = bytes.len();
-    bytes.resize(end + 4096, 0);
+    bytes.resize(end + 4095, 0);
     match c.scan(&bytes) {
-        ScanOutcome::TornTail {
-            summary,
-            truncate_to,
-            ..
-        } => {
-            assert_eq!(truncate_to, end as u64);
+        ScanOutcome::Clean(summary) => {
             assert_eq!(summary.records, 3);
+            assert_eq!(
+                summary.bytes, end as u64,
+                "appends continue at the last record's end"
+            );
         }
         other => panic!("{other:?}"),
     }
+    // A torn record before the zeros is still a torn tail, cut where that record starts.
+    let last = offsets[2];
+    for cut in [last + 1, last + 9, end - 1] {
+        let mut torn = bytes[..cut].to_vec();
+        torn.resize(end + 4095, 0);
+        match c.scan(&torn) {
+            ScanOutcome::TornTail {
+                summary,
+                truncate_to,
+                ..
+            } => {
+                assert_eq!(truncate_to, last as u64, "cut {cut}");
+                assert_eq!(summary.records, 2);
+            }
+            other => panic!("cut {cut}: {other:?}"),
+        }
+    }
+    // One non-zero byte in the padding is not padding.
+    let mut dirty = bytes.clone();
+    dirty[end + 100] = 1;
+    assert!(
+        matches!(c.scan(&dirty), ScanOutcome::TornTail { truncate_to, .. } if truncate_to == end as u64)
+    );
 }
 
 /// Every kind of record round-trips with the fields its kind uses.

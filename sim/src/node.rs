@@ -40,6 +40,8 @@ use crate::storage::{recover, MemStorage, SimIoError};
 const FILE_SLOTS: usize = 16;
 /// Expanded keys a simulated sealer caches: small, so misses happen.
 const SEAL_CACHE_KEYS: usize = 64;
+/// The block of the shards that write as with `O_DIRECT` (odd shards).
+const SIM_DIRECT_IO_BLOCK: usize = 512;
 
 /// How the simulated disks behave.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -328,6 +330,11 @@ impl SimNode {
             // The simulated disks report no free space: nothing is throttled for it
             // (their full-disk faults exercise the failure path instead).
             disk_reserve_bytes: profile.log.disk_reserve_bytes,
+            // Odd shards write as the shell does with O_DIRECT (aligned blocks, the
+            // partial last block written again by the next commit, zero padding that
+            // recovery reads as the segment's end), to small blocks so that most commits
+            // rewrite one; even shards as through the page cache.
+            direct_io_block: (shard.index() % 2 == 1).then_some(SIM_DIRECT_IO_BLOCK),
         }
     }
 
@@ -556,10 +563,11 @@ impl SimNode {
                     token,
                     segment_id,
                     offset,
+                    skip,
                     bytes,
                 } => {
-                    trace.push(DiskOp::Write(bytes.len() as u64));
-                    let outcome = match self.storage[s].write(segment_id, offset, &bytes) {
+                    trace.push(DiskOp::Write((bytes.len() - skip) as u64));
+                    let outcome = match self.storage[s].write(segment_id, offset, &bytes[skip..]) {
                         Ok(()) => WriteOutcome::Done,
                         Err(SimIoError::NoSpace) => WriteOutcome::NoSpace,
                         Err(SimIoError::Io) => WriteOutcome::WriteFailed,

@@ -5,7 +5,10 @@
 //!
 //! The storage model, per segment file: bytes written since the last successful sync are
 //! *unsynced*. A crash keeps every synced byte and, of the unsynced ones, a random prefix
-//! (possibly none, possibly all): the last write can be torn at any byte. A failed sync
+//! (possibly none, possibly all): the last write can be torn at any byte. A write may
+//! also go over bytes already there (direct I/O rewrites the block the previous commit
+//! ended in, and its zero padding): past the torn prefix a crash then leaves the bytes
+//! the last sync made durable. A failed sync
 //! syncs nothing, and its bytes stay readable until the crash that loses them (as Linux
 //! may drop dirty pages after a writeback error while reads still see them). Creating and
 //! deleting a file, truncating it, and replacing the keyring are durable at once (the
@@ -38,7 +41,19 @@ pub enum SimIoError {
 #[derive(Debug, Default, Clone)]
 struct MemFile {
     data: Vec<u8>,
+    /// Length of the durable image (what the last sync covered).
     synced: usize,
+    /// The lowest offset written since the last sync, when below `synced`: the durable
+    /// image's bytes from there to `synced` are kept in `durable_over`.
+    dirty_from: Option<usize>,
+    durable_over: Vec<u8>,
+}
+
+impl MemFile {
+    /// Where the bytes a crash may tear start.
+    fn unsynced_from(&self) -> usize {
+        self.dirty_from.unwrap_or(self.synced)
+    }
 }
 
 /// Files with synced and unsynced bytes, and injectable faults.
@@ -82,16 +97,28 @@ impl MemStorage {
         self.files.insert(id, MemFile::default());
     }
 
-    /// Appends `bytes` at `offset`, which must be the file's end (the log only appends).
+    /// Writes `bytes` at `offset`, at most the file's end (no holes): the log appends,
+    /// and with direct I/O writes its last block again.
     pub fn write(&mut self, id: u64, offset: u64, bytes: &[u8]) -> Result<(), SimIoError> {
         let room = match self.capacity_bytes {
             Some(cap) => cap.saturating_sub(self.used_bytes()),
             None => u64::MAX,
         };
         let f = self.files.get_mut(&id).expect("write to an existing file");
-        assert_eq!(offset, f.data.len() as u64, "the log writes at the end");
-        let n = bytes.len().min(usize::try_from(room).unwrap_or(usize::MAX));
-        f.data.extend_from_slice(&bytes[..n]);
+        let offset = offset as usize;
+        assert!(offset <= f.data.len(), "the log writes no holes");
+        let over = (f.data.len() - offset).min(bytes.len());
+        let n = over + (bytes.len() - over).min(usize::try_from(room).unwrap_or(usize::MAX));
+        let from = f.unsynced_from();
+        if offset < from {
+            // Keep the durable bytes this write goes over, for a crash.
+            let mut kept = f.data[offset..from].to_vec();
+            kept.extend_from_slice(&f.durable_over);
+            f.durable_over = kept;
+            f.dirty_from = Some(offset);
+        }
+        f.data[offset..offset + over].copy_from_slice(&bytes[..over]);
+        f.data.extend_from_slice(&bytes[over..n]);
         if n < bytes.len() {
             return Err(SimIoError::NoSpace);
         }
@@ -105,6 +132,8 @@ impl MemStorage {
         }
         let f = self.files.get_mut(&id).expect("sync of an existing file");
         f.synced = f.data.len();
+        f.dirty_from = None;
+        f.durable_over.clear();
         Ok(())
     }
 
@@ -112,7 +141,16 @@ impl MemStorage {
     pub fn truncate(&mut self, id: u64, len: u64) {
         let f = self.files.get_mut(&id).expect("truncate an existing file");
         f.data.truncate(len as usize);
-        f.synced = f.synced.min(f.data.len());
+        let len = f.data.len();
+        if let Some(from) = f.dirty_from {
+            if len <= from {
+                f.dirty_from = None;
+                f.durable_over.clear();
+            } else {
+                f.durable_over.truncate(len - from);
+            }
+        }
+        f.synced = f.synced.min(len);
     }
 
     /// Removes a file (durable).
@@ -148,22 +186,33 @@ impl MemStorage {
     pub fn file_mut(&mut self, id: u64) -> Option<&mut Vec<u8>> {
         self.files.get_mut(&id).map(|f| {
             f.synced = 0;
+            f.dirty_from = None;
+            f.durable_over.clear();
             &mut f.data
         })
     }
 
     /// Power loss: every file keeps its synced bytes plus a random prefix of its unsynced
-    /// ones (none in half of the cases). What survives is on disk afterwards.
+    /// ones (none in half of the cases); where the unsynced bytes went over durable ones,
+    /// those durable bytes are left past the prefix. What survives is on disk afterwards.
     pub fn crash(&mut self) {
         for f in self.files.values_mut() {
-            let unsynced = f.data.len() - f.synced;
+            let from = f.unsynced_from();
+            let unsynced = f.data.len() - from;
             let keep = if unsynced == 0 || self.rng.random_bool(0.5) {
                 0
             } else {
                 self.rng.random_range(0..=unsynced)
             };
-            f.data.truncate(f.synced + keep);
+            f.data.truncate(from + keep);
+            if f.data.len() < f.synced {
+                let at = f.data.len() - from;
+                f.data
+                    .extend_from_slice(&f.durable_over[at..f.synced - from]);
+            }
             f.synced = f.data.len();
+            f.dirty_from = None;
+            f.durable_over.clear();
         }
     }
 }

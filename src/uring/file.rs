@@ -43,6 +43,8 @@ pub struct FileDone {
     pub synced: Option<io::Result<()>>,
     /// The data buffer, handed back for reuse (empty for a sync).
     pub data: Vec<u8>,
+    /// The bytes of `data` before the ones written (alignment only).
+    pub skip: usize,
 }
 
 impl FileDone {
@@ -55,6 +57,7 @@ impl FileDone {
 pub(super) struct FileSlot {
     file: Option<Arc<File>>,
     data: Vec<u8>,
+    skip: usize,
     token: u64,
     kind: FileOpKind,
     /// Completions still to reap (0 = free).
@@ -77,6 +80,7 @@ impl FileSlots {
             .map(|_| FileSlot {
                 file: None,
                 data: Vec::new(),
+                skip: 0,
                 token: 0,
                 kind: FileOpKind::Sync,
                 pending: 0,
@@ -104,6 +108,7 @@ impl FileSlots {
 
     /// Claims a slot and builds its SQEs (one or two). `ud_base` is the kind tag of the
     /// caller's user_data scheme. Returns the data back when no slot is free.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn prepare(
         &mut self,
         ud_base: u64,
@@ -111,8 +116,10 @@ impl FileSlots {
         kind: FileOpKind,
         offset: u64,
         data: Vec<u8>,
+        skip: usize,
         token: u64,
     ) -> Result<Vec<squeue::Entry>, Vec<u8>> {
+        assert!(skip <= data.len(), "the bytes skipped are in the buffer");
         let Some(idx) = self.free.pop() else {
             return Err(data);
         };
@@ -121,16 +128,17 @@ impl FileSlots {
         let fd = types::Fd(file.as_raw_fd());
         slot.file = Some(file);
         slot.data = data;
+        slot.skip = skip;
         slot.token = token;
         slot.kind = kind;
         slot.written = None;
         slot.synced = None;
         let ud = ud_base | u64::from(idx);
-        let len = u32::try_from(slot.data.len()).expect("a file write is below 4 GiB");
+        let len = u32::try_from(slot.data.len() - skip).expect("a file write is below 4 GiB");
         let mut sqes = Vec::with_capacity(2);
         match kind {
             FileOpKind::DurableWrite | FileOpKind::Write => {
-                let write = opcode::Write::new(fd, slot.data.as_ptr(), len)
+                let write = opcode::Write::new(fd, slot.data[skip..].as_ptr(), len)
                     .offset(offset)
                     .build()
                     .user_data(ud);
@@ -181,6 +189,7 @@ impl FileSlots {
             written: slot.written.take().unwrap_or(Ok(0)),
             synced: slot.synced.take(),
             data: std::mem::take(&mut slot.data),
+            skip: std::mem::take(&mut slot.skip),
         };
         // The kernel is done with both the buffer and the descriptor.
         slot.file = None;

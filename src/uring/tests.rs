@@ -691,6 +691,7 @@ fn durable_writes_land_at_their_offsets_and_report_the_sync() {
         FileOpKind::DurableWrite,
         0,
         b"hello ".to_vec(),
+        0,
         1,
     )
     .unwrap();
@@ -698,18 +699,21 @@ fn durable_writes_land_at_their_offsets_and_report_the_sync() {
         file.clone(),
         FileOpKind::DurableWrite,
         6,
-        b"world".to_vec(),
+        // The first two bytes are skipped (as a direct write's alignment slack is).
+        b"..world".to_vec(),
+        2,
         2,
     )
     .unwrap();
     let dirf = std::sync::Arc::new(std::fs::File::open(dir.path()).unwrap());
-    ring.submit_file(dirf, FileOpKind::Sync, 0, Vec::new(), 3)
+    ring.submit_file(dirf, FileOpKind::Sync, 0, Vec::new(), 0, 3)
         .unwrap();
     let mut done = file_results(&mut ring, 3);
     done.sort_by_key(|d| d.token);
     assert!(done[0].is_complete(6) && done[1].is_complete(5), "{done:?}");
     assert!(matches!(done[0].synced, Some(Ok(()))));
-    assert_eq!(done[1].data, b"world", "the buffer comes back for reuse");
+    assert_eq!(done[1].data, b"..world", "the buffer comes back for reuse");
+    assert_eq!(done[1].skip, 2);
     assert!(matches!(done[2].synced, Some(Ok(()))));
     assert_eq!(std::fs::read(&path).unwrap(), b"hello world");
 }
@@ -727,11 +731,11 @@ fn a_failed_write_cancels_its_sync_and_frees_the_slot() {
         ..test_config()
     };
     let mut ring = ring_on("127.0.0.1:0", &cfg);
-    ring.submit_file(file.clone(), FileOpKind::DurableWrite, 0, vec![1; 8], 9)
+    ring.submit_file(file.clone(), FileOpKind::DurableWrite, 0, vec![1; 8], 0, 9)
         .unwrap();
     assert!(!ring.file_slot_free(), "one slot, in flight");
     assert!(ring
-        .submit_file(file.clone(), FileOpKind::Write, 0, vec![2; 8], 10)
+        .submit_file(file.clone(), FileOpKind::Write, 0, vec![2; 8], 0, 10)
         .is_err());
     let done = file_results(&mut ring, 1);
     assert_eq!(done[0].token, 9);

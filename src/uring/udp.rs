@@ -440,7 +440,7 @@ impl UdpRing {
         self.mem.files.free_count()
     }
 
-    /// Queues a file operation: `DurableWrite` writes `data` at `offset` and then
+    /// Queues a file operation: `DurableWrite` writes `data[skip..]` at `offset` and then
     /// fdatasyncs (linked: the sync starts only after the whole write succeeded), `Write`
     /// only writes, `Sync` fsyncs `file` (a directory too; `data` must be empty). The
     /// outcome comes back from [`Self::drain`] as [`RingEvent::File`] with `token`, and
@@ -452,6 +452,7 @@ impl UdpRing {
         kind: FileOpKind,
         offset: u64,
         data: Vec<u8>,
+        skip: usize,
         token: u64,
     ) -> Result<(), Vec<u8>> {
         assert!(
@@ -461,7 +462,7 @@ impl UdpRing {
         let sqes = self
             .mem
             .files
-            .prepare(UD_FILE, file, kind, offset, data, token)?;
+            .prepare(UD_FILE, file, kind, offset, data, skip, token)?;
         for sqe in &sqes {
             // Safety: the write's buffer and the descriptor are owned by the file slot
             // (`data` and an `Arc<File>`), which releases them only when `complete` has

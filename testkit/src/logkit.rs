@@ -10,7 +10,7 @@ use courier::audit::AcceptedEntry;
 use courier::store::MasterKeyText;
 use courier_client::ServerTrust;
 use courier_client::{Client, ClientConfig, OutgoingMessage};
-use courier_pipeline::log::format::SEGMENT_HEADER_BYTES;
+use courier_pipeline::log::format::{records_end, SEGMENT_HEADER_BYTES};
 use courier_pipeline::log::{Keyring, SegmentCodec, SegmentHeader};
 use courier_pipeline::registry::{Registry, Tier};
 use courier_pipeline::wire::{Recipient, Status};
@@ -141,13 +141,14 @@ pub fn segments(data_dir: &Path, shard: usize) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Byte offsets of every readable record of a segment file.
+/// Byte offsets of every readable record of a segment file, and where the last one ends
+/// (before any zero padding of a direct I/O write).
 pub fn record_offsets(
     data_dir: &Path,
     shard: usize,
     segment: &Path,
     key: &MasterKeyText,
-) -> Vec<u64> {
+) -> (Vec<u64>, u64) {
     let bytes = std::fs::read(segment).unwrap();
     let keyring =
         Keyring::from_bytes(&std::fs::read(shard_dir(data_dir, shard).join("keyring")).unwrap())
@@ -162,12 +163,12 @@ pub fn record_offsets(
     );
     let mut offsets = Vec::new();
     let mut at = SEGMENT_HEADER_BYTES as u64;
-    while at < bytes.len() as u64 {
+    while !records_end(&bytes, at) {
         let (_, next) = codec.read_record(&bytes, at, offsets.len() as u32).unwrap();
         offsets.push(at);
         at = next;
     }
-    offsets
+    (offsets, at)
 }
 
 /// Every file under `dir` with its bytes, sorted by path.

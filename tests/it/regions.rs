@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use courier_client::{Client, ClientConfig, OutgoingMessage, ServerTrust};
-use courier_pipeline::log::format::SEGMENT_HEADER_BYTES;
+use courier_pipeline::log::format::{records_end, SEGMENT_HEADER_BYTES};
 use courier_pipeline::log::{
     Keyring, MasterKey, OwnedRecord, RecordKind, SegmentCodec, SegmentHeader,
 };
@@ -201,7 +201,7 @@ fn read_logs(data: &Path, key_hex: &str) -> Vec<OwnedRecord> {
             let codec =
                 SegmentCodec::new(header, key, 1 << 20).with_field_keys(Some(fields.clone()));
             let (mut offset, mut index) = (SEGMENT_HEADER_BYTES as u64, 0);
-            while offset < bytes.len() as u64 {
+            while !records_end(&bytes, offset) {
                 let (rec, next) = codec.read_record(&bytes, offset, index).unwrap();
                 records.push(rec);
                 offset = next;

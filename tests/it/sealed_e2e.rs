@@ -5,7 +5,7 @@ use bytes::Bytes;
 use courier::store::MasterKeyText;
 use courier_client::ServerTrust;
 use courier_client::{Client, ClientConfig, OutgoingMessage};
-use courier_pipeline::log::format::SEGMENT_HEADER_BYTES;
+use courier_pipeline::log::format::{records_end, SEGMENT_HEADER_BYTES};
 use courier_pipeline::log::{
     Keyring, LogConfig, MasterKey, OwnedRecord, SegmentCodec, SegmentHeader,
 };
@@ -159,7 +159,7 @@ fn read_log(data_dir: &std::path::Path, shard: usize, profile: &Profile) -> Vec<
             .with_field_keys(Some(fields.clone()));
         let mut offset = SEGMENT_HEADER_BYTES as u64;
         let mut index = 0;
-        while offset < bytes.len() as u64 {
+        while !records_end(&bytes, offset) {
             let (rec, next) = codec.read_record(&bytes, offset, index).unwrap();
             records.push(rec);
             offset = next;

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 use courier::serve::Running;
 use courier_client::send::{self, exit_code};
-use courier_pipeline::log::format::SEGMENT_HEADER_BYTES;
+use courier_pipeline::log::format::{records_end, SEGMENT_HEADER_BYTES};
 use courier_pipeline::log::{Keyring, SegmentCodec, SegmentHeader};
 use courier_pipeline::registry::Registry;
 use courier_pipeline::seal::keys::{RecipientKey, RecipientKeys};
@@ -95,7 +95,7 @@ impl Server {
                 ));
             let mut at = SEGMENT_HEADER_BYTES as u64;
             let mut index = 0;
-            while at < bytes.len() as u64 {
+            while !records_end(&bytes, at) {
                 let (rec, next) = codec.read_record(&bytes, at, index).unwrap();
                 at = next;
                 index += 1;

@@ -873,6 +873,12 @@ impl SegmentCodec {
                         cause: CorruptionCause::Record(cause),
                     })
                 }
+                Err(_) if records_end(bytes, offset) => {
+                    // Zeros after the last record: the padding of a direct I/O write
+                    // (`node::commit`), or space a file system allocated; nothing was
+                    // written there, so the segment ends here, cleanly.
+                    break;
+                }
                 Err(cause) => {
                     if next_frame(bytes, offset + 1, self.payload_bytes_max).is_some() {
                         return ScanOutcome::Corrupt(Corruption {
@@ -891,6 +897,15 @@ impl SegmentCodec {
         }
         ScanOutcome::Clean(summary)
     }
+}
+
+/// Whether no record starts at `offset` of a segment's `bytes`: their end, or only zeros
+/// from there on (a direct I/O write's padding, `node::commit`). A reader walking a
+/// segment record by record stops here.
+pub fn records_end(bytes: &[u8], offset: u64) -> bool {
+    bytes
+        .get(offset as usize..)
+        .is_none_or(|rest| rest.iter().all(|&b| b == 0))
 }
 
 /// Checks the frame at `offset`: enough bytes for the frame header, a length in bounds,

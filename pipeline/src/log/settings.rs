@@ -65,6 +65,14 @@ pub struct LogSettings {
     /// resumes by itself once space returns. 0: no reserve (a full disk then fails the
     /// shard's log for good, as a failed write does).
     pub disk_reserve_bytes: u64,
+    /// Write commits with `O_DIRECT`, past the page cache (the shell falls back to the
+    /// page cache where the file system refuses it). Optional, true when absent.
+    #[serde(default = "direct_io_default")]
+    pub direct_io: bool,
+}
+
+fn direct_io_default() -> bool {
+    true
 }
 
 impl LogSettings {

@@ -12,7 +12,7 @@
 //!                                  │ writes coalesced per segment (commit.rs)
 //!                                  ▼
 //!  poll_io(file slots) ──> Io::{PersistKeyring, CreateSegment, DeleteSegment}  (at once)
-//!                          Io::DurableWrite { token, segment, offset, bytes }  (write +
+//!                          Io::DurableWrite { token, segment, offset, skip, bytes } (write +
 //!                                                                  fdatasync, linked)
 //!  handle_write_done(now, token, outcome, buf) ──> Log::on_synced ──> idempotency settled,
 //!                                 detector billing, Server::ack ──> poll_transmit
@@ -185,7 +185,11 @@ pub enum Io {
         segment_id: u64,
         /// Byte offset in the segment file.
         offset: u64,
-        /// Encrypted, framed records.
+        /// `bytes[skip..]` are written; the bytes before only align their address (with
+        /// direct I/O; 0 otherwise).
+        skip: usize,
+        /// Encrypted, framed records (with direct I/O, from the start of a block and
+        /// padded with zeros to its end).
         bytes: Vec<u8>,
     },
 }
@@ -200,11 +204,12 @@ impl std::fmt::Debug for Io {
                 token,
                 segment_id,
                 offset,
+                skip,
                 bytes,
             } => write!(
                 f,
                 "DurableWrite(#{token}: segment {segment_id} @ {offset}, {} bytes)",
-                bytes.len()
+                bytes.len() - skip
             ),
         }
     }
@@ -266,6 +271,9 @@ pub struct ShardParts {
     pub replay: Replay,
     /// `log.disk_reserve_bytes`: below this much free space new batches are throttled.
     pub disk_reserve_bytes: u64,
+    /// `Some(block)` when the shell writes segments with `O_DIRECT`: commit writes are
+    /// then aligned to `block` ([`GroupCommit::with_direct_io`]).
+    pub direct_io_block: Option<usize>,
 }
 
 impl std::fmt::Debug for ShardParts {
@@ -394,7 +402,10 @@ impl Shard {
             sealer: parts.sealer,
             sealed: SealedBatch::new(),
             scratch: chain::Scratch::default(),
-            commit: GroupCommit::new(parts.log, parts.seed),
+            commit: match parts.direct_io_block {
+                Some(block) => GroupCommit::new(parts.log, parts.seed).with_direct_io(block),
+                None => GroupCommit::new(parts.log, parts.seed),
+            },
             awaiting: AwaitingQueue::default(),
             held: None,
             delivery: cfg.map(Delivery::new),

@@ -53,6 +53,7 @@ mod replay;
 mod retention;
 mod stats;
 mod stop;
+mod timers;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};

@@ -244,19 +244,20 @@ impl Shard {
     /// `wake`); a full inbox drops it (counted): its owner repeats the work after a
     /// timeout.
     fn send_peer(&self, to: PeerTarget, msg: Arc<PeerMsg>, wake: &mut Vec<usize>) {
-        let mut send = |i: usize| {
+        let mut send = |i: usize, msg: Arc<PeerMsg>| {
             let p = &self.peers[i];
-            if p.peer.try_send(msg.clone()).is_ok() {
+            if p.peer.try_send(msg).is_ok() {
                 to_wake(wake, i);
             } else {
                 self.stats().peer_dropped.fetch_add(1, Ordering::Relaxed);
             }
         };
         match to {
-            PeerTarget::Shard(s) => send(s.index()),
+            // The only reference goes: the peer takes the message without a copy.
+            PeerTarget::Shard(s) => send(s.index(), msg),
             PeerTarget::All => (0..self.peers.len())
                 .filter(|&i| i != self.id.index())
-                .for_each(send),
+                .for_each(|i| send(i, msg.clone())),
         }
     }
 

@@ -361,10 +361,9 @@ impl Delivery {
         payload: Bytes,
         sent: bool,
     ) {
-        assert!(
-            !self.pending.contains_key(&message),
-            "a message is admitted once"
-        );
+        let std::collections::hash_map::Entry::Vacant(slot) = self.pending.entry(message) else {
+            panic!("a message is admitted once");
+        };
         self.payload_bytes += payload.len() as u64;
         // Messages enter in log order (as they become durable, or as the log is read
         // back at start-up): appended at the back. One out of order is placed by search.
@@ -375,24 +374,21 @@ impl Delivery {
             }
             _ => self.order.push_back(message),
         }
+        slot.insert(Pending {
+            accepted_ms: now_ms,
+            business_id,
+            client_id,
+            recipient,
+            expires_ms,
+            payload,
+            attempts: u32::from(sent),
+            keys_wait_until: None,
+            sent,
+            state: State::Waiting { due_ms: now_ms },
+        });
         let list = self.by_recipient.entry(recipient).or_default();
         list.messages.push(message);
         list.live += 1;
-        self.pending.insert(
-            message,
-            Pending {
-                accepted_ms: now_ms,
-                business_id,
-                client_id,
-                recipient,
-                expires_ms,
-                payload,
-                attempts: u32::from(sent),
-                keys_wait_until: None,
-                sent,
-                state: State::Waiting { due_ms: now_ms },
-            },
-        );
         let (pending, live_max) = (&self.pending, self.pending.len());
         self.due
             .push(now_ms, message, live_max, |t, m| live_due(pending, t, m));

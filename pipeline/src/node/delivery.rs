@@ -22,7 +22,12 @@
 //! Bounds: at most `pending_max` messages and `pending_bytes_max` payload bytes wait here
 //! (past either, new SUBMITs are throttled: [`Delivery::has_room`]); at most
 //! `in_flight_max` are out with the edge at once; `delivered_kept_max` delivered messages
-//! are remembered for a later `read`.
+//! are remembered for a later `read`. The indexes beside them remove lazily and sweep, so
+//! each holds at most about twice its live entries plus a constant: each timer queue
+//! (see `timers.rs`) `2 × pending + 4096` entries, each recipient's list `2 × its pending
+//! messages + 8`, the delivered list `2 × delivered_kept_max + 1024`.
+//!
+//! Timers of the same millisecond fire in the order they were set, not by position.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 

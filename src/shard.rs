@@ -167,8 +167,15 @@ impl Shard {
         self.perform_io(now);
         // The writes just submitted may have let a held batch through, with ACKs to send.
         self.flush_transmits(now.at);
+        // Each peer is woken once for everything queued to it here, not once per message
+        // (an eventfd write each: a system call per delivery message, with the wake-up it
+        // causes on the other side).
+        let mut wake = Vec::new();
         while let Some(ev) = self.core.poll_event() {
-            self.deliver(ev);
+            self.deliver(ev, &mut wake);
+        }
+        for i in wake {
+            self.peers[i].waker.wake();
         }
     }
 
@@ -181,11 +188,12 @@ impl Shard {
             self.core.handle_control(now, c);
         }
         while let Ok(m) = self.peer_inbox.try_recv() {
-            self.core.handle_peer(now, &m);
+            self.core.handle_peer(now, m);
         }
     }
 
-    fn deliver(&mut self, ev: Event) {
+    /// Hands an event on; the peers to wake afterwards are added to `wake`.
+    fn deliver(&mut self, ev: Event, wake: &mut Vec<usize>) {
         match ev {
             Event::Delta(delta) => {
                 for (i, p) in self.peers.iter().enumerate() {
@@ -193,13 +201,13 @@ impl Shard {
                         continue;
                     }
                     if p.deltas.try_send(delta.clone()).is_ok() {
-                        p.waker.wake();
+                        to_wake(wake, i);
                     } else {
                         self.stats().deltas_dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
-            Event::Peer { to, msg } => self.send_peer(to, msg),
+            Event::Peer { to, msg } => self.send_peer(to, msg, wake),
             Event::Status {
                 at_unix_ms,
                 signals,
@@ -232,22 +240,24 @@ impl Shard {
         }
     }
 
-    /// Hands a delivery message to one shard or every other one; a full inbox drops it
-    /// (counted): its owner repeats the work after a timeout.
-    fn send_peer(&self, to: PeerTarget, msg: Arc<PeerMsg>) {
-        let send = |i: usize| {
+    /// Hands a delivery message to one shard or every other one (to be woken: added to
+    /// `wake`); a full inbox drops it (counted): its owner repeats the work after a
+    /// timeout.
+    fn send_peer(&self, to: PeerTarget, msg: Arc<PeerMsg>, wake: &mut Vec<usize>) {
+        let mut send = |i: usize, msg: Arc<PeerMsg>| {
             let p = &self.peers[i];
-            if p.peer.try_send(msg.clone()).is_ok() {
-                p.waker.wake();
+            if p.peer.try_send(msg).is_ok() {
+                to_wake(wake, i);
             } else {
                 self.stats().peer_dropped.fetch_add(1, Ordering::Relaxed);
             }
         };
         match to {
-            PeerTarget::Shard(s) => send(s.index()),
+            // The only reference goes: the peer takes the message without a copy.
+            PeerTarget::Shard(s) => send(s.index(), msg),
             PeerTarget::All => (0..self.peers.len())
                 .filter(|&i| i != self.id.index())
-                .for_each(send),
+                .for_each(|i| send(i, msg.clone())),
         }
     }
 
@@ -392,5 +402,12 @@ pub(crate) fn clock() -> Now {
         unix_ms: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
+    }
+}
+
+/// Notes peer `i` for a wake-up, once.
+fn to_wake(wake: &mut Vec<usize>, i: usize) {
+    if !wake.contains(&i) {
+        wake.push(i);
     }
 }

@@ -141,8 +141,14 @@ impl ConnKey {
         self.shard
     }
 
+    /// A key for benches of the modules that route by it (`benches/delivery.rs`); no
+    /// connection has it.
+    #[doc(hidden)]
+    pub fn for_benches(shard: u8, n: u64) -> ConnKey {
+        ConnKey::for_tests(shard, n)
+    }
+
     /// A key for unit tests of the modules that route by it.
-    #[cfg(test)]
     pub(crate) fn for_tests(shard: u8, n: u64) -> ConnKey {
         ConnKey {
             shard: ShardId::new(shard),

@@ -532,7 +532,7 @@ impl SimNode {
         for (t, msg) in queued {
             any = true;
             if let Some(r) = self.running.as_mut() {
-                r[t].core.handle_peer(now, &msg);
+                r[t].core.handle_peer(now, msg);
             }
         }
         any

@@ -7,7 +7,8 @@
 //!
 //! ```text
 //!  owner S                                   connection's shard E
-//!   Deliver { conn, DELIVER }  ───────────>   written: Handed   / gone, no credit: Bounced
+//!   Deliver { conn, DELIVERs } ───────────>   written: Handed (those written, in one)
+//!                                             gone, no credit: Bounced (each)
 //!   Push { conn, events }      ───────────>   written: (nothing) / gone: PushBounced
 //!   <─────────── Outcomes (the edge's OUTCOMEs for S's messages)
 //!   <─────────── EventAcks (a business's EVENT_ACKs for S's events)
@@ -17,6 +18,10 @@
 //!  owner S ── KeysWanted { conn, recipients } ──> the edge connection's shard (KEYS_WANTED)
 //!  edge's shard ── DeviceKeys (verified there) ──> every shard
 //! ```
+//!
+//! DELIVERs go in one message per edge connection and dispatch, and their `Handed`
+//! answers in one per owner: a message (and a wake-up of the other shard) per delivered
+//! message cost more than the delivery itself.
 //!
 //! The channels between shards are bounded and may drop a message (counted by the
 //! shell); nothing is lost by it, because the owner repeats: a hand-off without an outcome
@@ -49,17 +54,18 @@ pub enum PeerMsg {
         /// The connection.
         conn: ConnKey,
     },
-    /// To the connection's shard: write this DELIVER on it.
+    /// To the connection's shard: write these DELIVERs on it, in order (all of one
+    /// owner's).
     Deliver {
         /// The edge connection.
         conn: ConnKey,
-        /// The message.
-        item: Deliver,
+        /// The messages.
+        items: Vec<Deliver>,
     },
-    /// To the message's shard: the DELIVER was written.
+    /// To the messages' shard: their DELIVERs were written.
     Handed {
-        /// The message.
-        message: LogPosition,
+        /// The messages.
+        messages: Vec<LogPosition>,
     },
     /// To the message's shard: the DELIVER could not be written.
     Bounced {
@@ -117,9 +123,10 @@ pub enum PeerTarget {
 }
 
 impl Shard {
-    /// A message from another shard.
-    pub fn handle_peer(&mut self, now: Now, msg: &PeerMsg) {
-        self.on_peer(now, msg.clone());
+    /// A message from another shard (taken without a copy when this shard holds the
+    /// only reference).
+    pub fn handle_peer(&mut self, now: Now, msg: Arc<PeerMsg>) {
+        self.on_peer(now, Arc::unwrap_or_clone(msg));
         self.advance(now);
     }
 
@@ -150,35 +157,48 @@ impl Shard {
         match msg {
             PeerMsg::Attach { conn, role } => self.attached(conn, role),
             PeerMsg::Detach { conn } => self.detached(now, conn),
-            PeerMsg::Deliver { conn, item } => {
-                let message = item.message;
-                let owner = owner_of(message);
-                // Behind DELIVERs already waiting for this connection's credit, in turn:
-                // no shard's offers overtake another's.
-                let result = if self.credit_wait.holds(conn) {
-                    Err(NotWritten::NoCredit)
-                } else {
-                    self.server.deliver(now.at, conn, &item)
+            PeerMsg::Deliver { conn, items } => {
+                let Some(owner) = items.first().map(|d| owner_of(d.message)) else {
+                    return;
                 };
-                let reply = match result {
-                    Ok(()) => PeerMsg::Handed { message },
-                    Err(NotWritten::NoCredit) => match self.credit_wait.push(now, conn, item) {
-                        Ok(()) => return,
-                        Err(_) => PeerMsg::Bounced {
-                            message,
-                            gone: None,
+                let mut handed = Vec::with_capacity(items.len());
+                for item in items {
+                    let message = item.message;
+                    // Behind DELIVERs already waiting for this connection's credit, in
+                    // turn: no shard's offers overtake another's.
+                    let result = if self.credit_wait.holds(conn) {
+                        Err(NotWritten::NoCredit)
+                    } else {
+                        self.server.deliver(now.at, conn, &item)
+                    };
+                    let bounce = match result {
+                        Ok(()) => {
+                            handed.push(message);
+                            continue;
+                        }
+                        Err(NotWritten::NoCredit) => match self.credit_wait.push(now, conn, item) {
+                            Ok(()) => continue,
+                            Err(_) => PeerMsg::Bounced {
+                                message,
+                                gone: None,
+                            },
                         },
-                    },
-                    Err(NotWritten::Gone) => PeerMsg::Bounced {
-                        message,
-                        gone: Some(conn),
-                    },
-                };
-                self.send_peer(now, owner, reply);
+                        Err(NotWritten::Gone) => PeerMsg::Bounced {
+                            message,
+                            gone: Some(conn),
+                        },
+                    };
+                    self.send_peer(now, owner, bounce);
+                }
+                if !handed.is_empty() {
+                    self.send_peer(now, owner, PeerMsg::Handed { messages: handed });
+                }
             }
-            PeerMsg::Handed { message } => {
+            PeerMsg::Handed { messages } => {
                 if let Some(d) = self.delivery.as_mut() {
-                    d.handed(now.unix_ms, message);
+                    for m in messages {
+                        d.handed(now.unix_ms, m);
+                    }
                 }
             }
             PeerMsg::Bounced { message, gone } => {
@@ -378,6 +398,8 @@ impl Shard {
     /// it lasts; those that waited too long, or whose connection is gone, go back to their
     /// owners.
     fn drain_credit_wait(&mut self, now: Now) {
+        // Those written, by owner: one `Handed` each.
+        let mut handed: BTreeMap<ShardId, Vec<LogPosition>> = BTreeMap::new();
         for conn in self.credit_wait.conns() {
             while let Some(item) = self.credit_wait.front(now, conn) {
                 let message = item.message;
@@ -387,7 +409,11 @@ impl Shard {
                         gone: None,
                     },
                     false => match self.server.deliver(now.at, conn, item.deliver) {
-                        Ok(()) => PeerMsg::Handed { message },
+                        Ok(()) => {
+                            self.credit_wait.pop(conn);
+                            handed.entry(owner_of(message)).or_default().push(message);
+                            continue;
+                        }
                         Err(NotWritten::NoCredit) => break,
                         Err(NotWritten::Gone) => PeerMsg::Bounced {
                             message,
@@ -398,6 +424,9 @@ impl Shard {
                 self.credit_wait.pop(conn);
                 self.send_peer(now, owner_of(message), reply);
             }
+        }
+        for (owner, messages) in handed {
+            self.send_peer(now, owner, PeerMsg::Handed { messages });
         }
     }
 
@@ -410,6 +439,9 @@ impl Shard {
         // Bounded by in_flight_max (and by the due messages, each looked at once), and by
         // the sessions one call may set up.
         let sessions_before = self.devices.as_ref().map_or(0, |d| d.counts().sessions_new);
+        // The DELIVERs of this call by edge connection, in the order they were taken: one
+        // message to each connection's shard.
+        let mut offers: Vec<(ConnKey, Vec<Deliver>)> = Vec::new();
         loop {
             let set_up = self
                 .devices
@@ -452,7 +484,13 @@ impl Shard {
                     }
                 }
             }
-            self.send_peer(now, conn.shard(), PeerMsg::Deliver { conn, item });
+            match offers.iter_mut().find(|(c, _)| *c == conn) {
+                Some((_, items)) => items.push(item),
+                None => offers.push((conn, vec![item])),
+            }
+        }
+        for (conn, items) in offers {
+            self.send_peer(now, conn.shard(), PeerMsg::Deliver { conn, items });
         }
         let wanted = self
             .delivery

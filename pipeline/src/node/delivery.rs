@@ -22,9 +22,16 @@
 //! Bounds: at most `pending_max` messages and `pending_bytes_max` payload bytes wait here
 //! (past either, new SUBMITs are throttled: [`Delivery::has_room`]); at most
 //! `in_flight_max` are out with the edge at once; `delivered_kept_max` delivered messages
-//! are remembered for a later `read`.
+//! are remembered for a later `read`. The indexes beside them remove lazily and sweep, so
+//! each holds at most about twice its live entries plus a constant: each timer queue
+//! (see `timers.rs`) `2 × pending + 4096` entries, each recipient's list `2 × its pending
+//! messages + 8`, the delivered list `2 × delivered_kept_max + 1024`.
+//!
+//! Timers of the same millisecond fire in the order they were set, not by position.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use super::timers::TimerQueue;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -257,24 +264,31 @@ pub struct Delivery {
     /// retention's ranges (see [`Delivery::admit`]).
     pending: crate::LocalMap<LogPosition, Pending>,
     order: VecDeque<LogPosition>,
-    /// `(due_ms, message)` of every waiting message.
-    due: BTreeSet<(u64, LogPosition)>,
-    /// `(deadline_ms, message)` of every message out with the edge.
-    deadlines: BTreeSet<(u64, LogPosition)>,
-    /// `(since_ms, message)` of every message offered and not yet confirmed handed.
-    offered: BTreeSet<(u64, LogPosition)>,
-    /// `(expires_ms, message)` of every pending message.
-    expiries: BTreeSet<(u64, LogPosition)>,
+    /// `(due_ms, message)` of every waiting message (and stale entries: see
+    /// [`TimerQueue`]; live: [`live_due`]).
+    due: TimerQueue,
+    /// `(deadline_ms, message)` of every message out with the edge ([`live_handed`]).
+    deadlines: TimerQueue,
+    /// `(since_ms, message)` of every message offered and not yet confirmed handed
+    /// ([`live_offered`]).
+    offered: TimerQueue,
+    /// `(expires_ms, message)` of every pending message ([`live_pending`]).
+    expiries: TimerQueue,
+    /// The pending messages of each recipient, in the order admitted. Removal is lazy: a
+    /// list holds its recipient's pending messages (`live` of them) and finished ones,
+    /// swept out when they outnumber the pending ones; a list with none pending goes.
     /// Recipients are chosen by senders: keyed with a random per-process seed.
-    by_recipient: HashMap<Recipient, BTreeSet<LogPosition>, foldhash::quality::RandomState>,
+    by_recipient: HashMap<Recipient, RecipientList, foldhash::quality::RandomState>,
     /// Edge connections that take deliveries, by their shard (every shard's).
     edges: BTreeSet<ConnKey>,
     next_edge: usize,
     out: usize,
     payload_bytes: u64,
-    /// Delivered messages awaiting a possible `read`, oldest first.
-    delivered: VecDeque<(LogPosition, u32, u64)>,
-    delivered_index: BTreeSet<LogPosition>,
+    /// Delivered messages awaiting a possible `read`, oldest first (read ones stay until
+    /// they reach the front or a sweep: those not in `delivered_index`).
+    delivered: VecDeque<LogPosition>,
+    /// Business and client id of each delivered message remembered.
+    delivered_index: crate::LocalMap<LogPosition, (u32, u64)>,
     changes: VecDeque<StatusChange>,
     counts: DeliveryCounts,
     /// Recipients whose device keys a due message lacks, for KEYS_WANTED.
@@ -288,17 +302,17 @@ impl Delivery {
             cfg,
             pending: crate::LocalMap::default(),
             order: VecDeque::new(),
-            due: BTreeSet::new(),
-            deadlines: BTreeSet::new(),
-            offered: BTreeSet::new(),
-            expiries: BTreeSet::new(),
+            due: TimerQueue::default(),
+            deadlines: TimerQueue::default(),
+            offered: TimerQueue::default(),
+            expiries: TimerQueue::default(),
             by_recipient: HashMap::default(),
             edges: BTreeSet::new(),
             next_edge: 0,
             out: 0,
             payload_bytes: 0,
             delivered: VecDeque::new(),
-            delivered_index: BTreeSet::new(),
+            delivered_index: crate::LocalMap::default(),
             changes: VecDeque::new(),
             counts: DeliveryCounts::default(),
             keys_wanted: Vec::new(),
@@ -352,10 +366,9 @@ impl Delivery {
         payload: Bytes,
         sent: bool,
     ) {
-        assert!(
-            !self.pending.contains_key(&message),
-            "a message is admitted once"
-        );
+        let std::collections::hash_map::Entry::Vacant(slot) = self.pending.entry(message) else {
+            panic!("a message is admitted once");
+        };
         self.payload_bytes += payload.len() as u64;
         // Messages enter in log order (as they become durable, or as the log is read
         // back at start-up): appended at the back. One out of order is placed by search.
@@ -366,27 +379,27 @@ impl Delivery {
             }
             _ => self.order.push_back(message),
         }
-        self.due.insert((now_ms, message));
-        self.expiries.insert((expires_ms, message));
-        self.by_recipient
-            .entry(recipient)
-            .or_default()
-            .insert(message);
-        self.pending.insert(
-            message,
-            Pending {
-                accepted_ms: now_ms,
-                business_id,
-                client_id,
-                recipient,
-                expires_ms,
-                payload,
-                attempts: u32::from(sent),
-                keys_wait_until: None,
-                sent,
-                state: State::Waiting { due_ms: now_ms },
-            },
-        );
+        slot.insert(Pending {
+            accepted_ms: now_ms,
+            business_id,
+            client_id,
+            recipient,
+            expires_ms,
+            payload,
+            attempts: u32::from(sent),
+            keys_wait_until: None,
+            sent,
+            state: State::Waiting { due_ms: now_ms },
+        });
+        let list = self.by_recipient.entry(recipient).or_default();
+        list.messages.push(message);
+        list.live += 1;
+        let (pending, live_max) = (&self.pending, self.pending.len());
+        self.due
+            .push(now_ms, message, live_max, |t, m| live_due(pending, t, m));
+        self.expiries.push(expires_ms, message, live_max, |t, m| {
+            live_pending(pending, t, m)
+        });
     }
 
     /// Recipients whose device keys due messages lacked since the last call (repeats
@@ -423,14 +436,18 @@ impl Delivery {
     /// An edge connection is gone: messages offered to it are due again.
     pub fn edge_detached(&mut self, now_ms: u64, conn: ConnKey) {
         self.edges.remove(&conn);
-        let offered: Vec<LogPosition> = self
-            .offered
+        // Rare (an edge connection closing): a pass over the pending messages.
+        let mut offered: Vec<(u64, LogPosition)> = self
+            .pending
             .iter()
-            .map(|&(_, m)| m)
-            .filter(
-                |m| matches!(self.pending[m].state, State::Offered { conn: c, .. } if c == conn),
-            )
+            .filter_map(|(&m, p)| match p.state {
+                State::Offered { conn: c, since_ms } if c == conn => Some((since_ms, m)),
+                _ => None,
+            })
             .collect();
+        // In the order they were offered, as before.
+        offered.sort_unstable();
+        let offered = offered.into_iter().map(|(_, m)| m);
         for m in offered {
             self.wait(m, now_ms);
         }
@@ -450,7 +467,7 @@ impl Delivery {
             if self.edges.is_empty() || self.out >= self.cfg.in_flight_max as usize {
                 return None;
             }
-            let &(due_ms, message) = self.due.first()?;
+            let (due_ms, message) = self.due.first()?;
             if due_ms > now_ms {
                 return None;
             }
@@ -479,7 +496,6 @@ impl Delivery {
                 }
             }
         };
-        self.due.remove(&(due_ms, message));
         let conn = self.pick_edge().expect("an edge is attached");
         let p = self
             .pending
@@ -489,8 +505,6 @@ impl Delivery {
             conn,
             since_ms: now_ms,
         };
-        self.offered.insert((now_ms, message));
-        self.out += 1;
         let d = Deliver {
             message,
             business_id: p.business_id,
@@ -500,6 +514,13 @@ impl Delivery {
             payload: p.payload.clone(),
             e2e: false,
         };
+        let (pending, live_max) = (&self.pending, self.pending.len());
+        self.due
+            .remove(due_ms, message, |t, m| live_due(pending, t, m));
+        self.offered.push(now_ms, message, live_max, |t, m| {
+            live_offered(pending, t, m)
+        });
+        self.out += 1;
         Some((conn, d))
     }
 
@@ -521,15 +542,19 @@ impl Delivery {
             self.counts.retransmissions += 1;
         }
         p.attempts += 1;
-        self.offered.remove(&(since_ms, message));
         let deadline_ms = now_ms + u64::from(self.cfg.outcome_timeout_ms);
         p.state = State::Handed { deadline_ms };
-        self.deadlines.insert((deadline_ms, message));
         if !p.sent {
             p.sent = true;
             let change = change(message, p, StatusKind::Sent, None);
             self.changes.push_back(change);
         }
+        let (pending, live_max) = (&self.pending, self.pending.len());
+        self.offered
+            .remove(since_ms, message, |t, m| live_offered(pending, t, m));
+        self.deadlines.push(deadline_ms, message, live_max, |t, m| {
+            live_handed(pending, t, m)
+        });
     }
 
     /// The edge connection could not take the message (gone, out of credit): it is
@@ -552,18 +577,19 @@ impl Delivery {
     pub fn outcome(&mut self, now_ms: u64, message: LogPosition, outcome: Outcome) {
         if !self.pending.contains_key(&message) {
             // A read after the delivery, for a message remembered.
-            if outcome == Outcome::Read && self.delivered_index.remove(&message) {
-                if let Some(i) = self.delivered.iter().position(|d| d.0 == message) {
-                    let (m, business_id, client_id) = self.delivered.remove(i).expect("found");
-                    self.counts.read += 1;
-                    self.changes.push_back(StatusChange {
-                        message: m,
-                        business_id,
-                        client_id,
-                        kind: StatusKind::Read,
-                        reason: None,
-                    });
-                }
+            let remembered = match outcome {
+                Outcome::Read => self.delivered_index.remove(&message),
+                _ => None,
+            };
+            if let Some((business_id, client_id)) = remembered {
+                self.counts.read += 1;
+                self.changes.push_back(StatusChange {
+                    message,
+                    business_id,
+                    client_id,
+                    kind: StatusKind::Read,
+                    reason: None,
+                });
             } else {
                 self.counts.outcomes_stale += 1;
             }
@@ -597,8 +623,10 @@ impl Delivery {
             return;
         };
         let waiting: Vec<LogPosition> = ms
+            .messages
             .iter()
             .copied()
+            .filter(|m| self.pending.contains_key(m))
             .filter(
                 |m| matches!(self.pending[m].state, State::Waiting { due_ms } if due_ms > now_ms),
             )
@@ -612,20 +640,20 @@ impl Delivery {
     /// hand-offs without an outcome by their deadline, or offers unanswered as long, are
     /// due again.
     pub fn tick(&mut self, now_ms: u64) {
-        while let Some(&(at, m)) = self.expiries.first() {
+        while let Some((at, m)) = self.expiries.first() {
             if at > now_ms {
                 break;
             }
             self.finish(m, StatusKind::Expired, None, false);
         }
-        while let Some(&(at, m)) = self.deadlines.first() {
+        while let Some((at, m)) = self.deadlines.first() {
             if at > now_ms {
                 break;
             }
             self.wait(m, now_ms);
         }
         let timeout = u64::from(self.cfg.outcome_timeout_ms);
-        while let Some(&(since, m)) = self.offered.first() {
+        while let Some((since, m)) = self.offered.first() {
             if since + timeout > now_ms {
                 break;
             }
@@ -673,21 +701,26 @@ impl Delivery {
     /// Makes a message due at `due_ms` (waiting), whatever its state.
     fn wait(&mut self, message: LogPosition, due_ms: u64) {
         let p = self.pending.get_mut(&message).expect("a pending message");
-        match p.state {
+        let old = std::mem::replace(&mut p.state, State::Waiting { due_ms });
+        let (pending, live_max) = (&self.pending, self.pending.len());
+        match old {
             State::Waiting { due_ms: old } => {
-                self.due.remove(&(old, message));
+                self.due
+                    .remove(old, message, |t, m| live_due(pending, t, m));
             }
             State::Offered { since_ms, .. } => {
-                self.offered.remove(&(since_ms, message));
+                self.offered
+                    .remove(since_ms, message, |t, m| live_offered(pending, t, m));
                 self.out -= 1;
             }
             State::Handed { deadline_ms } => {
-                self.deadlines.remove(&(deadline_ms, message));
+                self.deadlines
+                    .remove(deadline_ms, message, |t, m| live_handed(pending, t, m));
                 self.out -= 1;
             }
         }
-        p.state = State::Waiting { due_ms };
-        self.due.insert((due_ms, message));
+        self.due
+            .push(due_ms, message, live_max, |t, m| live_due(pending, t, m));
     }
 
     /// A message reached a final status: it waits no more; its status is queued.
@@ -709,37 +742,55 @@ impl Delivery {
         }
         self.changes.push_back(change(message, &p, kind, reason));
         if remember && self.cfg.delivered_kept_max > 0 {
-            if self.delivered.len() >= self.cfg.delivered_kept_max as usize {
-                if let Some((old, _, _)) = self.delivered.pop_front() {
-                    self.delivered_index.remove(&old);
-                }
+            let kept_max = self.cfg.delivered_kept_max as usize;
+            // The oldest remembered goes (read ones before it are dropped on the way).
+            while self.delivered_index.len() >= kept_max {
+                let old = self
+                    .delivered
+                    .pop_front()
+                    .expect("remembered ones are listed");
+                self.delivered_index.remove(&old);
             }
-            self.delivered
-                .push_back((message, p.business_id, p.client_id));
-            self.delivered_index.insert(message);
+            self.delivered.push_back(message);
+            self.delivered_index
+                .insert(message, (p.business_id, p.client_id));
+            // Read ones in the middle: swept once they outnumber the remembered ones.
+            if self.delivered.len() > 2 * kept_max + 1024 {
+                let index = &self.delivered_index;
+                self.delivered.retain(|m| index.contains_key(m));
+            }
         }
     }
 
     fn remove(&mut self, message: LogPosition) -> Option<Pending> {
         let p = self.pending.remove(&message)?;
+        let pending = &self.pending;
         match p.state {
             State::Waiting { due_ms } => {
-                self.due.remove(&(due_ms, message));
+                self.due
+                    .remove(due_ms, message, |t, m| live_due(pending, t, m));
             }
             State::Offered { since_ms, .. } => {
-                self.offered.remove(&(since_ms, message));
+                self.offered
+                    .remove(since_ms, message, |t, m| live_offered(pending, t, m));
                 self.out -= 1;
             }
             State::Handed { deadline_ms } => {
-                self.deadlines.remove(&(deadline_ms, message));
+                self.deadlines
+                    .remove(deadline_ms, message, |t, m| live_handed(pending, t, m));
                 self.out -= 1;
             }
         }
-        self.expiries.remove(&(p.expires_ms, message));
-        if let Some(set) = self.by_recipient.get_mut(&p.recipient) {
-            set.remove(&message);
-            if set.is_empty() {
+        self.expiries
+            .remove(p.expires_ms, message, |t, m| live_pending(pending, t, m));
+        if let Some(list) = self.by_recipient.get_mut(&p.recipient) {
+            list.live -= 1;
+            if list.live == 0 {
                 self.by_recipient.remove(&p.recipient);
+            } else if list.messages.last() == Some(&message) {
+                list.messages.pop();
+            } else if list.messages.len() > 2 * list.live + 8 {
+                list.messages.retain(|m| pending.contains_key(m));
             }
         }
         self.payload_bytes -= p.payload.len() as u64;
@@ -762,6 +813,42 @@ impl Delivery {
             self.order.retain(|m| pending.contains_key(m));
         }
     }
+}
+
+/// A recipient's pending messages (see `Delivery::by_recipient`).
+#[derive(Debug, Default)]
+struct RecipientList {
+    /// In the order admitted; finished ones among them until swept.
+    messages: Vec<LogPosition>,
+    /// Those of them still pending.
+    live: usize,
+}
+
+/// Whether `(t, m)` is a live timer of the due queue: `m` waits, due at `t`.
+fn live_due(pending: &crate::LocalMap<LogPosition, Pending>, t: u64, m: LogPosition) -> bool {
+    pending
+        .get(&m)
+        .is_some_and(|p| p.state == State::Waiting { due_ms: t })
+}
+
+/// Whether `(t, m)` is a live timer of the offered queue: `m` was offered at `t`.
+fn live_offered(pending: &crate::LocalMap<LogPosition, Pending>, t: u64, m: LogPosition) -> bool {
+    pending
+        .get(&m)
+        .is_some_and(|p| matches!(p.state, State::Offered { since_ms, .. } if since_ms == t))
+}
+
+/// Whether `(t, m)` is a live timer of the deadlines: `m` is handed, its outcome due at `t`.
+fn live_handed(pending: &crate::LocalMap<LogPosition, Pending>, t: u64, m: LogPosition) -> bool {
+    pending
+        .get(&m)
+        .is_some_and(|p| p.state == State::Handed { deadline_ms: t })
+}
+
+/// Whether `(t, m)` is a live timer of the expiries: `m` is pending (a message's expiry
+/// never changes).
+fn live_pending(pending: &crate::LocalMap<LogPosition, Pending>, t: u64, m: LogPosition) -> bool {
+    pending.get(&m).is_some_and(|p| p.expires_ms == t)
 }
 
 fn change(
@@ -994,6 +1081,86 @@ mod tests {
             d.order.len()
         );
         assert_eq!(d.oldest_accepted_ms(), Some(0));
+    }
+
+    #[test]
+    fn a_recipients_list_sheds_finished_messages_and_goes_with_its_last() {
+        let mut cfg = cfg();
+        cfg.pending_max = 10_000;
+        let mut d = Delivery::new(cfg);
+        d.edge_attached(conn());
+        // The first waits on a backoff; thousands after it fail, oldest first (a lazy
+        // removal each: none is the list's last).
+        let first = admit(&mut d, 0, 0);
+        d.poll_dispatch(0, ready).unwrap();
+        d.handed(0, first);
+        d.outcome(0, first, Outcome::RetryLater);
+        let later: Vec<LogPosition> = (1..5000).map(|i| admit(&mut d, i, 0)).collect();
+        for &m in &later {
+            d.fail(m, FailReason::NotOnPlatform);
+            let list = &d.by_recipient[&to()];
+            assert!(
+                list.messages.len() <= 2 * list.live + 8 + 1,
+                "{} listed for {} pending",
+                list.messages.len(),
+                list.live
+            );
+        }
+        assert_eq!(d.by_recipient[&to()].live, 1);
+        // ONLINE finds the one still pending.
+        d.online(10, &to());
+        let (_, got) = d.poll_dispatch(10, ready).unwrap();
+        assert_eq!(got.message, first);
+        d.handed(10, first);
+        d.outcome(11, first, Outcome::Delivered);
+        assert!(
+            d.by_recipient.is_empty(),
+            "no list without a pending message"
+        );
+    }
+
+    #[test]
+    fn reads_are_reported_once_for_remembered_messages_within_the_bound() {
+        let mut cfg = cfg();
+        cfg.pending_max = 10_000;
+        // delivered_kept_max 4.
+        let kept = cfg.delivered_kept_max as usize;
+        let mut d = Delivery::new(cfg);
+        d.edge_attached(conn());
+        for i in 0..3000 {
+            let m = admit(&mut d, i, 0);
+            let (_, got) = d.poll_dispatch(0, ready).unwrap();
+            assert_eq!(got.message, m);
+            d.handed(0, m);
+            d.outcome(1, m, Outcome::Delivered);
+            // The first is never read; the next 1999 are read at once (they pile up
+            // behind it until swept), then every even one.
+            if i > 0 && (i < 2000 || i % 2 == 0) {
+                d.outcome(2, m, Outcome::Read);
+            }
+            assert!(d.delivered_index.len() <= kept);
+            assert!(
+                d.delivered.len() <= 2 * kept + 1024 + 1,
+                "{}",
+                d.delivered.len()
+            );
+        }
+        let reads = |d: &mut Delivery| -> Vec<u64> {
+            std::iter::from_fn(|| d.poll_status())
+                .filter(|c| c.kind == StatusKind::Read)
+                .map(|c| c.client_id)
+                .collect()
+        };
+        assert_eq!(reads(&mut d).len(), 1999 + 500);
+        let stale = d.counts().outcomes_stale;
+        let at = |i| LogPosition::new(ShardId::new(0), i);
+        // Remembered: the last four unread (2993, 2995, 2997, 2999). A read already
+        // reported and one of a message forgotten are stale.
+        for i in [2999, 2993, 2998, 2991, 2999] {
+            d.outcome(3, at(i), Outcome::Read);
+        }
+        assert_eq!(reads(&mut d), [2999, 2993]);
+        assert_eq!(d.counts().outcomes_stale, stale + 3);
     }
 
     #[test]

@@ -53,6 +53,7 @@ mod replay;
 mod retention;
 mod stats;
 mod stop;
+mod timers;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -76,6 +77,9 @@ use crate::ShardId;
 
 pub use bus::{PeerMsg, PeerTarget};
 pub use commit::{Completion, GroupCommit};
+/// One shard's delivery state, for `benches/delivery.rs` only (the shard owns it).
+#[doc(hidden)]
+pub use delivery::Delivery;
 pub use delivery::{DeliveryConfig, DeliveryCounts, KeyCheck, StatusChange};
 pub use devices::E2eConfig;
 pub use outbox::OutboxCounts;
@@ -84,7 +88,6 @@ pub use retention::RETENTION_LEAD_MS;
 pub use stats::{AckLatency, LatencySnapshot, ShardStats, ACK_LATENCY_BOUNDS_US};
 
 use ack::AwaitingQueue;
-use delivery::Delivery;
 use devices::Devices;
 use outbox::Outbox;
 use stop::Stopping;

@@ -21,8 +21,8 @@
 //! opened with `O_DIRECT`, so a commit's bytes go from the shard's buffer to the device
 //! without a copy into the page cache; the core aligns every commit write to
 //! [`DIRECT_IO_BLOCK`] (`courier_pipeline::node::GroupCommit::with_direct_io`). A file
-//! system that refuses it (tmpfs, some network file systems) is found by a probe write at
-//! start-up, and the shard then writes through the page cache as before.
+//! system that refuses it (tmpfs before Linux 6.6, some network file systems) is found by
+//! a probe write at start-up, and the shard then writes through the page cache as before.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};

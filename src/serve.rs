@@ -678,9 +678,9 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
             return Err(e);
         }
     };
-    let direct_io_block = if c.profile.log.direct_io {
-        match store.enable_direct_io() {
-            Ok(()) => Some(crate::store::DIRECT_IO_BLOCK),
+    let direct_io = if c.profile.log.direct_io {
+        match store.enable_direct_io(&log) {
+            Ok(io) => Some(io),
             Err(e) => {
                 tracing::info!(shard = t.shard.index(), error = %e, "the log's file system refuses O_DIRECT; writing through the page cache");
                 None
@@ -735,7 +735,7 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
         delivery: c.profile.delivery.clone(),
         replay,
         disk_reserve_bytes: c.profile.log.disk_reserve_bytes,
-        direct_io_block,
+        direct_io,
     };
     let shard = Shard {
         id: t.shard,

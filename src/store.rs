@@ -34,7 +34,7 @@ use std::sync::Arc;
 use courier_pipeline::log::{
     Action, Log, LogConfig, MasterKey, OwnedRecord, RecoverError, Recovery, RemoveReason, Repair,
 };
-use courier_pipeline::node::Io;
+use courier_pipeline::node::{DirectIo, Io};
 use courier_pipeline::ShardId;
 
 /// Why a shard's log could not be opened or written.
@@ -423,14 +423,26 @@ impl ShardStore {
 
     /// Opens the files the ring writes with `O_DIRECT` from now on, after a probe write
     /// in the log's directory shows the file system takes it; the error says why not
-    /// (the store then stays with the page cache). The core must align its writes
-    /// ([`DIRECT_IO_BLOCK`]).
-    pub fn enable_direct_io(&mut self) -> std::io::Result<()> {
+    /// (the store then stays with the page cache). Returns what the core needs to align
+    /// its writes: the block ([`DIRECT_IO_BLOCK`]) and `log`'s open segment's partial
+    /// last block, read back (records appended before serving, such as the `expired`
+    /// statuses of a retention drop, opened one).
+    pub fn enable_direct_io(&mut self, log: &Log) -> std::io::Result<DirectIo> {
         probe_direct_io(&self.dir)?;
-        // Files opened before (none while serving has not started) are opened again.
+        let mut tail = Vec::new();
+        if let Some((segment_id, end)) = log.open_segment() {
+            let from = end - end % DIRECT_IO_BLOCK as u64;
+            tail.resize((end - from) as usize, 0);
+            File::open(self.dir.join(segment_file_name(segment_id)))?
+                .read_exact_at(&mut tail, from)?;
+        }
+        // Files opened before (the segment those records opened) are opened again.
         self.files.clear();
         self.direct = true;
-        Ok(())
+        Ok(DirectIo {
+            block: DIRECT_IO_BLOCK,
+            tail,
+        })
     }
 
     /// Whether the ring's writes go past the page cache.
@@ -622,6 +634,53 @@ mod tests {
         // page cache).
         let missing = dir.path().join("missing");
         assert!(probe_direct_io(&missing).is_err());
+    }
+
+    #[test]
+    fn direct_io_reads_back_the_partial_block_of_a_segment_opened_before_serving() {
+        use courier_pipeline::log::{Record, RecordHeader};
+        use courier_pipeline::profile::Profile;
+        let dir = tempfile::tempdir().unwrap();
+        let p = Profile::default_profile();
+        let cfg = LogConfig::new(&p.log, p.limits.payload_bytes_max);
+        let key = MasterKeyText::random();
+        let (mut store, mut log) =
+            ShardStore::open(dir.path(), ShardId::new(0), &key, cfg, &mut |_, _| {}).unwrap();
+        let fresh = store.enable_direct_io(&log).unwrap();
+        assert!(fresh.tail.is_empty(), "no segment open yet");
+        // Records appended durably before serving (as retention's `expired` statuses are).
+        let header = RecordHeader {
+            kind: courier_pipeline::log::RecordKind::Status,
+            business_id: 1,
+            time_ms: 1,
+            client_id: 7,
+            recipient: None,
+            reference: 0,
+            code: 0,
+        };
+        let records = vec![
+            Record {
+                header,
+                payload: &[]
+            };
+            5
+        ];
+        let (mut actions, mut positions) = (Vec::new(), Vec::new());
+        log.append(1, &mut rand::rng(), &records, &mut actions, &mut positions)
+            .unwrap();
+        for a in actions {
+            store.perform_action(a).unwrap();
+        }
+        let req = log.begin_sync().unwrap();
+        log.on_synced(req.id);
+        let (id, end) = log.open_segment().expect("the appends opened a segment");
+        let io = store.enable_direct_io(&log).unwrap();
+        assert_eq!(io.block, DIRECT_IO_BLOCK);
+        let file = fs::read(dir.path().join("log/shard-0").join(segment_file_name(id))).unwrap();
+        assert_eq!(file.len() as u64, end);
+        let from = (end - end % DIRECT_IO_BLOCK as u64) as usize;
+        assert_eq!(io.tail, file[from..]);
+        assert!(!io.tail.is_empty());
     }
 
     #[test]

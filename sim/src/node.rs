@@ -20,8 +20,8 @@ use courier_pipeline::detect::Detector;
 use courier_pipeline::idempotency::{idempotency_key, Idempotency, RestoreSet, RestoredId};
 use courier_pipeline::log::{Action, LogConfig, MasterKey, RecoverError};
 use courier_pipeline::node::{
-    self, Event, Io, Now, PeerMsg, PeerTarget, PlantedBugs, Replay, ShardParts, ShardStats,
-    WriteOutcome,
+    self, DirectIo, Event, Io, Now, PeerMsg, PeerTarget, PlantedBugs, Replay, ShardParts,
+    ShardStats, WriteOutcome,
 };
 use courier_pipeline::profile::Profile;
 use courier_pipeline::registry::Registry;
@@ -314,6 +314,7 @@ impl SimNode {
         );
         let mut seed = [0u8; 32];
         rng.fill_bytes(&mut seed);
+        let direct_io = (shard.index() % 2 == 1).then(|| self.direct_io(shard, &log));
         ShardParts {
             shard,
             shards: self.setup.shards,
@@ -334,8 +335,21 @@ impl SimNode {
             // partial last block written again by the next commit, zero padding that
             // recovery reads as the segment's end), to small blocks so that most commits
             // rewrite one; even shards as through the page cache.
-            direct_io_block: (shard.index() % 2 == 1).then_some(SIM_DIRECT_IO_BLOCK),
+            direct_io,
         }
+    }
+
+    /// Direct I/O for `shard`, its log's open segment (if records were appended before
+    /// serving) continuing from the bytes its disk holds, as `ShardStore` reads them.
+    fn direct_io(&self, shard: ShardId, log: &courier_pipeline::log::Log) -> DirectIo {
+        let block = SIM_DIRECT_IO_BLOCK;
+        let tail = log.open_segment().map_or_else(Vec::new, |(id, end)| {
+            let file = self.storage[shard.index()]
+                .file(id)
+                .expect("the open segment's file");
+            file[(end - end % block as u64) as usize..end as usize].to_vec()
+        });
+        DirectIo { block, tail }
     }
 
     /// Power loss: every core and write in flight is gone; every disk keeps what was

@@ -426,6 +426,14 @@ impl Log {
         self.failed
     }
 
+    /// The segment appends go to now, and its length in bytes: `None` until the first
+    /// append of this run opens one (appends before serving, such as the `expired`
+    /// statuses of a retention drop at start-up, may have).
+    pub fn open_segment(&self) -> Option<(u64, u64)> {
+        self.active.as_ref()?;
+        self.segments.back().map(|m| (m.segment_id, m.bytes))
+    }
+
     /// Ids of the segments the log holds, oldest first.
     pub fn segment_ids(&self) -> impl Iterator<Item = u64> + '_ {
         self.segments.iter().map(|m| m.segment_id)

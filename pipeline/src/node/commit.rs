@@ -29,8 +29,9 @@
 //! padding costs nothing there. A torn rewrite of the tail block cannot lose what an
 //! earlier commit made durable in it: every sector of it is either the old bytes or the
 //! new ones, and both hold the same leading bytes (the page cache rewrites whole pages
-//! the same way). Each run writes from a new segment (the log rolls at its first
-//! append), so no tail is read back at start-up.
+//! the same way). A run's first appends open a new segment, so at start-up there is a
+//! tail only when records were appended before serving (the `expired` statuses of a
+//! retention drop): the shell reads it back from the file ([`DirectIo::tail`]).
 
 use std::collections::VecDeque;
 
@@ -64,6 +65,17 @@ impl GroupWrite {
     fn end(&self) -> u64 {
         self.offset + (self.bytes.len() - self.skip) as u64
     }
+}
+
+/// How the shell writes segments with `O_DIRECT` ([`GroupCommit::with_direct_io`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectIo {
+    /// Writes start and end on multiples of this (a power of two, the file system's
+    /// block or a multiple of it), from memory aligned to it.
+    pub block: usize,
+    /// The bytes of the log's open segment ([`Log::open_segment`]) from its last block
+    /// boundary to its end, read back from the file; empty when no segment is open.
+    pub tail: Vec<u8>,
 }
 
 /// Direct I/O's alignment and the newest segment's partial last block.
@@ -258,16 +270,39 @@ impl GroupCommit {
         }
     }
 
-    /// Commit writes for a shell that writes segments with `O_DIRECT`: aligned to `block`
-    /// (a power of two, the file system's block size or a multiple of it) in memory, file
-    /// offset and length (see the module docs). Set before the first append.
-    pub fn with_direct_io(mut self, block: usize) -> GroupCommit {
+    /// Commit writes for a shell that writes segments with `O_DIRECT`: aligned to
+    /// `io.block` in memory, file offset and length, the open segment continuing from
+    /// `io.tail` (see the module docs). Set before the first append.
+    ///
+    /// # Panics
+    /// When `io.tail` is not the open segment's partial last block in length.
+    pub fn with_direct_io(mut self, io: DirectIo) -> GroupCommit {
+        let block = io.block;
         assert!(block.is_power_of_two(), "a block is a power of two");
         assert!(
             self.group.is_empty() && self.in_flight.is_none(),
             "direct I/O is chosen before the first append"
         );
-        self.direct = Some(Direct { block, tail: None });
+        let tail = match self.log.open_segment() {
+            Some((segment_id, end)) => {
+                let offset = end - end % block as u64;
+                assert_eq!(
+                    io.tail.len() as u64,
+                    end - offset,
+                    "the tail is the open segment's partial last block"
+                );
+                Some(Tail {
+                    segment_id,
+                    offset,
+                    bytes: io.tail,
+                })
+            }
+            None => {
+                assert!(io.tail.is_empty(), "no segment is open: no tail");
+                None
+            }
+        };
+        self.direct = Some(Direct { block, tail });
         self
     }
 
@@ -446,6 +481,7 @@ mod tests {
     use crate::log::{Keyring, LogConfig, MasterKey, Recovery};
     use crate::wire::Recipient;
     use crate::ShardId;
+    use rand::SeedableRng;
 
     const MASTER: [u8; 32] = [3; 32];
 
@@ -474,7 +510,10 @@ mod tests {
         .unwrap();
         let c = GroupCommit::new(log, [9; 32]);
         match direct {
-            Some(block) => c.with_direct_io(block),
+            Some(block) => c.with_direct_io(DirectIo {
+                block,
+                tail: Vec::new(),
+            }),
             None => c,
         }
     }
@@ -550,12 +589,16 @@ mod tests {
     /// commit buffer's first capacity (the buffer grows and moves), over segment rolls.
     const COMMITS: &[usize] = &[1, 2, 3, 1, 40, 1, 700, 5, 900, 1, 2, 600, 3, 800, 1];
 
-    #[test]
-    fn direct_writes_are_aligned_and_leave_the_same_records_as_the_page_cache() {
+    /// Runs the same commits through a plain and a direct group commit: after each, every
+    /// segment holds the same bytes, then only zeros up to a block boundary.
+    fn commit_side_by_side(
+        plain: &mut GroupCommit,
+        direct: &mut GroupCommit,
+        plain_disk: &mut Disk,
+        direct_disk: &mut Disk,
+        block: usize,
+    ) {
         let payload = vec![0xab; 1000];
-        let block = 512;
-        let (mut plain, mut direct) = (commit(None), commit(Some(block)));
-        let (mut plain_disk, mut direct_disk) = (Disk::default(), Disk::default());
         for (i, &n) in COMMITS.iter().enumerate() {
             let t = 1_000 + i as u64;
             let batch = records(&payload, n, t);
@@ -563,10 +606,9 @@ mod tests {
             plain.append(t, &batch, &mut p1).unwrap();
             direct.append(t, &batch, &mut p2).unwrap();
             assert_eq!(p1, p2);
-            run_commit(&mut plain, &mut plain_disk, None);
-            run_commit(&mut direct, &mut direct_disk, Some(block));
+            run_commit(plain, plain_disk, None);
+            run_commit(direct, direct_disk, Some(block));
             assert_eq!(plain.log().durable_end(), direct.log().durable_end());
-            // Every segment holds the same bytes, then only zeros up to a block boundary.
             assert_eq!(
                 plain_disk.files.keys().collect::<Vec<_>>(),
                 direct_disk.files.keys().collect::<Vec<_>>()
@@ -585,25 +627,111 @@ mod tests {
         }
         assert!(plain_disk.files.len() >= 3, "the log rolled");
         assert_eq!(plain_disk.writes, direct_disk.writes);
+    }
 
+    /// Recovers a disk: no repair is needed; returns the records it holds.
+    fn recover(disk: &Disk) -> u64 {
+        let mut judge = Recovery::new(
+            Some(&disk.keyring),
+            true,
+            MasterKey::from_bytes(MASTER),
+            cfg().payload_bytes_max,
+        )
+        .unwrap();
+        let mut seen = 0u64;
+        for (&id, bytes) in &disk.files {
+            judge.judge(id, bytes, &mut |_, _| seen += 1).unwrap();
+        }
+        let plan = judge.plan();
+        assert!(plan.repairs.is_empty(), "{:?}", plan.repairs);
+        seen
+    }
+
+    #[test]
+    fn direct_writes_are_aligned_and_leave_the_same_records_as_the_page_cache() {
+        let block = 512;
+        let (mut plain, mut direct) = (commit(None), commit(Some(block)));
+        let (mut plain_disk, mut direct_disk) = (Disk::default(), Disk::default());
+        commit_side_by_side(
+            &mut plain,
+            &mut direct,
+            &mut plain_disk,
+            &mut direct_disk,
+            block,
+        );
         // Recovery reads the padded segments as clean, with every record.
-        let recover = |disk: &Disk| {
-            let mut judge = Recovery::new(
-                Some(&disk.keyring),
-                true,
+        let total: usize = COMMITS.iter().sum();
+        assert_eq!(recover(&plain_disk), total as u64);
+        assert_eq!(recover(&direct_disk), total as u64);
+    }
+
+    #[test]
+    fn a_segment_opened_before_serving_continues_from_its_tail() {
+        let block = 512;
+        // Before serving, records appended through the log alone and synced, as the
+        // `expired` statuses of a retention drop at start-up are: the segment they open
+        // stays open, ending inside a block.
+        let opened = || {
+            let mut actions = Vec::new();
+            let mut log = Log::open(
+                cfg(),
+                ShardId::new(1),
                 MasterKey::from_bytes(MASTER),
-                cfg().payload_bytes_max,
+                Keyring::new(),
+                Vec::new(),
+                &mut actions,
             )
             .unwrap();
-            let mut seen = 0u64;
-            for (&id, bytes) in &disk.files {
-                judge.judge(id, bytes, &mut |_, _| seen += 1).unwrap();
+            let mut rng = StdRng::from_seed([5; 32]);
+            let payload = vec![0xcd; 300];
+            let mut positions = Vec::new();
+            log.append(
+                900,
+                &mut rng,
+                &records(&payload, 3, 900),
+                &mut actions,
+                &mut positions,
+            )
+            .unwrap();
+            let req = log.begin_sync().expect("a sync is due");
+            log.on_synced(req.id);
+            let mut disk = Disk::default();
+            for a in actions {
+                match a {
+                    Action::PersistKeyring { bytes } => disk.keyring = bytes,
+                    Action::CreateSegment { segment_id } => {
+                        disk.files.insert(segment_id, Vec::new());
+                    }
+                    Action::Write {
+                        segment_id,
+                        offset,
+                        bytes,
+                    } => {
+                        let f = disk.files.get_mut(&segment_id).unwrap();
+                        assert_eq!(f.len() as u64, offset);
+                        f.extend_from_slice(&bytes);
+                    }
+                    other => panic!("{other:?}"),
+                }
             }
-            let plan = judge.plan();
-            assert!(plan.repairs.is_empty(), "{:?}", plan.repairs);
-            seen
+            (log, disk)
         };
-        let total: usize = COMMITS.iter().sum();
+        let ((plain_log, mut plain_disk), (direct_log, mut direct_disk)) = (opened(), opened());
+        let (id, end) = direct_log.open_segment().expect("the appends opened one");
+        assert_ne!(end % block as u64, 0, "it ends inside a block");
+        let from = (end - end % block as u64) as usize;
+        let tail = direct_disk.files[&id][from..end as usize].to_vec();
+        let mut plain = GroupCommit::new(plain_log, [9; 32]);
+        let mut direct =
+            GroupCommit::new(direct_log, [9; 32]).with_direct_io(DirectIo { block, tail });
+        commit_side_by_side(
+            &mut plain,
+            &mut direct,
+            &mut plain_disk,
+            &mut direct_disk,
+            block,
+        );
+        let total: usize = COMMITS.iter().sum::<usize>() + 3;
         assert_eq!(recover(&plain_disk), total as u64);
         assert_eq!(recover(&direct_disk), total as u64);
     }

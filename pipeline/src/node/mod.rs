@@ -76,7 +76,7 @@ use crate::wire::{Reason, Status};
 use crate::ShardId;
 
 pub use bus::{PeerMsg, PeerTarget};
-pub use commit::{Completion, GroupCommit};
+pub use commit::{Completion, DirectIo, GroupCommit};
 /// One shard's delivery state, for `benches/delivery.rs` only (the shard owns it).
 #[doc(hidden)]
 pub use delivery::Delivery;
@@ -274,9 +274,9 @@ pub struct ShardParts {
     pub replay: Replay,
     /// `log.disk_reserve_bytes`: below this much free space new batches are throttled.
     pub disk_reserve_bytes: u64,
-    /// `Some(block)` when the shell writes segments with `O_DIRECT`: commit writes are
-    /// then aligned to `block` ([`GroupCommit::with_direct_io`]).
-    pub direct_io_block: Option<usize>,
+    /// Set when the shell writes segments with `O_DIRECT`: commit writes are then
+    /// aligned ([`GroupCommit::with_direct_io`]).
+    pub direct_io: Option<DirectIo>,
 }
 
 impl std::fmt::Debug for ShardParts {
@@ -405,8 +405,8 @@ impl Shard {
             sealer: parts.sealer,
             sealed: SealedBatch::new(),
             scratch: chain::Scratch::default(),
-            commit: match parts.direct_io_block {
-                Some(block) => GroupCommit::new(parts.log, parts.seed).with_direct_io(block),
+            commit: match parts.direct_io {
+                Some(io) => GroupCommit::new(parts.log, parts.seed).with_direct_io(io),
                 None => GroupCommit::new(parts.log, parts.seed),
             },
             awaiting: AwaitingQueue::default(),

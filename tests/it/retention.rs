@@ -160,9 +160,50 @@ fn the_next_start_drops_an_expired_segment_before_serving() {
     let dir = tempfile::tempdir().unwrap();
     let (files, old) = stopped_across_the_deadline(dir.path());
     assert_eq!(segments(&files.data, 0).len(), 2);
+    let token = add_business(crate::courier_bin(), &files.registry, "late", &[]);
     let log = dir.path().join("serve.log");
-    let mut server = Serve::new(crate::courier_bin(), &files, free_port(), &log).spawn();
+    let addr = free_port();
+    let mut server = Serve::new(crate::courier_bin(), &files, addr, &log).spawn();
     assert_dropped(&files, old);
+    // The `expired` statuses opened a segment before serving; shard 0 goes on writing it
+    // (with direct I/O, from its partial last block): new messages until one connection
+    // lands on shard 0 (the kernel spreads connections over the shards by their ports).
+    let statuses_segment = segments(&files.data, 0).pop().unwrap();
+    let len_before = std::fs::metadata(&statuses_segment).unwrap().len();
+    let messages = dir.path().join("late.jsonl");
+    let mut appended = false;
+    for run in 0..20u64 {
+        let lines: String = (0..5)
+            .map(|i| {
+                let id = run * 5 + i + 1;
+                format!(
+                    "{{\"id\": {id}, \"recipient\": \"+1555000{id:04}\", \"payload\": \"late\"}}\n"
+                )
+            })
+            .collect();
+        std::fs::write(&messages, lines).unwrap();
+        let out = Command::new(crate::courier_bin())
+            .arg("send")
+            .arg(&messages)
+            .arg("--target")
+            .arg(addr.to_string())
+            .arg("--ca")
+            .arg(files.data.join("tls/cert.der"))
+            .arg("--quiet")
+            .env("COURIER_TOKEN", &token)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if std::fs::metadata(&statuses_segment).unwrap().len() != len_before {
+            appended = true;
+            break;
+        }
+    }
+    assert!(appended, "no send reached shard 0 in 20 connections");
     let text = server.log_text();
     let dropped = text
         .find("retention dropped a segment before serving")

@@ -18,7 +18,7 @@ use std::fs;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
-use courier_pipeline::log::format::{records_end, SEGMENT_HEADER_BYTES};
+use courier_pipeline::log::format::SEGMENT_HEADER_BYTES;
 use courier_pipeline::log::{
     Before, CorruptionCause, KeyState, Keyring, MasterKey, RecordKind, ScanOutcome, SegmentCodec,
     SegmentHeader,
@@ -579,18 +579,13 @@ fn segment_ids(
     };
     let codec = SegmentCodec::new(header, key, PAYLOAD_BYTES_MAX);
     let mut ids = Vec::new();
-    let mut offset = SEGMENT_HEADER_BYTES as u64;
-    // Bounded: each record takes at least one byte of the file.
-    while !records_end(bytes, offset) {
-        match codec.read_record(bytes, offset, ids.len() as u32) {
-            Ok((rec, next)) => {
-                ids.push((
-                    rec.header.business_id,
-                    rec.header.client_id,
-                    rec.header.kind,
-                ));
-                offset = next;
-            }
+    for r in codec.records(bytes) {
+        match r {
+            Ok((_, rec)) => ids.push((
+                rec.header.business_id,
+                rec.header.client_id,
+                rec.header.kind,
+            )),
             Err(e) => return (ids, Some(e.to_string())),
         }
     }

@@ -18,7 +18,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::path::Path;
 
-use courier_pipeline::log::format::{records_end, SEGMENT_HEADER_BYTES};
 use courier_pipeline::log::{Keyring, MasterKey, RecordKind, SegmentCodec, SegmentHeader};
 use courier_pipeline::wire::delivery::{StatusEvent, StatusKind};
 
@@ -175,15 +174,10 @@ fn statuses(
         return false;
     };
     let codec = SegmentCodec::new(header, key, PAYLOAD_BYTES_MAX);
-    let mut offset = SEGMENT_HEADER_BYTES as u64;
-    let mut index = 0u32;
-    // Bounded: each record takes at least one byte of the file.
-    while !records_end(bytes, offset) {
-        let Ok((rec, next)) = codec.read_record(bytes, offset, index) else {
+    for r in codec.records(bytes) {
+        let Ok((_, rec)) = r else {
             return false;
         };
-        offset = next;
-        index += 1;
         let h = rec.header;
         if h.kind != RecordKind::Status || !wanted.contains(&h.reference) {
             continue;

@@ -362,11 +362,19 @@ fn zeroed_space_after_the_last_record_ends_the_segment_cleanly() {
         }
         other => panic!("{other:?}"),
     }
+    // A reader walking the records stops at the padding too.
+    let mut walk = c.records(&bytes);
+    let at: Vec<u64> = walk.by_ref().map(|r| r.unwrap().0).collect();
+    assert_eq!(at, offsets.iter().map(|&o| o as u64).collect::<Vec<_>>());
+    assert_eq!(walk.offset(), end as u64);
     // A torn record before the zeros is still a torn tail, cut where that record starts.
     let last = offsets[2];
     for cut in [last + 1, last + 9, end - 1] {
         let mut torn = bytes[..cut].to_vec();
         torn.resize(end + 4095, 0);
+        // The walk yields the two whole records, then the error, then nothing.
+        let walked: Vec<bool> = c.records(&torn).map(|r| r.is_ok()).collect();
+        assert_eq!(walked, [true, true, false], "cut {cut}");
         match c.scan(&torn) {
             ScanOutcome::TornTail {
                 summary,

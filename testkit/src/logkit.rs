@@ -10,7 +10,6 @@ use courier::audit::AcceptedEntry;
 use courier::store::MasterKeyText;
 use courier_client::ServerTrust;
 use courier_client::{Client, ClientConfig, OutgoingMessage};
-use courier_pipeline::log::format::{records_end, SEGMENT_HEADER_BYTES};
 use courier_pipeline::log::{Keyring, SegmentCodec, SegmentHeader};
 use courier_pipeline::registry::{Registry, Tier};
 use courier_pipeline::wire::{Recipient, Status};
@@ -161,14 +160,9 @@ pub fn record_offsets(
             .unwrap(),
         courier::audit::PAYLOAD_BYTES_MAX,
     );
-    let mut offsets = Vec::new();
-    let mut at = SEGMENT_HEADER_BYTES as u64;
-    while !records_end(&bytes, at) {
-        let (_, next) = codec.read_record(&bytes, at, offsets.len() as u32).unwrap();
-        offsets.push(at);
-        at = next;
-    }
-    (offsets, at)
+    let mut records = codec.records(&bytes);
+    let offsets = records.by_ref().map(|r| r.unwrap().0).collect();
+    (offsets, records.offset())
 }
 
 /// Every file under `dir` with its bytes, sorted by path.

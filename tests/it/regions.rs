@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use courier_client::{Client, ClientConfig, OutgoingMessage, ServerTrust};
-use courier_pipeline::log::format::{records_end, SEGMENT_HEADER_BYTES};
 use courier_pipeline::log::{
     Keyring, MasterKey, OwnedRecord, RecordKind, SegmentCodec, SegmentHeader,
 };
@@ -200,13 +199,7 @@ fn read_logs(data: &Path, key_hex: &str) -> Vec<OwnedRecord> {
             let key = keyring.data_key(&master, header.data_key_id).unwrap();
             let codec =
                 SegmentCodec::new(header, key, 1 << 20).with_field_keys(Some(fields.clone()));
-            let (mut offset, mut index) = (SEGMENT_HEADER_BYTES as u64, 0);
-            while !records_end(&bytes, offset) {
-                let (rec, next) = codec.read_record(&bytes, offset, index).unwrap();
-                records.push(rec);
-                offset = next;
-                index += 1;
-            }
+            records.extend(codec.records(&bytes).map(|r| r.unwrap().1));
         }
     }
     records

@@ -5,7 +5,6 @@ use bytes::Bytes;
 use courier::store::MasterKeyText;
 use courier_client::ServerTrust;
 use courier_client::{Client, ClientConfig, OutgoingMessage};
-use courier_pipeline::log::format::{records_end, SEGMENT_HEADER_BYTES};
 use courier_pipeline::log::{
     Keyring, LogConfig, MasterKey, OwnedRecord, SegmentCodec, SegmentHeader,
 };
@@ -157,14 +156,7 @@ fn read_log(data_dir: &std::path::Path, shard: usize, profile: &Profile) -> Vec<
         let key = keyring.data_key(&master_key, header.data_key_id).unwrap();
         let codec = SegmentCodec::new(header, key, log_cfg.payload_bytes_max)
             .with_field_keys(Some(fields.clone()));
-        let mut offset = SEGMENT_HEADER_BYTES as u64;
-        let mut index = 0;
-        while !records_end(&bytes, offset) {
-            let (rec, next) = codec.read_record(&bytes, offset, index).unwrap();
-            records.push(rec);
-            offset = next;
-            index += 1;
-        }
+        records.extend(codec.records(&bytes).map(|r| r.unwrap().1));
     }
     records
 }

@@ -9,7 +9,6 @@ use std::process::{Command, Output};
 
 use courier::serve::Running;
 use courier_client::send::{self, exit_code};
-use courier_pipeline::log::format::{records_end, SEGMENT_HEADER_BYTES};
 use courier_pipeline::log::{Keyring, SegmentCodec, SegmentHeader};
 use courier_pipeline::registry::Registry;
 use courier_pipeline::seal::keys::{RecipientKey, RecipientKeys};
@@ -93,12 +92,8 @@ impl Server {
                 .with_field_keys(Some(
                     keys.clone() as std::sync::Arc<dyn courier_pipeline::log::FieldKeys>
                 ));
-            let mut at = SEGMENT_HEADER_BYTES as u64;
-            let mut index = 0;
-            while !records_end(&bytes, at) {
-                let (rec, next) = codec.read_record(&bytes, at, index).unwrap();
-                at = next;
-                index += 1;
+            for r in codec.records(&bytes) {
+                let (_, rec) = r.unwrap();
                 if rec.header.kind != courier_pipeline::log::RecordKind::Message {
                     continue;
                 }

@@ -726,6 +726,19 @@ impl SegmentCodec {
         Ok((rec, offset + used as u64))
     }
 
+    /// The records of a whole segment's `bytes`, in order, each with its offset, read and
+    /// checked as [`SegmentCodec::read_record`] reads one, up to the end of the records
+    /// (zero padding after the last is no record); nothing after an error.
+    pub fn records<'a>(&'a self, bytes: &'a [u8]) -> Records<'a> {
+        Records {
+            codec: self,
+            bytes,
+            offset: SEGMENT_HEADER_BYTES as u64,
+            index: 0,
+            failed: false,
+        }
+    }
+
     fn read_at(
         &self,
         bytes: &[u8],
@@ -899,10 +912,48 @@ impl SegmentCodec {
     }
 }
 
+/// A segment's records in order ([`SegmentCodec::records`]): `(offset, record)`, or the
+/// error that ends them.
+#[derive(Debug)]
+pub struct Records<'a> {
+    codec: &'a SegmentCodec,
+    bytes: &'a [u8],
+    offset: u64,
+    index: u32,
+    failed: bool,
+}
+
+impl Records<'_> {
+    /// Where the next record would start: after the last one read.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+impl Iterator for Records<'_> {
+    type Item = Result<(u64, OwnedRecord), RecordError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || records_end(self.bytes, self.offset) {
+            return None;
+        }
+        match self.codec.read_record(self.bytes, self.offset, self.index) {
+            Ok((rec, next)) => {
+                let at = std::mem::replace(&mut self.offset, next);
+                self.index += 1;
+                Some(Ok((at, rec)))
+            }
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
 /// Whether no record starts at `offset` of a segment's `bytes`: their end, or only zeros
-/// from there on (a direct I/O write's padding, `node::commit`). A reader walking a
-/// segment record by record stops here.
-pub fn records_end(bytes: &[u8], offset: u64) -> bool {
+/// from there on (a direct I/O write's padding, `node::commit`).
+fn records_end(bytes: &[u8], offset: u64) -> bool {
     bytes
         .get(offset as usize..)
         .is_none_or(|rest| rest.iter().all(|&b| b == 0))

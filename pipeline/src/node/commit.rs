@@ -497,7 +497,8 @@ mod tests {
         }
     }
 
-    fn commit(direct: Option<usize>) -> GroupCommit {
+    /// A fresh log (every test's the same), and the keyring persisting it asked for.
+    fn open_log() -> (Log, Vec<Action>) {
         let mut actions = Vec::new();
         let log = Log::open(
             cfg(),
@@ -508,7 +509,11 @@ mod tests {
             &mut actions,
         )
         .unwrap();
-        let c = GroupCommit::new(log, [9; 32]);
+        (log, actions)
+    }
+
+    fn commit(direct: Option<usize>) -> GroupCommit {
+        let c = GroupCommit::new(open_log().0, [9; 32]);
         match direct {
             Some(block) => c.with_direct_io(DirectIo {
                 block,
@@ -672,16 +677,7 @@ mod tests {
         // `expired` statuses of a retention drop at start-up are: the segment they open
         // stays open, ending inside a block.
         let opened = || {
-            let mut actions = Vec::new();
-            let mut log = Log::open(
-                cfg(),
-                ShardId::new(1),
-                MasterKey::from_bytes(MASTER),
-                Keyring::new(),
-                Vec::new(),
-                &mut actions,
-            )
-            .unwrap();
+            let (mut log, mut actions) = open_log();
             let mut rng = StdRng::from_seed([5; 32]);
             let payload = vec![0xcd; 300];
             let mut positions = Vec::new();

@@ -1094,7 +1094,7 @@ impl Server {
             let result = chunks.next(READ_CHUNK_BYTES_MAX);
             let _ = chunks.finalize();
             match result {
-                Ok(Some(chunk)) => st.decoder.push(&chunk.bytes),
+                Ok(Some(chunk)) => st.decoder.push_bytes(chunk.bytes),
                 Ok(None) => st.recv_done = true,
                 Err(ReadError::Blocked) => return,
                 Err(ReadError::Reset(_)) => {

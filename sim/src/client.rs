@@ -1000,7 +1000,7 @@ impl SimClient {
         // Bounded by the stream's receive window: each chunk consumes buffered data.
         loop {
             match chunks.next(READ_CHUNK_BYTES_MAX) {
-                Ok(Some(chunk)) => st.decoder.push(&chunk.bytes),
+                Ok(Some(chunk)) => st.decoder.push_bytes(chunk.bytes),
                 Ok(None) => {
                     st.fin_received = true;
                     break;

@@ -157,7 +157,7 @@ async fn read_frame(recv: &mut RecvStream, decoder: &mut FrameDecoder) -> Option
             return Some(frame);
         }
         let chunk = recv.read_chunk(64 << 10, true).await.ok()??;
-        decoder.push(&chunk.bytes);
+        decoder.push_bytes(chunk.bytes);
     }
 }
 

@@ -32,6 +32,8 @@
 
 pub mod delivery;
 
+use std::collections::VecDeque;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::ShardId;
@@ -866,18 +868,42 @@ fn known_type(ty: u8) -> bool {
     ) || delivery::is_delivery_type(ty)
 }
 
-/// Most bytes a decoder reserves ahead of the data that arrived.
-const RESERVE_STEP_BYTES: usize = 64 * 1024;
+/// Most chunks a decoder holds as they came; stream bytes beyond them are copied into
+/// one contiguous overflow buffer instead. Each held chunk keeps its datagram's buffer
+/// alive, so this bounds how many small buffers a peer's tiny packets can pin (a SUBMIT
+/// of 64 messages of 1 KiB arrives in about 60 chunks).
+pub const CHUNKS_HELD_MAX: usize = 256;
 
 /// Reassembles frames from the chunks of one stream.
 ///
 /// Holds at most one frame (`FRAME_HEADER_BYTES + frame_bytes_max`) plus the chunk being
 /// pushed: a header is checked as soon as its 5 bytes are in, so an oversized or unknown
-/// frame fails before its body is buffered.
+/// frame fails before its body is buffered. Nothing is reserved ahead of the bytes that
+/// arrived.
+///
+/// **One copy at most.** Chunks pushed with [`FrameDecoder::push_bytes`] (quinn's `Bytes`)
+/// are held as they came, up to [`CHUNKS_HELD_MAX`]; a frame is copied out of them once,
+/// into one buffer, when its last byte is in (a frame inside one chunk is not copied at
+/// all: its body is a slice of the chunk); that buffer is reused for a later frame once
+/// the frame decoded from it is dropped. Before, every chunk was
+/// appended to one growing buffer, and a frame larger than the buffer's first
+/// reservation (a batch of 64 messages of 1 KiB is) was copied again when it grew.
+/// Past [`CHUNKS_HELD_MAX`] chunks the rest of the stream's bytes are appended to an
+/// overflow buffer that grows geometrically, so a peer sending tiny chunks costs
+/// amortised linear copying, never quadratic.
 #[derive(Debug)]
 pub struct FrameDecoder {
     limits: WireLimits,
-    buf: BytesMut,
+    /// Stream bytes not yet decoded, in order: first the held chunks, then `overflow`.
+    chunks: VecDeque<Bytes>,
+    /// Bytes that arrived while [`CHUNKS_HELD_MAX`] chunks were held (or after such bytes).
+    overflow: BytesMut,
+    /// Bytes in `chunks` and `overflow` together.
+    buffered: usize,
+    /// The last body copied out of several chunks: once its frame is dropped, the next
+    /// such body is copied into the same memory (still in the cache) instead of a new
+    /// allocation.
+    spare: Bytes,
 }
 
 impl FrameDecoder {
@@ -885,13 +911,16 @@ impl FrameDecoder {
     pub fn new(limits: WireLimits) -> FrameDecoder {
         FrameDecoder {
             limits,
-            buf: BytesMut::new(),
+            chunks: VecDeque::new(),
+            overflow: BytesMut::new(),
+            buffered: 0,
+            spare: Bytes::new(),
         }
     }
 
     /// Bytes buffered and not yet decoded.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buffered
     }
 
     /// Changes the bounds from the next frame on (a connection's bounds widen once its
@@ -900,9 +929,37 @@ impl FrameDecoder {
         self.limits = limits;
     }
 
-    /// Appends stream bytes.
+    /// Appends stream bytes (copied; [`FrameDecoder::push_bytes`] takes a chunk without).
     pub fn push(&mut self, chunk: &[u8]) {
-        self.buf.extend_from_slice(chunk);
+        if chunk.is_empty() {
+            return;
+        }
+        if self.takes_overflow() {
+            self.overflow.extend_from_slice(chunk);
+            self.buffered += chunk.len();
+        } else {
+            self.push_bytes(Bytes::copy_from_slice(chunk));
+        }
+    }
+
+    /// Appends a chunk of stream bytes, held without a copy while fewer than
+    /// [`CHUNKS_HELD_MAX`] are.
+    pub fn push_bytes(&mut self, chunk: Bytes) {
+        if chunk.is_empty() {
+            return;
+        }
+        self.buffered += chunk.len();
+        if self.takes_overflow() {
+            self.overflow.extend_from_slice(&chunk);
+        } else {
+            self.chunks.push_back(chunk);
+        }
+    }
+
+    /// Whether new bytes go to the overflow buffer: it holds some already (they must stay
+    /// in order), or the decoder holds as many chunks as it may.
+    fn takes_overflow(&self) -> bool {
+        !self.overflow.is_empty() || self.chunks.len() >= CHUNKS_HELD_MAX
     }
 
     /// The next complete frame, `Ok(None)` if more bytes are needed.
@@ -914,25 +971,23 @@ impl FrameDecoder {
         let Some((ty, len)) = self.header()? else {
             return Ok(None);
         };
-        if self.buf.len() < FRAME_HEADER_BYTES + len {
-            // Grow towards the announced size in steps of at most RESERVE_STEP_BYTES, so
-            // a 5-byte header cannot make the decoder reserve a whole frame_bytes_max.
-            let want = (FRAME_HEADER_BYTES + len - self.buf.len()).min(RESERVE_STEP_BYTES);
-            self.buf.reserve(want);
+        if self.buffered < FRAME_HEADER_BYTES + len {
             return Ok(None);
         }
-        self.buf.advance(FRAME_HEADER_BYTES);
-        let body = self.buf.split_to(len).freeze();
+        self.take(FRAME_HEADER_BYTES);
+        let body = self.take(len);
         decode_body(ty, body, &self.limits).map(Some)
     }
 
     /// Checks the header of the next frame as soon as it is complete.
     fn header(&self) -> Result<Option<(u8, usize)>, WireError> {
-        if self.buf.len() < FRAME_HEADER_BYTES {
+        if self.buffered < FRAME_HEADER_BYTES {
             return Ok(None);
         }
-        let len = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes"));
-        let ty = self.buf[4];
+        let mut h = [0u8; FRAME_HEADER_BYTES];
+        self.peek(&mut h);
+        let len = u32::from_le_bytes(h[..4].try_into().expect("4 bytes"));
+        let ty = h[4];
         if !known_type(ty) {
             return Err(WireError::UnknownType(ty));
         }
@@ -945,15 +1000,80 @@ impl FrameDecoder {
         Ok(Some((ty, len as usize)))
     }
 
+    /// Copies the first `out.len()` buffered bytes (there are that many) into `out`.
+    fn peek(&self, out: &mut [u8]) {
+        let mut filled = 0;
+        let parts = self.chunks.iter().map(|c| &c[..]);
+        for part in parts.chain(std::iter::once(&self.overflow[..])) {
+            let n = part.len().min(out.len() - filled);
+            out[filled..filled + n].copy_from_slice(&part[..n]);
+            filled += n;
+            if filled == out.len() {
+                return;
+            }
+        }
+        unreachable!("peek past the buffered bytes");
+    }
+
+    /// Takes the first `n` buffered bytes (there are that many): a slice of the first
+    /// chunk when it holds them all, else one copy into a buffer of exactly `n`.
+    fn take(&mut self, n: usize) -> Bytes {
+        debug_assert!(n <= self.buffered);
+        self.buffered -= n;
+        if let Some(first) = self.chunks.front_mut() {
+            if first.len() >= n {
+                let out = first.split_to(n);
+                if first.is_empty() {
+                    self.chunks.pop_front();
+                }
+                return out;
+            }
+        } else if self.overflow.len() >= n {
+            let out = self.overflow.split_to(n).freeze();
+            if self.overflow.is_empty() {
+                // Give a large frame's buffer back rather than keep it for the stream.
+                self.overflow = BytesMut::new();
+            }
+            return out;
+        }
+        let mut out = match std::mem::take(&mut self.spare).try_into_mut() {
+            Ok(mut reused) if reused.capacity() >= n => {
+                reused.clear();
+                reused
+            }
+            _ => BytesMut::with_capacity(n),
+        };
+        while out.len() < n {
+            let want = n - out.len();
+            if let Some(first) = self.chunks.front_mut() {
+                let k = first.len().min(want);
+                out.extend_from_slice(&first[..k]);
+                first.advance(k);
+                if first.is_empty() {
+                    self.chunks.pop_front();
+                }
+            } else {
+                out.extend_from_slice(&self.overflow[..want]);
+                self.overflow.advance(want);
+                if self.overflow.is_empty() {
+                    self.overflow = BytesMut::new();
+                }
+            }
+        }
+        let body = out.freeze();
+        self.spare = body.clone();
+        body
+    }
+
     /// Validates what is buffered once the stream has ended: a partial frame is an error.
     /// Call after `next_frame` returned `Ok(None)`.
     pub fn finish(&self) -> Result<(), WireError> {
         self.header()?;
-        if self.buf.is_empty() {
+        if self.buffered == 0 {
             Ok(())
         } else {
             Err(WireError::Truncated {
-                buffered: self.buf.len(),
+                buffered: self.buffered,
             })
         }
     }
@@ -1019,5 +1139,143 @@ mod tests {
                 max: 1024
             })
         );
+    }
+
+    /// A SUBMIT of `count` messages of `size` bytes, encoded, and its messages' payloads.
+    fn submit_frame(count: usize, size: usize) -> (Bytes, Vec<Vec<u8>>) {
+        let to = r("+4915112345678");
+        let payloads: Vec<Vec<u8>> = (0..count)
+            .map(|i| (0..size).map(|j| (i * 31 + j) as u8).collect())
+            .collect();
+        let messages: Vec<OutMessage<'_>> = payloads
+            .iter()
+            .enumerate()
+            .map(|(i, p)| OutMessage {
+                client_id: i as u64,
+                recipient: &to,
+                payload: p,
+            })
+            .collect();
+        let mut out = BytesMut::new();
+        encode_submit(9, &messages, &mut out);
+        (out.freeze(), payloads)
+    }
+
+    fn payloads_of(frame: Frame) -> Vec<Bytes> {
+        match frame {
+            Frame::Submit {
+                batch_id: 9,
+                messages,
+            } => messages.into_iter().map(|m| m.payload).collect(),
+            other => panic!("not the SUBMIT sent: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_frame_inside_one_chunk_is_not_copied() {
+        let (frame, payloads) = submit_frame(3, 100);
+        let mut chunk = BytesMut::from(&frame[..]);
+        chunk.extend_from_slice(&frame[..3]); // the next frame's first bytes
+        let chunk = chunk.freeze();
+        let range = chunk.as_ptr_range();
+        let mut d = FrameDecoder::new(WireLimits::PERMISSIVE);
+        d.push_bytes(chunk);
+        let got = payloads_of(d.next_frame().unwrap().unwrap());
+        assert_eq!(got, payloads);
+        for p in &got {
+            assert!(range.contains(&p.as_ptr()), "a payload was copied");
+        }
+        assert_eq!(d.buffered(), 3);
+        assert_eq!(d.next_frame(), Ok(None));
+    }
+
+    #[test]
+    fn a_frame_across_chunks_is_copied_once_into_its_own_buffer() {
+        // A batch of 64 messages of 1 KiB, in chunks of a packet's stream data.
+        let (frame, payloads) = submit_frame(64, 1024);
+        let mut d = FrameDecoder::new(WireLimits::PERMISSIVE);
+        let chunks: Vec<Bytes> = frame.chunks(1200).map(Bytes::copy_from_slice).collect();
+        assert!(chunks.len() < CHUNKS_HELD_MAX);
+        let (last, rest) = chunks.split_last().unwrap();
+        for c in rest {
+            d.push_bytes(c.clone());
+            assert_eq!(d.next_frame(), Ok(None));
+        }
+        assert!(d.overflow.is_empty(), "every chunk held as it came");
+        d.push_bytes(last.clone());
+        let got = payloads_of(d.next_frame().unwrap().unwrap());
+        assert_eq!(got, payloads);
+        // One buffer holds the whole body: the payloads lie in order, back to back
+        // apart from each next message's fixed fields and recipient.
+        for w in got.windows(2) {
+            let gap = w[1].as_ptr() as usize - (w[0].as_ptr() as usize + w[0].len());
+            assert_eq!(gap, MESSAGE_OVERHEAD_BYTES + "+4915112345678".len());
+        }
+        for p in &got {
+            assert!(
+                chunks
+                    .iter()
+                    .all(|c| !c.as_ptr_range().contains(&p.as_ptr())),
+                "the body is its own buffer, not a chunk's"
+            );
+        }
+        assert_eq!(d.buffered(), 0);
+        assert!(d.chunks.is_empty());
+    }
+
+    #[test]
+    fn a_body_buffer_is_reused_only_once_its_frame_is_dropped() {
+        let (a, pa) = submit_frame(8, 500);
+        let (b, pb) = submit_frame(8, 500);
+        let mut d = FrameDecoder::new(WireLimits::PERMISSIVE);
+        let mut decode = |frame: &Bytes| {
+            for c in frame.chunks(700) {
+                d.push_bytes(frame.slice_ref(c));
+            }
+            payloads_of(d.next_frame().unwrap().unwrap())
+        };
+        let first = decode(&a);
+        let held = first[0].as_ptr();
+        // While the first frame lives, the second is copied elsewhere and the first's
+        // payloads stay as they were.
+        let second = decode(&b);
+        assert_eq!(first, pa);
+        assert_eq!(second, pb);
+        assert_ne!(second[0].as_ptr(), held);
+        drop(first);
+        let spare = second[0].as_ptr();
+        drop(second);
+        // Both dropped: the next body goes into the last one's memory.
+        let third = decode(&a);
+        assert_eq!(third, pa);
+        assert_eq!(third[0].as_ptr(), spare);
+    }
+
+    #[test]
+    fn past_the_chunks_held_the_bytes_go_to_one_buffer_and_decode_the_same() {
+        // Tiny chunks (a byte each, as a hostile peer's packets could carry): at most
+        // CHUNKS_HELD_MAX are held, the rest is appended to the overflow buffer.
+        let (a, pa) = submit_frame(5, 300);
+        let (b, pb) = submit_frame(1, 10);
+        let mut stream = a.to_vec();
+        stream.extend_from_slice(&b);
+        assert!(a.len() > 2 * CHUNKS_HELD_MAX);
+        let mut d = FrameDecoder::new(WireLimits::PERMISSIVE);
+        let mut frames = Vec::new();
+        for byte in stream.chunks(1) {
+            d.push_bytes(Bytes::copy_from_slice(byte));
+            assert!(d.chunks.len() <= CHUNKS_HELD_MAX);
+            while let Some(f) = d.next_frame().unwrap() {
+                frames.push(f);
+            }
+        }
+        assert_eq!(frames.len(), 2);
+        assert_eq!(payloads_of(frames.remove(0)), pa);
+        assert_eq!(payloads_of(frames.remove(0)), pb);
+        assert_eq!(d.buffered(), 0);
+        // Drained, the decoder holds chunks as they come again.
+        assert!(d.overflow.is_empty() && d.chunks.is_empty());
+        d.push_bytes(b.slice(..4));
+        assert_eq!(d.chunks.len(), 1);
     }
 }

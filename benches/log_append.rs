@@ -2,8 +2,8 @@
 //!
 //! - `append/<payload bytes>`: what a shard does for one group commit of 64 records:
 //!   `GroupCommit::append` (`Log::append`: frame, AES-256-GCM, CRC; writes joined into the
-//!   group buffer) → `GroupCommit::poll_io` (metadata performed by `ShardStore`; one linked
-//!   write + fdatasync through the shard's io_uring, `courier::uring::UdpRing`) →
+//!   group buffer) → `GroupCommit::poll_io` (metadata performed by `ShardStore`; one
+//!   `RWF_DSYNC` write through the shard's io_uring, `courier::uring::UdpRing`) →
 //!   completions → `GroupCommit::complete` (`Log::on_synced`). The records are durable when
 //!   an iteration ends.
 //! - `raw_fdatasync/<payload bytes>`: the reference: the same number of bytes written

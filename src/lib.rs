@@ -3,7 +3,7 @@
 //! ```text
 //!  courier serve ──> serve::start ──> one pinned thread per shard (shard::Shard::run)
 //!                                        │  uring::UdpRing: multishot recvmsg + GRO,
-//!                                        │  sendmsg + GSO, file writes + fdatasync,
+//!                                        │  sendmsg + GSO, durable file writes,
 //!                                        │  io_uring wait timeouts, eventfd wake
 //!                                        ▼
 //!                                     courier_pipeline::node::Shard (the sans-IO core:

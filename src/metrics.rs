@@ -329,7 +329,7 @@ const SHARD_FAMILIES: &[ShardFamily] = &[
     ShardFamily {
         name: "group_commits_total",
         kind: "counter",
-        help: "Log group commits (write and fdatasync) completed.",
+        help: "Log group commits (durable writes) completed.",
         read: |c| &c.commits,
     },
     ShardFamily {

@@ -310,14 +310,14 @@ impl Shard {
             tracing::error!(
                 shard = self.id.index(),
                 written = ?done.written.as_ref().map_err(|e| e.to_string()),
-                synced = ?done.synced.as_ref().map(|r| r.as_ref().map_err(|e| e.to_string())),
                 "group commit failed; the log stops taking messages and never retries"
             );
+            // The write carries its own sync (RWF_DSYNC): a failed flush is the write's
+            // error (EIO), reported as a failed write.
             match &done.written {
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => WriteOutcome::NoSpace,
                 Ok(n) if *n < len => WriteOutcome::NoSpace,
-                Err(_) => WriteOutcome::WriteFailed,
-                Ok(_) => WriteOutcome::SyncFailed,
+                _ => WriteOutcome::WriteFailed,
             }
         };
         if let Some(segment_id) = self.core.segment_of_write(done.token) {

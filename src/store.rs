@@ -10,7 +10,7 @@
 //!           RecoveryPlan: truncate torn tails, remove dead files (here, durably)
 //!           RecoveryPlan::open ──> Log + actions performed here before serving
 //!  serving: Io::PersistKeyring / CreateSegment / DeleteSegment ──> perform (synchronous)
-//!           Io::DurableWrite ──> segment_file() for the ring's write + fdatasync
+//!           Io::DurableWrite ──> segment_file() for the ring's RWF_DSYNC write
 //! ```
 //!
 //! Invariants kept by the performing: the keyring is replaced atomically and durably

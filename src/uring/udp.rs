@@ -440,9 +440,9 @@ impl UdpRing {
         self.mem.files.free_count()
     }
 
-    /// Queues a file operation: `DurableWrite` writes `data[skip..]` at `offset` and then
-    /// fdatasyncs (linked: the sync starts only after the whole write succeeded), `Write`
-    /// only writes, `Sync` fsyncs `file` (a directory too; `data` must be empty). The
+    /// Queues a file operation: `DurableWrite` writes `data[skip..]` at `offset` with
+    /// `RWF_DSYNC` (durable when it completes, as write then fdatasync), `Write` only
+    /// writes, `Sync` fsyncs `file` (a directory too; `data` must be empty). The
     /// outcome comes back from [`Self::drain`] as [`RingEvent::File`] with `token`, and
     /// with the buffer for reuse. The ring holds `file` and `data` until then. Returns
     /// `data` back when every file slot is busy.
@@ -459,17 +459,15 @@ impl UdpRing {
             kind != FileOpKind::Sync || data.is_empty(),
             "a sync carries no data"
         );
-        let sqes = self
+        let sqe = self
             .mem
             .files
             .prepare(UD_FILE, file, kind, offset, data, skip, token)?;
-        for sqe in &sqes {
-            // Safety: the write's buffer and the descriptor are owned by the file slot
-            // (`data` and an `Arc<File>`), which releases them only when `complete` has
-            // seen the last completion of the slot's operations. The SQ has room: the
-            // config reserves two entries per file slot.
-            unsafe { self.push(sqe) };
-        }
+        // Safety: the write's buffer and the descriptor are owned by the file slot (`data`
+        // and an `Arc<File>`), which releases them only when `complete` has seen the
+        // slot's completion. The SQ has room: the config reserves two entries per file
+        // slot (one is used).
+        unsafe { self.push(&sqe) };
         Ok(())
     }
 

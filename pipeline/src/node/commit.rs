@@ -8,7 +8,7 @@
 //!  tick(now)       ──> Log::tick ──> PersistKeyring / DeleteSegment ──> io queue
 //!  poll_io(slots)  ──> the queue first; then, when a commit is due, none is in flight,
 //!                      the queue is empty and the shell has the slots: Log::begin_sync,
-//!                      one DurableWrite (write + fdatasync) per segment of the group
+//!                      one DurableWrite (a write durable when done) per segment of the group
 //!  complete(token) ──> when every write of the commit is back: Log::on_synced, or the
 //!                      log failed for good (a failed write or sync is never retried)
 //! ```

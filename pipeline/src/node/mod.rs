@@ -227,7 +227,9 @@ pub enum WriteOutcome {
     NoSpace,
     /// The write failed for another reason.
     WriteFailed,
-    /// The write went through; the fdatasync failed.
+    /// The write went through; its sync failed (a shell that syncs apart from the write;
+    /// courier's writes carry their sync, `RWF_DSYNC`, and report a failed one as
+    /// `WriteFailed`).
     SyncFailed,
 }
 

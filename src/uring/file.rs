@@ -11,9 +11,9 @@
 //! IOSQE_IO_LINK and then `fsync(fd, DATASYNC)`. Each went to one of the kernel's io-wq
 //! workers in turn (an appending write cannot be done without blocking), so a commit
 //! waited for two worker wake-ups on cores the shards keep busy; one `RWF_DSYNC` write
-//! waits for one. Measured in one sitting (BENCHMARKS.md "One write per group commit"):
-//! the commit's p50 fell from 0.31 to 0.21–0.25 ms and the loadgen's p99 ack latency at
-//! half of the peak from 6.8–11.5 to 4.8–5.5 ms.
+//! waits for one. Measured in one sitting at half of the peak (BENCHMARKS.md "One write
+//! per group commit"): the commit's p50 fell from 0.294 to 0.245 ms and the batches acked
+//! within 1 ms of arriving rose from 54% to 67%.
 //!
 //! Invariant: a slot owns its data buffer and an `Arc` of its file from submission until
 //! the completion of its last operation has been reaped, so neither the memory the kernel

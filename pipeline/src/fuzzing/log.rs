@@ -57,7 +57,7 @@ pub fn segment(data: &[u8]) {
     let bytes = if ctl & 1 == 0 {
         let mut b = rest.to_vec();
         if ctl & 2 != 0 && b.len() >= SEGMENT_HEADER_BYTES {
-            let crc = crc32c::crc32c(&b[..40]);
+            let crc = crate::log::format::crc32c(&b[..40]);
             b[40..44].copy_from_slice(&crc.to_le_bytes());
         }
         b

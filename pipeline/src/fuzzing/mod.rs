@@ -69,6 +69,6 @@ pub fn target(name: &str) -> Option<fn(&[u8])> {
 fn fix_trailing_crc(bytes: &mut [u8]) {
     if bytes.len() >= 4 {
         let (body, crc) = bytes.split_at_mut(bytes.len() - 4);
-        crc.copy_from_slice(&crc32c::crc32c(body).to_le_bytes());
+        crc.copy_from_slice(&crate::log::format::crc32c(body).to_le_bytes());
     }
 }

@@ -482,7 +482,7 @@ impl Keyring {
             out.extend_from_slice(&w.ciphertext);
             out.extend_from_slice(&w.tag);
         }
-        let crc = crc32c::crc32c(&out);
+        let crc = crate::log::format::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         debug_assert_eq!(Keyring::from_bytes(&out).as_ref(), Ok(self));
         out
@@ -516,7 +516,7 @@ impl Keyring {
             return Err(KeyringError::Trailing(bytes.len() - body - 4));
         }
         let crc = u32::from_le_bytes(bytes[body..].try_into().expect("4 bytes"));
-        if crc32c::crc32c(&bytes[..body]) != crc {
+        if crate::log::format::crc32c(&bytes[..body]) != crc {
             return Err(KeyringError::Crc);
         }
         let epoch = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));

@@ -151,7 +151,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
     report.print_table(&mut std::io::stdout())?;
     let hellos: u64 = stats.iter().map(|s| s.hellos_accepted).sum();
     println!(
-        "server: {} messages accepted (durable: written and fdatasync'd) in {} batches over {hellos} \
+        "server: {} messages accepted (durable: written and synced) in {} batches over {hellos} \
          authenticated connection(s), {} group commits, {} datagrams forwarded between shards",
         totals.accepted, totals.batches, totals.commits, totals.forwarded
     );

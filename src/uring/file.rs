@@ -16,7 +16,7 @@
 //! within 1 ms of arriving rose from 54% to 67%.
 //!
 //! Invariant: a slot owns its data buffer and an `Arc` of its file from submission until
-//! the completion of its last operation has been reaped, so neither the memory the kernel
+//! the completion of its operation has been reaped, so neither the memory the kernel
 //! reads nor the descriptor it uses can go away under it. Every queued operation gets
 //! exactly one completion (errors and cancellations included), so no slot is lost.
 
@@ -70,19 +70,14 @@ pub(super) struct FileSlot {
     skip: usize,
     token: u64,
     kind: FileOpKind,
-    /// Completions still to reap (0 = free).
-    pending: u8,
-    written: Option<io::Result<usize>>,
-    synced: Option<io::Result<()>>,
+    /// Submitted and its completion not reaped yet (every operation is one SQE).
+    busy: bool,
 }
 
 pub(super) struct FileSlots {
     slots: Box<[FileSlot]>,
     free: Vec<u16>,
 }
-
-/// How a user_data word names a file slot's operation: bit 16 set for the sync.
-const SYNC_BIT: u64 = 1 << 16;
 
 impl FileSlots {
     pub(super) fn new(count: u16) -> Self {
@@ -93,9 +88,7 @@ impl FileSlots {
                 skip: 0,
                 token: 0,
                 kind: FileOpKind::Sync,
-                pending: 0,
-                written: None,
-                synced: None,
+                busy: false,
             })
             .collect();
         Self {
@@ -113,7 +106,7 @@ impl FileSlots {
     }
 
     pub(super) fn in_flight(&self) -> usize {
-        self.slots.iter().map(|s| usize::from(s.pending)).sum()
+        self.slots.iter().filter(|s| s.busy).count()
     }
 
     /// Claims a slot and builds its SQE. `ud_base` is the kind tag of the caller's
@@ -134,15 +127,13 @@ impl FileSlots {
             return Err(data);
         };
         let slot = &mut self.slots[usize::from(idx)];
-        debug_assert_eq!(slot.pending, 0);
+        debug_assert!(!slot.busy);
         let fd = types::Fd(file.as_raw_fd());
         slot.file = Some(file);
         slot.data = data;
         slot.skip = skip;
         slot.token = token;
         slot.kind = kind;
-        slot.written = None;
-        slot.synced = None;
         let ud = ud_base | u64::from(idx);
         let len = u32::try_from(slot.data.len() - skip).expect("a file write is below 4 GiB");
         let sqe = match kind {
@@ -157,46 +148,38 @@ impl FileSlots {
                     .build()
                     .user_data(ud)
             }
-            FileOpKind::Sync => {
-                slot.written = Some(Ok(0));
-                opcode::Fsync::new(fd).build().user_data(ud | SYNC_BIT)
-            }
+            FileOpKind::Sync => opcode::Fsync::new(fd).build().user_data(ud),
         };
-        slot.pending = 1;
+        slot.busy = true;
         Ok(sqe)
     }
 
-    /// Records one completion; returns the finished operation once its last completion
-    /// is in.
-    pub(super) fn complete(&mut self, ud: u64, res: i32) -> Option<FileDone> {
+    /// Records a slot's completion: its operation is finished.
+    pub(super) fn complete(&mut self, ud: u64, res: i32) -> FileDone {
         let idx = (ud & 0xffff) as u16;
         let slot = &mut self.slots[usize::from(idx)];
-        assert!(slot.pending > 0, "completion for idle file slot {idx}");
+        assert!(slot.busy, "completion for idle file slot {idx}");
+        slot.busy = false;
         let result = if res < 0 {
             Err(io::Error::from_raw_os_error(-res))
         } else {
             Ok(res as usize)
         };
-        if ud & SYNC_BIT != 0 {
-            slot.synced = Some(result.map(|_| ()));
-        } else {
-            slot.written = Some(result);
-        }
-        slot.pending -= 1;
-        if slot.pending > 0 {
-            return None;
-        }
+        let (written, synced) = match slot.kind {
+            FileOpKind::Sync => (Ok(0), Some(result.map(|_| ()))),
+            FileOpKind::DurableWrite | FileOpKind::Write => (result, None),
+        };
         let done = FileDone {
             token: slot.token,
             kind: slot.kind,
-            written: slot.written.take().unwrap_or(Ok(0)),
-            synced: slot.synced.take(),
+            written,
+            synced,
             data: std::mem::take(&mut slot.data),
             skip: std::mem::take(&mut slot.skip),
         };
         // The kernel is done with both the buffer and the descriptor.
         slot.file = None;
         self.free.push(idx);
-        Some(done)
+        done
     }
 }

@@ -287,11 +287,7 @@ impl UdpRing {
                     let gso_max = &mut self.gso_segments_max;
                     on_send(&mut mem.send, &mut self.stats, gso_max, ud, cqe.result());
                 }
-                UD_FILE => {
-                    if let Some(done) = mem.files.complete(ud, cqe.result()) {
-                        f(RingEvent::File(done));
-                    }
-                }
+                UD_FILE => f(RingEvent::File(mem.files.complete(ud, cqe.result()))),
                 UD_CANCEL => self.ops.cancels_in_flight -= 1,
                 _ => unreachable!("unknown user_data {ud:#x}"),
             }

@@ -974,7 +974,8 @@ impl FrameDecoder {
         if self.buffered < FRAME_HEADER_BYTES + len {
             return Ok(None);
         }
-        self.take(FRAME_HEADER_BYTES);
+        // The header was read by `header`: dropped, not copied out.
+        self.consume(FRAME_HEADER_BYTES, |_| {});
         let body = self.take(len);
         decode_body(ty, body, &self.limits).map(Some)
     }
@@ -1016,12 +1017,12 @@ impl FrameDecoder {
     }
 
     /// Takes the first `n` buffered bytes (there are that many): a slice of the first
-    /// chunk when it holds them all, else one copy into a buffer of exactly `n`.
+    /// chunk or of the overflow when it holds them all, else one copy into a buffer of
+    /// `n` (the last such body's, when its frame is gone).
     fn take(&mut self, n: usize) -> Bytes {
-        debug_assert!(n <= self.buffered);
-        self.buffered -= n;
         if let Some(first) = self.chunks.front_mut() {
             if first.len() >= n {
+                self.buffered -= n;
                 let out = first.split_to(n);
                 if first.is_empty() {
                     self.chunks.pop_front();
@@ -1029,11 +1030,9 @@ impl FrameDecoder {
                 return out;
             }
         } else if self.overflow.len() >= n {
+            self.buffered -= n;
             let out = self.overflow.split_to(n).freeze();
-            if self.overflow.is_empty() {
-                // Give a large frame's buffer back rather than keep it for the stream.
-                self.overflow = BytesMut::new();
-            }
+            self.release_drained_overflow();
             return out;
         }
         let mut out = match std::mem::take(&mut self.spare).try_into_mut() {
@@ -1043,26 +1042,42 @@ impl FrameDecoder {
             }
             _ => BytesMut::with_capacity(n),
         };
-        while out.len() < n {
-            let want = n - out.len();
+        self.consume(n, |part| out.extend_from_slice(part));
+        let body = out.freeze();
+        self.spare = body.clone();
+        body
+    }
+
+    /// Removes the first `n` buffered bytes (there are that many), handing each run of
+    /// them to `f` in order.
+    fn consume(&mut self, n: usize, mut f: impl FnMut(&[u8])) {
+        debug_assert!(n <= self.buffered);
+        self.buffered -= n;
+        let mut left = n;
+        while left > 0 {
             if let Some(first) = self.chunks.front_mut() {
-                let k = first.len().min(want);
-                out.extend_from_slice(&first[..k]);
+                let k = first.len().min(left);
+                f(&first[..k]);
                 first.advance(k);
                 if first.is_empty() {
                     self.chunks.pop_front();
                 }
+                left -= k;
             } else {
-                out.extend_from_slice(&self.overflow[..want]);
-                self.overflow.advance(want);
-                if self.overflow.is_empty() {
-                    self.overflow = BytesMut::new();
-                }
+                f(&self.overflow[..left]);
+                self.overflow.advance(left);
+                self.release_drained_overflow();
+                left = 0;
             }
         }
-        let body = out.freeze();
-        self.spare = body.clone();
-        body
+    }
+
+    /// Gives an emptied overflow buffer back rather than keep a large frame's memory for
+    /// the stream.
+    fn release_drained_overflow(&mut self) {
+        if self.overflow.is_empty() {
+            self.overflow = BytesMut::new();
+        }
     }
 
     /// Validates what is buffered once the stream has ended: a partial frame is an error.

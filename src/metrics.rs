@@ -267,6 +267,18 @@ const SHARD_FAMILIES: &[ShardFamily] = &[
         read: |c| &c.forward_dropped,
     },
     ShardFamily {
+        name: "datagrams_unpooled_total",
+        kind: "counter",
+        help: "Datagrams given a buffer of their own because every receive arena was pinned.",
+        read: |c| &c.recv_unpooled,
+    },
+    ShardFamily {
+        name: "receive_arenas",
+        kind: "gauge",
+        help: "64 KiB receive arenas allocated (at most 64 per shard).",
+        read: |c| &c.recv_arenas,
+    },
+    ShardFamily {
         name: "connections",
         kind: "gauge",
         help: "Live client connections.",

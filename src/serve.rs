@@ -750,6 +750,7 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
         inbox: t.inboxes.datagrams,
         shutdown: c.shutdown.clone(),
         max_datagrams: (60_000 / usize::from(c.profile.quic.mtu_upper_bound)).max(1),
+        arenas: crate::recv_arena::RecvArenas::new(),
     };
     shard.run().map_err(|source| ServeError::Ring {
         shard: t.shard,

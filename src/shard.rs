@@ -36,6 +36,7 @@ use courier_pipeline::ShardId;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::control::ToControl;
+use crate::recv_arena::RecvArenas;
 use crate::store::ShardStore;
 use crate::uring::{FileDone, FileOpKind, RingEvent, UdpRing, Waker};
 
@@ -102,6 +103,8 @@ pub struct Shard {
     pub shutdown: Arc<AtomicBool>,
     /// Most datagrams per GSO send.
     pub max_datagrams: usize,
+    /// The buffers received datagrams are copied into for quinn.
+    pub arenas: RecvArenas,
 }
 
 impl std::fmt::Debug for Shard {
@@ -336,6 +339,7 @@ impl Shard {
         let me = self.id;
         let core = &mut self.core;
         let peers = &self.peers;
+        let arenas = &mut self.arenas;
         self.ring.drain(|ev| {
             let (data, segment_size, from, local_ip) = match ev {
                 RingEvent::Recv {
@@ -368,10 +372,20 @@ impl Shard {
                             stats.forward_dropped.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    _ => core.handle_datagram(now, from, local_ip, BytesMut::from(datagram)),
+                    _ => {
+                        let (data, pooled) = arenas.copy(datagram);
+                        if !pooled {
+                            core.stats().recv_unpooled.fetch_add(1, Ordering::Relaxed);
+                        }
+                        core.handle_datagram(now, from, local_ip, data);
+                    }
                 }
             }
         })?;
+        self.core
+            .stats()
+            .recv_arenas
+            .store(self.arenas.arenas() as u64, Ordering::Relaxed);
         // Bounded by the channel's capacity.
         while let Ok(f) = self.inbox.try_recv() {
             self.core.handle_datagram(now, f.from, f.local_ip, f.data);

@@ -40,7 +40,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use quinn_proto::{
     ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig, Event, ReadError, StreamEvent,
     StreamId, Transmit, TransportConfig, VarInt, WriteError,
@@ -53,8 +53,8 @@ use crate::wire::delivery::{
     OutcomeEntry,
 };
 use crate::wire::{
-    self, code, Frame, FrameDecoder, LogPosition, Message, Recipient, ReportEntry, Status, Welcome,
-    WireLimits,
+    self, code, Frame, FrameDecoder, LogPosition, Message, MessageLists, Recipient, ReportEntry,
+    Status, Welcome, WireLimits,
 };
 use crate::ShardId;
 use fair::{FairQueue, Shares};
@@ -85,6 +85,10 @@ const PRE_HELLO_LIMITS: WireLimits = WireLimits {
 
 /// Bytes asked of a stream per read.
 const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
+/// Bytes a stream's output block is allocated with (see `Server::flush_stream`).
+const OUT_BLOCK_BYTES: usize = 8 * 1024;
+/// Room left in a stream's output block below which the next block is allocated.
+const OUT_ROOM_MIN_BYTES: usize = 1024;
 
 /// Which submitted batch an ACK answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -300,7 +304,10 @@ struct StreamState {
     decoder: FrameDecoder,
     pending: VecDeque<PendingAck>,
     next_seq: u64,
+    /// Frames encoded and not yet handed to quinn.
     out: BytesMut,
+    /// The part of `out` handed to quinn that it has not taken yet (flow control).
+    sending: Bytes,
     recv_done: bool,
     /// Not read because `pending` is full; resumed by `ack`.
     paused: bool,
@@ -405,6 +412,8 @@ pub struct Server {
     registry: Arc<Registry>,
     limits: Limits,
     wire_limits: WireLimits,
+    /// SUBMITs' message lists, given back by the stage chain and reused.
+    lists: MessageLists,
     conns: crate::LocalMap<ConnectionHandle, Conn>,
     next_generation: u64,
     timers: BTreeSet<(Instant, ConnectionHandle)>,
@@ -478,6 +487,7 @@ impl Server {
             registry,
             limits: limits.clone(),
             wire_limits: limits.wire(),
+            lists: MessageLists::new(),
             conns: crate::LocalMap::default(),
             next_generation: 0,
             timers: BTreeSet::new(),
@@ -972,6 +982,7 @@ impl Server {
                             pending: VecDeque::new(),
                             next_seq: 0,
                             out: BytesMut::new(),
+                            sending: Bytes::new(),
                             recv_done: false,
                             paused: false,
                             share_paused: false,
@@ -1065,7 +1076,7 @@ impl Server {
                     return;
                 }
             }
-            match st.decoder.next_frame() {
+            match st.decoder.next_frame_reusing(&mut self.lists) {
                 Ok(Some(frame)) => {
                     if !self.on_frame(ch, id, frame, now) {
                         return;
@@ -1510,6 +1521,11 @@ impl Server {
         self.finish_if_done(ch, id);
     }
 
+    /// Keeps a batch's message list for a later SUBMIT (see [`MessageLists`]).
+    pub fn give_messages(&mut self, list: Vec<Message>) {
+        self.lists.give(list);
+    }
+
     fn flush_stream(&mut self, ch: ConnectionHandle, id: StreamId) {
         let Some(conn) = self.conns.get_mut(&ch) else {
             return;
@@ -1517,11 +1533,24 @@ impl Server {
         let Some(st) = conn.streams.get_mut(&id) else {
             return;
         };
-        while !st.out.is_empty() {
-            match conn.quinn.send_stream(id).write(&st.out) {
-                Ok(n) => {
-                    st.out.advance(n);
+        // quinn takes `Bytes` as they are (`write` would copy them into a new buffer):
+        // what is encoded goes as a slice of `out`'s block, and the next frames are
+        // encoded into the block's room. A new block is allocated when the room runs low
+        // (the old one is freed once quinn has dropped its slices), so a stream allocates
+        // about once per `OUT_BLOCK_BYTES` of frames rather than once per write.
+        while !(st.sending.is_empty() && st.out.is_empty()) {
+            if st.sending.is_empty() {
+                st.sending = st.out.split().freeze();
+                if st.out.capacity() < OUT_ROOM_MIN_BYTES {
+                    st.out.reserve(OUT_BLOCK_BYTES);
                 }
+            }
+            match conn
+                .quinn
+                .send_stream(id)
+                .write_chunks(std::slice::from_mut(&mut st.sending))
+            {
+                Ok(_) => {}
                 Err(WriteError::Blocked) => return,
                 Err(WriteError::Stopped(_) | WriteError::ClosedStream) => {
                     conn.streams.remove(&id);
@@ -1539,7 +1568,11 @@ impl Server {
         let Some(st) = conn.streams.get(&id) else {
             return;
         };
-        if st.recv_done && st.pending.is_empty() && st.out.is_empty() && st.decoder.buffered() == 0
+        if st.recv_done
+            && st.pending.is_empty()
+            && st.out.is_empty()
+            && st.sending.is_empty()
+            && st.decoder.buffered() == 0
         {
             let _ = conn.quinn.send_stream(id).finish();
             conn.streams.remove(&id);

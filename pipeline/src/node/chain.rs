@@ -97,6 +97,15 @@ impl Shard {
         if !self.has_room(&batch) {
             return Some(Held { batch, taken });
         }
+        self.run_batch(now, taken, &batch);
+        // Its payloads are sealed into the commit by now: the list goes back to the
+        // decoder for the next SUBMIT.
+        self.server.give_messages(batch.messages);
+        None
+    }
+
+    /// Runs a batch that the log has room for through the chain.
+    fn run_batch(&mut self, now: Now, taken: Instant, batch: &SubmitBatch) {
         // The registry in force decides the business's limits; a business removed from it
         // since its connection authenticated sends no more.
         let Some(limits) = self
@@ -107,7 +116,7 @@ impl Shard {
         else {
             let statuses = vec![Status::Rejected(Reason::Unauthorized); batch.messages.len()];
             self.ack(now, taken, batch.ticket, batch.business_id, &statuses, true);
-            return None;
+            return;
         };
         if self.disk_low() {
             stats::add(&self.stats.disk_low_throttled, batch.messages.len() as u64);
@@ -118,9 +127,9 @@ impl Shard {
                 batch.messages.len()
             ];
             self.ack(now, taken, batch.ticket, batch.business_id, &statuses, true);
-            return None;
+            return;
         }
-        if !self.delivery_room(&batch) {
+        if !self.delivery_room(batch) {
             stats::add(&self.stats.delivery_full, batch.messages.len() as u64);
             let statuses = vec![
                 Status::Throttled {
@@ -129,15 +138,14 @@ impl Shard {
                 batch.messages.len()
             ];
             self.ack(now, taken, batch.ticket, batch.business_id, &statuses, true);
-            return None;
+            return;
         }
         let mut scratch = std::mem::take(&mut self.scratch);
-        self.claim_all(now, &batch, &mut scratch.early);
-        let (mut statuses, mut claims) = self.judge(now, &limits, &batch, &mut scratch);
-        self.seal_admitted(&batch, &scratch.admitted, &mut statuses, &mut claims);
-        self.append(now, taken, &batch, statuses, claims, &mut scratch);
+        self.claim_all(now, batch, &mut scratch.early);
+        let (mut statuses, mut claims) = self.judge(now, &limits, batch, &mut scratch);
+        self.seal_admitted(batch, &scratch.admitted, &mut statuses, &mut claims);
+        self.append(now, taken, batch, statuses, claims, &mut scratch);
         self.scratch = scratch;
-        None
     }
 
     /// Whether the log's next group commit can take every message of `batch` (counted as

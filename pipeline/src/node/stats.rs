@@ -84,6 +84,11 @@ pub struct ShardStats {
     pub forwarded: AtomicU64,
     /// Datagrams dropped because a peer's inbox was full (counted by the shell).
     pub forward_dropped: AtomicU64,
+    /// Datagrams copied into a buffer of their own because every receive arena was
+    /// pinned by quinn (counted by the shell).
+    pub recv_unpooled: AtomicU64,
+    /// Receive arenas the shard has allocated (counted by the shell).
+    pub recv_arenas: AtomicU64,
     /// Live connections.
     pub connections: AtomicU64,
     /// 1 while the log's file system is below `log.disk_reserve_bytes`.

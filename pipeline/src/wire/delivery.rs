@@ -755,7 +755,17 @@ pub enum DeliveryFrame {
 }
 
 /// Decodes the body of a delivery frame of type `ty`.
-pub fn decode(ty: u8, mut body: Bytes, limits: &WireLimits) -> Result<DeliveryFrame, WireError> {
+pub fn decode(ty: u8, body: Bytes, limits: &WireLimits) -> Result<DeliveryFrame, WireError> {
+    decode_reusing(ty, body, limits, &mut super::MessageLists::new())
+}
+
+/// [`decode`], with a SUBMIT_TTL's message list taken from `lists`.
+pub fn decode_reusing(
+    ty: u8,
+    mut body: Bytes,
+    limits: &WireLimits,
+    lists: &mut super::MessageLists,
+) -> Result<DeliveryFrame, WireError> {
     let name = frame_name(ty);
     let m = |what| WireError::Malformed { frame: name, what };
     let frame = match ty {
@@ -771,7 +781,7 @@ pub fn decode(ty: u8, mut body: Bytes, limits: &WireLimits) -> Result<DeliveryFr
             if (count as usize).saturating_mul(min_each) > body.len() {
                 return Err(m("count larger than the body can hold"));
             }
-            let mut messages = Vec::with_capacity(count as usize);
+            let mut messages = lists.take(count as usize);
             for index in 0..count {
                 if body.len() < 8 {
                     return Err(m("message header truncated"));

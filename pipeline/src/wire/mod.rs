@@ -687,7 +687,64 @@ impl Frame {
 }
 
 /// Decodes one frame body of type `ty`. `body` is exactly the frame's body.
-pub fn decode_body(ty: u8, mut body: Bytes, limits: &WireLimits) -> Result<Frame, WireError> {
+pub fn decode_body(ty: u8, body: Bytes, limits: &WireLimits) -> Result<Frame, WireError> {
+    decode_body_reusing(ty, body, limits, &mut MessageLists::new())
+}
+
+/// Message lists kept for the next SUBMITs, so that a server decoding batch after batch
+/// does not allocate a list for each: the stage chain gives a batch's list back
+/// ([`MessageLists::give`]) once the batch is sealed and appended. At most
+/// [`MESSAGE_LISTS_KEPT`] lists of at most [`MESSAGE_LIST_CAPACITY_KEPT`] messages each are
+/// kept (about 2 MiB at most); a larger list is dropped when given back.
+#[derive(Debug, Default)]
+pub struct MessageLists {
+    free: Vec<Vec<Message>>,
+}
+
+/// Lists a [`MessageLists`] keeps at most.
+pub const MESSAGE_LISTS_KEPT: usize = 64;
+/// Capacity (in messages) above which a list given back is dropped, not kept.
+pub const MESSAGE_LIST_CAPACITY_KEPT: usize = 1024;
+
+impl MessageLists {
+    /// None kept yet (allocates nothing).
+    pub fn new() -> MessageLists {
+        MessageLists::default()
+    }
+
+    /// An empty list with room for `count` messages: a kept one when there is one.
+    pub fn take(&mut self, count: usize) -> Vec<Message> {
+        let mut list = self.free.pop().unwrap_or_default();
+        list.reserve(count);
+        list
+    }
+
+    /// Keeps `list` (emptied) for a later [`MessageLists::take`], within the bounds.
+    pub fn give(&mut self, mut list: Vec<Message>) {
+        let cap = list.capacity();
+        if cap == 0 || cap > MESSAGE_LIST_CAPACITY_KEPT || self.free.len() >= MESSAGE_LISTS_KEPT {
+            return;
+        }
+        list.clear();
+        if self.free.capacity() == 0 {
+            self.free.reserve_exact(MESSAGE_LISTS_KEPT);
+        }
+        self.free.push(list);
+    }
+
+    /// Lists kept now.
+    pub fn kept(&self) -> usize {
+        self.free.len()
+    }
+}
+
+/// [`decode_body`], with a SUBMIT's message list taken from `lists`.
+pub fn decode_body_reusing(
+    ty: u8,
+    mut body: Bytes,
+    limits: &WireLimits,
+    lists: &mut MessageLists,
+) -> Result<Frame, WireError> {
     match ty {
         frame_type::HELLO => {
             let m = |what| WireError::Malformed {
@@ -735,7 +792,7 @@ pub fn decode_body(ty: u8, mut body: Bytes, limits: &WireLimits) -> Result<Frame
             if (count as usize).saturating_mul(min_each) > body.len() {
                 return Err(m("count larger than the body can hold"));
             }
-            let mut messages = Vec::with_capacity(count as usize);
+            let mut messages = lists.take(count as usize);
             for index in 0..count {
                 if body.len() < 9 {
                     return Err(m("message header truncated"));
@@ -841,7 +898,7 @@ pub fn decode_body(ty: u8, mut body: Bytes, limits: &WireLimits) -> Result<Frame
             Ok(Frame::Ack { batch_id, statuses })
         }
         other if delivery::is_delivery_type(other) => {
-            delivery::decode(other, body, limits).map(Frame::Delivery)
+            delivery::decode_reusing(other, body, limits, lists).map(Frame::Delivery)
         }
         other => Err(WireError::UnknownType(other)),
     }
@@ -900,10 +957,12 @@ pub struct FrameDecoder {
     overflow: BytesMut,
     /// Bytes in `chunks` and `overflow` together.
     buffered: usize,
-    /// The last body copied out of several chunks: once its frame is dropped, the next
-    /// such body is copied into the same memory (still in the cache) instead of a new
-    /// allocation.
-    spare: Bytes,
+    /// What is left of the buffer the last body copied out of several chunks went into
+    /// (empty; that body was split off it). The next such body goes into its room, or,
+    /// once every frame decoded from it is dropped, into the same memory from its start
+    /// (still in the cache), instead of a new allocation. Split off a shared buffer, it
+    /// keeps its shared header, so reusing it allocates nothing.
+    spare: BytesMut,
 }
 
 impl FrameDecoder {
@@ -914,7 +973,7 @@ impl FrameDecoder {
             chunks: VecDeque::new(),
             overflow: BytesMut::new(),
             buffered: 0,
-            spare: Bytes::new(),
+            spare: BytesMut::new(),
         }
     }
 
@@ -968,6 +1027,14 @@ impl FrameDecoder {
     /// What the decoder holds after an error is unspecified (a header error leaves the
     /// header buffered, a body error has consumed the bad frame), so it is not read again.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        self.next_frame_reusing(&mut MessageLists::new())
+    }
+
+    /// [`FrameDecoder::next_frame`], with a SUBMIT's message list taken from `lists`.
+    pub fn next_frame_reusing(
+        &mut self,
+        lists: &mut MessageLists,
+    ) -> Result<Option<Frame>, WireError> {
         let Some((ty, len)) = self.header()? else {
             return Ok(None);
         };
@@ -977,7 +1044,7 @@ impl FrameDecoder {
         // The header was read by `header`: dropped, not copied out.
         self.consume(FRAME_HEADER_BYTES, |_| {});
         let body = self.take(len);
-        decode_body(ty, body, &self.limits).map(Some)
+        decode_body_reusing(ty, body, &self.limits, lists).map(Some)
     }
 
     /// Checks the header of the next frame as soon as it is complete.
@@ -1035,16 +1102,15 @@ impl FrameDecoder {
             self.release_drained_overflow();
             return out;
         }
-        let mut out = match std::mem::take(&mut self.spare).try_into_mut() {
-            Ok(mut reused) if reused.capacity() >= n => {
-                reused.clear();
-                reused
-            }
-            _ => BytesMut::with_capacity(n),
-        };
+        // Room after the last body, or the whole buffer again once nothing decoded from
+        // it is alive; else a new buffer.
+        let mut out = std::mem::take(&mut self.spare);
+        if !out.try_reclaim(n) {
+            out = BytesMut::with_capacity(n);
+        }
         self.consume(n, |part| out.extend_from_slice(part));
-        let body = out.freeze();
-        self.spare = body.clone();
+        let body = out.split_to(n).freeze();
+        self.spare = out;
         body
     }
 
@@ -1264,6 +1330,44 @@ mod tests {
         let third = decode(&a);
         assert_eq!(third, pa);
         assert_eq!(third[0].as_ptr(), spare);
+    }
+
+    #[test]
+    fn a_message_list_given_back_is_the_next_submits_list() {
+        let (a, pa) = submit_frame(8, 100);
+        let mut lists = MessageLists::new();
+        let mut d = FrameDecoder::new(WireLimits::PERMISSIVE);
+        d.push_bytes(a.clone());
+        let Some(Frame::Submit { messages, .. }) = d.next_frame_reusing(&mut lists).unwrap()
+        else {
+            panic!("a SUBMIT");
+        };
+        let list = messages.as_ptr();
+        lists.give(messages);
+        assert_eq!(lists.kept(), 1);
+        d.push_bytes(a);
+        let Some(Frame::Submit { messages, .. }) = d.next_frame_reusing(&mut lists).unwrap()
+        else {
+            panic!("a SUBMIT");
+        };
+        assert_eq!(messages.as_ptr(), list, "the same allocation");
+        let got: Vec<Vec<u8>> = messages.iter().map(|m| m.payload.to_vec()).collect();
+        assert_eq!(got, pa, "decoded as from a new list");
+        assert_eq!(lists.kept(), 0);
+    }
+
+    #[test]
+    fn message_lists_keep_a_bounded_number_of_bounded_lists() {
+        let mut lists = MessageLists::new();
+        for _ in 0..MESSAGE_LISTS_KEPT + 10 {
+            lists.give(Vec::with_capacity(64));
+        }
+        assert_eq!(lists.kept(), MESSAGE_LISTS_KEPT);
+        let mut lists = MessageLists::new();
+        lists.give(Vec::with_capacity(MESSAGE_LIST_CAPACITY_KEPT + 1));
+        lists.give(Vec::new());
+        assert_eq!(lists.kept(), 0, "an oversized or empty list is dropped");
+        assert!(lists.take(5).capacity() >= 5);
     }
 
     #[test]

@@ -1338,16 +1338,14 @@ mod tests {
         let mut lists = MessageLists::new();
         let mut d = FrameDecoder::new(WireLimits::PERMISSIVE);
         d.push_bytes(a.clone());
-        let Some(Frame::Submit { messages, .. }) = d.next_frame_reusing(&mut lists).unwrap()
-        else {
+        let Some(Frame::Submit { messages, .. }) = d.next_frame_reusing(&mut lists).unwrap() else {
             panic!("a SUBMIT");
         };
         let list = messages.as_ptr();
         lists.give(messages);
         assert_eq!(lists.kept(), 1);
         d.push_bytes(a);
-        let Some(Frame::Submit { messages, .. }) = d.next_frame_reusing(&mut lists).unwrap()
-        else {
+        let Some(Frame::Submit { messages, .. }) = d.next_frame_reusing(&mut lists).unwrap() else {
             panic!("a SUBMIT");
         };
         assert_eq!(messages.as_ptr(), list, "the same allocation");

@@ -314,6 +314,10 @@ struct StreamState {
     /// Not read because its business's share of batches in flight is full; filed in
     /// `Shares` and resumed by an ACK of that business.
     share_paused: bool,
+    /// In the deferred ACK list (see `Server::begin_acks`), and whether it resumes
+    /// reading once its ACKs are out.
+    acks_deferred: bool,
+    resume_deferred: bool,
 }
 
 struct Conn {
@@ -338,6 +342,8 @@ struct Conn {
     timer: Option<Instant>,
     send_queued: bool,
     closing: bool,
+    /// In the deferred ACK list's connections (see `Server::begin_acks`).
+    acks_deferred: bool,
 }
 
 /// What a shard's server needs besides its configuration.
@@ -414,6 +420,12 @@ pub struct Server {
     wire_limits: WireLimits,
     /// SUBMITs' message lists, given back by the stage chain and reused.
     lists: MessageLists,
+    /// Between [`Server::begin_acks`] and [`Server::end_acks`]: the streams whose ACKs
+    /// were encoded and wait to be handed to quinn together, each once (its
+    /// `acks_deferred` flag). `None` outside.
+    acks_deferred: Option<Vec<(ConnectionHandle, StreamId)>>,
+    /// The deferred list's memory, kept between commits.
+    acks_spare: Vec<(ConnectionHandle, StreamId)>,
     conns: crate::LocalMap<ConnectionHandle, Conn>,
     next_generation: u64,
     timers: BTreeSet<(Instant, ConnectionHandle)>,
@@ -488,6 +500,8 @@ impl Server {
             limits: limits.clone(),
             wire_limits: limits.wire(),
             lists: MessageLists::new(),
+            acks_deferred: None,
+            acks_spare: Vec::new(),
             conns: crate::LocalMap::default(),
             next_generation: 0,
             timers: BTreeSet::new(),
@@ -668,6 +682,7 @@ impl Server {
                         timer: None,
                         send_queued: false,
                         closing: false,
+                        acks_deferred: false,
                     },
                 );
                 self.drive(ch, now);
@@ -854,12 +869,64 @@ impl Server {
             st.paused = false;
         }
         let id = ticket.stream;
-        self.flush_stream(ticket.conn, id);
-        if resume {
-            self.read_stream(ticket.conn, id, now);
+        if let Some(deferred) = self.acks_deferred.as_mut() {
+            st.resume_deferred |= resume;
+            if !std::mem::replace(&mut st.acks_deferred, true) {
+                deferred.push((ticket.conn, id));
+            }
+            conn.acks_deferred = true;
+            return;
         }
-        self.finish_if_done(ticket.conn, id);
+        self.release_acks(now, ticket.conn, id, resume);
         self.drive(ticket.conn, now);
+    }
+
+    /// Hands a stream's encoded ACKs to quinn, reads it again if it was paused, and
+    /// finishes it if it is done.
+    fn release_acks(&mut self, now: Instant, ch: ConnectionHandle, id: StreamId, resume: bool) {
+        self.flush_stream(ch, id);
+        if resume {
+            self.read_stream(ch, id, now);
+        }
+        self.finish_if_done(ch, id);
+    }
+
+    /// From now until [`Server::end_acks`], [`Server::ack`] encodes each ACK into its
+    /// stream's output but hands it to quinn only then: the ACKs of one group commit
+    /// leave as one write per stream and one pass over each connection, rather than one
+    /// of each per batch.
+    pub fn begin_acks(&mut self) {
+        if self.acks_deferred.is_none() {
+            let mut list = std::mem::take(&mut self.acks_spare);
+            list.clear();
+            self.acks_deferred = Some(list);
+        }
+    }
+
+    /// Hands the ACKs encoded since [`Server::begin_acks`] to quinn, stream by stream in
+    /// the order they were first acked, then drives each connection once.
+    pub fn end_acks(&mut self, now: Instant) {
+        let Some(mut list) = self.acks_deferred.take() else {
+            return;
+        };
+        for &(ch, id) in &list {
+            let Some(st) = self.conns.get_mut(&ch).and_then(|c| c.streams.get_mut(&id)) else {
+                continue;
+            };
+            st.acks_deferred = false;
+            let resume = std::mem::take(&mut st.resume_deferred);
+            self.release_acks(now, ch, id, resume);
+        }
+        for &(ch, _) in &list {
+            let Some(conn) = self.conns.get_mut(&ch) else {
+                continue;
+            };
+            if std::mem::take(&mut conn.acks_deferred) {
+                self.drive(ch, now);
+            }
+        }
+        list.clear();
+        self.acks_spare = list;
     }
 
     /// Closes every connection with `code` (shutdown). Batches already handed out can still
@@ -986,6 +1053,8 @@ impl Server {
                             recv_done: false,
                             paused: false,
                             share_paused: false,
+                            acks_deferred: false,
+                            resume_deferred: false,
                         },
                     );
                     opened.push(id);

@@ -86,9 +86,12 @@ impl Shard {
     /// Answers and hands on everything the log's durable end now covers.
     pub(super) fn ack_durable(&mut self, now: Now) {
         let durable = self.commit.log().durable_end();
+        // The commit's ACKs leave together: one write per stream, one drive per connection.
+        self.server.begin_acks();
         while let Some(a) = self.awaiting.pop_durable(durable) {
             self.durable(now, a);
         }
+        self.server.end_acks(now.at);
     }
 
     /// The log failed: what it made durable is answered and handed on, the other

@@ -275,7 +275,7 @@ const SHARD_FAMILIES: &[ShardFamily] = &[
     ShardFamily {
         name: "receive_arenas",
         kind: "gauge",
-        help: "64 KiB receive arenas allocated (at most 64 per shard).",
+        help: "16 KiB receive arenas allocated (at most 256 per shard).",
         read: |c| &c.recv_arenas,
     },
     ShardFamily {

@@ -314,10 +314,8 @@ struct StreamState {
     /// Not read because its business's share of batches in flight is full; filed in
     /// `Shares` and resumed by an ACK of that business.
     share_paused: bool,
-    /// In the deferred ACK list (see `Server::begin_acks`), and whether it resumes
-    /// reading once its ACKs are out.
+    /// In the deferred ACK list (see `Server::begin_acks`).
     acks_deferred: bool,
-    resume_deferred: bool,
 }
 
 struct Conn {
@@ -420,12 +418,11 @@ pub struct Server {
     wire_limits: WireLimits,
     /// SUBMITs' message lists, given back by the stage chain and reused.
     lists: MessageLists,
-    /// Between [`Server::begin_acks`] and [`Server::end_acks`]: the streams whose ACKs
-    /// were encoded and wait to be handed to quinn together, each once (its
-    /// `acks_deferred` flag). `None` outside.
-    acks_deferred: Option<Vec<(ConnectionHandle, StreamId)>>,
-    /// The deferred list's memory, kept between commits.
-    acks_spare: Vec<(ConnectionHandle, StreamId)>,
+    /// Between [`Server::begin_acks`] and [`Server::end_acks`].
+    deferring_acks: bool,
+    /// The streams whose ACKs were encoded while deferring and wait to be handed to quinn
+    /// together, each once (its `acks_deferred` flag); empty outside.
+    acks_deferred: Vec<(ConnectionHandle, StreamId)>,
     conns: crate::LocalMap<ConnectionHandle, Conn>,
     next_generation: u64,
     timers: BTreeSet<(Instant, ConnectionHandle)>,
@@ -500,8 +497,8 @@ impl Server {
             limits: limits.clone(),
             wire_limits: limits.wire(),
             lists: MessageLists::new(),
-            acks_deferred: None,
-            acks_spare: Vec::new(),
+            deferring_acks: false,
+            acks_deferred: Vec::new(),
             conns: crate::LocalMap::default(),
             next_generation: 0,
             timers: BTreeSet::new(),
@@ -819,7 +816,6 @@ impl Server {
     }
 
     fn write_ack(&mut self, now: Instant, ticket: Ticket, statuses: &[Status]) {
-        let read_max = self.limits.batches_in_flight_per_stream_max as usize;
         let Some(conn) = self.conns.get_mut(&ticket.conn) else {
             self.stats.acks_orphaned += 1;
             return;
@@ -864,26 +860,30 @@ impl Server {
             st.out.extend_from_slice(&p.frame.expect("checked"));
             self.stats.acks_out += 1;
         }
-        let resume = st.paused && st.pending.len() < read_max;
-        if resume {
-            st.paused = false;
-        }
         let id = ticket.stream;
-        if let Some(deferred) = self.acks_deferred.as_mut() {
-            st.resume_deferred |= resume;
+        if self.deferring_acks {
             if !std::mem::replace(&mut st.acks_deferred, true) {
-                deferred.push((ticket.conn, id));
+                self.acks_deferred.push((ticket.conn, id));
             }
             conn.acks_deferred = true;
             return;
         }
-        self.release_acks(now, ticket.conn, id, resume);
+        self.release_acks(now, ticket.conn, id);
         self.drive(ticket.conn, now);
     }
 
-    /// Hands a stream's encoded ACKs to quinn, reads it again if it was paused, and
-    /// finishes it if it is done.
-    fn release_acks(&mut self, now: Instant, ch: ConnectionHandle, id: StreamId, resume: bool) {
+    /// Hands a stream's encoded ACKs to quinn, reads it again if it was paused and its
+    /// ACK backlog is now below the bound, and finishes it if it is done.
+    fn release_acks(&mut self, now: Instant, ch: ConnectionHandle, id: StreamId) {
+        let read_max = self.limits.batches_in_flight_per_stream_max as usize;
+        let Some(st) = self.conns.get_mut(&ch).and_then(|c| c.streams.get_mut(&id)) else {
+            return;
+        };
+        st.acks_deferred = false;
+        let resume = st.paused && st.pending.len() < read_max;
+        if resume {
+            st.paused = false;
+        }
         self.flush_stream(ch, id);
         if resume {
             self.read_stream(ch, id, now);
@@ -896,26 +896,20 @@ impl Server {
     /// leave as one write per stream and one pass over each connection, rather than one
     /// of each per batch.
     pub fn begin_acks(&mut self) {
-        if self.acks_deferred.is_none() {
-            let mut list = std::mem::take(&mut self.acks_spare);
-            list.clear();
-            self.acks_deferred = Some(list);
-        }
+        self.deferring_acks = true;
     }
 
     /// Hands the ACKs encoded since [`Server::begin_acks`] to quinn, stream by stream in
     /// the order they were first acked, then drives each connection once.
     pub fn end_acks(&mut self, now: Instant) {
-        let Some(mut list) = self.acks_deferred.take() else {
+        if !std::mem::take(&mut self.deferring_acks) {
             return;
-        };
+        }
+        // Taken for the walk (ACKs answered while releasing are written at once); its
+        // memory is kept for the next commit.
+        let mut list = std::mem::take(&mut self.acks_deferred);
         for &(ch, id) in &list {
-            let Some(st) = self.conns.get_mut(&ch).and_then(|c| c.streams.get_mut(&id)) else {
-                continue;
-            };
-            st.acks_deferred = false;
-            let resume = std::mem::take(&mut st.resume_deferred);
-            self.release_acks(now, ch, id, resume);
+            self.release_acks(now, ch, id);
         }
         for &(ch, _) in &list {
             let Some(conn) = self.conns.get_mut(&ch) else {
@@ -926,7 +920,7 @@ impl Server {
             }
         }
         list.clear();
-        self.acks_spare = list;
+        self.acks_deferred = list;
     }
 
     /// Closes every connection with `code` (shutdown). Batches already handed out can still
@@ -1054,7 +1048,6 @@ impl Server {
                             paused: false,
                             share_paused: false,
                             acks_deferred: false,
-                            resume_deferred: false,
                         },
                     );
                     opened.push(id);

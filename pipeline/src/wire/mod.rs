@@ -695,7 +695,7 @@ pub fn decode_body(ty: u8, body: Bytes, limits: &WireLimits) -> Result<Frame, Wi
 /// does not allocate a list for each: the stage chain gives a batch's list back
 /// ([`MessageLists::give`]) once the batch is sealed and appended. At most
 /// [`MESSAGE_LISTS_KEPT`] lists of at most [`MESSAGE_LIST_CAPACITY_KEPT`] messages each are
-/// kept (about 2 MiB at most); a larger list is dropped when given back.
+/// kept (a `Message` is 64 bytes: 4 MiB at most); a larger list is dropped when given back.
 #[derive(Debug, Default)]
 pub struct MessageLists {
     free: Vec<Vec<Message>>,

@@ -435,6 +435,12 @@ const SHARD_FAMILIES: &[ShardFamily] = &[
         read: |c| &c.delivery_full,
     },
     ShardFamily {
+        name: "delivery_held_total",
+        kind: "counter",
+        help: "Messages whose batch was held (back-pressure, at most 1 s) because delivery's memory bounds were full while an edge was taking messages.",
+        read: |c| &c.delivery_held,
+    },
+    ShardFamily {
         name: "inbound_accepted_total",
         kind: "counter",
         help: "Users' replies from the edge made durable and acked.",

@@ -511,3 +511,73 @@ fn a_small_edge_window_starves_no_shard() {
         assert_eq!(c.delivered, c.handoffs, "shard {s}: {c:?}");
     }
 }
+
+/// Senders faster than the edge, with delivery's bounds small (16 waiting messages a
+/// shard, an edge taking 4 at a time): a batch that finds the bounds full while the edge
+/// is taking messages is held until outcomes free room, not answered `throttled` (which
+/// made every sender resend it, decoding and answering it twice on the cores that
+/// deliver). Nothing is throttled, every message is delivered, and the oracle's
+/// invariants hold. Without an edge the same senders are throttled at once.
+#[test]
+fn a_full_delivery_holds_batches_while_the_edge_drains() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let run = |with_edge: bool| {
+        let shards = 2;
+        let mut p = profile();
+        p.delivery.pending_max = 16;
+        let mut cfg = SimConfig::new(11, shards, p);
+        cfg.net = NetConfig::clean();
+        let (reg, tokens) = registry();
+        let mut sim = Sim::new(Instant::now(), cfg, &SimTls::fixed(), reg);
+        for i in 0..4 {
+            let mut plan = ClientPlan::new(tokens[i % BUSINESS_TOKENS].clone());
+            plan.events = true;
+            plan.streams = 2;
+            plan.batches_per_stream = 6;
+            plan.depth = 2;
+            plan.batch_messages = 8;
+            plan.payload_bytes = 100;
+            plan.recipients = 40;
+            plan.resend = true;
+            sim.add_client(plan);
+        }
+        if with_edge {
+            sim.add_client(ClientPlan::edge(
+                tokens[BUSINESS_TOKENS].clone(),
+                EdgePlan {
+                    offline_share: 0.0,
+                    offline_max: Duration::from_millis(10),
+                    not_on_platform_share: 0.0,
+                    read_share: 0.0,
+                    reply_share: 0.0,
+                    credit: 4,
+                },
+            ));
+            let settled = sim.run_until_cond(SETTLE_LIMIT, |s| {
+                s.clients().iter().all(|c| c.done()) && s.statuses_settled()
+            });
+            assert!(settled, "every message ends with its status");
+            Oracle::default()
+                .check_end(&sim)
+                .unwrap_or_else(|v| panic!("{v}"));
+        } else {
+            sim.run_for(Duration::from_secs(5));
+        }
+        let sum = |f: &dyn Fn(&courier_pipeline::node::ShardStats) -> u64| {
+            (0..shards).map(|s| f(sim.node().stats(s))).sum::<u64>()
+        };
+        let held = sum(&|st| st.delivery_held.load(Relaxed));
+        let full = sum(&|st| st.delivery_full.load(Relaxed));
+        let delivered: u64 = (0..shards)
+            .map(|s| sim.node().core(s).delivery_counts().expect("on").0.delivered)
+            .sum();
+        (held, full, delivered)
+    };
+    let (held, full, delivered) = run(true);
+    assert!(held > 0, "the bounds filled and batches were held: {held}");
+    assert_eq!(full, 0, "nothing throttled while the edge drains");
+    assert_eq!(delivered, 4 * 2 * 6 * 8, "every message delivered");
+    let (held, full, delivered) = run(false);
+    assert_eq!((held, delivered), (0, 0), "no edge: nothing held, nothing delivered");
+    assert!(full > 0, "no edge: a full delivery throttles at once");
+}

@@ -2,6 +2,8 @@
 //!
 //! ```text
 //!  room in the group commit?  no ──> held, untouched, until a commit frees room
+//!  room in delivery's bounds?  no, and an edge is taking messages ──> held, untouched,
+//!                              until outcomes free room, for at most DELIVERY_FULL_HOLD
 //!  business still registered? no ──> every message `rejected(unauthorized)`
 //!  room in delivery's bounds?  no ──> every message `throttled(DELIVERY_FULL_RETRY_MS)`
 //!  per message: payload empty or over the bound ──> `rejected(payload_too_large)`
@@ -39,6 +41,20 @@ const UNPLACED: Status = Status::Accepted(LogPosition(u64::MAX));
 /// Retry-after of a batch refused because delivery's bounds are full (messages waiting
 /// for an edge that is slow or absent).
 pub const DELIVERY_FULL_RETRY_MS: u32 = 1000;
+/// Longest a batch is held while delivery's bounds are full and an edge is taking
+/// messages, before it is answered `throttled` after all.
+///
+/// Answering such a batch `throttled` at once (as before issue 15's measurements) made
+/// its sender resend it: under load with delivery slower than ingest, half to two thirds
+/// of the messages sent were refused, each decoded, answered, resent and decoded again
+/// on the same cores that deliver. Held, the batch waits untouched while outcomes free
+/// room; the shard takes no other batch meanwhile (they would find the same shard-wide
+/// bound full), so the server stops reading SUBMITs and QUIC's flow control pushes back
+/// on the senders. With no edge taking messages (none attached, or nothing out with it
+/// nor due for it within the hold) nothing would free room soon, and the batch is
+/// throttled at once, as before.
+pub const DELIVERY_FULL_HOLD: std::time::Duration =
+    std::time::Duration::from_millis(DELIVERY_FULL_RETRY_MS as u64);
 /// `retry_after_ms` of messages throttled because the disk is below its reserve: about
 /// when the shell measures the free space again.
 pub const DISK_LOW_RETRY_MS: u32 = 1000;
@@ -87,15 +103,37 @@ impl Scratch {
 
 impl Shard {
     /// Runs one batch through the chain. Returns it, untouched, when the log's group
-    /// commit has no room for it yet.
-    pub(super) fn take_batch(
-        &mut self,
-        now: Now,
-        taken: Instant,
-        batch: SubmitBatch,
-    ) -> Option<Held> {
+    /// commit has no room for it yet, or delivery has none while an edge drains it (for
+    /// at most [`DELIVERY_FULL_HOLD`] from `taken`).
+    pub(super) fn take_batch(&mut self, now: Now, held: Held) -> Option<Held> {
+        let Held {
+            batch,
+            taken,
+            for_delivery,
+        } = held;
         if !self.has_room(&batch) {
-            return Some(Held { batch, taken });
+            return Some(Held {
+                batch,
+                taken,
+                for_delivery,
+            });
+        }
+        let waited = now.at.saturating_duration_since(taken);
+        if self.stop.is_none()
+            && waited < DELIVERY_FULL_HOLD
+            && !self.delivery_room(&batch)
+            && self.delivery.as_ref().is_some_and(|d| {
+                d.is_draining(now.unix_ms + (DELIVERY_FULL_HOLD - waited).as_millis() as u64)
+            })
+        {
+            if !for_delivery {
+                stats::add(&self.stats.delivery_held, batch.messages.len() as u64);
+            }
+            return Some(Held {
+                batch,
+                taken,
+                for_delivery: true,
+            });
         }
         self.run_batch(now, taken, &batch);
         // Its payloads are sealed into the commit by now: the list goes back to the

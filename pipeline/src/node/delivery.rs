@@ -408,6 +408,13 @@ impl Delivery {
         std::mem::take(&mut self.keys_wanted)
     }
 
+    /// Whether an edge is taking messages, so that outcomes can free room by `by_ms`:
+    /// one is attached, and messages are out with it or due for it by then.
+    pub fn is_draining(&self, by_ms: u64) -> bool {
+        !self.edges.is_empty()
+            && (self.out > 0 || self.due.first().is_some_and(|(due_ms, _)| due_ms <= by_ms))
+    }
+
     /// An edge connection to send a request through (round robin), if any.
     pub fn pick_edge(&mut self) -> Option<ConnKey> {
         if self.edges.is_empty() {

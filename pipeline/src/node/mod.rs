@@ -36,7 +36,9 @@
 //!   answered `duplicate`);
 //! - every batch taken is answered exactly once: now (nothing to store), once durable, or
 //!   with `storage_unavailable` when the log fails first; a batch the log has no room for
-//!   is held, untouched (not claimed, judged or sealed), until a commit frees room;
+//!   is held, untouched (not claimed, judged or sealed), until a commit frees room, and
+//!   so is one delivery has no room for while an edge drains it, for at most
+//!   `chain::DELIVERY_FULL_HOLD` (then it is answered `throttled`);
 //! - at most one group commit is in flight, and it starts only after every metadata
 //!   operation returned before it was performed.
 
@@ -298,10 +300,12 @@ struct Internal {
     event: Option<StatusEvent>,
 }
 
-/// A batch the log had no room for, and when it was first taken.
+/// A batch the log, or delivery, had no room for, and when it was first taken.
 struct Held {
     batch: SubmitBatch,
     taken: Instant,
+    /// It was held for delivery's room at least once (counted then).
+    for_delivery: bool,
 }
 
 /// Periodic work: when each kind is next due.
@@ -638,6 +642,10 @@ impl Shard {
         if let Some(t) = self.stop.as_ref().and_then(Stopping::next_deadline) {
             next = next.min(t);
         }
+        // A batch held for delivery's room is answered when its hold ends.
+        if let Some(h) = self.held.as_ref().filter(|h| h.for_delivery) {
+            next = next.min(h.taken + chain::DELIVERY_FULL_HOLD);
+        }
         // Lists the edge published wait for their verification, a few per turn.
         if self.devices.as_ref().is_some_and(Devices::has_published) {
             next = next.min(self.clock.at);
@@ -889,7 +897,7 @@ impl Shard {
             self.on_delivery_input(now, input);
         }
         if let Some(h) = self.held.take() {
-            self.held = self.take_batch(now, h.taken, h.batch);
+            self.held = self.take_batch(now, h);
         }
         // Bounded by the batches the server holds (connections x streams x depth, and
         // each business's share of batches in flight).
@@ -910,7 +918,14 @@ impl Shard {
                 );
                 continue;
             }
-            self.held = self.take_batch(now, now.at, batch);
+            self.held = self.take_batch(
+                now,
+                Held {
+                    batch,
+                    taken: now.at,
+                    for_delivery: false,
+                },
+            );
         }
         self.append_internal(now);
         if self.delivery.is_some() {

@@ -139,6 +139,9 @@ pub struct ShardStats {
     pub inbound_accepted: AtomicU64,
     /// Messages answered `throttled` because delivery's bounds were full.
     pub delivery_full: AtomicU64,
+    /// Messages of batches held (not answered yet) because delivery's bounds were full
+    /// while an edge was draining them; counted once per batch.
+    pub delivery_held: AtomicU64,
     /// Messages waiting for delivery (gauge).
     pub delivery_pending: AtomicU64,
     /// Unix ms when the oldest waiting message was accepted (gauge; 0: none waits).

@@ -569,7 +569,14 @@ fn a_full_delivery_holds_batches_while_the_edge_drains() {
         let held = sum(&|st| st.delivery_held.load(Relaxed));
         let full = sum(&|st| st.delivery_full.load(Relaxed));
         let delivered: u64 = (0..shards)
-            .map(|s| sim.node().core(s).delivery_counts().expect("on").0.delivered)
+            .map(|s| {
+                sim.node()
+                    .core(s)
+                    .delivery_counts()
+                    .expect("on")
+                    .0
+                    .delivered
+            })
             .sum();
         (held, full, delivered)
     };
@@ -578,6 +585,10 @@ fn a_full_delivery_holds_batches_while_the_edge_drains() {
     assert_eq!(full, 0, "nothing throttled while the edge drains");
     assert_eq!(delivered, 4 * 2 * 6 * 8, "every message delivered");
     let (held, full, delivered) = run(false);
-    assert_eq!((held, delivered), (0, 0), "no edge: nothing held, nothing delivered");
+    assert_eq!(
+        (held, delivered),
+        (0, 0),
+        "no edge: nothing held, nothing delivered"
+    );
     assert!(full > 0, "no edge: a full delivery throttles at once");
 }

@@ -1,7 +1,9 @@
 //! Delivery's slower paths, one at a time, with an edge the test drives by hand:
 //! retransmission after `retry_later` waits for the recipient (ONLINE brings it within a
 //! second, long before the backoff would), a message past its time to live becomes
-//! `expired` at its business, and wire v1 clients keep working beside it all.
+//! `expired` at its business, full delivery bounds hold a sender back while the edge
+//! drains them (and throttle it after the hold), and wire v1 clients keep working beside
+//! it all.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -138,6 +140,81 @@ fn message(id: u64, to: &str) -> OutgoingMessage {
 }
 
 /// The next status the business hears (acknowledged at once), within `within`.
+/// Delivery's bounds full (16 waiting messages a shard) while the edge is taking
+/// messages: a SUBMIT is held, not answered, until outcomes free room, and then accepted
+/// (not `throttled`, which would make its sender resend it); when the edge stops
+/// answering, a SUBMIT is held for the hold's second and then answered `throttled`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_delivery_bounds_hold_a_sender_while_the_edge_drains() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let (running, business, edge_token) = start_with(dir.path(), |p| {
+            p.delivery.pending_max = 16;
+            p.delivery.e2e.enabled = false;
+        });
+        let client = Arc::new(
+            Client::connect(&client_config(&running, &business, 1, 1))
+                .await
+                .unwrap(),
+        );
+        let (edge, mut deliveries) =
+            DeliveryEdge::connect(&client_config(&running, &edge_token, 1, 1), 64)
+                .await
+                .unwrap();
+        let to = "+4915112340020";
+        let batch = |ids: std::ops::RangeInclusive<u64>| ids.map(|i| message(i, to)).collect();
+        let accepted = |s: &[Status]| s.iter().all(|s| matches!(s, Status::Accepted(_)));
+        // Fills the business's shard's bounds; all 16 are handed to the edge.
+        let first = client.submit(batch(1..=16)).await.unwrap();
+        assert!(accepted(&first), "{first:?}");
+        let mut handed = Vec::new();
+        while handed.len() < 16 {
+            handed.push(deliveries.recv().await.unwrap().message);
+        }
+        // Held while the edge holds the 16 without an outcome...
+        let c = client.clone();
+        let second = tokio::spawn(async move { c.submit(batch(17..=24)).await });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!second.is_finished(), "answered while delivery was full");
+        // ...and accepted once outcomes free room.
+        let delivered: Vec<OutcomeEntry> = handed[..8]
+            .iter()
+            .map(|&message| OutcomeEntry {
+                message,
+                outcome: Outcome::Delivered,
+            })
+            .collect();
+        edge.outcomes(&delivered).await.unwrap();
+        let second = tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("taken once outcomes freed room")
+            .unwrap()
+            .unwrap();
+        assert!(accepted(&second), "{second:?}");
+        // Full again, and the edge answers nothing more: held for the hold, then throttled.
+        let t0 = Instant::now();
+        let third = client.submit(batch(25..=40)).await.unwrap();
+        let waited = t0.elapsed();
+        assert!(
+            third.iter().all(|s| *s
+                == Status::Throttled {
+                    retry_after_ms: 1000
+                }),
+            "{third:?}"
+        );
+        assert!(
+            waited >= Duration::from_millis(900),
+            "throttled after the hold, not at once: {waited:?}"
+        );
+        client.close().await;
+        edge.close().await;
+        running.shutdown();
+        running.join().unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
 async fn next_status(
     client: &Client,
     events: &mut EventReceiver,

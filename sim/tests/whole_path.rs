@@ -443,6 +443,37 @@ fn forgetting_settled_ids_is_caught() {
     assert!(v.what.contains("stored twice"), "{v}");
 }
 
+/// A sender of 96 small messages (2 streams x 6 batches of 8, 2 in flight a stream, to
+/// 40 recipients) that listens for its events and resends what is throttled.
+fn small_sender(token: String) -> ClientPlan {
+    let mut plan = ClientPlan::new(token);
+    plan.events = true;
+    plan.streams = 2;
+    plan.batches_per_stream = 6;
+    plan.depth = 2;
+    plan.batch_messages = 8;
+    plan.payload_bytes = 100;
+    plan.recipients = 40;
+    plan.resend = true;
+    plan
+}
+
+/// An edge whose devices are all online and deliver at once (no reads, no replies),
+/// taking `credit` DELIVERs ahead.
+fn steady_edge(token: String, credit: u32) -> ClientPlan {
+    ClientPlan::edge(
+        token,
+        EdgePlan {
+            offline_share: 0.0,
+            offline_max: Duration::from_millis(10),
+            not_on_platform_share: 0.0,
+            read_share: 0.0,
+            reply_share: 0.0,
+            credit,
+        },
+    )
+}
+
 /// An edge that grants a window far below `in_flight_max` x shards (here 16 messages; `in_flight_max` is 4,096)
 /// starves no shard: offers that find the connection out of credit wait at its shard in
 /// arrival order and are written as credit comes, instead of bouncing back to their
@@ -459,28 +490,9 @@ fn a_small_edge_window_starves_no_shard() {
     let mut sim = Sim::new(Instant::now(), cfg, &SimTls::fixed(), reg);
     // Connections from several addresses, so that they land on different shards.
     for i in 0..6 {
-        let mut plan = ClientPlan::new(tokens[i % BUSINESS_TOKENS].clone());
-        plan.events = true;
-        plan.streams = 2;
-        plan.batches_per_stream = 6;
-        plan.depth = 2;
-        plan.batch_messages = 8;
-        plan.payload_bytes = 100;
-        plan.recipients = 40;
-        plan.resend = true;
-        sim.add_client(plan);
+        sim.add_client(small_sender(tokens[i % BUSINESS_TOKENS].clone()));
     }
-    sim.add_client(ClientPlan::edge(
-        tokens[BUSINESS_TOKENS].clone(),
-        EdgePlan {
-            offline_share: 0.0,
-            offline_max: Duration::from_millis(10),
-            not_on_platform_share: 0.0,
-            read_share: 0.0,
-            reply_share: 0.0,
-            credit: 16,
-        },
-    ));
+    sim.add_client(steady_edge(tokens[BUSINESS_TOKENS].clone(), 16));
     sim.run_until_cond(SETTLE_LIMIT, |s| {
         s.clients().iter().all(|c| c.done()) && s.statuses_settled()
     });
@@ -530,29 +542,10 @@ fn a_full_delivery_holds_batches_while_the_edge_drains() {
         let (reg, tokens) = registry();
         let mut sim = Sim::new(Instant::now(), cfg, &SimTls::fixed(), reg);
         for i in 0..4 {
-            let mut plan = ClientPlan::new(tokens[i % BUSINESS_TOKENS].clone());
-            plan.events = true;
-            plan.streams = 2;
-            plan.batches_per_stream = 6;
-            plan.depth = 2;
-            plan.batch_messages = 8;
-            plan.payload_bytes = 100;
-            plan.recipients = 40;
-            plan.resend = true;
-            sim.add_client(plan);
+            sim.add_client(small_sender(tokens[i % BUSINESS_TOKENS].clone()));
         }
         if with_edge {
-            sim.add_client(ClientPlan::edge(
-                tokens[BUSINESS_TOKENS].clone(),
-                EdgePlan {
-                    offline_share: 0.0,
-                    offline_max: Duration::from_millis(10),
-                    not_on_platform_share: 0.0,
-                    read_share: 0.0,
-                    reply_share: 0.0,
-                    credit: 4,
-                },
-            ));
+            sim.add_client(steady_edge(tokens[BUSINESS_TOKENS].clone(), 4));
             let settled = sim.run_until_cond(SETTLE_LIMIT, |s| {
                 s.clients().iter().all(|c| c.done()) && s.statuses_settled()
             });

@@ -105,45 +105,40 @@ impl Shard {
     /// Runs one batch through the chain. Returns it, untouched, when the log's group
     /// commit has no room for it yet, or delivery has none while an edge drains it (for
     /// at most [`DELIVERY_FULL_HOLD`] from `taken`).
-    pub(super) fn take_batch(&mut self, now: Now, held: Held) -> Option<Held> {
-        let Held {
-            batch,
-            taken,
-            for_delivery,
-        } = held;
-        if !self.has_room(&batch) {
-            return Some(Held {
-                batch,
-                taken,
-                for_delivery,
-            });
+    pub(super) fn take_batch(&mut self, now: Now, mut held: Held) -> Option<Held> {
+        if !self.has_room(&held.batch) {
+            return Some(held);
         }
-        let waited = now.at.saturating_duration_since(taken);
-        if self.stop.is_none()
-            && waited < DELIVERY_FULL_HOLD
-            && !self.delivery_room(&batch)
-            && self.delivery.as_ref().is_some_and(|d| {
-                d.is_draining(now.unix_ms + (DELIVERY_FULL_HOLD - waited).as_millis() as u64)
-            })
-        {
-            if !for_delivery {
-                stats::add(&self.stats.delivery_held, batch.messages.len() as u64);
+        let delivery_room = self.delivery_room(&held.batch);
+        if !delivery_room && self.waits_for_delivery(now, held.taken) {
+            if !std::mem::replace(&mut held.for_delivery, true) {
+                stats::add(&self.stats.delivery_held, held.batch.messages.len() as u64);
             }
-            return Some(Held {
-                batch,
-                taken,
-                for_delivery: true,
-            });
+            return Some(held);
         }
-        self.run_batch(now, taken, &batch);
+        let Held { batch, taken, .. } = held;
+        self.run_batch(now, taken, &batch, delivery_room);
         // Its payloads are sealed into the commit by now: the list goes back to the
         // decoder for the next SUBMIT.
         self.server.give_messages(batch.messages);
         None
     }
 
-    /// Runs a batch that the log has room for through the chain.
-    fn run_batch(&mut self, now: Now, taken: Instant, batch: &SubmitBatch) {
+    /// Whether a batch taken at `taken` that finds delivery's bounds full waits for room
+    /// rather than being throttled: the shard is not stopping, the batch has waited less
+    /// than [`DELIVERY_FULL_HOLD`], and an edge is taking messages.
+    fn waits_for_delivery(&self, now: Now, taken: Instant) -> bool {
+        let waited = now.at.saturating_duration_since(taken);
+        self.stop.is_none()
+            && waited < DELIVERY_FULL_HOLD
+            && self.delivery.as_ref().is_some_and(|d| {
+                d.is_draining(now.unix_ms + (DELIVERY_FULL_HOLD - waited).as_millis() as u64)
+            })
+    }
+
+    /// Runs a batch that the log has room for through the chain; `delivery_room`: whether
+    /// delivery's bounds can take it ([`Shard::delivery_room`], computed by the caller).
+    fn run_batch(&mut self, now: Now, taken: Instant, batch: &SubmitBatch, delivery_room: bool) {
         // The registry in force decides the business's limits; a business removed from it
         // since its connection authenticated sends no more.
         let Some(limits) = self
@@ -167,7 +162,7 @@ impl Shard {
             self.ack(now, taken, batch.ticket, batch.business_id, &statuses, true);
             return;
         }
-        if !self.delivery_room(batch) {
+        if !delivery_room {
             stats::add(&self.stats.delivery_full, batch.messages.len() as u64);
             let statuses = vec![
                 Status::Throttled {

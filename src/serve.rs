@@ -345,6 +345,7 @@ fn ring_config(profile: &Profile) -> RingConfig {
 /// Starts every shard and returns once all are listening.
 pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
     let profile = Arc::new(opts.profile);
+    huge_pages(&profile);
     // Which businesses this server admits, and the region's directory checked, before
     // any file is created (a region's directory is never created here).
     let regions = crate::region::RegionFilter::new(&profile, opts.region.as_deref())
@@ -756,6 +757,19 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
         shard: t.shard,
         source,
     })
+}
+
+/// Sets whether this process's memory may be backed by transparent huge pages, as the
+/// profile's `io.transparent_huge_pages` says (see its documentation): off by default,
+/// on leaves it to the system's THP mode and the allocator. The kernel checks the flag
+/// (`prctl(PR_SET_THP_DISABLE)`, inherited across fork and exec) at each page fault, so
+/// memory mapped before this call follows it too. A kernel without the call (before
+/// Linux 3.15) is logged, not fatal.
+fn huge_pages(profile: &Profile) {
+    let off = !profile.io.transparent_huge_pages;
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(off) {
+        tracing::warn!(error = %e, "could not set this process's transparent huge pages");
+    }
 }
 
 /// What a shard starts from.

@@ -408,6 +408,14 @@ fn write_plot(_: &LoadReport, path: &Path) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // No transparent huge pages for the generator's memory (its tracking tables grow all
+    // run long): a first touch of a huge page zeroes 2 MiB in one fault, a stall of
+    // milliseconds that sends messages late and lengthens the latency measured
+    // (BENCHMARKS.md, "Transparent huge pages off"). `courier serve` does the same
+    // unless its profile says `io.transparent_huge_pages = true`.
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        eprintln!("courier-loadgen: could not turn transparent huge pages off: {e}");
+    }
     let args = Args::parse();
     if let Some(files) = &args.compare {
         let a = read_report(&files[0])?;

@@ -20,6 +20,7 @@ mod erase;
 mod files;
 mod foreign_client;
 mod graceful_stop;
+mod huge_pages;
 mod idempotency;
 mod log_files;
 mod metrics;

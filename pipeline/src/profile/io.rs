@@ -81,6 +81,14 @@ pub struct Io {
     pub gso: bool,
     /// Pin each shard thread to its own CPU.
     pub pin_threads: bool,
+    /// Let the kernel back the process's memory with transparent huge pages. Off (the
+    /// default, and when absent), `courier serve` turns them off for its process
+    /// (`prctl(PR_SET_THP_DISABLE)`): the allocator asks for them, and a first touch of
+    /// a huge page zeroes 2 MiB in one fault, which stalls a shard for milliseconds
+    /// (BENCHMARKS.md, "Transparent huge pages off"). On, they are allowed (the flag
+    /// cleared), and the system's THP mode and the allocator decide.
+    #[serde(default)]
+    pub transparent_huge_pages: bool,
 }
 
 impl Io {

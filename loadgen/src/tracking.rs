@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use courier_client::events::SeenIds;
-use courier_pipeline::wire::delivery::{InboundEvent, StatusEvent, StatusKind};
+use courier_pipeline::wire::delivery::{FailReason, InboundEvent, StatusEvent, StatusKind};
 use courier_pipeline::wire::LogPosition;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -35,6 +35,18 @@ use crate::LATENCY_US_MAX;
 pub const TRACKED_MAX: usize = 4_000_000;
 /// Lock stripes of the message table.
 const STRIPES: usize = 64;
+/// Slots of [`Tracker::finals`]: a status kind's wire code, or 8 plus a failure reason's.
+const FINAL_SLOTS: usize = 16;
+
+/// The slot of [`Tracker::finals`] that counts a final status or read of `kind` (and
+/// `reason`, for `failed`): counted without a lock or a name built per status, named
+/// when the report is made.
+fn final_slot(kind: StatusKind, reason: Option<FailReason>) -> usize {
+    match (kind, reason) {
+        (StatusKind::Failed, Some(r)) => 8 + r as usize,
+        (k, _) => k as usize,
+    }
+}
 /// Bytes that start a simulated reply: `reply:` then the business id and the message.
 pub const REPLY_PREFIX: &[u8] = b"reply:";
 
@@ -183,7 +195,9 @@ struct Latencies {
 /// The run's shared record of delivery; see the module docs.
 #[derive(Debug)]
 pub struct Tracker {
-    stripes: Vec<Mutex<HashMap<u64, Track>>>,
+    /// Keyed by the relay's log positions (not chosen by an adversary): an unkeyed fast
+    /// hash, as the relay's own position maps use.
+    stripes: Vec<Mutex<HashMap<u64, Track, foldhash::fast::FixedState>>>,
     /// Entries of `stripes` (accepted messages and those only the edge or a status named).
     entries: AtomicU64,
     /// Accepted messages without a final status yet (kept as they change).
@@ -192,7 +206,8 @@ pub struct Tracker {
     replies_pending: AtomicU64,
     counts: Counts,
     latencies: Mutex<Latencies>,
-    finals: Mutex<BTreeMap<String, u64>>,
+    /// Final statuses and reads heard, by [`final_slot`].
+    finals: [AtomicU64; FINAL_SLOTS],
     replies: Mutex<SeenIds>,
     inbound_received: AtomicU64,
 }
@@ -217,7 +232,9 @@ impl Tracker {
     /// An empty record.
     pub fn new() -> Tracker {
         Tracker {
-            stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            stripes: (0..STRIPES)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
             entries: AtomicU64::new(0),
             unresolved: AtomicU64::new(0),
             replies_pending: AtomicU64::new(0),
@@ -227,7 +244,7 @@ impl Tracker {
                 delivered_to_status: histogram(),
                 online_to_delivered: histogram(),
             }),
-            finals: Mutex::new(BTreeMap::new()),
+            finals: Default::default(),
             replies: Mutex::new(SeenIds::new(TRACKED_MAX)),
             inbound_received: AtomicU64::new(0),
         }
@@ -374,16 +391,7 @@ impl Tracker {
                 c.extra_finals.fetch_add(1, Ordering::Relaxed);
             }
             Verdict::Read | Verdict::Final(_) | Verdict::Untracked => {
-                let name = match (s.kind, s.reason) {
-                    (StatusKind::Failed, Some(r)) => format!("failed.{}", r.name()),
-                    (k, _) => k.name().to_string(),
-                };
-                *self
-                    .finals
-                    .lock()
-                    .expect("finals lock")
-                    .entry(name)
-                    .or_default() += 1;
+                self.finals[final_slot(s.kind, s.reason)].fetch_add(1, Ordering::Relaxed);
                 if let Verdict::Final(Some(d)) = verdict.unwrap_or(Verdict::Untracked) {
                     self.lat(|l| l.delivered_to_status.saturating_record(micros(d, at)));
                 }
@@ -455,20 +463,21 @@ impl Tracker {
     pub fn report(&self, settle_secs: f64) -> DeliveryReport {
         let c = &self.counts;
         let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let finals = self.finals.lock().expect("finals lock").clone();
-        let get = |k: &str| finals.get(k).copied().unwrap_or(0);
-        let failed_by_reason: BTreeMap<String, u64> = finals
+        let get = |k: StatusKind| ld(&self.finals[final_slot(k, None)]);
+        let failed_by_reason: BTreeMap<String, u64> = FailReason::ALL
             .iter()
-            .filter_map(|(k, n)| Some((k.strip_prefix("failed.")?.to_string(), *n)))
+            .map(|&r| (r, ld(&self.finals[final_slot(StatusKind::Failed, Some(r))])))
+            .filter(|&(_, n)| n > 0)
+            .map(|(r, n)| (r.name().to_string(), n))
             .collect();
         let (tracked, unresolved) = self.scan();
         let l = self.latencies.lock().expect("latency lock");
         DeliveryReport {
-            delivered: get("delivered"),
-            read: get("read"),
+            delivered: get(StatusKind::Delivered),
+            read: get(StatusKind::Read),
             failed: failed_by_reason.values().sum(),
             failed_by_reason,
-            expired: get("expired"),
+            expired: get(StatusKind::Expired),
             sent: ld(&c.sent),
             handoffs: ld(&c.handoffs),
             retransmissions: ld(&c.retransmissions),

@@ -47,6 +47,7 @@ fn final_slot(kind: StatusKind, reason: Option<FailReason>) -> usize {
         (k, _) => k as usize,
     }
 }
+
 /// Bytes that start a simulated reply: `reply:` then the business id and the message.
 pub const REPLY_PREFIX: &[u8] = b"reply:";
 

@@ -139,7 +139,6 @@ fn message(id: u64, to: &str) -> OutgoingMessage {
     }
 }
 
-/// The next status the business hears (acknowledged at once), within `within`.
 /// Delivery's bounds full (16 waiting messages a shard) while the edge is taking
 /// messages: a SUBMIT is held, not answered, until outcomes free room, and then accepted
 /// (not `throttled`, which would make its sender resend it); when the edge stops
@@ -215,6 +214,7 @@ async fn full_delivery_bounds_hold_a_sender_while_the_edge_drains() {
     .expect("test timed out");
 }
 
+/// The next status the business hears (acknowledged at once), within `within`.
 async fn next_status(
     client: &Client,
     events: &mut EventReceiver,

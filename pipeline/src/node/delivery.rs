@@ -31,6 +31,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
+use super::pending::PendingStore;
 use super::timers::TimerQueue;
 
 use bytes::Bytes;
@@ -191,6 +192,8 @@ struct Pending {
     keys_wait_until: Option<u64>,
     /// `sent` was recorded (it was handed at least once).
     sent: bool,
+    /// In its recipient's list (`Delivery::by_recipient`).
+    listed: bool,
     state: State,
 }
 
@@ -259,10 +262,10 @@ pub struct DeliveryCounts {
 #[derive(Debug)]
 pub struct Delivery {
     cfg: DeliveryConfig,
-    /// Every pending message by position (positions are the log's, not a peer's: an
-    /// unkeyed fast hash), and their positions in log order for the oldest and for
-    /// retention's ranges (see [`Delivery::admit`]).
-    pending: crate::LocalMap<LogPosition, Pending>,
+    /// Every pending message by position, stored in log order (see `pending.rs`), and
+    /// their positions in log order for the oldest and for retention's ranges (see
+    /// [`Delivery::admit`]).
+    pending: PendingStore<Pending>,
     order: VecDeque<LogPosition>,
     /// `(due_ms, message)` of every waiting message (and stale entries: see
     /// [`TimerQueue`]; live: [`live_due`]).
@@ -274,10 +277,15 @@ pub struct Delivery {
     offered: TimerQueue,
     /// `(expires_ms, message)` of every pending message ([`live_pending`]).
     expiries: TimerQueue,
-    /// The pending messages of each recipient, in the order admitted. Removal is lazy: a
-    /// list holds its recipient's pending messages (`live` of them) and finished ones,
-    /// swept out when they outnumber the pending ones; a list with none pending goes.
-    /// Recipients are chosen by senders: keyed with a random per-process seed.
+    /// The pending messages of each recipient that waited for a later time at least once
+    /// (a backoff, a bounce, a key recheck): the ones an ONLINE can make due now. A
+    /// message is listed when it first waits for later, not when admitted: most are due
+    /// at once and delivered at the first hand-off, and listing them all cost a random
+    /// access of this map at each admission and each finish (BENCHMARKS.md, "Pending
+    /// messages in log order"). Removal is lazy: a list holds its recipient's listed
+    /// pending messages (`live` of them) and finished ones, swept out when they
+    /// outnumber the pending ones; a list with none pending goes. Recipients are chosen
+    /// by senders: keyed with a random per-process seed.
     by_recipient: HashMap<Recipient, RecipientList, foldhash::quality::RandomState>,
     /// Edge connections that take deliveries, by their shard (every shard's).
     edges: BTreeSet<ConnKey>,
@@ -300,7 +308,7 @@ impl Delivery {
     pub fn new(cfg: DeliveryConfig) -> Delivery {
         Delivery {
             cfg,
-            pending: crate::LocalMap::default(),
+            pending: PendingStore::default(),
             order: VecDeque::new(),
             due: TimerQueue::default(),
             deadlines: TimerQueue::default(),
@@ -366,9 +374,10 @@ impl Delivery {
         payload: Bytes,
         sent: bool,
     ) {
-        let std::collections::hash_map::Entry::Vacant(slot) = self.pending.entry(message) else {
-            panic!("a message is admitted once");
-        };
+        assert!(
+            !self.pending.contains_key(&message),
+            "a message is admitted once"
+        );
         self.payload_bytes += payload.len() as u64;
         // Messages enter in log order (as they become durable, or as the log is read
         // back at start-up): appended at the back. One out of order is placed by search.
@@ -379,21 +388,23 @@ impl Delivery {
             }
             _ => self.order.push_back(message),
         }
-        slot.insert(Pending {
-            accepted_ms: now_ms,
-            business_id,
-            client_id,
-            recipient,
-            expires_ms,
-            payload,
-            attempts: u32::from(sent),
-            keys_wait_until: None,
-            sent,
-            state: State::Waiting { due_ms: now_ms },
-        });
-        let list = self.by_recipient.entry(recipient).or_default();
-        list.messages.push(message);
-        list.live += 1;
+        let admitted = self.pending.insert(
+            message,
+            Pending {
+                accepted_ms: now_ms,
+                business_id,
+                client_id,
+                recipient,
+                expires_ms,
+                payload,
+                attempts: u32::from(sent),
+                keys_wait_until: None,
+                sent,
+                listed: false,
+                state: State::Waiting { due_ms: now_ms },
+            },
+        );
+        assert!(admitted.is_ok(), "checked above");
         let (pending, live_max) = (&self.pending, self.pending.len());
         self.due
             .push(now_ms, message, live_max, |t, m| live_due(pending, t, m));
@@ -447,7 +458,7 @@ impl Delivery {
         let mut offered: Vec<(u64, LogPosition)> = self
             .pending
             .iter()
-            .filter_map(|(&m, p)| match p.state {
+            .filter_map(|(m, p)| match p.state {
                 State::Offered { conn: c, since_ms } if c == conn => Some((since_ms, m)),
                 _ => None,
             })
@@ -456,7 +467,7 @@ impl Delivery {
         offered.sort_unstable();
         let offered = offered.into_iter().map(|(_, m)| m);
         for m in offered {
-            self.wait(m, now_ms);
+            self.wait(m, now_ms, now_ms);
         }
     }
 
@@ -498,7 +509,7 @@ impl Delivery {
                         );
                     } else {
                         self.keys_wanted.push(p.recipient);
-                        self.wait(message, (now_ms + recheck_ms.max(1)).min(until));
+                        self.wait(message, (now_ms + recheck_ms.max(1)).min(until), now_ms);
                     }
                 }
             }
@@ -576,7 +587,7 @@ impl Delivery {
             .get(&message)
             .is_some_and(|p| matches!(p.state, State::Offered { .. }))
         {
-            self.wait(message, now_ms + BOUNCE_RETRY_MS);
+            self.wait(message, now_ms + BOUNCE_RETRY_MS, now_ms);
         }
     }
 
@@ -619,7 +630,7 @@ impl Delivery {
                 let shift = p.attempts.saturating_sub(1).min(20);
                 let backoff = (u64::from(self.cfg.retry_backoff_min_ms) << shift)
                     .min(u64::from(self.cfg.retry_backoff_max_ms));
-                self.wait(message, now_ms + backoff);
+                self.wait(message, now_ms + backoff, now_ms);
             }
         }
     }
@@ -629,7 +640,7 @@ impl Delivery {
         let Some(ms) = self.by_recipient.get(recipient) else {
             return;
         };
-        let waiting: Vec<LogPosition> = ms
+        let mut waiting: Vec<LogPosition> = ms
             .messages
             .iter()
             .copied()
@@ -638,8 +649,10 @@ impl Delivery {
                 |m| matches!(self.pending[m].state, State::Waiting { due_ms } if due_ms > now_ms),
             )
             .collect();
+        // In log order (the list is in the order they first waited).
+        waiting.sort_unstable();
         for m in waiting {
-            self.wait(m, now_ms);
+            self.wait(m, now_ms, now_ms);
         }
     }
 
@@ -657,14 +670,14 @@ impl Delivery {
             if at > now_ms {
                 break;
             }
-            self.wait(m, now_ms);
+            self.wait(m, now_ms, now_ms);
         }
         let timeout = u64::from(self.cfg.outcome_timeout_ms);
         while let Some((since, m)) = self.offered.first() {
             if since + timeout > now_ms {
                 break;
             }
-            self.wait(m, now_ms);
+            self.wait(m, now_ms, now_ms);
         }
     }
 
@@ -705,10 +718,17 @@ impl Delivery {
         self.changes.pop_front()
     }
 
-    /// Makes a message due at `due_ms` (waiting), whatever its state.
-    fn wait(&mut self, message: LogPosition, due_ms: u64) {
+    /// Makes a message due at `due_ms` (waiting), whatever its state; one due later than
+    /// `now_ms` is listed for its recipient's ONLINE (once).
+    fn wait(&mut self, message: LogPosition, due_ms: u64, now_ms: u64) {
         let p = self.pending.get_mut(&message).expect("a pending message");
         let old = std::mem::replace(&mut p.state, State::Waiting { due_ms });
+        if due_ms > now_ms && !p.listed {
+            p.listed = true;
+            let list = self.by_recipient.entry(p.recipient).or_default();
+            list.messages.push(message);
+            list.live += 1;
+        }
         let (pending, live_max) = (&self.pending, self.pending.len());
         match old {
             State::Waiting { due_ms: old } => {
@@ -790,7 +810,11 @@ impl Delivery {
         }
         self.expiries
             .remove(p.expires_ms, message, |t, m| live_pending(pending, t, m));
-        if let Some(list) = self.by_recipient.get_mut(&p.recipient) {
+        if let Some(list) = p
+            .listed
+            .then(|| self.by_recipient.get_mut(&p.recipient))
+            .flatten()
+        {
             list.live -= 1;
             if list.live == 0 {
                 self.by_recipient.remove(&p.recipient);
@@ -832,21 +856,21 @@ struct RecipientList {
 }
 
 /// Whether `(t, m)` is a live timer of the due queue: `m` waits, due at `t`.
-fn live_due(pending: &crate::LocalMap<LogPosition, Pending>, t: u64, m: LogPosition) -> bool {
+fn live_due(pending: &PendingStore<Pending>, t: u64, m: LogPosition) -> bool {
     pending
         .get(&m)
         .is_some_and(|p| p.state == State::Waiting { due_ms: t })
 }
 
 /// Whether `(t, m)` is a live timer of the offered queue: `m` was offered at `t`.
-fn live_offered(pending: &crate::LocalMap<LogPosition, Pending>, t: u64, m: LogPosition) -> bool {
+fn live_offered(pending: &PendingStore<Pending>, t: u64, m: LogPosition) -> bool {
     pending
         .get(&m)
         .is_some_and(|p| matches!(p.state, State::Offered { since_ms, .. } if since_ms == t))
 }
 
 /// Whether `(t, m)` is a live timer of the deadlines: `m` is handed, its outcome due at `t`.
-fn live_handed(pending: &crate::LocalMap<LogPosition, Pending>, t: u64, m: LogPosition) -> bool {
+fn live_handed(pending: &PendingStore<Pending>, t: u64, m: LogPosition) -> bool {
     pending
         .get(&m)
         .is_some_and(|p| p.state == State::Handed { deadline_ms: t })
@@ -854,7 +878,7 @@ fn live_handed(pending: &crate::LocalMap<LogPosition, Pending>, t: u64, m: LogPo
 
 /// Whether `(t, m)` is a live timer of the expiries: `m` is pending (a message's expiry
 /// never changes).
-fn live_pending(pending: &crate::LocalMap<LogPosition, Pending>, t: u64, m: LogPosition) -> bool {
+fn live_pending(pending: &PendingStore<Pending>, t: u64, m: LogPosition) -> bool {
     pending.get(&m).is_some_and(|p| p.expires_ms == t)
 }
 
@@ -1102,7 +1126,17 @@ mod tests {
         d.poll_dispatch(0, ready).unwrap();
         d.handed(0, first);
         d.outcome(0, first, Outcome::RetryLater);
-        let later: Vec<LogPosition> = (1..5000).map(|i| admit(&mut d, i, 0)).collect();
+        // The later ones wait on a backoff too (so they are listed), then fail.
+        let later: Vec<LogPosition> = (1..5000)
+            .map(|i| {
+                let m = admit(&mut d, i, 0);
+                d.poll_dispatch(0, ready).unwrap();
+                d.handed(0, m);
+                d.outcome(0, m, Outcome::RetryLater);
+                m
+            })
+            .collect();
+        assert_eq!(d.by_recipient[&to()].live, 5000);
         for &m in &later {
             d.fail(m, FailReason::NotOnPlatform);
             let list = &d.by_recipient[&to()];

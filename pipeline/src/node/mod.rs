@@ -50,6 +50,7 @@ mod delivery;
 mod devices;
 mod inbound_today;
 mod outbox;
+mod pending;
 mod records;
 mod replay;
 mod retention;

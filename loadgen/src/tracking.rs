@@ -17,11 +17,12 @@
 //! `untracked` and left out of the checks); replies are told apart by their event ids in
 //! a window of the same size.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use courier_client::events::SeenIds;
+use courier_pipeline::by_position::ByPosition;
 use courier_pipeline::wire::delivery::{FailReason, InboundEvent, StatusEvent, StatusKind};
 use courier_pipeline::wire::LogPosition;
 use hdrhistogram::Histogram;
@@ -33,7 +34,8 @@ use crate::LATENCY_US_MAX;
 
 /// Most messages one run tracks.
 pub const TRACKED_MAX: usize = 4_000_000;
-/// Lock stripes of the message table.
+/// Lock stripes of the message table: one per relay shard (a shard's positions are
+/// its log's indexes, in order), shards past this sharing them.
 const STRIPES: usize = 64;
 /// Slots of [`Tracker::finals`]: a status kind's wire code, or 8 plus a failure reason's.
 const FINAL_SLOTS: usize = 16;
@@ -196,9 +198,12 @@ struct Latencies {
 /// The run's shared record of delivery; see the module docs.
 #[derive(Debug)]
 pub struct Tracker {
-    /// Keyed by the relay's log positions (not chosen by an adversary): an unkeyed fast
-    /// hash, as the relay's own position maps use.
-    stripes: Vec<Mutex<HashMap<u64, Track, foldhash::fast::FixedState>>>,
+    /// Keyed by the relay's log positions, each shard's in its stripe in log order, as
+    /// the relay keeps its pending messages: the messages are accepted, handed, delivered
+    /// and reported mostly in log order, so their entries are reached in memory order
+    /// (in a hash map each was a cache miss, most of the generator's own time in the
+    /// tracker: BENCHMARKS.md, "Pending messages in log order").
+    stripes: Vec<Mutex<ByPosition<Track>>>,
     /// Entries of `stripes` (accepted messages and those only the edge or a status named).
     entries: AtomicU64,
     /// Accepted messages without a final status yet (kept as they change).
@@ -234,7 +239,7 @@ impl Tracker {
     pub fn new() -> Tracker {
         Tracker {
             stripes: (0..STRIPES)
-                .map(|_| Mutex::new(HashMap::default()))
+                .map(|_| Mutex::new(ByPosition::default()))
                 .collect(),
             entries: AtomicU64::new(0),
             unresolved: AtomicU64::new(0),
@@ -254,16 +259,20 @@ impl Tracker {
     /// Runs `f` on the message's entry, creating it while fewer than [`TRACKED_MAX`] are
     /// tracked; `None` past that.
     fn with<R>(&self, message: LogPosition, f: impl FnOnce(&mut Track) -> R) -> Option<R> {
-        let i = (message.0 ^ (message.0 >> 29)) as usize % STRIPES;
+        let i = usize::from(message.shard()) % STRIPES;
         let mut map = self.stripes[i].lock().expect("tracker lock");
-        if let Some(t) = map.get_mut(&message.0) {
+        if let Some(t) = map.get_mut(&message) {
             return Some(f(t));
         }
         if self.entries.fetch_add(1, Ordering::Relaxed) >= TRACKED_MAX as u64 {
             self.entries.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        Some(f(map.entry(message.0).or_default()))
+        let mut t = Track::default();
+        let r = f(&mut t);
+        let inserted = map.insert(message, t);
+        debug_assert!(inserted.is_ok(), "looked up above");
+        Some(r)
     }
 
     /// The sender's ACK said `accepted(message)`; `submitted` is when its latency began.
@@ -450,7 +459,7 @@ impl Tracker {
         let mut accepted = 0;
         let mut unresolved = 0;
         for s in &self.stripes {
-            for t in s.lock().expect("tracker lock").values() {
+            for (_, t) in s.lock().expect("tracker lock").iter() {
                 if t.submitted.is_some() {
                     accepted += 1;
                     unresolved += u64::from(t.final_kind.is_none());

@@ -28,6 +28,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod by_position;
 pub mod cid;
 pub mod detect;
 pub mod e2e;

@@ -585,3 +585,65 @@ fn a_full_delivery_holds_batches_while_the_edge_drains() {
     );
     assert!(full > 0, "no edge: a full delivery throttles at once");
 }
+
+/// A business that reads none of its statuses, with a small bound on the events a shard
+/// keeps for it (16): the statuses its messages owe are reserved for when a SUBMIT is
+/// admitted, so its later SUBMITs are throttled (and resent) instead of its oldest
+/// statuses being dropped, which left messages without a final status for good. Once a
+/// connection of the business listens, it hears a final status for every stored message
+/// and the sender finishes. Run before the reservation existed, events were dropped here.
+#[test]
+fn a_business_reading_no_statuses_is_throttled_and_loses_none() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let shards = 2;
+    let mut p = profile();
+    p.delivery.events_per_business_max = 16;
+    let mut cfg = SimConfig::new(13, shards, p);
+    cfg.net = NetConfig::clean();
+    let (reg, tokens) = registry();
+    let mut sim = Sim::new(Instant::now(), cfg, &SimTls::fixed(), reg);
+    let mut deaf = small_sender(tokens[0].clone());
+    deaf.events = false;
+    let deaf = sim.add_client(deaf);
+    sim.add_client(steady_edge(tokens[BUSINESS_TOKENS].clone(), 64));
+    sim.run_for(Duration::from_secs(5));
+    let sum = |sim: &Sim, f: &dyn Fn(&courier_pipeline::node::ShardStats) -> u64| {
+        (0..shards).map(|s| f(sim.node().stats(s))).sum::<u64>()
+    };
+    assert_eq!(sum(&sim, &|st| st.events_dropped.load(Relaxed)), 0);
+    let full = sum(&sim, &|st| st.delivery_full.load(Relaxed));
+    assert!(full > 0, "the deaf business was throttled");
+    assert!(!sim.clients()[deaf].done(), "not everything fit yet");
+    // A connection that listens (and sends nothing) drains the statuses owed.
+    let mut ear = small_sender(tokens[0].clone());
+    ear.batches_per_stream = 0;
+    sim.add_client(ear);
+    let stored_final = |sim: &Sim| {
+        let c = &sim.clients()[deaf];
+        let b = c.business_id().expect("welcomed");
+        let heard = sim.business_statuses(b);
+        c.ledger().outcomes.keys().all(|&n| {
+            c.ledger().stored_at(n).is_none()
+                || heard
+                    .get(&courier_sim::client::message_id(deaf, n))
+                    .is_some_and(|h| h.iter().any(|(_, k)| k.is_final()))
+        })
+    };
+    let settled = sim.run_until_cond(SETTLE_LIMIT, |s| {
+        s.clients()[deaf].done() && stored_final(s)
+    });
+    assert!(
+        settled,
+        "the sender finished and every stored message has its final status"
+    );
+    assert_eq!(sum(&sim, &|st| st.events_dropped.load(Relaxed)), 0);
+    let stored = {
+        let c = &sim.clients()[deaf];
+        c.ledger()
+            .outcomes
+            .keys()
+            .filter(|&&n| c.ledger().stored_at(n).is_some())
+            .count()
+    };
+    assert_eq!(stored, 2 * 6 * 8, "every message stored once in the end");
+}

@@ -124,6 +124,12 @@ impl Shard {
             self.answer(now, &answer);
             self.scratch.give_back(answer.statuses, answer.claims);
         }
+        for m in &a.admitted {
+            self.promised_events_kept(m.business_id, 2);
+        }
+        for (business_id, _) in &a.events {
+            self.promised_events_kept(*business_id, 1);
+        }
         if let Some(d) = self.delivery.as_mut() {
             for m in a.admitted {
                 d.admit(

@@ -110,14 +110,17 @@ impl Shard {
             return Some(held);
         }
         let delivery_room = self.delivery_room(&held.batch);
-        if !delivery_room && self.waits_for_delivery(now, held.taken) {
+        // A business behind on its events is throttled at once: holding its batch would
+        // hold every business of the shard, and only the business itself can make room.
+        let events_room = self.events_room(held.batch.business_id, 2 * held.batch.messages.len());
+        if !delivery_room && events_room && self.waits_for_delivery(now, held.taken) {
             if !std::mem::replace(&mut held.for_delivery, true) {
                 stats::add(&self.stats.delivery_held, held.batch.messages.len() as u64);
             }
             return Some(held);
         }
         let Held { batch, taken, .. } = held;
-        self.run_batch(now, taken, &batch, delivery_room);
+        self.run_batch(now, taken, &batch, delivery_room && events_room);
         // Its payloads are sealed into the commit by now: the list goes back to the
         // decoder for the next SUBMIT.
         self.server.give_messages(batch.messages);
@@ -209,6 +212,39 @@ impl Shard {
             .map(|m| (m.payload.len() + SEAL_OVERHEAD_BYTES) as u64)
             .sum();
         d.has_room(batch.messages.len(), bytes, self.outbox.payload_bytes())
+    }
+
+    /// Whether `business_id`'s outbox can take `events` more beside the events waiting
+    /// and those its pending messages still owe (two each: `sent` and a final one), so
+    /// that no event is dropped for room (see `outbox.rs`). A business with nothing
+    /// waiting or owed has room for one batch of any size.
+    pub(super) fn events_room(&self, business_id: u32, events: usize) -> bool {
+        let Some(d) = &self.delivery else {
+            return true;
+        };
+        let promised = self.events_promised.get(&business_id).copied();
+        let owed =
+            self.outbox.backlog(business_id) + d.owed_to(business_id) + promised.unwrap_or(0);
+        owed == 0 || owed + events <= self.outbox.per_business_max()
+    }
+
+    /// Records appended for `business_id` owe it `n` events once durable.
+    pub(super) fn promise_events(&mut self, business_id: u32, n: usize) {
+        if n > 0 {
+            *self.events_promised.entry(business_id).or_default() += n;
+        }
+    }
+
+    /// `n` events promised to `business_id` became durable (queued or owed by delivery).
+    pub(super) fn promised_events_kept(&mut self, business_id: u32, n: usize) {
+        if let std::collections::hash_map::Entry::Occupied(mut e) =
+            self.events_promised.entry(business_id)
+        {
+            *e.get_mut() = e.get().saturating_sub(n);
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
     }
 
     /// The payload checks and the idempotency claims, per message in order.
@@ -416,6 +452,7 @@ impl Shard {
             return;
         }
         let admitted = self.admitted(batch, &statuses, positions, expires_ms);
+        self.promise_events(batch.business_id, 2 * admitted.len());
         let mut positions = positions.drain(..);
         for s in statuses.iter_mut().filter(|s| **s == UNPLACED) {
             *s = Status::Accepted(positions.next().expect("one position per record"));

@@ -31,8 +31,8 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use super::pending::PendingStore;
 use super::timers::TimerQueue;
+use crate::by_position::ByPosition;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -262,10 +262,10 @@ pub struct DeliveryCounts {
 #[derive(Debug)]
 pub struct Delivery {
     cfg: DeliveryConfig,
-    /// Every pending message by position, stored in log order (see `pending.rs`), and
+    /// Every pending message by position, stored in log order (see `by_position.rs`), and
     /// their positions in log order for the oldest and for retention's ranges (see
     /// [`Delivery::admit`]).
-    pending: PendingStore<Pending>,
+    pending: ByPosition<Pending>,
     order: VecDeque<LogPosition>,
     /// `(due_ms, message)` of every waiting message (and stale entries: see
     /// [`TimerQueue`]; live: [`live_due`]).
@@ -296,8 +296,11 @@ pub struct Delivery {
     /// they reach the front or a sweep: those not in `delivered_index`).
     delivered: VecDeque<LogPosition>,
     /// Business and client id of each delivered message remembered.
-    delivered_index: crate::LocalMap<LogPosition, (u32, u64)>,
+    /// In log order too (`by_position.rs`): delivered, and so remembered, mostly in order.
+    delivered_index: ByPosition<(u32, u64)>,
     changes: VecDeque<StatusChange>,
+    /// Statuses owed to each business ([`Delivery::owed_to`]).
+    owed: crate::LocalMap<u32, usize>,
     counts: DeliveryCounts,
     /// Recipients whose device keys a due message lacks, for KEYS_WANTED.
     keys_wanted: Vec<Recipient>,
@@ -308,7 +311,7 @@ impl Delivery {
     pub fn new(cfg: DeliveryConfig) -> Delivery {
         Delivery {
             cfg,
-            pending: PendingStore::default(),
+            pending: ByPosition::default(),
             order: VecDeque::new(),
             due: TimerQueue::default(),
             deadlines: TimerQueue::default(),
@@ -320,8 +323,9 @@ impl Delivery {
             out: 0,
             payload_bytes: 0,
             delivered: VecDeque::new(),
-            delivered_index: crate::LocalMap::default(),
+            delivered_index: ByPosition::default(),
             changes: VecDeque::new(),
+            owed: crate::LocalMap::default(),
             counts: DeliveryCounts::default(),
             keys_wanted: Vec::new(),
         }
@@ -335,6 +339,33 @@ impl Delivery {
     /// Messages waiting (not final yet).
     pub fn pending(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Statuses `business_id`'s messages owe it from here: two for each pending message
+    /// not handed yet (`sent` and a final one), one for each handed one, and those reached
+    /// but not taken yet ([`Delivery::poll_status`]). A `read` is not counted before it
+    /// is reached.
+    pub fn owed_to(&self, business_id: u32) -> usize {
+        self.owed.get(&business_id).copied().unwrap_or(0)
+    }
+
+    fn owe(&mut self, business_id: u32, n: usize) {
+        *self.owed.entry(business_id).or_default() += n;
+    }
+
+    fn owe_less(&mut self, business_id: u32, n: usize) {
+        if let std::collections::hash_map::Entry::Occupied(mut e) = self.owed.entry(business_id) {
+            *e.get_mut() = e.get().saturating_sub(n);
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    /// Queues a status reached (owed until taken).
+    fn reached(&mut self, c: StatusChange) {
+        self.owe(c.business_id, 1);
+        self.changes.push_back(c);
     }
 
     /// Payload bytes held for waiting messages.
@@ -405,6 +436,7 @@ impl Delivery {
             },
         );
         assert!(admitted.is_ok(), "checked above");
+        self.owe(business_id, if sent { 1 } else { 2 });
         let (pending, live_max) = (&self.pending, self.pending.len());
         self.due
             .push(now_ms, message, live_max, |t, m| live_due(pending, t, m));
@@ -565,6 +597,7 @@ impl Delivery {
         if !p.sent {
             p.sent = true;
             let change = change(message, p, StatusKind::Sent, None);
+            // Owed by the message until now, and by the queue from here.
             self.changes.push_back(change);
         }
         let (pending, live_max) = (&self.pending, self.pending.len());
@@ -601,7 +634,7 @@ impl Delivery {
             };
             if let Some((business_id, client_id)) = remembered {
                 self.counts.read += 1;
-                self.changes.push_back(StatusChange {
+                self.reached(StatusChange {
                     message,
                     business_id,
                     client_id,
@@ -619,7 +652,7 @@ impl Delivery {
                 self.finish(message, StatusKind::Delivered, None, false);
                 self.counts.read += 1;
                 let last = *self.changes.back().expect("delivered just queued");
-                self.changes.push_back(StatusChange {
+                self.reached(StatusChange {
                     kind: StatusKind::Read,
                     ..last
                 });
@@ -715,7 +748,9 @@ impl Delivery {
 
     /// The next status reached, in the order they happened.
     pub fn poll_status(&mut self) -> Option<StatusChange> {
-        self.changes.pop_front()
+        let c = self.changes.pop_front()?;
+        self.owe_less(c.business_id, 1);
+        Some(c)
     }
 
     /// Makes a message due at `due_ms` (waiting), whatever its state; one due later than
@@ -767,7 +802,7 @@ impl Delivery {
             StatusKind::Expired => self.counts.expired += 1,
             StatusKind::Sent | StatusKind::Read => {}
         }
-        self.changes.push_back(change(message, &p, kind, reason));
+        self.reached(change(message, &p, kind, reason));
         if remember && self.cfg.delivered_kept_max > 0 {
             let kept_max = self.cfg.delivered_kept_max as usize;
             // The oldest remembered goes (read ones before it are dropped on the way).
@@ -779,8 +814,11 @@ impl Delivery {
                 self.delivered_index.remove(&old);
             }
             self.delivered.push_back(message);
-            self.delivered_index
-                .insert(message, (p.business_id, p.client_id));
+            let fresh = self
+                .delivered_index
+                .insert(message, (p.business_id, p.client_id))
+                .is_ok();
+            debug_assert!(fresh, "a message finishes once");
             // Read ones in the middle: swept once they outnumber the remembered ones.
             if self.delivered.len() > 2 * kept_max + 1024 {
                 let index = &self.delivered_index;
@@ -825,6 +863,8 @@ impl Delivery {
             }
         }
         self.payload_bytes -= p.payload.len() as u64;
+        // What it still owed becomes the status it reached (queued by the caller).
+        self.owe_less(p.business_id, if p.sent { 1 } else { 2 });
         self.trim_order();
         Some(p)
     }
@@ -856,21 +896,21 @@ struct RecipientList {
 }
 
 /// Whether `(t, m)` is a live timer of the due queue: `m` waits, due at `t`.
-fn live_due(pending: &PendingStore<Pending>, t: u64, m: LogPosition) -> bool {
+fn live_due(pending: &ByPosition<Pending>, t: u64, m: LogPosition) -> bool {
     pending
         .get(&m)
         .is_some_and(|p| p.state == State::Waiting { due_ms: t })
 }
 
 /// Whether `(t, m)` is a live timer of the offered queue: `m` was offered at `t`.
-fn live_offered(pending: &PendingStore<Pending>, t: u64, m: LogPosition) -> bool {
+fn live_offered(pending: &ByPosition<Pending>, t: u64, m: LogPosition) -> bool {
     pending
         .get(&m)
         .is_some_and(|p| matches!(p.state, State::Offered { since_ms, .. } if since_ms == t))
 }
 
 /// Whether `(t, m)` is a live timer of the deadlines: `m` is handed, its outcome due at `t`.
-fn live_handed(pending: &PendingStore<Pending>, t: u64, m: LogPosition) -> bool {
+fn live_handed(pending: &ByPosition<Pending>, t: u64, m: LogPosition) -> bool {
     pending
         .get(&m)
         .is_some_and(|p| p.state == State::Handed { deadline_ms: t })
@@ -878,7 +918,7 @@ fn live_handed(pending: &PendingStore<Pending>, t: u64, m: LogPosition) -> bool 
 
 /// Whether `(t, m)` is a live timer of the expiries: `m` is pending (a message's expiry
 /// never changes).
-fn live_pending(pending: &PendingStore<Pending>, t: u64, m: LogPosition) -> bool {
+fn live_pending(pending: &ByPosition<Pending>, t: u64, m: LogPosition) -> bool {
     pending.get(&m).is_some_and(|p| p.expires_ms == t)
 }
 
@@ -1112,6 +1152,36 @@ mod tests {
             d.order.len()
         );
         assert_eq!(d.oldest_accepted_ms(), Some(0));
+    }
+
+    #[test]
+    fn the_statuses_owed_to_a_business_follow_each_message() {
+        let mut cfg = cfg();
+        cfg.pending_max = 10_000;
+        let mut d = Delivery::new(cfg);
+        d.edge_attached(conn());
+        let a = admit(&mut d, 0, 0);
+        let b = admit(&mut d, 1, 0);
+        assert_eq!(d.owed_to(7), 4, "sent and a final one each");
+        assert_eq!(d.owed_to(8), 0);
+        d.poll_dispatch(0, ready).unwrap();
+        d.handed(0, a);
+        assert_eq!(d.owed_to(7), 4, "a's `sent` reached, not taken");
+        assert_eq!(kinds(&mut d), [StatusKind::Sent]);
+        assert_eq!(d.owed_to(7), 3);
+        d.outcome(1, a, Outcome::Delivered);
+        assert_eq!(d.owed_to(7), 3, "a's final one reached, not taken");
+        assert_eq!(kinds(&mut d), [StatusKind::Delivered]);
+        assert_eq!(d.owed_to(7), 2, "b's two");
+        // A read of a remembered delivery is not reserved for: owed once reached.
+        d.outcome(2, a, Outcome::Read);
+        assert_eq!(d.owed_to(7), 3);
+        assert_eq!(kinds(&mut d), [StatusKind::Read]);
+        // b fails before any hand-off: one status, the rest of its reservation released.
+        d.fail(b, FailReason::NotOnPlatform);
+        assert_eq!(kinds(&mut d), [StatusKind::Failed]);
+        assert_eq!(d.owed_to(7), 0);
+        assert!(d.owed.is_empty(), "no entry for a business owed nothing");
     }
 
     #[test]

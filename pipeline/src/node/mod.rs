@@ -50,7 +50,6 @@ mod delivery;
 mod devices;
 mod inbound_today;
 mod outbox;
-mod pending;
 mod records;
 mod replay;
 mod retention;
@@ -342,6 +341,10 @@ pub struct Shard {
     published_reply_keys: Option<(u32, usize)>,
     /// Events owed to businesses.
     outbox: Outbox,
+    /// Events for each business of records appended and not durable yet (two per message
+    /// entering delivery, one per status or reply): owed to it, not in the outbox yet
+    /// (`Shard::events_room`).
+    events_promised: crate::LocalMap<u32, usize>,
     /// Users' replies each business received today.
     inbound_today: inbound_today::InboundToday,
     /// Free bytes the log's file system must keep, and what the shell last measured
@@ -422,6 +425,7 @@ impl Shard {
             devices,
             published_reply_keys: None,
             outbox,
+            events_promised: crate::LocalMap::default(),
             inbound_today: inbound_today::InboundToday::default(),
             disk_reserve_bytes: parts.disk_reserve_bytes,
             disk_free_bytes: None,

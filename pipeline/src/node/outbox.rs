@@ -12,8 +12,13 @@
 //!  no acknowledgement by event_ack_timeout, or a bounce ──> pushed again (at least once)
 //! ```
 //!
-//! Bounds: `events_per_business_max` events per business; past it the oldest is dropped
-//! (counted; it stays in the log, and the cursor moves past it).
+//! Bounds: `events_per_business_max` events per business. The core keeps a business
+//! within it by admission, not by dropping: a SUBMIT whose messages' statuses would not
+//! fit beside the events waiting and those its pending messages still owe is held or
+//! throttled, and so is an INBOUND for it (`Shard::events_room`). Past the bound all the
+//! same (a `read` after a delivery is not reserved for, nor is the first batch of a
+//! business with nothing waiting), the oldest event is dropped (counted; it stays in the
+//! log, and the cursor moves past it).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -111,9 +116,9 @@ impl Outbox {
         self.payload_bytes
     }
 
-    /// Whether one more event fits the business's bound without dropping one.
-    pub fn has_room(&self, business_id: u32) -> bool {
-        self.backlog(business_id) < self.per_business_max
+    /// The bound on each business's events (`events_per_business_max`).
+    pub fn per_business_max(&self) -> usize {
+        self.per_business_max
     }
 
     /// The counters.

@@ -152,6 +152,9 @@ impl Shard {
                 }),
             ));
         }
+        for (business_id, _) in &events {
+            self.promise_events(*business_id, 1);
+        }
         self.awaiting.push(Awaiting {
             answer: Some(answer),
             admitted: Vec::new(),
@@ -187,7 +190,7 @@ impl Shard {
                 budget + e.payload.len() as u64,
                 self.outbox.payload_bytes(),
             )
-        }) && self.outbox.has_room(e.business_id);
+        }) && self.events_room(e.business_id, 1);
         (!room).then_some(Status::Throttled {
             retry_after_ms: INBOUND_FULL_RETRY_MS,
         })
@@ -198,6 +201,8 @@ impl Shard {
     pub(super) fn append_internal(&mut self, now: Now) {
         if let Some(d) = self.delivery.as_mut() {
             while let Some(c) = d.poll_status() {
+                // Owed by delivery until now; promised from here until durable.
+                *self.events_promised.entry(c.business_id).or_default() += 1;
                 let code = StatusEvent::code(c.kind, c.reason);
                 self.internal.push_back(Internal {
                     header: RecordHeader {

@@ -1,4 +1,6 @@
-//! Delivery's pending messages by position, stored in log order instead of hashed.
+//! A map keyed by one shard's log positions, stored in log order instead of hashed:
+//! delivery's pending messages, the delivered ones it remembers for a `read`, and the
+//! load generator's record of every message it tracks.
 //!
 //! Every step of a message through delivery looks it up by position, and so does every
 //! timer queue when it checks whether the next timer in a lane is still live. With the
@@ -39,10 +41,10 @@ const RING_SLACK: usize = 1 << 16;
 /// A ring slot naming no entry.
 const NONE: u32 = u32::MAX;
 
-/// See the module docs. Keys are positions of one shard's log (any `u64` can be looked
-/// up; only those inserted are found).
+/// See the module docs. Keys are positions of one shard's log (any position can be
+/// looked up; only those inserted are found).
 #[derive(Debug)]
-pub(super) struct PendingStore<V> {
+pub struct ByPosition<V> {
     /// The position of `ring[0]`. Every key below it is in `overflow`.
     base: u64,
     ring: VecDeque<u32>,
@@ -54,9 +56,9 @@ pub(super) struct PendingStore<V> {
     free: VecDeque<u32>,
 }
 
-impl<V> Default for PendingStore<V> {
+impl<V> Default for ByPosition<V> {
     fn default() -> Self {
-        PendingStore {
+        ByPosition {
             base: 0,
             ring: VecDeque::new(),
             ring_live: 0,
@@ -67,29 +69,36 @@ impl<V> Default for PendingStore<V> {
     }
 }
 
-impl<V> PendingStore<V> {
+impl<V> ByPosition<V> {
     /// Entries held.
-    pub(super) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.ring_live + self.overflow.len()
     }
 
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Whether `key` is held.
-    pub(super) fn contains_key(&self, key: &LogPosition) -> bool {
+    pub fn contains_key(&self, key: &LogPosition) -> bool {
         self.slot(key.0).is_some()
     }
 
-    pub(super) fn get(&self, key: &LogPosition) -> Option<&V> {
+    /// The value of `key`.
+    pub fn get(&self, key: &LogPosition) -> Option<&V> {
         let s = self.slot(key.0)?;
         self.slab[s as usize].as_ref().map(|(_, v)| v)
     }
 
-    pub(super) fn get_mut(&mut self, key: &LogPosition) -> Option<&mut V> {
+    /// The value of `key`, to change.
+    pub fn get_mut(&mut self, key: &LogPosition) -> Option<&mut V> {
         let s = self.slot(key.0)?;
         self.slab[s as usize].as_mut().map(|(_, v)| v)
     }
 
     /// Adds `key`, which must not be held (`Err` gives the value back if it is).
-    pub(super) fn insert(&mut self, key: LogPosition, value: V) -> Result<(), V> {
+    pub fn insert(&mut self, key: LogPosition, value: V) -> Result<(), V> {
         if self.contains_key(&key) {
             return Err(value);
         }
@@ -131,7 +140,7 @@ impl<V> PendingStore<V> {
     }
 
     /// Takes `key` out.
-    pub(super) fn remove(&mut self, key: &LogPosition) -> Option<V> {
+    pub fn remove(&mut self, key: &LogPosition) -> Option<V> {
         let k = key.0;
         let s = if k < self.base {
             self.overflow.remove(&k)?
@@ -155,7 +164,7 @@ impl<V> PendingStore<V> {
     }
 
     /// Every entry, in no particular order.
-    pub(super) fn iter(&self) -> impl Iterator<Item = (LogPosition, &V)> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = (LogPosition, &V)> + '_ {
         self.slab
             .iter()
             .filter_map(|e| e.as_ref().map(|(k, v)| (*k, v)))
@@ -208,7 +217,7 @@ impl<V> PendingStore<V> {
     }
 }
 
-impl<V> std::ops::Index<&LogPosition> for PendingStore<V> {
+impl<V> std::ops::Index<&LogPosition> for ByPosition<V> {
     type Output = V;
 
     fn index(&self, key: &LogPosition) -> &V {
@@ -231,7 +240,7 @@ mod tests {
 
     #[test]
     fn in_order_use_keeps_the_window_small_and_the_overflow_empty() {
-        let mut s = PendingStore::default();
+        let mut s = ByPosition::default();
         // Messages every third index (status records between), 64 pending at a time.
         for i in 0..100_000u64 {
             s.insert(m(3 * i), i).unwrap();
@@ -249,7 +258,7 @@ mod tests {
 
     #[test]
     fn a_straggler_moves_to_the_overflow_and_the_window_stays_bounded() {
-        let mut s = PendingStore::default();
+        let mut s = ByPosition::default();
         s.insert(m(5), 5).unwrap();
         for i in 10..1_000_000u64 {
             s.insert(m(i), i).unwrap();
@@ -266,7 +275,7 @@ mod tests {
 
     #[test]
     fn a_far_jump_does_not_build_a_window_over_the_gap() {
-        let mut s = PendingStore::default();
+        let mut s = ByPosition::default();
         s.insert(m(1), 1).unwrap();
         s.insert(m(1 << 40), 2).unwrap();
         assert!(s.window() <= 1, "window {}", s.window());
@@ -278,7 +287,7 @@ mod tests {
 
     #[test]
     fn a_held_key_is_refused_and_keeps_its_value() {
-        let mut s = PendingStore::default();
+        let mut s = ByPosition::default();
         s.insert(m(7), "a").unwrap();
         assert_eq!(s.insert(m(7), "b"), Err("b"));
         assert_eq!(s[&m(7)], "a");
@@ -290,7 +299,7 @@ mod tests {
         /// and removals.
         #[test]
         fn it_answers_as_a_map_does(ops in prop::collection::vec((0u8..10, 0u64..64, any::<bool>()), 1..2000)) {
-            let mut s = PendingStore::default();
+            let mut s = ByPosition::default();
             let mut model: HashMap<u64, u64> = HashMap::new();
             let mut next = 0u64;
             for (n, (op, x, far)) in ops.into_iter().enumerate() {

@@ -233,7 +233,7 @@ impl Shard {
             PeerMsg::EventAcks {
                 business_id,
                 events,
-            } => self.outbox.acked(business_id, &events),
+            } => self.outbox.acked(business_id, &events, now.unix_ms),
         }
     }
 
@@ -509,7 +509,7 @@ impl Shard {
         let durable_end = self.commit.log().durable_end();
         let shard = self.shard;
         let durable = |e: LogPosition| e.shard_id() == Some(shard) && e.index() < durable_end;
-        // Bounded: one push in flight per business.
+        // Bounded: PUSHES_IN_FLIGHT pushes in flight per business.
         while let Some((conn, business_id, events)) = self.outbox.poll_push(now.unix_ms, durable) {
             self.send_peer(
                 now,

@@ -101,6 +101,17 @@ impl Scratch {
     }
 }
 
+/// Whether a business's events have room ([`Shard::events_room`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum EventsRoom {
+    Room,
+    /// Most of the bound waits for the business to acknowledge: throttled at once.
+    BusinessBehind,
+    /// Most of it is owed by messages still in delivery: held while an edge drains them,
+    /// as when delivery's own bounds are full.
+    DeliveryBehind,
+}
+
 impl Shard {
     /// Runs one batch through the chain. Returns it, untouched, when the log's group
     /// commit has no room for it yet, or delivery has none while an edge drains it (for
@@ -109,18 +120,19 @@ impl Shard {
         if !self.has_room(&held.batch) {
             return Some(held);
         }
-        let delivery_room = self.delivery_room(&held.batch);
-        // A business behind on its events is throttled at once: holding its batch would
-        // hold every business of the shard, and only the business itself can make room.
-        let events_room = self.events_room(held.batch.business_id, 2 * held.batch.messages.len());
-        if !delivery_room && events_room && self.waits_for_delivery(now, held.taken) {
+        let events = self.events_room(held.batch.business_id, 2 * held.batch.messages.len());
+        let room = self.delivery_room(&held.batch) && events == EventsRoom::Room;
+        // A business behind on its own events is throttled at once: holding its batch
+        // would hold every business of the shard, and only the business can make room.
+        if !room && events != EventsRoom::BusinessBehind && self.waits_for_delivery(now, held.taken)
+        {
             if !std::mem::replace(&mut held.for_delivery, true) {
                 stats::add(&self.stats.delivery_held, held.batch.messages.len() as u64);
             }
             return Some(held);
         }
         let Held { batch, taken, .. } = held;
-        self.run_batch(now, taken, &batch, delivery_room && events_room);
+        self.run_batch(now, taken, &batch, room);
         // Its payloads are sealed into the commit by now: the list goes back to the
         // decoder for the next SUBMIT.
         self.server.give_messages(batch.messages);
@@ -214,18 +226,26 @@ impl Shard {
         d.has_room(batch.messages.len(), bytes, self.outbox.payload_bytes())
     }
 
-    /// Whether `business_id`'s outbox can take `events` more beside the events waiting
-    /// and those its pending messages still owe (two each: `sent` and a final one), so
-    /// that no event is dropped for room (see `outbox.rs`). A business with nothing
-    /// waiting or owed has room for one batch of any size.
-    pub(super) fn events_room(&self, business_id: u32, events: usize) -> bool {
+    /// Whether `business_id`'s outbox can take `events` more beside the events waiting,
+    /// those promised by records not durable yet, and those its pending messages still
+    /// owe (two each: `sent` and a final one), so that no event is dropped for room (see
+    /// `outbox.rs`). A business with nothing waiting or owed has room for one batch of
+    /// any size. Without room, whose turn it is: the business's (most of it waits for
+    /// its acknowledgements) or delivery's.
+    pub(super) fn events_room(&self, business_id: u32, events: usize) -> EventsRoom {
         let Some(d) = &self.delivery else {
-            return true;
+            return EventsRoom::Room;
         };
         let promised = self.events_promised.get(&business_id).copied();
-        let owed =
-            self.outbox.backlog(business_id) + d.owed_to(business_id) + promised.unwrap_or(0);
-        owed == 0 || owed + events <= self.outbox.per_business_max()
+        let waiting = self.outbox.backlog(business_id) + promised.unwrap_or(0);
+        let owed = d.owed_to(business_id);
+        if waiting + owed == 0 || waiting + owed + events <= self.outbox.per_business_max() {
+            EventsRoom::Room
+        } else if waiting >= owed {
+            EventsRoom::BusinessBehind
+        } else {
+            EventsRoom::DeliveryBehind
+        }
     }
 
     /// Records appended for `business_id` owe it `n` events once durable.

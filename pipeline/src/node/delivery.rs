@@ -78,7 +78,8 @@ pub struct DeliveryConfig {
     pub events_per_business_max: u32,
     /// Most events in one push to a business.
     pub events_per_push_max: u32,
-    /// Milliseconds a business has to acknowledge a push before it is pushed again.
+    /// Milliseconds without an acknowledgement from a business before what is in flight
+    /// to it is pushed again.
     pub event_ack_timeout_ms: u32,
     /// The profile's `[e2e]` section (sealing for recipients' devices), set by the
     /// profile's validation; not a key of `[delivery]`.

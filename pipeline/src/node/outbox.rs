@@ -4,12 +4,15 @@
 //! ```text
 //!  add(business, event) ──> the business's queue (log order; the event's record is
 //!                           durable before it is pushed)
-//!  poll_push(now) ──> a subscriber connection of the business and the first events of
-//!                     its queue (at most events_per_push_max), one push in flight per
-//!                     business: a business hears its events in order, never reordered
+//!  poll_push(now) ──> a subscriber connection of the business and the next events of
+//!                     its queue not in flight (at most events_per_push_max), up to
+//!                     PUSHES_IN_FLIGHT pushes in flight per business, all on one
+//!                     connection (one ordered stream): a business hears its events in
+//!                     order, never reordered
 //!  acked(events) ──> the acknowledged prefix leaves; the cursor (acknowledged through)
 //!                    moves, and is persisted as a cursor record (poll_cursor)
-//!  no acknowledgement by event_ack_timeout, or a bounce ──> pushed again (at least once)
+//!  no acknowledgement for event_ack_timeout, or a bounce ──> everything in flight is
+//!                    pushed again, from the first unacknowledged (at least once)
 //! ```
 //!
 //! Bounds: `events_per_business_max` events per business. The core keeps a business
@@ -27,10 +30,19 @@ use crate::wire::delivery::BusinessEvent as EventItem;
 use crate::wire::LogPosition;
 use crate::ShardId;
 
+/// Pushes a business may have in flight at once. With one, a business heard at most
+/// `events_per_push_max` events per round trip: a closed-loop delivery run heard its
+/// statuses 3 to 5 s after delivery, and fell a million events behind on a slow round
+/// (BENCHMARKS.md, "Pending messages in log order").
+const PUSHES_IN_FLIGHT: usize = 4;
+
+/// The events in flight to a business: the first `count` of its queue, on `conn`.
 #[derive(Debug, Clone, Copy)]
 struct Push {
     conn: ConnKey,
     count: usize,
+    /// Pushed again from the front unless an acknowledgement comes by then (set by the
+    /// first push, moved on by each acknowledgement that frees events).
     deadline_ms: u64,
 }
 
@@ -197,39 +209,52 @@ impl Outbox {
             .range(start..)
             .chain(self.queues.range(..start))
             .map(|(&b, _)| b);
+        let window = PUSHES_IN_FLIGHT * self.per_push_max;
         let mut chosen = None;
         for b in order {
             let q = &self.queues[&b];
-            if q.push.is_some() || q.items.is_empty() || !durable(q.items[0].event()) {
+            let in_flight = q.push.map_or(0, |p| p.count);
+            if in_flight >= window
+                || q.items.len() <= in_flight
+                || !durable(q.items[in_flight].event())
+            {
                 continue;
             }
-            if let Some(&conn) = self.subscribers.get(&b).and_then(|s| s.first()) {
-                chosen = Some((b, conn));
+            // More goes on the connection that has the rest in flight.
+            let conn = match q.push {
+                Some(p) => Some(p.conn),
+                None => self.subscribers.get(&b).and_then(|s| s.first()).copied(),
+            };
+            if let Some(conn) = conn {
+                chosen = Some((b, conn, in_flight));
                 break;
             }
         }
-        let (b, conn) = chosen?;
+        let (b, conn, in_flight) = chosen?;
         self.next_business = b.wrapping_add(1);
         let q = self.queues.get_mut(&b).expect("chosen");
         let items: Vec<EventItem> = q
             .items
             .iter()
-            .take(self.per_push_max)
+            .skip(in_flight)
+            .take(self.per_push_max.min(window - in_flight))
             .take_while(|e| durable(e.event()))
             .cloned()
             .collect();
         q.push = Some(Push {
             conn,
-            count: items.len(),
-            deadline_ms: now_ms + self.ack_timeout_ms,
+            count: in_flight + items.len(),
+            deadline_ms: q
+                .push
+                .map_or(now_ms + self.ack_timeout_ms, |p| p.deadline_ms),
         });
         self.counts.pushes += 1;
         self.counts.events_pushed += items.len() as u64;
         Some((conn, b, items))
     }
 
-    /// The business acknowledged these events.
-    pub fn acked(&mut self, business_id: u32, events: &[LogPosition]) {
+    /// The business acknowledged these events at `now_ms`.
+    pub fn acked(&mut self, business_id: u32, events: &[LogPosition], now_ms: u64) {
         let Some(q) = self.queues.get_mut(&business_id) else {
             return;
         };
@@ -268,6 +293,8 @@ impl Outbox {
             p.count = p.count.saturating_sub(popped);
             if p.count == 0 {
                 q.push = None;
+            } else if popped > 0 {
+                p.deadline_ms = now_ms + self.ack_timeout_ms;
             }
         }
     }
@@ -351,27 +378,44 @@ mod tests {
     }
 
     #[test]
-    fn one_push_in_flight_per_business_in_order_until_acked() {
+    fn pushes_in_flight_per_business_in_order_up_to_the_window() {
         let mut o = Outbox::new(100, 2, 1000);
         let c = ConnKey::for_tests(0, 1);
-        for i in 1..=3 {
+        let at = |i| LogPosition::new(ShardId::new(0), i);
+        for i in 1..=10 {
             o.add(7, status(i));
         }
         assert!(o.poll_push(0, |_| true).is_none(), "no subscriber yet");
         o.subscriber_attached(7, c);
-        let (conn, b, items) = o.poll_push(0, |_| true).unwrap();
-        assert_eq!((conn, b, ids(&items)), (c, 7, vec![1, 2]));
-        assert!(o.poll_push(0, |_| true).is_none(), "one push in flight");
-        o.acked(7, &[LogPosition::new(ShardId::new(0), 2)]);
-        assert!(o.poll_push(0, |_| true).is_none(), "1 not acked yet");
-        o.acked(7, &[LogPosition::new(ShardId::new(0), 1)]);
-        let (_, _, items) = o.poll_push(0, |_| true).unwrap();
-        assert_eq!(ids(&items), vec![3]);
+        o.subscriber_attached(7, ConnKey::for_tests(1, 2));
+        let mut pushed = Vec::new();
+        while let Some((conn, b, items)) = o.poll_push(0, |_| true) {
+            assert_eq!((conn, b), (c, 7), "all on one connection");
+            pushed.push(ids(&items));
+        }
         assert_eq!(
-            o.poll_cursor(),
-            Some((7, LogPosition::new(ShardId::new(0), 2)))
+            pushed,
+            [vec![1, 2], vec![3, 4], vec![5, 6], vec![7, 8]],
+            "in order, PUSHES_IN_FLIGHT pushes of events_per_push_max"
         );
+        o.acked(7, &[at(2)], 10);
+        assert!(
+            o.poll_push(10, |_| true).is_none(),
+            "1 not acked: none freed"
+        );
+        o.acked(7, &[at(1)], 20);
+        let (_, _, items) = o.poll_push(20, |_| true).unwrap();
+        assert_eq!(ids(&items), vec![9, 10], "two freed, the next two go");
+        assert!(o.poll_push(20, |_| true).is_none());
+        assert_eq!(o.poll_cursor(), Some((7, at(2))));
         assert_eq!(o.poll_cursor(), None);
+        // The acknowledgement at 20 moved the deadline to 1020: still in flight at 1019;
+        // past it, everything unacknowledged goes again from the front.
+        o.tick(1019);
+        assert!(o.poll_push(1019, |_| true).is_none());
+        o.tick(1020);
+        let (_, _, items) = o.poll_push(1020, |_| true).unwrap();
+        assert_eq!(ids(&items), vec![3, 4]);
     }
 
     #[test]
@@ -383,6 +427,9 @@ mod tests {
         let (_, _, items) = o.poll_push(0, |e| e.index() < 2).unwrap();
         assert_eq!(ids(&items), vec![1]);
         o.tick(999);
+        // 2 is durable now: it follows 1 (the deadline stays the first push's).
+        let (_, _, items) = o.poll_push(999, |_| true).unwrap();
+        assert_eq!(ids(&items), vec![2]);
         assert!(o.poll_push(999, |_| true).is_none());
         o.tick(1000);
         let (_, _, items) = o.poll_push(1000, |_| true).unwrap();
@@ -398,12 +445,12 @@ mod tests {
         let at = |i| LogPosition::new(ShardId::new(0), i);
         // In order (1, 2), then out of order (4 before 3), an unknown one (9) and a
         // repeat (2).
-        o.acked(1, &[at(1), at(2), at(4), at(9), at(2)]);
+        o.acked(1, &[at(1), at(2), at(4), at(9), at(2)], 0);
         assert_eq!((o.backlog(1), o.counts().acked), (4, 2));
-        o.acked(1, &[at(3)]);
+        o.acked(1, &[at(3)], 0);
         assert_eq!((o.backlog(1), o.counts().acked), (2, 4));
         assert_eq!(o.poll_cursor(), Some((1, at(4))));
-        o.acked(1, &[at(6), at(5)]);
+        o.acked(1, &[at(6), at(5)], 0);
         assert_eq!((o.backlog(1), o.len(), o.counts().acked), (0, 0, 6));
         assert_eq!(o.poll_cursor(), Some((1, at(6))));
     }

@@ -190,7 +190,7 @@ impl Shard {
                 budget + e.payload.len() as u64,
                 self.outbox.payload_bytes(),
             )
-        }) && self.events_room(e.business_id, 1);
+        }) && self.events_room(e.business_id, 1) == super::chain::EventsRoom::Room;
         (!room).then_some(Status::Throttled {
             retry_after_ms: INBOUND_FULL_RETRY_MS,
         })

@@ -221,7 +221,7 @@ impl<V> std::ops::Index<&LogPosition> for ByPosition<V> {
     type Output = V;
 
     fn index(&self, key: &LogPosition) -> &V {
-        self.get(key).expect("a pending message")
+        self.get(key).expect("a held position")
     }
 }
 

@@ -124,11 +124,13 @@ impl Shard {
             self.answer(now, &answer);
             self.scratch.give_back(answer.statuses, answer.claims);
         }
+        // Promised until now; owed by delivery (the messages) or queued (the events) from
+        // here.
         for m in &a.admitted {
-            self.promised_events_kept(m.business_id, 2);
+            self.events_promised.sub(m.business_id, 2);
         }
         for (business_id, _) in &a.events {
-            self.promised_events_kept(*business_id, 1);
+            self.events_promised.sub(*business_id, 1);
         }
         if let Some(d) = self.delivery.as_mut() {
             for m in a.admitted {

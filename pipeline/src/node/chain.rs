@@ -236,8 +236,7 @@ impl Shard {
         let Some(d) = &self.delivery else {
             return EventsRoom::Room;
         };
-        let promised = self.events_promised.get(&business_id).copied();
-        let waiting = self.outbox.backlog(business_id) + promised.unwrap_or(0);
+        let waiting = self.outbox.backlog(business_id) + self.events_promised.get(business_id);
         let owed = d.owed_to(business_id);
         if waiting + owed == 0 || waiting + owed + events <= self.outbox.per_business_max() {
             EventsRoom::Room
@@ -245,25 +244,6 @@ impl Shard {
             EventsRoom::BusinessBehind
         } else {
             EventsRoom::DeliveryBehind
-        }
-    }
-
-    /// Records appended for `business_id` owe it `n` events once durable.
-    pub(super) fn promise_events(&mut self, business_id: u32, n: usize) {
-        if n > 0 {
-            *self.events_promised.entry(business_id).or_default() += n;
-        }
-    }
-
-    /// `n` events promised to `business_id` became durable (queued or owed by delivery).
-    pub(super) fn promised_events_kept(&mut self, business_id: u32, n: usize) {
-        if let std::collections::hash_map::Entry::Occupied(mut e) =
-            self.events_promised.entry(business_id)
-        {
-            *e.get_mut() = e.get().saturating_sub(n);
-            if *e.get() == 0 {
-                e.remove();
-            }
         }
     }
 
@@ -472,7 +452,9 @@ impl Shard {
             return;
         }
         let admitted = self.admitted(batch, &statuses, positions, expires_ms);
-        self.promise_events(batch.business_id, 2 * admitted.len());
+        // Owed to the business once durable (then by delivery).
+        self.events_promised
+            .add(batch.business_id, 2 * admitted.len());
         let mut positions = positions.drain(..);
         for s in statuses.iter_mut().filter(|s| **s == UNPLACED) {
             *s = Status::Accepted(positions.next().expect("one position per record"));

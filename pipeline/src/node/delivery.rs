@@ -177,6 +177,42 @@ impl DeliveryConfig {
     }
 }
 
+/// A count per business that goes when it reaches zero: the statuses owed to each
+/// business (`Delivery::owed_to`, and the core's events promised by records not durable
+/// yet).
+#[derive(Debug, Default)]
+pub(super) struct PerBusiness(crate::LocalMap<u32, usize>);
+
+impl PerBusiness {
+    /// The count of `business_id`.
+    pub(super) fn get(&self, business_id: u32) -> usize {
+        self.0.get(&business_id).copied().unwrap_or(0)
+    }
+
+    /// Adds `n` to the count of `business_id`.
+    pub(super) fn add(&mut self, business_id: u32, n: usize) {
+        if n > 0 {
+            *self.0.entry(business_id).or_default() += n;
+        }
+    }
+
+    /// Takes `n` from the count of `business_id` (at most down to zero, when it goes).
+    pub(super) fn sub(&mut self, business_id: u32, n: usize) {
+        if let std::collections::hash_map::Entry::Occupied(mut e) = self.0.entry(business_id) {
+            *e.get_mut() = e.get().saturating_sub(n);
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    /// Whether no business has a count.
+    #[cfg(test)]
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// A message waiting for delivery.
 #[derive(Debug, Clone)]
 struct Pending {
@@ -301,7 +337,7 @@ pub struct Delivery {
     delivered_index: ByPosition<(u32, u64)>,
     changes: VecDeque<StatusChange>,
     /// Statuses owed to each business ([`Delivery::owed_to`]).
-    owed: crate::LocalMap<u32, usize>,
+    owed: PerBusiness,
     counts: DeliveryCounts,
     /// Recipients whose device keys a due message lacks, for KEYS_WANTED.
     keys_wanted: Vec<Recipient>,
@@ -326,7 +362,7 @@ impl Delivery {
             delivered: VecDeque::new(),
             delivered_index: ByPosition::default(),
             changes: VecDeque::new(),
-            owed: crate::LocalMap::default(),
+            owed: PerBusiness::default(),
             counts: DeliveryCounts::default(),
             keys_wanted: Vec::new(),
         }
@@ -347,25 +383,12 @@ impl Delivery {
     /// but not taken yet ([`Delivery::poll_status`]). A `read` is not counted before it
     /// is reached.
     pub fn owed_to(&self, business_id: u32) -> usize {
-        self.owed.get(&business_id).copied().unwrap_or(0)
-    }
-
-    fn owe(&mut self, business_id: u32, n: usize) {
-        *self.owed.entry(business_id).or_default() += n;
-    }
-
-    fn owe_less(&mut self, business_id: u32, n: usize) {
-        if let std::collections::hash_map::Entry::Occupied(mut e) = self.owed.entry(business_id) {
-            *e.get_mut() = e.get().saturating_sub(n);
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
+        self.owed.get(business_id)
     }
 
     /// Queues a status reached (owed until taken).
     fn reached(&mut self, c: StatusChange) {
-        self.owe(c.business_id, 1);
+        self.owed.add(c.business_id, 1);
         self.changes.push_back(c);
     }
 
@@ -437,7 +460,7 @@ impl Delivery {
             },
         );
         assert!(admitted.is_ok(), "checked above");
-        self.owe(business_id, if sent { 1 } else { 2 });
+        self.owed.add(business_id, if sent { 1 } else { 2 });
         let (pending, live_max) = (&self.pending, self.pending.len());
         self.due
             .push(now_ms, message, live_max, |t, m| live_due(pending, t, m));
@@ -750,7 +773,7 @@ impl Delivery {
     /// The next status reached, in the order they happened.
     pub fn poll_status(&mut self) -> Option<StatusChange> {
         let c = self.changes.pop_front()?;
-        self.owe_less(c.business_id, 1);
+        self.owed.sub(c.business_id, 1);
         Some(c)
     }
 
@@ -865,7 +888,7 @@ impl Delivery {
         }
         self.payload_bytes -= p.payload.len() as u64;
         // What it still owed becomes the status it reached (queued by the caller).
-        self.owe_less(p.business_id, if p.sent { 1 } else { 2 });
+        self.owed.sub(p.business_id, if p.sent { 1 } else { 2 });
         self.trim_order();
         Some(p)
     }

@@ -344,7 +344,7 @@ pub struct Shard {
     /// Events for each business of records appended and not durable yet (two per message
     /// entering delivery, one per status or reply): owed to it, not in the outbox yet
     /// (`Shard::events_room`).
-    events_promised: crate::LocalMap<u32, usize>,
+    events_promised: delivery::PerBusiness,
     /// Users' replies each business received today.
     inbound_today: inbound_today::InboundToday,
     /// Free bytes the log's file system must keep, and what the shell last measured
@@ -425,7 +425,7 @@ impl Shard {
             devices,
             published_reply_keys: None,
             outbox,
-            events_promised: crate::LocalMap::default(),
+            events_promised: delivery::PerBusiness::default(),
             inbound_today: inbound_today::InboundToday::default(),
             disk_reserve_bytes: parts.disk_reserve_bytes,
             disk_free_bytes: None,

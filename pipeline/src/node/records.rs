@@ -153,7 +153,7 @@ impl Shard {
             ));
         }
         for (business_id, _) in &events {
-            self.promise_events(*business_id, 1);
+            self.events_promised.add(*business_id, 1);
         }
         self.awaiting.push(Awaiting {
             answer: Some(answer),
@@ -202,7 +202,7 @@ impl Shard {
         if let Some(d) = self.delivery.as_mut() {
             while let Some(c) = d.poll_status() {
                 // Owed by delivery until now; promised from here until durable.
-                *self.events_promised.entry(c.business_id).or_default() += 1;
+                self.events_promised.add(c.business_id, 1);
                 let code = StatusEvent::code(c.kind, c.reason);
                 self.internal.push_back(Internal {
                     header: RecordHeader {

@@ -13,7 +13,7 @@
 #
 # Environment: SRV_ENV="VAR=VALUE" and LG_ENV="VAR=VALUE" set a variable for the server or
 # the generator only (COURIER_* overrides such as COURIER_E2E__ENABLED=false reach both
-# when exported). PERF=1 records the server (perf record -F 999 -g, PERF_SECS from
+# when exported). PERF=1 records the server (perf record -F 999 -g, or with PERF_CG="--call-graph dwarf"; PERF_SECS from
 # PERF_DELAY s into the run; needs perf), PERFG=1 the generator. Loopback only.
 set -uo pipefail
 BIN=$1; NAME=$2; MODE=$3; shift 3
@@ -38,14 +38,14 @@ SP=$!
 trap 'kill $SP 2>/dev/null || true' EXIT
 sleep 1.5
 if [ -n "${PERF:-}" ]; then
-    (sleep "${PERF_DELAY:-3}"; perf record -F 999 -g -o "$D/perf.data" -p $SP -- \
+    (sleep "${PERF_DELAY:-3}"; perf record -F 999 ${PERF_CG:--g} -o "$D/perf.data" -p $SP -- \
         sleep "${PERF_SECS:-3}" >/dev/null 2>&1) &
 fi
 env ${LG_ENV:-COURIER_BENCH=1} "$LG" --target 127.0.0.1:17643 --token "$TOKEN" "${EXTRA[@]}" \
     --server-pid $SP --json "/tmp/dlv/$NAME.json" "$@" >"$D/loadgen.txt" 2>&1 &
 GP=$!
 if [ -n "${PERFG:-}" ]; then
-    (sleep "${PERF_DELAY:-3}"; perf record -F 999 -g -o "$D/perfg.data" -p $GP -- \
+    (sleep "${PERF_DELAY:-3}"; perf record -F 999 ${PERF_CG:--g} -o "$D/perfg.data" -p $GP -- \
         sleep "${PERF_SECS:-3}" >/dev/null 2>&1) &
 fi
 wait $GP

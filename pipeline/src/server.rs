@@ -1451,6 +1451,11 @@ impl Server {
         Ok(())
     }
 
+    /// The most messages one SUBMIT of a business may carry.
+    pub fn batch_messages_max(&self) -> u32 {
+        self.wire_limits.batch_messages_max
+    }
+
     /// Delivery connections take DELIVERs only with E2E (`true`), or only without it.
     pub fn set_end_to_end(&mut self, on: bool) {
         self.end_to_end = on;

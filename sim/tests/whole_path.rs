@@ -594,6 +594,22 @@ fn a_full_delivery_holds_batches_while_the_edge_drains() {
 /// and the sender finishes. Run before the reservation existed, events were dropped here.
 #[test]
 fn a_business_reading_no_statuses_is_throttled_and_loses_none() {
+    deaf_business(0.0);
+}
+
+/// [`a_business_reading_no_statuses_is_throttled_and_loses_none`] with every delivered
+/// message also read: a `read` is not reserved for at admission (it may never come), so
+/// the reads take the business past its bound, and the shard keeps them (they are
+/// bounded by the messages remembered after delivery and those admitted) instead of
+/// dropping its oldest events: every stored message's final status and its `read` reach
+/// the business. Run when the bound dropped the oldest event, 8 were dropped within the
+/// first 5 s here.
+#[test]
+fn reads_past_a_deaf_business_bound_drop_no_status() {
+    deaf_business(1.0);
+}
+
+fn deaf_business(read_share: f64) {
     use std::sync::atomic::Ordering::Relaxed;
     let shards = 2;
     let mut p = profile();
@@ -605,7 +621,11 @@ fn a_business_reading_no_statuses_is_throttled_and_loses_none() {
     let mut deaf = small_sender(tokens[0].clone());
     deaf.events = false;
     let deaf = sim.add_client(deaf);
-    sim.add_client(steady_edge(tokens[BUSINESS_TOKENS].clone(), 64));
+    let mut edge = steady_edge(tokens[BUSINESS_TOKENS].clone(), 64);
+    if let Some(e) = edge.edge.as_mut() {
+        e.read_share = read_share;
+    }
+    sim.add_client(edge);
     sim.run_for(Duration::from_secs(5));
     let sum = |sim: &Sim, f: &dyn Fn(&courier_pipeline::node::ShardStats) -> u64| {
         (0..shards).map(|s| f(sim.node().stats(s))).sum::<u64>()
@@ -618,23 +638,27 @@ fn a_business_reading_no_statuses_is_throttled_and_loses_none() {
     let mut ear = small_sender(tokens[0].clone());
     ear.batches_per_stream = 0;
     sim.add_client(ear);
-    let stored_final = |sim: &Sim| {
+    let heard_all = |sim: &Sim| {
         let c = &sim.clients()[deaf];
         let b = c.business_id().expect("welcomed");
         let heard = sim.business_statuses(b);
         c.ledger().outcomes.keys().all(|&n| {
-            c.ledger().stored_at(n).is_none()
-                || heard
-                    .get(&courier_sim::client::message_id(deaf, n))
-                    .is_some_and(|h| h.iter().any(|(_, k)| k.is_final()))
+            if c.ledger().stored_at(n).is_none() {
+                return true;
+            }
+            let h = heard.get(&courier_sim::client::message_id(deaf, n));
+            h.is_some_and(|h| {
+                h.iter().any(|(_, k)| k.is_final())
+                    && (read_share < 1.0
+                        || h.iter()
+                            .any(|(_, k)| *k == courier_pipeline::wire::delivery::StatusKind::Read))
+            })
         })
     };
-    let settled = sim.run_until_cond(SETTLE_LIMIT, |s| {
-        s.clients()[deaf].done() && stored_final(s)
-    });
+    let settled = sim.run_until_cond(SETTLE_LIMIT, |s| s.clients()[deaf].done() && heard_all(s));
     assert!(
         settled,
-        "the sender finished and every stored message has its final status"
+        "the sender finished and every stored message has its final status (and its read)"
     );
     assert_eq!(sum(&sim, &|st| st.events_dropped.load(Relaxed)), 0);
     let stored = {

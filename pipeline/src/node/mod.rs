@@ -390,8 +390,16 @@ impl Shard {
         );
         assert_eq!(parts.server.shard(), parts.shard, "one shard id");
         let c = &parts.delivery;
+        // What admission does not reserve for (see `outbox.rs`): a `read` for each
+        // message pending (each owes at least one event the bound counts, so at most
+        // the bound's worth) and for each remembered after its delivery, and a first
+        // batch's statuses and reads (three per message) when nothing waited.
+        let past_bound_max = (c.events_per_business_max as usize)
+            .saturating_add(c.delivered_kept_max as usize)
+            .saturating_add(3 * parts.server.batch_messages_max() as usize);
         let outbox = Outbox::new(
             c.events_per_business_max,
+            past_bound_max,
             c.events_per_push_max,
             c.event_ack_timeout_ms,
         );

@@ -18,10 +18,13 @@
 //! Bounds: `events_per_business_max` events per business. The core keeps a business
 //! within it by admission, not by dropping: a SUBMIT whose messages' statuses would not
 //! fit beside the events waiting and those its pending messages still owe is held or
-//! throttled, and so is an INBOUND for it (`Shard::events_room`). Past the bound all the
-//! same (a `read` after a delivery is not reserved for, nor is the first batch of a
-//! business with nothing waiting), the oldest event is dropped (counted; it stays in the
-//! log, and the cursor moves past it).
+//! throttled, and so is an INBOUND for it (`Shard::events_room`). What admission does
+//! not reserve for may take a business past the bound, and is kept: a `read` (at most
+//! one per message, for a message still pending, which the bound counts, or remembered
+//! after its delivery) and the statuses of a business's first batch when nothing waited. The
+//! shard sizes that allowance (`past_bound_max`, see `Shard::new`); only past it is the
+//! oldest event dropped (counted; it stays in the log, and the cursor moves past it),
+//! which admission never lets happen.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -66,7 +69,7 @@ pub struct OutboxCounts {
     pub events_pushed: u64,
     /// Events acknowledged.
     pub acked: u64,
-    /// Events dropped past `events_per_business_max` or by retention.
+    /// Events dropped past `events_per_business_max` and its allowance, or by retention.
     pub dropped: u64,
     /// Pushes bounced by a gone connection.
     pub bounced: u64,
@@ -76,6 +79,8 @@ pub struct OutboxCounts {
 #[derive(Debug)]
 pub struct Outbox {
     per_business_max: usize,
+    /// `per_business_max` and the allowance past it: the most a business's queue holds.
+    kept_max: usize,
     per_push_max: usize,
     ack_timeout_ms: u64,
     queues: BTreeMap<u32, Queue>,
@@ -88,11 +93,19 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// An empty outbox with the delivery section's bounds.
-    pub fn new(per_business_max: u32, per_push_max: u32, ack_timeout_ms: u32) -> Outbox {
+    /// An empty outbox with the delivery section's bounds, keeping up to
+    /// `past_bound_max` events of a business past `per_business_max` (those admission
+    /// does not reserve for) before it drops any.
+    pub fn new(
+        per_business_max: u32,
+        past_bound_max: usize,
+        per_push_max: u32,
+        ack_timeout_ms: u32,
+    ) -> Outbox {
         assert!(per_business_max > 0 && per_push_max > 0);
         Outbox {
             per_business_max: per_business_max as usize,
+            kept_max: (per_business_max as usize).saturating_add(past_bound_max),
             per_push_max: per_push_max as usize,
             ack_timeout_ms: u64::from(ack_timeout_ms),
             queues: BTreeMap::new(),
@@ -157,7 +170,7 @@ impl Outbox {
             return;
         }
         debug_assert!(q.items.back().is_none_or(|b| b.event() < item.event()));
-        if q.items.len() >= self.per_business_max {
+        if q.items.len() >= self.kept_max {
             let old = q.items.pop_front().expect("the bound is positive");
             q.cursor = Some(old.event());
             q.cursor_dirty = true;
@@ -379,7 +392,7 @@ mod tests {
 
     #[test]
     fn pushes_in_flight_per_business_in_order_up_to_the_window() {
-        let mut o = Outbox::new(100, 2, 1000);
+        let mut o = Outbox::new(100, 0, 2, 1000);
         let c = ConnKey::for_tests(0, 1);
         let at = |i| LogPosition::new(ShardId::new(0), i);
         for i in 1..=10 {
@@ -420,7 +433,7 @@ mod tests {
 
     #[test]
     fn an_unacknowledged_push_is_repeated_and_non_durable_events_wait() {
-        let mut o = Outbox::new(100, 8, 1000);
+        let mut o = Outbox::new(100, 0, 8, 1000);
         o.subscriber_attached(1, ConnKey::for_tests(0, 1));
         o.add(1, status(1));
         o.add(1, status(2));
@@ -438,7 +451,7 @@ mod tests {
 
     #[test]
     fn acknowledgements_in_any_order_and_unknown_ones_leave_the_right_events() {
-        let mut o = Outbox::new(100, 8, 1000);
+        let mut o = Outbox::new(100, 0, 8, 1000);
         for i in 1..=6 {
             o.add(1, status(i));
         }
@@ -456,18 +469,25 @@ mod tests {
     }
 
     #[test]
-    fn the_bound_drops_the_oldest_and_moves_the_cursor() {
-        let mut o = Outbox::new(2, 8, 1000);
+    fn past_the_bound_and_its_allowance_the_oldest_drops_and_the_cursor_moves() {
+        let mut o = Outbox::new(2, 1, 8, 1000);
         for i in 1..=3 {
             o.add(1, status(i));
         }
-        assert_eq!(o.backlog(1), 2);
+        assert_eq!(
+            (o.backlog(1), o.counts().dropped),
+            (3, 0),
+            "kept past the bound"
+        );
+        assert_eq!(o.poll_cursor(), None);
+        o.add(1, status(4));
+        assert_eq!(o.backlog(1), 3);
         assert_eq!(o.counts().dropped, 1);
         assert_eq!(
             o.poll_cursor(),
             Some((1, LogPosition::new(ShardId::new(0), 1)))
         );
-        let mut fresh = Outbox::new(2, 8, 1000);
+        let mut fresh = Outbox::new(2, 0, 8, 1000);
         fresh.restore_cursor(1, LogPosition::new(ShardId::new(0), 2));
         fresh.add(1, status(2));
         fresh.add(1, status(3));

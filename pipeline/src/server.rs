@@ -306,8 +306,9 @@ struct StreamState {
     next_seq: u64,
     /// Frames encoded and not yet handed to quinn.
     out: BytesMut,
-    /// The part of `out` handed to quinn that it has not taken yet (flow control).
-    sending: Bytes,
+    /// What quinn has not taken yet (flow control), in stream order: slices of `out`,
+    /// and DELIVER payloads as delivery holds them (never copied into `out`).
+    sending: VecDeque<Bytes>,
     recv_done: bool,
     /// Not read because `pending` is full; resumed by `ack`.
     paused: bool,
@@ -1043,7 +1044,7 @@ impl Server {
                             pending: VecDeque::new(),
                             next_seq: 0,
                             out: BytesMut::new(),
-                            sending: Bytes::new(),
+                            sending: VecDeque::new(),
                             recv_done: false,
                             paused: false,
                             share_paused: false,
@@ -1444,7 +1445,11 @@ impl Server {
         }
         c.credit -= 1;
         let st = c.streams.get_mut(&id).expect("checked");
-        wire_delivery::encode_deliver(d, &mut st.out);
+        // The frame's head goes after what `out` holds; its payload follows as the
+        // `Bytes` delivery holds, which quinn keeps until the edge acknowledges it.
+        wire_delivery::encode_deliver_head(d, &mut st.out);
+        st.hand_out();
+        st.sending.push_back(d.payload.clone());
         self.stats.delivers_out += 1;
         self.flush_stream(ch, id);
         self.drive(ch, now);
@@ -1604,20 +1609,23 @@ impl Server {
         // what is encoded goes as a slice of `out`'s block, and the next frames are
         // encoded into the block's room. A new block is allocated when the room runs low
         // (the old one is freed once quinn has dropped its slices), so a stream allocates
-        // about once per `OUT_BLOCK_BYTES` of frames rather than once per write.
+        // about once per `OUT_BLOCK_BYTES` of frames rather than once per write. While
+        // quinn is blocked, frames gather in `out` and go as one slice later.
         while !(st.sending.is_empty() && st.out.is_empty()) {
             if st.sending.is_empty() {
-                st.sending = st.out.split().freeze();
-                if st.out.capacity() < OUT_ROOM_MIN_BYTES {
-                    st.out.reserve(OUT_BLOCK_BYTES);
-                }
+                st.hand_out();
             }
             match conn
                 .quinn
                 .send_stream(id)
-                .write_chunks(std::slice::from_mut(&mut st.sending))
+                .write_chunks(st.sending.make_contiguous())
             {
-                Ok(_) => {}
+                // quinn took the written chunks (left empty) and advanced a partial one.
+                Ok(_) => {
+                    while st.sending.front().is_some_and(Bytes::is_empty) {
+                        st.sending.pop_front();
+                    }
+                }
                 Err(WriteError::Blocked) => return,
                 Err(WriteError::Stopped(_) | WriteError::ClosedStream) => {
                     conn.streams.remove(&id);
@@ -1643,6 +1651,17 @@ impl Server {
         {
             let _ = conn.quinn.send_stream(id).finish();
             conn.streams.remove(&id);
+        }
+    }
+}
+
+impl StreamState {
+    /// Queues what `out` holds for quinn, as a slice of its block; a new block when the
+    /// room left runs low.
+    fn hand_out(&mut self) {
+        self.sending.push_back(self.out.split().freeze());
+        if self.out.capacity() < OUT_ROOM_MIN_BYTES {
+            self.out.reserve(OUT_BLOCK_BYTES);
         }
     }
 }

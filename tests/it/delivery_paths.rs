@@ -72,7 +72,7 @@ async fn a_recipient_without_device_keys_fails_no_device_key_after_the_wait() {
         // The wait is kept on the relay's wall clock (unix ms, like every delivery
         // deadline), so it is checked against the same clock: the status's own time.
         let sent_at = Instant::now();
-        let sent_unix_ms = unix_ms_now();
+        let sent_unix_ms = super::retention::now_ms();
         client.submit(vec![message(9, to.as_str())]).await.unwrap();
         // Asked for, and asked again after the retry interval; never answered.
         let mut asked = 0;
@@ -137,13 +137,6 @@ async fn a_recipient_without_device_keys_fails_no_device_key_after_the_wait() {
     })
     .await
     .expect("test timed out");
-}
-
-fn unix_ms_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 fn message(id: u64, to: &str) -> OutgoingMessage {

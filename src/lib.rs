@@ -31,6 +31,7 @@ pub mod expire;
 pub mod metrics;
 pub mod notify;
 pub mod outcomes;
+pub mod placement;
 pub mod recv_arena;
 pub mod region;
 pub mod serve;

@@ -1,9 +1,12 @@
 //! Starting and stopping a whole server: TLS identity, one socket and one pinned thread per
 //! shard, the hand-off channels between them.
 //!
-//! The shards share the listen port through SO_REUSEPORT; the kernel spreads clients over
-//! them by 4-tuple hash, and a datagram that lands on the wrong shard is forwarded by
-//! connection ID (see [`crate::shard`]).
+//! The shards share the listen port through SO_REUSEPORT. A reuseport program steers
+//! each datagram of an established connection to the shard named in its connection ID;
+//! a new connection's Initials go by the kernel's 4-tuple hash, and the shard they reach
+//! places the connection on the shard with the fewest ([`crate::placement`]). Where the
+//! kernel refuses the program, the hash places connections and a datagram that lands on
+//! the wrong shard is forwarded by connection ID (see [`crate::shard`]).
 
 use std::fs;
 use std::io::Write;
@@ -34,6 +37,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::control::ToControl;
 use crate::metrics::{MetricsServer, MetricsSource};
+use crate::placement::{Loads, Placement};
 use crate::shard::{Forwarded, Peer, Shard, DELTA_QUEUE_MAX, FORWARD_QUEUE_MAX, PEER_QUEUE_MAX};
 use crate::store::{MasterKeyText, ShardStore, StoreError};
 use crate::uring::{self, RingConfig, RingError, UdpRing};
@@ -199,6 +203,14 @@ impl Running {
     /// Number of shards.
     pub fn shards(&self) -> usize {
         self.threads.len()
+    }
+
+    /// Each shard's live connections (index = shard).
+    pub fn shard_connections(&self) -> Vec<u64> {
+        self.counters
+            .iter()
+            .map(|c| c.connections.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Counters summed over the shards.
@@ -380,6 +392,19 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         n => n as usize,
     };
     let (sockets, addr) = bind_sockets(&profile, shards)?;
+    let counters: Vec<Arc<ShardStats>> = (0..shards)
+        .map(|_| Arc::new(ShardStats::default()))
+        .collect();
+    let loads = match shards {
+        1 => None,
+        _ => match uring::steer_by_connection_id(&sockets[0]) {
+            Ok(()) => Some(Arc::new(Loads::new(counters.clone()))),
+            Err(e) => {
+                tracing::warn!(error = %e, "the kernel refused the reuseport steering program; connections stay on the shard their 4-tuple hashes to");
+                None
+            }
+        },
+    };
     // Bound before any shard starts, so a taken port stops start-up with nothing running.
     let metrics_listener = match profile.metrics_listen {
         Some(addr) => Some(
@@ -407,18 +432,17 @@ pub fn start(opts: ServeOptions) -> Result<Running, ServeError> {
         reset_key: stateless_reset_key(&opts.master_key.master_key()),
         token_key: retry_token_key(&opts.master_key.master_key()),
         shutdown: Arc::new(AtomicBool::new(false)),
+        loads,
     });
     let restore = Arc::new(RestoreSet::new(ids_max));
     let (to_control_tx, to_control_rx) = crossbeam_channel::bounded::<ToControl>(4 * shards);
     let (waker_tx, waker_rx) = crossbeam_channel::bounded(shards);
     let mut wiring = Vec::new();
     let mut threads = Vec::new();
-    let mut counters = Vec::new();
-    for (shard, socket) in ShardId::all(shards).zip(sockets) {
+    for ((shard, socket), stats) in ShardId::all(shards).zip(sockets).zip(&counters) {
         let (ends, inboxes) = shard_channels();
         let (peers_tx, peers_rx) = crossbeam_channel::bounded::<Vec<Peer>>(1);
-        let stats = Arc::new(ShardStats::default());
-        counters.push(stats.clone());
+        let stats = stats.clone();
         let t = ShardThread {
             shard,
             socket,
@@ -571,6 +595,9 @@ struct Common {
     reset_key: [u8; 64],
     token_key: [u8; 32],
     shutdown: Arc<AtomicBool>,
+    /// Every shard's load, for placing new connections; `None` with one shard or
+    /// without the kernel's steering.
+    loads: Option<Arc<Loads>>,
 }
 
 /// The sending ends of one shard's inboxes (for its peers).
@@ -752,6 +779,10 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
         shutdown: c.shutdown.clone(),
         max_datagrams: (60_000 / usize::from(c.profile.quic.mtu_upper_bound)).max(1),
         arenas: crate::recv_arena::RecvArenas::new(),
+        placement: c
+            .loads
+            .as_ref()
+            .map(|l| Placement::new(t.shard.index(), l.clone())),
     };
     shard.run().map_err(|source| ServeError::Ring {
         shard: t.shard,

@@ -7,7 +7,9 @@
 //!   UdpRing::wait(until the core's poll_timeout)   io_uring: multishot recvmsg, sendmsg,
 //!     │                                              file writes, eventfd wake
 //!     ├─ Recv (GRO batch) ──> split into datagrams
-//!     │     owner_shard(dcid) == other ──> forward (crossbeam, bounded) + wake it
+//!     │     owner: owner_shard(dcid), else a new connection's placement
+//!     │       (crate::placement: Initials to the shard with the fewest connections)
+//!     │     owner == other ──> forward (crossbeam, bounded) + wake it
 //!     │     else ──> core.handle_datagram
 //!     ├─ File done ──> core.handle_write_done
 //!     ├─ inbox (forwarded datagrams) ──> core.handle_datagram
@@ -36,6 +38,7 @@ use courier_pipeline::ShardId;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::control::ToControl;
+use crate::placement::Placement;
 use crate::recv_arena::RecvArenas;
 use crate::store::ShardStore;
 use crate::uring::{FileDone, FileOpKind, RingEvent, UdpRing, Waker};
@@ -105,6 +108,8 @@ pub struct Shard {
     pub max_datagrams: usize,
     /// The buffers received datagrams are copied into for quinn.
     pub arenas: RecvArenas,
+    /// Where new connections go (`None`: where the kernel's hash put them).
+    pub placement: Option<Placement>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -340,6 +345,7 @@ impl Shard {
         let core = &mut self.core;
         let peers = &self.peers;
         let arenas = &mut self.arenas;
+        let placement = &mut self.placement;
         self.ring.drain(|ev| {
             let (data, segment_size, from, local_ip) = match ev {
                 RingEvent::Recv {
@@ -356,7 +362,11 @@ impl Shard {
             };
             let stride = segment_size.unwrap_or(data.len()).max(1);
             for datagram in data.chunks(stride) {
-                match owner_shard(datagram, shards) {
+                let owner = owner_shard(datagram, shards).or_else(|| {
+                    let p = placement.as_mut()?;
+                    ShardId::try_from(p.route(now.at, datagram, from)).ok()
+                });
+                match owner {
                     Some(owner) if owner != me => {
                         let fwd = Forwarded {
                             data: BytesMut::from(datagram),

@@ -54,7 +54,7 @@ use courier_pipeline::server::MTU_MIN;
 
 pub use file::{FileDone, FileOpKind};
 pub use send::SendBuf;
-pub use socket::bind_reuseport;
+pub use socket::{bind_reuseport, steer_by_connection_id};
 pub use thread::{available_cpus, pin_current_thread};
 pub use udp::UdpRing;
 pub use waker::Waker;

@@ -64,6 +64,71 @@ pub fn bind_reuseport(addr: SocketAddr, rcvbuf: usize, sndbuf: usize) -> io::Res
     Ok(UdpSocket::from(fd))
 }
 
+/// `SO_ATTACH_REUSEPORT_CBPF` (the asm-generic value, x86-64 and arm64 alike; the libc
+/// crate names it for Android only).
+const SO_ATTACH_REUSEPORT_CBPF: i32 = 51;
+
+/// The classic BPF program that picks a datagram's socket in the reuseport group by the
+/// connection ID courier issued (`cid.rs`: its first byte is the shard): a short-header
+/// packet's DCID starts at byte 1; a Handshake packet's (8 bytes, its length at byte 5)
+/// at byte 6. Anything else (Initial and 0-RTT packets carry a DCID the client chose)
+/// returns an index past the group, and the kernel falls back to its 4-tuple hash. The
+/// program sees the UDP payload from its first byte; a load past the end returns 0.
+fn steering_program() -> [libc::sock_filter; 11] {
+    let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let ldb = libc::BPF_LD | libc::BPF_B | libc::BPF_ABS;
+    [
+        /* 0 */ op(ldb, 0, 0, 0),
+        // Long header (bit 7 set): to 4.
+        /* 1 */
+        op(libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K, 2, 0, 0x80),
+        /* 2 */ op(ldb, 0, 0, 1),
+        /* 3 */ op(libc::BPF_RET | libc::BPF_A, 0, 0, 0),
+        // The long header's type (bits 4-5); 2 = Handshake, else to 10.
+        /* 4 */
+        op(libc::BPF_ALU | libc::BPF_AND | libc::BPF_K, 0, 0, 0x30),
+        /* 5 */ op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 0, 4, 0x20),
+        // DCID length 8 (`cid::CID_BYTES`), else to 10.
+        /* 6 */ op(ldb, 0, 0, 5),
+        /* 7 */ op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 0, 2, 8),
+        /* 8 */ op(ldb, 0, 0, 6),
+        /* 9 */ op(libc::BPF_RET | libc::BPF_A, 0, 0, 0),
+        /* 10 */ op(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX),
+    ]
+}
+
+/// Makes the kernel deliver each datagram of an established connection to the socket of
+/// the shard that owns it, by the shard index in courier's connection IDs, instead of by
+/// the 4-tuple hash. `socket` is any member of the reuseport group; the group's sockets
+/// are indexed in the order they were bound, which must be the shards' order. Datagrams
+/// without such an ID (a new connection's Initials) still go by the hash.
+pub fn steer_by_connection_id(socket: &UdpSocket) -> io::Result<()> {
+    let mut program = steering_program();
+    let fprog = libc::sock_fprog {
+        len: program.len() as libc::c_ushort,
+        filter: program.as_mut_ptr(),
+    };
+    // Safety: `fprog` points at `program`, alive for the call; the kernel copies it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            std::ptr::from_ref(&fprog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `setsockopt` with an `int` value.
 pub(super) fn set_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     // Safety: the option value is a live i32 and its exact size is passed.

@@ -396,6 +396,66 @@ fn uring_reuseport_sockets_share_a_port() {
     let _rb = UdpRing::new(b, &test_config()).unwrap();
 }
 
+/// Which of `socks` receives each of `datagrams`, each sent from a socket of its own (a
+/// new 4-tuple each, so the kernel's hash alone would spread them).
+fn receivers(socks: &[UdpSocket], datagrams: &[Vec<u8>]) -> Vec<usize> {
+    let to = socks[0].local_addr().unwrap();
+    let mut got = Vec::new();
+    for d in datagrams {
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(d, to).unwrap();
+        let deadline = Instant::now() + TEST_DEADLINE;
+        let mut buf = [0u8; 64];
+        let at = loop {
+            let hit = socks
+                .iter()
+                .position(|s| s.recv_from(&mut buf).is_ok_and(|(n, _)| buf[..n] == d[..]));
+            if let Some(i) = hit {
+                break i;
+            }
+            assert!(Instant::now() < deadline, "a datagram never arrived");
+            thread::sleep(Duration::from_millis(1));
+        };
+        got.push(at);
+    }
+    got
+}
+
+#[test]
+fn uring_steering_sends_a_connections_datagrams_to_its_shard() {
+    let first = bind_reuseport("127.0.0.1:0".parse().unwrap(), 0, 0).unwrap();
+    let addr = first.local_addr().unwrap();
+    let mut socks = vec![first];
+    for _ in 1..3 {
+        socks.push(bind_reuseport(addr, 0, 0).unwrap());
+    }
+    steer_by_connection_id(&socks[1]).unwrap();
+    // Short headers: the DCID's first byte names the socket, whatever the 4-tuple.
+    for round in 0..8u8 {
+        let short: Vec<Vec<u8>> = (0..3u8).map(|k| vec![0x40, k, round, 9, 9, 9]).collect();
+        assert_eq!(receivers(&socks, &short), [0, 1, 2]);
+        // Handshake packets with courier's 8-byte DCIDs.
+        let handshake: Vec<Vec<u8>> = (0..3u8)
+            .map(|k| vec![0xe0, 0, 0, 0, 1, 8, k, round, 1, 2, 3, 4, 5, 6])
+            .collect();
+        assert_eq!(receivers(&socks, &handshake), [0, 1, 2]);
+    }
+    // Initials, a DCID of another length, an index past the group: the hash decides,
+    // so over many source ports more than one socket receives them.
+    let mut hashed = Vec::new();
+    for round in 0..24u8 {
+        hashed.push(vec![0xc0, 0, 0, 0, 1, 8, 0, round, 1, 2, 3, 4, 5, 6]);
+        hashed.push(vec![0xe0, 0, 0, 0, 1, 16, 0, round, 1, 2, 3, 4, 5, 6]);
+        hashed.push(vec![0x40, 7, round, 1]);
+    }
+    let at = receivers(&socks, &hashed);
+    for kind in 0..3 {
+        let spread: std::collections::BTreeSet<usize> =
+            at.iter().skip(kind).step_by(3).copied().collect();
+        assert!(spread.len() > 1, "kind {kind} went by the hash: {spread:?}");
+    }
+}
+
 #[test]
 fn uring_recv_recovers_after_enobufs() {
     recv_recovers_after_enobufs(Setup::SingleIssuer);

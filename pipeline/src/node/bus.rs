@@ -527,7 +527,8 @@ impl Shard {
 impl Shard {
     /// Sends KEYS_WANTED for `recipients` through one of the edge connections.
     fn ask_keys(&mut self, now: Now, recipients: Vec<Recipient>) {
-        let Some(conn) = self.delivery.as_mut().and_then(|d| d.pick_edge()) else {
+        let home = u16::from(self.shard);
+        let Some(conn) = self.delivery.as_mut().and_then(|d| d.pick_edge(home)) else {
             return;
         };
         for chunk in recipients.chunks(KEYS_WANTED_PER_FRAME) {

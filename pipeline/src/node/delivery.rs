@@ -482,18 +482,30 @@ impl Delivery {
             && (self.out > 0 || self.due.first().is_some_and(|(due_ms, _)| due_ms <= by_ms))
     }
 
-    /// An edge connection to send a request through (round robin), if any.
-    pub fn pick_edge(&mut self) -> Option<ConnKey> {
-        if self.edges.is_empty() {
-            return None;
-        }
-        let conn = *self
+    /// An edge connection to send a request of shard `home` through, if any: one on
+    /// `home` itself when there is one (its DELIVER then needs no other shard), else any;
+    /// round robin among them.
+    pub fn pick_edge(&mut self, home: u16) -> Option<ConnKey> {
+        let local = self
             .edges
             .iter()
-            .nth(self.next_edge % self.edges.len())
-            .expect("not empty");
+            .filter(|c| u16::from(c.shard()) == home)
+            .count();
+        let candidates = match local {
+            0 => self.edges.len(),
+            n => n,
+        };
+        if candidates == 0 {
+            return None;
+        }
+        let nth = self.next_edge % candidates;
         self.next_edge = self.next_edge.wrapping_add(1);
-        Some(conn)
+        let mut edges = self.edges.iter();
+        let conn = match local {
+            0 => edges.nth(nth),
+            _ => edges.filter(|c| u16::from(c.shard()) == home).nth(nth),
+        };
+        conn.copied()
     }
 
     /// A message offered for a hand-off cannot be handed, for good (its seal for the
@@ -570,7 +582,9 @@ impl Delivery {
                 }
             }
         };
-        let conn = self.pick_edge().expect("an edge is attached");
+        let conn = self
+            .pick_edge(message.shard())
+            .expect("an edge is attached");
         let p = self
             .pending
             .get_mut(&message)
@@ -1082,6 +1096,34 @@ mod tests {
         assert_eq!(kinds(&mut d), [StatusKind::Expired; 3]);
         assert_eq!(d.pending(), 0);
         assert_eq!(d.payload_bytes(), 0);
+    }
+
+    /// A message goes through an edge connection on its own shard when there is one, so
+    /// that its DELIVER crosses no other shard; else through any, in turn.
+    #[test]
+    fn an_edge_on_the_messages_shard_is_preferred() {
+        let mut d = Delivery::new(cfg());
+        let (a0, b0, c1) = (
+            ConnKey::for_tests(0, 1),
+            ConnKey::for_tests(0, 2),
+            ConnKey::for_tests(1, 3),
+        );
+        for c in [a0, b0, c1] {
+            d.edge_attached(c);
+        }
+        let picks: Vec<ConnKey> = (0..4).filter_map(|_| d.pick_edge(1)).collect();
+        assert_eq!(picks, [c1; 4]);
+        let mut picks: Vec<ConnKey> = (0..4).filter_map(|_| d.pick_edge(0)).collect();
+        picks.sort();
+        assert_eq!(picks, [a0, a0, b0, b0]);
+        let mut picks: Vec<ConnKey> = (0..3).filter_map(|_| d.pick_edge(2)).collect();
+        picks.sort();
+        assert_eq!(picks, [a0, b0, c1], "no edge on shard 2: each in turn");
+        d.edge_detached(0, c1);
+        assert!(matches!(d.pick_edge(1), Some(c) if c.shard().index() == 0));
+        d.edge_detached(0, a0);
+        d.edge_detached(0, b0);
+        assert_eq!(d.pick_edge(0), None);
     }
 
     #[test]

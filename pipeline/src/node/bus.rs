@@ -508,9 +508,12 @@ impl Shard {
         }
         let durable_end = self.commit.log().durable_end();
         let shard = self.shard;
+        let home = u16::from(shard);
         let durable = |e: LogPosition| e.shard_id() == Some(shard) && e.index() < durable_end;
         // Bounded: PUSHES_IN_FLIGHT pushes in flight per business.
-        while let Some((conn, business_id, events)) = self.outbox.poll_push(now.unix_ms, durable) {
+        while let Some((conn, business_id, events)) =
+            self.outbox.poll_push(now.unix_ms, home, durable)
+        {
             self.send_peer(
                 now,
                 conn.shard(),

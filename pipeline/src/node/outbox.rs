@@ -4,7 +4,8 @@
 //! ```text
 //!  add(business, event) ──> the business's queue (log order; the event's record is
 //!                           durable before it is pushed)
-//!  poll_push(now) ──> a subscriber connection of the business and the next events of
+//!  poll_push(now, home) ──> a subscriber connection of the business (one on this
+//!                     shard if it has one) and the next events of
 //!                     its queue not in flight (at most events_per_push_max), up to
 //!                     PUSHES_IN_FLIGHT pushes in flight per business, all on one
 //!                     connection (one ordered stream): a business hears its events in
@@ -209,11 +210,14 @@ impl Outbox {
         self.subscribers.retain(|_, s| !s.is_empty());
     }
 
-    /// The next push at `now_ms`: a subscriber of a business with events ready, and its
-    /// first events whose records are durable (`durable(event)`).
+    /// The next push at `now_ms`: a subscriber of a business with events ready (one on
+    /// shard `home`, whose outbox this is, when the business has one there: its push then
+    /// crosses no other shard), and its first events whose records are durable
+    /// (`durable(event)`).
     pub fn poll_push(
         &mut self,
         now_ms: u64,
+        home: u16,
         durable: impl Fn(LogPosition) -> bool,
     ) -> Option<(ConnKey, u32, Vec<EventItem>)> {
         let start = self.next_business;
@@ -236,7 +240,12 @@ impl Outbox {
             // More goes on the connection that has the rest in flight.
             let conn = match q.push {
                 Some(p) => Some(p.conn),
-                None => self.subscribers.get(&b).and_then(|s| s.first()).copied(),
+                None => self.subscribers.get(&b).and_then(|s| {
+                    s.iter()
+                        .find(|c| u16::from(c.shard()) == home)
+                        .or_else(|| s.first())
+                        .copied()
+                }),
             };
             if let Some(conn) = conn {
                 chosen = Some((b, conn, in_flight));
@@ -398,11 +407,11 @@ mod tests {
         for i in 1..=10 {
             o.add(7, status(i));
         }
-        assert!(o.poll_push(0, |_| true).is_none(), "no subscriber yet");
+        assert!(o.poll_push(0, 0, |_| true).is_none(), "no subscriber yet");
         o.subscriber_attached(7, c);
         o.subscriber_attached(7, ConnKey::for_tests(1, 2));
         let mut pushed = Vec::new();
-        while let Some((conn, b, items)) = o.poll_push(0, |_| true) {
+        while let Some((conn, b, items)) = o.poll_push(0, 0, |_| true) {
             assert_eq!((conn, b), (c, 7), "all on one connection");
             pushed.push(ids(&items));
         }
@@ -413,22 +422,40 @@ mod tests {
         );
         o.acked(7, &[at(2)], 10);
         assert!(
-            o.poll_push(10, |_| true).is_none(),
+            o.poll_push(10, 0, |_| true).is_none(),
             "1 not acked: none freed"
         );
         o.acked(7, &[at(1)], 20);
-        let (_, _, items) = o.poll_push(20, |_| true).unwrap();
+        let (_, _, items) = o.poll_push(20, 0, |_| true).unwrap();
         assert_eq!(ids(&items), vec![9, 10], "two freed, the next two go");
-        assert!(o.poll_push(20, |_| true).is_none());
+        assert!(o.poll_push(20, 0, |_| true).is_none());
         assert_eq!(o.poll_cursor(), Some((7, at(2))));
         assert_eq!(o.poll_cursor(), None);
         // The acknowledgement at 20 moved the deadline to 1020: still in flight at 1019;
         // past it, everything unacknowledged goes again from the front.
         o.tick(1019);
-        assert!(o.poll_push(1019, |_| true).is_none());
+        assert!(o.poll_push(1019, 0, |_| true).is_none());
         o.tick(1020);
-        let (_, _, items) = o.poll_push(1020, |_| true).unwrap();
+        let (_, _, items) = o.poll_push(1020, 0, |_| true).unwrap();
         assert_eq!(ids(&items), vec![3, 4]);
+    }
+
+    /// A business's events go to a connection of its on the outbox's own shard when it
+    /// has one there (no other shard in the way), else to one elsewhere.
+    #[test]
+    fn a_subscriber_on_the_outboxs_shard_is_preferred() {
+        let mut o = Outbox::new(100, 0, 2, 1000);
+        let (c0, c1) = (ConnKey::for_tests(0, 1), ConnKey::for_tests(1, 2));
+        o.subscriber_attached(7, c0);
+        o.subscriber_attached(7, c1);
+        o.add(7, status(1));
+        let (conn, _, _) = o.poll_push(0, 1, |_| true).unwrap();
+        assert_eq!(conn, c1);
+        let mut o = Outbox::new(100, 0, 2, 1000);
+        o.subscriber_attached(7, c1);
+        o.add(7, status(1));
+        let (conn, _, _) = o.poll_push(0, 0, |_| true).unwrap();
+        assert_eq!(conn, c1, "none on shard 0: the one elsewhere");
     }
 
     #[test]
@@ -437,15 +464,15 @@ mod tests {
         o.subscriber_attached(1, ConnKey::for_tests(0, 1));
         o.add(1, status(1));
         o.add(1, status(2));
-        let (_, _, items) = o.poll_push(0, |e| e.index() < 2).unwrap();
+        let (_, _, items) = o.poll_push(0, 0, |e| e.index() < 2).unwrap();
         assert_eq!(ids(&items), vec![1]);
         o.tick(999);
         // 2 is durable now: it follows 1 (the deadline stays the first push's).
-        let (_, _, items) = o.poll_push(999, |_| true).unwrap();
+        let (_, _, items) = o.poll_push(999, 0, |_| true).unwrap();
         assert_eq!(ids(&items), vec![2]);
-        assert!(o.poll_push(999, |_| true).is_none());
+        assert!(o.poll_push(999, 0, |_| true).is_none());
         o.tick(1000);
-        let (_, _, items) = o.poll_push(1000, |_| true).unwrap();
+        let (_, _, items) = o.poll_push(1000, 0, |_| true).unwrap();
         assert_eq!(ids(&items), vec![1, 2]);
     }
 

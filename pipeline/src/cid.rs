@@ -1,9 +1,11 @@
 //! Connection IDs that carry the shard index, and the steering decision built on them.
 //!
-//! Every connection ID a shard issues is `shard:u8 | 7 random bytes`. A datagram that the
-//! kernel's SO_REUSEPORT hash delivers to the wrong shard (a client changed address, so
-//! its 4-tuple hashes elsewhere) names its owner in its destination connection ID, and
-//! [`owner_shard`] reads it without decrypting anything. The same layout leaves room for
+//! Every connection ID a shard issues is `shard:u8 | 7 random bytes`. The server's
+//! reuseport program (`courier::uring::steer_by_connection_id`) reads the same byte, so
+//! the kernel hands each datagram to its owner; where the kernel refuses the program, a
+//! datagram that the SO_REUSEPORT hash delivers to the wrong shard (a client changed
+//! address, so its 4-tuple hashes elsewhere) names its owner in its destination
+//! connection ID, and [`owner_shard`] reads it without decrypting anything. The same layout leaves room for
 //! a QUIC-LB server id in front of it later.
 
 use quinn_proto::{ConnectionId, ConnectionIdGenerator, InvalidCid};

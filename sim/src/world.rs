@@ -10,6 +10,9 @@
 //!        │
 //!        ▼  SO_REUSEPORT: shard = hash(client address) % shards
 //!   shell model: cid::owner_shard(datagram) names another shard? hand it over
+//!   (the real shell's placement of new connections, `courier::placement`, and the
+//!   kernel's steering by connection ID are not modelled: the core sees the same
+//!   datagrams either way, only on other shards)
 //!        │
 //!        ▼
 //!   SimNode: courier_pipeline::node::Shard per shard (QUIC, stage chain, group commit)

@@ -176,7 +176,9 @@ struct Args {
     /// Share of delivered messages whose recipient replies (INBOUND to its business).
     #[arg(long, default_value_t = 0.0, requires = "deliver")]
     reply_rate: f64,
-    /// Edge connections.
+    /// Edge connections. The relay places connections evenly over its shards and a
+    /// shard delivers through an edge connection it holds itself when there is one: as
+    /// many as the relay has shards keeps every DELIVER on its own shard.
     #[arg(long, default_value_t = 1, requires = "deliver")]
     edge_connections: usize,
     /// DELIVERs each edge connection takes ahead (its credit window).

@@ -96,14 +96,14 @@ impl Placement {
             return self.me;
         };
         // Long header, type 0 (Initial) or 1 (0-RTT).
-        if first & 0x80 == 0 || (first >> 4) & 0x3 > 1 {
+        let long_type = (first >> 4) & 0x3;
+        if first & 0x80 == 0 || long_type > 1 {
             return self.me;
         }
         if let Some(&shard) = self.routes.get(&from) {
             return shard;
         }
-        let is_initial = (first >> 4) & 0x3 == 0;
-        if !is_initial || datagram.len() < INITIAL_BYTES_MIN || self.routes.len() >= ROUTES_MAX {
+        if long_type != 0 || datagram.len() < INITIAL_BYTES_MIN || self.routes.len() >= ROUTES_MAX {
             return self.me;
         }
         let mut best = self.me;

@@ -5,8 +5,8 @@
 //! the kernel hands each datagram to its owner; where the kernel refuses the program, a
 //! datagram that the SO_REUSEPORT hash delivers to the wrong shard (a client changed
 //! address, so its 4-tuple hashes elsewhere) names its owner in its destination
-//! connection ID, and [`owner_shard`] reads it without decrypting anything. The same layout leaves room for
-//! a QUIC-LB server id in front of it later.
+//! connection ID, and [`owner_shard`] reads it without decrypting anything. The same
+//! layout leaves room for a QUIC-LB server id in front of it later.
 
 use quinn_proto::{ConnectionId, ConnectionIdGenerator, InvalidCid};
 use rand::{RngCore, SeedableRng};

@@ -8,6 +8,8 @@ use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use courier_pipeline::cid::CID_BYTES;
+
 /// Create a UDP socket bound to `addr` for one shard.
 ///
 /// - `SO_REUSEPORT`, so that one socket per shard shares the port (the kernel spreads
@@ -70,10 +72,10 @@ const SO_ATTACH_REUSEPORT_CBPF: i32 = 51;
 
 /// The classic BPF program that picks a datagram's socket in the reuseport group by the
 /// connection ID courier issued (`cid.rs`: its first byte is the shard): a short-header
-/// packet's DCID starts at byte 1; a Handshake packet's (8 bytes, its length at byte 5)
-/// at byte 6. Anything else (Initial and 0-RTT packets carry a DCID the client chose)
-/// returns an index past the group, and the kernel falls back to its 4-tuple hash. The
-/// program sees the UDP payload from its first byte; a load past the end returns 0.
+/// packet's DCID starts at byte 1; a Handshake packet's (`CID_BYTES`, its length at
+/// byte 5) at byte 6. Anything else (Initial and 0-RTT packets carry a DCID the client
+/// chose) returns an index past the group, and the kernel falls back to its 4-tuple hash.
+/// The program sees the UDP payload from its first byte; a load past the end returns 0.
 fn steering_program() -> [libc::sock_filter; 11] {
     let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
         code: code as u16,
@@ -93,9 +95,15 @@ fn steering_program() -> [libc::sock_filter; 11] {
         /* 4 */
         op(libc::BPF_ALU | libc::BPF_AND | libc::BPF_K, 0, 0, 0x30),
         /* 5 */ op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 0, 4, 0x20),
-        // DCID length 8 (`cid::CID_BYTES`), else to 10.
+        // DCID length courier's own, else to 10.
         /* 6 */ op(ldb, 0, 0, 5),
-        /* 7 */ op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 0, 2, 8),
+        /* 7 */
+        op(
+            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+            0,
+            2,
+            CID_BYTES as u32,
+        ),
         /* 8 */ op(ldb, 0, 0, 6),
         /* 9 */ op(libc::BPF_RET | libc::BPF_A, 0, 0, 0),
         /* 10 */ op(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX),

@@ -486,24 +486,18 @@ impl Delivery {
     /// `home` itself when there is one (its DELIVER then needs no other shard), else any;
     /// round robin among them.
     pub fn pick_edge(&mut self, home: u16) -> Option<ConnKey> {
-        let local = self
-            .edges
-            .iter()
-            .filter(|c| u16::from(c.shard()) == home)
-            .count();
-        let candidates = match local {
-            0 => self.edges.len(),
-            n => n,
-        };
+        let on_home = |c: &&ConnKey| u16::from(c.shard()) == home;
+        let local = self.edges.iter().filter(on_home).count();
+        let candidates = if local > 0 { local } else { self.edges.len() };
         if candidates == 0 {
             return None;
         }
         let nth = self.next_edge % candidates;
         self.next_edge = self.next_edge.wrapping_add(1);
-        let mut edges = self.edges.iter();
-        let conn = match local {
-            0 => edges.nth(nth),
-            _ => edges.filter(|c| u16::from(c.shard()) == home).nth(nth),
+        let conn = if local > 0 {
+            self.edges.iter().filter(on_home).nth(nth)
+        } else {
+            self.edges.iter().nth(nth)
         };
         conn.copied()
     }

@@ -707,7 +707,7 @@ fn run_shard(t: ShardThread) -> Result<ServerStats, ServeError> {
         }
     };
     let direct_io = if c.profile.log.direct_io {
-        match store.enable_direct_io(&log) {
+        match store.enable_direct_io(&log, c.profile.log.prepare_ahead_bytes) {
             Ok(io) => Some(io),
             Err(e) => {
                 tracing::info!(shard = t.shard.index(), error = %e, "the log's file system refuses O_DIRECT; writing through the page cache");

@@ -277,35 +277,50 @@ impl Shard {
     /// the ring while it has file slots.
     fn perform_io(&mut self, now: Now) {
         while let Some(op) = self.core.poll_io(self.ring.file_slots_free()) {
-            let Io::DurableWrite {
-                token,
-                segment_id,
-                offset,
-                skip,
-                bytes,
-            } = op
-            else {
-                let what = format!("{op:?}");
-                if let Err(e) = self.store.perform(op) {
-                    tracing::error!(shard = self.id.index(), action = %what, error = %e, "log action failed; the log stops taking messages");
-                    self.core.handle_metadata_failed(now);
+            let (token, segment_id, offset, skip, bytes) = match op {
+                Io::DurableWrite {
+                    token,
+                    segment_id,
+                    offset,
+                    skip,
+                    bytes,
                 }
-                continue;
+                | Io::PrepareSpace {
+                    token,
+                    segment_id,
+                    offset,
+                    skip,
+                    bytes,
+                } => (token, segment_id, offset, skip, bytes),
+                op => {
+                    let what = format!("{op:?}");
+                    if let Err(e) = self.store.perform(op) {
+                        tracing::error!(shard = self.id.index(), action = %what, error = %e, "log action failed; the log stops taking messages");
+                        self.core.handle_metadata_failed(now);
+                    }
+                    continue;
+                }
             };
             let file = match self.store.segment_file(segment_id) {
                 Ok(f) => f,
                 Err(e) => {
-                    tracing::error!(shard = self.id.index(), segment = segment_id, error = %e, "segment file not opened for a group commit");
+                    tracing::error!(shard = self.id.index(), segment = segment_id, error = %e, "segment file not opened for a log write");
                     self.core
                         .handle_write_done(now, token, WriteOutcome::WriteFailed, bytes);
                     continue;
                 }
             };
+            // Zeros of prepared space are written as durably as a commit: the blocks and
+            // the file's size must be on disk for later commits to only overwrite.
             let queued =
                 self.ring
                     .submit_file(file, FileOpKind::DurableWrite, offset, bytes, skip, token);
-            // The core hands a commit out only when all its writes fit the free slots.
-            assert!(queued.is_ok(), "a file slot for every write of the commit");
+            // The core hands out a write only when it has a free slot (a commit's writes
+            // only when all of them fit).
+            assert!(
+                queued.is_ok(),
+                "a file slot for every write the core hands out"
+            );
         }
     }
 
@@ -314,6 +329,13 @@ impl Shard {
         let len = done.data.len() - done.skip;
         let outcome = if done.is_complete(len) {
             WriteOutcome::Done
+        } else if node::Shard::is_prepare_write(done.token) {
+            tracing::warn!(
+                shard = self.id.index(),
+                written = ?done.written.as_ref().map_err(|e| e.to_string()),
+                "writing zeros ahead of the log's records failed; commits append instead"
+            );
+            WriteOutcome::WriteFailed
         } else {
             tracing::error!(
                 shard = self.id.index(),

@@ -410,13 +410,16 @@ impl ShardStore {
     /// Performs a metadata operation of the core (synchronously, durably).
     ///
     /// # Panics
-    /// On a [`Io::DurableWrite`]: those go through the ring with [`Self::segment_file`].
+    /// On a [`Io::DurableWrite`] or [`Io::PrepareSpace`]: those go through the ring with
+    /// [`Self::segment_file`].
     pub fn perform(&mut self, op: Io) -> std::io::Result<()> {
         let action = match op {
             Io::PersistKeyring { bytes } => Action::PersistKeyring { bytes },
             Io::CreateSegment { segment_id } => Action::CreateSegment { segment_id },
             Io::DeleteSegment { segment_id } => Action::DeleteSegment { segment_id },
-            Io::DurableWrite { .. } => unreachable!("durable writes go through the ring"),
+            Io::DurableWrite { .. } | Io::PrepareSpace { .. } => {
+                unreachable!("log writes go through the ring")
+            }
         };
         self.perform_action(action)
     }
@@ -426,8 +429,9 @@ impl ShardStore {
     /// (the store then stays with the page cache). Returns what the core needs to align
     /// its writes: the block ([`DIRECT_IO_BLOCK`]) and `log`'s open segment's partial
     /// last block, read back (records appended before serving, such as the `expired`
-    /// statuses of a retention drop, opened one).
-    pub fn enable_direct_io(&mut self, log: &Log) -> std::io::Result<DirectIo> {
+    /// statuses of a retention drop, opened one), and `prepare_ahead`, the bytes of zeros
+    /// to keep written ahead of the open segment's records (`log.prepare_ahead_bytes`).
+    pub fn enable_direct_io(&mut self, log: &Log, prepare_ahead: u64) -> std::io::Result<DirectIo> {
         probe_direct_io(&self.dir)?;
         let mut tail = Vec::new();
         if let Some((segment_id, end)) = log.open_segment() {
@@ -442,6 +446,7 @@ impl ShardStore {
         Ok(DirectIo {
             block: DIRECT_IO_BLOCK,
             tail,
+            prepare_ahead,
         })
     }
 
@@ -646,7 +651,7 @@ mod tests {
         let key = MasterKeyText::random();
         let (mut store, mut log) =
             ShardStore::open(dir.path(), ShardId::new(0), &key, cfg, &mut |_, _| {}).unwrap();
-        let fresh = store.enable_direct_io(&log).unwrap();
+        let fresh = store.enable_direct_io(&log, 0).unwrap();
         assert!(fresh.tail.is_empty(), "no segment open yet");
         // Records appended durably before serving (as retention's `expired` statuses are).
         let header = RecordHeader {
@@ -674,7 +679,7 @@ mod tests {
         let req = log.begin_sync().unwrap();
         log.on_synced(req.id);
         let (id, end) = log.open_segment().expect("the appends opened a segment");
-        let io = store.enable_direct_io(&log).unwrap();
+        let io = store.enable_direct_io(&log, 0).unwrap();
         assert_eq!(io.block, DIRECT_IO_BLOCK);
         let file = fs::read(dir.path().join("log/shard-0").join(segment_file_name(id))).unwrap();
         assert_eq!(file.len() as u64, end);

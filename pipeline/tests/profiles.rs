@@ -300,3 +300,44 @@ fn every_tuning_profile_keeps_the_retention_promise() {
         );
     }
 }
+
+// Issue 17: zeros written ahead of the log's records.
+
+#[test]
+fn prepared_space_is_optional_whole_blocks_and_bounded() {
+    let default = Profile::from_toml(DEFAULT_PROFILE_TOML).unwrap();
+    assert_eq!(default.log.prepare_ahead_bytes, 2 << 20);
+    // Optional: profiles written before the key load with the default.
+    let without = DEFAULT_PROFILE_TOML.replace("prepare_ahead_bytes = 2097152\n", "");
+    assert_ne!(without, DEFAULT_PROFILE_TOML);
+    assert_eq!(
+        Profile::from_toml(&without)
+            .unwrap()
+            .log
+            .prepare_ahead_bytes,
+        2 << 20
+    );
+    // 0 turns it off.
+    let off =
+        DEFAULT_PROFILE_TOML.replace("prepare_ahead_bytes = 2097152", "prepare_ahead_bytes = 0");
+    assert_eq!(Profile::from_toml(&off).unwrap().log.prepare_ahead_bytes, 0);
+    // Not whole blocks, or past the bound: named, with why.
+    let odd = DEFAULT_PROFILE_TOML.replace(
+        "prepare_ahead_bytes = 2097152",
+        "prepare_ahead_bytes = 5000",
+    );
+    let problem = log_issue(&odd, "log.prepare_ahead_bytes");
+    assert!(problem.contains("multiple of 4096"), "{problem}");
+    let big = DEFAULT_PROFILE_TOML.replace(
+        "prepare_ahead_bytes = 2097152",
+        "prepare_ahead_bytes = 536870912",
+    );
+    log_issue(&big, "log.prepare_ahead_bytes");
+    // From the environment, as every key.
+    let (p, _) = Profile::from_toml_with_env(
+        DEFAULT_PROFILE_TOML,
+        env(&[("COURIER_LOG__PREPARE_AHEAD_BYTES", "0")]),
+    )
+    .unwrap();
+    assert_eq!(p.log.prepare_ahead_bytes, 0);
+}

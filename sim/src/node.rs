@@ -42,6 +42,9 @@ const FILE_SLOTS: usize = 16;
 const SEAL_CACHE_KEYS: usize = 64;
 /// The block of the shards that write as with `O_DIRECT` (odd shards).
 const SIM_DIRECT_IO_BLOCK: usize = 512;
+/// Zeros kept ahead of a direct I/O shard's records: a few blocks, so that zero writes
+/// are frequent, and often still in flight when a commit would reach them.
+const SIM_PREPARE_AHEAD_BYTES: u64 = 4 * SIM_DIRECT_IO_BLOCK as u64;
 
 /// How the simulated disks behave.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -349,7 +352,11 @@ impl SimNode {
                 .expect("the open segment's file");
             file[(end - end % block as u64) as usize..end as usize].to_vec()
         });
-        DirectIo { block, tail }
+        DirectIo {
+            block,
+            tail,
+            prepare_ahead: SIM_PREPARE_AHEAD_BYTES,
+        }
     }
 
     /// Power loss: every core and write in flight is gone; every disk keeps what was
@@ -579,6 +586,13 @@ impl SimNode {
                     offset,
                     skip,
                     bytes,
+                }
+                | Io::PrepareSpace {
+                    token,
+                    segment_id,
+                    offset,
+                    skip,
+                    bytes,
                 } => {
                     trace.push(DiskOp::Write((bytes.len() - skip) as u64));
                     let outcome = match self.storage[s].write(segment_id, offset, &bytes[skip..]) {
@@ -632,7 +646,9 @@ fn perform_metadata(st: &mut MemStorage, op: Io) -> Result<(), SimIoError> {
             st.delete(segment_id);
             Ok(())
         }
-        Io::DurableWrite { .. } => unreachable!("commit writes are asynchronous"),
+        Io::DurableWrite { .. } | Io::PrepareSpace { .. } => {
+            unreachable!("log writes are asynchronous")
+        }
     }
 }
 

@@ -97,8 +97,9 @@ impl MemStorage {
         self.files.insert(id, MemFile::default());
     }
 
-    /// Writes `bytes` at `offset`, at most the file's end (no holes): the log appends,
-    /// and with direct I/O writes its last block again.
+    /// Writes `bytes` at `offset`: the log appends, and with direct I/O writes its last
+    /// block again and writes zeros ahead of its records (prepared space), possibly past
+    /// the file's end: the hole reads as zeros, as a file system's does.
     pub fn write(&mut self, id: u64, offset: u64, bytes: &[u8]) -> Result<(), SimIoError> {
         let room = match self.capacity_bytes {
             Some(cap) => cap.saturating_sub(self.used_bytes()),
@@ -106,7 +107,10 @@ impl MemStorage {
         };
         let f = self.files.get_mut(&id).expect("write to an existing file");
         let offset = offset as usize;
-        assert!(offset <= f.data.len(), "the log writes no holes");
+        if offset > f.data.len() {
+            // The hole reads as zeros (and counts as used space here).
+            f.data.resize(offset, 0);
+        }
         let over = (f.data.len() - offset).min(bytes.len());
         let n = over + (bytes.len() - over).min(usize::try_from(room).unwrap_or(usize::MAX));
         let from = f.unsynced_from();

@@ -32,8 +32,29 @@
 //! the same way). A run's first appends open a new segment, so at start-up there is a
 //! tail only when records were appended before serving (the `expired` statuses of a
 //! retention drop): the shell reads it back from the file ([`DirectIo::tail`]).
+//!
+//! Prepared space ([`DirectIo::prepare_ahead`], `log.prepare_ahead_bytes`): with direct
+//! I/O the group commit also keeps the open segment written with zeros some way past its
+//! records ([`Io::PrepareSpace`], one chunk at a time, each as durable as a commit), so
+//! that a commit overwrites blocks the file system has already allocated and recorded.
+//! An appending `RWF_DSYNC` write has to allocate blocks and change the file's size,
+//! which io_uring always hands to a kernel worker thread and the file system journals; an
+//! overwrite of written blocks mostly runs from the shard's own thread (BENCHMARKS.md,
+//! "Space prepared ahead of the log's records"). Zeros are what recovery already reads as
+//! a segment's end, so a crash anywhere leaves a segment it reads as before. Two rules
+//! keep the zeros off records: a zero write starts on a chunk boundary past everything
+//! appended when it is handed out, and a commit whose bytes would reach a zero write
+//! still in flight waits for it (otherwise the zeros could land after the records); and
+//! a segment is prepared only after a commit into it completed, so that its header is
+//! durable (zeros written past a header not yet on disk leave a hole where it belongs,
+//! which recovery must call corruption: the simulation found this). A
+//! segment file ends in at most `prepare_ahead` plus a chunk of zeros past its records,
+//! and none past `segment_bytes_max` rounded up to a chunk. A failed zero write (a full
+//! disk) stops the preparing of that segment; its commits append, and meet the disk's
+//! state themselves.
 
 use std::collections::VecDeque;
+use std::ops::Range;
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -49,6 +70,10 @@ const TOKEN_OP_BITS: u32 = 16;
 /// With direct I/O, the capacity a new commit buffer starts with (a reallocation
 /// loses the alignment, restored by one move when the commit starts).
 const DIRECT_BUFFER_MIN_BYTES: usize = 256 * 1024;
+/// Most bytes one zero write of prepared space covers.
+pub const PREPARE_CHUNK_BYTES_MAX: u64 = 1 << 20;
+/// Tokens of zero writes have this bit set (commit writes' tokens never reach it).
+const PREPARE_TOKEN: u64 = 1 << 63;
 
 /// Contiguous bytes for one segment, written by one `DurableWrite`: `bytes[skip..]` go
 /// to `offset` (`bytes[..skip]` only align the rest's address, with direct I/O).
@@ -76,6 +101,10 @@ pub struct DirectIo {
     /// The bytes of the log's open segment ([`Log::open_segment`]) from its last block
     /// boundary to its end, read back from the file; empty when no segment is open.
     pub tail: Vec<u8>,
+    /// Bytes of the open segment kept written with zeros ahead of its records, so that
+    /// commits overwrite blocks the file system has already allocated instead of
+    /// appending (see the module docs); 0 prepares nothing. A multiple of `block`.
+    pub prepare_ahead: u64,
 }
 
 /// Direct I/O's alignment and the newest segment's partial last block.
@@ -96,6 +125,31 @@ struct Tail {
     offset: u64,
     /// Fewer than `block` bytes.
     bytes: Vec<u8>,
+}
+
+/// Space prepared ahead of the open segment's records ([`DirectIo::prepare_ahead`]).
+#[derive(Debug)]
+struct Prepare {
+    /// Keep the segment written this far past its records.
+    ahead: u64,
+    /// One zero write covers this much (half of `ahead`, at least a block, at most
+    /// [`PREPARE_CHUNK_BYTES_MAX`], a multiple of the block), starting on a multiple of
+    /// it.
+    chunk: u64,
+    /// The segment being prepared, and how far its zeros are durable.
+    segment_id: u64,
+    end: u64,
+    /// A zero write to this segment failed (a full disk): its later commits append.
+    stopped: bool,
+    /// The newest segment a commit completed in: a segment is prepared only once its
+    /// header is durable (zeros ahead of it could otherwise leave a hole where the
+    /// header belongs, which recovery must call corruption).
+    written: Option<u64>,
+    /// The zero write in flight: its token, segment and byte range.
+    in_flight: Option<(u64, u64, Range<u64>)>,
+    next_token: u64,
+    /// The zeros, aligned from `zeros.0` on; lent to the write in flight.
+    zeros: Option<(usize, Vec<u8>)>,
 }
 
 #[derive(Debug)]
@@ -171,6 +225,7 @@ pub struct GroupCommit {
     in_flight: Option<InFlight>,
     io: VecDeque<Io>,
     direct: Option<Direct>,
+    prepare: Option<Prepare>,
 }
 
 /// The group commit as the log's [`AppendSink`]: records are encoded straight into the
@@ -267,6 +322,7 @@ impl GroupCommit {
             in_flight: None,
             io: VecDeque::new(),
             direct: None,
+            prepare: None,
         }
     }
 
@@ -303,6 +359,26 @@ impl GroupCommit {
             }
         };
         self.direct = Some(Direct { block, tail });
+        assert!(
+            io.prepare_ahead.is_multiple_of(block as u64),
+            "space is prepared in whole blocks"
+        );
+        if io.prepare_ahead > 0 {
+            // Two zero writes or more per `ahead`, so that one is written while the
+            // records reach the other.
+            let chunk = (io.prepare_ahead / 2).clamp(block as u64, PREPARE_CHUNK_BYTES_MAX);
+            self.prepare = Some(Prepare {
+                ahead: io.prepare_ahead,
+                chunk: chunk - chunk % block as u64,
+                segment_id: u64::MAX,
+                end: 0,
+                stopped: false,
+                written: None,
+                in_flight: None,
+                next_token: 0,
+                zeros: None,
+            });
+        }
         self
     }
 
@@ -350,18 +426,83 @@ impl GroupCommit {
         dropped
     }
 
-    /// Whether nothing is left to do: no operation queued, no commit due or in flight.
+    /// Whether nothing is left to do: no operation queued, no commit due or in flight,
+    /// no zero write in flight.
     pub fn is_idle(&self) -> bool {
-        self.io.is_empty() && self.in_flight.is_none() && !self.log.commit_due()
+        self.io.is_empty()
+            && self.in_flight.is_none()
+            && !self.log.commit_due()
+            && self.prepare.as_ref().is_none_or(|p| p.in_flight.is_none())
     }
 
     /// The next storage operation: queued ones first; then the due commit's writes, when
-    /// the shell has `slots` for all of them.
+    /// the shell has `slots` for all of them; then a zero write of space ahead.
     pub fn poll_io(&mut self, slots: usize) -> Option<Io> {
         if self.io.is_empty() && self.log.commit_due() {
             self.start(slots);
         }
-        self.io.pop_front()
+        if let Some(io) = self.io.pop_front() {
+            return Some(io);
+        }
+        self.poll_prepare(slots)
+    }
+
+    /// A zero write of the open segment's next chunk, when the prepared space reaches
+    /// less than `ahead` past its records and none is in flight. Only after every queued
+    /// operation was handed out (the segment exists), and always past the records and
+    /// the commit in flight, on a chunk boundary beyond the records' end.
+    fn poll_prepare(&mut self, slots: usize) -> Option<Io> {
+        let p = self.prepare.as_mut()?;
+        if p.in_flight.is_some() || slots == 0 || self.log.failure().is_some() {
+            return None;
+        }
+        let (segment_id, end) = self.log.open_segment()?;
+        if p.written.is_none_or(|w| w < segment_id) {
+            return None;
+        }
+        if segment_id != p.segment_id {
+            p.segment_id = segment_id;
+            p.end = 0;
+            p.stopped = false;
+        }
+        // The segment rolls once it holds `segment_bytes_max`: nothing past that.
+        let cap = self
+            .log
+            .config()
+            .segment_bytes_max
+            .next_multiple_of(p.chunk);
+        let from = p.end.max((end / p.chunk + 1) * p.chunk);
+        if p.stopped || p.end >= end + p.ahead || from >= cap {
+            return None;
+        }
+        let range = from..from + p.chunk;
+        let token = PREPARE_TOKEN | p.next_token;
+        p.next_token = (p.next_token + 1) % PREPARE_TOKEN;
+        let block = self
+            .direct
+            .as_ref()
+            .expect("prepared only with direct I/O")
+            .block;
+        let (skip, bytes) = p.zeros.take().unwrap_or_else(|| {
+            let mut z: Vec<u8> = Vec::with_capacity(p.chunk as usize + block);
+            let skip = z.as_ptr().align_offset(block);
+            z.resize(skip + p.chunk as usize, 0);
+            (skip, z)
+        });
+        debug_assert_eq!(bytes[skip..].as_ptr().align_offset(block), 0);
+        p.in_flight = Some((token, segment_id, range.clone()));
+        Some(Io::PrepareSpace {
+            token,
+            segment_id,
+            offset: range.start,
+            skip,
+            bytes,
+        })
+    }
+
+    /// Whether `token` names a zero write of prepared space ([`Io::PrepareSpace`]).
+    pub fn is_prepare(token: u64) -> bool {
+        token & PREPARE_TOKEN != 0
     }
 
     /// A metadata operation failed: the log fails for good, and the operations queued
@@ -373,8 +514,12 @@ impl GroupCommit {
         self.log.on_keyring_failed()
     }
 
-    /// The segment a write of the commit in flight goes to.
+    /// The segment a write in flight goes to (a commit's or a zero write's).
     pub fn segment_of(&self, token: u64) -> Option<u64> {
+        if Self::is_prepare(token) {
+            let (t, segment_id, _) = self.prepare.as_ref()?.in_flight.as_ref()?;
+            return (*t == token).then_some(*segment_id);
+        }
         let inflight = self.in_flight.as_ref()?;
         if token >> TOKEN_OP_BITS != inflight.sync_id {
             return None;
@@ -402,6 +547,20 @@ impl GroupCommit {
         debug_assert!(!self.group.is_empty(), "records pending have writes");
         if self.in_flight.is_some() || self.group.is_empty() || self.group.len() > slots {
             return;
+        }
+        // A zero write in flight may not land after records written over it: such a
+        // commit waits for it (rare: zeros are written a chunk or more ahead).
+        if let Some((_, segment_id, range)) =
+            self.prepare.as_ref().and_then(|p| p.in_flight.as_ref())
+        {
+            let block = self.direct.as_ref().map_or(1, |d| d.block) as u64;
+            let overlaps = self.group.iter().any(|g| {
+                let end = g.end().next_multiple_of(block);
+                g.segment_id == *segment_id && g.offset < range.end && range.start < end
+            });
+            if overlaps {
+                return;
+            }
         }
         assert!(
             self.group.len() < 1 << TOKEN_OP_BITS,
@@ -434,8 +593,34 @@ impl GroupCommit {
         });
     }
 
-    /// One write of the commit in flight finished; `buf` is its buffer, for reuse.
+    /// One write finished (of the commit in flight, or a zero write); `buf` is its
+    /// buffer, for reuse.
     pub fn complete(&mut self, token: u64, outcome: WriteOutcome, mut buf: Vec<u8>) -> Completion {
+        if Self::is_prepare(token) {
+            let p = self
+                .prepare
+                .as_mut()
+                .expect("zero writes only when preparing");
+            let (t, segment_id, range) = p.in_flight.take().expect("a zero write in flight");
+            assert_eq!(t, token, "the zero write in flight completed");
+            if segment_id == p.segment_id {
+                match outcome {
+                    WriteOutcome::Done => p.end = range.end,
+                    // Not the log's failure: its commits append, and meet the disk's
+                    // state themselves.
+                    _ => p.stopped = true,
+                }
+            }
+            let skip = buf
+                .as_ptr()
+                .align_offset(self.direct.as_ref().expect("direct").block);
+            debug_assert!(
+                buf[skip..].iter().all(|&b| b == 0),
+                "zeros come back as zeros"
+            );
+            p.zeros = Some((skip, buf));
+            return Completion::Nothing;
+        }
         let segment_id = self
             .segment_of(token)
             .expect("a write of the commit in flight");
@@ -454,6 +639,9 @@ impl GroupCommit {
         let inflight = self.in_flight.take().expect("checked");
         let Some((segment_id, outcome)) = inflight.failure else {
             self.log.on_synced(inflight.sync_id);
+            if let Some(p) = self.prepare.as_mut() {
+                p.written = p.written.max(inflight.segments.iter().max().copied());
+            }
             // A metadata operation may have failed the log while the commit ran.
             return match self.log.failure() {
                 Some(_) => Completion::Nothing,
@@ -481,7 +669,7 @@ mod tests {
     use crate::log::{Keyring, LogConfig, MasterKey, Recovery};
     use crate::wire::Recipient;
     use crate::ShardId;
-    use rand::SeedableRng;
+    use rand::{Rng, SeedableRng};
 
     const MASTER: [u8; 32] = [3; 32];
 
@@ -518,6 +706,7 @@ mod tests {
             Some(block) => c.with_direct_io(DirectIo {
                 block,
                 tail: Vec::new(),
+                prepare_ahead: 0,
             }),
             None => c,
         }
@@ -568,6 +757,7 @@ mod tests {
                     disk.writes += 1;
                     done.push((token, bytes));
                 }
+                Io::PrepareSpace { .. } => unreachable!("these tests prepare no space"),
             }
         }
         for (token, buf) in done {
@@ -652,6 +842,176 @@ mod tests {
         seen
     }
 
+    /// A write handed out and not completed: where it goes, and its bytes, which reach
+    /// the disk only when it completes (so writes in flight land in any order).
+    struct Pending {
+        token: u64,
+        segment_id: u64,
+        range: Range<u64>,
+        skip: usize,
+        bytes: Vec<u8>,
+        zeros: bool,
+    }
+
+    #[test]
+    fn zeros_written_ahead_never_land_over_records_and_commits_go_over_them() {
+        let block = 64;
+        let payload = vec![0x5c; 300];
+        for seed in 0..40u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut c = GroupCommit::new(open_log().0, [9; 32]).with_direct_io(DirectIo {
+                block,
+                tail: Vec::new(),
+                prepare_ahead: 16 * block as u64,
+            });
+            let mut disk = Disk::default();
+            let mut pending: Vec<Pending> = Vec::new();
+            let (mut zero_writes, mut over_zeros, mut appended) = (0, 0, 0u64);
+            // Ranges of each segment that completed zero writes covered.
+            let mut zeroed: Vec<(u64, Range<u64>)> = Vec::new();
+            for step in 0..400u64 {
+                match rng.random_range(0..4) {
+                    0 => {
+                        let n = rng.random_range(1..6);
+                        let mut positions = Vec::new();
+                        c.append(step, &records(&payload, n, step), &mut positions)
+                            .unwrap();
+                        appended += n as u64;
+                    }
+                    1 | 2 => {
+                        while let Some(io) = c.poll_io(16) {
+                            match io {
+                                Io::PersistKeyring { bytes } => disk.keyring = bytes,
+                                Io::CreateSegment { segment_id } => {
+                                    disk.files.insert(segment_id, Vec::new());
+                                }
+                                Io::DeleteSegment { segment_id } => {
+                                    disk.files.remove(&segment_id);
+                                }
+                                Io::DurableWrite {
+                                    token,
+                                    segment_id,
+                                    offset,
+                                    skip,
+                                    bytes,
+                                }
+                                | Io::PrepareSpace {
+                                    token,
+                                    segment_id,
+                                    offset,
+                                    skip,
+                                    bytes,
+                                } => {
+                                    let zeros = GroupCommit::is_prepare(token);
+                                    let range = offset..offset + (bytes.len() - skip) as u64;
+                                    assert_eq!(range.start % block as u64, 0);
+                                    assert_eq!(range.end % block as u64, 0);
+                                    assert_eq!(bytes[skip..].as_ptr().align_offset(block), 0);
+                                    for p in &pending {
+                                        assert!(
+                                            p.segment_id != segment_id
+                                                || p.range.end <= range.start
+                                                || range.end <= p.range.start,
+                                            "seed {seed}: {range:?} handed out over {:?} in flight",
+                                            p.range
+                                        );
+                                    }
+                                    if zeros {
+                                        zero_writes += 1;
+                                        assert!(bytes[skip..].iter().all(|&b| b == 0));
+                                        let end = disk.files[&segment_id].len() as u64;
+                                        assert!(range.start >= end, "zeros past what is on disk");
+                                        assert!(
+                                            end > 0,
+                                            "seed {seed}: zeros before the segment's header is on disk"
+                                        );
+                                    } else if zeroed.iter().any(|(s, z)| {
+                                        // New bytes (past the block carried again) on
+                                        // prepared space.
+                                        *s == segment_id
+                                            && z.start < range.end
+                                            && range.start + (block as u64) < z.end
+                                    }) {
+                                        over_zeros += 1;
+                                    }
+                                    pending.push(Pending {
+                                        token,
+                                        segment_id,
+                                        range,
+                                        skip,
+                                        bytes,
+                                        zeros,
+                                    });
+                                }
+                            }
+                        }
+                    }
+                    _ if !pending.is_empty() => {
+                        // Any write in flight completes: it lands now.
+                        let p = pending.swap_remove(rng.random_range(0..pending.len()));
+                        let file = disk.files.get_mut(&p.segment_id).expect("created first");
+                        let (start, end) = (p.range.start as usize, p.range.end as usize);
+                        if file.len() < end {
+                            file.resize(end, 0);
+                        }
+                        file[start..end].copy_from_slice(&p.bytes[p.skip..]);
+                        if p.zeros {
+                            zeroed.push((p.segment_id, p.range.clone()));
+                        }
+                        c.complete(p.token, WriteOutcome::Done, p.bytes);
+                    }
+                    _ => {}
+                }
+            }
+            // Everything left lands; every record is durable and reads back.
+            while !c.is_idle() || !pending.is_empty() {
+                while let Some(io) = c.poll_io(16) {
+                    let (Io::DurableWrite {
+                        token,
+                        segment_id,
+                        offset,
+                        skip,
+                        bytes,
+                    }
+                    | Io::PrepareSpace {
+                        token,
+                        segment_id,
+                        offset,
+                        skip,
+                        bytes,
+                    }) = io
+                    else {
+                        panic!("no metadata after the last append");
+                    };
+                    let range = offset..offset + (bytes.len() - skip) as u64;
+                    pending.push(Pending {
+                        token,
+                        segment_id,
+                        range,
+                        skip,
+                        bytes,
+                        zeros: GroupCommit::is_prepare(token),
+                    });
+                }
+                if let Some(p) = pending.pop() {
+                    let file = disk.files.get_mut(&p.segment_id).unwrap();
+                    let (start, end) = (p.range.start as usize, p.range.end as usize);
+                    if file.len() < end {
+                        file.resize(end, 0);
+                    }
+                    file[start..end].copy_from_slice(&p.bytes[p.skip..]);
+                    c.complete(p.token, WriteOutcome::Done, p.bytes);
+                }
+            }
+            assert_eq!(c.log().durable_end(), appended);
+            assert_eq!(recover(&disk), appended, "seed {seed}");
+            assert!(
+                zero_writes > 0 && over_zeros > 0,
+                "seed {seed}: {zero_writes} zero writes, {over_zeros} commits over zeros"
+            );
+        }
+    }
+
     #[test]
     fn direct_writes_are_aligned_and_leave_the_same_records_as_the_page_cache() {
         let block = 512;
@@ -718,8 +1078,11 @@ mod tests {
         let from = (end - end % block as u64) as usize;
         let tail = direct_disk.files[&id][from..end as usize].to_vec();
         let mut plain = GroupCommit::new(plain_log, [9; 32]);
-        let mut direct =
-            GroupCommit::new(direct_log, [9; 32]).with_direct_io(DirectIo { block, tail });
+        let mut direct = GroupCommit::new(direct_log, [9; 32]).with_direct_io(DirectIo {
+            block,
+            tail,
+            prepare_ahead: 0,
+        });
         commit_side_by_side(
             &mut plain,
             &mut direct,

@@ -14,6 +14,7 @@
 //!  poll_io(file slots) ──> Io::{PersistKeyring, CreateSegment, DeleteSegment}  (at once)
 //!                          Io::DurableWrite { token, segment, offset, skip, bytes } (write +
 //!                                                                  fdatasync, linked)
+//!                          Io::PrepareSpace { .. } (zeros ahead of the records, direct I/O)
 //!  handle_write_done(now, token, outcome, buf) ──> Log::on_synced ──> idempotency settled,
 //!                                 detector billing, Server::ack ──> poll_transmit
 //!  handle_timeout(now) ──> QUIC timers; every tick: roll and retention (Io out), status
@@ -40,7 +41,8 @@
 //!   so is one delivery has no room for while an edge drains it, for at most
 //!   `chain::DELIVERY_FULL_HOLD` (then it is answered `throttled`);
 //! - at most one group commit is in flight, and it starts only after every metadata
-//!   operation returned before it was performed.
+//!   operation returned before it was performed; a zero write of prepared space never
+//!   overlaps the records or a commit write in flight.
 
 mod ack;
 mod bus;
@@ -197,6 +199,22 @@ pub enum Io {
         /// padded with zeros to its end).
         bytes: Vec<u8>,
     },
+    /// Write zeros (`bytes[skip..]`) at `offset` of the open segment, past its records,
+    /// durably (as a [`Io::DurableWrite`]; direct I/O only): the later commits that
+    /// write there overwrite allocated blocks instead of appending. Complete it with
+    /// [`Shard::handle_write_done`] like a commit write; its failure is not the log's.
+    PrepareSpace {
+        /// Names this write in its completion.
+        token: u64,
+        /// The segment.
+        segment_id: u64,
+        /// Byte offset in the segment file (a multiple of the block).
+        offset: u64,
+        /// `bytes[skip..]` are written; the bytes before only align their address.
+        skip: usize,
+        /// Zeros, a multiple of the block.
+        bytes: Vec<u8>,
+    },
 }
 
 impl std::fmt::Debug for Io {
@@ -214,6 +232,17 @@ impl std::fmt::Debug for Io {
             } => write!(
                 f,
                 "DurableWrite(#{token}: segment {segment_id} @ {offset}, {} bytes)",
+                bytes.len() - skip
+            ),
+            Io::PrepareSpace {
+                token,
+                segment_id,
+                offset,
+                skip,
+                bytes,
+            } => write!(
+                f,
+                "PrepareSpace(#{token}: segment {segment_id} @ {offset}, {} bytes)",
                 bytes.len() - skip
             ),
         }
@@ -874,10 +903,16 @@ impl Shard {
         self.advance(now);
     }
 
-    /// The segment a [`Io::DurableWrite`] still in flight goes to (for the shell's file
-    /// bookkeeping).
+    /// The segment a [`Io::DurableWrite`] or [`Io::PrepareSpace`] still in flight goes
+    /// to (for the shell's file bookkeeping).
     pub fn segment_of_write(&self, token: u64) -> Option<u64> {
         self.commit.segment_of(token)
+    }
+
+    /// Whether `token` names an [`Io::PrepareSpace`] write (whose failure only means
+    /// that later commits append).
+    pub fn is_prepare_write(token: u64) -> bool {
+        GroupCommit::is_prepare(token)
     }
 
     /// Stops taking batches (a batch decoded from now on is answered

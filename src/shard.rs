@@ -31,7 +31,7 @@ use bytes::BytesMut;
 use courier_pipeline::cid::owner_shard;
 use courier_pipeline::detect::Delta;
 use courier_pipeline::node::{
-    self, Control, Event, Io, Now, PeerMsg, PeerTarget, ShardStats, WriteOutcome,
+    self, Control, Event, Now, PeerMsg, PeerTarget, ShardStats, WriteOutcome,
 };
 use courier_pipeline::server::ServerStats;
 use courier_pipeline::ShardId;
@@ -277,22 +277,15 @@ impl Shard {
     /// the ring while it has file slots.
     fn perform_io(&mut self, now: Now) {
         while let Some(op) = self.core.poll_io(self.ring.file_slots_free()) {
-            let (token, segment_id, offset, skip, bytes) = match op {
-                Io::DurableWrite {
-                    token,
-                    segment_id,
-                    offset,
-                    skip,
-                    bytes,
-                }
-                | Io::PrepareSpace {
-                    token,
-                    segment_id,
-                    offset,
-                    skip,
-                    bytes,
-                } => (token, segment_id, offset, skip, bytes),
-                op => {
+            let node::LogWrite {
+                token,
+                segment_id,
+                offset,
+                skip,
+                bytes,
+            } = match op.into_write() {
+                Ok(w) => w,
+                Err(op) => {
                     let what = format!("{op:?}");
                     if let Err(e) = self.store.perform(op) {
                         tracing::error!(shard = self.id.index(), action = %what, error = %e, "log action failed; the log stops taking messages");

@@ -20,7 +20,7 @@ use courier_pipeline::detect::Detector;
 use courier_pipeline::idempotency::{idempotency_key, Idempotency, RestoreSet, RestoredId};
 use courier_pipeline::log::{Action, LogConfig, MasterKey, RecoverError};
 use courier_pipeline::node::{
-    self, DirectIo, Event, Io, Now, PeerMsg, PeerTarget, PlantedBugs, Replay, ShardParts,
+    self, DirectIo, Event, Io, LogWrite, Now, PeerMsg, PeerTarget, PlantedBugs, Replay, ShardParts,
     ShardStats, WriteOutcome,
 };
 use courier_pipeline::profile::Profile;
@@ -579,21 +579,14 @@ impl SimNode {
             if !self.power(s) {
                 return progressed;
             }
-            match op {
-                Io::DurableWrite {
+            match op.into_write() {
+                Ok(LogWrite {
                     token,
                     segment_id,
                     offset,
                     skip,
                     bytes,
-                }
-                | Io::PrepareSpace {
-                    token,
-                    segment_id,
-                    offset,
-                    skip,
-                    bytes,
-                } => {
+                }) => {
                     trace.push(DiskOp::Write((bytes.len() - skip) as u64));
                     let outcome = match self.storage[s].write(segment_id, offset, &bytes[skip..]) {
                         Ok(()) => WriteOutcome::Done,
@@ -612,7 +605,7 @@ impl SimNode {
                         buf: bytes,
                     });
                 }
-                other => {
+                Err(other) => {
                     trace.push(DiskOp::Metadata);
                     if perform_metadata(&mut self.storage[s], other).is_err() {
                         let r = self.running.as_mut().expect("checked");

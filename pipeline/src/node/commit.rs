@@ -667,6 +667,7 @@ mod tests {
     use super::*;
     use crate::log::format::RecordHeader;
     use crate::log::{Keyring, LogConfig, MasterKey, Recovery};
+    use crate::node::LogWrite;
     use crate::wire::Recipient;
     use crate::ShardId;
     use rand::{Rng, SeedableRng};
@@ -720,45 +721,57 @@ mod tests {
         writes: usize,
     }
 
+    impl Disk {
+        /// Performs a metadata operation at once; a write comes back, to be landed.
+        fn perform(&mut self, io: Io) -> Option<LogWrite> {
+            match io.into_write() {
+                Ok(w) => return Some(w),
+                Err(Io::PersistKeyring { bytes }) => self.keyring = bytes,
+                Err(Io::CreateSegment { segment_id }) => {
+                    self.files.insert(segment_id, Vec::new());
+                }
+                Err(Io::DeleteSegment { segment_id }) => {
+                    self.files.remove(&segment_id);
+                }
+                Err(other) => unreachable!("{other:?} is a write"),
+            }
+            None
+        }
+
+        /// A write reaches the disk (past the file's end, the gap reads as zeros).
+        fn land(&mut self, segment_id: u64, offset: u64, data: &[u8]) {
+            let file = self.files.get_mut(&segment_id).expect("created first");
+            let (start, end) = (offset as usize, offset as usize + data.len());
+            if file.len() < end {
+                file.resize(end, 0);
+            }
+            file[start..end].copy_from_slice(data);
+        }
+    }
+
     /// Performs every operation the commit hands out and completes its writes, as a shell
     /// would; a direct write is checked for its alignment first.
     fn run_commit(c: &mut GroupCommit, disk: &mut Disk, direct: Option<usize>) {
         let mut done = Vec::new();
         while let Some(io) = c.poll_io(16) {
-            match io {
-                Io::PersistKeyring { bytes } => disk.keyring = bytes,
-                Io::CreateSegment { segment_id } => {
-                    disk.files.insert(segment_id, Vec::new());
-                }
-                Io::DeleteSegment { segment_id } => {
-                    disk.files.remove(&segment_id);
-                }
-                Io::DurableWrite {
-                    token,
-                    segment_id,
-                    offset,
-                    skip,
-                    bytes,
-                } => {
-                    let data = &bytes[skip..];
-                    if let Some(block) = direct {
-                        assert_eq!(offset % block as u64, 0, "offset aligned");
-                        assert_eq!(data.len() % block, 0, "length aligned");
-                        assert_eq!(data.as_ptr().align_offset(block), 0, "memory aligned");
-                    } else {
-                        assert_eq!(skip, 0);
-                    }
-                    let file = disk.files.get_mut(&segment_id).expect("created first");
-                    let end = offset as usize + data.len();
-                    if file.len() < end {
-                        file.resize(end, 0);
-                    }
-                    file[offset as usize..end].copy_from_slice(data);
-                    disk.writes += 1;
-                    done.push((token, bytes));
-                }
-                Io::PrepareSpace { .. } => unreachable!("these tests prepare no space"),
+            let Some(w) = disk.perform(io) else {
+                continue;
+            };
+            assert!(
+                !GroupCommit::is_prepare(w.token),
+                "these tests prepare no space"
+            );
+            let data = &w.bytes[w.skip..];
+            if let Some(block) = direct {
+                assert_eq!(w.offset % block as u64, 0, "offset aligned");
+                assert_eq!(data.len() % block, 0, "length aligned");
+                assert_eq!(data.as_ptr().align_offset(block), 0, "memory aligned");
+            } else {
+                assert_eq!(w.skip, 0);
             }
+            disk.land(w.segment_id, w.offset, data);
+            disk.writes += 1;
+            done.push((w.token, w.bytes));
         }
         for (token, buf) in done {
             c.complete(token, WriteOutcome::Done, buf);
@@ -853,6 +866,19 @@ mod tests {
         zeros: bool,
     }
 
+    impl From<LogWrite> for Pending {
+        fn from(w: LogWrite) -> Pending {
+            Pending {
+                token: w.token,
+                segment_id: w.segment_id,
+                range: w.offset..w.offset + (w.bytes.len() - w.skip) as u64,
+                skip: w.skip,
+                zeros: GroupCommit::is_prepare(w.token),
+                bytes: w.bytes,
+            }
+        }
+    }
+
     #[test]
     fn zeros_written_ahead_never_land_over_records_and_commits_go_over_them() {
         let block = 64;
@@ -880,81 +906,48 @@ mod tests {
                     }
                     1 | 2 => {
                         while let Some(io) = c.poll_io(16) {
-                            match io {
-                                Io::PersistKeyring { bytes } => disk.keyring = bytes,
-                                Io::CreateSegment { segment_id } => {
-                                    disk.files.insert(segment_id, Vec::new());
-                                }
-                                Io::DeleteSegment { segment_id } => {
-                                    disk.files.remove(&segment_id);
-                                }
-                                Io::DurableWrite {
-                                    token,
-                                    segment_id,
-                                    offset,
-                                    skip,
-                                    bytes,
-                                }
-                                | Io::PrepareSpace {
-                                    token,
-                                    segment_id,
-                                    offset,
-                                    skip,
-                                    bytes,
-                                } => {
-                                    let zeros = GroupCommit::is_prepare(token);
-                                    let range = offset..offset + (bytes.len() - skip) as u64;
-                                    assert_eq!(range.start % block as u64, 0);
-                                    assert_eq!(range.end % block as u64, 0);
-                                    assert_eq!(bytes[skip..].as_ptr().align_offset(block), 0);
-                                    for p in &pending {
-                                        assert!(
-                                            p.segment_id != segment_id
-                                                || p.range.end <= range.start
-                                                || range.end <= p.range.start,
-                                            "seed {seed}: {range:?} handed out over {:?} in flight",
-                                            p.range
-                                        );
-                                    }
-                                    if zeros {
-                                        zero_writes += 1;
-                                        assert!(bytes[skip..].iter().all(|&b| b == 0));
-                                        let end = disk.files[&segment_id].len() as u64;
-                                        assert!(range.start >= end, "zeros past what is on disk");
-                                        assert!(
-                                            end > 0,
-                                            "seed {seed}: zeros before the segment's header is on disk"
-                                        );
-                                    } else if zeroed.iter().any(|(s, z)| {
-                                        // New bytes (past the block carried again) on
-                                        // prepared space.
-                                        *s == segment_id
-                                            && z.start < range.end
-                                            && range.start + (block as u64) < z.end
-                                    }) {
-                                        over_zeros += 1;
-                                    }
-                                    pending.push(Pending {
-                                        token,
-                                        segment_id,
-                                        range,
-                                        skip,
-                                        bytes,
-                                        zeros,
-                                    });
-                                }
+                            let Some(w) = disk.perform(io) else {
+                                continue;
+                            };
+                            let p = Pending::from(w);
+                            assert_eq!(p.range.start % block as u64, 0);
+                            assert_eq!(p.range.end % block as u64, 0);
+                            assert_eq!(p.bytes[p.skip..].as_ptr().align_offset(block), 0);
+                            for q in &pending {
+                                assert!(
+                                    q.segment_id != p.segment_id
+                                        || q.range.end <= p.range.start
+                                        || p.range.end <= q.range.start,
+                                    "seed {seed}: {:?} handed out over {:?} in flight",
+                                    p.range,
+                                    q.range
+                                );
                             }
+                            if p.zeros {
+                                zero_writes += 1;
+                                assert!(p.bytes[p.skip..].iter().all(|&b| b == 0));
+                                let end = disk.files[&p.segment_id].len() as u64;
+                                assert!(p.range.start >= end, "zeros past what is on disk");
+                                assert!(
+                                    end > 0,
+                                    "seed {seed}: zeros before the segment's header is on disk"
+                                );
+                            } else if zeroed.iter().any(|(s, z)| {
+                                // New bytes (past the block carried again) on prepared
+                                // space.
+                                *s == p.segment_id
+                                    && z.start < p.range.end
+                                    && p.range.start + (block as u64) < z.end
+                            }) {
+                                over_zeros += 1;
+                            }
+                            pending.push(p);
                         }
                     }
                     _ if !pending.is_empty() => {
                         // Any write in flight completes: it lands now.
                         let p = pending.swap_remove(rng.random_range(0..pending.len()));
-                        let file = disk.files.get_mut(&p.segment_id).expect("created first");
-                        let (start, end) = (p.range.start as usize, p.range.end as usize);
-                        if file.len() < end {
-                            file.resize(end, 0);
-                        }
-                        file[start..end].copy_from_slice(&p.bytes[p.skip..]);
+                        disk.land(p.segment_id, p.range.start, &p.bytes[p.skip..]);
                         if p.zeros {
                             zeroed.push((p.segment_id, p.range.clone()));
                         }
@@ -966,40 +959,11 @@ mod tests {
             // Everything left lands; every record is durable and reads back.
             while !c.is_idle() || !pending.is_empty() {
                 while let Some(io) = c.poll_io(16) {
-                    let (Io::DurableWrite {
-                        token,
-                        segment_id,
-                        offset,
-                        skip,
-                        bytes,
-                    }
-                    | Io::PrepareSpace {
-                        token,
-                        segment_id,
-                        offset,
-                        skip,
-                        bytes,
-                    }) = io
-                    else {
-                        panic!("no metadata after the last append");
-                    };
-                    let range = offset..offset + (bytes.len() - skip) as u64;
-                    pending.push(Pending {
-                        token,
-                        segment_id,
-                        range,
-                        skip,
-                        bytes,
-                        zeros: GroupCommit::is_prepare(token),
-                    });
+                    let w = io.into_write().expect("no metadata after the last append");
+                    pending.push(Pending::from(w));
                 }
                 if let Some(p) = pending.pop() {
-                    let file = disk.files.get_mut(&p.segment_id).unwrap();
-                    let (start, end) = (p.range.start as usize, p.range.end as usize);
-                    if file.len() < end {
-                        file.resize(end, 0);
-                    }
-                    file[start..end].copy_from_slice(&p.bytes[p.skip..]);
+                    disk.land(p.segment_id, p.range.start, &p.bytes[p.skip..]);
                     c.complete(p.token, WriteOutcome::Done, p.bytes);
                 }
             }

@@ -217,6 +217,64 @@ pub enum Io {
     },
 }
 
+/// The parts of a log write ([`Io::DurableWrite`] or [`Io::PrepareSpace`]), as the shell
+/// submits it.
+pub struct LogWrite {
+    /// Names the write in its completion.
+    pub token: u64,
+    /// The segment.
+    pub segment_id: u64,
+    /// Byte offset in the segment file.
+    pub offset: u64,
+    /// `bytes[skip..]` are written.
+    pub skip: usize,
+    /// The buffer.
+    pub bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for LogWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "LogWrite(#{}: segment {} @ {}, {} bytes)",
+            self.token,
+            self.segment_id,
+            self.offset,
+            self.bytes.len() - self.skip
+        )
+    }
+}
+
+impl Io {
+    /// The write this operation is (a commit's or zeros ahead), or the metadata operation
+    /// as it was.
+    pub fn into_write(self) -> Result<LogWrite, Io> {
+        match self {
+            Io::DurableWrite {
+                token,
+                segment_id,
+                offset,
+                skip,
+                bytes,
+            }
+            | Io::PrepareSpace {
+                token,
+                segment_id,
+                offset,
+                skip,
+                bytes,
+            } => Ok(LogWrite {
+                token,
+                segment_id,
+                offset,
+                skip,
+                bytes,
+            }),
+            other => Err(other),
+        }
+    }
+}
+
 impl std::fmt::Debug for Io {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

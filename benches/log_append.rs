@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use courier::courier_pipeline::log::format::RECORD_OVERHEAD_BYTES;
 use courier::courier_pipeline::log::{LogConfig, Record, RecordHeader};
-use courier::courier_pipeline::node::{Completion, GroupCommit, Io, WriteOutcome};
+use courier::courier_pipeline::node::{Completion, GroupCommit, LogWrite, WriteOutcome};
 use courier::courier_pipeline::profile::Profile;
 use courier::courier_pipeline::wire::Recipient;
 use courier::courier_pipeline::ShardId;
@@ -147,14 +147,14 @@ impl Shell {
     /// The storage operations of the log, as the shard performs them.
     fn perform_io(&mut self) {
         while let Some(op) = self.commit.poll_io(self.ring.file_slots_free()) {
-            match op {
-                Io::DurableWrite {
+            match op.into_write() {
+                Ok(LogWrite {
                     token,
                     segment_id,
                     offset,
                     skip,
                     bytes,
-                } => {
+                }) => {
                     let file = self.store.segment_file(segment_id).expect("segment file");
                     let queued = self.ring.submit_file(
                         file,
@@ -166,7 +166,7 @@ impl Shell {
                     );
                     assert!(queued.is_ok(), "a free file slot");
                 }
-                other => self
+                Err(other) => self
                     .store
                     .perform(other)
                     .expect("keyring and segment files"),

@@ -417,7 +417,7 @@ impl ShardStore {
             Io::PersistKeyring { bytes } => Action::PersistKeyring { bytes },
             Io::CreateSegment { segment_id } => Action::CreateSegment { segment_id },
             Io::DeleteSegment { segment_id } => Action::DeleteSegment { segment_id },
-            Io::DurableWrite { .. } | Io::PrepareSpace { .. } => {
+            Io::DurableWrite(_) | Io::PrepareSpace(_) => {
                 unreachable!("log writes go through the ring")
             }
         };

@@ -639,7 +639,7 @@ fn perform_metadata(st: &mut MemStorage, op: Io) -> Result<(), SimIoError> {
             st.delete(segment_id);
             Ok(())
         }
-        Io::DurableWrite { .. } | Io::PrepareSpace { .. } => {
+        Io::DurableWrite(_) | Io::PrepareSpace(_) => {
             unreachable!("log writes are asynchronous")
         }
     }

@@ -59,7 +59,7 @@ use std::ops::Range;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use super::{Io, WriteOutcome};
+use super::{Io, LogWrite, WriteOutcome};
 use crate::log::{Action, AppendSink, Log, LogError, LogFailure, Record, WriteFailure};
 use crate::wire::LogPosition;
 
@@ -71,7 +71,7 @@ const TOKEN_OP_BITS: u32 = 16;
 /// loses the alignment, restored by one move when the commit starts).
 const DIRECT_BUFFER_MIN_BYTES: usize = 256 * 1024;
 /// Most bytes one zero write of prepared space covers.
-pub const PREPARE_CHUNK_BYTES_MAX: u64 = 1 << 20;
+const PREPARE_CHUNK_BYTES_MAX: u64 = 1 << 20;
 /// Tokens of zero writes have this bit set (commit writes' tokens never reach it).
 const PREPARE_TOKEN: u64 = 1 << 63;
 
@@ -148,8 +148,9 @@ struct Prepare {
     /// The zero write in flight: its token, segment and byte range.
     in_flight: Option<(u64, u64, Range<u64>)>,
     next_token: u64,
-    /// The zeros, aligned from `zeros.0` on; lent to the write in flight.
-    zeros: Option<(usize, Vec<u8>)>,
+    /// The zeros (from the first address aligned to the block on), lent to the write in
+    /// flight.
+    zeros: Option<Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -483,21 +484,21 @@ impl GroupCommit {
             .as_ref()
             .expect("prepared only with direct I/O")
             .block;
-        let (skip, bytes) = p.zeros.take().unwrap_or_else(|| {
+        let bytes = p.zeros.take().unwrap_or_else(|| {
             let mut z: Vec<u8> = Vec::with_capacity(p.chunk as usize + block);
-            let skip = z.as_ptr().align_offset(block);
-            z.resize(skip + p.chunk as usize, 0);
-            (skip, z)
+            z.resize(z.as_ptr().align_offset(block) + p.chunk as usize, 0);
+            z
         });
-        debug_assert_eq!(bytes[skip..].as_ptr().align_offset(block), 0);
+        // The buffer never grows, so its aligned start stays where it was.
+        let skip = bytes.as_ptr().align_offset(block);
         p.in_flight = Some((token, segment_id, range.clone()));
-        Some(Io::PrepareSpace {
+        Some(Io::PrepareSpace(LogWrite {
             token,
             segment_id,
             offset: range.start,
             skip,
             bytes,
-        })
+        }))
     }
 
     /// Whether `token` names a zero write of prepared space ([`Io::PrepareSpace`]).
@@ -553,7 +554,11 @@ impl GroupCommit {
         if let Some((_, segment_id, range)) =
             self.prepare.as_ref().and_then(|p| p.in_flight.as_ref())
         {
-            let block = self.direct.as_ref().map_or(1, |d| d.block) as u64;
+            let block = self
+                .direct
+                .as_ref()
+                .expect("prepared only with direct I/O")
+                .block as u64;
             let overlaps = self.group.iter().any(|g| {
                 let end = g.end().next_multiple_of(block);
                 g.segment_id == *segment_id && g.offset < range.end && range.start < end
@@ -577,13 +582,13 @@ impl GroupCommit {
                 align_for_direct_io(&mut g, d);
             }
             segments.push(g.segment_id);
-            self.io.push_back(Io::DurableWrite {
+            self.io.push_back(Io::DurableWrite(LogWrite {
                 token: req.id << TOKEN_OP_BITS | i as u64,
                 segment_id: g.segment_id,
                 offset: g.offset,
                 skip: g.skip,
                 bytes: g.bytes,
-            });
+            }));
         }
         self.in_flight = Some(InFlight {
             sync_id: req.id,
@@ -611,14 +616,8 @@ impl GroupCommit {
                     _ => p.stopped = true,
                 }
             }
-            let skip = buf
-                .as_ptr()
-                .align_offset(self.direct.as_ref().expect("direct").block);
-            debug_assert!(
-                buf[skip..].iter().all(|&b| b == 0),
-                "zeros come back as zeros"
-            );
-            p.zeros = Some((skip, buf));
+            debug_assert!(buf.iter().all(|&b| b == 0), "zeros come back as zeros");
+            p.zeros = Some(buf);
             return Completion::Nothing;
         }
         let segment_id = self

@@ -12,8 +12,8 @@
 //!                                  │ writes coalesced per segment (commit.rs)
 //!                                  ▼
 //!  poll_io(file slots) ──> Io::{PersistKeyring, CreateSegment, DeleteSegment}  (at once)
-//!                          Io::DurableWrite { token, segment, offset, skip, bytes } (write +
-//!                                                                  fdatasync, linked)
+//!                          Io::DurableWrite(LogWrite { token, segment, offset, skip,
+//!                                                      bytes })  (an RWF_DSYNC write)
 //!                          Io::PrepareSpace { .. } (zeros ahead of the records, direct I/O)
 //!  handle_write_done(now, token, outcome, buf) ──> Log::on_synced ──> idempotency settled,
 //!                                 detector billing, Server::ack ──> poll_transmit
@@ -182,43 +182,22 @@ pub enum Io {
         /// The segment.
         segment_id: u64,
     },
-    /// Write `bytes` at `offset` of the segment, then fdatasync it (linked: no sync
-    /// without the whole write). Complete with [`Shard::handle_write_done`], in any order
-    /// and at any later time, handing the buffer back.
-    DurableWrite {
-        /// Names this write in its completion.
-        token: u64,
-        /// The segment.
-        segment_id: u64,
-        /// Byte offset in the segment file.
-        offset: u64,
-        /// `bytes[skip..]` are written; the bytes before only align their address (with
-        /// direct I/O; 0 otherwise).
-        skip: usize,
-        /// Encrypted, framed records (with direct I/O, from the start of a block and
-        /// padded with zeros to its end).
-        bytes: Vec<u8>,
-    },
-    /// Write zeros (`bytes[skip..]`) at `offset` of the open segment, past its records,
-    /// durably (as a [`Io::DurableWrite`]; direct I/O only): the later commits that
-    /// write there overwrite allocated blocks instead of appending. Complete it with
-    /// [`Shard::handle_write_done`] like a commit write; its failure is not the log's.
-    PrepareSpace {
-        /// Names this write in its completion.
-        token: u64,
-        /// The segment.
-        segment_id: u64,
-        /// Byte offset in the segment file (a multiple of the block).
-        offset: u64,
-        /// `bytes[skip..]` are written; the bytes before only align their address.
-        skip: usize,
-        /// Zeros, a multiple of the block.
-        bytes: Vec<u8>,
-    },
+    /// Write `bytes[skip..]` at `offset` of the segment, durably (an `RWF_DSYNC` write:
+    /// no sync without the whole write): encrypted, framed records (with direct I/O, from
+    /// the start of a block and padded with zeros to its end). Complete with
+    /// [`Shard::handle_write_done`], in any order and at any later time, handing the
+    /// buffer back.
+    DurableWrite(LogWrite),
+    /// Write zeros (`bytes[skip..]`, a multiple of the block) at `offset` of the open
+    /// segment, past its records, durably (as a [`Io::DurableWrite`]; direct I/O only):
+    /// the later commits that write there overwrite allocated blocks instead of
+    /// appending. Complete it with [`Shard::handle_write_done`] like a commit write; its
+    /// failure is not the log's.
+    PrepareSpace(LogWrite),
 }
 
-/// The parts of a log write ([`Io::DurableWrite`] or [`Io::PrepareSpace`]), as the shell
-/// submits it.
+/// A log write ([`Io::DurableWrite`] or [`Io::PrepareSpace`]), as the shell submits it.
+#[derive(Clone, PartialEq, Eq)]
 pub struct LogWrite {
     /// Names the write in its completion.
     pub token: u64,
@@ -226,7 +205,8 @@ pub struct LogWrite {
     pub segment_id: u64,
     /// Byte offset in the segment file.
     pub offset: u64,
-    /// `bytes[skip..]` are written.
+    /// `bytes[skip..]` are written; the bytes before only align their address (with
+    /// direct I/O; 0 otherwise).
     pub skip: usize,
     /// The buffer.
     pub bytes: Vec<u8>,
@@ -236,7 +216,7 @@ impl std::fmt::Debug for LogWrite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "LogWrite(#{}: segment {} @ {}, {} bytes)",
+            "#{}: segment {} @ {}, {} bytes",
             self.token,
             self.segment_id,
             self.offset,
@@ -250,26 +230,7 @@ impl Io {
     /// as it was.
     pub fn into_write(self) -> Result<LogWrite, Io> {
         match self {
-            Io::DurableWrite {
-                token,
-                segment_id,
-                offset,
-                skip,
-                bytes,
-            }
-            | Io::PrepareSpace {
-                token,
-                segment_id,
-                offset,
-                skip,
-                bytes,
-            } => Ok(LogWrite {
-                token,
-                segment_id,
-                offset,
-                skip,
-                bytes,
-            }),
+            Io::DurableWrite(w) | Io::PrepareSpace(w) => Ok(w),
             other => Err(other),
         }
     }
@@ -281,28 +242,8 @@ impl std::fmt::Debug for Io {
             Io::PersistKeyring { bytes } => write!(f, "PersistKeyring({} bytes)", bytes.len()),
             Io::CreateSegment { segment_id } => write!(f, "CreateSegment({segment_id})"),
             Io::DeleteSegment { segment_id } => write!(f, "DeleteSegment({segment_id})"),
-            Io::DurableWrite {
-                token,
-                segment_id,
-                offset,
-                skip,
-                bytes,
-            } => write!(
-                f,
-                "DurableWrite(#{token}: segment {segment_id} @ {offset}, {} bytes)",
-                bytes.len() - skip
-            ),
-            Io::PrepareSpace {
-                token,
-                segment_id,
-                offset,
-                skip,
-                bytes,
-            } => write!(
-                f,
-                "PrepareSpace(#{token}: segment {segment_id} @ {offset}, {} bytes)",
-                bytes.len() - skip
-            ),
+            Io::DurableWrite(w) => write!(f, "DurableWrite({w:?})"),
+            Io::PrepareSpace(w) => write!(f, "PrepareSpace({w:?})"),
         }
     }
 }
@@ -927,7 +868,7 @@ impl Shard {
     /// the shell has `file_slots_free` slots for all of one commit's writes.
     pub fn poll_io(&mut self, file_slots_free: usize) -> Option<Io> {
         let io = self.commit.poll_io(file_slots_free);
-        if let Some(Io::DurableWrite { bytes, .. }) = &io {
+        if let Some(Io::DurableWrite(LogWrite { bytes, .. })) = &io {
             stats::add(&self.stats.log_appended_bytes, bytes.len() as u64);
         }
         io

@@ -89,6 +89,9 @@ const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
 const OUT_BLOCK_BYTES: usize = 8 * 1024;
 /// Room left in a stream's output block below which the next block is allocated.
 const OUT_ROOM_MIN_BYTES: usize = 1024;
+/// Block of a stream's output that carries DELIVERs: frames of about a message each, so
+/// a block holds dozens of them and quinn's send buffer a chunk per block.
+const DELIVER_BLOCK_BYTES: usize = 64 * 1024;
 
 /// Which submitted batch an ACK answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -306,8 +309,7 @@ struct StreamState {
     next_seq: u64,
     /// Frames encoded and not yet handed to quinn.
     out: BytesMut,
-    /// What quinn has not taken yet (flow control), in stream order: slices of `out`,
-    /// and DELIVER payloads as delivery holds them (never copied into `out`).
+    /// What quinn has not taken yet (flow control), in stream order: slices of `out`.
     sending: VecDeque<Bytes>,
     recv_done: bool,
     /// Not read because `pending` is full; resumed by `ack`.
@@ -315,8 +317,8 @@ struct StreamState {
     /// Not read because its business's share of batches in flight is full; filed in
     /// `Shares` and resumed by an ACK of that business.
     share_paused: bool,
-    /// In the deferred ACK list (see `Server::begin_acks`).
-    acks_deferred: bool,
+    /// In the deferred list (see `Server::begin_writes`).
+    deferred: bool,
 }
 
 struct Conn {
@@ -341,8 +343,8 @@ struct Conn {
     timer: Option<Instant>,
     send_queued: bool,
     closing: bool,
-    /// In the deferred ACK list's connections (see `Server::begin_acks`).
-    acks_deferred: bool,
+    /// Has a stream in the deferred list (see `Server::begin_writes`).
+    deferred: bool,
 }
 
 /// What a shard's server needs besides its configuration.
@@ -419,11 +421,11 @@ pub struct Server {
     wire_limits: WireLimits,
     /// SUBMITs' message lists, given back by the stage chain and reused.
     lists: MessageLists,
-    /// Between [`Server::begin_acks`] and [`Server::end_acks`].
-    deferring_acks: bool,
-    /// The streams whose ACKs were encoded while deferring and wait to be handed to quinn
-    /// together, each once (its `acks_deferred` flag); empty outside.
-    acks_deferred: Vec<(ConnectionHandle, StreamId)>,
+    /// [`Server::begin_writes`] not yet matched by [`Server::end_writes`] (they nest).
+    deferring: u32,
+    /// The streams whose frames were encoded while deferring and wait to be handed to
+    /// quinn together, each once (its `deferred` flag); empty outside.
+    deferred: Vec<(ConnectionHandle, StreamId)>,
     conns: crate::LocalMap<ConnectionHandle, Conn>,
     next_generation: u64,
     timers: BTreeSet<(Instant, ConnectionHandle)>,
@@ -498,8 +500,8 @@ impl Server {
             limits: limits.clone(),
             wire_limits: limits.wire(),
             lists: MessageLists::new(),
-            deferring_acks: false,
-            acks_deferred: Vec::new(),
+            deferring: 0,
+            deferred: Vec::new(),
             conns: crate::LocalMap::default(),
             next_generation: 0,
             timers: BTreeSet::new(),
@@ -680,7 +682,7 @@ impl Server {
                         timer: None,
                         send_queued: false,
                         closing: false,
-                        acks_deferred: false,
+                        deferred: false,
                     },
                 );
                 self.drive(ch, now);
@@ -861,26 +863,36 @@ impl Server {
             st.out.extend_from_slice(&p.frame.expect("checked"));
             self.stats.acks_out += 1;
         }
-        let id = ticket.stream;
-        if self.deferring_acks {
-            if !std::mem::replace(&mut st.acks_deferred, true) {
-                self.acks_deferred.push((ticket.conn, id));
-            }
-            conn.acks_deferred = true;
-            return;
-        }
-        self.release_acks(now, ticket.conn, id);
-        self.drive(ticket.conn, now);
+        self.written(now, ticket.conn, ticket.stream);
     }
 
-    /// Hands a stream's encoded ACKs to quinn, reads it again if it was paused and its
+    /// Frames were just encoded into stream `id`'s output: handed to quinn now, or at
+    /// [`Server::end_writes`] while deferring.
+    fn written(&mut self, now: Instant, ch: ConnectionHandle, id: StreamId) {
+        if self.deferring > 0 {
+            let Some(conn) = self.conns.get_mut(&ch) else {
+                return;
+            };
+            if let Some(st) = conn.streams.get_mut(&id) {
+                if !std::mem::replace(&mut st.deferred, true) {
+                    self.deferred.push((ch, id));
+                }
+                conn.deferred = true;
+            }
+            return;
+        }
+        self.release(now, ch, id);
+        self.drive(ch, now);
+    }
+
+    /// Hands a stream's encoded frames to quinn, reads it again if it was paused and its
     /// ACK backlog is now below the bound, and finishes it if it is done.
-    fn release_acks(&mut self, now: Instant, ch: ConnectionHandle, id: StreamId) {
+    fn release(&mut self, now: Instant, ch: ConnectionHandle, id: StreamId) {
         let read_max = self.limits.batches_in_flight_per_stream_max as usize;
         let Some(st) = self.conns.get_mut(&ch).and_then(|c| c.streams.get_mut(&id)) else {
             return;
         };
-        st.acks_deferred = false;
+        st.deferred = false;
         let resume = st.paused && st.pending.len() < read_max;
         if resume {
             st.paused = false;
@@ -892,36 +904,42 @@ impl Server {
         self.finish_if_done(ch, id);
     }
 
-    /// From now until [`Server::end_acks`], [`Server::ack`] encodes each ACK into its
-    /// stream's output but hands it to quinn only then: the ACKs of one group commit
-    /// leave as one write per stream and one pass over each connection, rather than one
-    /// of each per batch.
-    pub fn begin_acks(&mut self) {
-        self.deferring_acks = true;
+    /// From now until the matching [`Server::end_writes`], [`Server::ack`],
+    /// [`Server::deliver`] and [`Server::push_events`] encode their frames into the
+    /// stream's output but hand them to quinn only then: the ACKs of one group commit, or
+    /// the DELIVERs and events of one dispatch, leave as one write per stream (a few large
+    /// chunks in quinn's send buffer rather than one per frame) and one pass over each
+    /// connection, rather than one of each per frame. Calls nest; the outermost
+    /// `end_writes` hands everything over.
+    pub fn begin_writes(&mut self) {
+        self.deferring += 1;
     }
 
-    /// Hands the ACKs encoded since [`Server::begin_acks`] to quinn, stream by stream in
-    /// the order they were first acked, then drives each connection once.
-    pub fn end_acks(&mut self, now: Instant) {
-        if !std::mem::take(&mut self.deferring_acks) {
+    /// Ends a [`Server::begin_writes`]; the outermost hands the frames encoded since to
+    /// quinn, stream by stream in the order they were first written, then drives each
+    /// connection once.
+    pub fn end_writes(&mut self, now: Instant) {
+        assert!(self.deferring > 0, "end_writes without begin_writes");
+        self.deferring -= 1;
+        if self.deferring > 0 {
             return;
         }
         // Taken for the walk (ACKs answered while releasing are written at once); its
         // memory is kept for the next commit.
-        let mut list = std::mem::take(&mut self.acks_deferred);
+        let mut list = std::mem::take(&mut self.deferred);
         for &(ch, id) in &list {
-            self.release_acks(now, ch, id);
+            self.release(now, ch, id);
         }
         for &(ch, _) in &list {
             let Some(conn) = self.conns.get_mut(&ch) else {
                 continue;
             };
-            if std::mem::take(&mut conn.acks_deferred) {
+            if std::mem::take(&mut conn.deferred) {
                 self.drive(ch, now);
             }
         }
         list.clear();
-        self.acks_deferred = list;
+        self.deferred = list;
     }
 
     /// Closes every connection with `code` (shutdown). Batches already handed out can still
@@ -1048,7 +1066,7 @@ impl Server {
                             recv_done: false,
                             paused: false,
                             share_paused: false,
-                            acks_deferred: false,
+                            deferred: false,
                         },
                     );
                     opened.push(id);
@@ -1445,14 +1463,14 @@ impl Server {
         }
         c.credit -= 1;
         let st = c.streams.get_mut(&id).expect("checked");
-        // The frame's head goes after what `out` holds; its payload follows as the
-        // `Bytes` delivery holds, which quinn keeps until the edge acknowledges it.
-        wire_delivery::encode_deliver_head(d, &mut st.out);
-        st.hand_out();
-        st.sending.push_back(d.payload.clone());
+        // Copied whole into the stream's output, payload included: quinn finds the bytes
+        // of each packet by walking its send buffer's chunks from the oldest unacked one,
+        // so a chunk per payload (as handing delivery's `Bytes` over would make) costs
+        // more in that walk than the copy (BENCHMARKS.md, "DELIVERs in large chunks").
+        st.room_for(wire_delivery::deliver_frame_bytes(d), DELIVER_BLOCK_BYTES);
+        wire_delivery::encode_deliver(d, &mut st.out);
         self.stats.delivers_out += 1;
-        self.flush_stream(ch, id);
-        self.drive(ch, now);
+        self.written(now, ch, id);
         Ok(())
     }
 
@@ -1518,8 +1536,7 @@ impl Server {
         let st = c.streams.get_mut(&id).expect("checked");
         wire_delivery::encode_events(events, &mut st.out);
         self.stats.events_out += events.len() as u64;
-        self.flush_stream(ch, id);
-        self.drive(ch, now);
+        self.written(now, ch, id);
         Ok(())
     }
 
@@ -1663,6 +1680,19 @@ impl StreamState {
         if self.out.capacity() < OUT_ROOM_MIN_BYTES {
             self.out.reserve(OUT_BLOCK_BYTES);
         }
+    }
+
+    /// Makes room for a frame of `bytes` in `out`'s block: when it does not fit, what
+    /// `out` holds is queued for quinn and a new block of at least `block` bytes is
+    /// taken, so frames are never moved by a growing buffer.
+    fn room_for(&mut self, bytes: usize, block: usize) {
+        if self.out.capacity() - self.out.len() >= bytes {
+            return;
+        }
+        if !self.out.is_empty() {
+            self.sending.push_back(self.out.split().freeze());
+        }
+        self.out.reserve(bytes.max(block));
     }
 }
 

@@ -87,11 +87,11 @@ impl Shard {
     pub(super) fn ack_durable(&mut self, now: Now) {
         let durable = self.commit.log().durable_end();
         // The commit's ACKs leave together: one write per stream, one drive per connection.
-        self.server.begin_acks();
+        self.server.begin_writes();
         while let Some(a) = self.awaiting.pop_durable(durable) {
             self.durable(now, a);
         }
-        self.server.end_acks(now.at);
+        self.server.end_writes(now.at);
     }
 
     /// The log failed: what it made durable is answered and handed on, the other

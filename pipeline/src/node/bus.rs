@@ -126,7 +126,10 @@ impl Shard {
     /// A message from another shard (taken without a copy when this shard holds the
     /// only reference).
     pub fn handle_peer(&mut self, now: Now, msg: Arc<PeerMsg>) {
+        // A peer's DELIVERs or events leave together (see `Server::begin_writes`).
+        self.server.begin_writes();
         self.on_peer(now, Arc::unwrap_or_clone(msg));
+        self.server.end_writes(now.at);
         self.advance(now);
     }
 
@@ -432,6 +435,14 @@ impl Shard {
 
     /// Hands due messages to the edge and due events to businesses, within the bounds.
     pub(super) fn dispatch(&mut self, now: Now) {
+        // The DELIVERs and events of one call leave together, a few large chunks per
+        // stream (see `Server::begin_writes`).
+        self.server.begin_writes();
+        self.dispatch_deferred(now);
+        self.server.end_writes(now.at);
+    }
+
+    fn dispatch_deferred(&mut self, now: Now) {
         if !self.credit_wait.is_empty() {
             self.drain_credit_wait(now);
         }

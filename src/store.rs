@@ -289,9 +289,10 @@ pub fn list_segments(dir: &Path) -> std::io::Result<Vec<u64>> {
     Ok(ids)
 }
 
-/// The alignment of direct I/O commit writes: in memory, file offset and length. A
-/// multiple of every logical block size in use (512 and 4096 bytes).
-pub const DIRECT_IO_BLOCK: usize = 4096;
+/// The alignment of direct I/O log writes: in memory, file offset and length (the
+/// core's [`courier_pipeline::log::DIRECT_IO_BLOCK_BYTES`], which the profile's
+/// `log.prepare_ahead_bytes` is checked against).
+pub const DIRECT_IO_BLOCK: usize = courier_pipeline::log::DIRECT_IO_BLOCK_BYTES as usize;
 
 /// One shard's log files, as the shard's core asks for them.
 pub struct ShardStore {

@@ -61,8 +61,9 @@ pub use keys::{DataKey, KeyError, KeyState, Keyring, KeyringError, MasterKey};
 pub use policy::{LogConfig, RECORD_PAYLOAD_BYTES_LIMIT};
 pub use recovery::{Before, RecoverError, Recovery, RecoveryPlan, Repair};
 pub use settings::{
-    LogSettings, GROUP_COMMIT_BYTES_MAX, GROUP_COMMIT_BYTES_MIN, GROUP_COMMIT_RECORDS_MAX,
-    RETENTION_SECS_MAX, RETENTION_SECS_MIN, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
+    LogSettings, DIRECT_IO_BLOCK_BYTES, GROUP_COMMIT_BYTES_MAX, GROUP_COMMIT_BYTES_MIN,
+    GROUP_COMMIT_RECORDS_MAX, RETENTION_SECS_MAX, RETENTION_SECS_MIN, SEGMENT_BYTES_MAX,
+    SEGMENT_BYTES_MIN,
 };
 
 use format::HeaderError;

@@ -72,7 +72,8 @@ pub struct LogSettings {
     /// With direct I/O, bytes of zeros kept written ahead of the open segment's records,
     /// so that commits overwrite blocks already allocated instead of appending (cheaper
     /// and quicker on file systems that overwrite in place, such as ext4 and XFS); 0
-    /// writes none. A multiple of 4096, at most 256 MiB. Optional, 2 MiB when absent.
+    /// writes none. A multiple of [`DIRECT_IO_BLOCK_BYTES`] (4096), at most 256 MiB.
+    /// Optional, 2 MiB when absent.
     #[serde(default = "prepare_ahead_bytes_default")]
     pub prepare_ahead_bytes: u64,
 }
@@ -83,6 +84,11 @@ fn direct_io_default() -> bool {
 
 /// Largest `log.prepare_ahead_bytes`.
 pub const PREPARE_AHEAD_BYTES_MAX: u64 = 256 << 20;
+
+/// The alignment of direct I/O log writes: in memory, file offset and length (the shell
+/// opens segments with `O_DIRECT` and writes in it). A multiple of every logical block
+/// size in use (512 and 4096 bytes); `log.prepare_ahead_bytes` is a multiple of it.
+pub const DIRECT_IO_BLOCK_BYTES: u64 = 4096;
 
 fn prepare_ahead_bytes_default() -> u64 {
     2 << 20
@@ -150,11 +156,14 @@ impl LogSettings {
             0,
             PREPARE_AHEAD_BYTES_MAX,
         );
-        if !self.prepare_ahead_bytes.is_multiple_of(4096) {
+        if !self
+            .prepare_ahead_bytes
+            .is_multiple_of(DIRECT_IO_BLOCK_BYTES)
+        {
             c.fail(
                 "log.prepare_ahead_bytes",
                 format!(
-                    "{} is not a multiple of 4096 (direct I/O writes whole blocks)",
+                    "{} is not a multiple of {DIRECT_IO_BLOCK_BYTES} (direct I/O writes whole blocks)",
                     self.prepare_ahead_bytes
                 ),
             );

@@ -50,7 +50,7 @@ fn transport() -> Arc<TransportConfig> {
 struct Pair {
     client: Endpoint,
     server: Endpoint,
-    conn: Connection,
+    conn: (ConnectionHandle, Connection),
     server_conn: Option<(ConnectionHandle, Connection)>,
     now: Instant,
 }
@@ -78,7 +78,7 @@ impl Pair {
         let mut client = Endpoint::new(endpoint.clone(), None, true, None);
         let server = Endpoint::new(endpoint, Some(Arc::new(server_config)), true, None);
         let now = Instant::now();
-        let (_, conn) = client
+        let conn = client
             .connect(now, client_config, SERVER_ADDR, "bench")
             .expect("connect");
         let mut pair = Pair {
@@ -91,7 +91,7 @@ impl Pair {
         // Bounded: a handshake takes a few round trips.
         for _ in 0..50 {
             pair.pump();
-            if !pair.conn.is_handshaking()
+            if !pair.conn.1.is_handshaking()
                 && pair
                     .server_conn
                     .as_ref()
@@ -111,7 +111,7 @@ impl Pair {
     fn pump(&mut self) {
         self.now += Duration::from_millis(1);
         let mut buf = Vec::new();
-        while let Some(t) = self.conn.poll_transmit(self.now, 1, &mut buf) {
+        while let Some(t) = self.conn.1.poll_transmit(self.now, 1, &mut buf) {
             let data = BytesMut::from(&buf[..t.size]);
             buf.clear();
             match self
@@ -133,9 +133,10 @@ impl Pair {
                 Some(DatagramEvent::Response(_)) | None => {}
             }
         }
-        drain_events(&mut self.conn, &mut self.client, None);
-        if let Some((ch, c)) = self.server_conn.as_mut() {
-            drain_events(c, &mut self.server, Some(*ch));
+        drain_events(&mut self.conn, &mut self.client);
+        if let Some(server_conn) = self.server_conn.as_mut() {
+            drain_events(server_conn, &mut self.server);
+            let c = &mut server_conn.1;
             while let Some(t) = c.poll_transmit(self.now, 1, &mut buf) {
                 let data = BytesMut::from(&buf[..t.size]);
                 buf.clear();
@@ -143,21 +144,21 @@ impl Pair {
                     self.client
                         .handle(self.now, SERVER_ADDR, None, None, data, &mut Vec::new())
                 {
-                    self.conn.handle_event(ev);
+                    self.conn.1.handle_event(ev);
                 }
             }
         }
-        drain_events(&mut self.conn, &mut self.client, None);
+        drain_events(&mut self.conn, &mut self.client);
     }
 }
 
-fn drain_events(c: &mut Connection, e: &mut Endpoint, ch: Option<ConnectionHandle>) {
+/// A connection's application events dropped, its endpoint events handed to its
+/// endpoint (and the endpoint's answers back).
+fn drain_events((ch, c): &mut (ConnectionHandle, Connection), e: &mut Endpoint) {
     while c.poll().is_some() {}
     while let Some(ev) = c.poll_endpoint_events() {
-        if let Some(ch) = ch {
-            if let Some(back) = e.handle_event(ch, ev) {
-                c.handle_event(back);
-            }
+        if let Some(back) = e.handle_event(*ch, ev) {
+            c.handle_event(back);
         }
     }
 }
@@ -189,10 +190,10 @@ fn chunks(frames: usize, blocks: bool, payload: &Bytes, head: &[u8]) -> Vec<Byte
 /// Writes `frames` frames to a new stream and packs every byte into packets; returns the
 /// packets.
 fn send_all(pair: &mut Pair, frames: usize, blocks: bool, payload: &Bytes, head: &[u8]) -> usize {
-    let id = pair.conn.streams().open(Dir::Uni).expect("a stream");
+    let conn = &mut pair.conn.1;
+    let id = conn.streams().open(Dir::Uni).expect("a stream");
     let mut parts = chunks(frames, blocks, payload, head);
-    let written = pair
-        .conn
+    let written = conn
         .send_stream(id)
         .write_chunks(&mut parts)
         .expect("the windows are open");
@@ -200,7 +201,7 @@ fn send_all(pair: &mut Pair, frames: usize, blocks: bool, payload: &Bytes, head:
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut packets = 0;
     // Bounded: every packet carries stream data until the stream is sent.
-    while pair.conn.poll_transmit(pair.now, 1, &mut buf).is_some() {
+    while conn.poll_transmit(pair.now, 1, &mut buf).is_some() {
         packets += 1;
         buf.clear();
     }

@@ -319,6 +319,9 @@ struct StreamState {
     share_paused: bool,
     /// In the deferred list (see `Server::begin_writes`).
     deferred: bool,
+    /// Of those, with ACKs among its deferred frames (handed over as
+    /// `Server::release_acks` does).
+    deferred_acks: bool,
 }
 
 struct Conn {
@@ -863,12 +866,12 @@ impl Server {
             st.out.extend_from_slice(&p.frame.expect("checked"));
             self.stats.acks_out += 1;
         }
-        self.written(now, ticket.conn, ticket.stream);
+        self.written(now, ticket.conn, ticket.stream, true);
     }
 
-    /// Frames were just encoded into stream `id`'s output: handed to quinn now, or at
-    /// [`Server::end_writes`] while deferring.
-    fn written(&mut self, now: Instant, ch: ConnectionHandle, id: StreamId) {
+    /// Frames were just encoded into stream `id`'s output (`acks`: ACKs among them):
+    /// handed to quinn now, or at [`Server::end_writes`] while deferring.
+    fn written(&mut self, now: Instant, ch: ConnectionHandle, id: StreamId, acks: bool) {
         if self.deferring > 0 {
             let Some(conn) = self.conns.get_mut(&ch) else {
                 return;
@@ -877,22 +880,32 @@ impl Server {
                 if !std::mem::replace(&mut st.deferred, true) {
                     self.deferred.push((ch, id));
                 }
+                st.deferred_acks |= acks;
                 conn.deferred = true;
             }
             return;
         }
-        self.release(now, ch, id);
+        self.hand_over(now, ch, id, acks);
         self.drive(ch, now);
     }
 
-    /// Hands a stream's encoded frames to quinn, reads it again if it was paused and its
+    /// Hands a stream's encoded frames to quinn: after ACKs as [`Server::release_acks`]
+    /// does, else only the frames (DELIVERs and events never finish a stream: a
+    /// business's or edge's HELLO stream stays while the connection does).
+    fn hand_over(&mut self, now: Instant, ch: ConnectionHandle, id: StreamId, acks: bool) {
+        match acks {
+            true => self.release_acks(now, ch, id),
+            false => self.flush_stream(ch, id),
+        }
+    }
+
+    /// Hands a stream's encoded ACKs to quinn, reads it again if it was paused and its
     /// ACK backlog is now below the bound, and finishes it if it is done.
-    fn release(&mut self, now: Instant, ch: ConnectionHandle, id: StreamId) {
+    fn release_acks(&mut self, now: Instant, ch: ConnectionHandle, id: StreamId) {
         let read_max = self.limits.batches_in_flight_per_stream_max as usize;
         let Some(st) = self.conns.get_mut(&ch).and_then(|c| c.streams.get_mut(&id)) else {
             return;
         };
-        st.deferred = false;
         let resume = st.paused && st.pending.len() < read_max;
         if resume {
             st.paused = false;
@@ -928,7 +941,12 @@ impl Server {
         // memory is kept for the next commit.
         let mut list = std::mem::take(&mut self.deferred);
         for &(ch, id) in &list {
-            self.release(now, ch, id);
+            let Some(st) = self.conns.get_mut(&ch).and_then(|c| c.streams.get_mut(&id)) else {
+                continue;
+            };
+            st.deferred = false;
+            let acks = std::mem::take(&mut st.deferred_acks);
+            self.hand_over(now, ch, id, acks);
         }
         for &(ch, _) in &list {
             let Some(conn) = self.conns.get_mut(&ch) else {
@@ -1067,6 +1085,7 @@ impl Server {
                             paused: false,
                             share_paused: false,
                             deferred: false,
+                            deferred_acks: false,
                         },
                     );
                     opened.push(id);
@@ -1470,7 +1489,7 @@ impl Server {
         st.room_for(wire_delivery::deliver_frame_bytes(d), DELIVER_BLOCK_BYTES);
         wire_delivery::encode_deliver(d, &mut st.out);
         self.stats.delivers_out += 1;
-        self.written(now, ch, id);
+        self.written(now, ch, id, false);
         Ok(())
     }
 
@@ -1536,7 +1555,7 @@ impl Server {
         let st = c.streams.get_mut(&id).expect("checked");
         wire_delivery::encode_events(events, &mut st.out);
         self.stats.events_out += events.len() as u64;
-        self.written(now, ch, id);
+        self.written(now, ch, id, false);
         Ok(())
     }
 

@@ -13,8 +13,11 @@
 #
 # Environment: SRV_ENV="VAR=VALUE" and LG_ENV="VAR=VALUE" set a variable for the server or
 # the generator only (COURIER_* overrides such as COURIER_E2E__ENABLED=false reach both
-# when exported). PERF=1 records the server (perf record -F 999 -g, or with PERF_CG="--call-graph dwarf"; PERF_SECS from
-# PERF_DELAY s into the run; needs perf), PERFG=1 the generator. Loopback only.
+# when exported). SRV_WRAP and LG_WRAP prefix the server's or the generator's command, e.g.
+# SRV_WRAP="taskset -c 0-7" LG_WRAP="taskset -c 8-15" to give each cores of its own (the
+# server runs one shard per CPU it may use). PERF=1 records the server (perf record -F 999
+# -g, or with PERF_CG="--call-graph dwarf"; PERF_SECS from PERF_DELAY s into the run; needs
+# perf), PERFG=1 the generator. Loopback only.
 set -uo pipefail
 BIN=$1; NAME=$2; MODE=$3; shift 3
 LG=${LOADGEN:-$BIN/courier-loadgen}
@@ -32,7 +35,7 @@ if [ "$MODE" = deliver ]; then
 fi
 env ${SRV_ENV:-COURIER_BENCH=1} COURIER_DELIVERY__ENABLED=$DEL \
     COURIER_SERVER__METRICS_LISTEN=127.0.0.1:19464 COURIER_LOG=warn \
-    "$BIN/courier" serve --data-dir "$D/data" --registry "$D/registry.toml" \
+    ${SRV_WRAP:-} "$BIN/courier" serve --data-dir "$D/data" --registry "$D/registry.toml" \
     --listen 127.0.0.1:17643 --master-key-file "$D/master.key" >"$D/server.log" 2>&1 &
 SP=$!
 trap 'kill $SP 2>/dev/null || true' EXIT
@@ -41,7 +44,7 @@ if [ -n "${PERF:-}" ]; then
     (sleep "${PERF_DELAY:-3}"; perf record -F 999 ${PERF_CG:--g} -o "$D/perf.data" -p $SP -- \
         sleep "${PERF_SECS:-3}" >/dev/null 2>&1) &
 fi
-env ${LG_ENV:-COURIER_BENCH=1} "$LG" --target 127.0.0.1:17643 --token "$TOKEN" "${EXTRA[@]}" \
+env ${LG_ENV:-COURIER_BENCH=1} ${LG_WRAP:-} "$LG" --target 127.0.0.1:17643 --token "$TOKEN" "${EXTRA[@]}" \
     --server-pid $SP --json "/tmp/dlv/$NAME.json" "$@" >"$D/loadgen.txt" 2>&1 &
 GP=$!
 if [ -n "${PERFG:-}" ]; then

@@ -19,13 +19,22 @@ BLOCK = 65536
 
 def main():
     directory = sys.argv[1] if len(sys.argv) > 1 else "/tmp"
-    count = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
+    try:
+        count = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
+    except ValueError:
+        sys.exit(f"COUNT must be a whole number, not {sys.argv[2]!r}")
     if count < 1:
         sys.exit("COUNT must be at least 1")
-    fd_tmp, path = tempfile.mkstemp(prefix="courier-disk-probe.", dir=directory)
+    try:
+        fd_tmp, path = tempfile.mkstemp(prefix="courier-disk-probe.", dir=directory)
+    except OSError as e:
+        sys.exit(f"cannot create a scratch file in {directory}: {e.strerror}")
     os.close(fd_tmp)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_DIRECT)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_DIRECT)
+        except OSError as e:
+            sys.exit(f"cannot open a file in {directory} with O_DIRECT: {e.strerror}")
         # An anonymous mapping is page-aligned, as O_DIRECT needs.
         buf = mmap.mmap(-1, BLOCK)
         buf.write(b"\x5a" * BLOCK)

@@ -8,6 +8,10 @@
 //! record's user fields under its business's field key (a second AES-256-GCM, the key
 //! derived once per business and segment). Throughput in bytes of records on disk.
 //!
+//! `status/v3` and `status/v4`: 64 status records (two per delivered message), in format
+//! version 3 (head and an empty tail, two AES-256-GCM seals) and version 4 (the head
+//! alone, one seal); `scan_status/…` reads them back.
+//!
 //! Run: `cargo bench --bench log_encode -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
@@ -16,7 +20,7 @@ use courier::courier_pipeline::log::format::SEGMENT_VERSION;
 use std::sync::Arc;
 
 use courier::courier_pipeline::log::{
-    DataKey, FieldKeys, Record, RecordHeader, ScanOutcome, SegmentCodec, SegmentHeader,
+    DataKey, FieldKeys, Record, RecordHeader, RecordKind, ScanOutcome, SegmentCodec, SegmentHeader,
 };
 use courier::courier_pipeline::seal::keys::{DerivedKeys, RootKey};
 use courier::courier_pipeline::wire::Recipient;
@@ -26,15 +30,67 @@ const RECORDS: usize = 64;
 const PAYLOAD_SIZES: [usize; 2] = [256, 1024];
 
 fn codec() -> SegmentCodec {
+    codec_of(SEGMENT_VERSION)
+}
+
+fn codec_of(version: u16) -> SegmentCodec {
     let header = SegmentHeader {
         segment_id: 1,
         data_key_id: 1,
         first_index: 0,
         created_ms: 1_700_000_000_000,
-        version: SEGMENT_VERSION,
+        version,
         continues: false,
     };
     SegmentCodec::new(header, DataKey::from_random(1, [7; 32]), 65_536 + 64)
+}
+
+/// Status records as delivery writes them, in format version 3 against version 4.
+fn statuses(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    let status = |i: usize| Record {
+        header: RecordHeader {
+            kind: RecordKind::Status,
+            business_id: 1,
+            time_ms: 1_700_000_000_000,
+            client_id: i as u64,
+            recipient: None,
+            reference: 1 << 40 | i as u64,
+            code: 2,
+        },
+        payload: &[],
+    };
+    for version in [3u16, 4] {
+        assert!(version <= SEGMENT_VERSION);
+        let codec = codec_of(version);
+        let mut segment = Vec::new();
+        codec.header().encode(&mut segment);
+        let start = segment.len();
+        for i in 0..RECORDS {
+            codec
+                .encode_record(i as u32, &status(i), &mut segment)
+                .expect("bounded");
+        }
+        group.throughput(Throughput::Elements(RECORDS as u64));
+        let name = format!("v{version}");
+        let mut out = Vec::with_capacity(segment.len() - start);
+        group.bench_with_input(BenchmarkId::new("status", &name), &name, |b, _| {
+            b.iter(|| {
+                out.clear();
+                for i in 0..RECORDS {
+                    codec
+                        .encode_record(i as u32, &status(i), &mut out)
+                        .expect("bounded");
+                }
+                black_box(out.len())
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("scan_status", &name), &name, |b, _| {
+            b.iter(|| match codec.scan(black_box(&segment)) {
+                ScanOutcome::Clean(s) => s.records,
+                other => panic!("{other:?}"),
+            })
+        });
+    }
 }
 
 fn bench(c: &mut Criterion) {
@@ -94,6 +150,7 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    statuses(&mut group);
     group.finish();
 }
 

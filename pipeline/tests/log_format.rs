@@ -1,7 +1,10 @@
 //! Record and segment format: round trip, tamper detection, torn tails at every cut point,
 //! corruption reported with segment and offset, and no content in Debug/Display.
 
-use courier_pipeline::log::format::{RecordError, SEGMENT_HEADER_BYTES, SEGMENT_VERSION};
+use courier_pipeline::log::format::{
+    RecordError, RECORD_HEAD_ONLY_BYTES, RECORD_OVERHEAD_BYTES, SEGMENT_HEADER_BYTES,
+    SEGMENT_VERSION,
+};
 use courier_pipeline::log::{
     recover_segment, Action, CorruptionCause, DataKey, KeyError, Keyring, LogError, LogFailure,
     MasterKey, OwnedRecord, Record, RecordHeader, RecordKind, RecoveryError, ScanOutcome,
@@ -395,10 +398,39 @@ fn zeroed_space_after_the_last_record_ends_the_segment_cleanly() {
     );
 }
 
-/// Every kind of record round-trips with the fields its kind uses.
+/// Every kind of record round-trips with the fields its kind uses, in the format this
+/// build writes and in version 3 (which it still reads); from version 4 on a status and a
+/// cursor are their head alone.
 #[test]
 fn every_record_kind_round_trips() {
-    let c = codec(2);
+    assert_eq!(SEGMENT_VERSION, 4);
+    for version in [3, SEGMENT_VERSION] {
+        let h = SegmentHeader {
+            version,
+            ..header()
+        };
+        let c = SegmentCodec::new(h, DataKey::from_random(SEGMENT_ID, [2; 32]), PAYLOAD_MAX);
+        let sizes = every_record_kind_round_trips_in(&c);
+        let small = match version {
+            3 => RECORD_OVERHEAD_BYTES,
+            _ => RECORD_HEAD_ONLY_BYTES,
+        };
+        // message, status, inbound, cursor
+        assert_eq!(
+            sizes,
+            [
+                RECORD_OVERHEAD_BYTES + 14 + 6,
+                small,
+                RECORD_OVERHEAD_BYTES + 14 + 7,
+                small
+            ],
+            "version {version}"
+        );
+    }
+}
+
+/// Writes one record of each kind with `c`, scans them back, and returns their sizes.
+fn every_record_kind_round_trips_in(c: &SegmentCodec) -> Vec<usize> {
     let who = Recipient::parse(b"+4915112345678").unwrap();
     let kinds = [
         (RecordHeader::message(1, 10, 11, who, 99), &b"sealed"[..]),
@@ -440,13 +472,15 @@ fn every_record_kind_round_trips() {
         ),
     ];
     let mut bytes = Vec::new();
-    header().encode(&mut bytes);
+    c.header().encode(&mut bytes);
+    let mut sizes = Vec::new();
     for (i, (h, p)) in kinds.iter().enumerate() {
         let r = Record {
             header: *h,
             payload: p,
         };
-        c.encode_record(i as u32, &r, &mut bytes).unwrap();
+        let written = c.encode_record(i as u32, &r, &mut bytes).unwrap();
+        sizes.push(written);
     }
     let mut seen = Vec::new();
     let mut visit = |_: u64, r: &OwnedRecord| seen.push(r.clone());
@@ -454,10 +488,83 @@ fn every_record_kind_round_trips() {
         c.scan_visiting(&bytes, &mut visit),
         ScanOutcome::Clean(_)
     ));
+    assert_eq!(seen.len(), kinds.len());
     for ((h, p), back) in kinds.iter().zip(&seen) {
         assert_eq!(back.header, *h);
         assert_eq!(back.payload, *p);
+        assert!(!back.fields_hidden);
     }
+    sizes
+}
+
+/// The head of a record (`fixed | fields_key`) in plaintext: a status of message 1000.
+fn status_head(kind: RecordKind, fields_key: u8) -> Vec<u8> {
+    let mut p = vec![kind as u8];
+    p.extend_from_slice(&42u32.to_le_bytes());
+    p.extend_from_slice(&7u64.to_le_bytes());
+    p.extend_from_slice(&9u64.to_le_bytes());
+    p.extend_from_slice(&1000u64.to_le_bytes());
+    p.extend_from_slice(&0x0102u16.to_le_bytes());
+    p.push(fields_key);
+    p
+}
+
+/// A record without a tail (`fields_key` 2) is read only where version 4 writes one: in a
+/// version 4 segment, of a kind without recipient, with nothing after its head. Everything
+/// else is a malformed record, reported with its offset, never a panic.
+#[test]
+fn a_head_only_record_is_read_only_where_version_4_writes_one() {
+    let read = |version: u16, plain: Vec<u8>| {
+        let h = SegmentHeader {
+            version,
+            ..header()
+        };
+        let c = SegmentCodec::new(h, DataKey::from_random(SEGMENT_ID, [5; 32]), PAYLOAD_MAX);
+        let mut bytes = Vec::new();
+        h.encode(&mut bytes);
+        c.seal_plaintext_for_fuzzing(0, &plain, &mut bytes);
+        c.read_record(&bytes, SEGMENT_HEADER_BYTES as u64, 0)
+            .map(|(r, next)| (r, next as usize == bytes.len()))
+    };
+    let malformed = |r: Result<_, RecordError>| match r {
+        Err(RecordError::Malformed { offset, what }) => {
+            assert_eq!(offset, SEGMENT_HEADER_BYTES as u64);
+            what
+        }
+        other => panic!("expected a malformed record, got {other:?}"),
+    };
+
+    let (rec, whole) = read(4, status_head(RecordKind::Status, 2)).unwrap();
+    assert!(whole);
+    assert_eq!(
+        (rec.header.kind, rec.header.reference, rec.header.code),
+        (RecordKind::Status, 1000, 0x0102)
+    );
+    assert_eq!((rec.header.recipient, rec.payload.len()), (None, 0));
+
+    // A kind that needs a recipient cannot be a head alone.
+    for kind in [RecordKind::Message, RecordKind::Inbound] {
+        let what = malformed(read(4, status_head(kind, 2)));
+        assert_eq!(what, "recipient for the record kind");
+    }
+    // A tail after a head-only record.
+    let mut with_tail = status_head(RecordKind::Status, 2);
+    with_tail.extend_from_slice(&[0; 5]);
+    assert_eq!(
+        malformed(read(4, with_tail.clone())),
+        "a tail after a head-only record"
+    );
+    // Version 3 knows no head-only records.
+    assert_eq!(malformed(read(3, with_tail)), "fields key");
+    assert_eq!(
+        malformed(read(3, status_head(RecordKind::Status, 2))),
+        "short record"
+    );
+    // A head that promises a tail and has none.
+    assert_eq!(
+        malformed(read(4, status_head(RecordKind::Status, 0))),
+        "short record"
+    );
 }
 
 /// Appends record 0 of segment [`SEGMENT_ID`] in an older format, by hand: `plain` sealed

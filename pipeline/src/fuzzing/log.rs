@@ -44,7 +44,8 @@ fn config() -> LogConfig {
 
 /// `data[0]` bit 0 clear: the rest is a segment file's bytes as they are (bit 1: with its
 /// header CRC recomputed). Bit 0 set: a valid header (bit 1: format version 1, else bit 3:
-/// version 3, whose plaintexts nest a tail under a field key, else version 2; bit 2: a
+/// version 3, whose plaintexts nest a tail under a field key, or with bit 4 too version 4,
+/// where a plaintext of the head's length alone is sealed as one, else version 2; bit 2: a
 /// first index near the top of the index space) followed by records whose plaintexts come
 /// from the input (`len:u8 | plaintext`, sealed under the segment's key and CRC-framed; a
 /// length of 0xff appends the rest raw). The segment is judged by recovery, the verdict
@@ -71,10 +72,11 @@ pub fn segment(data: &[u8]) {
                 100
             },
             created_ms: CREATED_MS,
-            version: match (ctl & 2 != 0, ctl & 8 != 0) {
-                (true, _) => 1,
-                (false, true) => 3,
-                (false, false) => 2,
+            version: match (ctl & 2 != 0, ctl & 8 != 0, ctl & 16 != 0) {
+                (true, _, _) => 1,
+                (false, true, false) => 3,
+                (false, true, true) => 4,
+                (false, false, _) => 2,
             },
             continues: false,
         };
@@ -267,6 +269,24 @@ pub(super) fn segment_seeds() -> Vec<(String, Vec<u8>)> {
         plaintext(2, to, b"a reply"),
         plaintext(3, b"", b""),
     ];
+    // Version 3 and 4 plaintexts: the head (`fixed | fields_key`), then the tail; a
+    // status and a cursor are their head alone (`fields_key` 2) in version 4.
+    let with_fields_key = |mut p: Vec<u8>, fields_key: u8| {
+        p.insert(31, fields_key);
+        p
+    };
+    let head_only = |kind: u8| {
+        let mut p = plaintext(kind, b"", b"");
+        p.truncate(31);
+        p.push(2);
+        p
+    };
+    let v4 = vec![
+        with_fields_key(plaintext(0, to, b"sealed message"), 0),
+        head_only(1),
+        with_fields_key(plaintext(2, to, b"a reply"), 0),
+        head_only(3),
+    ];
     let mut seeds = vec![
         ("records-v2".to_string(), records_input(1, &v2, b"")),
         (
@@ -280,6 +300,10 @@ pub(super) fn segment_seeds() -> Vec<(String, Vec<u8>)> {
         (
             "records-high-index".to_string(),
             records_input(5, &v2[..1], b""),
+        ),
+        (
+            "records-v4".to_string(),
+            records_input(1 | 8 | 16, &v4, b""),
         ),
     ];
     // Whole files as the real encoder writes them, for the raw mode.

@@ -19,8 +19,8 @@ use std::ops::Range;
 use rand::RngCore;
 
 use super::format::{
-    EncodeError, Record, SegmentCodec, SegmentHeader, SegmentSummary, RECORD_OVERHEAD_BYTES,
-    SEGMENT_HEADER_BYTES, SEGMENT_VERSION,
+    EncodeError, Record, SegmentCodec, SegmentHeader, SegmentSummary, RECORD_HEAD_ONLY_BYTES,
+    RECORD_OVERHEAD_BYTES, SEGMENT_HEADER_BYTES, SEGMENT_VERSION,
 };
 use super::keys::{KeyError, KeyState, Keyring, MasterKey};
 use super::policy::{expired, retained_since_ms, roll_due, LogConfig};
@@ -596,9 +596,13 @@ impl Log {
     }
 
     /// Bytes a record with a `recipient_bytes`-byte recipient and a `payload_bytes`-byte
-    /// (sealed) payload takes in a segment.
+    /// (sealed) payload takes in a segment (of the format this build writes: a record
+    /// with neither is its head alone).
     pub fn record_bytes(recipient_bytes: usize, payload_bytes: usize) -> u64 {
-        (RECORD_OVERHEAD_BYTES + recipient_bytes + payload_bytes) as u64
+        match (recipient_bytes, payload_bytes) {
+            (0, 0) => RECORD_HEAD_ONLY_BYTES as u64,
+            _ => (RECORD_OVERHEAD_BYTES + recipient_bytes + payload_bytes) as u64,
+        }
     }
 
     /// Whether a group commit should start now: records await a sync and none is in flight.

@@ -12,6 +12,9 @@
 //! sealed (version 3) = AES-256-GCM(data key, nonce, aad = "", fixed | fields_key:u8)
 //!           | AES-256-GCM(field key, index:u32 | 0[8], aad = fixed | fields_key, tail)
 //!           (each ciphertext | tag[16])
+//! sealed (version 4) = version 3's, except that a record with neither recipient nor
+//!           payload (a status, a cursor) is the head alone, with fields_key 2:
+//!           AES-256-GCM(data key, nonce, aad = "", fixed | 2)
 //! fixed   = kind:u8 | business_id:u32 | time_ms:u64 | client_id:u64 | reference:u64 | code:u16
 //! tail    = recipient_len:u8 (0: none) | recipient | payload_len:u32 | payload
 //! plain (version 2, read only) = fixed | tail, sealed whole under the data key
@@ -56,6 +59,14 @@
 //! [`OwnedRecord::fields_hidden`]. Version 2 segments (before) keep their tails under the
 //! data key alone; they age out with the retention.
 //!
+//! **Records without a tail (version 4, issue 15).** A status or a cursor says nothing of
+//! a user: its version 3 tail is 5 bytes of zero lengths, sealed under the segment's field
+//! key all the same, and a delivered message writes two statuses. Version 4 leaves that
+//! tail and its second AES-GCM pass out (`fields_key` 2): such a record is 56 bytes on
+//! disk instead of 77 and one seal instead of two. A `fields_key` 2 record with a tail,
+//! of a kind that needs a recipient, or in a version 3 segment is malformed. Segments of
+//! versions 1 to 3 keep reading as before.
+//!
 //! Every length is checked against its bound before anything is allocated for it.
 
 use std::sync::{Arc, Mutex};
@@ -81,8 +92,16 @@ const RECORD_PLAIN_FIXED_BYTES_V1: usize = 4 + 8 + 8 + 1 + 4;
 pub const RECORD_OVERHEAD_BYTES: usize = RECORD_FRAME_BYTES + RECORD_PLAIN_FIXED_BYTES + TAG_BYTES;
 /// Bytes a record takes at most on disk besides its payload.
 pub const RECORD_OVERHEAD_BYTES_MAX: usize = RECORD_OVERHEAD_BYTES + RECIPIENT_BYTES_MAX;
-/// The segment format version this build writes (it reads 1 and 2 too).
-pub const SEGMENT_VERSION: u16 = 3;
+/// Bytes on disk of a version 4 record with neither recipient nor payload (a status, a
+/// cursor): frame, head, one tag.
+pub const RECORD_HEAD_ONLY_BYTES: usize =
+    RECORD_FRAME_BYTES + RECORD_HEADER_FIXED_BYTES + 1 + TAG_BYTES;
+/// The segment format version this build writes (it reads 1 to 3 too).
+pub const SEGMENT_VERSION: u16 = 4;
+/// The first version whose records nest a tail under a field key.
+const VERSION_FIELD_KEYS: u16 = 3;
+/// The first version whose statuses and cursors have no tail.
+const VERSION_HEAD_ONLY: u16 = 4;
 /// The oldest segment format version this build reads.
 pub const SEGMENT_VERSION_MIN: u16 = 1;
 const SEGMENT_MAGIC: [u8; 4] = *b"CRSG";
@@ -91,6 +110,7 @@ const _: () = assert!(SEGMENT_HEADER_BYTES == 4 + 2 + 2 + 8 + 8 + 8 + 8 + 4);
 const _: () = assert!(RECORD_OVERHEAD_BYTES_MAX == 8 + 53 + 16 + 16);
 const _: () = assert!(RECORD_PLAIN_FIXED_BYTES_V1 < RECORD_PLAIN_FIXED_BYTES_V2);
 const _: () = assert!(RECORD_PLAIN_FIXED_BYTES_V2 < RECORD_PLAIN_FIXED_BYTES);
+const _: () = assert!(RECORD_HEAD_ONLY_BYTES == 56 && RECORD_OVERHEAD_BYTES == 77);
 
 /// The largest `len` field of a record whose payload is at most `payload_bytes_max`.
 pub const fn sealed_bytes_max(payload_bytes_max: u32) -> usize {
@@ -437,6 +457,8 @@ const SEGMENT_FIELD_KEY_LABEL: &[u8] = b"courier log segment field key v3";
 /// `fields_key` values.
 const FIELDS_UNDER_SEGMENT: u8 = 0;
 const FIELDS_UNDER_BUSINESS: u8 = 1;
+/// `fields_key` of a version 4 record that has no tail (nothing of a user in it).
+const FIELDS_NONE: u8 = 2;
 
 /// Encrypts and decrypts one segment's records.
 pub struct SegmentCodec {
@@ -605,14 +627,23 @@ impl SegmentCodec {
                 max: self.payload_bytes_max,
             });
         }
-        assert_eq!(
-            self.header.version, SEGMENT_VERSION,
-            "records are appended in the current format only"
+        // The log appends in the current format only; version 3 stays writable for the
+        // tests and benches that compare the two.
+        assert!(
+            (VERSION_FIELD_KEYS..=SEGMENT_VERSION).contains(&self.header.version),
+            "records are appended in format version 3 or 4 only"
         );
         let start = out.len();
         let h = &record.header;
         let r = h.recipient.as_ref().map_or(&[][..], Recipient::as_bytes);
-        let sealed_len = RECORD_PLAIN_FIXED_BYTES + r.len() + record.payload.len() + TAG_BYTES;
+        // A record that says nothing of a user: no tail at all from version 4 on.
+        let head_only =
+            self.header.version >= VERSION_HEAD_ONLY && r.is_empty() && record.payload.is_empty();
+        let sealed_len = if head_only {
+            RECORD_HEAD_ONLY_BYTES - RECORD_FRAME_BYTES
+        } else {
+            RECORD_PLAIN_FIXED_BYTES + r.len() + record.payload.len() + TAG_BYTES
+        };
         out.reserve(RECORD_FRAME_BYTES + sealed_len);
         out.extend_from_slice(&(sealed_len as u32).to_le_bytes());
         out.extend_from_slice(&[0; 4]);
@@ -629,6 +660,7 @@ impl SegmentCodec {
             .then(|| self.business_key(h.business_id))
             .flatten();
         out.push(match business {
+            _ if head_only => FIELDS_NONE,
             Some(_) => FIELDS_UNDER_BUSINESS,
             None => FIELDS_UNDER_SEGMENT,
         });
@@ -640,6 +672,9 @@ impl SegmentCodec {
             .seal_in_place_separate_tag(self.nonce(index), Aad::empty(), &mut out[plain..])
             .expect("AES-GCM seal cannot fail for a bounded record");
         out.extend_from_slice(head_tag.as_ref());
+        if head_only {
+            return Ok(self.frame_encoded(index, record, out, start, sealed_len));
+        }
         let tail = out.len();
         out.push(r.len() as u8);
         out.extend_from_slice(r);
@@ -650,6 +685,20 @@ impl SegmentCodec {
             .seal_in_place_separate_tag(Self::tail_nonce(index), Aad::from(&aad), &mut out[tail..])
             .expect("AES-GCM seal cannot fail for a bounded record");
         out.extend_from_slice(tail_tag.as_ref());
+        Ok(self.frame_encoded(index, record, out, start, sealed_len))
+    }
+
+    /// Writes the CRC of the record sealed at `out[start..]` into its frame and checks the
+    /// whole record; returns its bytes on disk.
+    fn frame_encoded(
+        &self,
+        index: u32,
+        record: &Record<'_>,
+        out: &mut [u8],
+        start: usize,
+        sealed_len: usize,
+    ) -> usize {
+        let plain = start + RECORD_FRAME_BYTES;
         let crc = frame_crc(&out[start..start + 4], &out[plain..]);
         out[start + 4..plain].copy_from_slice(&crc.to_le_bytes());
 
@@ -663,7 +712,7 @@ impl SegmentCodec {
             assert_eq!(used, written);
             assert_eq!(back.as_record(), *record);
         }
-        Ok(written)
+        written
     }
 
     /// Frames and seals arbitrary `plain` bytes as record number `index`, as
@@ -673,9 +722,15 @@ impl SegmentCodec {
     pub fn seal_plaintext_for_fuzzing(&self, index: u32, plain: &[u8], out: &mut Vec<u8>) {
         let start = out.len();
         // Version 3 seals the head under the data key and the rest under the segment's
-        // field key (a business's key is the parser's to look up): two tags.
+        // field key (a business's key is the parser's to look up): two tags. Version 4
+        // seals a plaintext of the head's length alone, as it writes statuses.
         let head = RECORD_HEADER_FIXED_BYTES + 1;
-        let split = (self.header.version >= 3 && plain.len() >= head).then_some(head);
+        let split = match self.header.version {
+            VERSION_HEAD_ONLY.. => plain.len() > head,
+            VERSION_FIELD_KEYS => plain.len() >= head,
+            _ => false,
+        }
+        .then_some(head);
         let tags = if split.is_some() { 2 } else { 1 };
         let sealed_len =
             u32::try_from(plain.len() + tags * TAG_BYTES).expect("a fuzz record fits u32");
@@ -748,7 +803,7 @@ impl SegmentCodec {
         let total = self.frame_at(bytes, offset)?;
         let o = offset as usize;
         let mut buf = bytes[o + RECORD_FRAME_BYTES..o + total].to_vec();
-        if self.header.version >= 3 {
+        if self.header.version >= VERSION_FIELD_KEYS {
             return Ok((self.read_v3(&mut buf, offset, index)?, total));
         }
         let plain = self
@@ -763,9 +818,9 @@ impl SegmentCodec {
         Ok((rec, total))
     }
 
-    /// A version 3 record's sealed bytes: the head opened under the data key, the tail
-    /// under its field key, then read as version 2's plaintext; hidden when the field key
-    /// is not here.
+    /// A version 3 or 4 record's sealed bytes: the head opened under the data key, the
+    /// tail (if it has one) under its field key, then read as version 2's plaintext;
+    /// hidden when the field key is not here.
     fn read_v3(
         &self,
         sealed: &mut [u8],
@@ -774,7 +829,12 @@ impl SegmentCodec {
     ) -> Result<OwnedRecord, RecordError> {
         let bad = |what| RecordError::Malformed { offset, what };
         let head = RECORD_HEADER_FIXED_BYTES + 1;
-        if sealed.len() < RECORD_PLAIN_FIXED_BYTES + TAG_BYTES {
+        let head_only_allowed = self.header.version >= VERSION_HEAD_ONLY;
+        let shortest = match head_only_allowed {
+            true => head + TAG_BYTES,
+            false => RECORD_PLAIN_FIXED_BYTES + TAG_BYTES,
+        };
+        if sealed.len() < shortest {
             return Err(bad("short record"));
         }
         let (head_sealed, tail_sealed) = sealed.split_at_mut(head + TAG_BYTES);
@@ -784,6 +844,19 @@ impl SegmentCodec {
             .open_in_place(self.nonce(index), Aad::empty(), head_sealed)
             .map_err(|_| RecordError::Aead { offset })?;
         let business_id = u32_at(p, 1);
+        if p[head - 1] == FIELDS_NONE && head_only_allowed {
+            if !tail_sealed.is_empty() {
+                return Err(bad("a tail after a head-only record"));
+            }
+            // Version 2's plaintext of a record without recipient or payload: both
+            // lengths zero (its kind is checked there).
+            let mut v2 = [0u8; RECORD_PLAIN_FIXED_BYTES_V2];
+            v2[..head - 1].copy_from_slice(&p[..head - 1]);
+            return parse_plain(&v2, offset, self.payload_bytes_max);
+        }
+        if head + TAG_BYTES + tail_sealed.len() < RECORD_PLAIN_FIXED_BYTES + TAG_BYTES {
+            return Err(bad("short record"));
+        }
         let key = match p[head - 1] {
             FIELDS_UNDER_SEGMENT => None,
             FIELDS_UNDER_BUSINESS => match self.business_key(business_id) {

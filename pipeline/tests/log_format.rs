@@ -895,3 +895,153 @@ mod index_space {
         assert!(with(24, LIMIT).is_ok());
     }
 }
+
+/// Upgrading: a shard log the previous build wrote (a version 3 segment holding a message,
+/// its two statuses and a cursor) opens in this build, which appends to a new segment in
+/// version 4; after a restart both segments are judged whole and every record reads back
+/// as it was written, in log order.
+#[test]
+fn a_version_3_log_opens_appends_in_version_4_and_reads_back_after_a_restart() {
+    use courier_pipeline::log::{LogConfig, Recovery};
+    use courier_pipeline::ShardId;
+    use std::collections::BTreeMap;
+
+    let who = Recipient::parse(b"+4915112345678").unwrap();
+    let status = |time_ms: u64, reference: u64, code: u16| RecordHeader {
+        kind: RecordKind::Status,
+        business_id: 42,
+        time_ms,
+        client_id: 1,
+        recipient: None,
+        reference,
+        code,
+    };
+    let cursor = |time_ms: u64, reference: u64| RecordHeader {
+        kind: RecordKind::Cursor,
+        business_id: 42,
+        time_ms,
+        client_id: 0,
+        recipient: None,
+        reference,
+        code: 0,
+    };
+    let old: Vec<(RecordHeader, &[u8])> = vec![
+        (RecordHeader::message(42, 10, 1, who, 99_000), b"sealed one"),
+        (status(11, 0, 1), b""),
+        (status(12, 0, 2), b""),
+        (cursor(13, 2), b""),
+    ];
+    let new: Vec<(RecordHeader, &[u8])> = vec![
+        (RecordHeader::message(42, 20, 2, who, 99_000), b"sealed two"),
+        (status(21, 4, 1), b""),
+        (status(22, 4, 2), b""),
+        (cursor(23, 6), b""),
+    ];
+
+    // What the previous build left: a keyring with one key and a version 3 segment.
+    let master = || MasterKey::from_bytes([5; 32]);
+    let mut ring = Keyring::new();
+    let key = ring.create_key(&master(), [9; 32], [1; 12]);
+    let h3 = SegmentHeader {
+        segment_id: key.id(),
+        data_key_id: key.id(),
+        first_index: 0,
+        created_ms: 0,
+        version: 3,
+        continues: false,
+    };
+    let c3 = SegmentCodec::new(h3, key, PAYLOAD_MAX);
+    let mut v3 = Vec::new();
+    h3.encode(&mut v3);
+    for (i, (h, p)) in old.iter().enumerate() {
+        let r = Record {
+            header: *h,
+            payload: p,
+        };
+        c3.encode_record(i as u32, &r, &mut v3).unwrap();
+    }
+    let mut files: BTreeMap<u64, Vec<u8>> = BTreeMap::from([(h3.segment_id, v3)]);
+    let mut ring_bytes = ring.to_bytes();
+
+    // This build starts on it and appends.
+    let config = LogConfig {
+        segment_bytes_max: 1 << 20,
+        segment_age_max_ms: 3_600_000,
+        retention_ms: 86_400_000,
+        group_commit_records_max: 64,
+        group_commit_bytes_max: 1 << 20,
+        payload_bytes_max: PAYLOAD_MAX,
+        drops_per_step_max: 4,
+    };
+    let mut recovery = Recovery::new(Some(&ring_bytes), true, master(), PAYLOAD_MAX).unwrap();
+    for (id, bytes) in &files {
+        recovery.judge(*id, bytes, &mut |_, _| {}).unwrap();
+    }
+    let (mut log, mut actions) = recovery.plan().open(config, ShardId::new(0)).unwrap();
+    let records: Vec<Record<'_>> = new
+        .iter()
+        .map(|(h, p)| Record {
+            header: *h,
+            payload: p,
+        })
+        .collect();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
+    let mut positions = Vec::new();
+    log.append(30, &mut rng, &records, &mut actions, &mut positions)
+        .unwrap();
+    assert_eq!(
+        positions.iter().map(|p| p.index()).collect::<Vec<_>>(),
+        [4, 5, 6, 7],
+        "the log goes on where the old segment ended"
+    );
+    for a in actions {
+        match a {
+            Action::PersistKeyring { bytes } => ring_bytes = bytes,
+            Action::CreateSegment { segment_id } => {
+                assert!(
+                    files.insert(segment_id, Vec::new()).is_none(),
+                    "a new segment"
+                );
+            }
+            Action::Write {
+                segment_id,
+                offset,
+                bytes,
+            } => {
+                let f = files.get_mut(&segment_id).expect("created first");
+                let end = offset as usize + bytes.len();
+                if f.len() < end {
+                    f.resize(end, 0);
+                }
+                f[offset as usize..end].copy_from_slice(&bytes);
+            }
+            Action::SyncSegment { .. } | Action::DeleteSegment { .. } => {}
+        }
+    }
+    assert_eq!(files.len(), 2, "the old segment is never appended to");
+    let versions: Vec<u16> = files
+        .values()
+        .map(|b| SegmentHeader::decode(b).unwrap().version)
+        .collect();
+    assert_eq!(versions, [3, SEGMENT_VERSION]);
+    // The new statuses and cursor are their heads alone.
+    let new_bytes = files.values().last().unwrap().len() - SEGMENT_HEADER_BYTES;
+    let message_bytes = RECORD_OVERHEAD_BYTES + 14 + b"sealed two".len();
+    assert_eq!(new_bytes, message_bytes + 3 * RECORD_HEAD_ONLY_BYTES);
+
+    // A restart reads both back.
+    let mut seen = Vec::new();
+    let mut recovery = Recovery::new(Some(&ring_bytes), true, master(), PAYLOAD_MAX).unwrap();
+    for (id, bytes) in &files {
+        recovery
+            .judge(*id, bytes, &mut |index, r| seen.push((index, r.clone())))
+            .unwrap();
+    }
+    let (log, _) = recovery.plan().open(config, ShardId::new(0)).unwrap();
+    assert_eq!(log.next_index(), 8);
+    assert_eq!(seen.len(), 8);
+    for (i, ((index, back), (h, p))) in seen.iter().zip(old.iter().chain(&new)).enumerate() {
+        assert_eq!(*index, i as u64);
+        assert_eq!((back.header, back.payload.as_slice()), (*h, *p));
+    }
+}

@@ -45,6 +45,15 @@ fn codec_of(version: u16) -> SegmentCodec {
     SegmentCodec::new(header, DataKey::from_random(1, [7; 32]), 65_536 + 64)
 }
 
+/// Encodes records `0..RECORDS` (as `record(i)` makes them) with `codec`, appended to `out`.
+fn encode_all<'a>(codec: &SegmentCodec, out: &mut Vec<u8>, record: impl Fn(usize) -> Record<'a>) {
+    for i in 0..RECORDS {
+        codec
+            .encode_record(i as u32, &record(i), out)
+            .expect("bounded");
+    }
+}
+
 /// Status records as delivery writes them, in format version 3 against version 4.
 fn statuses(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
     let status = |i: usize| Record {
@@ -65,22 +74,14 @@ fn statuses(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::Wa
         let mut segment = Vec::new();
         codec.header().encode(&mut segment);
         let start = segment.len();
-        for i in 0..RECORDS {
-            codec
-                .encode_record(i as u32, &status(i), &mut segment)
-                .expect("bounded");
-        }
+        encode_all(&codec, &mut segment, status);
         group.throughput(Throughput::Elements(RECORDS as u64));
         let name = format!("v{version}");
         let mut out = Vec::with_capacity(segment.len() - start);
         group.bench_with_input(BenchmarkId::new("status", &name), &name, |b, _| {
             b.iter(|| {
                 out.clear();
-                for i in 0..RECORDS {
-                    codec
-                        .encode_record(i as u32, &status(i), &mut out)
-                        .expect("bounded");
-                }
+                encode_all(&codec, &mut out, status);
                 black_box(out.len())
             })
         });
@@ -110,21 +111,13 @@ fn bench(c: &mut Criterion) {
         let mut segment = Vec::new();
         codec.header().encode(&mut segment);
         let start = segment.len();
-        for i in 0..RECORDS {
-            codec
-                .encode_record(i as u32, &record(i), &mut segment)
-                .expect("bounded");
-        }
+        encode_all(&codec, &mut segment, record);
         group.throughput(Throughput::Bytes((segment.len() - start) as u64));
         let mut out = Vec::with_capacity(segment.len());
         group.bench_with_input(BenchmarkId::new("encode", size), &size, |b, _| {
             b.iter(|| {
                 out.clear();
-                for i in 0..RECORDS {
-                    codec
-                        .encode_record(i as u32, &record(i), &mut out)
-                        .expect("bounded");
-                }
+                encode_all(&codec, &mut out, record);
                 black_box(out.len())
             })
         });
@@ -134,11 +127,7 @@ fn bench(c: &mut Criterion) {
             |b, _| {
                 b.iter(|| {
                     out.clear();
-                    for i in 0..RECORDS {
-                        with_keys
-                            .encode_record(i as u32, &record(i), &mut out)
-                            .expect("bounded");
-                    }
+                    encode_all(&with_keys, &mut out, record);
                     black_box(out.len())
                 })
             },

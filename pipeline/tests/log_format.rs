@@ -48,6 +48,19 @@ fn record(i: u64, payload: &[u8]) -> Record<'_> {
     }
 }
 
+/// The log's bounds in the tests that open one.
+fn log_config() -> courier_pipeline::log::LogConfig {
+    courier_pipeline::log::LogConfig {
+        segment_bytes_max: 1 << 20,
+        segment_age_max_ms: 3_600_000,
+        retention_ms: 86_400_000,
+        group_commit_records_max: 64,
+        group_commit_bytes_max: 1 << 20,
+        payload_bytes_max: PAYLOAD_MAX,
+        drops_per_step_max: 4,
+    }
+}
+
 /// A segment of `n` records; returns its bytes and each record's offset.
 fn segment(c: &SegmentCodec, n: usize) -> (Vec<u8>, Vec<usize>) {
     let mut bytes = Vec::new();
@@ -760,23 +773,11 @@ fn user_fields_read_back_hidden_without_their_business_key() {
 mod index_space {
     use super::*;
     use courier_pipeline::log::format::HeaderError;
-    use courier_pipeline::log::{KeyringError, LogConfig, OpenError, Recovery};
+    use courier_pipeline::log::{KeyringError, OpenError, Recovery};
     use courier_pipeline::wire::LogPosition;
     use courier_pipeline::ShardId;
 
     const LIMIT: u64 = LogPosition::INDEX_LIMIT;
-
-    fn config() -> LogConfig {
-        LogConfig {
-            segment_bytes_max: 1 << 20,
-            segment_age_max_ms: 3_600_000,
-            retention_ms: 86_400_000,
-            group_commit_records_max: 64,
-            group_commit_bytes_max: 1 << 20,
-            payload_bytes_max: PAYLOAD_MAX,
-            drops_per_step_max: 4,
-        }
-    }
 
     /// A keyring with one key, and a segment of `records` records under it whose header
     /// names `first_index` (written with a valid CRC, as a forger or bit rot with luck would).
@@ -792,7 +793,7 @@ mod index_space {
         let master = MasterKey::from_bytes([5; 32]);
         let mut r = Recovery::new(Some(&ring.to_bytes()), true, master, PAYLOAD_MAX).unwrap();
         r.judge(1, bytes, &mut |_, _| {}).unwrap();
-        match r.plan().open(config(), ShardId::new(0)) {
+        match r.plan().open(log_config(), ShardId::new(0)) {
             Ok((log, _)) => Ok(log),
             Err(courier_pipeline::log::RecoverError::Open(e)) => Err(e),
             Err(e) => panic!("unexpected {e}"),
@@ -877,7 +878,7 @@ mod index_space {
             .unwrap();
             r.judge(1, &[], &mut |_, _| {}).unwrap();
             assert_eq!(
-                r.plan().open(config(), ShardId::new(0)).unwrap_err(),
+                r.plan().open(log_config(), ShardId::new(0)).unwrap_err(),
                 courier_pipeline::log::RecoverError::Open(OpenError::Exhausted(what))
             );
         }
@@ -902,7 +903,7 @@ mod index_space {
 /// as it was written, in log order.
 #[test]
 fn a_version_3_log_opens_appends_in_version_4_and_reads_back_after_a_restart() {
-    use courier_pipeline::log::{LogConfig, Recovery};
+    use courier_pipeline::log::Recovery;
     use courier_pipeline::ShardId;
     use std::collections::BTreeMap;
 
@@ -964,15 +965,7 @@ fn a_version_3_log_opens_appends_in_version_4_and_reads_back_after_a_restart() {
     let mut ring_bytes = ring.to_bytes();
 
     // This build starts on it and appends.
-    let config = LogConfig {
-        segment_bytes_max: 1 << 20,
-        segment_age_max_ms: 3_600_000,
-        retention_ms: 86_400_000,
-        group_commit_records_max: 64,
-        group_commit_bytes_max: 1 << 20,
-        payload_bytes_max: PAYLOAD_MAX,
-        drops_per_step_max: 4,
-    };
+    let config = log_config();
     let mut recovery = Recovery::new(Some(&ring_bytes), true, master(), PAYLOAD_MAX).unwrap();
     for (id, bytes) in &files {
         recovery.judge(*id, bytes, &mut |_, _| {}).unwrap();

@@ -266,7 +266,8 @@ pub struct Log {
     next_index: u64,
     durable_end: u64,
     pending: Group,
-    in_flight: Option<SyncRequest>,
+    /// The sync in flight: its id and the index through which it makes records durable.
+    in_flight: Option<(u64, u64)>,
     next_sync_id: u64,
     failed: Option<LogFailure>,
     /// This run opened a segment already: the next one continues it (header flag).
@@ -622,15 +623,25 @@ impl Log {
             through_index: self.next_index,
         };
         self.next_sync_id += 1;
-        self.in_flight = Some(req.clone());
+        self.in_flight = Some((req.id, req.through_index));
         Some(req)
+    }
+
+    /// Gives back the segment list of a [`SyncRequest`] whose syncs were started, so that
+    /// the next group commit lists its segments without allocating (the steady path's
+    /// group commits allocate nothing of the log's).
+    pub fn reuse_segment_ids(&mut self, mut ids: Vec<u64>) {
+        if self.pending.segment_ids.capacity() == 0 {
+            ids.clear();
+            self.pending.segment_ids = ids;
+        }
     }
 
     /// The sync `id` completed: returns the log indexes that just became durable.
     pub fn on_synced(&mut self, id: u64) -> Range<u64> {
-        let req = self.in_flight.take().expect("a sync in flight");
+        let (in_flight, through_index) = self.in_flight.take().expect("a sync in flight");
         assert_eq!(
-            req.id, id,
+            in_flight, id,
             "sync completions arrive for the request in flight"
         );
         if self.failed.is_some() {
@@ -638,15 +649,15 @@ impl Log {
             return self.durable_end..self.durable_end;
         }
         let from = self.durable_end;
-        self.durable_end = req.through_index;
+        self.durable_end = through_index;
         from..self.durable_end
     }
 
     /// The sync `id` failed. The log fails for good; nothing pending becomes durable.
     pub fn on_sync_failed(&mut self, id: u64, segment_id: u64) -> LogFailure {
-        let req = self.in_flight.take().expect("a sync in flight");
+        let (in_flight, _) = self.in_flight.take().expect("a sync in flight");
         assert_eq!(
-            req.id, id,
+            in_flight, id,
             "sync completions arrive for the request in flight"
         );
         self.fail(LogFailure::SyncFailed { segment_id })
@@ -878,6 +889,35 @@ mod tests {
         assert_eq!(ring.state(*segment_id), KeyState::Live);
         assert_eq!(positions, vec![LogPosition::new(ShardId::new(1), 0)]);
         assert!(log.commit_due());
+    }
+
+    /// A segment list given back after a commit started lists the next commit's segments:
+    /// the same allocation, the right ids; one not given back is simply a new list.
+    #[test]
+    fn a_segment_list_given_back_serves_the_next_commit() {
+        let (mut log, _) = open();
+        let mut rng = StdRng::seed_from_u64(1);
+        let (mut actions, mut positions) = (Vec::new(), Vec::new());
+        log.append(10, &mut rng, &[rec(b"x", 10)], &mut actions, &mut positions)
+            .unwrap();
+        let first = log.begin_sync().unwrap();
+        let segment = first.segment_ids[0];
+        let at = first.segment_ids.as_ptr();
+        log.reuse_segment_ids(first.segment_ids);
+        assert_eq!(log.on_synced(first.id), 0..1);
+        log.append(11, &mut rng, &[rec(b"y", 11)], &mut actions, &mut positions)
+            .unwrap();
+        let second = log.begin_sync().unwrap();
+        assert_eq!(second.segment_ids, [segment]);
+        assert_eq!(second.segment_ids.as_ptr(), at, "the same allocation");
+        assert_eq!(log.on_synced(second.id), 1..2);
+        // Not given back: the next commit still lists its segment.
+        log.append(12, &mut rng, &[rec(b"z", 12)], &mut actions, &mut positions)
+            .unwrap();
+        let third = log.begin_sync().unwrap();
+        let open = log.open_segment().map(|(id, _)| id).unwrap();
+        assert_eq!(third.segment_ids, [open]);
+        assert_eq!(log.on_synced(third.id), 2..3);
     }
 
     #[test]

@@ -223,6 +223,8 @@ pub struct GroupCommit {
     rng: StdRng,
     group: Vec<GroupWrite>,
     spare: Vec<Vec<u8>>,
+    /// The segment list of the last commit, kept for the next one's.
+    spare_segments: Vec<u64>,
     in_flight: Option<InFlight>,
     io: VecDeque<Io>,
     direct: Option<Direct>,
@@ -320,6 +322,7 @@ impl GroupCommit {
             rng: StdRng::from_seed(seed),
             group: Vec::new(),
             spare: Vec::new(),
+            spare_segments: Vec::new(),
             in_flight: None,
             io: VecDeque::new(),
             direct: None,
@@ -576,7 +579,9 @@ impl GroupCommit {
             .group
             .iter()
             .all(|g| req.segment_ids.contains(&g.segment_id)));
-        let mut segments = Vec::with_capacity(self.group.len());
+        self.log.reuse_segment_ids(req.segment_ids);
+        let mut segments = std::mem::take(&mut self.spare_segments);
+        segments.clear();
         for (i, mut g) in self.group.drain(..).enumerate() {
             if let Some(d) = self.direct.as_mut() {
                 align_for_direct_io(&mut g, d);
@@ -641,6 +646,7 @@ impl GroupCommit {
             if let Some(p) = self.prepare.as_mut() {
                 p.written = p.written.max(inflight.segments.iter().max().copied());
             }
+            self.spare_segments = inflight.segments;
             // A metadata operation may have failed the log while the commit ran.
             return match self.log.failure() {
                 Some(_) => Completion::Nothing,

@@ -830,11 +830,15 @@ impl SegmentCodec {
         let bad = |what| RecordError::Malformed { offset, what };
         let head = RECORD_HEADER_FIXED_BYTES + 1;
         let head_only_allowed = self.header.version >= VERSION_HEAD_ONLY;
-        let shortest = match head_only_allowed {
-            true => head + TAG_BYTES,
-            false => RECORD_PLAIN_FIXED_BYTES + TAG_BYTES,
+        // A record with a tail has at least its two lengths and two tags.
+        let sealed_len = sealed.len();
+        let with_tail_min = RECORD_PLAIN_FIXED_BYTES + TAG_BYTES;
+        let shortest = if head_only_allowed {
+            head + TAG_BYTES
+        } else {
+            with_tail_min
         };
-        if sealed.len() < shortest {
+        if sealed_len < shortest {
             return Err(bad("short record"));
         }
         let (head_sealed, tail_sealed) = sealed.split_at_mut(head + TAG_BYTES);
@@ -854,7 +858,7 @@ impl SegmentCodec {
             v2[..head - 1].copy_from_slice(&p[..head - 1]);
             return parse_plain(&v2, offset, self.payload_bytes_max);
         }
-        if head + TAG_BYTES + tail_sealed.len() < RECORD_PLAIN_FIXED_BYTES + TAG_BYTES {
+        if sealed_len < with_tail_min {
             return Err(bad("short record"));
         }
         let key = match p[head - 1] {

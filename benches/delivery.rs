@@ -89,6 +89,7 @@ impl Run {
             self.recipients[(i % RECIPIENTS) as usize],
             now + 2_592_000_000,
             self.payload.clone(),
+            None,
             false,
         );
         self.next += 1;

@@ -49,6 +49,8 @@ pub(super) struct Admitted {
 pub(super) struct Awaiting {
     pub(super) answer: Option<Answer>,
     pub(super) admitted: Vec<Admitted>,
+    /// Bytes of the buffer the admitted payloads are slices of (0 when each has its own).
+    pub(super) shared_bytes: usize,
     pub(super) events: Vec<(u32, BusinessEvent)>,
     /// Durable once the log's durable end reaches this index.
     pub(super) end_index: u64,
@@ -133,6 +135,8 @@ impl Shard {
             self.events_promised.sub(*business_id, 1);
         }
         if let Some(d) = self.delivery.as_mut() {
+            let block = (a.shared_bytes > 0 && !a.admitted.is_empty())
+                .then(|| d.hold_block(a.shared_bytes as u64, a.admitted.len()));
             for m in a.admitted {
                 d.admit(
                     now.unix_ms,
@@ -142,6 +146,7 @@ impl Shard {
                     m.recipient,
                     m.expires_ms,
                     m.payload,
+                    block,
                     false,
                 );
             }

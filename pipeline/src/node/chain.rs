@@ -451,7 +451,7 @@ impl Shard {
             self.ack(now, taken, batch.ticket, batch.business_id, &statuses, true);
             return;
         }
-        let admitted = self.admitted(batch, &statuses, positions, expires_ms);
+        let (admitted, shared_bytes) = self.admitted(batch, &statuses, positions, expires_ms);
         // Owed to the business once durable (then by delivery).
         self.events_promised
             .add(batch.business_id, 2 * admitted.len());
@@ -481,6 +481,7 @@ impl Shard {
             self.awaiting.push(Awaiting {
                 answer: None,
                 admitted,
+                shared_bytes,
                 events: Vec::new(),
                 end_index: self.commit.log().next_index(),
             });
@@ -489,22 +490,26 @@ impl Shard {
         self.awaiting.push(Awaiting {
             answer: Some(answer),
             admitted,
+            shared_bytes,
             events: Vec::new(),
             end_index: self.commit.log().next_index(),
         });
     }
 
     /// The messages of a batch just appended that enter delivery once durable (none with
-    /// delivery off): their positions and sealed payloads.
+    /// delivery off): their positions and sealed payloads, with the bytes of the buffer
+    /// those payloads share. The payloads are slices of the batch's sealed buffer, taken
+    /// over whole (no copy, no allocation per message); delivery counts that buffer in
+    /// full while any of them waits (`delivery.rs`, "Payload buffers").
     fn admitted(
-        &self,
+        &mut self,
         batch: &SubmitBatch,
         statuses: &[Status],
         positions: &[LogPosition],
         expires_ms: u64,
-    ) -> Vec<Admitted> {
+    ) -> (Vec<Admitted>, usize) {
         if self.delivery.is_none() {
-            return Vec::new();
+            return (Vec::new(), 0);
         }
         let placed = batch
             .messages
@@ -512,18 +517,20 @@ impl Shard {
             .zip(statuses)
             .filter(|(_, s)| **s == UNPLACED)
             .map(|(m, _)| m);
-        placed
+        let (shared_bytes, payloads) = self.sealed.take_shared();
+        let admitted = placed
             .zip(positions)
-            .zip(self.sealed.iter())
-            .map(|((m, &message), sealed)| Admitted {
+            .zip(payloads)
+            .map(|((m, &message), payload)| Admitted {
                 message,
                 business_id: batch.business_id,
                 client_id: m.client_id,
                 recipient: m.recipient,
                 expires_ms,
-                payload: bytes::Bytes::copy_from_slice(sealed),
+                payload,
             })
-            .collect()
+            .collect();
+        (admitted, shared_bytes)
     }
 }
 

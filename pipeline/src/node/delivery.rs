@@ -28,6 +28,14 @@
 //! messages + 8`, the delivered list `2 × delivered_kept_max + 1024`.
 //!
 //! Timers of the same millisecond fire in the order they were set, not by position.
+//!
+//! Payload buffers: the messages of one stored batch come with their payloads as slices
+//! of one shared buffer (the batch's sealed bytes, taken over without a copy), and
+//! `pending_bytes_max` counts that buffer whole while any of its messages is pending: one
+//! slice keeps all of it. So that a message that waits (a backoff, an offline recipient,
+//! a hand-off without an outcome, device keys missing) does not keep its batch's buffer
+//! for long, it gets a copy of its own the first time it waits for later; a bounce (the
+//! edge out of credit) keeps the slice. Messages read back at start-up own their payloads.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
@@ -223,6 +231,9 @@ struct Pending {
     recipient: Recipient,
     expires_ms: u64,
     payload: Bytes,
+    /// The shared buffer `payload` is a slice of (counted there), or none: its own
+    /// (counted by its length).
+    block: Option<PayloadBlock>,
     attempts: u32,
     /// With end-to-end sealing: when waiting for the recipient's device keys ends in
     /// `failed(no_device_key)` (set when its first wait starts).
@@ -242,6 +253,46 @@ enum State {
     Offered { conn: ConnKey, since_ms: u64 },
     /// On the edge; an outcome is due by this time.
     Handed { deadline_ms: u64 },
+}
+
+/// A shared buffer that pending payloads are slices of ([`Delivery::hold_block`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PayloadBlock(u32);
+
+/// The shared payload buffers held, each with its bytes and how many pending messages
+/// still hold a slice of it. At most one per pending message (and free slots reused).
+#[derive(Debug, Default)]
+struct Blocks {
+    slots: Vec<(u64, usize)>,
+    free: Vec<u32>,
+}
+
+impl Blocks {
+    fn hold(&mut self, bytes: u64, messages: usize) -> PayloadBlock {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = (bytes, messages);
+                PayloadBlock(i)
+            }
+            None => {
+                let i = u32::try_from(self.slots.len()).expect("fewer blocks than messages");
+                self.slots.push((bytes, messages));
+                PayloadBlock(i)
+            }
+        }
+    }
+
+    /// One message lets go of `block`: the buffer's bytes if it was the last, else 0.
+    fn release(&mut self, block: PayloadBlock) -> u64 {
+        let slot = &mut self.slots[block.0 as usize];
+        assert!(slot.1 > 0, "a block let go of more often than held");
+        slot.1 -= 1;
+        if slot.1 > 0 {
+            return 0;
+        }
+        self.free.push(block.0);
+        std::mem::take(&mut slot.0)
+    }
 }
 
 /// Whether a due message's recipient can be sealed for now ([`Delivery::poll_dispatch`]).
@@ -329,6 +380,7 @@ pub struct Delivery {
     next_edge: usize,
     out: usize,
     payload_bytes: u64,
+    blocks: Blocks,
     /// Delivered messages awaiting a possible `read`, oldest first (read ones stay until
     /// they reach the front or a sweep: those not in `delivered_index`).
     delivered: VecDeque<LogPosition>,
@@ -359,6 +411,7 @@ impl Delivery {
             next_edge: 0,
             out: 0,
             payload_bytes: 0,
+            blocks: Blocks::default(),
             delivered: VecDeque::new(),
             delivered_index: ByPosition::default(),
             changes: VecDeque::new(),
@@ -392,7 +445,8 @@ impl Delivery {
         self.changes.push_back(c);
     }
 
-    /// Payload bytes held for waiting messages.
+    /// Payload bytes held for waiting messages: each shared buffer whole while any of its
+    /// messages waits, each payload of its own by its length.
     pub fn payload_bytes(&self) -> u64 {
         self.payload_bytes
     }
@@ -415,8 +469,20 @@ impl Delivery {
             && self.payload_bytes + extra_bytes + bytes <= self.cfg.pending_bytes_max
     }
 
+    /// The payloads of `messages` messages about to be admitted are slices of one shared
+    /// buffer of `bytes` bytes: it is counted once, whole, until the last of them lets go
+    /// of it (finished, or given a copy of its own). Pass the block to each
+    /// [`Delivery::admit`].
+    pub fn hold_block(&mut self, bytes: u64, messages: usize) -> PayloadBlock {
+        assert!(messages > 0, "a shared buffer of no message");
+        self.payload_bytes += bytes;
+        self.blocks.hold(bytes, messages)
+    }
+
     /// A message became durable: it waits for delivery, due now. `sent` when a status
-    /// `sent` was already recorded for it (a restart found it).
+    /// `sent` was already recorded for it (a restart found it). With a `block`, the
+    /// payload is a slice of that shared buffer ([`Delivery::hold_block`]); without, it
+    /// is counted by its length.
     #[allow(clippy::too_many_arguments)]
     pub fn admit(
         &mut self,
@@ -427,13 +493,16 @@ impl Delivery {
         recipient: Recipient,
         expires_ms: u64,
         payload: Bytes,
+        block: Option<PayloadBlock>,
         sent: bool,
     ) {
         assert!(
             !self.pending.contains_key(&message),
             "a message is admitted once"
         );
-        self.payload_bytes += payload.len() as u64;
+        if block.is_none() {
+            self.payload_bytes += payload.len() as u64;
+        }
         // Messages enter in log order (as they become durable, or as the log is read
         // back at start-up): appended at the back. One out of order is placed by search.
         match self.order.back() {
@@ -452,6 +521,7 @@ impl Delivery {
                 recipient,
                 expires_ms,
                 payload,
+                block,
                 attempts: u32::from(sent),
                 keys_wait_until: None,
                 sent,
@@ -652,7 +722,8 @@ impl Delivery {
             .get(&message)
             .is_some_and(|p| matches!(p.state, State::Offered { .. }))
         {
-            self.wait(message, now_ms + BOUNCE_RETRY_MS, now_ms);
+            // Shortly due again, still on its first pass: it keeps its slice.
+            self.reschedule(message, now_ms + BOUNCE_RETRY_MS, now_ms);
         }
     }
 
@@ -787,7 +858,26 @@ impl Delivery {
 
     /// Makes a message due at `due_ms` (waiting), whatever its state; one due later than
     /// `now_ms` is listed for its recipient's ONLINE (once).
+    /// The message waits again, until `due_ms`, with a payload of its own (see "Payload
+    /// buffers" in the module docs).
     fn wait(&mut self, message: LogPosition, due_ms: u64, now_ms: u64) {
+        self.own_payload(message);
+        self.reschedule(message, due_ms, now_ms);
+    }
+
+    /// A pending message's payload stops being a slice of a shared buffer: copied into
+    /// one of its own, counted by its length, and the buffer let go of.
+    fn own_payload(&mut self, message: LogPosition) {
+        let p = self.pending.get_mut(&message).expect("a pending message");
+        let Some(block) = p.block.take() else {
+            return;
+        };
+        p.payload = Bytes::copy_from_slice(&p.payload);
+        self.payload_bytes += p.payload.len() as u64;
+        self.payload_bytes -= self.blocks.release(block);
+    }
+
+    fn reschedule(&mut self, message: LogPosition, due_ms: u64, now_ms: u64) {
         let p = self.pending.get_mut(&message).expect("a pending message");
         let old = std::mem::replace(&mut p.state, State::Waiting { due_ms });
         if due_ms > now_ms && !p.listed {
@@ -894,7 +984,10 @@ impl Delivery {
                 list.messages.retain(|m| pending.contains_key(m));
             }
         }
-        self.payload_bytes -= p.payload.len() as u64;
+        self.payload_bytes -= match p.block {
+            Some(block) => self.blocks.release(block),
+            None => p.payload.len() as u64,
+        };
         // What it still owed becomes the status it reached (queued by the caller).
         self.owed.sub(p.business_id, if p.sent { 1 } else { 2 });
         self.trim_order();
@@ -1014,6 +1107,7 @@ mod tests {
             to(),
             now + 10_000,
             Bytes::from_static(b"x"),
+            None,
             false,
         );
         m
@@ -1155,6 +1249,72 @@ mod tests {
         d.outcome(now, m, Outcome::RetryLater);
         let min = u64::from(cfg().retry_backoff_min_ms);
         assert_eq!(d.next_due_ms(), Some(now + min), "the first backoff");
+    }
+
+    #[test]
+    fn a_shared_buffer_counts_whole_until_its_last_message_lets_go_of_it() {
+        let mut d = Delivery::new(cfg());
+        d.edge_attached(conn());
+        // Three payloads of 100 bytes, slices of one buffer with 20 bytes to spare.
+        let buffer = Bytes::from((0..300).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+        let slice = |i: u64| buffer.slice(i as usize * 100..(i as usize + 1) * 100);
+        let block = d.hold_block(320, 3);
+        let ms: Vec<LogPosition> = (0..3)
+            .map(|i| {
+                let m = LogPosition::new(ShardId::new(0), i + 1);
+                d.admit(0, m, 7, i, to(), 10_000, slice(i), Some(block), false);
+                m
+            })
+            .collect();
+        assert_eq!(d.payload_bytes(), 320, "the buffer, counted once and whole");
+        let next = |d: &mut Delivery, now: u64| d.poll_dispatch(now, ready).unwrap().1;
+        // The first is delivered: the other two still hold the buffer.
+        assert_eq!(next(&mut d, 0).message, ms[0]);
+        d.handed(0, ms[0]);
+        d.outcome(0, ms[0], Outcome::Delivered);
+        assert_eq!(d.payload_bytes(), 320);
+        // The second bounces: due again shortly, it keeps its slice.
+        assert_eq!(next(&mut d, 0).message, ms[1]);
+        d.bounced(0, ms[1], None);
+        assert_eq!(d.payload_bytes(), 320);
+        // The third is told to retry later: it waits with a copy of its own.
+        assert_eq!(next(&mut d, 0).message, ms[2]);
+        d.handed(0, ms[2]);
+        d.outcome(0, ms[2], Outcome::RetryLater);
+        assert_eq!(d.payload_bytes(), 320 + 100);
+        // The second, delivered, was the last slice: the buffer is let go of.
+        let again = next(&mut d, BOUNCE_RETRY_MS);
+        assert_eq!((again.message, &again.payload[..]), (ms[1], &slice(1)[..]));
+        d.handed(BOUNCE_RETRY_MS, ms[1]);
+        d.outcome(BOUNCE_RETRY_MS, ms[1], Outcome::Delivered);
+        assert_eq!(d.payload_bytes(), 100, "the copy alone");
+        // The copy is the same payload, and goes with its message.
+        let due = d.next_due_ms().unwrap();
+        let last = next(&mut d, due);
+        assert_eq!((last.message, &last.payload[..]), (ms[2], &slice(2)[..]));
+        d.handed(due, ms[2]);
+        d.outcome(due, ms[2], Outcome::Delivered);
+        assert_eq!((d.payload_bytes(), d.pending()), (0, 0));
+        // The slot is reused by the next buffer.
+        let again = d.hold_block(64, 1);
+        assert_eq!(again, block);
+        d.admit(
+            due,
+            LogPosition::new(ShardId::new(0), 9),
+            7,
+            9,
+            to(),
+            10_000,
+            slice(0),
+            Some(again),
+            false,
+        );
+        d.expire_below(ShardId::new(0), 10);
+        assert_eq!(
+            d.payload_bytes(),
+            0,
+            "an expired message lets go of its buffer too"
+        );
     }
 
     #[test]

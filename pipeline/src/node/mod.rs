@@ -515,6 +515,7 @@ impl Shard {
                 r.recipient,
                 r.expires_ms,
                 r.payload,
+                None,
                 r.sent,
             );
         }

@@ -158,6 +158,7 @@ impl Shard {
         self.awaiting.push(Awaiting {
             answer: Some(answer),
             admitted: Vec::new(),
+            shared_bytes: 0,
             events,
             end_index: self.commit.log().next_index(),
         });
@@ -265,6 +266,7 @@ impl Shard {
                 self.awaiting.push(Awaiting {
                     answer: None,
                     admitted: Vec::new(),
+                    shared_bytes: 0,
                     events,
                     end_index: self.commit.log().next_index(),
                 });

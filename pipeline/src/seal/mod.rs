@@ -64,6 +64,7 @@ pub mod keys;
 
 use std::borrow::Borrow;
 
+use bytes::Bytes;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 
 pub use cache::CacheStats;
@@ -227,6 +228,21 @@ impl SealedBatch {
     /// All sealed bytes, back to back.
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes
+    }
+
+    /// Hands the sealed messages over as slices of one shared buffer, in order, with
+    /// that buffer's capacity in bytes, and empties the batch: no message is copied, and
+    /// the batch's next use allocates a buffer anew. Every slice keeps the whole buffer.
+    pub fn take_shared(&mut self) -> (usize, impl Iterator<Item = Bytes> + '_) {
+        let capacity = self.bytes.capacity();
+        let shared = Bytes::from(std::mem::take(&mut self.bytes));
+        let mut start = 0;
+        let slices = self.ends.drain(..).map(move |end| {
+            let slice = shared.slice(start..end);
+            start = end;
+            slice
+        });
+        (capacity, slices)
     }
 
     /// Bytes of memory held (for limits and metrics).

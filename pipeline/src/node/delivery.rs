@@ -988,6 +988,11 @@ impl Delivery {
             Some(block) => self.blocks.release(block),
             None => p.payload.len() as u64,
         };
+        debug_assert!(
+            !self.pending.is_empty() || self.payload_bytes == 0,
+            "no message waits, yet {} payload bytes are counted",
+            self.payload_bytes
+        );
         // What it still owed becomes the status it reached (queued by the caller).
         self.owed.sub(p.business_id, if p.sent { 1 } else { 2 });
         self.trim_order();

@@ -102,6 +102,39 @@ fn reusing_the_output_keeps_its_memory() {
 }
 
 #[test]
+fn taken_over_whole_the_sealed_messages_are_slices_of_one_exact_buffer() {
+    let mut s = sealer(keys(), 1, 0);
+    let batch: Vec<Message> = (0..5)
+        .map(|i| message(i, recipient(i as u32), &vec![i as u8; 100 + i as usize]))
+        .collect();
+    let mut out = SealedBatch::new();
+    s.seal_batch(BUSINESS, &batch, &mut out).unwrap();
+    let copies: Vec<Vec<u8>> = out.iter().map(<[u8]>::to_vec).collect();
+    let (capacity, slices) = out.take_shared();
+    let slices: Vec<bytes::Bytes> = slices.collect();
+    // A fresh buffer is sized exactly for the batch: the capacity counted is its bytes.
+    let total: usize = copies.iter().map(Vec::len).sum();
+    assert_eq!(capacity, total);
+    assert_eq!(slices, copies, "the same sealed messages, in order");
+    for (i, slice) in slices.iter().enumerate().skip(1) {
+        let prev = &slices[i - 1];
+        assert_eq!(
+            slice.as_ptr(),
+            prev.as_ptr().wrapping_add(prev.len()),
+            "back to back"
+        );
+    }
+    assert!(
+        out.is_empty() && out.as_bytes().is_empty(),
+        "the batch is empty after"
+    );
+    // The next batch seals into a buffer of its own; the slices are untouched.
+    s.seal_batch(BUSINESS, &batch[..1], &mut out).unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(slices, copies);
+}
+
+#[test]
 fn tampering_of_any_kind_fails_to_open() {
     let keys = keys();
     let mut s = sealer(keys.clone(), 9, 1);

@@ -9,6 +9,10 @@
 # (root). Loopback only; the data directory is removed at the end. Prints the calls of
 # each entry point and allocations per accepted message.
 #
+# DELIVER=1 runs delivery as well (issue 15's held mode: a simulated edge of 10,000
+# devices on 2 connections, `delivery.pending_bytes_max` 64 MiB, end-to-end sealing off),
+# so the count covers hand-offs, outcomes, status records and events too.
+#
 # Uprobes slow every allocation down by a few microseconds, so the msgs/s printed here
 # is not a throughput figure. Allocations per message that do not change with BATCH are
 # per-message allocations; ones that fall as BATCH grows are per batch (or per packet).
@@ -28,15 +32,24 @@ done
 "$BIN/courier" keys init --out "$D/master.key" >/dev/null 2>&1
 TOKEN=$("$BIN/courier" businesses add --name allocs --tier unlimited --mps 1000000 --exempt \
     --registry "$D/registry.toml" 2>/dev/null)
-COURIER_DELIVERY__ENABLED=false COURIER_LOG=warn "$BIN/courier" serve --data-dir "$D/data" \
+DELIVERY=(COURIER_DELIVERY__ENABLED=false)
+EDGE=()
+if [ -n "${DELIVER:-}" ]; then
+    DELIVERY=(COURIER_DELIVERY__ENABLED=true COURIER_DELIVERY__PENDING_BYTES_MAX=67108864
+        COURIER_E2E__ENABLED=false)
+    EDGE=(--deliver --platform-token "$("$BIN/courier" businesses add --name edge --platform \
+        --registry "$D/registry.toml" 2>/dev/null)" --devices 10000 --edge-connections 2)
+fi
+env "${DELIVERY[@]}" COURIER_LOG=warn "$BIN/courier" serve --data-dir "$D/data" \
     --registry "$D/registry.toml" --listen 127.0.0.1:7443 --master-key-file "$D/master.key" \
     >"$D/serve.log" 2>&1 &
 SP=$!
 sleep 1.5
 perf stat -e "$EVENTS" -p $SP -o "$D/stat.txt" &
 PS=$!
-"$BIN/courier-loadgen" --target 127.0.0.1:7443 --token "$TOKEN" --connections 4 \
-    --batch "$BATCH" --size 1024 --duration "$SECS" --quiet --json "$D/run.json" >/dev/null 2>&1
+env "${DELIVERY[@]}" "$BIN/courier-loadgen" --target 127.0.0.1:7443 --token "$TOKEN" \
+    --connections 4 --batch "$BATCH" --size 1024 --duration "$SECS" "${EDGE[@]}" --quiet \
+    --json "$D/run.json" >/dev/null 2>&1
 kill -INT $PS
 wait $PS 2>/dev/null || true
 for f in "${PROBES[@]}"; do perf probe -q -d "probe_courier:$f" 2>/dev/null || true; done

@@ -403,7 +403,9 @@ impl Shard {
     fn drain_credit_wait(&mut self, now: Now) {
         // Those written, by owner: one `Handed` each.
         let mut handed: BTreeMap<ShardId, Vec<LogPosition>> = BTreeMap::new();
-        for conn in self.credit_wait.conns() {
+        let mut next = self.credit_wait.next_conn(None);
+        while let Some(conn) = next {
+            next = self.credit_wait.next_conn(Some(conn));
             while let Some(item) = self.credit_wait.front(now, conn) {
                 let message = item.message;
                 let reply = match item.stale {
@@ -450,9 +452,10 @@ impl Shard {
         // Bounded by in_flight_max (and by the due messages, each looked at once), and by
         // the sessions one call may set up.
         let sessions_before = self.devices.as_ref().map_or(0, |d| d.counts().sessions_new);
-        // The DELIVERs of this call by edge connection, in the order they were taken: one
-        // message to each connection's shard.
-        let mut offers: Vec<(ConnKey, Vec<Deliver>)> = Vec::new();
+        // The DELIVERs of this call with their edge connections, in the order they were
+        // taken; then one message to each connection's shard.
+        let mut offers = std::mem::take(&mut self.scratch.offers);
+        offers.clear();
         loop {
             let set_up = self
                 .devices
@@ -495,12 +498,23 @@ impl Shard {
                     }
                 }
             }
-            match offers.iter_mut().find(|(c, _)| *c == conn) {
-                Some((_, items)) => items.push(item),
-                None => offers.push((conn, vec![item])),
+            offers.push((conn, item));
+        }
+        // Each connection's list allocated once at its size (edge connections are few).
+        let mut by_conn: Vec<(ConnKey, Vec<Deliver>)> = Vec::new();
+        for &(conn, _) in &offers {
+            if !by_conn.iter().any(|(c, _)| *c == conn) {
+                let n = offers.iter().filter(|(c, _)| *c == conn).count();
+                by_conn.push((conn, Vec::with_capacity(n)));
             }
         }
-        for (conn, items) in offers {
+        for (conn, item) in offers.drain(..) {
+            if let Some((_, items)) = by_conn.iter_mut().find(|(c, _)| *c == conn) {
+                items.push(item);
+            }
+        }
+        self.scratch.offers = offers;
+        for (conn, items) in by_conn {
             self.send_peer(now, conn.shard(), PeerMsg::Deliver { conn, items });
         }
         let wanted = self
@@ -580,6 +594,15 @@ fn by_shard<T>(
     pos: impl Fn(&T) -> LogPosition,
 ) -> BTreeMap<ShardId, Vec<T>> {
     let mut out: BTreeMap<ShardId, Vec<T>> = BTreeMap::new();
+    // Usually every item is one shard's (one shard, or the edge on the messages' shard):
+    // the list goes on whole, not rebuilt one push at a time.
+    let first = items.first().and_then(|i| pos(i).shard_id());
+    if let Some(shard) = first.filter(|s| s.within(shards)) {
+        if items.iter().all(|i| pos(i).shard_id() == Some(shard)) {
+            out.insert(shard, items);
+            return out;
+        }
+    }
     for i in items {
         if let Some(shard) = pos(&i).shard_id().filter(|s| s.within(shards)) {
             out.entry(shard).or_default().push(i);
@@ -647,8 +670,19 @@ impl CreditWait {
         Ok(())
     }
 
-    pub(super) fn conns(&self) -> Vec<ConnKey> {
-        self.queues.keys().copied().collect()
+    /// The first connection with DELIVERs waiting, in key order, after `after` (from the
+    /// first with none): a walk over them that allocates nothing, and that a connection
+    /// whose queue empties on the way does not disturb.
+    pub(super) fn next_conn(&self, after: Option<ConnKey>) -> Option<ConnKey> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        match after {
+            None => self.queues.keys().next().copied(),
+            Some(a) => self
+                .queues
+                .range((Excluded(a), Unbounded))
+                .next()
+                .map(|(k, _)| *k),
+        }
     }
 
     pub(super) fn front(&self, now: Now, conn: ConnKey) -> Option<Waiting<'_>> {
@@ -679,6 +713,16 @@ mod tests {
 
     fn at(shard: u16, index: u64) -> LogPosition {
         LogPosition((u64::from(shard) << LogPosition::INDEX_BITS) | index)
+    }
+
+    #[test]
+    fn one_shards_positions_go_on_whole_and_in_order() {
+        let positions = vec![at(1, 7), at(1, 5), at(1, 6)];
+        let routed = by_shard(positions.clone(), 3, |p| *p);
+        assert_eq!(routed.len(), 1);
+        assert_eq!(routed[&ShardId::new(1)], positions);
+        assert!(by_shard(vec![at(3, 1), at(3, 2)], 3, |p| *p).is_empty());
+        assert!(by_shard(Vec::<LogPosition>::new(), 3, |p| *p).is_empty());
     }
 
     #[test]

@@ -66,9 +66,12 @@ pub(super) struct Scratch {
     early: Vec<Early>,
     verdicts: Vec<Verdict>,
     admitted: Vec<usize>,
-    positions: Vec<LogPosition>,
+    pub(super) positions: Vec<LogPosition>,
     /// The records of a batch, kept empty between batches (see [`reuse`]).
-    records: Vec<Record<'static>>,
+    pub(super) records: Vec<Record<'static>>,
+    /// The DELIVERs of one dispatch with their edge connections, in the order taken
+    /// (`bus.rs`, `dispatch_deferred`).
+    pub(super) offers: Vec<(crate::server::ConnKey, crate::wire::delivery::Deliver)>,
     /// Lists of answered batches ([`Answer`]'s statuses and claims), for the next ones.
     spare_statuses: Vec<Vec<Status>>,
     spare_claims: Vec<Vec<ClaimTicket>>,
@@ -82,7 +85,7 @@ const SPARE_LISTS_MAX: usize = 64;
 /// `Vec`'s own iterator into a `Vec` of an element of the same size and alignment reuses
 /// its allocation (the standard library's in-place collection), so a list of borrowed
 /// records keeps its capacity from batch to batch without `unsafe`.
-fn reuse<'a, 'b>(mut v: Vec<Record<'a>>) -> Vec<Record<'b>> {
+pub(super) fn reuse<'a, 'b>(mut v: Vec<Record<'a>>) -> Vec<Record<'b>> {
     v.clear();
     v.into_iter().map(|_| unreachable!("emptied")).collect()
 }
@@ -517,19 +520,21 @@ impl Shard {
             .zip(statuses)
             .filter(|(_, s)| **s == UNPLACED)
             .map(|(m, _)| m);
+        let mut admitted = Vec::with_capacity(self.sealed.len());
         let (shared_bytes, payloads) = self.sealed.take_shared();
-        let admitted = placed
-            .zip(positions)
-            .zip(payloads)
-            .map(|((m, &message), payload)| Admitted {
-                message,
-                business_id: batch.business_id,
-                client_id: m.client_id,
-                recipient: m.recipient,
-                expires_ms,
-                payload,
-            })
-            .collect();
+        admitted.extend(
+            placed
+                .zip(positions)
+                .zip(payloads)
+                .map(|((m, &message), payload)| Admitted {
+                    message,
+                    business_id: batch.business_id,
+                    client_id: m.client_id,
+                    recipient: m.recipient,
+                    expires_ms,
+                    payload,
+                }),
+        );
         (admitted, shared_bytes)
     }
 }

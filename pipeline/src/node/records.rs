@@ -238,31 +238,29 @@ impl Shard {
         if n == 0 {
             return; // the next commit frees room
         }
-        let taken: Vec<Internal> = self.internal.drain(..n).collect();
-        let records: Vec<Record<'_>> = taken
-            .iter()
-            .map(|i| Record {
-                header: i.header,
-                payload: &[],
-            })
-            .collect();
-        let mut positions = Vec::with_capacity(n);
+        // The records borrow the first `n` queued; the lists are the chain's, kept between
+        // calls, so that a call allocates only its events' list.
+        let mut records = super::chain::reuse(std::mem::take(&mut self.scratch.records));
+        records.extend(self.internal.iter().take(n).map(|i| Record {
+            header: i.header,
+            payload: &[],
+        }));
+        let mut positions = std::mem::take(&mut self.scratch.positions);
+        positions.clear();
         let appended = self.commit.append(now.unix_ms, &records, &mut positions);
-        drop(records);
+        self.scratch.records = super::chain::reuse(records);
+        let taken = self.internal.drain(..n);
         match appended {
             Ok(()) => {
-                let events = taken
-                    .iter()
-                    .zip(&positions)
-                    .filter_map(|(i, &p)| {
-                        i.event.map(|e| {
-                            (
-                                i.header.business_id,
-                                BusinessEvent::Status(StatusEvent { event: p, ..e }),
-                            )
-                        })
+                let mut events = Vec::with_capacity(n);
+                events.extend(taken.zip(&positions).filter_map(|(i, &p)| {
+                    i.event.map(|e| {
+                        (
+                            i.header.business_id,
+                            BusinessEvent::Status(StatusEvent { event: p, ..e }),
+                        )
                     })
-                    .collect();
+                }));
                 self.awaiting.push(Awaiting {
                     answer: None,
                     admitted: Vec::new(),
@@ -277,5 +275,6 @@ impl Shard {
                 stats::add(&self.stats.statuses_lost, n as u64);
             }
         }
+        self.scratch.positions = positions;
     }
 }

@@ -10,8 +10,8 @@
 # each entry point and allocations per accepted message.
 #
 # DELIVER=1 runs delivery as well (issue 15's held mode: a simulated edge of 10,000
-# devices on 2 connections, `delivery.pending_bytes_max` 64 MiB, end-to-end sealing off),
-# so the count covers hand-offs, outcomes, status records and events too.
+# devices on 2 connections, `delivery.pending_bytes_max` 64 MiB, end-to-end sealing off
+# unless E2E=true), so the count covers hand-offs, outcomes, status records and events too.
 #
 # Uprobes slow every allocation down by a few microseconds, so the msgs/s printed here
 # is not a throughput figure. Allocations per message that do not change with BATCH are
@@ -36,7 +36,7 @@ DELIVERY=(COURIER_DELIVERY__ENABLED=false)
 EDGE=()
 if [ -n "${DELIVER:-}" ]; then
     DELIVERY=(COURIER_DELIVERY__ENABLED=true COURIER_DELIVERY__PENDING_BYTES_MAX=67108864
-        COURIER_E2E__ENABLED=false)
+        COURIER_E2E__ENABLED=${E2E:-false})
     EDGE=(--deliver --platform-token "$("$BIN/courier" businesses add --name edge --platform \
         --registry "$D/registry.toml" 2>/dev/null)" --devices 10000 --edge-connections 2)
 fi

@@ -509,9 +509,11 @@ impl Shard {
             }
         }
         for (conn, item) in offers.drain(..) {
-            if let Some((_, items)) = by_conn.iter_mut().find(|(c, _)| *c == conn) {
-                items.push(item);
-            }
+            let (_, items) = by_conn
+                .iter_mut()
+                .find(|(c, _)| *c == conn)
+                .expect("every connection was listed above");
+            items.push(item);
         }
         self.scratch.offers = offers;
         for (conn, items) in by_conn {

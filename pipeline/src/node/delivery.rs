@@ -856,8 +856,6 @@ impl Delivery {
         Some(c)
     }
 
-    /// Makes a message due at `due_ms` (waiting), whatever its state; one due later than
-    /// `now_ms` is listed for its recipient's ONLINE (once).
     /// The message waits again, until `due_ms`, with a payload of its own (see "Payload
     /// buffers" in the module docs).
     fn wait(&mut self, message: LogPosition, due_ms: u64, now_ms: u64) {
@@ -877,6 +875,8 @@ impl Delivery {
         self.payload_bytes -= self.blocks.release(block);
     }
 
+    /// Makes a message due at `due_ms` (waiting), whatever its state; one due later than
+    /// `now_ms` is listed for its recipient's ONLINE (once).
     fn reschedule(&mut self, message: LogPosition, due_ms: u64, now_ms: u64) {
         let p = self.pending.get_mut(&message).expect("a pending message");
         let old = std::mem::replace(&mut p.state, State::Waiting { due_ms });

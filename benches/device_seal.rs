@@ -9,6 +9,9 @@
 //!   AAD of the session's length (42 bytes) and a counter nonce.
 //! - `device_seal/new_session`: a new session to a device's signed prekey (HPKE
 //!   `SetupBaseS`: ephemeral X25519 key, agreement, DHKEM and key schedule, AES key).
+//! - `device_seal/verify_bundle/<n>`: a device's bundle with `n` one-time prekeys
+//!   checked as a shard learns it (`VerifiedBundle::new`), the relay's cost per device at
+//!   first contact beside `new_session`.
 //! - `raw/x25519_hkdf`: a fresh aws-lc-rs X25519 ephemeral key, one agreement, and one
 //!   HKDF-SHA256 extract and expand (aws-lc-rs `hkdf`) of 32 bytes.
 //! - `hpke_crate/new_session`, `hpke_crate/<size>/session`: the same two operations
@@ -98,6 +101,12 @@ fn sessions(c: &mut Criterion) {
             black_box(DeviceSession::new(BUSINESS, black_box(&bundle), None).expect("session"))
         })
     });
+    for one_time in [0u32, 2, 32] {
+        let published = Device::from_seed(2, &[5; 32], one_time).bundle();
+        g.bench_function(format!("verify_bundle/{one_time}"), |b| {
+            b.iter(|| black_box(VerifiedBundle::new(black_box(published.clone())).expect("signed")))
+        });
+    }
     g.finish();
 }
 

@@ -485,8 +485,14 @@ const SHARD_FAMILIES: &[ShardFamily] = &[
     ShardFamily {
         name: "e2e_bundles_refused_total",
         kind: "counter",
-        help: "Recipients' device bundle lists refused (bad structure or signature).",
+        help: "Recipients' device bundle lists refused (bad structure or signed-prekey signature).",
         read: |c| &c.e2e_bundles_refused,
+    },
+    ShardFamily {
+        name: "e2e_one_time_prekeys_refused_total",
+        kind: "counter",
+        help: "Devices' one-time prekeys not used for a session: their signature did not verify.",
+        read: |c| &c.e2e_one_time_refused,
     },
     ShardFamily {
         name: "e2e_sessions_new_total",

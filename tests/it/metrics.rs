@@ -448,6 +448,7 @@ async fn delivery_metrics_count_what_the_edge_and_the_business_saw() {
             // Sealed for the devices (issue 16): every hand-off, a copy per device.
             ("courier_e2e_replies_refused_total", 0.0),
             ("courier_e2e_bundles_refused_total", 0.0),
+            ("courier_e2e_one_time_prekeys_refused_total", 0.0),
         ] {
             assert_eq!(value(&s, series), Some(v), "{series}\n{before}");
         }

@@ -13,8 +13,9 @@
 //! ```
 //!
 //! Decoding checks the structure only (bounds, no duplicate device or one-time prekey id,
-//! no trailing byte); [`DeviceBundle::verify`] checks every signature, and a
-//! [`VerifiedBundle`] is the only thing a session is set up to.
+//! no trailing byte); [`DeviceBundle::verify`] checks every signature. A
+//! [`VerifiedBundle`] (its signed prekey checked; each one-time prekey checked when a
+//! session is set up to it) is the only thing a session is set up to.
 //!
 //! **Why one-time prekeys are signed too** (unlike Signal's X3DH). X3DH mixes the one-time
 //! prekey's agreement with the signed prekey's, so an unsigned one-time key cannot
@@ -199,25 +200,33 @@ impl DeviceBundle {
     /// identity key (an invalid identity key fails them all).
     pub fn verify(&self) -> Result<(), BundleError> {
         assert!(self.one_time_prekeys.len() <= ONE_TIME_PREKEYS_MAX);
-        let identity = UnparsedPublicKey::new(&ED25519, &self.identity_key);
+        self.verify_signed_prekey()?;
+        self.one_time_prekeys
+            .iter()
+            .try_for_each(|k| self.verify_one_time_prekey(k))
+    }
+
+    /// Checks the signed prekey's signature under the identity key.
+    pub fn verify_signed_prekey(&self) -> Result<(), BundleError> {
         let p = &self.signed_prekey;
         let message = signed_prekey_message(self.device_id, p.id, &p.public);
-        identity
+        UnparsedPublicKey::new(&ED25519, &self.identity_key)
             .verify(&message, &p.signature)
             .map_err(|_| BundleError::BadSignature {
                 device_id: self.device_id,
                 prekey_id: p.id,
-            })?;
-        for k in &self.one_time_prekeys {
-            let message = one_time_prekey_message(self.device_id, k.id, &k.public);
-            identity.verify(&message, &k.signature).map_err(|_| {
-                BundleError::BadOneTimeSignature {
-                    device_id: self.device_id,
-                    prekey_id: k.id,
-                }
-            })?;
-        }
-        Ok(())
+            })
+    }
+
+    /// Checks one one-time prekey's signature under the identity key.
+    pub fn verify_one_time_prekey(&self, k: &OneTimePrekey) -> Result<(), BundleError> {
+        let message = one_time_prekey_message(self.device_id, k.id, &k.public);
+        UnparsedPublicKey::new(&ED25519, &self.identity_key)
+            .verify(&message, &k.signature)
+            .map_err(|_| BundleError::BadOneTimeSignature {
+                device_id: self.device_id,
+                prekey_id: k.id,
+            })
     }
 
     /// Bytes of this bundle in a list.
@@ -244,14 +253,20 @@ impl DeviceBundle {
     }
 }
 
-/// A bundle whose signature verified: the only kind a session is set up to.
+/// A bundle whose signed prekey's signature verified: the only kind a session is set up
+/// to. Its one-time prekeys are checked one at a time, when a session is set up to one
+/// ([`VerifiedBundle::one_time_prekey`]): a relay uses at most one per device and shard,
+/// so checking all of them when it learns the bundle (up to [`ONE_TIME_PREKEYS_MAX`]
+/// signatures, about 35 µs each) made first contact with a device cost up to 30 times
+/// what the session itself costs (BENCHMARKS.md, "One-time prekeys checked when used").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedBundle(DeviceBundle);
 
 impl VerifiedBundle {
-    /// Verifies `bundle`'s signature ([`DeviceBundle::verify`]).
+    /// Verifies `bundle`'s signed prekey ([`DeviceBundle::verify_signed_prekey`]).
     pub fn new(bundle: DeviceBundle) -> Result<VerifiedBundle, BundleError> {
-        bundle.verify()?;
+        assert!(bundle.one_time_prekeys.len() <= ONE_TIME_PREKEYS_MAX);
+        bundle.verify_signed_prekey()?;
         Ok(VerifiedBundle(bundle))
     }
 
@@ -260,9 +275,14 @@ impl VerifiedBundle {
         &self.0
     }
 
-    /// The one-time prekey of this id, if the bundle offers it.
-    pub fn one_time_prekey(&self, id: u32) -> Option<&OneTimePrekey> {
-        self.0.one_time_prekeys.iter().find(|k| k.id == id)
+    /// The one-time prekey of this id, its signature checked: `Ok(None)` if the bundle
+    /// offers none of this id, an error if its signature does not verify (never use it).
+    pub fn one_time_prekey(&self, id: u32) -> Result<Option<&OneTimePrekey>, BundleError> {
+        let Some(k) = self.0.one_time_prekeys.iter().find(|k| k.id == id) else {
+            return Ok(None);
+        };
+        self.0.verify_one_time_prekey(k)?;
+        Ok(Some(k))
     }
 }
 

@@ -91,6 +91,16 @@ pub enum SessionError {
         /// The one-time prekey asked for.
         prekey_id: u32,
     },
+    /// The bundle's one-time prekey of this id is not signed by the device's identity
+    /// key: the session is not set up to it (the edge published a key of its own, or a
+    /// damaged one).
+    #[error("device {device_id}: signature of one-time prekey {prekey_id} does not verify")]
+    BadOneTimeSignature {
+        /// The device.
+        device_id: u32,
+        /// The one-time prekey refused.
+        prekey_id: u32,
+    },
     /// The device holds no signed prekey of this id (rotated away long ago, or never).
     #[error("device {device_id}: no signed prekey {prekey_id}")]
     UnknownPrekey {
@@ -278,8 +288,9 @@ impl std::fmt::Debug for SessionState {
 
 impl DeviceSession {
     /// A new session to `bundle`'s signed prekey, or to its one-time prekey `one_time`
-    /// when given (which must be in the bundle). Costs one X25519 key generation, one
-    /// agreement and the key schedule.
+    /// when given (which must be in the bundle, signed). Costs one X25519 key
+    /// generation, one agreement and the key schedule, plus the one-time prekey's
+    /// signature check.
     pub fn new(
         business_id: u32,
         bundle: &VerifiedBundle,
@@ -289,13 +300,18 @@ impl DeviceSession {
         let pk_r = match one_time {
             None => &b.signed_prekey.public,
             Some(id) => {
-                &bundle
-                    .one_time_prekey(id)
-                    .ok_or(SessionError::UnknownOneTimePrekey {
-                        device_id: b.device_id,
-                        prekey_id: id,
-                    })?
-                    .public
+                let k =
+                    bundle
+                        .one_time_prekey(id)
+                        .map_err(|_| SessionError::BadOneTimeSignature {
+                            device_id: b.device_id,
+                            prekey_id: id,
+                        })?;
+                &k.ok_or(SessionError::UnknownOneTimePrekey {
+                    device_id: b.device_id,
+                    prekey_id: id,
+                })?
+                .public
             }
         };
         let mut header = SessionHeader {

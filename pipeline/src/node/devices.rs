@@ -8,9 +8,10 @@
 //!        yes
 //!        └─> seal(): open the relay's at-rest seal (the recipient key of the business)
 //!            ─> per device of the recipient: its session (new: HPKE to the one-time
-//!               prekey the bundle offers, else to the signed prekey) ─> seal_append
+//!               prekey the bundle offers, its signature checked now, else to the
+//!               signed prekey) ─> seal_append
 //!            ─> DELIVER_E2E payload: copies (device_id, seq, session header, ct|tag)
-//!  DEVICE_KEYS (any shard's edge) ─> decode + verify every signature (the edge's shard)
+//!  DEVICE_KEYS (any shard's edge) ─> decode + verify the signed prekeys (the edge's shard)
 //!        ─> every shard: learn(recipient, bundles); its parked messages are due now
 //!  INBOUND (with E2E) ─> open_reply with the business's reply key (current or previous
 //!        rotation) ─> the plaintext is stored and forwarded; else rejected(bad_ciphertext)
@@ -42,7 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::e2e::{
     decode_bundles, BundleError, BusinessKey, DeviceSession, MessageAad, ReplyError, SealedReply,
-    VerifiedBundle,
+    SessionError, VerifiedBundle,
 };
 use crate::profile::ProfileIssue;
 use crate::seal::keys::{DerivedKeys, RecipientKey, RecipientKeys};
@@ -156,8 +157,10 @@ pub struct DevicesCounts {
     pub keys_wanted: u64,
     /// Recipients' bundle lists learned (from any shard's edge).
     pub bundles_learned: u64,
-    /// Recipients' bundle lists refused (bad structure or signature).
+    /// Recipients' bundle lists refused (bad structure or signed-prekey signature).
     pub bundles_refused: u64,
+    /// One-time prekeys refused when a session was about to use them (bad signature).
+    pub one_time_refused: u64,
     /// Replies opened.
     pub replies_opened: u64,
     /// Replies refused (did not open).
@@ -223,8 +226,9 @@ impl std::fmt::Debug for Devices {
     }
 }
 
-/// Decodes one recipient's published bundle list and verifies every signature in it;
-/// the list is refused whole when one bundle is bad.
+/// Decodes one recipient's published bundle list and verifies every device's signed
+/// prekey in it; the list is refused whole when one is bad. One-time prekeys are checked
+/// when a session is about to use one ([`VerifiedBundle::one_time_prekey`]).
 pub fn verify_bundles(bytes: &[u8]) -> Result<Arc<[VerifiedBundle]>, BundleError> {
     decode_bundles(bytes)?
         .into_iter()
@@ -490,24 +494,44 @@ impl Devices {
             .get(&key)
             .is_some_and(|s| s.identity == b.identity_key && s.prekey_id == b.signed_prekey.id);
         if !current {
-            let used = self
-                .directory
-                .get(&recipient)
-                .map(|e| e.used_one_time.as_slice())
-                .unwrap_or_default();
+            // The first one-time prekey of this shard's not used before; one whose
+            // signature does not verify is never used (and not tried again), the next
+            // one or the signed prekey is.
             let (shard, shards) = (self.shard, self.shards);
-            let one_time = b
-                .one_time_prekeys
-                .iter()
-                .map(|k| k.id)
-                .filter(|id| id % shards == shard)
-                .find(|id| !used.contains(&(b.device_id, *id)));
-            let session = DeviceSession::new(business_id, bundle, one_time).ok()?;
-            if let (Some(id), Some(e)) = (one_time, self.directory.get_mut(&recipient)) {
-                if e.used_one_time.len() < crate::e2e::bundle::ONE_TIME_PREKEYS_MAX * 16 {
-                    e.used_one_time.push((b.device_id, id));
+            let mut refused: Vec<u32> = Vec::new();
+            let made = {
+                let used = self
+                    .directory
+                    .get(&recipient)
+                    .map(|e| e.used_one_time.as_slice())
+                    .unwrap_or_default();
+                let mut candidates = b
+                    .one_time_prekeys
+                    .iter()
+                    .map(|k| k.id)
+                    .filter(|id| id % shards == shard)
+                    .filter(|id| !used.contains(&(b.device_id, *id)));
+                loop {
+                    let one_time = candidates.next();
+                    match DeviceSession::new(business_id, bundle, one_time) {
+                        Ok(session) => break Some((session, one_time)),
+                        Err(SessionError::BadOneTimeSignature { prekey_id, .. }) => {
+                            refused.push(prekey_id);
+                        }
+                        Err(_) => break None,
+                    }
+                }
+            };
+            self.counts.one_time_refused += refused.len() as u64;
+            if let Some(e) = self.directory.get_mut(&recipient) {
+                let taken = made.as_ref().and_then(|(_, id)| *id);
+                for id in refused.iter().copied().chain(taken) {
+                    if e.used_one_time.len() < crate::e2e::bundle::ONE_TIME_PREKEYS_MAX * 16 {
+                        e.used_one_time.push((b.device_id, id));
+                    }
                 }
             }
+            let (session, _) = made?;
             self.counts.sessions_new += 1;
             self.serial += 1;
             self.sessions.insert(
@@ -650,6 +674,16 @@ mod tests {
 
     /// A DELIVER for `recipient` of business 7 whose payload is the relay's seal of `text`.
     fn deliver(keys: &DerivedKeys, recipient: Recipient, text: &[u8]) -> Deliver {
+        deliver_of(7, keys, recipient, text)
+    }
+
+    /// The same for `business_id`.
+    fn deliver_of(
+        business_id: u32,
+        keys: &DerivedKeys,
+        recipient: Recipient,
+        text: &[u8],
+    ) -> Deliver {
         let mut sealer = Sealer::new(
             keys,
             SealerConfig {
@@ -665,10 +699,10 @@ mod tests {
             payload: Bytes::copy_from_slice(text),
         };
         let mut out = crate::seal::SealedBatch::new();
-        sealer.seal_batch(7, &[msg], &mut out).unwrap();
+        sealer.seal_batch(business_id, &[msg], &mut out).unwrap();
         Deliver {
             message: LogPosition::new(ShardId::new(0), 42),
-            business_id: 7,
+            business_id,
             client_id: 11,
             expires_ms: 1,
             recipient,
@@ -796,7 +830,74 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_signature_refuses_the_whole_list() {
+    fn a_one_time_prekey_that_is_not_signed_is_never_used_and_the_next_one_is() {
+        let keys = keys();
+        let alice = r("+15550003333");
+        let mut phone = Device::from_seed(1, &[6; 32], 3);
+        let mut published = phone.bundle();
+        let ids: Vec<u32> = published.one_time_prekeys.iter().map(|k| k.id).collect();
+        // The first one-time prekey's signature is broken (an edge's key of its own, or a
+        // damaged one); the list is still learned, its signed prekey being good.
+        published.one_time_prekeys[0].signature[0] ^= 1;
+        let mut bytes = Vec::new();
+        encode_bundles(&[published], &mut bytes);
+        let list = verify_bundles(&bytes).expect("the signed prekey verifies");
+        let mut devices = Devices::new(E2eConfig::default(), 0, 1);
+        devices.learn(0, alice, list, Bytes::new());
+        let header_of = |d: &Deliver| {
+            let c = &decode_device_copies(&d.payload).unwrap()[0];
+            (SessionHeader::from_bytes(&c.header).unwrap(), c.seq)
+        };
+        let mut d = deliver(&keys, alice, b"first contact");
+        devices.seal(&keys, 0, &mut d).unwrap();
+        let (header, seq) = header_of(&d);
+        assert_eq!(
+            header.one_time_prekey_id,
+            Some(ids[1]),
+            "the next one is used"
+        );
+        assert_eq!(devices.counts().one_time_refused, 1);
+        let aad = MessageAad {
+            business_id: 7,
+            client_id: 11,
+            log_position: d.message.0,
+        };
+        let c = &decode_device_copies(&d.payload).unwrap()[0];
+        let mut s = phone.accept_session(7, &header).unwrap();
+        assert_eq!(s.open(seq, &aad, &c.ciphertext).unwrap(), b"first contact");
+        // Another business's session: the third one-time prekey; the refused one is not
+        // tried (nor counted) again.
+        let mut d8 = deliver_of(8, &keys, alice, b"x");
+        devices.seal(&keys, 1, &mut d8).unwrap();
+        assert_eq!(header_of(&d8).0.one_time_prekey_id, Some(ids[2]));
+        assert_eq!(devices.counts().sessions_new, 2);
+        assert_eq!(devices.counts().one_time_refused, 1);
+    }
+
+    #[test]
+    fn with_no_good_one_time_prekey_the_session_is_to_the_signed_prekey() {
+        let keys = keys();
+        let bob = r("+15550004444");
+        let dev = Device::from_seed(1, &[7; 32], 2);
+        let mut published = dev.bundle();
+        for k in &mut published.one_time_prekeys {
+            k.signature[5] ^= 0x40;
+        }
+        let mut bytes = Vec::new();
+        encode_bundles(&[published], &mut bytes);
+        let mut devices = Devices::new(E2eConfig::default(), 0, 1);
+        devices.learn(0, bob, verify_bundles(&bytes).unwrap(), Bytes::new());
+        let mut d = deliver(&keys, bob, b"hi");
+        devices.seal(&keys, 0, &mut d).unwrap();
+        let c = &decode_device_copies(&d.payload).unwrap()[0];
+        let header = SessionHeader::from_bytes(&c.header).unwrap();
+        assert_eq!(header.one_time_prekey_id, None);
+        assert_eq!(header.prekey_id, dev.prekey_id());
+        assert_eq!(devices.counts().one_time_refused, 2);
+    }
+
+    #[test]
+    fn a_bad_signed_prekey_signature_refuses_the_whole_list() {
         let dev = Device::from_seed(1, &[7; 32], 1);
         let mut b = dev.bundle();
         b.signed_prekey.public[0] ^= 1;
@@ -851,7 +952,7 @@ mod tests {
         let list = |seed: u8, bad: bool| {
             let mut b = Device::from_seed(1, &[seed; 32], 1).bundle();
             if bad {
-                b.one_time_prekeys[0].public[0] ^= 1;
+                b.signed_prekey.public[0] ^= 1;
             }
             let mut raw = Vec::new();
             encode_bundles(&[b], &mut raw);

@@ -827,6 +827,7 @@ impl Shard {
             let (directory, sessions) = d.sizes();
             stats::set(&st.e2e_keys_wanted, c.keys_wanted);
             stats::set(&st.e2e_bundles_refused, c.bundles_refused);
+            stats::set(&st.e2e_one_time_refused, c.one_time_refused);
             stats::set(&st.e2e_sessions_new, c.sessions_new);
             stats::set(&st.e2e_copies, c.copies);
             stats::set(&st.e2e_replies_refused, c.replies_refused);

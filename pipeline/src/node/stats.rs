@@ -175,8 +175,11 @@ pub struct ShardStats {
     pub peer_dropped: AtomicU64,
     /// Recipients asked for with KEYS_WANTED.
     pub e2e_keys_wanted: AtomicU64,
-    /// Recipients' bundle lists refused where they came in (bad structure or signature).
+    /// Recipients' bundle lists refused where they came in (bad structure or signed-prekey
+    /// signature).
     pub e2e_bundles_refused: AtomicU64,
+    /// One-time prekeys refused when a session was about to use them (bad signature).
+    pub e2e_one_time_refused: AtomicU64,
     /// Device sessions set up.
     pub e2e_sessions_new: AtomicU64,
     /// Copies sealed for devices.

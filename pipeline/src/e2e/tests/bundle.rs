@@ -66,8 +66,18 @@ fn a_substituted_or_tampered_one_time_prekey_is_refused() {
         signature: b.signed_prekey.signature,
     };
     assert_eq!(t.verify(), bad(b.signed_prekey.id));
-    assert!(VerifiedBundle::new(t).is_err());
-    assert!(VerifiedBundle::new(b).is_ok());
+    // Learned with its signed prekey checked; the bad one-time prekey is refused when a
+    // session would use it, the good ones are handed out.
+    let vt = VerifiedBundle::new(t).expect("the signed prekey is good");
+    assert_eq!(
+        vt.one_time_prekey(b.signed_prekey.id).unwrap_err(),
+        bad(b.signed_prekey.id).unwrap_err()
+    );
+    let vb = VerifiedBundle::new(b.clone()).unwrap();
+    for k in &b.one_time_prekeys {
+        assert_eq!(vb.one_time_prekey(k.id), Ok(Some(k)));
+    }
+    assert_eq!(vb.one_time_prekey(99), Ok(None));
 }
 
 #[test]

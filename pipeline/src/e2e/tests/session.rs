@@ -103,6 +103,19 @@ fn one_time_prekeys_are_used_once() {
             prekey_id: 9
         })
     );
+    // A one-time prekey whose signature does not verify gets no session.
+    let mut forged = phone.bundle();
+    let forged_id = forged.one_time_prekeys[0].id;
+    forged.one_time_prekeys[0].public[3] ^= 1;
+    let forged = VerifiedBundle::new(forged).expect("the signed prekey is good");
+    assert_eq!(
+        DeviceSession::new(BUSINESS, &forged, Some(forged_id)).err(),
+        Some(SessionError::BadOneTimeSignature {
+            device_id: 1,
+            prekey_id: forged_id
+        })
+    );
+    assert!(DeviceSession::new(BUSINESS, &forged, None).is_ok());
     // Sealed to the signed prekey, it does not open with the one-time prekey (or back).
     let s_signed = DeviceSession::new(BUSINESS, &vb, None).unwrap();
     let mut wrong = *s_signed.header();

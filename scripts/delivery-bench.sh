@@ -9,7 +9,8 @@
 # master key, a bench business (unlimited, exempt) and, for `deliver`, a platform
 # credential for the edge (`--deliver --platform-token`). The server runs on the built-in
 # default profile, on 127.0.0.1:17643, metrics on 127.0.0.1:19464, with delivery off for
-# `ingest`. The report goes to /tmp/dlv/NAME.json and one summary line to stdout.
+# `ingest`. The report goes to /tmp/dlv/NAME.json and one summary line to stdout
+# (`steady`: msgs/s over the run's seconds from the 5th on, first contacts left out).
 #
 # Environment: SRV_ENV="VAR=VALUE" and LG_ENV="VAR=VALUE" set a variable for the server or
 # the generator only (COURIER_* overrides such as COURIER_E2E__ENABLED=false reach both
@@ -64,7 +65,12 @@ j = json.load(open(f"/tmp/dlv/{n}.json"))
 c, d, l = j.get("cpu") or {}, j.get("delivery") or {}, j.get("latency_us") or {}
 s2d = d.get("submit_to_delivered_us") or {}
 ms = lambda v: "%.1f" % ((v or 0) / 1000)
-print(n, "msgs/s %.0f" % j["msgs_per_sec"], "accepted", j.get("accepted"),
+# The steady rate: accepted per second over the whole seconds from the 5th on, the last
+# (partial) one left out; 0 for runs shorter than 6 s. With device sealing on, the first
+# seconds of a run set up a session per new device and run slower.
+t = [x["accepted"] for x in j.get("timeline") or []][4:-1]
+steady = sum(t) / len(t) if t else 0
+print(n, "msgs/s %.0f" % j["msgs_per_sec"], "steady %.0f" % steady, "accepted", j.get("accepted"),
       "throttled", j.get("throttled"), "late", j.get("late"),
       "server_us %.1f" % (c.get("server_us_per_msg") or 0),
       "generator_us %.1f" % (c.get("generator_us_per_msg") or 0),

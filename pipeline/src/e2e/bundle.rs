@@ -210,9 +210,8 @@ impl DeviceBundle {
     pub fn verify_signed_prekey(&self) -> Result<(), BundleError> {
         let p = &self.signed_prekey;
         let message = signed_prekey_message(self.device_id, p.id, &p.public);
-        UnparsedPublicKey::new(&ED25519, &self.identity_key)
-            .verify(&message, &p.signature)
-            .map_err(|_| BundleError::BadSignature {
+        self.signed_by_identity(&message, &p.signature)
+            .ok_or(BundleError::BadSignature {
                 device_id: self.device_id,
                 prekey_id: p.id,
             })
@@ -221,12 +220,18 @@ impl DeviceBundle {
     /// Checks one one-time prekey's signature under the identity key.
     pub fn verify_one_time_prekey(&self, k: &OneTimePrekey) -> Result<(), BundleError> {
         let message = one_time_prekey_message(self.device_id, k.id, &k.public);
-        UnparsedPublicKey::new(&ED25519, &self.identity_key)
-            .verify(&message, &k.signature)
-            .map_err(|_| BundleError::BadOneTimeSignature {
+        self.signed_by_identity(&message, &k.signature)
+            .ok_or(BundleError::BadOneTimeSignature {
                 device_id: self.device_id,
                 prekey_id: k.id,
             })
+    }
+
+    /// `Some(())` when `signature` is the identity key's over `message`.
+    fn signed_by_identity(&self, message: &[u8], signature: &[u8]) -> Option<()> {
+        UnparsedPublicKey::new(&ED25519, &self.identity_key)
+            .verify(message, signature)
+            .ok()
     }
 
     /// Bytes of this bundle in a list.

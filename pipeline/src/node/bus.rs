@@ -451,7 +451,7 @@ impl Shard {
         self.verify_published(now);
         // Bounded by in_flight_max (and by the due messages, each looked at once), and by
         // the sessions one call may set up.
-        let sessions_before = self.devices.as_ref().map_or(0, |d| d.counts().sessions_new);
+        let work_before = self.devices.as_ref().map_or(0, |d| d.counts().setup_work());
         // The DELIVERs of this call with their edge connections, in the order they were
         // taken; then one message to each connection's shard.
         let mut offers = std::mem::take(&mut self.scratch.offers);
@@ -460,7 +460,7 @@ impl Shard {
             let set_up = self
                 .devices
                 .as_ref()
-                .map_or(0, |d| d.counts().sessions_new - sessions_before);
+                .map_or(0, |d| d.counts().setup_work() - work_before);
             if set_up >= SESSIONS_PER_DISPATCH_MAX {
                 break;
             }

@@ -130,8 +130,10 @@ impl E2eConfig {
 }
 
 /// Most new device sessions one dispatch sets up (an X25519 key and agreement each,
-/// tens of µs): past it the due messages wait for the next call, so that a burst of new
-/// recipients spreads over many turns of the shard's loop instead of holding its acks.
+/// and a signature check for a one-time prekey, tens of µs each), one-time prekeys
+/// refused on the way counted too: past it the due messages wait for the next call, so
+/// that a burst of new recipients spreads over many turns of the shard's loop instead of
+/// holding its acks.
 pub const SESSIONS_PER_DISPATCH_MAX: u64 = 16;
 /// Most published bundle lists one turn verifies (a signature check per key); the rest
 /// wait in [`Devices::queue_published`]'s bounded queue.
@@ -167,6 +169,14 @@ pub struct DevicesCounts {
     pub replies_refused: u64,
     /// Messages whose relay seal did not open at hand-off.
     pub open_failures: u64,
+}
+
+impl DevicesCounts {
+    /// Sessions set up and one-time prekeys refused: the work [`SESSIONS_PER_DISPATCH_MAX`]
+    /// bounds.
+    pub fn setup_work(&self) -> u64 {
+        self.sessions_new + self.one_time_refused
+    }
 }
 
 struct Entry {

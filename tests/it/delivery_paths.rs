@@ -2,8 +2,9 @@
 //! retransmission after `retry_later` waits for the recipient (ONLINE brings it within a
 //! second, long before the backoff would), a message past its time to live becomes
 //! `expired` at its business, full delivery bounds hold a sender back while the edge
-//! drains them (and throttle it after the hold), and wire v1 clients keep working beside
-//! it all.
+//! drains them (and throttle it after the hold), a device's forged one-time prekeys are
+//! never used (its message is sealed to its signed prekey and still opens), and wire v1
+//! clients keep working beside it all.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -130,6 +131,94 @@ async fn a_recipient_without_device_keys_fails_no_device_key_after_the_wait() {
             world.lock().unwrap().open(&d).unwrap(),
             b"your parcel is on its way"
         );
+        client.close().await;
+        edge.close().await;
+        running.shutdown();
+        running.join().unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A device's one-time prekeys whose signatures do not verify (an edge's keys of its
+/// own, or damaged ones) are never used: the relay learns the list (its signed prekeys
+/// are good), checks a one-time prekey when a session is about to use it, refuses it and
+/// sets the session up to the device's signed prekey. The device opens its copy; the
+/// refusals are counted in the metrics, and no list is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_one_time_prekey_is_never_used_and_the_message_still_opens() {
+    use courier_client::EdgeItem;
+    use courier_pipeline::e2e::{decode_bundles, encode_bundles, SessionHeader};
+    use courier_pipeline::wire::delivery::decode_device_copies;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let (running, business, edge_token) = start_with(dir.path(), |p| {
+            p.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        });
+        let metrics = running.metrics_addr().unwrap();
+        let (client, _events) =
+            Client::connect_with_events(&client_config(&running, &business, 1, 1), 8)
+                .await
+                .unwrap();
+        let (edge, mut items) =
+            DeliveryEdge::connect_e2e(&client_config(&running, &edge_token, 1, 1), 16)
+                .await
+                .unwrap();
+        assert!(edge.e2e());
+        let world = device_world(3);
+        let to = Recipient::parse(b"+4915112340011").unwrap();
+        client.submit(vec![message(11, to.as_str())]).await.unwrap();
+        let mut forged = 0u32;
+        let d = loop {
+            match items.recv_item().await.unwrap() {
+                EdgeItem::KeysWanted(r) => {
+                    let mut entries = world.lock().unwrap().device_keys(&r);
+                    for e in &mut entries {
+                        let mut bundles = decode_bundles(&e.bundles).unwrap();
+                        for k in bundles.iter_mut().flat_map(|b| &mut b.one_time_prekeys) {
+                            k.signature[0] ^= 1;
+                            forged += 1;
+                        }
+                        let mut bytes = Vec::new();
+                        encode_bundles(&bundles, &mut bytes);
+                        e.bundles = Bytes::from(bytes);
+                    }
+                    edge.device_keys(&entries).await.unwrap();
+                }
+                EdgeItem::BusinessKeys(_) => {}
+                EdgeItem::Deliver(d) => break d,
+            }
+        };
+        assert!(forged > 0, "the world's devices publish one-time prekeys");
+        assert!(d.e2e && d.client_id == 11);
+        for c in decode_device_copies(&d.payload).unwrap() {
+            let header = SessionHeader::from_bytes(&c.header).unwrap();
+            assert_eq!(header.one_time_prekey_id, None, "device {}", c.device_id);
+        }
+        assert_eq!(
+            world.lock().unwrap().open(&d).unwrap(),
+            b"your parcel is on its way"
+        );
+        // Counted where the sessions were set up (the stats are published every few
+        // hundred ms): at most the forged ones, at least one.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (refused, lists) = loop {
+            let text = tokio::task::spawn_blocking(move || super::metrics::scrape(metrics))
+                .await
+                .unwrap();
+            let samples = super::metrics::parse(&text);
+            let get = |s: &str| super::metrics::value(&samples, s).unwrap_or(0.0);
+            let refused = get("courier_e2e_one_time_prekeys_refused_total");
+            if refused >= 1.0 || Instant::now() > deadline {
+                break (refused, get("courier_e2e_bundles_refused_total"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            (1.0..=f64::from(forged)).contains(&refused),
+            "{refused} refused of {forged} forged"
+        );
+        assert_eq!(lists, 0.0, "the lists themselves were good");
         client.close().await;
         edge.close().await;
         running.shutdown();

@@ -65,7 +65,7 @@ fn http(addr: SocketAddr, request: &str) -> (String, String, String) {
     (status.to_string(), headers.to_string(), body)
 }
 
-fn scrape(addr: SocketAddr) -> String {
+pub(crate) fn scrape(addr: SocketAddr) -> String {
     let (status, headers, body) = http(
         addr,
         "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: text/plain\r\n\r\n",
@@ -87,7 +87,7 @@ fn is_name(s: &str) -> bool {
 }
 
 /// Checks the exposition format; returns the samples as (name{labels}, value).
-fn parse(text: &str) -> Vec<(String, f64)> {
+pub(crate) fn parse(text: &str) -> Vec<(String, f64)> {
     assert!(text.ends_with('\n'), "the text ends with a newline");
     let mut samples = Vec::new();
     for line in text.lines() {
@@ -136,7 +136,7 @@ fn parse(text: &str) -> Vec<(String, f64)> {
     samples
 }
 
-fn value(samples: &[(String, f64)], series: &str) -> Option<f64> {
+pub(crate) fn value(samples: &[(String, f64)], series: &str) -> Option<f64> {
     samples.iter().find(|(s, _)| s == series).map(|(_, v)| *v)
 }
 

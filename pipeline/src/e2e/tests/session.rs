@@ -494,12 +494,18 @@ fn debug_shows_no_secret() {
     let mut bad_bundle = phone.bundle();
     bad_bundle.one_time_prekeys.clear();
     bad_bundle.signed_prekey.signature[0] ^= 1;
+    let mut unsigned = device(2, 1).bundle();
+    unsigned.one_time_prekeys[0].signature[0] ^= 1;
+    let unsigned_id = unsigned.one_time_prekeys[0].id;
+    let unsigned = VerifiedBundle::new(unsigned).unwrap();
     let errors: Vec<Box<dyn std::error::Error>> = vec![
         Box::new(hpke),
         Box::new(unreserved.unwrap_err()),
         Box::new(wrong_key.unwrap_err()),
         Box::new(forged.unwrap_err()),
         Box::new(bad_bundle.verify().unwrap_err()),
+        Box::new(unsigned.one_time_prekey(unsigned_id).unwrap_err()),
+        Box::new(DeviceSession::new(BUSINESS, &unsigned, Some(unsigned_id)).unwrap_err()),
         Box::new(
             phone
                 .accept_session(BUSINESS, session.header())

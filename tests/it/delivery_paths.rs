@@ -14,9 +14,11 @@ use courier::serve::Running;
 use courier_client::edge::DeliveryEdge;
 
 use super::delivery_kit::{device_world, DeviceEdge};
-use courier_client::{Client, EventReceiver, OutgoingMessage};
+use courier_client::{Client, Deliveries, EdgeItem, EventReceiver, OutgoingMessage};
 use courier_pipeline::registry::{Registry, Tier};
-use courier_pipeline::wire::delivery::{BusinessEvent, Outcome, OutcomeEntry, StatusKind};
+use courier_pipeline::wire::delivery::{
+    BusinessEvent, Deliver, DeviceKeysEntry, Outcome, OutcomeEntry, StatusKind,
+};
 use courier_pipeline::wire::{Recipient, Status};
 use courier_testkit::server::{self, client_config, Setup};
 
@@ -60,15 +62,8 @@ async fn a_recipient_without_device_keys_fails_no_device_key_after_the_wait() {
             p.delivery.e2e.device_key_wait_ms = 1_500;
             p.delivery.e2e.keys_wanted_retry_ms = 200;
         });
-        let (client, mut events) =
-            Client::connect_with_events(&client_config(&running, &business, 1, 1), 8)
-                .await
-                .unwrap();
-        let (edge, mut items) =
-            DeliveryEdge::connect_e2e(&client_config(&running, &edge_token, 1, 1), 16)
-                .await
-                .unwrap();
-        assert!(edge.e2e());
+        let (client, mut events, edge, mut items) =
+            connect_business_and_edge(&running, &business, &edge_token).await;
         let to = Recipient::parse(b"+4915112340009").unwrap();
         // The wait is kept on the relay's wall clock (unix ms, like every delivery
         // deadline), so it is checked against the same clock: the status's own time.
@@ -115,17 +110,12 @@ async fn a_recipient_without_device_keys_fails_no_device_key_after_the_wait() {
             .submit(vec![message(10, other.as_str())])
             .await
             .unwrap();
-        let d = loop {
-            match items.recv_item().await.unwrap() {
-                EdgeItem::KeysWanted(r) => {
-                    let entries = world.lock().unwrap().device_keys(&r);
-                    assert_eq!(entries.len(), r.len());
-                    edge.device_keys(&entries).await.unwrap();
-                }
-                EdgeItem::BusinessKeys(_) => {}
-                EdgeItem::Deliver(d) => break d,
-            }
-        };
+        let d = first_deliver(&edge, &mut items, |r| {
+            let entries = world.lock().unwrap().device_keys(r);
+            assert_eq!(entries.len(), r.len());
+            entries
+        })
+        .await;
         assert!(d.e2e && d.client_id == 10);
         assert_eq!(
             world.lock().unwrap().open(&d).unwrap(),
@@ -147,7 +137,6 @@ async fn a_recipient_without_device_keys_fails_no_device_key_after_the_wait() {
 /// refusals are counted in the metrics, and no list is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_one_time_prekey_is_never_used_and_the_message_still_opens() {
-    use courier_client::EdgeItem;
     use courier_pipeline::e2e::{decode_bundles, encode_bundles, SessionHeader};
     use courier_pipeline::wire::delivery::decode_device_copies;
     tokio::time::timeout(Duration::from_secs(60), async {
@@ -156,39 +145,27 @@ async fn a_forged_one_time_prekey_is_never_used_and_the_message_still_opens() {
             p.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
         });
         let metrics = running.metrics_addr().unwrap();
-        let (client, _events) =
-            Client::connect_with_events(&client_config(&running, &business, 1, 1), 8)
-                .await
-                .unwrap();
-        let (edge, mut items) =
-            DeliveryEdge::connect_e2e(&client_config(&running, &edge_token, 1, 1), 16)
-                .await
-                .unwrap();
-        assert!(edge.e2e());
+        let (client, _events, edge, mut items) =
+            connect_business_and_edge(&running, &business, &edge_token).await;
         let world = device_world(3);
         let to = Recipient::parse(b"+4915112340011").unwrap();
         client.submit(vec![message(11, to.as_str())]).await.unwrap();
         let mut forged = 0u32;
-        let d = loop {
-            match items.recv_item().await.unwrap() {
-                EdgeItem::KeysWanted(r) => {
-                    let mut entries = world.lock().unwrap().device_keys(&r);
-                    for e in &mut entries {
-                        let mut bundles = decode_bundles(&e.bundles).unwrap();
-                        for k in bundles.iter_mut().flat_map(|b| &mut b.one_time_prekeys) {
-                            k.signature[0] ^= 1;
-                            forged += 1;
-                        }
-                        let mut bytes = Vec::new();
-                        encode_bundles(&bundles, &mut bytes);
-                        e.bundles = Bytes::from(bytes);
-                    }
-                    edge.device_keys(&entries).await.unwrap();
+        let d = first_deliver(&edge, &mut items, |r| {
+            let mut entries = world.lock().unwrap().device_keys(r);
+            for e in &mut entries {
+                let mut bundles = decode_bundles(&e.bundles).unwrap();
+                for k in bundles.iter_mut().flat_map(|b| &mut b.one_time_prekeys) {
+                    k.signature[0] ^= 1;
+                    forged += 1;
                 }
-                EdgeItem::BusinessKeys(_) => {}
-                EdgeItem::Deliver(d) => break d,
+                let mut bytes = Vec::new();
+                encode_bundles(&bundles, &mut bytes);
+                e.bundles = Bytes::from(bytes);
             }
-        };
+            entries
+        })
+        .await;
         assert!(forged > 0, "the world's devices publish one-time prekeys");
         assert!(d.e2e && d.client_id == 11);
         for c in decode_device_copies(&d.payload).unwrap() {
@@ -201,19 +178,15 @@ async fn a_forged_one_time_prekey_is_never_used_and_the_message_still_opens() {
         );
         // Counted where the sessions were set up (the stats are published every few
         // hundred ms): at most the forged ones, at least one.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let (refused, lists) = loop {
-            let text = tokio::task::spawn_blocking(move || super::metrics::scrape(metrics))
-                .await
-                .unwrap();
-            let samples = super::metrics::parse(&text);
-            let get = |s: &str| super::metrics::value(&samples, s).unwrap_or(0.0);
-            let refused = get("courier_e2e_one_time_prekeys_refused_total");
-            if refused >= 1.0 || Instant::now() > deadline {
-                break (refused, get("courier_e2e_bundles_refused_total"));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let refused_series = "courier_e2e_one_time_prekeys_refused_total";
+        let text =
+            super::metrics::scrape_until_with(metrics, refused_series, ">= 1", |v| v >= 1.0).await;
+        let samples = super::metrics::parse(&text);
+        let get = |s: &str| super::metrics::value(&samples, s).unwrap_or(0.0);
+        let (refused, lists) = (
+            get(refused_series),
+            get("courier_e2e_bundles_refused_total"),
+        );
         assert!(
             (1.0..=f64::from(forged)).contains(&refused),
             "{refused} refused of {forged} forged"
@@ -226,6 +199,38 @@ async fn a_forged_one_time_prekey_is_never_used_and_the_message_still_opens() {
     })
     .await
     .expect("test timed out");
+}
+
+/// A business client with its events and an edge connection granted E2E.
+async fn connect_business_and_edge(
+    running: &Running,
+    business: &str,
+    edge_token: &str,
+) -> (Client, EventReceiver, DeliveryEdge, Deliveries) {
+    let (client, events) = Client::connect_with_events(&client_config(running, business, 1, 1), 8)
+        .await
+        .unwrap();
+    let (edge, items) = DeliveryEdge::connect_e2e(&client_config(running, edge_token, 1, 1), 16)
+        .await
+        .unwrap();
+    assert!(edge.e2e());
+    (client, events, edge, items)
+}
+
+/// The edge's next DELIVER; each KEYS_WANTED on the way is answered with what `keys`
+/// makes of the recipients asked for.
+async fn first_deliver(
+    edge: &DeliveryEdge,
+    items: &mut Deliveries,
+    mut keys: impl FnMut(&[Recipient]) -> Vec<DeviceKeysEntry>,
+) -> Deliver {
+    loop {
+        match items.recv_item().await.unwrap() {
+            EdgeItem::KeysWanted(r) => edge.device_keys(&keys(&r)).await.unwrap(),
+            EdgeItem::BusinessKeys(_) => {}
+            EdgeItem::Deliver(d) => return d,
+        }
+    }
 }
 
 fn message(id: u64, to: &str) -> OutgoingMessage {

@@ -65,7 +65,7 @@ fn http(addr: SocketAddr, request: &str) -> (String, String, String) {
     (status.to_string(), headers.to_string(), body)
 }
 
-pub(crate) fn scrape(addr: SocketAddr) -> String {
+fn scrape(addr: SocketAddr) -> String {
     let (status, headers, body) = http(
         addr,
         "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: text/plain\r\n\r\n",
@@ -488,6 +488,17 @@ async fn delivery_metrics_count_what_the_edge_and_the_business_saw() {
 
 /// Scrapes until `series` reads `want` (failing after 20 s); returns that scrape.
 async fn scrape_until(addr: SocketAddr, series: &str, want: f64) -> String {
+    scrape_until_with(addr, series, &want.to_string(), |v| v == want).await
+}
+
+/// Scrapes until `series` is present and its value passes `ok` (failing after 20 s,
+/// saying it was not `wanted`); returns that scrape.
+pub(crate) async fn scrape_until_with(
+    addr: SocketAddr,
+    series: &str,
+    wanted: &str,
+    ok: impl Fn(f64) -> bool,
+) -> String {
     // Generous: on a loaded 2-core CI machine, with the other tests of this binary
     // running beside it, the server's answer to the edge can take seconds.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -496,12 +507,12 @@ async fn scrape_until(addr: SocketAddr, series: &str, want: f64) -> String {
             .await
             .unwrap();
         let got = value(&parse(&text), series);
-        if got == Some(want) {
+        if got.is_some_and(&ok) {
             return text;
         }
         assert!(
             Instant::now() < deadline,
-            "{series} is {got:?}, not {want}, after 20 s"
+            "{series} is {got:?}, not {wanted}, after 20 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

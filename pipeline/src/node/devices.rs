@@ -664,7 +664,7 @@ impl Devices {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::e2e::{encode_bundles, seal_reply, Device, SessionHeader};
+    use crate::e2e::{encode_bundles, seal_reply, Device, DeviceBundle, SessionHeader};
     use crate::seal::keys::RootKey;
     use crate::seal::{Sealer, SealerConfig};
     use crate::wire::delivery::decode_device_copies;
@@ -722,10 +722,21 @@ mod tests {
     }
 
     fn bundles(devices: &[&Device]) -> Arc<[VerifiedBundle]> {
-        let mut bytes = Vec::new();
         let list: Vec<_> = devices.iter().map(|d| d.bundle()).collect();
-        encode_bundles(&list, &mut bytes);
-        verify_bundles(&bytes).unwrap()
+        published(&list)
+    }
+
+    /// `list` as the edge publishes it, verified as a shard does.
+    fn published(list: &[DeviceBundle]) -> Arc<[VerifiedBundle]> {
+        let mut bytes = Vec::new();
+        encode_bundles(list, &mut bytes);
+        verify_bundles(&bytes).expect("every signed prekey verifies")
+    }
+
+    /// The session header and sequence number of `d`'s first device copy.
+    fn first_copy(d: &Deliver) -> (SessionHeader, u64) {
+        let c = &decode_device_copies(&d.payload).unwrap()[0];
+        (SessionHeader::from_bytes(&c.header).unwrap(), c.seq)
     }
 
     #[test]
@@ -844,23 +855,16 @@ mod tests {
         let keys = keys();
         let alice = r("+15550003333");
         let mut phone = Device::from_seed(1, &[6; 32], 3);
-        let mut published = phone.bundle();
-        let ids: Vec<u32> = published.one_time_prekeys.iter().map(|k| k.id).collect();
+        let mut bundle = phone.bundle();
+        let ids: Vec<u32> = bundle.one_time_prekeys.iter().map(|k| k.id).collect();
         // The first one-time prekey's signature is broken (an edge's key of its own, or a
         // damaged one); the list is still learned, its signed prekey being good.
-        published.one_time_prekeys[0].signature[0] ^= 1;
-        let mut bytes = Vec::new();
-        encode_bundles(&[published], &mut bytes);
-        let list = verify_bundles(&bytes).expect("the signed prekey verifies");
+        bundle.one_time_prekeys[0].signature[0] ^= 1;
         let mut devices = Devices::new(E2eConfig::default(), 0, 1);
-        devices.learn(0, alice, list, Bytes::new());
-        let header_of = |d: &Deliver| {
-            let c = &decode_device_copies(&d.payload).unwrap()[0];
-            (SessionHeader::from_bytes(&c.header).unwrap(), c.seq)
-        };
+        devices.learn(0, alice, published(&[bundle]), Bytes::new());
         let mut d = deliver(&keys, alice, b"first contact");
         devices.seal(&keys, 0, &mut d).unwrap();
-        let (header, seq) = header_of(&d);
+        let (header, seq) = first_copy(&d);
         assert_eq!(
             header.one_time_prekey_id,
             Some(ids[1]),
@@ -879,7 +883,7 @@ mod tests {
         // tried (nor counted) again.
         let mut d8 = deliver_of(8, &keys, alice, b"x");
         devices.seal(&keys, 1, &mut d8).unwrap();
-        assert_eq!(header_of(&d8).0.one_time_prekey_id, Some(ids[2]));
+        assert_eq!(first_copy(&d8).0.one_time_prekey_id, Some(ids[2]));
         assert_eq!(devices.counts().sessions_new, 2);
         assert_eq!(devices.counts().one_time_refused, 1);
     }
@@ -889,18 +893,15 @@ mod tests {
         let keys = keys();
         let bob = r("+15550004444");
         let dev = Device::from_seed(1, &[7; 32], 2);
-        let mut published = dev.bundle();
-        for k in &mut published.one_time_prekeys {
+        let mut bundle = dev.bundle();
+        for k in &mut bundle.one_time_prekeys {
             k.signature[5] ^= 0x40;
         }
-        let mut bytes = Vec::new();
-        encode_bundles(&[published], &mut bytes);
         let mut devices = Devices::new(E2eConfig::default(), 0, 1);
-        devices.learn(0, bob, verify_bundles(&bytes).unwrap(), Bytes::new());
+        devices.learn(0, bob, published(&[bundle]), Bytes::new());
         let mut d = deliver(&keys, bob, b"hi");
         devices.seal(&keys, 0, &mut d).unwrap();
-        let c = &decode_device_copies(&d.payload).unwrap()[0];
-        let header = SessionHeader::from_bytes(&c.header).unwrap();
+        let (header, _) = first_copy(&d);
         assert_eq!(header.one_time_prekey_id, None);
         assert_eq!(header.prekey_id, dev.prekey_id());
         assert_eq!(devices.counts().one_time_refused, 2);
